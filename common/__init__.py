@@ -1,0 +1,1 @@
+"""LAQFI: Layer-Adaptive Quantization of diffusion models using Fisher Information."""

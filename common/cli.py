@@ -1,0 +1,30 @@
+"""Argument parsing shared by the top-level scripts: --config, --set, --force."""
+import argparse
+import sys
+
+import torch
+
+from .config import ConfigError, load_config
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default="configs/default.yaml", help="YAML experiment config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.max_steps=10 (repeatable; value is YAML)")
+    p.add_argument("--force", action="store_true",
+                   help="recompute and overwrite results made with a different config")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p
+
+
+def load(args):
+    """Load the config named by parsed ``args``; exit with the message on a config error."""
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    return cfg

@@ -1,0 +1,360 @@
+"""Typed, validated experiment configuration loaded from YAML.
+
+``load_config(path, overrides)`` returns a ``Config`` dataclass. Every key is declared
+here with its type and allowed range; unknown keys, wrong types and out-of-range values
+raise ``ConfigError`` naming the file, the dotted key and what is allowed.
+Overrides are ``"section.key=value"`` strings whose value is parsed as YAML.
+"""
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _spec(default, *, lo=None, hi=None, lo_open=False, doc=""):
+    """Field with an inclusive [lo, hi] range check (``lo_open`` makes the lower bound strict)."""
+    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "doc": doc}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: typing.cast(object, default).copy(), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    name: Optional[str] = None  # run directory name; defaults to the config file's stem
+    out_dir: str = "runs"
+    cache_dir: str = "runs/cache"  # MNIST classifier and reference statistics, shared by runs
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    threads: int = _spec(0, lo=0, doc="torch CPU threads; 0 keeps torch's default")
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    root: str = "data"  # holds MNIST/raw/*-ubyte[.gz]; env LAQFI_DATA_ROOT overrides
+    download: bool = False
+    image_size: int = _spec(32, lo=28, hi=64, doc="MNIST 28x28 is zero-padded (black) to this size")
+    train_limit: Optional[int] = _spec(None, lo=1, doc="use only the first N training images")
+
+
+@dataclass
+class ModelConfig:
+    channels: list[int] = _spec([64, 128, 256, 512, 512, 384])
+    attentions: list[bool] = _spec([False, True, False, False, False, True])
+    upscales: list[bool] = _spec([False, False, False, True, True, True])
+    num_groups: int = _spec(32, lo=1)
+    num_heads: int = _spec(8, lo=1)
+    dropout: float = _spec(0.1, lo=0.0, hi=0.9)
+    in_channels: int = _spec(1, lo=1)
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = _spec(1000, lo=2)
+    beta_start: float = _spec(1e-4, lo=0.0, lo_open=True, hi=0.5)
+    beta_end: float = _spec(0.02, lo=0.0, lo_open=True, hi=0.999)
+
+
+@dataclass
+class TrainConfig:
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr: float = _spec(2e-5, lo=0.0, lo_open=True)
+    weight_decay: float = _spec(0.0, lo=0.0)
+    batch_size: int = _spec(64, lo=1)
+    epochs: int = _spec(15, lo=0)
+    max_steps: Optional[int] = _spec(None, lo=0, doc="stop after this many steps (overrides epochs)")
+    ema_decay: float = _spec(0.9999, lo=0.0, hi=1.0)
+    ema_warmup: bool = True  # decay min(ema_decay, (1+step)/(10+step)) so short runs get a usable EMA
+    grad_clip: Optional[float] = _spec(None, lo=0.0, lo_open=True)
+    checkpoint_every: int = _spec(1000, lo=1)
+    bf16: bool = False  # CPU/GPU autocast to bfloat16 for the forward pass (labelled in outputs)
+
+
+@dataclass
+class SampleConfig:
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    steps: int = _spec(1000, lo=1, doc="sampling steps; ddpm requires steps == diffusion.timesteps")
+    eta: float = _spec(0.0, lo=0.0, hi=1.0)
+    batch_size: int = _spec(256, lo=1)
+    grid_images: int = _spec(64, lo=1)
+    channels_last: bool = False
+
+
+@dataclass
+class FisherConfig:
+    n_samples: int = _spec(1024, lo=1)
+    timesteps: Optional[list[int]] = _spec(None, doc="fixed list of timesteps (0-based); null = uniform")
+    chunk_size: int = _spec(16, lo=1)
+    seed: int = 0
+    eligible: Literal["poster", "all_weights", "all"] = "poster"
+    profile_buckets: int = _spec(10, lo=1)
+
+
+@dataclass
+class QuantConfig:
+    format: Literal["fp16", "bf16", "int8", "int4"] = "fp16"
+    granularity: Literal["tensor", "element"] = "tensor"
+
+
+@dataclass
+class WholeThresholdConfig:
+    threshold: float = _spec(0.1, lo=0.0)
+
+
+@dataclass
+class LayerGroupConfig:
+    groups: dict = _spec({
+        "Layer1-2": {"layers": [1, 2], "threshold": 0.1},
+        "Layer3-5": {"layers": [3, 4, 5], "threshold": 0.3},
+        "Layer6": {"layers": [6], "threshold": 0.1},
+    })
+
+
+@dataclass
+class LayerRatioConfig:
+    p: list[float] = _spec([0.25])
+
+
+@dataclass
+class LayerMathConfig:
+    alpha: float = _spec(0.5, lo=0.0)
+    k_min: float = _spec(0.1, lo=0.0)
+    k_max: float = _spec(2.0, lo=0.0)
+
+
+@dataclass
+class StrategiesConfig:
+    whole_threshold: WholeThresholdConfig = field(default_factory=WholeThresholdConfig)
+    layer_group: LayerGroupConfig = field(default_factory=LayerGroupConfig)
+    layer_ratio: LayerRatioConfig = field(default_factory=LayerRatioConfig)
+    layer_math: LayerMathConfig = field(default_factory=LayerMathConfig)
+
+
+@dataclass
+class ClassifierConfig:
+    epochs: int = _spec(3, lo=1)
+    batch_size: int = _spec(128, lo=1)
+    lr: float = _spec(1e-3, lo=0.0, lo_open=True)
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    n_images: int = _spec(5000, lo=2)
+    seeds: list[int] = _spec([0])
+    inception: bool = True  # compute FID/IS with pytorch-fid's InceptionV3
+    inception_weights: Optional[str] = None  # explicit pt_inception-2015-12-05 file
+    inception_batch_size: int = _spec(50, lo=1)
+    ref_n_images: int = _spec(10000, lo=2)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    fisher: FisherConfig = field(default_factory=FisherConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    strategies: StrategiesConfig = field(default_factory=StrategiesConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    source: str = "<defaults>"  # the YAML file this came from (not a YAML key)
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is typing.Union:
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _describe(inner[0]) + " or null"
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string",
+            dict: "a mapping"}.get(tp, str(tp))
+
+
+def _convert(value, tp, where):
+    """Check ``value`` against type ``tp``; return it converted (int -> float allowed)."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}")
+    if origin is typing.Union:
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        return _convert(value, inner, where)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        return [_convert(v, typing.get_args(tp)[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return value
+    raise bad
+
+
+def _check_range(value, f, where):
+    lo, hi, lo_open = f.metadata.get("lo"), f.metadata.get("hi"), f.metadata.get("lo_open")
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if lo is not None and (v < lo or (lo_open and v == lo)):
+            op = ">" if lo_open else ">="
+            raise ConfigError(f"{where}: must be {op} {lo}, got {v!r}")
+        if hi is not None and v > hi:
+            raise ConfigError(f"{where}: must be <= {hi}, got {v!r}")
+
+
+def _build(cls, data, src, prefix=""):
+    here = f"{src}: {prefix or 'top level'}"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{here}: expected a mapping of keys, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        bad = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{src}: unknown key {bad!r}; allowed here: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, src, key)
+        else:
+            converted = _convert(value, tp, f"{src}: {key}")
+            _check_range(converted, fields[name], f"{src}: {key}")
+            kwargs[name] = converted
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value, where: str):
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: cannot set {dotted!r}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def _channel_example(c0: int, n: int) -> list:
+    ch = [c0 * 2 ** i for i in range(n // 2)]
+    ch.append(2 * ch[-1])
+    for i in range(n // 2 + 1, n):
+        ch.append(ch[-1] // 2 + ch[n - i])
+    return ch
+
+
+def _cross_checks(cfg: Config, src: str):
+    n = len(cfg.model.channels)
+    for key in ("attentions", "upscales"):
+        if len(getattr(cfg.model, key)) != n:
+            raise ConfigError(f"{src}: model.{key}: needs {n} entries (one per model.channels entry)")
+    if n % 2:
+        raise ConfigError(f"{src}: model.channels: needs an even number of stages (down half, up half)")
+    ch = cfg.model.channels
+    flow = ch[0]  # channels entering each stage: down stages double, up stages halve + concat skip
+    for i in range(n):
+        if flow != ch[i]:
+            raise ConfigError(f"{src}: model.channels: Layer{i + 1} receives {flow} channels but is "
+                              f"configured with {ch[i]} (down stages double: c[i+1] = 2*c[i]; up stages "
+                              f"take c[i-1]/2 + the mirrored skip), e.g. {_channel_example(ch[0], n)}")
+        flow = 2 * ch[i] if i < n // 2 else ch[i] // 2 + ch[n - i - 1]
+    for c in cfg.model.channels:
+        if c % cfg.model.num_groups:
+            raise ConfigError(f"{src}: model.num_groups: {cfg.model.num_groups} must divide every channel count "
+                              f"in model.channels {cfg.model.channels}")
+    for i in (1, *[i for i, a in enumerate(cfg.model.attentions) if a]):
+        if cfg.model.attentions[i] and cfg.model.channels[i] % cfg.model.num_heads:
+            raise ConfigError(f"{src}: model.num_heads: {cfg.model.num_heads} must divide channels of "
+                              f"attention stage Layer{i + 1} ({cfg.model.channels[i]})")
+    if cfg.data.image_size % (2 ** (n // 2)):
+        raise ConfigError(f"{src}: data.image_size: must be divisible by {2 ** (n // 2)} for {n} stages")
+    if cfg.diffusion.beta_end <= cfg.diffusion.beta_start:
+        raise ConfigError(f"{src}: diffusion.beta_end: must exceed diffusion.beta_start")
+    if cfg.sample.sampler == "ddpm" and cfg.sample.steps != cfg.diffusion.timesteps:
+        raise ConfigError(f"{src}: sample.steps: ancestral ddpm sampling needs steps == diffusion.timesteps "
+                          f"({cfg.diffusion.timesteps}); use sampler: ddim for fewer steps")
+    if cfg.sample.steps > cfg.diffusion.timesteps:
+        raise ConfigError(f"{src}: sample.steps: must be <= diffusion.timesteps ({cfg.diffusion.timesteps})")
+    if cfg.fisher.timesteps is not None:
+        for t in cfg.fisher.timesteps:
+            if not 0 <= t < cfg.diffusion.timesteps:
+                raise ConfigError(f"{src}: fisher.timesteps: {t} outside [0, {cfg.diffusion.timesteps - 1}]")
+    for p in cfg.strategies.layer_ratio.p:
+        if not 0.0 <= p <= 1.0:
+            raise ConfigError(f"{src}: strategies.layer_ratio.p: each p must be in [0, 1], got {p}")
+    for gname, g in cfg.strategies.layer_group.groups.items():
+        key = f"{src}: strategies.layer_group.groups.{gname}"
+        if not isinstance(g, dict) or set(g) != {"layers", "threshold"}:
+            raise ConfigError(f"{key}: needs exactly the keys 'layers' (list of stage numbers) and 'threshold'")
+        layers = _convert(g["layers"], list[int], key + ".layers")
+        if not layers or any(not 1 <= k <= n for k in layers):
+            raise ConfigError(f"{key}.layers: stage numbers must be in 1..{n}, got {g['layers']}")
+        _convert(g["threshold"], float, key + ".threshold")
+    if not cfg.eval.seeds:
+        raise ConfigError(f"{src}: eval.seeds: needs at least one seed")
+
+
+def load_config(path, overrides=()) -> Config:
+    """Load ``path`` (YAML), apply ``key.sub=value`` overrides, validate, return a ``Config``."""
+    src = str(path)
+    try:
+        with open(path) as fh:
+            raw = yaml.safe_load(fh) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{src}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{src}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{src}: top level must be a mapping of sections")
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.sub=value")
+        key, text = item.split("=", 1)
+        _set_dotted(raw, key.strip(), yaml.safe_load(text), f"--set {item!r}")
+    cfg = _build(Config, raw, src)
+    cfg.source = src
+    if os.environ.get("LAQFI_DATA_ROOT"):
+        cfg.data.root = os.environ["LAQFI_DATA_ROOT"]
+    if cfg.run.name is None:
+        cfg.run.name = os.path.splitext(os.path.basename(src))[0]
+    _cross_checks(cfg, src)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,86 @@
+"""Atomic writes, file hashes, config fingerprints and run-directory paths."""
+import hashlib
+import json
+import os
+import tempfile
+
+import torch
+
+
+def _atomic(path, write):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_torch_save(obj, path):
+    _atomic(path, lambda fh: torch.save(obj, fh))
+
+
+def atomic_write_text(text: str, path):
+    _atomic(path, lambda fh: fh.write(text.encode()))
+
+
+def atomic_write_json(obj, path):
+    atomic_write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", path)
+
+
+def atomic_write_bytes(data: bytes, path):
+    _atomic(path, lambda fh: fh.write(data))
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(obj) -> str:
+    """Stable short hash of a JSON-able object (used to tell whether a stage's inputs changed)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def diff_keys(a: dict, b: dict, prefix="") -> list:
+    """Dotted keys whose values differ between two nested dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        key = f"{prefix}{k}"
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff_keys(va, vb, key + ".")
+        elif va != vb:
+            out.append(key)
+    return out
+
+
+def run_dir(cfg) -> str:
+    return os.path.join(cfg.run.out_dir, cfg.run.name)
+
+
+def baseline_dir(cfg) -> str:
+    return os.path.join(run_dir(cfg), "baseline")
+
+
+def load_json(path):
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device: 'cuda' requested but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(name)

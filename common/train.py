@@ -1,0 +1,151 @@
+"""DDPM training of the U-Net with an EMA copy, atomic checkpoints and exact resume."""
+import copy
+import math
+import os
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import to_dict
+from .diffusion import NoiseSchedule
+from .model import build_unet
+from .storage import atomic_torch_save, diff_keys, fingerprint
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class StaleArtifactError(RuntimeError):
+    pass
+
+
+def training_inputs(cfg) -> dict:
+    """The config sections that determine the trained weights (not paths or devices)."""
+    data = to_dict(cfg.data)
+    data.pop("root")
+    data.pop("download")
+    train = to_dict(cfg.train)
+    train.pop("checkpoint_every")
+    return {"data": data, "model": to_dict(cfg.model), "diffusion": to_dict(cfg.diffusion),
+            "train": train, "seed": cfg.run.seed}
+
+
+def total_steps(train_cfg, n_train: int) -> int:
+    if train_cfg.max_steps is not None:
+        return train_cfg.max_steps
+    return train_cfg.epochs * math.ceil(n_train / train_cfg.batch_size)
+
+
+def _step_rng(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 7_919 + step)
+
+
+def _batch_indices(seed: int, step: int, n: int, batch: int) -> torch.Tensor:
+    """Indices of ``step``'s batch: epoch-wise permutations, so resume replays the same order."""
+    per_epoch = math.ceil(n / batch)
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 104_729 + epoch))
+    return perm[k * batch: (k + 1) * batch]
+
+
+def _ema_decay(train_cfg, step: int) -> float:
+    if train_cfg.ema_warmup:
+        return min(train_cfg.ema_decay, (1 + step) / (10 + step))
+    return train_cfg.ema_decay
+
+
+def _checkpoint(cfg, model, ema, opt, step, steps, finished, losses):
+    return {
+        "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+        "step": step, "total_steps": steps, "finished": finished, "config": to_dict(cfg),
+        "training_inputs": training_inputs(cfg), "fingerprint": fingerprint(training_inputs(cfg)),
+        "loss_history": losses,
+    }
+
+
+def check_checkpoint_matches(ckpt: dict, cfg, path: str):
+    if ckpt.get("fingerprint") != fingerprint(training_inputs(cfg)):
+        keys = diff_keys(ckpt.get("training_inputs", {}), training_inputs(cfg))
+        raise StaleArtifactError(
+            f"{path} was trained with a different config (differs in: {', '.join(keys) or '?'}). "
+            f"Use --force to retrain into this run, or pick another run.name."
+        )
+
+
+def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, progress=True):
+    """Train (or resume) and write ``ckpt_path``; returns (ema model in eval mode, checkpoint dict).
+
+    x_train: (N, 1, S, S) float32 in [-1, 1] on the CPU.
+    """
+    torch.manual_seed(cfg.run.seed)
+    schedule = NoiseSchedule.from_config(cfg.diffusion)
+    model = build_unet(cfg.model, cfg.diffusion.timesteps).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
+    opt = opt_cls(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    steps = total_steps(cfg.train, len(x_train))
+    start, losses = 0, []
+    if resume and os.path.exists(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        check_checkpoint_matches(ckpt, cfg, ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start, losses = ckpt["step"], ckpt["loss_history"]
+        print(f"resuming {ckpt_path} at step {start}/{steps}")
+    model.train()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train", disable=not progress)
+    t0, running = time.time(), None
+    for step in bar:
+        idx = _batch_indices(cfg.run.seed, step, len(x_train), cfg.train.batch_size)
+        gen = _step_rng(cfg.run.seed, step)
+        x0 = x_train[idx]
+        t = torch.randint(0, schedule.timesteps, (len(idx),), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        torch.manual_seed(cfg.run.seed * 31 + step)  # dropout mask, replayable on resume
+        with autocast:
+            loss = schedule.p_losses(model, x0.to(device), t.to(device), eps.to(device))
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss became {loss.item()} at step {step}; nothing was saved after step {start}. "
+                f"Lower train.lr or set train.grad_clip."
+            )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            d = _ema_decay(cfg.train, step)
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - d)
+        value = loss.item()
+        running = value if running is None else 0.98 * running + 0.02 * value
+        losses.append(value)
+        bar.set_postfix(loss=f"{running:.4f}")
+        if (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < steps:
+            atomic_torch_save(_checkpoint(cfg, model, ema, opt, step + 1, steps, False, losses), ckpt_path)
+    bar.close()
+    ckpt = _checkpoint(cfg, model, ema, opt, steps, steps, True, losses)
+    ckpt["train_seconds"] = time.time() - t0
+    atomic_torch_save(ckpt, ckpt_path)
+    return ema, ckpt
+
+
+def load_ema(ckpt_path: str, device="cpu"):
+    """Rebuild the EMA network from a finished checkpoint; returns (model in eval mode, checkpoint)."""
+    from .config import Config, _build  # rebuild the typed sections stored in the checkpoint
+
+    if not os.path.exists(ckpt_path):
+        raise FileNotFoundError(f"{ckpt_path} not found: run `python simplediffusion.py --config ...` first")
+    ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    if not ckpt.get("finished"):
+        raise RuntimeError(f"{ckpt_path} is a partial checkpoint (step {ckpt.get('step')}): "
+                           f"finish it with `python simplediffusion.py --resume`")
+    stored = {k: v for k, v in ckpt["config"].items() if k != "source"}
+    cfg = _build(Config, stored, ckpt_path)
+    model = build_unet(cfg.model, cfg.diffusion.timesteps).to(device)
+    model.load_state_dict(ckpt["ema"])
+    return model.eval().requires_grad_(False), ckpt
