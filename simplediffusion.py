@@ -1,19 +1,38 @@
-"""Train the baseline DDPM on MNIST, then compute its Fisher diagonal and evaluate it (fp32).
+"""Train the baseline DDPM on MNIST, compute its Fisher diagonal, and evaluate the two reference
+points every strategy is compared with: the fp32 baseline and uniform quantization (every eligible
+tensor in quant.format).
 
-Writes runs/<run>/baseline/{checkpoint.pt, model.json, samples.png, fisher.pt, plots}.
+Writes runs/<run>/baseline/{checkpoint.pt, model.json, samples.png, fisher.pt}, runs/<run>/plots/fisher_*.png,
+runs/<run>/fp32/ and runs/<run>/uniform_<format>/. Finished stages are reused.
 """
-from common import cli, pipeline
-from common.storage import resolve_device
+from common import cli, pipeline, report
+from common.storage import resolve_device, run_dir
 
 
 def main():
     p = cli.parser(__doc__)
     p.add_argument("--resume", action="store_true", help="continue a partial checkpoint")
+    p.add_argument("--recompute-fisher", action="store_true", help="recompute fisher.pt even if present")
+    p.add_argument("--skip-eval", action="store_true", help="stop after training and Fisher")
     args = p.parse_args()
     cfg = cli.load(args)
-    device = resolve_device(cfg.run.device)
-    pipeline.ensure_baseline(cfg, device, force=args.force, resume=args.resume,
-                             progress=not args.no_progress)
+    progress = not args.no_progress
+    with cli.clear_errors():
+        device = resolve_device(cfg.run.device)
+        model, ckpt_path = pipeline.ensure_baseline(cfg, device, force=args.force, resume=args.resume,
+                                                    progress=progress)
+        fisher, _ = pipeline.ensure_fisher(cfg, model, ckpt_path, device,
+                                           recompute=args.recompute_fisher or args.force, progress=progress)
+        print(report.fisher_table(fisher))
+        for path in report.plot_fisher(fisher, f"{run_dir(cfg)}/plots"):
+            print(f"[fisher] plot -> {path}")
+        if args.skip_eval:
+            return
+        done = {"fp32": pipeline.evaluate_fp32(cfg, model, ckpt_path, device, force=args.force, progress=progress)}
+        fmt = cfg.quant.format
+        done[f"uniform_{fmt}"] = pipeline.run_variant(cfg, f"uniform_{fmt}", "uniform", {}, model, ckpt_path,
+                                                      fisher, device, force=args.force, progress=progress)
+        pipeline.print_comparison(done)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Argument parsing shared by the top-level scripts: --config, --set, --force."""
 import argparse
+import contextlib
 import sys
 
 import torch
@@ -28,3 +29,15 @@ def load(args):
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     return cfg
+
+
+@contextlib.contextmanager
+def clear_errors():
+    """Turn the errors a user can fix (missing or stale artifacts, bad files) into one-line exits."""
+    from .fisher import FisherMismatchError
+    from .train import StaleArtifactError
+
+    try:
+        yield
+    except (FileNotFoundError, StaleArtifactError, FisherMismatchError, ConfigError) as e:
+        sys.exit(f"error: {e}")

@@ -52,10 +52,15 @@ def load_mnist(root: str, split: str = "train", download: bool = False):
         if path is None and download:
             import torchvision  # only needed where a download can work
 
-            torchvision.datasets.MNIST(root=root, train=(split == "train"), download=True)
+            try:
+                torchvision.datasets.MNIST(root=root, train=(split == "train"), download=True)
+            except Exception as e:  # offline: report where we looked, not a URL traceback
+                download_error = f" torchvision download failed too ({type(e).__name__}: {str(e).splitlines()[0]})."
+            else:
+                download_error = ""
             path, looked = _find(root, stem)
         if path is None:
-            hint = "" if download else " (set data.download: true to fetch with torchvision where online)"
+            hint = download_error if download else " (set data.download: true to fetch with torchvision where online)"
             raise FileNotFoundError(
                 f"MNIST file {stem}[.gz] not found; looked for: {', '.join(looked)}. "
                 f"Set data.root or LAQFI_DATA_ROOT to the folder holding MNIST/raw/{hint}"

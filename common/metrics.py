@@ -229,6 +229,8 @@ def load_or_train_classifier(cache_dir, data_cfg, clf_cfg, progress=True):
     from .data import load_mnist, to_model_space, to_uint8
 
     tag = f"mnist_classifier_s{data_cfg.image_size}_e{clf_cfg.epochs}_b{clf_cfg.batch_size}_lr{clf_cfg.lr}_seed{clf_cfg.seed}"
+    if clf_cfg.train_limit:
+        tag += f"_n{clf_cfg.train_limit}"
     path = os.path.join(cache_dir, tag + ".pt")
     if os.path.exists(path):
         blob = torch.load(path, map_location="cpu", weights_only=False)
@@ -237,6 +239,7 @@ def load_or_train_classifier(cache_dir, data_cfg, clf_cfg, progress=True):
         print(f"[classifier] reusing {path} (test accuracy {blob['info']['test_accuracy']:.4f})")
         return model.eval(), blob["info"]
     xtr, ytr = load_mnist(data_cfg.root, "train", data_cfg.download)
+    xtr, ytr = xtr[:clf_cfg.train_limit], ytr[:clf_cfg.train_limit]
     xte, yte = load_mnist(data_cfg.root, "test", data_cfg.download)
     size = data_cfg.image_size
     xtr_u8, xte_u8 = to_uint8(to_model_space(xtr, size)), to_uint8(to_model_space(xte, size))

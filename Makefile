@@ -1,0 +1,33 @@
+# Two commands do everything on a fresh machine:  make reproduce   and   make test
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+CONFIG  ?= configs/default.yaml
+RUN     ?= runs/$(basename $(notdir $(CONFIG)))
+# MNIST: use the shared offline copy where it exists, else ./data (downloaded by torchvision if online).
+LAQFI_DATA_ROOT ?= $(if $(wildcard ../shared/data/MNIST/raw),../shared/data,data)
+export LAQFI_DATA_ROOT
+
+.PHONY: setup reproduce test bench clean-runs
+
+$(BIN)/.installed: requirements.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt
+	touch $@
+
+setup: $(BIN)/.installed
+
+reproduce: setup
+	$(BIN)/python simplediffusion.py --config $(CONFIG)
+	$(BIN)/python whole_threshold.py --config $(CONFIG)
+	$(BIN)/python layer_group.py --config $(CONFIG)
+	$(BIN)/python layer_ratio.py --config $(CONFIG)
+	$(BIN)/python layer_math.py --config $(CONFIG)
+	$(BIN)/python -m common.report $(RUN)
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+bench: setup
+	$(BIN)/python benchmarks/bench.py --config $(CONFIG)

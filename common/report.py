@@ -1,0 +1,335 @@
+"""Tables, plots and verdicts of a run: ``python -m common.report runs/<run> [--update-readme README.md]``.
+
+Reads every ``runs/<run>/<variant>/metrics.json`` and ``baseline/fisher.pt`` and writes
+``summary.md``, ``summary.csv`` and ``plots/*.png`` beside them. Verdicts on the poster's claims
+are computed from the per-seed numbers (all variants share each seed's noise, so per-seed
+differences are paired).
+"""
+import argparse
+import csv
+import io
+import math
+import os
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from . import storage  # noqa: E402
+
+# The poster's published rows (5000 images) and the slides' 100-image rows, for comparison.
+POSTER = {
+    "fp32": {"fid": 22.7512, "size_mb": 134.2, "reduction_pct": 0.0},
+    "uniform_fp16": {"fid": 24.1324, "size_mb": 67.7, "reduction_pct": 49.55},
+    "layer_group": {"fid": 23.84, "size_mb": 67.9, "reduction_pct": 49.4},
+    "layer_ratio_p0.25": {"fid": 22.42, "size_mb": 102.26, "reduction_pct": 23.8},
+    "layer_math": {"fid": 23.16, "size_mb": 81.57, "reduction_pct": 39.2},
+}
+SLIDES_100 = {
+    "fp32": {"fid": 59.3030, "is": 1.7225, "size_mb": 134.20},
+    "whole_threshold": {"fid": 59.7148, "is": 2.0846, "size_mb": 71.48},
+    "layer_group": {"fid": 57.8034, "is": 1.7356},
+}
+COLUMNS = ["variant", "fid", "fid_std", "is_mean", "is_std", "clf_fid", "clf_fid_std", "clf_is", "clf_is_std",
+           "paired_mse_vs_fp32", "size_mb", "reduction_pct", "quantized_fraction",
+           "poster_fid", "poster_size_mb", "poster_reduction_pct", "slides100_fid", "slides100_is"]
+
+
+def load_results(run: str) -> dict:
+    out = {}
+    for name in sorted(os.listdir(run)):
+        p = os.path.join(run, name, "metrics.json")
+        if os.path.isfile(p):
+            out[name] = storage.load_json(p)
+    order = lambda v: (v != "fp32", not v.startswith("uniform"), v)  # noqa: E731
+    return dict(sorted(out.items(), key=lambda kv: order(kv[0])))
+
+
+def _poster_key(variant):
+    return "layer_ratio_p0.25" if variant.startswith("layer_ratio_p0.25") else variant
+
+
+def rows(results: dict) -> list:
+    table = []
+    for v, r in results.items():
+        row = {c: r.get(c) for c in COLUMNS}
+        p, s = POSTER.get(_poster_key(v), {}), SLIDES_100.get(v, {})
+        row.update(poster_fid=p.get("fid"), poster_size_mb=p.get("size_mb"),
+                   poster_reduction_pct=p.get("reduction_pct"), slides100_fid=s.get("fid"), slides100_is=s.get("is"))
+        table.append(row)
+    return table
+
+
+def _f(v, d=2, std=None):
+    if v is None:
+        return "–"
+    return f"{v:.{d}f}" + (f" ± {std:.{d}f}" if std is not None else "")
+
+
+# ----------------------------------------------------------------------------- verdicts
+def _per_seed(r, key):
+    return np.array([s[key] if s[key] is not None else np.nan for s in r["per_seed"].values()], dtype=float)
+
+
+def _paired_verdict(d: np.ndarray, better_if_negative=True):
+    """Verdict on paired per-seed differences d (variant minus reference)."""
+    d = d[~np.isnan(d)]
+    if len(d) == 0:
+        return "not measured", None, None
+    mean = float(d.mean())
+    sem = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
+    if len(d) < 3:
+        return f"undecided ({len(d)} seed(s): too few for a spread)", mean, sem
+    good = mean < 0 if better_if_negative else mean > 0
+    if abs(mean) <= 2 * sem:
+        return "within noise", mean, sem
+    return ("supported" if good else "not supported (opposite)"), mean, sem
+
+
+def verdicts(results: dict, fisher) -> list:
+    """[(claim, verdict, evidence)] for the poster's three claims."""
+    out = []
+    fp, uni = results.get("fp32"), next((r for v, r in results.items() if v.startswith("uniform")), None)
+    adaptive = {v: r for v, r in results.items() if v not in ("fp32",) and not v.startswith("uniform")}
+    metric_keys = [k for k in ("fid", "clf_fid") if fp and fp.get(k) is not None]
+    if fp and uni and adaptive:
+        for key in metric_keys:
+            for v, r in adaptive.items():
+                # "At equal size": compare with the straight line from fp32 to uniform at the variant's size.
+                lo, hi = uni["size_mb"], fp["size_mb"]
+                w = 0.0 if hi == lo else (r["size_mb"] - lo) / (hi - lo)
+                line = (1 - w) * _per_seed(uni, key) + w * _per_seed(fp, key)
+                verdict, mean, sem = _paired_verdict(_per_seed(r, key) - line)
+                out.append((f"layer-adaptive beats uniform at equal size ({v}, {key})", verdict,
+                            f"{key} minus fp32–uniform line at {r['size_mb']:.3f} MB: {_f(mean, 3)} "
+                            f"(± {_f(sem, 3)} s.e.m. over {len(r['seeds'])} paired seeds)"))
+    ratio = results.get("layer_ratio_p0.25")
+    if ratio and uni:
+        for key in metric_keys:
+            u, q = _per_seed(uni, key), _per_seed(ratio, key)
+            impr = 100 * (u - q) / u
+            verdict, mean, sem = _paired_verdict(-impr)
+            out.append((f"ratio p=0.25 improves {key} over uniform by ~7% (poster: 24.13 -> 22.42)", verdict,
+                        f"improvement {_f(mean and -mean, 2)}% ± {_f(sem, 2)}% s.e.m. "
+                        f"(uniform {_f(uni[key], 3)}, ratio {_f(ratio[key], 3)})"))
+    if fisher is not None:
+        pl = fisher["per_layer"]
+        top = sorted((k for k in pl if k.startswith("Layer")), key=lambda k: -pl[k])
+        verdict = "supported" if set(top[:2]) == {"Layer1", "Layer2"} else "not supported"
+        out.append(("layers 1-2 carry the most Fisher (mean per weight)", verdict,
+                    "ranking by mean Fisher: " + " > ".join(f"{k} ({pl[k]:.3g})" for k in top)))
+    return out
+
+
+# ----------------------------------------------------------------------------- plots
+def plot_fisher(fisher: dict, folder: str) -> list:
+    """Per-layer bar (log), per-tensor within each layer, per-timestep profile per layer."""
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    pl = {k: v for k, v in fisher["per_layer"].items() if k.startswith("Layer")}
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(list(pl), list(pl.values()), color="tab:blue")
+    ax.set_yscale("log")
+    ax.set_ylabel("mean Fisher per weight")
+    ax.set_title(f"Fisher by stage ({fisher['meta']['n_samples']} samples, {fisher['meta']['eligible_rule']})")
+    paths.append(_save(fig, os.path.join(folder, "fisher_per_layer.png")))
+
+    stages = list(pl)
+    fig, axes = plt.subplots(1, len(stages), figsize=(3 * len(stages), 3.5), sharey=True)
+    for ax, st in zip(np.atleast_1d(axes), stages):
+        names = [n for n in fisher["per_tensor"] if n.split(".", 1)[0] == st]
+        ax.bar(range(len(names)), [fisher["per_tensor"][n] for n in names], color="tab:orange")
+        ax.set_yscale("log")
+        ax.set_title(st)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels([n.split(".", 1)[1].replace(".weight", "") for n in names], rotation=90, fontsize=6)
+    np.atleast_1d(axes)[0].set_ylabel("mean Fisher of tensor")
+    paths.append(_save(fig, os.path.join(folder, "fisher_per_tensor.png")))
+
+    prof = fisher["timestep_profile"]
+    if prof:
+        numel = {n: d.numel() for n, d in fisher["diag"].items()}
+        buckets = list(prof)
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for st in stages:
+            names = [n for n in fisher["per_tensor"] if n.split(".", 1)[0] == st]
+            tot = sum(numel[n] for n in names)
+            ax.plot(range(len(buckets)), [sum(prof[b][n] * numel[n] for n in names) / tot for b in buckets],
+                    marker="o", label=st)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(buckets)))
+        ax.set_xticklabels(buckets, rotation=45, fontsize=7)
+        ax.set_xlabel("timestep bucket")
+        ax.set_ylabel("mean Fisher per weight")
+        ax.legend(fontsize=7)
+        ax.set_title("Fisher by timestep")
+        paths.append(_save(fig, os.path.join(folder, "fisher_timestep_profile.png")))
+    return paths
+
+
+def _save(fig, path):
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_tradeoff(results: dict, folder: str):
+    keys = [k for k in ("fid", "clf_fid") if any(r.get(k) is not None for r in results.values())]
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.2), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        fp, uni = results.get("fp32"), next((r for v, r in results.items() if v.startswith("uniform")), None)
+        if fp and uni:
+            ax.plot([uni["size_mb"], fp["size_mb"]], [uni[key], fp[key]], "k--", lw=1, label="fp32–uniform line")
+        for v, r in results.items():
+            ax.errorbar(r["size_mb"], r[key], yerr=r.get(f"{key}_std") or 0, fmt="o", capsize=3, label=v)
+        ax.set_xlabel("stored weights (MB)")
+        ax.set_ylabel(key.replace("clf_fid", "classifier-FID").upper() if key == "fid" else "classifier-FID")
+        ax.set_title(f"{key} vs size (mean ± std over seeds)")
+        ax.legend(fontsize=7)
+    return _save(fig, os.path.join(folder, "tradeoff.png"))
+
+
+def plot_ratio_sweep(results: dict, folder: str):
+    sweep = sorted((r["params"]["p"], r) for v, r in results.items() if v.startswith("layer_ratio_p"))
+    if len(sweep) < 2:
+        return None
+    keys = [k for k in ("fid", "clf_fid") if sweep[0][1].get(k) is not None]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
+    uni = next((r for v, r in results.items() if v.startswith("uniform")), None)
+    for ax, key in zip(axes[0], keys):
+        ps = [p for p, _ in sweep]
+        ax.errorbar(ps, [r[key] for _, r in sweep], yerr=[r.get(f"{key}_std") or 0 for _, r in sweep],
+                    marker="o", capsize=3, label="layer_ratio")
+        for lbl, ref in (("fp32", results.get("fp32")), ("uniform", uni)):
+            if ref:
+                ax.axhline(ref[key], ls="--", lw=1, color="gray" if lbl == "fp32" else "red", label=lbl)
+        ax.set_xlabel("p (fraction of each stage kept at fp32)")
+        ax.set_ylabel(key)
+        ax.legend(fontsize=8)
+        ax.set_title(f"layer_ratio sweep: {key}")
+    return _save(fig, os.path.join(folder, "ratio_sweep.png"))
+
+
+def plot_grids(run: str, results: dict, folder: str, n=16):
+    names = [v for v in results if os.path.exists(os.path.join(run, v, f"samples_seed{results[v]['seeds'][0]}.pt"))]
+    if not names:
+        return None
+    import torchvision
+
+    fig, axes = plt.subplots(1, len(names), figsize=(2.4 * len(names), 2.8), squeeze=False)
+    for ax, v in zip(axes[0], names):
+        x = torch.load(os.path.join(run, v, f"samples_seed{results[v]['seeds'][0]}.pt"))[:n]
+        grid = torchvision.utils.make_grid(x, nrow=int(math.sqrt(n)), padding=1, pad_value=1.0)[0]
+        ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(v, fontsize=7)
+        ax.axis("off")
+    fig.suptitle(f"same noise (seed {results[names[0]]['seeds'][0]}) for every variant", fontsize=9)
+    return _save(fig, os.path.join(folder, "grids.png"))
+
+
+# ----------------------------------------------------------------------------- tables
+def fisher_table(fisher: dict) -> str:
+    lines = ["| stage | tensors | weights | mean Fisher | total Fisher |", "|---|---:|---:|---:|---:|"]
+    count = {}
+    for n in fisher["per_tensor"]:
+        st = n.split(".", 1)[0]
+        count[st] = count.get(st, 0) + 1
+    for st, m in fisher["per_layer"].items():
+        lines.append(f"| {st} | {count.get(st, 0)} | {fisher['per_layer_numel'][st]:,} | {m:.4g} | "
+                     f"{fisher['per_layer_total'][st]:.4g} |")
+    return "\n".join(lines)
+
+
+def results_table(results: dict) -> str:
+    head = ("| variant | FID | IS | clf-FID | clf-IS | paired MSE | size MB | reduction % | quantized | "
+            "poster FID | poster MB | poster red. % | slides-100 FID / IS |")
+    lines = [head, "|" + "---|" * 13]
+    for row, r in zip(rows(results), results.values()):
+        lines.append(
+            f"| {row['variant']} | {_f(row['fid'], 2, row['fid_std'])} | {_f(row['is_mean'], 3)} | "
+            f"{_f(row['clf_fid'], 2, row['clf_fid_std'])} | {_f(row['clf_is'], 3, row['clf_is_std'])} | "
+            f"{_f(row['paired_mse_vs_fp32'], 7)} | {row['size_mb']:.3f} | {row['reduction_pct']:.1f} | "
+            f"{row['quantized_fraction']:.1%} | {_f(row['poster_fid'], 2)} | {_f(row['poster_size_mb'], 2)} | "
+            f"{_f(row['poster_reduction_pct'], 2)} | {_f(row['slides100_fid'], 2)} / {_f(row['slides100_is'], 3)} |")
+    return "\n".join(lines)
+
+
+def settings_note(results: dict, run: str) -> str:
+    r = next(iter(results.values()))
+    model = storage.load_json(os.path.join(run, "baseline", "model.json")) if os.path.exists(
+        os.path.join(run, "baseline", "model.json")) else {}
+    return (f"Our setting: {model.get('n_params', '?'):,} parameters "
+            f"({r['fp32_size_mb']:.2f} MB fp32; poster: 35,178,689 = 134.2 MB), "
+            f"{model.get('steps', '?')} training steps, {r['sampler'].upper()} with {r['sampling_steps']} steps "
+            f"(poster: DDPM 1000), {r['n_images']} images per seed × seeds {r['seeds']} for classifier metrics, "
+            f"{r['inception_n_images']} per seed for FID against {r['ref_n_images']} real training images "
+            f"(poster: 5000 images; slides: 100). Inception weights: {r['inception_weights']}. "
+            f"MNIST classifier test accuracy {r['classifier_test_accuracy']:.4f}. "
+            "± is the standard deviation over seeds. Sizes are the bytes of the stored tensors "
+            "(MB = 2^20 bytes, as the poster's 134.2 MB). Poster numbers come from a different, "
+            "much larger model and protocol: compare directions, not values.")
+
+
+def write_summary(run: str, readme=None) -> str:
+    results = load_results(run)
+    if not results:
+        raise FileNotFoundError(f"{run}: no <variant>/metrics.json found; run the scripts first")
+    fisher_path = os.path.join(run, "baseline", "fisher.pt")
+    fisher = torch.load(fisher_path, weights_only=False) if os.path.exists(fisher_path) else None
+    plots = os.path.join(run, "plots")
+    os.makedirs(plots, exist_ok=True)
+    figs = [plot_tradeoff(results, plots), plot_ratio_sweep(results, plots), plot_grids(run, results, plots)]
+    if fisher is not None:
+        figs += plot_fisher(fisher, plots)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS)
+    w.writeheader()
+    w.writerows(rows(results))
+    storage.atomic_write_text(buf.getvalue(), os.path.join(run, "summary.csv"))
+
+    results_md = results_table(results) + "\n\n" + settings_note(results, run)
+    v_md = "\n".join(f"| {c} | **{v}** | {e} |" for c, v, e in verdicts(results, fisher))
+    verdict_md = ("| poster claim | verdict | evidence |\n|---|---|---|\n" + v_md +
+                  "\n\nRule: per-seed paired differences (same noise for every variant); *supported* when the mean "
+                  "difference favours the claim by more than 2 standard errors, *within noise* otherwise.")
+    md = [f"# Results of `{run}`", "", results_md, "", "## Verdicts on the poster's claims", "", verdict_md]
+    if fisher is not None:
+        md += ["", "## Fisher per stage", "", fisher_table(fisher)]
+    md += ["", "## Plots", ""] + [f"![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in figs if p]
+    text = "\n".join(md) + "\n"
+    storage.atomic_write_text(text, os.path.join(run, "summary.md"))
+    if readme:
+        update_readme(readme, results_md + "\n\n### Verdicts\n\n" + verdict_md)
+    return text
+
+
+def update_readme(path: str, block: str):
+    """Replace the text between the results markers of README with ``block``."""
+    start, end = "<!-- results:start -->", "<!-- results:end -->"
+    with open(path) as fh:
+        text = fh.read()
+    if start not in text or end not in text:
+        raise ValueError(f"{path}: markers {start} / {end} not found")
+    head, rest = text.split(start, 1)
+    storage.atomic_write_text(head + start + "\n" + block + "\n" + end + rest.split(end, 1)[1], path)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run", help="run directory, e.g. runs/default")
+    p.add_argument("--update-readme", metavar="README", help="also write the results table into this README")
+    args = p.parse_args()
+    if not os.path.isdir(args.run):
+        raise SystemExit(f"{args.run}: no such run directory")
+    print(write_summary(args.run, args.update_readme))
+    print(f"[report] {args.run}/summary.md, summary.csv, plots/")
+
+
+if __name__ == "__main__":
+    main()
