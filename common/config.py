@@ -5,6 +5,7 @@ here with its type and allowed range; unknown keys, wrong types and out-of-range
 raise ``ConfigError`` naming the file, the dotted key and what is allowed.
 Overrides are ``"section.key=value"`` strings whose value is parsed as YAML.
 """
+import copy
 import dataclasses
 import os
 import typing
@@ -22,7 +23,7 @@ def _spec(default, *, lo=None, hi=None, lo_open=False, doc=""):
     """Field with an inclusive [lo, hi] range check (``lo_open`` makes the lower bound strict)."""
     meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "doc": doc}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: typing.cast(object, default).copy(), metadata=meta)
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -46,7 +47,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    channels: list[int] = _spec([64, 128, 256, 512, 512, 384])
+    channels: list[int] = _spec([64, 128, 256, 512, 512, 384], lo=1)
     attentions: list[bool] = _spec([False, True, False, False, False, True])
     upscales: list[bool] = _spec([False, False, False, True, True, True])
     num_groups: int = _spec(32, lo=1)
@@ -241,6 +242,8 @@ def _check_range(value, f, where):
     for v in values:
         if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
             continue
+        if v != v:  # NaN passes every comparison
+            raise ConfigError(f"{where}: must be a number, got NaN")
         if lo is not None and (v < lo or (lo_open and v == lo)):
             op = ">" if lo_open else ">="
             raise ConfigError(f"{where}: must be {op} {lo}, got {v!r}")
@@ -294,8 +297,8 @@ def _cross_checks(cfg: Config, src: str):
     for key in ("attentions", "upscales"):
         if len(getattr(cfg.model, key)) != n:
             raise ConfigError(f"{src}: model.{key}: needs {n} entries (one per model.channels entry)")
-    if n % 2:
-        raise ConfigError(f"{src}: model.channels: needs an even number of stages (down half, up half)")
+    if n < 2 or n % 2:
+        raise ConfigError(f"{src}: model.channels: needs an even number of stages (at least 2) (down half, up half)")
     ch = cfg.model.channels
     flow = ch[0]  # channels entering each stage: down stages double, up stages halve + concat skip
     for i in range(n):
@@ -308,8 +311,8 @@ def _cross_checks(cfg: Config, src: str):
         if c % cfg.model.num_groups:
             raise ConfigError(f"{src}: model.num_groups: {cfg.model.num_groups} must divide every channel count "
                               f"in model.channels {cfg.model.channels}")
-    for i in (1, *[i for i, a in enumerate(cfg.model.attentions) if a]):
-        if cfg.model.attentions[i] and cfg.model.channels[i] % cfg.model.num_heads:
+    for i in [i for i, a in enumerate(cfg.model.attentions) if a]:
+        if cfg.model.channels[i] % cfg.model.num_heads:
             raise ConfigError(f"{src}: model.num_heads: {cfg.model.num_heads} must divide channels of "
                               f"attention stage Layer{i + 1} ({cfg.model.channels[i]})")
     if cfg.data.image_size % (2 ** (n // 2)):

@@ -1,0 +1,263 @@
+"""Speed and memory of sampling, Fisher and training, measured side by side in one run.
+
+    python benchmarks/bench.py --config configs/default.yaml      (make bench)
+
+Uses the default model architecture with random weights (speed does not depend on training).
+Each measurement runs in its own child process so its peak RSS is its own. Prints a table and
+ends with one ``key=value`` line.
+"""
+import argparse
+import multiprocessing as mp
+import os
+import resource
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from common.config import load_config  # noqa: E402
+from common.diffusion import NoiseSchedule, build_sampler, sample  # noqa: E402
+from common.fisher import eligible_names, per_sample_sq_grads, per_sample_sq_grads_loop  # noqa: E402
+from common.model import build_unet  # noqa: E402
+
+
+def _model(cfg):
+    torch.manual_seed(0)
+    return build_unet(cfg.model, cfg.diffusion.timesteps).eval().requires_grad_(False)
+
+
+def _peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _timeit(fn, min_seconds=2.0, warmup=1):
+    for _ in range(warmup):
+        fn()
+    n, t0 = 0, time.perf_counter()
+    while True:
+        fn()
+        n += 1
+        dt = time.perf_counter() - t0
+        if dt >= min_seconds:
+            return dt / n
+
+
+def matmul_peak():
+    """fp32 (and bf16) GEMM FLOP/s of this machine, the MFU denominator."""
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        out[str(dtype).split(".")[1]] = 2 * 2048 ** 3 / _timeit(lambda: a @ b, 2.0)
+    return out
+
+
+def forward_flops(model, batch, shape, backward=False):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x, t = torch.randn(batch, *shape), torch.randint(0, 100, (batch,))
+    with FlopCounterMode(display=False) as fc:
+        if backward:
+            model.train().requires_grad_(True)
+            model(x, t).pow(2).mean().backward()
+            model.eval().requires_grad_(False)
+        else:
+            with torch.inference_mode():
+                model(x, t)
+    return fc.get_total_flops()
+
+
+def bench_sampling(cfg, n_batch, n_single, variant="fp32"):
+    model = _model(cfg)
+    shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
+    sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
+    steps = len(sampler.timesteps)
+    channels_last = False
+    autocast = None
+    if variant == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
+        channels_last = True
+    elif variant == "bf16_weights":  # real bf16 weights and activations
+        model = model.to(torch.bfloat16)
+    elif variant == "fp16_weights":  # real fp16 weights and activations (CPU fp16 kernels)
+        model = model.to(torch.float16)
+    elif variant == "bf16_autocast":
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    elif variant == "torchao_int8_wo":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(model, Int8WeightOnlyConfig())  # nn.Linear only: convolutions stay fp32
+    if variant in ("bf16_weights", "fp16_weights"):
+        dtype = next(model.parameters()).dtype
+        inner = model
+
+        class Cast(torch.nn.Module):
+            def forward(self, x, t):
+                return inner(x.to(dtype), t).float()
+
+        model = Cast()
+
+    def run(n, bs):
+        if autocast is not None:
+            with autocast:
+                return sample(model, sampler, n, shape, 0, bs, progress=False, channels_last=channels_last)
+        return sample(model, sampler, n, shape, 0, bs, progress=False, channels_last=channels_last)
+
+    bs = cfg.sample.batch_size
+    run(min(bs, 8), bs)  # warm-up
+    t0 = time.perf_counter()
+    run(n_batch, bs)
+    batched = n_batch / (time.perf_counter() - t0)
+    out = {"variant": variant, "batched_img_s": batched, "steps": steps, "batch": bs}
+    if n_single:
+        run(1, 1)
+        t0 = time.perf_counter()
+        run(n_single, 1)  # the original's way: one image at a time
+        out["per_image_img_s"] = n_single / (time.perf_counter() - t0)
+        out["flops_per_image"] = steps * forward_flops(_model(cfg), 1, shape)
+    out["peak_rss_mb"] = _peak_rss_mb()
+    return out
+
+
+def bench_fisher(cfg, n):
+    model = _model(cfg).requires_grad_(True)
+    schedule = NoiseSchedule.from_config(cfg.diffusion)
+    names = eligible_names(model, cfg.fisher.eligible)
+    g = torch.Generator().manual_seed(0)
+    shape = (n, cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
+    x0, eps = torch.randn(shape, generator=g).clamp(-1, 1), torch.randn(shape, generator=g)
+    t = torch.randint(0, schedule.timesteps, (n,), generator=g)
+    chunk = cfg.fisher.chunk_size
+
+    def vectorized():
+        acc = {k: 0 for k in names}
+        for s in range(0, n, chunk):
+            sq = per_sample_sq_grads(model, schedule, names, x0[s:s + chunk], t[s:s + chunk], eps[s:s + chunk])
+            for k in names:
+                acc[k] = acc[k] + sq[k].sum(0)
+        return acc
+
+    def loop():
+        sq = per_sample_sq_grads_loop(model, schedule, names, x0, t, eps)
+        return {k: v.sum(0) for k, v in sq.items()}
+
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*batching rule.*")
+    vectorized()  # warm-up
+    t0 = time.perf_counter()
+    a = vectorized()
+    t_vec = time.perf_counter() - t0
+    rss_vec = _peak_rss_mb()
+    t0 = time.perf_counter()
+    b = loop()
+    t_loop = time.perf_counter() - t0
+    ok = all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-12) for k in names)
+    return {"n": n, "chunk": chunk, "vectorized_s": t_vec, "loop_s": t_loop, "allclose": ok,
+            "peak_rss_mb": rss_vec}
+
+
+def bench_training(cfg, steps=5):
+    model = build_unet(cfg.model, cfg.diffusion.timesteps).train()
+    schedule = NoiseSchedule.from_config(cfg.diffusion)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    bs = cfg.train.batch_size
+    shape = (bs, cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
+    x0, eps, t = torch.randn(shape), torch.randn(shape), torch.randint(0, schedule.timesteps, (bs,))
+    out = {}
+    for label, bf16 in (("fp32", False), ("bf16_autocast", True)):
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = schedule.p_losses(model, x0, t, eps)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        out[label] = _timeit(step, 3.0)
+    out["flops_per_step"] = forward_flops(build_unet(cfg.model, cfg.diffusion.timesteps), bs, shape[1:], backward=True)
+    out["batch"] = bs
+    return out
+
+
+def _child(q, fn, args):
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", torch.get_num_threads())))
+    try:
+        q.put(fn(*args))
+    except Exception as e:  # reported, not fatal: e.g. torchao missing
+        q.put({"error": f"{type(e).__name__}: {e}"})
+
+
+def isolated(fn, *args):
+    """Run ``fn`` in a fresh process so its peak RSS is its own."""
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(q, fn, args))
+    p.start()
+    r = q.get()
+    p.join()
+    return r
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/default.yaml")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--n-batch", type=int, default=500, help="images for the batched sampler")
+    ap.add_argument("--n-single", type=int, default=8, help="images for the per-image loop")
+    ap.add_argument("--fisher-n", type=int, default=64, help="samples for the Fisher comparison")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
+    args = ap.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    if args.quick:
+        args.n_batch, args.n_single, args.fisher_n = 16, 2, 8
+    print(f"[bench] {args.config}: channels {cfg.model.channels}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}")
+    peak = matmul_peak()
+    print(f"[bench] GEMM 2048^3: fp32 {peak['float32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bfloat16'] / 1e9:.1f} GFLOP/s")
+
+    base = isolated(bench_sampling, cfg, args.n_batch, args.n_single, "fp32")
+    rows = [base]
+    for v in ("channels_last", "bf16_autocast", "bf16_weights", "fp16_weights", "torchao_int8_wo"):
+        r = isolated(bench_sampling, cfg, args.n_batch, 0, v)
+        r.setdefault("variant", v)
+        rows.append(r)
+    fisher = isolated(bench_fisher, cfg, args.fisher_n)
+    train = isolated(bench_training, cfg, 5)
+
+    print(f"\n{'sampling variant':18s} {'img/s':>8s} {'vs fp32':>8s} {'peak RSS MB':>12s}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['variant']:18s} unavailable: {r['error']}")
+            continue
+        print(f"{r['variant']:18s} {r['batched_img_s']:8.1f} {r['batched_img_s'] / base['batched_img_s']:8.2f} "
+              f"{r['peak_rss_mb']:12.0f}")
+    speedup = base["batched_img_s"] / base["per_image_img_s"]
+    achieved = base["batched_img_s"] * base["flops_per_image"]
+    sampling_mfu = achieved / peak["float32"]
+    train_flops_s = train["flops_per_step"] / train["fp32"]
+    training_mfu = train_flops_s / peak["float32"]
+    print(f"\nper-image loop: {base['per_image_img_s']:.2f} img/s; batched (batch {base['batch']}): "
+          f"{base['batched_img_s']:.1f} img/s -> {speedup:.1f}x")
+    print(f"sampling: {base['flops_per_image'] / 1e9:.2f} GFLOP/image ({base['steps']} steps), "
+          f"{achieved / 1e9:.1f} GFLOP/s = MFU {sampling_mfu:.2f} of fp32 GEMM")
+    print(f"training step (batch {train['batch']}): fp32 {train['fp32']:.2f} s, bf16 autocast "
+          f"{train['bf16_autocast']:.2f} s; {train_flops_s / 1e9:.1f} GFLOP/s = MFU {training_mfu:.2f}")
+    print(f"fisher ({fisher['n']} samples, chunk {fisher['chunk']}): vectorized {fisher['vectorized_s']:.2f} s, "
+          f"loop {fisher['loop_s']:.2f} s -> {fisher['loop_s'] / fisher['vectorized_s']:.1f}x, "
+          f"allclose={fisher['allclose']}, peak RSS {fisher['peak_rss_mb']:.0f} MB")
+    figures = {
+        "sampling_speedup_vs_per_image": round(speedup, 2),
+        "fisher_speedup_vs_loop": round(fisher["loop_s"] / fisher["vectorized_s"], 2),
+        "fisher_allclose": fisher["allclose"],
+        "sampling_mfu": round(sampling_mfu, 3),
+        "training_mfu": round(training_mfu, 3),
+        "sampling_img_s": round(base["batched_img_s"], 1),
+        "fp32_gemm_gflops": round(peak["float32"] / 1e9, 1),
+        "peak_rss_mb_sampling": round(base["peak_rss_mb"]),
+        "peak_rss_mb_fisher": round(fisher["peak_rss_mb"]),
+    }
+    print(" ".join(f"{k}={v}" for k, v in figures.items()))
+
+
+if __name__ == "__main__":
+    main()

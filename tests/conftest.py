@@ -1,0 +1,51 @@
+"""Shared fixtures: one CPU thread, the real MNIST root, and a tiny config writing under tmp_path."""
+import os
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The test machine has 2 cores shared with other jobs: keep torch on one thread."""
+    torch.set_num_threads(1)
+    yield
+
+
+def _resolve_data_root() -> str:
+    root = os.environ.get("LAQFI_DATA_ROOT") or os.path.join("..", "shared", "data")
+    if not os.path.isabs(root):
+        root = os.path.join(ROOT, root)
+    return os.path.normpath(root)
+
+
+@pytest.fixture(scope="session")
+def data_root() -> str:
+    """Absolute path of the folder holding MNIST/raw/ (LAQFI_DATA_ROOT or ../shared/data)."""
+    root = _resolve_data_root()
+    raw = os.path.join(root, "MNIST", "raw")
+    needed = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+    if not all(os.path.isfile(os.path.join(raw, n)) or os.path.isfile(os.path.join(raw, n + ".gz")) for n in needed):
+        pytest.skip(f"real MNIST not found under {raw} (set LAQFI_DATA_ROOT)")
+    return root
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, data_root, monkeypatch):
+    """configs/smoke.yaml with outputs under tmp_path and data.root at the real MNIST.
+
+    ``load_config`` replaces data.root with a non-empty LAQFI_DATA_ROOT *after* the overrides,
+    so the env var is pinned to the same absolute path (a relative one would depend on the cwd).
+    """
+    from common.config import load_config
+
+    monkeypatch.setenv("LAQFI_DATA_ROOT", data_root)
+    cfg = load_config(SMOKE, overrides=[f"run.out_dir={tmp_path}/runs", f"run.cache_dir={tmp_path}/cache",
+                                        f"data.root={data_root}"])
+    assert cfg.data.root == data_root
+    return cfg

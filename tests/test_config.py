@@ -1,0 +1,233 @@
+"""common.config: the shipped configs load; bad keys, types and ranges name the file and dotted key."""
+import os
+
+import pytest
+
+from common.config import Config, ConfigError, load_config, to_dict
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs")
+
+
+@pytest.fixture(autouse=True)
+def _no_env_root(monkeypatch):
+    monkeypatch.delenv("LAQFI_DATA_ROOT", raising=False)
+
+
+def write(tmp_path, text, name="exp.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+@pytest.mark.parametrize("name", ["default", "smoke", "poster"])
+def test_shipped_configs_load(name):
+    path = os.path.join(CONFIGS, f"{name}.yaml")
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert cfg.source == path
+    assert cfg.run.name == name  # defaults to the file stem
+    assert len(cfg.model.channels) == len(cfg.model.attentions) == len(cfg.model.upscales) == 6
+    assert cfg.diffusion.beta_end > cfg.diffusion.beta_start
+    assert isinstance(to_dict(cfg)["train"]["lr"], float)
+
+
+def test_shipped_values_are_the_yaml_values():
+    poster = load_config(os.path.join(CONFIGS, "poster.yaml"))
+    assert poster.model.channels == [64, 128, 256, 512, 512, 384]
+    assert poster.model.num_groups == 32 and poster.model.num_heads == 8
+    assert poster.diffusion.timesteps == 1000 and poster.train.lr == 2e-5
+    assert poster.sample.sampler == "ddpm" and poster.sample.steps == 1000
+    smoke = load_config(os.path.join(CONFIGS, "smoke.yaml"))
+    assert smoke.model.channels == [8, 16, 32, 64, 64, 48]
+    assert smoke.train.max_steps == 3 and smoke.eval.seeds == [0, 1]
+    # a key the file omits keeps the dataclass default
+    assert smoke.quant.format == "fp16" and smoke.strategies.layer_ratio.p == [0.25]
+
+
+@pytest.mark.parametrize("text, key", [
+    ("train:\n  lrr: 0.1\n", "train.lrr"),
+    ("eval:\n  classifier:\n    epoch: 2\n", "eval.classifier.epoch"),
+    ("trian:\n  lr: 0.1\n", "trian"),
+])
+def test_unknown_key(tmp_path, text, key):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert path in msg and repr(key) in msg and "allowed here" in msg
+
+
+@pytest.mark.parametrize("text, key", [
+    ("train:\n  batch_size: many\n", "train.batch_size"),
+    ("train:\n  batch_size: 2.5\n", "train.batch_size"),
+    ("train:\n  bf16: 1\n", "train.bf16"),           # an int is not a bool
+    ("run:\n  threads: true\n", "run.threads"),       # a bool is not an int
+    ("sample:\n  sampler: euler\n", "sample.sampler"),
+    ("model:\n  channels: [8, x]\n", "model.channels[1]"),
+    ("train:\n  lr: fast\n", "train.lr"),
+    ("model: 3\n", "model"),
+])
+def test_wrong_type(tmp_path, text, key):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert path in msg and key in msg
+
+
+@pytest.mark.parametrize("text, key", [
+    ("train:\n  lr: 0\n", "train.lr"),                 # lower bound is open
+    ("train:\n  lr: -1.0e-3\n", "train.lr"),
+    ("model:\n  dropout: 0.95\n", "model.dropout"),
+    ("data:\n  image_size: 16\n", "data.image_size"),
+    ("train:\n  ema_decay: 1.5\n", "train.ema_decay"),
+    ("data:\n  train_limit: 0\n", "data.train_limit"),
+])
+def test_out_of_range(tmp_path, text, key):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert path in msg and key in msg and "must be" in msg
+
+
+def test_range_bounds_are_inclusive_where_declared(tmp_path):
+    cfg = load_config(write(tmp_path, "model:\n  dropout: 0.9\ntrain:\n  ema_decay: 1.0\n  weight_decay: 0\n"))
+    assert cfg.model.dropout == 0.9 and cfg.train.ema_decay == 1.0
+    assert cfg.train.weight_decay == 0.0 and isinstance(cfg.train.weight_decay, float)  # int -> float
+
+
+def test_overrides_are_parsed_as_yaml():
+    cfg = load_config(os.path.join(CONFIGS, "smoke.yaml"),
+                      overrides=["train.lr=2e-3", "train.max_steps=7", "sample.sampler=ddpm",
+                                 "sample.steps=100", "eval.seeds=[3, 4]", "run.name=other",
+                                 "eval.classifier.epochs=2"])
+    assert cfg.train.lr == 0.002 and type(cfg.train.lr) is float  # YAML 1.1 reads "2e-3" as a string
+    assert cfg.train.max_steps == 7 and type(cfg.train.max_steps) is int
+    assert cfg.sample.sampler == "ddpm" and cfg.sample.steps == 100
+    assert cfg.eval.seeds == [3, 4]
+    assert cfg.run.name == "other"
+    assert cfg.eval.classifier.epochs == 2
+
+
+def test_override_creates_a_section_the_file_lacks():
+    cfg = load_config(os.path.join(CONFIGS, "smoke.yaml"), overrides=["quant.format=int4"])
+    assert cfg.quant.format == "int4"
+
+
+def test_override_errors():
+    smoke = os.path.join(CONFIGS, "smoke.yaml")
+    with pytest.raises(ConfigError, match="expected key.sub=value"):
+        load_config(smoke, overrides=["train.lr"])
+    with pytest.raises(ConfigError) as e:
+        load_config(smoke, overrides=["train.nope=1"])
+    assert "train.nope" in str(e.value) and smoke in str(e.value)
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        load_config(smoke, overrides=["train.batch_size=0"])
+
+
+def test_scalar_for_list_key_becomes_one_element_list():
+    cfg = load_config(os.path.join(CONFIGS, "smoke.yaml"), overrides=["strategies.layer_ratio.p=0.3"])
+    assert cfg.strategies.layer_ratio.p == [0.3]
+    cfg = load_config(os.path.join(CONFIGS, "smoke.yaml"), overrides=["eval.seeds=5"])
+    assert cfg.eval.seeds == [5]
+
+
+def test_layer_ratio_p_outside_unit_interval():
+    with pytest.raises(ConfigError, match="strategies.layer_ratio.p"):
+        load_config(os.path.join(CONFIGS, "smoke.yaml"), overrides=["strategies.layer_ratio.p=[0.2, 1.5]"])
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.channels=[8, 16, 32, 64, 64, 40]", "model.channels"),   # Layer6 receives 48, not 40
+    ("model.channels=[8, 16, 32, 64, 64]", "model.attentions"),       # lengths disagree
+    ("model.channels=[8, 16, 32, 60, 64, 48]", "model.channels"),     # Layer4 receives 64
+    ("model.num_groups=3", "model.num_groups"),
+    ("model.num_heads=3", "model.num_heads"),
+])
+def test_invalid_model_shapes(override, key):
+    smoke = os.path.join(CONFIGS, "smoke.yaml")
+    with pytest.raises(ConfigError) as e:
+        load_config(smoke, overrides=[override])
+    assert key in str(e.value) and smoke in str(e.value)
+
+
+def test_channel_error_suggests_a_consistent_list():
+    with pytest.raises(ConfigError) as e:
+        load_config(os.path.join(CONFIGS, "smoke.yaml"), overrides=["model.channels=[8, 16, 32, 64, 64, 40]"])
+    assert "Layer6 receives 48" in str(e.value)
+    assert "[8, 16, 32, 64, 64, 48]" in str(e.value)
+
+
+def test_odd_number_of_stages():
+    with pytest.raises(ConfigError, match="even number of stages"):
+        load_config(os.path.join(CONFIGS, "smoke.yaml"), overrides=[
+            "model.channels=[8, 16, 32]", "model.attentions=[false, false, false]",
+            "model.upscales=[false, false, true]"])
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["diffusion.beta_end=1.0e-5"], "diffusion.beta_end"),
+    (["sample.sampler=ddpm"], "sample.steps"),           # smoke: 3 steps != 100 timesteps
+    (["sample.steps=101"], "sample.steps"),
+    (["fisher.timesteps=[0, 100]"], "fisher.timesteps"),
+    (["eval.seeds=[]"], "eval.seeds"),
+    (["strategies.layer_group.groups={g: {layers: [7], threshold: 0.1}}"], "strategies.layer_group.groups.g"),
+    (["strategies.layer_group.groups={g: {layers: [1]}}"], "strategies.layer_group.groups.g"),
+])
+def test_cross_checks(overrides, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(os.path.join(CONFIGS, "smoke.yaml"), overrides=overrides)
+    assert key in str(e.value)
+
+
+def test_missing_and_invalid_files(tmp_path):
+    missing = str(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(missing)
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "train: [1, 2\n"))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_env_data_root_overrides_file_and_set(monkeypatch):
+    smoke = os.path.join(CONFIGS, "smoke.yaml")
+    assert load_config(smoke, overrides=["data.root=/somewhere"]).data.root == "/somewhere"
+    monkeypatch.setenv("LAQFI_DATA_ROOT", "/from/env")
+    assert load_config(smoke, overrides=["data.root=/somewhere"]).data.root == "/from/env"
+    monkeypatch.setenv("LAQFI_DATA_ROOT", "")  # empty means unset
+    assert load_config(smoke).data.root == "data"
+
+
+def test_default_instances_do_not_share_lists():
+    a, b = Config(), Config()
+    a.model.channels.append(1)
+    a.strategies.layer_ratio.p[0] = 0.9
+    assert b.model.channels == [64, 128, 256, 512, 512, 384]
+    assert Config().strategies.layer_ratio.p == [0.25]
+
+
+def test_default_instances_do_not_share_nested_group_dicts():
+    a = Config()
+    a.strategies.layer_group.groups["Layer1-2"]["threshold"] = 0.9
+    assert Config().strategies.layer_group.groups["Layer1-2"]["threshold"] == 0.1
+
+
+def test_empty_channel_list_is_a_config_error():
+    with pytest.raises(ConfigError):
+        load_config(os.path.join(CONFIGS, "smoke.yaml"),
+                    overrides=["model.channels=[]", "model.attentions=[]", "model.upscales=[]"])
+
+
+@pytest.mark.parametrize("channels", ["[0, 0, 0, 0, 0, 0]", "[-8, -16, -32, -64, -64, -48]"])
+def test_non_positive_channels_are_a_config_error(channels):
+    with pytest.raises(ConfigError, match="model.channels"):
+        load_config(os.path.join(CONFIGS, "smoke.yaml"), overrides=[f"model.channels={channels}"])
+
+
+@pytest.mark.parametrize("key", ["train.lr", "train.ema_decay", "model.dropout"])
+def test_nan_is_out_of_range(key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(os.path.join(CONFIGS, "smoke.yaml"), overrides=[f"{key}=.nan"])

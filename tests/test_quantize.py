@@ -1,0 +1,259 @@
+"""common.quantize: error bounds, channel axes, packing, element masks, stored format and size accounting."""
+import math
+import os
+
+import pytest
+import torch
+
+from common.config import load_config, to_dict
+from common.fisher import eligible_names
+from common.model import build_unet
+from common.quantize import (Assignment, channel_axes, dequantize_tensor, entry_bits, load_quantized, pack_bits,
+                             pack_int4, quantize_model, quantize_tensor, save_quantized, size_report, unpack_bits,
+                             unpack_int4)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QMAX = {"int8": 127, "int4": 7}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    cfg = load_config(os.path.join(ROOT, "configs", "smoke.yaml"))
+    torch.manual_seed(0)
+    model = build_unet(cfg.model, cfg.diffusion.timesteps).eval()
+    arch = {"model": to_dict(cfg.model), "timesteps": cfg.diffusion.timesteps}
+    return model, arch
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("fmt, rel, dtype", [("fp16", 2.0 ** -11, torch.float16), ("bf16", 2.0 ** -8, torch.bfloat16)])
+def test_float_formats_round_to_nearest(fmt, rel, dtype):
+    w = rand(16, 8, 3, 3) * torch.logspace(-3, 2, 16).view(-1, 1, 1, 1)
+    e = quantize_tensor(w, fmt)
+    assert e["data"].dtype == dtype and e["data"].numel() == w.numel() and "scale" not in e
+    deq = dequantize_tensor(e)
+    assert deq.shape == w.shape and deq.dtype == torch.float32
+    err = (w - deq).abs()
+    assert torch.all(err <= w.abs() * rel + 2.0 ** -25)  # half an ulp (relative), subnormal floor for fp16
+    assert err.max() > 0
+    assert torch.equal(deq, w.to(dtype).float())
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("shape, axis", [((12, 5, 3, 3), 0), ((7, 9), 0), ((6, 10, 4, 4), 1), ((5,), 0)])
+def test_int_formats_per_channel_error_bound(fmt, shape, axis):
+    w = rand(*shape, seed=1)
+    # channels of very different magnitude: a per-tensor scale would break the per-channel bound
+    mags = torch.logspace(-2, 1, shape[axis])
+    view = [1] * len(shape)
+    view[axis] = -1
+    w = w * mags.view(view)
+    e = quantize_tensor(w, fmt, axis=axis)
+    C = shape[axis]
+    scale = e["scale"]
+    assert scale.shape == (C,) and scale.dtype == torch.float32
+    amax = w.movedim(axis, 0).reshape(C, -1).abs().amax(1)
+    torch.testing.assert_close(scale, amax / QMAX[fmt])
+    deq = dequantize_tensor(e)
+    err = (w - deq).abs().movedim(axis, 0).reshape(C, -1)
+    assert torch.all(err <= scale[:, None] / 2 * (1 + 1e-5) + 1e-12)
+    # the largest element of every channel is representable exactly (code +-qmax)
+    deq_amax = deq.movedim(axis, 0).reshape(C, -1).abs().amax(1)
+    torch.testing.assert_close(deq_amax, amax, rtol=1e-6, atol=0)
+    n = math.prod(shape)
+    if fmt == "int8":
+        assert e["data"].dtype == torch.int8 and e["data"].numel() == n
+        assert e["data"].abs().max() == 127
+    else:
+        assert e["data"].dtype == torch.uint8 and e["data"].numel() == math.ceil(n / 2)
+
+
+def test_zero_channel_gets_unit_scale():
+    w = rand(3, 4)
+    w[1] = 0
+    for fmt in ("int8", "int4"):
+        e = quantize_tensor(w, fmt)
+        assert e["scale"][1] == 1.0
+        deq = dequantize_tensor(e)
+        assert torch.isfinite(deq).all() and torch.all(deq[1] == 0)
+
+
+def test_unknown_format():
+    with pytest.raises(ValueError, match="unknown format"):
+        quantize_tensor(rand(2, 2), "int2")
+
+
+def test_conv_transpose_uses_axis_1(tiny):
+    model, _ = tiny
+    axes = channel_axes(model)
+    assert axes["Layer4.conv.weight"] == 1 and axes["Layer6.conv.weight"] == 1
+    assert axes["Layer3.conv.weight"] == 0 and axes["Layer2.attention_layer.proj1.weight"] == 0
+    assert axes["Layer4.conv.bias"] == 0 and axes["output_conv.weight"] == 0
+    w = model.Layer4.conv.weight.detach()
+    assert isinstance(model.Layer4.conv, torch.nn.ConvTranspose2d)
+    _, stored = quantize_model(model, {"Layer4.conv.weight": Assignment("int8")})
+    e = stored["Layer4.conv.weight"]
+    assert e["axis"] == 1 and e["scale"].shape == (w.shape[1],) and w.shape[0] != w.shape[1]
+    torch.testing.assert_close(e["scale"], w.abs().amax(dim=(0, 2, 3)) / 127)
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 7, 13, 100])
+def test_pack_int4_round_trip(n):
+    codes = torch.randint(-8, 8, (n,), generator=torch.Generator().manual_seed(n), dtype=torch.int8)
+    packed = pack_int4(codes)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(n / 2)
+    out = unpack_int4(packed, n)
+    assert out.dtype == torch.int8 and torch.equal(out, codes)
+
+
+def test_pack_int4_layout():
+    assert pack_int4(torch.tensor([-8, 7], dtype=torch.int8)).tolist() == [0xF0]  # low nibble first
+    assert pack_int4(torch.tensor([1], dtype=torch.int8)).tolist() == [9]
+    assert torch.equal(unpack_int4(pack_int4(torch.tensor([[-1, 2], [3, -4]], dtype=torch.int8)), 4),
+                       torch.tensor([-1, 2, 3, -4], dtype=torch.int8))
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 13, 17, 64])
+def test_pack_bits_round_trip(n):
+    mask = torch.rand(n, generator=torch.Generator().manual_seed(n)) < 0.5
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(n / 8)
+    assert torch.equal(unpack_bits(packed, n), mask)
+    m2 = mask.reshape(1, n)
+    assert torch.equal(unpack_bits(pack_bits(m2), n), mask)
+
+
+def test_pack_bits_layout():
+    assert pack_bits(torch.tensor([True, False, False, False, False, False, False, False, True])).tolist() == [1, 1]
+    assert pack_bits(torch.tensor([False] * 7 + [True])).tolist() == [128]
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("axis", [0, 1])
+def test_element_mask_changes_only_masked_entries(fmt, axis):
+    w = rand(6, 5, 3, 3, seed=2)
+    mask = torch.rand(w.shape, generator=torch.Generator().manual_seed(3)) < 0.4
+    e = quantize_tensor(w, fmt, axis=axis, mask=mask)
+    deq = dequantize_tensor(e)
+    assert torch.equal(deq[~mask], w[~mask])             # kept exactly
+    assert not torch.equal(deq[mask], w[mask])           # rounded
+    full = dequantize_tensor(quantize_tensor(w, fmt, axis=axis))
+    assert torch.equal(deq[mask], full[mask])            # same values (and per-channel scales) as whole-tensor
+    nq = int(mask.sum())
+    assert e["kept"].numel() == w.numel() - nq and e["mask"].numel() == math.ceil(w.numel() / 8)
+    expected = {"fp16": nq, "bf16": nq, "int8": nq, "int4": math.ceil(nq / 2)}[fmt]
+    assert e["data"].numel() == expected
+
+
+def test_all_false_and_all_true_masks():
+    w = rand(4, 6, seed=4)
+    none = quantize_tensor(w, "int4", mask=torch.zeros_like(w, dtype=torch.bool))
+    assert torch.equal(dequantize_tensor(none), w)
+    every = quantize_tensor(w, "int4", mask=torch.ones_like(w, dtype=torch.bool))
+    assert torch.equal(dequantize_tensor(every), dequantize_tensor(quantize_tensor(w, "int4")))
+
+
+def test_entry_bits_formula():
+    assert entry_bits(10, 2, "fp16") == 160
+    assert entry_bits(10, 2, "int8") == 80 + 64
+    assert entry_bits(11, 2, "int4") == 48 + 64                     # 44 bits round up to 6 bytes
+    assert entry_bits(10, 2, "int4", 3) == 16 + 16 + 32 * 7 + 64    # mask + payload + kept fp32 + scales
+    assert entry_bits(10, 2, "bf16", 10) == 16 + 160
+
+
+def mixed_plan(model):
+    names = eligible_names(model, "poster")
+    params = dict(model.named_parameters())
+    plan = {}
+    for i, n in enumerate(names):
+        fmt = ("fp16", "bf16", "int8", "int4")[i % 4]
+        if i % 3 == 0:
+            g = torch.Generator().manual_seed(i)
+            plan[n] = Assignment(fmt, torch.rand(params[n].shape, generator=g) < 0.5)
+        else:
+            plan[n] = Assignment(fmt)
+    plan["output_conv.bias"] = Assignment("int4")  # a 1-element tensor outside the stages
+    return plan
+
+
+def test_quantize_save_load_round_trip(tiny, tmp_path):
+    model, arch = tiny
+    plan = mixed_plan(model)
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    qmodel, stored = quantize_model(model, plan)
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())  # original untouched
+    assert set(stored) == {n for n, _ in model.named_parameters()}
+    changed = [n for n, p in qmodel.state_dict().items() if not torch.equal(p, before[n])]
+    assert set(changed) <= set(plan) and len(changed) >= len(plan) - 2
+    for n, e in stored.items():
+        if n not in plan:
+            assert e["format"] == "fp32" and torch.equal(e["data"], before[n])
+    path = str(tmp_path / "q.pt")
+    report = save_quantized(stored, path, arch, {"strategy": "test"})
+    loaded, blob = load_quantized(path)
+    assert blob["provenance"] == {"strategy": "test"}
+    a, b = qmodel.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    for n in a:
+        assert torch.equal(a[n], b[n]), n
+    x, t = rand(2, 1, 32, 32), torch.tensor([3, 60])
+    with torch.no_grad():
+        assert torch.equal(qmodel.eval()(x, t), loaded(x, t))
+    assert report["file_bytes"] == os.path.getsize(path)
+
+
+def test_load_quantized_rejects_other_files(tmp_path):
+    path = str(tmp_path / "not_quantized.pt")
+    torch.save({"model": {}}, path)
+    with pytest.raises(ValueError, match="file_version"):
+        load_quantized(path)
+
+
+def test_plan_with_unknown_parameter(tiny):
+    model, _ = tiny
+    with pytest.raises(KeyError, match="Layer9.nope"):
+        quantize_model(model, {"Layer9.nope.weight": Assignment("fp16")})
+
+
+def test_size_report_accounting(tiny, tmp_path):
+    model, arch = tiny
+    plan = mixed_plan(model)
+    _, stored = quantize_model(model, plan)
+    report = save_quantized(stored, str(tmp_path / "q.pt"), arch, {})
+    # analytic bit counts are byte-rounded per stored array, exactly like the arrays themselves
+    assert abs(report["analytic_bytes"] - report["stored_bytes"]) <= len(stored)
+    assert report["analytic_bytes"] == report["stored_bytes"]
+    manual = sum(t.numel() * t.element_size() for e in stored.values() for t in e.values()
+                 if isinstance(t, torch.Tensor))
+    assert report["stored_bytes"] == manual
+    assert report["file_bytes"] - report["stored_bytes"] == report["container_overhead_bytes"]
+    n_arrays = sum(isinstance(t, torch.Tensor) for e in stored.values() for t in e.values())
+    assert 0 < report["container_overhead_bytes"] < 1024 * n_arrays  # zip records + pickle, < 1 KB per array
+    assert report["container_overhead_bytes"] < 100_000
+    params = dict(model.named_parameters())
+    total = sum(p.numel() for p in params.values())
+    nq = sum(p.numel() if plan[n].mask is None else int(plan[n].mask.sum()) for n, p in params.items() if n in plan)
+    assert report["total_elements"] == total and report["quantized_elements"] == nq
+    assert report["quantized_fraction"] == pytest.approx(nq / total)
+
+
+def test_uniform_fp16_halves_the_quantized_tensors(tiny, tmp_path):
+    model, arch = tiny
+    names = eligible_names(model, "poster")
+    _, fp32 = quantize_model(model, {})
+    _, half = quantize_model(model, {n: Assignment("fp16") for n in names})
+    r32, r16 = size_report(fp32), size_report(half)
+    q_elems = sum(p.numel() for n, p in model.named_parameters() if n in names)
+    assert r32["stored_bytes"] == 4 * r32["total_elements"] and r32["quantized_elements"] == 0
+    assert r32["stored_bytes"] - r16["stored_bytes"] == 2 * q_elems   # 4 -> 2 bytes per quantized weight
+    q32 = sum(fp32[n]["data"].numel() * 4 for n in names)
+    q16 = sum(half[n]["data"].numel() * half[n]["data"].element_size() for n in names)
+    assert q16 * 2 == q32
+    f32 = save_quantized(fp32, str(tmp_path / "a.pt"), arch, {})["file_bytes"]
+    f16 = save_quantized(half, str(tmp_path / "b.pt"), arch, {})["file_bytes"]
+    assert 0.5 < f16 / f32 < 0.56  # eligible weights are ~98.6% of the tiny model
+    _, i4 = quantize_model(model, {n: Assignment("int4") for n in names})
+    assert size_report(i4)["stored_bytes"] < 0.6 * r16["stored_bytes"]

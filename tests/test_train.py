@@ -1,0 +1,195 @@
+"""common.train: the tiny config learns, checkpoints are complete, resume is bit-exact, stale configs refused."""
+import copy
+
+import pytest
+import torch
+
+import common.train as train_mod
+from common.data import mnist_tensor
+from common.diffusion import NoiseSchedule
+from common.model import build_unet
+from common.train import (NonFiniteLossError, StaleArtifactError, _batch_indices, check_checkpoint_matches,
+                          load_ema, total_steps, train, training_inputs)
+
+CPU = torch.device("cpu")
+CKPT_KEYS = {"model", "ema", "optimizer", "step", "total_steps", "finished", "config", "training_inputs",
+             "fingerprint", "loss_history", "train_seconds"}
+
+
+@pytest.fixture(scope="module")
+def x_real(data_root):
+    from types import SimpleNamespace
+    x, _ = mnist_tensor(SimpleNamespace(root=data_root, download=False, image_size=32, train_limit=128), "train")
+    return x
+
+
+def fixed_batch_loss(cfg, state, x):
+    model = build_unet(cfg.model, cfg.diffusion.timesteps)
+    model.load_state_dict(state)
+    model.eval()
+    s = NoiseSchedule.from_config(cfg.diffusion)
+    g = torch.Generator().manual_seed(123)
+    t = torch.randint(0, s.timesteps, (len(x),), generator=g)
+    eps = torch.randn(x.shape, generator=g)
+    with torch.no_grad():
+        return s.p_losses(model, x, t, eps).item()
+
+
+def test_tiny_training_reduces_loss_and_writes_a_full_checkpoint(tiny_cfg, x_real, tmp_path):
+    cfg = tiny_cfg
+    cfg.train.max_steps, cfg.train.lr, cfg.train.checkpoint_every = 25, 2e-3, 10
+    torch.manual_seed(cfg.run.seed)
+    init = build_unet(cfg.model, cfg.diffusion.timesteps).state_dict()
+    path = str(tmp_path / "ckpt.pt")
+    ema, ckpt = train(cfg, x_real, path, CPU, progress=False)
+    assert CKPT_KEYS <= set(ckpt)
+    assert ckpt["step"] == ckpt["total_steps"] == 25 and ckpt["finished"] is True
+    assert len(ckpt["loss_history"]) == 25
+    assert all(torch.isfinite(torch.tensor(ckpt["loss_history"])))
+    assert ckpt["training_inputs"] == training_inputs(cfg)
+    assert ckpt["config"]["train"]["max_steps"] == 25
+    # the initial weights are the ones train() starts from (same seed), the fitted ones do better
+    x = x_real[:32]
+    before, after = fixed_batch_loss(cfg, init, x), fixed_batch_loss(cfg, ckpt["model"], x)
+    print("fixed-batch loss", before, after)
+    assert after < 0.8 * before, (before, after)
+    # the returned EMA is what load_ema rebuilds from disk
+    assert not ema.training and not any(p.requires_grad for p in ema.parameters())
+    loaded, on_disk = load_ema(path)
+    for (n, a), (_, b) in zip(ema.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert on_disk["fingerprint"] == ckpt["fingerprint"]
+
+
+def _cfg_for_resume(cfg):
+    cfg.train.max_steps, cfg.train.checkpoint_every, cfg.train.batch_size = 4, 2, 8
+    cfg.model.dropout = 0.1  # dropout masks must be replayed on resume too
+    return cfg
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_is_bit_exact(tiny_cfg, tmp_path, monkeypatch):
+    cfg = _cfg_for_resume(tiny_cfg)
+    x = torch.rand(20, 1, 32, 32) * 2 - 1  # 20 images, batch 8: epochs of 3 steps, a partial last batch
+    straight_path, resumed_path = str(tmp_path / "a.pt"), str(tmp_path / "b.pt")
+    ema_a, ck_a = train(cfg, x, straight_path, CPU, progress=False)
+
+    real_save = train_mod.atomic_torch_save
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        if path == resumed_path and obj["step"] == 2:
+            raise Interrupt
+
+    monkeypatch.setattr(train_mod, "atomic_torch_save", save_then_die)
+    with pytest.raises(Interrupt):
+        train(cfg, x, resumed_path, CPU, progress=False)
+    partial = torch.load(resumed_path, weights_only=False)
+    assert partial["step"] == 2 and partial["finished"] is False and len(partial["loss_history"]) == 2
+    with pytest.raises(RuntimeError, match="partial checkpoint"):
+        load_ema(resumed_path)
+
+    monkeypatch.setattr(train_mod, "atomic_torch_save", real_save)
+    ema_b, ck_b = train(cfg, x, resumed_path, CPU, resume=True, progress=False)
+    assert ck_b["step"] == 4 and ck_b["finished"]
+    assert ck_b["loss_history"] == ck_a["loss_history"]
+    for key in ("ema", "model"):
+        for n, a in ck_a[key].items():
+            assert torch.equal(a, ck_b[key][n]), f"{key}.{n}"
+    for (n, a), (_, b) in zip(ema_a.state_dict().items(), ema_b.state_dict().items()):
+        assert torch.equal(a, b), n
+    opt_a, opt_b = ck_a["optimizer"]["state"], ck_b["optimizer"]["state"]
+    assert opt_a.keys() == opt_b.keys()
+    assert all(torch.equal(opt_a[k]["exp_avg_sq"], opt_b[k]["exp_avg_sq"]) for k in opt_a)
+    # and the EMA really moved away from the initial weights
+    torch.manual_seed(cfg.run.seed)
+    init = build_unet(cfg.model, cfg.diffusion.timesteps).state_dict()
+    assert not torch.equal(init["output_conv.weight"], ck_a["ema"]["output_conv.weight"])
+
+
+def test_interrupting_without_resume_restarts_from_scratch(tiny_cfg, tmp_path):
+    cfg = tiny_cfg
+    cfg.train.max_steps, cfg.train.batch_size = 2, 4
+    x = torch.rand(8, 1, 32, 32) * 2 - 1
+    _, a = train(cfg, x, str(tmp_path / "a.pt"), CPU, progress=False)
+    _, b = train(cfg, x, str(tmp_path / "a.pt"), CPU, resume=False, progress=False)  # same weights again
+    assert a["loss_history"] == b["loss_history"]
+    assert all(torch.equal(a["ema"][n], b["ema"][n]) for n in a["ema"])
+
+
+def test_check_checkpoint_matches(tiny_cfg, tmp_path):
+    cfg = tiny_cfg
+    cfg.train.max_steps, cfg.train.batch_size = 1, 4
+    x = torch.rand(8, 1, 32, 32) * 2 - 1
+    path = str(tmp_path / "c.pt")
+    _, ckpt = train(cfg, x, path, CPU, progress=False)
+    check_checkpoint_matches(ckpt, cfg, path)  # same config: fine
+
+    harmless = copy.deepcopy(cfg)
+    harmless.run.out_dir, harmless.data.root, harmless.train.checkpoint_every = "/elsewhere", "/x", 7
+    check_checkpoint_matches(ckpt, harmless, path)  # paths and checkpoint cadence do not change weights
+
+    for mutate, key in ((lambda c: setattr(c.train, "lr", 5e-4), "train.lr"),
+                        (lambda c: setattr(c.model, "dropout", 0.2), "model.dropout"),
+                        (lambda c: setattr(c.run, "seed", 1), "seed"),
+                        (lambda c: setattr(c.data, "train_limit", 100), "data.train_limit")):
+        other = copy.deepcopy(cfg)
+        mutate(other)
+        with pytest.raises(StaleArtifactError) as e:
+            check_checkpoint_matches(ckpt, other, path)
+        assert key in str(e.value) and path in str(e.value)
+
+    other = copy.deepcopy(cfg)
+    other.train.lr = 5e-4
+    with pytest.raises(StaleArtifactError, match="train.lr"):
+        train(other, x, path, CPU, resume=True, progress=False)
+
+
+def test_non_finite_loss_is_an_error_and_saves_nothing(tiny_cfg, tmp_path):
+    cfg = tiny_cfg
+    cfg.train.max_steps, cfg.train.batch_size = 2, 4
+    x = torch.full((8, 1, 32, 32), float("nan"))
+    path = tmp_path / "nan.pt"
+    with pytest.raises(NonFiniteLossError, match="step 0"):
+        train(cfg, x, str(path), CPU, progress=False)
+    assert not path.exists()
+
+
+def test_total_steps_and_epoch_batches(tiny_cfg):
+    tc = copy.deepcopy(tiny_cfg.train)
+    tc.max_steps, tc.epochs, tc.batch_size = None, 2, 16
+    assert total_steps(tc, 33) == 6
+    tc.max_steps = 5
+    assert total_steps(tc, 33) == 5
+    # each epoch visits every image exactly once; epochs use different orders
+    e0 = torch.cat([_batch_indices(0, s, 10, 4) for s in range(3)])
+    e1 = torch.cat([_batch_indices(0, s, 10, 4) for s in range(3, 6)])
+    assert sorted(e0.tolist()) == list(range(10)) == sorted(e1.tolist())
+    assert [len(_batch_indices(0, s, 10, 4)) for s in range(3)] == [4, 4, 2]
+    assert not torch.equal(e0, e1)
+    assert torch.equal(_batch_indices(3, 4, 10, 4), _batch_indices(3, 4, 10, 4))
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_ema_follows_the_decay_schedule(tiny_cfg, tmp_path, monkeypatch, warmup):
+    cfg = tiny_cfg
+    cfg.train.max_steps, cfg.train.checkpoint_every, cfg.train.batch_size = 3, 1, 4
+    cfg.train.ema_decay, cfg.train.ema_warmup = 0.5, warmup
+    x = torch.rand(8, 1, 32, 32) * 2 - 1
+    saved = []
+    real_save = train_mod.atomic_torch_save
+    monkeypatch.setattr(train_mod, "atomic_torch_save",
+                        lambda obj, path: (saved.append(copy.deepcopy(obj)), real_save(obj, path)))
+    train(cfg, x, str(tmp_path / "e.pt"), CPU, progress=False)
+    assert [s["step"] for s in saved] == [1, 2, 3] and [s["finished"] for s in saved] == [False, False, True]
+    torch.manual_seed(cfg.run.seed)
+    ema = build_unet(cfg.model, cfg.diffusion.timesteps).state_dict()
+    for step, ck in enumerate(saved):
+        d = min(0.5, (1 + step) / (10 + step)) if warmup else 0.5  # warmup: 0.1, 0.18, 0.25
+        for n, w in ck["model"].items():
+            want = ema[n] + (1 - d) * (w - ema[n])
+            torch.testing.assert_close(ck["ema"][n], want, rtol=1e-5, atol=1e-7, msg=f"step {step} {n}")
+        ema = ck["ema"]
