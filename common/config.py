@@ -75,6 +75,8 @@ class TrainConfig:
     ema_warmup: bool = True  # decay min(ema_decay, (1+step)/(10+step)) so short runs get a usable EMA
     grad_clip: Optional[float] = _spec(None, lo=0.0, lo_open=True)
     checkpoint_every: int = _spec(1000, lo=1)
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decay to 0 at the last step
+    warmup_steps: int = _spec(0, lo=0, doc="linear lr warm-up steps")
     bf16: bool = False  # CPU/GPU autocast to bfloat16 for the forward pass (labelled in outputs)
 
 

@@ -5,6 +5,7 @@ normalization. For Inception they are fed as pytorch-fid's CLI feeds a grayscale
 to 3 channels, scaled to [0, 1], resized to 299 and mapped to [-1, 1] inside ``InceptionV3``.
 """
 import os
+import warnings
 from unittest import mock
 
 import numpy as np
@@ -59,7 +60,9 @@ def trunk_from_fid_helper(path=None) -> nn.Module:
     running_mean = mean, running_var = var. There is no 1008-way classifier in it.
     """
     path = path or fid_helper_path()
-    src = list(torch.jit.load(path, map_location="cpu").state_dict().values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit deprecation: we only read tensors
+        src = list(torch.jit.load(path, map_location="cpu").state_dict().values())
     net = _fid_trunk(None)
     convs = [m for m in net.modules() if isinstance(m, BasicConv2d)]
     if len(src) != 4 * len(convs):

@@ -28,6 +28,10 @@ def training_inputs(cfg) -> dict:
     data.pop("download")
     train = to_dict(cfg.train)
     train.pop("checkpoint_every")
+    # Options added later are recorded only when used, so older checkpoints stay valid.
+    for key, default in (("lr_schedule", "constant"), ("warmup_steps", 0)):
+        if train.get(key) == default:
+            train.pop(key)
     return {"data": data, "model": to_dict(cfg.model), "diffusion": to_dict(cfg.diffusion),
             "train": train, "seed": cfg.run.seed}
 
@@ -54,6 +58,17 @@ def _ema_decay(train_cfg, step: int) -> float:
     if train_cfg.ema_warmup:
         return min(train_cfg.ema_decay, (1 + step) / (10 + step))
     return train_cfg.ema_decay
+
+
+def lr_at(train_cfg, step: int, steps: int) -> float:
+    """Learning rate of ``step``: a pure function of the step, so a resumed run follows the same curve."""
+    lr = train_cfg.lr
+    if train_cfg.warmup_steps and step < train_cfg.warmup_steps:
+        return lr * (step + 1) / train_cfg.warmup_steps
+    if train_cfg.lr_schedule == "cosine":
+        done = (step - train_cfg.warmup_steps) / max(1, steps - train_cfg.warmup_steps)
+        lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+    return lr
 
 
 def _checkpoint(cfg, model, ema, opt, step, steps, finished, losses):
@@ -115,6 +130,8 @@ def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, prog
             )
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg.train, step, steps)
         if cfg.train.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()

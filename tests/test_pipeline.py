@@ -88,14 +88,14 @@ def test_quantized_samples_come_from_the_stored_file(pipeline_run):
 def test_rerun_reuses_and_changed_config_is_refused(pipeline_run):
     tmp, _ = pipeline_run
     again = run("layer_math.py", tmp)
-    assert "reusing" in again.stdout
+    assert "[layer_math] reusing" in again.stdout
     metrics = tmp / "runs" / "smoke" / "layer_math" / "metrics.json"
     before = metrics.read_text()
     p = run("layer_math.py", tmp, "--set", "strategies.layer_math.alpha=0.9", check=False)
     assert p.returncode != 0 and "--force" in p.stderr
     assert metrics.read_text() == before  # nothing overwritten
     forced = run("layer_math.py", tmp, "--set", "strategies.layer_math.alpha=0.9", "--force")
-    assert "reusing" not in forced.stdout
+    assert "[layer_math] reusing" not in forced.stdout
     assert json.loads(metrics.read_text())["params"]["alpha"] == 0.9
 
 

@@ -193,3 +193,16 @@ def test_ema_follows_the_decay_schedule(tiny_cfg, tmp_path, monkeypatch, warmup)
             want = ema[n] + (1 - d) * (w - ema[n])
             torch.testing.assert_close(ck["ema"][n], want, rtol=1e-5, atol=1e-7, msg=f"step {step} {n}")
         ema = ck["ema"]
+
+
+def test_lr_schedule_is_a_function_of_the_step():
+    from types import SimpleNamespace
+
+    from common.train import lr_at
+
+    c = SimpleNamespace(lr=1.0, warmup_steps=0, lr_schedule="constant")
+    assert [lr_at(c, s, 10) for s in (0, 5, 9)] == [1.0, 1.0, 1.0]
+    c = SimpleNamespace(lr=1.0, warmup_steps=4, lr_schedule="cosine")
+    assert lr_at(c, 0, 104) == pytest.approx(0.25) and lr_at(c, 3, 104) == pytest.approx(1.0)
+    assert lr_at(c, 4, 104) == pytest.approx(1.0) and lr_at(c, 54, 104) == pytest.approx(0.5)
+    assert lr_at(c, 103, 104) < 0.001
