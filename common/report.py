@@ -44,7 +44,8 @@ def load_results(run: str) -> dict:
         p = os.path.join(run, name, "metrics.json")
         if os.path.isfile(p):
             out[name] = storage.load_json(p)
-    order = lambda v: (v != "fp32", not v.startswith("uniform"), v)  # noqa: E731
+    rank = ["fp32", "uniform", "whole_threshold", "layer_group", "layer_ratio", "layer_math"]
+    order = lambda v: (next((i for i, r in enumerate(rank) if v.startswith(r)), len(rank)), v)  # noqa: E731
     return dict(sorted(out.items(), key=lambda kv: order(kv[0])))
 
 
@@ -254,7 +255,7 @@ def results_table(results: dict) -> str:
         lines.append(
             f"| {row['variant']} | {_f(row['fid'], 2, row['fid_std'])} | {_f(row['is_mean'], 3)} | "
             f"{_f(row['clf_fid'], 2, row['clf_fid_std'])} | {_f(row['clf_is'], 3, row['clf_is_std'])} | "
-            f"{_f(row['paired_mse_vs_fp32'], 7)} | {row['size_mb']:.3f} | {row['reduction_pct']:.1f} | "
+            f"{row['paired_mse_vs_fp32']:.1e} | {row['size_mb']:.3f} | {row['reduction_pct']:.1f} | "
             f"{row['quantized_fraction']:.1%} | {_f(row['poster_fid'], 2)} | {_f(row['poster_size_mb'], 2)} | "
             f"{_f(row['poster_reduction_pct'], 2)} | {_f(row['slides100_fid'], 2)} / {_f(row['slides100_is'], 3)} |")
     return "\n".join(lines)
