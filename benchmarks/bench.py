@@ -142,9 +142,6 @@ def bench_fisher(cfg, n):
         sq = per_sample_sq_grads_loop(model, schedule, names, x0, t, eps)
         return {k: v.sum(0) for k, v in sq.items()}
 
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*batching rule.*")
     vectorized()  # warm-up
     t0 = time.perf_counter()
     a = vectorized()
@@ -153,8 +150,10 @@ def bench_fisher(cfg, n):
     t0 = time.perf_counter()
     b = loop()
     t_loop = time.perf_counter() - t0
-    ok = all(torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-12) for k in names)
-    return {"n": n, "chunk": chunk, "vectorized_s": t_vec, "loop_s": t_loop, "allclose": ok,
+    # Relative to each tensor's largest entry: tiny entries differ only by float summation order.
+    err = max(float((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)) for k in names)
+    ok = err < 1e-3
+    return {"n": n, "chunk": chunk, "vectorized_s": t_vec, "loop_s": t_loop, "allclose": ok, "max_rel_err": err,
             "peak_rss_mb": rss_vec}
 
 
@@ -218,7 +217,8 @@ def main():
     base = isolated(bench_sampling, cfg, args.n_batch, args.n_single, "fp32")
     rows = [base]
     for v in ("channels_last", "bf16_autocast", "bf16_weights", "fp16_weights", "torchao_int8_wo"):
-        r = isolated(bench_sampling, cfg, args.n_batch, 0, v)
+        # Real fp16 on CPU has no fast kernels (measured ~20x slower): time fewer images.
+        r = isolated(bench_sampling, cfg, args.n_batch // 10 if v == "fp16_weights" else args.n_batch, 0, v)
         r.setdefault("variant", v)
         rows.append(r)
     fisher = isolated(bench_fisher, cfg, args.fisher_n)
@@ -244,7 +244,7 @@ def main():
           f"{train['bf16_autocast']:.2f} s; {train_flops_s / 1e9:.1f} GFLOP/s = MFU {training_mfu:.2f}")
     print(f"fisher ({fisher['n']} samples, chunk {fisher['chunk']}): vectorized {fisher['vectorized_s']:.2f} s, "
           f"loop {fisher['loop_s']:.2f} s -> {fisher['loop_s'] / fisher['vectorized_s']:.1f}x, "
-          f"allclose={fisher['allclose']}, peak RSS {fisher['peak_rss_mb']:.0f} MB")
+          f"max error / tensor max {fisher['max_rel_err']:.1e}, peak RSS {fisher['peak_rss_mb']:.0f} MB")
     figures = {
         "sampling_speedup_vs_per_image": round(speedup, 2),
         "fisher_speedup_vs_loop": round(fisher["loop_s"] / fisher["vectorized_s"], 2),

@@ -6,14 +6,13 @@ from ``torch.func.vmap(grad(...))`` in chunks; the square of a batch-mean gradie
 different (biased) quantity.
 """
 import os
-import warnings
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
-from .model import stage_of
+from .model import stage_of, unfused_attention
 from .storage import atomic_torch_save, sha256_file
 
 ELIGIBLE_RULES = {
@@ -70,9 +69,8 @@ def per_sample_sq_grads(model, schedule, names, x0, t, eps):
         out = functional_call(model, (p, frozen), (x_t, t_[None]))
         return torch.mean((out - eps_[None]) ** 2)
 
-    with warnings.catch_warnings():
-        # torch has no vmap rule for CPU flash attention yet and loops over it internally (correct, slower).
-        warnings.filterwarnings("ignore", message=".*batching rule.*")
+    # torch has no vmap rule for the fused CPU attention kernel (it would loop per sample): use plain ops.
+    with unfused_attention(model):
         grads = vmap(grad(loss_one), in_dims=(None, 0, 0, 0))(trainable, x0, t, eps)
     return {n: g.pow(2) for n, g in grads.items()}
 

@@ -6,6 +6,7 @@ Stages are attributes ``Layer1`` .. ``Layer6`` so every parameter name starts wi
 concatenate the skip of the mirrored down stage. With channels (64,128,256,512,512,384),
 attention on layers 2 and 6 and GroupNorm(32) the network has 35,178,689 parameters.
 """
+import contextlib
 import math
 
 import torch
@@ -50,15 +51,20 @@ class Attention(nn.Module):
         self.proj2 = nn.Linear(channels, channels)
         self.num_heads = num_heads
         self.dropout = dropout
+        self.fused = True
 
     def forward(self, x):
         b, c, h, w = x.shape
         qkv = self.proj1(x.flatten(2).transpose(1, 2))  # (b, L, 3C)
         qkv = qkv.view(b, h * w, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        # The original applied attention dropout at sampling time too; only train with it.
-        out = F.scaled_dot_product_attention(
-            qkv[0], qkv[1], qkv[2], dropout_p=self.dropout if self.training else 0.0
-        )
+        if self.fused:
+            # The original applied attention dropout at sampling time too; only train with it.
+            out = F.scaled_dot_product_attention(
+                qkv[0], qkv[1], qkv[2], dropout_p=self.dropout if self.training else 0.0
+            )
+        else:  # same maths in plain ops, which torch.func.vmap can batch (the fused CPU kernel it cannot)
+            q, k, v = qkv[0], qkv[1], qkv[2]
+            out = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1) @ v
         out = self.proj2(out.transpose(1, 2).reshape(b, h * w, c))
         return out.transpose(1, 2).reshape(b, c, h, w)
 
@@ -114,6 +120,19 @@ class UNet(nn.Module):
             x, _ = getattr(self, f"Layer{i + 1}")(x, emb)
             x = torch.cat((x, skips[self.num_layers - i - 1]), dim=1)
         return self.output_conv(F.relu(self.late_conv(x)))
+
+
+@contextlib.contextmanager
+def unfused_attention(model: nn.Module):
+    """Run attention as plain matmul/softmax inside the block (for vmap'd per-sample gradients)."""
+    mods = [m for m in model.modules() if isinstance(m, Attention)]
+    for m in mods:
+        m.fused = False
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.fused = True
 
 
 def build_unet(model_cfg, timesteps: int) -> UNet:

@@ -225,3 +225,18 @@ def test_noise_depends_only_on_seed_and_batch_index():
     _, noise_c, _ = run(ZeroModel(), 12)
     assert not torch.equal(noise_a[0], noise_c[0])
     assert not torch.equal(noise_a[0], noise_a[6])  # and batches differ from each other
+
+
+def test_unfused_attention_matches_fused():
+    """The vmap-friendly attention path used by Fisher computes the same function as SDPA."""
+    from common.model import unfused_attention
+
+    cfg = load_config(os.path.join(ROOT, "configs", "smoke.yaml"))
+    model = build_unet(cfg.model, cfg.diffusion.timesteps).eval()
+    x, t = torch.randn(3, 1, 32, 32), torch.tensor([0, 5, 99])
+    with torch.no_grad():
+        fused = model(x, t)
+        with unfused_attention(model):
+            plain = model(x, t)
+    assert torch.allclose(fused, plain, atol=1e-5)
+    assert all(m.fused for m in model.modules() if hasattr(m, "fused"))  # restored
