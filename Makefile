@@ -8,7 +8,7 @@ RUN     ?= runs/$(basename $(notdir $(CONFIG)))
 LAQFI_DATA_ROOT ?= $(if $(wildcard ../shared/data/MNIST/raw),../shared/data,data)
 export LAQFI_DATA_ROOT
 
-.PHONY: setup reproduce test bench clean-runs
+.PHONY: setup reproduce test bench compare
 
 $(BIN)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -31,3 +31,7 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench.py --config $(CONFIG)
+
+# Beyond the poster: every importance metric through the same allocator (needs `make reproduce` first).
+compare: setup
+	$(BIN)/python compare_metrics.py --config $(CONFIG)

@@ -34,10 +34,12 @@ def load(args):
 @contextlib.contextmanager
 def clear_errors():
     """Turn the errors a user can fix (missing or stale artifacts, bad files) into one-line exits."""
-    from .fisher import FisherMismatchError
-    from .train import StaleArtifactError
+    from .allocate import InfeasibleBudgetError
+    from .storage import CheckpointMismatchError
+    from .train import NonFiniteLossError, StaleArtifactError
 
     try:
         yield
-    except (FileNotFoundError, StaleArtifactError, FisherMismatchError, ConfigError) as e:
+    except (FileNotFoundError, StaleArtifactError, CheckpointMismatchError, ConfigError, InfeasibleBudgetError,
+            NonFiniteLossError) as e:
         sys.exit(f"error: {e}")

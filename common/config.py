@@ -78,6 +78,8 @@ class TrainConfig:
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decay to 0 at the last step
     warmup_steps: int = _spec(0, lo=0, doc="linear lr warm-up steps")
     bf16: bool = False  # CPU/GPU autocast to bfloat16 for the forward pass (labelled in outputs)
+    min_snr_gamma: Optional[float] = _spec(None, lo=0.0, lo_open=True,
+                                           doc="Min-SNR loss weighting (faster convergence); null = plain DDPM loss")
 
 
 @dataclass
@@ -140,6 +142,42 @@ class StrategiesConfig:
     layer_math: LayerMathConfig = field(default_factory=LayerMathConfig)
 
 
+METRIC_NAMES = Literal["fisher", "fisher_distortion", "magnitude", "random", "quant_error", "orthogonality"]
+FORMAT_NAMES = Literal["fp32", "fp16", "bf16", "int8", "int4"]
+
+
+@dataclass
+class OrthogonalityConfig:
+    n_samples: int = _spec(64, lo=3, doc="calibration samples per timestep bucket")
+    buckets: int = _spec(4, lo=1, doc="equal timestep buckets, sampled uniformly inside each")
+    beta: float = _spec(5.0, lo=0.0, doc="importance = exp(-beta * mean CKA with the other layers)")
+
+
+@dataclass
+class ImportanceConfig:
+    seed: int = 0  # the random control and the orthogonality calibration samples
+    orthogonality: OrthogonalityConfig = field(default_factory=OrthogonalityConfig)
+
+
+@dataclass
+class MixedPrecisionConfig:
+    metric: list[METRIC_NAMES] = _spec(["fisher_distortion"])
+    # "25%" of the fp32 size, "4.5bits" average per weight, or "2.1MB" of stored weights
+    budget: list[str] = _spec(["25%"])
+    formats: list[FORMAT_NAMES] = _spec(["fp32", "fp16", "int8", "int4"])
+
+
+@dataclass
+class CompareConfig:
+    metrics: list[METRIC_NAMES] = _spec(["fisher", "fisher_distortion", "orthogonality", "magnitude", "random",
+                                         "quant_error"])
+    budgets: list[str] = _spec(["50%", "25%", "5bits", "4.5bits", "4bits"])
+    seeds: list[int] = _spec([0, 1, 2])
+    n_images: int = _spec(100, lo=2, doc="images per seed (replaces eval.n_images in the comparison)")
+    inception: bool = False  # FID too (~0.1 s/image on 2 CPU cores); classifier-FID is always computed
+    poster_strategies: bool = True  # the poster's four rules and uniform fp16/int8/int4 on the same plot
+
+
 @dataclass
 class ClassifierConfig:
     epochs: int = _spec(3, lo=1)
@@ -174,6 +212,9 @@ class Config:
     quant: QuantConfig = field(default_factory=QuantConfig)
     strategies: StrategiesConfig = field(default_factory=StrategiesConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     source: str = "<defaults>"  # the YAML file this came from (not a YAML key)
 
 
@@ -340,9 +381,27 @@ def _cross_checks(cfg: Config, src: str):
         layers = _convert(g["layers"], list[int], key + ".layers")
         if not layers or any(not 1 <= k <= n for k in layers):
             raise ConfigError(f"{key}.layers: stage numbers must be in 1..{n}, got {g['layers']}")
-        _convert(g["threshold"], float, key + ".threshold")
-    if not cfg.eval.seeds:
-        raise ConfigError(f"{src}: eval.seeds: needs at least one seed")
+        if _convert(g["threshold"], float, key + ".threshold") < 0:
+            raise ConfigError(f"{key}.threshold: must be >= 0, got {g['threshold']}")
+    lm = cfg.strategies.layer_math
+    if lm.k_min > lm.k_max:
+        raise ConfigError(f"{src}: strategies.layer_math.k_min: must be <= k_max ({lm.k_max}), got {lm.k_min}")
+    for key, seeds in (("eval.seeds", cfg.eval.seeds), ("compare.seeds", cfg.compare.seeds)):
+        if not seeds:
+            raise ConfigError(f"{src}: {key}: needs at least one seed")
+    from .allocate import normalize_budget
+
+    for section, key in (("mixed_precision", "budget"), ("compare", "budgets")):
+        sub = getattr(cfg, section)
+        try:  # one spelling per budget, so '25 %' and '25%' name the same run folder
+            setattr(sub, key, [normalize_budget(b) for b in getattr(sub, key)])
+        except ValueError as e:
+            raise ConfigError(f"{src}: {section}.{key}: {e}") from None
+    if cfg.importance.orthogonality.buckets > cfg.diffusion.timesteps:
+        raise ConfigError(f"{src}: importance.orthogonality.buckets: at most diffusion.timesteps "
+                          f"({cfg.diffusion.timesteps})")
+    if "fp32" not in cfg.mixed_precision.formats:
+        raise ConfigError(f"{src}: mixed_precision.formats: must include 'fp32' (the choice to leave a tensor alone)")
 
 
 def load_config(path, overrides=()) -> Config:

@@ -30,6 +30,15 @@ def eval_inputs(cfg) -> dict:
             "image_size": cfg.data.image_size}
 
 
+def eval_fingerprint(cfg) -> str:
+    return storage.fingerprint(eval_inputs(cfg))
+
+
+def result_fingerprint(cfg, weights_id: str, extra=None) -> str:
+    """What a variant's metrics.json was computed from: evaluation settings, weights, strategy."""
+    return storage.fingerprint({"eval": eval_inputs(cfg), "weights": weights_id, "extra": extra})
+
+
 def check_not_stale(path: str, fingerprint: str, force: bool) -> bool:
     """True if ``path`` holds results for ``fingerprint`` (reuse them); error if for something else."""
     if not os.path.exists(path):
@@ -110,7 +119,8 @@ def evaluate_seed(cfg, images_u8, device, progress=True) -> dict:
     if cfg.eval.inception:
         net = inception(cfg, device)
         bs = cfg.eval.inception_batch_size
-        ref_i = _cached_features(cfg, "inception", net.source.split(":")[0] + "-" + net.source.split(":")[-1][-20:],
+        tag = f"{net.source.split(':')[0]}-{metrics.file_tag(net.weights_file)}"
+        ref_i = _cached_features(cfg, "inception", tag,
                                  lambda imgs: metrics.inception_features(net, imgs, bs, device, progress)[0])
         n = cfg.eval.inception_n_images or len(images_u8)
         f, logits = metrics.inception_features(net, images_u8[:n], bs, device, progress)
@@ -124,12 +134,14 @@ def evaluate_variant(cfg, variant: str, model, size: dict, device, weights_id: s
                      progress=True, extra=None) -> dict:
     """Sample ``model`` for every seed in ``eval.seeds`` and write ``<variant>/metrics.json``.
 
-    size: {"size_bytes", "quantized_fraction", ...} of the stored weights; weights_id: a hash of
-    the weights file the model was loaded from (part of the fingerprint, so stale results are caught).
+    size: {"size_bytes", "quantized_fraction", ...} of the stored weights; weights_id: a hash that
+    identifies the weights (the checkpoint's SHA-256, or ``quantize.stored_digest``), part of the
+    fingerprint so stale results are caught; extra: recorded in metrics.json and fingerprinted too,
+    with ``checkpoint_sha256`` naming the checkpoint the weights came from (checked against fp32's).
     """
     out_dir = variant_dir(cfg, variant)
     path = os.path.join(out_dir, "metrics.json")
-    fp = storage.fingerprint({"eval": eval_inputs(cfg), "weights": weights_id, "extra": extra})
+    fp = result_fingerprint(cfg, weights_id, extra)
     if check_not_stale(path, fp, force):
         print(f"[{variant}] reusing {path}")
         return storage.load_json(path)
@@ -144,7 +156,7 @@ def evaluate_variant(cfg, variant: str, model, size: dict, device, weights_id: s
         x01 = (x.clamp(-1, 1) + 1) / 2
         storage.atomic_torch_save(x01, os.path.join(out_dir, f"samples_seed{seed}.pt"))
         r = evaluate_seed(cfg, to_uint8(x), device, progress)
-        r["paired_mse_vs_fp32"] = paired_mse(cfg, variant, seed, x01)
+        r["paired_mse_vs_fp32"] = paired_mse(cfg, variant, seed, x01, (extra or {}).get("checkpoint_sha256"))
         per_seed[str(seed)] = r
         if seed == cfg.eval.seeds[0]:
             from .pipeline import save_grid
@@ -153,6 +165,7 @@ def evaluate_variant(cfg, variant: str, model, size: dict, device, weights_id: s
     result = summarize_seeds(cfg, variant, per_seed, size)
     result["wall_seconds"] = round(time.time() - t0, 1)
     result["fingerprint"] = fp
+    result["eval_fingerprint"] = eval_fingerprint(cfg)
     result["weights_id"] = weights_id
     if extra:
         result.update(extra)
@@ -161,14 +174,23 @@ def evaluate_variant(cfg, variant: str, model, size: dict, device, weights_id: s
     return result
 
 
-def paired_mse(cfg, variant, seed, x01):
-    """Mean squared [0, 1]-pixel difference to the fp32 baseline's samples under the same noise."""
+def paired_mse(cfg, variant, seed, x01, checkpoint_sha256):
+    """Mean squared [0, 1]-pixel difference to the fp32 baseline's samples under the same noise.
+
+    The reference must be the fp32 evaluation of the same checkpoint with the same evaluation settings.
+    """
     if variant == "fp32":
         return 0.0
-    ref_path = os.path.join(variant_dir(cfg, "fp32"), f"samples_seed{seed}.pt")
-    if not os.path.exists(ref_path):
+    ref_dir = variant_dir(cfg, "fp32")
+    ref_path = os.path.join(ref_dir, f"samples_seed{seed}.pt")
+    ref_metrics = os.path.join(ref_dir, "metrics.json")
+    if not (os.path.exists(ref_path) and os.path.exists(ref_metrics)):
         raise FileNotFoundError(f"{ref_path} missing: evaluate the fp32 baseline first "
                                 f"(python simplediffusion.py --config {cfg.source})")
+    info = storage.load_json(ref_metrics)
+    if (info.get("eval_fingerprint"), info.get("checkpoint_sha256")) != (eval_fingerprint(cfg), checkpoint_sha256):
+        raise StaleArtifactError(f"{ref_dir} holds fp32 samples of another checkpoint or other evaluation settings: "
+                                 f"re-evaluate fp32 first (simplediffusion.py --force) or use another run.name")
     ref = torch.load(ref_path)
     if ref.shape != x01.shape:
         raise StaleArtifactError(f"{ref_path} has shape {tuple(ref.shape)}, this variant {tuple(x01.shape)}: "

@@ -5,7 +5,6 @@ averaged over pixels, one sample n = (real x0, timestep t, noise eps). Per-sampl
 from ``torch.func.vmap(grad(...))`` in chunks; the square of a batch-mean gradient would be a
 different (biased) quantity.
 """
-import os
 
 import torch
 from torch import nn
@@ -13,7 +12,7 @@ from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
 from .model import stage_of, unfused_attention
-from .storage import atomic_torch_save, sha256_file
+from .storage import CheckpointMismatchError, load_for_checkpoint, save_for_checkpoint
 
 ELIGIBLE_RULES = {
     "poster": "weights of Conv2d/ConvTranspose2d/Linear modules inside Layer1..Layer6",
@@ -23,8 +22,7 @@ ELIGIBLE_RULES = {
 _WEIGHTED = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 
 
-class FisherMismatchError(RuntimeError):
-    pass
+FisherMismatchError = CheckpointMismatchError
 
 
 def eligible_names(model: nn.Module, rule: str = "poster") -> list:
@@ -72,7 +70,7 @@ def per_sample_sq_grads(model, schedule, names, x0, t, eps):
     # torch has no vmap rule for the fused CPU attention kernel (it would loop per sample): use plain ops.
     with unfused_attention(model):
         grads = vmap(grad(loss_one), in_dims=(None, 0, 0, 0))(trainable, x0, t, eps)
-    return {n: g.pow(2) for n, g in grads.items()}
+    return {n: g * g for n, g in grads.items()}
 
 
 def per_sample_sq_grads_loop(model, schedule, names, x0, t, eps):
@@ -157,20 +155,10 @@ def summarize(diag: dict) -> dict:
 
 
 def save_fisher(artifact: dict, path: str, ckpt_path: str):
-    artifact["meta"]["checkpoint_sha256"] = sha256_file(ckpt_path)
-    artifact["meta"]["checkpoint"] = os.path.abspath(ckpt_path)
-    atomic_torch_save(artifact, path)
+    save_for_checkpoint(artifact, path, ckpt_path)
 
 
 def load_fisher(path: str, ckpt_path: str) -> dict:
     """Load ``fisher.pt`` and check it was computed for the checkpoint at ``ckpt_path``."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: run `python simplediffusion.py --config ...` first")
-    art = torch.load(path, map_location="cpu", weights_only=False)
-    want, have = sha256_file(ckpt_path), art["meta"].get("checkpoint_sha256")
-    if want != have:
-        raise FisherMismatchError(
-            f"{path} was computed for a checkpoint with SHA-256 {have[:12] if have else None}..., "
-            f"but {ckpt_path} has {want[:12]}...; recompute with `python simplediffusion.py --recompute-fisher`"
-        )
-    return art
+    return load_for_checkpoint(path, ckpt_path, "run `python simplediffusion.py --config ...` "
+                                                "(--recompute-fisher to replace a stale one)")

@@ -135,8 +135,9 @@ def unfused_attention(model: nn.Module):
             m.fused = True
 
 
-def build_unet(model_cfg, timesteps: int) -> UNet:
-    """Build the U-Net from the ``model`` config section (see ``common.config.ModelConfig``)."""
+def build_unet(model_cfg, timesteps: int = 1000) -> UNet:
+    """Build the U-Net from the ``model`` config section (see ``common.config.ModelConfig``);
+    ``timesteps`` sizes the sinusoidal time table (``diffusion.timesteps``)."""
     return UNet(
         channels=list(model_cfg.channels),
         attentions=list(model_cfg.attentions),

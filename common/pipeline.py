@@ -35,6 +35,7 @@ def ensure_baseline(cfg, device, force=False, resume=False, progress=True):
         if ckpt.get("finished"):
             print(f"[baseline] reusing finished checkpoint {ckpt_path} ({ckpt['step']} steps)")
             model, _ = load_ema(ckpt_path, device)
+            write_baseline_outputs(cfg, model, ckpt, device, progress, only_missing=True)
             return model, ckpt_path
         if not resume:
             raise StaleArtifactError(f"{ckpt_path} is a partial checkpoint at step {ckpt['step']}: "
@@ -42,15 +43,24 @@ def ensure_baseline(cfg, device, force=False, resume=False, progress=True):
     x_train, _ = mnist_tensor(cfg.data, "train")
     print(f"[baseline] training on {len(x_train)} MNIST images -> {ckpt_path}")
     model, ckpt = train(cfg, x_train, ckpt_path, device, resume=resume and not force, progress=progress)
-    n = count_params(model)
-    storage.atomic_write_json({
-        "n_params": n, "fp32_size_mb": n * 4 / 2 ** 20, "size_unit": "MiB (2^20 bytes)",
-        "steps": ckpt["step"], "train_seconds": ckpt.get("train_seconds"),
-        "final_loss_avg100": sum(ckpt["loss_history"][-100:]) / max(1, len(ckpt["loss_history"][-100:])),
-        "config": ckpt["config"],
-    }, os.path.join(out, "model.json"))
-    write_sample_grid(cfg, model, os.path.join(out, "samples.png"), device, progress)
+    write_baseline_outputs(cfg, model, ckpt, device, progress)
     return model, ckpt_path
+
+
+def write_baseline_outputs(cfg, model, ckpt, device, progress=True, only_missing=False):
+    """``model.json`` (size, steps, loss, config) and the sample grid of the trained baseline."""
+    out = storage.baseline_dir(cfg)
+    info_path, grid_path = os.path.join(out, "model.json"), os.path.join(out, "samples.png")
+    if not (only_missing and os.path.exists(info_path)):
+        n = count_params(model)
+        storage.atomic_write_json({
+            "n_params": n, "fp32_size_mb": n * 4 / 2 ** 20, "size_unit": "MiB (2^20 bytes)",
+            "steps": ckpt["step"], "train_seconds": ckpt.get("train_seconds"),
+            "final_loss_avg100": sum(ckpt["loss_history"][-100:]) / max(1, len(ckpt["loss_history"][-100:])),
+            "config": ckpt["config"],
+        }, info_path)
+    if not (only_missing and os.path.exists(grid_path)):
+        write_sample_grid(cfg, model, grid_path, device, progress)
 
 
 def write_sample_grid(cfg, model, path, device, progress=True, seed=None):
@@ -65,12 +75,19 @@ def write_sample_grid(cfg, model, path, device, progress=True, seed=None):
 
 
 # ----------------------------------------------------------------------------- Fisher
+def fisher_inputs(cfg) -> dict:
+    """The fisher settings that change the result (chunk_size only trades memory for speed)."""
+    inputs = to_dict(cfg.fisher)
+    inputs.pop("chunk_size")
+    return inputs
+
+
 def ensure_fisher(cfg, model, ckpt_path, device, recompute=False, progress=True):
     """The Fisher artifact for this checkpoint: reused if present and matching, else computed."""
     from .fisher import FisherMismatchError, compute_fisher, load_fisher, save_fisher
 
     path = os.path.join(storage.baseline_dir(cfg), "fisher.pt")
-    inputs = to_dict(cfg.fisher)
+    inputs = fisher_inputs(cfg)
     if os.path.exists(path) and not recompute:
         try:
             art = load_fisher(path, ckpt_path)
@@ -100,9 +117,9 @@ def fp32_size(model) -> dict:
 
 
 def evaluate_fp32(cfg, model, ckpt_path, device, force=False, progress=True):
-    return evaluate.evaluate_variant(cfg, "fp32", model, fp32_size(model), device,
-                                     weights_id=storage.sha256_file(ckpt_path), force=force,
-                                     progress=progress, extra={"strategy": "fp32"})
+    sha = storage.sha256_file(ckpt_path)
+    return evaluate.evaluate_variant(cfg, "fp32", model, fp32_size(model), device, weights_id=sha, force=force,
+                                     progress=progress, extra={"strategy": "fp32", "checkpoint_sha256": sha})
 
 
 def load_artifacts(cfg, device):
@@ -124,42 +141,83 @@ def load_artifacts(cfg, device):
     return model, ckpt_path, fisher
 
 
-def run_variant(cfg, variant, strategy, params, model, ckpt_path, fisher, device, force=False,
-                progress=True):
-    """Quantize with ``strategies.<strategy>(fisher, **params)``, save, reload and evaluate."""
-    from . import strategies
-    from .quantize import load_quantized, quantize_model, save_quantized
+def ensure_importance(cfg, metric, model, ckpt_path, fisher, device):
+    """The importance artifact of ``metric`` for this checkpoint: reused if current, else computed."""
+    from .importance import artifact_inputs, compute_importance, load_importance
 
+    path = os.path.join(os.path.dirname(ckpt_path), "importance", f"{metric}.pt")  # beside its checkpoint
+    inputs = artifact_inputs(metric, cfg.importance, fisher)
+    if os.path.exists(path):
+        try:
+            art = load_importance(path, ckpt_path)
+        except storage.CheckpointMismatchError:
+            art = None
+        if art is not None and art["meta"].get("inputs") == inputs:
+            print(f"[importance] reusing {path}")
+            return art
+        print(f"[importance] {path} was computed for another checkpoint or settings: recomputing")
+    x_pool = mnist_tensor(cfg.data, "train")[0] if metric == "orthogonality" else None
+    art = compute_importance(metric, model, fisher, cfg.importance, NoiseSchedule.from_config(cfg.diffusion),
+                             x_pool, device)
+    art["meta"]["inputs"] = inputs
+    storage.save_for_checkpoint(art, path, ckpt_path)
+    print(f"[importance] {metric} in {art['meta']['seconds']} s -> {path}")
+    return art
+
+
+def build_plan(cfg, strategy, params, model, ckpt_path, fisher, device):
+    """(plan, what decided it for plan.json, the inputs that fix the weights) of one strategy."""
+    from . import allocate, strategies
+
+    if strategy == "mixed_precision":
+        importance = ensure_importance(cfg, params["metric"], model, ckpt_path, fisher, device)
+        plan, info = allocate.allocate_model(model, importance, params["budget"], params["formats"])
+        return plan, {"allocation": info}, {"format": "mixed", "granularity": "tensor",
+                                            "importance": importance["meta"]["inputs"]}
     fmt, gran = cfg.quant.format, cfg.quant.granularity
     plan, thresholds = getattr(strategies, strategy)(fisher, **params, fmt=fmt, granularity=gran)
+    return plan, {"thresholds": thresholds}, {"format": fmt, "granularity": gran}
+
+
+def run_variant(cfg, variant, strategy, params, model, ckpt_path, fisher, device, force=False,
+                progress=True):
+    """Build ``strategy``'s plan (a poster rule from ``common.strategies`` or ``mixed_precision``),
+    quantize, save, reload from the file and evaluate."""
+    from .quantize import load_quantized, quantize_model, save_quantized, stored_digest
+    from .report import plan_table
+    from .strategies import describe_plan
+
+    plan, decided_by, weight_inputs = build_plan(cfg, strategy, params, model, ckpt_path, fisher, device)
     out = evaluate.variant_dir(cfg, variant)
-    plan_inputs = {"strategy": strategy, "params": params, "format": fmt, "granularity": gran,
+    plan_inputs = {"strategy": strategy, "params": params, **weight_inputs,
                    "checkpoint_sha256": fisher["meta"]["checkpoint_sha256"],
                    "fisher": {k: v for k, v in fisher["meta"].items() if k != "timesteps"}}
-    weights_id = storage.fingerprint(plan_inputs)
+    _, stored = quantize_model(model, plan)
+    # The stored tensors themselves identify the weights, so a changed quantizer is never mistaken for reuse.
+    weights_id = stored_digest(stored)
+    extra = {"strategy": strategy, "params": params, "checkpoint_sha256": fisher["meta"]["checkpoint_sha256"],
+             "eligible_rule": fisher["meta"].get("eligible_rule")}
     metrics_path = os.path.join(out, "metrics.json")
-    eval_fp = storage.fingerprint({"eval": evaluate.eval_inputs(cfg), "weights": weights_id,
-                                   "extra": {"strategy": strategy, "params": params}})
     # Refuse before writing anything if this directory holds another configuration's results.
-    if evaluate.check_not_stale(metrics_path, eval_fp, force):
+    if evaluate.check_not_stale(metrics_path, evaluate.result_fingerprint(cfg, weights_id, extra), force):
         print(f"[{variant}] reusing {metrics_path}")
         return storage.load_json(metrics_path)
-    _, stored = quantize_model(model, plan)
     arch = {"model": to_dict(cfg.model), "timesteps": cfg.diffusion.timesteps}
     qpath = os.path.join(out, "quantized.pt")
     size = save_quantized(stored, qpath, arch, plan_inputs)
     size["size_bytes"] = size["stored_bytes"]
     size["fp32_bytes"] = 4 * count_params(model)
-    summary = strategies.describe_plan(plan, model, fisher, fmt)
-    storage.atomic_write_json({"variant": variant, "strategy": strategy, "params": params, "format": fmt,
-                               "granularity": gran, "thresholds": thresholds, **summary, "size": size},
+    summary = describe_plan(plan, model, fisher)
+    storage.atomic_write_json({"variant": variant, "strategy": strategy, "params": params, **weight_inputs,
+                               "eligible_rule": extra["eligible_rule"], **decided_by, **summary, "size": size},
                               os.path.join(out, "plan.json"))
     # Sample from what was stored: the reloaded low-precision checkpoint, not the in-memory copy.
     qmodel, _ = load_quantized(qpath, device)
-    print(f"[{variant}] {len(plan)} tensors -> {fmt} ({size['quantized_fraction']:.1%} of weights), "
-          f"{size['stored_bytes'] / evaluate.MB:.3f} MB stored, file {qpath}")
+    print(f"[{variant}] {size['quantized_fraction']:.1%} of weights quantized; size {size['stored_bytes']:,} B "
+          f"stored = {size['analytic_bytes']:,} B analytic; file {size['file_bytes']:,} B "
+          f"({size['container_overhead_bytes']:,} B torch.save container) {qpath}\n{plan_table(summary)}")
     return evaluate.evaluate_variant(cfg, variant, qmodel, size, device, weights_id, force=force,
-                                     progress=progress, extra={"strategy": strategy, "params": params})
+                                     progress=progress, extra=extra)
 
 
 def run_strategy_script(description: str, variants):
@@ -172,7 +230,7 @@ def run_strategy_script(description: str, variants):
         device = storage.resolve_device(cfg.run.device)
         model, ckpt_path, fisher = load_artifacts(cfg, device)
         progress = not args.no_progress
-        done = {"fp32": evaluate_fp32(cfg, model, ckpt_path, device, progress=progress)}
+        done = {"fp32": evaluate_fp32(cfg, model, ckpt_path, device, force=args.force, progress=progress)}
         for variant, strategy, params in variants(cfg):
             done[variant] = run_variant(cfg, variant, strategy, params, model, ckpt_path, fisher, device,
                                         force=args.force, progress=progress)

@@ -8,6 +8,7 @@ channel scales, and for element granularity a bit-packed mask, the quantized ele
 kept fp32 elements. ``size_bits`` counts that storage analytically.
 """
 import copy
+import hashlib
 import math
 import os
 from dataclasses import dataclass
@@ -193,6 +194,19 @@ def size_report(stored: dict) -> dict:
     return {"analytic_bytes": analytic_bits // 8, "stored_bytes": stored_bytes,
             "quantized_elements": quantized, "total_elements": total,
             "quantized_fraction": quantized / total if total else 0.0}
+
+
+def stored_digest(stored: dict) -> str:
+    """SHA-256 over every stored tensor's name, format, dtype, shape and bytes (identifies the weights)."""
+    h = hashlib.sha256()
+    for name in sorted(stored):
+        entry = stored[name]
+        h.update(f"{name}:{entry['format']}".encode())
+        for key in sorted(k for k, v in entry.items() if isinstance(v, torch.Tensor)):
+            t = entry[key].detach().cpu().contiguous()
+            h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def save_quantized(stored: dict, path: str, arch: dict, provenance: dict) -> dict:

@@ -39,14 +39,31 @@ COLUMNS = ["variant", "fid", "fid_std", "is_mean", "is_std", "clf_fid", "clf_fid
 
 
 def load_results(run: str) -> dict:
+    """Every ``<variant>/metrics.json`` of ``run``; an error if they do not share one checkpoint, one set of
+    evaluation settings and one seed list (their paired comparison would be meaningless)."""
     out = {}
     for name in sorted(os.listdir(run)):
         p = os.path.join(run, name, "metrics.json")
         if os.path.isfile(p):
             out[name] = storage.load_json(p)
+    groups = {}
+    for v, r in out.items():
+        groups.setdefault((r.get("checkpoint_sha256"), r.get("eval_fingerprint"), tuple(r["seeds"])), []).append(v)
+    if len(groups) > 1:
+        raise ValueError(f"{run}: the variants come from different checkpoints or evaluation settings: "
+                         + "; ".join(", ".join(vs) for vs in groups.values())
+                         + ". Re-run the stale ones with --force, or remove their folders.")
     rank = ["fp32", "uniform", "whole_threshold", "layer_group", "layer_ratio", "layer_math"]
     order = lambda v: (next((i for i, r in enumerate(rank) if v.startswith(r)), len(rank)), v)  # noqa: E731
     return dict(sorted(out.items(), key=lambda kv: order(kv[0])))
+
+
+POSTER_RULES = ("whole_threshold", "layer_group", "layer_ratio", "layer_math")
+
+
+def uniform_reference(results: dict):
+    """The poster's uniform reference: uniform_fp16 if evaluated, else the first uniform_* variant."""
+    return results.get("uniform_fp16") or next((r for v, r in results.items() if v.startswith("uniform")), None)
 
 
 def _poster_key(variant):
@@ -71,30 +88,48 @@ def _f(v, d=2, std=None):
 
 
 # ----------------------------------------------------------------------------- verdicts
-def _per_seed(r, key):
-    return np.array([s[key] if s[key] is not None else np.nan for s in r["per_seed"].values()], dtype=float)
+def per_seed(r, key) -> np.ndarray:
+    """A variant's per-seed values of ``key`` in seed order (NaN where not measured)."""
+    seeds = sorted(r["per_seed"], key=int)
+    return np.array([r["per_seed"][s][key] if r["per_seed"][s][key] is not None else np.nan for s in seeds],
+                    dtype=float)
+
+
+def paired_test(d: np.ndarray):
+    """(mean, s.e.m., significant) of paired per-seed differences ``d``: two-sided t-test at 5%.
+
+    With 3 seeds the mean must exceed 4.3 standard errors; ``significant`` is None below 2 seeds.
+    """
+    from scipy.stats import t as student_t
+
+    d = d[~np.isnan(d)]
+    if len(d) == 0:
+        return None, float("nan"), None
+    mean = float(d.mean())
+    if len(d) < 2:
+        return mean, float("nan"), None
+    sem = float(d.std(ddof=1) / math.sqrt(len(d)))
+    return mean, sem, abs(mean) > student_t.ppf(0.975, len(d) - 1) * sem
 
 
 def _paired_verdict(d: np.ndarray, better_if_negative=True):
     """Verdict on paired per-seed differences d (variant minus reference)."""
-    d = d[~np.isnan(d)]
-    if len(d) == 0:
+    mean, sem, significant = paired_test(d)
+    if mean is None:
         return "not measured", None, None
-    mean = float(d.mean())
-    sem = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else float("nan")
-    if len(d) < 3:
-        return f"undecided ({len(d)} seed(s): too few for a spread)", mean, sem
-    good = mean < 0 if better_if_negative else mean > 0
-    if abs(mean) <= 2 * sem:
+    n = int((~np.isnan(d)).sum())
+    if n < 3:
+        return f"undecided ({n} seed(s): too few for a spread)", mean, sem
+    if not significant:
         return "within noise", mean, sem
-    return ("supported" if good else "not supported (opposite)"), mean, sem
+    return ("supported" if (mean < 0) == better_if_negative else "not supported (opposite)"), mean, sem
 
 
 def verdicts(results: dict, fisher) -> list:
     """[(claim, verdict, evidence)] for the poster's three claims."""
     out = []
-    fp, uni = results.get("fp32"), next((r for v, r in results.items() if v.startswith("uniform")), None)
-    adaptive = {v: r for v, r in results.items() if v not in ("fp32",) and not v.startswith("uniform")}
+    fp, uni = results.get("fp32"), uniform_reference(results)
+    adaptive = {v: r for v, r in results.items() if v.startswith(POSTER_RULES)}
     metric_keys = [k for k in ("fid", "clf_fid") if fp and fp.get(k) is not None]
     if fp and uni and adaptive:
         for key in metric_keys:
@@ -102,20 +137,29 @@ def verdicts(results: dict, fisher) -> list:
                 # "At equal size": compare with the straight line from fp32 to uniform at the variant's size.
                 lo, hi = uni["size_mb"], fp["size_mb"]
                 w = 0.0 if hi == lo else (r["size_mb"] - lo) / (hi - lo)
-                line = (1 - w) * _per_seed(uni, key) + w * _per_seed(fp, key)
-                verdict, mean, sem = _paired_verdict(_per_seed(r, key) - line)
+                line = (1 - w) * per_seed(uni, key) + w * per_seed(fp, key)
+                verdict, mean, sem = _paired_verdict(per_seed(r, key) - line)
                 out.append((f"layer-adaptive beats uniform at equal size ({v}, {key})", verdict,
                             f"{key} minus fp32–uniform line at {r['size_mb']:.3f} MB: {_f(mean, 3)} "
                             f"(± {_f(sem, 3)} s.e.m. over {len(r['seeds'])} paired seeds)"))
     ratio = results.get("layer_ratio_p0.25")
     if ratio and uni:
         for key in metric_keys:
-            u, q = _per_seed(uni, key), _per_seed(ratio, key)
+            u, q = per_seed(uni, key), per_seed(ratio, key)
             impr = 100 * (u - q) / u
             verdict, mean, sem = _paired_verdict(-impr)
+            evidence = (f"improvement {_f(mean and -mean, 2)}% ± {_f(sem, 2)}% s.e.m. "
+                        f"(uniform {_f(uni[key], 3)}, ratio {_f(ratio[key], 3)})")
+            n = int((~np.isnan(impr)).sum())
+            if mean is not None and n > 1:
+                from scipy.stats import t as student_t
+
+                half = student_t.ppf(0.975, n - 1) * sem
+                lo, hi = -mean - half, -mean + half
+                evidence += (f"; 95% CI [{lo:.2f}%, {hi:.2f}%] "
+                             f"{'includes' if lo <= 7 <= hi else 'excludes'} the poster's 7%")
             out.append((f"ratio p=0.25 improves {key} over uniform by ~7% (poster: 24.13 -> 22.42)", verdict,
-                        f"improvement {_f(mean and -mean, 2)}% ± {_f(sem, 2)}% s.e.m. "
-                        f"(uniform {_f(uni[key], 3)}, ratio {_f(ratio[key], 3)})"))
+                        evidence))
     if fisher is not None:
         pl = fisher["per_layer"]
         top = sorted((k for k in pl if k.startswith("Layer")), key=lambda k: -pl[k])
@@ -182,13 +226,26 @@ def _save(fig, path):
 
 def plot_tradeoff(results: dict, folder: str):
     keys = [k for k in ("fid", "clf_fid") if any(r.get(k) is not None for r in results.values())]
-    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(5.5 * (len(keys) + 1), 4.2), squeeze=False)
+    # The paired difference to fp32 shows the effect of the weights even where FID cannot resolve it.
+    ax = axes[0][-1]
+    color = {v: f"C{i}" for i, v in enumerate(results)}  # one colour per variant in every panel
+    for v, r in results.items():
+        if v != "fp32":
+            ax.errorbar(r["size_mb"], r["paired_mse_vs_fp32"], yerr=r.get("paired_mse_std") or 0, fmt="o",
+                        capsize=3, label=v, color=color[v])
+    ax.set_yscale("log")
+    ax.set_xlabel("stored weights (MB)")
+    ax.set_ylabel("paired MSE vs fp32 samples")
+    ax.set_title("pixel change caused by quantization (same noise)")
+    ax.legend(fontsize=7)
     for ax, key in zip(axes[0], keys):
-        fp, uni = results.get("fp32"), next((r for v, r in results.items() if v.startswith("uniform")), None)
+        fp, uni = results.get("fp32"), uniform_reference(results)
         if fp and uni:
             ax.plot([uni["size_mb"], fp["size_mb"]], [uni[key], fp[key]], "k--", lw=1, label="fp32–uniform line")
         for v, r in results.items():
-            ax.errorbar(r["size_mb"], r[key], yerr=r.get(f"{key}_std") or 0, fmt="o", capsize=3, label=v)
+            ax.errorbar(r["size_mb"], r[key], yerr=r.get(f"{key}_std") or 0, fmt="o", capsize=3, label=v,
+                        color=color[v])
         ax.set_xlabel("stored weights (MB)")
         ax.set_ylabel(key.replace("clf_fid", "classifier-FID").upper() if key == "fid" else "classifier-FID")
         ax.set_title(f"{key} vs size (mean ± std over seeds)")
@@ -202,7 +259,7 @@ def plot_ratio_sweep(results: dict, folder: str):
         return None
     keys = [k for k in ("fid", "clf_fid") if sweep[0][1].get(k) is not None]
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
-    uni = next((r for v, r in results.items() if v.startswith("uniform")), None)
+    uni = uniform_reference(results)
     for ax, key in zip(axes[0], keys):
         ps = [p for p, _ in sweep]
         ax.errorbar(ps, [r[key] for _, r in sweep], yerr=[r.get(f"{key}_std") or 0 for _, r in sweep],
@@ -247,6 +304,16 @@ def fisher_table(fisher: dict) -> str:
     return "\n".join(lines)
 
 
+def plan_table(summary: dict) -> str:
+    """Per stage: tensors quantized (of eligible), weights quantized, formats used (from describe_plan)."""
+    lines = [f"  {'stage':8s} {'tensors':>9s} {'weights quantized':>22s}  formats"]
+    for st, s in sorted(summary["per_stage"].items(), key=lambda kv: (kv[0] == "other", kv[0])):
+        fmts = ", ".join(f"{k} x{v}" for k, v in sorted(s["formats"].items())) or "-"
+        lines.append(f"  {st:8s} {s['tensors_quantized']:>4d}/{s['eligible_tensors']:<4d} "
+                     f"{s['elements_quantized']:>10,d}/{s['elements']:<10,d}  {fmts}")
+    return "\n".join(lines)
+
+
 def results_table(results: dict) -> str:
     head = ("| variant | FID | IS | clf-FID | clf-IS | paired MSE | size MB | reduction % | quantized | "
             "poster FID | poster MB | poster red. % | slides-100 FID / IS |")
@@ -265,7 +332,8 @@ def settings_note(results: dict, run: str) -> str:
     r = next(iter(results.values()))
     model = storage.load_json(os.path.join(run, "baseline", "model.json")) if os.path.exists(
         os.path.join(run, "baseline", "model.json")) else {}
-    return (f"Our setting: {model.get('n_params', '?'):,} parameters "
+    n_params = round(r["fp32_size_mb"] * 2 ** 20 / 4)
+    return (f"Our setting: {n_params:,} parameters "
             f"({r['fp32_size_mb']:.2f} MB fp32; poster: 35,178,689 = 134.2 MB), "
             f"{model.get('steps', '?')} training steps, {r['sampler'].upper()} with {r['sampling_steps']} steps "
             f"(poster: DDPM 1000), {r['n_images']} images per seed × seeds {r['seeds']} for classifier metrics, "
@@ -282,7 +350,13 @@ def write_summary(run: str, readme=None) -> str:
     if not results:
         raise FileNotFoundError(f"{run}: no <variant>/metrics.json found; run the scripts first")
     fisher_path = os.path.join(run, "baseline", "fisher.pt")
-    fisher = torch.load(fisher_path, weights_only=False) if os.path.exists(fisher_path) else None
+    fisher = None
+    if os.path.exists(fisher_path):  # refused if it belongs to another checkpoint than the results
+        from .fisher import load_fisher
+
+        fisher = load_fisher(fisher_path, os.path.join(run, "baseline", "checkpoint.pt"))
+        if fisher["meta"]["checkpoint_sha256"] != next(iter(results.values())).get("checkpoint_sha256"):
+            raise ValueError(f"{fisher_path} and the results of {run} come from different checkpoints")
     plots = os.path.join(run, "plots")
     os.makedirs(plots, exist_ok=True)
     figs = [plot_tradeoff(results, plots), plot_ratio_sweep(results, plots), plot_grids(run, results, plots)]
@@ -297,8 +371,9 @@ def write_summary(run: str, readme=None) -> str:
     results_md = results_table(results) + "\n\n" + settings_note(results, run)
     v_md = "\n".join(f"| {c} | **{v}** | {e} |" for c, v, e in verdicts(results, fisher))
     verdict_md = ("| poster claim | verdict | evidence |\n|---|---|---|\n" + v_md +
-                  "\n\nRule: per-seed paired differences (same noise for every variant); *supported* when the mean "
-                  "difference favours the claim by more than 2 standard errors, *within noise* otherwise.")
+                  "\n\nRule: per-seed paired differences (same noise for every variant); *supported* when a two-sided "
+                  "paired t-test at 5% finds the mean difference favours the claim (with 3 seeds: more than "
+                  "4.3 standard errors), *within noise* otherwise.")
     md = [f"# Results of `{run}`", "", results_md, "", "## Verdicts on the poster's claims", "", verdict_md]
     if fisher is not None:
         md += ["", "## Fisher per stage", "", fisher_table(fisher)]
@@ -306,17 +381,25 @@ def write_summary(run: str, readme=None) -> str:
     text = "\n".join(md) + "\n"
     storage.atomic_write_text(text, os.path.join(run, "summary.md"))
     if readme:
-        update_readme(readme, results_md + "\n\n### Verdicts\n\n" + verdict_md)
+        update_readme(readme, results_md + "\n\n### Verdicts\n\n" + verdict_md, figures=figs)
     return text
 
 
-def update_readme(path: str, block: str):
-    """Replace the text between the results markers of README with ``block``."""
-    start, end = "<!-- results:start -->", "<!-- results:end -->"
+def update_readme(path: str, block: str, marker: str = "results", figures=()):
+    """Replace the text between README's ``<!-- {marker}:start/end -->`` markers with ``block`` and copy
+    ``figures`` into the ``docs/`` folder beside it (README links them from there)."""
+    import shutil
+
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     with open(path) as fh:
         text = fh.read()
     if start not in text or end not in text:
         raise ValueError(f"{path}: markers {start} / {end} not found")
+    docs = os.path.join(os.path.dirname(os.path.abspath(path)), "docs")
+    os.makedirs(docs, exist_ok=True)
+    for fig in figures:
+        if fig:
+            shutil.copyfile(fig, os.path.join(docs, os.path.basename(fig)))
     head, rest = text.split(start, 1)
     storage.atomic_write_text(head + start + "\n" + block + "\n" + end + rest.split(end, 1)[1], path)
 
@@ -328,7 +411,10 @@ def main():
     args = p.parse_args()
     if not os.path.isdir(args.run):
         raise SystemExit(f"{args.run}: no such run directory")
-    print(write_summary(args.run, args.update_readme))
+    try:
+        print(write_summary(args.run, args.update_readme))
+    except (ValueError, FileNotFoundError, storage.CheckpointMismatchError) as e:
+        raise SystemExit(f"error: {e}") from None
     print(f"[report] {args.run}/summary.md, summary.csv, plots/")
 
 

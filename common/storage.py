@@ -78,6 +78,30 @@ def load_json(path):
         return json.load(fh)
 
 
+class CheckpointMismatchError(RuntimeError):
+    """An artifact derived from one checkpoint was asked for on behalf of another."""
+
+
+def save_for_checkpoint(artifact: dict, path: str, ckpt_path: str):
+    """Write ``artifact`` atomically, bound (by SHA-256) to the checkpoint it was computed from."""
+    artifact["meta"]["checkpoint_sha256"] = sha256_file(ckpt_path)
+    artifact["meta"]["checkpoint"] = os.path.abspath(ckpt_path)
+    atomic_torch_save(artifact, path)
+
+
+def load_for_checkpoint(path: str, ckpt_path: str, recompute_hint: str) -> dict:
+    """Load an artifact written by ``save_for_checkpoint`` and check it belongs to ``ckpt_path``."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found: {recompute_hint}")
+    art = torch.load(path, map_location="cpu", weights_only=False)
+    want, have = sha256_file(ckpt_path), art["meta"].get("checkpoint_sha256")
+    if want != have:
+        raise CheckpointMismatchError(
+            f"{path} was computed for a checkpoint with SHA-256 {have[:12] if have else None}..., "
+            f"but {ckpt_path} has {want[:12]}...; recompute: {recompute_hint}")
+    return art
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

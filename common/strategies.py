@@ -113,7 +113,7 @@ def layer_math(fisher, alpha=0.5, k_min=0.1, k_max=2.0, fmt="fp16", granularity=
     return plan, info
 
 
-def describe_plan(plan: dict, model, fisher, fmt) -> dict:
+def describe_plan(plan: dict, model, fisher) -> dict:
     """Per stage and per tensor: how many tensors/elements go to which format (for plan.json)."""
     per_stage, tensors = {}, {}
     params = dict(model.named_parameters())
@@ -122,13 +122,15 @@ def describe_plan(plan: dict, model, fisher, fmt) -> dict:
         a = plan.get(n)
         nq = 0 if a is None else (p.numel() if a.mask is None else int(a.mask.sum()))
         s = per_stage.setdefault(stage, {"tensors": 0, "tensors_quantized": 0, "elements": 0,
-                                         "elements_quantized": 0, "eligible_tensors": 0})
+                                         "elements_quantized": 0, "eligible_tensors": 0, "formats": {}})
         s["tensors"] += 1
         s["elements"] += p.numel()
         s["tensors_quantized"] += int(nq > 0)
         s["elements_quantized"] += nq
         s["eligible_tensors"] += int(n in fisher["per_tensor"])
+        if nq:
+            s["formats"][a.format] = s["formats"].get(a.format, 0) + 1
         if n in fisher["per_tensor"]:
-            tensors[n] = {"format": fmt if nq else "fp32", "numel": p.numel(), "quantized_elements": nq,
+            tensors[n] = {"format": a.format if nq else "fp32", "numel": p.numel(), "quantized_elements": nq,
                           "fisher_mean": fisher["per_tensor"][n]}
     return {"per_stage": per_stage, "tensors": tensors}

@@ -29,7 +29,7 @@ def training_inputs(cfg) -> dict:
     train = to_dict(cfg.train)
     train.pop("checkpoint_every")
     # Options added later are recorded only when used, so older checkpoints stay valid.
-    for key, default in (("lr_schedule", "constant"), ("warmup_steps", 0)):
+    for key, default in (("lr_schedule", "constant"), ("warmup_steps", 0), ("min_snr_gamma", None)):
         if train.get(key) == default:
             train.pop(key)
     return {"data": data, "model": to_dict(cfg.model), "diffusion": to_dict(cfg.diffusion),
@@ -89,6 +89,14 @@ def check_checkpoint_matches(ckpt: dict, cfg, path: str):
         )
 
 
+def _check_finite(model, step):
+    """A finite loss can still follow a step that broke the weights; never save those."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise NonFiniteLossError(f"weights became non-finite by step {step} ({bad[0]} and {len(bad) - 1} more); "
+                                 f"not saved. Lower train.lr or set train.grad_clip.")
+
+
 def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, progress=True):
     """Train (or resume) and write ``ckpt_path``; returns (ema model in eval mode, checkpoint dict).
 
@@ -122,12 +130,11 @@ def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, prog
         eps = torch.randn(x0.shape, generator=gen)
         torch.manual_seed(cfg.run.seed * 31 + step)  # dropout mask, replayable on resume
         with autocast:
-            loss = schedule.p_losses(model, x0.to(device), t.to(device), eps.to(device))
+            loss = schedule.p_losses(model, x0.to(device), t.to(device), eps.to(device), cfg.train.min_snr_gamma)
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
-                f"loss became {loss.item()} at step {step}; nothing was saved after step {start}. "
-                f"Lower train.lr or set train.grad_clip."
-            )
+                f"loss became {loss.item()} at step {step}; {ckpt_path} keeps the last checkpoint written "
+                f"before it (if any), nothing later. Lower train.lr or set train.grad_clip.")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for group in opt.param_groups:
@@ -143,8 +150,10 @@ def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, prog
         losses.append(value)
         bar.set_postfix(loss=f"{running:.4f}")
         if (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < steps:
+            _check_finite(model, step)
             atomic_torch_save(_checkpoint(cfg, model, ema, opt, step + 1, steps, False, losses), ckpt_path)
     bar.close()
+    _check_finite(model, steps - 1)
     ckpt = _checkpoint(cfg, model, ema, opt, steps, steps, True, losses)
     ckpt["train_seconds"] = time.time() - t0
     atomic_torch_save(ckpt, ckpt_path)

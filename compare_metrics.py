@@ -1,0 +1,29 @@
+"""Beyond the poster: every importance metric in compare.metrics (fisher, fisher_distortion, magnitude,
+random, orthogonality) through the same exact allocator at every budget in compare.budgets, evaluated
+with compare.seeds beside the fp32 baseline, uniform fp16/int8/int4 and the poster's four rules.
+Writes runs/<run>/compare/{summary.csv, summary.md, compare.png} and one folder per variant.
+Needs simplediffusion.py to have run (checkpoint and Fisher).
+"""
+from common import cli, compare
+from common.storage import resolve_device
+
+
+def main():
+    p = cli.parser(__doc__)
+    p.add_argument("--update-readme", metavar="README", help="also write the comparison table into this README")
+    args = p.parse_args()
+    cfg = cli.load(args)
+    with cli.clear_errors():
+        done, infeasible, scores = compare.run_comparison(cfg, resolve_device(cfg.run.device), force=args.force,
+                                                          progress=not args.no_progress)
+        md = compare.write_outputs(cfg, done, infeasible, scores)
+        if args.update_readme:
+            from common.report import update_readme
+
+            update_readme(args.update_readme, md.split("\n", 2)[2].replace("](compare.png)", "](docs/compare.png)"),
+                          marker="compare", figures=[f"{compare.compare_dir(cfg)}/compare.png"])
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
