@@ -24,9 +24,10 @@ reproduce: setup
 	$(BIN)/python layer_group.py --config $(CONFIG)
 	$(BIN)/python layer_ratio.py --config $(CONFIG)
 	$(BIN)/python layer_math.py --config $(CONFIG)
-	$(BIN)/python -m common.report $(RUN)
+	$(BIN)/python -m common.report $(RUN) $(if $(filter configs/default.yaml,$(CONFIG)),--update-readme README.md)
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q tests
 
 bench: setup
@@ -34,4 +35,4 @@ bench: setup
 
 # Beyond the poster: every importance metric through the same allocator (needs `make reproduce` first).
 compare: setup
-	$(BIN)/python compare_metrics.py --config $(CONFIG)
+	$(BIN)/python compare_metrics.py --config $(CONFIG) $(if $(filter configs/default.yaml,$(CONFIG)),--update-readme README.md)

@@ -250,6 +250,11 @@ def main():
         print(f"{r['variant']:20s} {r['batched_img_s']:8.1f} {r['batched_img_s'] / base['batched_img_s']:8.2f} "
               f"{r['peak_rss_mb']:12.0f} {r['warmup_s']:10.1f}")
     print("batch sweep (fp32): " + ", ".join(f"batch {r['batch']}: {r['batched_img_s']:.1f} img/s" for r in sweep))
+    speedup = base["batched_img_s"] / base["per_image_img_s"]
+    achieved = base["batched_img_s"] * base["flops_per_image"]
+    sampling_mfu = achieved / peak["float32"]
+    train_flops_s = train["flops_per_step"] / train["fp32"]
+    training_mfu = train_flops_s / peak["float32"]
     print(f"\nper-image loop: {base['per_image_img_s']:.2f} img/s; batched (batch {base['batch']}): "
           f"{base['batched_img_s']:.1f} img/s -> {speedup:.1f}x")
     print(f"sampling: {base['flops_per_image'] / 1e9:.2f} GFLOP/image ({base['steps']} steps), "

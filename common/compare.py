@@ -16,7 +16,7 @@ import numpy as np
 
 from . import pipeline, storage
 from .allocate import InfeasibleBudgetError, budget_tag
-from .report import paired_test, per_seed
+from .report import paired_test, per_seed, save_figure
 
 COLUMNS = ["kind", "metric", "budget", "seed", "variant", "size_mb", "avg_bits", "clf_fid", "fid", "clf_is",
            "paired_mse_vs_fp32"]
@@ -131,7 +131,8 @@ def score_correlations(scores: dict) -> dict:
 def summary_markdown(cfg, done, infeasible, scores) -> str:
     ref = done["fp32"][3]
     has_fid = ref.get("fid") is not None
-    head = ("| budget | metric | size MB | avg bits | classifier-FID | paired MSE vs fp32 |" + (" FID |" if has_fid else "")
+    head = ("| budget | metric | size MB | avg bits | classifier-FID | paired MSE vs fp32 |"
+            + (" FID |" if has_fid else "")
             + "\n|---|---|---:|---:|---:|---:|" + ("---:|" if has_fid else ""))
     lines = [head]
     for v, (kind, metric, budget, r) in done.items():  # references, poster rules, then budget by budget
@@ -193,12 +194,7 @@ def plot(done: dict, cfg, path: str) -> str:
         ax.set_ylabel({"clf_fid": "classifier-FID", "paired_mse_vs_fp32": "paired MSE vs fp32", "fid": "FID"}[key])
         ax.set_title(f"{key}: mean ± std over {len(cfg.compare.seeds)} seeds")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_figure(fig, path)
 
 
 def write_outputs(cfg, done, infeasible, scores) -> str:

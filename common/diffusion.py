@@ -4,7 +4,6 @@ Notation follows Ho et al. 2020 (DDPM) and Song et al. 2021 (DDIM): beta_t, alph
 alpha_bar_t = prod_{s<=t} alpha_s, timesteps are 0-based (t = 0 .. T-1).
 """
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 

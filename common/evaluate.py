@@ -245,6 +245,7 @@ def _fmt(v, std=None, digits=3):
 
 def one_line(r: dict) -> str:
     return (f"FID {_fmt(r['fid'], r.get('fid_std'), 2)}  IS {_fmt(r['is_mean'], None, 2)}  "
-            f"clf-FID {_fmt(r['clf_fid'], r.get('clf_fid_std'), 2)}  clf-IS {_fmt(r['clf_is'], r.get('clf_is_std'), 2)}  "
+            f"clf-FID {_fmt(r['clf_fid'], r.get('clf_fid_std'), 2)}  "
+            f"clf-IS {_fmt(r['clf_is'], r.get('clf_is_std'), 2)}  "
             f"paired-MSE {_fmt(r['paired_mse_vs_fp32'], None, 6)}  size {r['size_mb']:.3f} MB "
             f"(-{r['reduction_pct']:.1f}%)  [{r['n_images']} images x seeds {r['seeds']}]")

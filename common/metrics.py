@@ -237,7 +237,8 @@ def load_or_train_classifier(cache_dir, data_cfg, clf_cfg, progress=True):
     """Cached MNIST classifier for this image size and training config; returns (model, info)."""
     from .data import load_mnist, to_model_space, to_uint8
 
-    tag = f"mnist_classifier_s{data_cfg.image_size}_e{clf_cfg.epochs}_b{clf_cfg.batch_size}_lr{clf_cfg.lr}_seed{clf_cfg.seed}"
+    tag = (f"mnist_classifier_s{data_cfg.image_size}_e{clf_cfg.epochs}_b{clf_cfg.batch_size}_lr{clf_cfg.lr}"
+           f"_seed{clf_cfg.seed}")
     if clf_cfg.train_limit:
         tag += f"_n{clf_cfg.train_limit}"
     path = os.path.join(cache_dir, tag + ".pt")
@@ -259,6 +260,9 @@ def load_or_train_classifier(cache_dir, data_cfg, clf_cfg, progress=True):
             "image_size": size, "path": path}
     atomic_torch_save({"state_dict": model.state_dict(), "info": info}, path)
     print(f"[classifier] trained, MNIST test accuracy {acc:.4f} -> {path}")
+    if acc < 0.99 and not clf_cfg.train_limit:
+        print(f"[classifier] WARNING: test accuracy {acc:.4f} is below the 0.99 the classifier metrics assume; "
+              f"raise eval.classifier.epochs")
     return model, info
 
 

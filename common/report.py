@@ -180,7 +180,7 @@ def plot_fisher(fisher: dict, folder: str) -> list:
     ax.set_yscale("log")
     ax.set_ylabel("mean Fisher per weight")
     ax.set_title(f"Fisher by stage ({fisher['meta']['n_samples']} samples, {fisher['meta']['eligible_rule']})")
-    paths.append(_save(fig, os.path.join(folder, "fisher_per_layer.png")))
+    paths.append(save_figure(fig, os.path.join(folder, "fisher_per_layer.png")))
 
     stages = list(pl)
     fig, axes = plt.subplots(1, len(stages), figsize=(3 * len(stages), 3.5), sharey=True)
@@ -192,7 +192,7 @@ def plot_fisher(fisher: dict, folder: str) -> list:
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels([n.split(".", 1)[1].replace(".weight", "") for n in names], rotation=90, fontsize=6)
     np.atleast_1d(axes)[0].set_ylabel("mean Fisher of tensor")
-    paths.append(_save(fig, os.path.join(folder, "fisher_per_tensor.png")))
+    paths.append(save_figure(fig, os.path.join(folder, "fisher_per_tensor.png")))
 
     prof = fisher["timestep_profile"]
     if prof:
@@ -211,11 +211,12 @@ def plot_fisher(fisher: dict, folder: str) -> list:
         ax.set_ylabel("mean Fisher per weight")
         ax.legend(fontsize=7)
         ax.set_title("Fisher by timestep")
-        paths.append(_save(fig, os.path.join(folder, "fisher_timestep_profile.png")))
+        paths.append(save_figure(fig, os.path.join(folder, "fisher_timestep_profile.png")))
     return paths
 
 
-def _save(fig, path):
+def save_figure(fig, path):
+    """Write a matplotlib figure atomically and close it."""
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)
@@ -250,7 +251,7 @@ def plot_tradeoff(results: dict, folder: str):
         ax.set_ylabel(key.replace("clf_fid", "classifier-FID").upper() if key == "fid" else "classifier-FID")
         ax.set_title(f"{key} vs size (mean ± std over seeds)")
         ax.legend(fontsize=7)
-    return _save(fig, os.path.join(folder, "tradeoff.png"))
+    return save_figure(fig, os.path.join(folder, "tradeoff.png"))
 
 
 def plot_ratio_sweep(results: dict, folder: str):
@@ -271,7 +272,7 @@ def plot_ratio_sweep(results: dict, folder: str):
         ax.set_ylabel(key)
         ax.legend(fontsize=8)
         ax.set_title(f"layer_ratio sweep: {key}")
-    return _save(fig, os.path.join(folder, "ratio_sweep.png"))
+    return save_figure(fig, os.path.join(folder, "ratio_sweep.png"))
 
 
 def plot_grids(run: str, results: dict, folder: str, n=16):
@@ -288,7 +289,7 @@ def plot_grids(run: str, results: dict, folder: str, n=16):
         ax.set_title(v, fontsize=7)
         ax.axis("off")
     fig.suptitle(f"same noise (seed {results[names[0]]['seeds'][0]}) for every variant", fontsize=9)
-    return _save(fig, os.path.join(folder, "grids.png"))
+    return save_figure(fig, os.path.join(folder, "grids.png"))
 
 
 # ----------------------------------------------------------------------------- tables

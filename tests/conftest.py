@@ -49,3 +49,23 @@ def tiny_cfg(tmp_path, data_root, monkeypatch):
                                         f"data.root={data_root}"])
     assert cfg.data.root == data_root
     return cfg
+
+
+@pytest.fixture(scope="module")
+def tiny_model_fisher():
+    """(smoke config, smoke-sized U-Net with random weights, a random Fisher artifact over its eligible
+    tensors whose tensors' scales span several decades)."""
+    from common.config import load_config
+    from common.fisher import eligible_names
+    from common.model import build_unet
+
+    cfg = load_config(SMOKE)
+    torch.manual_seed(0)
+    model = build_unet(cfg.model, cfg.diffusion.timesteps).eval()
+    g = torch.Generator().manual_seed(1)
+    fisher = {"per_tensor": {}, "diag": {}, "meta": {"eligible_rule": "poster", "n_samples": 4, "seed": 0}}
+    params = dict(model.named_parameters())
+    for n in eligible_names(model):
+        d = torch.rand(params[n].shape, generator=g) * 10.0 ** torch.randint(-3, 3, (1,), generator=g)
+        fisher["diag"][n], fisher["per_tensor"][n] = d, float(d.mean())
+    return cfg, model, fisher

@@ -1,20 +1,13 @@
 """common.allocate: budgets, exactness against brute force, beating random allocations, real sizes."""
 import itertools
-import os
 import random
 
 import pytest
-import torch
 
 from common.allocate import (InfeasibleBudgetError, allocate, allocate_model, budget_bits, budget_tag,
                              format_bits, normalize_budget, parse_budget)
-from common.config import load_config
-from common.fisher import eligible_names
 from common.importance import compute_importance
-from common.model import build_unet
 from common.quantize import quantize_model, size_report
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Toy sensitivity table: 4 tensors, bits and estimated loss increase per format.
 NUMEL = {"a": 1000, "b": 4000, "c": 500, "d": 2500}
@@ -90,16 +83,8 @@ def test_fixed_bits_count_and_infeasible_budget_names_the_floor():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    cfg = load_config(os.path.join(ROOT, "configs", "smoke.yaml"))
-    torch.manual_seed(0)
-    model = build_unet(cfg.model, cfg.diffusion.timesteps).eval()
-    names = eligible_names(model)
-    fisher = {"per_tensor": {}, "diag": {}, "meta": {"eligible_rule": "poster"}}
-    g = torch.Generator().manual_seed(1)
-    for n in names:
-        d = torch.rand(dict(model.named_parameters())[n].shape, generator=g) * 10.0 ** torch.randint(-3, 3, (1,), generator=g)
-        fisher["diag"][n], fisher["per_tensor"][n] = d, float(d.mean())
+def tiny(tiny_model_fisher):
+    _, model, fisher = tiny_model_fisher
     return model, compute_importance("fisher_distortion", model, fisher, None)
 
 

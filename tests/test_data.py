@@ -1,6 +1,5 @@
 """common.data: IDX reading (synthetic files), MNIST lookup, model-space conversion."""
 import gzip
-import os
 
 import numpy as np
 import pytest

@@ -1,19 +1,13 @@
 """common.importance: the distortion formula by hand, CKA properties, every metric's determinism."""
-import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
-from common.config import load_config
 from common.diffusion import NoiseSchedule
-from common.fisher import eligible_names
 from common.importance import (METRICS, compute_importance, costs_from_scores, fisher_distortion_costs,
                                linear_cka_matrix, orthogonality_from_features, quantization_errors)
-from common.model import build_unet
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class OneLinear(nn.Module):
@@ -81,17 +75,9 @@ def test_the_layer_unlike_the_others_is_the_most_important():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    cfg = load_config(os.path.join(ROOT, "configs", "smoke.yaml"))
-    torch.manual_seed(0)
-    model = build_unet(cfg.model, cfg.diffusion.timesteps).eval()
-    names = eligible_names(model)
-    g = torch.Generator().manual_seed(1)
-    fisher = {"per_tensor": {}, "diag": {}, "meta": {"eligible_rule": "poster", "n_samples": 4, "seed": 0}}
-    for n in names:
-        d = torch.rand(dict(model.named_parameters())[n].shape, generator=g)
-        fisher["diag"][n], fisher["per_tensor"][n] = d, float(d.mean())
-    pool = torch.rand(16, 1, 32, 32, generator=g) * 2 - 1
+def tiny(tiny_model_fisher):
+    cfg, model, fisher = tiny_model_fisher
+    pool = torch.rand(16, 1, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
     return cfg, model, fisher, NoiseSchedule.from_config(cfg.diffusion), pool
 
 

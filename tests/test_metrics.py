@@ -2,7 +2,6 @@
 import os
 from unittest import mock
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
