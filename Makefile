@@ -31,7 +31,7 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 bench: setup
-	$(BIN)/python benchmarks/bench.py --config $(CONFIG)
+	$(BIN)/python benchmarks/bench.py --config $(CONFIG) $(if $(filter configs/default.yaml,$(CONFIG)),--update-readme README.md)
 
 # Beyond the poster: every importance metric through the same allocator (needs `make reproduce` first).
 compare: setup

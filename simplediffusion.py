@@ -12,6 +12,9 @@ from common.storage import resolve_device, run_dir
 def main():
     p = cli.parser(__doc__)
     p.add_argument("--resume", action="store_true", help="continue a partial checkpoint")
+    p.add_argument("--retrain", action="store_true",
+                   help="train from scratch even if a finished checkpoint of this config exists "
+                        "(implies --recompute-fisher)")
     p.add_argument("--recompute-fisher", action="store_true", help="recompute fisher.pt even if present")
     p.add_argument("--skip-eval", action="store_true", help="stop after training and Fisher")
     args = p.parse_args()
@@ -20,18 +23,20 @@ def main():
     with cli.clear_errors():
         device = resolve_device(cfg.run.device)
         model, ckpt_path = pipeline.ensure_baseline(cfg, device, force=args.force, resume=args.resume,
-                                                    progress=progress)
+                                                    retrain=args.retrain, progress=progress)
         fisher, _ = pipeline.ensure_fisher(cfg, model, ckpt_path, device,
-                                           recompute=args.recompute_fisher or args.force, progress=progress)
+                                           recompute=args.recompute_fisher or args.retrain, force=args.force,
+                                           progress=progress)
         print(report.fisher_table(fisher))
         for path in report.plot_fisher(fisher, f"{run_dir(cfg)}/plots"):
             print(f"[fisher] plot -> {path}")
         if args.skip_eval:
             return
-        done = {"fp32": pipeline.evaluate_fp32(cfg, model, ckpt_path, device, force=args.force, progress=progress)}
+        force = args.force or args.retrain  # a new checkpoint makes every earlier result stale
+        done = {"fp32": pipeline.evaluate_fp32(cfg, model, ckpt_path, device, force=force, progress=progress)}
         fmt = cfg.quant.format
         done[f"uniform_{fmt}"] = pipeline.run_variant(cfg, f"uniform_{fmt}", "uniform", {}, model, ckpt_path,
-                                                      fisher, device, force=args.force, progress=progress)
+                                                      fisher, device, force=force, progress=progress)
         pipeline.print_comparison(done)
 
 

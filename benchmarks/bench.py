@@ -221,7 +221,11 @@ def main():
     ap.add_argument("--fisher-n", type=int, default=64, help="samples for the Fisher comparison")
     ap.add_argument("--batch-sweep", type=int, nargs="*", default=[25, 100, 300], help="sampling batch sizes")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
+    ap.add_argument("--update-readme", metavar="README",
+                    help="also write this run's printed table into README's <!-- perf --> block")
     args = ap.parse_args()
+    if args.update_readme:
+        sys.stdout = _Tee(sys.stdout)
     cfg = load_config(args.config, args.overrides)
     if args.quick:
         args.n_batch, args.n_single, args.fisher_n, args.batch_sweep = 16, 2, 8, [4]
@@ -287,7 +291,36 @@ def main():
         "peak_rss_mb_sampling": round(base["peak_rss_mb"]),
         "peak_rss_mb_fisher": round(fisher["peak_rss_mb"]),
     }
+    # What batching buys the reproduction itself: every evaluation image of `make reproduce`.
+    n_variants = 5 + len(cfg.strategies.layer_ratio.p)  # fp32, uniform, whole, group, math + the p sweep
+    n_img = n_variants * cfg.eval.n_images * len(cfg.eval.seeds)
+    print(f"make reproduce samples {n_img} images ({n_variants} variants x {cfg.eval.n_images} x "
+          f"{len(cfg.eval.seeds)} seeds): {n_img / base['per_image_img_s'] / 60:.1f} min one at a time vs "
+          f"{n_img / base['batched_img_s'] / 60:.1f} min batched")
     print(" ".join(f"{k}={v}" for k, v in figures.items()))
+    if args.update_readme:
+        from common.report import update_readme
+
+        update_readme(args.update_readme, "```\n" + sys.stdout.text().strip() + "\n```", marker="perf")
+        sys.stdout = sys.stdout.stream
+        print(f"[bench] table -> {args.update_readme}")
+
+
+class _Tee:
+    """stdout that also keeps what was printed (for --update-readme)."""
+
+    def __init__(self, stream):
+        self.stream, self.parts = stream, []
+
+    def write(self, s):
+        self.parts.append(s)
+        return self.stream.write(s)
+
+    def flush(self):
+        self.stream.flush()
+
+    def text(self):
+        return "".join(self.parts)
 
 
 if __name__ == "__main__":

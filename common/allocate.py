@@ -16,7 +16,7 @@ import re
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from .quantize import Assignment, channel_axes, entry_bits
+from .quantize import Assignment, channel_axes, entry_bits, scale_groups
 
 _BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(%|bits|MB)\s*$")
 
@@ -53,7 +53,7 @@ def format_bits(model, names, formats) -> dict:
     out = {}
     for n in names:
         p = params[n]
-        out[n] = {f: 32 * p.numel() if f == "fp32" else entry_bits(p.numel(), p.shape[axes[n]], f)
+        out[n] = {f: 32 * p.numel() if f == "fp32" else entry_bits(p.numel(), scale_groups(p.shape, axes[n]), f)
                   for f in formats}
     return out
 

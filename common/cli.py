@@ -15,7 +15,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.max_steps=10 (repeatable; value is YAML)")
     p.add_argument("--force", action="store_true",
-                   help="recompute and overwrite results made with a different config")
+                   help="recompute and overwrite results made with a different config or checkpoint "
+                        "(a finished training of the same config is kept; see simplediffusion.py --retrain)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
 

@@ -73,7 +73,8 @@ class DDIMSampler:
         self.eta = eta
         self.stochastic = eta > 0
         self.clip_x0 = clip_x0
-        ts = torch.linspace(0, schedule.timesteps - 1, steps).round().long().unique()
+        # Counting down from T-1, so a single step still starts from pure noise (t = T-1), not t = 0.
+        ts = torch.linspace(schedule.timesteps - 1, 0, steps).round().long().unique()
         self.timesteps = ts.flip(0).tolist()
         ab = schedule.alpha_bar.double()
         self._ab = {t: ab[t].item() for t in self.timesteps}

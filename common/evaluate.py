@@ -64,16 +64,20 @@ def reference_images(cfg) -> torch.Tensor:
 
 def _cached_features(cfg, kind: str, tag: str, compute):
     """Features of the reference images, cached on disk with their provenance."""
-    key = (kind, tag, cfg.eval.ref_n_images, cfg.data.image_size)
+    images = reference_images(cfg)
+    # Keyed by the images' bytes, so another data root never reuses features of different images.
+    data_tag = metrics.tensor_digest(images)
+    key = (kind, tag, data_tag)
     if key in _CACHE:
         return _CACHE[key]
-    path = os.path.join(cfg.run.cache_dir, f"ref_{kind}_{tag}_n{cfg.eval.ref_n_images}_s{cfg.data.image_size}.pt")
+    path = os.path.join(cfg.run.cache_dir, f"ref_{kind}_{tag}_n{cfg.eval.ref_n_images}_s{cfg.data.image_size}"
+                                           f"_d{data_tag}.pt")
     if os.path.exists(path):
         blob = torch.load(path, weights_only=False)
         print(f"[eval] reusing reference {kind} features {path}")
     else:
         t0 = time.time()
-        feats = compute(reference_images(cfg))
+        feats = compute(images)
         blob = {"features": feats, "provenance": {
             "images": f"MNIST train[:{cfg.eval.ref_n_images}], 28x28 zero-padded to {cfg.data.image_size}",
             "backbone": tag, "seconds": round(time.time() - t0, 1)}}
@@ -84,9 +88,12 @@ def _cached_features(cfg, kind: str, tag: str, compute):
 
 
 def classifier(cfg, progress=True):
-    if "clf" not in _CACHE:
-        _CACHE["clf"] = metrics.load_or_train_classifier(cfg.run.cache_dir, cfg.data, cfg.eval.classifier, progress)
-    return _CACHE["clf"]
+    key = ("clf", cfg.run.cache_dir, storage.fingerprint({"data": to_dict(cfg.data),
+                                                           "clf": to_dict(cfg.eval.classifier)}))
+    if key not in _CACHE:
+        _CACHE[key] = metrics.load_or_train_classifier(cfg.run.cache_dir, cfg.data, cfg.eval.classifier, progress)
+    _CACHE["clf"] = _CACHE[key]  # the one this evaluation uses (summarize_seeds records its accuracy)
+    return _CACHE[key]
 
 
 def inception(cfg, device):
@@ -103,7 +110,7 @@ def _mean_std(values):
     vals = [v for v in values if v is not None]
     if not vals:
         return None, None
-    return float(np.mean(vals)), (float(np.std(vals)) if len(vals) > 1 else None)
+    return float(np.mean(vals)), (float(np.std(vals, ddof=1)) if len(vals) > 1 else None)  # sample std
 
 
 def evaluate_seed(cfg, images_u8, device, progress=True) -> dict:
@@ -156,6 +163,7 @@ def evaluate_variant(cfg, variant: str, model, size: dict, device, weights_id: s
         x01 = (x.clamp(-1, 1) + 1) / 2
         storage.atomic_torch_save(x01, os.path.join(out_dir, f"samples_seed{seed}.pt"))
         r = evaluate_seed(cfg, to_uint8(x), device, progress)
+        r["samples_sha256"] = metrics.tensor_digest(x01)  # ties samples_seed<k>.pt to these metrics
         r["paired_mse_vs_fp32"] = paired_mse(cfg, variant, seed, x01, (extra or {}).get("checkpoint_sha256"))
         per_seed[str(seed)] = r
         if seed == cfg.eval.seeds[0]:
@@ -195,6 +203,10 @@ def paired_mse(cfg, variant, seed, x01, checkpoint_sha256):
     if ref.shape != x01.shape:
         raise StaleArtifactError(f"{ref_path} has shape {tuple(ref.shape)}, this variant {tuple(x01.shape)}: "
                                  f"re-evaluate fp32 with the same eval settings (--force)")
+    expected = info.get("per_seed", {}).get(str(seed), {}).get("samples_sha256")
+    if expected != metrics.tensor_digest(ref):
+        raise StaleArtifactError(f"{ref_path} is not the file fp32's metrics.json was computed from "
+                                 f"(samples hash differs): re-evaluate fp32 first (simplediffusion.py --force)")
     return float((x01 - ref).pow(2).mean())
 
 

@@ -85,6 +85,11 @@ def per_sample_sq_grads_loop(model, schedule, names, x0, t, eps):
     return out
 
 
+def bucket_edges(T: int, K: int) -> list:
+    """[(first t, last t)] of the K timestep buckets b = t*K // T (ceil edges: exact when K does not divide T)."""
+    return [(-(-k * T // K), -(-(k + 1) * T // K) - 1) for k in range(K)]
+
+
 def compute_fisher(model, schedule, x_pool, fisher_cfg, rule=None, progress=True, device="cpu"):
     """Return the Fisher artifact dict (without checkpoint hash) for ``model`` in eval mode.
 
@@ -101,7 +106,7 @@ def compute_fisher(model, schedule, x_pool, fisher_cfg, rule=None, progress=True
     total = {n: torch.zeros_like(params[n], device="cpu") for n in names}
     bucket_sum = torch.zeros(K, len(names), dtype=torch.float64)  # per bucket, per tensor sum of g^2
     bucket_count = torch.zeros(K, dtype=torch.long)
-    bucket_of = (t * K) // T
+    bucket_of = (t * K) // T  # bucket_edges gives each bucket's first and last t
     chunk = fisher_cfg.chunk_size
     for s in tqdm(range(0, len(x0), chunk), desc="fisher", disable=not progress, unit="chunk"):
         sl = slice(s, s + chunk)
@@ -116,7 +121,7 @@ def compute_fisher(model, schedule, x_pool, fisher_cfg, rule=None, progress=True
     n_total = len(x0)
     diag = {n: total[n] / n_total for n in names}
     numel = torch.tensor([params[n].numel() for n in names], dtype=torch.float64)
-    edges = [(k * T // K, (k + 1) * T // K - 1) for k in range(K)]
+    edges = bucket_edges(T, K)
     profile = {}
     for k in range(K):
         if bucket_count[k]:

@@ -4,6 +4,7 @@ Images enter every metric as uint8 (N, 1, H, W), exactly what a saved PNG holds;
 normalization. For Inception they are fed as pytorch-fid's CLI feeds a grayscale PNG: replicated
 to 3 channels, scaled to [0, 1], resized to 299 and mapped to [-1, 1] inside ``InceptionV3``.
 """
+import hashlib
 import os
 import warnings
 from unittest import mock
@@ -237,10 +238,15 @@ def load_or_train_classifier(cache_dir, data_cfg, clf_cfg, progress=True):
     """Cached MNIST classifier for this image size and training config; returns (model, info)."""
     from .data import load_mnist, to_model_space, to_uint8
 
+    xtr, ytr = load_mnist(data_cfg.root, "train", data_cfg.download)
+    xtr, ytr = xtr[:clf_cfg.train_limit], ytr[:clf_cfg.train_limit]
     tag = (f"mnist_classifier_s{data_cfg.image_size}_e{clf_cfg.epochs}_b{clf_cfg.batch_size}_lr{clf_cfg.lr}"
            f"_seed{clf_cfg.seed}")
     if clf_cfg.train_limit:
         tag += f"_n{clf_cfg.train_limit}"
+    # Keyed by the training images too: another data root (e.g. a test's synthetic IDX files) never
+    # reuses a classifier trained on different data.
+    tag += f"_d{tensor_digest(xtr, ytr)}"
     path = os.path.join(cache_dir, tag + ".pt")
     if os.path.exists(path):
         blob = torch.load(path, map_location="cpu", weights_only=False)
@@ -248,8 +254,6 @@ def load_or_train_classifier(cache_dir, data_cfg, clf_cfg, progress=True):
         model.load_state_dict(blob["state_dict"])
         print(f"[classifier] reusing {path} (test accuracy {blob['info']['test_accuracy']:.4f})")
         return model.eval(), blob["info"]
-    xtr, ytr = load_mnist(data_cfg.root, "train", data_cfg.download)
-    xtr, ytr = xtr[:clf_cfg.train_limit], ytr[:clf_cfg.train_limit]
     xte, yte = load_mnist(data_cfg.root, "test", data_cfg.download)
     size = data_cfg.image_size
     xtr_u8, xte_u8 = to_uint8(to_model_space(xtr, size)), to_uint8(to_model_space(xte, size))
@@ -264,6 +268,14 @@ def load_or_train_classifier(cache_dir, data_cfg, clf_cfg, progress=True):
         print(f"[classifier] WARNING: test accuracy {acc:.4f} is below the 0.99 the classifier metrics assume; "
               f"raise eval.classifier.epochs")
     return model, info
+
+
+def tensor_digest(*tensors) -> str:
+    """Short SHA-256 of tensors' bytes (identifies a data set in cache file names)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:10]
 
 
 def file_tag(path) -> str:

@@ -25,24 +25,35 @@ def save_grid(images01: torch.Tensor, path: str, nrow: int = 8):
     os.replace(tmp, path)
 
 
-def ensure_baseline(cfg, device, force=False, resume=False, progress=True):
-    """Train the baseline unless a finished checkpoint for this config exists; returns (ema, ckpt path)."""
+def ensure_baseline(cfg, device, force=False, resume=False, retrain=False, progress=True):
+    """Train the baseline unless a finished checkpoint for this config exists; returns (ema, ckpt path).
+
+    ``force`` retrains only a checkpoint of a *different* training config (the minutes of a finished
+    training of this config are never thrown away by accident); ``retrain`` always starts over.
+    """
     out = storage.baseline_dir(cfg)
     ckpt_path = os.path.join(out, "checkpoint.pt")
-    if os.path.exists(ckpt_path) and not force:
+    if os.path.exists(ckpt_path) and not retrain:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        check_checkpoint_matches(ckpt, cfg, ckpt_path)
-        if ckpt.get("finished"):
+        try:
+            check_checkpoint_matches(ckpt, cfg, ckpt_path)
+        except StaleArtifactError:
+            if not force:
+                raise
+            ckpt = None
+            print(f"[baseline] --force: {ckpt_path} has another training config; retraining")
+        if ckpt is not None and ckpt.get("finished"):
             print(f"[baseline] reusing finished checkpoint {ckpt_path} ({ckpt['step']} steps)")
             model, _ = load_ema(ckpt_path, device)
             write_baseline_outputs(cfg, model, ckpt, device, progress, only_missing=True)
             return model, ckpt_path
-        if not resume:
+        if ckpt is not None and not resume:
             raise StaleArtifactError(f"{ckpt_path} is a partial checkpoint at step {ckpt['step']}: "
-                                     f"pass --resume to continue it or --force to start over")
+                                     f"pass --resume to continue it or --retrain to start over")
+        resume = resume and ckpt is not None
     x_train, _ = mnist_tensor(cfg.data, "train")
     print(f"[baseline] training on {len(x_train)} MNIST images -> {ckpt_path}")
-    model, ckpt = train(cfg, x_train, ckpt_path, device, resume=resume and not force, progress=progress)
+    model, ckpt = train(cfg, x_train, ckpt_path, device, resume=resume and not retrain, progress=progress)
     write_baseline_outputs(cfg, model, ckpt, device, progress)
     return model, ckpt_path
 
@@ -82,8 +93,9 @@ def fisher_inputs(cfg) -> dict:
     return inputs
 
 
-def ensure_fisher(cfg, model, ckpt_path, device, recompute=False, progress=True):
-    """The Fisher artifact for this checkpoint: reused if present and matching, else computed."""
+def ensure_fisher(cfg, model, ckpt_path, device, recompute=False, force=False, progress=True):
+    """The Fisher artifact for this checkpoint: reused if present and matching, else computed
+    (a mismatching one is an error unless ``force``; ``recompute`` always recomputes)."""
     from .fisher import FisherMismatchError, compute_fisher, load_fisher, save_fisher
 
     path = os.path.join(storage.baseline_dir(cfg), "fisher.pt")
@@ -92,12 +104,16 @@ def ensure_fisher(cfg, model, ckpt_path, device, recompute=False, progress=True)
         try:
             art = load_fisher(path, ckpt_path)
         except FisherMismatchError as e:
-            raise FisherMismatchError(f"{e} (or pass --recompute-fisher)") from None
-        if art["meta"].get("config") == inputs:
+            if not force:
+                raise FisherMismatchError(f"{e} (or pass --recompute-fisher)") from None
+            art = None
+        if art is not None and art["meta"].get("config") == inputs:
             print(f"[fisher] reusing {path} ({art['meta']['n_samples']} samples)")
             return art, path
-        raise StaleArtifactError(f"{path} was computed with fisher settings {art['meta'].get('config')}, "
-                                 f"the config asks for {inputs}: pass --recompute-fisher")
+        if not force:
+            raise StaleArtifactError(f"{path} was computed with fisher settings {art['meta'].get('config')}, "
+                                     f"the config asks for {inputs}: pass --recompute-fisher")
+        print(f"[fisher] --force: {path} belongs to another checkpoint or settings; recomputing")
     x_pool, _ = mnist_tensor(cfg.data, "train")
     t0 = time.time()
     art = compute_fisher(model, NoiseSchedule.from_config(cfg.diffusion), x_pool, cfg.fisher,

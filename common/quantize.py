@@ -70,11 +70,19 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     return bits.flatten()[:n].bool()
 
 
+def scale_groups(shape, axis: int) -> int:
+    """Number of int scales of a tensor: one per output channel, but one for a 1-D tensor (a bias or
+    norm weight has no channels; a scale per element would store it losslessly at more than fp32's size)."""
+    return shape[axis] if len(shape) > 1 else 1
+
+
 def _channel_first(w: torch.Tensor, axis: int) -> torch.Tensor:
-    return w.movedim(axis, 0).reshape(w.shape[axis], -1)
+    return w.movedim(axis, 0).reshape(scale_groups(w.shape, axis), -1)
 
 
 def _from_channel_first(flat: torch.Tensor, shape, axis: int) -> torch.Tensor:
+    if len(shape) == 1:
+        return flat.reshape(shape)
     moved = list(shape)
     moved.insert(0, moved.pop(axis))
     return flat.reshape(moved).movedim(0, axis)
@@ -103,16 +111,17 @@ def quantize_tensor(w: torch.Tensor, fmt: str, axis: int = 0, mask=None) -> dict
     cf = _channel_first(w, axis)
     entry = {"format": fmt, "shape": tuple(w.shape), "axis": axis}
     scale_full = None
+    m = None if mask is None else _channel_first(mask.bool().cpu(), axis)
     if fmt in _QMAX:
-        # Per output channel; an all-zero channel gets scale 1 so its codes are 0, not NaN.
-        amax = cf.abs().amax(dim=1)
+        # Per output channel, over the elements actually quantized (the kept ones stay fp32, so their
+        # range must not coarsen the scale); an all-zero channel gets scale 1 so its codes are 0, not NaN.
+        amax = (cf.abs() if m is None else cf.abs() * m).amax(dim=1)
         scale = torch.where(amax > 0, amax / _QMAX[fmt], torch.ones_like(amax))
         entry["scale"] = scale.clone()
         scale_full = scale[:, None].expand_as(cf)
-    if mask is None:
+    if m is None:
         entry["data"] = _encode(cf, fmt, scale_full)
         return entry
-    m = _channel_first(mask.bool().cpu(), axis)
     entry["mask"] = pack_bits(m)
     entry["data"] = _encode(cf[m], fmt, None if scale_full is None else scale_full[m])
     entry["kept"] = cf[~m].clone()
@@ -122,7 +131,7 @@ def quantize_tensor(w: torch.Tensor, fmt: str, axis: int = 0, mask=None) -> dict
 def dequantize_tensor(entry: dict) -> torch.Tensor:
     """fp32 tensor of the original shape from a stored entry."""
     shape, axis, fmt = entry["shape"], entry["axis"], entry["format"]
-    C = shape[axis]
+    C = scale_groups(shape, axis)
     n = math.prod(shape)
     scale = entry.get("scale")
     if "mask" not in entry:
@@ -138,7 +147,8 @@ def dequantize_tensor(entry: dict) -> torch.Tensor:
 
 
 def entry_bits(numel: int, channels: int, fmt: str, n_quantized=None) -> int:
-    """Analytic storage bits of one tensor (byte-rounded like the stored arrays)."""
+    """Analytic storage bits of one tensor (byte-rounded like the stored arrays); ``channels`` is its
+    number of scales, ``scale_groups(shape, axis)``."""
     def payload(k):
         return 8 * math.ceil(k * BITS[fmt] / 8)
     scales = 32 * channels if fmt in _QMAX else 0
@@ -186,7 +196,7 @@ def size_report(stored: dict) -> dict:
             analytic_bits += 32 * n
             total += n
             continue
-        n, C = math.prod(entry["shape"]), entry["shape"][entry["axis"]]
+        n, C = math.prod(entry["shape"]), scale_groups(entry["shape"], entry["axis"])
         nq = n - entry["kept"].numel() if "mask" in entry else None
         analytic_bits += entry_bits(n, C, entry["format"], nq)
         quantized += n if nq is None else nq

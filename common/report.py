@@ -46,6 +46,9 @@ def load_results(run: str) -> dict:
         p = os.path.join(run, name, "metrics.json")
         if os.path.isfile(p):
             out[name] = storage.load_json(p)
+            plan = os.path.join(run, name, "plan.json")
+            if os.path.isfile(plan):  # the format decides which uniform variant is its reference
+                out[name]["format"] = storage.load_json(plan).get("format")
     groups = {}
     for v, r in out.items():
         groups.setdefault((r.get("checkpoint_sha256"), r.get("eval_fingerprint"), tuple(r["seeds"])), []).append(v)
@@ -61,9 +64,40 @@ def load_results(run: str) -> dict:
 POSTER_RULES = ("whole_threshold", "layer_group", "layer_ratio", "layer_math")
 
 
-def uniform_reference(results: dict):
-    """The poster's uniform reference: uniform_fp16 if evaluated, else the first uniform_* variant."""
+def uniform_reference(results: dict, fmt=None):
+    """Uniform quantization in ``fmt`` (a variant is compared with uniform casting to its own format);
+    without a format the poster's uniform_fp16, else the first uniform_* variant."""
+    if fmt is not None:
+        return results.get(f"uniform_{fmt}")
     return results.get("uniform_fp16") or next((r for v, r in results.items() if v.startswith("uniform")), None)
+
+
+POSTER_RATIO_IMPROVEMENT_PCT = 100 * (24.1324 - 22.42) / 24.1324  # 7.09 %: uniform 24.13 -> ratio 22.42
+
+
+def _improvement_verdict(impr: np.ndarray, claimed: float = POSTER_RATIO_IMPROVEMENT_PCT):
+    """(verdict, evidence) for "improves by ~claimed %", from paired per-seed improvements in %.
+
+    "~claimed" is read as the band [claimed/2, 1.5*claimed]: supported when the 95% CI excludes 0 and
+    overlaps the band; an improvement whose CI lies wholly outside the band is a different size of effect.
+    """
+    from scipy.stats import t as student_t
+
+    impr = impr[~np.isnan(impr)]
+    if len(impr) < 3:
+        return f"undecided ({len(impr)} seed(s): too few for a spread)", None
+    mean, sem = float(impr.mean()), float(impr.std(ddof=1) / math.sqrt(len(impr)))
+    half = student_t.ppf(0.975, len(impr) - 1) * sem
+    lo, hi = mean - half, mean + half
+    band = (claimed / 2, 1.5 * claimed)
+    ci = f"improvement {mean:.2f}% (95% CI [{lo:.2f}%, {hi:.2f}%], {len(impr)} paired seeds; claimed {claimed:.2f}%)"
+    if lo <= 0 <= hi:
+        return "within noise", ci
+    if hi < 0:
+        return "not supported (worse than uniform)", ci
+    if hi < band[0] or lo > band[1]:
+        return f"not supported (improves, but not by ~{claimed:.0f}%)", ci
+    return "supported", ci
 
 
 def _poster_key(variant):
@@ -128,12 +162,17 @@ def _paired_verdict(d: np.ndarray, better_if_negative=True):
 def verdicts(results: dict, fisher) -> list:
     """[(claim, verdict, evidence)] for the poster's three claims."""
     out = []
-    fp, uni = results.get("fp32"), uniform_reference(results)
+    fp = results.get("fp32")
     adaptive = {v: r for v, r in results.items() if v.startswith(POSTER_RULES)}
     metric_keys = [k for k in ("fid", "clf_fid") if fp and fp.get(k) is not None]
-    if fp and uni and adaptive:
+    if fp and adaptive:
         for key in metric_keys:
             for v, r in adaptive.items():
+                uni = uniform_reference(results, r.get("format"))
+                if uni is None:
+                    out.append((f"layer-adaptive beats uniform at equal size ({v}, {key})", "not measured",
+                                f"no uniform_{r.get('format')} variant to compare with"))
+                    continue
                 # "At equal size": compare with the straight line from fp32 to uniform at the variant's size.
                 lo, hi = uni["size_mb"], fp["size_mb"]
                 w = 0.0 if hi == lo else (r["size_mb"] - lo) / (hi - lo)
@@ -143,21 +182,12 @@ def verdicts(results: dict, fisher) -> list:
                             f"{key} minus fp32–uniform line at {r['size_mb']:.3f} MB: {_f(mean, 3)} "
                             f"(± {_f(sem, 3)} s.e.m. over {len(r['seeds'])} paired seeds)"))
     ratio = results.get("layer_ratio_p0.25")
+    uni = ratio and uniform_reference(results, ratio.get("format"))
     if ratio and uni:
         for key in metric_keys:
             u, q = per_seed(uni, key), per_seed(ratio, key)
-            impr = 100 * (u - q) / u
-            verdict, mean, sem = _paired_verdict(-impr)
-            evidence = (f"improvement {_f(mean and -mean, 2)}% ± {_f(sem, 2)}% s.e.m. "
-                        f"(uniform {_f(uni[key], 3)}, ratio {_f(ratio[key], 3)})")
-            n = int((~np.isnan(impr)).sum())
-            if mean is not None and n > 1:
-                from scipy.stats import t as student_t
-
-                half = student_t.ppf(0.975, n - 1) * sem
-                lo, hi = -mean - half, -mean + half
-                evidence += (f"; 95% CI [{lo:.2f}%, {hi:.2f}%] "
-                             f"{'includes' if lo <= 7 <= hi else 'excludes'} the poster's 7%")
+            verdict, ci = _improvement_verdict(100 * (u - q) / u)
+            evidence = f"{ci or 'no spread'} (uniform {_f(uni[key], 3)}, ratio {_f(ratio[key], 3)})"
             out.append((f"ratio p=0.25 improves {key} over uniform by ~7% (poster: 24.13 -> 22.42)", verdict,
                         evidence))
     if fisher is not None:
@@ -374,7 +404,9 @@ def write_summary(run: str, readme=None) -> str:
     verdict_md = ("| poster claim | verdict | evidence |\n|---|---|---|\n" + v_md +
                   "\n\nRule: per-seed paired differences (same noise for every variant); *supported* when a two-sided "
                   "paired t-test at 5% finds the mean difference favours the claim (with 3 seeds: more than "
-                  "4.3 standard errors), *within noise* otherwise.")
+                  "4.3 standard errors), *within noise* otherwise. The ~7% claim is *supported* when the 95% "
+                  "confidence interval of the per-seed improvement excludes 0 and overlaps [3.5%, 10.6%] "
+                  "(half to 1.5 times the poster's 7.09%).")
     md = [f"# Results of `{run}`", "", results_md, "", "## Verdicts on the poster's claims", "", verdict_md]
     if fisher is not None:
         md += ["", "## Fisher per stage", "", fisher_table(fisher)]
@@ -382,7 +414,11 @@ def write_summary(run: str, readme=None) -> str:
     text = "\n".join(md) + "\n"
     storage.atomic_write_text(text, os.path.join(run, "summary.md"))
     if readme:
-        update_readme(readme, results_md + "\n\n### Verdicts\n\n" + verdict_md, figures=figs)
+        block = results_md + "\n\n### Verdicts\n\n" + verdict_md
+        if fisher is not None:
+            block += "\n\n### Fisher per stage\n\n" + fisher_table(fisher)
+        block += "\n\n" + "\n".join(f"![{os.path.basename(p)[:-4]}](docs/{os.path.basename(p)})" for p in figs if p)
+        update_readme(readme, block, figures=figs)
     return text
 
 

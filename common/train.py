@@ -89,12 +89,18 @@ def check_checkpoint_matches(ckpt: dict, cfg, path: str):
         )
 
 
-def _check_finite(model, step):
+def _remedy(train_cfg) -> str:
+    if train_cfg.grad_clip:
+        return f"Lower train.lr (now {train_cfg.lr:g}; train.grad_clip={train_cfg.grad_clip:g} is already set)."
+    return f"Lower train.lr (now {train_cfg.lr:g}) or set train.grad_clip (e.g. 1.0)."
+
+
+def _check_finite(model, step, train_cfg):
     """A finite loss can still follow a step that broke the weights; never save those."""
     bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
         raise NonFiniteLossError(f"weights became non-finite by step {step} ({bad[0]} and {len(bad) - 1} more); "
-                                 f"not saved. Lower train.lr or set train.grad_clip.")
+                                 f"not saved. {_remedy(train_cfg)}")
 
 
 def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, progress=True):
@@ -134,7 +140,7 @@ def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, prog
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"loss became {loss.item()} at step {step}; {ckpt_path} keeps the last checkpoint written "
-                f"before it (if any), nothing later. Lower train.lr or set train.grad_clip.")
+                f"before it (if any), nothing later. {_remedy(cfg.train)}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for group in opt.param_groups:
@@ -150,10 +156,10 @@ def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, prog
         losses.append(value)
         bar.set_postfix(loss=f"{running:.4f}")
         if (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < steps:
-            _check_finite(model, step)
+            _check_finite(model, step, cfg.train)
             atomic_torch_save(_checkpoint(cfg, model, ema, opt, step + 1, steps, False, losses), ckpt_path)
     bar.close()
-    _check_finite(model, steps - 1)
+    _check_finite(model, steps - 1, cfg.train)
     ckpt = _checkpoint(cfg, model, ema, opt, steps, steps, True, losses)
     ckpt["train_seconds"] = time.time() - t0
     atomic_torch_save(ckpt, ckpt_path)

@@ -169,3 +169,12 @@ def test_save_and_load_fisher_are_bound_to_the_checkpoint(tmp_path):
         load_fisher(path, str(ck))
     with pytest.raises(FileNotFoundError):
         load_fisher(str(tmp_path / "missing.pt"), str(ck))
+
+
+@pytest.mark.parametrize("T, K", [(1000, 10), (10, 3), (7, 7), (100, 6)])
+def test_bucket_labels_cover_exactly_their_timesteps(T, K):
+    from common.fisher import bucket_edges
+
+    t = torch.arange(T)
+    b = t * K // T
+    assert bucket_edges(T, K) == [(int(t[b == k].min()), int(t[b == k].max())) for k in range(K)]

@@ -128,6 +128,7 @@ def test_ddim_timesteps_and_sampler_choice(smoke_cfg):
     s = NoiseSchedule(100, 1e-4, 0.02)
     assert DDIMSampler(s, 3).timesteps == [99, 50, 0]
     assert DDIMSampler(s, 100).timesteps == list(range(99, -1, -1))
+    assert DDIMSampler(s, 1).timesteps == [99]  # one step still starts from pure noise
     assert isinstance(build_sampler(smoke_cfg.sample, s), DDIMSampler)
     ddpm = DDPMSampler(s)
     assert ddpm.steps == 100 and ddpm.timesteps == list(range(99, -1, -1)) and ddpm.stochastic

@@ -99,6 +99,36 @@ def test_rerun_reuses_and_changed_config_is_refused(pipeline_run):
     assert json.loads(metrics.read_text())["params"]["alpha"] == 0.9
 
 
+def test_force_reevaluates_without_retraining(pipeline_run):
+    tmp, _ = pipeline_run
+    ckpt = tmp / "runs" / "smoke" / "baseline" / "checkpoint.pt"
+    before = ckpt.read_bytes()
+    forced = run("simplediffusion.py", tmp, "--force")
+    assert "[baseline] reusing finished checkpoint" in forced.stdout
+    assert "[fp32] reusing" not in forced.stdout  # the evaluation itself was redone
+    assert ckpt.read_bytes() == before
+
+
+def test_paired_mse_refuses_fp32_samples_that_are_not_its_metrics(pipeline_run):
+    tmp, _ = pipeline_run
+    ref = tmp / "runs" / "smoke" / "fp32" / "samples_seed0.pt"
+    original = ref.read_bytes()
+    from common.config import load_config
+    from common.evaluate import paired_mse
+    from common.train import StaleArtifactError
+
+    cfg = load_config(os.path.join(ROOT, "configs/smoke.yaml"), [f"run.out_dir={tmp}/runs"])
+    sha = json.load(open(tmp / "runs" / "smoke" / "fp32" / "metrics.json"))["checkpoint_sha256"]
+    x = torch.load(ref)
+    assert paired_mse(cfg, "v", 0, x, sha) == 0.0
+    try:
+        torch.save(x * 0.5, ref)  # e.g. left behind by an interrupted re-evaluation
+        with pytest.raises(StaleArtifactError, match="samples hash"):
+            paired_mse(cfg, "v", 0, x, sha)
+    finally:
+        ref.write_bytes(original)
+
+
 def test_fisher_artifact_and_plots(pipeline_run):
     tmp, outs = pipeline_run
     art = torch.load(tmp / "runs" / "smoke" / "baseline" / "fisher.pt", weights_only=False)

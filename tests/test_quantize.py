@@ -43,7 +43,7 @@ def test_float_formats_round_to_nearest(fmt, rel, dtype):
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-@pytest.mark.parametrize("shape, axis", [((12, 5, 3, 3), 0), ((7, 9), 0), ((6, 10, 4, 4), 1), ((5,), 0)])
+@pytest.mark.parametrize("shape, axis", [((12, 5, 3, 3), 0), ((7, 9), 0), ((6, 10, 4, 4), 1)])
 def test_int_formats_per_channel_error_bound(fmt, shape, axis):
     w = rand(*shape, seed=1)
     # channels of very different magnitude: a per-tensor scale would break the per-channel bound
@@ -69,6 +69,29 @@ def test_int_formats_per_channel_error_bound(fmt, shape, axis):
         assert e["data"].abs().max() == 127
     else:
         assert e["data"].dtype == torch.uint8 and e["data"].numel() == math.ceil(n / 2)
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_one_dim_tensor_gets_one_scale(fmt):
+    w = rand(40, seed=3) * torch.logspace(-2, 1, 40)
+    e = quantize_tensor(w, fmt)
+    assert e["scale"].shape == (1,)
+    torch.testing.assert_close(e["scale"], w.abs().amax()[None] / QMAX[fmt])
+    assert torch.all((dequantize_tensor(e) - w).abs() <= e["scale"] / 2 * (1 + 1e-5))
+    assert entry_bits(40, 1, fmt) == 40 * (8 if fmt == "int8" else 4) + 32
+    assert size_report({"b": e})["analytic_bytes"] == (40 * (8 if fmt == "int8" else 4) + 32) // 8
+
+
+def test_masked_int_scale_ignores_the_kept_elements():
+    w = rand(4, 10, seed=4)
+    w[:, 0] = 100.0  # kept at fp32: must not coarsen the scale of the quantized rest
+    mask = torch.ones_like(w, dtype=torch.bool)
+    mask[:, 0] = False
+    e = quantize_tensor(w, "int8", mask=mask)
+    torch.testing.assert_close(e["scale"], w[:, 1:].abs().amax(1) / 127)
+    deq = dequantize_tensor(e)
+    assert torch.equal(deq[:, 0], w[:, 0])
+    assert torch.all((deq - w).abs() <= e["scale"][:, None] / 2 * (1 + 1e-5))
 
 
 def test_zero_channel_gets_unit_scale():
@@ -140,8 +163,13 @@ def test_element_mask_changes_only_masked_entries(fmt, axis):
     deq = dequantize_tensor(e)
     assert torch.equal(deq[~mask], w[~mask])             # kept exactly
     assert not torch.equal(deq[mask], w[mask])           # rounded
-    full = dequantize_tensor(quantize_tensor(w, fmt, axis=axis))
-    assert torch.equal(deq[mask], full[mask])            # same values (and per-channel scales) as whole-tensor
+    if fmt in ("fp16", "bf16"):
+        full = dequantize_tensor(quantize_tensor(w, fmt, axis=axis))
+        assert torch.equal(deq[mask], full[mask])        # same values as whole-tensor
+    else:  # per-channel scale from the quantized elements only
+        cf = lambda t: t.movedim(axis, 0).reshape(w.shape[axis], -1)  # noqa: E731
+        torch.testing.assert_close(e["scale"], (cf(w).abs() * cf(mask)).amax(1) / QMAX[fmt])
+        assert torch.all((cf(deq) - cf(w)).abs() <= e["scale"][:, None] / 2 * (1 + 1e-5))
     nq = int(mask.sum())
     assert e["kept"].numel() == w.numel() - nq and e["mask"].numel() == math.ceil(w.numel() / 8)
     expected = {"fp16": nq, "bf16": nq, "int8": nq, "int4": math.ceil(nq / 2)}[fmt]
