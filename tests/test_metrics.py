@@ -2,6 +2,7 @@
 import os
 from unittest import mock
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -104,3 +105,15 @@ def test_classifier_metrics_on_real_test_images(tiny_cfg):
     assert hist.min() > 0.05 and hist.max() < 0.16
     again, info2 = metrics.load_or_train_classifier(tiny_cfg.run.cache_dir, tiny_cfg.data, clf_cfg, progress=False)
     assert info2 == info  # cached, not retrained
+
+
+@pytest.mark.parametrize("n, d", [(60, 256), (300, 64)])
+def test_frechet_equals_pytorch_fid_below_and_above_full_rank(n, d):
+    """Fewer samples than dimensions takes the exact eigenvalue form; it must equal pytorch-fid's sqrtm."""
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    rng = np.random.default_rng(0)
+    mix = rng.standard_normal((d, d)) / np.sqrt(d)
+    a, b = rng.standard_normal((n, d)) @ mix + 0.2, rng.standard_normal((500, d)) @ mix
+    theirs = calculate_frechet_distance(*metrics.statistics(a), *metrics.statistics(b))
+    assert metrics.frechet_from_features(a, b) == pytest.approx(float(theirs), rel=1e-6)
