@@ -100,7 +100,7 @@ def _ms(values):
     v = values[~np.isnan(values)]
     if not len(v):
         return "–"
-    return f"{v.mean():.4g} ± {v.std():.2g}" if len(v) > 1 else f"{v.mean():.4g}"
+    return f"{v.mean():.4g} ± {v.std(ddof=1):.2g}" if len(v) > 1 else f"{v.mean():.4g}"
 
 
 def winners(done: dict, budgets, key: str) -> list:
@@ -111,11 +111,21 @@ def winners(done: dict, budgets, key: str) -> list:
         if len(entries) < 2:
             continue
         entries.sort(key=lambda e: np.nanmean(per_seed(e[1], key)))
-        (m1, r1), (m2, r2) = entries[0], entries[1]
+        # Metrics that chose the same allocation give identical samples: one group, not a winner and a loser.
+        groups = []
+        for m, r in entries:
+            if groups and np.array_equal(per_seed(groups[-1][1], key), per_seed(r, key), equal_nan=True):
+                groups[-1][0].append(m)
+            else:
+                groups.append(([m], r))
+        if len(groups) < 2:
+            out.append((budget, " = ".join(groups[0][0]), "–", 0.0, 0.0, "all tie (identical results)"))
+            continue
+        (m1, r1), (m2, r2) = groups[0], groups[1]
         mean, sem, significant = paired_test(per_seed(r2, key) - per_seed(r1, key))
         verdict = {None: "one seed: no spread to judge by", True: "clear (paired t-test, 5%)",
                    False: "within noise"}[significant]
-        out.append((budget, m1, m2, mean, sem, verdict))
+        out.append((budget, " = ".join(m1), " = ".join(m2), mean, sem, verdict))
     return out
 
 
@@ -147,19 +157,21 @@ def summary_markdown(cfg, done, infeasible, scores) -> str:
             win_lines.append(f"| {budget} ({label}) | **{m1}** | {m2} | {mean:.4g} ± {sem:.2g} | {verdict} |")
     names, corr = list(scores), score_correlations(scores)
     corr_lines = ["| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
-    corr_lines += [f"| {a} | " + " | ".join(f"{corr[a][b]:.2f}" for b in names) + " |" for a in names]
+    corr_lines += [f"| {a} | " + " | ".join("–" if np.isnan(corr[a][b]) else f"{corr[a][b]:.2f}" for b in names)
+                   + " |" for a in names]
     settings = (f"{ref['n_images']} images per seed × seeds {ref['seeds']}, {ref['sampler'].upper()} "
                 f"{ref['sampling_steps']} steps, classifier-FID against {ref['ref_n_images']} real images"
                 + (f", FID on {ref['inception_n_images']} images per seed" if has_fid else
                    ", FID not computed (compare.inception: false)")
-                + ". ± is the standard deviation over seeds. A win is *clear* when a two-sided paired t-test at 5% "
-                  "over the per-seed differences to the runner-up (same noise for every variant) says so.")
+                + ". ± is the sample standard deviation over seeds. A win is *clear* when a two-sided paired "
+                  "t-test at 5% over the per-seed differences to the runner-up (same noise for every variant) says so.")
     md = ["# Importance metrics under one allocator", "", settings, "", "\n".join(lines), ""]
     if infeasible:
         md += ["Budgets no allocation can meet:", ""] + [f"* `{b}`: {e}" for b, e in infeasible.items()] + [""]
     md += ["## Which metric wins at which budget", "", "\n".join(win_lines), "",
            "## How much the metrics agree", "",
-           "Spearman rank correlation of the per-tensor sensitivities (which tensors each metric calls important):",
+           "Spearman rank correlation of the per-tensor sensitivities (which tensors each metric calls important; "
+           "– where a metric is constant, as `quant_error`'s s = 1):",
            "", "\n".join(corr_lines) if names else "(no importance artifacts)", "", "![compare](compare.png)"]
     return "\n".join(md) + "\n"
 
@@ -175,7 +187,8 @@ def plot(done: dict, cfg, path: str) -> str:
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.5), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for i, metric in enumerate(cfg.compare.metrics):
-            pts = sorted((r["size_mb"], np.nanmean(per_seed(r, key)), np.nanstd(per_seed(r, key)))
+            pts = sorted((r["size_mb"], np.nanmean(per_seed(r, key)),
+                          np.nanstd(per_seed(r, key), ddof=1))
                          for kind, m, b, r in done.values() if kind == "allocator" and m == metric)
             if pts:
                 x, y, e = zip(*pts)
@@ -185,7 +198,8 @@ def plot(done: dict, cfg, path: str) -> str:
                 if key == "paired_mse_vs_fp32" and m == "fp32":
                     continue
                 y = per_seed(r, key)
-                ax.errorbar(r["size_mb"], np.nanmean(y), yerr=np.nanstd(y), marker=marker, ms=9 if marker == "*" else 6,
+                ax.errorbar(r["size_mb"], np.nanmean(y), yerr=np.nanstd(y, ddof=1), marker=marker,
+                            ms=9 if marker == "*" else 6,
                             color=color, capsize=3, ls="none")
                 ax.annotate(m, (r["size_mb"], np.nanmean(y)), fontsize=6, xytext=(3, 3), textcoords="offset points")
         if key == "paired_mse_vs_fp32":

@@ -72,7 +72,7 @@ def uniform_reference(results: dict, fmt=None):
     return results.get("uniform_fp16") or next((r for v, r in results.items() if v.startswith("uniform")), None)
 
 
-POSTER_RATIO_IMPROVEMENT_PCT = 100 * (24.1324 - 22.42) / 24.1324  # 7.09 %: uniform 24.13 -> ratio 22.42
+POSTER_RATIO_IMPROVEMENT_PCT = 100 * (24.1324 - 22.42) / 24.1324  # 7.10 %: uniform 24.13 -> ratio 22.42
 
 
 def _improvement_verdict(impr: np.ndarray, claimed: float = POSTER_RATIO_IMPROVEMENT_PCT):
@@ -371,7 +371,7 @@ def settings_note(results: dict, run: str) -> str:
             f"{r['inception_n_images']} per seed for FID against {r['ref_n_images']} real training images "
             f"(poster: 5000 images; slides: 100). Inception weights: {r['inception_weights']}. "
             f"MNIST classifier test accuracy {r['classifier_test_accuracy']:.4f}. "
-            "± is the standard deviation over seeds. Sizes are the bytes of the stored tensors "
+            "± is the sample standard deviation (n − 1) over seeds. Sizes are the bytes of the stored tensors "
             "(MB = 2^20 bytes, as the poster's 134.2 MB). Poster numbers come from a different, "
             "much larger model and protocol: compare directions, not values.")
 
@@ -406,7 +406,7 @@ def write_summary(run: str, readme=None) -> str:
                   "paired t-test at 5% finds the mean difference favours the claim (with 3 seeds: more than "
                   "4.3 standard errors), *within noise* otherwise. The ~7% claim is *supported* when the 95% "
                   "confidence interval of the per-seed improvement excludes 0 and overlaps [3.5%, 10.6%] "
-                  "(half to 1.5 times the poster's 7.09%).")
+                  "(half to 1.5 times the poster's 7.10%).")
     md = [f"# Results of `{run}`", "", results_md, "", "## Verdicts on the poster's claims", "", verdict_md]
     if fisher is not None:
         md += ["", "## Fisher per stage", "", fisher_table(fisher)]

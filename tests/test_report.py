@@ -66,3 +66,17 @@ def test_fisher_layer_claim():
     assert report.verdicts({}, fisher)[0][1] == "supported"
     fisher["per_layer"]["Layer6"] = 9.0
     assert report.verdicts({}, fisher)[0][1] == "not supported"
+
+
+def test_compare_winners_group_identical_allocations():
+    from common.compare import winners
+
+    done = {"a": ("allocator", "fisher", "25%", variant([1.0, 2.0, 3.0], 2.0)),
+            "b": ("allocator", "fisher_distortion", "25%", variant([1.0, 2.0, 3.0], 2.0)),
+            "c": ("allocator", "random", "25%", variant([3.0, 4.1, 5.0], 2.0)),
+            "d": ("allocator", "fisher", "50%", variant([1.0, 1.0, 1.0], 4.0)),
+            "e": ("allocator", "random", "50%", variant([1.0, 1.0, 1.0], 4.0))}
+    (b25, best, runner, gap, _, verdict), (b50, best50, _, _, _, verdict50) = winners(done, ["25%", "50%"], "clf_fid")
+    assert (best, runner, verdict) == ("fisher = fisher_distortion", "random", "clear (paired t-test, 5%)")
+    assert gap == pytest.approx(2.0333, abs=1e-3)
+    assert best50 == "fisher = random" and verdict50 == "all tie (identical results)"
