@@ -177,6 +177,12 @@ def summary_markdown(cfg, done, infeasible, scores) -> str:
 
 
 # ----------------------------------------------------------------------------- plot
+def _spread(values: np.ndarray) -> float:
+    """Sample std (n - 1) of the non-NaN values; 0 with fewer than two."""
+    v = values[~np.isnan(values)]
+    return float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
 def plot(done: dict, cfg, path: str) -> str:
     import matplotlib
 
@@ -187,8 +193,7 @@ def plot(done: dict, cfg, path: str) -> str:
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.5), squeeze=False)
     for ax, key in zip(axes[0], keys):
         for i, metric in enumerate(cfg.compare.metrics):
-            pts = sorted((r["size_mb"], np.nanmean(per_seed(r, key)),
-                          np.nanstd(per_seed(r, key), ddof=1))
+            pts = sorted((r["size_mb"], np.nanmean(per_seed(r, key)), _spread(per_seed(r, key)))
                          for kind, m, b, r in done.values() if kind == "allocator" and m == metric)
             if pts:
                 x, y, e = zip(*pts)
@@ -198,7 +203,7 @@ def plot(done: dict, cfg, path: str) -> str:
                 if key == "paired_mse_vs_fp32" and m == "fp32":
                     continue
                 y = per_seed(r, key)
-                ax.errorbar(r["size_mb"], np.nanmean(y), yerr=np.nanstd(y, ddof=1), marker=marker,
+                ax.errorbar(r["size_mb"], np.nanmean(y), yerr=_spread(y), marker=marker,
                             ms=9 if marker == "*" else 6,
                             color=color, capsize=3, ls="none")
                 ax.annotate(m, (r["size_mb"], np.nanmean(y)), fontsize=6, xytext=(3, 3), textcoords="offset points")

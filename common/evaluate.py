@@ -64,9 +64,12 @@ def reference_images(cfg) -> torch.Tensor:
 
 def _cached_features(cfg, kind: str, tag: str, compute):
     """Features of the reference images, cached on disk with their provenance."""
-    images = reference_images(cfg)
+    ref_key = ("ref_images", cfg.data.root, cfg.eval.ref_n_images, cfg.data.image_size)
+    if ref_key not in _CACHE:
+        images = reference_images(cfg)
+        _CACHE[ref_key] = images, metrics.tensor_digest(images)
     # Keyed by the images' bytes, so another data root never reuses features of different images.
-    data_tag = metrics.tensor_digest(images)
+    images, data_tag = _CACHE[ref_key]
     key = (kind, tag, data_tag)
     if key in _CACHE:
         return _CACHE[key]

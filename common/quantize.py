@@ -23,7 +23,7 @@ FORMATS = ("fp16", "bf16", "int8", "int4")
 BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "int4": 4}
 _CAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _QMAX = {"int8": 127, "int4": 7}  # symmetric, round-to-nearest: codes -qmax..qmax
-FILE_VERSION = 1
+FILE_VERSION = 2  # 2: one int scale for 1-D tensors
 
 
 @dataclass
@@ -115,7 +115,7 @@ def quantize_tensor(w: torch.Tensor, fmt: str, axis: int = 0, mask=None) -> dict
     if fmt in _QMAX:
         # Per output channel, over the elements actually quantized (the kept ones stay fp32, so their
         # range must not coarsen the scale); an all-zero channel gets scale 1 so its codes are 0, not NaN.
-        amax = (cf.abs() if m is None else cf.abs() * m).amax(dim=1)
+        amax = (cf.abs() if m is None else torch.where(m, cf.abs(), 0.0)).amax(dim=1)
         scale = torch.where(amax > 0, amax / _QMAX[fmt], torch.ones_like(amax))
         entry["scale"] = scale.clone()
         scale_full = scale[:, None].expand_as(cf)
