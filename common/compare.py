@@ -100,7 +100,7 @@ def _ms(values):
     v = values[~np.isnan(values)]
     if not len(v):
         return "–"
-    return f"{v.mean():.4g} ± {v.std(ddof=1):.2g}" if len(v) > 1 else f"{v.mean():.4g}"
+    return f"{v.mean():.4g} ± {_spread(v):.2g}" if len(v) > 1 else f"{v.mean():.4g}"
 
 
 def winners(done: dict, budgets, key: str) -> list:

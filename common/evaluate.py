@@ -95,7 +95,6 @@ def classifier(cfg, progress=True):
                                                            "clf": to_dict(cfg.eval.classifier)}))
     if key not in _CACHE:
         _CACHE[key] = metrics.load_or_train_classifier(cfg.run.cache_dir, cfg.data, cfg.eval.classifier, progress)
-    _CACHE["clf"] = _CACHE[key]  # the one this evaluation uses (summarize_seeds records its accuracy)
     return _CACHE[key]
 
 
@@ -225,7 +224,7 @@ def summarize_seeds(cfg, variant, per_seed: dict, size: dict) -> dict:
         is_mean, is_std = rows[0]["is_mean"], rows[0]["is_std"]
     fp32_bytes = size["fp32_bytes"]
     net = _CACHE.get("inception")
-    clf_info = _CACHE["clf"][1]
+    clf_info = classifier(cfg, progress=False)[1]  # the cached one evaluate_seed used
     return {
         "variant": variant,
         "fid": fid, "fid_std": fid_std, "is_mean": is_mean, "is_std": is_std,

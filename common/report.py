@@ -83,14 +83,14 @@ def _improvement_verdict(impr: np.ndarray, claimed: float = POSTER_RATIO_IMPROVE
     """
     from scipy.stats import t as student_t
 
-    impr = impr[~np.isnan(impr)]
-    if len(impr) < 3:
-        return f"undecided ({len(impr)} seed(s): too few for a spread)", None
-    mean, sem = float(impr.mean()), float(impr.std(ddof=1) / math.sqrt(len(impr)))
-    half = student_t.ppf(0.975, len(impr) - 1) * sem
+    n = int((~np.isnan(impr)).sum())
+    if n < 3:
+        return f"undecided ({n} seed(s): too few for a spread)", None
+    mean, sem, _ = paired_test(impr)
+    half = student_t.ppf(0.975, n - 1) * sem
     lo, hi = mean - half, mean + half
     band = (claimed / 2, 1.5 * claimed)
-    ci = f"improvement {mean:.2f}% (95% CI [{lo:.2f}%, {hi:.2f}%], {len(impr)} paired seeds; claimed {claimed:.2f}%)"
+    ci = f"improvement {mean:.2f}% (95% CI [{lo:.2f}%, {hi:.2f}%], {n} paired seeds; claimed {claimed:.2f}%)"
     if lo <= 0 <= hi:
         return "within noise", ci
     if hi < 0:
