@@ -54,6 +54,9 @@ class ModelConfig:
     num_heads: int = _spec(8, lo=1)
     dropout: float = _spec(0.1, lo=0.0, hi=0.9)
     in_channels: int = _spec(1, lo=1)
+    # "table": the poster's fixed sin/cos rows added to each block; "mlp": a learned MLP on them with a
+    # projection per ResBlock (Ho et al.'s DDPM)
+    time_embedding: Literal["table", "mlp"] = "table"
 
 
 @dataclass
@@ -75,6 +78,8 @@ class TrainConfig:
     ema_warmup: bool = True  # decay min(ema_decay, (1+step)/(10+step)) so short runs get a usable EMA
     grad_clip: Optional[float] = _spec(None, lo=0.0, lo_open=True)
     checkpoint_every: int = _spec(1000, lo=1)
+    snapshot_every: Optional[int] = _spec(None, lo=1, doc="also keep the EMA weights every N steps "
+                                          "(baseline/snapshots/, for learning curves); null = never")
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decay to 0 at the last step
     warmup_steps: int = _spec(0, lo=0, doc="linear lr warm-up steps")
     bf16: bool = False  # CPU/GPU autocast to bfloat16 for the forward pass (labelled in outputs)

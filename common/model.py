@@ -25,18 +25,27 @@ def sinusoidal_table(timesteps: int, dim: int) -> torch.Tensor:
 
 
 class ResBlock(nn.Module):
-    def __init__(self, channels: int, num_groups: int, dropout: float):
+    """``emb_dim`` None: the poster's block (first C dims of the fixed table added to its input).
+    Otherwise the block owns a projection of the learned time embedding, added after its first
+    conv as in Ho et al.'s DDPM, so each block can ask for the timestep features it needs."""
+
+    def __init__(self, channels: int, num_groups: int, dropout: float, emb_dim=None):
         super().__init__()
         self.gnorm1 = nn.GroupNorm(num_groups, channels)
         self.gnorm2 = nn.GroupNorm(num_groups, channels)
         self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
         self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
         self.dropout = nn.Dropout(dropout)
+        if emb_dim is not None:
+            self.time_proj = nn.Linear(emb_dim, channels)
 
     def forward(self, x, emb):
-        # The time embedding is added (first C dims of the shared table), as in the poster's code.
-        x = x + emb[:, : x.shape[1], None, None]
+        if not hasattr(self, "time_proj"):
+            # The poster's additive table: first C dims of the shared sin/cos rows.
+            x = x + emb[:, : x.shape[1], None, None]
         r = self.conv1(F.relu(self.gnorm1(x)))
+        if hasattr(self, "time_proj"):
+            r = r + self.time_proj(emb)[:, :, None, None]
         r = self.dropout(r)
         r = self.conv2(F.relu(self.gnorm2(r)))
         return r + x
@@ -72,10 +81,10 @@ class Attention(nn.Module):
 class UNetStage(nn.Module):
     """ResBlock -> [Attention] -> ResBlock, then a stride-2 conv (down) or transposed conv (up)."""
 
-    def __init__(self, channels, upscale, attention, num_groups, num_heads, dropout):
+    def __init__(self, channels, upscale, attention, num_groups, num_heads, dropout, emb_dim=None):
         super().__init__()
-        self.ResBlock1 = ResBlock(channels, num_groups, dropout)
-        self.ResBlock2 = ResBlock(channels, num_groups, dropout)
+        self.ResBlock1 = ResBlock(channels, num_groups, dropout, emb_dim)
+        self.ResBlock2 = ResBlock(channels, num_groups, dropout, emb_dim)
         if attention:
             self.attention_layer = Attention(channels, num_heads, dropout)
         if upscale:
@@ -92,15 +101,25 @@ class UNetStage(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t): x_t (B, in_ch, H, W) float in [-1, 1]-ish, t (B,) int64 in [0, T)."""
+    """eps_theta(x_t, t): x_t (B, in_ch, H, W) float in [-1, 1]-ish, t (B,) int64 in [0, T).
+
+    ``time_embedding``: "table" is the poster's fixed sin/cos rows added to each block's input;
+    "mlp" passes the same rows through a learned 2-layer MLP (``time_mlp``, outside the six stages)
+    and gives every ResBlock its own linear projection of the result.
+    """
 
     def __init__(self, channels, attentions, upscales, num_groups, num_heads, dropout,
-                 in_channels, timesteps):
+                 in_channels, timesteps, time_embedding="table"):
         super().__init__()
         self.num_layers = len(channels)
         self.shallow_conv = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        emb_dim = None
+        if time_embedding == "mlp":
+            emb_dim = 2 * max(channels)
+            self.time_mlp = nn.Sequential(nn.Linear(max(channels), emb_dim), nn.SiLU(),
+                                          nn.Linear(emb_dim, emb_dim), nn.SiLU())
         for i, c in enumerate(channels):
-            stage = UNetStage(c, upscales[i], attentions[i], num_groups, num_heads, dropout)
+            stage = UNetStage(c, upscales[i], attentions[i], num_groups, num_heads, dropout, emb_dim)
             setattr(self, f"Layer{i + 1}", stage)
         out_channels = channels[-1] // 2 + channels[0]
         self.late_conv = nn.Conv2d(out_channels, out_channels // 2, 3, padding=1)
@@ -110,6 +129,8 @@ class UNet(nn.Module):
 
     def forward(self, x, t):
         emb = self.time_table[t]
+        if hasattr(self, "time_mlp"):
+            emb = self.time_mlp(emb)
         x = self.shallow_conv(x)
         skips = []
         half = self.num_layers // 2
@@ -147,6 +168,7 @@ def build_unet(model_cfg, timesteps: int = 1000) -> UNet:
         dropout=model_cfg.dropout,
         in_channels=model_cfg.in_channels,
         timesteps=timesteps,
+        time_embedding=model_cfg.time_embedding,
     )
 
 

@@ -27,6 +27,14 @@ def atomic_torch_save(obj, path):
     _atomic(path, lambda fh: torch.save(obj, fh))
 
 
+def atomic_save_safetensors(tensors: dict, path, metadata=None):
+    """safetensors file (no pickle on load); ``metadata`` values must be strings."""
+    from safetensors.torch import save
+
+    blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    _atomic(path, lambda fh: fh.write(blob))
+
+
 def atomic_write_text(text: str, path):
     _atomic(path, lambda fh: fh.write(text.encode()))
 

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from .config import to_dict
 from .diffusion import NoiseSchedule
 from .model import build_unet
-from .storage import atomic_torch_save, diff_keys, fingerprint
+from .storage import atomic_save_safetensors, atomic_torch_save, diff_keys, fingerprint
 
 
 class NonFiniteLossError(RuntimeError):
@@ -28,11 +28,15 @@ def training_inputs(cfg) -> dict:
     data.pop("download")
     train = to_dict(cfg.train)
     train.pop("checkpoint_every")
+    train.pop("snapshot_every")
+    model = to_dict(cfg.model)
+    if model.get("time_embedding") == "table":
+        model.pop("time_embedding")
     # Options added later are recorded only when used, so older checkpoints stay valid.
     for key, default in (("lr_schedule", "constant"), ("warmup_steps", 0), ("min_snr_gamma", None)):
         if train.get(key) == default:
             train.pop(key)
-    return {"data": data, "model": to_dict(cfg.model), "diffusion": to_dict(cfg.diffusion),
+    return {"data": data, "model": model, "diffusion": to_dict(cfg.diffusion),
             "train": train, "seed": cfg.run.seed}
 
 
@@ -115,7 +119,7 @@ def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, prog
     opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
     opt = opt_cls(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     steps = total_steps(cfg.train, len(x_train))
-    start, losses = 0, []
+    start, losses, seconds_before = 0, [], 0.0
     if resume and os.path.exists(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         check_checkpoint_matches(ckpt, cfg, ckpt_path)
@@ -123,6 +127,7 @@ def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, prog
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
         start, losses = ckpt["step"], ckpt["loss_history"]
+        seconds_before = ckpt.get("train_seconds", 0.0)
         print(f"resuming {ckpt_path} at step {start}/{steps}")
     model.train()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
@@ -155,15 +160,33 @@ def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, prog
         running = value if running is None else 0.98 * running + 0.02 * value
         losses.append(value)
         bar.set_postfix(loss=f"{running:.4f}")
+        if cfg.train.snapshot_every and (step + 1) % cfg.train.snapshot_every == 0:
+            save_snapshot(cfg, ema, ckpt_path, step + 1, seconds_before + time.time() - t0, running)
         if (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < steps:
             _check_finite(model, step, cfg.train)
-            atomic_torch_save(_checkpoint(cfg, model, ema, opt, step + 1, steps, False, losses), ckpt_path)
+            ckpt = _checkpoint(cfg, model, ema, opt, step + 1, steps, False, losses)
+            ckpt["train_seconds"] = seconds_before + time.time() - t0  # summed over resumed sessions
+            atomic_torch_save(ckpt, ckpt_path)
     bar.close()
     _check_finite(model, steps - 1, cfg.train)
     ckpt = _checkpoint(cfg, model, ema, opt, steps, steps, True, losses)
-    ckpt["train_seconds"] = time.time() - t0
+    ckpt["train_seconds"] = seconds_before + time.time() - t0
     atomic_torch_save(ckpt, ckpt_path)
     return ema, ckpt
+
+
+def snapshot_dir(ckpt_path: str) -> str:
+    return os.path.join(os.path.dirname(ckpt_path), "snapshots")
+
+
+def save_snapshot(cfg, ema, ckpt_path, step, seconds, loss):
+    """EMA weights at ``step`` as safetensors, with the numbers a learning curve plots against."""
+    meta = {"step": str(step), "images_seen": str(step * cfg.train.batch_size),
+            "train_seconds": f"{seconds:.1f}", "loss_ema": f"{loss:.6f}",
+            "training_fingerprint": fingerprint(training_inputs(cfg))}
+    path = os.path.join(snapshot_dir(ckpt_path), f"ema_step{step:07d}.safetensors")
+    atomic_save_safetensors(ema.state_dict(), path, meta)
+    return path
 
 
 def load_ema(ckpt_path: str, device="cpu"):
