@@ -7,8 +7,12 @@ RUN     ?= runs/$(basename $(notdir $(CONFIG)))
 # MNIST: use the shared offline copy where it exists, else ./data (downloaded by torchvision if online).
 LAQFI_DATA_ROOT ?= $(if $(wildcard ../shared/data/MNIST/raw),../shared/data,data)
 export LAQFI_DATA_ROOT
+# Training from scratch with the released recipe instead of using checkpoints/default.safetensors.
+SCRATCH_RUN := $(notdir $(RUN))_scratch
+SCRATCH := --set baseline.weights=null --set run.name=$(SCRATCH_RUN)
+STRATEGIES := whole_threshold.py layer_group.py layer_ratio.py layer_math.py
 
-.PHONY: setup reproduce test bench compare
+.PHONY: setup reproduce reproduce-from-scratch test bench compare full-eval learning-curve sensitivity
 
 $(BIN)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -18,13 +22,20 @@ $(BIN)/.installed: requirements.txt
 
 setup: $(BIN)/.installed
 
+# The poster's tables on the released baseline (verified by SHA-256, not retrained): Fisher, the four
+# strategies, the report.
 reproduce: setup
 	$(BIN)/python simplediffusion.py --config $(CONFIG)
-	$(BIN)/python whole_threshold.py --config $(CONFIG)
-	$(BIN)/python layer_group.py --config $(CONFIG)
-	$(BIN)/python layer_ratio.py --config $(CONFIG)
-	$(BIN)/python layer_math.py --config $(CONFIG)
+	for s in $(STRATEGIES); do $(BIN)/python $$s --config $(CONFIG) || exit 1; done
 	$(BIN)/python -m common.report $(RUN) $(if $(filter configs/default.yaml,$(CONFIG)),--update-readme README.md)
+
+# The same from an empty start: train the baseline with the released recipe (hours on 2 CPU cores;
+# resumable: rerun with RESUME=--resume), then compare its fp32 metrics with the released weights' (evaluated
+# first by `make reproduce`)..
+reproduce-from-scratch: reproduce
+	$(BIN)/python simplediffusion.py --config $(CONFIG) $(SCRATCH) $(RESUME)
+	for s in $(STRATEGIES); do $(BIN)/python $$s --config $(CONFIG) $(SCRATCH) || exit 1; done
+	$(BIN)/python -m common.report runs/$(SCRATCH_RUN) --compare-released $(RUN)
 
 test: setup
 	$(BIN)/ruff check .
@@ -36,3 +47,17 @@ bench: setup
 # Beyond the poster: every importance metric through the same allocator (needs `make reproduce` first).
 compare: setup
 	$(BIN)/python compare_metrics.py --config $(CONFIG) $(if $(filter configs/default.yaml,$(CONFIG)),--update-readme README.md)
+
+# Full-rank FID (2,500 Inception images per variant) for fp32, uniform fp16 and layer ratio p=0.25.
+full-eval: setup
+	$(BIN)/python simplediffusion.py --config configs/full_eval.yaml
+	$(BIN)/python layer_ratio.py --config configs/full_eval.yaml
+	$(BIN)/python -m common.report runs/full_eval
+
+# Learning curve of a from-scratch training run's EMA snapshots (after `make reproduce-from-scratch`).
+learning-curve: setup
+	$(BIN)/python learning_curve.py --config $(CONFIG) $(SCRATCH) $(if $(filter configs/default.yaml,$(CONFIG)),--update-readme README.md)
+
+# Quantization sensitivity at three points of the released training run (snapshots under checkpoints/).
+sensitivity: setup
+	$(BIN)/python training_sensitivity.py --config $(CONFIG) --snapshots checkpoints/default_step*.safetensors checkpoints/default.safetensors $(if $(filter configs/default.yaml,$(CONFIG)),--update-readme README.md)

@@ -17,10 +17,18 @@ def main():
                         "(implies --recompute-fisher)")
     p.add_argument("--recompute-fisher", action="store_true", help="recompute fisher.pt even if present")
     p.add_argument("--skip-eval", action="store_true", help="stop after training and Fisher")
+    p.add_argument("--release", metavar="FILE.safetensors",
+                   help="export the finished checkpoint's EMA weights as a released baseline (with FILE.json "
+                        "provenance) and stop; put the printed SHA-256 in the config's baseline.sha256")
     args = p.parse_args()
     cfg = cli.load(args)
     progress = not args.no_progress
     with cli.clear_errors():
+        if args.release:
+            sha, prov = pipeline.release_baseline(cfg, args.release)
+            print(f"[release] {args.release} (SHA-256 {sha}) and {prov}\n"
+                  f"use it with:\n  baseline:\n    weights: {args.release}\n    sha256: {sha}")
+            return
         device = resolve_device(cfg.run.device)
         model, ckpt_path = pipeline.ensure_baseline(cfg, device, force=args.force, resume=args.resume,
                                                     retrain=args.retrain, progress=progress)

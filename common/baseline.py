@@ -36,13 +36,14 @@ def code_commit() -> str:
 
 
 def save_weights(path, state_dict, cfg, training_inputs: dict, step: int, train_seconds: float, loss):
-    """Write EMA weights + provenance atomically; returns the metadata written."""
+    """Write EMA weights + provenance atomically; ``cfg`` a Config or its dict. Returns the metadata written."""
+    config = cfg if isinstance(cfg, dict) else to_dict(cfg)
     meta = {
         "format": FORMAT, "version": VERSION,
-        "config": json.dumps(to_dict(cfg), sort_keys=True),
+        "config": json.dumps(config, sort_keys=True, default=str),
         "training_inputs": json.dumps(training_inputs, sort_keys=True),
         "training_fingerprint": fingerprint(training_inputs),
-        "step": str(step), "images_seen": str(step * cfg.train.batch_size),
+        "step": str(step), "images_seen": str(step * config["train"]["batch_size"]),
         "train_seconds": f"{train_seconds:.1f}", "loss_ema": "nan" if loss is None else f"{loss:.6f}",
         "code_commit": code_commit(),
     }
@@ -134,6 +135,19 @@ def write_provenance(weights_path, meta: dict, retrain_command: str, extra=None)
     }
     atomic_write_json(record, path)
     return path
+
+
+def release(ckpt_path, out_path, retrain_command: str, extra=None):
+    """Export a finished training checkpoint's EMA weights as a released baseline: ``out_path``
+    (safetensors) and its provenance ``<out>.json``. Returns (SHA-256, provenance path)."""
+    from .train import load_ema
+
+    model, ckpt = load_ema(ckpt_path)
+    losses = ckpt["loss_history"][-100:]
+    meta = save_weights(out_path, model.state_dict(), ckpt["config"], ckpt["training_inputs"], ckpt["step"],
+                        ckpt.get("train_seconds") or 0.0, sum(losses) / max(1, len(losses)))
+    prov = write_provenance(out_path, meta, retrain_command, extra)
+    return sha256_file(out_path), prov
 
 
 def load_any(path, device="cpu"):

@@ -396,11 +396,6 @@ def _cross_checks(cfg: Config, src: str):
                           f"({cfg.diffusion.timesteps}); use sampler: ddim for fewer steps")
     if cfg.sample.steps > cfg.diffusion.timesteps:
         raise ConfigError(f"{src}: sample.steps: must be <= diffusion.timesteps ({cfg.diffusion.timesteps})")
-    if (cfg.fisher.timestep_sampling == "stratified" and not cfg.fisher.timesteps
-            and cfg.fisher.n_samples < cfg.fisher.profile_buckets):
-        raise ConfigError(f"{src}: fisher.n_samples: stratified timesteps need at least one sample per bucket "
-                          f"(fisher.profile_buckets = {cfg.fisher.profile_buckets}), got {cfg.fisher.n_samples}; "
-                          f"or set fisher.timestep_sampling: uniform")
     if cfg.fisher.timesteps is not None:
         for t in cfg.fisher.timesteps:
             if not 0 <= t < cfg.diffusion.timesteps:
@@ -441,18 +436,40 @@ def _cross_checks(cfg: Config, src: str):
         raise ConfigError(f"{src}: mixed_precision.formats: must include 'fp32' (the choice to leave a tensor alone)")
 
 
-def load_config(path, overrides=()) -> Config:
-    """Load ``path`` (YAML), apply ``key.sub=value`` overrides, validate, return a ``Config``."""
-    src = str(path)
+def _merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(src: str, chain=()) -> dict:
+    """The YAML mapping of ``src``; ``extends: other.yaml`` (relative to ``src``) is read first and
+    overridden key by key, so a variant config states only what differs from its base."""
     try:
-        with open(path) as fh:
+        with open(src) as fh:
             raw = yaml.safe_load(fh) or {}
     except FileNotFoundError:
-        raise ConfigError(f"{src}: config file not found") from None
+        raise ConfigError(f"{src}: config file not found" + (f" (extended by {chain[-1]})" if chain else "")) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{src}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{src}: top level must be a mapping of sections")
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{src}: extends: expected the file name of a base config, got {base!r}")
+    base_path = os.path.normpath(os.path.join(os.path.dirname(src), base))
+    if base_path in chain or base_path == os.path.normpath(src):
+        raise ConfigError(f"{src}: extends: {base} makes a cycle ({' -> '.join(chain + (src, base_path))})")
+    return _merge(_read_yaml(base_path, chain + (os.path.normpath(src),)), raw)
+
+
+def load_config(path, overrides=()) -> Config:
+    """Load ``path`` (YAML), apply ``key.sub=value`` overrides, validate, return a ``Config``."""
+    src = str(path)
+    raw = _read_yaml(src)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key.sub=value")

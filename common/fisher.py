@@ -6,7 +6,8 @@ Per-sample gradients come from ``torch.func.vmap(grad(...))`` in chunks; the squ
 batch-mean gradient would be a different (biased) quantity.
 
 A few samples at small t dominate the sum, so by default timesteps are *stratified*: equal
-counts in each of the ``profile_buckets`` equal-width timestep buckets, each bucket weighted by its
+counts in each of the ``profile_buckets`` equal-width timestep buckets (fewer buckets when there are
+fewer samples), each bucket weighted by its
 width (an unbiased estimate of the same expectation, with less spread than i.i.d. uniform t). A
 bootstrap over samples (resampled within buckets) gives each tensor's and stage's confidence interval.
 """
@@ -125,7 +126,9 @@ def compute_fisher(model, schedule, x_pool, fisher_cfg, rule=None, progress=True
     names = eligible_names(model, rule)
     T = schedule.timesteps
     K = fisher_cfg.profile_buckets
-    strata = K if (fisher_cfg.timestep_sampling == "stratified" and not fisher_cfg.timesteps) else None
+    strata = None
+    if fisher_cfg.timestep_sampling == "stratified" and not fisher_cfg.timesteps:
+        strata = min(K, fisher_cfg.n_samples)  # fewer samples than buckets: one per coarser bucket
     x0, t, eps = draw_samples(x_pool, fisher_cfg.n_samples, T, fisher_cfg.seed, fisher_cfg.timesteps, strata)
     w = sample_weights(t, T, strata)
     params = dict(model.named_parameters())
@@ -155,7 +158,7 @@ def compute_fisher(model, schedule, x_pool, fisher_cfg, rule=None, progress=True
             label = f"t{edges[k][0]:04d}-{edges[k][1]:04d}"
             means = raw[bucket_of == k].sum(0) / (bucket_count[k] * numel)
             profile[label] = {n: float(m) for n, m in zip(names, means)}
-    ci = bootstrap_ci(sample_sums, names, numel, bucket_of if strata else None, fisher_cfg.bootstrap,
+    ci = bootstrap_ci(sample_sums, names, numel, (t * strata) // T if strata else None, fisher_cfg.bootstrap,
                       fisher_cfg.seed)
     return {
         "diag": diag,
@@ -166,7 +169,7 @@ def compute_fisher(model, schedule, x_pool, fisher_cfg, rule=None, progress=True
         "meta": {
             "n_samples": n_total, "timesteps": t.tolist(), "seed": fisher_cfg.seed,
             "timestep_rule": ("fixed list" if fisher_cfg.timesteps else
-                              f"stratified: equal counts in {K} equal-width buckets of 0..{T - 1}, "
+                              f"stratified: equal counts in {strata} equal-width buckets of 0..{T - 1}, "
                               f"weighted by bucket width" if strata else f"uniform over 0..{T - 1}"),
             "bucket_counts": bucket_count.tolist(), "eligible_rule": rule,
             "eligible_description": ELIGIBLE_RULES[rule],

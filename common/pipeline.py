@@ -65,6 +65,20 @@ def from_scratch_command(cfg) -> str:
     return f"python simplediffusion.py --config {cfg.source} --set baseline.weights=null"
 
 
+def release_baseline(cfg, out_path):
+    """Export this config's finished training (``baseline.weights`` null) as released weights + provenance."""
+    from .baseline import release
+
+    if cfg.baseline.weights:
+        raise StaleArtifactError(f"--release exports a training of this config, but {cfg.source} uses released "
+                                 f"weights ({cfg.baseline.weights}); add --set baseline.weights=null")
+    ckpt_path = os.path.join(storage.baseline_dir(cfg), "checkpoint.pt")
+    if not os.path.exists(ckpt_path):
+        raise FileNotFoundError(f"{ckpt_path} not found: train it first ({from_scratch_command(cfg)})")
+    return release(ckpt_path, out_path, retrain_command=f"make reproduce-from-scratch   # = "
+                   f"{from_scratch_command(cfg)} --set run.name={cfg.run.name}")
+
+
 def released_baseline(cfg, device, progress=True):
     """The released EMA weights named by ``baseline.weights``, verified (SHA-256, training config);
     returns (model, weights path). The weights path plays the checkpoint's part downstream: Fisher and

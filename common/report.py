@@ -333,14 +333,20 @@ def plot_grids(run: str, results: dict, folder: str, n=16):
 
 # ----------------------------------------------------------------------------- tables
 def fisher_table(fisher: dict) -> str:
-    lines = ["| stage | tensors | weights | mean Fisher | total Fisher |", "|---|---:|---:|---:|---:|"]
+    ci = fisher.get("per_layer_ci", {})
+    lines = ["| stage | tensors | weights | mean Fisher | 95% CI | total Fisher |", "|---|---:|---:|---:|---:|---:|"]
     count = {}
     for n in fisher["per_tensor"]:
         st = n.split(".", 1)[0]
         count[st] = count.get(st, 0) + 1
     for st, m in fisher["per_layer"].items():
-        lines.append(f"| {st} | {count.get(st, 0)} | {fisher['per_layer_numel'][st]:,} | {m:.4g} | "
+        interval = f"[{ci[st][0]:.3g}, {ci[st][1]:.3g}]" if st in ci else "–"
+        lines.append(f"| {st} | {count.get(st, 0)} | {fisher['per_layer_numel'][st]:,} | {m:.4g} | {interval} | "
                      f"{fisher['per_layer_total'][st]:.4g} |")
+    meta = fisher.get("meta", {})
+    if "ci" in fisher:
+        lines.append(f"\n{meta.get('n_samples')} samples, timesteps {meta.get('timestep_rule')}; CI: "
+                     f"{fisher['ci']['method']} ({fisher['ci']['resamples']} resamples).")
     return "\n".join(lines)
 
 
@@ -458,15 +464,48 @@ def update_readme(path: str, block: str, marker: str = "results", figures=()):
     storage.atomic_write_text(head + start + "\n" + block + "\n" + end + rest.split(end, 1)[1], path)
 
 
+RELEASED_KEYS = (("clf_is", "classifier-IS", 3), ("clf_fid", "classifier-FID", 2), ("clf_kid", "classifier-KID", 5),
+                 ("fid", "FID", 2), ("kid", "KID", 5))
+
+
+def released_comparison(run: str, released_run: str) -> str:
+    """How close a from-scratch training gets to the released weights: fp32 metrics side by side."""
+    paths = [os.path.join(r, "fp32", "metrics.json") for r in (released_run, run)]
+    for p in paths:
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"{p} not found: evaluate that run first (make reproduce evaluates "
+                                    f"the released weights into {released_run})")
+    rel, mine = (storage.load_json(p) for p in paths)
+    lines = [f"| fp32 metric | released ({released_run}) | from scratch ({run}) | difference | in seed stds |",
+             "|---|---:|---:|---:|---:|"]
+    for key, label, d in RELEASED_KEYS:
+        a, b = rel.get(key), mine.get(key)
+        if a is None or b is None:
+            continue
+        std = rel.get(f"{key}_std") or float("nan")
+        lines.append(f"| {label} | {a:.{d}f} | {b:.{d}f} | {b - a:+.{d}f} | {(b - a) / std:+.1f} |")
+    same = rel.get("eval_fingerprint") == mine.get("eval_fingerprint")
+    lines.append(f"\n{'Same' if same else 'DIFFERENT'} evaluation settings ({mine['n_images']} images x seeds "
+                 f"{mine['seeds']}); released weights SHA-256 {str(rel.get('checkpoint_sha256'))[:12]}..., "
+                 f"from-scratch checkpoint {str(mine.get('checkpoint_sha256'))[:12]}...")
+    return "\n".join(lines)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run directory, e.g. runs/default")
     p.add_argument("--update-readme", metavar="README", help="also write the results table into this README")
+    p.add_argument("--compare-released", metavar="RUN",
+                   help="also compare this run's fp32 metrics with those of the released weights' run (runs/default)")
     args = p.parse_args()
     if not os.path.isdir(args.run):
         raise SystemExit(f"{args.run}: no such run directory")
     try:
         print(write_summary(args.run, args.update_readme))
+        if args.compare_released:
+            md = released_comparison(args.run, args.compare_released)
+            storage.atomic_write_text(md + "\n", os.path.join(args.run, "released_comparison.md"))
+            print("\n## From scratch vs released\n\n" + md)
     except (ValueError, FileNotFoundError, storage.CheckpointMismatchError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"[report] {args.run}/summary.md, summary.csv, plots/")

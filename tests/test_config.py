@@ -236,3 +236,33 @@ def test_non_positive_channels_are_a_config_error(channels):
 def test_nan_is_out_of_range(key):
     with pytest.raises(ConfigError, match=key):
         load_config(os.path.join(CONFIGS, "smoke.yaml"), overrides=[f"{key}=.nan"])
+
+
+def test_extends_reads_the_base_and_overrides_key_by_key(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("model:\n  channels: [8, 16, 32, 64, 64, 48]\n  num_groups: 4\n  num_heads: 2\n"
+                    "eval:\n  n_images: 10\n  seeds: [0, 1]\n")
+    child = tmp_path / "sub" / "child.yaml"
+    child.parent.mkdir()
+    child.write_text("extends: ../base.yaml\neval:\n  n_images: 20\n")
+    cfg = load_config(str(child))
+    assert cfg.eval.n_images == 20 and cfg.eval.seeds == [0, 1] and cfg.model.channels[0] == 8
+    assert cfg.run.name == "child"
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("extends: loop.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(str(loop))
+    missing = tmp_path / "m.yaml"
+    missing.write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"nowhere.yaml: config file not found \(extended by"):
+        load_config(str(missing))
+
+
+def test_full_eval_config_extends_the_default_training():
+    from common.train import training_inputs
+
+    full = load_config(os.path.join(ROOT, "configs", "full_eval.yaml"))
+    default = load_config(os.path.join(ROOT, "configs", "default.yaml"))
+    assert training_inputs(full) == training_inputs(default)
+    assert full.baseline == default.baseline
+    assert full.eval.n_images > 2048 and full.eval.inception_n_images is None and full.eval.ref_n_images > 2048

@@ -246,3 +246,11 @@ def test_stratified_timesteps_reduce_the_spread_of_repeated_estimates(setup, dat
             for seed in range(10)])
         spread[rule] = (totals.std(0) / totals.mean(0)).mean().item()  # mean relative spread over stages
     assert spread["stratified"] < spread["uniform"], spread
+
+
+def test_stratified_with_fewer_samples_than_buckets_uses_coarser_strata(setup):
+    _, model, schedule, pool = setup
+    art = compute_fisher(model, schedule, pool, fcfg(n_samples=2, profile_buckets=10, timestep_sampling="stratified",
+                                                     bootstrap=10), progress=False)
+    t = art["meta"]["timesteps"]
+    assert t[0] < 50 <= t[1] and "in 2 equal-width buckets" in art["meta"]["timestep_rule"]

@@ -29,7 +29,8 @@ def pipeline_run(tmp_path_factory, data_root):
     return tmp, outs
 
 
-@pytest.mark.parametrize("script", SCRIPTS + ["mixed_precision.py", "compare_metrics.py"])
+@pytest.mark.parametrize("script", SCRIPTS + ["mixed_precision.py", "compare_metrics.py", "learning_curve.py",
+                                    "training_sensitivity.py"])
 def test_help(script):
     p = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=ROOT))
@@ -217,3 +218,27 @@ def test_compare_writes_one_row_per_metric_budget_seed(pipeline_run):
     assert "3bits" in md and "smallest reachable" in md  # the infeasible budget is reported, not skipped silently
     assert "Which metric wins" in md and (folder / "compare.png").stat().st_size > 1000
     assert "[fp32] reusing" not in p.stdout  # the comparison evaluates its own paired fp32 reference
+
+
+def test_released_weights_are_verified_and_used_without_training(pipeline_run):
+    """--release exports the smoke training; a run naming it (baseline.weights + sha256) trains nothing, binds
+    every result to the file's SHA-256, and a changed file is refused with what to do."""
+    tmp, _ = pipeline_run
+    out = tmp / "released" / "smoke.safetensors"
+    p = run("simplediffusion.py", tmp, "--release", str(out))
+    sha = next(line.split("sha256: ")[1] for line in p.stdout.splitlines() if "sha256: " in line).strip()
+    prov = json.load(open(tmp / "released" / "smoke.json"))
+    assert prov["sha256"] == sha and prov["step"] == 3 and "simplediffusion.py" in prov["retrain_command"]
+    rel = ["--set", f"baseline.weights={out}", "--set", f"baseline.sha256={sha}", "--set", "run.name=rel"]
+    first = run("simplediffusion.py", tmp, *rel)
+    assert "released weights" in first.stdout and "no training" in first.stdout
+    assert not (tmp / "runs" / "rel" / "baseline" / "checkpoint.pt").exists()
+    run("layer_ratio.py", tmp, *rel)
+    m = json.load(open(tmp / "runs" / "rel" / "layer_ratio_p0.25" / "metrics.json"))
+    assert m["checkpoint_sha256"] == sha and {"kid", "kid_std", "clf_kid", "clf_kid_std"} <= set(m)
+    data = bytearray(out.read_bytes())
+    data[-1] ^= 0xFF
+    out.write_bytes(bytes(data))
+    bad = run("layer_ratio.py", tmp, *rel, check=False)
+    assert bad.returncode != 0 and "SHA-256" in bad.stderr and "git checkout" in bad.stderr
+    assert "Traceback" not in bad.stderr
