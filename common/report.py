@@ -370,7 +370,8 @@ def results_table(results: dict) -> str:
 
 def settings_note(results: dict, run: str) -> str:
     r = next(iter(results.values()))
-    model = storage.load_json(os.path.join(run, "baseline", "model.json")) if os.path.exists(
+    model = storage.load_json(os.path.join(run, "baseline", "model.json"),
+                              "delete it; simplediffusion.py writes it again") if os.path.exists(
         os.path.join(run, "baseline", "model.json")) else {}
     n_params = round(r["fp32_size_mb"] * 2 ** 20 / 4)
     return (f"Our setting: {n_params:,} parameters "

@@ -1,6 +1,8 @@
 """End to end on configs/smoke.yaml: scripts, reuse, staleness, paired noise, report."""
 import json
 import os
+import runpy
+import shutil
 import subprocess
 import sys
 
@@ -225,8 +227,6 @@ def test_compare_writes_one_row_per_metric_budget_seed(pipeline_run):
 def copy_run(pipeline_run, name):
     """A private copy of the finished smoke run (every artifact reusable) as run ``name``, for tests that
     damage files; returns its folder."""
-    import shutil
-
     tmp, _ = pipeline_run
     shutil.copytree(tmp / "runs" / "smoke", tmp / "runs" / name)
     return tmp / "runs" / name
@@ -235,8 +235,6 @@ def copy_run(pipeline_run, name):
 def run_here(script, tmp, name, *extra, monkeypatch):
     """Run ``script`` in this process on run ``name`` (no interpreter start-up); returns the SystemExit
     message ('error: ...', one line) or 0."""
-    import runpy
-
     argv = [script, "--config", os.path.join(ROOT, "configs/smoke.yaml"), "--set", f"run.out_dir={tmp}/runs",
             "--set", f"run.cache_dir={tmp}/cache", "--set", f"run.name={name}", "--no-progress", *extra]
     monkeypatch.setattr(sys, "argv", argv)
@@ -259,8 +257,6 @@ def test_two_runs_of_one_variant_wait_and_never_mix(pipeline_run):
     tmp, _ = pipeline_run
     run_dir = copy_run(pipeline_run, "race")
     vdir = run_dir / "whole_threshold"
-    import shutil
-
     shutil.rmtree(vdir)
     env = dict(os.environ, PYTHONPATH=ROOT)
     procs = {}
