@@ -46,6 +46,7 @@ def command(cfg, script=None, *flags) -> str:
 def clear_errors():
     """Turn the errors a user can fix (missing or stale artifacts, bad files) into one-line exits."""
     from .allocate import InfeasibleBudgetError
+    from .baseline import BaselineError
     from .lock import LockedError
     from .storage import CheckpointMismatchError, CorruptFileError
     from .train import NonFiniteLossError, StaleArtifactError
@@ -53,5 +54,5 @@ def clear_errors():
     try:
         yield
     except (FileNotFoundError, StaleArtifactError, CheckpointMismatchError, ConfigError, InfeasibleBudgetError,
-            NonFiniteLossError, CorruptFileError, LockedError) as e:
+            NonFiniteLossError, BaselineError, CorruptFileError, LockedError) as e:
         sys.exit(f"error: {e}")

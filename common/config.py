@@ -9,6 +9,7 @@ the override (``--set 'key=value'``), not the file.
 import copy
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -69,6 +70,13 @@ class ModelConfig:
 
 
 @dataclass
+class BaselineConfig:
+    # EMA weights released with the repository (common.baseline format); null = train with `train:`
+    weights: Optional[str] = None
+    sha256: Optional[str] = None  # expected SHA-256 of `weights`; a different file is refused
+
+
+@dataclass
 class DiffusionConfig:
     timesteps: int = _spec(1000, lo=2)
     beta_start: float = _spec(1e-4, lo=0.0, lo_open=True, hi=0.5)
@@ -114,6 +122,9 @@ class FisherConfig:
     seed: int = 0
     eligible: Literal["poster", "all_weights", "all"] = "poster"
     profile_buckets: int = _spec(10, lo=1)
+    # stratified: equal counts in each of the profile_buckets timestep buckets (less spread than uniform)
+    timestep_sampling: Literal["stratified", "uniform"] = "stratified"
+    bootstrap: int = _spec(1000, lo=0, doc="bootstrap resamples for confidence intervals; 0 = none")
 
 
 @dataclass
@@ -193,6 +204,14 @@ class CompareConfig:
 
 
 @dataclass
+class SensitivityConfig:
+    budget: str = "5bits"  # of the Fisher-allocated mix evaluated on each snapshot
+    n_images: int = _spec(200, lo=2, doc="images per seed (replaces eval.n_images for the snapshots)")
+    seeds: list[int] = _spec([0, 1, 2])
+    inception: bool = False  # FID/KID too (~0.1 s/image on 2 CPU cores); classifier metrics are always computed
+
+
+@dataclass
 class ClassifierConfig:
     epochs: int = _spec(3, lo=1)
     batch_size: int = _spec(128, lo=1)
@@ -219,6 +238,7 @@ class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -229,6 +249,7 @@ class Config:
     importance: ImportanceConfig = field(default_factory=ImportanceConfig)
     mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     source: str = "<defaults>"  # the YAML file this came from (not a YAML key)
     overrides: list = field(default_factory=list)  # the --set strings applied to it (not a YAML key)
 
@@ -357,6 +378,9 @@ def _channel_example(c0: int, n: int) -> list:
 
 
 def _cross_checks(cfg: Config, src: str):
+    if cfg.baseline.weights and not re.fullmatch(r"[0-9a-f]{64}", cfg.baseline.sha256 or ""):
+        raise ConfigError(f"{src}: baseline.sha256: needs the 64-hex-digit SHA-256 of baseline.weights "
+                          f"({cfg.baseline.weights}; `sha256sum` prints it), got {cfg.baseline.sha256!r}")
     n = len(cfg.model.channels)
     for key in ("attentions", "upscales"):
         if len(getattr(cfg.model, key)) != n:
@@ -388,6 +412,11 @@ def _cross_checks(cfg: Config, src: str):
                           f"({cfg.diffusion.timesteps}); use sampler: ddim for fewer steps")
     if cfg.sample.steps > cfg.diffusion.timesteps:
         raise ConfigError(f"{src}: sample.steps: must be <= diffusion.timesteps ({cfg.diffusion.timesteps})")
+    if (cfg.fisher.timestep_sampling == "stratified" and not cfg.fisher.timesteps
+            and cfg.fisher.n_samples < cfg.fisher.profile_buckets):
+        raise ConfigError(f"{src}: fisher.n_samples: stratified timesteps need at least one sample per bucket "
+                          f"(fisher.profile_buckets = {cfg.fisher.profile_buckets}), got {cfg.fisher.n_samples}; "
+                          f"or set fisher.timestep_sampling: uniform")
     if cfg.fisher.timesteps is not None:
         for t in cfg.fisher.timesteps:
             if not 0 <= t < cfg.diffusion.timesteps:
@@ -407,15 +436,18 @@ def _cross_checks(cfg: Config, src: str):
     lm = cfg.strategies.layer_math
     if lm.k_min > lm.k_max:
         raise ConfigError(f"{src}: strategies.layer_math.k_min: must be <= k_max ({lm.k_max}), got {lm.k_min}")
-    for key, seeds in (("eval.seeds", cfg.eval.seeds), ("compare.seeds", cfg.compare.seeds)):
+    for key, seeds in (("eval.seeds", cfg.eval.seeds), ("compare.seeds", cfg.compare.seeds),
+                       ("sensitivity.seeds", cfg.sensitivity.seeds)):
         if not seeds:
             raise ConfigError(f"{src}: {key}: needs at least one seed")
     from .allocate import normalize_budget
 
-    for section, key in (("mixed_precision", "budget"), ("compare", "budgets")):
+    for section, key in (("mixed_precision", "budget"), ("compare", "budgets"), ("sensitivity", "budget")):
         sub = getattr(cfg, section)
         try:  # one spelling per budget, so '25 %' and '25%' name the same run folder
-            setattr(sub, key, [normalize_budget(b) for b in getattr(sub, key)])
+            value = getattr(sub, key)
+            setattr(sub, key, [normalize_budget(b) for b in value] if isinstance(value, list)
+                    else normalize_budget(value))
         except ValueError as e:
             raise ConfigError(f"{src}: {section}.{key}: {e}") from None
     if cfg.importance.orthogonality.buckets > cfg.diffusion.timesteps:

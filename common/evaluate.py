@@ -143,6 +143,14 @@ def inception(cfg, device):
 
 
 # ----------------------------------------------------------------------------- one variant
+def _kid_over_seeds(means, stds):
+    """KID over seeds: mean of the seeds' KIDs; std across seeds, or a single seed's subset std."""
+    mean, std = _mean_std(means)
+    if mean is not None and std is None:
+        std = next(s for m, s in zip(means, stds) if m is not None)
+    return mean, std
+
+
 def _mean_std(values):
     vals = [v for v in values if v is not None]
     if not vals:
@@ -156,10 +164,12 @@ def evaluate_seed(cfg, images_u8, device, progress=True) -> dict:
     ref = _cached_features(cfg, "classifier", os.path.basename(clf_info["path"])[:-3],
                            lambda imgs: metrics.classifier_outputs(clf, imgs)[0])
     feats, probs = metrics.classifier_outputs(clf, images_u8)
+    clf_kid, clf_kid_std = metrics.kernel_distance(feats, ref["features"])
     out = {"clf_fid": metrics.frechet_from_features(feats, ref["features"]),
+           "clf_kid": clf_kid, "clf_kid_std": clf_kid_std,
            "clf_is": metrics.classifier_score(probs),
            "class_histogram": torch.bincount(probs.argmax(1), minlength=10).tolist(),
-           "fid": None, "is_mean": None, "is_std": None}
+           "fid": None, "kid": None, "kid_std": None, "is_mean": None, "is_std": None}
     if cfg.eval.inception:
         net = inception(cfg, device)
         bs = cfg.eval.inception_batch_size
@@ -169,6 +179,7 @@ def evaluate_seed(cfg, images_u8, device, progress=True) -> dict:
         n = cfg.eval.inception_n_images or len(images_u8)
         f, logits = metrics.inception_features(net, images_u8[:n], bs, device, progress)
         out["fid"] = metrics.frechet_from_features(f, ref_i["features"])
+        out["kid"], out["kid_std"] = metrics.kernel_distance(f, ref_i["features"])
         if logits is not None:
             out["is_mean"], out["is_std"] = metrics.inception_score(logits)
     return out
@@ -267,6 +278,8 @@ def summarize_seeds(cfg, variant, per_seed: dict, size: dict) -> dict:
     fid, fid_std = _mean_std([r["fid"] for r in rows])
     clf_fid, clf_fid_std = _mean_std([r["clf_fid"] for r in rows])
     clf_is, clf_is_std = _mean_std([r["clf_is"] for r in rows])
+    kid, kid_std = _kid_over_seeds([r.get("kid") for r in rows], [r.get("kid_std") for r in rows])
+    clf_kid, clf_kid_std = _kid_over_seeds([r["clf_kid"] for r in rows], [r["clf_kid_std"] for r in rows])
     mse, mse_std = _mean_std([r["paired_mse_vs_fp32"] for r in rows])
     if len(rows) > 1:  # spread across seeds; with one seed, the usual 10-split std
         is_mean, is_std = _mean_std([r["is_mean"] for r in rows])
@@ -279,6 +292,10 @@ def summarize_seeds(cfg, variant, per_seed: dict, size: dict) -> dict:
         "variant": variant,
         "fid": fid, "fid_std": fid_std, "is_mean": is_mean, "is_std": is_std,
         "clf_fid": clf_fid, "clf_fid_std": clf_fid_std, "clf_is": clf_is, "clf_is_std": clf_is_std,
+        "kid": kid, "kid_std": kid_std, "clf_kid": clf_kid, "clf_kid_std": clf_kid_std,
+        "kid_note": "KID: unbiased MMD^2, cubic polynomial kernel (torch-fidelity); per seed mean/std over 100 "
+                    "subsets of min(1000, n) images; here mean over seeds, std = spread over seeds (one seed: "
+                    "its subset std)",
         "paired_mse_vs_fp32": mse, "paired_mse_std": mse_std,
         "size_bytes": size["size_bytes"], "size_mb": size["size_bytes"] / MB, "fp32_size_mb": fp32_bytes / MB,
         "reduction_pct": 100.0 * (1 - size["size_bytes"] / fp32_bytes),
@@ -308,8 +325,10 @@ def _fmt(v, std=None, digits=3):
 
 
 def one_line(r: dict) -> str:
-    return (f"FID {_fmt(r['fid'], r.get('fid_std'), 2)}  IS {_fmt(r['is_mean'], None, 2)}  "
+    return (f"FID {_fmt(r['fid'], r.get('fid_std'), 2)}  KID {_fmt(r.get('kid'), r.get('kid_std'), 4)}  "
+            f"IS {_fmt(r['is_mean'], None, 2)}  "
             f"clf-FID {_fmt(r['clf_fid'], r.get('clf_fid_std'), 2)}  "
+            f"clf-KID {_fmt(r.get('clf_kid'), r.get('clf_kid_std'), 4)}  "
             f"clf-IS {_fmt(r['clf_is'], r.get('clf_is_std'), 2)}  "
             f"paired-MSE {_fmt(r['paired_mse_vs_fp32'], None, 6)}  size {r['size_mb']:.3f} MB "
             f"(-{r['reduction_pct']:.1f}%)  [{r['n_images']} images x seeds {r['seeds']}]")

@@ -15,13 +15,15 @@ import torch.nn.functional as F
 from pytorch_fid import inception as pfi
 from pytorch_fid.fid_score import calculate_frechet_distance
 from torch import nn
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 from torchvision.models.inception import BasicConv2d
 from tqdm.auto import tqdm
 
 from .storage import atomic_torch_save, load_cache, load_torch, sha256_file
 
 __all__ = ["calculate_frechet_distance", "load_inception", "inception_features", "inception_score",
-           "frechet_from_features", "train_classifier", "load_or_train_classifier", "classifier_outputs"]
+           "frechet_from_features", "kernel_distance", "train_classifier", "load_or_train_classifier",
+           "classifier_outputs"]
 
 OFFICIAL_FILE = os.path.basename(pfi.FID_WEIGHTS_URL)  # pt_inception-2015-12-05-6726825d.pth
 
@@ -184,6 +186,19 @@ def frechet_from_features(f1: np.ndarray, f2: np.ndarray) -> float:
     tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def kernel_distance(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 2020):
+    """Kernel (Inception) Distance of two feature sets (N, d): (mean, std) over ``subsets`` random subsets.
+
+    torch-fidelity's definition (Bińkowski et al. 2018): unbiased MMD^2 with the cubic polynomial kernel
+    (x.y / d + 1)^3 on subsets of min(subset_size, n1, n2) drawn without replacement; unlike FID it is
+    unbiased in the number of samples, so small sample sets compare fairly. It can be slightly negative.
+    """
+    m = min(subset_size, len(f1), len(f2))
+    out = kid_features_to_metric(torch.as_tensor(f1, dtype=torch.float64), torch.as_tensor(f2, dtype=torch.float64),
+                                 kid_subsets=subsets, kid_subset_size=m, rng_seed=seed, verbose=False)
+    return out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD]
 
 
 # ----------------------------------------------------------------------------- MNIST classifier

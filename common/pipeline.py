@@ -4,6 +4,7 @@ Each stage records what it was computed from; a finished stage with the same inp
 (and says so), one with different inputs is an error unless ``force`` is given. A stage holds its
 folder's lock (``common.lock``) while it writes there, so concurrent runs wait instead of mixing files.
 """
+import json
 import os
 import time
 
@@ -38,6 +39,8 @@ def ensure_baseline(cfg, device, force=False, resume=False, retrain=False, progr
 
 
 def _ensure_baseline(cfg, device, force, resume, retrain, progress):
+    if cfg.baseline.weights:
+        return released_baseline(cfg, device, progress)
     out = storage.baseline_dir(cfg)
     ckpt_path = os.path.join(out, "checkpoint.pt")
     if os.path.exists(ckpt_path) and not retrain:
@@ -52,7 +55,7 @@ def _ensure_baseline(cfg, device, force, resume, retrain, progress):
         if ckpt is not None and ckpt.get("finished"):
             print(f"[baseline] reusing finished checkpoint {ckpt_path} ({ckpt['step']} steps)")
             model, _ = load_ema(ckpt_path, device)
-            write_baseline_outputs(cfg, model, ckpt, device, progress, only_missing=True)
+            write_baseline_outputs(cfg, model, _checkpoint_info(ckpt), device, progress, only_missing=True)
             return model, ckpt_path
         if ckpt is not None and not resume:
             raise StaleArtifactError(f"{ckpt_path} is a partial checkpoint at step {ckpt['step']}: continue it "
@@ -62,21 +65,52 @@ def _ensure_baseline(cfg, device, force, resume, retrain, progress):
     x_train, _ = mnist_tensor(cfg.data, "train")
     print(f"[baseline] training on {len(x_train)} MNIST images -> {ckpt_path}")
     model, ckpt = train(cfg, x_train, ckpt_path, device, resume=resume and not retrain, progress=progress)
-    write_baseline_outputs(cfg, model, ckpt, device, progress)
+    write_baseline_outputs(cfg, model, _checkpoint_info(ckpt), device, progress)
     return model, ckpt_path
 
 
-def write_baseline_outputs(cfg, model, ckpt, device, progress=True, only_missing=False):
-    """``model.json`` (size, steps, loss, config) and the sample grid of the trained baseline."""
+def from_scratch_command(cfg) -> str:
+    return command(cfg, "simplediffusion.py", "--set", "baseline.weights=null")
+
+
+def released_baseline(cfg, device, progress=True):
+    """The released EMA weights named by ``baseline.weights``, verified (SHA-256, training config);
+    returns (model, weights path). The weights path plays the checkpoint's part downstream: Fisher and
+    every variant are bound to its SHA-256."""
+    from .baseline import load_weights, verify_released
+
+    path = cfg.baseline.weights
+    sha = verify_released(cfg, f"`{from_scratch_command(cfg)}` (or `make reproduce-from-scratch`)")
+    model, meta = load_weights(path, device)
+    print(f"[baseline] released weights {path} (SHA-256 {sha[:12]}..., {int(meta['step']):,} steps, "
+          f"{int(meta['images_seen']):,} images seen, trained at commit {meta['code_commit'][:12]}); no training")
+    info = {"steps": int(meta["step"]), "train_seconds": float(meta["train_seconds"]),
+            "final_loss": float(meta["loss_ema"]), "source": path, "sha256": sha,
+            "config": json.loads(meta["config"])}
+    write_baseline_outputs(cfg, model, info, device, progress, only_missing=True)
+    return model, path
+
+
+def _checkpoint_info(ckpt) -> dict:
+    losses = ckpt["loss_history"][-100:]
+    return {"steps": ckpt["step"], "train_seconds": ckpt.get("train_seconds"),
+            "final_loss": sum(losses) / max(1, len(losses)), "config": ckpt["config"]}
+
+
+def write_baseline_outputs(cfg, model, info, device, progress=True, only_missing=False):
+    """``model.json`` (size, steps, loss, config) and the sample grid of the baseline."""
     out = storage.baseline_dir(cfg)
     info_path, grid_path = os.path.join(out, "model.json"), os.path.join(out, "samples.png")
+    if only_missing and os.path.exists(info_path):
+        try:
+            old = storage.load_json(info_path)
+            only_missing = old.get("sha256") == info.get("sha256")  # another released file: rewrite both
+        except storage.CorruptFileError:
+            only_missing = False  # a damaged model.json is rewritten
     if not (only_missing and os.path.exists(info_path)):
         n = count_params(model)
         storage.atomic_write_json({
-            "n_params": n, "fp32_size_mb": n * 4 / 2 ** 20, "size_unit": "MiB (2^20 bytes)",
-            "steps": ckpt["step"], "train_seconds": ckpt.get("train_seconds"),
-            "final_loss_avg100": sum(ckpt["loss_history"][-100:]) / max(1, len(ckpt["loss_history"][-100:])),
-            "config": ckpt["config"],
+            "n_params": n, "fp32_size_mb": n * 4 / 2 ** 20, "size_unit": "MiB (2^20 bytes)", **info,
         }, info_path)
     if not (only_missing and os.path.exists(grid_path)):
         write_sample_grid(cfg, model, grid_path, device, progress)
@@ -163,17 +197,21 @@ def load_artifacts(cfg, device, force=False, progress=True):
     base = storage.baseline_dir(cfg)
     ckpt_path, fisher_path = os.path.join(base, "checkpoint.pt"), os.path.join(base, "fisher.pt")
     with lock.hold(base):  # waits while simplediffusion.py is (re)training this baseline
-        for path in (ckpt_path, fisher_path):
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"{path} not found: train the baseline first with "
+        if cfg.baseline.weights:
+            model, ckpt_path = released_baseline(cfg, device, progress=False)
+        else:
+            if not os.path.exists(ckpt_path):
+                raise FileNotFoundError(f"{ckpt_path} not found: train the baseline first with "
                                         f"`{command(cfg, 'simplediffusion.py')}`")
-        retrain = f"start over with `{command(cfg, 'simplediffusion.py', '--retrain')}`"
-        ckpt = storage.load_torch(ckpt_path, retrain)
-        check_checkpoint_matches(ckpt, cfg, ckpt_path)
-        if not ckpt.get("finished"):
-            raise StaleArtifactError(f"{ckpt_path} is unfinished (step {ckpt['step']}): "
-                                     f"`{command(cfg, 'simplediffusion.py', '--resume')}`")
-        model, _ = load_ema(ckpt_path, device, retrain)
+            retrain = f"start over with `{command(cfg, 'simplediffusion.py', '--retrain')}`"
+            ckpt = storage.load_torch(ckpt_path, retrain)
+            check_checkpoint_matches(ckpt, cfg, ckpt_path)
+            if not ckpt.get("finished"):
+                raise StaleArtifactError(f"{ckpt_path} is unfinished (step {ckpt['step']}): "
+                                         f"`{command(cfg, 'simplediffusion.py', '--resume')}`")
+            model, _ = load_ema(ckpt_path, device, retrain)
+        if not os.path.exists(fisher_path):
+            raise FileNotFoundError(f"{fisher_path} not found: compute it with `{command(cfg, 'simplediffusion.py')}`")
         fisher, _ = ensure_fisher(cfg, model, ckpt_path, device, force=force, progress=progress)
     return model, ckpt_path, fisher
 

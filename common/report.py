@@ -33,7 +33,8 @@ SLIDES_100 = {
     "whole_threshold": {"fid": 59.7148, "is": 2.0846, "size_mb": 71.48},
     "layer_group": {"fid": 57.8034, "is": 1.7356},
 }
-COLUMNS = ["variant", "fid", "fid_std", "is_mean", "is_std", "clf_fid", "clf_fid_std", "clf_is", "clf_is_std",
+COLUMNS = ["variant", "fid", "fid_std", "kid", "kid_std", "is_mean", "is_std", "clf_fid", "clf_fid_std",
+           "clf_kid", "clf_kid_std", "clf_is", "clf_is_std",
            "paired_mse_vs_fp32", "size_mb", "reduction_pct", "quantized_fraction",
            "poster_fid", "poster_size_mb", "poster_reduction_pct", "slides100_fid", "slides100_is"]
 
@@ -118,6 +119,11 @@ def rows(results: dict) -> list:
                    poster_reduction_pct=p.get("reduction_pct"), slides100_fid=s.get("fid"), slides100_is=s.get("is"))
         table.append(row)
     return table
+
+
+def _k(v, std=None):
+    """KID in units of 10^-3, as KID tables usually print it."""
+    return _f(None if v is None else 1e3 * v, 2, None if std is None else 1e3 * std)
 
 
 def _f(v, d=2, std=None):
@@ -355,13 +361,14 @@ def plan_table(summary: dict) -> str:
 
 
 def results_table(results: dict) -> str:
-    head = ("| variant | FID | IS | clf-FID | clf-IS | paired MSE | size MB | reduction % | quantized | "
-            "poster FID | poster MB | poster red. % | slides-100 FID / IS |")
-    lines = [head, "|" + "---|" * 13]
+    head = ("| variant | FID | KID x10^3 | IS | clf-FID | clf-KID x10^3 | clf-IS | paired MSE | size MB | "
+            "reduction % | quantized | poster FID | poster MB | poster red. % | slides-100 FID / IS |")
+    lines = [head, "|" + "---|" * 15]
     for row, r in zip(rows(results), results.values()):
         lines.append(
-            f"| {row['variant']} | {_f(row['fid'], 2, row['fid_std'])} | {_f(row['is_mean'], 3)} | "
-            f"{_f(row['clf_fid'], 2, row['clf_fid_std'])} | {_f(row['clf_is'], 3, row['clf_is_std'])} | "
+            f"| {row['variant']} | {_f(row['fid'], 2, row['fid_std'])} | {_k(row['kid'], row['kid_std'])} | "
+            f"{_f(row['is_mean'], 3)} | {_f(row['clf_fid'], 2, row['clf_fid_std'])} | "
+            f"{_k(row['clf_kid'], row['clf_kid_std'])} | {_f(row['clf_is'], 3, row['clf_is_std'])} | "
             f"{row['paired_mse_vs_fp32']:.1e} | {row['size_mb']:.3f} | {row['reduction_pct']:.1f} | "
             f"{row['quantized_fraction']:.1%} | {_f(row['poster_fid'], 2)} | {_f(row['poster_size_mb'], 2)} | "
             f"{_f(row['poster_reduction_pct'], 2)} | {_f(row['slides100_fid'], 2)} / {_f(row['slides100_is'], 3)} |")
@@ -386,6 +393,13 @@ def settings_note(results: dict, run: str) -> str:
             "much larger model and protocol: compare directions, not values.")
 
 
+def baseline_weights_path(run: str) -> str:
+    """The weights a run's baseline came from: released weights (model.json "source") or its own training."""
+    info = os.path.join(run, "baseline", "model.json")
+    source = storage.load_json(info).get("source") if os.path.exists(info) else None
+    return source or os.path.join(run, "baseline", "checkpoint.pt")
+
+
 def write_summary(run: str, readme=None) -> str:
     results = load_results(run)
     if not results:
@@ -395,7 +409,7 @@ def write_summary(run: str, readme=None) -> str:
     if os.path.exists(fisher_path):  # refused if it belongs to another checkpoint than the results
         from .fisher import load_fisher
 
-        fisher = load_fisher(fisher_path, os.path.join(run, "baseline", "checkpoint.pt"))
+        fisher = load_fisher(fisher_path, baseline_weights_path(run))
         if fisher["meta"]["checkpoint_sha256"] != next(iter(results.values())).get("checkpoint_sha256"):
             raise ValueError(f"{fisher_path} and the results of {run} come from different checkpoints")
     plots = os.path.join(run, "plots")

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from .config import to_dict
 from .diffusion import NoiseSchedule
 from .model import build_unet
-from .storage import atomic_save_safetensors, atomic_torch_save, diff_keys, fingerprint, load_torch
+from .storage import atomic_torch_save, diff_keys, fingerprint, load_torch
 
 
 class NonFiniteLossError(RuntimeError):
@@ -180,12 +180,11 @@ def snapshot_dir(ckpt_path: str) -> str:
 
 
 def save_snapshot(cfg, ema, ckpt_path, step, seconds, loss):
-    """EMA weights at ``step`` as safetensors, with the numbers a learning curve plots against."""
-    meta = {"step": str(step), "images_seen": str(step * cfg.train.batch_size),
-            "train_seconds": f"{seconds:.1f}", "loss_ema": f"{loss:.6f}",
-            "training_fingerprint": fingerprint(training_inputs(cfg))}
+    """EMA weights at ``step`` in the baseline weights format (``common.baseline``), for learning curves."""
+    from .baseline import save_weights
+
     path = os.path.join(snapshot_dir(ckpt_path), f"ema_step{step:07d}.safetensors")
-    atomic_save_safetensors(ema.state_dict(), path, meta)
+    save_weights(path, ema.state_dict(), cfg, training_inputs(cfg), step, seconds, loss)
     return path
 
 

@@ -117,3 +117,21 @@ def test_frechet_equals_pytorch_fid_below_and_above_full_rank(n, d):
     a, b = rng.standard_normal((n, d)) @ mix + 0.2, rng.standard_normal((500, d)) @ mix
     theirs = calculate_frechet_distance(*metrics.statistics(a), *metrics.statistics(b))
     assert metrics.frechet_from_features(a, b) == pytest.approx(float(theirs), rel=1e-6)
+
+
+def test_kid_of_a_set_with_itself_is_about_zero_and_unbiased_between_samples():
+    g = np.random.default_rng(0)
+    shifted = metrics.kernel_distance(g.normal(size=(300, 64)), g.normal(0.5, 1, size=(300, 64)), subsets=10)[0]
+    a = g.normal(size=(1000, 64))
+    mean, std = metrics.kernel_distance(a, a, subsets=20, subset_size=300)
+    # Subsets of one finite set share elements with probability 1/n, so E = -(2/n)(mean k(x,x) - mean k(x,y)):
+    # about zero next to a real difference, and shrinking with n.
+    assert abs(mean) < 0.05 * shifted and std >= 0
+    assert abs(metrics.kernel_distance(a, a, subsets=5, subset_size=1000)[0]) < abs(
+        metrics.kernel_distance(a[:100], a[:100], subsets=5, subset_size=100)[0])
+    # Two independent samples of one distribution: the unbiased estimator averages to ~0 (a biased one
+    # would sit at a positive O(1/n) offset), and a shifted distribution is clearly positive.
+    same = [metrics.kernel_distance(g.normal(size=(100, 64)), g.normal(size=(100, 64)), subsets=10)[0]
+            for _ in range(30)]
+    assert abs(np.mean(same)) < 3 * np.std(same) / np.sqrt(len(same))
+    assert shifted > 10 * np.std(same)

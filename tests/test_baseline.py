@@ -1,0 +1,121 @@
+"""common.baseline: EMA weights files (snapshots and the released baseline), verification, no pickle."""
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from common import baseline
+from common.config import ConfigError, load_config
+from common.model import build_unet
+from common.train import snapshot_dir, train, training_inputs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def weights(tiny_cfg, tmp_path):
+    """A smoke U-Net saved in the baseline format; returns (cfg, model, path)."""
+    torch.manual_seed(0)
+    model = build_unet(tiny_cfg.model, tiny_cfg.diffusion.timesteps)
+    path = str(tmp_path / "w.safetensors")
+    baseline.save_weights(path, model.state_dict(), tiny_cfg, training_inputs(tiny_cfg), 12, 3.5, 0.25)
+    return tiny_cfg, model, path
+
+
+def _released(cfg, path, sha=None):
+    cfg.baseline.weights = path
+    cfg.baseline.sha256 = sha or __import__("common.storage", fromlist=["x"]).sha256_file(path)
+    return cfg
+
+
+def test_round_trip_without_pickle(weights, monkeypatch):
+    cfg, model, path = weights
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("unpickled"))
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load used"))
+    loaded, meta = baseline.load_weights(path)
+    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert not loaded.training
+    assert meta["step"] == "12" and meta["images_seen"] == str(12 * cfg.train.batch_size)
+    assert json.loads(meta["training_inputs"]) == training_inputs(cfg)
+    assert baseline.config_of(path).model.channels == cfg.model.channels
+
+
+def test_verify_released_accepts_the_right_file(weights):
+    cfg, _, path = weights
+    sha = baseline.verify_released(_released(cfg, path), "retrain")
+    assert len(sha) == 64
+
+
+def test_verify_released_refuses_a_changed_or_missing_file(weights, tmp_path):
+    cfg, _, path = weights
+    cfg = _released(cfg, path)
+    with open(path, "r+b") as fh:  # one flipped byte in the tensor data
+        fh.seek(-3, os.SEEK_END)
+        b = fh.read(1)
+        fh.seek(-3, os.SEEK_END)
+        fh.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(baseline.BaselineError, match=r"SHA-256.*corrupt or not the released one.*git checkout"):
+        baseline.verify_released(cfg, "retrain")
+    cfg.baseline.weights = str(tmp_path / "gone.safetensors")
+    with pytest.raises(baseline.BaselineError, match=r"gone.safetensors not found.*retrain"):
+        baseline.verify_released(cfg, "retrain")
+
+
+def test_verify_released_refuses_weights_of_another_training_config(weights):
+    cfg, _, path = weights
+    cfg = _released(cfg, path)
+    cfg.train.lr = 0.5
+    with pytest.raises(baseline.BaselineError, match=r"differs in: train.lr.*retrain"):
+        baseline.verify_released(cfg, "retrain")
+
+
+def test_truncated_or_foreign_files_are_refused_with_the_file_named(weights, tmp_path):
+    _, model, path = weights
+    data = open(path, "rb").read()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(baseline.BaselineError, match="cut.safetensors"):
+        baseline.load_weights(str(cut))
+    from safetensors.torch import save_file
+
+    foreign = str(tmp_path / "foreign.safetensors")
+    save_file(model.state_dict(), foreign)
+    with pytest.raises(baseline.BaselineError, match="not a LAQFI baseline"):
+        baseline.load_weights(foreign)
+
+
+def test_config_needs_a_sha256_with_released_weights(tmp_path):
+    with pytest.raises(ConfigError, match="baseline.sha256"):
+        load_config(os.path.join(ROOT, "configs", "smoke.yaml"), ["baseline.weights=x.safetensors"])
+
+
+def test_training_writes_loadable_snapshots(tiny_cfg, tmp_path):
+    from common.data import mnist_tensor
+
+    cfg = tiny_cfg
+    cfg.train.max_steps, cfg.train.snapshot_every = 4, 2
+    x, _ = mnist_tensor(cfg.data, "train")
+    ckpt = str(tmp_path / "b" / "checkpoint.pt")
+    ema, _ = train(cfg, x, ckpt, torch.device("cpu"), progress=False)
+    snaps = sorted(os.listdir(snapshot_dir(ckpt)))
+    assert snaps == ["ema_step0000002.safetensors", "ema_step0000004.safetensors"]
+    last, meta = baseline.load_weights(os.path.join(snapshot_dir(ckpt), snaps[-1]))
+    for (n, a), (_, b) in zip(ema.state_dict().items(), last.state_dict().items()):
+        assert torch.equal(a, b), n  # the last snapshot is the finished EMA
+    assert meta["step"] == "4" and float(meta["train_seconds"]) > 0
+
+
+def test_released_default_checkpoint_matches_its_config_and_provenance():
+    cfg = load_config(os.path.join(ROOT, "configs", "default.yaml"))
+    path = os.path.join(ROOT, cfg.baseline.weights)
+    cfg.baseline.weights = path
+    assert baseline.verify_released(cfg, "retrain") == cfg.baseline.sha256
+    model, meta = baseline.load_weights(path)
+    assert sum(p.numel() for p in model.parameters()) == sum(
+        p.numel() for p in build_unet(cfg.model, cfg.diffusion.timesteps).parameters())
+    prov = json.load(open(os.path.splitext(path)[0] + ".json"))
+    assert prov["sha256"] == cfg.baseline.sha256 and prov["step"] == int(meta["step"])
+    assert "simplediffusion.py" in prov["retrain_command"] or "make" in prov["retrain_command"]

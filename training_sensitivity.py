@@ -1,0 +1,36 @@
+"""How quantization sensitivity moves with training: uniform int8, uniform int4 and a Fisher-allocated
+mix (sensitivity.budget) on several EMA snapshots of one training run, same seeds and noise; paired MSE
+and classifier-FID/KID against each snapshot's own fp32 samples, and each snapshot's per-stage Fisher.
+Writes runs/<run>/sensitivity/{summary.md, sensitivity.png} and one folder per snapshot.
+"""
+from common import cli, sensitivity
+from common.curve import snapshot_paths
+from common.storage import resolve_device
+
+
+def main():
+    p = cli.parser(__doc__)
+    p.add_argument("--snapshots", nargs="+", required=True, metavar="FILE",
+                   help="snapshot files (baseline weights format), at least 2: e.g. early, middle, final")
+    p.add_argument("--update-readme", metavar="README", help="also write the table and plot into this README")
+    args = p.parse_args()
+    cfg = cli.load(args)
+    with cli.clear_errors():
+        paths = [q for s in args.snapshots for q in snapshot_paths(s)]
+        if len(paths) < 2:
+            raise FileNotFoundError(f"--snapshots: need at least 2 snapshot files, got {paths}")
+        rows = sensitivity.run_sensitivity(cfg, paths, resolve_device(cfg.run.device), force=args.force,
+                                           progress=not args.no_progress)
+        md = sensitivity.write_outputs(cfg, rows)
+        if args.update_readme:
+            from common.report import update_readme
+            from common.storage import run_dir
+
+            update_readme(args.update_readme, md.split("\n", 2)[2].replace("](sensitivity.png)",
+                                                                            "](docs/sensitivity.png)"),
+                          marker="sensitivity", figures=[f"{run_dir(cfg)}/sensitivity/sensitivity.png"])
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
