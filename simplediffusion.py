@@ -5,8 +5,8 @@ tensor in quant.format).
 Writes runs/<run>/baseline/{checkpoint.pt, model.json, samples.png, fisher.pt}, runs/<run>/plots/fisher_*.png,
 runs/<run>/fp32/ and runs/<run>/uniform_<format>/. Finished stages are reused.
 """
-from common import cli, pipeline, report
-from common.storage import resolve_device, run_dir
+from common import cli, lock, pipeline, report
+from common.storage import baseline_dir, resolve_device, run_dir
 
 
 def main():
@@ -30,11 +30,12 @@ def main():
                   f"use it with:\n  baseline:\n    weights: {args.release}\n    sha256: {sha}")
             return
         device = resolve_device(cfg.run.device)
-        model, ckpt_path = pipeline.ensure_baseline(cfg, device, force=args.force, resume=args.resume,
-                                                    retrain=args.retrain, progress=progress)
-        fisher, _ = pipeline.ensure_fisher(cfg, model, ckpt_path, device,
-                                           recompute=args.recompute_fisher or args.retrain, force=args.force,
-                                           progress=progress)
+        with lock.hold(baseline_dir(cfg)):  # the Fisher must belong to the checkpoint just trained or checked
+            model, ckpt_path = pipeline.ensure_baseline(cfg, device, force=args.force, resume=args.resume,
+                                                        retrain=args.retrain, progress=progress)
+            fisher, _ = pipeline.ensure_fisher(cfg, model, ckpt_path, device,
+                                               recompute=args.recompute_fisher or args.retrain, force=args.force,
+                                               progress=progress)
         print(report.fisher_table(fisher))
         for path in report.plot_fisher(fisher, f"{run_dir(cfg)}/plots"):
             print(f"[fisher] plot -> {path}")

@@ -10,7 +10,7 @@ import json
 import os
 import subprocess
 
-from .config import Config, _build, to_dict
+from .config import NOT_YAML, Config, _build, to_dict
 from .model import build_unet
 from .storage import atomic_save_safetensors, atomic_write_json, fingerprint, sha256_file
 
@@ -71,7 +71,7 @@ def read_metadata(path) -> dict:
 def config_of(path, meta=None) -> Config:
     """The typed config the weights were trained with (from the file's metadata)."""
     meta = meta or read_metadata(path)
-    stored = {k: v for k, v in json.loads(meta["config"]).items() if k != "source"}
+    stored = {k: v for k, v in json.loads(meta["config"]).items() if k not in NOT_YAML}
     return _build(Config, stored, path)
 
 

@@ -1,6 +1,7 @@
 """Argument parsing shared by the top-level scripts: --config, --set, --force."""
 import argparse
 import contextlib
+import shlex
 import sys
 
 import torch
@@ -32,16 +33,26 @@ def load(args):
     return cfg
 
 
+def command(cfg, script=None, *flags) -> str:
+    """The shell command that runs ``script`` (default: the running one, as it was typed) on ``cfg``'s YAML
+    file with all its ``--set`` overrides, plus ``flags``: hints repeat it, so following one never
+    silently switches to another run or config."""
+    parts = ["python", script or sys.argv[0], "--config", cfg.source]
+    parts += [a for o in cfg.overrides for a in ("--set", o)]
+    return shlex.join(parts + list(flags))
+
+
 @contextlib.contextmanager
 def clear_errors():
     """Turn the errors a user can fix (missing or stale artifacts, bad files) into one-line exits."""
     from .allocate import InfeasibleBudgetError
     from .baseline import BaselineError
-    from .storage import CheckpointMismatchError
+    from .lock import LockedError
+    from .storage import CheckpointMismatchError, CorruptFileError
     from .train import NonFiniteLossError, StaleArtifactError
 
     try:
         yield
     except (FileNotFoundError, StaleArtifactError, CheckpointMismatchError, ConfigError, InfeasibleBudgetError,
-            NonFiniteLossError, BaselineError) as e:
+            NonFiniteLossError, BaselineError, CorruptFileError, LockedError) as e:
         sys.exit(f"error: {e}")

@@ -52,7 +52,7 @@ def poster_variants(cfg):
 def run_comparison(cfg, device, force=False, progress=True):
     """Evaluate every variant of the comparison. Returns ({variant: (kind, metric, budget, metrics)},
     {budget no allocation can meet: why}, {metric: per-tensor scores})."""
-    model, ckpt_path, fisher = pipeline.load_artifacts(cfg, device)
+    model, ckpt_path, fisher = pipeline.load_artifacts(cfg, device, force=force, progress=progress)
     ccfg = compare_config(cfg)
     scores = {m: pipeline.ensure_importance(cfg, m, model, ckpt_path, fisher, device)["score"]
               for m in cfg.compare.metrics}

@@ -3,7 +3,8 @@
 ``load_config(path, overrides)`` returns a ``Config`` dataclass. Every key is declared
 here with its type and allowed range; unknown keys, wrong types and out-of-range values
 raise ``ConfigError`` naming the file, the dotted key and what is allowed.
-Overrides are ``"section.key=value"`` strings whose value is parsed as YAML.
+Overrides are ``"section.key=value"`` strings whose value is parsed as YAML; an error in one names
+the override (``--set 'key=value'``), not the file.
 """
 import copy
 import dataclasses
@@ -20,17 +21,25 @@ class ConfigError(ValueError):
     pass
 
 
-def _spec(default, *, lo=None, hi=None, lo_open=False, doc=""):
-    """Field with an inclusive [lo, hi] range check (``lo_open`` makes the lower bound strict)."""
-    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "doc": doc}
+def _spec(default, *, lo=None, hi=None, lo_open=False, check=None, doc=""):
+    """Field with an inclusive [lo, hi] range check (``lo_open`` makes the lower bound strict) and an
+    optional ``check(value) -> error text or None``."""
+    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "check": check, "doc": doc}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
+def _plain_name(name):
+    """run.name is one folder inside run.out_dir: a separator or '..' would write elsewhere."""
+    if name is not None and ("/" in name or "\\" in name or name in ("", ".", "..")):
+        return f"must be a plain folder name (no '/', '\\', '..'), got {name!r}; use run.out_dir for the location"
+    return None
+
+
 @dataclass
 class RunConfig:
-    name: Optional[str] = None  # run directory name; defaults to the config file's stem
+    name: Optional[str] = _spec(None, check=_plain_name, doc="run directory name; defaults to the config file's stem")
     out_dir: str = "runs"
     cache_dir: str = "runs/cache"  # MNIST classifier and reference statistics, shared by runs
     device: Literal["cpu", "cuda", "auto"] = "auto"
@@ -242,6 +251,10 @@ class Config:
     compare: CompareConfig = field(default_factory=CompareConfig)
     sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     source: str = "<defaults>"  # the YAML file this came from (not a YAML key)
+    overrides: list = field(default_factory=list)  # the --set strings applied to it (not a YAML key)
+
+
+NOT_YAML = ("source", "overrides")  # Config fields that record where it came from
 
 
 def _describe(tp) -> str:
@@ -324,7 +337,7 @@ def _build(cls, data, src, prefix=""):
     here = f"{src}: {prefix or 'top level'}"
     if not isinstance(data, dict):
         raise ConfigError(f"{here}: expected a mapping of keys, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in NOT_YAML}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         bad = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
@@ -339,6 +352,9 @@ def _build(cls, data, src, prefix=""):
         else:
             converted = _convert(value, tp, f"{src}: {key}")
             _check_range(converted, fields[name], f"{src}: {key}")
+            check = fields[name].metadata.get("check")
+            if check and check(converted):
+                raise ConfigError(f"{src}: {key}: {check(converted)}")
             kwargs[name] = converted
     return cls(**kwargs)
 
@@ -436,6 +452,31 @@ def _cross_checks(cfg: Config, src: str):
         raise ConfigError(f"{src}: mixed_precision.formats: must include 'fp32' (the choice to leave a tensor alone)")
 
 
+def _yaml_error(e: yaml.YAMLError) -> str:
+    """One line: the parser's problem and where, without its multi-line context."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}{where}"
+
+
+def parse_override(item: str):
+    """``"key.sub=value"`` -> (dotted key, value parsed as YAML), checked on its own so that a bad key or
+    value is blamed on the override, not on the YAML file it is applied to."""
+    where = f"--set {item!r}"
+    if "=" not in item:
+        raise ConfigError(f"{where}: expected key.sub=value")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: value {text!r} is not valid YAML ({_yaml_error(e)}); "
+                          f"quote the whole item, e.g. --set 'strategies.layer_ratio.p=[0.25, 0.5]'") from None
+    alone = {}
+    _set_dotted(alone, key.strip(), value, where)
+    _build(Config, alone, where)  # unknown key, wrong type or range
+    return key.strip(), value
+
+
 def _merge(base: dict, top: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in top.items():
@@ -448,11 +489,13 @@ def _read_yaml(src: str, chain=()) -> dict:
     overridden key by key, so a variant config states only what differs from its base."""
     try:
         with open(src) as fh:
-            raw = yaml.safe_load(fh) or {}
+            raw = yaml.safe_load(fh)
     except FileNotFoundError:
         raise ConfigError(f"{src}: config file not found" + (f" (extended by {chain[-1]})" if chain else "")) from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{src}: not valid YAML: {e}") from None
+        raise ConfigError(f"{src}: not valid YAML: {_yaml_error(e)}") from None
+    if raw is None:  # silently running the full default setup instead is never what was meant
+        raise ConfigError(f"{src}: the file is empty; start from configs/smoke.yaml or configs/default.yaml")
     if not isinstance(raw, dict):
         raise ConfigError(f"{src}: top level must be a mapping of sections")
     base = raw.pop("extends", None)
@@ -471,17 +514,16 @@ def load_config(path, overrides=()) -> Config:
     src = str(path)
     raw = _read_yaml(src)
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key.sub=value")
-        key, text = item.split("=", 1)
-        _set_dotted(raw, key.strip(), yaml.safe_load(text), f"--set {item!r}")
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value, f"--set {item!r}")
     cfg = _build(Config, raw, src)
-    cfg.source = src
+    cfg.source, cfg.overrides = src, list(overrides)
     if os.environ.get("LAQFI_DATA_ROOT"):
         cfg.data.root = os.environ["LAQFI_DATA_ROOT"]
     if cfg.run.name is None:
         cfg.run.name = os.path.splitext(os.path.basename(src))[0]
-    _cross_checks(cfg, src)
+    # A combination can be invalid where each value alone is fine: name the overrides too.
+    _cross_checks(cfg, src + "".join(f" --set {o}" for o in overrides))
     return cfg
 
 

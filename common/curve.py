@@ -52,7 +52,11 @@ def evaluate_snapshot(cfg, path, device, progress=True) -> dict:
 def learning_curve(cfg, paths, device, progress=True) -> list:
     """Rows (one per snapshot, by step) for ``paths``; cached in ``runs/<run>/learning_curve.json``."""
     cache_path = os.path.join(storage.run_dir(cfg), "learning_curve.json")
-    cache = storage.load_json(cache_path) if os.path.exists(cache_path) else {}
+    try:
+        cache = storage.load_json(cache_path) if os.path.exists(cache_path) else {}
+    except storage.CorruptFileError as e:  # a cache: recompute rather than fail
+        print(f"[curve] {e}; recomputing it")
+        cache = {}
     eval_fp = evaluate.eval_fingerprint(cfg)
     rows = []
     for path in paths:

@@ -1,9 +1,12 @@
 """MNIST from IDX files under a configurable root (offline first, torchvision download optional)."""
 import gzip
 import os
+import zlib
 
 import numpy as np
 import torch
+
+from .storage import CorruptFileError
 
 _FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -13,20 +16,28 @@ _FILES = {
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
+REPLACE_HINT = "re-download it (delete it and set data.download: true where online) or replace it with an intact copy"
+
+
 def read_idx(path: str) -> np.ndarray:
-    """Read one IDX file (plain or .gz) into a numpy array of its declared shape and dtype."""
+    """Read one IDX file (plain or .gz) into a numpy array of its declared shape and dtype.
+    A damaged file raises CorruptFileError (a ValueError) naming it, in one line."""
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as fh:
-        raw = fh.read()
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # a truncated download ends the gzip stream early
+        raise CorruptFileError(f"{path}: truncated or corrupt gzip file ({e}); {REPLACE_HINT}") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise ValueError(f"{path}: not an IDX file (bad magic {raw[:4].hex()})")
+        raise CorruptFileError(f"{path}: not an IDX file (bad magic {raw[:4].hex()}); {REPLACE_HINT}")
     ndim = raw[3]
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     offset = 4 + 4 * ndim
     expected = int(np.prod(dims)) * dtype.itemsize
     if len(raw) - offset != expected:
-        raise ValueError(f"{path}: header says {dims} ({expected} bytes) but {len(raw) - offset} bytes follow")
+        raise CorruptFileError(f"{path}: header says {dims} ({expected} bytes) but {len(raw) - offset} bytes "
+                               f"follow; {REPLACE_HINT}")
     return np.frombuffer(raw, dtype=dtype, offset=offset).reshape(dims).astype(dtype.newbyteorder("="))
 
 
@@ -68,7 +79,7 @@ def load_mnist(root: str, split: str = "train", download: bool = False):
         paths.append(path)
     images, labels = read_idx(paths[0]), read_idx(paths[1])
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-        raise ValueError(f"{paths[0]} / {paths[1]}: shapes {images.shape} and {labels.shape} do not pair up")
+        raise CorruptFileError(f"{paths[0]} / {paths[1]}: shapes {images.shape} and {labels.shape} do not pair up")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 

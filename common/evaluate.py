@@ -10,7 +10,8 @@ import time
 import numpy as np
 import torch
 
-from . import metrics, storage
+from . import lock, metrics, storage
+from .cli import command
 from .config import to_dict
 from .data import mnist_tensor, to_uint8
 from .diffusion import NoiseSchedule, build_sampler, sample
@@ -39,18 +40,51 @@ def result_fingerprint(cfg, weights_id: str, extra=None) -> str:
     return storage.fingerprint({"eval": eval_inputs(cfg), "weights": weights_id, "extra": extra})
 
 
-def check_not_stale(path: str, fingerprint: str, force: bool) -> bool:
-    """True if ``path`` holds results for ``fingerprint`` (reuse them); error if for something else."""
+def reusable(cfg, path: str, fingerprint: str, force: bool, quantized_path=None):
+    """The results in metrics.json ``path`` if they may be reused, else None (nothing there, or ``force``).
+
+    Reuse needs the same ``fingerprint`` and, for a quantized variant, the file ``quantized_path`` with
+    exactly the bytes the results were computed from (``quantized_sha256``). Results of another
+    configuration, a corrupt metrics.json or a missing / truncated / replaced quantized file are an
+    error naming the file and the command that recomputes (``--force``), which also recovers all three.
+    """
     if not os.path.exists(path):
-        return False
-    old = storage.load_json(path).get("fingerprint")
-    if old == fingerprint:
-        return not force
-    if not force:
-        raise StaleArtifactError(
-            f"{path} holds results of a different configuration (fingerprint {old} != {fingerprint}); "
-            f"pass --force to overwrite, or --set run.name=<new name> to keep both")
-    return False
+        return None
+    rerun = f"recompute with `{command(cfg, None, '--force')}`"
+    try:
+        old = storage.load_json(path, rerun)
+    except storage.CorruptFileError:
+        if not force:
+            raise
+        print(f"[eval] --force: {path} is corrupt; removing it and recomputing")
+        os.remove(path)
+        return None
+    if old.get("fingerprint") != fingerprint:
+        if not force:
+            raise StaleArtifactError(
+                f"{path} holds results of a different configuration (fingerprint {old.get('fingerprint')} != "
+                f"{fingerprint}); overwrite them with `{command(cfg, None, '--force')}`, or add "
+                f"--set run.name=<new name> to keep both")
+        return None
+    if force:
+        return None
+    if quantized_path is not None:
+        check_recorded_file(path, old, quantized_path, rerun)
+    return old
+
+
+def check_recorded_file(metrics_path: str, result: dict, quantized_path: str, rerun: str):
+    """Error unless ``quantized_path`` is the file whose SHA-256 ``result`` (from ``metrics_path``) recorded."""
+    want = result.get("quantized_sha256")
+    if want is None:
+        raise StaleArtifactError(f"{metrics_path} records no quantized_sha256 (written before files were "
+                                 f"hashed), so {quantized_path} cannot be verified; {rerun}")
+    if not os.path.exists(quantized_path):
+        raise FileNotFoundError(f"{quantized_path} is missing but {metrics_path} was computed from it; {rerun}")
+    if storage.sha256_file(quantized_path) != want:
+        raise storage.CorruptFileError(
+            f"{quantized_path} ({os.path.getsize(quantized_path):,} bytes) is not the file {metrics_path} was "
+            f"computed from (SHA-256 differs: truncated, corrupt or replaced); {rerun}")
 
 
 # ----------------------------------------------------------------------------- references
@@ -75,17 +109,18 @@ def _cached_features(cfg, kind: str, tag: str, compute):
         return _CACHE[key]
     path = os.path.join(cfg.run.cache_dir, f"ref_{kind}_{tag}_n{cfg.eval.ref_n_images}_s{cfg.data.image_size}"
                                            f"_d{data_tag}.pt")
-    if os.path.exists(path):
-        blob = torch.load(path, weights_only=False)
+    blob = storage.load_cache(path, f"reference {kind} features")
+    if blob is not None:
         print(f"[eval] reusing reference {kind} features {path}")
     else:
         t0 = time.time()
         feats = compute(images)
-        blob = {"features": feats, "provenance": {
+        blob = {"features": torch.from_numpy(feats), "provenance": {  # a tensor: loadable without pickle
             "images": f"MNIST train[:{cfg.eval.ref_n_images}], 28x28 zero-padded to {cfg.data.image_size}",
             "backbone": tag, "seconds": round(time.time() - t0, 1)}}
         storage.atomic_torch_save(blob, path)
         print(f"[eval] reference {kind} features ({cfg.eval.ref_n_images} images) -> {path}")
+    blob["features"] = blob["features"].numpy()
     _CACHE[key] = blob
     return blob
 
@@ -151,20 +186,30 @@ def evaluate_seed(cfg, images_u8, device, progress=True) -> dict:
 
 
 def evaluate_variant(cfg, variant: str, model, size: dict, device, weights_id: str, force=False,
-                     progress=True, extra=None) -> dict:
+                     progress=True, extra=None, quantized_path=None) -> dict:
     """Sample ``model`` for every seed in ``eval.seeds`` and write ``<variant>/metrics.json``.
 
     size: {"size_bytes", "quantized_fraction", ...} of the stored weights; weights_id: a hash that
     identifies the weights (the checkpoint's SHA-256, or ``quantize.stored_digest``), part of the
     fingerprint so stale results are caught; extra: recorded in metrics.json and fingerprinted too,
-    with ``checkpoint_sha256`` naming the checkpoint the weights came from (checked against fp32's).
+    with ``checkpoint_sha256`` naming the checkpoint the weights came from (checked against fp32's);
+    quantized_path: the file ``model`` was loaded from, whose SHA-256 metrics.json records
+    (``quantized_sha256``) and reuse verifies. The variant's folder is locked meanwhile (``common.lock``).
     """
+    out_dir = variant_dir(cfg, variant)
+    with lock.hold(out_dir):
+        return _evaluate_variant(cfg, variant, model, size, device, weights_id, force, progress, extra,
+                                 quantized_path)
+
+
+def _evaluate_variant(cfg, variant, model, size, device, weights_id, force, progress, extra, quantized_path):
     out_dir = variant_dir(cfg, variant)
     path = os.path.join(out_dir, "metrics.json")
     fp = result_fingerprint(cfg, weights_id, extra)
-    if check_not_stale(path, fp, force):
+    old = reusable(cfg, path, fp, force, quantized_path)
+    if old is not None:
         print(f"[{variant}] reusing {path}")
-        return storage.load_json(path)
+        return old
     t0 = time.time()
     schedule = NoiseSchedule.from_config(cfg.diffusion)
     sampler = build_sampler(cfg.sample, schedule)
@@ -188,6 +233,10 @@ def evaluate_variant(cfg, variant: str, model, size: dict, device, weights_id: s
     result["fingerprint"] = fp
     result["eval_fingerprint"] = eval_fingerprint(cfg)
     result["weights_id"] = weights_id
+    if quantized_path is not None:  # the exact file these numbers come from, verified on every reuse
+        result["quantized_file"] = os.path.basename(quantized_path)
+        result["quantized_sha256"] = storage.sha256_file(quantized_path)
+    result["command"] = command(cfg)  # what made it, and with --force what remakes it
     if extra:
         result.update(extra)
     storage.atomic_write_json(result, path)
@@ -205,21 +254,22 @@ def paired_mse(cfg, variant, seed, x01, checkpoint_sha256):
     ref_dir = variant_dir(cfg, "fp32")
     ref_path = os.path.join(ref_dir, f"samples_seed{seed}.pt")
     ref_metrics = os.path.join(ref_dir, "metrics.json")
+    redo = f"re-evaluate fp32 first: `{command(cfg, 'simplediffusion.py', '--force')}`"
     if not (os.path.exists(ref_path) and os.path.exists(ref_metrics)):
-        raise FileNotFoundError(f"{ref_path} missing: evaluate the fp32 baseline first "
-                                f"(python simplediffusion.py --config {cfg.source})")
-    info = storage.load_json(ref_metrics)
+        raise FileNotFoundError(f"{ref_path} missing: evaluate the fp32 baseline first: "
+                                f"`{command(cfg, 'simplediffusion.py')}`")
+    info = storage.load_json(ref_metrics, redo)
     if (info.get("eval_fingerprint"), info.get("checkpoint_sha256")) != (eval_fingerprint(cfg), checkpoint_sha256):
         raise StaleArtifactError(f"{ref_dir} holds fp32 samples of another checkpoint or other evaluation settings: "
-                                 f"re-evaluate fp32 first (simplediffusion.py --force) or use another run.name")
-    ref = torch.load(ref_path)
+                                 f"{redo} or use another run.name")
+    ref = storage.load_torch(ref_path, redo)
     if ref.shape != x01.shape:
         raise StaleArtifactError(f"{ref_path} has shape {tuple(ref.shape)}, this variant {tuple(x01.shape)}: "
                                  f"re-evaluate fp32 with the same eval settings (--force)")
     expected = info.get("per_seed", {}).get(str(seed), {}).get("samples_sha256")
     if expected != metrics.tensor_digest(ref):
         raise StaleArtifactError(f"{ref_path} is not the file fp32's metrics.json was computed from "
-                                 f"(samples hash differs): re-evaluate fp32 first (simplediffusion.py --force)")
+                                 f"(samples hash differs): {redo}")
     return float((x01 - ref).pow(2).mean())
 
 

@@ -239,7 +239,8 @@ def save_fisher(artifact: dict, path: str, ckpt_path: str):
     save_for_checkpoint(artifact, path, ckpt_path)
 
 
-def load_fisher(path: str, ckpt_path: str) -> dict:
-    """Load ``fisher.pt`` and check it was computed for the checkpoint at ``ckpt_path``."""
-    return load_for_checkpoint(path, ckpt_path, "run `python simplediffusion.py --config ...` "
-                                                "(--recompute-fisher to replace a stale one)")
+def load_fisher(path: str, ckpt_path: str, hint="run `python simplediffusion.py --config ...` "
+                                                "(--recompute-fisher to replace a stale or corrupt one)") -> dict:
+    """Load ``fisher.pt`` and check it was computed for the checkpoint at ``ckpt_path``; ``hint``: the
+    command that recomputes it, for the error message."""
+    return load_for_checkpoint(path, ckpt_path, hint)

@@ -19,7 +19,7 @@ from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, k
 from torchvision.models.inception import BasicConv2d
 from tqdm.auto import tqdm
 
-from .storage import atomic_torch_save, sha256_file
+from .storage import atomic_torch_save, load_cache, load_torch, sha256_file
 
 __all__ = ["calculate_frechet_distance", "load_inception", "inception_features", "inception_score",
            "frechet_from_features", "kernel_distance", "train_classifier", "load_or_train_classifier",
@@ -107,11 +107,11 @@ def load_inception(weights_path=None, device="cpu", allow_download=True) -> FIDI
         if not os.path.isfile(weights_path):
             raise FileNotFoundError(f"eval.inception_weights: {weights_path} does not exist "
                                     f"(expected pytorch-fid's {OFFICIAL_FILE})")
-        state = torch.load(weights_path, map_location="cpu")
+        state = load_torch(weights_path, f"eval.inception_weights should be pytorch-fid's {OFFICIAL_FILE}")
         return _ready(FIDInception(_fid_trunk(state), True, f"file:{weights_path}", weights_path), device)
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", OFFICIAL_FILE)
     if os.path.isfile(cached):
-        state = torch.load(cached, map_location="cpu")
+        state = load_torch(cached, "delete it to download it again")
         return _ready(FIDInception(_fid_trunk(state), True, f"pytorch-fid:{cached}", cached), device)
     if allow_download:
         try:
@@ -281,8 +281,8 @@ def load_or_train_classifier(cache_dir, data_cfg, clf_cfg, progress=True):
     # reuses a classifier trained on different data.
     tag += f"_d{tensor_digest(xtr, ytr)}"
     path = os.path.join(cache_dir, tag + ".pt")
-    if os.path.exists(path):
-        blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = load_cache(path, "the MNIST classifier")
+    if blob is not None:
         model = MNISTClassifier()
         model.load_state_dict(blob["state_dict"])
         print(f"[classifier] reusing {path} (test accuracy {blob['info']['test_accuracy']:.4f})")

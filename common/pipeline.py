@@ -1,7 +1,8 @@
 """The stages every script shares: baseline training, Fisher, quantized variants, evaluation.
 
 Each stage records what it was computed from; a finished stage with the same inputs is reused
-(and says so), one with different inputs is an error unless ``force`` is given.
+(and says so), one with different inputs is an error unless ``force`` is given. A stage holds its
+folder's lock (``common.lock``) while it writes there, so concurrent runs wait instead of mixing files.
 """
 import json
 import os
@@ -10,7 +11,8 @@ import time
 import torch
 import torchvision
 
-from . import evaluate, storage
+from . import evaluate, lock, storage
+from .cli import command
 from .config import to_dict
 from .data import mnist_tensor, to_uint8
 from .diffusion import NoiseSchedule, build_sampler, sample
@@ -32,12 +34,17 @@ def ensure_baseline(cfg, device, force=False, resume=False, retrain=False, progr
     ``force`` retrains only a checkpoint of a *different* training config (the minutes of a finished
     training of this config are never thrown away by accident); ``retrain`` always starts over.
     """
+    with lock.hold(storage.baseline_dir(cfg)):
+        return _ensure_baseline(cfg, device, force, resume, retrain, progress)
+
+
+def _ensure_baseline(cfg, device, force, resume, retrain, progress):
     if cfg.baseline.weights:
         return released_baseline(cfg, device, progress)
     out = storage.baseline_dir(cfg)
     ckpt_path = os.path.join(out, "checkpoint.pt")
     if os.path.exists(ckpt_path) and not retrain:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        ckpt = storage.load_torch(ckpt_path, f"start over with `{command(cfg, 'simplediffusion.py', '--retrain')}`")
         try:
             check_checkpoint_matches(ckpt, cfg, ckpt_path)
         except StaleArtifactError:
@@ -51,8 +58,9 @@ def ensure_baseline(cfg, device, force=False, resume=False, retrain=False, progr
             write_baseline_outputs(cfg, model, _checkpoint_info(ckpt), device, progress, only_missing=True)
             return model, ckpt_path
         if ckpt is not None and not resume:
-            raise StaleArtifactError(f"{ckpt_path} is a partial checkpoint at step {ckpt['step']}: "
-                                     f"pass --resume to continue it or --retrain to start over")
+            raise StaleArtifactError(f"{ckpt_path} is a partial checkpoint at step {ckpt['step']}: continue it "
+                                     f"with `{command(cfg, 'simplediffusion.py', '--resume')}` or pass --retrain "
+                                     f"to start over")
         resume = resume and ckpt is not None
     x_train, _ = mnist_tensor(cfg.data, "train")
     print(f"[baseline] training on {len(x_train)} MNIST images -> {ckpt_path}")
@@ -62,7 +70,7 @@ def ensure_baseline(cfg, device, force=False, resume=False, retrain=False, progr
 
 
 def from_scratch_command(cfg) -> str:
-    return f"python simplediffusion.py --config {cfg.source} --set baseline.weights=null"
+    return command(cfg, "simplediffusion.py", "--set", "baseline.weights=null")
 
 
 def release_baseline(cfg, out_path):
@@ -108,8 +116,11 @@ def write_baseline_outputs(cfg, model, info, device, progress=True, only_missing
     out = storage.baseline_dir(cfg)
     info_path, grid_path = os.path.join(out, "model.json"), os.path.join(out, "samples.png")
     if only_missing and os.path.exists(info_path):
-        old = storage.load_json(info_path)
-        only_missing = old.get("sha256") == info.get("sha256")  # another released file: rewrite both
+        try:
+            old = storage.load_json(info_path)
+            only_missing = old.get("sha256") == info.get("sha256")  # another released file: rewrite both
+        except storage.CorruptFileError:
+            only_missing = False  # a damaged model.json is rewritten
     if not (only_missing and os.path.exists(info_path)):
         n = count_params(model)
         storage.atomic_write_json({
@@ -140,25 +151,33 @@ def fisher_inputs(cfg) -> dict:
 
 def ensure_fisher(cfg, model, ckpt_path, device, recompute=False, force=False, progress=True):
     """The Fisher artifact for this checkpoint: reused if present and matching, else computed
-    (a mismatching one is an error unless ``force``; ``recompute`` always recomputes)."""
+    (a mismatching or corrupt one is an error unless ``force``; ``recompute`` always recomputes)."""
+    with lock.hold(storage.baseline_dir(cfg)):
+        return _ensure_fisher(cfg, model, ckpt_path, device, recompute, force, progress)
+
+
+def _ensure_fisher(cfg, model, ckpt_path, device, recompute, force, progress):
     from .fisher import FisherMismatchError, compute_fisher, load_fisher, save_fisher
 
     path = os.path.join(storage.baseline_dir(cfg), "fisher.pt")
     inputs = fisher_inputs(cfg)
+    redo = f"recompute it with `{command(cfg, 'simplediffusion.py', '--recompute-fisher')}` (or add --force)"
     if os.path.exists(path) and not recompute:
         try:
-            art = load_fisher(path, ckpt_path)
-        except FisherMismatchError as e:
+            art = load_fisher(path, ckpt_path, redo)
+        except (FisherMismatchError, storage.CorruptFileError):
             if not force:
-                raise FisherMismatchError(f"{e} (or pass --recompute-fisher)") from None
+                raise
             art = None
         if art is not None and art["meta"].get("config") == inputs:
             print(f"[fisher] reusing {path} ({art['meta']['n_samples']} samples)")
             return art, path
         if not force:
-            raise StaleArtifactError(f"{path} was computed with fisher settings {art['meta'].get('config')}, "
-                                     f"the config asks for {inputs}: pass --recompute-fisher")
-        print(f"[fisher] --force: {path} belongs to another checkpoint or settings; recomputing")
+            old = art["meta"].get("config") or {}
+            changed = ", ".join(f"fisher.{k}" for k in storage.diff_keys(old, inputs))
+            raise StaleArtifactError(f"{path} was computed with other fisher settings (differs in: {changed}; "
+                                     f"it has {old}, the config asks for {inputs}): {redo}")
+        print(f"[fisher] --force: {path} is corrupt or belongs to another checkpoint or settings; recomputing")
     x_pool, _ = mnist_tensor(cfg.data, "train")
     t0 = time.time()
     art = compute_fisher(model, NoiseSchedule.from_config(cfg.diffusion), x_pool, cfg.fisher,
@@ -183,25 +202,31 @@ def evaluate_fp32(cfg, model, ckpt_path, device, force=False, progress=True):
                                      progress=progress, extra={"strategy": "fp32", "checkpoint_sha256": sha})
 
 
-def load_artifacts(cfg, device):
-    """(EMA model, checkpoint path, Fisher artifact) of a finished baseline, or a clear error."""
-    from .fisher import load_fisher
+def load_artifacts(cfg, device, force=False, progress=True):
+    """(EMA model, checkpoint path, Fisher artifact) of a finished baseline, or a clear error.
 
+    A Fisher artifact computed with other ``fisher`` settings than ``cfg``'s is an error, or with
+    ``force`` recomputed: a strategy never ranks tensors by a Fisher the config did not ask for.
+    """
     base = storage.baseline_dir(cfg)
-    if cfg.baseline.weights:
-        model, ckpt_path = released_baseline(cfg, device, progress=False)
-        return model, ckpt_path, load_fisher(os.path.join(base, "fisher.pt"), ckpt_path)
-    ckpt_path = os.path.join(base, "checkpoint.pt")
-    if not os.path.exists(ckpt_path):
-        raise FileNotFoundError(f"{ckpt_path} not found: train the baseline first with "
-                                f"`python simplediffusion.py --config {cfg.source}`")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    check_checkpoint_matches(ckpt, cfg, ckpt_path)
-    if not ckpt.get("finished"):
-        raise StaleArtifactError(f"{ckpt_path} is unfinished (step {ckpt['step']}): "
-                                 f"`python simplediffusion.py --config {cfg.source} --resume`")
-    model, _ = load_ema(ckpt_path, device)
-    fisher = load_fisher(os.path.join(base, "fisher.pt"), ckpt_path)
+    ckpt_path, fisher_path = os.path.join(base, "checkpoint.pt"), os.path.join(base, "fisher.pt")
+    with lock.hold(base):  # waits while simplediffusion.py is (re)training this baseline
+        if cfg.baseline.weights:
+            model, ckpt_path = released_baseline(cfg, device, progress=False)
+        else:
+            if not os.path.exists(ckpt_path):
+                raise FileNotFoundError(f"{ckpt_path} not found: train the baseline first with "
+                                        f"`{command(cfg, 'simplediffusion.py')}`")
+            retrain = f"start over with `{command(cfg, 'simplediffusion.py', '--retrain')}`"
+            ckpt = storage.load_torch(ckpt_path, retrain)
+            check_checkpoint_matches(ckpt, cfg, ckpt_path)
+            if not ckpt.get("finished"):
+                raise StaleArtifactError(f"{ckpt_path} is unfinished (step {ckpt['step']}): "
+                                         f"`{command(cfg, 'simplediffusion.py', '--resume')}`")
+            model, _ = load_ema(ckpt_path, device, retrain)
+        if not os.path.exists(fisher_path):
+            raise FileNotFoundError(f"{fisher_path} not found: compute it with `{command(cfg, 'simplediffusion.py')}`")
+        fisher, _ = ensure_fisher(cfg, model, ckpt_path, device, force=force, progress=progress)
     return model, ckpt_path, fisher
 
 
@@ -214,12 +239,12 @@ def ensure_importance(cfg, metric, model, ckpt_path, fisher, device):
     if os.path.exists(path):
         try:
             art = load_importance(path, ckpt_path)
-        except storage.CheckpointMismatchError:
+        except (storage.CheckpointMismatchError, storage.CorruptFileError):
             art = None
         if art is not None and art["meta"].get("inputs") == inputs:
             print(f"[importance] reusing {path}")
             return art
-        print(f"[importance] {path} was computed for another checkpoint or settings: recomputing")
+        print(f"[importance] {path} is corrupt or was computed for another checkpoint or settings: recomputing")
     x_pool = mnist_tensor(cfg.data, "train")[0] if metric == "orthogonality" else None
     art = compute_importance(metric, model, fisher, cfg.importance, NoiseSchedule.from_config(cfg.diffusion),
                              x_pool, device)
@@ -246,7 +271,13 @@ def build_plan(cfg, strategy, params, model, ckpt_path, fisher, device):
 def run_variant(cfg, variant, strategy, params, model, ckpt_path, fisher, device, force=False,
                 progress=True):
     """Build ``strategy``'s plan (a poster rule from ``common.strategies`` or ``mixed_precision``),
-    quantize, save, reload from the file and evaluate."""
+    quantize, save, reload from the file and evaluate. The variant's folder is locked throughout: from the
+    reuse check to metrics.json nobody else writes there."""
+    with lock.hold(evaluate.variant_dir(cfg, variant)):
+        return _run_variant(cfg, variant, strategy, params, model, ckpt_path, fisher, device, force, progress)
+
+
+def _run_variant(cfg, variant, strategy, params, model, ckpt_path, fisher, device, force, progress):
     from .quantize import load_quantized, quantize_model, save_quantized, stored_digest
     from .report import plan_table
     from .strategies import describe_plan
@@ -261,13 +292,13 @@ def run_variant(cfg, variant, strategy, params, model, ckpt_path, fisher, device
     weights_id = stored_digest(stored)
     extra = {"strategy": strategy, "params": params, "checkpoint_sha256": fisher["meta"]["checkpoint_sha256"],
              "eligible_rule": fisher["meta"].get("eligible_rule")}
-    metrics_path = os.path.join(out, "metrics.json")
+    metrics_path, qpath = os.path.join(out, "metrics.json"), os.path.join(out, "quantized.pt")
     # Refuse before writing anything if this directory holds another configuration's results.
-    if evaluate.check_not_stale(metrics_path, evaluate.result_fingerprint(cfg, weights_id, extra), force):
+    old = evaluate.reusable(cfg, metrics_path, evaluate.result_fingerprint(cfg, weights_id, extra), force, qpath)
+    if old is not None:
         print(f"[{variant}] reusing {metrics_path}")
-        return storage.load_json(metrics_path)
+        return old
     arch = {"model": to_dict(cfg.model), "timesteps": cfg.diffusion.timesteps}
-    qpath = os.path.join(out, "quantized.pt")
     size = save_quantized(stored, qpath, arch, plan_inputs)
     size["size_bytes"] = size["stored_bytes"]
     size["fp32_bytes"] = 4 * count_params(model)
@@ -281,7 +312,7 @@ def run_variant(cfg, variant, strategy, params, model, ckpt_path, fisher, device
           f"stored = {size['analytic_bytes']:,} B analytic; file {size['file_bytes']:,} B "
           f"({size['container_overhead_bytes']:,} B torch.save container) {qpath}\n{plan_table(summary)}")
     return evaluate.evaluate_variant(cfg, variant, qmodel, size, device, weights_id, force=force,
-                                     progress=progress, extra=extra)
+                                     progress=progress, extra=extra, quantized_path=qpath)
 
 
 def run_strategy_script(description: str, variants):
@@ -292,8 +323,8 @@ def run_strategy_script(description: str, variants):
     cfg = cli.load(args)
     with cli.clear_errors():
         device = storage.resolve_device(cfg.run.device)
-        model, ckpt_path, fisher = load_artifacts(cfg, device)
         progress = not args.no_progress
+        model, ckpt_path, fisher = load_artifacts(cfg, device, force=args.force, progress=progress)
         done = {"fp32": evaluate_fp32(cfg, model, ckpt_path, device, force=args.force, progress=progress)}
         for variant, strategy, params in variants(cfg):
             done[variant] = run_variant(cfg, variant, strategy, params, model, ckpt_path, fisher, device,

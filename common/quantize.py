@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .storage import atomic_torch_save
+from .storage import atomic_torch_save, load_torch
 
 FORMATS = ("fp16", "bf16", "int8", "int4")
 BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "int4": 4}
@@ -234,7 +234,7 @@ def load_quantized(path: str, device="cpu"):
     from .config import ModelConfig
     from .model import build_unet
 
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = load_torch(path, "re-run the strategy script that wrote it with --force")
     if blob.get("file_version") != FILE_VERSION:
         raise ValueError(f"{path}: not a LAQFI quantized checkpoint (file_version {blob.get('file_version')})")
     model = build_unet(ModelConfig(**blob["arch"]["model"]), blob["arch"]["timesteps"])

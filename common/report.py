@@ -16,9 +16,9 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 
 from . import storage  # noqa: E402
+from .train import StaleArtifactError  # noqa: E402
 
 # The poster's published rows (5000 images) and the slides' 100-image rows, for comparison.
 POSTER = {
@@ -46,10 +46,15 @@ def load_results(run: str) -> dict:
     for name in sorted(os.listdir(run)):
         p = os.path.join(run, name, "metrics.json")
         if os.path.isfile(p):
-            out[name] = storage.load_json(p)
+            out[name] = storage.load_json(p, "re-run the script that wrote it with --force")
+            rerun = f"recompute with `{out[name].get('command') or 'the script that wrote it'} --force`"
+            if out[name].get("quantized_file"):  # the numbers must come from the file that is there now
+                from .evaluate import check_recorded_file
+
+                check_recorded_file(p, out[name], os.path.join(run, name, out[name]["quantized_file"]), rerun)
             plan = os.path.join(run, name, "plan.json")
             if os.path.isfile(plan):  # the format decides which uniform variant is its reference
-                out[name]["format"] = storage.load_json(plan).get("format")
+                out[name]["format"] = storage.load_json(plan, rerun).get("format")
     groups = {}
     for v, r in out.items():
         groups.setdefault((r.get("checkpoint_sha256"), r.get("eval_fingerprint"), tuple(r["seeds"])), []).append(v)
@@ -322,7 +327,8 @@ def plot_grids(run: str, results: dict, folder: str, n=16):
 
     fig, axes = plt.subplots(1, len(names), figsize=(2.4 * len(names), 2.8), squeeze=False)
     for ax, v in zip(axes[0], names):
-        x = torch.load(os.path.join(run, v, f"samples_seed{results[v]['seeds'][0]}.pt"))[:n]
+        x = storage.load_torch(os.path.join(run, v, f"samples_seed{results[v]['seeds'][0]}.pt"),
+                               "re-run the script that wrote it with --force")[:n]
         grid = torchvision.utils.make_grid(x, nrow=int(math.sqrt(n)), padding=1, pad_value=1.0)[0]
         ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=1)
         ax.set_title(v, fontsize=7)
@@ -377,7 +383,8 @@ def results_table(results: dict) -> str:
 
 def settings_note(results: dict, run: str) -> str:
     r = next(iter(results.values()))
-    model = storage.load_json(os.path.join(run, "baseline", "model.json")) if os.path.exists(
+    model = storage.load_json(os.path.join(run, "baseline", "model.json"),
+                              "delete it; simplediffusion.py writes it again") if os.path.exists(
         os.path.join(run, "baseline", "model.json")) else {}
     n_params = round(r["fp32_size_mb"] * 2 ** 20 / 4)
     return (f"Our setting: {n_params:,} parameters "
@@ -506,7 +513,7 @@ def main():
             md = released_comparison(args.run, args.compare_released)
             storage.atomic_write_text(md + "\n", os.path.join(args.run, "released_comparison.md"))
             print("\n## From scratch vs released\n\n" + md)
-    except (ValueError, FileNotFoundError, storage.CheckpointMismatchError) as e:
+    except (ValueError, FileNotFoundError, storage.CheckpointMismatchError, StaleArtifactError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"[report] {args.run}/summary.md, summary.csv, plots/")
 

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 from .config import to_dict
 from .diffusion import NoiseSchedule
 from .model import build_unet
-from .storage import atomic_torch_save, diff_keys, fingerprint
+from .storage import atomic_torch_save, diff_keys, fingerprint, load_torch
 
 
 class NonFiniteLossError(RuntimeError):
@@ -121,7 +121,7 @@ def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, prog
     steps = total_steps(cfg.train, len(x_train))
     start, losses, seconds_before = 0, [], 0.0
     if resume and os.path.exists(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        ckpt = load_torch(ckpt_path, "start over with simplediffusion.py --retrain", map_location=device)
         check_checkpoint_matches(ckpt, cfg, ckpt_path)
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
@@ -188,17 +188,16 @@ def save_snapshot(cfg, ema, ckpt_path, step, seconds, loss):
     return path
 
 
-def load_ema(ckpt_path: str, device="cpu"):
-    """Rebuild the EMA network from a finished checkpoint; returns (model in eval mode, checkpoint)."""
-    from .config import Config, _build  # rebuild the typed sections stored in the checkpoint
+def load_ema(ckpt_path: str, device="cpu", hint="run `python simplediffusion.py --config ...` (--retrain if corrupt)"):
+    """Rebuild the EMA network from a finished checkpoint; returns (model in eval mode, checkpoint).
+    ``hint``: the command that makes a missing or corrupt checkpoint, for the error message."""
+    from .config import NOT_YAML, Config, _build  # rebuild the typed sections stored in the checkpoint
 
-    if not os.path.exists(ckpt_path):
-        raise FileNotFoundError(f"{ckpt_path} not found: run `python simplediffusion.py --config ...` first")
-    ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+    ckpt = load_torch(ckpt_path, hint, map_location=device)
     if not ckpt.get("finished"):
         raise RuntimeError(f"{ckpt_path} is a partial checkpoint (step {ckpt.get('step')}): "
                            f"finish it with `python simplediffusion.py --resume`")
-    stored = {k: v for k, v in ckpt["config"].items() if k != "source"}
+    stored = {k: v for k, v in ckpt["config"].items() if k not in NOT_YAML}
     cfg = _build(Config, stored, ckpt_path)
     model = build_unet(cfg.model, cfg.diffusion.timesteps).to(device)
     model.load_state_dict(ckpt["ema"])

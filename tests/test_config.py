@@ -120,11 +120,57 @@ def test_override_errors():
     smoke = os.path.join(CONFIGS, "smoke.yaml")
     with pytest.raises(ConfigError, match="expected key.sub=value"):
         load_config(smoke, overrides=["train.lr"])
-    with pytest.raises(ConfigError) as e:
-        load_config(smoke, overrides=["train.nope=1"])
-    assert "train.nope" in str(e.value) and smoke in str(e.value)
     with pytest.raises(ConfigError, match="train.batch_size"):
         load_config(smoke, overrides=["train.batch_size=0"])
+
+
+@pytest.mark.parametrize("item, says", [
+    ("train.nope=1", "unknown key 'train.nope'"),
+    ("train.batch_size=0", "train.batch_size: must be >= 1"),
+    ("train.max_steps=many", "train.max_steps: expected an integer"),
+    ("train.max_steps=[1,", "is not valid YAML"),
+    ("model=3", "expected a mapping"),
+])
+def test_override_errors_blame_the_override_not_the_file(item, says):
+    smoke = os.path.join(CONFIGS, "smoke.yaml")
+    with pytest.raises(ConfigError) as e:
+        load_config(smoke, overrides=["train.lr=1e-3", item])
+    msg = str(e.value)
+    assert msg.startswith(f"--set {item!r}: ") and says in msg and smoke not in msg and "\n" not in msg
+
+
+def test_cross_check_errors_name_file_and_overrides():
+    smoke = os.path.join(CONFIGS, "smoke.yaml")
+    with pytest.raises(ConfigError) as e:
+        load_config(smoke, overrides=["sample.sampler=ddpm"])  # fine alone, but smoke has 3 steps != 100
+    assert str(e.value).startswith(f"{smoke} --set sample.sampler=ddpm: sample.steps")
+
+
+def test_empty_file_is_an_error_not_the_defaults(tmp_path):
+    for text in ("", "# only a comment\n"):
+        path = write(tmp_path, text)
+        with pytest.raises(ConfigError, match="the file is empty") as e:
+            load_config(path)
+        assert path in str(e.value)
+
+
+@pytest.mark.parametrize("name", ["../../x", "a/b", "..", ".", "a\\b", ""])
+def test_run_name_must_stay_inside_out_dir(tmp_path, name):
+    with pytest.raises(ConfigError, match="run.name: must be a plain folder name"):
+        load_config(os.path.join(CONFIGS, "smoke.yaml"), overrides=[f"run.name={name!r}"])
+    with pytest.raises(ConfigError, match="run.name: must be a plain folder name") as e:
+        load_config(write(tmp_path, f"run:\n  name: {name!r}\n"))
+    assert str(tmp_path) in str(e.value)
+
+
+def test_overrides_are_recorded_for_hints():
+    from common.cli import command
+
+    smoke = os.path.join(CONFIGS, "smoke.yaml")
+    cfg = load_config(smoke, overrides=["run.name=mine", "eval.seeds=[0, 1]"])
+    assert cfg.overrides == ["run.name=mine", "eval.seeds=[0, 1]"]
+    assert command(cfg, "simplediffusion.py", "--resume") == (
+        f"python simplediffusion.py --config {smoke} --set run.name=mine --set 'eval.seeds=[0, 1]' --resume")
 
 
 def test_scalar_for_list_key_becomes_one_element_list():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from common.data import load_mnist, mnist_tensor, read_idx, to_model_space, to_uint8
+from common.storage import CorruptFileError
 
 
 def idx_bytes(arr: np.ndarray, type_byte: int = 0x08) -> bytes:
@@ -68,6 +69,18 @@ def test_read_idx_truncated(tmp_path, suffix):
     with pytest.raises(ValueError) as e:
         read_idx(str(p))
     assert str(p) in str(e.value) and "[3, 28, 28]" in str(e.value)
+
+
+def test_truncated_gzip_download_is_one_line_naming_the_file(tmp_path):
+    """A half-downloaded train-images-idx3-ubyte.gz ends the gzip stream early (EOFError inside gzip)."""
+    images, _ = synthetic_split(50)
+    p = tmp_path / "train-images-idx3-ubyte.gz"
+    write_idx(p, images)
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    with pytest.raises(CorruptFileError) as e:
+        read_idx(str(p))
+    msg = str(e.value)
+    assert str(p) in msg and "truncated or corrupt gzip" in msg and "re-download" in msg and "\n" not in msg
 
 
 def test_read_idx_trailing_bytes_rejected(tmp_path):

@@ -1,6 +1,8 @@
 """End to end on configs/smoke.yaml: scripts, reuse, staleness, paired noise, report."""
 import json
 import os
+import runpy
+import shutil
 import subprocess
 import sys
 
@@ -39,9 +41,11 @@ def test_help(script):
 
 def test_strategy_without_baseline_names_simplediffusion(tmp_path, data_root):
     os.environ["LAQFI_DATA_ROOT"] = data_root
-    p = run("layer_math.py", tmp_path, check=False)
+    p = run("layer_math.py", tmp_path, "--set", "run.name=mine", check=False)
     assert p.returncode != 0
     assert "simplediffusion.py" in p.stderr and "checkpoint.pt" in p.stderr
+    # Following the hint trains the run the user asked for, not the config's default one.
+    assert f"--set run.out_dir={tmp_path}/runs --set run.cache_dir={tmp_path}/cache --set run.name=mine" in p.stderr
 
 
 def test_all_variants_written(pipeline_run):
@@ -132,7 +136,7 @@ def test_paired_mse_refuses_fp32_samples_that_are_not_its_metrics(pipeline_run):
 
 def test_fisher_artifact_and_plots(pipeline_run):
     tmp, outs = pipeline_run
-    art = torch.load(tmp / "runs" / "smoke" / "baseline" / "fisher.pt", weights_only=False)
+    art = torch.load(tmp / "runs" / "smoke" / "baseline" / "fisher.pt", weights_only=True)
     for k in ("diag", "per_tensor", "per_layer", "timestep_profile", "meta"):
         assert k in art
     assert art["meta"]["n_samples"] == 8 and art["meta"]["eligible_rule"] == "poster"
@@ -242,3 +246,118 @@ def test_released_weights_are_verified_and_used_without_training(pipeline_run):
     bad = run("layer_ratio.py", tmp, *rel, check=False)
     assert bad.returncode != 0 and "SHA-256" in bad.stderr and "git checkout" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+# ----------------------------------------------------------------------------- reliability (issue 18)
+def copy_run(pipeline_run, name):
+    """A private copy of the finished smoke run (every artifact reusable) as run ``name``, for tests that
+    damage files; returns its folder."""
+    tmp, _ = pipeline_run
+    shutil.copytree(tmp / "runs" / "smoke", tmp / "runs" / name)
+    return tmp / "runs" / name
+
+
+def run_here(script, tmp, name, *extra, monkeypatch):
+    """Run ``script`` in this process on run ``name`` (no interpreter start-up); returns the SystemExit
+    message ('error: ...', one line) or 0."""
+    argv = [script, "--config", os.path.join(ROOT, "configs/smoke.yaml"), "--set", f"run.out_dir={tmp}/runs",
+            "--set", f"run.cache_dir={tmp}/cache", "--set", f"run.name={name}", "--no-progress", *extra]
+    monkeypatch.setattr(sys, "argv", argv)
+    try:
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    except SystemExit as e:
+        return e.code or 0
+    return 0
+
+
+def half(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def test_two_runs_of_one_variant_wait_and_never_mix(pipeline_run):
+    """Two whole_threshold.py processes with different thresholds on one variant: both queue on its lock
+    (held here meanwhile), then one computes and the other refuses; the files agree with each other."""
+    from common import lock, storage
+
+    tmp, _ = pipeline_run
+    run_dir = copy_run(pipeline_run, "race")
+    vdir = run_dir / "whole_threshold"
+    shutil.rmtree(vdir)
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    procs = {}
+    with lock.hold(str(vdir)):
+        for thr in ("0.01", "0.9"):
+            procs[thr] = subprocess.Popen(
+                [sys.executable, os.path.join(ROOT, "whole_threshold.py"), "--config",
+                 os.path.join(ROOT, "configs/smoke.yaml"), "--set", f"run.out_dir={tmp}/runs", "--set",
+                 f"run.cache_dir={tmp}/cache", "--set", "run.name=race", "--set",
+                 f"strategies.whole_threshold.threshold={thr}", "--no-progress"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp)
+        for p in procs.values():  # both are waiting for the variant's lock before we let go
+            line = ""
+            while "[lock]" not in line:
+                line = p.stdout.readline()
+                assert line, p.stderr.read()
+            assert f"is locked by pid {os.getpid()}" in line and "waiting" in line
+    outs = {thr: (p.wait(), p.stdout.read(), p.stderr.read()) for thr, p in procs.items()}
+    winners = [thr for thr, (rc, _, _) in outs.items() if rc == 0]
+    assert len(winners) == 1, outs
+    loser = next(thr for thr in outs if thr not in winners)
+    assert "holds results of a different configuration" in outs[loser][2] and "--force" in outs[loser][2]
+    metrics = json.load(open(vdir / "metrics.json"))
+    plan = json.load(open(vdir / "plan.json"))
+    assert metrics["params"]["threshold"] == plan["params"]["threshold"] == float(winners[0])
+    assert metrics["quantized_sha256"] == storage.sha256_file(vdir / "quantized.pt")
+
+
+@pytest.mark.parametrize("victim", ["quantized.pt", "metrics.json"])
+def test_truncated_result_file_is_caught_on_reuse_and_force_recovers(pipeline_run, monkeypatch, victim):
+    from common import report, storage
+
+    run_dir = copy_run(pipeline_run, f"trunc_{victim[:-3]}")
+    tmp, vdir = pipeline_run[0], run_dir / "layer_math"
+    half(vdir / victim)
+    msg = run_here("layer_math.py", tmp, run_dir.name, monkeypatch=monkeypatch)
+    assert str(vdir / victim) in msg and "--force" in msg and "\n" not in msg
+    assert "reusing" not in msg
+    with pytest.raises(ValueError, match=victim):  # the report does not print a row it cannot trust
+        report.load_results(str(run_dir))
+    assert run_here("layer_math.py", tmp, run_dir.name, "--force", monkeypatch=monkeypatch) == 0
+    metrics = storage.load_json(vdir / "metrics.json")
+    assert metrics["quantized_sha256"] == storage.sha256_file(vdir / "quantized.pt")
+    assert run_here("layer_math.py", tmp, run_dir.name, monkeypatch=monkeypatch) == 0  # and is reused again
+
+
+def test_changed_or_corrupt_fisher_is_refused_and_force_recomputes(pipeline_run, monkeypatch):
+    from common.storage import load_torch
+
+    run_dir = copy_run(pipeline_run, "fisher_change")
+    tmp, fisher = pipeline_run[0], run_dir / "baseline" / "fisher.pt"
+    msg = run_here("layer_math.py", tmp, run_dir.name, "--set", "fisher.n_samples=4", monkeypatch=monkeypatch)
+    assert str(fisher) in msg and "fisher.n_samples" in msg and "--recompute-fisher" in msg
+    half(fisher)
+    msg = run_here("layer_math.py", tmp, run_dir.name, monkeypatch=monkeypatch)
+    assert str(fisher) in msg and "truncated or corrupt" in msg and "--recompute-fisher" in msg and "\n" not in msg
+    assert run_here("layer_math.py", tmp, run_dir.name, "--set", "fisher.n_samples=4", "--force",
+                    monkeypatch=monkeypatch) == 0
+    assert load_torch(str(fisher))["meta"]["n_samples"] == 4
+
+
+@pytest.mark.parametrize("damage", ["truncate", "plant"])
+def test_damaged_checkpoint_is_one_line_naming_it(pipeline_run, monkeypatch, damage):
+    """A truncated checkpoint, or a pickle planted in its place that would run code when unpickled."""
+    run_dir = copy_run(pipeline_run, f"ckpt_{damage}")
+    tmp, ckpt, marker = pipeline_run[0], run_dir / "baseline" / "checkpoint.pt", run_dir / "pwned"
+    if damage == "truncate":
+        half(ckpt)
+    else:
+        class Planted:
+            def __reduce__(self):
+                return os.mkdir, (str(marker),)
+
+        torch.save({"ema": Planted()}, ckpt)
+    for script in ("layer_math.py", "simplediffusion.py"):
+        msg = run_here(script, tmp, run_dir.name, monkeypatch=monkeypatch)
+        assert msg.startswith(f"error: {ckpt} ") and "\n" not in msg
+        assert "--retrain" in msg and f"--set run.name={run_dir.name}" in msg
+    assert not marker.exists()

@@ -1,0 +1,134 @@
+"""common.storage: loads that never unpickle code, one-line errors for damaged files, tmp-file cleanup."""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from common import storage
+from common.storage import CorruptFileError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Planted:
+    """What a malicious file in runs/ would hold: unpickling it calls os.mkdir(marker)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def plant(path, marker):
+    torch.save({"meta": {}, "payload": Planted(str(marker))}, path)
+
+
+def test_no_weights_only_false_and_one_loader():
+    """Every torch file in common/ is read by storage.load_torch, which passes weights_only=True."""
+    for name in os.listdir(os.path.join(ROOT, "common")):
+        if name.endswith(".py"):
+            text = open(os.path.join(ROOT, "common", name)).read()
+            assert "weights_only=False" not in text, name
+            if name != "storage.py":
+                assert "torch.load(" not in text, f"common/{name} calls torch.load; use storage.load_torch"
+    assert "weights_only=True" in open(os.path.join(ROOT, "common", "storage.py")).read()
+
+
+def _loaders(tmp_path):
+    """(name, call on a planted path) for every loader of an artifact that lives in runs/ or the cache."""
+    from common.fisher import load_fisher
+    from common.importance import load_importance
+    from common.quantize import load_quantized
+    from common.train import load_ema
+
+    ckpt = tmp_path / "real_checkpoint.pt"
+    ckpt.write_bytes(b"checkpoint bytes")
+    return [("checkpoint", lambda p: load_ema(p)), ("fisher", lambda p: load_fisher(p, str(ckpt))),
+            ("importance", lambda p: load_importance(p, str(ckpt))), ("quantized", lambda p: load_quantized(p)),
+            ("samples", lambda p: storage.load_torch(p))]
+
+
+@pytest.mark.parametrize("which", ["checkpoint", "fisher", "importance", "quantized", "samples"])
+def test_planted_pickle_is_refused_not_run(tmp_path, which):
+    marker, path = tmp_path / "pwned", str(tmp_path / f"{which}.pt")
+    plant(path, marker)
+    load = dict(_loaders(tmp_path))[which]
+    with pytest.raises(CorruptFileError) as e:
+        load(path)
+    assert not marker.exists()  # the payload never ran
+    msg = str(e.value)
+    assert path in msg and "refused" in msg and "posix.mkdir" in msg and "\n" not in msg
+
+
+def test_planted_pickle_in_a_cache_is_recomputed(tmp_path, capsys):
+    marker, path = tmp_path / "pwned", str(tmp_path / "ref_features.pt")
+    plant(path, marker)
+    assert storage.load_cache(path, "reference features") is None  # the caller recomputes and overwrites
+    assert not marker.exists()
+    assert "recomputing reference features" in capsys.readouterr().out
+
+
+def test_truncated_torch_file_is_one_line_naming_it(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"w": torch.randn(1000)}, path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CorruptFileError) as e:
+        storage.load_torch(str(path), "retrain: python simplediffusion.py --retrain")
+    msg = str(e.value)
+    assert str(path) in msg and "truncated or corrupt" in msg and msg.endswith("--retrain") and "\n" not in msg
+    with pytest.raises(FileNotFoundError, match="missing.pt not found; do X"):
+        storage.load_torch(str(tmp_path / "missing.pt"), "do X")
+
+
+def test_plain_artifacts_load_with_weights_only(tmp_path):
+    """The checkpoint layout (state dicts, optimizer state with tuples, config dicts, loss lists) is plain."""
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    blob = {"model": model.state_dict(), "optimizer": opt.state_dict(), "config": {"a": [1, None, "x"]},
+            "loss_history": [0.5, 0.25], "finished": True}
+    storage.atomic_torch_save(blob, tmp_path / "c.pt")
+    back = storage.load_torch(str(tmp_path / "c.pt"))
+    assert back["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999) and back["config"] == blob["config"]
+
+
+def test_corrupt_json_names_file_and_hint(tmp_path):
+    path = tmp_path / "metrics.json"
+    path.write_text(json.dumps({"a": list(range(50))})[:40])
+    with pytest.raises(CorruptFileError) as e:
+        storage.load_json(str(path), "recompute with `x --force`")
+    assert str(path) in str(e.value) and str(e.value).endswith("`x --force`") and "\n" not in str(e.value)
+
+
+def _tmp_names(folder):
+    return sorted(n for n in os.listdir(folder) if n.endswith(".tmp"))
+
+
+def test_save_killed_midway_leaves_tmp_that_the_next_write_removes(tmp_path):
+    """SIGKILL during a save: the target is untouched and its temp file is cleaned by the next write."""
+    target = tmp_path / "checkpoint.pt"
+    storage.atomic_torch_save({"v": torch.zeros(3)}, target)
+    code = ("import os, signal, sys; from common import storage\n"
+            "def write(fh):\n    fh.write(b'half a checkpoint'); fh.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+            f"storage._atomic({str(target)!r}, write)")
+    p = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=ROOT))
+    assert p.returncode == -9
+    left = _tmp_names(tmp_path)
+    assert len(left) == 1 and re.fullmatch(r"\.checkpoint\.pt\.\d+-[a-z0-9_]+\.tmp", left[0])
+    assert torch.equal(storage.load_torch(str(target))["v"], torch.zeros(3))  # the old file is intact
+
+    live = tmp_path / f".checkpoint.pt.{os.getpid()}-abcdefgh.tmp"  # a writer that is still running
+    legacy_old, legacy_new = tmp_path / ".checkpoint.pt.abcdefgh.tmp", tmp_path / ".checkpoint.pt.zyxwvuts.tmp"
+    other = tmp_path / ".checkpoint.pt.bak.1-abcdefgh.tmp"  # another file's temp file
+    for f in (live, legacy_old, legacy_new, other):
+        f.write_bytes(b"x")
+    os.utime(legacy_old, (0, 0))  # pid-less name of an older version, from 1970
+    storage.atomic_torch_save({"v": torch.ones(3)}, target)
+    assert _tmp_names(tmp_path) == sorted([live.name, legacy_new.name, other.name])
+    assert torch.equal(storage.load_torch(str(target))["v"], torch.ones(3))
