@@ -36,11 +36,12 @@ def load(args):
 def clear_errors():
     """Turn the errors a user can fix (missing or stale artifacts, bad files) into one-line exits."""
     from .allocate import InfeasibleBudgetError
+    from .quantize import QuantizedFileError
     from .storage import CheckpointMismatchError
     from .train import NonFiniteLossError, StaleArtifactError
 
     try:
         yield
     except (FileNotFoundError, StaleArtifactError, CheckpointMismatchError, ConfigError, InfeasibleBudgetError,
-            NonFiniteLossError) as e:
+            NonFiniteLossError, QuantizedFileError) as e:
         sys.exit(f"error: {e}")

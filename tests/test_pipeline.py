@@ -58,7 +58,7 @@ def test_all_variants_written(pipeline_run):
         if v != "fp32":
             plan = json.load(open(run_dir / v / "plan.json"))
             assert plan["format"] == "fp16"
-            assert (run_dir / v / "quantized.pt").exists()
+            assert (run_dir / v / "quantized.safetensors").exists() and not (run_dir / v / "quantized.pt").exists()
     fp32 = json.load(open(run_dir / "fp32" / "metrics.json"))
     uni = json.load(open(run_dir / "uniform_fp16" / "metrics.json"))
     assert fp32["paired_mse_vs_fp32"] == 0.0 and fp32["reduction_pct"] == 0.0
@@ -67,7 +67,7 @@ def test_all_variants_written(pipeline_run):
 
 
 def test_quantized_samples_come_from_the_stored_file(pipeline_run):
-    """Re-sampling the reloaded quantized.pt gives exactly the stored samples (same noise)."""
+    """Re-sampling the reloaded quantized.safetensors gives exactly the stored samples (same noise)."""
     from common.config import load_config
     from common.diffusion import NoiseSchedule, build_sampler, sample
     from common.quantize import load_quantized
@@ -75,7 +75,7 @@ def test_quantized_samples_come_from_the_stored_file(pipeline_run):
     tmp, _ = pipeline_run
     cfg = load_config(os.path.join(ROOT, "configs/smoke.yaml"))
     vdir = tmp / "runs" / "smoke" / "uniform_fp16"
-    model, _ = load_quantized(str(vdir / "quantized.pt"))
+    model, _ = load_quantized(str(vdir / "quantized.safetensors"))
     assert all(p.dtype == torch.float32 for p in model.parameters())
     w = dict(model.named_parameters())["Layer1.ResBlock1.conv1.weight"]
     assert torch.equal(w, w.half().float())  # values are exactly fp16-representable
@@ -87,8 +87,14 @@ def test_quantized_samples_come_from_the_stored_file(pipeline_run):
 
 def test_rerun_reuses_and_changed_config_is_refused(pipeline_run):
     tmp, _ = pipeline_run
+    vdir = tmp / "runs" / "smoke" / "layer_math"
+    new = (vdir / "quantized.safetensors").read_bytes()
+    (vdir / "quantized.safetensors").unlink()
+    (vdir / "quantized.pt").write_bytes(b"an old torch.save container")  # a run made before file version 3
     again = run("layer_math.py", tmp)
     assert "[layer_math] reusing" in again.stdout
+    # converted: the same weights rewritten as safetensors (bit-identical), the old container gone
+    assert (vdir / "quantized.safetensors").read_bytes() == new and not (vdir / "quantized.pt").exists()
     metrics = tmp / "runs" / "smoke" / "layer_math" / "metrics.json"
     before = metrics.read_text()
     p = run("layer_math.py", tmp, "--set", "strategies.layer_math.alpha=0.9", check=False)
