@@ -20,11 +20,12 @@ What each tensor runs in (``Runner.precision`` says it per parameter):
   Conv2d / Linear weights the plan stored as *whole-tensor* int8 or int4 run int8, with the plan's own codes
   and per-output-channel scales (int4 codes sit in int8 storage: exact); their input activations become
   uint8 with one static scale per tensor from the calibration (that rounding is the backend's only new
-  error). Everything else keeps its stored values in fp32 compute: fp32/fp16/bf16 tensors, element-masked
-  tensors (one kernel cannot mix formats inside a tensor), and ConvTranspose2d weights (the x86 inductor
-  lowering has no int8 transposed convolution). The export has a dynamic batch dimension; the compiled
-  graph is specialised to ``batch_size`` and smaller batches are zero-padded to it (samples are
-  independent under static scales, so padding changes no result).
+  error). The ConvTranspose2d up-samplers have no x86 int8 kernel; their (kernel 4, stride 2, padding 1)
+  geometry is rewritten as four 2x2 Conv2d, one per output phase (``SubPixelConvTranspose``: same sums,
+  same codes). Everything else keeps its stored values in fp32 compute: fp32/fp16/bf16 tensors and
+  element-masked tensors (one kernel cannot mix formats inside a tensor). The export has a dynamic batch
+  dimension; the compiled graph is specialised to ``batch_size`` and smaller batches are zero-padded to it
+  (samples are independent under static scales, so padding changes no result).
 """
 import time
 from dataclasses import dataclass, field
@@ -40,16 +41,18 @@ class Runner(nn.Module):
     """eps_theta(x_t, t) on a backend: fp32 in, fp32 out, whatever runs inside.
 
     ``precision``: {parameter name: what it runs as}; ``resident_bytes``: bytes of the weights, buffers and
-    constants the executed module holds (not the file); ``prepare_seconds``: conversion + calibration +
-    compilation; ``batch_size``: the batch a compiled int8 graph was specialised to (None = any).
+    constants the executed module holds (not the file), ``resident_by_dtype`` the same split by dtype;
+    ``prepare_seconds``: conversion + calibration + compilation; ``batch_size``: the batch a compiled int8
+    graph was specialised to (None = any).
     """
 
-    def __init__(self, fn, backend, dtype, precision, resident_bytes, prepare_seconds=0.0, batch_size=None,
+    def __init__(self, fn, backend, dtype, precision, resident: dict, prepare_seconds=0.0, batch_size=None,
                  notes=(), min_batch=1):
         super().__init__()
         self.__dict__["fn"] = fn  # not a submodule: an exported graph refuses .eval()/.train()
         self.backend, self.dtype, self.batch_size, self.min_batch = backend, dtype, batch_size, min_batch
-        self.precision, self.resident_bytes = precision, resident_bytes
+        self.precision, self.resident_by_dtype = precision, resident
+        self.resident_bytes = sum(resident.values())
         self.prepare_seconds, self.notes = prepare_seconds, list(notes)
 
     def train(self, mode=True):  # always inference; nothing inside has a train mode to switch
@@ -72,18 +75,29 @@ class Runner(nn.Module):
         for how in self.precision.values():
             counts[how] = counts.get(how, 0) + 1
         return {"backend": self.backend, "resident_bytes": self.resident_bytes,
+                "resident_by_dtype": self.resident_by_dtype,
                 "prepare_seconds": round(self.prepare_seconds, 2), "batch_size": self.batch_size,
                 "tensors_by_execution": dict(sorted(counts.items())), "notes": self.notes}
 
 
-def module_bytes(module: nn.Module) -> int:
-    """Bytes of the distinct parameters and buffers a module holds (shared storage counted once)."""
-    seen, total = set(), 0
-    for t in list(module.parameters()) + list(module.buffers()):
+def tensor_bytes(tensors) -> dict:
+    """{dtype name: bytes} of the distinct tensors (shared storage counted once)."""
+    seen, out = set(), {}
+    for t in tensors:
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
-            total += t.numel() * t.element_size()
-    return total
+            key = str(t.dtype).replace("torch.", "")
+            out[key] = out.get(key, 0) + t.numel() * t.element_size()
+    return out
+
+
+def _held(module) -> dict:
+    return tensor_bytes(list(module.parameters()) + list(module.buffers()))
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of the distinct parameters and buffers a module holds."""
+    return sum(_held(module).values())
 
 
 def _formats(model, stored):
@@ -105,8 +119,7 @@ def _floating(model, stored, backend, device, compile_model):
     fn = torch.compile(net) if compile_model else net
     precision = {n: backend + (" (exact)" if f == backend else f" (rounded from {f})")
                  for n, f in _formats(model, stored).items()}
-    return Runner(fn, backend, dtype, precision, module_bytes(net),
-                  notes=["torch.compile"] if compile_model else [])
+    return Runner(fn, backend, dtype, precision, _held(net), notes=["torch.compile"] if compile_model else [])
 
 
 def _copy(model):
@@ -116,10 +129,52 @@ def _copy(model):
 
 
 # ----------------------------------------------------------------------------- int8 (PT2E)
+class SubPixelConvTranspose(nn.Module):
+    """ConvTranspose2d(kernel 4, stride 2, padding 1) as four 2x2 convolutions, one per output phase,
+    interleaved; exactly the same sums, but each is an ordinary Conv2d, which has an x86 int8 kernel.
+
+    In 1-D, output 2m takes x[m-1]*W[3] + x[m]*W[1] and output 2m+1 takes x[m]*W[2] + x[m+1]*W[0]; so
+    phase p correlates the (once zero-padded) input with the taps ``TAPS[p]``. Each phase weight is a
+    slice of the transposed-conv weight (in, out, 4, 4), so its per-output-channel int8 codes and scales
+    are the plan's own.
+    """
+    TAPS = ((3, 1), (2, 0))  # kernel index of tap a in the even / odd output phase
+
+    def __init__(self, ct: nn.ConvTranspose2d):
+        super().__init__()
+        self.phases = nn.ModuleList()
+        for w in self.phase_weights(ct.weight.detach()):
+            conv = nn.Conv2d(w.shape[1], w.shape[0], 2, bias=ct.bias is not None)
+            conv.weight = nn.Parameter(w, requires_grad=False)
+            if ct.bias is not None:
+                conv.bias = nn.Parameter(ct.bias.detach().clone(), requires_grad=False)
+            self.phases.append(conv)
+
+    @classmethod
+    def phase_weights(cls, w: torch.Tensor) -> list:
+        """(in, out, 4, 4) -> four (out, in, 2, 2) weights, phases (0,0), (0,1), (1,0), (1,1)."""
+        return [w[:, :, list(cls.TAPS[py])][:, :, :, list(cls.TAPS[px])].transpose(0, 1).contiguous()
+                for py in (0, 1) for px in (0, 1)]
+
+    @staticmethod
+    def fits(ct: nn.ConvTranspose2d) -> bool:
+        return (ct.kernel_size, ct.stride, ct.padding, ct.output_padding, ct.dilation, ct.groups) == (
+            (4, 4), (2, 2), (1, 1), (0, 0), (1, 1), 1)
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        xp = nn.functional.pad(x, (1, 1, 1, 1))
+        y = torch.stack([conv(xp[:, :, py:py + h + 1, px:px + w + 1])
+                         for conv, (py, px) in zip(self.phases, ((0, 0), (0, 1), (1, 0), (1, 1)))])
+        c = y.shape[2]  # y: (phase_y * 2 + phase_x, B, C, H, W) -> (B, C, 2H, 2W)
+        return y.view(2, 2, b, c, h, w).permute(2, 3, 4, 0, 5, 1).reshape(b, c, 2 * h, 2 * w)
+
+
 @dataclass
 class Int8Plan:
     """Which modules run int8 and with which weight scales; the reasons the others do not."""
-    scales: dict = field(default_factory=dict)   # module name -> per-output-channel scale (the plan's)
+    scales: dict = field(default_factory=dict)   # module name (after rewriting) -> the plan's per-channel scale
+    subpixel: list = field(default_factory=list)  # ConvTranspose2d modules run as SubPixelConvTranspose
     kept: dict = field(default_factory=dict)     # parameter name -> why it stays fp32
 
 
@@ -136,7 +191,11 @@ def int8_plan(model, stored) -> Int8Plan:
         if "mask" in e:
             plan.kept[name] = "element mask (one kernel cannot mix formats in a tensor)"
         elif isinstance(mod, nn.ConvTranspose2d):
-            plan.kept[name] = "ConvTranspose2d (no x86 int8 kernel)"
+            if SubPixelConvTranspose.fits(mod):
+                plan.subpixel.append(mod_name)
+                plan.scales.update({f"{mod_name}.phases.{i}": e["scale"] for i in range(4)})
+            else:
+                plan.kept[name] = "ConvTranspose2d of another geometry than kernel 4, stride 2, padding 1"
         elif type(mod) in (nn.Conv2d, nn.Linear):
             plan.scales[mod_name] = e["scale"]
         else:
@@ -196,13 +255,7 @@ def _graph_constants(gm):
             owner = gm.get_submodule(mod_name) if mod_name else gm
             owner._parameters.pop(leaf, None)
             owner._buffers.pop(leaf, None)
-    tensors, seen = [], set()
-    for target in used:
-        t = _attr(gm, target)
-        if isinstance(t, torch.Tensor) and t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            tensors.append(t)
-    return tensors
+    return [t for t in (_attr(gm, target) for target in used) if isinstance(t, torch.Tensor)]
 
 
 def _int8(model, stored, calib, batch_size, compile_model):
@@ -212,6 +265,10 @@ def _int8(model, stored, calib, batch_size, compile_model):
 
     plan = int8_plan(model, stored)
     net = _copy(model)
+    for mod_name in plan.subpixel:
+        parent, _, leaf = mod_name.rpartition(".")
+        owner = net.get_submodule(parent) if parent else net
+        setattr(owner, leaf, SubPixelConvTranspose(getattr(owner, leaf)))
     x, t = calib[0]
     batch = torch.export.Dim("batch", min=2)  # the sampler's last batch may be smaller; min 2 avoids 0/1 specialisation
     gm = torch.export.export(net, (x[:2], t[:2]), dynamic_shapes={"x": {0: batch}, "t": {0: batch}}).module()
@@ -220,8 +277,7 @@ def _int8(model, stored, calib, batch_size, compile_model):
         for xc, tc in calib:
             prepared(xc, tc)
     converted = convert_pt2e(prepared)
-    constants = _graph_constants(converted)
-    resident = sum(c.numel() * c.element_size() for c in constants)
+    resident = tensor_bytes(_graph_constants(converted))
     fn, notes = converted, []
     batch_size = batch_size or len(x)
     if compile_model:
@@ -236,6 +292,8 @@ def _int8(model, stored, calib, batch_size, compile_model):
         mod_name = name.rpartition(".")[0]
         if mod_name in plan.scales and name.endswith(".weight"):
             precision[name] = f"int8 W8A8 ({fmt} codes, plan scales)"
+        elif mod_name in plan.subpixel and name.endswith(".weight"):
+            precision[name] = f"int8 W8A8 ({fmt} codes, plan scales; as 4 sub-pixel 2x2 convs)"
         elif name in plan.kept:
             precision[name] = f"fp32 ({fmt} values; {plan.kept[name]})"
         else:
@@ -299,7 +357,7 @@ def prepare(model, stored, backend: str, device="cpu", calib=None, batch_size=No
         net = model.eval().requires_grad_(False).to(device)  # the reference runs the model as it is
         fn = torch.compile(net) if compile_model else net
         precision = {n: f"fp32 ({f} values)" for n, f in _formats(model, stored).items()}
-        runner = Runner(fn, backend, torch.float32, precision, module_bytes(net),
+        runner = Runner(fn, backend, torch.float32, precision, _held(net),
                         notes=["torch.compile"] if compile_model else [])
     elif backend in _DTYPE:
         runner = _floating(model, stored, backend, device, bool(compile_model))
