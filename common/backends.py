@@ -247,7 +247,7 @@ def _attr(gm, target):
 
 def _graph_constants(gm):
     """Drop the tensors the converted graph no longer reads (convert_pt2e leaves the original fp32
-    weights attached); return the distinct tensors it does read."""
+    weights attached); return the tensors it does read."""
     used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
         if name not in used:

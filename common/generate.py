@@ -41,10 +41,12 @@ def load_weights(path: str, cfg, device="cpu"):
     ``stored`` is the quantized file's entries (what each tensor was stored as), None for fp32 weights.
     A state dict that does not fit the architecture is an error naming the file and the config.
     """
-    from .quantize import META_KEY, load_quantized
+    from .quantize import META_KEY, load_quantized, read_quantized
 
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} not found")
+    if os.path.basename(path) == "quantized.pt":
+        read_quantized(path)  # refuses the old pickle container, saying how to rewrite it
     info = {"path": os.path.abspath(path), "sha256": storage.sha256_file(path)}
     if path.endswith(".pt"):
         from .train import load_ema
