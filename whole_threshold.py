@@ -1,6 +1,6 @@
 """Poster strategy 1: one global threshold. Quantize (to quant.format) every eligible tensor whose
-Fisher, normalized by the maximum over all eligible tensors, is below
-strategies.whole_threshold.threshold. Writes runs/<run>/whole_threshold/{quantized.pt, plan.json, metrics.json}.
+Fisher, normalized by the maximum over all eligible tensors, is below strategies.whole_threshold.threshold.
+Writes runs/<run>/whole_threshold/{quantized.safetensors, plan.json, metrics.json}.
 """
 from common.pipeline import run_strategy_script
 

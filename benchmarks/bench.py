@@ -1,10 +1,12 @@
-"""Speed and memory of sampling, Fisher and training, measured side by side in one run.
+"""Speed and memory of sampling, Fisher, training and the execution backends, side by side in one run.
 
     python benchmarks/bench.py --config configs/default.yaml      (make bench)
+    python benchmarks/bench.py --part backends --quick --config configs/smoke.yaml   (the backend table, fast)
 
 Uses the default model architecture with random weights (speed does not depend on training).
 Each measurement runs in its own child process so its peak RSS is its own. Prints a table and
-ends with one ``key=value`` line.
+ends with one ``key=value`` line (bf16_speedup, int8_speedup, int8_resident_ratio, int8_paired_mse_ratio
+first; see benchmarks/bench_backends.py).
 """
 import argparse
 import multiprocessing as mp
@@ -17,6 +19,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import bench_backends  # noqa: E402
 from common.config import load_config  # noqa: E402
 from common.diffusion import NoiseSchedule, build_sampler, sample  # noqa: E402
 from common.fisher import eligible_names, per_sample_sq_grads, per_sample_sq_grads_loop  # noqa: E402
@@ -212,28 +215,8 @@ def isolated(fn, *args):
     return r
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="configs/default.yaml")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--n-batch", type=int, default=500, help="images for the batched sampler")
-    ap.add_argument("--n-single", type=int, default=8, help="images for the per-image loop")
-    ap.add_argument("--fisher-n", type=int, default=64, help="samples for the Fisher comparison")
-    ap.add_argument("--batch-sweep", type=int, nargs="*", default=[25, 100, 300], help="sampling batch sizes")
-    ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
-    ap.add_argument("--update-readme", metavar="README",
-                    help="also write this run's printed table into README's <!-- perf --> block")
-    args = ap.parse_args()
-    if args.update_readme:
-        sys.stdout = _Tee(sys.stdout)
-    cfg = load_config(args.config, args.overrides)
-    if args.quick:
-        args.n_batch, args.n_single, args.fisher_n, args.batch_sweep = 16, 2, 8, [4]
-    print(f"[bench] {args.config}: channels {cfg.model.channels}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
-    peak = matmul_peak()
-    print(f"[bench] GEMM 2048^3: fp32 {peak['float32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bfloat16'] / 1e9:.1f} GFLOP/s")
-
+def core(cfg, args, peak) -> dict:
+    """Sampling variants, batch sweep, per-image loop, Fisher and training; returns the figures."""
     base = isolated(bench_sampling, cfg, args.n_batch, args.n_single, "fp32")
     rows = [base]
     for v in ("channels_last", "torch_compile", "fp16_stored_dequant", "bf16_autocast", "bf16_weights",
@@ -297,6 +280,49 @@ def main():
     print(f"make reproduce samples {n_img} images ({n_variants} variants x {cfg.eval.n_images} x "
           f"{len(cfg.eval.seeds)} seeds): {n_img / base['per_image_img_s'] / 60:.1f} min one at a time vs "
           f"{n_img / base['batched_img_s'] / 60:.1f} min batched")
+    return figures
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/default.yaml")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--n-batch", type=int, default=500, help="images for the batched sampler")
+    ap.add_argument("--n-single", type=int, default=8, help="images for the per-image loop")
+    ap.add_argument("--fisher-n", type=int, default=64, help="samples for the Fisher comparison")
+    ap.add_argument("--batch-sweep", type=int, nargs="*", default=[25, 100, 300], help="sampling batch sizes")
+    ap.add_argument("--part", choices=("all", "core", "backends"), default="all",
+                    help="core: sampling/Fisher/training; backends: execution backends x variants")
+    ap.add_argument("--backend-n", type=int, default=400, help="images per (variant, backend) row")
+    ap.add_argument("--variants", nargs="+", default=list(bench_backends.VARIANTS), choices=bench_backends.VARIANTS,
+                    help="variants of the backend table (fp32 is always measured: it is the reference)")
+    ap.add_argument("--backends", nargs="+", default=list(bench_backends.BACKEND_ROWS),
+                    choices=list(bench_backends.BACKEND_ROWS), help="rows of the backend table (dequant always)")
+    ap.add_argument("--checkpoint", help="baseline for the backend table (default: runs/<run>/baseline/"
+                                         "checkpoint.pt with its fisher.pt; random weights if missing)")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
+    ap.add_argument("--update-readme", metavar="README",
+                    help="also write this run's printed table into README's <!-- perf --> block")
+    args = ap.parse_args()
+    if args.update_readme:
+        sys.stdout = _Tee(sys.stdout)
+    cfg = load_config(args.config, args.overrides)
+    if args.quick:
+        args.n_batch, args.n_single, args.fisher_n, args.batch_sweep, args.backend_n = 16, 2, 8, [4], 16
+    print(f"[bench] {args.config}: channels {cfg.model.channels}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}")
+    peak = matmul_peak()
+    print(f"[bench] GEMM 2048^3: fp32 {peak['float32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bfloat16'] / 1e9:.1f} GFLOP/s")
+
+    figures = {}
+    if args.part in ("all", "core"):
+        figures.update(core(cfg, args, peak))
+    if args.part in ("all", "backends"):
+        ckpt = args.checkpoint or bench_backends.default_checkpoint(cfg)
+        out_dir = os.path.join(cfg.run.out_dir, "bench", cfg.run.name)
+        # the four figures the backend targets are judged by come first on the last line
+        figures = {**bench_backends.run(cfg, ckpt, out_dir, args.backend_n, isolated, args.variants, args.backends),
+                   **figures}
     print(" ".join(f"{k}={v}" for k, v in figures.items()))
     if args.update_readme:
         from common.report import update_readme

@@ -48,11 +48,12 @@ def clear_errors():
     from .allocate import InfeasibleBudgetError
     from .baseline import BaselineError
     from .lock import LockedError
+    from .quantize import QuantizedFileError
     from .storage import CheckpointMismatchError, CorruptFileError
     from .train import NonFiniteLossError, StaleArtifactError
 
     try:
         yield
     except (FileNotFoundError, StaleArtifactError, CheckpointMismatchError, ConfigError, InfeasibleBudgetError,
-            NonFiniteLossError, BaselineError, CorruptFileError, LockedError) as e:
+            NonFiniteLossError, BaselineError, CorruptFileError, LockedError, QuantizedFileError) as e:
         sys.exit(f"error: {e}")

@@ -234,6 +234,16 @@ class EvalConfig:
 
 
 @dataclass
+class BackendConfig:
+    """How sample.py / the bench execute a model (common/backends.py); evaluation always uses dequant."""
+    name: Literal["dequant", "bf16", "fp16", "int8"] = "dequant"
+    compile: Optional[bool] = None  # torch.compile; null = only for int8 (which needs it for its int8 kernels)
+    calib_images: int = _spec(32, lo=2, doc="int8: trajectories whose U-Net inputs calibrate activation scales")
+    calib_steps: int = _spec(20, lo=1, doc="int8: sampler steps recorded per trajectory, spread over the chain")
+    calib_seed: int = 1234  # not an evaluation seed, so calibration never sees the noise it is judged on
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -250,6 +260,7 @@ class Config:
     mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
     sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
     source: str = "<defaults>"  # the YAML file this came from (not a YAML key)
     overrides: list = field(default_factory=list)  # the --set strings applied to it (not a YAML key)
 

@@ -278,7 +278,7 @@ def run_variant(cfg, variant, strategy, params, model, ckpt_path, fisher, device
 
 
 def _run_variant(cfg, variant, strategy, params, model, ckpt_path, fisher, device, force, progress):
-    from .quantize import load_quantized, quantize_model, save_quantized, stored_digest
+    from .quantize import QUANTIZED_FILE, load_quantized, quantize_model, save_quantized, stored_digest
     from .report import plan_table
     from .strategies import describe_plan
 
@@ -292,7 +292,7 @@ def _run_variant(cfg, variant, strategy, params, model, ckpt_path, fisher, devic
     weights_id = stored_digest(stored)
     extra = {"strategy": strategy, "params": params, "checkpoint_sha256": fisher["meta"]["checkpoint_sha256"],
              "eligible_rule": fisher["meta"].get("eligible_rule")}
-    metrics_path, qpath = os.path.join(out, "metrics.json"), os.path.join(out, "quantized.pt")
+    metrics_path, qpath = os.path.join(out, "metrics.json"), os.path.join(out, QUANTIZED_FILE)
     # Refuse before writing anything if this directory holds another configuration's results.
     old = evaluate.reusable(cfg, metrics_path, evaluate.result_fingerprint(cfg, weights_id, extra), force, qpath)
     if old is not None:
@@ -300,6 +300,7 @@ def _run_variant(cfg, variant, strategy, params, model, ckpt_path, fisher, devic
         return old
     arch = {"model": to_dict(cfg.model), "timesteps": cfg.diffusion.timesteps}
     size = save_quantized(stored, qpath, arch, plan_inputs)
+    _remove_old_container(out)
     size["size_bytes"] = size["stored_bytes"]
     size["fp32_bytes"] = 4 * count_params(model)
     summary = describe_plan(plan, model, fisher)
@@ -310,9 +311,17 @@ def _run_variant(cfg, variant, strategy, params, model, ckpt_path, fisher, devic
     qmodel, _ = load_quantized(qpath, device)
     print(f"[{variant}] {size['quantized_fraction']:.1%} of weights quantized; size {size['stored_bytes']:,} B "
           f"stored = {size['analytic_bytes']:,} B analytic; file {size['file_bytes']:,} B "
-          f"({size['container_overhead_bytes']:,} B torch.save container) {qpath}\n{plan_table(summary)}")
+          f"({size['header_bytes']:,} B safetensors header) {qpath}\n{plan_table(summary)}")
     return evaluate.evaluate_variant(cfg, variant, qmodel, size, device, weights_id, force=force,
                                      progress=progress, extra=extra, quantized_path=qpath)
+
+
+def _remove_old_container(variant_dir: str):
+    """quantized.pt (file version 2, read with pickle) is superseded by quantized.safetensors."""
+    old = os.path.join(variant_dir, "quantized.pt")
+    if os.path.exists(old):
+        os.remove(old)
+        print(f"removed {old} (superseded by quantized.safetensors)")
 
 
 def run_strategy_script(description: str, variants):

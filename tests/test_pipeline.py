@@ -63,7 +63,7 @@ def test_all_variants_written(pipeline_run):
         if v != "fp32":
             plan = json.load(open(run_dir / v / "plan.json"))
             assert plan["format"] == "fp16"
-            assert (run_dir / v / "quantized.pt").exists()
+            assert (run_dir / v / "quantized.safetensors").exists() and not (run_dir / v / "quantized.pt").exists()
     fp32 = json.load(open(run_dir / "fp32" / "metrics.json"))
     uni = json.load(open(run_dir / "uniform_fp16" / "metrics.json"))
     assert fp32["paired_mse_vs_fp32"] == 0.0 and fp32["reduction_pct"] == 0.0
@@ -72,7 +72,7 @@ def test_all_variants_written(pipeline_run):
 
 
 def test_quantized_samples_come_from_the_stored_file(pipeline_run):
-    """Re-sampling the reloaded quantized.pt gives exactly the stored samples (same noise)."""
+    """Re-sampling the reloaded quantized.safetensors gives exactly the stored samples (same noise)."""
     from common.config import load_config
     from common.diffusion import NoiseSchedule, build_sampler, sample
     from common.quantize import load_quantized
@@ -80,7 +80,7 @@ def test_quantized_samples_come_from_the_stored_file(pipeline_run):
     tmp, _ = pipeline_run
     cfg = load_config(os.path.join(ROOT, "configs/smoke.yaml"))
     vdir = tmp / "runs" / "smoke" / "uniform_fp16"
-    model, _ = load_quantized(str(vdir / "quantized.pt"))
+    model, _ = load_quantized(str(vdir / "quantized.safetensors"))
     assert all(p.dtype == torch.float32 for p in model.parameters())
     w = dict(model.named_parameters())["Layer1.ResBlock1.conv1.weight"]
     assert torch.equal(w, w.half().float())  # values are exactly fp16-representable
@@ -92,8 +92,15 @@ def test_quantized_samples_come_from_the_stored_file(pipeline_run):
 
 def test_rerun_reuses_and_changed_config_is_refused(pipeline_run):
     tmp, _ = pipeline_run
+    vdir = tmp / "runs" / "smoke" / "layer_math"
     again = run("layer_math.py", tmp)
     assert "[layer_math] reusing" in again.stdout
+    qfile = vdir / "quantized.safetensors"
+    qfile.rename(vdir / "kept.safetensors")
+    (vdir / "quantized.pt").write_bytes(b"an old torch.save container")  # a run made before file version 3
+    gone = run("layer_math.py", tmp, check=False)  # results whose file is not there are not reused
+    assert gone.returncode != 0 and str(qfile) in gone.stderr and "--force" in gone.stderr
+    (vdir / "kept.safetensors").rename(qfile)
     metrics = tmp / "runs" / "smoke" / "layer_math" / "metrics.json"
     before = metrics.read_text()
     p = run("layer_math.py", tmp, "--set", "strategies.layer_math.alpha=0.9", check=False)
@@ -101,6 +108,7 @@ def test_rerun_reuses_and_changed_config_is_refused(pipeline_run):
     assert metrics.read_text() == before  # nothing overwritten
     forced = run("layer_math.py", tmp, "--set", "strategies.layer_math.alpha=0.9", "--force")
     assert "[layer_math] reusing" not in forced.stdout
+    assert not (vdir / "quantized.pt").exists()  # the superseded pickle container is removed
     assert json.loads(metrics.read_text())["params"]["alpha"] == 0.9
 
 
@@ -307,10 +315,10 @@ def test_two_runs_of_one_variant_wait_and_never_mix(pipeline_run):
     metrics = json.load(open(vdir / "metrics.json"))
     plan = json.load(open(vdir / "plan.json"))
     assert metrics["params"]["threshold"] == plan["params"]["threshold"] == float(winners[0])
-    assert metrics["quantized_sha256"] == storage.sha256_file(vdir / "quantized.pt")
+    assert metrics["quantized_sha256"] == storage.sha256_file(vdir / "quantized.safetensors")
 
 
-@pytest.mark.parametrize("victim", ["quantized.pt", "metrics.json"])
+@pytest.mark.parametrize("victim", ["quantized.safetensors", "metrics.json"])
 def test_truncated_result_file_is_caught_on_reuse_and_force_recovers(pipeline_run, monkeypatch, victim):
     from common import report, storage
 
@@ -324,7 +332,7 @@ def test_truncated_result_file_is_caught_on_reuse_and_force_recovers(pipeline_ru
         report.load_results(str(run_dir))
     assert run_here("layer_math.py", tmp, run_dir.name, "--force", monkeypatch=monkeypatch) == 0
     metrics = storage.load_json(vdir / "metrics.json")
-    assert metrics["quantized_sha256"] == storage.sha256_file(vdir / "quantized.pt")
+    assert metrics["quantized_sha256"] == storage.sha256_file(vdir / "quantized.safetensors")
     assert run_here("layer_math.py", tmp, run_dir.name, monkeypatch=monkeypatch) == 0  # and is reused again
 
 

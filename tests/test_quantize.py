@@ -8,9 +8,9 @@ import torch
 from common.config import load_config, to_dict
 from common.fisher import eligible_names
 from common.model import build_unet
-from common.quantize import (Assignment, channel_axes, dequantize_tensor, entry_bits, load_quantized, pack_bits,
-                             pack_int4, quantize_model, quantize_tensor, save_quantized, size_report, unpack_bits,
-                             unpack_int4)
+from common.quantize import (QUANTIZED_FILE, Assignment, QuantizedFileError, channel_axes, dequantize_tensor,
+                             entry_bits, load_quantized, pack_bits, pack_int4, quantize_model, quantize_tensor,
+                             read_quantized, save_quantized, size_report, unpack_bits, unpack_int4)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QMAX = {"int8": 127, "int4": 7}
@@ -219,7 +219,7 @@ def test_quantize_save_load_round_trip(tiny, tmp_path):
     for n, e in stored.items():
         if n not in plan:
             assert e["format"] == "fp32" and torch.equal(e["data"], before[n])
-    path = str(tmp_path / "q.pt")
+    path = str(tmp_path / QUANTIZED_FILE)
     report = save_quantized(stored, path, arch, {"strategy": "test"})
     loaded, blob = load_quantized(path)
     assert blob["provenance"] == {"strategy": "test"}
@@ -234,10 +234,105 @@ def test_quantize_save_load_round_trip(tiny, tmp_path):
 
 
 def test_load_quantized_rejects_other_files(tmp_path):
-    path = str(tmp_path / "not_quantized.pt")
-    torch.save({"model": {}}, path)
-    with pytest.raises(ValueError, match="file_version"):
-        load_quantized(path)
+    from common.storage import atomic_save_safetensors
+
+    plain = str(tmp_path / "state.safetensors")
+    atomic_save_safetensors({"w": torch.zeros(2)}, plain)
+    with pytest.raises(QuantizedFileError, match="laqfi_quantized.*--checkpoint"):
+        load_quantized(plain)
+    old = str(tmp_path / "quantized.pt")
+    torch.save({"file_version": 2}, old)
+    with pytest.raises(QuantizedFileError, match="no longer read.*pickle.*re-run"):
+        load_quantized(old)
+
+
+@pytest.mark.parametrize("fmt", ["fp16", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_every_format_round_trips_through_safetensors(tmp_path, fmt, masked):
+    """Each stored array comes back bit-identical, with its dtype, through the file; 1-D, ConvTranspose
+    (axis 1), empty and full masks included."""
+    g = torch.Generator().manual_seed(5)
+    ws = {"conv.weight": (rand(6, 5, 3, 3), 0), "up.weight": (rand(4, 6, 2, 2, seed=1), 1), "b": (rand(7, seed=2), 0)}
+    stored = {}
+    for i, (n, (w, axis)) in enumerate(ws.items()):
+        m = None
+        if masked:
+            m = [torch.rand(w.shape, generator=g) < 0.5, torch.zeros(w.shape, dtype=torch.bool),
+                 torch.ones(w.shape, dtype=torch.bool)][i]
+        stored[n] = quantize_tensor(w, fmt, axis, m)
+    stored["fp32.bias"] = {"format": "fp32", "data": rand(3, seed=3)}
+    path = str(tmp_path / QUANTIZED_FILE)
+    report = save_quantized(stored, path, {"model": {}, "timesteps": 1}, {"strategy": "t", "fmt": fmt})
+    blob = read_quantized(path)
+    assert blob["provenance"] == {"strategy": "t", "fmt": fmt} and blob["arch"] == {"model": {}, "timesteps": 1}
+    assert set(blob["tensors"]) == set(stored)
+    for n, e in stored.items():
+        back = blob["tensors"][n]
+        assert {k for k in back} == {k for k in e}, n
+        for k, v in e.items():
+            if isinstance(v, torch.Tensor):
+                assert back[k].dtype == v.dtype and torch.equal(back[k], v), (n, k)
+            else:
+                assert back[k] == v, (n, k)
+        if e["format"] != "fp32":
+            assert torch.equal(dequantize_tensor(back), dequantize_tensor(e))
+    # exact accounting: the tensors are the analytic bits, the rest of the file is the safetensors header
+    assert report["stored_bytes"] == report["analytic_bytes"]
+    with open(path, "rb") as fh:
+        header = 8 + int.from_bytes(fh.read(8), "little")
+    assert report["header_bytes"] == header
+    assert os.path.getsize(path) == report["file_bytes"] == header + report["stored_bytes"]
+
+
+@pytest.fixture
+def saved(tiny, tmp_path):
+    model, arch = tiny
+    _, stored = quantize_model(model, mixed_plan(model))
+    path = str(tmp_path / QUANTIZED_FILE)
+    save_quantized(stored, path, arch, {"strategy": "test"})
+    return path
+
+
+def test_truncated_file_is_refused(saved):
+    data = open(saved, "rb").read()
+    for keep in (len(data) - 1, len(data) // 2, 100, 4):
+        with open(saved, "wb") as fh:
+            fh.write(data[:keep])
+        with pytest.raises(QuantizedFileError, match=f"{saved}.*truncated or corrupted"):
+            load_quantized(saved)
+
+
+def test_corrupted_payload_or_header_is_refused(saved):
+    data = bytearray(open(saved, "rb").read())
+    header = 8 + int.from_bytes(data[:8], "little")
+    flipped = bytearray(data)
+    flipped[header + (len(data) - header) // 2] ^= 0x10  # one bit in the middle of the tensors
+    with open(saved, "wb") as fh:
+        fh.write(flipped)
+    with pytest.raises(QuantizedFileError, match="SHA-256.*corrupted"):
+        load_quantized(saved)
+    text = bytes(data[8:header])
+    bad = text.replace(b'\\"format\\": \\"int8\\"', b'\\"format\\": \\"int9\\"', 1)
+    assert bad != text and len(bad) == len(text)
+    with open(saved, "wb") as fh:
+        fh.write(bytes(data[:8]) + bad + bytes(data[header:]))
+    with pytest.raises(QuantizedFileError, match=saved):
+        load_quantized(saved)
+
+
+def test_loading_executes_no_pickle(saved, monkeypatch):
+    import pickle
+
+    def forbidden(*a, **k):
+        raise AssertionError("pickle used while loading a quantized file")
+
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(pickle, "Unpickler", forbidden)
+    monkeypatch.setattr(torch, "load", forbidden)
+    model, blob = load_quantized(saved)
+    assert blob["provenance"] == {"strategy": "test"}
+    assert sum(p.numel() for p in model.parameters()) > 0
 
 
 def test_plan_with_unknown_parameter(tiny):
@@ -250,17 +345,16 @@ def test_size_report_accounting(tiny, tmp_path):
     model, arch = tiny
     plan = mixed_plan(model)
     _, stored = quantize_model(model, plan)
-    report = save_quantized(stored, str(tmp_path / "q.pt"), arch, {})
+    report = save_quantized(stored, str(tmp_path / QUANTIZED_FILE), arch, {})
     # analytic bit counts are byte-rounded per stored array, exactly like the arrays themselves
     assert abs(report["analytic_bytes"] - report["stored_bytes"]) <= len(stored)
     assert report["analytic_bytes"] == report["stored_bytes"]
     manual = sum(t.numel() * t.element_size() for e in stored.values() for t in e.values()
                  if isinstance(t, torch.Tensor))
     assert report["stored_bytes"] == manual
-    assert report["file_bytes"] - report["stored_bytes"] == report["container_overhead_bytes"]
+    assert report["file_bytes"] - report["stored_bytes"] == report["header_bytes"]
     n_arrays = sum(isinstance(t, torch.Tensor) for e in stored.values() for t in e.values())
-    assert 0 < report["container_overhead_bytes"] < 1024 * n_arrays  # zip records + pickle, < 1 KB per array
-    assert report["container_overhead_bytes"] < 100_000
+    assert 0 < report["header_bytes"] < 400 * n_arrays  # safetensors' offsets + our record, well under 1 KB an array
     params = dict(model.named_parameters())
     total = sum(p.numel() for p in params.values())
     nq = sum(p.numel() if plan[n].mask is None else int(plan[n].mask.sum()) for n, p in params.items() if n in plan)
@@ -280,8 +374,8 @@ def test_uniform_fp16_halves_the_quantized_tensors(tiny, tmp_path):
     q32 = sum(fp32[n]["data"].numel() * 4 for n in names)
     q16 = sum(half[n]["data"].numel() * half[n]["data"].element_size() for n in names)
     assert q16 * 2 == q32
-    f32 = save_quantized(fp32, str(tmp_path / "a.pt"), arch, {})["file_bytes"]
-    f16 = save_quantized(half, str(tmp_path / "b.pt"), arch, {})["file_bytes"]
+    f32 = save_quantized(fp32, str(tmp_path / "a.safetensors"), arch, {})["file_bytes"]
+    f16 = save_quantized(half, str(tmp_path / "b.safetensors"), arch, {})["file_bytes"]
     assert 0.5 < f16 / f32 < 0.56  # eligible weights are ~98.6% of the tiny model
     _, i4 = quantize_model(model, {n: Assignment("int4") for n in names})
     assert size_report(i4)["stored_bytes"] < 0.6 * r16["stored_bytes"]

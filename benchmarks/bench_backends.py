@@ -1,0 +1,188 @@
+"""Execution backends x variants, side by side: speed, memory and what each does to the samples.
+
+Part of ``make bench`` (``benchmarks/bench.py``; ``--part backends`` runs only this). Variants:
+fp32, uniform int8, the poster's best rule (layer_ratio p = 0.25, the poster's best-FID row, with int8
+as its low format because fp16 has no fast CPU kernel) and a Fisher-allocated mix (fisher_distortion,
+25% budget over fp32/fp16/int8/int4), each written as quantized.safetensors and reloaded from it.
+Backends: dequant (fp32 reference), bf16 eager, bf16 + torch.compile, int8 (PT2E W8A8 + torch.compile).
+Every (variant, backend) runs in its own process (its own peak RSS), samples the same noise (seed 0), and
+is compared with fp32-on-dequant: paired MSE of [0, 1] pixels and classifier-FID between the two sets.
+"""
+import gc
+import os
+import time
+
+import torch
+
+from common import evaluate, metrics, storage
+from common.config import to_dict
+from common.data import to_uint8
+from common.diffusion import NoiseSchedule, build_sampler, sample
+from common.fisher import eligible_names
+from common.generate import build_runner, load_weights
+from common.quantize import QUANTIZED_FILE, quantize_model, save_quantized
+
+BACKEND_ROWS = {"dequant": ("dequant", False), "bf16": ("bf16", False), "bf16+compile": ("bf16", True),
+                "int8": ("int8", True)}
+VARIANTS = ("fp32", "uniform_int8", "layer_ratio_p0.25_int8", "mp_fisher_25%")
+TARGETS = {"bf16": 1.8, "int8": 2.2}
+
+
+def _weights(cfg, ckpt_path):
+    """(fp32 model, Fisher artifact, description): the trained baseline if there is one, else random
+    weights with squared weights standing in for Fisher (plans then only exercise the machinery)."""
+    fisher_path = os.path.join(os.path.dirname(ckpt_path), "fisher.pt")
+    if os.path.exists(ckpt_path) and os.path.exists(fisher_path):
+        from common.fisher import load_fisher
+
+        model, _, _ = load_weights(ckpt_path, cfg)
+        return model, load_fisher(fisher_path, ckpt_path), f"trained baseline {ckpt_path}"
+    from common.model import build_unet
+
+    torch.manual_seed(0)
+    model = build_unet(cfg.model, cfg.diffusion.timesteps).eval().requires_grad_(False)
+    params = dict(model.named_parameters())
+    diag = {n: params[n].detach().pow(2) for n in eligible_names(model, cfg.fisher.eligible)}
+    fisher = {"diag": diag, "per_tensor": {n: float(d.mean()) for n, d in diag.items()},
+              "meta": {"eligible_rule": cfg.fisher.eligible}}
+    return model, fisher, (f"random weights ({ckpt_path} or its fisher.pt missing): samples are noise, so the "
+                           f"paired figures only show the machinery works; squared weights stand in for Fisher")
+
+
+def write_variants(cfg, ckpt_path, out_dir, names=VARIANTS) -> tuple:
+    """quantized.safetensors of the ``names`` variants under ``out_dir``; returns ({name: path}, description)."""
+    from common import strategies
+    from common.allocate import allocate_model
+    from common.importance import compute_importance
+
+    model, fisher, source = _weights(cfg, ckpt_path)
+    plans = {"fp32": lambda: {}, "uniform_int8": lambda: strategies.uniform(fisher, fmt="int8")[0],
+             "layer_ratio_p0.25_int8": lambda: strategies.layer_ratio(fisher, 0.25, fmt="int8")[0],
+             "mp_fisher_25%": lambda: allocate_model(model, compute_importance(
+                 "fisher_distortion", model, fisher, cfg.importance), "25%", ["fp32", "fp16", "int8", "int4"])[0]}
+    arch = {"model": to_dict(cfg.model), "timesteps": cfg.diffusion.timesteps}
+    paths = {}
+    for name in names:
+        _, stored = quantize_model(model, plans[name]())
+        paths[name] = os.path.join(out_dir, name, QUANTIZED_FILE)
+        save_quantized(stored, paths[name], arch, {"bench": name, "source": source})
+    return paths, source
+
+
+def _peak_rss_mb():
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _top_ops(runner, x, t, k=5) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        runner(x, t)
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:k]
+    return ", ".join(f"{e.key} {100 * e.self_cpu_time_total / total:.0f}%" for e in top)
+
+
+def bench_backend(cfg, path, backend, compile_model, n, batch):
+    """One (variant file, backend) in this process: prepare, sample ``n`` images (seed 0), profile one call."""
+    model, stored, _ = load_weights(path, cfg)
+    runner = build_runner(cfg, model, stored, backend, "cpu", batch, compile_model, progress=False)
+    del model, stored
+    gc.collect()
+    sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
+    shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
+    t0 = time.perf_counter()
+    x = sample(runner, sampler, n, shape, 0, batch, progress=False)
+    seconds = time.perf_counter() - t0
+    probe = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
+    return {"img_s": n / seconds, "prepare_s": runner.prepare_seconds, "resident_bytes": runner.resident_bytes,
+            # numpy, not a tensor: torch would share the tensor through a file descriptor of this (exiting) process
+            "peak_rss_mb": _peak_rss_mb(), "x01": ((x.clamp(-1, 1) + 1) / 2).numpy(), "summary": runner.summary(),
+            "top_ops": _top_ops(runner, probe, torch.full((batch,), cfg.diffusion.timesteps // 2))}
+
+
+def _clf_features(cfg, x01):
+    clf, _ = evaluate.classifier(cfg, progress=False)
+    return metrics.classifier_outputs(clf, to_uint8(x01 * 2 - 1))[0]
+
+
+def run(cfg, ckpt_path, out_dir, n, isolated, variants=VARIANTS, rows_wanted=tuple(BACKEND_ROWS)):
+    """Measure every (variant, backend); print the table and return the headline figures.
+
+    fp32 on dequant is the reference of the paired figures and is always measured."""
+    variants = ["fp32"] + [v for v in variants if v != "fp32"]
+    paths, source = write_variants(cfg, ckpt_path, out_dir, variants)
+    batch = min(n, cfg.sample.batch_size)
+    print(f"\n[backends] {source}\n[backends] {n} images per row, batch {batch}, seed 0, "
+          f"{cfg.sample.sampler} {cfg.sample.steps} steps; int8 calibration: {cfg.backend.calib_images} "
+          f"trajectories x {cfg.backend.calib_steps} steps (seed {cfg.backend.calib_seed})")
+    rows = {}
+    for variant, path in paths.items():
+        for label in ["dequant"] + [b for b in rows_wanted if b != "dequant"]:
+            backend, comp = BACKEND_ROWS[label]
+            r = isolated(bench_backend, cfg, path, backend, comp, n, batch)
+            if "x01" in r:
+                r["x01"] = torch.from_numpy(r["x01"])
+            rows[variant, label] = r
+    ref = rows["fp32", "dequant"]
+    try:
+        ref_feats = _clf_features(cfg, ref["x01"])
+    except (FileNotFoundError, OSError) as e:  # no MNIST to train the classifier on: paired MSE only
+        print(f"[backends] classifier-FID unavailable: {e}")
+        ref_feats = None
+    fp32_resident = ref["resident_bytes"]
+    print(f"\n{'variant':24s} {'backend':16s} {'img/s':>7s} {'vs fp32':>8s} {'prepare s':>10s} {'peak RSS MB':>12s} "
+          f"{'weights MB':>11s} {'vs fp32':>8s} {'paired MSE':>11s} {'clf-FID':>8s}")
+    for (variant, label), r in rows.items():
+        if "error" in r:
+            print(f"{variant:24s} {label:16s} unavailable: {r['error']}")
+            continue
+        r["paired_mse"] = float((r["x01"] - ref["x01"]).pow(2).mean())
+        r["clf_fid"] = (metrics.frechet_from_features(_clf_features(cfg, r["x01"]), ref_feats)
+                        if ref_feats is not None else None)
+        fid = f"{r['clf_fid']:8.3f}" if r["clf_fid"] is not None else f"{'n/a':>8s}"
+        print(f"{variant:24s} {label:16s} {r['img_s']:7.1f} {r['img_s'] / ref['img_s']:8.2f} {r['prepare_s']:10.1f} "
+              f"{r['peak_rss_mb']:12.0f} {r['resident_bytes'] / 2 ** 20:11.3f} "
+              f"{r['resident_bytes'] / fp32_resident:8.2f} {r['paired_mse']:11.2e} {fid}")
+    print("\nwhat runs in which precision (int8 rows):")
+    for variant in paths:
+        r = rows.get((variant, "int8"), {})
+        if "summary" in r:
+            parts = "; ".join(f"{c} {how}" for how, c in r["summary"]["tensors_by_execution"].items())
+            held = ", ".join(f"{k} {v / 2 ** 20:.3f} MB" for k, v in r["summary"]["resident_by_dtype"].items())
+            print(f"  {variant}: {parts}\n    resident: {held}")
+    return headline(rows)
+
+
+def headline(rows) -> dict:
+    """The last-line figures, all on the uniform int8 variant against its own dequant row (fp32 compute);
+    None where that row was not measured."""
+    def ok(label):
+        r = rows.get(("uniform_int8", label))
+        return r if r is not None and "error" not in r else None
+
+    base, int8 = ok("dequant"), ok("int8")
+    bf16 = max(filter(None, (ok("bf16"), ok("bf16+compile"))), key=lambda r: r["img_s"], default=None)
+    out = dict.fromkeys(("bf16_speedup", "int8_speedup", "int8_resident_ratio", "int8_paired_mse_ratio"))
+    if base is None:
+        return out
+    if bf16 is not None:
+        out["bf16_speedup"] = round(bf16["img_s"] / base["img_s"], 2)
+    if int8 is not None:
+        out["int8_speedup"] = round(int8["img_s"] / base["img_s"], 2)
+        out["int8_resident_ratio"] = round(int8["resident_bytes"] / rows["fp32", "dequant"]["resident_bytes"], 3)
+        out["int8_paired_mse_ratio"] = (round(int8["paired_mse"] / base["paired_mse"], 2)
+                                        if base["paired_mse"] > 0 else None)
+    for name, r in (("bf16", bf16), ("int8", int8)):
+        if r is not None and out[f"{name}_speedup"] < TARGETS[name]:
+            print(f"  {name} target (>= {TARGETS[name]}x fp32) missed ({out[f'{name}_speedup']}x); top ops of one "
+                  f"{name} U-Net call: {r['top_ops']}")
+    print(f"  fp32 (dequant) top ops: {base['top_ops']}")
+    return out
+
+
+def default_checkpoint(cfg) -> str:
+    return os.path.join(storage.baseline_dir(cfg), "checkpoint.pt")

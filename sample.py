@@ -1,0 +1,51 @@
+"""Draw images from a baseline or any quantized variant, on a real low-precision backend.
+
+--checkpoint takes a training checkpoint (runs/<run>/baseline/checkpoint.pt, the default) or a plain
+safetensors state dict (EMA weights; architecture from its metadata, else from --config);
+--variant-file takes a quantized.safetensors. --backend: dequant (fp32 compute of the stored values, the
+reference), bf16, fp16 (CUDA only) or int8 (static W8A8 on x86 through PT2E + torch.compile; see
+README "Running quantized models"). Writes <out>/samples.png, samples.npz (uint8 images and float32
+samples) and sample.json (source, backend, what each tensor ran in, speed). Same --seed, same batch size:
+same noise, so outputs of two backends or variants are paired.
+"""
+import os
+
+from common import cli
+from common.backends import BACKENDS
+from common.generate import generate
+from common.storage import baseline_dir, resolve_device, run_dir
+
+
+def main():
+    p = cli.parser(__doc__)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", help="baseline weights: checkpoint.pt or a safetensors state dict "
+                                          "(default: runs/<run>/baseline/checkpoint.pt)")
+    src.add_argument("--variant-file", help="a quantized.safetensors written by a strategy script")
+    p.add_argument("--n", type=int, default=64, help="number of images")
+    p.add_argument("--seed", type=int, default=0, help="noise seed (the evaluation's seeds are eval.seeds)")
+    p.add_argument("--backend", choices=BACKENDS, help="execution backend (default: backend.name from the config)")
+    p.add_argument("--out", help="output folder (default: runs/<run>/samples/<source>_<backend>_seed<seed>)")
+    args = p.parse_args()
+    cfg = cli.load(args)
+    if args.n < 1:
+        p.error("--n must be at least 1")
+    backend = args.backend or cfg.backend.name
+    path = args.variant_file or args.checkpoint or os.path.join(baseline_dir(cfg), "checkpoint.pt")
+    tag = os.path.basename(os.path.dirname(os.path.abspath(path)))  # the variant (or baseline) folder
+    out = args.out or os.path.join(run_dir(cfg), "samples", f"{tag}_{backend}_seed{args.seed}")
+    with cli.clear_errors():
+        try:
+            r = generate(cfg, path, backend, args.n, args.seed, out, resolve_device(cfg.run.device),
+                         progress=not args.no_progress)
+        except ValueError as e:  # a bad file or a backend this machine cannot run: one line, not a traceback
+            raise SystemExit(f"error: {e}") from None
+    print(f"[sample] {args.n} images of {path} on {backend}: {r['images_per_second']} img/s, "
+          f"prepare {r['prepare_seconds']} s, resident weights {r['resident_bytes'] / 2 ** 20:.2f} MB")
+    for how, count in r["tensors_by_execution"].items():
+        print(f"  {count:4d} tensors: {how}")
+    print(f"[sample] -> {out}/samples.png, samples.npz, sample.json")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""common.backends, common.generate, sample.py: each backend on the smoke model vs dequant under the same noise."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from common import backends
+from common.diffusion import NoiseSchedule, build_sampler, sample
+from common.fisher import eligible_names
+from common.quantize import QUANTIZED_FILE, Assignment, _from_channel_first, quantize_model, save_quantized, unpack_int4
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAPE = (1, 32, 32)
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def mixed(tiny_model_fisher):
+    """Smoke U-Net quantized with a plan touching every case: int8 and int4 convs and linears, an fp16
+    tensor, an element-masked int8 tensor and an int8 ConvTranspose2d."""
+    cfg, model, _ = tiny_model_fisher
+    names = eligible_names(model, "poster")
+    plan = {n: Assignment("int8") for n in names}
+    plan["Layer1.ResBlock1.conv1.weight"] = Assignment("int4")
+    plan["Layer2.attention_layer.proj1.weight"] = Assignment("int4")
+    plan["Layer3.ResBlock1.conv2.weight"] = Assignment("fp16")
+    w = dict(model.named_parameters())["Layer3.ResBlock2.conv1.weight"]
+    plan["Layer3.ResBlock2.conv1.weight"] = Assignment("int8", torch.rand(w.shape, generator=torch.Generator()
+                                                                           .manual_seed(0)) < 0.5)
+    qmodel, stored = quantize_model(model, plan)
+    sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
+    ref = sample(qmodel.eval(), sampler, 8, SHAPE, 0, 8, progress=False)
+    return cfg, qmodel.eval().requires_grad_(False), stored, sampler, ref
+
+
+def test_dequant_is_the_reference(mixed):
+    _, qmodel, stored, sampler, ref = mixed
+    r = backends.prepare(qmodel, stored, "dequant")
+    assert torch.equal(sample(r, sampler, 8, SHAPE, 0, 8, progress=False), ref)
+    assert r.resident_bytes == backends.module_bytes(qmodel)
+    assert r.precision["Layer1.ResBlock1.conv1.weight"] == "fp32 (int4 values)"
+    assert r.precision["Layer3.ResBlock2.conv1.weight"] == "fp32 (int8 masked values)"
+
+
+def test_bf16_runs_bf16_and_stays_close(mixed):
+    _, qmodel, stored, sampler, ref = mixed
+    r = backends.prepare(qmodel, stored, "bf16", warmup_shape=(2, *SHAPE))
+    assert all(p.dtype == torch.bfloat16 for p in r.fn.parameters())
+    assert r.resident_bytes * 2 == backends.module_bytes(qmodel)  # every weight and buffer at half the bytes
+    out = sample(r, sampler, 8, SHAPE, 0, 8, progress=False)
+    assert out.dtype == torch.float32 and 0 < rel_err(out, ref) < 0.02
+    assert r.precision["Layer3.ResBlock1.conv2.weight"] == "bf16 (rounded from fp16)"
+    assert r.precision["output_conv.bias"] == "bf16 (rounded from fp32)"
+
+
+def test_fp16_needs_cuda_and_unknown_backend(mixed):
+    _, qmodel, stored, _, _ = mixed
+    with pytest.raises(ValueError, match="needs a CUDA device.*bf16"):
+        backends.prepare(qmodel, stored, "fp16", device="cpu")
+    with pytest.raises(ValueError, match="unknown backend 'int4'.*dequant, bf16, fp16, int8"):
+        backends.prepare(qmodel, stored, "int4")
+    with pytest.raises(ValueError, match="calibration"):
+        backends.prepare(qmodel, stored, "int8")
+
+
+def test_int8_plan_says_what_cannot_run_int8(mixed):
+    _, qmodel, stored, _, _ = mixed
+    plan = backends.int8_plan(qmodel, stored)
+    assert "Layer1.ResBlock1.conv1" in plan.scales and "Layer2.attention_layer.proj1" in plan.scales  # int4
+    assert "Layer3.ResBlock1.conv2" not in plan.scales  # fp16 stays fp16 values, fp32 compute
+    assert "mask" in plan.kept["Layer3.ResBlock2.conv1.weight"]
+    assert plan.subpixel == ["Layer4.conv", "Layer5.conv", "Layer6.conv"]  # the up-samplers, as 4 convs each
+    assert "Layer4.conv.phases.3" in plan.scales and "Layer4.conv" not in plan.scales
+    assert backends.int8_plan(qmodel, None).scales == {}
+
+
+@pytest.mark.parametrize("cin, cout, h, w", [(8, 4, 5, 7), (6, 6, 4, 4)])
+def test_subpixel_conv_transpose_is_exact(cin, cout, h, w):
+    torch.manual_seed(cin)
+    ct = torch.nn.ConvTranspose2d(cin, cout, 4, 2, 1)
+    x = torch.randn(3, cin, h, w)
+    sub = backends.SubPixelConvTranspose(ct)
+    torch.testing.assert_close(sub(x), ct(x), rtol=1e-5, atol=1e-6)
+    assert sum(p.numel() for p in sub.parameters()) == ct.weight.numel() + 4 * cout  # same weights, 4 bias copies
+    assert not backends.SubPixelConvTranspose.fits(torch.nn.ConvTranspose2d(4, 4, 3, 2, 1))
+
+
+def test_calibration_inputs_span_the_chain(mixed):
+    _, qmodel, _, sampler, _ = mixed
+    calib = backends.calibration_inputs(qmodel, sampler, 4, SHAPE, 7)
+    assert [int(t[0]) for _, t in calib] == sampler.timesteps  # every step of the (3-step) chain
+    assert all(x.shape == (4, *SHAPE) for x, _ in calib)
+    two = backends.calibration_inputs(qmodel, sampler, 4, SHAPE, 7, steps=2)
+    assert [int(t[0]) for _, t in two] == [sampler.timesteps[0], sampler.timesteps[-1]]
+
+
+@pytest.fixture(scope="module")
+def int8_reference(mixed):
+    """The converted PT2E graph without torch.compile: int8 numerics, no compilation cost."""
+    _, qmodel, stored, sampler, _ = mixed
+    calib = backends.calibration_inputs(qmodel, sampler, 8, SHAPE, 1234)
+    return backends.prepare(qmodel, stored, "int8", calib=calib, compile_model=False), calib
+
+
+def _graph_weights(gm):
+    """(int8 weight, scale) of every per-channel dequantize in the converted graph."""
+    out = []
+    for node in gm.graph.nodes:
+        if node.target is torch.ops.quantized_decomposed.dequantize_per_channel.default:
+            w, s = (backends._attr(gm, a.target) for a in node.args[:2])
+            out.append((w, s))
+    return out
+
+
+def test_int8_executes_the_plans_own_codes(mixed, int8_reference):
+    _, qmodel, stored, _, _ = mixed
+    runner, _ = int8_reference
+    got = _graph_weights(runner.fn)
+    plan = backends.int8_plan(qmodel, stored)
+    assert len(got) == len(plan.scales)
+    expected = {}  # module name in the rewritten net -> int8 codes of its weight
+    for name, e in stored.items():
+        mod_name = name.rpartition(".")[0]
+        if name.endswith(".weight") and (mod_name in plan.scales or mod_name in plan.subpixel):
+            n, shape = int(np.prod(e["shape"])), e["shape"]
+            flat = e["data"] if e["format"] == "int8" else unpack_int4(e["data"], n)
+            codes = _from_channel_first(flat.reshape(shape[e["axis"]], -1), shape, e["axis"])  # stored channel-first
+            if mod_name in plan.subpixel:
+                expected.update({f"{mod_name}.phases.{i}": c for i, c in
+                                 enumerate(backends.SubPixelConvTranspose.phase_weights(codes))})
+            else:
+                expected[mod_name] = codes
+    assert set(expected) == set(plan.scales)
+    for mod_name, codes in expected.items():
+        match = [s for w, s in got if w.shape == codes.shape and torch.equal(w, codes)]
+        assert match and torch.equal(match[0], plan.scales[mod_name]), mod_name  # same codes, same scales
+    assert runner.precision["Layer1.ResBlock1.conv1.weight"] == "int8 W8A8 (int4 codes, plan scales)"
+    assert runner.precision["Layer4.conv.weight"].endswith("as 4 sub-pixel 2x2 convs)")
+    assert runner.precision["Layer3.ResBlock2.conv1.weight"].startswith("fp32 (int8 masked values; element mask")
+    assert runner.resident_bytes < 0.4 * backends.module_bytes(qmodel)
+
+
+def test_int8_reference_stays_close_to_dequant(mixed, int8_reference):
+    _, _, _, sampler, ref = mixed
+    runner, _ = int8_reference
+    out = sample(runner, sampler, 8, SHAPE, 0, 8, progress=False)
+    assert 0 < rel_err(out, ref) < 0.05
+    one = sample(runner, sampler, 1, SHAPE, 0, 8, progress=False)  # batch 1 is padded to the graph's minimum 2
+    torch.testing.assert_close(one, out[:1], rtol=1e-5, atol=1e-5)
+
+
+def test_int8_compiled(mixed, int8_reference):
+    """The one torch.compile test: oneDNN int8 kernels agree with the reference graph, small batches are padded."""
+    _, qmodel, stored, sampler, ref = mixed
+    reference, calib = int8_reference
+    runner = backends.prepare(qmodel, stored, "int8", calib=calib, batch_size=8, warmup_shape=(8, *SHAPE))
+    assert runner.batch_size == 8 and runner.prepare_seconds > 0
+    out = sample(runner, sampler, 8, SHAPE, 0, 8, progress=False)
+    assert rel_err(out, ref) < 0.05
+    assert rel_err(out, sample(reference, sampler, 8, SHAPE, 0, 8, progress=False)) < 0.02
+    part = sample(runner, sampler, 5, SHAPE, 0, 8, progress=False)
+    torch.testing.assert_close(part, out[:5], rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- loading and sample.py
+def test_load_weights_plain_state_dict(tiny_model_fisher, tmp_path):
+    from common.config import load_config
+    from common.generate import load_weights
+    from common.storage import atomic_save_safetensors
+
+    cfg, model, _ = tiny_model_fisher
+    path = str(tmp_path / "ema.safetensors")
+    atomic_save_safetensors(model.state_dict(), path, {"step": "3"})
+    loaded, stored, info = load_weights(path, cfg)
+    assert stored is None and info["kind"] == "state dict"
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    other = load_config(os.path.join(ROOT, "configs", "smoke.yaml"), ["model.time_embedding=mlp"])
+    with pytest.raises(ValueError, match=f"{path}.*does not fit.*smoke.yaml"):
+        load_weights(path, other)
+
+
+def test_sample_script(tiny_model_fisher, tmp_path):
+    cfg, model, _ = tiny_model_fisher
+    _, stored = quantize_model(model, {n: Assignment("int8") for n in eligible_names(model, "poster")})
+    from common.config import to_dict
+
+    qpath = str(tmp_path / "v" / QUANTIZED_FILE)
+    save_quantized(stored, qpath, {"model": to_dict(cfg.model), "timesteps": cfg.diffusion.timesteps}, {})
+    outs = {}
+    for backend in ("dequant", "bf16"):
+        out = tmp_path / backend
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--config",
+                            os.path.join(ROOT, "configs", "smoke.yaml"), "--variant-file", qpath, "--backend", backend,
+                            "--n", "5", "--out", str(out), "--no-progress"],
+                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), cwd=tmp_path)
+        assert p.returncode == 0, p.stderr
+        assert (out / "samples.png").exists()
+        npz = np.load(out / "samples.npz")
+        assert npz["images"].shape == (5, 1, 32, 32) and npz["images"].dtype == np.uint8
+        assert npz["x"].dtype == np.float32
+        info = json.load(open(out / "sample.json"))
+        assert info["backend"] == backend and info["n"] == 5 and info["source"]["kind"] == "quantized"
+        outs[backend] = torch.from_numpy(npz["x"])
+    assert 0 < rel_err(outs["bf16"], outs["dequant"]) < 0.02  # same noise: paired
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--config",
+                        os.path.join(ROOT, "configs", "smoke.yaml"), "--variant-file", qpath, "--backend", "fp16"],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), cwd=tmp_path)
+    assert p.returncode != 0 and "needs a CUDA device" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_sample_help():
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--help"], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+    assert p.returncode == 0 and "--variant-file" in p.stdout and "--backend" in p.stdout
