@@ -8,7 +8,7 @@ RUN     ?= runs/$(basename $(notdir $(CONFIG)))
 LAQFI_DATA_ROOT ?= $(if $(wildcard ../shared/data/MNIST/raw),../shared/data,data)
 export LAQFI_DATA_ROOT
 
-.PHONY: setup reproduce test bench compare
+.PHONY: setup reproduce test bench compare actquant
 
 $(BIN)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -36,3 +36,8 @@ bench: setup
 # Beyond the poster: every importance metric through the same allocator (needs `make reproduce` first).
 compare: setup
 	$(BIN)/python compare_metrics.py --config $(CONFIG) $(if $(filter configs/default.yaml,$(CONFIG)),--update-readme README.md)
+
+# Beyond the poster: weight + activation quantization, uniform vs Fisher/magnitude/random W/A plans and
+# single vs per-timestep-group activation ranges at act_quant.budgets (needs `make reproduce` first).
+actquant: setup
+	$(BIN)/python act_quant.py --config $(CONFIG) $(if $(filter configs/default.yaml,$(CONFIG)),--update-readme README.md)

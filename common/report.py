@@ -123,9 +123,9 @@ def _f(v, d=2, std=None):
 
 # ----------------------------------------------------------------------------- verdicts
 def per_seed(r, key) -> np.ndarray:
-    """A variant's per-seed values of ``key`` in seed order (NaN where not measured)."""
+    """A variant's per-seed values of ``key`` in seed order (NaN where not measured, or not recorded at all)."""
     seeds = sorted(r["per_seed"], key=int)
-    return np.array([r["per_seed"][s][key] if r["per_seed"][s][key] is not None else np.nan for s in seeds],
+    return np.array([np.nan if r["per_seed"][s].get(key) is None else r["per_seed"][s][key] for s in seeds],
                     dtype=float)
 
 
