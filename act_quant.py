@@ -24,10 +24,9 @@ def main():
                                                      progress=not args.no_progress)
         md = act_compare.write_outputs(cfg, done, notes, seconds=time.time() - t0)
         if args.update_readme:
-            from common.report import update_readme
+            from common.report import update_readme_from_summary
 
-            update_readme(args.update_readme, md.split("\n", 2)[2].replace("](act_quant.png)", "](docs/act_quant.png)"),
-                          marker="actquant", figures=[f"{act_compare.act_dir(cfg)}/act_quant.png"])
+            update_readme_from_summary(args.update_readme, md, "actquant", f"{act_compare.act_dir(cfg)}/act_quant.png")
     print(md)
 
 

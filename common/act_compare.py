@@ -7,8 +7,6 @@ per-seed differences are paired. Writes ``summary.csv`` (one row per variant and
 single ranges; a two-sided paired t-test at 5% over seeds, ``report.paired_test``) and ``act_quant.png``.
 """
 import copy
-import csv
-import io
 import os
 
 import numpy as np
@@ -218,11 +216,7 @@ def plot(done: dict, cfg, path: str) -> str:
 
 def write_outputs(cfg, done, notes, seconds=None) -> str:
     folder = act_dir(cfg)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS)
-    w.writeheader()
-    w.writerows(rows(done))
-    storage.atomic_write_text(buf.getvalue(), os.path.join(folder, "summary.csv"))
+    storage.atomic_write_csv(rows(done), COLUMNS, os.path.join(folder, "summary.csv"))
     plot(done, cfg, os.path.join(folder, "act_quant.png"))
     md = summary_markdown(cfg, done, notes, seconds)
     storage.atomic_write_text(md, os.path.join(folder, "summary.md"))

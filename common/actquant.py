@@ -212,18 +212,20 @@ def _layer_meta(lq: LayerQuant) -> dict:
             "qmin": qmin, "qmax": qmax}
 
 
+# Every key starts with "act." / "act_" so the file can be merged into a variant's weight file as it is.
 def _file_tensors(q: ActQuantizer) -> dict:
     out = {}
     for name, lq in q.layers.items():
         if lq.granularity == "tensor":
-            out[f"{name}.scale"], out[f"{name}.zero_point"] = lq.scale.cpu(), lq.zero_point.cpu()
+            out[f"act.{name}.scale"], out[f"act.{name}.zero_point"] = lq.scale.cpu(), lq.zero_point.cpu()
     return out
 
 
 def _file_metadata(q: ActQuantizer) -> dict:
-    return {"format": FILE_FORMAT, "version": FILE_VERSION, "groups": str(q.groups), "timesteps": str(q.timesteps),
-            "group_edges": json.dumps(bucket_edges(q.timesteps, q.groups)), "softmax_bits": json.dumps(q.softmax_bits),
-            "layers": json.dumps({n: _layer_meta(lq) for n, lq in q.layers.items()})}
+    return {"act_format": FILE_FORMAT, "act_version": FILE_VERSION, "act_groups": str(q.groups),
+            "act_timesteps": str(q.timesteps), "act_group_edges": json.dumps(bucket_edges(q.timesteps, q.groups)),
+            "act_softmax_bits": json.dumps(q.softmax_bits),
+            "act_layers": json.dumps({n: _layer_meta(lq) for n, lq in q.layers.items()})}
 
 
 def quantizer_digest(q: ActQuantizer) -> str:
@@ -236,12 +238,13 @@ def quantizer_digest(q: ActQuantizer) -> str:
 
 
 def save_act_quant(q: ActQuantizer, path: str, provenance: dict):
-    """Write ``act_quant.safetensors``: per tensor-granularity module ``<name>.scale`` (G, P) float32 and
-    ``<name>.zero_point`` (G, P) int32; JSON metadata: per-module bits / symmetric / granularity / split /
-    qmin / qmax, the timestep groups (count, T, edges), softmax bits and the provenance.
+    """Write ``act_quant.safetensors``: per tensor-granularity module ``act.<name>.scale`` (G, P) float32 and
+    ``act.<name>.zero_point`` (G, P) int32; string metadata ``act_layers`` (JSON: per-module bits / symmetric /
+    granularity / split / qmin / qmax), ``act_groups``, ``act_timesteps``, ``act_group_edges``,
+    ``act_softmax_bits``, ``act_provenance`` and ``act_format`` / ``act_version``.
     A sample of timestep t uses row t * groups // timesteps; code = clamp(round(x / scale) + zero_point,
     qmin, qmax), value = (code - zero_point) * scale; split modules use part 0 for channels [0, split)."""
-    atomic_save_safetensors(_file_tensors(q), path, {**_file_metadata(q), "provenance": json.dumps(provenance)})
+    atomic_save_safetensors(_file_tensors(q), path, {**_file_metadata(q), "act_provenance": json.dumps(provenance)})
 
 
 def load_act_quant(path: str):
@@ -251,20 +254,20 @@ def load_act_quant(path: str):
     with safe_open(path, framework="pt") as fh:
         meta = fh.metadata() or {}
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    if meta.get("format") != FILE_FORMAT or meta.get("version") != FILE_VERSION:
-        raise ValueError(f"{path}: not a LAQFI activation-quantization file (format {meta.get('format')!r} "
-                         f"version {meta.get('version')!r}; expected {FILE_FORMAT!r} version {FILE_VERSION})")
-    groups = int(meta["groups"])
+    if meta.get("act_format") != FILE_FORMAT or meta.get("act_version") != FILE_VERSION:
+        raise ValueError(f"{path}: not a LAQFI activation-quantization file (act_format {meta.get('act_format')!r} "
+                         f"act_version {meta.get('act_version')!r}; expected {FILE_FORMAT!r} version {FILE_VERSION})")
+    groups = int(meta["act_groups"])
     layers = {}
-    for name, m in json.loads(meta["layers"]).items():
+    for name, m in json.loads(meta["act_layers"]).items():
         lq = LayerQuant(m["bits"], m["symmetric"], m["granularity"], m["split"])
         if lq.granularity == "tensor":
             parts = 1 if lq.split is None else 2
             for key in ("scale", "zero_point"):
-                t = tensors.get(f"{name}.{key}")
+                t = tensors.get(f"act.{name}.{key}")
                 if t is None or tuple(t.shape) != (groups, parts):
-                    raise ValueError(f"{path}: tensor {name}.{key} missing or not of shape ({groups}, {parts})")
-            lq.scale, lq.zero_point = tensors[f"{name}.scale"], tensors[f"{name}.zero_point"]
+                    raise ValueError(f"{path}: tensor act.{name}.{key} missing or not of shape ({groups}, {parts})")
+            lq.scale, lq.zero_point = tensors[f"act.{name}.scale"], tensors[f"act.{name}.zero_point"]
         layers[name] = lq
-    q = ActQuantizer(layers, groups, int(meta["timesteps"]), json.loads(meta["softmax_bits"]))
-    return q, json.loads(meta.get("provenance", "{}"))
+    q = ActQuantizer(layers, groups, int(meta["act_timesteps"]), json.loads(meta["act_softmax_bits"]))
+    return q, json.loads(meta.get("act_provenance", "{}"))

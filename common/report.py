@@ -444,6 +444,13 @@ def update_readme(path: str, block: str, marker: str = "results", figures=()):
     storage.atomic_write_text(head + start + "\n" + block + "\n" + end + rest.split(end, 1)[1], path)
 
 
+def update_readme_from_summary(path: str, summary_md: str, marker: str, figure: str):
+    """Write a ``summary.md`` (less its title line) between README's markers, its figure linked from docs/."""
+    name = os.path.basename(figure)
+    update_readme(path, summary_md.split("\n", 2)[2].replace(f"]({name})", f"](docs/{name})"), marker=marker,
+                  figures=[figure])
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run directory, e.g. runs/default")
