@@ -12,7 +12,7 @@ SCRATCH_RUN := $(notdir $(RUN))_scratch
 SCRATCH := --set baseline.weights=null --set run.name=$(SCRATCH_RUN)
 STRATEGIES := whole_threshold.py layer_group.py layer_ratio.py layer_math.py
 
-.PHONY: setup reproduce reproduce-from-scratch test bench compare full-eval learning-curve sensitivity
+.PHONY: setup reproduce reproduce-from-scratch test bench compare full-eval learning-curve sensitivity actquant
 
 $(BIN)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -61,3 +61,8 @@ learning-curve: setup
 # Quantization sensitivity at three points of the released training run (snapshots under checkpoints/).
 sensitivity: setup
 	$(BIN)/python training_sensitivity.py --config $(CONFIG) --snapshots checkpoints/default_step*.safetensors checkpoints/default.safetensors $(if $(filter configs/default.yaml,$(CONFIG)),--update-readme README.md)
+
+# Beyond the poster: weight + activation quantization, uniform vs Fisher/magnitude/random W/A plans and
+# single vs per-timestep-group activation ranges at act_quant.budgets (needs `make reproduce` first).
+actquant: setup
+	$(BIN)/python act_quant.py --config $(CONFIG) $(if $(filter configs/default.yaml,$(CONFIG)),--update-readme README.md)

@@ -18,10 +18,9 @@ def main():
                                                           progress=not args.no_progress)
         md = compare.write_outputs(cfg, done, infeasible, scores)
         if args.update_readme:
-            from common.report import update_readme
+            from common.report import update_readme_from_summary
 
-            update_readme(args.update_readme, md.split("\n", 2)[2].replace("](compare.png)", "](docs/compare.png)"),
-                          marker="compare", figures=[f"{compare.compare_dir(cfg)}/compare.png"])
+            update_readme_from_summary(args.update_readme, md, "compare", f"{compare.compare_dir(cfg)}/compare.png")
     print(md)
 
 

@@ -16,9 +16,12 @@ import re
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from .quantize import Assignment, channel_axes, entry_bits, scale_groups
+from .quantize import BITS, Assignment, channel_axes, entry_bits, scale_groups
 
 _BUDGET = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(%|bits|MB)\s*$")
+
+
+SOLVER = "scipy.optimize.milp (HiGHS), relative gap <= 1e-6"
 
 
 class InfeasibleBudgetError(ValueError):
@@ -58,26 +61,23 @@ def format_bits(model, names, formats) -> dict:
     return out
 
 
-def allocate(cost: dict, bits: dict, fixed_bits: int, budget: int):
-    """Exact minimum-cost choice of one format per tensor within ``budget`` bits.
+def solve(cost: dict, resources: dict, limits: dict):
+    """Exact minimum-cost choice of one option per item under one or more resource limits.
 
-    cost, bits: {name: {format: value}} over the same names and formats. Returns
-    ({name: format}, info) where info holds the objective, the bits used and the solver status.
-    Raises ``InfeasibleBudgetError`` naming the smallest size reachable when no choice fits.
+    cost: {item: {option: value}}; resources: {kind: {item: {option: amount}}} over the same items and
+    options; limits: {kind: the most the chosen options may use in total}. Returns ({item: option}, solver
+    status). Raises ``InfeasibleBudgetError`` when no choice fits.
     """
     names = list(cost)
-    choices = [(i, n, f) for i, n in enumerate(names) for f in cost[n]]
-    c = np.array([cost[n][f] for _, n, f in choices], dtype=float)
-    b = np.array([bits[n][f] for _, n, f in choices], dtype=float)
-    floor = fixed_bits + sum(min(bits[n].values()) for n in names)
-    if floor > budget:
-        raise InfeasibleBudgetError(
-            f"budget of {budget / 8 / 2 ** 20:.4f} MB is below the smallest reachable size "
-            f"{floor / 8 / 2 ** 20:.4f} MB (every eligible tensor in its smallest format; the rest stays fp32)")
+    choices = [(i, n, o) for i, n in enumerate(names) for o in cost[n]]
+    c = np.array([cost[n][o] for _, n, o in choices], dtype=float)
     one_each = np.zeros((len(names), len(choices)))
     for k, (i, _, _) in enumerate(choices):
         one_each[i, k] = 1
-    constraints = [LinearConstraint(one_each, 1, 1), LinearConstraint(b[None], -np.inf, budget - fixed_bits)]
+    constraints = [LinearConstraint(one_each, 1, 1)]
+    for kind, limit in limits.items():
+        row = np.array([resources[kind][n][o] for _, n, o in choices], dtype=float)
+        constraints.append(LinearConstraint(row[None], -np.inf, limit))
     # HiGHS stops within an absolute gap of ~1e-6. Costs span many decades (fp16 vs int4), so scale them
     # by the LP relaxation's optimum, a lower bound of the integer one: the gap is then <= 1e-6 relative.
     relaxed = milp(c, bounds=Bounds(0, 1), constraints=constraints)
@@ -86,14 +86,31 @@ def allocate(cost: dict, bits: dict, fixed_bits: int, budget: int):
                options={"mip_rel_gap": 0.0})
     if res.x is None:
         raise InfeasibleBudgetError(f"milp found no allocation: {res.message}")
-    chosen = {n: f for (_, n, f), x in zip(choices, res.x) if x > 0.5}
+    chosen = {n: o for (_, n, o), x in zip(choices, res.x) if x > 0.5}
+    over = {k: sum(resources[k][n][o] for n, o in chosen.items()) for k, lim in limits.items()}
+    if len(chosen) != len(names) or any(over[k] > limits[k] for k in limits):
+        # rounding of the solver's solution must not bend the rules
+        raise RuntimeError(f"milp returned an invalid allocation ({len(chosen)}/{len(names)} items, "
+                           f"used {over} of {limits}?): {res.message}")
+    return chosen, res.message
+
+
+def allocate(cost: dict, bits: dict, fixed_bits: int, budget: int):
+    """Exact minimum-cost choice of one format per tensor within ``budget`` bits.
+
+    cost, bits: {name: {format: value}} over the same names and formats. Returns
+    ({name: format}, info) where info holds the objective, the bits used and the solver status.
+    Raises ``InfeasibleBudgetError`` naming the smallest size reachable when no choice fits.
+    """
+    floor = fixed_bits + sum(min(b.values()) for b in bits.values())
+    if floor > budget:
+        raise InfeasibleBudgetError(
+            f"budget of {budget / 8 / 2 ** 20:.4f} MB is below the smallest reachable size "
+            f"{floor / 8 / 2 ** 20:.4f} MB (every eligible tensor in its smallest format; the rest stays fp32)")
+    chosen, status = solve(cost, {"bits": bits}, {"bits": budget - fixed_bits})
     used = fixed_bits + sum(bits[n][f] for n, f in chosen.items())
-    if len(chosen) != len(names) or used > budget:  # rounding of the solver's solution must not bend the rules
-        raise RuntimeError(f"milp returned an invalid allocation ({len(chosen)}/{len(names)} tensors, "
-                           f"{used} > {budget} bits?): {res.message}")
     return chosen, {"objective": float(sum(cost[n][f] for n, f in chosen.items())), "bits_used": int(used),
-                    "budget_bits": int(budget), "solver": "scipy.optimize.milp (HiGHS), relative gap <= 1e-6",
-                    "status": res.message}
+                    "budget_bits": int(budget), "solver": SOLVER, "status": status}
 
 
 def plan_from_choice(choice: dict) -> dict:
@@ -132,3 +149,113 @@ def normalize_budget(budget: str) -> str:
 def budget_tag(budget: str) -> str:
     """A file-name-safe label: '25%' -> '25pct', '4.5bits' -> '4.5bits'."""
     return normalize_budget(budget).replace("%", "pct")
+
+
+# ----------------------------------------------------------------------------- weights and activations
+_WA = re.compile(r"^W(\d+)A(\d+)$", re.IGNORECASE)
+_GBOPS = re.compile(r"^([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*GBOPs$", re.IGNORECASE)
+W_FORMAT_OF_BITS = {32: "fp32", 16: "fp16", 8: "int8", 4: "int4"}
+_WA_FORMS = ("'W4A8' (the BOPs of every module at 4-bit weights and 8-bit activations), '1.5GBOPs' per network "
+             "evaluation, a stored size ('25%', '4.5bits', '2.1MB'), or one BOPs and one size part joined by '&'")
+
+
+def parse_wa_budget(text: str) -> list:
+    """'W4A8' -> [('wa', (4, 8))]; '1.5GBOPs' -> [('gbops', 1.5)]; '25%' -> [('fraction', 0.25)] (every
+    ``parse_budget`` form); 'W4A8&25%' -> both, and both must hold."""
+    out = []
+    for part in str(text).split("&"):
+        p = part.strip()
+        wa, gb = _WA.match(p), _GBOPS.match(p)
+        if wa:
+            w, a = int(wa.group(1)), int(wa.group(2))
+            if w not in W_FORMAT_OF_BITS or not 2 <= a <= 16:
+                raise ValueError(f"budget {text!r}: W must be one of {sorted(W_FORMAT_OF_BITS)} and A in 2..16")
+            out.append(("wa", (w, a)))
+        elif gb:
+            if float(gb.group(1)) <= 0:
+                raise ValueError(f"budget {text!r}: GBOPs must be positive")
+            out.append(("gbops", float(gb.group(1))))
+        else:
+            try:
+                out.append(parse_budget(p))
+            except ValueError:
+                raise ValueError(f"budget {text!r}: expected {_WA_FORMS}") from None
+    ops = sum(k in ("wa", "gbops") for k, _ in out)
+    if ops > 1 or len(out) - ops > 1:
+        raise ValueError(f"budget {text!r}: at most one BOPs part and one size part; expected {_WA_FORMS}")
+    return out
+
+
+def normalize_wa_budget(text: str) -> str:
+    """One spelling per budget: 'w4a8 & 25.0%' -> 'W4A8&25%'."""
+    parts = []
+    for (kind, value), raw in zip(parse_wa_budget(text), str(text).split("&")):
+        parts.append(f"W{value[0]}A{value[1]}" if kind == "wa" else f"{value:g}GBOPs" if kind == "gbops"
+                     else normalize_budget(raw))
+    return "&".join(parts)
+
+
+def wa_budget_tag(text: str) -> str:
+    """A file-name-safe label: 'W4A8&25%' -> 'W4A8+25pct'."""
+    return normalize_wa_budget(text).replace("%", "pct").replace("&", "+")
+
+
+def layer_bops(macs: int, w_format: str, a_bits) -> int:
+    """MACs * w_bits * a_bits, a float input (None) counted as 32 bits."""
+    return macs * BITS[w_format] * (a_bits or 32)
+
+
+def uniform_wa_choice(layers: dict, w: int, a: int) -> dict:
+    """Every module at W-bit weights and A-bit activations; a module with one option keeps it (fp32 weights
+    outside the eligible set, inputs kept at higher precision)."""
+    fmt = W_FORMAT_OF_BITS[w]
+
+    def pick(want, options):
+        return want if want in options else next(iter(options)) if len(options) == 1 else KeyError
+
+    out = {n: (pick(fmt, layer["w"]), pick(a, layer["a"])) for n, layer in layers.items()}
+    for n, o in out.items():
+        if KeyError in o:
+            raise InfeasibleBudgetError(f"uniform W{w}A{a}: {n} may take weights {list(layers[n]['w'])} and "
+                                        f"activation bits {list(layers[n]['a'])}; add {fmt} / {a} to the candidates")
+    return out
+
+
+def allocate_wa(layers: dict, budget: str, total_params: int, fixed_bits: int):
+    """Exact choice of one (weight format, activation bits) per module minimising the summed estimated
+    loss increase, weight cost + activation cost (taken as additive, as second-order estimates of
+    independent perturbations are), within ``budget`` in BOPs and/or stored size.
+
+    layers: {module: {"macs": MACs per evaluation, "w": {format: (cost, stored bits)}, "a": {bits: cost}}};
+    a module whose weight stays fp32 has w = {"fp32": (0, bits)}, one whose input stays float a = {None: 0}.
+    fixed_bits: stored bits of the parameters outside the layers' weights (biases, norms). Returns
+    ({module: (format, a_bits)}, info).
+    """
+    opts = {n: [(f, a) for f in layer["w"] for a in layer["a"]] for n, layer in layers.items()}
+    cost = {n: {o: layers[n]["w"][o[0]][0] + layers[n]["a"][o[1]] for o in opts[n]} for n in layers}
+    res = {"bops": {n: {o: layer_bops(layers[n]["macs"], *o) for o in opts[n]} for n in layers},
+           "bits": {n: {o: layers[n]["w"][o[0]][1] for o in opts[n]} for n in layers}}
+    limits = {}
+    for (kind, value), raw in zip(parse_wa_budget(budget), str(budget).split("&")):
+        if kind == "wa":
+            uniform = uniform_wa_choice(layers, *value)
+            limits["bops"] = sum(res["bops"][n][o] for n, o in uniform.items())
+        elif kind == "gbops":
+            limits["bops"] = value * 1e9
+        else:
+            limits["bits"] = budget_bits(raw, total_params) - fixed_bits
+    for kind, limit in limits.items():
+        floor = sum(min(r.values()) for r in res[kind].values())
+        if floor > limit:
+            unit = (f"{floor / 1e9:.4g} GBOPs (every module at its fewest bits); the budget allows "
+                    f"{limit / 1e9:.4g}") if kind == "bops" else (
+                f"{(floor + fixed_bits) / 8 / 2 ** 20:.4f} MB of stored weights; the budget allows "
+                f"{(limit + fixed_bits) / 8 / 2 ** 20:.4f} MB")
+            raise InfeasibleBudgetError(f"budget {budget!r}: the smallest reachable is {unit}")
+    chosen, status = solve(cost, res, limits)
+    used_bops = sum(res["bops"][n][o] for n, o in chosen.items())
+    used_bits = fixed_bits + sum(res["bits"][n][o] for n, o in chosen.items())
+    return chosen, {"objective": float(sum(cost[n][o] for n, o in chosen.items())), "bops": int(used_bops),
+                    "bits_used": int(used_bits), "avg_bits": used_bits / total_params, "budget": budget,
+                    "limits": {k: float(v) for k, v in limits.items()}, "solver": SOLVER, "status": status,
+                    "choice": {n: list(o) for n, o in chosen.items()}}

@@ -8,8 +8,6 @@ are paired. Writes ``summary.csv`` (one row per variant and seed), ``summary.md`
 at which budget, and whether a paired t-test over seeds separates it from the runner-up) and ``compare.png``.
 """
 import copy
-import csv
-import io
 import os
 
 import numpy as np
@@ -218,11 +216,7 @@ def plot(done: dict, cfg, path: str) -> str:
 
 def write_outputs(cfg, done, infeasible, scores) -> str:
     folder = compare_dir(cfg)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS)
-    w.writeheader()
-    w.writerows(rows(done))
-    storage.atomic_write_text(buf.getvalue(), os.path.join(folder, "summary.csv"))
+    storage.atomic_write_csv(rows(done), COLUMNS, os.path.join(folder, "summary.csv"))
     plot(done, cfg, os.path.join(folder, "compare.png"))
     md = summary_markdown(cfg, done, infeasible, scores)
     storage.atomic_write_text(md, os.path.join(folder, "summary.md"))

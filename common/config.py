@@ -212,6 +212,36 @@ class SensitivityConfig:
 
 
 @dataclass
+class ActQuantConfig:
+    """Weight + activation quantization (act_quant.py): candidates, calibration, the comparison grid."""
+    w_formats: list[FORMAT_NAMES] = _spec(["int8", "int4"], doc="weight formats a module may take")
+    a_bits: list[int] = _spec([16, 8, 6, 4], lo=2, hi=16, doc="activation bit widths a module's input may take")
+    symmetric: bool = False  # asymmetric ranges use the full code range on ReLU'd (non-negative) inputs
+    per_token_attention: bool = False  # attention projections' inputs: dynamic per-token ranges
+    range_method: Literal["minmax", "percentile"] = "minmax"
+    percentile: float = _spec(99.99, lo=50.0, hi=100.0, doc="range_method percentile: clip to [100-p, p]")
+    range_modes: list[Literal["single", "group"]] = _spec(["single", "group"])  # one range, or per timestep group
+    timestep_groups: int = _spec(4, lo=2, doc="groups of the 'group' range mode: t * G // T (TFMQ-style intervals)")
+    keep_first_last: bool = True  # the first and last conv's inputs stay at keep_bits
+    keep_bits: Optional[int] = _spec(None, lo=2, hi=16, doc="bits of the kept inputs; null = float")
+    softmax_bits: Optional[int] = _spec(None, lo=2, hi=16, doc="attention probabilities; null = float")
+    split_concat: bool = True  # skip concatenation consumers: one range per concatenated part
+    calib_images: int = _spec(128, lo=1, doc="images sampled from calibration noise for the ranges")
+    calib_timesteps: Optional[int] = _spec(None, lo=1, doc="sampler timesteps recorded, spread over the "
+                                           "chain; null = all")
+    calib_seed: int = 1000  # calibration noise; keep it out of the evaluation seeds
+    fisher_samples: int = _spec(256, lo=1, doc="(x0, t, eps) samples of the activation Fisher")
+    fisher_chunk: int = _spec(32, lo=1)
+    plans: list[Literal["uniform", "fisher", "magnitude", "random", "quant_error"]] = _spec(
+        ["uniform", "fisher", "magnitude", "random"])
+    # "W4A8": the BOPs of uniform W4A8; "1.5GBOPs"; a stored size "25%"; or "W4A8&25%"
+    budgets: list[str] = _spec(["W8A8", "W4A8", "W4A6"])
+    seeds: list[int] = _spec([0, 1, 2])
+    n_images: int = _spec(100, lo=2, doc="images per seed (replaces eval.n_images in the comparison)")
+    inception: bool = True  # FID (~0.1 s/image on 2 CPU cores); classifier-FID is always computed
+
+
+@dataclass
 class ClassifierConfig:
     epochs: int = _spec(3, lo=1)
     batch_size: int = _spec(128, lo=1)
@@ -261,6 +291,7 @@ class Config:
     compare: CompareConfig = field(default_factory=CompareConfig)
     sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
+    act_quant: ActQuantConfig = field(default_factory=ActQuantConfig)
     source: str = "<defaults>"  # the YAML file this came from (not a YAML key)
     overrides: list = field(default_factory=list)  # the --set strings applied to it (not a YAML key)
 
@@ -456,6 +487,7 @@ def _cross_checks(cfg: Config, src: str):
                     else normalize_budget(value))
         except ValueError as e:
             raise ConfigError(f"{src}: {section}.{key}: {e}") from None
+    _check_act_quant(cfg, src)
     if cfg.importance.orthogonality.buckets > cfg.diffusion.timesteps:
         raise ConfigError(f"{src}: importance.orthogonality.buckets: at most diffusion.timesteps "
                           f"({cfg.diffusion.timesteps})")
@@ -518,6 +550,39 @@ def _read_yaml(src: str, chain=()) -> dict:
     if base_path in chain or base_path == os.path.normpath(src):
         raise ConfigError(f"{src}: extends: {base} makes a cycle ({' -> '.join(chain + (src, base_path))})")
     return _merge(_read_yaml(base_path, chain + (os.path.normpath(src),)), raw)
+
+def _check_act_quant(cfg: Config, src: str):
+    from .allocate import W_FORMAT_OF_BITS, normalize_wa_budget, parse_wa_budget
+
+    aq = cfg.act_quant
+    for key in ("w_formats", "a_bits", "plans", "budgets", "seeds", "range_modes"):
+        if not getattr(aq, key):
+            raise ConfigError(f"{src}: act_quant.{key}: needs at least one entry")
+    if aq.timestep_groups > cfg.diffusion.timesteps:
+        raise ConfigError(f"{src}: act_quant.timestep_groups: at most diffusion.timesteps ({cfg.diffusion.timesteps})")
+    if "group" in aq.range_modes:
+        from .actquant import group_of
+        from .calibrate import calibration_timesteps
+        from .diffusion import NoiseSchedule, build_sampler
+
+        sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
+        ts = calibration_timesteps(sampler, aq.calib_timesteps)
+        seen = set(group_of(ts, aq.timestep_groups, cfg.diffusion.timesteps).tolist())
+        if len(seen) < aq.timestep_groups:
+            raise ConfigError(f"{src}: act_quant.timestep_groups: {aq.timestep_groups} groups, but the "
+                              f"{len(ts)} calibration timesteps (act_quant.calib_timesteps of the sampler's "
+                              f"{len(sampler.timesteps)}) fall in only {len(seen)} of them; use fewer groups or more "
+                              f"calibration timesteps")
+    try:
+        aq.budgets = [normalize_wa_budget(b) for b in aq.budgets]
+    except ValueError as e:
+        raise ConfigError(f"{src}: act_quant.budgets: {e}") from None
+    for b in aq.budgets:
+        for kind, value in parse_wa_budget(b):
+            if kind == "wa" and (W_FORMAT_OF_BITS[value[0]] not in aq.w_formats or value[1] not in aq.a_bits):
+                raise ConfigError(f"{src}: act_quant.budgets: {b!r} is the BOPs of uniform W{value[0]}A{value[1]}, "
+                                  f"so act_quant.w_formats ({aq.w_formats}) must hold {W_FORMAT_OF_BITS[value[0]]} "
+                                  f"and act_quant.a_bits ({aq.a_bits}) must hold {value[1]}")
 
 
 def load_config(path, overrides=()) -> Config:

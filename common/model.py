@@ -61,6 +61,8 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.dropout = dropout
         self.fused = True
+        # A module (no parameters) so hooks can reach the attention probabilities (common.actquant).
+        self.softmax = nn.Softmax(dim=-1)
 
     def forward(self, x):
         b, c, h, w = x.shape
@@ -71,9 +73,9 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(
                 qkv[0], qkv[1], qkv[2], dropout_p=self.dropout if self.training else 0.0
             )
-        else:  # same maths in plain ops, which torch.func.vmap can batch (the fused CPU kernel it cannot)
+        else:  # same maths in plain ops: torch.func.vmap can batch them (not the fused CPU kernel), hooks see softmax
             q, k, v = qkv[0], qkv[1], qkv[2]
-            out = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1) @ v
+            out = self.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])) @ v
         out = self.proj2(out.transpose(1, 2).reshape(b, h * w, c))
         return out.transpose(1, 2).reshape(b, c, h, w)
 

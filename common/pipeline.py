@@ -230,11 +230,12 @@ def load_artifacts(cfg, device, force=False, progress=True):
     return model, ckpt_path, fisher
 
 
-def ensure_importance(cfg, metric, model, ckpt_path, fisher, device):
-    """The importance artifact of ``metric`` for this checkpoint: reused if current, else computed."""
+def ensure_importance(cfg, metric, model, ckpt_path, fisher, device, folder="importance"):
+    """The importance artifact of ``metric`` for this checkpoint over the tensors ``fisher`` covers, cached in
+    ``folder`` beside the checkpoint: reused if current, else computed."""
     from .importance import artifact_inputs, compute_importance, load_importance
 
-    path = os.path.join(os.path.dirname(ckpt_path), "importance", f"{metric}.pt")  # beside its checkpoint
+    path = os.path.join(os.path.dirname(ckpt_path), folder, f"{metric}.pt")
     inputs = artifact_inputs(metric, cfg.importance, fisher)
     if os.path.exists(path):
         try:

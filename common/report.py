@@ -134,9 +134,9 @@ def _f(v, d=2, std=None):
 
 # ----------------------------------------------------------------------------- verdicts
 def per_seed(r, key) -> np.ndarray:
-    """A variant's per-seed values of ``key`` in seed order (NaN where not measured)."""
+    """A variant's per-seed values of ``key`` in seed order (NaN where not measured, or not recorded at all)."""
     seeds = sorted(r["per_seed"], key=int)
-    return np.array([r["per_seed"][s][key] if r["per_seed"][s][key] is not None else np.nan for s in seeds],
+    return np.array([np.nan if r["per_seed"][s].get(key) is None else r["per_seed"][s][key] for s in seeds],
                     dtype=float)
 
 
@@ -496,6 +496,12 @@ def released_comparison(run: str, released_run: str) -> str:
                  f"{mine['seeds']}); released weights SHA-256 {str(rel.get('checkpoint_sha256'))[:12]}..., "
                  f"from-scratch checkpoint {str(mine.get('checkpoint_sha256'))[:12]}...")
     return "\n".join(lines)
+
+def update_readme_from_summary(path: str, summary_md: str, marker: str, figure: str):
+    """Write a ``summary.md`` (less its title line) between README's markers, its figure linked from docs/."""
+    name = os.path.basename(figure)
+    update_readme(path, summary_md.split("\n", 2)[2].replace(f"]({name})", f"](docs/{name})"), marker=marker,
+                  figures=[figure])
 
 
 def main():

@@ -87,6 +87,18 @@ def atomic_write_json(obj, path):
     atomic_write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", path)
 
 
+def atomic_write_csv(rows: list, columns: list, path):
+    """One CSV row per dict in ``rows``, in ``columns`` order (with a header)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(buf.getvalue(), path)
+
+
 def atomic_write_bytes(data: bytes, path):
     _atomic(path, lambda fh: fh.write(data))
 

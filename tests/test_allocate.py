@@ -113,3 +113,72 @@ def test_format_bits_counts_scales(tiny):
     w = dict(model.named_parameters())["Layer4.conv.weight"]  # ConvTranspose2d: output channels on axis 1
     n, c = w.numel(), w.shape[1]
     assert bits == {"fp32": 32 * n, "fp16": 16 * n, "int8": 8 * n + 32 * c, "int4": 8 * ((n + 1) // 2) + 32 * c}
+
+
+# ----------------------------------------------------------------------------- weights and activations
+from common.allocate import (allocate_wa, layer_bops, normalize_wa_budget, parse_wa_budget,  # noqa: E402
+                             uniform_wa_choice, wa_budget_tag)
+
+# Four modules: MACs, weight options {format: (cost, stored bits)}, input options {bits: cost}. "first" keeps
+# fp32 weights and a float input (one option each), as the kept first conv does.
+WA = {
+    "first": {"macs": 50, "w": {"fp32": (0.0, 32 * 9)}, "a": {None: 0.0}},
+    "a": {"macs": 1000, "w": {"int8": (0.1, 8 * 100), "int4": (2.0, 4 * 100)}, "a": {8: 0.2, 6: 1.0, 4: 5.0}},
+    "b": {"macs": 4000, "w": {"int8": (0.01, 8 * 400), "int4": (0.05, 4 * 400)}, "a": {8: 3.0, 6: 6.0, 4: 9.0}},
+    "c": {"macs": 500, "w": {"int8": (1.0, 8 * 50), "int4": (9.0, 4 * 50)}, "a": {8: 0.01, 6: 0.02, 4: 0.03}},
+}
+
+
+def _brute(layers, bops_limit=None, bits_limit=None, fixed=0):
+    best = None
+    names = list(layers)
+    for combo in itertools.product(*[list(itertools.product(layers[n]["w"], layers[n]["a"])) for n in names]):
+        c = dict(zip(names, combo))
+        bo = sum(layer_bops(layers[n]["macs"], *o) for n, o in c.items())
+        bi = fixed + sum(layers[n]["w"][o[0]][1] for n, o in c.items())
+        if (bops_limit is None or bo <= bops_limit) and (bits_limit is None or bi <= bits_limit):
+            cost = sum(layers[n]["w"][o[0]][0] + layers[n]["a"][o[1]] for n, o in c.items())
+            best = cost if best is None else min(best, cost)
+    return best
+
+
+def test_wa_budget_forms_and_errors():
+    assert parse_wa_budget("W4A8") == [("wa", (4, 8))]
+    assert parse_wa_budget("1.5GBOPs") == [("gbops", 1.5)]
+    assert parse_wa_budget("w4a8 & 25%") == [("wa", (4, 8)), ("fraction", 0.25)]
+    assert normalize_wa_budget("w4a8 & 25.0 %") == "W4A8&25%" and wa_budget_tag("W4A8&25%") == "W4A8+25pct"
+    for bad in ("W3A8", "W4A1", "W4A8&1GBOPs", "25%&4bits", "eight", "-1GBOPs"):
+        with pytest.raises(ValueError, match="budget"):
+            parse_wa_budget(bad)
+
+
+@pytest.mark.parametrize("budget", ["W8A8", "W4A8", "W4A6", "W4A4", "0.02GBOPs", "W4A8&0.0006MB"])
+def test_wa_allocation_is_exact_within_bops_and_size(budget):
+    total_params, fixed = 600, 32 * 41  # 559 weights in the table (9 fp32 + 550 allocatable), 41 other params
+    choice, info = allocate_wa(WA, budget, total_params, fixed)
+    used_bops = sum(layer_bops(WA[n]["macs"], *o) for n, o in choice.items())
+    assert info["bops"] == used_bops and used_bops <= info["limits"]["bops"]
+    if "W" in budget:  # the uniform plan's BOPs is the limit, and it fits by construction
+        w, a = parse_wa_budget(budget)[0][1]
+        uniform = uniform_wa_choice(WA, w, a)
+        assert uniform["first"] == ("fp32", None)
+        assert info["limits"]["bops"] == sum(layer_bops(WA[n]["macs"], *o) for n, o in uniform.items())
+    bits_limit = info["limits"].get("bits")
+    if bits_limit is not None:
+        assert info["bits_used"] - fixed <= bits_limit
+    best = _brute(WA, info["limits"]["bops"], None if bits_limit is None else bits_limit + fixed, fixed)
+    assert info["objective"] == pytest.approx(best, rel=1e-9)
+
+
+def test_wa_allocation_trades_weight_and_activation_bits():
+    """At uniform W4A8's BOPs, `c` (sensitive weights, insensitive input) goes W8A4 for the same BOPs, while `b`
+    (cheap weights, sensitive input) stays W4A8."""
+    choice, _ = allocate_wa(WA, "W4A8", 600, 0)
+    assert choice["c"] == ("int8", 4) and choice["b"] == ("int4", 8)
+
+
+def test_wa_infeasible_budget_names_the_floor():
+    with pytest.raises(InfeasibleBudgetError, match="smallest reachable"):
+        allocate_wa(WA, "0.0001GBOPs", 600, 0)
+    with pytest.raises(InfeasibleBudgetError, match="add int8 / 16"):
+        uniform_wa_choice(WA, 8, 16)

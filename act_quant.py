@@ -1,0 +1,34 @@
+"""Beyond the poster: quantize activations too. For every budget in act_quant.budgets ('W8A8' = the BOPs of
+uniform 8-bit weights and activations, '1.5GBOPs', or a stored size), every range mode in act_quant.range_modes
+(one activation range for all timesteps, or one per timestep group) and every plan in act_quant.plans (uniform,
+or the exact allocator choosing weight and activation bits per module by Fisher, magnitude, random or squared
+error): calibrate the activation ranges along the sampling trajectory, allocate, save the weights
+(quantized.pt) and activation scales (act_quant.safetensors), rebuild the model from those files and evaluate
+it with act_quant.seeds beside the fp32 baseline under the same noise. Writes runs/<run>/act_quant/
+{summary.csv, summary.md, act_quant.png} and one folder per variant. Needs simplediffusion.py to have run.
+"""
+import time
+
+from common import act_compare, cli
+from common.storage import resolve_device
+
+
+def main():
+    p = cli.parser(__doc__)
+    p.add_argument("--update-readme", metavar="README", help="also write the table and verdicts into this README")
+    args = p.parse_args()
+    cfg = cli.load(args)
+    t0 = time.time()
+    with cli.clear_errors():
+        done, notes = act_compare.run_act_comparison(cfg, resolve_device(cfg.run.device), force=args.force,
+                                                     progress=not args.no_progress)
+        md = act_compare.write_outputs(cfg, done, notes, seconds=time.time() - t0)
+        if args.update_readme:
+            from common.report import update_readme_from_summary
+
+            update_readme_from_summary(args.update_readme, md, "actquant", f"{act_compare.act_dir(cfg)}/act_quant.png")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""act_quant.py end to end on configs/smoke.yaml: files, budgets, reuse, sampling from the saved files."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The classifier only has to exist here (its quality is tested elsewhere): 300 images train it in seconds.
+GRID = ["act_quant.budgets=[W4A6]", "act_quant.plans=[uniform, fisher]", "eval.classifier.train_limit=300"]
+
+
+def run(script, tmp, *sets, flags=(), check=True):
+    """test_pipeline's runner (smoke config, outputs under ``tmp``) with ``--set`` for each of ``sets``."""
+    from test_pipeline import run as run_script
+
+    return run_script(script, tmp, *[a for kv in sets for a in ("--set", kv)], *flags, check=check)
+
+
+@pytest.fixture(scope="module")
+def act_run(tmp_path_factory, data_root):
+    tmp = tmp_path_factory.mktemp("act")
+    os.environ["LAQFI_DATA_ROOT"] = data_root
+    run("simplediffusion.py", tmp, flags=["--skip-eval"])  # train + Fisher only
+    return tmp, run("act_quant.py", tmp, *GRID)
+
+
+def test_help_and_config_errors():
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "act_quant.py"), "--help"], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+    assert p.returncode == 0 and "--config" in p.stdout and "--update-readme" in p.stdout
+    from common.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="act_quant.budgets.*W4A5.*act_quant.a_bits"):
+        load_config(os.path.join(ROOT, "configs/smoke.yaml"), ["act_quant.budgets=[W4A5]"])
+    with pytest.raises(ConfigError, match="act_quant.timestep_groups"):  # 3 DDIM steps cannot fill 4 groups
+        load_config(os.path.join(ROOT, "configs/smoke.yaml"), ["act_quant.timestep_groups=4"])
+
+
+def test_every_variant_is_evaluated_with_its_bits_and_bops(act_run):
+    tmp, _ = act_run
+    out = tmp / "runs" / "smoke" / "act_quant"
+    m = {v: json.load(open(out / v / "metrics.json")) for v in
+         ("uniform_W4A6_single", "fisher_W4A6_single", "uniform_W4A6_group", "fisher_W4A6_group")}
+    for v, r in m.items():
+        assert {"w_bits", "a_bits", "bops"} <= set(r) and r["paired_mse_vs_fp32"] > 0
+        assert (out / v / "act_quant.safetensors").exists() and (out / v / "quantized.pt").exists()
+        plan = json.load(open(out / v / "plan.json"))
+        assert sum(x["bops"] for x in plan["modules"].values()) == r["bops"]
+        first = plan["modules"]["shallow_conv"]
+        assert (first["w_format"], first["a_bits"]) == ("fp32", None)  # kept: fp32 weights, float input
+    for mode in ("single", "group"):  # the same BOPs budget for both plans
+        assert m[f"fisher_W4A6_{mode}"]["bops"] <= m[f"uniform_W4A6_{mode}"]["bops"]
+        assert m[f"uniform_W4A6_{mode}"]["a_bits"] == pytest.approx(6, abs=0.2)  # all 6 bits but the float first/last
+    md = (out / "summary.md").read_text()
+    assert "W4A6, single ranges: fisher vs uniform" in md and "W4A6, uniform: per-group vs single ranges" in md
+    assert (out / "act_quant.png").stat().st_size > 1000
+    assert len((out / "summary.csv").read_text().splitlines()) == 1 + 5 * 2  # fp32 + 4 variants, 2 seeds
+
+
+def test_samples_come_from_the_saved_files(act_run):
+    from common.actquant import load_act_quant
+    from common.config import load_config
+    from common.diffusion import NoiseSchedule, build_sampler, sample
+    from common.quantize import load_quantized
+
+    tmp, _ = act_run
+    cfg = load_config(os.path.join(ROOT, "configs/smoke.yaml"))
+    vdir = tmp / "runs" / "smoke" / "act_quant" / "fisher_W4A6_group"
+    model, _ = load_quantized(str(vdir / "quantized.pt"))
+    q, prov = load_act_quant(str(vdir / "act_quant.safetensors"))
+    assert prov["range_mode"] == "group" and q.groups == cfg.act_quant.timestep_groups
+    q.attach(model)
+    x = sample(model, build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion)), cfg.act_quant.n_images,
+               (1, 32, 32), 0, cfg.sample.batch_size, progress=False)
+    assert torch.equal((x.clamp(-1, 1) + 1) / 2, torch.load(vdir / "samples_seed0.pt"))
+
+
+def test_rerun_reuses_everything(act_run):
+    tmp, _ = act_run
+    again = run("act_quant.py", tmp, *GRID)
+    for v in ("uniform_W4A6_single", "fisher_W4A6_group"):
+        assert f"[{v}] reusing" in again.stdout
+    assert "reusing calibrated ranges" in again.stdout and "reusing activation importance" in again.stdout

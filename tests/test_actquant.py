@@ -1,0 +1,331 @@
+"""Activation quantization: quantizer maths, calibration, timestep groups, activation Fisher, BOPs, file."""
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from common.act_importance import activation_importance
+from common.actquant import (ActQuantizer, LayerQuant, build_quantizer, concat_splits, fake_quant, group_of,
+                             int_range, load_act_quant, qparams, quantizable_modules, save_act_quant,
+                             token_fake_quant)
+from common.bops import bops, count_macs, unet_macs
+from common.calibrate import calibration_timesteps, collect_ranges
+from common.config import load_config
+from common.diffusion import DDIMSampler, NoiseSchedule, sample
+from common.model import build_unet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
+
+
+@pytest.fixture(scope="module")
+def unet():
+    """(config, smoke-sized U-Net with random weights, its schedule)."""
+    cfg = load_config(SMOKE)
+    torch.manual_seed(0)
+    return cfg, build_unet(cfg.model, cfg.diffusion.timesteps).eval(), NoiseSchedule.from_config(cfg.diffusion)
+
+
+# ----------------------------------------------------------------------------- quantizer
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_enough_bits_reproduce_the_input_and_fewer_bits_err_by_at_most_half_a_step(symmetric):
+    x = torch.randn(4, 3, 5, 5) * 3 + 1
+    lo, hi = x.min(), x.max()
+    for bits, tol in ((16, 1e-3), (8, None), (4, None)):
+        scale, zp = qparams(lo, hi, bits, symmetric)
+        xq = fake_quant(x, scale, zp, *int_range(bits, symmetric))
+        err = (xq - x).abs().max()
+        assert err <= scale / 2 * (1 + 1e-5)  # round to nearest inside the range
+        if tol:
+            assert err < tol
+    assert torch.allclose(token_fake_quant(x, 16, symmetric), x, atol=1e-3)
+    # zero is exact (zero padding, ReLU zeros) and values outside the range clamp to its ends
+    scale, zp = qparams(torch.tensor(-1.0), torch.tensor(3.0), 4, symmetric)
+    qmin, qmax = int_range(4, symmetric)
+    assert fake_quant(torch.zeros(3), scale, zp, qmin, qmax).abs().max() == 0
+    assert fake_quant(torch.tensor([100.0]), scale, zp, qmin, qmax).item() == pytest.approx(
+        float((qmax - zp) * scale))
+
+
+def test_split_ranges_quantize_each_part_with_its_own_scale():
+    x = torch.cat([torch.rand(2, 3, 4, 4) * 0.01, torch.rand(2, 5, 4, 4) * 100], dim=1)
+    ranges = torch.tensor([[[0.0, 0.01], [0.0, 100.0]]])  # (G=1, P=2, 2)
+    q = LayerQuant.from_ranges(ranges, 8, split=3)
+    xq = q.apply(x, torch.zeros(2, dtype=torch.long))
+    assert (xq[:, :3] - x[:, :3]).abs().max() <= 0.01 / 255 / 2 * 1.0001  # not the 100/255 of one shared range
+    assert (xq[:, 3:] - x[:, 3:]).abs().max() <= 100 / 255 / 2 * 1.0001
+
+
+# ----------------------------------------------------------------------------- calibration
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_calibrated_ranges_cover_the_calibration_activations(unet, method):
+    cfg, model, schedule = unet
+    sampler = DDIMSampler(schedule, 6)
+    names, splits = quantizable_modules(model), concat_splits(model)
+    ts = calibration_timesteps(sampler, 4)
+    assert len(ts) == 4 and ts[0] == sampler.timesteps[0] and ts[-1] == sampler.timesteps[-1]  # the whole chain
+    seen, state = {n: [] for n in names}, {}
+    mods = dict(model.named_modules())
+    spies = [model.register_forward_pre_hook(lambda m, a: state.__setitem__("t", int(a[1][0])))]
+    spies += [mods[n].register_forward_pre_hook(
+        lambda m, a, n=n: seen[n].append((state["t"], a[0].detach().clone())) if state["t"] in ts else None)
+        for n in names]
+    try:
+        ranges = collect_ranges(model, sampler, names, (1, 32, 32), 6, ts, 2, method, 99.0, splits, seed=5,
+                                batch_size=3, progress=False)
+    finally:
+        for h in spies:
+            h.remove()
+    T = schedule.timesteps
+    outside = total = 0
+    for n in names:
+        assert ranges[n].shape == (2, 1 if n not in splits else 2, 2)
+        for g in range(2):
+            for p in range(ranges[n].shape[1]):
+                k = splits.get(n)
+                vals = torch.cat([(x if k is None else (x[:, :k] if p == 0 else x[:, k:])).flatten()
+                                  for t, x in seen[n] if int(group_of(t, 2, T)) == g])
+                lo, hi = ranges[n][g, p]
+                if method == "minmax":  # exactly the extremes of what was seen
+                    assert lo == vals.min() and hi == vals.max()
+                else:
+                    assert vals.min() <= lo <= hi <= vals.max()
+                    outside += int(((vals < lo) | (vals > hi)).sum())
+                    total += vals.numel()
+    if method == "percentile":
+        assert 0 < outside / total < 0.05  # clipped the 1% tails (estimated from a subsample)
+
+
+def test_a_timestep_group_without_calibration_data_is_an_error(unet):
+    cfg, model, schedule = unet
+    sampler = DDIMSampler(schedule, 2)  # t = 99 and 0 only
+    with pytest.raises(ValueError, match="timestep groups"):
+        collect_ranges(model, sampler, ["late_conv"], (1, 32, 32), 2, sampler.timesteps, 3, seed=1, batch_size=2,
+                       progress=False)
+
+
+def test_concat_splits_point_at_the_skip_part(unet):
+    """late_conv's input channels from the split on are exactly the skip Layer1 hands over."""
+    _, model, _ = unet
+    splits = concat_splits(model)
+    assert set(splits) == {"Layer5.ResBlock1.conv1", "Layer6.ResBlock1.conv1", "late_conv"}
+    got = {}
+    hooks = [model.Layer1.ResBlock2.register_forward_hook(lambda m, a, out: got.__setitem__("skip", out)),
+             model.late_conv.register_forward_pre_hook(lambda m, a: got.__setitem__("in", a[0]))]
+    with torch.no_grad():
+        model(torch.randn(2, 1, 32, 32), torch.tensor([3, 40]))
+    for h in hooks:
+        h.remove()
+    assert torch.equal(got["in"][:, splits["late_conv"]:], got["skip"])
+
+
+# ----------------------------------------------------------------------------- timestep groups
+def test_group_ranges_follow_the_timestep_being_sampled(unet):
+    cfg, model, schedule = unet
+    T, G, name = schedule.timesteps, 4, "Layer3.ResBlock1.conv1"
+    # very different ranges per group: quantizing with the wrong group's scale would show
+    ranges = {name: torch.tensor([[[-s, s]] for s in (0.5, 2.0, 8.0, 32.0)])}
+    q = build_quantizer(ranges, {name: 4}, G, T).attach(model)
+    calls = []
+    mod = model.get_submodule(name)
+    before = mod.register_forward_pre_hook(lambda m, a: calls.append([a[0].clone()]), prepend=True)
+    after = mod.register_forward_pre_hook(lambda m, a: calls[-1].append(a[0].clone()))  # runs after q's hook
+    root = model.register_forward_pre_hook(lambda m, a: calls.append(int(a[1][0])), prepend=True)
+    try:
+        sample(model, DDIMSampler(schedule, 8), 3, (1, 32, 32), 0, 3, progress=False)
+    finally:
+        for h in (before, after, root):
+            h.remove()
+        q.remove()
+    steps = [(calls[i], *calls[i + 1]) for i in range(0, len(calls), 2)]
+    assert {t * G // T for t, _, _ in steps} == set(range(G))  # the chain visits every group
+    lq = q.layers[name]
+    for t, raw, quantized in steps:
+        g = t * G // T
+        expect = fake_quant(raw, lq.scale[g, 0], lq.zero_point[g, 0], *int_range(4, False))
+        assert torch.equal(quantized, expect)
+        wrong = fake_quant(raw, lq.scale[(g + 1) % G, 0], lq.zero_point[(g + 1) % G, 0], *int_range(4, False))
+        assert not torch.equal(quantized, wrong)
+    # a batch of mixed timesteps: each sample uses its own group's parameters
+    x, t = torch.randn(4, 1, 32, 32), torch.tensor([5, 30, 60, 99])
+    assert group_of(t, G, T).tolist() == [0, 1, 2, 3]
+    seen = {}
+    q.attach(model)
+    h = mod.register_forward_pre_hook(lambda m, a: seen.__setitem__("q", a[0]))
+    hr = mod.register_forward_pre_hook(lambda m, a: seen.__setitem__("raw", a[0]), prepend=True)
+    with torch.no_grad():
+        model(x, t)
+    h.remove(), hr.remove(), q.remove()
+    for b in range(4):
+        assert torch.equal(seen["q"][b], fake_quant(seen["raw"][b], lq.scale[b, 0], lq.zero_point[b, 0], 0, 15))
+
+
+def test_softmax_quantization_and_detach(unet):
+    _, model, _ = unet
+    probs = []
+    h = model.Layer2.attention_layer.softmax.register_forward_hook(lambda m, a, out: probs.append(out))
+    q = ActQuantizer({}, 1, 100, softmax_bits=2).attach(model)
+    assert not model.Layer2.attention_layer.fused
+    with torch.no_grad():
+        model(torch.randn(1, 1, 32, 32), torch.tensor([10]))
+    q.remove()
+    h.remove()
+    assert model.Layer2.attention_layer.fused  # restored
+    assert set(torch.unique(probs[-1] * 3).round().tolist()) <= {0.0, 1.0, 2.0, 3.0}
+
+
+# ----------------------------------------------------------------------------- file
+def test_act_quant_file_rebuilds_the_same_quantized_model(unet, tmp_path):
+    cfg, model, _ = unet
+    names = quantizable_modules(model)
+    g = torch.Generator().manual_seed(0)
+    ranges = {n: torch.sort(torch.randn(3, 2 if n in concat_splits(model) else 1, 2, generator=g), -1)[0]
+              for n in names}
+    bits = {n: [4, 6, 8, None][i % 4] for i, n in enumerate(names)}
+    bits.update({"late_conv": 6, "Layer2.attention_layer.proj1": 8})  # a split input and a per-token one
+    q = build_quantizer(ranges, bits, 3, 100, symmetric=False, token_layers={"Layer2.attention_layer.proj1"},
+                        splits=concat_splits(model))
+    path = str(tmp_path / "act_quant.safetensors")
+    save_act_quant(q, path, {"note": "test"})
+    loaded, prov = load_act_quant(path)
+    assert prov == {"note": "test"} and loaded.layers["Layer2.attention_layer.proj1"].granularity == "token"
+    late = loaded.layers["late_conv"]
+    assert late.scale.shape == (3, 2) and late.zero_point.dtype == torch.int32
+    assert late.split == 24  # smoke: Layer6 hands over 24 channels, the Layer1 skip the 8 after them
+    x, t = torch.randn(2, 1, 32, 32), torch.tensor([10, 90])
+    outs = []
+    for quant in (q, loaded):
+        m = copy.deepcopy(model)
+        quant.attach(m)
+        with torch.no_grad():
+            outs.append(m(x, t))
+    assert torch.equal(outs[0], outs[1])
+    with torch.no_grad():
+        assert not torch.equal(outs[0], model(x, t))  # the quantizers did act
+    from safetensors.torch import save_file
+
+    other = str(tmp_path / "other.safetensors")  # e.g. a ranges cache: a safetensors file of another kind
+    save_file({"late_conv": torch.zeros(1, 2, 2)}, other)
+    with pytest.raises(ValueError, match="other.safetensors: not a LAQFI activation-quantization file"):
+        load_act_quant(other)
+
+
+# ----------------------------------------------------------------------------- activation Fisher
+class SharedInput(nn.Module):
+    """Two convs read the same tensor; only one of them reaches the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.used, self.dead = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(1, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 1, 1)
+
+    def forward(self, x, t):
+        return self.head(torch.relu(self.used(x))) + 0.0 * self.dead(x)
+
+
+def _candidates(model, names, G, bits=(4, 8)):
+    ranges = {n: torch.tensor([[[-3.0, 3.0]]] * G) for n in names}
+    return {n: {b: LayerQuant.from_ranges(ranges[n], b) for b in bits} for n in names}
+
+
+def test_activation_fisher_is_zero_for_an_input_that_does_not_reach_the_output():
+    torch.manual_seed(0)
+    model, schedule = SharedInput().eval(), NoiseSchedule(100, 1e-4, 0.02)
+    x_pool = torch.rand(16, 1, 8, 8) * 2 - 1
+    art = activation_importance(model, schedule, x_pool, _candidates(model, ["used", "dead", "head"], 2), 2, 8, 4,
+                                seed=0, progress=False)
+    assert all(v == 0.0 for v in art["fisher"]["dead"].values())  # its own path only, though `used` shares x
+    assert all(v > 0 for v in art["fisher"]["used"].values()) and all(v > 0 for v in art["mse"]["dead"].values())
+    assert art["fisher"]["used"][4] > art["fisher"]["used"][8]  # coarser quantizer, larger estimate
+
+
+def test_activation_fisher_matches_a_per_sample_loop():
+    """1/2 E_n[sum_j (dL_n/da_nj)^2 (a_nj - Q(a_nj))^2] against one autograd call per sample."""
+    torch.manual_seed(1)
+    model, schedule = SharedInput().eval(), NoiseSchedule(100, 1e-4, 0.02)
+    x_pool = torch.rand(16, 1, 8, 8) * 2 - 1
+    cands = _candidates(model, ["head"], 2, bits=(4,))
+    art = activation_importance(model, schedule, x_pool, cands, 2, 6, 4, seed=3, progress=False)
+    from common.fisher import draw_samples
+
+    x0, t, eps = draw_samples(x_pool, 6, 100, 3)
+    total = 0.0
+    for i in range(6):
+        h = torch.relu(model.used(schedule.q_sample(x0[i:i + 1], t[i:i + 1], eps[i:i + 1]))).detach().requires_grad_()
+        loss = (model.head(h) - eps[i:i + 1]).pow(2).mean()
+        (g,) = torch.autograd.grad(loss, h)
+        dq = h.detach() - cands["head"][4].apply(h.detach(), group_of(t[i:i + 1], 2, 100))
+        total += float((g.pow(2) * dq.pow(2)).sum())
+    assert art["fisher"]["head"][4] == pytest.approx(0.5 * total / 6, rel=1e-5)
+
+
+def test_activation_fisher_on_the_unet_sees_a_dead_branch(unet):
+    """With Layer6's attention output projection zeroed, nothing upstream of it reaches eps_theta except the
+    Layer1 skip into late_conv: exactly those inputs have zero activation Fisher."""
+    cfg, model, schedule = unet
+    dead = copy.deepcopy(model)
+    with torch.no_grad():
+        dead.Layer6.attention_layer.proj2.weight.zero_()
+    names = ["Layer1.ResBlock1.conv1", "late_conv", "Layer1.conv", "Layer3.ResBlock1.conv1",
+             "Layer6.ResBlock1.conv1", "Layer6.attention_layer.proj1", "Layer6.attention_layer.proj2",
+             "Layer6.ResBlock2.conv1"]
+    art = activation_importance(dead, schedule, torch.rand(8, 1, 32, 32) * 2 - 1, _candidates(dead, names, 1, (4,)),
+                                1, 4, 4, seed=0, progress=False)
+    alive = {"Layer1.ResBlock1.conv1", "late_conv", "Layer6.ResBlock2.conv1"}
+    for n in names:
+        assert (art["fisher"][n][4] > 0) == (n in alive), n
+
+
+# ----------------------------------------------------------------------------- BOPs
+class Known(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)  # 8x8 -> 8x8
+        self.down = nn.Conv2d(4, 8, 3, stride=2, padding=1)  # -> 4x4
+        self.up = nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1)  # -> 8x8
+        self.lin = nn.Linear(4, 12)
+
+    def forward(self, x, t):
+        h = self.up(self.down(self.conv(x)))
+        return self.lin(h.flatten(2).transpose(1, 2))  # (B, 64 tokens, 4) -> (B, 64, 12)
+
+
+def test_bops_of_a_known_model_are_exact(unet):
+    macs = count_macs(Known(), (torch.zeros(3, 1, 8, 8), None))
+    assert macs == {"conv": 4 * 8 * 8 * 1 * 9, "down": 8 * 4 * 4 * 4 * 9, "up": 8 * 4 * 4 * 4 * 16, "lin": 64 * 4 * 12}
+    w, a = {"conv": 8, "down": 4, "up": 4, "lin": 8}, {"conv": 8, "down": 6, "up": None, "lin": 4}
+    assert bops(macs, w, a) == 2304 * 64 + 4608 * 24 + 8192 * 4 * 32 + 3072 * 32
+    # and every U-Net module agrees with torch's own FLOP counter (2 FLOPs per MAC)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _, model, _ = unet
+    macs = unet_macs(model, (1, 32, 32))
+    with FlopCounterMode(display=False, depth=None) as fc:
+        model(torch.zeros(1, 1, 32, 32), torch.zeros(1, dtype=torch.long))
+    counts = fc.get_flop_counts()
+    assert set(macs) == set(quantizable_modules(model))
+    for n, m in macs.items():
+        assert sum(counts[f"UNet.{n}"].values()) == 2 * m, n
+
+
+def test_layer_table_kept_inputs_and_stored_bits(unet):
+    """Kept first/last conv: fp32 weights and keep_bits inputs; the bits the allocator counts are the bits
+    quantize.py stores."""
+    from common.act_pipeline import layer_table
+    from common.allocate import uniform_wa_choice
+    from common.quantize import Assignment, quantize_model, size_report
+
+    _, model, _ = unet
+    cfg = load_config(SMOKE, ["act_quant.keep_bits=8"])
+    names = quantizable_modules(model)
+    eligible = {f"{n}.weight" for n in names if n not in ("shallow_conv", "output_conv")}
+    layers, fixed, total = layer_table(cfg, model, unet_macs(model, (1, 32, 32)), eligible)
+    assert layers["shallow_conv"]["a"] == {8: 0.0} and list(layers["output_conv"]["w"]) == ["fp32"]
+    assert set(layers["late_conv"]["w"]) == {"int8", "int4"} and set(layers["late_conv"]["a"]) == {16, 8, 6, 4}
+    choice = uniform_wa_choice(layers, 4, 6)
+    assert choice["shallow_conv"] == ("fp32", 8) and choice["late_conv"] == ("int4", 6)
+    _, stored = quantize_model(model, {f"{n}.weight": Assignment(f) for n, (f, _) in choice.items() if f != "fp32"})
+    counted = fixed + sum(layers[n]["w"][f][1] for n, (f, _) in choice.items())
+    assert size_report(stored)["analytic_bytes"] * 8 == counted
