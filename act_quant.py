@@ -3,7 +3,7 @@ uniform 8-bit weights and activations, '1.5GBOPs', or a stored size), every rang
 (one activation range for all timesteps, or one per timestep group) and every plan in act_quant.plans (uniform,
 or the exact allocator choosing weight and activation bits per module by Fisher, magnitude, random or squared
 error): calibrate the activation ranges along the sampling trajectory, allocate, save the weights
-(quantized.pt) and activation scales (act_quant.safetensors), rebuild the model from those files and evaluate
+(quantized.safetensors) and activation scales (act_quant.safetensors), rebuild the model from those files and evaluate
 it with act_quant.seeds beside the fp32 baseline under the same noise. Writes runs/<run>/act_quant/
 {summary.csv, summary.md, act_quant.png} and one folder per variant. Needs simplediffusion.py to have run.
 """

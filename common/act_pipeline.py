@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 
-from . import evaluate, storage
+from . import evaluate, lock, storage
 from .act_importance import activation_importance
 from .actquant import (FIRST, LAST, ActQuantizer, LayerQuant, attention_projections, concat_splits, load_act_quant,
                        quantizable_modules, quantizer_digest, save_act_quant)
@@ -25,7 +25,7 @@ from .calibrate import calibration_timesteps, collect_ranges
 from .config import to_dict
 from .data import mnist_tensor
 from .diffusion import NoiseSchedule, build_sampler
-from .quantize import Assignment, load_quantized, quantize_model, save_quantized, stored_digest
+from .quantize import QUANTIZED_FILE, Assignment, load_quantized, quantize_model, save_quantized, stored_digest
 
 PLAN_WEIGHT_METRIC = {"fisher": "fisher_distortion", "magnitude": "magnitude", "random": "random",
                       "quant_error": "quant_error"}
@@ -244,12 +244,21 @@ def run_act_variant(cfg, variant, plan, budget, mode, model, ckpt_path, fisher, 
              "bops_unit": "bit-operations per U-Net evaluation (MACs x w_bits x a_bits, float = 32 bits)"}
     out = evaluate.variant_dir(cfg, variant)
     metrics_path = os.path.join(out, "metrics.json")
-    if evaluate.check_not_stale(metrics_path, evaluate.result_fingerprint(cfg, weights_id, extra), force):
-        print(f"[{variant}] reusing {metrics_path}")
-        return storage.load_json(metrics_path)
-    provenance = {"plan": plan, "budget": budget, "range_mode": mode, "checkpoint_sha256": sha,
+    qpath, apath = os.path.join(out, QUANTIZED_FILE), os.path.join(out, "act_quant.safetensors")
+    with lock.hold(out):
+        old = evaluate.reusable(cfg, metrics_path, evaluate.result_fingerprint(cfg, weights_id, extra), force, qpath)
+        if old is not None:
+            print(f"[{variant}] reusing {metrics_path}")
+            return old
+        return _write_and_evaluate(cfg, variant, choice, info, extra, stored, q, macs, model, weights_id, qpath, apath,
+                                   device, force, progress)
+
+
+def _write_and_evaluate(cfg, variant, choice, info, extra, stored, q, macs, model, weights_id, qpath, apath, device,
+                        force, progress):
+    aq, sha, mode, out = cfg.act_quant, extra["checkpoint_sha256"], extra["range_mode"], os.path.dirname(qpath)
+    provenance = {"plan": extra["plan"], "budget": extra["budget"], "range_mode": mode, "checkpoint_sha256": sha,
                   "ranges": range_inputs(cfg, mode, sha), "act_quant": to_dict(aq)}
-    qpath, apath = os.path.join(out, "quantized.pt"), os.path.join(out, "act_quant.safetensors")
     size = save_quantized(stored, qpath, {"model": to_dict(cfg.model), "timesteps": cfg.diffusion.timesteps},
                           provenance)
     save_act_quant(q, apath, provenance)
@@ -265,4 +274,4 @@ def run_act_variant(cfg, variant, plan, budget, mode, model, ckpt_path, fisher, 
     print(f"[{variant}] {extra['gbops']:.4g} GBOPs, {extra['w_bits']:.2f} bits/weight, "
           f"{extra['a_bits']:.2f} bits/activation (MAC-weighted); {qpath}, {apath}")
     return evaluate.evaluate_variant(cfg, variant, qmodel, size, device, weights_id, force=force,
-                                     progress=progress, extra=extra)
+                                     progress=progress, extra=extra, quantized_path=qpath)
