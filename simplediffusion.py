@@ -20,12 +20,14 @@ def main():
     p.add_argument("--release", metavar="FILE.safetensors",
                    help="export the finished checkpoint's EMA weights as a released baseline (with FILE.json "
                         "provenance) and stop; put the printed SHA-256 in the config's baseline.sha256")
+    p.add_argument("--release-note", metavar="TEXT", default=None,
+                   help="with --release: a note kept in the provenance file (e.g. how the training was run)")
     args = p.parse_args()
     cfg = cli.load(args)
     progress = not args.no_progress
     with cli.clear_errors():
         if args.release:
-            sha, prov = pipeline.release_baseline(cfg, args.release)
+            sha, prov = pipeline.release_baseline(cfg, args.release, args.release_note)
             print(f"[release] {args.release} (SHA-256 {sha}) and {prov}\n"
                   f"use it with:\n  baseline:\n    weights: {args.release}\n    sha256: {sha}")
             return

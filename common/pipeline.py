@@ -6,6 +6,7 @@ folder's lock (``common.lock``) while it writes there, so concurrent runs wait i
 """
 import json
 import os
+import shlex
 import time
 
 import torch
@@ -73,7 +74,7 @@ def from_scratch_command(cfg) -> str:
     return command(cfg, "simplediffusion.py", "--set", "baseline.weights=null")
 
 
-def release_baseline(cfg, out_path):
+def release_baseline(cfg, out_path, note=None):
     """Export this config's finished training (``baseline.weights`` null) as released weights + provenance."""
     from .baseline import release
 
@@ -83,8 +84,10 @@ def release_baseline(cfg, out_path):
     ckpt_path = os.path.join(storage.baseline_dir(cfg), "checkpoint.pt")
     if not os.path.exists(ckpt_path):
         raise FileNotFoundError(f"{ckpt_path} not found: train it first ({from_scratch_command(cfg)})")
-    return release(ckpt_path, out_path, retrain_command=f"make reproduce-from-scratch   # = "
-                   f"{from_scratch_command(cfg)} --set run.name={cfg.run.name}")
+    retrain = shlex.join(["python", "simplediffusion.py", "--config", cfg.source, "--set", "baseline.weights=null",
+                          "--set", f"run.name={cfg.run.name}"])
+    return release(ckpt_path, out_path, retrain_command=f"make reproduce-from-scratch   # = {retrain}",
+                   extra={"note": note} if note else None)
 
 
 def released_baseline(cfg, device, progress=True):
