@@ -1,12 +1,14 @@
 """Draw images from a baseline or any quantized variant, on a real low-precision backend.
 
---checkpoint takes a training checkpoint (runs/<run>/baseline/checkpoint.pt, the default) or a plain
-safetensors state dict (EMA weights; architecture from its metadata, else from --config);
---variant-file takes a quantized.safetensors. --backend: dequant (fp32 compute of the stored values, the
-reference), bf16, fp16 (CUDA only) or int8 (static W8A8 on x86 through PT2E + torch.compile; see
-README "Running quantized models"). Writes <out>/samples.png, samples.npz (uint8 images and float32
-samples) and sample.json (source, backend, what each tensor ran in, speed). Same --seed, same batch size:
-same noise, so outputs of two backends or variants are paired.
+--checkpoint takes a training checkpoint or a plain safetensors state dict (EMA weights; architecture from
+its metadata, else from --config); default: the config's released baseline.weights, else
+runs/<run>/baseline/checkpoint.pt. --variant-file takes a quantized.safetensors; an act_quant.py
+variant's activation quantizers (act_quant.safetensors beside it) are applied too, as fake quantization on
+--backend dequant only. --backend: dequant (fp32 compute of the stored values, the reference), bf16, fp16
+(CUDA only) or int8 (static W8A8 on x86 through PT2E + torch.compile; see README "Running quantized
+models"). Writes <out>/samples.png, samples.npz (uint8 images and float32 samples) and sample.json
+(source, backend, what each tensor ran in, speed). Same --seed, same batch size: same noise, so outputs of
+two backends or variants are paired.
 """
 import os
 
@@ -20,7 +22,7 @@ def main():
     p = cli.parser(__doc__)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", help="baseline weights: checkpoint.pt or a safetensors state dict "
-                                          "(default: runs/<run>/baseline/checkpoint.pt)")
+                                          "(default: baseline.weights, else runs/<run>/baseline/checkpoint.pt)")
     src.add_argument("--variant-file", help="a quantized.safetensors written by a strategy script")
     p.add_argument("--n", type=int, default=64, help="number of images")
     p.add_argument("--seed", type=int, default=0, help="noise seed (the evaluation's seeds are eval.seeds)")
@@ -31,7 +33,8 @@ def main():
     if args.n < 1:
         p.error("--n must be at least 1")
     backend = args.backend or cfg.backend.name
-    path = args.variant_file or args.checkpoint or os.path.join(baseline_dir(cfg), "checkpoint.pt")
+    path = (args.variant_file or args.checkpoint or cfg.baseline.weights
+            or os.path.join(baseline_dir(cfg), "checkpoint.pt"))
     tag = os.path.basename(os.path.dirname(os.path.abspath(path)))  # the variant (or baseline) folder
     out = args.out or os.path.join(run_dir(cfg), "samples", f"{tag}_{backend}_seed{args.seed}")
     with cli.clear_errors():

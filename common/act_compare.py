@@ -16,6 +16,7 @@ from .act_pipeline import run_act_variant
 from .allocate import InfeasibleBudgetError, parse_wa_budget, wa_budget_tag
 from .bops import unet_macs
 from .compare import _ms, _spread
+from .config import check_act_quant_groups
 from .report import paired_test, per_seed, save_figure
 
 KEYS = [("paired_mse_vs_fp32", "paired MSE"), ("clf_fid", "clf-FID"), ("fid", "FID"), ("kid", "KID")]
@@ -44,6 +45,7 @@ def variant_name(plan: str, budget: str, mode: str) -> str:
 
 def run_act_comparison(cfg, device, force=False, progress=True):
     """Evaluate the grid. Returns ({variant: (plan, budget, mode, metrics)}, [notes on what was skipped])."""
+    check_act_quant_groups(cfg)
     model, ckpt_path, fisher = pipeline.load_artifacts(cfg, device)
     acfg = act_config(cfg)
     aq = cfg.act_quant

@@ -18,8 +18,18 @@ import os
 
 from . import evaluate, lock, storage
 from .act_importance import activation_importance
-from .actquant import (FIRST, LAST, ActQuantizer, LayerQuant, attention_projections, concat_splits, load_act_quant,
-                       quantizable_modules, quantizer_digest, save_act_quant)
+from .actquant import (
+    FIRST,
+    LAST,
+    ActQuantizer,
+    LayerQuant,
+    attention_projections,
+    concat_splits,
+    load_act_quant,
+    quantizable_modules,
+    quantizer_digest,
+    save_act_quant,
+)
 from .allocate import allocate_wa, format_bits, layer_bops, parse_wa_budget, uniform_wa_choice
 from .calibrate import calibration_timesteps, collect_ranges
 from .config import to_dict

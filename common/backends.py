@@ -224,7 +224,9 @@ def _plan_scale_observer():
 def _quantizer(plan: Int8Plan):
     from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
-        X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
 
     default = get_default_x86_inductor_quantization_config()  # uint8 activations, HistogramObserver
     observer = _plan_scale_observer()

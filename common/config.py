@@ -560,6 +560,22 @@ def _check_act_quant(cfg: Config, src: str):
             raise ConfigError(f"{src}: act_quant.{key}: needs at least one entry")
     if aq.timestep_groups > cfg.diffusion.timesteps:
         raise ConfigError(f"{src}: act_quant.timestep_groups: at most diffusion.timesteps ({cfg.diffusion.timesteps})")
+    try:
+        aq.budgets = [normalize_wa_budget(b) for b in aq.budgets]
+    except ValueError as e:
+        raise ConfigError(f"{src}: act_quant.budgets: {e}") from None
+    for b in aq.budgets:
+        for kind, value in parse_wa_budget(b):
+            if kind == "wa" and (W_FORMAT_OF_BITS[value[0]] not in aq.w_formats or value[1] not in aq.a_bits):
+                raise ConfigError(f"{src}: act_quant.budgets: {b!r} is the BOPs of uniform W{value[0]}A{value[1]}, "
+                                  f"so act_quant.w_formats ({aq.w_formats}) must hold {W_FORMAT_OF_BITS[value[0]]} "
+                                  f"and act_quant.a_bits ({aq.a_bits}) must hold {value[1]}")
+
+
+def check_act_quant_groups(cfg: Config):
+    """Every per-timestep activation group must see calibration timesteps. Checked when activations are
+    calibrated (act_quant.py), not on every load: other scripts may sample with fewer steps."""
+    aq, src = cfg.act_quant, cfg.source + "".join(f" --set {o}" for o in cfg.overrides)
     if "group" in aq.range_modes:
         from .actquant import group_of
         from .calibrate import calibration_timesteps
@@ -573,16 +589,6 @@ def _check_act_quant(cfg: Config, src: str):
                               f"{len(ts)} calibration timesteps (act_quant.calib_timesteps of the sampler's "
                               f"{len(sampler.timesteps)}) fall in only {len(seen)} of them; use fewer groups or more "
                               f"calibration timesteps")
-    try:
-        aq.budgets = [normalize_wa_budget(b) for b in aq.budgets]
-    except ValueError as e:
-        raise ConfigError(f"{src}: act_quant.budgets: {e}") from None
-    for b in aq.budgets:
-        for kind, value in parse_wa_budget(b):
-            if kind == "wa" and (W_FORMAT_OF_BITS[value[0]] not in aq.w_formats or value[1] not in aq.a_bits):
-                raise ConfigError(f"{src}: act_quant.budgets: {b!r} is the BOPs of uniform W{value[0]}A{value[1]}, "
-                                  f"so act_quant.w_formats ({aq.w_formats}) must hold {W_FORMAT_OF_BITS[value[0]]} "
-                                  f"and act_quant.a_bits ({aq.a_bits}) must hold {value[1]}")
 
 
 def load_config(path, overrides=()) -> Config:

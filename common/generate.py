@@ -104,6 +104,17 @@ def generate(cfg, path: str, backend: str, n: int, seed: int, out_dir: str, devi
     from .pipeline import save_grid
 
     model, stored, info = load_weights(path, cfg, device)
+    act_path = os.path.join(os.path.dirname(path), "act_quant.safetensors")
+    if stored is not None and os.path.exists(act_path):  # a variant of act_quant.py: activations quantized too
+        if backend != "dequant":
+            raise ValueError(f"{act_path}: this variant quantizes activations as well; its activation quantizers "
+                             f"(per-layer bits, per-timestep-group ranges) run only as fake quantization, on "
+                             f"--backend dequant. The bf16 / int8 backends choose activation precision themselves "
+                             f"(bf16; uint8 calibrated by PT2E), so they would not run this variant's plan")
+        from .actquant import load_act_quant
+
+        load_act_quant(act_path)[0].attach(model)
+        info["act_quant"] = {"path": os.path.abspath(act_path), "sha256": storage.sha256_file(act_path)}
     batch = min(n, cfg.sample.batch_size)
     runner = build_runner(cfg, model, stored, backend, device, batch, progress=progress)
     del model  # only the runner's own weights stay resident

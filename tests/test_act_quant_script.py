@@ -31,12 +31,13 @@ def test_help_and_config_errors():
     p = subprocess.run([sys.executable, os.path.join(ROOT, "act_quant.py"), "--help"], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=ROOT))
     assert p.returncode == 0 and "--config" in p.stdout and "--update-readme" in p.stdout
-    from common.config import ConfigError, load_config
+    from common.config import ConfigError, check_act_quant_groups, load_config
 
     with pytest.raises(ConfigError, match="act_quant.budgets.*W4A5.*act_quant.a_bits"):
         load_config(os.path.join(ROOT, "configs/smoke.yaml"), ["act_quant.budgets=[W4A5]"])
-    with pytest.raises(ConfigError, match="act_quant.timestep_groups"):  # 3 DDIM steps cannot fill 4 groups
-        load_config(os.path.join(ROOT, "configs/smoke.yaml"), ["act_quant.timestep_groups=4"])
+    four = load_config(os.path.join(ROOT, "configs/smoke.yaml"), ["act_quant.timestep_groups=4"])  # loads: other
+    with pytest.raises(ConfigError, match="act_quant.timestep_groups"):  # scripts may sample with fewer steps, but
+        check_act_quant_groups(four)  # act_quant.py cannot fill 4 groups from 3 DDIM steps
 
 
 def test_every_variant_is_evaluated_with_its_bits_and_bops(act_run):
@@ -46,7 +47,7 @@ def test_every_variant_is_evaluated_with_its_bits_and_bops(act_run):
          ("uniform_W4A6_single", "fisher_W4A6_single", "uniform_W4A6_group", "fisher_W4A6_group")}
     for v, r in m.items():
         assert {"w_bits", "a_bits", "bops"} <= set(r) and r["paired_mse_vs_fp32"] > 0
-        assert (out / v / "act_quant.safetensors").exists() and (out / v / "quantized.pt").exists()
+        assert (out / v / "act_quant.safetensors").exists() and (out / v / "quantized.safetensors").exists()
         plan = json.load(open(out / v / "plan.json"))
         assert sum(x["bops"] for x in plan["modules"].values()) == r["bops"]
         first = plan["modules"]["shallow_conv"]
@@ -69,7 +70,7 @@ def test_samples_come_from_the_saved_files(act_run):
     tmp, _ = act_run
     cfg = load_config(os.path.join(ROOT, "configs/smoke.yaml"))
     vdir = tmp / "runs" / "smoke" / "act_quant" / "fisher_W4A6_group"
-    model, _ = load_quantized(str(vdir / "quantized.pt"))
+    model, _ = load_quantized(str(vdir / "quantized.safetensors"))
     q, prov = load_act_quant(str(vdir / "act_quant.safetensors"))
     assert prov["range_mode"] == "group" and q.groups == cfg.act_quant.timestep_groups
     q.attach(model)
@@ -84,3 +85,21 @@ def test_rerun_reuses_everything(act_run):
     for v in ("uniform_W4A6_single", "fisher_W4A6_group"):
         assert f"[{v}] reusing" in again.stdout
     assert "reusing calibrated ranges" in again.stdout and "reusing activation importance" in again.stdout
+
+
+def test_sample_py_applies_the_activation_quantizers(act_run):
+    """sample.py on an act_quant variant reproduces the evaluation's samples (same seed and batch), and a
+    backend that would ignore the activation plan is refused."""
+    import numpy as np
+
+    tmp, _ = act_run
+    vdir = tmp / "runs" / "smoke" / "act_quant" / "fisher_W4A6_group"
+    n = torch.load(vdir / "samples_seed0.pt").shape[0]
+    run("sample.py", tmp, flags=["--variant-file", str(vdir / "quantized.safetensors"), "--n", str(n), "--seed", "0",
+                                 "--backend", "dequant", "--out", str(tmp / "s")])
+    x = torch.from_numpy(np.load(tmp / "s" / "samples.npz")["x"])
+    assert torch.equal((x.clamp(-1, 1) + 1) / 2, torch.load(vdir / "samples_seed0.pt"))
+    assert json.load(open(tmp / "s" / "sample.json"))["source"]["act_quant"]["sha256"]
+    bad = run("sample.py", tmp, flags=["--variant-file", str(vdir / "quantized.safetensors"), "--n", "2",
+                                       "--backend", "int8", "--out", str(tmp / "s8")], check=False)
+    assert bad.returncode != 0 and "act_quant.safetensors" in bad.stderr and "Traceback" not in bad.stderr

@@ -7,9 +7,20 @@ import torch
 from torch import nn
 
 from common.act_importance import activation_importance
-from common.actquant import (ActQuantizer, LayerQuant, build_quantizer, concat_splits, fake_quant, group_of,
-                             int_range, load_act_quant, qparams, quantizable_modules, save_act_quant,
-                             token_fake_quant)
+from common.actquant import (
+    ActQuantizer,
+    LayerQuant,
+    build_quantizer,
+    concat_splits,
+    fake_quant,
+    group_of,
+    int_range,
+    load_act_quant,
+    qparams,
+    quantizable_modules,
+    save_act_quant,
+    token_fake_quant,
+)
 from common.bops import bops, count_macs, unet_macs
 from common.calibrate import calibration_timesteps, collect_ranges
 from common.config import load_config

@@ -4,8 +4,16 @@ import random
 
 import pytest
 
-from common.allocate import (InfeasibleBudgetError, allocate, allocate_model, budget_bits, budget_tag,
-                             format_bits, normalize_budget, parse_budget)
+from common.allocate import (
+    InfeasibleBudgetError,
+    allocate,
+    allocate_model,
+    budget_bits,
+    budget_tag,
+    format_bits,
+    normalize_budget,
+    parse_budget,
+)
 from common.importance import compute_importance
 from common.quantize import quantize_model, size_report
 
@@ -116,8 +124,14 @@ def test_format_bits_counts_scales(tiny):
 
 
 # ----------------------------------------------------------------------------- weights and activations
-from common.allocate import (allocate_wa, layer_bops, normalize_wa_budget, parse_wa_budget,  # noqa: E402
-                             uniform_wa_choice, wa_budget_tag)
+from common.allocate import (  # noqa: E402
+    allocate_wa,
+    layer_bops,
+    normalize_wa_budget,
+    parse_wa_budget,
+    uniform_wa_choice,
+    wa_budget_tag,
+)
 
 # Four modules: MACs, weight options {format: (cost, stored bits)}, input options {bits: cost}. "first" keeps
 # fp32 weights and a float input (one option each), as the kept first conv does.

@@ -8,8 +8,17 @@ from torch import nn
 
 from common.config import load_config
 from common.diffusion import NoiseSchedule
-from common.fisher import (FisherMismatchError, compute_fisher, draw_samples, eligible_names, load_fisher,
-                           per_sample_sq_grads, per_sample_sq_grads_loop, save_fisher, summarize)
+from common.fisher import (
+    FisherMismatchError,
+    compute_fisher,
+    draw_samples,
+    eligible_names,
+    load_fisher,
+    per_sample_sq_grads,
+    per_sample_sq_grads_loop,
+    save_fisher,
+    summarize,
+)
 from common.model import build_unet
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

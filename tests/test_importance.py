@@ -6,8 +6,15 @@ import torch
 from torch import nn
 
 from common.diffusion import NoiseSchedule
-from common.importance import (METRICS, compute_importance, costs_from_scores, fisher_distortion_costs,
-                               linear_cka_matrix, orthogonality_from_features, quantization_errors)
+from common.importance import (
+    METRICS,
+    compute_importance,
+    costs_from_scores,
+    fisher_distortion_costs,
+    linear_cka_matrix,
+    orthogonality_from_features,
+    quantization_errors,
+)
 
 
 class OneLinear(nn.Module):

@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from common.config import load_config
-from common.diffusion import (DDIMSampler, DDPMSampler, NoiseSchedule, batch_generator, build_sampler,
-                              sample)
+from common.diffusion import DDIMSampler, DDPMSampler, NoiseSchedule, batch_generator, build_sampler, sample
 from common.model import build_unet, count_params, sinusoidal_table, stage_of
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -92,21 +92,23 @@ def test_quantized_samples_come_from_the_stored_file(pipeline_run):
 
 def test_rerun_reuses_and_changed_config_is_refused(pipeline_run):
     tmp, _ = pipeline_run
-    vdir = tmp / "runs" / "smoke" / "layer_math"
-    again = run("layer_math.py", tmp)
+    run_dir = copy_run(pipeline_run, "rerun")  # a copy: the shared smoke run keeps its default results
+    vdir = run_dir / "layer_math"
+    again = run("layer_math.py", tmp, "--set", "run.name=rerun")
     assert "[layer_math] reusing" in again.stdout
     qfile = vdir / "quantized.safetensors"
     qfile.rename(vdir / "kept.safetensors")
     (vdir / "quantized.pt").write_bytes(b"an old torch.save container")  # a run made before file version 3
-    gone = run("layer_math.py", tmp, check=False)  # results whose file is not there are not reused
+    # results whose file is not there are not reused
+    gone = run("layer_math.py", tmp, "--set", "run.name=rerun", check=False)
     assert gone.returncode != 0 and str(qfile) in gone.stderr and "--force" in gone.stderr
     (vdir / "kept.safetensors").rename(qfile)
-    metrics = tmp / "runs" / "smoke" / "layer_math" / "metrics.json"
+    metrics = vdir / "metrics.json"
     before = metrics.read_text()
-    p = run("layer_math.py", tmp, "--set", "strategies.layer_math.alpha=0.9", check=False)
+    p = run("layer_math.py", tmp, "--set", "run.name=rerun", "--set", "strategies.layer_math.alpha=0.9", check=False)
     assert p.returncode != 0 and "--force" in p.stderr
     assert metrics.read_text() == before  # nothing overwritten
-    forced = run("layer_math.py", tmp, "--set", "strategies.layer_math.alpha=0.9", "--force")
+    forced = run("layer_math.py", tmp, "--set", "run.name=rerun", "--set", "strategies.layer_math.alpha=0.9", "--force")
     assert "[layer_math] reusing" not in forced.stdout
     assert not (vdir / "quantized.pt").exists()  # the superseded pickle container is removed
     assert json.loads(metrics.read_text())["params"]["alpha"] == 0.9
@@ -302,8 +304,8 @@ def test_two_runs_of_one_variant_wait_and_never_mix(pipeline_run):
                  f"strategies.whole_threshold.threshold={thr}", "--no-progress"],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp)
         for p in procs.values():  # both are waiting for the variant's lock before we let go
-            line = ""
-            while "[lock]" not in line:
+            line = ""  # a process may first wait briefly for baseline/, which the other is reading
+            while not ("[lock]" in line and str(vdir) in line):
                 line = p.stdout.readline()
                 assert line, p.stderr.read()
             assert f"is locked by pid {os.getpid()}" in line and "waiting" in line

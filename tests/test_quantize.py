@@ -8,9 +8,24 @@ import torch
 from common.config import load_config, to_dict
 from common.fisher import eligible_names
 from common.model import build_unet
-from common.quantize import (QUANTIZED_FILE, Assignment, QuantizedFileError, channel_axes, dequantize_tensor,
-                             entry_bits, load_quantized, pack_bits, pack_int4, quantize_model, quantize_tensor,
-                             read_quantized, save_quantized, size_report, unpack_bits, unpack_int4)
+from common.quantize import (
+    QUANTIZED_FILE,
+    Assignment,
+    QuantizedFileError,
+    channel_axes,
+    dequantize_tensor,
+    entry_bits,
+    load_quantized,
+    pack_bits,
+    pack_int4,
+    quantize_model,
+    quantize_tensor,
+    read_quantized,
+    save_quantized,
+    size_report,
+    unpack_bits,
+    unpack_int4,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QMAX = {"int8": 127, "int4": 7}

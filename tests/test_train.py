@@ -8,8 +8,16 @@ import common.train as train_mod
 from common.data import mnist_tensor
 from common.diffusion import NoiseSchedule
 from common.model import build_unet
-from common.train import (NonFiniteLossError, StaleArtifactError, _batch_indices, check_checkpoint_matches,
-                          load_ema, total_steps, train, training_inputs)
+from common.train import (
+    NonFiniteLossError,
+    StaleArtifactError,
+    _batch_indices,
+    check_checkpoint_matches,
+    load_ema,
+    total_steps,
+    train,
+    training_inputs,
+)
 
 CPU = torch.device("cpu")
 CKPT_KEYS = {"model", "ema", "optimizer", "step", "total_steps", "finished", "config", "training_inputs",
