@@ -298,8 +298,9 @@ def main():
                     help="variants of the backend table (fp32 is always measured: it is the reference)")
     ap.add_argument("--backends", nargs="+", default=list(bench_backends.BACKEND_ROWS),
                     choices=list(bench_backends.BACKEND_ROWS), help="rows of the backend table (dequant always)")
-    ap.add_argument("--checkpoint", help="baseline for the backend table (default: runs/<run>/baseline/"
-                                         "checkpoint.pt with its fisher.pt; random weights if missing)")
+    ap.add_argument("--checkpoint", help="baseline for the backend table (default: baseline.weights, else runs/<run>/"
+                                         "baseline/checkpoint.pt; with runs/<run>/baseline/fisher.pt, else random "
+                                         "weights)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     ap.add_argument("--update-readme", metavar="README",
                     help="also write this run's printed table into README's <!-- perf --> block")

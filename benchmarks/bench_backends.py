@@ -31,7 +31,7 @@ TARGETS = {"bf16": 1.8, "int8": 2.2}
 def _weights(cfg, ckpt_path):
     """(fp32 model, Fisher artifact, description): the trained baseline if there is one, else random
     weights with squared weights standing in for Fisher (plans then only exercise the machinery)."""
-    fisher_path = os.path.join(os.path.dirname(ckpt_path), "fisher.pt")
+    fisher_path = os.path.join(storage.baseline_dir(cfg), "fisher.pt")  # beside the released weights' results
     if os.path.exists(ckpt_path) and os.path.exists(fisher_path):
         from common.fisher import load_fisher
 
@@ -185,4 +185,4 @@ def headline(rows) -> dict:
 
 
 def default_checkpoint(cfg) -> str:
-    return os.path.join(storage.baseline_dir(cfg), "checkpoint.pt")
+    return cfg.baseline.weights or os.path.join(storage.baseline_dir(cfg), "checkpoint.pt")

@@ -100,7 +100,7 @@ def released_baseline(cfg, device, progress=True):
     sha = verify_released(cfg, f"`{from_scratch_command(cfg)}` (or `make reproduce-from-scratch`)")
     model, meta = load_weights(path, device)
     print(f"[baseline] released weights {path} (SHA-256 {sha[:12]}..., {int(meta['step']):,} steps, "
-          f"{int(meta['images_seen']):,} images seen, trained at commit {meta['code_commit'][:12]}); no training")
+          f"{int(meta['images_seen']):,} images seen, exported at commit {meta['code_commit'][:12]}); no training")
     info = {"steps": int(meta["step"]), "train_seconds": float(meta["train_seconds"]),
             "final_loss": float(meta["loss_ema"]), "source": path, "sha256": sha,
             "config": json.loads(meta["config"])}
