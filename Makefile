@@ -11,9 +11,6 @@ export LAQFI_DATA_ROOT
 SCRATCH_RUN := $(notdir $(RUN))_scratch
 SCRATCH := --set baseline.weights=null --set run.name=$(SCRATCH_RUN)
 STRATEGIES := whole_threshold.py layer_group.py layer_ratio.py layer_math.py
-# The experiments beyond the poster's table evaluate dozens of variants; they sample with DDIM-20 (2.5x
-# faster than the default DDIM-50; their comparisons are paired, so every variant shares it).
-FAST := --set sample.steps=20
 
 .PHONY: setup reproduce reproduce-from-scratch test bench compare full-eval learning-curve sensitivity actquant
 
@@ -45,11 +42,11 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 bench: setup
-	$(BIN)/python benchmarks/bench.py --config $(CONFIG) $(if $(filter configs/default.yaml,$(CONFIG)),--update-readme README.md)
+	$(BIN)/python benchmarks/bench.py --config $(CONFIG) --n-batch 300 --backend-n 300 $(if $(filter configs/default.yaml,$(CONFIG)),--update-readme README.md)
 
 # Beyond the poster: every importance metric through the same allocator (needs `make reproduce` first).
 compare: setup
-	$(BIN)/python compare_metrics.py --config $(CONFIG) $(FAST) $(if $(filter configs/default.yaml,$(CONFIG)),--update-readme README.md)
+	$(BIN)/python compare_metrics.py --config $(CONFIG) $(if $(filter configs/default.yaml,$(CONFIG)),--update-readme README.md)
 
 # Full-rank FID (2,500 Inception images per variant) for fp32, uniform fp16 and layer ratio p=0.25.
 full-eval: setup
@@ -59,13 +56,13 @@ full-eval: setup
 
 # Learning curve of a from-scratch training run's EMA snapshots (after `make reproduce-from-scratch`; one seed).
 learning-curve: setup
-	$(BIN)/python learning_curve.py --config $(CONFIG) $(SCRATCH) $(FAST) --set "eval.seeds=[0]" $(if $(filter configs/default.yaml,$(CONFIG)),--update-readme README.md)
+	$(BIN)/python learning_curve.py --config $(CONFIG) $(SCRATCH) --set "eval.seeds=[0]" $(if $(filter configs/default.yaml,$(CONFIG)),--update-readme README.md)
 
 # Quantization sensitivity at three points of the released training run (snapshots under checkpoints/).
 sensitivity: setup
-	$(BIN)/python training_sensitivity.py --config $(CONFIG) $(FAST) --snapshots checkpoints/default_step*.safetensors checkpoints/default.safetensors $(if $(filter configs/default.yaml,$(CONFIG)),--update-readme README.md)
+	$(BIN)/python training_sensitivity.py --config $(CONFIG) --snapshots checkpoints/default_step*.safetensors checkpoints/default.safetensors $(if $(filter configs/default.yaml,$(CONFIG)),--update-readme README.md)
 
 # Beyond the poster: weight + activation quantization, uniform vs Fisher/magnitude/random W/A plans and
 # single vs per-timestep-group activation ranges at act_quant.budgets (needs `make reproduce` first).
 actquant: setup
-	$(BIN)/python act_quant.py --config $(CONFIG) $(FAST) $(if $(filter configs/default.yaml,$(CONFIG)),--update-readme README.md)
+	$(BIN)/python act_quant.py --config $(CONFIG) $(if $(filter configs/default.yaml,$(CONFIG)),--update-readme README.md)

@@ -50,7 +50,9 @@ def activation_importance(model, schedule, x_pool, candidates: dict, groups: int
 
     def pre_hook(name, module, args):
         a = args[0]
-        alias = a.view_as(a)  # gradients reaching this node flow through this module only
+        # gradients reaching this node flow through this module only; an input computed from constants
+        # alone (the time MLP's sinusoidal rows) becomes a leaf that collects its own gradient
+        alias = a.view_as(a) if a.requires_grad else a.detach().requires_grad_(True)
         a = a.detach()
         g_idx = state["g"]
         abs_sum[name] += float(a.abs().flatten(1).mean(1).sum())

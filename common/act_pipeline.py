@@ -55,8 +55,9 @@ def act_layout(cfg, model):
     return names, kept, splits, token
 
 
-def _cache_dir(ckpt_path: str) -> str:
-    return os.path.join(os.path.dirname(ckpt_path), "act_quant")
+def _cache_dir(cfg) -> str:
+    """Beside fisher.pt in the run's baseline folder (never beside released weights in checkpoints/)."""
+    return os.path.join(storage.baseline_dir(cfg), "act_quant")
 
 
 def range_inputs(cfg, mode: str, checkpoint_sha256: str) -> dict:
@@ -72,7 +73,7 @@ def ensure_ranges(cfg, model, ckpt_path, mode, checkpoint_sha256, device, progre
     """Calibrated ranges {module: (G, P, 2)} of ``mode``, reused from the cache when its inputs match."""
     from safetensors.torch import load_file
 
-    path = os.path.join(_cache_dir(ckpt_path), f"ranges_{mode}.safetensors")
+    path = os.path.join(_cache_dir(cfg), f"ranges_{mode}.safetensors")
     inputs = range_inputs(cfg, mode, checkpoint_sha256)
     fp = storage.fingerprint(inputs)
     if os.path.exists(path):
@@ -105,7 +106,7 @@ def ensure_weight_fisher(cfg, model, ckpt_path, fisher, device, progress=True) -
 
     if {f"{n}.weight" for n in quantizable_modules(model)} <= set(fisher["diag"]):
         return fisher
-    path = os.path.join(_cache_dir(ckpt_path), "fisher_all_weights.pt")
+    path = os.path.join(_cache_dir(cfg), "fisher_all_weights.pt")
     inputs = {**fisher_inputs(cfg), "eligible": "all_weights"}
     if os.path.exists(path):
         try:
@@ -141,7 +142,7 @@ def candidates(cfg, model, ranges, allocatable=True) -> dict:
 def ensure_act_importance(cfg, model, ckpt_path, mode, ranges, checkpoint_sha256, device, progress=True) -> dict:
     """Activation Fisher / squared error / mean |a| of the allocatable inputs under ``mode``'s ranges."""
     aq = cfg.act_quant
-    path = os.path.join(_cache_dir(ckpt_path), f"act_importance_{mode}.json")
+    path = os.path.join(_cache_dir(cfg), f"act_importance_{mode}.json")
     inputs = {"ranges": range_inputs(cfg, mode, checkpoint_sha256), "a_bits": aq.a_bits, "symmetric": aq.symmetric,
               "per_token_attention": aq.per_token_attention, "keep_first_last": aq.keep_first_last,
               "n_samples": aq.fisher_samples, "seed": cfg.fisher.seed}

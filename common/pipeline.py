@@ -235,10 +235,10 @@ def load_artifacts(cfg, device, force=False, progress=True):
 
 def ensure_importance(cfg, metric, model, ckpt_path, fisher, device, folder="importance"):
     """The importance artifact of ``metric`` for this checkpoint over the tensors ``fisher`` covers, cached in
-    ``folder`` beside the checkpoint: reused if current, else computed."""
+    ``folder`` of the run's baseline folder: reused if current, else computed."""
     from .importance import artifact_inputs, compute_importance, load_importance
 
-    path = os.path.join(os.path.dirname(ckpt_path), folder, f"{metric}.pt")
+    path = os.path.join(storage.baseline_dir(cfg), folder, f"{metric}.pt")  # not beside released weights
     inputs = artifact_inputs(metric, cfg.importance, fisher)
     if os.path.exists(path):
         try:

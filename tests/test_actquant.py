@@ -289,6 +289,18 @@ def test_activation_fisher_on_the_unet_sees_a_dead_branch(unet):
         assert (art["fisher"][n][4] > 0) == (n in alive), n
 
 
+def test_activation_fisher_of_an_input_made_of_constants_is_measured():
+    """The time MLP's first Linear reads rows of the fixed sinusoidal table, which need no gradient; its
+    input still reaches eps_theta, so its activation Fisher must be positive (not skipped, not an error)."""
+    cfg = load_config(os.path.join(ROOT, "configs", "smoke.yaml"), ["model.time_embedding=mlp"])
+    torch.manual_seed(0)
+    model = build_unet(cfg.model, cfg.diffusion.timesteps).eval()
+    names = ["time_mlp.0", "Layer1.ResBlock1.conv1"]
+    art = activation_importance(model, NoiseSchedule.from_config(cfg.diffusion), torch.rand(8, 1, 32, 32) * 2 - 1,
+                                _candidates(model, names, 1, (4,)), 1, 4, 4, seed=0, progress=False)
+    assert all(art["fisher"][n][4] > 0 for n in names)
+
+
 # ----------------------------------------------------------------------------- BOPs
 class Known(nn.Module):
     def __init__(self):
