@@ -137,7 +137,8 @@ def plot(rows, path) -> str:
     axes[2].set_yscale("log")
     axes[2].set_ylabel("mean Fisher per stage")
     for ax in axes:
-        ax.set_xlabel("training images seen")
+        ax.set_xlabel("training images seen (thousands)")
+        ax.xaxis.set_major_formatter(lambda v, _: f"{v / 1000:g}")  # full counts overlap at this width
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle("Quantization sensitivity along training")
