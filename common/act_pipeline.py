@@ -231,7 +231,14 @@ def choose(cfg, plan, budget, model, macs, ckpt_path, fisher, imp, device):
 def run_act_variant(cfg, variant, plan, budget, mode, model, ckpt_path, fisher, macs, device, force=False,
                     progress=True):
     """Quantize weights and activations by ``plan`` at ``budget`` with ``mode`` ranges, save both files,
-    rebuild the model from them and evaluate it (metrics.json with w_bits, a_bits, bops)."""
+    rebuild the model from them and evaluate it (metrics.json with w_bits, a_bits, bops). The variant's
+    folder is locked throughout, as ``pipeline.run_variant`` locks a weights-only variant."""
+    with lock.hold(evaluate.variant_dir(cfg, variant)):
+        return _run_act_variant(cfg, variant, plan, budget, mode, model, ckpt_path, fisher, macs, device, force,
+                                progress)
+
+
+def _run_act_variant(cfg, variant, plan, budget, mode, model, ckpt_path, fisher, macs, device, force, progress):
     aq = cfg.act_quant
     sha = fisher["meta"]["checkpoint_sha256"]
     fisher = ensure_weight_fisher(cfg, model, ckpt_path, fisher, device, progress)
@@ -256,19 +263,11 @@ def run_act_variant(cfg, variant, plan, budget, mode, model, ckpt_path, fisher, 
     out = evaluate.variant_dir(cfg, variant)
     metrics_path = os.path.join(out, "metrics.json")
     qpath, apath = os.path.join(out, QUANTIZED_FILE), os.path.join(out, "act_quant.safetensors")
-    with lock.hold(out):
-        old = evaluate.reusable(cfg, metrics_path, evaluate.result_fingerprint(cfg, weights_id, extra), force, qpath)
-        if old is not None:
-            print(f"[{variant}] reusing {metrics_path}")
-            return old
-        return _write_and_evaluate(cfg, variant, choice, info, extra, stored, q, macs, model, weights_id, qpath, apath,
-                                   device, force, progress)
-
-
-def _write_and_evaluate(cfg, variant, choice, info, extra, stored, q, macs, model, weights_id, qpath, apath, device,
-                        force, progress):
-    aq, sha, mode, out = cfg.act_quant, extra["checkpoint_sha256"], extra["range_mode"], os.path.dirname(qpath)
-    provenance = {"plan": extra["plan"], "budget": extra["budget"], "range_mode": mode, "checkpoint_sha256": sha,
+    old = evaluate.reusable(cfg, metrics_path, evaluate.result_fingerprint(cfg, weights_id, extra), force, qpath)
+    if old is not None:
+        print(f"[{variant}] reusing {metrics_path}")
+        return old
+    provenance = {"plan": plan, "budget": budget, "range_mode": mode, "checkpoint_sha256": sha,
                   "ranges": range_inputs(cfg, mode, sha), "act_quant": to_dict(aq)}
     size = save_quantized(stored, qpath, {"model": to_dict(cfg.model), "timesteps": cfg.diffusion.timesteps},
                           provenance)
