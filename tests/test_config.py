@@ -312,3 +312,17 @@ def test_full_eval_config_extends_the_default_training():
     assert training_inputs(full) == training_inputs(default)
     assert full.baseline == default.baseline
     assert full.eval.n_images > 2048 and full.eval.inception_n_images is None and full.eval.ref_n_images > 2048
+
+
+def test_wide_config_changes_only_width_and_length():
+    # configs/wide.yaml is the width experiment of issue 15: the released recipe, 1.5x the channels.
+    from common.model import build_unet, count_params
+    from common.storage import diff_keys
+    from common.train import training_inputs
+
+    wide = load_config(os.path.join(ROOT, "configs", "wide.yaml"))
+    default = load_config(os.path.join(ROOT, "configs", "default.yaml"))
+    assert wide.baseline.weights is None and wide.run.name != default.run.name
+    assert sorted(diff_keys(training_inputs(wide), training_inputs(default))) == ["model.channels", "train.max_steps"]
+    assert [c * 2 for c in wide.model.channels] == [c * 3 for c in default.model.channels]
+    assert 5.6e6 < count_params(build_unet(wide.model, wide.diffusion.timesteps)) < 5.8e6
