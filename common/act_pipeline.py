@@ -69,7 +69,7 @@ def range_inputs(cfg, mode: str, checkpoint_sha256: str) -> dict:
             "timesteps": aq.calib_timesteps, "seed": aq.calib_seed, "split_concat": aq.split_concat}
 
 
-def ensure_ranges(cfg, model, ckpt_path, mode, checkpoint_sha256, device, progress=True) -> dict:
+def ensure_ranges(cfg, model, mode, checkpoint_sha256, device, progress=True) -> dict:
     """Calibrated ranges {module: (G, P, 2)} of ``mode``, reused from the cache when its inputs match."""
     from safetensors.torch import load_file
 
@@ -139,7 +139,7 @@ def candidates(cfg, model, ranges, allocatable=True) -> dict:
     return out
 
 
-def ensure_act_importance(cfg, model, ckpt_path, mode, ranges, checkpoint_sha256, device, progress=True) -> dict:
+def ensure_act_importance(cfg, model, mode, ranges, checkpoint_sha256, device, progress=True) -> dict:
     """Activation Fisher / squared error / mean |a| of the allocatable inputs under ``mode``'s ranges."""
     aq = cfg.act_quant
     path = os.path.join(_cache_dir(cfg), f"act_importance_{mode}.json")
@@ -242,9 +242,8 @@ def _run_act_variant(cfg, variant, plan, budget, mode, model, ckpt_path, fisher,
     aq = cfg.act_quant
     sha = fisher["meta"]["checkpoint_sha256"]
     fisher = ensure_weight_fisher(cfg, model, ckpt_path, fisher, device, progress)
-    ranges = ensure_ranges(cfg, model, ckpt_path, mode, sha, device, progress)
-    imp = None if plan == "uniform" else ensure_act_importance(cfg, model, ckpt_path, mode, ranges, sha, device,
-                                                               progress)
+    ranges = ensure_ranges(cfg, model, mode, sha, device, progress)
+    imp = None if plan == "uniform" else ensure_act_importance(cfg, model, mode, ranges, sha, device, progress)
     choice, info = choose(cfg, plan, budget, model, macs, ckpt_path, fisher, imp, device)
     quants = candidates(cfg, model, ranges, allocatable=False)
     _, stored = quantize_model(model, {f"{n}.weight": Assignment(f) for n, (f, _) in choice.items() if f != "fp32"})
