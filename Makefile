@@ -11,6 +11,8 @@ export LAQFI_DATA_ROOT
 SCRATCH_RUN := $(notdir $(RUN))_scratch
 SCRATCH := --set baseline.weights=null --set run.name=$(SCRATCH_RUN)
 STRATEGIES := whole_threshold.py layer_group.py layer_ratio.py layer_math.py
+# Tables of the default config go into their docs page: $(call DOCS,results) -> --update-docs docs/results.md
+DOCS = $(if $(filter configs/default.yaml,$(CONFIG)),--update-docs docs/$(1).md)
 
 .PHONY: setup reproduce reproduce-from-scratch test bench compare full-eval learning-curve sensitivity actquant
 
@@ -27,7 +29,7 @@ setup: $(BIN)/.installed
 reproduce: setup
 	$(BIN)/python simplediffusion.py --config $(CONFIG)
 	for s in $(STRATEGIES); do $(BIN)/python $$s --config $(CONFIG) || exit 1; done
-	$(BIN)/python -m common.report $(RUN) $(if $(filter configs/default.yaml,$(CONFIG)),--update-readme README.md)
+	$(BIN)/python -m common.report $(RUN) $(call DOCS,results)
 
 # The same from an empty start: train the baseline with the released recipe (hours on 2 CPU cores;
 # resumable: rerun with RESUME=--resume), then compare its fp32 metrics with the released weights' (evaluated
@@ -42,11 +44,11 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 bench: setup
-	$(BIN)/python benchmarks/bench.py --config $(CONFIG) --n-batch 300 --backend-n 300 $(if $(filter configs/default.yaml,$(CONFIG)),--update-readme README.md)
+	$(BIN)/python benchmarks/bench.py --config $(CONFIG) --n-batch 300 --backend-n 300 $(call DOCS,performance)
 
 # Beyond the poster: every importance metric through the same allocator (needs `make reproduce` first).
 compare: setup
-	$(BIN)/python compare_metrics.py --config $(CONFIG) $(if $(filter configs/default.yaml,$(CONFIG)),--update-readme README.md)
+	$(BIN)/python compare_metrics.py --config $(CONFIG) $(call DOCS,compare)
 
 # Full-rank FID (2,500 Inception images per variant) for fp32, uniform fp16 and layer ratio p=0.25.
 full-eval: setup
@@ -56,13 +58,13 @@ full-eval: setup
 
 # Learning curve of a from-scratch training run's EMA snapshots (after `make reproduce-from-scratch`; one seed).
 learning-curve: setup
-	$(BIN)/python learning_curve.py --config $(CONFIG) $(SCRATCH) --set "eval.seeds=[0]" $(if $(filter configs/default.yaml,$(CONFIG)),--update-readme README.md)
+	$(BIN)/python learning_curve.py --config $(CONFIG) $(SCRATCH) --set "eval.seeds=[0]" $(call DOCS,baseline)
 
 # Quantization sensitivity at three points of the released training run (snapshots under checkpoints/).
 sensitivity: setup
-	$(BIN)/python training_sensitivity.py --config $(CONFIG) --snapshots checkpoints/default_step*.safetensors checkpoints/default.safetensors $(if $(filter configs/default.yaml,$(CONFIG)),--update-readme README.md)
+	$(BIN)/python training_sensitivity.py --config $(CONFIG) --snapshots checkpoints/default_step*.safetensors checkpoints/default.safetensors $(call DOCS,baseline)
 
 # Beyond the poster: weight + activation quantization, uniform vs Fisher/magnitude/random W/A plans and
 # single vs per-timestep-group activation ranges at act_quant.budgets (needs `make reproduce` first).
 actquant: setup
-	$(BIN)/python act_quant.py --config $(CONFIG) $(if $(filter configs/default.yaml,$(CONFIG)),--update-readme README.md)
+	$(BIN)/python act_quant.py --config $(CONFIG) $(call DOCS,actquant)

@@ -9,13 +9,15 @@ it with act_quant.seeds beside the fp32 baseline under the same noise. Writes ru
 """
 import time
 
-from common import act_compare, cli
-from common.storage import resolve_device
+from common.core import cli
+from common.core.storage import resolve_device
+from common.experiments import act_compare
+from common.experiments.report import add_docs_argument, update_section_from_summary
 
 
 def main():
     p = cli.parser(__doc__)
-    p.add_argument("--update-readme", metavar="README", help="also write the table and verdicts into this README")
+    add_docs_argument(p, "actquant", "docs/actquant.md")
     args = p.parse_args()
     cfg = cli.load(args)
     t0 = time.time()
@@ -23,10 +25,8 @@ def main():
         done, notes = act_compare.run_act_comparison(cfg, resolve_device(cfg.run.device), force=args.force,
                                                      progress=not args.no_progress)
         md = act_compare.write_outputs(cfg, done, notes, seconds=time.time() - t0)
-        if args.update_readme:
-            from common.report import update_readme_from_summary
-
-            update_readme_from_summary(args.update_readme, md, "actquant", f"{act_compare.act_dir(cfg)}/act_quant.png")
+        if args.update_docs:
+            update_section_from_summary(args.update_docs, md, "actquant", f"{act_compare.act_dir(cfg)}/act_quant.png")
     print(md)
 
 

@@ -4,23 +4,23 @@ with compare.seeds beside the fp32 baseline, uniform fp16/int8/int4 and the post
 Writes runs/<run>/compare/{summary.csv, summary.md, compare.png} and one folder per variant.
 Needs simplediffusion.py to have run (checkpoint and Fisher).
 """
-from common import cli, compare
-from common.storage import resolve_device
+from common.core import cli
+from common.core.storage import resolve_device
+from common.experiments import compare
+from common.experiments.report import add_docs_argument, update_section_from_summary
 
 
 def main():
     p = cli.parser(__doc__)
-    p.add_argument("--update-readme", metavar="README", help="also write the comparison table into this README")
+    add_docs_argument(p, "compare", "docs/compare.md")
     args = p.parse_args()
     cfg = cli.load(args)
     with cli.clear_errors():
         done, infeasible, scores = compare.run_comparison(cfg, resolve_device(cfg.run.device), force=args.force,
                                                           progress=not args.no_progress)
         md = compare.write_outputs(cfg, done, infeasible, scores)
-        if args.update_readme:
-            from common.report import update_readme_from_summary
-
-            update_readme_from_summary(args.update_readme, md, "compare", f"{compare.compare_dir(cfg)}/compare.png")
+        if args.update_docs:
+            update_section_from_summary(args.update_docs, md, "compare", f"{compare.compare_dir(cfg)}/compare.png")
     print(md)
 
 

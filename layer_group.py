@@ -2,7 +2,7 @@
 within each group, quantize tensors whose Fisher normalized by the group's maximum is below the group's
 threshold (strategies.layer_group.groups). Writes runs/<run>/layer_group/.
 """
-from common.pipeline import run_strategy_script
+from common.experiments.pipeline import run_strategy_script
 
 if __name__ == "__main__":
     run_strategy_script(__doc__, lambda cfg: [

@@ -2,7 +2,7 @@
 Fisher < mean - k*std, k = clamp(alpha*mean/std, k_min, k_max) (strategies.layer_math).
 Writes runs/<run>/layer_math/.
 """
-from common.pipeline import run_strategy_script
+from common.experiments.pipeline import run_strategy_script
 
 if __name__ == "__main__":
     run_strategy_script(__doc__, lambda cfg: [

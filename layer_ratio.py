@@ -2,7 +2,7 @@
 at fp32 and quantize the rest; strategies.layer_ratio.p is one value or a list to sweep.
 Writes runs/<run>/layer_ratio_p<p>/ for each p.
 """
-from common.pipeline import run_strategy_script
+from common.experiments.pipeline import run_strategy_script
 
 if __name__ == "__main__":
     run_strategy_script(__doc__, lambda cfg: [

@@ -4,15 +4,17 @@ Writes runs/<run>/learning_curve.{json,md,png}; a rerun only evaluates new snaps
 """
 import os
 
-from common import cli, curve
-from common.storage import atomic_write_text, resolve_device, run_dir
+from common.core import cli
+from common.core.storage import atomic_write_text, resolve_device, run_dir
+from common.experiments import curve
+from common.experiments.report import add_docs_argument, update_section
 
 
 def main():
     p = cli.parser(__doc__)
     p.add_argument("--snapshots", help="folder, glob or file of snapshots "
                                        "(default: runs/<run>/baseline/snapshots/)")
-    p.add_argument("--update-readme", metavar="README", help="also write the table and plot into this README")
+    add_docs_argument(p, "learning-curve", "docs/baseline.md")
     args = p.parse_args()
     cfg = cli.load(args)
     with cli.clear_errors():
@@ -22,11 +24,9 @@ def main():
         out = run_dir(cfg)
         atomic_write_text(md + "\n", os.path.join(out, "learning_curve.md"))
         png = curve.plot_curve(rows, os.path.join(out, "learning_curve.png"))
-        if args.update_readme:
-            from common.report import update_readme
-
-            update_readme(args.update_readme, md + "\n\n![learning curve](docs/learning_curve.png)",
-                          marker="learning-curve", figures=[png])
+        if args.update_docs:
+            update_section(args.update_docs, "learning-curve", md + "\n\n![learning curve](learning_curve.png)",
+                           figures=[png])
     print(md)
     print(f"[curve] {out}/learning_curve.md, learning_curve.png")
 

@@ -4,8 +4,8 @@ format per eligible tensor among mixed_precision.formats that minimises the summ
 increase within the budget (exact MILP, common/allocate.py), then quantize, reload and evaluate like any
 strategy. Writes runs/<run>/mp_<metric>_<budget>/ and caches runs/<run>/baseline/importance/<metric>.pt.
 """
-from common.allocate import budget_tag
-from common.pipeline import run_strategy_script
+from common.core.budget import budget_tag
+from common.experiments.pipeline import run_strategy_script
 
 if __name__ == "__main__":
     run_strategy_script(__doc__, lambda cfg: [

@@ -12,10 +12,10 @@ two backends or variants are paired.
 """
 import os
 
-from common import cli
-from common.backends import BACKENDS
-from common.generate import generate
-from common.storage import baseline_dir, resolve_device, run_dir
+from common.core import cli
+from common.core.storage import baseline_dir, resolve_device, run_dir
+from common.evaluation.generate import generate
+from common.quant.backends import BACKENDS
 
 
 def main():

@@ -5,8 +5,9 @@ tensor in quant.format).
 Writes runs/<run>/baseline/{checkpoint.pt, model.json, samples.png, fisher.pt}, runs/<run>/plots/fisher_*.png,
 runs/<run>/fp32/ and runs/<run>/uniform_<format>/. Finished stages are reused.
 """
-from common import cli, lock, pipeline, report
-from common.storage import baseline_dir, resolve_device, run_dir
+from common.core import cli, lock
+from common.core.storage import baseline_dir, resolve_device, run_dir
+from common.experiments import pipeline, report
 
 
 def main():

@@ -3,16 +3,18 @@ mix (sensitivity.budget) on several EMA snapshots of one training run, same seed
 and classifier-FID/KID against each snapshot's own fp32 samples, and each snapshot's per-stage Fisher.
 Writes runs/<run>/sensitivity/{summary.md, sensitivity.png} and one folder per snapshot.
 """
-from common import cli, sensitivity
-from common.curve import snapshot_paths
-from common.storage import resolve_device
+from common.core import cli
+from common.core.storage import resolve_device, run_dir
+from common.experiments import sensitivity
+from common.experiments.curve import snapshot_paths
+from common.experiments.report import add_docs_argument, update_section_from_summary
 
 
 def main():
     p = cli.parser(__doc__)
     p.add_argument("--snapshots", nargs="+", required=True, metavar="FILE",
                    help="snapshot files (baseline weights format), at least 2: e.g. early, middle, final")
-    p.add_argument("--update-readme", metavar="README", help="also write the table and plot into this README")
+    add_docs_argument(p, "sensitivity", "docs/baseline.md")
     args = p.parse_args()
     cfg = cli.load(args)
     with cli.clear_errors():
@@ -22,13 +24,9 @@ def main():
         rows = sensitivity.run_sensitivity(cfg, paths, resolve_device(cfg.run.device), force=args.force,
                                            progress=not args.no_progress)
         md = sensitivity.write_outputs(cfg, rows)
-        if args.update_readme:
-            from common.report import update_readme
-            from common.storage import run_dir
-
-            update_readme(args.update_readme, md.split("\n", 2)[2].replace("](sensitivity.png)",
-                                                                            "](docs/sensitivity.png)"),
-                          marker="sensitivity", figures=[f"{run_dir(cfg)}/sensitivity/sensitivity.png"])
+        if args.update_docs:
+            update_section_from_summary(args.update_docs, md, "sensitivity",
+                                        f"{run_dir(cfg)}/sensitivity/sensitivity.png")
     print(md)
 
 

@@ -2,7 +2,7 @@
 Fisher, normalized by the maximum over all eligible tensors, is below strategies.whole_threshold.threshold.
 Writes runs/<run>/whole_threshold/{quantized.safetensors, plan.json, metrics.json}.
 """
-from common.pipeline import run_strategy_script
+from common.experiments.pipeline import run_strategy_script
 
 if __name__ == "__main__":
     run_strategy_script(__doc__, lambda cfg: [

@@ -20,10 +20,13 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import bench_backends  # noqa: E402
-from common.config import load_config  # noqa: E402
-from common.diffusion import NoiseSchedule, build_sampler, sample  # noqa: E402
-from common.fisher import eligible_names, per_sample_sq_grads, per_sample_sq_grads_loop  # noqa: E402
-from common.model import build_unet  # noqa: E402
+from common.core.config import load_config  # noqa: E402
+from common.diffusion.model import build_unet  # noqa: E402
+from common.diffusion.samplers import build_sampler, sample  # noqa: E402
+from common.diffusion.schedule import NoiseSchedule  # noqa: E402
+from common.experiments.report import add_docs_argument, update_section  # noqa: E402
+from common.importance.fisher import per_sample_sq_grads, per_sample_sq_grads_loop  # noqa: E402
+from common.quant.eligibility import eligible_names  # noqa: E402
 
 
 def _model(cfg):
@@ -52,7 +55,7 @@ def matmul_peak():
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
         a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-        out[str(dtype).split(".")[1]] = 2 * 2048 ** 3 / _timeit(lambda: a @ b, 2.0)
+        out[str(dtype).split(".")[1]] = 2 * 2048 ** 3 / _timeit(lambda a=a, b=b: a @ b, 2.0)
     return out
 
 
@@ -184,7 +187,7 @@ def bench_training(cfg, steps=5):
     x0, eps, t = torch.randn(shape), torch.randn(shape), torch.randint(0, schedule.timesteps, (bs,))
     out = {}
     for label, bf16 in (("fp32", False), ("bf16_autocast", True)):
-        def step():
+        def step(bf16=bf16):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 loss = schedule.p_losses(model, x0, t, eps)
             opt.zero_grad()
@@ -302,10 +305,9 @@ def main():
                                          "baseline/checkpoint.pt; with runs/<run>/baseline/fisher.pt, else random "
                                          "weights)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
-    ap.add_argument("--update-readme", metavar="README",
-                    help="also write this run's printed table into README's <!-- perf --> block")
+    add_docs_argument(ap, "perf", "docs/performance.md")
     args = ap.parse_args()
-    if args.update_readme:
+    if args.update_docs:
         sys.stdout = _Tee(sys.stdout)
     cfg = load_config(args.config, args.overrides)
     if args.quick:
@@ -325,16 +327,14 @@ def main():
         figures = {**bench_backends.run(cfg, ckpt, out_dir, args.backend_n, isolated, args.variants, args.backends),
                    **figures}
     print(" ".join(f"{k}={v}" for k, v in figures.items()))
-    if args.update_readme:
-        from common.report import update_readme
-
-        update_readme(args.update_readme, "```\n" + sys.stdout.text().strip() + "\n```", marker="perf")
+    if args.update_docs:
+        update_section(args.update_docs, "perf", "```\n" + sys.stdout.text().strip() + "\n```")
         sys.stdout = sys.stdout.stream
-        print(f"[bench] table -> {args.update_readme}")
+        print(f"[bench] table -> {args.update_docs}")
 
 
 class _Tee:
-    """stdout that also keeps what was printed (for --update-readme)."""
+    """stdout that also keeps what was printed (for --update-docs)."""
 
     def __init__(self, stream):
         self.stream, self.parts = stream, []

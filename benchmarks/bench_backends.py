@@ -14,13 +14,16 @@ import time
 
 import torch
 
-from common import evaluate, metrics, storage
-from common.config import to_dict
-from common.data import to_uint8
-from common.diffusion import NoiseSchedule, build_sampler, sample
-from common.fisher import eligible_names
-from common.generate import build_runner, load_weights
-from common.quantize import QUANTIZED_FILE, quantize_model, save_quantized
+from common.core import storage
+from common.core.config import to_dict
+from common.diffusion.data import to_uint8
+from common.diffusion.samplers import build_sampler, sample
+from common.diffusion.schedule import NoiseSchedule
+from common.evaluation import evaluate, metrics
+from common.evaluation.generate import build_runner, load_weights
+from common.quant.container import QUANTIZED_FILE, save_quantized
+from common.quant.eligibility import eligible_names
+from common.quant.formats import quantize_model
 
 BACKEND_ROWS = {"dequant": ("dequant", False), "bf16": ("bf16", False), "bf16+compile": ("bf16", True),
                 "int8": ("int8", True)}
@@ -33,11 +36,11 @@ def _weights(cfg, ckpt_path):
     weights with squared weights standing in for Fisher (plans then only exercise the machinery)."""
     fisher_path = os.path.join(storage.baseline_dir(cfg), "fisher.pt")  # beside the released weights' results
     if os.path.exists(ckpt_path) and os.path.exists(fisher_path):
-        from common.fisher import load_fisher
+        from common.importance.fisher import load_fisher
 
         model, _, _ = load_weights(ckpt_path, cfg)
         return model, load_fisher(fisher_path, ckpt_path), f"trained baseline {ckpt_path}"
-    from common.model import build_unet
+    from common.diffusion.model import build_unet
 
     torch.manual_seed(0)
     model = build_unet(cfg.model, cfg.diffusion.timesteps).eval().requires_grad_(False)
@@ -51,9 +54,9 @@ def _weights(cfg, ckpt_path):
 
 def write_variants(cfg, ckpt_path, out_dir, names=VARIANTS) -> tuple:
     """quantized.safetensors of the ``names`` variants under ``out_dir``; returns ({name: path}, description)."""
-    from common import strategies
-    from common.allocate import allocate_model
-    from common.importance import compute_importance
+    from common.importance.weights import compute_importance
+    from common.quant import strategies
+    from common.quant.allocate import allocate_model
 
     model, fisher, source = _weights(cfg, ckpt_path)
     plans = {"fp32": lambda: {}, "uniform_int8": lambda: strategies.uniform(fisher, fmt="int8")[0],

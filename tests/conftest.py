@@ -42,7 +42,7 @@ def tiny_cfg(tmp_path, data_root, monkeypatch):
     ``load_config`` replaces data.root with a non-empty LAQFI_DATA_ROOT *after* the overrides,
     so the env var is pinned to the same absolute path (a relative one would depend on the cwd).
     """
-    from common.config import load_config
+    from common.core.config import load_config
 
     monkeypatch.setenv("LAQFI_DATA_ROOT", data_root)
     cfg = load_config(SMOKE, overrides=[f"run.out_dir={tmp_path}/runs", f"run.cache_dir={tmp_path}/cache",
@@ -55,9 +55,9 @@ def tiny_cfg(tmp_path, data_root, monkeypatch):
 def tiny_model_fisher():
     """(smoke config, smoke-sized U-Net with random weights, a random Fisher artifact over its eligible
     tensors whose tensors' scales span several decades)."""
-    from common.config import load_config
-    from common.fisher import eligible_names
-    from common.model import build_unet
+    from common.core.config import load_config
+    from common.diffusion.model import build_unet
+    from common.quant.eligibility import eligible_names
 
     cfg = load_config(SMOKE)
     torch.manual_seed(0)

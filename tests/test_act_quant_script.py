@@ -30,8 +30,9 @@ def act_run(tmp_path_factory, data_root):
 def test_help_and_config_errors():
     p = subprocess.run([sys.executable, os.path.join(ROOT, "act_quant.py"), "--help"], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=ROOT))
-    assert p.returncode == 0 and "--config" in p.stdout and "--update-readme" in p.stdout
-    from common.config import ConfigError, check_act_quant_groups, load_config
+    assert p.returncode == 0 and "--config" in p.stdout and "--update-docs" in p.stdout
+    from common.core.config import ConfigError, load_config
+    from common.quant.calibrate import check_act_quant_groups
 
     with pytest.raises(ConfigError, match="act_quant.budgets.*W4A5.*act_quant.a_bits"):
         load_config(os.path.join(ROOT, "configs/smoke.yaml"), ["act_quant.budgets=[W4A5]"])
@@ -62,10 +63,11 @@ def test_every_variant_is_evaluated_with_its_bits_and_bops(act_run):
 
 
 def test_samples_come_from_the_saved_files(act_run):
-    from common.actquant import load_act_quant
-    from common.config import load_config
-    from common.diffusion import NoiseSchedule, build_sampler, sample
-    from common.quantize import load_quantized
+    from common.core.config import load_config
+    from common.diffusion.samplers import build_sampler, sample
+    from common.diffusion.schedule import NoiseSchedule
+    from common.quant.activations import load_act_quant
+    from common.quant.container import load_quantized
 
     tmp, _ = act_run
     cfg = load_config(os.path.join(ROOT, "configs/smoke.yaml"))

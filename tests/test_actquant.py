@@ -6,8 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from common.act_importance import activation_importance
-from common.actquant import (
+from common.core.config import load_config
+from common.diffusion.model import build_unet
+from common.diffusion.samplers import DDIMSampler, sample
+from common.diffusion.schedule import NoiseSchedule
+from common.importance.activations import activation_importance
+from common.quant.activations import (
     ActQuantizer,
     LayerQuant,
     build_quantizer,
@@ -21,11 +25,8 @@ from common.actquant import (
     save_act_quant,
     token_fake_quant,
 )
-from common.bops import bops, count_macs, unet_macs
-from common.calibrate import calibration_timesteps, collect_ranges
-from common.config import load_config
-from common.diffusion import DDIMSampler, NoiseSchedule, sample
-from common.model import build_unet
+from common.quant.bops import bops, count_macs, unet_macs
+from common.quant.calibrate import calibration_timesteps, collect_ranges
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
@@ -261,7 +262,7 @@ def test_activation_fisher_matches_a_per_sample_loop():
     x_pool = torch.rand(16, 1, 8, 8) * 2 - 1
     cands = _candidates(model, ["head"], 2, bits=(4,))
     art = activation_importance(model, schedule, x_pool, cands, 2, 6, 4, seed=3, progress=False)
-    from common.fisher import draw_samples
+    from common.importance.fisher import draw_samples
 
     x0, t, eps = draw_samples(x_pool, 6, 100, 3)
     total = 0.0
@@ -338,9 +339,9 @@ def test_bops_of_a_known_model_are_exact(unet):
 def test_layer_table_kept_inputs_and_stored_bits(unet):
     """Kept first/last conv: fp32 weights and keep_bits inputs; the bits the allocator counts are the bits
     quantize.py stores."""
-    from common.act_pipeline import layer_table
-    from common.allocate import uniform_wa_choice
-    from common.quantize import Assignment, quantize_model, size_report
+    from common.experiments.act_pipeline import layer_table
+    from common.quant.allocate import uniform_wa_choice
+    from common.quant.formats import Assignment, quantize_model, size_report
 
     _, model, _ = unet
     cfg = load_config(SMOKE, ["act_quant.keep_bits=8"])

@@ -1,21 +1,29 @@
-"""common.allocate: budgets, exactness against brute force, beating random allocations, real sizes."""
+"""common.quant.allocate: budgets, exactness against brute force, beating random allocations, real sizes."""
 import itertools
 import random
 
 import pytest
 
-from common.allocate import (
+from common.core.budget import (
+    budget_bits,
+    budget_tag,
+    normalize_budget,
+    normalize_wa_budget,
+    parse_budget,
+    parse_wa_budget,
+    wa_budget_tag,
+)
+from common.importance.weights import compute_importance
+from common.quant.allocate import (
     InfeasibleBudgetError,
     allocate,
     allocate_model,
-    budget_bits,
-    budget_tag,
+    allocate_wa,
     format_bits,
-    normalize_budget,
-    parse_budget,
+    layer_bops,
+    uniform_wa_choice,
 )
-from common.importance import compute_importance
-from common.quantize import quantize_model, size_report
+from common.quant.formats import quantize_model, size_report
 
 # Toy sensitivity table: 4 tensors, bits and estimated loss increase per format.
 NUMEL = {"a": 1000, "b": 4000, "c": 500, "d": 2500}
@@ -50,8 +58,8 @@ def test_allocation_is_exact_and_within_budget(avg_bits):
     choice, info = allocate(COST, TBITS, 0, budget)
     assert set(choice) == set(NUMEL)
     assert total(choice, TBITS) <= budget and info["bits_used"] == total(choice, TBITS)
-    feasible = [dict(zip(NUMEL, fs)) for fs in itertools.product(BITS, repeat=len(NUMEL))
-                if total(dict(zip(NUMEL, fs)), TBITS) <= budget]
+    feasible = [dict(zip(NUMEL, fs, strict=True)) for fs in itertools.product(BITS, repeat=len(NUMEL))
+                if total(dict(zip(NUMEL, fs, strict=True)), TBITS) <= budget]
     best = min(total(c, COST) for c in feasible)
     assert total(choice, COST) == pytest.approx(best, rel=1e-9, abs=1e-12)
     assert info["objective"] == pytest.approx(best, rel=1e-9, abs=1e-12)
@@ -77,8 +85,8 @@ def test_costs_many_decades_apart_are_still_solved_exactly():
     bits = {n: {"fp32": 32, "fp16": 16, "int4": 4} for n in cost}
     budget = 16 * 3 + 32 * 3
     choice, _ = allocate(cost, bits, 0, budget)
-    feasible = [dict(zip(cost, fs)) for fs in itertools.product(["fp32", "fp16", "int4"], repeat=6)
-                if total(dict(zip(cost, fs)), bits) <= budget]
+    feasible = [dict(zip(cost, fs, strict=True)) for fs in itertools.product(["fp32", "fp16", "int4"], repeat=6)
+                if total(dict(zip(cost, fs, strict=True)), bits) <= budget]
     assert total(choice, cost) == pytest.approx(min(total(c, cost) for c in feasible), rel=1e-9)
 
 
@@ -124,14 +132,6 @@ def test_format_bits_counts_scales(tiny):
 
 
 # ----------------------------------------------------------------------------- weights and activations
-from common.allocate import (  # noqa: E402
-    allocate_wa,
-    layer_bops,
-    normalize_wa_budget,
-    parse_wa_budget,
-    uniform_wa_choice,
-    wa_budget_tag,
-)
 
 # Four modules: MACs, weight options {format: (cost, stored bits)}, input options {bits: cost}. "first" keeps
 # fp32 weights and a float input (one option each), as the kept first conv does.
@@ -147,7 +147,7 @@ def _brute(layers, bops_limit=None, bits_limit=None, fixed=0):
     best = None
     names = list(layers)
     for combo in itertools.product(*[list(itertools.product(layers[n]["w"], layers[n]["a"])) for n in names]):
-        c = dict(zip(names, combo))
+        c = dict(zip(names, combo, strict=True))
         bo = sum(layer_bops(layers[n]["macs"], *o) for n, o in c.items())
         bi = fixed + sum(layers[n]["w"][o[0]][1] for n, o in c.items())
         if (bops_limit is None or bo <= bops_limit) and (bits_limit is None or bi <= bits_limit):

@@ -1,4 +1,5 @@
-"""common.backends, common.generate, sample.py: each backend on the smoke model vs dequant under the same noise."""
+"""common.quant.backends, common.evaluation.generate, sample.py: each backend on the smoke model vs dequant under
+the same noise."""
 import json
 import os
 import subprocess
@@ -8,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from common import backends
-from common.diffusion import NoiseSchedule, build_sampler, sample
-from common.fisher import eligible_names
-from common.quantize import QUANTIZED_FILE, Assignment, _from_channel_first, quantize_model, save_quantized, unpack_int4
+from common.diffusion.samplers import build_sampler, sample
+from common.diffusion.schedule import NoiseSchedule
+from common.quant import backends
+from common.quant.container import QUANTIZED_FILE, save_quantized
+from common.quant.eligibility import eligible_names
+from common.quant.formats import Assignment, _from_channel_first, quantize_model, unpack_int4
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPE = (1, 32, 32)
@@ -171,16 +174,17 @@ def test_int8_compiled(mixed, int8_reference):
 
 # ----------------------------------------------------------------------------- loading and sample.py
 def test_load_weights_plain_state_dict(tiny_model_fisher, tmp_path):
-    from common.config import load_config
-    from common.generate import load_weights
-    from common.storage import atomic_save_safetensors
+    from common.core.config import load_config
+    from common.core.storage import atomic_save_safetensors
+    from common.evaluation.generate import load_weights
 
     cfg, model, _ = tiny_model_fisher
     path = str(tmp_path / "ema.safetensors")
     atomic_save_safetensors(model.state_dict(), path, {"step": "3"})
     loaded, stored, info = load_weights(path, cfg)
     assert stored is None and info["kind"] == "state dict"
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    pairs = zip(loaded.state_dict().values(), model.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
     other = load_config(os.path.join(ROOT, "configs", "smoke.yaml"), ["model.time_embedding=mlp"])
     with pytest.raises(ValueError, match=f"{path}.*does not fit.*smoke.yaml"):
         load_weights(path, other)
@@ -189,7 +193,7 @@ def test_load_weights_plain_state_dict(tiny_model_fisher, tmp_path):
 def test_sample_script(tiny_model_fisher, tmp_path):
     cfg, model, _ = tiny_model_fisher
     _, stored = quantize_model(model, {n: Assignment("int8") for n in eligible_names(model, "poster")})
-    from common.config import to_dict
+    from common.core.config import to_dict
 
     qpath = str(tmp_path / "v" / QUANTIZED_FILE)
     save_quantized(stored, qpath, {"model": to_dict(cfg.model), "timesteps": cfg.diffusion.timesteps}, {})

@@ -1,4 +1,4 @@
-"""common.baseline: EMA weights files (snapshots and the released baseline), verification, no pickle."""
+"""common.diffusion.baseline: EMA weights files (snapshots and the released baseline), verification, no pickle."""
 import json
 import os
 import pickle
@@ -6,10 +6,11 @@ import pickle
 import pytest
 import torch
 
-from common import baseline
-from common.config import ConfigError, load_config
-from common.model import build_unet
-from common.train import snapshot_dir, train, training_inputs
+from common.core.config import ConfigError, load_config
+from common.diffusion import baseline
+from common.diffusion.checkpoint import training_inputs
+from common.diffusion.model import build_unet
+from common.diffusion.train import snapshot_dir, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,7 +27,7 @@ def weights(tiny_cfg, tmp_path):
 
 def _released(cfg, path, sha=None):
     cfg.baseline.weights = path
-    cfg.baseline.sha256 = sha or __import__("common.storage", fromlist=["x"]).sha256_file(path)
+    cfg.baseline.sha256 = sha or __import__("common.core.storage", fromlist=["x"]).sha256_file(path)
     return cfg
 
 
@@ -35,7 +36,7 @@ def test_round_trip_without_pickle(weights, monkeypatch):
     monkeypatch.setattr(pickle, "loads", lambda *a, **k: pytest.fail("unpickled"))
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load used"))
     loaded, meta = baseline.load_weights(path)
-    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), n
     assert not loaded.training
     assert meta["step"] == "12" and meta["images_seen"] == str(12 * cfg.train.batch_size)
@@ -93,7 +94,7 @@ def test_config_needs_a_sha256_with_released_weights(tmp_path):
 
 
 def test_training_writes_loadable_snapshots(tiny_cfg, tmp_path):
-    from common.data import mnist_tensor
+    from common.diffusion.data import mnist_tensor
 
     cfg = tiny_cfg
     cfg.train.max_steps, cfg.train.snapshot_every = 4, 2
@@ -103,7 +104,7 @@ def test_training_writes_loadable_snapshots(tiny_cfg, tmp_path):
     snaps = sorted(os.listdir(snapshot_dir(ckpt)))
     assert snaps == ["ema_step0000002.safetensors", "ema_step0000004.safetensors"]
     last, meta = baseline.load_weights(os.path.join(snapshot_dir(ckpt), snaps[-1]))
-    for (n, a), (_, b) in zip(ema.state_dict().items(), last.state_dict().items()):
+    for (n, a), (_, b) in zip(ema.state_dict().items(), last.state_dict().items(), strict=True):
         assert torch.equal(a, b), n  # the last snapshot is the finished EMA
     assert meta["step"] == "4" and float(meta["train_seconds"]) > 0
 

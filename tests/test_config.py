@@ -1,9 +1,9 @@
-"""common.config: the shipped configs load; bad keys, types and ranges name the file and dotted key."""
+"""common.core.config: the shipped configs load; bad keys, types and ranges name the file and dotted key."""
 import os
 
 import pytest
 
-from common.config import Config, ConfigError, load_config, to_dict
+from common.core.config import Config, ConfigError, load_config, to_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
@@ -164,7 +164,7 @@ def test_run_name_must_stay_inside_out_dir(tmp_path, name):
 
 
 def test_overrides_are_recorded_for_hints():
-    from common.cli import command
+    from common.core.cli import command
 
     smoke = os.path.join(CONFIGS, "smoke.yaml")
     cfg = load_config(smoke, overrides=["run.name=mine", "eval.seeds=[0, 1]"])
@@ -305,7 +305,7 @@ def test_extends_reads_the_base_and_overrides_key_by_key(tmp_path):
 
 
 def test_full_eval_config_extends_the_default_training():
-    from common.train import training_inputs
+    from common.diffusion.checkpoint import training_inputs
 
     full = load_config(os.path.join(ROOT, "configs", "full_eval.yaml"))
     default = load_config(os.path.join(ROOT, "configs", "default.yaml"))
@@ -316,9 +316,9 @@ def test_full_eval_config_extends_the_default_training():
 
 def test_wide_config_changes_only_width_and_length():
     # configs/wide.yaml is the width experiment of issue 15: the released recipe, 1.5x the channels.
-    from common.model import build_unet, count_params
-    from common.storage import diff_keys
-    from common.train import training_inputs
+    from common.core.storage import diff_keys
+    from common.diffusion.checkpoint import training_inputs
+    from common.diffusion.model import build_unet, count_params
 
     wide = load_config(os.path.join(ROOT, "configs", "wide.yaml"))
     default = load_config(os.path.join(ROOT, "configs", "default.yaml"))

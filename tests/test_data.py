@@ -1,12 +1,12 @@
-"""common.data: IDX reading (synthetic files), MNIST lookup, model-space conversion."""
+"""common.diffusion.data: IDX reading (synthetic files), MNIST lookup, model-space conversion."""
 import gzip
 
 import numpy as np
 import pytest
 import torch
 
-from common.data import load_mnist, mnist_tensor, read_idx, to_model_space, to_uint8
-from common.storage import CorruptFileError
+from common.core.storage import CorruptFileError
+from common.diffusion.data import load_mnist, mnist_tensor, read_idx, to_model_space, to_uint8
 
 
 def idx_bytes(arr: np.ndarray, type_byte: int = 0x08) -> bytes:

@@ -1,4 +1,4 @@
-"""common.fisher: vmap per-sample gradients vs a loop, the Fisher artifact, summaries, checkpoint binding."""
+"""common.importance.fisher: vmap per-sample gradients vs a loop, the Fisher artifact, summaries, checkpoint binding."""
 import os
 from types import SimpleNamespace
 
@@ -6,20 +6,20 @@ import pytest
 import torch
 from torch import nn
 
-from common.config import load_config
-from common.diffusion import NoiseSchedule
-from common.fisher import (
+from common.core.config import load_config
+from common.diffusion.model import build_unet
+from common.diffusion.schedule import NoiseSchedule
+from common.importance.fisher import (
     FisherMismatchError,
     compute_fisher,
     draw_samples,
-    eligible_names,
     load_fisher,
     per_sample_sq_grads,
     per_sample_sq_grads_loop,
     save_fisher,
     summarize,
 )
-from common.model import build_unet
+from common.quant.eligibility import eligible_names
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
@@ -81,7 +81,7 @@ def test_draw_samples_fixed_timesteps(setup):
     assert x0.shape == eps.shape == (5, 1, 32, 32)
     a = draw_samples(pool, 5, 100, seed=4)
     b = draw_samples(pool, 5, 100, seed=4)
-    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
 
 
 def test_compute_fisher_is_the_mean_of_squared_per_sample_grads(setup):
@@ -103,7 +103,7 @@ def test_compute_fisher_is_the_mean_of_squared_per_sample_grads(setup):
     assert meta["n_samples"] == 4 and meta["timesteps"] == t.tolist() and meta["eligible_rule"] == "poster"
     assert sum(meta["bucket_counts"]) == 4 and len(meta["bucket_counts"]) == 2
     # the timestep profile is a per-bucket split of the same mean
-    counts = dict(zip(["t0000-0049", "t0050-0099"], meta["bucket_counts"]))
+    counts = dict(zip(["t0000-0049", "t0050-0099"], meta["bucket_counts"], strict=True))
     for n in names:
         avg = sum(counts[k] * prof[n] for k, prof in art["timestep_profile"].items()) / 4
         assert avg == pytest.approx(art["per_tensor"][n], rel=1e-5)
@@ -183,7 +183,7 @@ def test_save_and_load_fisher_are_bound_to_the_checkpoint(tmp_path):
 
 @pytest.mark.parametrize("T, K", [(1000, 10), (10, 3), (7, 7), (100, 6)])
 def test_bucket_labels_cover_exactly_their_timesteps(T, K):
-    from common.fisher import bucket_edges
+    from common.diffusion.schedule import bucket_edges
 
     t = torch.arange(T)
     b = t * K // T
@@ -191,7 +191,8 @@ def test_bucket_labels_cover_exactly_their_timesteps(T, K):
 
 
 def test_stratified_draw_has_equal_bucket_counts_and_weights_with_mean_one():
-    from common.fisher import bucket_edges, sample_weights
+    from common.diffusion.schedule import bucket_edges
+    from common.importance.fisher import sample_weights
 
     pool = torch.zeros(3, 1, 4, 4)
     for T, K, n in [(1000, 10, 512), (100, 6, 13), (7, 3, 7)]:
@@ -233,7 +234,7 @@ def test_stratified_timesteps_reduce_the_spread_of_repeated_estimates(setup, dat
     Needs a (briefly) trained smoke model: only training makes small-t gradients dominate, which is
     what makes i.i.d. timesteps noisy (on random weights the Fisher barely depends on t).
     """
-    from common.data import load_mnist, to_model_space
+    from common.diffusion.data import load_mnist, to_model_space
 
     cfg, _, schedule, _ = setup
     x = to_model_space(load_mnist(data_root, "train")[0][:256], 32)

@@ -1,12 +1,12 @@
-"""common.importance: the distortion formula by hand, CKA properties, every metric's determinism."""
+"""common.importance.weights: the distortion formula by hand, CKA properties, every metric's determinism."""
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
-from common.diffusion import NoiseSchedule
-from common.importance import (
+from common.diffusion.schedule import NoiseSchedule
+from common.importance.weights import (
     METRICS,
     compute_importance,
     costs_from_scores,
@@ -32,15 +32,15 @@ def test_fisher_distortion_on_a_hand_made_tensor():
     cost = fisher_distortion_costs({"Layer1.weight": F}, errors)["Layer1.weight"]
     # int8, per output row: scale = max|w| / 127, q = round(w / scale) (no ties here)
     expected = 0.0
-    for row_w, row_f in zip(w.tolist(), F.tolist()):
+    for row_w, row_f in zip(w.tolist(), F.tolist(), strict=True):
         s = max(abs(v) for v in row_w) / 127
-        expected += sum(f * (v - round(v / s) * s) ** 2 for v, f in zip(row_w, row_f))
+        expected += sum(f * (v - round(v / s) * s) ** 2 for v, f in zip(row_w, row_f, strict=True))
     assert cost["int8"] == pytest.approx(0.5 * expected, rel=1e-5)
     # int4: codes clamp to [-7, 7]
     expected4 = 0.0
-    for row_w, row_f in zip(w.tolist(), F.tolist()):
+    for row_w, row_f in zip(w.tolist(), F.tolist(), strict=True):
         s = max(abs(v) for v in row_w) / 7
-        expected4 += sum(f * (v - max(-7, min(7, round(v / s))) * s) ** 2 for v, f in zip(row_w, row_f))
+        expected4 += sum(f * (v - max(-7, min(7, round(v / s))) * s) ** 2 for v, f in zip(row_w, row_f, strict=True))
     assert cost["int4"] == pytest.approx(0.5 * expected4, rel=1e-5)
     fp16 = (w - w.half().float()).double()
     assert cost["fp16"] == pytest.approx(0.5 * float((F.double() * fp16 ** 2).sum()), rel=1e-9)
@@ -99,7 +99,7 @@ def test_every_metric_is_deterministic_under_its_seed(tiny, metric):
     b = compute_importance(metric, model, fisher, imp_cfg(), schedule, pool)
     assert a["score"] == b["score"] and a["cost"] == b["cost"]
     assert set(a["cost"]) == set(fisher["per_tensor"])
-    for n, c in a["cost"].items():
+    for c in a["cost"].values():
         assert c["fp32"] == 0.0 and all(v >= 0 for v in c.values())
     if metric == "quant_error":
         assert set(a["score"].values()) == {1.0}

@@ -1,4 +1,4 @@
-"""common.lock: one writer per folder across processes; released on exceptions and on process death."""
+"""common.core.lock: one writer per folder across processes; released on exceptions and on process death."""
 import os
 import signal
 import subprocess
@@ -6,14 +6,14 @@ import sys
 
 import pytest
 
-from common import lock
+from common.core import lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def holder(folder, seconds=60):
     """Another process (no torch import: starts in ~0.1 s) that takes ``folder``'s lock and sleeps."""
-    code = (f"import sys, time; from common import lock\nwith lock.hold({str(folder)!r}):\n"
+    code = (f"import sys, time; from common.core import lock\nwith lock.hold({str(folder)!r}):\n"
             f"    print('held', flush=True); time.sleep({seconds})")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                          env=dict(os.environ, PYTHONPATH=ROOT))
@@ -50,7 +50,7 @@ def test_reentrant_and_released_on_exception(tmp_path):
             with lock.hold(str(tmp_path), wait=False):  # the same process may nest
                 raise KeyError("boom")
     # Released: another process can take it at once.
-    code = (f"from common import lock\nwith lock.hold({str(tmp_path)!r}, wait=False): print('ok')")
+    code = (f"from common.core import lock\nwith lock.hold({str(tmp_path)!r}, wait=False): print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=ROOT))
     assert r.stdout.strip() == "ok", r.stderr

@@ -9,7 +9,7 @@ from PIL import Image
 from pytorch_fid import fid_score
 from pytorch_fid import inception as pfi
 
-from common import metrics
+from common.evaluation import metrics
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_classifier_score_range():
 
 def test_classifier_metrics_on_real_test_images(tiny_cfg):
     """A short run on 12000 real images: held-out test digits get high classifier-IS, a flat histogram."""
-    from common.data import load_mnist, to_model_space, to_uint8
+    from common.diffusion.data import load_mnist, to_model_space, to_uint8
 
     clf_cfg = tiny_cfg.eval.classifier
     clf_cfg.train_limit, clf_cfg.epochs = 12000, 2

@@ -1,12 +1,14 @@
-"""common.model and common.diffusion: architecture size, shapes, schedule maths, samplers, paired noise."""
+"""common.diffusion.model, .schedule and .samplers: architecture size, shapes, schedule maths, samplers, paired
+noise."""
 import os
 
 import pytest
 import torch
 
-from common.config import load_config
-from common.diffusion import DDIMSampler, DDPMSampler, NoiseSchedule, batch_generator, build_sampler, sample
-from common.model import build_unet, count_params, sinusoidal_table, stage_of
+from common.core.config import load_config
+from common.diffusion.model import build_unet, count_params, sinusoidal_table, stage_of
+from common.diffusion.samplers import DDIMSampler, DDPMSampler, batch_generator, build_sampler, sample
+from common.diffusion.schedule import NoiseSchedule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -215,7 +217,7 @@ def test_noise_depends_only_on_seed_and_batch_index():
     out_a, noise_a, calls_a = run(ZeroModel(), 11)
     out_b, noise_b, calls_b = run(ScaledModel(0.5), 11)
     assert len(noise_a) == len(noise_b) == 6 * 3  # 3 batches (2, 2, 1) x T steps
-    assert all(torch.equal(u, v) for u, v in zip(noise_a, noise_b))
+    assert all(torch.equal(u, v) for u, v in zip(noise_a, noise_b, strict=True))
     assert not torch.equal(out_a, out_b)  # the models do differ
     # x_T of batch b is the first draw of batch_generator(seed, b)
     for b, m in enumerate((2, 2, 1)):
@@ -232,7 +234,7 @@ def test_noise_depends_only_on_seed_and_batch_index():
 
 def test_unfused_attention_matches_fused():
     """The vmap-friendly attention path used by Fisher computes the same function as SDPA."""
-    from common.model import unfused_attention
+    from common.diffusion.model import unfused_attention
 
     cfg = load_config(os.path.join(ROOT, "configs", "smoke.yaml"))
     model = build_unet(cfg.model, cfg.diffusion.timesteps).eval()

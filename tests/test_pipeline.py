@@ -73,9 +73,10 @@ def test_all_variants_written(pipeline_run):
 
 def test_quantized_samples_come_from_the_stored_file(pipeline_run):
     """Re-sampling the reloaded quantized.safetensors gives exactly the stored samples (same noise)."""
-    from common.config import load_config
-    from common.diffusion import NoiseSchedule, build_sampler, sample
-    from common.quantize import load_quantized
+    from common.core.config import load_config
+    from common.diffusion.samplers import build_sampler, sample
+    from common.diffusion.schedule import NoiseSchedule
+    from common.quant.container import load_quantized
 
     tmp, _ = pipeline_run
     cfg = load_config(os.path.join(ROOT, "configs/smoke.yaml"))
@@ -128,9 +129,9 @@ def test_paired_mse_refuses_fp32_samples_that_are_not_its_metrics(pipeline_run):
     tmp, _ = pipeline_run
     ref = tmp / "runs" / "smoke" / "fp32" / "samples_seed0.pt"
     original = ref.read_bytes()
-    from common.config import load_config
-    from common.evaluate import paired_mse
-    from common.train import StaleArtifactError
+    from common.core.config import load_config
+    from common.core.errors import StaleArtifactError
+    from common.evaluation.evaluate import paired_mse
 
     cfg = load_config(os.path.join(ROOT, "configs/smoke.yaml"), [f"run.out_dir={tmp}/runs"])
     sha = json.load(open(tmp / "runs" / "smoke" / "fp32" / "metrics.json"))["checkpoint_sha256"]
@@ -158,7 +159,7 @@ def test_fisher_artifact_and_plots(pipeline_run):
 
 def test_report(pipeline_run):
     tmp, _ = pipeline_run
-    from common import report
+    from common.experiments import report
 
     run_dir = str(tmp / "runs" / "smoke")
     text = report.write_summary(run_dir)
@@ -287,7 +288,7 @@ def half(path):
 def test_two_runs_of_one_variant_wait_and_never_mix(pipeline_run):
     """Two whole_threshold.py processes with different thresholds on one variant: both queue on its lock
     (held here meanwhile), then one computes and the other refuses; the files agree with each other."""
-    from common import lock, storage
+    from common.core import lock, storage
 
     tmp, _ = pipeline_run
     run_dir = copy_run(pipeline_run, "race")
@@ -322,7 +323,8 @@ def test_two_runs_of_one_variant_wait_and_never_mix(pipeline_run):
 
 @pytest.mark.parametrize("victim", ["quantized.safetensors", "metrics.json"])
 def test_truncated_result_file_is_caught_on_reuse_and_force_recovers(pipeline_run, monkeypatch, victim):
-    from common import report, storage
+    from common.core import storage
+    from common.experiments import report
 
     run_dir = copy_run(pipeline_run, f"trunc_{victim[:-3]}")
     tmp, vdir = pipeline_run[0], run_dir / "layer_math"
@@ -339,7 +341,7 @@ def test_truncated_result_file_is_caught_on_reuse_and_force_recovers(pipeline_ru
 
 
 def test_changed_or_corrupt_fisher_is_refused_and_force_recomputes(pipeline_run, monkeypatch):
-    from common.storage import load_torch
+    from common.core.storage import load_torch
 
     run_dir = copy_run(pipeline_run, "fisher_change")
     tmp, fisher = pipeline_run[0], run_dir / "baseline" / "fisher.pt"

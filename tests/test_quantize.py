@@ -1,27 +1,23 @@
-"""common.quantize: error bounds, channel axes, packing, element masks, stored format and size accounting."""
+"""common.quant.formats: error bounds, channel axes, packing, element masks, stored format and size accounting."""
 import math
 import os
 
 import pytest
 import torch
 
-from common.config import load_config, to_dict
-from common.fisher import eligible_names
-from common.model import build_unet
-from common.quantize import (
-    QUANTIZED_FILE,
+from common.core.config import load_config, to_dict
+from common.diffusion.model import build_unet
+from common.quant.container import QUANTIZED_FILE, QuantizedFileError, load_quantized, read_quantized, save_quantized
+from common.quant.eligibility import eligible_names
+from common.quant.formats import (
     Assignment,
-    QuantizedFileError,
     channel_axes,
     dequantize_tensor,
     entry_bits,
-    load_quantized,
     pack_bits,
     pack_int4,
     quantize_model,
     quantize_tensor,
-    read_quantized,
-    save_quantized,
     size_report,
     unpack_bits,
     unpack_int4,
@@ -249,7 +245,7 @@ def test_quantize_save_load_round_trip(tiny, tmp_path):
 
 
 def test_load_quantized_rejects_other_files(tmp_path):
-    from common.storage import atomic_save_safetensors
+    from common.core.storage import atomic_save_safetensors
 
     plain = str(tmp_path / "state.safetensors")
     atomic_save_safetensors({"w": torch.zeros(2)}, plain)

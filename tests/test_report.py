@@ -1,8 +1,8 @@
-"""common.report verdicts on hand-made results: the decision rules, not the plumbing."""
+"""common.experiments.report verdicts on hand-made results: the decision rules, not the plumbing."""
 import numpy as np
 import pytest
 
-from common import report
+from common.experiments import report
 
 
 def variant(values, size_mb, fmt=None, key="clf_fid"):
@@ -69,7 +69,7 @@ def test_fisher_layer_claim():
 
 
 def test_compare_winners_group_identical_allocations():
-    from common.compare import winners
+    from common.experiments.compare import winners
 
     done = {"a": ("allocator", "fisher", "25%", variant([1.0, 2.0, 3.0], 2.0)),
             "b": ("allocator", "fisher_distortion", "25%", variant([1.0, 2.0, 3.0], 2.0)),

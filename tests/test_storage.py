@@ -1,4 +1,4 @@
-"""common.storage: loads that never unpickle code, one-line errors for damaged files, tmp-file cleanup."""
+"""common.core.storage: loads that never unpickle code, one-line errors for damaged files, tmp-file cleanup."""
 import json
 import os
 import re
@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from common import storage
-from common.storage import CorruptFileError
+from common.core import storage
+from common.core.storage import CorruptFileError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -30,21 +30,26 @@ def plant(path, marker):
 
 def test_no_weights_only_false_and_one_loader():
     """Every torch file in common/ is read by storage.load_torch, which passes weights_only=True."""
-    for name in os.listdir(os.path.join(ROOT, "common")):
-        if name.endswith(".py"):
-            text = open(os.path.join(ROOT, "common", name)).read()
-            assert "weights_only=False" not in text, name
-            if name != "storage.py":
-                assert "torch.load(" not in text, f"common/{name} calls torch.load; use storage.load_torch"
-    assert "weights_only=True" in open(os.path.join(ROOT, "common", "storage.py")).read()
+    seen = 0
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "common")):
+        for name in files:
+            if name.endswith(".py"):
+                path = os.path.join(dirpath, name)
+                rel, text = os.path.relpath(path, ROOT), open(path).read()
+                seen += 1
+                assert "weights_only=False" not in text, rel
+                if rel != os.path.join("common", "core", "storage.py"):
+                    assert "torch.load(" not in text, f"{rel} calls torch.load; use storage.load_torch"
+    assert seen > 30
+    assert "weights_only=True" in open(os.path.join(ROOT, "common", "core", "storage.py")).read()
 
 
 def _loaders(tmp_path):
     """(name, call on a planted path) for every loader of an artifact that lives in runs/ or the cache."""
-    from common.fisher import load_fisher
-    from common.importance import load_importance
-    from common.quantize import load_quantized
-    from common.train import load_ema
+    from common.diffusion.checkpoint import load_ema
+    from common.importance.fisher import load_fisher
+    from common.importance.weights import load_importance
+    from common.quant.container import load_quantized
 
     ckpt = tmp_path / "real_checkpoint.pt"
     ckpt.write_bytes(b"checkpoint bytes")
@@ -58,7 +63,7 @@ def test_planted_pickle_is_refused_not_run(tmp_path, which):
     marker, path = tmp_path / "pwned", str(tmp_path / f"{which}.pt")
     plant(path, marker)
     load = dict(_loaders(tmp_path))[which]
-    from common.quantize import QuantizedFileError
+    from common.quant.container import QuantizedFileError
 
     # quantized files are safetensors now: a .pt there is refused before any unpickling is attempted
     with pytest.raises(QuantizedFileError if which == "quantized" else CorruptFileError) as e:
@@ -119,7 +124,7 @@ def test_save_killed_midway_leaves_tmp_that_the_next_write_removes(tmp_path):
     """SIGKILL during a save: the target is untouched and its temp file is cleaned by the next write."""
     target = tmp_path / "checkpoint.pt"
     storage.atomic_torch_save({"v": torch.zeros(3)}, target)
-    code = ("import os, signal, sys; from common import storage\n"
+    code = ("import os, signal, sys; from common.core import storage\n"
             "def write(fh):\n    fh.write(b'half a checkpoint'); fh.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
             f"storage._atomic({str(target)!r}, write)")
     p = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=ROOT))

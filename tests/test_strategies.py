@@ -1,4 +1,4 @@
-"""common.strategies on hand-made Fisher values: exact plans for each of the poster's rules."""
+"""common.quant.strategies on hand-made Fisher values: exact plans for each of the poster's rules."""
 import math
 import statistics
 
@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from common.quantize import Assignment
-from common.strategies import describe_plan, fp32, layer_group, layer_math, layer_ratio, uniform, whole_threshold
+from common.quant.formats import Assignment
+from common.quant.strategies import describe_plan, fp32, layer_group, layer_math, layer_ratio, uniform, whole_threshold
 
 PER_TENSOR = {
     "Layer1.a.weight": 1.0,
@@ -81,7 +81,7 @@ def test_layer_group_normalizes_per_group(fisher):
 
 
 def test_layer_group_with_the_poster_groups(fisher):
-    from common.config import LayerGroupConfig
+    from common.core.config import LayerGroupConfig
 
     groups = LayerGroupConfig().groups  # Layer1-2 @ 0.1, Layer3-5 @ 0.3, Layer6 @ 0.1
     assert {g: v["layers"] for g, v in groups.items()} == {"Layer1-2": [1, 2], "Layer3-5": [3, 4, 5], "Layer6": [6]}

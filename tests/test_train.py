@@ -1,23 +1,17 @@
-"""common.train: the tiny config learns, checkpoints are complete, resume is bit-exact, stale configs refused."""
+"""common.diffusion.train: the tiny config learns, checkpoints are complete, resume is bit-exact, stale configs
+refused."""
 import copy
 
 import pytest
 import torch
 
-import common.train as train_mod
-from common.data import mnist_tensor
-from common.diffusion import NoiseSchedule
-from common.model import build_unet
-from common.train import (
-    NonFiniteLossError,
-    StaleArtifactError,
-    _batch_indices,
-    check_checkpoint_matches,
-    load_ema,
-    total_steps,
-    train,
-    training_inputs,
-)
+import common.diffusion.train as train_mod
+from common.core.errors import StaleArtifactError
+from common.diffusion.checkpoint import check_checkpoint_matches, load_ema, training_inputs
+from common.diffusion.data import mnist_tensor
+from common.diffusion.model import build_unet
+from common.diffusion.schedule import NoiseSchedule
+from common.diffusion.train import NonFiniteLossError, _batch_indices, total_steps, train
 
 CPU = torch.device("cpu")
 CKPT_KEYS = {"model", "ema", "optimizer", "step", "total_steps", "finished", "config", "training_inputs",
@@ -64,7 +58,7 @@ def test_tiny_training_reduces_loss_and_writes_a_full_checkpoint(tiny_cfg, x_rea
     # the returned EMA is what load_ema rebuilds from disk
     assert not ema.training and not any(p.requires_grad for p in ema.parameters())
     loaded, on_disk = load_ema(path)
-    for (n, a), (_, b) in zip(ema.state_dict().items(), loaded.state_dict().items()):
+    for (n, a), (_, b) in zip(ema.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), n
     assert on_disk["fingerprint"] == ckpt["fingerprint"]
 
@@ -107,7 +101,7 @@ def test_resume_is_bit_exact(tiny_cfg, tmp_path, monkeypatch):
     for key in ("ema", "model"):
         for n, a in ck_a[key].items():
             assert torch.equal(a, ck_b[key][n]), f"{key}.{n}"
-    for (n, a), (_, b) in zip(ema_a.state_dict().items(), ema_b.state_dict().items()):
+    for (n, a), (_, b) in zip(ema_a.state_dict().items(), ema_b.state_dict().items(), strict=True):
         assert torch.equal(a, b), n
     opt_a, opt_b = ck_a["optimizer"]["state"], ck_b["optimizer"]["state"]
     assert opt_a.keys() == opt_b.keys()
@@ -206,7 +200,7 @@ def test_ema_follows_the_decay_schedule(tiny_cfg, tmp_path, monkeypatch, warmup)
 def test_lr_schedule_is_a_function_of_the_step():
     from types import SimpleNamespace
 
-    from common.train import lr_at
+    from common.diffusion.train import lr_at
 
     c = SimpleNamespace(lr=1.0, warmup_steps=0, lr_schedule="constant")
     assert [lr_at(c, s, 10) for s in (0, 5, 9)] == [1.0, 1.0, 1.0]

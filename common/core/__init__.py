@@ -1,0 +1,1 @@
+"""Shared plumbing: typed config, budgets, errors, atomic storage, locks, CLI helpers. Imports nothing of ours."""

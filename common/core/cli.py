@@ -1,0 +1,53 @@
+"""Argument parsing shared by the top-level scripts: --config, --set, --force."""
+import argparse
+import contextlib
+import shlex
+import sys
+
+import torch
+
+from .config import ConfigError, load_config
+from .errors import UserError
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default="configs/default.yaml", help="YAML experiment config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set train.max_steps=10 (repeatable; value is YAML)")
+    p.add_argument("--force", action="store_true",
+                   help="recompute and overwrite results made with a different config or checkpoint "
+                        "(a finished training of the same config is kept; see simplediffusion.py --retrain)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p
+
+
+def load(args):
+    """Load the config named by parsed ``args``; exit with the message on a config error."""
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    if cfg.run.threads:
+        torch.set_num_threads(cfg.run.threads)
+    return cfg
+
+
+def command(cfg, script=None, *flags) -> str:
+    """The shell command that runs ``script`` (default: the running one, as it was typed) on ``cfg``'s YAML
+    file with all its ``--set`` overrides, plus ``flags``: hints repeat it, so following one never
+    silently switches to another run or config."""
+    parts = ["python", script or sys.argv[0], "--config", cfg.source]
+    parts += [a for o in cfg.overrides for a in ("--set", o)]
+    return shlex.join(parts + list(flags))
+
+
+@contextlib.contextmanager
+def clear_errors():
+    """Turn the errors a user can fix (missing or stale artifacts, bad files, busy folders, impossible budgets:
+    every ``errors.UserError``) into one-line exits."""
+    try:
+        yield
+    except (FileNotFoundError, UserError) as e:
+        sys.exit(f"error: {e}")

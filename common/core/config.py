@@ -1,0 +1,595 @@
+"""Typed, validated experiment configuration loaded from YAML.
+
+``load_config(path, overrides)`` returns a ``Config`` dataclass. Every key is declared
+here with its type and allowed range; unknown keys, wrong types and out-of-range values
+raise ``ConfigError`` naming the file, the dotted key and what is allowed.
+Overrides are ``"section.key=value"`` strings whose value is parsed as YAML; an error in one names
+the override (``--set 'key=value'``), not the file.
+"""
+import copy
+import dataclasses
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+import yaml
+
+from .budget import W_FORMAT_OF_BITS, normalize_budget, normalize_wa_budget, parse_wa_budget
+from .errors import UserError
+
+
+class ConfigError(UserError, ValueError):
+    """A config file, key or ``--set`` that is invalid; the message names it and what is allowed."""
+
+
+def _spec(default, *, lo=None, hi=None, lo_open=False, check=None, doc=""):
+    """Field with an inclusive [lo, hi] range check (``lo_open`` makes the lower bound strict) and an
+    optional ``check(value) -> error text or None``."""
+    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "check": check, "doc": doc}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _plain_name(name):
+    """run.name is one folder inside run.out_dir: a separator or '..' would write elsewhere."""
+    if name is not None and ("/" in name or "\\" in name or name in ("", ".", "..")):
+        return f"must be a plain folder name (no '/', '\\', '..'), got {name!r}; use run.out_dir for the location"
+    return None
+
+
+@dataclass
+class RunConfig:
+    name: str | None = _spec(None, check=_plain_name, doc="run directory name; defaults to the config file's stem")
+    out_dir: str = "runs"
+    cache_dir: str = "runs/cache"  # MNIST classifier and reference statistics, shared by runs
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+    threads: int = _spec(0, lo=0, doc="torch CPU threads; 0 keeps torch's default")
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    root: str = "data"  # holds MNIST/raw/*-ubyte[.gz]; env LAQFI_DATA_ROOT overrides
+    download: bool = False
+    image_size: int = _spec(32, lo=28, hi=64, doc="MNIST 28x28 is zero-padded (black) to this size")
+    train_limit: int | None = _spec(None, lo=1, doc="use only the first N training images")
+
+
+@dataclass
+class ModelConfig:
+    channels: list[int] = _spec([64, 128, 256, 512, 512, 384], lo=1)
+    attentions: list[bool] = _spec([False, True, False, False, False, True])
+    upscales: list[bool] = _spec([False, False, False, True, True, True])
+    num_groups: int = _spec(32, lo=1)
+    num_heads: int = _spec(8, lo=1)
+    dropout: float = _spec(0.1, lo=0.0, hi=0.9)
+    in_channels: int = _spec(1, lo=1)
+    # "table": the poster's fixed sin/cos rows added to each block; "mlp": a learned MLP on them with a
+    # projection per ResBlock (Ho et al.'s DDPM)
+    time_embedding: Literal["table", "mlp"] = "table"
+
+
+@dataclass
+class BaselineConfig:
+    # EMA weights released with the repository (common.diffusion.baseline format); null = train with `train:`
+    weights: str | None = None
+    sha256: str | None = None  # expected SHA-256 of `weights`; a different file is refused
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = _spec(1000, lo=2)
+    beta_start: float = _spec(1e-4, lo=0.0, lo_open=True, hi=0.5)
+    beta_end: float = _spec(0.02, lo=0.0, lo_open=True, hi=0.999)
+
+
+@dataclass
+class TrainConfig:
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr: float = _spec(2e-5, lo=0.0, lo_open=True)
+    weight_decay: float = _spec(0.0, lo=0.0)
+    batch_size: int = _spec(64, lo=1)
+    epochs: int = _spec(15, lo=0)
+    max_steps: int | None = _spec(None, lo=0, doc="stop after this many steps (overrides epochs)")
+    ema_decay: float = _spec(0.9999, lo=0.0, hi=1.0)
+    ema_warmup: bool = True  # decay min(ema_decay, (1+step)/(10+step)) so short runs get a usable EMA
+    grad_clip: float | None = _spec(None, lo=0.0, lo_open=True)
+    checkpoint_every: int = _spec(1000, lo=1)
+    snapshot_every: int | None = _spec(None, lo=1, doc="also keep the EMA weights every N steps "
+                                          "(baseline/snapshots/, for learning curves); null = never")
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decay to 0 at the last step
+    warmup_steps: int = _spec(0, lo=0, doc="linear lr warm-up steps")
+    bf16: bool = False  # CPU/GPU autocast to bfloat16 for the forward pass (labelled in outputs)
+    min_snr_gamma: float | None = _spec(None, lo=0.0, lo_open=True,
+                                           doc="Min-SNR loss weighting (faster convergence); null = plain DDPM loss")
+
+
+@dataclass
+class SampleConfig:
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    steps: int = _spec(1000, lo=1, doc="sampling steps; ddpm requires steps == diffusion.timesteps")
+    eta: float = _spec(0.0, lo=0.0, hi=1.0)
+    batch_size: int = _spec(256, lo=1)
+    grid_images: int = _spec(64, lo=1)
+    channels_last: bool = False
+
+
+@dataclass
+class FisherConfig:
+    n_samples: int = _spec(1024, lo=1)
+    timesteps: list[int] | None = _spec(None, doc="fixed list of timesteps (0-based); null = uniform")
+    chunk_size: int = _spec(16, lo=1)
+    seed: int = 0
+    eligible: Literal["poster", "all_weights", "all"] = "poster"
+    profile_buckets: int = _spec(10, lo=1)
+    # stratified: equal counts in each of the profile_buckets timestep buckets (less spread than uniform)
+    timestep_sampling: Literal["stratified", "uniform"] = "stratified"
+    bootstrap: int = _spec(1000, lo=0, doc="bootstrap resamples for confidence intervals; 0 = none")
+
+
+@dataclass
+class QuantConfig:
+    format: Literal["fp16", "bf16", "int8", "int4"] = "fp16"
+    granularity: Literal["tensor", "element"] = "tensor"
+
+
+@dataclass
+class WholeThresholdConfig:
+    threshold: float = _spec(0.1, lo=0.0)
+
+
+@dataclass
+class LayerGroupConfig:
+    groups: dict = _spec({
+        "Layer1-2": {"layers": [1, 2], "threshold": 0.1},
+        "Layer3-5": {"layers": [3, 4, 5], "threshold": 0.3},
+        "Layer6": {"layers": [6], "threshold": 0.1},
+    })
+
+
+@dataclass
+class LayerRatioConfig:
+    p: list[float] = _spec([0.25])
+
+
+@dataclass
+class LayerMathConfig:
+    alpha: float = _spec(0.5, lo=0.0)
+    k_min: float = _spec(0.1, lo=0.0)
+    k_max: float = _spec(2.0, lo=0.0)
+
+
+@dataclass
+class StrategiesConfig:
+    whole_threshold: WholeThresholdConfig = field(default_factory=WholeThresholdConfig)
+    layer_group: LayerGroupConfig = field(default_factory=LayerGroupConfig)
+    layer_ratio: LayerRatioConfig = field(default_factory=LayerRatioConfig)
+    layer_math: LayerMathConfig = field(default_factory=LayerMathConfig)
+
+
+METRIC_NAMES = Literal["fisher", "fisher_distortion", "magnitude", "random", "quant_error", "orthogonality"]
+FORMAT_NAMES = Literal["fp32", "fp16", "bf16", "int8", "int4"]
+
+
+@dataclass
+class OrthogonalityConfig:
+    n_samples: int = _spec(64, lo=3, doc="calibration samples per timestep bucket")
+    buckets: int = _spec(4, lo=1, doc="equal timestep buckets, sampled uniformly inside each")
+    beta: float = _spec(5.0, lo=0.0, doc="importance = exp(-beta * mean CKA with the other layers)")
+
+
+@dataclass
+class ImportanceConfig:
+    seed: int = 0  # the random control and the orthogonality calibration samples
+    orthogonality: OrthogonalityConfig = field(default_factory=OrthogonalityConfig)
+
+
+@dataclass
+class MixedPrecisionConfig:
+    metric: list[METRIC_NAMES] = _spec(["fisher_distortion"])
+    # "25%" of the fp32 size, "4.5bits" average per weight, or "2.1MB" of stored weights
+    budget: list[str] = _spec(["25%"])
+    formats: list[FORMAT_NAMES] = _spec(["fp32", "fp16", "int8", "int4"])
+
+
+@dataclass
+class CompareConfig:
+    metrics: list[METRIC_NAMES] = _spec(["fisher", "fisher_distortion", "orthogonality", "magnitude", "random",
+                                         "quant_error"])
+    budgets: list[str] = _spec(["50%", "25%", "5bits", "4.5bits", "4bits"])
+    seeds: list[int] = _spec([0, 1, 2])
+    n_images: int = _spec(100, lo=2, doc="images per seed (replaces eval.n_images in the comparison)")
+    inception: bool = False  # FID too (~0.1 s/image on 2 CPU cores); classifier-FID is always computed
+    poster_strategies: bool = True  # the poster's four rules and uniform fp16/int8/int4 on the same plot
+
+
+@dataclass
+class SensitivityConfig:
+    budget: str = "5bits"  # of the Fisher-allocated mix evaluated on each snapshot
+    n_images: int = _spec(200, lo=2, doc="images per seed (replaces eval.n_images for the snapshots)")
+    seeds: list[int] = _spec([0, 1, 2])
+    inception: bool = False  # FID/KID too (~0.1 s/image on 2 CPU cores); classifier metrics are always computed
+
+
+@dataclass
+class ActQuantConfig:
+    """Weight + activation quantization (act_quant.py): candidates, calibration, the comparison grid."""
+    w_formats: list[FORMAT_NAMES] = _spec(["int8", "int4"], doc="weight formats a module may take")
+    a_bits: list[int] = _spec([16, 8, 6, 4], lo=2, hi=16, doc="activation bit widths a module's input may take")
+    symmetric: bool = False  # asymmetric ranges use the full code range on ReLU'd (non-negative) inputs
+    per_token_attention: bool = False  # attention projections' inputs: dynamic per-token ranges
+    range_method: Literal["minmax", "percentile"] = "minmax"
+    percentile: float = _spec(99.99, lo=50.0, hi=100.0, doc="range_method percentile: clip to [100-p, p]")
+    range_modes: list[Literal["single", "group"]] = _spec(["single", "group"])  # one range, or per timestep group
+    timestep_groups: int = _spec(4, lo=2, doc="groups of the 'group' range mode: t * G // T (TFMQ-style intervals)")
+    keep_first_last: bool = True  # the first and last conv's inputs stay at keep_bits
+    keep_bits: int | None = _spec(None, lo=2, hi=16, doc="bits of the kept inputs; null = float")
+    softmax_bits: int | None = _spec(None, lo=2, hi=16, doc="attention probabilities; null = float")
+    split_concat: bool = True  # skip concatenation consumers: one range per concatenated part
+    calib_images: int = _spec(128, lo=1, doc="images sampled from calibration noise for the ranges")
+    calib_timesteps: int | None = _spec(None, lo=1, doc="sampler timesteps recorded, spread over the "
+                                           "chain; null = all")
+    calib_seed: int = 1000  # calibration noise; keep it out of the evaluation seeds
+    fisher_samples: int = _spec(256, lo=1, doc="(x0, t, eps) samples of the activation Fisher")
+    fisher_chunk: int = _spec(32, lo=1)
+    plans: list[Literal["uniform", "fisher", "magnitude", "random", "quant_error"]] = _spec(
+        ["uniform", "fisher", "magnitude", "random"])
+    # "W4A8": the BOPs of uniform W4A8; "1.5GBOPs"; a stored size "25%"; or "W4A8&25%"
+    budgets: list[str] = _spec(["W8A8", "W4A8", "W4A6"])
+    seeds: list[int] = _spec([0, 1, 2])
+    n_images: int = _spec(100, lo=2, doc="images per seed (replaces eval.n_images in the comparison)")
+    inception: bool = True  # FID (~0.1 s/image on 2 CPU cores); classifier-FID is always computed
+
+
+@dataclass
+class ClassifierConfig:
+    epochs: int = _spec(3, lo=1)
+    batch_size: int = _spec(128, lo=1)
+    lr: float = _spec(1e-3, lo=0.0, lo_open=True)
+    seed: int = 0
+    train_limit: int | None = _spec(None, lo=10, doc="train on the first N images only (tests)")
+
+
+@dataclass
+class EvalConfig:
+    n_images: int = _spec(5000, lo=2)
+    seeds: list[int] = _spec([0])
+    inception: bool = True  # compute FID/IS with pytorch-fid's InceptionV3
+    inception_weights: str | None = None  # explicit pt_inception-2015-12-05 file
+    inception_batch_size: int = _spec(50, lo=1)
+    # Inception costs ~0.1 s/image on 2 CPU cores: FID/IS may use only the first N images of each seed.
+    inception_n_images: int | None = _spec(None, lo=2, doc="null = eval.n_images")
+    ref_n_images: int = _spec(10000, lo=2)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+
+
+@dataclass
+class BackendConfig:
+    """How sample.py / the bench execute a model (common/backends.py); evaluation always uses dequant."""
+    name: Literal["dequant", "bf16", "fp16", "int8"] = "dequant"
+    compile: bool | None = None  # torch.compile; null = only for int8 (which needs it for its int8 kernels)
+    calib_images: int = _spec(32, lo=2, doc="int8: trajectories whose U-Net inputs calibrate activation scales")
+    calib_steps: int = _spec(20, lo=1, doc="int8: sampler steps recorded per trajectory, spread over the chain")
+    calib_seed: int = 1234  # not an evaluation seed, so calibration never sees the noise it is judged on
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    fisher: FisherConfig = field(default_factory=FisherConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    strategies: StrategiesConfig = field(default_factory=StrategiesConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    importance: ImportanceConfig = field(default_factory=ImportanceConfig)
+    mixed_precision: MixedPrecisionConfig = field(default_factory=MixedPrecisionConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    act_quant: ActQuantConfig = field(default_factory=ActQuantConfig)
+    source: str = "<defaults>"  # the YAML file this came from (not a YAML key)
+    overrides: list = field(default_factory=list)  # the --set strings applied to it (not a YAML key)
+
+
+NOT_YAML = ("source", "overrides")  # Config fields that record where it came from
+_UNION = (typing.Union, types.UnionType)  # Optional[int] and int | None
+
+
+def _describe(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in _UNION:
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _describe(inner[0]) + " or null"
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string",
+            dict: "a mapping"}.get(tp, str(tp))
+
+
+def _convert(value, tp, where):
+    """Check ``value`` against type ``tp``; return it converted (int -> float allowed)."""
+    origin = typing.get_origin(tp)
+    bad = ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}")
+    if origin in _UNION:
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        return _convert(value, inner, where)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise bad
+        return value
+    if origin is list:
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]  # "p: 0.25" means the one-element list [0.25]
+        if not isinstance(value, list):
+            raise bad
+        return [_convert(v, typing.get_args(tp)[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise bad
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+        return value
+    if tp is float:
+        # YAML 1.1 reads "2e-3" (no dot) as a string; accept any float literal.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise bad
+        return value
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise bad
+        return value
+    raise bad
+
+
+def _check_range(value, f, where):
+    lo, hi, lo_open = f.metadata.get("lo"), f.metadata.get("hi"), f.metadata.get("lo_open")
+    values = value if isinstance(value, list) else [value]
+    for v in values:
+        if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if v != v:  # NaN passes every comparison
+            raise ConfigError(f"{where}: must be a number, got NaN")
+        if lo is not None and (v < lo or (lo_open and v == lo)):
+            op = ">" if lo_open else ">="
+            raise ConfigError(f"{where}: must be {op} {lo}, got {v!r}")
+        if hi is not None and v > hi:
+            raise ConfigError(f"{where}: must be <= {hi}, got {v!r}")
+
+
+def _build(cls, data, src, prefix=""):
+    here = f"{src}: {prefix or 'top level'}"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{here}: expected a mapping of keys, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in NOT_YAML}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        bad = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"{src}: unknown key {bad!r}; allowed here: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, src, key)
+        else:
+            converted = _convert(value, tp, f"{src}: {key}")
+            _check_range(converted, fields[name], f"{src}: {key}")
+            check = fields[name].metadata.get("check")
+            if check and check(converted):
+                raise ConfigError(f"{src}: {key}: {check(converted)}")
+            kwargs[name] = converted
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value, where: str):
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{where}: cannot set {dotted!r}: {p!r} is not a section")
+    node[parts[-1]] = value
+
+
+def _channel_example(c0: int, n: int) -> list:
+    ch = [c0 * 2 ** i for i in range(n // 2)]
+    ch.append(2 * ch[-1])
+    for i in range(n // 2 + 1, n):
+        ch.append(ch[-1] // 2 + ch[n - i])
+    return ch
+
+
+def _cross_checks(cfg: Config, src: str):
+    if cfg.baseline.weights and not re.fullmatch(r"[0-9a-f]{64}", cfg.baseline.sha256 or ""):
+        raise ConfigError(f"{src}: baseline.sha256: needs the 64-hex-digit SHA-256 of baseline.weights "
+                          f"({cfg.baseline.weights}; `sha256sum` prints it), got {cfg.baseline.sha256!r}")
+    n = len(cfg.model.channels)
+    for key in ("attentions", "upscales"):
+        if len(getattr(cfg.model, key)) != n:
+            raise ConfigError(f"{src}: model.{key}: needs {n} entries (one per model.channels entry)")
+    if n < 2 or n % 2:
+        raise ConfigError(f"{src}: model.channels: needs an even number of stages (at least 2) (down half, up half)")
+    ch = cfg.model.channels
+    flow = ch[0]  # channels entering each stage: down stages double, up stages halve + concat skip
+    for i in range(n):
+        if flow != ch[i]:
+            raise ConfigError(f"{src}: model.channels: Layer{i + 1} receives {flow} channels but is "
+                              f"configured with {ch[i]} (down stages double: c[i+1] = 2*c[i]; up stages "
+                              f"take c[i-1]/2 + the mirrored skip), e.g. {_channel_example(ch[0], n)}")
+        flow = 2 * ch[i] if i < n // 2 else ch[i] // 2 + ch[n - i - 1]
+    for c in cfg.model.channels:
+        if c % cfg.model.num_groups:
+            raise ConfigError(f"{src}: model.num_groups: {cfg.model.num_groups} must divide every channel count "
+                              f"in model.channels {cfg.model.channels}")
+    for i in [i for i, a in enumerate(cfg.model.attentions) if a]:
+        if cfg.model.channels[i] % cfg.model.num_heads:
+            raise ConfigError(f"{src}: model.num_heads: {cfg.model.num_heads} must divide channels of "
+                              f"attention stage Layer{i + 1} ({cfg.model.channels[i]})")
+    if cfg.data.image_size % (2 ** (n // 2)):
+        raise ConfigError(f"{src}: data.image_size: must be divisible by {2 ** (n // 2)} for {n} stages")
+    if cfg.diffusion.beta_end <= cfg.diffusion.beta_start:
+        raise ConfigError(f"{src}: diffusion.beta_end: must exceed diffusion.beta_start")
+    if cfg.sample.sampler == "ddpm" and cfg.sample.steps != cfg.diffusion.timesteps:
+        raise ConfigError(f"{src}: sample.steps: ancestral ddpm sampling needs steps == diffusion.timesteps "
+                          f"({cfg.diffusion.timesteps}); use sampler: ddim for fewer steps")
+    if cfg.sample.steps > cfg.diffusion.timesteps:
+        raise ConfigError(f"{src}: sample.steps: must be <= diffusion.timesteps ({cfg.diffusion.timesteps})")
+    if cfg.fisher.timesteps is not None:
+        for t in cfg.fisher.timesteps:
+            if not 0 <= t < cfg.diffusion.timesteps:
+                raise ConfigError(f"{src}: fisher.timesteps: {t} outside [0, {cfg.diffusion.timesteps - 1}]")
+    for p in cfg.strategies.layer_ratio.p:
+        if not 0.0 <= p <= 1.0:
+            raise ConfigError(f"{src}: strategies.layer_ratio.p: each p must be in [0, 1], got {p}")
+    for gname, g in cfg.strategies.layer_group.groups.items():
+        key = f"{src}: strategies.layer_group.groups.{gname}"
+        if not isinstance(g, dict) or set(g) != {"layers", "threshold"}:
+            raise ConfigError(f"{key}: needs exactly the keys 'layers' (list of stage numbers) and 'threshold'")
+        layers = _convert(g["layers"], list[int], key + ".layers")
+        if not layers or any(not 1 <= k <= n for k in layers):
+            raise ConfigError(f"{key}.layers: stage numbers must be in 1..{n}, got {g['layers']}")
+        if _convert(g["threshold"], float, key + ".threshold") < 0:
+            raise ConfigError(f"{key}.threshold: must be >= 0, got {g['threshold']}")
+    lm = cfg.strategies.layer_math
+    if lm.k_min > lm.k_max:
+        raise ConfigError(f"{src}: strategies.layer_math.k_min: must be <= k_max ({lm.k_max}), got {lm.k_min}")
+    for key, seeds in (("eval.seeds", cfg.eval.seeds), ("compare.seeds", cfg.compare.seeds),
+                       ("sensitivity.seeds", cfg.sensitivity.seeds)):
+        if not seeds:
+            raise ConfigError(f"{src}: {key}: needs at least one seed")
+    for section, key in (("mixed_precision", "budget"), ("compare", "budgets"), ("sensitivity", "budget")):
+        sub = getattr(cfg, section)
+        try:  # one spelling per budget, so '25 %' and '25%' name the same run folder
+            value = getattr(sub, key)
+            setattr(sub, key, [normalize_budget(b) for b in value] if isinstance(value, list)
+                    else normalize_budget(value))
+        except ValueError as e:
+            raise ConfigError(f"{src}: {section}.{key}: {e}") from None
+    _check_act_quant(cfg, src)
+    if cfg.importance.orthogonality.buckets > cfg.diffusion.timesteps:
+        raise ConfigError(f"{src}: importance.orthogonality.buckets: at most diffusion.timesteps "
+                          f"({cfg.diffusion.timesteps})")
+    if "fp32" not in cfg.mixed_precision.formats:
+        raise ConfigError(f"{src}: mixed_precision.formats: must include 'fp32' (the choice to leave a tensor alone)")
+
+
+def _yaml_error(e: yaml.YAMLError) -> str:
+    """One line: the parser's problem and where, without its multi-line context."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}{where}"
+
+
+def parse_override(item: str):
+    """``"key.sub=value"`` -> (dotted key, value parsed as YAML), checked on its own so that a bad key or
+    value is blamed on the override, not on the YAML file it is applied to."""
+    where = f"--set {item!r}"
+    if "=" not in item:
+        raise ConfigError(f"{where}: expected key.sub=value")
+    key, text = item.split("=", 1)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: value {text!r} is not valid YAML ({_yaml_error(e)}); "
+                          f"quote the whole item, e.g. --set 'strategies.layer_ratio.p=[0.25, 0.5]'") from None
+    alone = {}
+    _set_dotted(alone, key.strip(), value, where)
+    _build(Config, alone, where)  # unknown key, wrong type or range
+    return key.strip(), value
+
+
+def _merge(base: dict, top: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(src: str, chain=()) -> dict:
+    """The YAML mapping of ``src``; ``extends: other.yaml`` (relative to ``src``) is read first and
+    overridden key by key, so a variant config states only what differs from its base."""
+    try:
+        with open(src) as fh:
+            raw = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{src}: config file not found" + (f" (extended by {chain[-1]})" if chain else "")) from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{src}: not valid YAML: {_yaml_error(e)}") from None
+    if raw is None:  # silently running the full default setup instead is never what was meant
+        raise ConfigError(f"{src}: the file is empty; start from configs/smoke.yaml or configs/default.yaml")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{src}: top level must be a mapping of sections")
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{src}: extends: expected the file name of a base config, got {base!r}")
+    base_path = os.path.normpath(os.path.join(os.path.dirname(src), base))
+    if base_path in chain or base_path == os.path.normpath(src):
+        raise ConfigError(f"{src}: extends: {base} makes a cycle ({' -> '.join(chain + (src, base_path))})")
+    return _merge(_read_yaml(base_path, chain + (os.path.normpath(src),)), raw)
+
+def _check_act_quant(cfg: Config, src: str):
+    aq = cfg.act_quant
+    for key in ("w_formats", "a_bits", "plans", "budgets", "seeds", "range_modes"):
+        if not getattr(aq, key):
+            raise ConfigError(f"{src}: act_quant.{key}: needs at least one entry")
+    if aq.timestep_groups > cfg.diffusion.timesteps:
+        raise ConfigError(f"{src}: act_quant.timestep_groups: at most diffusion.timesteps ({cfg.diffusion.timesteps})")
+    try:
+        aq.budgets = [normalize_wa_budget(b) for b in aq.budgets]
+    except ValueError as e:
+        raise ConfigError(f"{src}: act_quant.budgets: {e}") from None
+    for b in aq.budgets:
+        for kind, value in parse_wa_budget(b):
+            if kind == "wa" and (W_FORMAT_OF_BITS[value[0]] not in aq.w_formats or value[1] not in aq.a_bits):
+                raise ConfigError(f"{src}: act_quant.budgets: {b!r} is the BOPs of uniform W{value[0]}A{value[1]}, "
+                                  f"so act_quant.w_formats ({aq.w_formats}) must hold {W_FORMAT_OF_BITS[value[0]]} "
+                                  f"and act_quant.a_bits ({aq.a_bits}) must hold {value[1]}")
+
+
+def load_config(path, overrides=()) -> Config:
+    """Load ``path`` (YAML), apply ``key.sub=value`` overrides, validate, return a ``Config``."""
+    src = str(path)
+    raw = _read_yaml(src)
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(raw, key, value, f"--set {item!r}")
+    cfg = _build(Config, raw, src)
+    cfg.source, cfg.overrides = src, list(overrides)
+    if os.environ.get("LAQFI_DATA_ROOT"):
+        cfg.data.root = os.environ["LAQFI_DATA_ROOT"]
+    if cfg.run.name is None:
+        cfg.run.name = os.path.splitext(os.path.basename(src))[0]
+    # A combination can be invalid where each value alone is fine: name the overrides too.
+    _cross_checks(cfg, src + "".join(f" --set {o}" for o in overrides))
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)

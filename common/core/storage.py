@@ -1,0 +1,216 @@
+"""Atomic writes, safe loads, file hashes, config fingerprints and run-directory paths."""
+import hashlib
+import json
+import os
+import pickle
+import re
+import tempfile
+import time
+
+import torch
+
+from .errors import UserError
+
+
+class CorruptFileError(UserError, ValueError):
+    """A file exists but cannot be read as what it should be (truncated, corrupt, or not ours)."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
+
+
+def remove_stale_tmp(path, legacy_age_s=3600):
+    """Delete temp files that earlier atomic writes of ``path`` left behind when killed mid-save.
+
+    Only names of this writer's pattern count: ``.<name>.<pid>-<random>.tmp`` whose pid is no longer
+    running (another process may be writing the same path right now), and the pid-less
+    ``.<name>.<random 8>.tmp`` of older versions once they are ``legacy_age_s`` old.
+    """
+    folder, base = os.path.split(os.path.abspath(path))
+    own = re.compile(rf"\.{re.escape(base)}\.(\d+)-[a-z0-9_]+\.tmp")
+    legacy = re.compile(rf"\.{re.escape(base)}\.[a-z0-9_]{{8}}\.tmp")
+    try:
+        names = os.listdir(folder)
+    except FileNotFoundError:
+        return
+    for name in names:
+        m = own.fullmatch(name)
+        full = os.path.join(folder, name)
+        try:
+            if (m and not _pid_alive(int(m.group(1)))) or (
+                    not m and legacy.fullmatch(name) and time.time() - os.path.getmtime(full) > legacy_age_s):
+                os.unlink(full)
+        except FileNotFoundError:  # removed by someone else meanwhile
+            pass
+
+
+def _atomic(path, write):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    remove_stale_tmp(path)
+    # The writer's pid in the name lets a later write tell a dead writer's leftover from a live one's file.
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.{os.getpid()}-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_torch_save(obj, path):
+    _atomic(path, lambda fh: torch.save(obj, fh))
+
+
+def atomic_save_safetensors(tensors: dict, path, metadata=None):
+    """safetensors file (no pickle on load); ``metadata`` values must be strings."""
+    from safetensors.torch import save
+
+    blob = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    _atomic(path, lambda fh: fh.write(blob))
+
+
+def atomic_write_text(text: str, path):
+    _atomic(path, lambda fh: fh.write(text.encode()))
+
+
+def atomic_write_json(obj, path):
+    atomic_write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", path)
+
+
+def atomic_write_csv(rows: list, columns: list, path):
+    """One CSV row per dict in ``rows``, in ``columns`` order (with a header)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns)
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(buf.getvalue(), path)
+
+
+def atomic_write_bytes(data: bytes, path):
+    _atomic(path, lambda fh: fh.write(data))
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(obj) -> str:
+    """Stable short hash of a JSON-able object (used to tell whether a stage's inputs changed)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def diff_keys(a: dict, b: dict, prefix="") -> list:
+    """Dotted keys whose values differ between two nested dicts."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        key = f"{prefix}{k}"
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += diff_keys(va, vb, key + ".")
+        elif va != vb:
+            out.append(key)
+    return out
+
+
+def run_dir(cfg) -> str:
+    return os.path.join(cfg.run.out_dir, cfg.run.name)
+
+
+def baseline_dir(cfg) -> str:
+    return os.path.join(run_dir(cfg), "baseline")
+
+
+def load_json(path, hint=""):
+    """Parsed JSON of ``path``; a truncated or corrupt file raises CorruptFileError naming it and ``hint``."""
+    try:
+        with open(path) as fh:
+            return json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptFileError(f"{path} is not valid JSON (truncated or corrupt: {e})"
+                               + (f"; {hint}" if hint else "")) from None
+
+
+def _first_line(e: BaseException) -> str:
+    """The first sentence of an exception's message (torch's run to paragraphs), for one-line errors."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0].split(". ")[0][:160] if lines else type(e).__name__
+
+
+def load_torch(path, hint="", map_location="cpu"):
+    """``torch.load`` that never runs code from the file (``weights_only=True``: tensors and plain containers
+    only). A missing file raises FileNotFoundError, a truncated, corrupt or code-carrying one
+    CorruptFileError; both name ``path`` and ``hint`` (the command that recovers) in one line."""
+    tail = f"; {hint}" if hint else ""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found{tail}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message is a page long; the line naming the refused global is the one that matters.
+        why = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln),
+                   _first_line(e))
+        raise CorruptFileError(f"{path} holds more than tensors and plain containers and is refused unread "
+                               f"(it could run code: {why}){tail}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError) as e:
+        raise CorruptFileError(f"{path} is truncated or corrupt ({_first_line(e)}){tail}") from None
+
+
+def load_cache(path, what: str):
+    """A cache file's contents, or None (the caller recomputes and overwrites it) if it is missing or
+    unreadable: a cache is never worth an error."""
+    if not os.path.exists(path):
+        return None
+    try:
+        return load_torch(path)
+    except CorruptFileError as e:
+        print(f"[cache] {e}; recomputing {what}")
+        return None
+
+
+class CheckpointMismatchError(UserError, RuntimeError):
+    """An artifact derived from one checkpoint was asked for on behalf of another."""
+
+
+def save_for_checkpoint(artifact: dict, path: str, ckpt_path: str):
+    """Write ``artifact`` atomically, bound (by SHA-256) to the checkpoint it was computed from."""
+    artifact["meta"]["checkpoint_sha256"] = sha256_file(ckpt_path)
+    artifact["meta"]["checkpoint"] = os.path.abspath(ckpt_path)
+    atomic_torch_save(artifact, path)
+
+
+def load_for_checkpoint(path: str, ckpt_path: str, recompute_hint: str) -> dict:
+    """Load an artifact written by ``save_for_checkpoint`` and check it belongs to ``ckpt_path``."""
+    art = load_torch(path, recompute_hint)
+    want, have = sha256_file(ckpt_path), art["meta"].get("checkpoint_sha256")
+    if want != have:
+        raise CheckpointMismatchError(
+            f"{path} was computed for a checkpoint with SHA-256 {have[:12] if have else None}..., "
+            f"but {ckpt_path} has {want[:12]}...; recompute: {recompute_hint}")
+    return art
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device: 'cuda' requested but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(name)

@@ -1,0 +1,154 @@
+"""Baseline weights files: EMA weights as safetensors with their training provenance in the header.
+
+The same format serves the EMA snapshots written during training (``train.snapshot_every``) and the
+released baseline under ``checkpoints/`` that ``configs/default.yaml`` names in ``baseline.weights``:
+tensors = the EMA ``state_dict``; metadata (strings) = the full config it was trained with, the
+fingerprint of its training inputs, step, images seen, training seconds, loss and the code commit.
+Loading never unpickles; the released file is checked against ``baseline.sha256`` before use.
+"""
+import json
+import os
+import subprocess
+
+from ..core.config import NOT_YAML, Config, _build, to_dict
+from ..core.errors import UserError
+from ..core.storage import atomic_save_safetensors, atomic_write_json, diff_keys, fingerprint, sha256_file
+from .checkpoint import load_ema, training_inputs
+from .model import build_unet
+
+FORMAT = "laqfi-baseline"
+VERSION = "1"
+
+
+class BaselineError(UserError, RuntimeError):
+    """A baseline weights file that is missing, corrupt, foreign or made for another config."""
+
+
+def code_commit() -> str:
+    """The git commit of this checkout (with "+dirty" when tracked files differ), or "unknown"."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def save_weights(path, state_dict, cfg, training_inputs: dict, step: int, train_seconds: float, loss):
+    """Write EMA weights + provenance atomically; ``cfg`` a Config or its dict. Returns the metadata written."""
+    config = cfg if isinstance(cfg, dict) else to_dict(cfg)
+    meta = {
+        "format": FORMAT, "version": VERSION,
+        "config": json.dumps(config, sort_keys=True, default=str),
+        "training_inputs": json.dumps(training_inputs, sort_keys=True),
+        "training_fingerprint": fingerprint(training_inputs),
+        "step": str(step), "images_seen": str(step * config["train"]["batch_size"]),
+        "train_seconds": f"{train_seconds:.1f}", "loss_ema": "nan" if loss is None else f"{loss:.6f}",
+        "code_commit": code_commit(),
+    }
+    atomic_save_safetensors(state_dict, path, meta)
+    return meta
+
+
+def read_metadata(path) -> dict:
+    """The header metadata of a weights file, or a ``BaselineError`` naming the file and the problem."""
+    from safetensors import safe_open
+
+    if not os.path.isfile(path):
+        raise BaselineError(f"{path} not found")
+    try:
+        with safe_open(path, framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for truncated/garbled headers
+        raise BaselineError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from None
+    if meta.get("format") != FORMAT:
+        raise BaselineError(f"{path} is not a LAQFI baseline weights file (metadata format "
+                            f"{meta.get('format')!r}, expected {FORMAT!r})")
+    return meta
+
+
+def config_of(path, meta=None) -> Config:
+    """The typed config the weights were trained with (from the file's metadata)."""
+    meta = meta or read_metadata(path)
+    stored = {k: v for k, v in json.loads(meta["config"]).items() if k not in NOT_YAML}
+    return _build(Config, stored, path)
+
+
+def load_weights(path, device="cpu"):
+    """(EMA U-Net in eval mode, metadata) from a weights file; the architecture comes from the file."""
+    from safetensors.torch import load_file
+
+    meta = read_metadata(path)
+    cfg = config_of(path, meta)
+    model = build_unet(cfg.model, cfg.diffusion.timesteps)
+    try:
+        state = load_file(path, device="cpu")
+        model.load_state_dict(state)
+    except Exception as e:
+        raise BaselineError(f"{path}: its tensors do not load into the architecture its metadata names "
+                            f"({type(e).__name__}: {e})") from None
+    return model.to(device).eval().requires_grad_(False), meta
+
+
+def verify_released(cfg, recover_hint: str) -> str:
+    """Check ``cfg.baseline.weights`` exists, has ``cfg.baseline.sha256`` and was trained with this config's
+    training inputs; returns its SHA-256. Every failure is a ``BaselineError`` that says what to do."""
+    path, want = cfg.baseline.weights, cfg.baseline.sha256
+    if not os.path.isfile(path):
+        raise BaselineError(f"baseline.weights: {path} not found. It is part of the repository (git checkout "
+                            f"-- {path}); or train the baseline yourself: {recover_hint}")
+    have = sha256_file(path)
+    if want and have != want:
+        raise BaselineError(f"baseline.weights: {path} has SHA-256 {have[:16]}..., but baseline.sha256 in "
+                            f"{cfg.source} expects {want[:16]}...: the file is corrupt or not the released one. "
+                            f"Restore it (git checkout -- {path}) or train from scratch: {recover_hint}")
+    meta = read_metadata(path)
+    mine = fingerprint(training_inputs(cfg))
+    if meta.get("training_fingerprint") != mine:
+        keys = diff_keys(json.loads(meta.get("training_inputs", "{}")), training_inputs(cfg))
+        raise BaselineError(f"baseline.weights: {path} was trained with other data/model/diffusion/train settings "
+                            f"than {cfg.source} (differs in: {', '.join(keys) or '?'}); to use these settings, "
+                            f"train them: {recover_hint}")
+    return have
+
+
+def write_provenance(weights_path, meta: dict, retrain_command: str, extra=None) -> str:
+    """``<weights>.json`` beside the weights: what they are, where they came from, how to recreate them."""
+    path = os.path.splitext(weights_path)[0] + ".json"
+    record = {
+        "file": os.path.basename(weights_path),
+        "sha256": sha256_file(weights_path),
+        "bytes": os.path.getsize(weights_path),
+        "what": "EMA weights of the LAQFI default U-Net (fp32), trained by this repository's code",
+        "step": int(meta["step"]), "images_seen": int(meta["images_seen"]),
+        "train_seconds": float(meta["train_seconds"]), "final_loss_ema": float(meta["loss_ema"]),
+        "code_commit": meta["code_commit"],
+        "training_fingerprint": meta["training_fingerprint"],
+        "retrain_command": retrain_command,
+        "config": json.loads(meta["config"]),
+        **(extra or {}),
+    }
+    atomic_write_json(record, path)
+    return path
+
+
+def release(ckpt_path, out_path, retrain_command: str, extra=None):
+    """Export a finished training checkpoint's EMA weights as a released baseline: ``out_path``
+    (safetensors) and its provenance ``<out>.json``. Returns (SHA-256, provenance path)."""
+    model, ckpt = load_ema(ckpt_path)
+    losses = ckpt["loss_history"][-100:]
+    meta = save_weights(out_path, model.state_dict(), ckpt["config"], ckpt["training_inputs"], ckpt["step"],
+                        ckpt.get("train_seconds") or 0.0, sum(losses) / max(1, len(losses)))
+    prov = write_provenance(out_path, meta, retrain_command, extra)
+    return sha256_file(out_path), prov
+
+
+def load_any(path, device="cpu"):
+    """(model, info) from a baseline weights file (.safetensors) or a finished training checkpoint (.pt)."""
+    if path.endswith(".safetensors"):
+        return load_weights(path, device)
+    model, ckpt = load_ema(path, device)
+    return model, {"step": str(ckpt["step"]), "config": json.dumps(ckpt["config"])}

@@ -1,0 +1,157 @@
+"""DDPM training of the U-Net with an EMA copy, atomic checkpoints and exact resume."""
+import copy
+import math
+import os
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from ..core.config import to_dict
+from ..core.errors import UserError
+from ..core.storage import atomic_torch_save, fingerprint, load_torch
+from .baseline import save_weights
+from .checkpoint import check_checkpoint_matches, training_inputs
+from .model import build_unet
+from .schedule import NoiseSchedule
+
+
+class NonFiniteLossError(UserError, RuntimeError):
+    """The loss or the weights became NaN/inf; nothing after the last good checkpoint is saved."""
+
+
+def total_steps(train_cfg, n_train: int) -> int:
+    if train_cfg.max_steps is not None:
+        return train_cfg.max_steps
+    return train_cfg.epochs * math.ceil(n_train / train_cfg.batch_size)
+
+
+def _step_rng(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 7_919 + step)
+
+
+def _batch_indices(seed: int, step: int, n: int, batch: int) -> torch.Tensor:
+    """Indices of ``step``'s batch: epoch-wise permutations, so resume replays the same order."""
+    per_epoch = math.ceil(n / batch)
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 104_729 + epoch))
+    return perm[k * batch: (k + 1) * batch]
+
+
+def _ema_decay(train_cfg, step: int) -> float:
+    if train_cfg.ema_warmup:
+        return min(train_cfg.ema_decay, (1 + step) / (10 + step))
+    return train_cfg.ema_decay
+
+
+def lr_at(train_cfg, step: int, steps: int) -> float:
+    """Learning rate of ``step``: a pure function of the step, so a resumed run follows the same curve."""
+    lr = train_cfg.lr
+    if train_cfg.warmup_steps and step < train_cfg.warmup_steps:
+        return lr * (step + 1) / train_cfg.warmup_steps
+    if train_cfg.lr_schedule == "cosine":
+        done = (step - train_cfg.warmup_steps) / max(1, steps - train_cfg.warmup_steps)
+        lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+    return lr
+
+
+def _checkpoint(cfg, model, ema, opt, step, steps, finished, losses):
+    return {
+        "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+        "step": step, "total_steps": steps, "finished": finished, "config": to_dict(cfg),
+        "training_inputs": training_inputs(cfg), "fingerprint": fingerprint(training_inputs(cfg)),
+        "loss_history": losses,
+    }
+
+
+def _remedy(train_cfg) -> str:
+    if train_cfg.grad_clip:
+        return f"Lower train.lr (now {train_cfg.lr:g}; train.grad_clip={train_cfg.grad_clip:g} is already set)."
+    return f"Lower train.lr (now {train_cfg.lr:g}) or set train.grad_clip (e.g. 1.0)."
+
+
+def _check_finite(model, step, train_cfg):
+    """A finite loss can still follow a step that broke the weights; never save those."""
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise NonFiniteLossError(f"weights became non-finite by step {step} ({bad[0]} and {len(bad) - 1} more); "
+                                 f"not saved. {_remedy(train_cfg)}")
+
+
+def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, progress=True):
+    """Train (or resume) and write ``ckpt_path``; returns (ema model in eval mode, checkpoint dict).
+
+    x_train: (N, 1, S, S) float32 in [-1, 1] on the CPU.
+    """
+    torch.manual_seed(cfg.run.seed)
+    schedule = NoiseSchedule.from_config(cfg.diffusion)
+    model = build_unet(cfg.model, cfg.diffusion.timesteps).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
+    opt = opt_cls(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    steps = total_steps(cfg.train, len(x_train))
+    start, losses, seconds_before = 0, [], 0.0
+    if resume and os.path.exists(ckpt_path):
+        ckpt = load_torch(ckpt_path, "start over with simplediffusion.py --retrain", map_location=device)
+        check_checkpoint_matches(ckpt, cfg, ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["optimizer"])
+        start, losses = ckpt["step"], ckpt["loss_history"]
+        seconds_before = ckpt.get("train_seconds", 0.0)
+        print(f"resuming {ckpt_path} at step {start}/{steps}")
+    model.train()
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train", disable=not progress)
+    t0, running = time.time(), None
+    for step in bar:
+        idx = _batch_indices(cfg.run.seed, step, len(x_train), cfg.train.batch_size)
+        gen = _step_rng(cfg.run.seed, step)
+        x0 = x_train[idx]
+        t = torch.randint(0, schedule.timesteps, (len(idx),), generator=gen)
+        eps = torch.randn(x0.shape, generator=gen)
+        torch.manual_seed(cfg.run.seed * 31 + step)  # dropout mask, replayable on resume
+        with autocast:
+            loss = schedule.p_losses(model, x0.to(device), t.to(device), eps.to(device), cfg.train.min_snr_gamma)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss became {loss.item()} at step {step}; {ckpt_path} keeps the last checkpoint written "
+                f"before it (if any), nothing later. {_remedy(cfg.train)}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(cfg.train, step, steps)
+        if cfg.train.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            d = _ema_decay(cfg.train, step)
+            torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - d)
+        value = loss.item()
+        running = value if running is None else 0.98 * running + 0.02 * value
+        losses.append(value)
+        bar.set_postfix(loss=f"{running:.4f}")
+        if cfg.train.snapshot_every and (step + 1) % cfg.train.snapshot_every == 0:
+            save_snapshot(cfg, ema, ckpt_path, step + 1, seconds_before + time.time() - t0, running)
+        if (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < steps:
+            _check_finite(model, step, cfg.train)
+            ckpt = _checkpoint(cfg, model, ema, opt, step + 1, steps, False, losses)
+            ckpt["train_seconds"] = seconds_before + time.time() - t0  # summed over resumed sessions
+            atomic_torch_save(ckpt, ckpt_path)
+    bar.close()
+    _check_finite(model, steps - 1, cfg.train)
+    ckpt = _checkpoint(cfg, model, ema, opt, steps, steps, True, losses)
+    ckpt["train_seconds"] = seconds_before + time.time() - t0
+    atomic_torch_save(ckpt, ckpt_path)
+    return ema, ckpt
+
+
+def snapshot_dir(ckpt_path: str) -> str:
+    return os.path.join(os.path.dirname(ckpt_path), "snapshots")
+
+
+def save_snapshot(cfg, ema, ckpt_path, step, seconds, loss):
+    """EMA weights at ``step`` in the baseline weights format (``common.diffusion.baseline``), for learning curves."""
+    path = os.path.join(snapshot_dir(ckpt_path), f"ema_step{step:07d}.safetensors")
+    save_weights(path, ema.state_dict(), cfg, training_inputs(cfg), step, seconds, loss)
+    return path

@@ -1,0 +1,335 @@
+"""Evaluate one model variant the same way as every other: paired samples, FID/IS, classifier metrics.
+
+All variants of a run sample from identical noise (``diffusion.sample`` seeds every batch from
+(seed, batch index) only), so the fp32 baseline's samples of the same seed are the paired
+reference for ``paired_mse_vs_fp32``. Results land in ``runs/<run>/<variant>/metrics.json``.
+"""
+import os
+import time
+
+import numpy as np
+import torch
+
+from ..core import lock, storage
+from ..core.cli import command
+from ..core.config import to_dict
+from ..core.errors import StaleArtifactError
+from ..diffusion.data import mnist_tensor, to_uint8
+from ..diffusion.samplers import build_sampler, sample
+from ..diffusion.schedule import NoiseSchedule
+from . import metrics
+from .grids import save_grid
+
+MB = 2 ** 20  # the poster's "MB" is MiB: 35,178,689 fp32 weights = 134.2 MB
+_CACHE = {}  # per-process: Inception network, classifier, reference features
+
+
+def variant_dir(cfg, variant: str) -> str:
+    return os.path.join(storage.run_dir(cfg), variant)
+
+
+def eval_inputs(cfg) -> dict:
+    """Everything besides the weights that decides a variant's metrics."""
+    return {"sample": to_dict(cfg.sample), "eval": to_dict(cfg.eval), "diffusion": to_dict(cfg.diffusion),
+            "image_size": cfg.data.image_size}
+
+
+def eval_fingerprint(cfg) -> str:
+    return storage.fingerprint(eval_inputs(cfg))
+
+
+def result_fingerprint(cfg, weights_id: str, extra=None) -> str:
+    """What a variant's metrics.json was computed from: evaluation settings, weights, strategy."""
+    return storage.fingerprint({"eval": eval_inputs(cfg), "weights": weights_id, "extra": extra})
+
+
+def reusable(cfg, path: str, fingerprint: str, force: bool, quantized_path=None):
+    """The results in metrics.json ``path`` if they may be reused, else None (nothing there, or ``force``).
+
+    Reuse needs the same ``fingerprint`` and, for a quantized variant, the file ``quantized_path`` with
+    exactly the bytes the results were computed from (``quantized_sha256``). Results of another
+    configuration, a corrupt metrics.json or a missing / truncated / replaced quantized file are an
+    error naming the file and the command that recomputes (``--force``), which also recovers all three.
+    """
+    if not os.path.exists(path):
+        return None
+    rerun = f"recompute with `{command(cfg, None, '--force')}`"
+    try:
+        old = storage.load_json(path, rerun)
+    except storage.CorruptFileError:
+        if not force:
+            raise
+        print(f"[eval] --force: {path} is corrupt; removing it and recomputing")
+        os.remove(path)
+        return None
+    if old.get("fingerprint") != fingerprint:
+        if not force:
+            raise StaleArtifactError(
+                f"{path} holds results of a different configuration (fingerprint {old.get('fingerprint')} != "
+                f"{fingerprint}); overwrite them with `{command(cfg, None, '--force')}`, or add "
+                f"--set run.name=<new name> to keep both")
+        return None
+    if force:
+        return None
+    if quantized_path is not None:
+        check_recorded_file(path, old, quantized_path, rerun)
+    return old
+
+
+def check_recorded_file(metrics_path: str, result: dict, quantized_path: str, rerun: str):
+    """Error unless ``quantized_path`` is the file whose SHA-256 ``result`` (from ``metrics_path``) recorded."""
+    want = result.get("quantized_sha256")
+    if want is None:
+        raise StaleArtifactError(f"{metrics_path} records no quantized_sha256 (written before files were "
+                                 f"hashed), so {quantized_path} cannot be verified; {rerun}")
+    if not os.path.exists(quantized_path):
+        raise FileNotFoundError(f"{quantized_path} is missing but {metrics_path} was computed from it; {rerun}")
+    if storage.sha256_file(quantized_path) != want:
+        raise storage.CorruptFileError(
+            f"{quantized_path} ({os.path.getsize(quantized_path):,} bytes) is not the file {metrics_path} was "
+            f"computed from (SHA-256 differs: truncated, corrupt or replaced); {rerun}")
+
+
+# ----------------------------------------------------------------------------- references
+def reference_images(cfg) -> torch.Tensor:
+    """The first ``eval.ref_n_images`` MNIST training images as uint8 (N, 1, S, S), padded like samples."""
+    x, _ = mnist_tensor(cfg.data, "train", limit=cfg.eval.ref_n_images)
+    if len(x) < cfg.eval.ref_n_images:
+        raise ValueError(f"eval.ref_n_images={cfg.eval.ref_n_images} but only {len(x)} training images exist")
+    return to_uint8(x)
+
+
+def _cached_features(cfg, kind: str, tag: str, compute):
+    """Features of the reference images, cached on disk with their provenance."""
+    ref_key = ("ref_images", cfg.data.root, cfg.eval.ref_n_images, cfg.data.image_size)
+    if ref_key not in _CACHE:
+        images = reference_images(cfg)
+        _CACHE[ref_key] = images, metrics.tensor_digest(images)
+    # Keyed by the images' bytes, so another data root never reuses features of different images.
+    images, data_tag = _CACHE[ref_key]
+    key = (kind, tag, data_tag)
+    if key in _CACHE:
+        return _CACHE[key]
+    path = os.path.join(cfg.run.cache_dir, f"ref_{kind}_{tag}_n{cfg.eval.ref_n_images}_s{cfg.data.image_size}"
+                                           f"_d{data_tag}.pt")
+    blob = storage.load_cache(path, f"reference {kind} features")
+    if blob is not None:
+        print(f"[eval] reusing reference {kind} features {path}")
+    else:
+        t0 = time.time()
+        feats = compute(images)
+        blob = {"features": torch.from_numpy(feats), "provenance": {  # a tensor: loadable without pickle
+            "images": f"MNIST train[:{cfg.eval.ref_n_images}], 28x28 zero-padded to {cfg.data.image_size}",
+            "backbone": tag, "seconds": round(time.time() - t0, 1)}}
+        storage.atomic_torch_save(blob, path)
+        print(f"[eval] reference {kind} features ({cfg.eval.ref_n_images} images) -> {path}")
+    blob["features"] = blob["features"].numpy()
+    _CACHE[key] = blob
+    return blob
+
+
+def classifier(cfg, progress=True):
+    key = ("clf", cfg.run.cache_dir, storage.fingerprint({"data": to_dict(cfg.data),
+                                                           "clf": to_dict(cfg.eval.classifier)}))
+    if key not in _CACHE:
+        _CACHE[key] = metrics.load_or_train_classifier(cfg.run.cache_dir, cfg.data, cfg.eval.classifier, progress)
+    return _CACHE[key]
+
+
+def inception(cfg, device):
+    if "inception" not in _CACHE:
+        net = metrics.load_inception(cfg.eval.inception_weights, device)
+        if net.fc is None:
+            print("[eval] " + metrics.IS_UNAVAILABLE)
+        _CACHE["inception"] = net
+    return _CACHE["inception"]
+
+
+# ----------------------------------------------------------------------------- one variant
+def _kid_over_seeds(means, stds):
+    """KID over seeds: mean of the seeds' KIDs; std across seeds, or a single seed's subset std."""
+    mean, std = _mean_std(means)
+    if mean is not None and std is None:
+        std = next(s for m, s in zip(means, stds, strict=True) if m is not None)
+    return mean, std
+
+
+def _mean_std(values):
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None
+    return float(np.mean(vals)), (float(np.std(vals, ddof=1)) if len(vals) > 1 else None)  # sample std
+
+
+def evaluate_seed(cfg, images_u8, device, progress=True) -> dict:
+    """Metrics of one seed's samples (uint8 (N, 1, S, S))."""
+    clf, clf_info = classifier(cfg, progress)
+    ref = _cached_features(cfg, "classifier", os.path.basename(clf_info["path"])[:-3],
+                           lambda imgs: metrics.classifier_outputs(clf, imgs)[0])
+    feats, probs = metrics.classifier_outputs(clf, images_u8)
+    clf_kid, clf_kid_std = metrics.kernel_distance(feats, ref["features"])
+    out = {"clf_fid": metrics.frechet_from_features(feats, ref["features"]),
+           "clf_kid": clf_kid, "clf_kid_std": clf_kid_std,
+           "clf_is": metrics.classifier_score(probs),
+           "class_histogram": torch.bincount(probs.argmax(1), minlength=10).tolist(),
+           "fid": None, "kid": None, "kid_std": None, "is_mean": None, "is_std": None}
+    if cfg.eval.inception:
+        net = inception(cfg, device)
+        bs = cfg.eval.inception_batch_size
+        tag = f"{net.source.split(':')[0]}-{metrics.file_tag(net.weights_file)}"
+        ref_i = _cached_features(cfg, "inception", tag,
+                                 lambda imgs: metrics.inception_features(net, imgs, bs, device, progress)[0])
+        n = cfg.eval.inception_n_images or len(images_u8)
+        f, logits = metrics.inception_features(net, images_u8[:n], bs, device, progress)
+        out["fid"] = metrics.frechet_from_features(f, ref_i["features"])
+        out["kid"], out["kid_std"] = metrics.kernel_distance(f, ref_i["features"])
+        if logits is not None:
+            out["is_mean"], out["is_std"] = metrics.inception_score(logits)
+    return out
+
+
+def evaluate_variant(cfg, variant: str, model, size: dict, device, weights_id: str, force=False,
+                     progress=True, extra=None, quantized_path=None) -> dict:
+    """Sample ``model`` for every seed in ``eval.seeds`` and write ``<variant>/metrics.json``.
+
+    size: {"size_bytes", "quantized_fraction", ...} of the stored weights; weights_id: a hash that
+    identifies the weights (the checkpoint's SHA-256, or ``quantize.stored_digest``), part of the
+    fingerprint so stale results are caught; extra: recorded in metrics.json and fingerprinted too,
+    with ``checkpoint_sha256`` naming the checkpoint the weights came from (checked against fp32's);
+    quantized_path: the file ``model`` was loaded from, whose SHA-256 metrics.json records
+    (``quantized_sha256``) and reuse verifies. The variant's folder is locked meanwhile (``common.core.lock``).
+    """
+    out_dir = variant_dir(cfg, variant)
+    with lock.hold(out_dir):
+        return _evaluate_variant(cfg, variant, model, size, device, weights_id, force, progress, extra,
+                                 quantized_path)
+
+
+def _evaluate_variant(cfg, variant, model, size, device, weights_id, force, progress, extra, quantized_path):
+    out_dir = variant_dir(cfg, variant)
+    path = os.path.join(out_dir, "metrics.json")
+    fp = result_fingerprint(cfg, weights_id, extra)
+    old = reusable(cfg, path, fp, force, quantized_path)
+    if old is not None:
+        print(f"[{variant}] reusing {path}")
+        return old
+    t0 = time.time()
+    schedule = NoiseSchedule.from_config(cfg.diffusion)
+    sampler = build_sampler(cfg.sample, schedule)
+    shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
+    per_seed = {}
+    for seed in cfg.eval.seeds:
+        x = sample(model, sampler, cfg.eval.n_images, shape, seed, cfg.sample.batch_size, device,
+                   channels_last=cfg.sample.channels_last, progress=progress, desc=f"{variant} seed {seed}")
+        x01 = (x.clamp(-1, 1) + 1) / 2
+        storage.atomic_torch_save(x01, os.path.join(out_dir, f"samples_seed{seed}.pt"))
+        r = evaluate_seed(cfg, to_uint8(x), device, progress)
+        r["samples_sha256"] = metrics.tensor_digest(x01)  # ties samples_seed<k>.pt to these metrics
+        r["paired_mse_vs_fp32"] = paired_mse(cfg, variant, seed, x01, (extra or {}).get("checkpoint_sha256"))
+        per_seed[str(seed)] = r
+        if seed == cfg.eval.seeds[0]:
+            save_grid(to_uint8(x[:cfg.sample.grid_images]).float() / 255, os.path.join(out_dir, "samples.png"))
+    result = summarize_seeds(cfg, variant, per_seed, size)
+    result["wall_seconds"] = round(time.time() - t0, 1)
+    result["fingerprint"] = fp
+    result["eval_fingerprint"] = eval_fingerprint(cfg)
+    result["weights_id"] = weights_id
+    if quantized_path is not None:  # the exact file these numbers come from, verified on every reuse
+        result["quantized_file"] = os.path.basename(quantized_path)
+        result["quantized_sha256"] = storage.sha256_file(quantized_path)
+    result["command"] = command(cfg)  # what made it, and with --force what remakes it
+    if extra:
+        result.update(extra)
+    storage.atomic_write_json(result, path)
+    print(f"[{variant}] " + one_line(result) + f" -> {path}")
+    return result
+
+
+def paired_mse(cfg, variant, seed, x01, checkpoint_sha256):
+    """Mean squared [0, 1]-pixel difference to the fp32 baseline's samples under the same noise.
+
+    The reference must be the fp32 evaluation of the same checkpoint with the same evaluation settings.
+    """
+    if variant == "fp32":
+        return 0.0
+    ref_dir = variant_dir(cfg, "fp32")
+    ref_path = os.path.join(ref_dir, f"samples_seed{seed}.pt")
+    ref_metrics = os.path.join(ref_dir, "metrics.json")
+    redo = f"re-evaluate fp32 first: `{command(cfg, 'simplediffusion.py', '--force')}`"
+    if not (os.path.exists(ref_path) and os.path.exists(ref_metrics)):
+        raise FileNotFoundError(f"{ref_path} missing: evaluate the fp32 baseline first: "
+                                f"`{command(cfg, 'simplediffusion.py')}`")
+    info = storage.load_json(ref_metrics, redo)
+    if (info.get("eval_fingerprint"), info.get("checkpoint_sha256")) != (eval_fingerprint(cfg), checkpoint_sha256):
+        raise StaleArtifactError(f"{ref_dir} holds fp32 samples of another checkpoint or other evaluation settings: "
+                                 f"{redo} or use another run.name")
+    ref = storage.load_torch(ref_path, redo)
+    if ref.shape != x01.shape:
+        raise StaleArtifactError(f"{ref_path} has shape {tuple(ref.shape)}, this variant {tuple(x01.shape)}: "
+                                 f"re-evaluate fp32 with the same eval settings (--force)")
+    expected = info.get("per_seed", {}).get(str(seed), {}).get("samples_sha256")
+    if expected != metrics.tensor_digest(ref):
+        raise StaleArtifactError(f"{ref_path} is not the file fp32's metrics.json was computed from "
+                                 f"(samples hash differs): {redo}")
+    return float((x01 - ref).pow(2).mean())
+
+
+def summarize_seeds(cfg, variant, per_seed: dict, size: dict) -> dict:
+    rows = list(per_seed.values())
+    fid, fid_std = _mean_std([r["fid"] for r in rows])
+    clf_fid, clf_fid_std = _mean_std([r["clf_fid"] for r in rows])
+    clf_is, clf_is_std = _mean_std([r["clf_is"] for r in rows])
+    kid, kid_std = _kid_over_seeds([r.get("kid") for r in rows], [r.get("kid_std") for r in rows])
+    clf_kid, clf_kid_std = _kid_over_seeds([r["clf_kid"] for r in rows], [r["clf_kid_std"] for r in rows])
+    mse, mse_std = _mean_std([r["paired_mse_vs_fp32"] for r in rows])
+    if len(rows) > 1:  # spread across seeds; with one seed, the usual 10-split std
+        is_mean, is_std = _mean_std([r["is_mean"] for r in rows])
+    else:
+        is_mean, is_std = rows[0]["is_mean"], rows[0]["is_std"]
+    fp32_bytes = size["fp32_bytes"]
+    net = _CACHE.get("inception")
+    clf_info = classifier(cfg, progress=False)[1]  # the cached one evaluate_seed used
+    return {
+        "variant": variant,
+        "fid": fid, "fid_std": fid_std, "is_mean": is_mean, "is_std": is_std,
+        "clf_fid": clf_fid, "clf_fid_std": clf_fid_std, "clf_is": clf_is, "clf_is_std": clf_is_std,
+        "kid": kid, "kid_std": kid_std, "clf_kid": clf_kid, "clf_kid_std": clf_kid_std,
+        "kid_note": "KID: unbiased MMD^2, cubic polynomial kernel (torch-fidelity); per seed mean/std over 100 "
+                    "subsets of min(1000, n) images; here mean over seeds, std = spread over seeds (one seed: "
+                    "its subset std)",
+        "paired_mse_vs_fp32": mse, "paired_mse_std": mse_std,
+        "size_bytes": size["size_bytes"], "size_mb": size["size_bytes"] / MB, "fp32_size_mb": fp32_bytes / MB,
+        "reduction_pct": 100.0 * (1 - size["size_bytes"] / fp32_bytes),
+        "quantized_fraction": size["quantized_fraction"],
+        "size": size,
+        "n_images": cfg.eval.n_images,
+        "inception_n_images": (cfg.eval.inception_n_images or cfg.eval.n_images) if cfg.eval.inception else 0,
+        "ref_n_images": cfg.eval.ref_n_images,
+        "seeds": list(cfg.eval.seeds),
+        "sampler": cfg.sample.sampler, "sampling_steps": len(build_sampler(
+            cfg.sample, NoiseSchedule.from_config(cfg.diffusion)).timesteps),
+        "inception_weights": net.source if (net is not None and cfg.eval.inception) else None,
+        "is_note": None if is_mean is not None else (metrics.IS_UNAVAILABLE if cfg.eval.inception
+                                                     else "eval.inception is false"),
+        "classifier_test_accuracy": clf_info["test_accuracy"],
+        "class_histogram": [int(sum(c)) for c in zip(*[r["class_histogram"] for r in rows], strict=True)],
+        "per_seed": per_seed,
+        "size_unit": "MB = 2^20 bytes (the poster's 134.2 MB for 35.18 M fp32 weights)",
+    }
+
+
+def _fmt(v, std=None, digits=3):
+    if v is None:
+        return "n/a"
+    s = f"{v:.{digits}f}"
+    return s + (f"±{std:.{digits}f}" if std is not None else "")
+
+
+def one_line(r: dict) -> str:
+    return (f"FID {_fmt(r['fid'], r.get('fid_std'), 2)}  KID {_fmt(r.get('kid'), r.get('kid_std'), 4)}  "
+            f"IS {_fmt(r['is_mean'], None, 2)}  "
+            f"clf-FID {_fmt(r['clf_fid'], r.get('clf_fid_std'), 2)}  "
+            f"clf-KID {_fmt(r.get('clf_kid'), r.get('clf_kid_std'), 4)}  "
+            f"clf-IS {_fmt(r['clf_is'], r.get('clf_is_std'), 2)}  "
+            f"paired-MSE {_fmt(r['paired_mse_vs_fp32'], None, 6)}  size {r['size_mb']:.3f} MB "
+            f"(-{r['reduction_pct']:.1f}%)  [{r['n_images']} images x seeds {r['seeds']}]")

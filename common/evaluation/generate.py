@@ -1,0 +1,140 @@
+"""Images from any weights file on any execution backend (what ``sample.py`` runs).
+
+``load_weights`` reads a baseline or a variant: a training checkpoint (``checkpoint.pt``, its EMA
+weights), a plain safetensors state dict (EMA snapshots, released weights; the architecture from its
+metadata or the config), or a ``quantized.safetensors``. ``build_runner`` turns it into a
+``backends.Runner``; ``generate`` samples it with the configured sampler and writes the images.
+"""
+import json
+import os
+import time
+
+import numpy as np
+import torch
+
+from ..core import storage
+from ..core.config import ModelConfig, to_dict
+from ..diffusion.checkpoint import load_ema
+from ..diffusion.data import to_uint8
+from ..diffusion.model import build_unet
+from ..diffusion.samplers import build_sampler, sample
+from ..diffusion.schedule import NoiseSchedule
+from ..quant import backends
+from ..quant.activations import load_act_quant
+from ..quant.container import META_KEY, load_quantized, read_quantized
+from .grids import save_grid
+
+
+def _arch_from_metadata(meta: dict):
+    """(ModelConfig, timesteps) recorded in a safetensors header, or None: a JSON ``config`` (the full
+    resolved config, nanoGPT-style) or JSON ``model`` plus ``timesteps``."""
+    try:
+        if "config" in meta:
+            full = json.loads(meta["config"])
+            return ModelConfig(**full["model"]), int(full["diffusion"]["timesteps"])
+        if "model" in meta:
+            return ModelConfig(**json.loads(meta["model"])), int(meta["timesteps"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    return None
+
+
+def load_weights(path: str, cfg, device="cpu"):
+    """(fp32 model in eval mode, stored entries or None, info dict) from any weights file.
+
+    ``stored`` is the quantized file's entries (what each tensor was stored as), None for fp32 weights.
+    A state dict that does not fit the architecture is an error naming the file and the config.
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} not found")
+    if os.path.basename(path) == "quantized.pt":
+        read_quantized(path)  # refuses the old pickle container, saying how to rewrite it
+    info = {"path": os.path.abspath(path), "sha256": storage.sha256_file(path)}
+    if path.endswith(".pt"):
+        model, _ = load_ema(path, device)
+        return model, None, {**info, "kind": "training checkpoint (EMA weights)"}
+    if not path.endswith(".safetensors"):
+        raise ValueError(f"{path}: expected a .safetensors file (quantized or a state dict) or a checkpoint .pt")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as fh:
+            meta = fh.metadata() or {}
+    except SafetensorError as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    if META_KEY in meta:
+        model, blob = load_quantized(path, device)
+        return model, blob["tensors"], {**info, "kind": "quantized", "provenance": blob["provenance"]}
+    from safetensors.torch import load_file
+
+    arch = _arch_from_metadata(meta)
+    model_cfg, timesteps = arch or (cfg.model, cfg.diffusion.timesteps)
+    model = build_unet(model_cfg, timesteps)
+    try:
+        model.load_state_dict(load_file(path))
+    except RuntimeError as e:
+        where = "its metadata" if arch else f"the config {cfg.source} (model section, diffusion.timesteps)"
+        raise ValueError(f"{path}: the state dict does not fit the architecture from {where}: "
+                         f"{str(e).splitlines()[0]} ... pass the config it was trained with") from None
+    return (model.to(device).eval().requires_grad_(False), None,
+            {**info, "kind": "state dict", "architecture_from": "metadata" if arch else cfg.source})
+
+
+def build_runner(cfg, model, stored, backend: str, device, batch_size: int, compile_model=None, progress=True):
+    """``backends.prepare`` with this config's sampler for int8 calibration (``backend.calib_*``)."""
+    shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
+    calib = None
+    if backend == "int8":
+        sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
+        calib = backends.calibration_inputs(model, sampler, cfg.backend.calib_images, shape, cfg.backend.calib_seed,
+                                            cfg.backend.calib_steps, progress)
+    if compile_model is None:
+        compile_model = cfg.backend.compile
+    return backends.prepare(model, stored, backend, device, calib=calib, batch_size=batch_size,
+                            compile_model=compile_model, warmup_shape=(batch_size, *shape))
+
+
+def generate(cfg, path: str, backend: str, n: int, seed: int, out_dir: str, device="cpu", progress=True) -> dict:
+    """Sample ``n`` images of ``path`` on ``backend`` and write ``out_dir``/{samples.png, samples.npz, sample.json}.
+
+    samples.npz: ``images`` uint8 (n, C, S, S) as the PNG holds them, ``x`` float32 (n, C, S, S) in model space
+    (unclamped, about [-1, 1]). The noise depends only on (seed, batch), as in evaluation, so two backends or
+    variants sampled with the same seed and batch size are paired.
+    """
+    model, stored, info = load_weights(path, cfg, device)
+    act_path = os.path.join(os.path.dirname(path), "act_quant.safetensors")
+    if stored is not None and os.path.exists(act_path):  # a variant of act_quant.py: activations quantized too
+        if backend != "dequant":
+            raise ValueError(f"{act_path}: this variant quantizes activations as well; its activation quantizers "
+                             f"(per-layer bits, per-timestep-group ranges) run only as fake quantization, on "
+                             f"--backend dequant. The bf16 / int8 backends choose activation precision themselves "
+                             f"(bf16; uint8 calibrated by PT2E), so they would not run this variant's plan")
+
+        load_act_quant(act_path)[0].attach(model)
+        info["act_quant"] = {"path": os.path.abspath(act_path), "sha256": storage.sha256_file(act_path)}
+    batch = min(n, cfg.sample.batch_size)
+    runner = build_runner(cfg, model, stored, backend, device, batch, progress=progress)
+    del model  # only the runner's own weights stay resident
+    sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
+    shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
+    t0 = time.perf_counter()
+    x = sample(runner, sampler, n, shape, seed, batch, device, progress=progress, desc=f"sampling ({backend})")
+    seconds = time.perf_counter() - t0
+    images = to_uint8(x)
+    os.makedirs(out_dir, exist_ok=True)
+    save_grid(images[:cfg.sample.grid_images].float() / 255, os.path.join(out_dir, "samples.png"))
+    storage.atomic_write_bytes(_npz(images=images.numpy(), x=x.numpy()), os.path.join(out_dir, "samples.npz"))
+    result = {"source": info, "n": n, "seed": seed, "batch_size": batch, "sampler": to_dict(cfg.sample),
+              "sampling_steps": len(sampler.timesteps), "sampling_seconds": round(seconds, 2),
+              "images_per_second": round(n / seconds, 2), **runner.summary(), "precision": runner.precision,
+              "threads": torch.get_num_threads(), "torch": torch.__version__}
+    storage.atomic_write_json(result, os.path.join(out_dir, "sample.json"))
+    return result
+
+
+def _npz(**arrays) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()

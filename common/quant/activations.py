@@ -1,0 +1,272 @@
+"""Activation fake-quantization on the inputs of conv / transposed-conv / linear modules.
+
+A b-bit uniform quantizer maps x to integer codes q = clamp(round(x / s) + z, qmin, qmax) and back to
+x_hat = (q - z) * s:
+
+* asymmetric: [qmin, qmax] = [0, 2^b - 1]; the range [lo, hi] is widened to include 0 (zero padding and
+  ReLU zeros stay exact), s = (hi - lo) / (2^b - 1), z = round(-lo / s);
+* symmetric: [qmin, qmax] = [-(2^(b-1) - 1), 2^(b-1) - 1], z = 0, s = max(|lo|, |hi|) / qmax (the
+  weight quantizer's convention in ``common.quant.formats``).
+
+Granularity: per tensor with calibrated ranges, where the input of a module that consumes a skip
+concatenation may be split into its two channel slices with a range each (Q-Diffusion's shortcut
+splitting); or per token, dynamic (each row of an attention projection's (B, L, C) input gets the range of
+its own values at run time). Calibrated ranges may differ per timestep group (TFMQ-style intervals):
+group g = t * G // T of the timestep t being denoised. A forward pre-hook on the U-Net itself reads its
+``t`` argument, so every sample of a batch uses the ranges of its own timestep.
+"""
+import hashlib
+import json
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..core.storage import atomic_save_safetensors
+from ..diffusion.model import Attention
+from ..diffusion.schedule import bucket_edges
+
+QUANTIZABLE = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+FIRST, LAST = "shallow_conv", "output_conv"  # the U-Net's first and last conv
+FILE_FORMAT, FILE_VERSION = "laqfi-act-quant", "1"
+
+
+def int_range(bits: int, symmetric: bool):
+    """(qmin, qmax) of the integer codes."""
+    if symmetric:
+        q = 2 ** (bits - 1) - 1
+        return -q, q
+    return 0, 2 ** bits - 1
+
+
+def qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool):
+    """(scale float32, zero point int32) for ranges ``lo`` <= ``hi`` of any (equal) shape."""
+    qmin, qmax = int_range(bits, symmetric)
+    lo, hi = lo.float(), hi.float()
+    if symmetric:
+        scale = torch.maximum(lo.abs(), hi.abs()) / qmax
+    else:
+        lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+        scale = (hi - lo) / (qmax - qmin)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # an all-zero input: codes 0, not NaN
+    if symmetric:
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
+    return scale, torch.round(-lo / scale).clamp(qmin, qmax).to(torch.int32)
+
+
+def fake_quant(x, scale, zero_point, qmin: int, qmax: int):
+    """x_hat = (clamp(round(x / s) + z, qmin, qmax) - z) * s; ``scale``/``zero_point`` broadcast against x."""
+    z = zero_point.to(x.dtype)
+    return (torch.clamp(torch.round(x / scale) + z, qmin, qmax) - z) * scale
+
+
+def token_fake_quant(x, bits: int, symmetric: bool):
+    """Dynamic per-token quantization: each row of the last dimension uses the range of its own values."""
+    scale, zp = qparams(x.amin(-1, keepdim=True), x.amax(-1, keepdim=True), bits, symmetric)
+    return fake_quant(x, scale, zp, *int_range(bits, symmetric))
+
+
+@dataclass
+class LayerQuant:
+    """How one module's input is quantized.
+
+    ``scale``/``zero_point``: (G, P) per timestep group and channel part (None when per token);
+    ``split``: the channel where the second part starts (None: one part).
+    """
+    bits: int
+    symmetric: bool = False
+    granularity: str = "tensor"  # or "token" (dynamic, rows of the last dimension)
+    split: int | None = None
+    scale: torch.Tensor | None = None
+    zero_point: torch.Tensor | None = None
+
+    @classmethod
+    def from_ranges(cls, ranges, bits, symmetric=False, granularity="tensor", split=None):
+        """From calibrated ranges (G, P, 2) = lo, hi per group and part (unused when per token)."""
+        if granularity == "token":
+            return cls(bits, symmetric, "token", split)
+        scale, zp = qparams(ranges[..., 0], ranges[..., 1], bits, symmetric)
+        return cls(bits, symmetric, "tensor", split, scale, zp)
+
+    def apply(self, x, group):
+        """Fake-quantize x: conv input (B, C, H, W) or linear input (B, [L,] C); ``group`` (B,) long selects
+        each sample's parameters."""
+        if self.granularity == "token":
+            return token_fake_quant(x, self.bits, self.symmetric)
+        qmin, qmax = int_range(self.bits, self.symmetric)
+        shape = (-1,) + (1,) * (x.dim() - 1)  # per sample, broadcast over the rest
+        s, z = self.scale[group], self.zero_point[group]  # (B, P)
+        if self.split is None:
+            return fake_quant(x, s[:, 0].view(shape), z[:, 0].view(shape), qmin, qmax)
+        k = self.split
+        return torch.cat([fake_quant(x[:, :k], s[:, 0].view(shape), z[:, 0].view(shape), qmin, qmax),
+                          fake_quant(x[:, k:], s[:, 1].view(shape), z[:, 1].view(shape), qmin, qmax)], dim=1)
+
+    def to(self, device):
+        if self.scale is not None:
+            self.scale, self.zero_point = self.scale.to(device), self.zero_point.to(device)
+        return self
+
+
+def quantizable_modules(model: nn.Module) -> list:
+    """Names of every conv / transposed-conv / linear module, in module order."""
+    return [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
+
+
+def attention_projections(model: nn.Module) -> set:
+    """Names of the attention blocks' input and output projections (candidates for per-token ranges)."""
+    return {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, Attention) for p in ("proj1", "proj2")}
+
+
+def concat_splits(model: nn.Module) -> dict:
+    """{module name: channels of the upsampled part} for the modules whose input is a skip concatenation.
+
+    Up stage Layer{i+1} concatenates its output with the mirrored down stage's skip; the next stage's
+    ResBlock1.conv1 consumes it (after GroupNorm and ReLU, which keep the channels apart) and after the
+    last stage ``late_conv`` does.
+    """
+    n = model.num_layers
+    out = {}
+    for i in range(n // 2, n):
+        consumer = f"Layer{i + 2}.ResBlock1.conv1" if i + 1 < n else "late_conv"
+        out[consumer] = getattr(model, f"Layer{i + 1}").conv.out_channels
+    return out
+
+
+def group_of(t, groups: int, timesteps: int):
+    """Timestep group of each t: t * G // T (the buckets of ``fisher.bucket_edges``)."""
+    return (torch.as_tensor(t).long().reshape(-1) * groups // timesteps).clamp(0, groups - 1)
+
+
+class ActQuantizer:
+    """Hooks that fake-quantize the inputs of ``layers`` ({module name: LayerQuant}) and, with
+    ``softmax_bits``, the attention probabilities (unsigned, fixed range [0, 1], s = 1 / (2^b - 1)).
+
+    ``attach(model)`` installs them on a model whose forward is ``model(x, t)``; ``remove()`` takes them off.
+    """
+
+    def __init__(self, layers: dict, groups: int, timesteps: int, softmax_bits=None):
+        self.layers, self.groups, self.timesteps, self.softmax_bits = layers, groups, timesteps, softmax_bits
+        self.group = None
+        self._handles, self._unfused = [], []
+
+    def attach(self, model: nn.Module):
+        mods = dict(model.named_modules())
+        missing = sorted(set(self.layers) - set(mods))
+        if missing:
+            raise KeyError(f"activation quantizer names modules the model does not have: {missing[:3]}")
+        device = next(model.parameters()).device
+        self._handles.append(model.register_forward_pre_hook(self._see_t))
+        for name, lq in self.layers.items():
+            lq.to(device)
+            self._handles.append(mods[name].register_forward_pre_hook(
+                lambda mod, args, lq=lq: (lq.apply(args[0], self._group(args[0])), *args[1:])))
+        if self.softmax_bits:
+            for m in mods.values():
+                if isinstance(m, Attention):
+                    m.fused = False  # the fused kernel never materialises the probabilities
+                    self._unfused.append(m)
+                    self._handles.append(m.softmax.register_forward_hook(self._quant_probs))
+        return self
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+        for m in self._unfused:
+            m.fused = True
+        self._handles, self._unfused, self.group = [], [], None
+
+    def _see_t(self, module, args):
+        self.group = group_of(args[1], self.groups, self.timesteps).to(args[0].device)
+        if len(self.group) == 1 and len(args[0]) > 1:  # a scalar t for the whole batch
+            self.group = self.group.expand(len(args[0]))
+
+    def _group(self, x):
+        if self.group is None:
+            raise RuntimeError("activation quantizer saw no timestep: attach it to the model called as model(x, t)")
+        return self.group
+
+    def _quant_probs(self, module, args, out):
+        qmax = 2 ** self.softmax_bits - 1
+        return torch.clamp(torch.round(out * qmax), 0, qmax) / qmax
+
+
+def build_quantizer(ranges: dict, bits: dict, groups: int, timesteps: int, symmetric=False, token_layers=(),
+                    splits=None, softmax_bits=None) -> ActQuantizer:
+    """ActQuantizer from calibrated ``ranges`` {name: (G, P, 2)} and ``bits`` {name: b or None (float)}.
+
+    Modules in ``token_layers`` use dynamic per-token ranges; ``splits`` {name: channel} the two-part ranges.
+    """
+    splits = splits or {}
+    layers = {n: LayerQuant.from_ranges(ranges[n], b, symmetric, "token" if n in token_layers else "tensor",
+                                        splits.get(n))
+              for n, b in bits.items() if b is not None}
+    return ActQuantizer(layers, groups, timesteps, softmax_bits)
+
+
+# ----------------------------------------------------------------------------- file
+def _layer_meta(lq: LayerQuant) -> dict:
+    qmin, qmax = int_range(lq.bits, lq.symmetric)
+    return {"bits": lq.bits, "symmetric": lq.symmetric, "granularity": lq.granularity, "split": lq.split,
+            "qmin": qmin, "qmax": qmax}
+
+
+# Every key starts with "act." / "act_" so the file can be merged into a variant's weight file as it is.
+def _file_tensors(q: ActQuantizer) -> dict:
+    out = {}
+    for name, lq in q.layers.items():
+        if lq.granularity == "tensor":
+            out[f"act.{name}.scale"], out[f"act.{name}.zero_point"] = lq.scale.cpu(), lq.zero_point.cpu()
+    return out
+
+
+def _file_metadata(q: ActQuantizer) -> dict:
+    return {"act_format": FILE_FORMAT, "act_version": FILE_VERSION, "act_groups": str(q.groups),
+            "act_timesteps": str(q.timesteps), "act_group_edges": json.dumps(bucket_edges(q.timesteps, q.groups)),
+            "act_softmax_bits": json.dumps(q.softmax_bits),
+            "act_layers": json.dumps({n: _layer_meta(lq) for n, lq in q.layers.items()})}
+
+
+def quantizer_digest(q: ActQuantizer) -> str:
+    """SHA-256 over the parameters that decide the quantized activations (not the provenance)."""
+    h = hashlib.sha256(json.dumps(_file_metadata(q), sort_keys=True).encode())
+    for k, t in sorted(_file_tensors(q).items()):
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_act_quant(q: ActQuantizer, path: str, provenance: dict):
+    """Write ``act_quant.safetensors``: per tensor-granularity module ``act.<name>.scale`` (G, P) float32 and
+    ``act.<name>.zero_point`` (G, P) int32; string metadata ``act_layers`` (JSON: per-module bits / symmetric /
+    granularity / split / qmin / qmax), ``act_groups``, ``act_timesteps``, ``act_group_edges``,
+    ``act_softmax_bits``, ``act_provenance`` and ``act_format`` / ``act_version``.
+    A sample of timestep t uses row t * groups // timesteps; code = clamp(round(x / scale) + zero_point,
+    qmin, qmax), value = (code - zero_point) * scale; split modules use part 0 for channels [0, split)."""
+    atomic_save_safetensors(_file_tensors(q), path, {**_file_metadata(q), "act_provenance": json.dumps(provenance)})
+
+
+def load_act_quant(path: str):
+    """(ActQuantizer, provenance) rebuilt from an ``act_quant.safetensors`` file (no pickle)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as fh:
+        meta = fh.metadata() or {}
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    if meta.get("act_format") != FILE_FORMAT or meta.get("act_version") != FILE_VERSION:
+        raise ValueError(f"{path}: not a LAQFI activation-quantization file (act_format {meta.get('act_format')!r} "
+                         f"act_version {meta.get('act_version')!r}; expected {FILE_FORMAT!r} version {FILE_VERSION})")
+    groups = int(meta["act_groups"])
+    layers = {}
+    for name, m in json.loads(meta["act_layers"]).items():
+        lq = LayerQuant(m["bits"], m["symmetric"], m["granularity"], m["split"])
+        if lq.granularity == "tensor":
+            parts = 1 if lq.split is None else 2
+            for key in ("scale", "zero_point"):
+                t = tensors.get(f"act.{name}.{key}")
+                if t is None or tuple(t.shape) != (groups, parts):
+                    raise ValueError(f"{path}: tensor act.{name}.{key} missing or not of shape ({groups}, {parts})")
+            lq.scale, lq.zero_point = tensors[f"act.{name}.scale"], tensors[f"act.{name}.zero_point"]
+        layers[name] = lq
+    q = ActQuantizer(layers, groups, int(meta["act_timesteps"]), json.loads(meta["act_softmax_bits"]))
+    return q, json.loads(meta.get("act_provenance", "{}"))

@@ -1,0 +1,375 @@
+"""Execution backends: run a stored model in the precision its file promises, not only at its size.
+
+``prepare(model, stored, backend, ...)`` returns a ``Runner``, an ``nn.Module`` with the U-Net's call
+signature (x_t fp32 (B, C, H, W), t int64 (B,)) -> eps fp32 (B, C, H, W), so ``diffusion.sample`` drives any
+backend unchanged. ``model`` is the fp32 network holding the de-quantized values (``quantize.load_quantized``),
+``stored`` the file's entries (what the plan really stored; None = every tensor fp32, a baseline).
+
+What each tensor runs in (``Runner.precision`` says it per parameter):
+
+* ``dequant`` — the reference: fp32 weights holding the stored values, fp32 activations. Same numbers as the
+  plan; fp32 speed and memory.
+* ``bf16`` — every weight, buffer (the time table) and activation in bfloat16, eager or ``torch.compile``.
+  A tensor stored bf16 runs exactly; fp32/fp16/int8/int4 values are rounded to bf16 (8 significant bits), so
+  the tensors a plan keeps at fp32 lose their precision here (casting around them would cost more than it
+  saves at this model size).
+* ``fp16`` — the same in float16, CUDA only (CPUs have no fast fp16 kernels: measured ~17x slower than fp32).
+* ``int8`` — static W8A8 through PyTorch 2 export quantization (``torch.export`` -> torchao ``prepare_pt2e``
+  with ``X86InductorQuantizer`` -> calibration -> ``convert_pt2e`` -> ``torch.compile``, whose x86 passes
+  lower the quantize/dequantize patterns to oneDNN int8 convolutions and matmuls on VNNI). Only the
+  Conv2d / Linear weights the plan stored as *whole-tensor* int8 or int4 run int8, with the plan's own codes
+  and per-output-channel scales (int4 codes sit in int8 storage: exact); their input activations become
+  uint8 with one static scale per tensor from the calibration (that rounding is the backend's only new
+  error). The ConvTranspose2d up-samplers have no x86 int8 kernel; their (kernel 4, stride 2, padding 1)
+  geometry is rewritten as four 2x2 Conv2d, one per output phase (``SubPixelConvTranspose``: same sums,
+  same codes). Everything else keeps its stored values in fp32 compute: fp32/fp16/bf16 tensors and
+  element-masked tensors (one kernel cannot mix formats inside a tensor). The export has a dynamic batch
+  dimension; the compiled graph is specialised to ``batch_size`` and smaller batches are zero-padded to it
+  (samples are independent under static scales, so padding changes no result).
+"""
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..diffusion.samplers import sample
+
+BACKENDS = ("dequant", "bf16", "fp16", "int8")
+_DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Runner(nn.Module):
+    """eps_theta(x_t, t) on a backend: fp32 in, fp32 out, whatever runs inside.
+
+    ``precision``: {parameter name: what it runs as}; ``resident_bytes``: bytes of the weights, buffers and
+    constants the executed module holds (not the file), ``resident_by_dtype`` the same split by dtype;
+    ``prepare_seconds``: conversion + calibration + compilation; ``batch_size``: the batch a compiled int8
+    graph was specialised to (None = any).
+    """
+
+    def __init__(self, fn, backend, dtype, precision, resident: dict, prepare_seconds=0.0, batch_size=None,
+                 notes=(), min_batch=1):
+        super().__init__()
+        self.__dict__["fn"] = fn  # not a submodule: an exported graph refuses .eval()/.train()
+        self.backend, self.dtype, self.batch_size, self.min_batch = backend, dtype, batch_size, min_batch
+        self.precision, self.resident_by_dtype = precision, resident
+        self.resident_bytes = sum(resident.values())
+        self.prepare_seconds, self.notes = prepare_seconds, list(notes)
+
+    def train(self, mode=True):  # always inference; nothing inside has a train mode to switch
+        return self
+
+    def forward(self, x, t):
+        n = x.shape[0]
+        # A compiled int8 graph runs one batch shape, an exported one at least 2: pad with zeros, then drop.
+        want = self.batch_size or max(n, self.min_batch)
+        if n > want:
+            raise ValueError(f"batch of {n} but this {self.backend} runner was compiled for {want}")
+        if n < want:
+            x = torch.cat([x, x.new_zeros(want - n, *x.shape[1:])])
+            t = torch.cat([t, t.new_zeros(want - n)])
+        return self.fn(x.to(self.dtype), t)[:n].float()
+
+    def summary(self) -> dict:
+        """{what runs: number of parameters} and the JSON-able facts of this runner."""
+        counts = {}
+        for how in self.precision.values():
+            counts[how] = counts.get(how, 0) + 1
+        return {"backend": self.backend, "resident_bytes": self.resident_bytes,
+                "resident_by_dtype": self.resident_by_dtype,
+                "prepare_seconds": round(self.prepare_seconds, 2), "batch_size": self.batch_size,
+                "tensors_by_execution": dict(sorted(counts.items())), "notes": self.notes}
+
+
+def tensor_bytes(tensors) -> dict:
+    """{dtype name: bytes} of the distinct tensors (shared storage counted once)."""
+    seen, out = set(), {}
+    for t in tensors:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            key = str(t.dtype).replace("torch.", "")
+            out[key] = out.get(key, 0) + t.numel() * t.element_size()
+    return out
+
+
+def _held(module) -> dict:
+    return tensor_bytes(list(module.parameters()) + list(module.buffers()))
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of the distinct parameters and buffers a module holds."""
+    return sum(_held(module).values())
+
+
+def _formats(model, stored):
+    """{parameter: stored format}, with "masked" appended for element-granularity entries."""
+    if stored is None:
+        return {n: "fp32" for n, _ in model.named_parameters()}
+    return {n: e["format"] + (" masked" if "mask" in e else "") for n, e in stored.items()}
+
+
+# ----------------------------------------------------------------------------- floating point
+def _floating(model, stored, backend, device, compile_model):
+    dtype = _DTYPE[backend]
+    if backend == "fp16" and torch.device(device).type != "cuda":
+        raise ValueError("backend 'fp16' needs a CUDA device (CPU fp16 kernels are ~17x slower than fp32 here); "
+                         "use 'bf16' on a CPU")
+    if backend == "bf16" and torch.device(device).type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("backend 'bf16': this GPU has no bfloat16 support; use 'fp16'")
+    net = _copy(model).to(device=device, dtype=dtype)
+    fn = torch.compile(net) if compile_model else net
+    precision = {n: backend + (" (exact)" if f == backend else f" (rounded from {f})")
+                 for n, f in _formats(model, stored).items()}
+    return Runner(fn, backend, dtype, precision, _held(net), notes=["torch.compile"] if compile_model else [])
+
+
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------- int8 (PT2E)
+class SubPixelConvTranspose(nn.Module):
+    """ConvTranspose2d(kernel 4, stride 2, padding 1) as four 2x2 convolutions, one per output phase,
+    interleaved; exactly the same sums, but each is an ordinary Conv2d, which has an x86 int8 kernel.
+
+    In 1-D, output 2m takes x[m-1]*W[3] + x[m]*W[1] and output 2m+1 takes x[m]*W[2] + x[m+1]*W[0]; so
+    phase p correlates the (once zero-padded) input with the taps ``TAPS[p]``. Each phase weight is a
+    slice of the transposed-conv weight (in, out, 4, 4), so its per-output-channel int8 codes and scales
+    are the plan's own.
+    """
+    TAPS = ((3, 1), (2, 0))  # kernel index of tap a in the even / odd output phase
+
+    def __init__(self, ct: nn.ConvTranspose2d):
+        super().__init__()
+        self.phases = nn.ModuleList()
+        for w in self.phase_weights(ct.weight.detach()):
+            conv = nn.Conv2d(w.shape[1], w.shape[0], 2, bias=ct.bias is not None)
+            conv.weight = nn.Parameter(w, requires_grad=False)
+            if ct.bias is not None:
+                conv.bias = nn.Parameter(ct.bias.detach().clone(), requires_grad=False)
+            self.phases.append(conv)
+
+    @classmethod
+    def phase_weights(cls, w: torch.Tensor) -> list:
+        """(in, out, 4, 4) -> four (out, in, 2, 2) weights, phases (0,0), (0,1), (1,0), (1,1)."""
+        return [w[:, :, list(cls.TAPS[py])][:, :, :, list(cls.TAPS[px])].transpose(0, 1).contiguous()
+                for py in (0, 1) for px in (0, 1)]
+
+    @staticmethod
+    def fits(ct: nn.ConvTranspose2d) -> bool:
+        return (ct.kernel_size, ct.stride, ct.padding, ct.output_padding, ct.dilation, ct.groups) == (
+            (4, 4), (2, 2), (1, 1), (0, 0), (1, 1), 1)
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        xp = nn.functional.pad(x, (1, 1, 1, 1))
+        y = torch.stack([conv(xp[:, :, py:py + h + 1, px:px + w + 1])
+                         for conv, (py, px) in zip(self.phases, ((0, 0), (0, 1), (1, 0), (1, 1)), strict=True)])
+        c = y.shape[2]  # y: (phase_y * 2 + phase_x, B, C, H, W) -> (B, C, 2H, 2W)
+        return y.view(2, 2, b, c, h, w).permute(2, 3, 4, 0, 5, 1).reshape(b, c, 2 * h, 2 * w)
+
+
+@dataclass
+class Int8Plan:
+    """Which modules run int8 and with which weight scales; the reasons the others do not."""
+    scales: dict = field(default_factory=dict)   # module name (after rewriting) -> the plan's per-channel scale
+    subpixel: list = field(default_factory=list)  # ConvTranspose2d modules run as SubPixelConvTranspose
+    kept: dict = field(default_factory=dict)     # parameter name -> why it stays fp32
+
+
+def int8_plan(model, stored) -> Int8Plan:
+    """Modules whose weight the plan stored whole-tensor int8/int4 and which have an x86 int8 kernel."""
+    plan = Int8Plan()
+    if stored is None:
+        return plan
+    for mod_name, mod in model.named_modules():
+        name = f"{mod_name}.weight"
+        e = stored.get(name)
+        if e is None or e["format"] not in ("int8", "int4"):
+            continue
+        if "mask" in e:
+            plan.kept[name] = "element mask (one kernel cannot mix formats in a tensor)"
+        elif isinstance(mod, nn.ConvTranspose2d):
+            if SubPixelConvTranspose.fits(mod):
+                plan.subpixel.append(mod_name)
+                plan.scales.update({f"{mod_name}.phases.{i}": e["scale"] for i in range(4)})
+            else:
+                plan.kept[name] = "ConvTranspose2d of another geometry than kernel 4, stride 2, padding 1"
+        elif type(mod) in (nn.Conv2d, nn.Linear):
+            plan.scales[mod_name] = e["scale"]
+        else:
+            plan.kept[name] = f"{type(mod).__name__} (no int8 kernel)"
+    return plan
+
+
+def _plan_scale_observer():
+    from torchao.quantization.pt2e.observer import PerChannelMinMaxObserver
+
+    class PlanScaleObserver(PerChannelMinMaxObserver):
+        """Per-channel weight observer that returns the plan's own scales, so the int8 kernel multiplies
+        exactly the stored codes (re-deriving amax/127.5 would round them a second time)."""
+
+        def __init__(self, plan_scale, **kwargs):
+            super().__init__(**kwargs)
+            self.plan_scale = plan_scale
+
+        def calculate_qparams(self):
+            _, zero_point = super().calculate_qparams()
+            return self.plan_scale.clone().to(torch.float32), zero_point
+
+    return PlanScaleObserver
+
+
+def _quantizer(plan: Int8Plan):
+    from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    default = get_default_x86_inductor_quantization_config()  # uint8 activations, HistogramObserver
+    observer = _plan_scale_observer()
+    quantizer = X86InductorQuantizer()  # no global config: nothing but the modules below is quantized
+    for mod_name, scale in plan.scales.items():
+        weight = QuantizationSpec(dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_channel_symmetric,
+                                  ch_axis=0, is_dynamic=False, observer_or_fake_quant_ctr=observer.with_args(
+                                      plan_scale=scale))
+        quantizer.set_module_name_qconfig(mod_name, QuantizationConfig(
+            default.input_activation, default.output_activation, weight, None, False))
+    return quantizer
+
+
+def _attr(gm, target):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _graph_constants(gm):
+    """Drop the tensors the converted graph no longer reads (convert_pt2e leaves the original fp32
+    weights attached); return the tensors it does read."""
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name not in used:
+            mod_name, _, leaf = name.rpartition(".")
+            owner = gm.get_submodule(mod_name) if mod_name else gm
+            owner._parameters.pop(leaf, None)
+            owner._buffers.pop(leaf, None)
+    return [t for t in (_attr(gm, target) for target in used) if isinstance(t, torch.Tensor)]
+
+
+def _int8(model, stored, calib, batch_size, compile_model):
+    if not calib:
+        raise ValueError("backend 'int8' needs calibration inputs (see calibration_inputs)")
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    plan = int8_plan(model, stored)
+    net = _copy(model)
+    for mod_name in plan.subpixel:
+        parent, _, leaf = mod_name.rpartition(".")
+        owner = net.get_submodule(parent) if parent else net
+        setattr(owner, leaf, SubPixelConvTranspose(getattr(owner, leaf)))
+    x, t = calib[0]
+    batch = torch.export.Dim("batch", min=2)  # the sampler's last batch may be smaller; min 2 avoids 0/1 specialisation
+    gm = torch.export.export(net, (x[:2], t[:2]), dynamic_shapes={"x": {0: batch}, "t": {0: batch}}).module()
+    prepared = prepare_pt2e(gm, _quantizer(plan))
+    with torch.no_grad():
+        for xc, tc in calib:
+            prepared(xc, tc)
+    converted = convert_pt2e(prepared)
+    resident = tensor_bytes(_graph_constants(converted))
+    fn, notes = converted, []
+    batch_size = batch_size or len(x)
+    if compile_model:
+        fn = _frozen(torch.compile(converted))
+        notes.append("torch.compile (inductor, freezing); resident bytes are the converted graph's tensors, "
+                     "oneDNN additionally holds prepacked copies of the int8 weights")
+    else:
+        notes.append("not compiled: the reference quantize/dequantize graph (int8 numerics, fp32 speed)")
+        batch_size = None
+    precision = {}
+    for name, fmt in _formats(model, stored).items():
+        mod_name = name.rpartition(".")[0]
+        if mod_name in plan.scales and name.endswith(".weight"):
+            precision[name] = f"int8 W8A8 ({fmt} codes, plan scales)"
+        elif mod_name in plan.subpixel and name.endswith(".weight"):
+            precision[name] = f"int8 W8A8 ({fmt} codes, plan scales; as 4 sub-pixel 2x2 convs)"
+        elif name in plan.kept:
+            precision[name] = f"fp32 ({fmt} values; {plan.kept[name]})"
+        else:
+            precision[name] = f"fp32 ({fmt} values)"
+    return Runner(fn, "int8", torch.float32, precision, resident, batch_size=batch_size, notes=notes, min_batch=2)
+
+
+def _frozen(compiled):
+    """Call ``compiled`` with inductor's freezing on, which turns the weights into constants so the x86
+    passes can prepack them for oneDNN's int8 kernels. It must be on whenever inductor compiles, i.e. at the
+    first call (and any recompilation); ``torch.compile(options={"freezing": True})`` does not reach that
+    pass in torch 2.14 (qconv_prepack then fails under fake tensors)."""
+    import torch._inductor.config as inductor_config
+
+    def fn(x, t):
+        with inductor_config.patch(freezing=True):
+            return compiled(x, t)
+
+    return fn
+
+
+# ----------------------------------------------------------------------------- entry points
+class _Recorder(nn.Module):
+    def __init__(self, model, keep):
+        super().__init__()
+        self.model, self.keep, self.inputs, self.step = model, keep, [], 0
+
+    def forward(self, x, t):
+        if self.step in self.keep:
+            self.inputs.append((x.clone(), t.clone()))
+        self.step += 1
+        return self.model(x, t)
+
+
+def calibration_inputs(model, sampler, n: int, shape, seed: int, steps=None, progress=False):
+    """U-Net inputs (x_t, t) met along ``n`` sampling trajectories of ``model`` (one batch of ``n``):
+    at every sampler step, or at ``steps`` of them spread evenly over the chain (first and last included).
+    Activation ranges depend strongly on t, so calibration must see the whole chain."""
+    total = len(sampler.timesteps)
+    k = total if steps is None else min(steps, total)
+    keep = {round(i * (total - 1) / max(1, k - 1)) for i in range(k)}
+    rec = _Recorder(model, keep)
+    sample(rec, sampler, n, shape, seed, n, progress=progress, desc="calibration")
+    return rec.inputs
+
+
+def prepare(model, stored, backend: str, device="cpu", calib=None, batch_size=None, compile_model=None,
+            warmup_shape=None) -> Runner:
+    """Build the ``Runner`` of ``backend`` for ``model`` (fp32, de-quantized values) and its stored entries.
+
+    calib: [(x, t), ...] from ``calibration_inputs`` (int8 only). batch_size: the sampling batch (int8
+    compiles for it). compile_model: torch.compile (default: True for int8, False otherwise).
+    warmup_shape: (B, C, H, W) to run once here, so compilation is timed in ``prepare_seconds``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    t0 = time.perf_counter()
+    if backend == "dequant":
+        net = model.eval().requires_grad_(False).to(device)  # the reference runs the model as it is
+        fn = torch.compile(net) if compile_model else net
+        precision = {n: f"fp32 ({f} values)" for n, f in _formats(model, stored).items()}
+        runner = Runner(fn, backend, torch.float32, precision, _held(net),
+                        notes=["torch.compile"] if compile_model else [])
+    elif backend in _DTYPE:
+        runner = _floating(model, stored, backend, device, bool(compile_model))
+    else:
+        if torch.device(device).type != "cpu":
+            raise ValueError("backend 'int8' runs on the CPU (x86 oneDNN kernels); use --set run.device=cpu")
+        runner = _int8(model, stored, calib, batch_size, True if compile_model is None else compile_model)
+    if warmup_shape is not None:
+        b = runner.batch_size or warmup_shape[0]
+        with torch.inference_mode():
+            runner(torch.zeros(b, *warmup_shape[1:], device=device), torch.zeros(b, dtype=torch.long, device=device))
+    runner.prepare_seconds = time.perf_counter() - t0
+    return runner

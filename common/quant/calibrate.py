@@ -1,0 +1,102 @@
+"""Activation ranges from the inputs the modules see along the sampling trajectory.
+
+The full-precision model samples ``n_images`` images with the configured sampler from calibration noise
+(its own seed, never an evaluation seed); at ``n_timesteps`` of the sampler's timesteps, spread evenly over
+the whole chain, forward pre-hooks record each module's input. Ranges are kept per timestep group
+(g = t * G // T) and per channel part (the two slices of a skip concatenation):
+
+* ``minmax``: the smallest and largest value seen (covers every calibration activation);
+* ``percentile``: the (100 - p)-th and p-th percentiles, estimated from a uniform random subsample of each
+  recorded input (at most ``values_per_call`` values per module call, so memory stays bounded).
+"""
+import torch
+
+from ..core.config import ConfigError
+from ..diffusion.samplers import build_sampler, sample
+from ..diffusion.schedule import NoiseSchedule
+from .activations import group_of
+
+
+def calibration_timesteps(sampler, n=None) -> list:
+    """``n`` of the sampler's timesteps evenly spread over its chain (all of them when n is None or larger)."""
+    ts = list(sampler.timesteps)
+    if n is None or n >= len(ts):
+        return ts
+    return [ts[i] for i in torch.linspace(0, len(ts) - 1, n).round().long().unique().tolist()]
+
+
+def collect_ranges(model, sampler, names, shape, n_images: int, timesteps, groups: int, method="minmax",
+                   percentile=99.99, splits=None, seed=1000, batch_size=256, device="cpu", progress=True,
+                   values_per_call=4096):
+    """Ranges {name: (G, P, 2) float32 [lo, hi]} of the inputs of modules ``names`` of ``model``.
+
+    shape: one image (C, H, W); timesteps: the sampler timesteps to record at; splits: {name: channel}
+    where a module's input is split into two parts. Raises ValueError if a timestep group gets no data.
+    """
+    if method not in ("minmax", "percentile"):
+        raise ValueError(f"range method must be 'minmax' or 'percentile', got {method!r}")
+    splits = splits or {}
+    T, wanted = sampler.schedule.timesteps, set(timesteps)
+    parts = {n: 1 if splits.get(n) is None else 2 for n in names}
+    lo = {n: torch.full((groups, parts[n]), float("inf")) for n in names}
+    hi = {n: torch.full((groups, parts[n]), float("-inf")) for n in names}
+    kept = {n: [[[] for _ in range(parts[n])] for _ in range(groups)] for n in names}
+    state = {"g": None}
+    gen = torch.Generator().manual_seed(seed)
+
+    def see_t(module, args):
+        t = int(args[1].reshape(-1)[0])  # sampling denoises a whole batch at one t
+        state["g"] = int(group_of(t, groups, T)) if t in wanted else None
+
+    def record(name, module, args):
+        g = state["g"]
+        if g is None:
+            return
+        x = args[0].detach().float()
+        k = splits.get(name)
+        for p, v in enumerate([x] if k is None else [x[:, :k], x[:, k:]]):
+            lo[name][g, p] = min(float(lo[name][g, p]), float(v.min()))
+            hi[name][g, p] = max(float(hi[name][g, p]), float(v.max()))
+            if method == "percentile":
+                flat = v.flatten()
+                idx = torch.randint(flat.numel(), (min(values_per_call, flat.numel()),), generator=gen)
+                kept[name][g][p].append(flat[idx.to(flat.device)].cpu())
+
+    mods = dict(model.named_modules())
+    hooks = [model.register_forward_pre_hook(see_t)]
+    hooks += [mods[n].register_forward_pre_hook(lambda m, a, n=n: record(n, m, a)) for n in names]
+    try:
+        sample(model, sampler, n_images, shape, seed, batch_size, device, progress=progress, desc="calibration")
+    finally:
+        for h in hooks:
+            h.remove()
+    seen = {int(group_of(t, groups, T)) for t in wanted}
+    empty = [g for g in range(groups) if g not in seen]
+    if empty:
+        raise ValueError(f"timestep groups {empty} of {groups} contain none of the calibration timesteps "
+                         f"{sorted(wanted)}: use fewer timestep groups or more calibration timesteps")
+    out = {}
+    for n in names:
+        r = torch.stack([lo[n], hi[n]], dim=-1)
+        if method == "percentile":
+            q = torch.tensor([1 - percentile / 100, percentile / 100])
+            for g in range(groups):
+                for p in range(parts[n]):
+                    r[g, p] = torch.quantile(torch.cat(kept[n][g][p]), q)
+        out[n] = r
+    return out
+
+
+def check_act_quant_groups(cfg):
+    """Every per-timestep activation group must see calibration timesteps. Checked when activations are
+    calibrated (act_quant.py), not on every load: other scripts may sample with fewer steps."""
+    aq, src = cfg.act_quant, cfg.source + "".join(f" --set {o}" for o in cfg.overrides)
+    if "group" in aq.range_modes:
+        sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
+        ts = calibration_timesteps(sampler, aq.calib_timesteps)
+        seen = set(group_of(ts, aq.timestep_groups, cfg.diffusion.timesteps).tolist())
+        if len(seen) < aq.timestep_groups:
+            raise ConfigError(f"{src}: act_quant.timestep_groups: {aq.timestep_groups} groups, but the "
+                              f"{len(ts)} calibration timesteps (act_quant.calib_timesteps of the sampler's "
+                              f"{len(sampler.timesteps)}) fall in only {len(seen)} of them; use fewer groups or more "
+                              f"calibration timesteps")
