@@ -14,7 +14,7 @@ STRATEGIES := whole_threshold.py layer_group.py layer_ratio.py layer_math.py
 # Tables of the default config go into their docs page: $(call DOCS,results) -> --update-docs docs/results.md
 DOCS = $(if $(filter configs/default.yaml,$(CONFIG)),--update-docs docs/$(1).md)
 
-.PHONY: setup reproduce reproduce-from-scratch test bench compare full-eval learning-curve sensitivity actquant
+.PHONY: setup reproduce reproduce-from-scratch test bench compare full-eval learning-curve sensitivity actquant verify lowbit finetune
 
 $(BIN)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -68,3 +68,15 @@ sensitivity: setup
 # single vs per-timestep-group activation ranges at act_quant.budgets (needs `make reproduce` first).
 actquant: setup
 	$(BIN)/python act_quant.py --config $(CONFIG) $(call DOCS,actquant)
+
+# Below 4 bits: sub-4-bit formats, chain-aware / iterative / learned sensitivities (needs `make reproduce` first).
+lowbit: setup
+	$(BIN)/python lowbit.py --config $(CONFIG) $(call DOCS,lowbit)
+
+# W4A4 recovered by reconstruction and selective finetuning, Fisher choosing what to train (after `make reproduce`).
+finetune: setup
+	$(BIN)/python finetune.py --config $(CONFIG) $(call DOCS,finetune)
+
+# Whether runs/<run> is intact: every recorded hash and cross-reference (read-only; exit 1 on a problem).
+verify: setup
+	$(BIN)/python -m common.verify $(RUN)

@@ -9,8 +9,7 @@ it with act_quant.seeds beside the fp32 baseline under the same noise. Writes ru
 """
 import time
 
-from common.core import cli
-from common.core.storage import resolve_device
+from common.core import cli, distributed
 from common.experiments import act_compare
 from common.experiments.report import add_docs_argument, update_section_from_summary
 
@@ -22,8 +21,10 @@ def main():
     cfg = cli.load(args)
     t0 = time.time()
     with cli.clear_errors():
-        done, notes = act_compare.run_act_comparison(cfg, resolve_device(cfg.run.device), force=args.force,
+        done, notes = act_compare.run_act_comparison(cfg, cli.device(cfg), force=args.force,
                                                      progress=not args.no_progress)
+        if not distributed.is_main():
+            return  # the ranks shared the variants; rank 0 writes the summary
         md = act_compare.write_outputs(cfg, done, notes, seconds=time.time() - t0)
         if args.update_docs:
             update_section_from_summary(args.update_docs, md, "actquant", f"{act_compare.act_dir(cfg)}/act_quant.png")

@@ -4,8 +4,7 @@ with compare.seeds beside the fp32 baseline, uniform fp16/int8/int4 and the post
 Writes runs/<run>/compare/{summary.csv, summary.md, compare.png} and one folder per variant.
 Needs simplediffusion.py to have run (checkpoint and Fisher).
 """
-from common.core import cli
-from common.core.storage import resolve_device
+from common.core import cli, distributed
 from common.experiments import compare
 from common.experiments.report import add_docs_argument, update_section_from_summary
 
@@ -16,8 +15,10 @@ def main():
     args = p.parse_args()
     cfg = cli.load(args)
     with cli.clear_errors():
-        done, infeasible, scores = compare.run_comparison(cfg, resolve_device(cfg.run.device), force=args.force,
+        done, infeasible, scores = compare.run_comparison(cfg, cli.device(cfg), force=args.force,
                                                           progress=not args.no_progress)
+        if not distributed.is_main():
+            return  # the ranks shared the variants; rank 0 writes the summary
         md = compare.write_outputs(cfg, done, infeasible, scores)
         if args.update_docs:
             update_section_from_summary(args.update_docs, md, "compare", f"{compare.compare_dir(cfg)}/compare.png")

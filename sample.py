@@ -13,7 +13,8 @@ two backends or variants are paired.
 import os
 
 from common.core import cli
-from common.core.storage import baseline_dir, resolve_device, run_dir
+from common.core.storage import baseline_dir, run_dir
+from common.diffusion.baseline import verify_released
 from common.evaluation.generate import generate
 from common.quant.backends import BACKENDS
 
@@ -37,9 +38,14 @@ def main():
             or os.path.join(baseline_dir(cfg), "checkpoint.pt"))
     tag = os.path.basename(os.path.dirname(os.path.abspath(path)))  # the variant (or baseline) folder
     out = args.out or os.path.join(run_dir(cfg), "samples", f"{tag}_{backend}_seed{args.seed}")
+    device = cli.device(cfg, alone=True)
+    if device is None:
+        return  # under torchrun rank 0 samples; one file, one process
     with cli.clear_errors():
+        if cfg.baseline.weights and os.path.abspath(path) == os.path.abspath(cfg.baseline.weights):
+            verify_released(cfg)  # SHA-256 and training config, as every other script checks them
         try:
-            r = generate(cfg, path, backend, args.n, args.seed, out, resolve_device(cfg.run.device),
+            r = generate(cfg, path, backend, args.n, args.seed, out, device,
                          progress=not args.no_progress)
         except ValueError as e:  # a bad file or a backend this machine cannot run: one line, not a traceback
             raise SystemExit(f"error: {e}") from None

@@ -5,8 +5,8 @@ tensor in quant.format).
 Writes runs/<run>/baseline/{checkpoint.pt, model.json, samples.png, fisher.pt}, runs/<run>/plots/fisher_*.png,
 runs/<run>/fp32/ and runs/<run>/uniform_<format>/. Finished stages are reused.
 """
-from common.core import cli, lock
-from common.core.storage import baseline_dir, resolve_device, run_dir
+from common.core import cli, distributed, lock
+from common.core.storage import baseline_dir, run_dir
 from common.experiments import pipeline, report
 
 
@@ -32,7 +32,7 @@ def main():
             print(f"[release] {args.release} (SHA-256 {sha}) and {prov}\n"
                   f"use it with:\n  baseline:\n    weights: {args.release}\n    sha256: {sha}")
             return
-        device = resolve_device(cfg.run.device)
+        device = cli.device(cfg)
         with lock.hold(baseline_dir(cfg)):  # the Fisher must belong to the checkpoint just trained or checked
             model, ckpt_path = pipeline.ensure_baseline(cfg, device, force=args.force, resume=args.resume,
                                                         retrain=args.retrain, progress=progress)
@@ -40,7 +40,9 @@ def main():
                                                recompute=args.recompute_fisher or args.retrain, force=args.force,
                                                progress=progress)
         print(report.fisher_table(fisher))
-        for path in report.plot_fisher(fisher, f"{run_dir(cfg)}/plots"):
+        plots = f"{run_dir(cfg)}/plots"
+        for path in report.plot_fisher_recorded(fisher, f"{baseline_dir(cfg)}/fisher.pt", plots) \
+                if distributed.is_main() else []:
             print(f"[fisher] plot -> {path}")
         if args.skip_eval:
             return

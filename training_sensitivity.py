@@ -4,7 +4,7 @@ and classifier-FID/KID against each snapshot's own fp32 samples, and each snapsh
 Writes runs/<run>/sensitivity/{summary.md, sensitivity.png} and one folder per snapshot.
 """
 from common.core import cli
-from common.core.storage import resolve_device, run_dir
+from common.core.storage import run_dir
 from common.experiments import sensitivity
 from common.experiments.curve import snapshot_paths
 from common.experiments.report import add_docs_argument, update_section_from_summary
@@ -17,11 +17,14 @@ def main():
     add_docs_argument(p, "sensitivity", "docs/baseline.md")
     args = p.parse_args()
     cfg = cli.load(args)
+    device = cli.device(cfg, alone=True)
+    if device is None:
+        return  # under torchrun rank 0 runs the snapshots
     with cli.clear_errors():
         paths = [q for s in args.snapshots for q in snapshot_paths(s)]
         if len(paths) < 2:
             raise FileNotFoundError(f"--snapshots: need at least 2 snapshot files, got {paths}")
-        rows = sensitivity.run_sensitivity(cfg, paths, resolve_device(cfg.run.device), force=args.force,
+        rows = sensitivity.run_sensitivity(cfg, paths, device, force=args.force,
                                            progress=not args.no_progress)
         md = sensitivity.write_outputs(cfg, rows)
         if args.update_docs:

@@ -161,7 +161,7 @@ def test_wa_budget_forms_and_errors():
     assert parse_wa_budget("1.5GBOPs") == [("gbops", 1.5)]
     assert parse_wa_budget("w4a8 & 25%") == [("wa", (4, 8)), ("fraction", 0.25)]
     assert normalize_wa_budget("w4a8 & 25.0 %") == "W4A8&25%" and wa_budget_tag("W4A8&25%") == "W4A8+25pct"
-    for bad in ("W3A8", "W4A1", "W4A8&1GBOPs", "25%&4bits", "eight", "-1GBOPs"):
+    for bad in ("W5A8", "W4A1", "W4A8&1GBOPs", "25%&4bits", "eight", "-1GBOPs"):
         with pytest.raises(ValueError, match="budget"):
             parse_wa_budget(bad)
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from common.core.config import ConfigError, load_config
+from common.core.storage import sha256_file
 from common.diffusion import baseline
 from common.diffusion.checkpoint import training_inputs
 from common.diffusion.model import build_unet
@@ -58,8 +59,9 @@ def test_verify_released_refuses_a_changed_or_missing_file(weights, tmp_path):
         b = fh.read(1)
         fh.seek(-3, os.SEEK_END)
         fh.write(bytes([b[0] ^ 0xFF]))
-    with pytest.raises(baseline.BaselineError, match=r"SHA-256.*corrupt or not the released one.*git checkout"):
+    with pytest.raises(baseline.BaselineError, match=r"SHA-256.*corrupt or not the released one.*retrain") as e:
         baseline.verify_released(cfg, "retrain")
+    assert "git checkout" not in str(e.value)  # a file outside the repository: git cannot restore it
     cfg.baseline.weights = str(tmp_path / "gone.safetensors")
     with pytest.raises(baseline.BaselineError, match=r"gone.safetensors not found.*retrain"):
         baseline.verify_released(cfg, "retrain")
@@ -101,8 +103,10 @@ def test_training_writes_loadable_snapshots(tiny_cfg, tmp_path):
     x, _ = mnist_tensor(cfg.data, "train")
     ckpt = str(tmp_path / "b" / "checkpoint.pt")
     ema, _ = train(cfg, x, ckpt, torch.device("cpu"), progress=False)
-    snaps = sorted(os.listdir(snapshot_dir(ckpt)))
+    snaps = sorted(f for f in os.listdir(snapshot_dir(ckpt)) if f.endswith(".safetensors"))
     assert snaps == ["ema_step0000002.safetensors", "ema_step0000004.safetensors"]
+    index = json.load(open(os.path.join(snapshot_dir(ckpt), "index.json")))["files"]  # their SHA-256 (verify)
+    assert index == {s: sha256_file(os.path.join(snapshot_dir(ckpt), s)) for s in snaps}
     last, meta = baseline.load_weights(os.path.join(snapshot_dir(ckpt), snaps[-1]))
     for (n, a), (_, b) in zip(ema.state_dict().items(), last.state_dict().items(), strict=True):
         assert torch.equal(a, b), n  # the last snapshot is the finished EMA
@@ -120,3 +124,23 @@ def test_released_default_checkpoint_matches_its_config_and_provenance():
     prov = json.load(open(os.path.splitext(path)[0] + ".json"))
     assert prov["sha256"] == cfg.baseline.sha256 and prov["step"] == int(meta["step"])
     assert "simplediffusion.py" in prov["retrain_command"] or "make" in prov["retrain_command"]
+
+
+def test_restore_hint_only_for_files_git_tracks(tiny_cfg):
+    """The hint names `git checkout` for the committed baseline (when this checkout is a git repository), and a
+    retrain command that does not repeat the --set it replaces."""
+    import subprocess
+
+    from common.core.config import load_config
+
+    path = os.path.join(ROOT, "checkpoints", "default.safetensors")
+    cfg = load_config(os.path.join(ROOT, "configs", "default.yaml"),
+                      [f"baseline.weights={path}", "baseline.sha256=" + "f" * 64])
+    git = subprocess.run(["git", "ls-files", "--error-unmatch", path], cwd=ROOT, capture_output=True)
+    tracked = git.returncode == 0
+    with pytest.raises(baseline.BaselineError) as e:
+        baseline.verify_released(cfg)
+    msg = str(e.value)
+    assert ("git checkout -- " + path in msg) == tracked
+    assert "--set baseline.weights=null" in msg and f"baseline.weights={path}" not in msg.split("train from scratch")[1]
+    assert "baseline.sha256=" not in msg.split("train from scratch")[1]

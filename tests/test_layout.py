@@ -200,6 +200,6 @@ def test_relative_links_resolve(doc):
 def test_readme_is_a_front_door_and_generated_blocks_exist_once():
     assert os.path.getsize(os.path.join(ROOT, "README.md")) <= 15 * 1024
     text = {d: open(d).read() for d in DOCS}
-    for marker in ("results", "compare", "actquant", "perf", "learning-curve", "sensitivity"):
+    for marker in ("results", "compare", "actquant", "perf", "learning-curve", "sensitivity", "lowbit", "finetune"):
         holders = [d for d, t in text.items() if f"<!-- {marker}:start -->" in t and f"<!-- {marker}:end -->" in t]
         assert len(holders) == 1, (marker, holders)

@@ -255,8 +255,12 @@ def test_released_weights_are_verified_and_used_without_training(pipeline_run):
     data[-1] ^= 0xFF
     out.write_bytes(bytes(data))
     bad = run("layer_ratio.py", tmp, *rel, check=False)
-    assert bad.returncode != 0 and "SHA-256" in bad.stderr and "git checkout" in bad.stderr
-    assert "Traceback" not in bad.stderr
+    assert bad.returncode != 0 and "SHA-256" in bad.stderr and "Traceback" not in bad.stderr
+    hint = bad.stderr.split("train from scratch:")[1]
+    assert "git checkout" not in bad.stderr  # the file lies outside the repository
+    assert "--set baseline.weights=null" in hint and f"baseline.weights={out}" not in hint
+    samp = run("sample.py", tmp, *rel, "--n", "2", check=False)  # sample.py verifies it the same way
+    assert samp.returncode != 0 and samp.stderr.strip() == bad.stderr.strip()
 
 
 # ----------------------------------------------------------------------------- reliability (issue 18)

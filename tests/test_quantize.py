@@ -117,7 +117,7 @@ def test_zero_channel_gets_unit_scale():
 
 def test_unknown_format():
     with pytest.raises(ValueError, match="unknown format"):
-        quantize_tensor(rand(2, 2), "int2")
+        quantize_tensor(rand(2, 2), "int5")
 
 
 def test_conv_transpose_uses_axis_1(tiny):

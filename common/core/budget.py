@@ -46,7 +46,7 @@ def budget_tag(budget: str) -> str:
 
 _WA = re.compile(r"^W(\d+)A(\d+)$", re.IGNORECASE)
 _GBOPS = re.compile(r"^([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*GBOPs$", re.IGNORECASE)
-W_FORMAT_OF_BITS = {32: "fp32", 16: "fp16", 8: "int8", 4: "int4"}
+W_FORMAT_OF_BITS = {32: "fp32", 16: "fp16", 8: "int8", 4: "int4", 3: "int3", 2: "int2"}
 _WA_FORMS = ("'W4A8' (the BOPs of every module at 4-bit weights and 8-bit activations), '1.5GBOPs' per network "
              "evaluation, a stored size ('25%', '4.5bits', '2.1MB'), or one BOPs and one size part joined by '&'")
 
@@ -90,3 +90,29 @@ def normalize_wa_budget(text: str) -> str:
 def wa_budget_tag(text: str) -> str:
     """A file-name-safe label: 'W4A8&25%' -> 'W4A8+25pct'."""
     return normalize_wa_budget(text).replace("%", "pct").replace("&", "+")
+
+
+_AT = re.compile(r"^\s*(.+?)\s*(?:@\s*A(\d+))?\s*$", re.IGNORECASE)
+
+
+def parse_size_at_bits(text: str):
+    """'3.5bits@A6' -> ('3.5bits', 6): a stored-size budget for the weights (every ``parse_budget`` form) and the
+    bits of every quantized activation; without '@A<bits>' the activations stay float (None)."""
+    m = _AT.match(str(text))
+    a = int(m.group(2)) if m and m.group(2) else None
+    if not m or (a is not None and not 2 <= a <= 16):
+        raise ValueError(f"budget {text!r}: expected a weight size ('3.5bits', '25%', '2.1MB'), optionally with "
+                         f"'@A<bits>' for the activations (2..16), e.g. '3.5bits@A8'")
+    return normalize_budget(m.group(1)), a
+
+
+def normalize_size_at_bits(text: str) -> str:
+    """One spelling: ' 3.50bits @ a8' -> '3.5bits@A8'."""
+    size, a = parse_size_at_bits(text)
+    return size + (f"@A{a}" if a else "")
+
+
+def size_at_bits_tag(text: str) -> str:
+    """'3.5bits@A8' -> '3.5bits_A8' (file-name safe)."""
+    size, a = parse_size_at_bits(text)
+    return budget_tag(size) + (f"_A{a}" if a else "")

@@ -1,13 +1,16 @@
 """Argument parsing shared by the top-level scripts: --config, --set, --force."""
 import argparse
 import contextlib
+import os
 import shlex
 import sys
 
 import torch
 
+from . import distributed
 from .config import ConfigError, load_config
 from .errors import UserError
+from .storage import resolve_device
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -34,12 +37,27 @@ def load(args):
     return cfg
 
 
-def command(cfg, script=None, *flags) -> str:
+def device(cfg, alone=False):
+    """This process's device: ``run.device``; under torchrun this rank's (the process group is initialised, and
+    ranks other than 0 print nothing to stdout: their errors still reach stderr). ``alone``: the script's work is
+    one task (sampling one file, a learning curve): rank 0 does all of it as a single process would, and the
+    other ranks get None and stop."""
+    d = distributed.init(resolve_device(cfg.run.device))
+    if alone and not distributed.shows_progress():
+        return None
+    if not distributed.shows_progress():
+        sys.stdout = open(os.devnull, "w")  # kept open for the life of the process
+    if alone:
+        distributed.work_alone()
+    return d
+
+
+def command(cfg, script=None, *flags, drop=()) -> str:
     """The shell command that runs ``script`` (default: the running one, as it was typed) on ``cfg``'s YAML
     file with all its ``--set`` overrides, plus ``flags``: hints repeat it, so following one never
-    silently switches to another run or config."""
+    silently switches to another run or config. ``drop``: keys whose ``--set`` the flags replace."""
     parts = ["python", script or sys.argv[0], "--config", cfg.source]
-    parts += [a for o in cfg.overrides for a in ("--set", o)]
+    parts += [a for o in cfg.overrides if o.split("=", 1)[0].strip() not in drop for a in ("--set", o)]
     return shlex.join(parts + list(flags))
 
 

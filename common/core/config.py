@@ -17,8 +17,9 @@ from typing import Literal
 
 import yaml
 
-from .budget import W_FORMAT_OF_BITS, normalize_budget, normalize_wa_budget, parse_wa_budget
+from .budget import W_FORMAT_OF_BITS, normalize_budget, normalize_size_at_bits, normalize_wa_budget, parse_wa_budget
 from .errors import UserError
+from .format_names import format_spec
 
 
 class ConfigError(UserError, ValueError):
@@ -124,16 +125,24 @@ class FisherConfig:
     timesteps: list[int] | None = _spec(None, doc="fixed list of timesteps (0-based); null = uniform")
     chunk_size: int = _spec(16, lo=1)
     seed: int = 0
-    eligible: Literal["poster", "all_weights", "all"] = "poster"
+    eligible: Literal["poster", "all_weights", "all_but_ends", "all"] = "poster"
     profile_buckets: int = _spec(10, lo=1)
     # stratified: equal counts in each of the profile_buckets timestep buckets (less spread than uniform)
     timestep_sampling: Literal["stratified", "uniform"] = "stratified"
     bootstrap: int = _spec(1000, lo=0, doc="bootstrap resamples for confidence intervals; 0 = none")
 
 
+def _format_name(name):
+    try:
+        format_spec(name)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 @dataclass
 class QuantConfig:
-    format: Literal["fp16", "bf16", "int8", "int4"] = "fp16"
+    format: str = _spec("fp16", check=_format_name, doc="the low format of the poster's rules")
     granularity: Literal["tensor", "element"] = "tensor"
 
 
@@ -277,6 +286,73 @@ class BackendConfig:
     calib_seed: int = 1234  # not an evaluation seed, so calibration never sees the noise it is judged on
 
 
+LOWBIT_PLANS = Literal["uniform", "fisher", "chain_fisher", "fisher_iterative", "learned", "magnitude", "random"]
+
+
+def _format_list(names):
+    for n in names:
+        err = _format_name(n)
+        if err:
+            return err
+    return None
+
+
+@dataclass
+class LowbitConfig:
+    """lowbit.py / make lowbit: sub-4-bit weight plans under budgets, with uniformly quantized activations."""
+    budgets: list[str] = _spec(["4bits@A8", "3.5bits@A8", "3bits@A8", "3.5bits@A6"],
+                               doc="weight size (average bits incl. scales and codebooks) @ activation bits")
+    plans: list[LOWBIT_PLANS] = _spec(["uniform", "fisher", "chain_fisher", "fisher_iterative", "learned",
+                                       "magnitude", "random"])
+    quantizers: list[Literal["uniform", "codebook"]] = _spec(["uniform", "codebook"])
+    codebook_plans: list[LOWBIT_PLANS] = _spec(["uniform", "fisher", "learned"],
+                                               doc="plans also run with the codebook menu (each costs a variant)")
+    uniform_menu: list[str] = _spec(["int8", "int4_g64", "int4", "int3_g64", "int3", "int2_g64", "int2"],
+                                    check=_format_list)
+    codebook_menu: list[str] = _spec(["int8", "km4", "km3", "km2"], check=_format_list)
+    keep_format: str = _spec("int8", check=_format_name, doc="the first and last conv (all_but_ends rule)")
+    range_mode: Literal["single", "group"] = "group"
+    seeds: list[int] = _spec([0, 1, 2])
+    n_images: int = _spec(100, lo=2, doc="images per seed of every variant")
+    inception: bool = False
+    chain_chains: int = _spec(16, lo=1, doc="chains of the chain-aware Fisher")
+    chain_projections: int = _spec(32, lo=2, doc="random projections per chain batch")
+    iterative_rounds: int = _spec(3, lo=1)
+    predictor_configs: int = _spec(200, lo=10, doc="random configurations measured for the learned predictor")
+    predictor_holdout: float = _spec(0.25, lo=0.05, hi=0.5, doc="share held out to report every predictor's tau")
+    predictor_images: int = _spec(32, lo=2, doc="images per measured configuration")
+    predictor_bits: list[float] = _spec([2.4, 4.5], lo=1.0, hi=16.0,
+                                        doc="range of average bits the random configurations are drawn from")
+    predictor_seed: int = 7000   # calibration noise of the measurements; not an evaluation seed
+    retest_seed: int = 7001      # second noise seed: the test-retest ceiling on the held-out configurations
+    eps_samples: int = _spec(64, lo=1, doc="(x_t, t) samples of the one-step noise-prediction error")
+
+
+@dataclass
+class FinetuneConfig:
+    """finetune.py / make finetune: W/A plans recovered by reconstruction or selective finetuning."""
+    budgets: list[str] = _spec(["W4A4", "W4A6", "W4A8"], doc="'WxAy': x-bit weights, y-bit activations")
+    methods: list[Literal["none", "reconstruction", "quest", "fisher", "all"]] = _spec(
+        ["none", "reconstruction", "quest", "fisher", "all"])
+    seeds: list[int] = _spec([0, 1, 2])
+    n_images: int = _spec(100, lo=2, doc="images per seed of every variant")
+    inception: bool = False
+    range_mode: Literal["single", "group"] = "group"
+    calib_source: Literal["trajectories", "noised"] = "trajectories"
+    calib_images: int = _spec(64, lo=1, doc="teacher trajectories (every sampler step is a calibration input)")
+    calib_seed: int = 2000  # the teacher's calibration noise; not an evaluation seed
+    steps: int = _spec(400, lo=0, doc="finetuning steps (quest, fisher, all)")
+    batch_size: int = _spec(32, lo=1)
+    lr: float = _spec(1e-5, lo=0.0, doc="Adam learning rate of the finetuned weights")
+    step_lr: float = _spec(1e-3, lo=0.0, doc="Adam learning rate of the activation steps (LSQ)")
+    local_weight: float = _spec(1.0, lo=0.0, doc="weight of the trained layers' output MSE against the teacher")
+    recon_iters: int = _spec(200, lo=1, doc="AdaRound iterations per layer")
+    recon_batch: int = _spec(32, lo=1)
+    recon_samples: int = _spec(256, lo=1, doc="calibration inputs per layer for reconstruction")
+    recon_lr: float = _spec(1e-2, lo=0.0)
+    recon_lambda: float = _spec(0.01, lo=0.0, doc="weight of AdaRound's rounding regulariser (per weight)")
+
+
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
@@ -296,6 +372,8 @@ class Config:
     sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     act_quant: ActQuantConfig = field(default_factory=ActQuantConfig)
+    lowbit: LowbitConfig = field(default_factory=LowbitConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     source: str = "<defaults>"  # the YAML file this came from (not a YAML key)
     overrides: list = field(default_factory=list)  # the --set strings applied to it (not a YAML key)
 
@@ -475,6 +553,9 @@ def _cross_checks(cfg: Config, src: str):
             raise ConfigError(f"{key}.layers: stage numbers must be in 1..{n}, got {g['layers']}")
         if _convert(g["threshold"], float, key + ".threshold") < 0:
             raise ConfigError(f"{key}.threshold: must be >= 0, got {g['threshold']}")
+    if cfg.quant.granularity == "element" and cfg.quant.format not in ("fp16", "bf16", "int8", "int4"):
+        raise ConfigError(f"{src}: quant.format: element granularity (bit masks) works with fp16, bf16, int8 and "
+                          f"int4, got {cfg.quant.format!r}; use quant.granularity: tensor")
     lm = cfg.strategies.layer_math
     if lm.k_min > lm.k_max:
         raise ConfigError(f"{src}: strategies.layer_math.k_min: must be <= k_max ({lm.k_max}), got {lm.k_min}")
@@ -491,6 +572,8 @@ def _cross_checks(cfg: Config, src: str):
         except ValueError as e:
             raise ConfigError(f"{src}: {section}.{key}: {e}") from None
     _check_act_quant(cfg, src)
+    _check_lowbit(cfg, src)
+    _check_finetune(cfg, src)
     if cfg.importance.orthogonality.buckets > cfg.diffusion.timesteps:
         raise ConfigError(f"{src}: importance.orthogonality.buckets: at most diffusion.timesteps "
                           f"({cfg.diffusion.timesteps})")
@@ -553,6 +636,47 @@ def _read_yaml(src: str, chain=()) -> dict:
     if base_path in chain or base_path == os.path.normpath(src):
         raise ConfigError(f"{src}: extends: {base} makes a cycle ({' -> '.join(chain + (src, base_path))})")
     return _merge(_read_yaml(base_path, chain + (os.path.normpath(src),)), raw)
+
+def _check_lowbit(cfg: Config, src: str):
+    lb = cfg.lowbit
+    for key in ("budgets", "plans", "quantizers", "seeds", "uniform_menu", "codebook_menu"):
+        if not getattr(lb, key):
+            raise ConfigError(f"{src}: lowbit.{key}: needs at least one entry")
+    try:
+        lb.budgets = [normalize_size_at_bits(b) for b in lb.budgets]
+    except ValueError as e:
+        raise ConfigError(f"{src}: lowbit.budgets: {e}") from None
+    if len(lb.predictor_bits) != 2 or lb.predictor_bits[0] >= lb.predictor_bits[1]:
+        raise ConfigError(f"{src}: lowbit.predictor_bits: expected [low, high] average bits, got {lb.predictor_bits}")
+    for key in ("predictor_seed", "retest_seed"):
+        if getattr(lb, key) in lb.seeds or getattr(lb, key) in cfg.eval.seeds:
+            raise ConfigError(f"{src}: lowbit.{key}: {getattr(lb, key)} is an evaluation seed; calibration noise must "
+                              f"differ from the noise the variants are judged by")
+    if lb.predictor_seed == lb.retest_seed:
+        raise ConfigError(f"{src}: lowbit.retest_seed: must differ from lowbit.predictor_seed ({lb.predictor_seed})")
+
+
+def _check_finetune(cfg: Config, src: str):
+    ft = cfg.finetune
+    for key in ("budgets", "methods", "seeds"):
+        if not getattr(ft, key):
+            raise ConfigError(f"{src}: finetune.{key}: needs at least one entry")
+    try:
+        ft.budgets = [normalize_wa_budget(b) for b in ft.budgets]
+    except ValueError as e:
+        raise ConfigError(f"{src}: finetune.budgets: {e}") from None
+    for b in ft.budgets:
+        parts = parse_wa_budget(b)
+        if len(parts) != 1 or parts[0][0] != "wa" or parts[0][1][0] not in (8, 4, 3, 2):
+            raise ConfigError(f"{src}: finetune.budgets: {b!r}: expected 'WxAy' with x in 8/4/3/2 (integer weight "
+                              f"codes) and y the activation bits, e.g. 'W4A4'")
+        if parts[0][1][1] not in cfg.act_quant.a_bits:
+            raise ConfigError(f"{src}: finetune.budgets: {b!r} needs {parts[0][1][1]} in act_quant.a_bits "
+                              f"({cfg.act_quant.a_bits}): the Fisher choice reads the activation Fisher at those bits")
+    if ft.calib_seed in ft.seeds or ft.calib_seed in cfg.eval.seeds:
+        raise ConfigError(f"{src}: finetune.calib_seed: {ft.calib_seed} is an evaluation seed; calibration noise must "
+                          f"differ from the noise the variants are judged by")
+
 
 def _check_act_quant(cfg: Config, src: str):
     aq = cfg.act_quant

@@ -13,6 +13,7 @@ import os
 import shlex
 import sys
 
+from . import distributed
 from .errors import UserError
 
 LOCK_NAME = ".lock"
@@ -35,8 +36,12 @@ def holder(lock_path: str) -> str:
 
 @contextlib.contextmanager
 def hold(folder: str, wait: bool = True):
-    """Hold ``folder``'s lock for the duration of the ``with`` block (creating the folder if needed)."""
+    """Hold ``folder``'s lock for the duration of the ``with`` block (creating the folder if needed). Ranks that
+    share one task under torchrun leave it to rank 0 (it writes; they wait for it in collectives)."""
     os.makedirs(folder, exist_ok=True)
+    if distributed.world_size() > 1 and not distributed.is_main():
+        yield
+        return
     path = os.path.realpath(os.path.join(folder, LOCK_NAME))
     if path in _HELD:
         _HELD[path] += 1

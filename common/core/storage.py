@@ -89,6 +89,29 @@ def atomic_write_json(obj, path):
     atomic_write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", path)
 
 
+SEAL = "record_sha256"  # a JSON record's own SHA-256, over everything else in it
+
+
+def _canonical(obj) -> str:
+    return json.dumps(json.loads(json.dumps(obj, default=str)), sort_keys=True)
+
+
+def atomic_write_record(obj: dict, path):
+    """``atomic_write_json`` of a record that carries its own SHA-256 (``SEAL``), so an edited or damaged field
+    is told apart from what the program wrote (``seal_ok``)."""
+    body = {k: v for k, v in obj.items() if k != SEAL}
+    atomic_write_json({**body, SEAL: hashlib.sha256(_canonical(body).encode()).hexdigest()}, path)
+
+
+def seal_ok(record: dict):
+    """True if ``record`` (read from JSON) still has the content its seal was computed over, False if not, None
+    if it carries no seal (written before records were sealed)."""
+    if not isinstance(record, dict) or SEAL not in record:
+        return None
+    body = {k: v for k, v in record.items() if k != SEAL}
+    return hashlib.sha256(_canonical(body).encode()).hexdigest() == record[SEAL]
+
+
 def atomic_write_csv(rows: list, columns: list, path):
     """One CSV row per dict in ``rows``, in ``columns`` order (with a header)."""
     import csv
@@ -103,6 +126,18 @@ def atomic_write_csv(rows: list, columns: list, path):
 
 def atomic_write_bytes(data: bytes, path):
     _atomic(path, lambda fh: fh.write(data))
+
+
+def write_sources(path, outputs, sources, command=None):
+    """A ``<name>.sources.json`` manifest: the SHA-256 of derived files (``outputs``: a summary, its plots) and of
+    the files they were made from (``sources``: metrics.json, fisher.pt), paths relative to the manifest's
+    folder, so ``python -m common.verify`` can tell a summary that no longer matches its inputs."""
+    folder = os.path.dirname(os.path.abspath(path))
+
+    def rel(paths):
+        return {os.path.relpath(os.path.abspath(p), folder): sha256_file(p) for p in paths if p}
+
+    atomic_write_record({"outputs": rel(outputs), "sources": rel(sources), "command": command}, path)
 
 
 def sha256_file(path) -> str:

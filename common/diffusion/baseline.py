@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 
+from ..core.cli import command
 from ..core.config import NOT_YAML, Config, _build, to_dict
 from ..core.errors import UserError
 from ..core.storage import atomic_save_safetensors, atomic_write_json, diff_keys, fingerprint, sha256_file
@@ -93,25 +94,45 @@ def load_weights(path, device="cpu"):
     return model.to(device).eval().requires_grad_(False), meta
 
 
-def verify_released(cfg, recover_hint: str) -> str:
+def from_scratch_command(cfg) -> str:
+    """The command that trains this config's baseline here instead of using released weights."""
+    return command(cfg, "simplediffusion.py", "--set", "baseline.weights=null",
+                   drop=("baseline.weights", "baseline.sha256"))
+
+
+def _restore_hint(path: str) -> str:
+    """'Restore it (git checkout -- path) or ' when git tracks ``path`` in the checkout holding it, else ''."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        subprocess.run(["git", "ls-files", "--error-unmatch", "--", os.path.abspath(path)], cwd=folder,
+                       capture_output=True, check=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return f"restore it (git checkout -- {path}) or "
+
+
+def verify_released(cfg, recover_hint=None) -> str:
     """Check ``cfg.baseline.weights`` exists, has ``cfg.baseline.sha256`` and was trained with this config's
-    training inputs; returns its SHA-256. Every failure is a ``BaselineError`` that says what to do."""
+    training inputs; returns its SHA-256. Every failure is a ``BaselineError`` that says what to do: restore a
+    file git tracks, or train from scratch (``recover_hint``, by default ``from_scratch_command``)."""
     path, want = cfg.baseline.weights, cfg.baseline.sha256
+    hint = recover_hint or f"`{from_scratch_command(cfg)}` (or `make reproduce-from-scratch`)"
+    restore = _restore_hint(path) or "replace it with the released file, or "
+    restore = restore[0].upper() + restore[1:]
     if not os.path.isfile(path):
-        raise BaselineError(f"baseline.weights: {path} not found. It is part of the repository (git checkout "
-                            f"-- {path}); or train the baseline yourself: {recover_hint}")
+        raise BaselineError(f"baseline.weights: {path} not found. {restore}train the baseline yourself: {hint}")
     have = sha256_file(path)
     if want and have != want:
         raise BaselineError(f"baseline.weights: {path} has SHA-256 {have[:16]}..., but baseline.sha256 in "
                             f"{cfg.source} expects {want[:16]}...: the file is corrupt or not the released one. "
-                            f"Restore it (git checkout -- {path}) or train from scratch: {recover_hint}")
+                            f"{restore}train from scratch: {hint}")
     meta = read_metadata(path)
     mine = fingerprint(training_inputs(cfg))
     if meta.get("training_fingerprint") != mine:
         keys = diff_keys(json.loads(meta.get("training_inputs", "{}")), training_inputs(cfg))
         raise BaselineError(f"baseline.weights: {path} was trained with other data/model/diffusion/train settings "
                             f"than {cfg.source} (differs in: {', '.join(keys) or '?'}); to use these settings, "
-                            f"train them: {recover_hint}")
+                            f"train them: {hint}")
     return have
 
 

@@ -7,6 +7,7 @@ alpha_bar_t = prod_{s<=t} alpha_s, timesteps are 0-based (t = 0 .. T-1).
 import torch
 from tqdm.auto import tqdm
 
+from ..core import distributed
 from .schedule import NoiseSchedule
 
 
@@ -71,20 +72,22 @@ def batch_generator(seed: int, batch_index: int) -> torch.Generator:
 
 @torch.inference_mode()
 def sample(model, sampler, n: int, shape, seed: int, batch_size: int, device="cpu",
-           channels_last=False, progress=True, desc="sampling"):
+           channels_last=False, progress=True, desc="sampling", batches=None):
     """Draw ``n`` images (n, *shape) in [-1, 1] (unclamped model space) as float32 on the CPU.
 
     The initial x_T and every per-step noise come from ``batch_generator(seed, b)``, so two
-    models sampled with the same (seed, batch_size) see identical noise.
+    models sampled with the same (seed, batch_size) see identical noise. ``batches``: only these batch
+    indices (their images, in that order), e.g. one rank's share.
     """
     model.eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     out = []
     n_batches = (n + batch_size - 1) // batch_size
-    bar = tqdm(total=n_batches * len(sampler.timesteps), desc=desc, disable=not progress,
-               unit="step", leave=False)
-    for b in range(n_batches):
+    todo = range(n_batches) if batches is None else batches
+    bar = tqdm(total=len(todo) * len(sampler.timesteps), desc=desc, unit="step", leave=False,
+               disable=not progress or not distributed.shows_progress())
+    for b in todo:
         m = min(batch_size, n - b * batch_size)
         gen = batch_generator(seed, b)
         x = torch.randn((m, *shape), generator=gen).to(device)
@@ -98,4 +101,14 @@ def sample(model, sampler, n: int, shape, seed: int, batch_size: int, device="cp
             bar.update(1)
         out.append(x.float().cpu())
     bar.close()
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.empty((0, *shape))
+
+
+def sample_across_ranks(model, sampler, n: int, shape, seed: int, batch_size: int, device="cpu", **kwargs):
+    """``sample`` with the batches split across the ranks of a torchrun and gathered on every rank: each batch's
+    noise depends on (seed, batch index) only, so the images are those one process draws."""
+    n_batches = (n + batch_size - 1) // batch_size
+    mine = distributed.shard(list(range(n_batches)))
+    x = sample(model, sampler, n, shape, seed, batch_size, device, batches=mine, **kwargs)
+    parts = list(torch.split(x, [min(batch_size, n - b * batch_size) for b in mine])) if mine else []
+    return torch.cat(distributed.gather_in_order(parts, n_batches))

@@ -7,9 +7,18 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from ..core import distributed
 from ..core.config import to_dict
 from ..core.errors import UserError
-from ..core.storage import atomic_torch_save, fingerprint, load_torch
+from ..core.storage import (
+    CorruptFileError,
+    atomic_torch_save,
+    atomic_write_record,
+    fingerprint,
+    load_json,
+    load_torch,
+    sha256_file,
+)
 from .baseline import save_weights
 from .checkpoint import check_checkpoint_matches, training_inputs
 from .model import build_unet
@@ -78,17 +87,37 @@ def _check_finite(model, step, train_cfg):
                                  f"not saved. {_remedy(train_cfg)}")
 
 
+def _rank_share(n: int):
+    """This rank's slice of a global batch of ``n``: contiguous, sizes differing by at most one."""
+    r, world = distributed.rank(), distributed.world_size()
+    edges = [n * k // world for k in range(world + 1)]
+    return slice(edges[r], edges[r + 1])
+
+
 def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, progress=True):
     """Train (or resume) and write ``ckpt_path``; returns (ema model in eval mode, checkpoint dict).
 
-    x_train: (N, 1, S, S) float32 in [-1, 1] on the CPU.
+    x_train: (N, 1, S, S) float32 in [-1, 1] on the CPU. Under torchrun with N ranks the model is wrapped in
+    DistributedDataParallel and every step's global batch (``train.batch_size``, the same images, timesteps
+    and noise as a single process draws) is split across the ranks; each rank's loss is scaled so the
+    averaged gradient is that of the global batch's mean loss. Only rank 0 writes checkpoints and snapshots;
+    their content does not depend on the number of ranks, so ``--resume`` works across a changed N.
     """
+    world = distributed.world_size()
+    if cfg.train.batch_size % world:
+        raise ValueError(f"train.batch_size {cfg.train.batch_size} does not divide among {world} ranks: the global "
+                         f"batch must split evenly (use a batch size that is a multiple of {world})")
     torch.manual_seed(cfg.run.seed)
     schedule = NoiseSchedule.from_config(cfg.diffusion)
     model = build_unet(cfg.model, cfg.diffusion.timesteps).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
     opt = opt_cls(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    net = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     steps = total_steps(cfg.train, len(x_train))
     start, losses, seconds_before = 0, [], 0.0
     if resume and os.path.exists(ckpt_path):
@@ -102,7 +131,8 @@ def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, prog
         print(f"resuming {ckpt_path} at step {start}/{steps}")
     model.train()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
-    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train", disable=not progress)
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train",
+               disable=not progress or not distributed.is_main())
     t0, running = time.time(), None
     for step in bar:
         idx = _batch_indices(cfg.run.seed, step, len(x_train), cfg.train.batch_size)
@@ -111,8 +141,12 @@ def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, prog
         t = torch.randint(0, schedule.timesteps, (len(idx),), generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
         torch.manual_seed(cfg.run.seed * 31 + step)  # dropout mask, replayable on resume
+        mine = _rank_share(len(idx))
         with autocast:
-            loss = schedule.p_losses(model, x0.to(device), t.to(device), eps.to(device), cfg.train.min_snr_gamma)
+            loss = schedule.p_losses(net, x0[mine].to(device), t[mine].to(device), eps[mine].to(device),
+                                     cfg.train.min_snr_gamma)
+        if world > 1:  # DDP averages over ranks: weigh each rank's mean so the result is the global batch's mean
+            loss = loss * (world * (mine.stop - mine.start) / len(idx))
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"loss became {loss.item()} at step {step}; {ckpt_path} keeps the last checkpoint written "
@@ -127,10 +161,12 @@ def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, prog
         with torch.no_grad():
             d = _ema_decay(cfg.train, step)
             torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - d)
-        value = loss.item()
+        value = float(distributed.all_reduce_sum(loss.detach().float().clone())) / world  # the global batch's
         running = value if running is None else 0.98 * running + 0.02 * value
         losses.append(value)
         bar.set_postfix(loss=f"{running:.4f}")
+        if not distributed.is_main():
+            continue  # every rank holds the same weights; rank 0 alone writes them
         if cfg.train.snapshot_every and (step + 1) % cfg.train.snapshot_every == 0:
             save_snapshot(cfg, ema, ckpt_path, step + 1, seconds_before + time.time() - t0, running)
         if (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < steps:
@@ -142,7 +178,9 @@ def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, prog
     _check_finite(model, steps - 1, cfg.train)
     ckpt = _checkpoint(cfg, model, ema, opt, steps, steps, True, losses)
     ckpt["train_seconds"] = seconds_before + time.time() - t0
-    atomic_torch_save(ckpt, ckpt_path)
+    if distributed.is_main():
+        atomic_torch_save(ckpt, ckpt_path)
+    distributed.barrier()  # the others read the checkpoint only once it is complete
     return ema, ckpt
 
 
@@ -154,4 +192,12 @@ def save_snapshot(cfg, ema, ckpt_path, step, seconds, loss):
     """EMA weights at ``step`` in the baseline weights format (``common.diffusion.baseline``), for learning curves."""
     path = os.path.join(snapshot_dir(ckpt_path), f"ema_step{step:07d}.safetensors")
     save_weights(path, ema.state_dict(), cfg, training_inputs(cfg), step, seconds, loss)
+    # snapshots/index.json: {file: SHA-256}, so a damaged snapshot is told apart (python -m common.verify)
+    index_path = os.path.join(snapshot_dir(ckpt_path), "index.json")
+    try:
+        index = load_json(index_path).get("files", {}) if os.path.exists(index_path) else {}
+    except (CorruptFileError, AttributeError):
+        index = {}
+    index[os.path.basename(path)] = sha256_file(path)
+    atomic_write_record({"files": dict(sorted(index.items()))}, index_path)
     return path

@@ -10,14 +10,14 @@ import time
 import numpy as np
 import torch
 
-from ..core import lock, storage
+from ..core import distributed, lock, storage
 from ..core.cli import command
 from ..core.config import to_dict
 from ..core.errors import StaleArtifactError
 from ..diffusion.data import mnist_tensor, to_uint8
-from ..diffusion.samplers import build_sampler, sample
+from ..diffusion.samplers import build_sampler, sample_across_ranks
 from ..diffusion.schedule import NoiseSchedule
-from . import metrics
+from . import integrity, metrics
 from .grids import save_grid
 
 MB = 2 ** 20  # the poster's "MB" is MiB: 35,178,689 fp32 weights = 134.2 MB
@@ -43,13 +43,14 @@ def result_fingerprint(cfg, weights_id: str, extra=None) -> str:
     return storage.fingerprint({"eval": eval_inputs(cfg), "weights": weights_id, "extra": extra})
 
 
-def reusable(cfg, path: str, fingerprint: str, force: bool, quantized_path=None):
+def reusable(cfg, path: str, fingerprint: str, force: bool):
     """The results in metrics.json ``path`` if they may be reused, else None (nothing there, or ``force``).
 
-    Reuse needs the same ``fingerprint`` and, for a quantized variant, the file ``quantized_path`` with
-    exactly the bytes the results were computed from (``quantized_sha256``). Results of another
-    configuration, a corrupt metrics.json or a missing / truncated / replaced quantized file are an
-    error naming the file and the command that recomputes (``--force``), which also recovers all three.
+    Reuse needs the same ``fingerprint`` and a variant folder that ``integrity.check_variant`` finds intact:
+    the quantized file, ``plan.json``, the activation quantizer file and the samples with exactly the bytes the
+    results were computed from. Results of another configuration, a corrupt metrics.json or a missing /
+    truncated / edited / replaced file are an error naming the file and the command that recomputes
+    (``--force``), which also recovers all of them.
     """
     if not os.path.exists(path):
         return None
@@ -60,7 +61,8 @@ def reusable(cfg, path: str, fingerprint: str, force: bool, quantized_path=None)
         if not force:
             raise
         print(f"[eval] --force: {path} is corrupt; removing it and recomputing")
-        os.remove(path)
+        if distributed.is_main():
+            os.remove(path)
         return None
     if old.get("fingerprint") != fingerprint:
         if not force:
@@ -71,23 +73,17 @@ def reusable(cfg, path: str, fingerprint: str, force: bool, quantized_path=None)
         return None
     if force:
         return None
-    if quantized_path is not None:
-        check_recorded_file(path, old, quantized_path, rerun)
+    raise_first_problem(integrity.check_variant(os.path.dirname(path)), rerun)
     return old
 
 
-def check_recorded_file(metrics_path: str, result: dict, quantized_path: str, rerun: str):
-    """Error unless ``quantized_path`` is the file whose SHA-256 ``result`` (from ``metrics_path``) recorded."""
-    want = result.get("quantized_sha256")
-    if want is None:
-        raise StaleArtifactError(f"{metrics_path} records no quantized_sha256 (written before files were "
-                                 f"hashed), so {quantized_path} cannot be verified; {rerun}")
-    if not os.path.exists(quantized_path):
-        raise FileNotFoundError(f"{quantized_path} is missing but {metrics_path} was computed from it; {rerun}")
-    if storage.sha256_file(quantized_path) != want:
-        raise storage.CorruptFileError(
-            f"{quantized_path} ({os.path.getsize(quantized_path):,} bytes) is not the file {metrics_path} was "
-            f"computed from (SHA-256 differs: truncated, corrupt or replaced); {rerun}")
+def raise_first_problem(findings: list, rerun: str):
+    """A one-line error for the first finding that is not OK: FileNotFoundError for a missing file, else
+    ``CorruptFileError``; both name the file, what is wrong and ``rerun``."""
+    bad = integrity.first_problem(findings)
+    if bad is not None:
+        error = FileNotFoundError if bad.status == integrity.MISSING else storage.CorruptFileError
+        raise error(f"{bad.path}: {bad.detail}; {rerun}")
 
 
 # ----------------------------------------------------------------------------- references
@@ -189,27 +185,29 @@ def evaluate_seed(cfg, images_u8, device, progress=True) -> dict:
 
 
 def evaluate_variant(cfg, variant: str, model, size: dict, device, weights_id: str, force=False,
-                     progress=True, extra=None, quantized_path=None) -> dict:
+                     progress=True, extra=None, quantized_path=None, bound=()) -> dict:
     """Sample ``model`` for every seed in ``eval.seeds`` and write ``<variant>/metrics.json``.
 
     size: {"size_bytes", "quantized_fraction", ...} of the stored weights; weights_id: a hash that
-    identifies the weights (the checkpoint's SHA-256, or ``quantize.stored_digest``), part of the
+    identifies the weights (the checkpoint's SHA-256, or ``container.stored_digest``), part of the
     fingerprint so stale results are caught; extra: recorded in metrics.json and fingerprinted too,
     with ``checkpoint_sha256`` naming the checkpoint the weights came from (checked against fp32's);
     quantized_path: the file ``model`` was loaded from, whose SHA-256 metrics.json records
-    (``quantized_sha256``) and reuse verifies. The variant's folder is locked meanwhile (``common.core.lock``).
+    (``quantized_sha256``) and reuse verifies; bound: the other files of the variant the results depend on
+    (``plan.json``, ``act_quant.safetensors``), recorded with ``samples.png`` in ``files`` and verified too.
+    The variant's folder is locked meanwhile (``common.core.lock``).
     """
     out_dir = variant_dir(cfg, variant)
     with lock.hold(out_dir):
         return _evaluate_variant(cfg, variant, model, size, device, weights_id, force, progress, extra,
-                                 quantized_path)
+                                 quantized_path, bound)
 
 
-def _evaluate_variant(cfg, variant, model, size, device, weights_id, force, progress, extra, quantized_path):
+def _evaluate_variant(cfg, variant, model, size, device, weights_id, force, progress, extra, quantized_path, bound):
     out_dir = variant_dir(cfg, variant)
     path = os.path.join(out_dir, "metrics.json")
     fp = result_fingerprint(cfg, weights_id, extra)
-    old = reusable(cfg, path, fp, force, quantized_path)
+    old = reusable(cfg, path, fp, force)
     if old is not None:
         print(f"[{variant}] reusing {path}")
         return old
@@ -219,17 +217,26 @@ def _evaluate_variant(cfg, variant, model, size, device, weights_id, force, prog
     shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
     per_seed = {}
     for seed in cfg.eval.seeds:
-        x = sample(model, sampler, cfg.eval.n_images, shape, seed, cfg.sample.batch_size, device,
-                   channels_last=cfg.sample.channels_last, progress=progress, desc=f"{variant} seed {seed}")
+        x = sample_across_ranks(model, sampler, cfg.eval.n_images, shape, seed, cfg.sample.batch_size, device,
+                                channels_last=cfg.sample.channels_last, progress=progress,
+                                desc=f"{variant} seed {seed}")
+        if not distributed.is_main():
+            continue  # under torchrun the ranks share the sampling; rank 0 scores and writes
         x01 = (x.clamp(-1, 1) + 1) / 2
         storage.atomic_torch_save(x01, os.path.join(out_dir, f"samples_seed{seed}.pt"))
         r = evaluate_seed(cfg, to_uint8(x), device, progress)
         r["samples_sha256"] = metrics.tensor_digest(x01)  # ties samples_seed<k>.pt to these metrics
-        r["paired_mse_vs_fp32"] = paired_mse(cfg, variant, seed, x01, (extra or {}).get("checkpoint_sha256"))
+        sq = paired_errors(cfg, variant, seed, x01, (extra or {}).get("checkpoint_sha256"))
+        # the mean is carried by a few images whose stochastic trajectories drift; the median is the typical image
+        r["paired_mse_vs_fp32"] = float(sq.mean())
+        r["paired_mse_median"] = float(sq.flatten(1).mean(1).median())
         per_seed[str(seed)] = r
         if seed == cfg.eval.seeds[0]:
             save_grid(to_uint8(x[:cfg.sample.grid_images]).float() / 255, os.path.join(out_dir, "samples.png"))
+    if not distributed.is_main():
+        return distributed.broadcast_object(None)
     result = summarize_seeds(cfg, variant, per_seed, size)
+    result["world_size"] = distributed.world_size()
     result["wall_seconds"] = round(time.time() - t0, 1)
     result["fingerprint"] = fp
     result["eval_fingerprint"] = eval_fingerprint(cfg)
@@ -237,21 +244,26 @@ def _evaluate_variant(cfg, variant, model, size, device, weights_id, force, prog
     if quantized_path is not None:  # the exact file these numbers come from, verified on every reuse
         result["quantized_file"] = os.path.basename(quantized_path)
         result["quantized_sha256"] = storage.sha256_file(quantized_path)
+    result["files"] = integrity.bind_files(out_dir, [os.path.basename(b) for b in bound] + ["samples.png"])
     result["command"] = command(cfg)  # what made it, and with --force what remakes it
     if extra:
         result.update(extra)
-    storage.atomic_write_json(result, path)
+    storage.atomic_write_record(result, path)
     print(f"[{variant}] " + one_line(result) + f" -> {path}")
-    return result
+    return distributed.broadcast_object(result)
 
 
 def paired_mse(cfg, variant, seed, x01, checkpoint_sha256):
-    """Mean squared [0, 1]-pixel difference to the fp32 baseline's samples under the same noise.
+    """Mean squared [0, 1]-pixel difference to the fp32 baseline's samples under the same noise."""
+    return float(paired_errors(cfg, variant, seed, x01, checkpoint_sha256).mean())
 
-    The reference must be the fp32 evaluation of the same checkpoint with the same evaluation settings.
-    """
+
+def paired_errors(cfg, variant, seed, x01, checkpoint_sha256) -> torch.Tensor:
+    """The squared [0, 1]-pixel differences (x01's shape) to the fp32 baseline's samples under the same noise
+    (zeros for fp32 itself). The reference must be the fp32 evaluation of the same checkpoint with the same
+    evaluation settings."""
     if variant == "fp32":
-        return 0.0
+        return torch.zeros_like(x01)
     ref_dir = variant_dir(cfg, "fp32")
     ref_path = os.path.join(ref_dir, f"samples_seed{seed}.pt")
     ref_metrics = os.path.join(ref_dir, "metrics.json")
@@ -271,7 +283,7 @@ def paired_mse(cfg, variant, seed, x01, checkpoint_sha256):
     if expected != metrics.tensor_digest(ref):
         raise StaleArtifactError(f"{ref_path} is not the file fp32's metrics.json was computed from "
                                  f"(samples hash differs): {redo}")
-    return float((x01 - ref).pow(2).mean())
+    return (x01 - ref).pow(2)
 
 
 def summarize_seeds(cfg, variant, per_seed: dict, size: dict) -> dict:
@@ -282,6 +294,7 @@ def summarize_seeds(cfg, variant, per_seed: dict, size: dict) -> dict:
     kid, kid_std = _kid_over_seeds([r.get("kid") for r in rows], [r.get("kid_std") for r in rows])
     clf_kid, clf_kid_std = _kid_over_seeds([r["clf_kid"] for r in rows], [r["clf_kid_std"] for r in rows])
     mse, mse_std = _mean_std([r["paired_mse_vs_fp32"] for r in rows])
+    mse_median, _ = _mean_std([r.get("paired_mse_median") for r in rows])
     if len(rows) > 1:  # spread across seeds; with one seed, the usual 10-split std
         is_mean, is_std = _mean_std([r["is_mean"] for r in rows])
     else:
@@ -297,7 +310,7 @@ def summarize_seeds(cfg, variant, per_seed: dict, size: dict) -> dict:
         "kid_note": "KID: unbiased MMD^2, cubic polynomial kernel (torch-fidelity); per seed mean/std over 100 "
                     "subsets of min(1000, n) images; here mean over seeds, std = spread over seeds (one seed: "
                     "its subset std)",
-        "paired_mse_vs_fp32": mse, "paired_mse_std": mse_std,
+        "paired_mse_vs_fp32": mse, "paired_mse_std": mse_std, "paired_mse_median": mse_median,
         "size_bytes": size["size_bytes"], "size_mb": size["size_bytes"] / MB, "fp32_size_mb": fp32_bytes / MB,
         "reduction_pct": 100.0 * (1 - size["size_bytes"] / fp32_bytes),
         "quantized_fraction": size["quantized_fraction"],

@@ -23,6 +23,7 @@ from ..quant import backends
 from ..quant.activations import load_act_quant
 from ..quant.container import META_KEY, load_quantized, read_quantized
 from .grids import save_grid
+from .integrity import bind_files
 
 
 def _arch_from_metadata(meta: dict):
@@ -127,8 +128,9 @@ def generate(cfg, path: str, backend: str, n: int, seed: int, out_dir: str, devi
     result = {"source": info, "n": n, "seed": seed, "batch_size": batch, "sampler": to_dict(cfg.sample),
               "sampling_steps": len(sampler.timesteps), "sampling_seconds": round(seconds, 2),
               "images_per_second": round(n / seconds, 2), **runner.summary(), "precision": runner.precision,
-              "threads": torch.get_num_threads(), "torch": torch.__version__}
-    storage.atomic_write_json(result, os.path.join(out_dir, "sample.json"))
+              "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "files": bind_files(out_dir, ["samples.png", "samples.npz"])}
+    storage.atomic_write_record(result, os.path.join(out_dir, "sample.json"))
     return result
 
 

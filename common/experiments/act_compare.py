@@ -6,12 +6,11 @@ per-seed differences are paired. Writes ``summary.csv`` (one row per variant and
 (the table, then a verdict per comparison: Fisher against every other plan, per-timestep-group against
 single ranges; a two-sided paired t-test at 5% over seeds, ``report.paired_test``) and ``act_quant.png``.
 """
-import copy
 import os
 
 import numpy as np
 
-from ..core import storage
+from ..core import distributed, storage
 from ..core.budget import parse_wa_budget, wa_budget_tag
 from ..quant.allocate import InfeasibleBudgetError
 from ..quant.bops import unet_macs
@@ -19,7 +18,7 @@ from ..quant.calibrate import check_act_quant_groups
 from . import pipeline
 from .act_pipeline import run_act_variant
 from .compare import _ms, _spread
-from .report import paired_test, per_seed, save_figure
+from .report import paired_test, per_seed, pyplot, save_figure, write_summary_files
 
 KEYS = [("paired_mse_vs_fp32", "paired MSE"), ("clf_fid", "clf-FID"), ("fid", "FID"), ("kid", "KID")]
 COLUMNS = ["plan", "budget", "range_mode", "seed", "variant", "gbops", "w_bits", "a_bits", "size_mb"] + [
@@ -28,13 +27,7 @@ COLUMNS = ["plan", "budget", "range_mode", "seed", "variant", "gbops", "w_bits",
 
 def act_config(cfg):
     """``cfg`` with the comparison's sample budget, writing under runs/<run>/act_quant/."""
-    c = copy.deepcopy(cfg)
-    aq = cfg.act_quant
-    c.run.name = f"{cfg.run.name}/act_quant"
-    c.eval.n_images, c.eval.seeds, c.eval.inception = aq.n_images, list(aq.seeds), aq.inception
-    c.eval.inception_n_images = min(cfg.eval.inception_n_images or aq.n_images, aq.n_images)
-    c.sample.batch_size = min(cfg.sample.batch_size, aq.n_images)
-    return c
+    return pipeline.sub_run_config(cfg, "act_quant", cfg.act_quant)
 
 
 def act_dir(cfg) -> str:
@@ -52,24 +45,31 @@ def run_act_comparison(cfg, device, force=False, progress=True):
     acfg = act_config(cfg)
     aq = cfg.act_quant
     macs = unet_macs(model, (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size))
-    done = {"fp32": ("fp32", None, None, pipeline.evaluate_fp32(acfg, model, ckpt_path, device, force, progress))}
+    done = {"fp32": ("fp32", None, None, distributed.rank0_first(
+        lambda: pipeline.evaluate_fp32(acfg, model, ckpt_path, device, force, progress)))}
     notes = []
+    tasks = []
     for budget in aq.budgets:
         if "uniform" in aq.plans and not any(k == "wa" for k, _ in parse_wa_budget(budget)):
             notes.append(f"`{budget}`: no uniform plan (it needs a 'WxAy' budget)")
-        for mode in aq.range_modes:
-            for plan in aq.plans:
-                if plan == "uniform" and not any(k == "wa" for k, _ in parse_wa_budget(budget)):
-                    continue
-                variant = variant_name(plan, budget, mode)
-                try:
-                    r = run_act_variant(acfg, variant, plan, budget, mode, model, ckpt_path, fisher, macs, device,
-                                        force, progress)
-                except InfeasibleBudgetError as e:
-                    notes.append(f"`{budget}` ({plan}): {e}")
-                    print(f"[act_quant] {e}")
-                    continue
-                done[variant] = (plan, budget, mode, r)
+        tasks += [(plan, budget, mode) for mode in aq.range_modes for plan in aq.plans
+                  if plan != "uniform" or any(k == "wa" for k, _ in parse_wa_budget(budget))]
+
+    def one(task):
+        plan, budget, mode = task
+        try:
+            return run_act_variant(acfg, variant_name(plan, budget, mode), plan, budget, mode, model, ckpt_path,
+                                   fisher, macs, device, force, progress)
+        except InfeasibleBudgetError as e:
+            print(f"[act_quant] {e}")
+            return e
+
+    # every variant on one rank of a torchrun (each alone, with its own lock and files), in this order
+    for (plan, budget, mode), r in zip(tasks, distributed.map_tasks(tasks, one), strict=True):
+        if isinstance(r, InfeasibleBudgetError):
+            notes.append(f"`{budget}` ({plan}): {r}")
+        else:
+            done[variant_name(plan, budget, mode)] = (plan, budget, mode, r)
     return done, notes
 
 
@@ -191,10 +191,7 @@ def _t_note(n: int) -> str:
 
 # ----------------------------------------------------------------------------- plot
 def plot(done: dict, cfg, path: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     keys = [(k, label) for k, label in measured_keys(done) if k != "paired_mse_vs_fp32" or len(done) > 1]
     fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.5), squeeze=False)
@@ -220,8 +217,7 @@ def plot(done: dict, cfg, path: str) -> str:
 
 def write_outputs(cfg, done, notes, seconds=None) -> str:
     folder = act_dir(cfg)
-    storage.atomic_write_csv(rows(done), COLUMNS, os.path.join(folder, "summary.csv"))
-    plot(done, cfg, os.path.join(folder, "act_quant.png"))
+    fig = plot(done, cfg, os.path.join(folder, "act_quant.png"))
     md = summary_markdown(cfg, done, notes, seconds)
-    storage.atomic_write_text(md, os.path.join(folder, "summary.md"))
+    write_summary_files(folder, cfg, rows(done), COLUMNS, md, [fig], done)
     return md

@@ -24,7 +24,6 @@ from ..diffusion.samplers import build_sampler
 from ..diffusion.schedule import NoiseSchedule
 from ..evaluation import evaluate
 from ..importance.activations import activation_importance
-from ..importance.fisher import compute_fisher, load_fisher, save_fisher
 from ..importance.weights import random_scores
 from ..quant.activations import (
     FIRST,
@@ -42,7 +41,7 @@ from ..quant.allocate import allocate_wa, format_bits, layer_bops, uniform_wa_ch
 from ..quant.calibrate import calibration_timesteps, collect_ranges
 from ..quant.container import QUANTIZED_FILE, load_quantized, save_quantized, stored_digest
 from ..quant.formats import Assignment, quantize_model
-from .pipeline import ensure_importance, fisher_inputs
+from .pipeline import ensure_importance, ensure_rule_fisher
 
 PLAN_WEIGHT_METRIC = {"fisher": "fisher_distortion", "magnitude": "magnitude", "random": "random",
                       "quant_error": "quant_error"}
@@ -111,21 +110,7 @@ def ensure_weight_fisher(cfg, model, ckpt_path, fisher, device, progress=True) -
     if {f"{n}.weight" for n in quantizable_modules(model)} <= set(fisher["diag"]):
         return fisher
     path = os.path.join(_cache_dir(cfg), "fisher_all_weights.pt")
-    inputs = {**fisher_inputs(cfg), "eligible": "all_weights"}
-    if os.path.exists(path):
-        try:
-            art = load_fisher(path, ckpt_path)
-            if art["meta"].get("config") == inputs:
-                print(f"[act_quant] reusing {path}")
-                return art
-        except storage.CheckpointMismatchError:
-            pass
-    art = compute_fisher(model, NoiseSchedule.from_config(cfg.diffusion), mnist_tensor(cfg.data, "train")[0],
-                         cfg.fisher, rule="all_weights", progress=progress, device=device)
-    art["meta"]["config"] = inputs
-    save_fisher(art, path, ckpt_path)
-    print(f"[act_quant] weight Fisher over all conv / linear weights -> {path}")
-    return art
+    return ensure_rule_fisher(cfg, model, ckpt_path, "all_weights", path, device, progress)
 
 
 def candidates(cfg, model, ranges, allocatable=True) -> dict:
@@ -161,7 +146,7 @@ def ensure_act_importance(cfg, model, mode, ranges, checkpoint_sha256, device, p
                                 candidates(cfg, model, ranges), mode_groups(cfg, mode), aq.fisher_samples,
                                 aq.fisher_chunk, cfg.fisher.seed, device, progress)
     art.update(fingerprint=fp, inputs=inputs)
-    storage.atomic_write_json(art, path)
+    storage.atomic_write_record(art, path)
     print(f"[act_quant] activation Fisher over {aq.fisher_samples} samples in {art['meta']['seconds']} s -> {path}")
     return _int_bits(json.loads(json.dumps(art)))
 
@@ -249,7 +234,6 @@ def _run_act_variant(cfg, variant, plan, budget, mode, model, ckpt_path, fisher,
     _, stored = quantize_model(model, {f"{n}.weight": Assignment(f) for n, (f, _) in choice.items() if f != "fp32"})
     q = ActQuantizer({n: quants[n][b] for n, (_, b) in choice.items() if b is not None}, mode_groups(cfg, mode),
                      cfg.diffusion.timesteps, aq.softmax_bits)
-    weights_id = hashlib.sha256((stored_digest(stored) + quantizer_digest(q)).encode()).hexdigest()
     total_macs = sum(macs.values())
     a_bits = sum(macs[n] * (b or 32) for n, (_, b) in choice.items()) / total_macs  # MAC-weighted, float = 32
     extra = {"strategy": "act_quant", "plan": plan, "budget": budget, "range_mode": mode,
@@ -259,28 +243,42 @@ def _run_act_variant(cfg, variant, plan, budget, mode, model, ckpt_path, fisher,
              "w_bits": info["avg_bits"], "a_bits": a_bits,
              "bops": int(info["bops"]), "gbops": info["bops"] / 1e9, "macs": total_macs,
              "bops_unit": "bit-operations per U-Net evaluation (MACs x w_bits x a_bits, float = 32 bits)"}
+    provenance = {"plan": plan, "budget": budget, "range_mode": mode, "checkpoint_sha256": sha,
+                  "ranges": range_inputs(cfg, mode, sha), "act_quant": to_dict(aq)}
+    per_module = {n: {"w_format": f, "a_bits": b, "macs": macs[n], "bops": layer_bops(macs[n], f, b)}
+                  for n, (f, b) in choice.items()}
+    print(f"[{variant}] {extra['gbops']:.4g} GBOPs, {extra['w_bits']:.2f} bits/weight, "
+          f"{extra['a_bits']:.2f} bits/activation (MAC-weighted)")
+    return save_and_evaluate(cfg, variant, model, stored, q, extra, provenance,
+                             {"allocation": info, "modules": per_module}, device, force, progress)
+
+
+def save_and_evaluate(cfg, variant, model, stored, q, extra, provenance, plan_record, device, force=False,
+                      progress=True):
+    """Reuse the variant's results if intact, else write ``quantized.safetensors`` (``stored``),
+    ``act_quant.safetensors`` (the activation quantizer ``q``) and ``plan.json`` (``plan_record`` + ``extra``),
+    rebuild the model from the two files and evaluate it (``metrics.json`` binds all three). The caller holds
+    the variant's lock."""
+    weights_id = hashlib.sha256((stored_digest(stored) + quantizer_digest(q)).encode()).hexdigest()
     out = evaluate.variant_dir(cfg, variant)
     metrics_path = os.path.join(out, "metrics.json")
     qpath, apath = os.path.join(out, QUANTIZED_FILE), os.path.join(out, "act_quant.safetensors")
-    old = evaluate.reusable(cfg, metrics_path, evaluate.result_fingerprint(cfg, weights_id, extra), force, qpath)
+    old = evaluate.reusable(cfg, metrics_path, evaluate.result_fingerprint(cfg, weights_id, extra), force)
     if old is not None:
         print(f"[{variant}] reusing {metrics_path}")
         return old
-    provenance = {"plan": plan, "budget": budget, "range_mode": mode, "checkpoint_sha256": sha,
-                  "ranges": range_inputs(cfg, mode, sha), "act_quant": to_dict(aq)}
     size = save_quantized(stored, qpath, {"model": to_dict(cfg.model), "timesteps": cfg.diffusion.timesteps},
                           provenance)
     save_act_quant(q, apath, provenance)
     size.update(size_bytes=size["stored_bytes"], fp32_bytes=4 * sum(p.numel() for p in model.parameters()),
                 act_file_bytes=os.path.getsize(apath))
-    per_module = {n: {"w_format": f, "a_bits": b, "macs": macs[n], "bops": layer_bops(macs[n], f, b)}
-                  for n, (f, b) in choice.items()}
-    storage.atomic_write_json({"variant": variant, **extra, "allocation": info, "modules": per_module, "size": size},
-                              os.path.join(out, "plan.json"))
+    plan_path = os.path.join(out, "plan.json")
+    storage.atomic_write_record({"variant": variant, **extra, **plan_record, "size": size,
+                                 "quantized_file": QUANTIZED_FILE, "quantized_sha256": storage.sha256_file(qpath)},
+                                plan_path)
     # Sample from what was stored: the weights and the activation quantizers rebuilt from their files.
     qmodel, _ = load_quantized(qpath, device)
     load_act_quant(apath)[0].attach(qmodel)
-    print(f"[{variant}] {extra['gbops']:.4g} GBOPs, {extra['w_bits']:.2f} bits/weight, "
-          f"{extra['a_bits']:.2f} bits/activation (MAC-weighted); {qpath}, {apath}")
+    print(f"[{variant}] {size['stored_bytes']:,} B of weights; {qpath}, {apath}")
     return evaluate.evaluate_variant(cfg, variant, qmodel, size, device, weights_id, force=force,
-                                     progress=progress, extra=extra, quantized_path=qpath)
+                                     progress=progress, extra=extra, quantized_path=qpath, bound=[plan_path, apath])

@@ -12,11 +12,11 @@ import os
 
 import numpy as np
 
-from ..core import storage
+from ..core import distributed, storage
 from ..core.budget import budget_tag
 from ..quant.allocate import InfeasibleBudgetError
 from . import pipeline
-from .report import paired_test, per_seed, save_figure
+from .report import paired_test, per_seed, pyplot, save_figure, write_summary_files
 
 COLUMNS = ["kind", "metric", "budget", "seed", "variant", "size_mb", "avg_bits", "clf_fid", "fid", "clf_is",
            "paired_mse_vs_fp32"]
@@ -25,14 +25,7 @@ POSTER_RULES = ("whole_threshold", "layer_group", "layer_ratio", "layer_math")
 
 def compare_config(cfg):
     """``cfg`` with the comparison's sample budget, writing under runs/<run>/compare/."""
-    c = copy.deepcopy(cfg)
-    c.run.name = f"{cfg.run.name}/compare"
-    c.eval.n_images = cfg.compare.n_images
-    c.eval.seeds = list(cfg.compare.seeds)
-    c.eval.inception = cfg.compare.inception
-    c.eval.inception_n_images = min(cfg.eval.inception_n_images or cfg.compare.n_images, cfg.compare.n_images)
-    c.sample.batch_size = min(cfg.sample.batch_size, cfg.compare.n_images)
-    return c
+    return pipeline.sub_run_config(cfg, "compare", cfg.compare)
 
 
 def compare_dir(cfg) -> str:
@@ -54,32 +47,47 @@ def run_comparison(cfg, device, force=False, progress=True):
     {budget no allocation can meet: why}, {metric: per-tensor scores})."""
     model, ckpt_path, fisher = pipeline.load_artifacts(cfg, device, force=force, progress=progress)
     ccfg = compare_config(cfg)
-    scores = {m: pipeline.ensure_importance(cfg, m, model, ckpt_path, fisher, device)["score"]
-              for m in cfg.compare.metrics}
+    scores = distributed.rank0_first(lambda: {m: pipeline.ensure_importance(cfg, m, model, ckpt_path, fisher,
+                                                                            device)["score"]
+                                              for m in cfg.compare.metrics})
 
     def run(variant, strategy, params, c=ccfg):
         return pipeline.run_variant(c, variant, strategy, params, model, ckpt_path, fisher, device, force, progress)
 
-    done = {"fp32": ("reference", "fp32", None,
-                     pipeline.evaluate_fp32(ccfg, model, ckpt_path, device, force, progress))}
+    done = {"fp32": ("reference", "fp32", None, distributed.rank0_first(
+        lambda: pipeline.evaluate_fp32(ccfg, model, ckpt_path, device, force, progress)))}
+    tasks = []
     if cfg.compare.poster_strategies:
-        for fmt in ("fp16", "int8", "int4"):
+        tasks += [("reference", f"uniform_{fmt}", None, (f"uniform_{fmt}", "uniform", {}), fmt)
+                  for fmt in ("fp16", "int8", "int4")]
+        tasks += [("poster_rule", variant, None, (variant, strategy, params), None)
+                  for variant, strategy, params in poster_variants(ccfg)]
+    tasks += [("allocator", metric, budget, (f"mp_{metric}_{budget_tag(budget)}", "mixed_precision",
+                                             {"metric": metric, "budget": budget,
+                                              "formats": list(cfg.mixed_precision.formats)}), None)
+              for budget in cfg.compare.budgets for metric in cfg.compare.metrics]
+
+    def one(task):
+        kind, label, budget, (variant, strategy, params), fmt = task
+        c = ccfg
+        if fmt is not None:
             c = copy.deepcopy(ccfg)
             c.quant.format, c.quant.granularity = fmt, "tensor"
-            done[f"uniform_{fmt}"] = ("reference", f"uniform_{fmt}", None, run(f"uniform_{fmt}", "uniform", {}, c))
-        for variant, strategy, params in poster_variants(ccfg):
-            done[variant] = ("poster_rule", variant, None, run(variant, strategy, params))
+        try:
+            return variant, run(variant, strategy, params, c)
+        except InfeasibleBudgetError as e:
+            return variant, e
+
     infeasible = {}
-    for budget in cfg.compare.budgets:
-        for metric in cfg.compare.metrics:
-            try:
-                r = run(f"mp_{metric}_{budget_tag(budget)}", "mixed_precision",
-                        {"metric": metric, "budget": budget, "formats": list(cfg.mixed_precision.formats)})
-            except InfeasibleBudgetError as e:
-                infeasible[budget] = str(e)  # the same for every metric: the floor does not depend on it
-                print(f"[compare] budget {budget}: {e}")
-                break
-            done[r["variant"]] = ("allocator", metric, budget, r)
+    # every variant on one rank of a torchrun (each alone, with its own lock and files), in this order
+    for task, (variant, r) in zip(tasks, distributed.map_tasks(tasks, one), strict=True):
+        kind, label, budget = task[:3]
+        if isinstance(r, InfeasibleBudgetError):
+            if budget not in infeasible:  # the same for every metric: the floor does not depend on it
+                infeasible[budget] = str(r)
+                print(f"[compare] budget {budget}: {r}")
+            continue
+        done[variant] = (kind, label, budget, r)
     return done, infeasible, scores
 
 
@@ -184,10 +192,7 @@ def _spread(values: np.ndarray) -> float:
 
 
 def plot(done: dict, cfg, path: str) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     keys = ["clf_fid", "paired_mse_vs_fp32"] + (["fid"] if done["fp32"][3].get("fid") is not None else [])
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.5), squeeze=False)
@@ -218,9 +223,8 @@ def plot(done: dict, cfg, path: str) -> str:
 
 def write_outputs(cfg, done, infeasible, scores) -> str:
     folder = compare_dir(cfg)
-    storage.atomic_write_csv(rows(done), COLUMNS, os.path.join(folder, "summary.csv"))
-    plot(done, cfg, os.path.join(folder, "compare.png"))
+    fig = plot(done, cfg, os.path.join(folder, "compare.png"))
     md = summary_markdown(cfg, done, infeasible, scores)
-    storage.atomic_write_text(md, os.path.join(folder, "summary.md"))
+    write_summary_files(folder, cfg, rows(done), COLUMNS, md, [fig], done)
     return md
 

@@ -17,7 +17,7 @@ from ..diffusion.data import to_uint8
 from ..diffusion.samplers import build_sampler, sample
 from ..diffusion.schedule import NoiseSchedule
 from ..evaluation import evaluate
-from .report import save_figure
+from .report import pyplot, save_figure
 
 KEYS = ("clf_is", "clf_fid", "clf_kid", "fid", "kid")
 
@@ -66,7 +66,7 @@ def learning_curve(cfg, paths, device, progress=True) -> list:
         key = f"{storage.sha256_file(path)}:{eval_fp}"
         if key not in cache:
             cache[key] = evaluate_snapshot(cfg, path, device, progress)
-            storage.atomic_write_json(cache, cache_path)  # each snapshot's result survives an interruption
+            storage.atomic_write_record(cache, cache_path)  # each snapshot's result survives an interruption
         row = cache[key]
         print(f"[curve] step {row['step']:>7,d}  images {row['images_seen']:>10,d}  clf-IS {row['clf_is']:.3f}  "
               f"clf-FID {row['clf_fid']:.2f}" + (f"  FID {row['fid']:.2f}" if row["fid"] is not None else ""))
@@ -94,10 +94,7 @@ def curve_table(rows, cfg) -> str:
 
 
 def plot_curve(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
 
     x = [r["images_seen"] for r in rows]

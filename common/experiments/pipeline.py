@@ -4,16 +4,17 @@ Each stage records what it was computed from; a finished stage with the same inp
 (and says so), one with different inputs is an error unless ``force`` is given. A stage holds its
 folder's lock (``common.core.lock``) while it writes there, so concurrent runs wait instead of mixing files.
 """
+import copy
 import json
 import os
 import shlex
 import time
 
-from ..core import cli, lock, storage
+from ..core import cli, distributed, lock, storage
 from ..core.cli import command
 from ..core.config import to_dict
 from ..core.errors import StaleArtifactError
-from ..diffusion.baseline import load_weights, release, verify_released
+from ..diffusion.baseline import from_scratch_command, load_weights, release, verify_released
 from ..diffusion.checkpoint import check_checkpoint_matches, load_ema
 from ..diffusion.data import mnist_tensor, to_uint8
 from ..diffusion.model import count_params
@@ -58,7 +59,8 @@ def _ensure_baseline(cfg, device, force, resume, retrain, progress):
         if ckpt is not None and ckpt.get("finished"):
             print(f"[baseline] reusing finished checkpoint {ckpt_path} ({ckpt['step']} steps)")
             model, _ = load_ema(ckpt_path, device)
-            write_baseline_outputs(cfg, model, _checkpoint_info(ckpt), device, progress, only_missing=True)
+            write_baseline_outputs(cfg, model, _checkpoint_info(ckpt, ckpt_path), device, progress,
+                                   only_missing=True)
             return model, ckpt_path
         if ckpt is not None and not resume:
             raise StaleArtifactError(f"{ckpt_path} is a partial checkpoint at step {ckpt['step']}: continue it "
@@ -68,12 +70,8 @@ def _ensure_baseline(cfg, device, force, resume, retrain, progress):
     x_train, _ = mnist_tensor(cfg.data, "train")
     print(f"[baseline] training on {len(x_train)} MNIST images -> {ckpt_path}")
     model, ckpt = train(cfg, x_train, ckpt_path, device, resume=resume and not retrain, progress=progress)
-    write_baseline_outputs(cfg, model, _checkpoint_info(ckpt), device, progress)
+    write_baseline_outputs(cfg, model, _checkpoint_info(ckpt, ckpt_path), device, progress)
     return model, ckpt_path
-
-
-def from_scratch_command(cfg) -> str:
-    return command(cfg, "simplediffusion.py", "--set", "baseline.weights=null")
 
 
 def release_baseline(cfg, out_path, note=None):
@@ -95,7 +93,7 @@ def released_baseline(cfg, device, progress=True):
     returns (model, weights path). The weights path plays the checkpoint's part downstream: Fisher and
     every variant are bound to its SHA-256."""
     path = cfg.baseline.weights
-    sha = verify_released(cfg, f"`{from_scratch_command(cfg)}` (or `make reproduce-from-scratch`)")
+    sha = verify_released(cfg)
     model, meta = load_weights(path, device)
     print(f"[baseline] released weights {path} (SHA-256 {sha[:12]}..., {int(meta['step']):,} steps, "
           f"{int(meta['images_seen']):,} images seen, exported at commit {meta['code_commit'][:12]}); no training")
@@ -106,29 +104,37 @@ def released_baseline(cfg, device, progress=True):
     return model, path
 
 
-def _checkpoint_info(ckpt) -> dict:
+def _checkpoint_info(ckpt, ckpt_path) -> dict:
     losses = ckpt["loss_history"][-100:]
     return {"steps": ckpt["step"], "train_seconds": ckpt.get("train_seconds"),
-            "final_loss": sum(losses) / max(1, len(losses)), "config": ckpt["config"]}
+            "final_loss": sum(losses) / max(1, len(losses)), "config": ckpt["config"],
+            "sha256": storage.sha256_file(ckpt_path)}  # what fisher.pt and every metrics.json must name
 
 
 def write_baseline_outputs(cfg, model, info, device, progress=True, only_missing=False):
-    """``model.json`` (size, steps, loss, config) and the sample grid of the baseline."""
+    """``model.json`` (size, steps, loss, config, the grid's SHA-256) and the sample grid of the baseline (rank 0
+    writes them; under torchrun the other ranks go on)."""
+    if not distributed.is_main():
+        return
     out = storage.baseline_dir(cfg)
     info_path, grid_path = os.path.join(out, "model.json"), os.path.join(out, "samples.png")
     if only_missing and os.path.exists(info_path):
         try:
             old = storage.load_json(info_path)
-            only_missing = old.get("sha256") == info.get("sha256")  # another released file: rewrite both
+            grid = storage.sha256_file(grid_path) if os.path.exists(grid_path) else None
+            # another released file, or a grid that is not the one recorded: rewrite both
+            only_missing = old.get("sha256") == info.get("sha256") and old.get("files", {}).get("samples.png") == grid
         except storage.CorruptFileError:
             only_missing = False  # a damaged model.json is rewritten
-    if not (only_missing and os.path.exists(info_path)):
-        n = count_params(model)
-        storage.atomic_write_json({
-            "n_params": n, "fp32_size_mb": n * 4 / 2 ** 20, "size_unit": "MiB (2^20 bytes)", **info,
-        }, info_path)
-    if not (only_missing and os.path.exists(grid_path)):
+    new_grid = not (only_missing and os.path.exists(grid_path))
+    if new_grid:
         write_sample_grid(cfg, model, grid_path, device, progress)
+    if new_grid or not (only_missing and os.path.exists(info_path)):
+        n = count_params(model)
+        storage.atomic_write_record({
+            "n_params": n, "fp32_size_mb": n * 4 / 2 ** 20, "size_unit": "MiB (2^20 bytes)", **info,
+            "files": {"samples.png": storage.sha256_file(grid_path)},
+        }, info_path)
 
 
 def write_sample_grid(cfg, model, path, device, progress=True, seed=None):
@@ -140,6 +146,17 @@ def write_sample_grid(cfg, model, path, device, progress=True, seed=None):
                batch_size=cfg.sample.batch_size, device=device, progress=progress, desc="grid")
     save_grid(to_uint8(x).float() / 255, path)
     print(f"[baseline] sample grid -> {path}")
+
+
+def sub_run_config(cfg, name: str, section):
+    """``cfg`` for an experiment of its own under runs/<run>/<name>/: ``section``'s sample budget (its
+    ``n_images``, ``seeds`` and ``inception``) replaces the evaluation's; every other setting is the run's."""
+    c = copy.deepcopy(cfg)
+    c.run.name = f"{cfg.run.name}/{name}"
+    c.eval.n_images, c.eval.seeds, c.eval.inception = section.n_images, list(section.seeds), section.inception
+    c.eval.inception_n_images = min(cfg.eval.inception_n_images or section.n_images, section.n_images)
+    c.sample.batch_size = min(cfg.sample.batch_size, section.n_images)
+    return c
 
 
 # ----------------------------------------------------------------------------- Fisher
@@ -183,7 +200,11 @@ def _ensure_fisher(cfg, model, ckpt_path, device, recompute, force, progress):
                          progress=progress, device=device)
     art["meta"]["config"] = inputs
     art["meta"]["seconds"] = round(time.time() - t0, 1)
-    save_fisher(art, path, ckpt_path)
+    if distributed.is_main():
+        save_fisher(art, path, ckpt_path)
+    distributed.barrier()
+    if not distributed.is_main():  # the file rank 0 wrote, with the checkpoint binding it recorded
+        art = load_fisher(path, ckpt_path, redo)
     print(f"[fisher] {art['meta']['n_samples']} per-sample gradients in {art['meta']['seconds']} s -> {path}")
     return art, path
 
@@ -199,6 +220,28 @@ def evaluate_fp32(cfg, model, ckpt_path, device, force=False, progress=True):
     sha = storage.sha256_file(ckpt_path)
     return evaluate.evaluate_variant(cfg, "fp32", model, fp32_size(model), device, weights_id=sha, force=force,
                                      progress=progress, extra={"strategy": "fp32", "checkpoint_sha256": sha})
+
+
+def ensure_rule_fisher(cfg, model, ckpt_path, rule: str, path: str, device, progress=True) -> dict:
+    """The Fisher with this config's settings over the tensors of eligibility ``rule`` (same samples as
+    ``fisher.pt``, so equal values on the tensors both cover), cached at ``path`` bound to the checkpoint:
+    reused if current, else computed (a corrupt or stale cache is recomputed)."""
+    inputs = {**fisher_inputs(cfg), "eligible": rule}
+    if os.path.exists(path):
+        try:
+            art = load_fisher(path, ckpt_path)
+            if art["meta"].get("config") == inputs:
+                print(f"[fisher] reusing {path}")
+                return art
+        except (storage.CheckpointMismatchError, storage.CorruptFileError):
+            pass
+    t0 = time.time()
+    art = compute_fisher(model, NoiseSchedule.from_config(cfg.diffusion), mnist_tensor(cfg.data, "train")[0],
+                         cfg.fisher, rule=rule, progress=progress, device=device)
+    art["meta"].update(config=inputs, seconds=round(time.time() - t0, 1))
+    save_fisher(art, path, ckpt_path)
+    print(f"[fisher] {rule} Fisher over {len(art['diag'])} tensors in {art['meta']['seconds']} s -> {path}")
+    return art
 
 
 def load_artifacts(cfg, device, force=False, progress=True):
@@ -247,7 +290,11 @@ def ensure_importance(cfg, metric, model, ckpt_path, fisher, device, folder="imp
     art = compute_importance(metric, model, fisher, cfg.importance, NoiseSchedule.from_config(cfg.diffusion),
                              x_pool, device)
     art["meta"]["inputs"] = inputs
-    storage.save_for_checkpoint(art, path, ckpt_path)
+    if distributed.is_main():  # every rank computed the same artifact; one writes it, all read it back
+        storage.save_for_checkpoint(art, path, ckpt_path)
+    distributed.barrier()
+    if not distributed.is_main():
+        art = load_importance(path, ckpt_path)
     print(f"[importance] {metric} in {art['meta']['seconds']} s -> {path}")
     return art
 
@@ -286,26 +333,31 @@ def _run_variant(cfg, variant, strategy, params, model, ckpt_path, fisher, devic
              "eligible_rule": fisher["meta"].get("eligible_rule")}
     metrics_path, qpath = os.path.join(out, "metrics.json"), os.path.join(out, QUANTIZED_FILE)
     # Refuse before writing anything if this directory holds another configuration's results.
-    old = evaluate.reusable(cfg, metrics_path, evaluate.result_fingerprint(cfg, weights_id, extra), force, qpath)
+    old = evaluate.reusable(cfg, metrics_path, evaluate.result_fingerprint(cfg, weights_id, extra), force)
     if old is not None:
         print(f"[{variant}] reusing {metrics_path}")
         return old
     arch = {"model": to_dict(cfg.model), "timesteps": cfg.diffusion.timesteps}
-    size = save_quantized(stored, qpath, arch, plan_inputs)
-    _remove_old_container(out)
-    size["size_bytes"] = size["stored_bytes"]
-    size["fp32_bytes"] = 4 * count_params(model)
     summary = describe_plan(plan, model, fisher)
-    storage.atomic_write_json({"variant": variant, "strategy": strategy, "params": params, **weight_inputs,
-                               "eligible_rule": extra["eligible_rule"], **decided_by, **summary, "size": size},
-                              os.path.join(out, "plan.json"))
+    plan_path = os.path.join(out, "plan.json")  # bound to the file it describes, and by metrics.json to the results
+    size = None
+    if distributed.is_main():
+        size = save_quantized(stored, qpath, arch, plan_inputs)
+        _remove_old_container(out)
+        size["size_bytes"] = size["stored_bytes"]
+        size["fp32_bytes"] = 4 * count_params(model)
+        storage.atomic_write_record({"variant": variant, "strategy": strategy, "params": params, **weight_inputs,
+                                     "eligible_rule": extra["eligible_rule"], **decided_by, **summary, "size": size,
+                                     "quantized_file": QUANTIZED_FILE, "quantized_sha256": storage.sha256_file(qpath)},
+                                    plan_path)
+    size = distributed.broadcast_object(size)  # the others sample from the file rank 0 wrote
     # Sample from what was stored: the reloaded low-precision checkpoint, not the in-memory copy.
     qmodel, _ = load_quantized(qpath, device)
     print(f"[{variant}] {size['quantized_fraction']:.1%} of weights quantized; size {size['stored_bytes']:,} B "
           f"stored = {size['analytic_bytes']:,} B analytic; file {size['file_bytes']:,} B "
           f"({size['header_bytes']:,} B safetensors header) {qpath}\n{plan_table(summary)}")
     return evaluate.evaluate_variant(cfg, variant, qmodel, size, device, weights_id, force=force,
-                                     progress=progress, extra=extra, quantized_path=qpath)
+                                     progress=progress, extra=extra, quantized_path=qpath, bound=[plan_path])
 
 
 def _remove_old_container(variant_dir: str):
@@ -321,7 +373,7 @@ def run_strategy_script(description: str, variants):
     args = cli.parser(description).parse_args()
     cfg = cli.load(args)
     with cli.clear_errors():
-        device = storage.resolve_device(cfg.run.device)
+        device = cli.device(cfg)
         progress = not args.no_progress
         model, ckpt_path, fisher = load_artifacts(cfg, device, force=args.force, progress=progress)
         done = {"fp32": evaluate_fp32(cfg, model, ckpt_path, device, force=args.force, progress=progress)}

@@ -13,15 +13,12 @@ import math
 import os
 import shutil
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ..core import storage  # noqa: E402
-from ..core.errors import StaleArtifactError  # noqa: E402
-from ..evaluation.evaluate import check_recorded_file
+from ..core import storage
+from ..core.cli import command
+from ..core.errors import StaleArtifactError
+from ..evaluation import evaluate, integrity
 from ..importance.fisher import load_fisher
 
 # The poster's published rows (5000 images) and the slides' 100-image rows, for comparison.
@@ -52,9 +49,9 @@ def load_results(run: str) -> dict:
         if os.path.isfile(p):
             out[name] = storage.load_json(p, "re-run the script that wrote it with --force")
             rerun = f"recompute with `{out[name].get('command') or 'the script that wrote it'} --force`"
-            if out[name].get("quantized_file"):  # the numbers must come from the file that is there now
-
-                check_recorded_file(p, out[name], os.path.join(run, name, out[name]["quantized_file"]), rerun)
+            # the numbers must come from the files that are there now (what `python -m common.verify` checks)
+            evaluate.raise_first_problem(integrity.check_variant(os.path.join(run, name)), f"{name} not tabulated; "
+                                         f"{rerun}")
             plan = os.path.join(run, name, "plan.json")
             if os.path.isfile(plan):  # the format decides which uniform variant is its reference
                 out[name]["format"] = storage.load_json(plan, rerun).get("format")
@@ -217,8 +214,16 @@ def verdicts(results: dict, fisher) -> list:
 
 
 # ----------------------------------------------------------------------------- plots
+def plot_fisher_recorded(fisher: dict, fisher_path: str, folder: str) -> list:
+    """``plot_fisher`` and ``<folder>/fisher.sources.json`` binding the plots to the ``fisher.pt`` they show."""
+    paths = plot_fisher(fisher, folder)
+    storage.write_sources(os.path.join(folder, "fisher.sources.json"), paths, [fisher_path])
+    return paths
+
+
 def plot_fisher(fisher: dict, folder: str) -> list:
     """Per-layer bar (log), per-tensor within each layer, per-timestep profile per layer."""
+    plt = pyplot()
     os.makedirs(folder, exist_ok=True)
     paths = []
     pl = {k: v for k, v in fisher["per_layer"].items() if k.startswith("Layer")}
@@ -262,8 +267,20 @@ def plot_fisher(fisher: dict, folder: str) -> list:
     return paths
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, imported on first use: importing it costs every script
+    about 0.3 s, and most runs of a strategy script draw nothing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_figure(fig, path):
     """Write a matplotlib figure atomically and close it."""
+    plt = pyplot()
     fig.tight_layout()
     tmp = path + ".tmp.png"
     fig.savefig(tmp, dpi=110)
@@ -273,6 +290,7 @@ def save_figure(fig, path):
 
 
 def plot_tradeoff(results: dict, folder: str):
+    plt = pyplot()
     keys = [k for k in ("fid", "clf_fid") if any(r.get(k) is not None for r in results.values())]
     fig, axes = plt.subplots(1, len(keys) + 1, figsize=(5.5 * (len(keys) + 1), 4.2), squeeze=False)
     # The paired difference to fp32 shows the effect of the weights even where FID cannot resolve it.
@@ -302,6 +320,7 @@ def plot_tradeoff(results: dict, folder: str):
 
 
 def plot_ratio_sweep(results: dict, folder: str):
+    plt = pyplot()
     sweep = sorted((r["params"]["p"], r) for v, r in results.items() if v.startswith("layer_ratio_p"))
     if len(sweep) < 2:
         return None
@@ -323,6 +342,7 @@ def plot_ratio_sweep(results: dict, folder: str):
 
 
 def plot_grids(run: str, results: dict, folder: str, n=16):
+    plt = pyplot()
     names = [v for v in results if os.path.exists(os.path.join(run, v, f"samples_seed{results[v]['seeds'][0]}.pt"))]
     if not names:
         return None
@@ -423,8 +443,7 @@ def write_summary(run: str, readme=None) -> str:
     plots = os.path.join(run, "plots")
     os.makedirs(plots, exist_ok=True)
     figs = [plot_tradeoff(results, plots), plot_ratio_sweep(results, plots), plot_grids(run, results, plots)]
-    if fisher is not None:
-        figs += plot_fisher(fisher, plots)
+    fisher_figs = plot_fisher_recorded(fisher, fisher_path, plots) if fisher is not None else []
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=COLUMNS)
     w.writeheader()
@@ -442,16 +461,32 @@ def write_summary(run: str, readme=None) -> str:
     md = [f"# Results of `{run}`", "", results_md, "", "## Verdicts on the poster's claims", "", verdict_md]
     if fisher is not None:
         md += ["", "## Fisher per stage", "", fisher_table(fisher)]
-    md += ["", "## Plots", ""] + [f"![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in figs if p]
+    figs_all = [p for p in figs if p] + fisher_figs
+    md += ["", "## Plots", ""] + [f"![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in figs_all]
     text = "\n".join(md) + "\n"
     storage.atomic_write_text(text, os.path.join(run, "summary.md"))
+    storage.write_sources(os.path.join(run, "summary.sources.json"),  # the Fisher plots have their own record
+                          [os.path.join(run, "summary.md"), os.path.join(run, "summary.csv")] + [p for p in figs if p],
+                          [os.path.join(run, v, "metrics.json") for v in results] + ([fisher_path] if fisher else []),
+                          "python -m common.report " + run)
     if readme:
         block = results_md + "\n\n### Verdicts\n\n" + verdict_md
         if fisher is not None:
             block += "\n\n### Fisher per stage\n\n" + fisher_table(fisher)
-        block += "\n\n" + "\n".join(f"![{os.path.basename(p)[:-4]}]({os.path.basename(p)})" for p in figs if p)
-        update_section(readme, "results", block, figures=figs)
+        block += "\n\n" + "\n".join(f"![{os.path.basename(p)[:-4]}]({os.path.basename(p)})" for p in figs_all)
+        update_section(readme, "results", block, figures=figs_all)
     return text
+
+
+def write_summary_files(folder: str, cfg, rows: list, columns: list, md: str, figures, variants):
+    """An experiment folder's ``summary.csv`` and ``summary.md`` and ``summary.sources.json``, which binds them
+    (and ``figures``) to the ``metrics.json`` of ``variants`` they were made from."""
+    storage.atomic_write_csv(rows, columns, os.path.join(folder, "summary.csv"))
+    storage.atomic_write_text(md, os.path.join(folder, "summary.md"))
+    storage.write_sources(os.path.join(folder, "summary.sources.json"),
+                          [os.path.join(folder, "summary.csv"), os.path.join(folder, "summary.md")]
+                          + [f for f in figures if f], [os.path.join(folder, v, "metrics.json") for v in variants],
+                          command(cfg))
 
 
 def update_section(path: str, marker: str, block: str, figures=()):
@@ -540,7 +575,10 @@ def main():
         print(write_summary(args.run, args.update_docs))
         if args.compare_released:
             md = released_comparison(args.run, args.compare_released)
-            storage.atomic_write_text(md + "\n", os.path.join(args.run, "released_comparison.md"))
+            out = os.path.join(args.run, "released_comparison.md")
+            storage.atomic_write_text(md + "\n", out)
+            storage.write_sources(os.path.join(args.run, "released_comparison.sources.json"), [out],
+                                  [os.path.join(r, "fp32", "metrics.json") for r in (args.compare_released, args.run)])
             print("\n## From scratch vs released\n\n" + md)
     except (ValueError, FileNotFoundError, storage.CheckpointMismatchError, StaleArtifactError) as e:
         raise SystemExit(f"error: {e}") from None

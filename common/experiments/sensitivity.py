@@ -12,8 +12,9 @@ import os
 import numpy as np
 
 from ..core import storage
+from ..core.cli import command
 from . import pipeline
-from .report import paired_test, per_seed, save_figure
+from .report import paired_test, per_seed, pyplot, save_figure
 
 VARIANTS = ("uniform_int8", "uniform_int4", "mp_fisher")
 
@@ -114,10 +115,7 @@ def trend_sentences(rows) -> list:
 
 
 def plot(rows, path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     x = [r["info"]["images_seen"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
@@ -152,4 +150,8 @@ def write_outputs(cfg, rows) -> str:
                     *[f"* {s}" for s in trend_sentences(rows)], "", "![sensitivity](sensitivity.png)"]) + "\n"
     plot(rows, os.path.join(folder, "sensitivity.png"))
     storage.atomic_write_text(md, os.path.join(folder, "summary.md"))
+    sources = [os.path.join(folder, os.path.splitext(r["info"]["snapshot"])[0], r[v]["variant"], "metrics.json")
+               for r in rows for v in ("fp32",) + VARIANTS]
+    storage.write_sources(os.path.join(folder, "summary.sources.json"),
+                          [os.path.join(folder, f) for f in ("summary.md", "sensitivity.png")], sources, command(cfg))
     return md

@@ -16,6 +16,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
+from ..core import distributed
 from ..core.storage import CheckpointMismatchError, load_for_checkpoint, save_for_checkpoint
 from ..diffusion.model import stage_of, unfused_attention
 from ..diffusion.schedule import bucket_edges
@@ -111,7 +112,9 @@ def compute_fisher(model, schedule, x_pool, fisher_cfg, rule=None, progress=True
     total = {n: torch.zeros_like(params[n], device="cpu") for n in names}
     sample_sums = torch.zeros(len(x0), len(names), dtype=torch.float64)  # per sample, per tensor sum of g^2
     chunk = fisher_cfg.chunk_size
-    for s in tqdm(range(0, len(x0), chunk), desc="fisher", disable=not progress, unit="chunk"):
+    starts = list(range(0, len(x0), chunk))
+    mine = distributed.shard(starts)  # under torchrun each rank takes every N-th chunk of the same samples
+    for s in tqdm(mine, desc="fisher", disable=not progress or not distributed.shows_progress(), unit="chunk"):
         sl = slice(s, s + chunk)
         sq = per_sample_sq_grads(model, schedule, names, x0[sl].to(device), t[sl].to(device),
                                  eps[sl].to(device))
@@ -121,6 +124,10 @@ def compute_fisher(model, schedule, x_pool, fisher_cfg, rule=None, progress=True
                 g2 = g2 * w[sl].float().view(-1, *[1] * (g2.dim() - 1))
             total[n] += g2.sum(0)
             sample_sums[sl, j] = g2.flatten(1).sum(1).double()
+    if distributed.world_size() > 1:
+        for n in names:
+            distributed.all_reduce_sum(total[n])
+        distributed.all_reduce_sum(sample_sums)  # each row was filled by exactly one rank, zeros elsewhere
     n_total = len(x0)
     diag = {n: total[n] / n_total for n in names}
     numel = torch.tensor([params[n].numel() for n in names], dtype=torch.float64)

@@ -11,11 +11,11 @@ a multiple-choice knapsack solved exactly as a mixed-integer program (``scipy.op
 Parameters outside the eligible set stay fp32 and count in ``fixed_bits``.
 """
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
 
 from ..core.budget import W_FORMAT_OF_BITS, budget_bits, parse_wa_budget
 from ..core.errors import UserError
-from .formats import BITS, Assignment, channel_axes, entry_bits, scale_groups
+from ..core.format_names import bits_of
+from .formats import Assignment, channel_axes, entry_bits, scale_groups
 
 SOLVER = "scipy.optimize.milp (HiGHS), relative gap <= 1e-6"
 
@@ -42,6 +42,8 @@ def solve(cost: dict, resources: dict, limits: dict):
     options; limits: {kind: the most the chosen options may use in total}. Returns ({item: option}, solver
     status). Raises ``InfeasibleBudgetError`` when no choice fits.
     """
+    from scipy.optimize import Bounds, LinearConstraint, milp  # ~0.2 s to import: only when allocating
+
     names = list(cost)
     choices = [(i, n, o) for i, n in enumerate(names) for o in cost[n]]
     c = np.array([cost[n][o] for _, n, o in choices], dtype=float)
@@ -117,7 +119,7 @@ def allocate_model(model, importance: dict, budget: str, formats) -> tuple:
 # ----------------------------------------------------------------------------- weights and activations
 def layer_bops(macs: int, w_format: str, a_bits) -> int:
     """MACs * w_bits * a_bits, a float input (None) counted as 32 bits."""
-    return macs * BITS[w_format] * (a_bits or 32)
+    return macs * bits_of(w_format) * (a_bits or 32)
 
 
 def uniform_wa_choice(layers: dict, w: int, a: int) -> dict:

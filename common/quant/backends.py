@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..core.format_names import format_spec
 from ..diffusion.samplers import sample
 
 BACKENDS = ("dequant", "bf16", "fp16", "int8")
@@ -180,17 +181,32 @@ class Int8Plan:
     kept: dict = field(default_factory=dict)     # parameter name -> why it stays fp32
 
 
+class CodebookNotRunnable(ValueError):
+    """A codebook-stored tensor on the int8 backend."""
+
+
 def int8_plan(model, stored) -> Int8Plan:
-    """Modules whose weight the plan stored whole-tensor int8/int4 and which have an x86 int8 kernel."""
+    """Modules whose weight the plan stored whole-tensor int8/int4/int3/int2 with one scale per output channel
+    (codes within int8's range and the kernel's per-channel scale: exact) and which have an x86 int8 kernel.
+    Group-wise scales do not fit a per-channel kernel: those tensors run their stored values in fp32. Codebooks
+    (k-means centroids) are not integer codes at all: refused."""
     plan = Int8Plan()
     if stored is None:
         return plan
+    book = sorted(n for n, e in stored.items() if e["format"] != "fp32" and format_spec(e["format"]).kind == "codebook")
+    if book:
+        raise CodebookNotRunnable(
+            f"the int8 backend runs integer codes with per-channel scales; {len(book)} tensors ({book[0]}, ...) are "
+            f"stored as k-means codebooks ({stored[book[0]]['format']}), whose values are not evenly spaced levels "
+            f"an int8 kernel could multiply: use --backend dequant (exact) or bf16")
     for mod_name, mod in model.named_modules():
         name = f"{mod_name}.weight"
         e = stored.get(name)
-        if e is None or e["format"] not in ("int8", "int4"):
+        if e is None or e["format"] == "fp32" or format_spec(e["format"]).kind != "int":
             continue
-        if "mask" in e:
+        if format_spec(e["format"]).group is not None:
+            plan.kept[name] = f"{e['format']}: group-wise scales (an int8 kernel has one scale per output channel)"
+        elif "mask" in e:
             plan.kept[name] = "element mask (one kernel cannot mix formats in a tensor)"
         elif isinstance(mod, nn.ConvTranspose2d):
             if SubPixelConvTranspose.fits(mod):

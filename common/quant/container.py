@@ -21,7 +21,7 @@ from .formats import dequantize_tensor, size_report
 FILE_VERSION = 3  # 2: one int scale for 1-D tensors; 3: quantized.safetensors instead of a torch.save container
 QUANTIZED_FILE = "quantized.safetensors"
 META_KEY = "laqfi_quantized"  # the safetensors metadata key holding the JSON record
-_FIELDS = ("data", "scale", "mask", "kept")
+_FIELDS = ("data", "scale", "mask", "kept", "codebook")
 
 
 def stored_digest(stored: dict) -> str:

@@ -15,12 +15,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-FORMATS = ("fp16", "bf16", "int8", "int4")
-BITS = {"fp32": 32, "fp16": 16, "bf16": 16, "int8": 8, "int4": 4}
+from ..core.format_names import format_spec
+
+FORMATS = ("fp16", "bf16", "int8", "int4")  # the poster's and the comparisons' menu (element masks allowed)
 _CAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
-_QMAX = {"int8": 127, "int4": 7}  # symmetric, round-to-nearest: codes -qmax..qmax
-
-
 @dataclass
 class Assignment:
     format: str
@@ -37,17 +35,28 @@ def channel_axes(model: nn.Module) -> dict:
     return axes
 
 
+def pack_codes(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes < 2^bits (any shape) -> uint8, as one little-endian bit stream: code i occupies bits
+    [i*bits, (i+1)*bits), each byte filled from its least significant bit; length ceil(n*bits/8). For 4 bits
+    that is two codes per byte, the first in the low nibble."""
+    u = u.flatten().to(torch.uint8)
+    stream = ((u[:, None] >> torch.arange(bits, dtype=torch.uint8)) & 1).flatten().bool()
+    return pack_bits(stream)
+
+
+def unpack_codes(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
+    """The ``n`` unsigned codes of ``pack_codes`` as uint8."""
+    stream = unpack_bits(packed, n * bits).view(n, bits).to(torch.uint8)
+    return (stream << torch.arange(bits, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
+
+
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
     """int8 codes in [-8, 7] (any shape) -> uint8, two per byte (low nibble first), length ceil(n/2)."""
-    u = (codes.flatten().to(torch.int16) + 8).to(torch.uint8)
-    if u.numel() % 2:
-        u = torch.cat([u, u.new_zeros(1)])
-    return u[0::2] | (u[1::2] << 4)
+    return pack_codes((codes.flatten().to(torch.int16) + 8).to(torch.uint8), 4)
 
 
 def unpack_int4(packed: torch.Tensor, n: int) -> torch.Tensor:
-    u = torch.stack([packed & 0x0F, packed >> 4], dim=1).flatten()[:n]
-    return u.to(torch.int8) - 8
+    return unpack_codes(packed, n, 4).to(torch.int8) - 8
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -66,8 +75,9 @@ def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def scale_groups(shape, axis: int) -> int:
-    """Number of int scales of a tensor: one per output channel, but one for a 1-D tensor (a bias or
-    norm weight has no channels; a scale per element would store it losslessly at more than fp32's size)."""
+    """Number of output channels of a tensor as quantization sees it (rows of the channel-first view): one per
+    output channel, but one for a 1-D tensor (a bias or norm weight has no channels; a scale per element
+    would store it losslessly at more than fp32's size)."""
     return shape[axis] if len(shape) > 1 else 1
 
 
@@ -83,70 +93,141 @@ def _from_channel_first(flat: torch.Tensor, shape, axis: int) -> torch.Tensor:
     return flat.reshape(moved).movedim(0, axis)
 
 
-def _encode(values_cf: torch.Tensor, fmt: str, scale):
-    """Encode channel-first values (C, K) or a 1-D selection with per-element scales."""
-    if fmt in _CAST:
-        return values_cf.to(_CAST[fmt]).clone()
-    codes = torch.round(values_cf / scale).clamp(-_QMAX[fmt], _QMAX[fmt]).to(torch.int8)
-    return codes.clone() if fmt == "int8" else pack_int4(codes)
+def _fp16_scale(amax: torch.Tensor, qmax: int) -> torch.Tensor:
+    """amax / qmax as fp16, never 0 or inf (an all-zero group gets 1, so its codes are 0, not NaN)."""
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    return scale.clamp(2.0 ** -24, 65504.0).half()  # the smallest fp16 subnormal: tiny groups round to 0
 
 
-def _decode(data: torch.Tensor, fmt: str, scale, n: int) -> torch.Tensor:
-    if fmt in _CAST:
-        return data.float().flatten()
-    codes = data.flatten() if fmt == "int8" else unpack_int4(data, n)
-    return codes.float() * scale
+def _group_view(cf: torch.Tensor, group: int) -> torch.Tensor:
+    """(C, K) -> (C, ceil(K / group), group), zero-padded at the end of each row."""
+    C, K = cf.shape
+    G = -(-K // group)
+    return torch.nn.functional.pad(cf, (0, G * group - K)).view(C, G, group)
+
+
+def kmeans_1d(x: torch.Tensor, k: int, iters: int = 30) -> torch.Tensor:
+    """Lloyd's k-means on each row of ``x`` (R, K) with k centroids, initialised at evenly spaced quantiles
+    (deterministic); an empty cluster keeps its centroid. Returns (R, k) sorted centroids."""
+    q = torch.linspace(0, 1, 2 * k + 1, dtype=x.dtype)[1::2]
+    c = torch.quantile(x, q, dim=1).T.contiguous()
+    for _ in range(iters):
+        idx = (x[:, :, None] - c[:, None, :]).abs().argmin(-1)
+        onehot = torch.nn.functional.one_hot(idx, k).to(x.dtype)
+        count = onehot.sum(1)
+        mean = (onehot * x[:, :, None]).sum(1) / count.clamp(min=1)
+        new = torch.where(count > 0, mean, c)
+        if torch.equal(new, c):
+            break
+        c = new
+    return c.sort(dim=1).values
 
 
 def quantize_tensor(w: torch.Tensor, fmt: str, axis: int = 0, mask=None) -> dict:
-    """Stored form of one fp32 tensor in ``fmt`` (whole tensor, or the elements where ``mask``)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+    """Stored form of one fp32 tensor in ``fmt`` (whole tensor, or the elements where ``mask``: classic formats
+    only). Fields: ``data`` (fp16/bf16 values, int8 codes, or b-bit codes / indices packed by ``pack_codes``),
+    ``scale`` (fp32 (C,) per channel, or fp16 (C, groups)), ``codebook`` (fp16 (C or 1, 2^b)), and for a mask
+    ``mask`` (packed bits) and ``kept`` (the fp32 elements it leaves)."""
+    spec = format_spec(fmt)
+    if mask is not None and (spec.group is not None or spec.kind == "codebook" or spec.bits < 4):
+        raise ValueError(f"format {fmt!r}: element masks are for fp16, bf16, int8 and int4 only")
     w = w.detach().float().cpu()
     cf = _channel_first(w, axis)
     entry = {"format": fmt, "shape": tuple(w.shape), "axis": axis}
-    scale_full = None
-    m = None if mask is None else _channel_first(mask.bool().cpu(), axis)
-    if fmt in _QMAX:
-        # Per output channel, over the elements actually quantized (the kept ones stay fp32, so their
-        # range must not coarsen the scale); an all-zero channel gets scale 1 so its codes are 0, not NaN.
-        amax = (cf.abs() if m is None else torch.where(m, cf.abs(), 0.0)).amax(dim=1)
-        scale = torch.where(amax > 0, amax / _QMAX[fmt], torch.ones_like(amax))
-        entry["scale"] = scale.clone()
-        scale_full = scale[:, None].expand_as(cf)
-    if m is None:
-        entry["data"] = _encode(cf, fmt, scale_full)
+    if spec.kind == "float":
+        if mask is None:
+            entry["data"] = cf.to(_CAST[fmt]).clone()
+            return entry
+        m = _channel_first(mask.bool().cpu(), axis)
+        entry.update(mask=pack_bits(m), data=cf[m].to(_CAST[fmt]).clone(), kept=cf[~m].clone())
         return entry
-    entry["mask"] = pack_bits(m)
-    entry["data"] = _encode(cf[m], fmt, None if scale_full is None else scale_full[m])
-    entry["kept"] = cf[~m].clone()
+    if spec.kind == "codebook":
+        rows = cf.reshape(1, -1) if spec.per_tensor else cf
+        book = kmeans_1d(rows.double(), 2 ** spec.bits).half()
+        # indices to the nearest *stored* (fp16) centroid, so de-quantization is exact
+        idx = (rows[:, :, None] - book.float()[:, None, :]).abs().argmin(-1)
+        entry.update(codebook=book.contiguous(), data=pack_codes(idx.to(torch.uint8), spec.bits))
+        return entry
+    if spec.group is not None:
+        g = _group_view(cf, spec.group)
+        scale = _fp16_scale(g.abs().amax(-1), spec.qmax)
+        codes = torch.round(g / scale.float()[..., None]).clamp(-spec.qmax, spec.qmax)
+        codes = codes.flatten(1)[:, :cf.shape[1]]
+        entry.update(scale=scale.contiguous(), data=pack_codes((codes + 2 ** (spec.bits - 1)).to(torch.uint8),
+                                                               spec.bits))
+        return entry
+    m = None if mask is None else _channel_first(mask.bool().cpu(), axis)
+    # Per output channel, over the elements actually quantized (the kept ones stay fp32, so their range must not
+    # coarsen the scale); an all-zero channel gets scale 1 so its codes are 0, not NaN.
+    amax = (cf.abs() if m is None else torch.where(m, cf.abs(), 0.0)).amax(dim=1)
+    scale = torch.where(amax > 0, amax / spec.qmax, torch.ones_like(amax))
+    entry["scale"] = scale.clone()
+    scale_full = scale[:, None].expand_as(cf)
+    values, s = (cf, scale_full) if m is None else (cf[m], scale_full[m])
+    codes = torch.round(values / s).clamp(-spec.qmax, spec.qmax).to(torch.int8)
+    entry["data"] = codes.clone() if spec.bits == 8 else pack_codes((codes.to(torch.int16) + 2 ** (spec.bits - 1))
+                                                                    .to(torch.uint8), spec.bits)
+    if m is not None:
+        entry.update(mask=pack_bits(m), kept=cf[~m].clone())
     return entry
+
+
+def int_codes(entry: dict) -> torch.Tensor:
+    """The signed integer codes of an "int" entry without a mask, channel-first (C, K), as int8."""
+    spec = format_spec(entry["format"])
+    n = math.prod(entry["shape"])
+    C = scale_groups(entry["shape"], entry["axis"])
+    if spec.bits == 8:
+        return entry["data"].reshape(C, -1)
+    u = unpack_codes(entry["data"], n, spec.bits)
+    return (u.to(torch.int16) - 2 ** (spec.bits - 1)).to(torch.int8).reshape(C, -1)
 
 
 def dequantize_tensor(entry: dict) -> torch.Tensor:
     """fp32 tensor of the original shape from a stored entry."""
     shape, axis, fmt = entry["shape"], entry["axis"], entry["format"]
+    spec = format_spec(fmt)
     C = scale_groups(shape, axis)
     n = math.prod(shape)
-    scale = entry.get("scale")
-    if "mask" not in entry:
-        s = None if scale is None else scale[:, None].expand(C, n // C).flatten()
-        flat = _decode(entry["data"], fmt, s, n)
-        return _from_channel_first(flat.reshape(C, -1), shape, axis)
-    m = unpack_bits(entry["mask"], n).reshape(C, -1)
-    out = torch.empty(C, n // C)
-    s = None if scale is None else scale[:, None].expand(C, n // C)[m]
-    out[m] = _decode(entry["data"], fmt, s, int(m.sum()))
-    out[~m] = entry["kept"]
+    K = n // C
+    if "mask" in entry:
+        m = unpack_bits(entry["mask"], n).reshape(C, -1)
+        out = torch.empty(C, K)
+        if spec.kind == "float":
+            out[m] = entry["data"].float()
+        else:
+            nq = int(m.sum())
+            codes = entry["data"] if spec.bits == 8 else unpack_int4(entry["data"], nq)
+            out[m] = codes.float() * entry["scale"][:, None].expand(C, K)[m]
+        out[~m] = entry["kept"]
+        return _from_channel_first(out, shape, axis)
+    if spec.kind == "float":
+        out = entry["data"].float().reshape(C, K)
+    elif spec.kind == "codebook":
+        book = entry["codebook"].float()
+        idx = unpack_codes(entry["data"], n, spec.bits).long()
+        out = (book[0][idx] if spec.per_tensor else book.gather(1, idx.view(C, K))).reshape(C, K)
+    elif spec.group is not None:
+        codes = int_codes(entry).float()
+        scale = entry["scale"].float().repeat_interleave(spec.group, dim=1)[:, :K]
+        out = codes * scale
+    else:
+        out = int_codes(entry).float() * entry["scale"][:, None]
     return _from_channel_first(out, shape, axis)
 
 
 def entry_bits(numel: int, channels: int, fmt: str, n_quantized=None) -> int:
-    """Analytic storage bits of one tensor (byte-rounded like the stored arrays); ``channels`` is its
-    number of scales, ``scale_groups(shape, axis)``."""
+    """Analytic storage bits of one tensor (byte-rounded like the stored arrays), scales and codebooks included;
+    ``channels`` is ``scale_groups(shape, axis)``, the rows of its channel-first view."""
+    spec = format_spec(fmt)
+
     def payload(k):
-        return 8 * math.ceil(k * BITS[fmt] / 8)
-    scales = 32 * channels if fmt in _QMAX else 0
+        return 8 * math.ceil(k * spec.bits / 8)
+    if spec.kind == "codebook":
+        return payload(numel) + 16 * 2 ** spec.bits * (1 if spec.per_tensor else channels)
+    if spec.group is not None:
+        return payload(numel) + 16 * channels * -(-(numel // channels) // spec.group)
+    scales = 32 * channels if spec.kind == "int" else 0
     if n_quantized is None:
         return payload(numel) + scales
     return 8 * math.ceil(numel / 8) + payload(n_quantized) + 32 * (numel - n_quantized) + scales

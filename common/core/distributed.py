@@ -1,0 +1,141 @@
+"""One launcher convention: every script runs plainly (one process, nothing initialised) or under
+``torchrun --nproc_per_node N script.py ...`` (``WORLD_SIZE`` > 1): NCCL on CUDA, gloo on CPU, one device per
+rank. Rank 0 alone writes shared files and shows progress bars; collectives time out after
+``LAQFI_DIST_TIMEOUT`` seconds (default 600), so a rank that dies makes the others fail instead of hanging, and
+torchrun ends the run with the failing rank's error and a non-zero exit status.
+"""
+import contextlib
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+_LOCAL = [0]  # depth of ``local()``: inside, this rank works alone on whole tasks
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    """Ranks that share the work at hand: 1 in a plain run and inside ``local()``."""
+    return dist.get_world_size() if _active() and not _LOCAL[0] else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if _active() and not _LOCAL[0] else 0
+
+
+def is_main() -> bool:
+    """Whether this process writes the work at hand's files (rank 0, or any rank inside ``local()``)."""
+    return rank() == 0
+
+
+def shows_progress() -> bool:
+    """Progress bars: rank 0's only, also inside ``local()``."""
+    return not _active() or dist.get_rank() == 0
+
+
+@contextlib.contextmanager
+def local():
+    """Each rank runs whole tasks of its own (a sweep's variants): no collective inside, its own locks and files."""
+    _LOCAL[0] += 1
+    try:
+        yield
+    finally:
+        _LOCAL[0] -= 1
+
+
+def work_alone():
+    """From now on this rank behaves as a single process (``local()`` for the rest of the run)."""
+    _LOCAL[0] += 1
+
+
+def rank0_first(fn):
+    """``fn()`` on rank 0 alone first (it computes and writes, e.g. a sweep's fp32 reference or a shared cache),
+    then on the other ranks, which find and reuse what it wrote. Every rank returns its own ``fn()``."""
+    if world_size() == 1:
+        return fn()
+    me = dist.get_rank()
+    out = None
+    if me == 0:
+        with local():
+            out = fn()
+    barrier()
+    if me != 0:
+        with local():
+            out = fn()
+    return out
+
+
+def map_tasks(tasks: list, fn) -> list:
+    """``fn(task)`` for every task, each on one rank (``shard``, alone: ``local()``); the results in task order
+    on every rank. A rank that raises ends its process; torchrun then stops the others and exits non-zero."""
+    share = shard(tasks)  # before local(), which makes this rank look alone
+    with local():
+        mine = [fn(t) for t in share]
+    return gather_in_order(mine, len(tasks))
+
+
+def launched() -> bool:
+    """True under torchrun (or any launcher that sets WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(device: torch.device) -> torch.device:
+    """Initialise the process group when launched with several ranks; returns this rank's device (the local
+    GPU under NCCL, the CPU under gloo). A plain run returns ``device`` unchanged and initialises nothing."""
+    if not launched() or dist.is_initialized():
+        return device
+    timeout = datetime.timedelta(seconds=float(os.environ.get("LAQFI_DIST_TIMEOUT", "600")))
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        dist.init_process_group("nccl", timeout=timeout)
+        return torch.device("cuda", local)
+    dist.init_process_group("gloo", timeout=timeout)
+    return device
+
+
+def barrier():
+    if world_size() > 1:
+        dist.barrier()
+
+
+def shard(items: list) -> list:
+    """This rank's share of ``items`` (every N-th, starting at its rank): whole tasks, in a fixed order."""
+    return items[rank()::world_size()]
+
+
+def gather_in_order(mine: list, total: int) -> list:
+    """The inverse of ``shard`` for per-item results (any picklable objects): every rank gets all ``total``
+    items back in their original order."""
+    if world_size() == 1:
+        return list(mine)
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, mine)
+    out = [None] * total
+    for r, part in enumerate(parts):
+        out[r::world_size()] = part
+    return out
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shutdown():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

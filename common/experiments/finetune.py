@@ -1,0 +1,463 @@
+"""W4A4 that holds up: reconstruction (Q-Diffusion / BRECQ-style AdaRound) and selective finetuning (QuEST), with
+Fisher information choosing what to train.
+
+Every conv / linear weight but the first and last conv's is stored in b-bit integer codes (per output channel;
+the two ends in ``lowbit.keep_format``) and every quantized input at a bits with per-timestep-group ranges
+(``finetune.range_mode``), the budget 'W4A4' naming both. Calibration data comes from the teacher: the fp32
+model's own sampling trajectories (x_t, t) over the whole chain from ``finetune.calib_seed`` (never an evaluation
+seed), or, with ``finetune.calib_source: noised``, training images noised by q(x_t | x_0). Methods:
+
+* ``none``: round to nearest, calibrated min-max ranges (plain post-training quantization);
+* ``reconstruction``: per layer, AdaRound's learned rounding and LSQ steps for its input minimise the squared
+  error of the layer's output against the fp32 layer on the fp32 layer's calibration inputs;
+* ``quest``, ``fisher``, ``all``: finetuning with the weights' quantizer in the loop (straight-through) and LSQ
+  steps for every quantized input, loss = ||eps_student - eps_teacher||^2 + ``local_weight`` * mean over the
+  trained layers of their output MSE against the teacher's; ``quest`` trains QuEST's choice (the time-embedding
+  path: time MLP and every time_proj, and the attention projections), ``fisher`` the same number of layers with
+  the largest weight + activation Fisher (the one-step estimate ½ΣFΔW² at the budget's weight bits plus the
+  activation Fisher at its activation bits), ``all`` every quantized layer.
+
+After optimisation the learned codes and steps are exported to ``quantized.safetensors`` and
+``act_quant.safetensors`` and the variant is evaluated from those files (``act_pipeline.save_and_evaluate``).
+"""
+import copy
+import os
+import resource
+import time
+
+import numpy as np
+import torch
+from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
+
+from ..core import distributed, lock, storage
+from ..core.budget import parse_wa_budget
+from ..core.cli import command
+from ..core.config import to_dict
+from ..diffusion.data import mnist_tensor
+from ..diffusion.samplers import build_sampler
+from ..diffusion.schedule import NoiseSchedule
+from ..evaluation import evaluate
+from ..importance.fisher import draw_samples
+from ..importance.weights import fisher_distortion_costs
+from ..quant.activations import ActQuantizer, LayerQuant
+from ..quant.backends import calibration_inputs
+from ..quant.eligibility import eligible_names, end_convs
+from ..quant.formats import channel_axes, dequantize_tensor, quantize_tensor
+from ..quant.learnable import LearnedActQuant, WeightQuant, export_weight
+from . import lowbit, pipeline
+from .act_pipeline import act_layout, ensure_act_importance, ensure_ranges, mode_groups, save_and_evaluate
+from .report import paired_test, per_seed, pyplot, save_figure, write_summary_files
+
+METHODS = ("none", "reconstruction", "quest", "fisher", "all")
+COLUMNS = ["budget", "method", "seed", "variant", "trainable_params", "steps", "seconds", "paired_mse_vs_fp32",
+           "paired_mse_median", "clf_fid", "clf_is"]
+
+
+def finetune_config(cfg):
+    """``cfg`` with the comparison's sample budget, writing under runs/<run>/finetune/."""
+    c = pipeline.sub_run_config(cfg, "finetune", cfg.finetune)
+    c.act_quant.range_modes = [cfg.finetune.range_mode]
+    return c
+
+
+def finetune_dir(cfg) -> str:
+    return storage.run_dir(finetune_config(cfg))
+
+
+def quest_layers(model) -> list:
+    """QuEST's rule: the time-embedding path (time MLP, every ResBlock's time projection) and the attention
+    projections, among the quantized layers."""
+    names = [n.removesuffix(".weight") for n in eligible_names(model, lowbit.RULE)]
+    return [n for n in names if n.startswith("time_mlp") or ".time_proj" in n or ".attention_layer." in n]
+
+
+# ----------------------------------------------------------------------------- data and the student
+def calibration_pool(c, model, device, progress=True):
+    """(x_t, t) pairs the teacher meets: its sampling trajectories from ``calib_seed`` (every step), or noised
+    training images. Returns (x (N, C, H, W), t (N,))."""
+    ft = c.finetune
+    shape = (c.model.in_channels, c.data.image_size, c.data.image_size)
+    if ft.calib_source == "noised":
+        x0, t, eps = draw_samples(mnist_tensor(c.data, "train")[0], ft.calib_images * 20, c.diffusion.timesteps,
+                                  ft.calib_seed)
+        return NoiseSchedule.from_config(c.diffusion).q_sample(x0, t, eps), t
+    sampler = build_sampler(c.sample, NoiseSchedule.from_config(c.diffusion))
+    pairs = calibration_inputs(model, sampler, ft.calib_images, shape, ft.calib_seed, progress=progress)
+    return torch.cat([x for x, _ in pairs]).cpu(), torch.cat([t.expand(len(x)) for x, t in pairs]).cpu()
+
+
+class Student:
+    """A copy of the fp32 model whose quantized weights are parametrized (``WeightQuant``) and whose quantized
+    inputs pass learned-step quantizers; ``export`` writes what it has learned as stored entries and an
+    ``ActQuantizer``."""
+
+    def __init__(self, c, model, w_bits, a_bits, ranges, mode):
+        self.model = copy.deepcopy(model).train()
+        self.model.requires_grad_(False)
+        params, axes = dict(model.named_parameters()), channel_axes(model)
+        fmt = f"int{w_bits}"
+        self.names = eligible_names(model, lowbit.RULE)
+        self.ends = end_convs(model)
+        self.keep = {n: quantize_tensor(params[n], c.lowbit.keep_format, axes[n]) for n in self.ends}
+        mods = dict(self.model.named_modules())
+        self.wq = {}
+        for n in self.names:
+            mod = mods[n.removesuffix(".weight")]
+            self.wq[n] = WeightQuant(params[n], fmt, axes[n], mode)
+            parametrize.register_parametrization(mod, "weight", self.wq[n])
+        with torch.no_grad():  # the ends hold their stored values
+            own = dict(self.model.named_parameters())
+            for n, e in self.keep.items():
+                own[n].copy_(dequantize_tensor(e))
+        names, kept, splits, token = act_layout(c, model)
+        self.aq = {n: LearnedActQuant(LayerQuant.from_ranges(ranges[n], a_bits, c.act_quant.symmetric, "tensor",
+                                                            splits.get(n)))
+                   for n in names if n not in kept and n not in token}
+        self.quantizer = ActQuantizer(self.aq, mode_groups(c, c.finetune.range_mode), c.diffusion.timesteps,
+                                      c.act_quant.softmax_bits).attach(self.model)
+        for m in list(self.wq.values()) + list(self.aq.values()):  # the methods switch on what they train
+            m.requires_grad_(False)
+
+    def original(self, n):
+        """The trainable tensor under the parametrization of weight ``n``."""
+        mod = dict(self.model.named_modules())[n.removesuffix(".weight")]
+        return mod.parametrizations.weight.original
+
+    def export(self, fp32_model):
+        stored = {}
+        for n, p in fp32_model.named_parameters():
+            if n in self.wq:
+                stored[n] = export_weight(self.wq[n], self.original(n))
+            elif n in self.keep:
+                stored[n] = self.keep[n]
+            else:
+                stored[n] = {"format": "fp32", "data": p.detach().cpu().clone()}
+        q = ActQuantizer({n: a.export() for n, a in self.aq.items()}, self.quantizer.groups,
+                         self.quantizer.timesteps, self.quantizer.softmax_bits)
+        return stored, q
+
+    def trainable(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad) + sum(
+            a.step.numel() for a in self.aq.values() if a.step.requires_grad)
+
+
+# ----------------------------------------------------------------------------- methods
+def reconstruct(c, student, teacher, pool, progress=True):
+    """Layer by layer: AdaRound rounding + the layer's input LSQ steps, minimising the output error against the
+    fp32 layer on the fp32 inputs of ``pool``. Returns (optimisation steps, loss history summary)."""
+    ft = c.finetune
+    tmods, smods = dict(teacher.named_modules()), dict(student.model.named_modules())
+    layers = [n.removesuffix(".weight") for n in student.names]
+    gen = torch.Generator().manual_seed(ft.calib_seed)
+    idx = torch.randperm(len(pool[0]), generator=gen)[:ft.recon_samples]
+    x, t = pool[0][idx], pool[1][idx]
+    captured = {}
+    hooks = [tmods[n].register_forward_hook(lambda m, a, o, n=n: captured.__setitem__(n, (a[0].detach(), o.detach())))
+             for n in layers]
+    group_t = {}
+    with torch.no_grad():
+        for b in range(0, len(x), 64):
+            teacher(x[b:b + 64], t[b:b + 64])
+            for n in layers:
+                i, o = captured[n]
+                group_t.setdefault(n, []).append((i, o, t[b:b + 64]))
+    for h in hooks:
+        h.remove()
+    steps, first, last = 0, [], []
+    bar = tqdm(layers, desc="reconstruct", disable=not progress)
+    for n in bar:
+        mod, wq, aq = smods[n], student.wq[f"{n}.weight"], student.aq.get(n)
+        params = [wq.v] + ([aq.step] if aq is not None else [])
+        for p in params:
+            p.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=ft.recon_lr)
+        ins = torch.cat([i for i, _, _ in group_t[n]])
+        outs = torch.cat([o for _, o, _ in group_t[n]])
+        ts = torch.cat([tt for _, _, tt in group_t[n]])
+        groups = (ts * student.quantizer.groups // c.diffusion.timesteps).clamp(0, student.quantizer.groups - 1)
+        for k in range(ft.recon_iters):
+            sel = torch.randint(0, len(ins), (min(ft.recon_batch, len(ins)),), generator=gen)
+            xi = ins[sel] if aq is None else aq.apply(ins[sel], groups[sel])
+            out = mod.forward(xi)  # forward() skips the pre-hook: the input was quantized above
+            rec = (out - outs[sel]).pow(2).mean()
+            beta = 20 - (20 - 2) * k / max(1, ft.recon_iters - 1)
+            loss = rec + ft.recon_lambda * wq.regularizer(beta) / wq.v.numel()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if k == 0:
+                first.append(float(rec))
+        last.append(float(rec))
+        steps += ft.recon_iters
+        for p in params:
+            p.requires_grad_(False)
+        del group_t[n]
+    return steps, {"layers": len(layers), "first_mse_mean": float(np.mean(first)),
+                   "last_mse_mean": float(np.mean(last))}
+
+
+def finetune(c, student, teacher, pool, layers, progress=True):
+    """Train the weights of ``layers`` (straight-through) and every input's LSQ steps against the teacher:
+    eps MSE + ``local_weight`` x the trained layers' output MSE. Returns (steps, loss summary)."""
+    ft = c.finetune
+    tmods, smods = dict(teacher.named_modules()), dict(student.model.named_modules())
+    weights = [student.original(f"{n}.weight") for n in layers]
+    steps_p = [a.step for a in student.aq.values()]
+    for p in weights + steps_p:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam([{"params": weights, "lr": ft.lr}, {"params": steps_p, "lr": ft.step_lr}])
+    t_out, s_out = {}, {}
+    hooks = [tmods[n].register_forward_hook(lambda m, a, o, n=n: t_out.__setitem__(n, o)) for n in layers] + \
+            [smods[n].register_forward_hook(lambda m, a, o, n=n: s_out.__setitem__(n, o)) for n in layers]
+    gen = torch.Generator().manual_seed(ft.calib_seed + 1)
+    losses = []
+    try:
+        for _ in tqdm(range(ft.steps), desc="finetune", disable=not progress):
+            sel = torch.randint(0, len(pool[0]), (ft.batch_size,), generator=gen)
+            x, t = pool[0][sel], pool[1][sel]
+            with torch.no_grad():
+                eps_t = teacher(x, t)
+            eps_s = student.model(x, t)
+            loss = (eps_s - eps_t).pow(2).mean()
+            if layers and ft.local_weight:
+                loss = loss + ft.local_weight * sum((s_out[n] - t_out[n]).pow(2).mean() for n in layers) / len(layers)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+    finally:
+        for h in hooks:
+            h.remove()
+        for p in weights + steps_p:
+            p.requires_grad_(False)
+    k = max(1, len(losses) // 10)
+    return ft.steps, {"first_loss": float(np.mean(losses[:k])), "last_loss": float(np.mean(losses[-k:]))}
+
+
+def fisher_layers(cfg, c, model, ckpt_path, sha, ranges, w_bits, a_bits, k, device, progress):
+    """The ``k`` quantized layers with the largest weight + activation Fisher estimate at this budget (the weight
+    Fisher over the all_but_ends tensors is the one ``make lowbit`` caches)."""
+    fisher = lowbit.ensure_fisher(lowbit.lowbit_config(cfg), model, ckpt_path, progress, device)
+    params, axes = dict(model.named_parameters()), channel_axes(model)
+    fmt = f"int{w_bits}"
+    err = {n: {fmt: params[n].detach() - _dequant(params[n], fmt, axes[n])} for n in fisher["diag"]}
+    w_cost = fisher_distortion_costs(fisher["diag"], err)
+    imp = ensure_act_importance(c, model, c.finetune.range_mode, ranges, sha, device, progress)
+    score = {}
+    for n in eligible_names(model, lowbit.RULE):
+        m = n.removesuffix(".weight")
+        score[m] = w_cost[n][fmt] + float((imp["fisher"].get(m) or {}).get(a_bits, 0.0))
+    return sorted(score, key=lambda m: -score[m])[:k], score
+
+
+def _dequant(w, fmt, axis):
+    return dequantize_tensor(quantize_tensor(w, fmt, axis))
+
+
+# ----------------------------------------------------------------------------- the comparison
+def variant_name(method, budget):
+    return f"{method}_{budget}"
+
+
+def run_finetune(cfg, device, force=False, progress=True):
+    """Every (budget, method) variant: {variant: (budget, method, metrics)}."""
+    c = finetune_config(cfg)
+    ft = cfg.finetune
+    model, ckpt_path, fisher = pipeline.load_artifacts(cfg, device, force=False, progress=progress)
+    sha = fisher["meta"]["checkpoint_sha256"]
+
+    def calibrated():
+        with lock.hold(storage.baseline_dir(c)):
+            return ensure_ranges(c, model, ft.range_mode, sha, device, progress)
+
+    ranges = distributed.rank0_first(calibrated)
+    done = {"fp32": (None, "fp32", distributed.rank0_first(
+        lambda: pipeline.evaluate_fp32(c, model, ckpt_path, device, force, progress)))}
+    quest = quest_layers(model)
+    pool = []  # the teacher's calibration pairs, computed once per process when a method needs them
+    tasks = [(budget, method) for budget in ft.budgets for method in ft.methods]
+
+    def one(task):
+        budget, method = task
+        variant = variant_name(method, budget)
+        with lock.hold(evaluate.variant_dir(c, variant)):
+            if _reusable(cfg, c, variant, force):
+                print(f"[{variant}] reusing {evaluate.variant_dir(c, variant)}/metrics.json")
+                return storage.load_json(os.path.join(evaluate.variant_dir(c, variant), "metrics.json"))
+            if not pool and method != "none":
+                pool.append(calibration_pool(c, model, device, progress))
+            return optimise_and_evaluate(cfg, c, model, ckpt_path, sha, ranges, budget, method, quest,
+                                         pool[0] if pool else None, device, progress)
+
+    # every variant on one rank of a torchrun (each alone, with its own lock and files), in this order
+    for (budget, method), r in zip(tasks, distributed.map_tasks(tasks, one), strict=True):
+        done[variant_name(method, budget)] = (budget, method, r)
+    return done
+
+
+def optimise_and_evaluate(cfg, c, model, ckpt_path, sha, ranges, budget, method, quest, pool, device, progress):
+    """One variant: build the student, run ``method``, export, save, evaluate from the files."""
+    ft = cfg.finetune
+    (_, (w_bits, a_bits)), = [p for p in parse_wa_budget(budget) if p[0] == "wa"]
+    variant = variant_name(method, budget)
+    t0 = time.time()
+    student = Student(c, model, w_bits, a_bits, ranges, "adaround" if method == "reconstruction" else "ste")
+    layers, info, steps = [], {}, 0
+    if method == "reconstruction":
+        steps, info = reconstruct(c, student, model, pool, progress)
+        layers = [n.removesuffix(".weight") for n in student.names]
+    elif method in ("quest", "fisher", "all"):
+        if method == "quest":
+            layers = quest
+        elif method == "all":
+            layers = [n.removesuffix(".weight") for n in student.names]
+        else:
+            layers, _ = fisher_layers(cfg, c, model, ckpt_path, sha, ranges, w_bits, a_bits, len(quest), device,
+                                      progress)
+        steps, info = finetune(c, student, model, pool, layers, progress)
+    seconds = time.time() - t0
+    params = dict(model.named_parameters())
+    if method in ("quest", "fisher", "all"):
+        trained = sum(params[f"{m}.weight"].numel() for m in layers)
+    elif method == "reconstruction":
+        trained = sum(student.wq[n].v.numel() for n in student.wq)
+    else:
+        trained = 0
+    trained += 0 if method == "none" else sum(a.step.numel() for a in student.aq.values())
+    stored, q = student.export(model)
+    extra = {"strategy": "finetune", "method": method, "budget": budget, "checkpoint_sha256": sha,
+             "w_bits_format": f"int{w_bits}", "a_bits": a_bits, "range_mode": ft.range_mode,
+             "calib_source": ft.calib_source, "trainable_params": int(trained), "layers_trained": layers,
+             "optimisation_steps": int(steps), "optimisation_seconds": round(seconds, 1),
+             "peak_rss_mb_so_far": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+             "optimisation": info, "settings": to_dict(ft)}
+    provenance = {"method": method, "budget": budget, "checkpoint_sha256": sha,
+                  "calib": {"source": ft.calib_source, "images": ft.calib_images, "seed": ft.calib_seed}}
+    return save_and_evaluate(c, variant, model, stored, q, extra, provenance, {"layers_trained": layers}, device,
+                             True, progress)
+
+
+def _reusable(cfg, c, variant, force):
+    """A finished variant whose folder is intact (``evaluate.reusable`` without its fingerprint: optimisation is
+    not repeated to recompute one); ``force`` recomputes."""
+    path = os.path.join(evaluate.variant_dir(c, variant), "metrics.json")
+    if force or not os.path.exists(path):
+        return False
+    try:
+        old = storage.load_json(path)
+    except storage.CorruptFileError:
+        return False
+    if old.get("settings") != to_dict(c.finetune) or old.get("eval_fingerprint") != evaluate.eval_fingerprint(c):
+        return False
+    evaluate.raise_first_problem(evaluate.integrity.check_variant(os.path.dirname(path)),
+                                 f"recompute with `{command(cfg, None, '--force')}`")
+    return True
+
+
+# ----------------------------------------------------------------------------- outputs
+def _ms(y, digits=3):
+    y = y[~np.isnan(y)]
+    if not len(y):
+        return "–"
+    return f"{y.mean():.{digits}g} ± {y.std(ddof=1):.2g}" if len(y) > 1 else f"{y.mean():.{digits}g}"
+
+
+def summary_markdown(cfg, done, seconds=None) -> str:
+    ft = cfg.finetune
+    ref = done["fp32"][2]
+    lines = [f"# W4A4 that holds up (`{finetune_dir(cfg)}`)", "",
+             f"{ft.n_images} images per seed × seeds {ft.seeds}, paired noise; weights: every conv / linear but the "
+             f"first and last conv (those {cfg.lowbit.keep_format}); activations: every quantized input, "
+             f"{ft.range_mode} ranges; calibration: {ft.calib_source} ({ft.calib_images} images, seed "
+             f"{ft.calib_seed}); finetuning {ft.steps} steps × batch {ft.batch_size}, reconstruction "
+             f"{ft.recon_iters} iterations per layer. Seconds: optimisation wall time on this machine."
+             + (f" This invocation: {seconds / 60:.1f} min." if seconds else ""), "",
+             "| budget | method | trainable params | steps | s | paired MSE | median paired MSE | clf-FID | "
+             "clf-FID / fp32 | clf-IS |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+             f"| reference | fp32 | – | – | – | 0 | 0 | {_ms(per_seed(ref, 'clf_fid'))} | 1 | "
+             f"{_ms(per_seed(ref, 'clf_is'))} |"]
+    fp_fid = np.nanmean(per_seed(ref, "clf_fid"))
+    for v, (budget, method, r) in done.items():
+        if v == "fp32":
+            continue
+        lines.append(f"| {budget} | {method} | {r['trainable_params']:,} | {r['optimisation_steps']:,} | "
+                     f"{r['optimisation_seconds']:.0f} | {_ms(per_seed(r, 'paired_mse_vs_fp32'))} | "
+                     f"{_ms(per_seed(r, 'paired_mse_median'))} | {_ms(per_seed(r, 'clf_fid'))} | "
+                     f"{np.nanmean(per_seed(r, 'clf_fid')) / fp_fid:.2f} | {_ms(per_seed(r, 'clf_is'))} |")
+    lines += ["", "## Verdicts", "", "B − A: mean paired per-seed difference (± s.e.m.); lower is better, so a "
+              "positive difference favours A; **better** when a two-sided paired t-test at 5% says so.", "",
+              "| comparison (A vs B) | paired MSE: B − A | clf-FID: B − A |", "|---|---|---|"]
+    by = {(b, m): r for b, m, r in done.values() if m != "fp32"}
+    pairs = [(b, "fisher", "quest") for b, m in by if m == "fisher" and (b, "quest") in by]
+    pairs += [(b, m, "none") for b, m in by if m != "none" and (b, "none") in by]
+    for b, a_m, b_m in pairs:
+        cells = []
+        for key in ("paired_mse_vs_fp32", "clf_fid"):
+            mean, sem, sig = paired_test(per_seed(by[(b, b_m)], key) - per_seed(by[(b, a_m)], key))
+            word = "within noise" if not sig else (f"{a_m} better" if mean > 0 else f"{b_m} better")
+            cells.append(f"{mean:+.3g} ± {sem:.2g}: **{word}**")
+        lines.append(f"| {b}: {a_m} vs {b_m} | {cells[0]} | {cells[1]} |")
+    lines += ["", "## Selective finetuning against training everything", ""] + recovery_lines(by)
+    lines += ["", "![finetune](finetune.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def recovery_lines(by) -> list:
+    out = ["| budget | method | share of `all`'s paired-MSE reduction | share of `all`'s trainable params |",
+           "|---|---|---:|---:|"]
+    for b in sorted({b for b, _ in by}):
+        if not {(b, "all"), (b, "none")} <= set(by):
+            continue
+        none, full = (np.nanmean(per_seed(by[(b, m)], "paired_mse_vs_fp32")) for m in ("none", "all"))
+        for m in ("quest", "fisher", "reconstruction"):
+            if (b, m) in by:
+                mine = np.nanmean(per_seed(by[(b, m)], "paired_mse_vs_fp32"))
+                share = (none - mine) / (none - full) if none != full else float("nan")
+                params = by[(b, m)]["trainable_params"] / max(1, by[(b, "all")]["trainable_params"])
+                out.append(f"| {b} | {m} | {share:.0%} | {params:.0%} |")
+    return out
+
+
+def rows(done):
+    out = []
+    for v, (budget, method, r) in done.items():
+        for s in r["seeds"]:
+            ps = r["per_seed"][str(s)]
+            out.append({"budget": budget or "", "method": method, "seed": s, "variant": v,
+                        "trainable_params": r.get("trainable_params"), "steps": r.get("optimisation_steps"),
+                        "seconds": r.get("optimisation_seconds"), "paired_mse_vs_fp32": ps["paired_mse_vs_fp32"],
+                        "paired_mse_median": ps.get("paired_mse_median"), "clf_fid": ps["clf_fid"],
+                        "clf_is": ps["clf_is"]})
+    return out
+
+
+def plot(done, cfg, path):
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False)
+    for ax, key, label in ((axes[0][0], "paired_mse_vs_fp32", "paired MSE vs fp32"),
+                           (axes[0][1], "clf_fid", "classifier-FID")):
+        for i, budget in enumerate(cfg.finetune.budgets):
+            pts = sorted((max(1, r["trainable_params"]), np.nanmean(per_seed(r, key)),
+                          float(np.nanstd(per_seed(r, key))), m) for b, m, r in done.values() if b == budget)
+            for x, y, e, m in pts:
+                ax.errorbar(x, y, yerr=e, marker="o", color=f"C{i}", capsize=3)
+                ax.annotate(m, (x, y), fontsize=6)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=f"C{i}", lw=0.8, label=budget)
+        if key == "clf_fid":
+            ax.axhline(np.nanmean(per_seed(done["fp32"][2], key)), color="k", ls="--", lw=1, label="fp32")
+        ax.set_xscale("log")
+        ax.set_yscale("log" if key != "clf_fid" else "linear")
+        ax.set_xlabel("trainable parameters (1 = none)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    return save_figure(fig, path)
+
+
+def write_outputs(cfg, done, seconds=None) -> str:
+    folder = finetune_dir(cfg)
+    fig = plot(done, cfg, os.path.join(folder, "finetune.png"))
+    md = summary_markdown(cfg, done, seconds)
+    write_summary_files(folder, cfg, rows(done), COLUMNS, md, [fig], done)
+    return md
+

@@ -1,0 +1,641 @@
+"""Below 4 bits: sub-4-bit weight formats allocated by several sensitivities, with quantized activations.
+
+Eligibility ``all_but_ends``: every conv / linear weight but the first and last conv (stored in
+``lowbit.keep_format``); biases and norms stay fp32. For each budget ('3.5bits@A8': average stored bits per
+weight over all parameters, scales and codebooks included, and the activation bits of every quantized input) and
+each menu of formats (``uniform``: int8, group-wise and per-channel int4/int3/int2; ``codebook``: int8 and k-means
+km4/km3/km2), a plan chooses one format per tensor:
+
+* ``uniform``: one format for every tensor, the one with most bits that fits;
+* ``fisher``: the exact allocator on 1/2 sum F (W - Q_f(W))^2, the one-step Fisher (``importance.fisher``);
+* ``chain_fisher``: the same with the chain-aware Fisher of the final sample (``importance.chain``);
+* ``fisher_iterative``: allocate, recompute the Fisher on the quantized model, re-allocate (``importance.iterative``);
+* ``learned``: the allocator on a predictor fitted to measured random configurations (``importance.predictor``);
+* ``magnitude``, ``random``: controls through the same allocator.
+
+Activations: every quantizable input but the first and last conv's at the budget's bits with calibrated
+per-timestep-group ranges (``lowbit.range_mode``; the W/A pipeline's calibration). Every variant is saved, rebuilt
+from its files and evaluated with ``lowbit.seeds`` x ``lowbit.n_images`` paired samples. The predictors' quality
+is measured on held-out configurations: Kendall tau and Spearman rho against the one-step noise-prediction error
+and the final samples' damage, beside the test-retest ceiling of that damage under a second noise seed.
+Everything lands in ``runs/<run>/lowbit/``.
+"""
+import copy
+import os
+import time
+
+import numpy as np
+from scipy.stats import kendalltau, spearmanr
+
+from ..core import distributed, lock, storage
+from ..core.budget import budget_bits, parse_size_at_bits, size_at_bits_tag
+from ..core.config import to_dict
+from ..diffusion.data import mnist_tensor
+from ..diffusion.samplers import build_sampler
+from ..diffusion.schedule import NoiseSchedule
+from ..evaluation import evaluate
+from ..importance.chain import chain_fisher
+from ..importance.fisher import draw_samples
+from ..importance.iterative import iterative_fisher
+from ..importance.predictor import ConfigMeasurer, config_bits, fit_predictor, measure_all, random_configs
+from ..importance.weights import costs_from_scores, fisher_distortion_costs, magnitude_scores, random_scores
+from ..quant.activations import ActQuantizer, LayerQuant
+from ..quant.allocate import InfeasibleBudgetError, allocate
+from ..quant.container import read_quantized, save_quantized
+from ..quant.eligibility import eligible_names, end_convs
+from ..quant.formats import channel_axes, dequantize_tensor, entry_bits, quantize_tensor, scale_groups
+from . import pipeline
+from .act_pipeline import act_layout, ensure_ranges, mode_groups, save_and_evaluate
+from .report import paired_test, per_seed, pyplot, save_figure, write_summary_files
+
+RULE = "all_but_ends"
+COLUMNS = ["budget", "quantizer", "plan", "seed", "variant", "avg_bits", "a_bits", "size_mb", "paired_mse_vs_fp32",
+           "paired_mse_median", "clf_fid", "clf_is", "fid", "plan_seconds"]
+
+
+def lowbit_config(cfg):
+    """``cfg`` with the comparison's sample budget, writing under runs/<run>/lowbit/."""
+    return pipeline.sub_run_config(cfg, "lowbit", cfg.lowbit)
+
+
+def lowbit_dir(cfg) -> str:
+    return storage.run_dir(lowbit_config(cfg))
+
+
+def _cache(c, name) -> str:
+    """A cached artifact of the comparison's own baseline folder (``c``: the comparison's config)."""
+    return os.path.join(storage.baseline_dir(c), name)
+
+
+# ----------------------------------------------------------------------------- the tensors and their formats
+class Table:
+    """Every eligible tensor in every format of the menus: stored entries (read back from ``formats.safetensors``),
+    their de-quantized values, squared errors and stored bits; the fixed bits of everything else."""
+
+    def __init__(self, cfg, model, sha, progress=True):
+        lb = cfg.lowbit
+        self.names = eligible_names(model, RULE)
+        self.ends = end_convs(model)
+        self.formats = list(dict.fromkeys(lb.uniform_menu + lb.codebook_menu))
+        self.menus = {"uniform": list(lb.uniform_menu), "codebook": list(lb.codebook_menu)}
+        params, axes = dict(model.named_parameters()), channel_axes(model)
+        self.total = sum(p.numel() for p in params.values())
+        path = _cache(cfg, "formats.safetensors")
+        inputs = {"checkpoint_sha256": sha, "formats": self.formats, "names": self.names, "ends": self.ends,
+                  "keep_format": lb.keep_format}
+        blob = None
+        if os.path.exists(path):
+            try:
+                blob = read_quantized(path)
+                if blob["provenance"].get("inputs") != inputs:
+                    blob = None
+            except (ValueError, OSError) as e:
+                print(f"[lowbit] {path}: {e}; rewriting it")
+                blob = None
+        if blob is None:
+            t0 = time.time()
+            stored = {f"{n}@{f}": quantize_tensor(params[n], f, axes[n]) for n in self.names for f in self.formats}
+            stored.update({f"{n}@{lb.keep_format}": quantize_tensor(params[n], lb.keep_format, axes[n])
+                           for n in self.ends})
+            save_quantized(stored, path, {"model": to_dict(cfg.model), "timesteps": cfg.diffusion.timesteps},
+                           {"inputs": inputs, "what": "every eligible tensor in every format of the menus",
+                            "seconds": round(time.time() - t0, 1)})
+            print(f"[lowbit] {len(self.names)} tensors x {len(self.formats)} formats in {time.time() - t0:.0f} s "
+                  f"-> {path}")
+            blob = read_quantized(path)  # from here on, what the file holds
+        self.entries = {}
+        for key, e in blob["tensors"].items():
+            n, f = key.rsplit("@", 1)
+            self.entries.setdefault(n, {})[f] = e
+        self.values = {n: {f: dequantize_tensor(e) for f, e in fs.items()} for n, fs in self.entries.items()}
+        self.errors = {n: {f: params[n].detach().cpu() - self.values[n][f] for f in self.formats} for n in self.names}
+        self.sq_error = {n: {f: float(e.double().pow(2).sum()) for f, e in es.items()} for n, es in self.errors.items()}
+        self.bits = {n: {f: entry_bits(params[n].numel(), scale_groups(params[n].shape, axes[n]), f)
+                         for f in self.formats} for n in self.names}
+        eligible = set(self.names) | set(self.ends)
+        self.fixed = 32 * sum(p.numel() for n, p in params.items() if n not in eligible) + sum(
+            entry_bits(params[n].numel(), scale_groups(params[n].shape, axes[n]), lb.keep_format) for n in self.ends)
+
+    def menu_bits(self, menu):
+        return {n: {f: self.bits[n][f] for f in self.menus[menu]} for n in self.names}
+
+    def avg_bits(self, choice):
+        return config_bits(choice, self.bits, self.fixed) / self.total
+
+    def stored(self, model, choice, keep_format):
+        """The stored entries of a variant: ``choice`` for the eligible tensors, the ends in ``keep_format``,
+        everything else fp32."""
+        out = {}
+        for n, p in model.named_parameters():
+            if n in choice:
+                out[n] = self.entries[n][choice[n]]
+            elif n in self.ends:
+                out[n] = self.entries[n][keep_format]
+            else:
+                out[n] = {"format": "fp32", "data": p.detach().cpu().clone()}
+        return out
+
+
+# ----------------------------------------------------------------------------- sensitivities (cached)
+def ensure_fisher(cfg, model, ckpt_path, progress=True, device="cpu"):
+    """The one-step Fisher over the ``all_but_ends`` tensors, bound to the checkpoint."""
+    return pipeline.ensure_rule_fisher(cfg, model, ckpt_path, RULE, _cache(cfg, "fisher_all_but_ends.pt"), device,
+                                       progress)
+
+
+def ensure_chain(cfg, model, names, ckpt_path, progress=True, device="cpu"):
+    lb = cfg.lowbit
+    path = _cache(cfg, "chain_fisher.pt")
+    inputs = {"chains": lb.chain_chains, "projections": lb.chain_projections, "seed": lb.predictor_seed,
+              "sample": to_dict(cfg.sample), "diffusion": to_dict(cfg.diffusion), "names": names}
+    if os.path.exists(path):
+        try:
+            art = storage.load_for_checkpoint(path, ckpt_path, "it is recomputed")
+            if art["meta"].get("inputs") == inputs:
+                print(f"[lowbit] reusing {path}")
+                return art
+        except (storage.CheckpointMismatchError, storage.CorruptFileError):
+            pass
+    sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
+    shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
+    art = chain_fisher(model, sampler, names, shape, lb.chain_chains, lb.chain_projections, lb.predictor_seed,
+                       device, progress)
+    art["meta"]["inputs"] = inputs
+    storage.save_for_checkpoint(art, path, ckpt_path)
+    rel = [v for v in art["rel_sem"].values() if v == v]
+    print(f"[lowbit] chain-aware Fisher ({lb.chain_chains} chains x {lb.chain_projections} projections) in "
+          f"{art['meta']['seconds']} s, median relative s.e.m. {np.median(rel):.2f} -> {path}")
+    return art
+
+
+def eps_inputs(cfg, n, seed, device):
+    """(x_t, t) of ``n`` noised training images, drawn like the Fisher's samples from ``seed``."""
+    x0, t, eps = draw_samples(mnist_tensor(cfg.data, "train")[0], n, cfg.diffusion.timesteps, seed,
+                              strata=min(n, cfg.fisher.profile_buckets))
+    schedule = NoiseSchedule.from_config(cfg.diffusion)
+    return schedule.q_sample(x0, t, eps).to(device), t.to(device)
+
+
+def ensure_measurements(cfg, model, table, sha, progress=True, device="cpu"):
+    """Random configurations over the union of the menus, measured under ``predictor_seed`` (all) and
+    ``retest_seed`` (the held-out ones), cached in ``predictor.json``."""
+    lb = cfg.lowbit
+    path = _cache(cfg, "predictor.json")
+    inputs = {"checkpoint_sha256": sha, "n": lb.predictor_configs, "holdout": lb.predictor_holdout,
+              "images": lb.predictor_images, "bits": lb.predictor_bits, "seeds": [lb.predictor_seed, lb.retest_seed],
+              "eps_samples": lb.eps_samples, "formats": table.formats, "sample": to_dict(cfg.sample)}
+    if os.path.exists(path):
+        try:
+            art = storage.load_json(path)
+            if art.get("inputs") == inputs and storage.seal_ok(art):
+                print(f"[lowbit] reusing {len(art['configs'])} measured configurations {path}")
+                return art
+        except storage.CorruptFileError:
+            pass
+    t0 = time.time()
+    configs = random_configs(table.bits, table.fixed, table.total, *lb.predictor_bits, lb.predictor_configs,
+                             lb.predictor_seed)
+    n_hold = max(2, round(lb.predictor_holdout * len(configs)))
+    sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
+    shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
+    measurer = ConfigMeasurer(model, sampler, shape, table.values, lb.predictor_images,
+                              min(cfg.sample.batch_size, lb.predictor_images),
+                              eps_inputs(cfg, lb.eps_samples, lb.predictor_seed, device), device,
+                              fixed={n: table.values[n][lb.keep_format] for n in table.ends})
+    first = measure_all(measurer, configs, lb.predictor_seed, progress, "measure")
+    t1 = time.time()
+    retest = measure_all(measurer, configs[-n_hold:], lb.retest_seed, progress, "retest")
+    art = {"inputs": inputs, "configs": configs, "measured": first, "retest": retest, "holdout": n_hold,
+           "avg_bits": [table.avg_bits(c) for c in configs],
+           "seconds": {"measure": round(t1 - t0, 1), "retest": round(time.time() - t1, 1)}}
+    storage.atomic_write_record(art, path)
+    print(f"[lowbit] {len(configs)} configurations measured in {t1 - t0:.0f} s (+{n_hold} retested) -> {path}")
+    return art
+
+
+# ----------------------------------------------------------------------------- plans
+def uniform_choice(table, menu, budget):
+    """One format for every tensor: the one with most stored bits that fits ``budget`` bits."""
+    fits = []
+    for f in table.menus[menu]:
+        choice = dict.fromkeys(table.names, f)
+        used = config_bits(choice, table.bits, table.fixed)
+        if used <= budget:
+            fits.append((used, f))
+    if not fits:
+        floor = min(config_bits(dict.fromkeys(table.names, f), table.bits, table.fixed) for f in table.menus[menu])
+        raise InfeasibleBudgetError(f"no uniform {menu} format fits {budget / table.total:.3f} bits per weight "
+                                    f"(the smallest needs {floor / table.total:.3f})")
+    return dict.fromkeys(table.names, max(fits)[1])
+
+
+class Sensitivities:
+    """What each plan allocates by, computed once per run (with the seconds each took)."""
+
+    def __init__(self, cfg, model, ckpt_path, table, sha, device, progress):
+        lb = cfg.lowbit
+        self.seconds = {"uniform": 0.0, "magnitude": 0.0, "random": 0.0}
+        self.costs = {}
+        fisher = ensure_fisher(cfg, model, ckpt_path, progress, device)
+        self.fisher = fisher
+        self.seconds["fisher"] = float(fisher["meta"].get("seconds") or 0.0)
+        self.costs["fisher"] = fisher_distortion_costs(fisher["diag"], table.errors)
+        self.costs["magnitude"] = costs_from_scores(magnitude_scores(model, table.names), table.errors)
+        self.costs["random"] = costs_from_scores(random_scores(table.names, cfg.importance.seed), table.errors)
+        self.chain = None
+        if "chain_fisher" in lb.plans:
+            self.chain = ensure_chain(cfg, model, table.names, ckpt_path, progress, device)
+            self.seconds["chain_fisher"] = float(self.chain["meta"]["seconds"])
+            self.costs["chain_fisher"] = fisher_distortion_costs(self.chain["diag"], table.errors)
+        self.measured = self.predictor = None
+        if "learned" in lb.plans:
+            self.measured = ensure_measurements(cfg, model, table, sha, progress, device)
+            train = slice(0, len(self.measured["configs"]) - self.measured["holdout"])
+            t0 = time.time()
+            prior = self.costs.get("chain_fisher", self.costs["fisher"])  # what the measurements correct
+            self.predictor, self.cv = fit_predictor(
+                self.measured["configs"][train], [m["mse_mean"] for m in self.measured["measured"][train]],
+                table.names, table.formats, table.sq_error, lb.keep_format if lb.keep_format in table.formats
+                else table.formats[0], prior=prior, seed=lb.predictor_seed)
+            self.seconds["learned"] = self.measured["seconds"]["measure"] + time.time() - t0
+            self.costs["learned"] = self.predictor.costs()
+        self.iterative = {}
+
+
+def choose(cfg, plan, menu, budget_text, table, sens, model, device, progress):
+    """({tensor: format}, info) of ``plan`` on ``menu`` at the weight size ``budget_text``."""
+    budget = budget_bits(budget_text, table.total)
+    bits = table.menu_bits(menu)
+    t0 = time.time()
+    if plan == "uniform":
+        choice, info = uniform_choice(table, menu, budget), {}
+    elif plan == "fisher_iterative":
+        key = (menu, budget_text)
+        if key not in sens.iterative:
+            costs_menu = {n: {f: table.errors[n][f] for f in table.menus[menu]} for n in table.names}
+            choice, diag, history = iterative_fisher(
+                model, NoiseSchedule.from_config(cfg.diffusion), mnist_tensor(cfg.data, "train")[0], cfg.fisher, RULE,
+                costs_menu, table.values, bits, table.fixed, budget, sens.fisher["diag"], cfg.lowbit.iterative_rounds,
+                progress, device)
+            sens.iterative[key] = (choice, diag, history, time.time() - t0)
+        choice, _, history, seconds = sens.iterative[key]
+        return choice, {"rounds": history, "seconds": sens.seconds["fisher"] + seconds}
+    else:
+        cost = {n: {f: sens.costs[plan][n][f] for f in table.menus[menu]} for n in table.names}
+        choice, info = allocate(cost, bits, table.fixed, budget)
+    return choice, {**{k: v for k, v in info.items() if k != "choice"},
+                    "seconds": sens.seconds.get(plan, 0.0) + time.time() - t0}
+
+
+def activation_quantizer(cfg, model, a_bits, ranges):
+    """Every quantizable input but the first and last conv's at ``a_bits`` (None: none quantized)."""
+    names, kept, splits, token = act_layout(cfg, model)
+    layers = {} if a_bits is None else {
+        n: LayerQuant.from_ranges(ranges[n], a_bits, cfg.act_quant.symmetric, "token" if n in token else "tensor",
+                                  splits.get(n)) for n in names if n not in kept}
+    return ActQuantizer(layers, mode_groups(cfg, cfg.lowbit.range_mode), cfg.diffusion.timesteps,
+                        cfg.act_quant.softmax_bits)
+
+
+def check_budgets(lb, table):
+    """Every budget must be reachable by every menu it is run with: a one-line error before anything is evaluated."""
+    for budget in lb.budgets:
+        size, _ = parse_size_at_bits(budget)
+        want = budget_bits(size, table.total)
+        for menu in lb.quantizers:
+            floor = table.fixed + sum(min(table.bits[n][f] for f in table.menus[menu]) for n in table.names)
+            if floor > want:
+                raise InfeasibleBudgetError(
+                    f"lowbit.budgets: {budget!r} is below what the {menu} menu ({table.menus[menu]}) can reach: "
+                    f"{floor / table.total:.3f} bits per weight with every eligible tensor in its smallest format "
+                    f"(the first and last conv in {lb.keep_format}, biases and norms fp32)")
+
+
+def variant_name(plan, menu, budget):
+    return f"{plan}_{menu}_{size_at_bits_tag(budget)}"
+
+
+def run_lowbit(cfg, device, force=False, progress=True):
+    """Every (budget, menu, plan) variant; returns ({variant: (budget, menu, plan, metrics)}, notes, sens, table)."""
+    c = lowbit_config(cfg)
+    lb = cfg.lowbit
+    model, ckpt_path, fisher = pipeline.load_artifacts(cfg, device, force=False, progress=progress)
+    sha = fisher["meta"]["checkpoint_sha256"]
+
+    def shared():  # caches every rank reads: rank 0 computes them first
+        with lock.hold(storage.baseline_dir(c)):
+            table = Table(c, model, sha, progress)
+            sens = Sensitivities(c, model, ckpt_path, table, sha, device, progress)
+            ranges = ensure_ranges(_act_cfg(c), model, lb.range_mode, sha, device, progress)
+        return table, sens, ranges
+
+    table, sens, ranges = distributed.rank0_first(shared)
+    check_budgets(lb, table)
+    done = {"fp32": (None, None, "fp32", distributed.rank0_first(
+        lambda: pipeline.evaluate_fp32(c, model, ckpt_path, device, force, progress)))}
+    tasks = [(budget, menu, plan) for budget in lb.budgets for menu in lb.quantizers for plan in lb.plans
+             if menu != "codebook" or plan in lb.codebook_plans]
+
+    def one(task):
+        budget, menu, plan = task
+        size, a_bits = parse_size_at_bits(budget)
+        variant = variant_name(plan, menu, budget)
+        try:
+            choice, info = choose(c, plan, menu, size, table, sens, model, device, progress)
+        except InfeasibleBudgetError as e:
+            print(f"[lowbit] {variant}: infeasible: {e}")
+            return e
+        extra = {"strategy": "lowbit", "plan": plan, "quantizer": menu, "budget": budget,
+                 "checkpoint_sha256": sha, "eligible_rule": RULE, "keep_format": lb.keep_format,
+                 "w_bits": table.avg_bits(choice), "a_bits": a_bits, "range_mode": lb.range_mode}
+        record = {"choice": choice, "allocation": {k: v for k, v in info.items() if k != "seconds"},
+                  "plan_seconds": info.get("seconds", 0.0),
+                  "formats_used": {f: sum(v == f for v in choice.values()) for f in table.menus[menu]}}
+        provenance = {"plan": plan, "quantizer": menu, "budget": budget, "checkpoint_sha256": sha,
+                      "fisher": {k: v for k, v in sens.fisher["meta"].items() if k != "timesteps"},
+                      "fisher_file": os.path.relpath(_cache(c, "fisher_all_but_ends.pt"),
+                                                     evaluate.variant_dir(c, variant)),
+                      "act": {"bits": a_bits, "range_mode": lb.range_mode}}
+        q = activation_quantizer(_act_cfg(c), model, a_bits, ranges)
+        with lock.hold(evaluate.variant_dir(c, variant)):
+            r = save_and_evaluate(c, variant, model, table.stored(model, choice, lb.keep_format), q, extra,
+                                  provenance, record, device, force, progress)
+        r["plan_seconds"] = record["plan_seconds"]
+        return r
+
+    notes = []
+    # every variant on one rank of a torchrun (each alone, with its own lock and files), in this order
+    for (budget, menu, plan), r in zip(tasks, distributed.map_tasks(tasks, one), strict=True):
+        if isinstance(r, InfeasibleBudgetError):
+            notes.append(f"{variant_name(plan, menu, budget)}: {r}")
+        else:
+            done[variant_name(plan, menu, budget)] = (budget, menu, plan, r)
+    return done, notes, sens, table
+
+
+def _act_cfg(c):
+    """The W/A pipeline's calibration settings, with this comparison's range mode."""
+    a = copy.deepcopy(c)
+    a.act_quant.range_modes = [c.lowbit.range_mode]
+    return a
+
+
+# ----------------------------------------------------------------------------- predictor quality
+BANDS = ((0.0, 3.25), (3.25, 3.75), (3.75, 99.0))
+
+
+def predictor_quality(sens, table) -> dict:
+    """Kendall tau / Spearman rho of every predictor on the held-out configurations against (a) the one-step
+    error and (b) the final damage (mean and median paired MSE); the test-retest ceiling; tau per budget band."""
+    m = sens.measured
+    if m is None:
+        return {}
+    hold = slice(len(m["configs"]) - m["holdout"], None)
+    configs, meas, retest = m["configs"][hold], m["measured"][hold], m["retest"]
+    bits = np.array(m["avg_bits"][hold])
+    preds = {name: np.array([sum(sens.costs[name][n][f] for n, f in c.items()) for c in configs])
+             for name in ("fisher", "chain_fisher", "magnitude", "random") if name in sens.costs}
+    if sens.iterative:
+        diag = next(iter(sens.iterative.values()))[1]  # the last round's curvature, first (menu, budget) run
+        it = fisher_distortion_costs(diag, table.errors)
+        preds["fisher_iterative"] = np.array([sum(it[n][f] for n, f in c.items()) for c in configs])
+    if sens.predictor is not None:
+        preds["learned"] = np.array([sens.predictor.predict(c) for c in configs])
+    targets = {"eps_mse": np.array([r["eps_mse"] for r in meas]), "mse_mean": np.array([r["mse_mean"] for r in meas]),
+               "mse_median": np.array([r["mse_median"] for r in meas])}
+    rows = {}
+    for name, p in preds.items():
+        row = {}
+        for key, y in targets.items():
+            row[f"tau_{key}"] = float(kendalltau(p, y).statistic)
+            row[f"rho_{key}"] = float(spearmanr(p, y).statistic)
+        for lo, hi in BANDS:
+            sel = (bits >= lo) & (bits < hi)
+            row[f"tau_band_{lo:g}-{hi:g}"] = float(kendalltau(p[sel], targets["mse_mean"][sel]).statistic) \
+                if sel.sum() >= 4 else None
+        rows[name] = row
+    second = np.array([r["mse_mean"] for r in retest])
+    return {"rows": rows, "n_heldout": len(configs), "n_train": len(m["configs"]) - len(configs),
+            "ceiling_tau": float(kendalltau(targets["mse_mean"], second).statistic),
+            "ceiling_tau_median": float(kendalltau(targets["mse_median"],
+                                                   np.array([r["mse_median"] for r in retest])).statistic),
+            "images": table_images(sens), "band_counts": [int(((bits >= lo) & (bits < hi)).sum()) for lo, hi in BANDS],
+            "predictor": sens.predictor.describe() if sens.predictor else None,
+            "cv": getattr(sens, "cv", None)}
+
+
+def table_images(sens):
+    return sens.measured["inputs"]["images"] if sens.measured else None
+
+
+# ----------------------------------------------------------------------------- outputs
+def op_type(name: str) -> str:
+    if name.startswith("time_mlp"):
+        return "time MLP"
+    if "time_proj" in name:
+        return "time-embedding projection"
+    if "attention" in name:
+        return "attention projection"
+    if ".conv1" in name or ".conv2" in name:
+        return "ResBlock conv"
+    if name.startswith("Layer") and name.endswith(".conv.weight"):
+        return "down-sampling conv" if name[5] in "123" else "up-sampling (transposed) conv"
+    return "stage-external conv"
+
+
+def sensitivity_rows(sens, table):
+    """Per tensor: the learned cost and the Fisher estimate at int3 and int2 (and their ranks)."""
+    rows = []
+    for f in ("int3", "int2"):
+        if f not in table.formats:
+            return []
+    names = table.names
+    fis = {n: sens.costs["fisher"][n]["int2"] for n in names}
+    lrn = {n: sens.costs["learned"][n]["int2"] for n in names} if "learned" in sens.costs else None
+    rank = {k: {n: i + 1 for i, n in enumerate(sorted(names, key=lambda n, d=d: -d[n]))}
+            for k, d in (("fisher", fis), ("learned", lrn)) if d is not None}
+    for n in names:
+        rows.append({"tensor": n, "op": op_type(n), "fisher_int3": sens.costs["fisher"][n]["int3"],
+                     "fisher_int2": fis[n], "fisher_rank": rank["fisher"][n],
+                     "learned_int3": sens.costs["learned"][n]["int3"] if lrn else None,
+                     "learned_int2": lrn[n] if lrn else None, "learned_rank": rank["learned"][n] if lrn else None})
+    return rows
+
+
+def _spread(y):
+    return float(np.nanstd(y, ddof=1)) if np.sum(~np.isnan(y)) > 1 else 0.0
+
+
+def _ms(y, digits=3):
+    y = y[~np.isnan(y)]
+    if not len(y):
+        return "–"
+    return f"{y.mean():.{digits}g} ± {y.std(ddof=1):.2g}" if len(y) > 1 else f"{y.mean():.{digits}g}"
+
+
+def summary_markdown(cfg, done, notes, sens, table, quality, seconds=None) -> str:
+    lb = cfg.lowbit
+    ref = done["fp32"][3]
+    steps = len(build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion)).timesteps)
+    lines = [f"# Below 4 bits (`{storage.run_dir(lowbit_config(cfg))}`)", "",
+             f"{lb.n_images} images per seed × seeds {lb.seeds}, {cfg.sample.sampler.upper()} {steps} steps, "
+             f"paired noise; "
+             f"eligible: every conv / linear weight but the first and last conv ({lb.keep_format}); biases and norms "
+             f"fp32; activations: every quantized input at the budget's bits, {lb.range_mode} ranges (first / last "
+             f"conv inputs float). Avg bits = stored bits (scales and codebooks included) / all parameters. "
+             f"Plan seconds: wall time on this machine to compute what the plan allocates by (the learned "
+             f"predictor's includes its {lb.predictor_configs} measurements)."
+             + (f" This invocation: {seconds / 60:.1f} min." if seconds else ""), "",
+             "| budget | quantizer | plan | avg bits | paired MSE | median paired MSE | clf-FID | Δ clf-FID vs fp32 "
+             "| clf-IS | plan s |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+             f"| reference | – | fp32 | 32.00 | 0 | 0 | {_ms(per_seed(ref, 'clf_fid'))} | – | "
+             f"{_ms(per_seed(ref, 'clf_is'))} | – |"]
+    for v, (budget, menu, plan, r) in done.items():
+        if v == "fp32":
+            continue
+        d = per_seed(r, "clf_fid") - per_seed(ref, "clf_fid")
+        lines.append(f"| {budget} | {menu} | {plan} | {r['w_bits']:.2f} | {_ms(per_seed(r, 'paired_mse_vs_fp32'))} | "
+                     f"{_ms(per_seed(r, 'paired_mse_median'))} | {_ms(per_seed(r, 'clf_fid'))} | {_ms(d)} | "
+                     f"{_ms(per_seed(r, 'clf_is'))} | {r.get('plan_seconds', 0):.0f} |")
+    if notes:
+        lines += ["", "Not evaluated: " + "; ".join(notes)]
+    lines += ["", "## Verdicts", "", "B − A: mean paired per-seed difference (± s.e.m.); lower is better for both "
+              "metrics, so a positive difference favours A; **better** when a two-sided paired t-test at 5% says so.",
+              "", "| comparison (A vs B) | paired MSE: B − A | clf-FID: B − A |", "|---|---|---|"]
+    for a_name, b_name, a, b in verdict_pairs(done):
+        cells = []
+        for key in ("paired_mse_vs_fp32", "clf_fid"):
+            mean, sem, sig = paired_test(per_seed(b, key) - per_seed(a, key))
+            word = "within noise" if not sig else (f"{a_name} better" if mean > 0 else f"{b_name} better")
+            cells.append(f"{mean:+.3g} ± {sem:.2g}: **{word}**")
+        lines.append(f"| {a['budget']}, {a['quantizer']}: {a_name} vs {b_name} | {cells[0]} | {cells[1]} |")
+    lines += ["", "## How well each sensitivity predicts the damage", ""] + quality_lines(quality)
+    srows = sensitivity_rows(sens, table)
+    if srows:
+        lines += ["", "## Which layers tolerate 2–3 bits", "",
+                  "Estimated damage of int2 on one tensor (learned: the predictor's coefficient; Fisher: "
+                  "½ Σ F ΔW²), ranked 1 = most sensitive. Op types aggregate the tensors' ranks (median).", "",
+                  "| op type | tensors | median learned rank | median Fisher rank |", "|---|---:|---:|---:|"]
+        for op in sorted({r["op"] for r in srows}):
+            rs = [r for r in srows if r["op"] == op]
+            lr = [r["learned_rank"] for r in rs if r["learned_rank"]]
+            lines.append(f"| {op} | {len(rs)} | {np.median(lr):.0f} | {np.median([r['fisher_rank'] for r in rs]):.0f} |"
+                         if lr else f"| {op} | {len(rs)} | – | {np.median([r['fisher_rank'] for r in rs]):.0f} |")
+        top = sorted(srows, key=lambda r: r["learned_rank"] or 1e9)[:8]
+        lines += ["", "| tensor | op | learned rank | Fisher rank |", "|---|---|---:|---:|"]
+        lines += [f"| {r['tensor']} | {r['op']} | {r['learned_rank'] or '–'} | {r['fisher_rank']} |" for r in top]
+    lines += ["", "![lowbit](lowbit.png)", "", "![layer sensitivity](lowbit_layers.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def quality_lines(q) -> list:
+    if not q:
+        return ["(no learned predictor in lowbit.plans: no measured configurations)"]
+    bands = [k for k in next(iter(q["rows"].values())) if k.startswith("tau_band_")]
+    head = ("| predictor | τ one-step error | τ mean damage | ρ mean damage | τ median damage | "
+            + " | ".join(f"τ {k[9:]} bits" for k in bands) + " |")
+    out = [f"Held-out: {q['n_heldout']} of {q['n_train'] + q['n_heldout']} random configurations ({q['images']} "
+           f"images each, their own noise seed); per band {q['band_counts']}. Test–retest ceiling (the same held-out "
+           f"configurations under a second noise seed): τ {q['ceiling_tau']:.2f} (mean damage), "
+           f"{q['ceiling_tau_median']:.2f} (median).", "", head, "|---|" + "---:|" * (4 + len(bands))]
+    for name, r in q["rows"].items():
+        out.append(f"| {name} | {r['tau_eps_mse']:.2f} | {r['tau_mse_mean']:.2f} | {r['rho_mse_mean']:.2f} | "
+                   f"{r['tau_mse_median']:.2f} | "
+                   + " | ".join("–" if r[k] is None else f"{r[k]:.2f}" for k in bands) + " |")
+    if q.get("predictor"):
+        p = q["predictor"]
+        out += ["", f"Learned predictor: features `{p['kind']}`, target `{p['target']}` damage, ridge α {p['alpha']:g} "
+                    f"(chosen by 5-fold cross-validated τ on the training configurations)."]
+    return out
+
+
+def verdict_pairs(done):
+    """(A name, B name, A metrics, B metrics): every plan vs uniform, learned and chain-aware vs Fisher."""
+    by = {(b, m, p): r for b, m, p, r in done.values() if p != "fp32"}
+    out = []
+    for (budget, menu, plan), r in by.items():
+        if plan != "uniform" and (budget, menu, "uniform") in by:
+            out.append((plan, "uniform", r, by[(budget, menu, "uniform")]))
+    for (budget, menu, plan), r in by.items():
+        if plan in ("learned", "chain_fisher", "fisher_iterative") and (budget, menu, "fisher") in by:
+            out.append((plan, "fisher", r, by[(budget, menu, "fisher")]))
+    return out
+
+
+def rows(done) -> list:
+    out = []
+    for v, (budget, menu, plan, r) in done.items():
+        for s in r["seeds"]:
+            ps = r["per_seed"][str(s)]
+            out.append({"budget": budget or "", "quantizer": menu or "", "plan": plan, "seed": s, "variant": v,
+                        "avg_bits": r.get("w_bits", 32.0), "a_bits": r.get("a_bits"), "size_mb": r["size_mb"],
+                        "paired_mse_vs_fp32": ps["paired_mse_vs_fp32"],
+                        "paired_mse_median": ps.get("paired_mse_median"),
+                        "clf_fid": ps["clf_fid"], "clf_is": ps["clf_is"], "fid": ps.get("fid"),
+                        "plan_seconds": r.get("plan_seconds")})
+    return out
+
+
+def plot(done, cfg, path):
+    plt = pyplot()
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False)
+    ref = done["fp32"][3]
+    for ax, key, label in ((axes[0][0], "paired_mse_vs_fp32", "paired MSE vs fp32"),
+                           (axes[0][1], "clf_fid", "classifier-FID")):
+        for i, plan in enumerate(cfg.lowbit.plans):
+            for menu, marker in (("uniform", "o"), ("codebook", "s")):
+                pts = sorted((r["w_bits"], np.nanmean(per_seed(r, key)), _spread(per_seed(r, key)))
+                             for b, m, p, r in done.values() if p == plan and m == menu)
+                if pts:
+                    x, y, e = zip(*pts, strict=True)
+                    ax.errorbar(x, y, yerr=e, marker=marker, capsize=3, color=f"C{i}", ls="-" if menu == "uniform"
+                                else ":", label=f"{plan} ({menu})")
+        if key == "clf_fid":
+            ax.axhline(np.nanmean(per_seed(ref, key)), color="k", lw=1, ls="--", label="fp32")
+        else:
+            ax.set_yscale("log")
+        ax.set_xlabel("average stored bits per weight (scales, codebooks counted)")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} vs weight bits (mean ± std over seeds)")
+    axes[0][1].legend(fontsize=6, ncol=2)
+    return save_figure(fig, path)
+
+
+def plot_layers(sens, table, path):
+    srows = sensitivity_rows(sens, table)
+    if not srows:
+        return None
+    plt = pyplot()
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.22 * len(srows) + 1.5), sharey=True)
+    y = np.arange(len(srows))
+    colors = {op: f"C{i}" for i, op in enumerate(sorted({r["op"] for r in srows}))}
+    for ax, key, title in ((axes[0], "learned_int2", "learned: damage of int2 on this tensor alone"),
+                           (axes[1], "fisher_int2", "Fisher: ½ Σ F ΔW² at int2")):
+        vals = [r[key] or 0.0 for r in srows]
+        ax.barh(y, vals, color=[colors[r["op"]] for r in srows])
+        ax.set_xscale("symlog" if key == "learned_int2" else "log", **({"linthresh": 1e-3} if key == "learned_int2"
+                                                                         else {}))
+        ax.set_title(title, fontsize=9)
+    axes[0].set_yticks(y, [r["tensor"].removesuffix(".weight") for r in srows], fontsize=6)
+    axes[0].invert_yaxis()
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in colors.values()]
+    axes[1].legend(handles, list(colors), fontsize=6, loc="lower right")
+    return save_figure(fig, path)
+
+
+def write_outputs(cfg, done, notes, sens, table, seconds=None) -> str:
+    folder = lowbit_dir(cfg)
+    quality = predictor_quality(sens, table)
+    figs = [plot(done, cfg, os.path.join(folder, "lowbit.png")),
+            plot_layers(sens, table, os.path.join(folder, "lowbit_layers.png"))]
+    storage.atomic_write_record({"quality": quality, "layers": sensitivity_rows(sens, table),
+                                 "chain_per_step": sens.chain["per_step"] if sens.chain else None,
+                                 "chain_rel_sem": sens.chain["rel_sem"] if sens.chain else None,
+                                 "iterative": {f"{m}@{b}": h for (m, b), (_, _, h, _) in sens.iterative.items()}},
+                                os.path.join(folder, "predictors.json"))
+    md = summary_markdown(cfg, done, notes, sens, table, quality, seconds)
+    write_summary_files(folder, cfg, rows(done), COLUMNS, md, figs + [os.path.join(folder, "predictors.json")], done)
+    return md
+

@@ -1,0 +1,228 @@
+"""A sensitivity learned from measured configurations (Qua²SeDiMo's idea, our implementation).
+
+Random weight configurations (one format per eligible tensor) drawn over a range of average bits are measured
+on a small fixed calibration set: the final samples' paired MSE against the fp32 model's under the same noise
+(mean and median over images) and the one-step noise-prediction error. A regularised, non-negative linear model
+of the measured damage is fitted on them; because it is linear in per-tensor choices, the allocator can minimise
+it exactly (its cost per tensor and format is a coefficient). Two feature sets are cross-validated:
+
+* ``onehot``: one indicator per (tensor, format other than the reference): damage = b + sum beta[n, f_n];
+* ``error``: each tensor's squared weight error in its format: damage = b + sum a_n ||W_n - Q_f(W_n)||^2, so
+  a_n is a per-tensor sensitivity (the learned counterpart of the Fisher's mean) with 1 parameter per tensor;
+
+* ``prior``: each tensor's cost under a prior sensitivity (the chain-aware Fisher): damage = b + sum a_n
+  prior[n][f_n], a_n shrunk towards one common scale rather than towards 0;
+
+``onehot`` and ``error`` on the damage itself or on its logarithm (damage saturates: a few layers at low bits
+already cost as much as the worst mixes), with the ridge strength; the combination with the best
+cross-validated Kendall tau on the training configurations is kept. Coefficients are non-negative
+(bounded least squares on the ridge-augmented system), so no format is ever predicted to *help*, which an exact
+optimiser would otherwise exploit. A coefficient shrunk to 0 is what an optimiser exploits too: a tensor the
+random configurations say little about costs nothing to the ``onehot`` and ``error`` fits, and the allocator
+then puts it at the lowest format; the ``prior`` fit keeps such a tensor at the prior's estimate.
+"""
+import copy
+import math
+import time
+import warnings
+
+import numpy as np
+import torch
+from scipy.stats import kendalltau
+from tqdm.auto import tqdm
+
+from ..diffusion.samplers import sample
+
+
+def config_bits(config: dict, bits: dict, fixed_bits: int) -> int:
+    """Stored bits of a configuration {tensor: format}; ``bits`` {tensor: {format: bits}}."""
+    return fixed_bits + sum(bits[n][f] for n, f in config.items())
+
+
+def random_configs(bits: dict, fixed_bits: int, total_params: int, lo: float, hi: float, n: int, seed: int,
+                   tol: float = 0.05) -> list:
+    """``n`` random configurations whose average bits per weight lie in [target - tol, target], the target drawn
+    uniformly from [lo, hi] for each: start from a random format per tensor, then lower (or raise) random
+    tensors to a random smaller (larger) format until the average fits. Deterministic in ``seed``."""
+    rng = np.random.default_rng(seed)
+    names = sorted(bits)
+    out = []
+    for _ in range(n):
+        target = rng.uniform(lo, hi)
+        cfg = {m: rng.choice(sorted(bits[m])) for m in names}
+        for _ in range(20 * len(names)):
+            avg = config_bits(cfg, bits, fixed_bits) / total_params
+            if target - tol <= avg <= target:
+                break
+            m = names[rng.integers(len(names))]
+            here = bits[m][cfg[m]]
+            options = [f for f in bits[m] if (bits[m][f] < here if avg > target else bits[m][f] > here)]
+            if options:
+                cfg[m] = str(rng.choice(sorted(options)))
+        out.append({m: str(f) for m, f in cfg.items()})
+    return out
+
+
+class ConfigMeasurer:
+    """Measures weight configurations of one model under fixed calibration noise.
+
+    entries: {tensor: {format: de-quantized weight}} (built from stored files); samples come from a working
+    copy of ``model`` with those weights swapped in. ``eps_inputs``: (x_t, t) pairs for the one-step error.
+    """
+
+    def __init__(self, model, sampler, shape, entries, n_images, batch_size, eps_inputs, device="cpu", fixed=None):
+        self.fp32, self.sampler, self.shape, self.entries = model, sampler, shape, entries
+        self.n_images, self.batch_size, self.device = n_images, batch_size, device
+        self.work = copy.deepcopy(model).eval()
+        self.params = dict(self.work.named_parameters())
+        with torch.no_grad():  # tensors every configuration shares (e.g. the first and last conv at their format)
+            for n, v in (fixed or {}).items():
+                self.params[n].copy_(v)
+        self.eps_inputs = eps_inputs
+        self._ref = {}
+        with torch.inference_mode():
+            self.eps_ref = model(*eps_inputs)  # the fp32 model's: damage is measured against it
+
+    def reference(self, seed: int) -> torch.Tensor:
+        if seed not in self._ref:
+            self._ref[seed] = self._sample(self.fp32, seed)
+        return self._ref[seed]
+
+    def _sample(self, model, seed):
+        x = sample(model, self.sampler, self.n_images, self.shape, seed, self.batch_size, self.device,
+                   progress=False)
+        return (x.clamp(-1, 1) + 1) / 2
+
+    def load(self, config: dict):
+        with torch.no_grad():
+            for n, f in config.items():
+                self.params[n].copy_(self.entries[n][f])
+
+    def measure(self, config: dict, seed: int) -> dict:
+        """{"mse_mean", "mse_median": per-image paired MSE vs fp32 ([0, 1] pixels), "eps_mse"}."""
+        self.load(config)
+        per_image = (self._sample(self.work, seed) - self.reference(seed)).pow(2).flatten(1).mean(1)
+        with torch.inference_mode():
+            eps = self.work(*self.eps_inputs)
+        return {"mse_mean": float(per_image.mean()), "mse_median": float(per_image.median()),
+                "eps_mse": float((eps - self.eps_ref).pow(2).mean())}
+
+
+def measure_all(measurer, configs, seed, progress=True, desc="configurations") -> list:
+    t0 = time.time()
+    out = [measurer.measure(c, seed) for c in tqdm(configs, desc=desc, disable=not progress)]
+    for r in out:
+        r["seconds"] = (time.time() - t0) / max(1, len(out))
+    return out
+
+
+# ----------------------------------------------------------------------------- the model of measured damage
+class Predictor:
+    """damage ~ intercept + sum_n coef[n][f_n] (on log(damage) for target "log")."""
+
+    def __init__(self, kind, target, alpha, coef, intercept, reference):
+        self.kind, self.target, self.alpha = kind, target, alpha
+        self.coef, self.intercept, self.reference = coef, intercept, reference
+
+    def costs(self) -> dict:
+        """{tensor: {format: cost}} for the allocator (the reference format costs what its coefficient says)."""
+        return self.coef
+
+    def predict(self, config: dict) -> float:
+        return self.intercept + sum(self.coef[n][f] for n, f in config.items())
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "target": self.target, "alpha": self.alpha, "intercept": self.intercept,
+                "reference_format": self.reference}
+
+
+def _design(configs, names, formats, kind, per_format, reference):
+    """Design matrix and its columns: indicators per (tensor, non-reference format), or per tensor the value
+    ``per_format[kind][n][f_n]`` of its format in the configuration."""
+    if kind == "onehot":
+        cols = [(n, f) for n in names for f in formats if f != reference]
+        index = {c: i for i, c in enumerate(cols)}
+        X = np.zeros((len(configs), len(cols)))
+        for r, c in enumerate(configs):
+            for n in names:
+                if c[n] != reference:
+                    X[r, index[(n, c[n])]] = 1.0
+        return X, cols
+    X = np.array([[per_format[kind][n][c[n]] for n in names] for c in configs])
+    return X, names
+
+
+def _fit(X, y, alpha, center=None):
+    """min ||X b + c - y||^2 + alpha ||b - center||^2 over b >= 0 and a free intercept c (columns scaled to unit
+    RMS first, so alpha means the same for every feature set). ``center``: what b shrinks towards (0 = none)."""
+    from scipy.optimize import lsq_linear
+
+    scale = np.sqrt((X ** 2).mean(0))
+    scale[scale == 0] = 1.0
+    Xs = X / scale
+    k = Xs.shape[1]
+    center_s = np.zeros(k) if center is None else np.broadcast_to(center, (k,)) * scale
+    A = np.vstack([np.hstack([Xs, np.ones((len(y), 1))]), np.hstack([math.sqrt(alpha) * np.eye(k), np.zeros((k, 1))])])
+    b = np.concatenate([y, math.sqrt(alpha) * center_s])
+    sol = lsq_linear(A, b, bounds=(np.r_[np.zeros(k), -np.inf], np.full(k + 1, np.inf))).x
+    return sol[:k] / scale, sol[k]
+
+
+def _transform(y, target):
+    return np.log(np.maximum(y, 1e-12)) if target == "log" else np.asarray(y)
+
+
+def _center(kind, X, y):
+    """``prior`` shrinks every tensor's multiplier towards one common scale (the prior's calibration, a
+    least-squares fit of the damage on the summed prior); the other kinds towards 0."""
+    if kind != "prior":
+        return None
+    s, _ = _fit(X.sum(1, keepdims=True), y, 0.0)
+    return s[0]
+
+
+KINDS = {"onehot": ("log", "raw"), "error": ("log", "raw"), "prior": ("raw",)}
+
+
+def fit_predictor(configs, damage, names, formats, sq_error, reference, prior=None,
+                  alphas=(1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0), folds=5, seed=0):
+    """The (kind, target, alpha) with the best mean Kendall tau over ``folds`` cross-validation folds of the
+    training configurations, refitted on all of them. Kinds: ``onehot`` and ``error`` (see the module's
+    docstring) and, with ``prior`` {tensor: {format: cost}} (e.g. the chain-aware Fisher's estimate),
+    ``prior``: damage = b + sum a_n prior[n][f_n] with a_n >= 0 shrunk towards one common scale, so a tensor the
+    measurements say little about keeps the prior's estimate instead of a free zero. Returns (Predictor,
+    cross-validation table)."""
+    damage = np.asarray(damage, dtype=float)
+    order = np.random.default_rng(seed).permutation(len(configs))
+    parts = np.array_split(order, folds)
+    per_format = {"error": sq_error, "prior": prior}
+    kinds = [k for k in KINDS if k != "prior" or prior is not None]
+    table = []
+    with warnings.catch_warnings():  # tiny folds (tests) and constant predictions give NaN taus: skipped below
+        warnings.simplefilter("ignore")
+        for kind in kinds:
+            X, _ = _design(configs, names, formats, kind, per_format, reference)
+            for target in KINDS[kind]:
+                y = _transform(damage, target)
+                for alpha in alphas:
+                    taus = []
+                    for k in range(folds):
+                        test = parts[k]
+                        train = np.concatenate([parts[j] for j in range(folds) if j != k])
+                        b, c = _fit(X[train], y[train], alpha, _center(kind, X[train], y[train]))
+                        if len(test) >= 3:
+                            taus.append(kendalltau(X[test] @ b + c, damage[test]).statistic)
+                    table.append({"kind": kind, "target": target, "alpha": alpha,
+                                  "cv_tau": float(np.nanmean(taus)) if taus else float("nan")})
+    best = max(table, key=lambda r: (np.nan_to_num(r["cv_tau"], nan=-2.0), -r["alpha"]))
+    X, cols = _design(configs, names, formats, best["kind"], per_format, reference)
+    y = _transform(damage, best["target"])
+    b, c = _fit(X, y, best["alpha"], _center(best["kind"], X, y))
+    if best["kind"] == "onehot":
+        coef = {n: {f: 0.0 for f in formats} for n in names}
+        for (n, f), v in zip(cols, b, strict=True):
+            coef[n][f] = float(v)
+    else:
+        coef = {n: {f: float(a * per_format[best["kind"]][n][f]) for f in formats}
+                for n, a in zip(names, b, strict=True)}
+    return Predictor(best["kind"], best["target"], best["alpha"], coef, float(c), reference), table

@@ -1,0 +1,122 @@
+"""Quantizers with parameters to learn: the weights' rounding (AdaRound), the weights themselves through a
+straight-through estimator, and the activations' step sizes (LSQ). They train in fake-quantized form and export
+to the ordinary files: integer codes and scales for ``quantized.safetensors`` (``export_weight``) and
+``LayerQuant`` scales for ``act_quant.safetensors`` (``LearnedActQuant.export``), so what is evaluated is what
+the file holds.
+
+* Weights: symmetric b-bit codes, one scale per output channel s_c = max|w_c| / qmax (the formula
+  ``formats.quantize_tensor`` uses). ``ste``: w_hat = s * clamp(round(w / s)), the gradient passing the rounding
+  unchanged (Bengio et al. 2013), so the weights w themselves train (QuEST-style finetuning). ``adaround``
+  (Nagel et al. 2020): w fixed, w_hat = s * clamp(floor(w / s) + h(V)) with h(V) = clip(sigmoid(V) (zeta - gamma)
+  + gamma, 0, 1), zeta = 1.1, gamma = -0.1, V initialised so h equals the fractional part; the regulariser
+  sum(1 - |2h - 1|^beta), beta annealed from 20 to 2, drives h to 0 or 1, and the export rounds it.
+* Activations (LSQ, Esser et al. 2020): per timestep group and channel part a learned step s (and the
+  calibrated zero point), x_hat = (clamp(round(x / s) + z, qmin, qmax) - z) s with round passed straight
+  through and the step's gradient scaled by 1 / sqrt(numel * qmax).
+"""
+import math
+
+import torch
+from torch import nn
+
+from ..core.format_names import format_spec
+from .activations import LayerQuant, int_range
+from .formats import _channel_first, _from_channel_first, pack_codes
+
+ZETA, GAMMA = 1.1, -0.1
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """round(x) forward, identity backward."""
+    return x + (torch.round(x) - x).detach()
+
+
+def channel_scale(w_cf: torch.Tensor, qmax: int) -> torch.Tensor:
+    """(C, 1) per-channel scales max|w| / qmax, 1 for an all-zero channel (as ``quantize_tensor``)."""
+    amax = w_cf.detach().abs().amax(1, keepdim=True)
+    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+
+
+class WeightQuant(nn.Module):
+    """Fake-quantizes one weight (a parametrization: ``module.weight`` becomes ``forward(original)``)."""
+
+    def __init__(self, weight: torch.Tensor, fmt: str, axis: int, mode: str):
+        super().__init__()
+        spec = format_spec(fmt)
+        if spec.kind != "int" or spec.group is not None:
+            raise ValueError(f"learned quantization supports per-channel integer formats, not {fmt!r}")
+        self.fmt, self.axis, self.mode, self.qmax = fmt, axis, mode, spec.qmax
+        self.shape = tuple(weight.shape)
+        if mode == "adaround":
+            cf = _channel_first(weight.detach(), axis)
+            s = channel_scale(cf, self.qmax)
+            frac = cf / s - torch.floor(cf / s)
+            # h(V) = frac at the start: sigmoid(V) = (frac - gamma) / (zeta - gamma)
+            p = ((frac - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
+            self.v = nn.Parameter(torch.log(p / (1 - p)))
+        elif mode != "ste":
+            raise ValueError(f"weight quantizer mode must be 'ste' or 'adaround', got {mode!r}")
+
+    def h(self):
+        return (torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+
+    def codes(self, w: torch.Tensor, hard=True) -> torch.Tensor:
+        """Channel-first (C, K) codes of ``w`` (AdaRound: with its learned rounding, hard = rounded h)."""
+        cf = _channel_first(w, self.axis)
+        s = channel_scale(cf, self.qmax)
+        if self.mode == "adaround":
+            h = (self.h() >= 0.5).to(cf.dtype) if hard else self.h()
+            return torch.clamp(torch.floor(cf.detach() / s) + h, -self.qmax, self.qmax), s
+        return torch.clamp(round_ste(cf / s) if not hard else torch.round(cf / s), -self.qmax, self.qmax), s
+
+    def forward(self, w):
+        codes, s = self.codes(w, hard=False)
+        return _from_channel_first(codes * s, self.shape, self.axis)
+
+    def regularizer(self, beta: float) -> torch.Tensor:
+        if self.mode != "adaround":
+            return torch.zeros(())
+        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+
+
+def export_weight(wq: WeightQuant, w: torch.Tensor) -> dict:
+    """The stored entry (``formats.quantize_tensor``'s layout) of the learned codes: int8 data or packed codes and
+    fp32 per-channel scales."""
+    with torch.no_grad():
+        codes, s = wq.codes(w.detach().float().cpu(), hard=True)
+    spec = format_spec(wq.fmt)
+    codes = codes.to(torch.int8)
+    data = codes.clone() if spec.bits == 8 else pack_codes((codes.to(torch.int16) + 2 ** (spec.bits - 1))
+                                                           .to(torch.uint8), spec.bits)
+    return {"format": wq.fmt, "shape": wq.shape, "axis": wq.axis, "scale": s.flatten().float().clone(), "data": data}
+
+
+class LearnedActQuant(nn.Module):
+    """A ``LayerQuant`` (per-tensor granularity) whose steps train (LSQ); the zero points stay calibrated."""
+
+    def __init__(self, lq: LayerQuant):
+        super().__init__()
+        if lq.granularity != "tensor":
+            raise ValueError("LSQ steps are learned for per-tensor ranges, not per-token ones")
+        self.bits, self.symmetric, self.split = lq.bits, lq.symmetric, lq.split
+        self.step = nn.Parameter(lq.scale.detach().clone().float())  # (G, P)
+        self.register_buffer("zero_point", lq.zero_point.detach().clone())
+
+    def apply(self, x, group):
+        qmin, qmax = int_range(self.bits, self.symmetric)
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        g = 1.0 / math.sqrt(x[0].numel() * qmax)
+        step = self.step * g + (self.step - self.step * g).detach()  # LSQ gradient scale, same value
+        s, z = step.abs().clamp(min=1e-8)[group], self.zero_point[group].to(x.dtype)
+
+        def fq(v, k):
+            sk, zk = s[:, k].view(shape), z[:, k].view(shape)
+            return (torch.clamp(round_ste(v / sk) + zk, qmin, qmax) - zk) * sk
+
+        if self.split is None:
+            return fq(x, 0)
+        return torch.cat([fq(x[:, :self.split], 0), fq(x[:, self.split:], 1)], dim=1)
+
+    def export(self) -> LayerQuant:
+        return LayerQuant(self.bits, self.symmetric, "tensor", self.split,
+                          self.step.detach().abs().clamp(min=1e-8).cpu().clone(), self.zero_point.cpu().clone())

@@ -1,0 +1,38 @@
+"""Below 4 bits: sub-4-bit weight formats (int3/int2, group-wise scales, k-means codebooks) allocated under
+lowbit.budgets ('3.5bits@A8': average stored bits per weight, scales and codebooks counted, with 8-bit
+activations) by every plan in lowbit.plans (uniform, one-step Fisher, chain-aware Fisher, iterative Fisher, a
+predictor learned from measured random configurations, magnitude, random), for the uniform and the codebook menu
+of formats. Every conv / linear weight but the first and last conv may be quantized. Each variant is saved,
+rebuilt from its files and evaluated with lowbit.seeds x lowbit.n_images paired samples; the predictors' Kendall
+tau against measured damage is reported beside its test-retest ceiling. Writes runs/<run>/lowbit/{summary.csv,
+summary.md, predictors.json, lowbit.png, lowbit_layers.png} and one folder per variant. Needs simplediffusion.py
+to have run.
+"""
+import time
+
+from common.core import cli, distributed
+from common.experiments import lowbit
+from common.experiments.report import add_docs_argument, update_section
+
+
+def main():
+    p = cli.parser(__doc__)
+    add_docs_argument(p, "lowbit", "docs/lowbit.md")
+    args = p.parse_args()
+    cfg = cli.load(args)
+    t0 = time.time()
+    with cli.clear_errors():
+        done, notes, sens, table = lowbit.run_lowbit(cfg, cli.device(cfg), force=args.force,
+                                                     progress=not args.no_progress)
+        if not distributed.is_main():
+            return  # the ranks shared the variants; rank 0 writes the summary
+        md = lowbit.write_outputs(cfg, done, notes, sens, table, seconds=time.time() - t0)
+        if args.update_docs:
+            folder = lowbit.lowbit_dir(cfg)
+            update_section(args.update_docs, "lowbit", md.split("\n", 2)[2],
+                           figures=[f"{folder}/lowbit.png", f"{folder}/lowbit_layers.png"])
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

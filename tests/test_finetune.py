@@ -1,0 +1,161 @@
+"""finetune.py and the learned quantizers: AdaRound starts at the identity and exports codes in range, the
+straight-through export equals round-to-nearest, LSQ steps stay positive and learn, finetuning lowers its loss and
+leaves frozen layers alone, samples come from the stored files, and an interrupted run writes nothing half-way."""
+import json
+import os
+
+import pytest
+import torch
+from test_pipeline import ROOT, run
+
+from common.core.config import load_config
+from common.quant.activations import LayerQuant, qparams, quantizable_modules
+from common.quant.formats import int_codes, quantize_tensor
+from common.quant.learnable import LearnedActQuant, WeightQuant, export_weight
+
+SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
+
+
+def rand(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int3", "int2"])
+def test_adaround_starts_at_the_weights_and_exports_codes_in_range(fmt):
+    w = rand(6, 5, 3, 3)
+    wq = WeightQuant(w, fmt, 0, "adaround")
+    qmax = wq.qmax
+    inside = (w.flatten(1).abs() < w.flatten(1).abs().amax(1, keepdim=True) * 0.999).view_as(w)
+    assert torch.allclose(wq(w)[inside], w[inside], atol=1e-5)  # h(V) = fractional part: no rounding yet
+    e = export_weight(wq, w)
+    codes = int_codes(e)
+    assert codes.abs().max() <= qmax
+    # each learned code is floor or ceil of w / s
+    s = e["scale"][:, None]
+    ratio = w.flatten(1) / s
+    assert torch.all((codes.float() == torch.floor(ratio).clamp(-qmax, qmax)) |
+                     (codes.float() == torch.ceil(ratio).clamp(-qmax, qmax)))
+    assert wq.regularizer(2.0) > 0
+
+
+def test_ste_export_equals_round_to_nearest_and_passes_gradients():
+    w = rand(8, 12, seed=1).requires_grad_(True)
+    wq = WeightQuant(w, "int4", 0, "ste")
+    e, ref = export_weight(wq, w), quantize_tensor(w.detach(), "int4")
+    assert torch.equal(e["data"], ref["data"]) and torch.allclose(e["scale"], ref["scale"])
+    wq(w).sum().backward()
+    assert w.grad is not None and w.grad.abs().sum() > 0
+
+
+def test_lsq_matches_the_calibrated_quantizer_then_learns_a_positive_step():
+    x = rand(16, 4, 5, 5, seed=2) * 3
+    lo, hi = x.amin().view(1, 1), x.amax().view(1, 1)
+    scale, zp = qparams(lo, hi, 4, False)
+    lq = LayerQuant(4, False, "tensor", None, scale, zp)
+    lsq = LearnedActQuant(lq)
+    g = torch.zeros(16, dtype=torch.long)
+    assert torch.allclose(lsq.apply(x, g), lq.apply(x, g))
+    opt = torch.optim.Adam(lsq.parameters(), lr=0.05)
+    before = float((lsq.apply(x, g) - x).pow(2).mean())
+    for _ in range(50):
+        loss = (lsq.apply(x, g) - x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float((lsq.apply(x, g) - x).pow(2).mean()) < before
+    assert torch.all(lsq.export().scale > 0)
+
+
+def test_finetuning_lowers_its_loss_and_freezes_what_it_does_not_train(data_root, monkeypatch):
+    from common.core.config import to_dict
+    from common.diffusion.model import build_unet
+    from common.experiments import finetune as ft
+
+    monkeypatch.setenv("LAQFI_DATA_ROOT", data_root)
+    cfg = load_config(SMOKE, ["finetune.steps=40", "finetune.lr=1e-3"])
+    c = ft.finetune_config(cfg)
+    torch.manual_seed(0)
+    model = build_unet(cfg.model, cfg.diffusion.timesteps).eval()
+    ranges = {n: torch.tensor([[[-3.0, 3.0]]]).repeat(2, 2, 1) for n in quantizable_modules(model)}
+    student = ft.Student(c, model, 4, 8, ranges, "ste")
+    pool = (rand(32, 1, 32, 32, seed=3), torch.randint(0, cfg.diffusion.timesteps, (32,)))
+    layers = ft.quest_layers(model)[:2] or [student.names[0].removesuffix(".weight")]
+    frozen = {n: student.original(n).detach().clone() for n in student.names
+              if n.removesuffix(".weight") not in layers}
+    steps, info = ft.finetune(c, student, model, pool, layers, progress=False)
+    assert steps == 40 and info["last_loss"] < info["first_loss"]
+    for n, w in frozen.items():
+        assert torch.equal(student.original(n), w), n
+    assert any(not torch.equal(student.original(f"{m}.weight"), dict(model.named_parameters())[f"{m}.weight"])
+               for m in layers)
+    stored, q = student.export(model)
+    assert all(torch.all(lq.scale > 0) for lq in q.layers.values())
+    assert to_dict(c.finetune) == to_dict(cfg.finetune)
+
+
+@pytest.fixture(scope="module")
+def ft_run(tmp_path_factory, data_root):
+    tmp = tmp_path_factory.mktemp("finetune")
+    os.environ["LAQFI_DATA_ROOT"] = data_root
+    run("simplediffusion.py", tmp, "--skip-eval")
+    return tmp, run("finetune.py", tmp, "--set", "eval.classifier.train_limit=300")
+
+
+def test_every_method_is_evaluated_from_its_files(ft_run):
+    from common.diffusion.samplers import build_sampler, sample
+    from common.diffusion.schedule import NoiseSchedule
+    from common.quant.activations import load_act_quant
+    from common.quant.container import load_quantized, read_quantized
+
+    tmp, _ = ft_run
+    cfg = load_config(SMOKE)
+    out = tmp / "runs" / "smoke" / "finetune"
+    ms = {m: json.load(open(out / f"{m}_W4A4" / "metrics.json")) for m in cfg.finetune.methods}
+    assert ms["none"]["trainable_params"] == 0 and ms["all"]["trainable_params"] > ms["quest"]["trainable_params"] > 0
+    assert ms["fisher"]["layers_trained"] and len(ms["fisher"]["layers_trained"]) == len(ms["quest"]["layers_trained"])
+    none = read_quantized(str(out / "none_W4A4" / "quantized.safetensors"))["tensors"]
+    quest = read_quantized(str(out / "quest_W4A4" / "quantized.safetensors"))["tensors"]
+    for n, e in quest.items():
+        if e["format"] == "int4":
+            assert int_codes(e).abs().max() <= 7
+            if n.removesuffix(".weight") not in ms["quest"]["layers_trained"]:  # frozen: round to nearest
+                assert torch.equal(e["data"], none[n]["data"]), n
+    vdir = out / "reconstruction_W4A4"
+    model, _ = load_quantized(str(vdir / "quantized.safetensors"))
+    q, _ = load_act_quant(str(vdir / "act_quant.safetensors"))
+    assert all(torch.all(lq.scale > 0) for lq in q.layers.values())
+    q.attach(model)
+    torch.set_num_threads(cfg.run.threads)  # as the evaluation ran: oneDNN's reductions depend on the thread count
+    x = sample(model, build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion)), cfg.finetune.n_images,
+               (1, 32, 32), 0, min(cfg.sample.batch_size, cfg.finetune.n_images), progress=False)
+    assert torch.equal((x.clamp(-1, 1) + 1) / 2, torch.load(vdir / "samples_seed0.pt"))
+    md = (out / "summary.md").read_text()
+    assert "W4A4: fisher vs quest" in md and "share of `all`'s paired-MSE reduction" in md
+
+
+def test_rerun_reuses_and_an_interrupted_method_writes_nothing(ft_run, monkeypatch, data_root):
+    import shutil
+
+    from common.core.storage import resolve_device
+    from common.experiments import finetune as ft
+
+    tmp, _ = ft_run
+    again = run("finetune.py", tmp, "--set", "eval.classifier.train_limit=300")
+    assert "[quest_W4A4] reusing" in again.stdout
+    monkeypatch.setenv("LAQFI_DATA_ROOT", data_root)
+    cfg = load_config(SMOKE, [f"run.out_dir={tmp}/runs", f"run.cache_dir={tmp}/cache",
+                              "eval.classifier.train_limit=300", "finetune.methods=[all]"])
+    vdir = tmp / "runs" / "smoke" / "finetune" / "all_W4A4"
+    shutil.rmtree(vdir)
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ft, "finetune", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ft.run_finetune(cfg, resolve_device("cpu"), progress=False)
+    assert not [p for p in vdir.glob("*") if p.name != ".lock"]  # nothing half-written
+    monkeypatch.undo()
+    monkeypatch.setenv("LAQFI_DATA_ROOT", data_root)
+    done = ft.run_finetune(cfg, resolve_device("cpu"), progress=False)
+    assert (vdir / "metrics.json").exists() and done["all_W4A4"][1] == "all"

@@ -1,0 +1,213 @@
+"""lowbit.py and its parts: the all_but_ends rule, random configurations, the learned predictor on synthetic
+damage, the chain-aware Fisher against an exact Jacobian, the iterative Fisher, and the comparison end to end on
+the smoke config (files, budgets, samples from the stored files, verify, clear errors)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import kendalltau
+from test_pipeline import ROOT, run
+from torch import nn
+
+from common.core.config import ConfigError, load_config
+from common.diffusion.model import build_unet
+from common.diffusion.samplers import DDIMSampler
+from common.diffusion.schedule import NoiseSchedule
+from common.importance.chain import chain_fisher
+from common.importance.predictor import config_bits, fit_predictor, random_configs
+from common.quant.allocate import allocate
+from common.quant.eligibility import eligible_names, end_convs
+
+SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
+
+
+def test_all_but_ends_leaves_out_exactly_the_first_and_last_conv():
+    cfg = load_config(SMOKE, ["model.time_embedding=mlp"])
+    model = build_unet(cfg.model, cfg.diffusion.timesteps)
+    names = set(eligible_names(model, "all_but_ends"))
+    every = set(eligible_names(model, "all_weights"))
+    assert every - names == {"shallow_conv.weight", "output_conv.weight"} == set(end_convs(model))
+    assert {"late_conv.weight", "time_mlp.0.weight"} <= names  # the poster's rule leaves these out
+    assert "late_conv.weight" not in eligible_names(model, "poster")
+
+
+def _synthetic(n_tensors=12, seed=0):
+    rng = np.random.default_rng(seed)
+    formats = ["int8", "int4", "int3", "int2"]
+    bits = {f"t{i}": {f: int(b * s) for f, b in zip(formats, (8, 4, 3, 2), strict=True)}
+            for i, s in enumerate(rng.integers(50, 500, n_tensors))}
+    sens = rng.lognormal(0, 1.5, n_tensors)
+    err = {f: e for f, e in zip(formats, (0.0, 1.0, 4.0, 16.0), strict=True)}
+    true = {f"t{i}": {f: float(sens[i] * err[f]) for f in formats} for i in range(n_tensors)}
+    return formats, bits, true
+
+
+def test_random_configs_stay_in_their_band_and_are_reproducible():
+    formats, bits, _ = _synthetic()
+    total = sum(b["int8"] for b in bits.values()) // 8
+    a = random_configs(bits, 0, total, 2.5, 4.0, 40, seed=3)
+    assert a == random_configs(bits, 0, total, 2.5, 4.0, 40, seed=3)
+    avg = [config_bits(c, bits, 0) / total for c in a]
+    assert 2.4 <= min(avg) and max(avg) <= 4.0 and np.std(avg) > 0.2  # spread over the range
+    assert len({json.dumps(c, sort_keys=True) for c in a}) == len(a)
+
+
+def test_learned_predictor_recovers_an_additive_damage_and_allocates_like_it():
+    formats, bits, true = _synthetic()
+    total = sum(b["int8"] for b in bits.values()) // 8
+    configs = random_configs(bits, 0, total, 2.2, 6.0, 160, seed=1)
+    damage = [sum(true[n][f] for n, f in c.items()) + 0.01 for c in configs]
+    sq = {n: {f: true[n][f] / (1 + i) for f in formats} for i, n in enumerate(true)}  # not the right weights
+    pred, table = fit_predictor(configs[:120], damage[:120], list(true), formats, sq, "int8", seed=0)
+    held = [pred.predict(c) for c in configs[120:]]
+    assert kendalltau(held, damage[120:]).statistic > 0.9
+    assert all(v >= 0 for fs in pred.costs().values() for v in fs.values())  # no format predicted to help
+    assert {r["kind"] for r in table} == {"onehot", "error"}
+    budget = int(3.0 * total)
+    mine, _ = allocate(pred.costs(), bits, 0, budget)
+    best, _ = allocate(true, bits, 0, budget)
+    assert sum(true[n][f] for n, f in mine.items()) <= 1.2 * sum(true[n][f] for n, f in best.items())
+
+
+class Linear(nn.Module):
+    """eps_theta(x, t) = W x on the flattened image: a network whose chain Jacobian is computable exactly."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.lin = nn.Linear(d, d, bias=False)
+        self.unused = nn.Parameter(torch.ones(3))
+        torch.nn.init.normal_(self.lin.weight, std=0.3, generator=torch.Generator().manual_seed(0))
+
+    def forward(self, x, t):
+        return self.lin(x.flatten(1)).view_as(x)
+
+
+def test_chain_fisher_matches_the_exact_jacobian_diagonal():
+    model = Linear(4)
+    sampler = DDIMSampler(NoiseSchedule(50, 1e-4, 0.02), steps=3, eta=0.0, clip_x0=False)
+    shape = (1, 2, 2)
+    est = chain_fisher(model, sampler, ["lin.weight"], shape, n_chains=3, n_projections=3000, seed=5,
+                       progress=False)
+    # exact: x_0 of each chain as a function of W, from the same initial noise
+    from common.diffusion.samplers import batch_generator
+
+    x_T = torch.randn((3, *shape), generator=batch_generator(5, 0))
+
+    def x0(w):
+        x = x_T
+        for t in sampler.timesteps:
+            x = sampler.step((x.flatten(1) @ w.T).view_as(x), t, x, None)
+        return x.flatten()
+
+    J = torch.autograd.functional.jacobian(x0, model.lin.weight.detach())  # (3*4, 4, 4)
+    exact = J.pow(2).sum(0) / (3 * 4)  # per chain and pixel, as chain_fisher normalises
+    rel = (est["diag"]["lin.weight"] - exact).abs().sum() / exact.sum()
+    assert rel < 0.1, (est["diag"]["lin.weight"], exact)
+    assert abs(sum(est["per_step"].values()) - 1) < 1e-9 and len(est["per_step"]) == 3
+    assert est["rel_sem"]["lin.weight"] < 0.05
+    assert model.unused.requires_grad and model.lin.weight.requires_grad  # flags restored
+
+
+def test_lowbit_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"lowbit.uniform_menu.*unknown format 'int5'"):
+        load_config(SMOKE, ["lowbit.uniform_menu=[int8, int5]"])
+    with pytest.raises(ConfigError, match=r"lowbit.codebook_menu.*group size 48"):
+        load_config(SMOKE, ["lowbit.codebook_menu=[int8, int4_g48]"])
+    with pytest.raises(ConfigError, match=r"lowbit.predictor_seed.*evaluation seed"):
+        load_config(SMOKE, ["lowbit.predictor_seed=0"])
+    with pytest.raises(ConfigError, match=r"lowbit.budgets.*'3.5bits@A1'"):
+        load_config(SMOKE, ["lowbit.budgets=['3.5bits@A1']"])
+    assert load_config(SMOKE, ["lowbit.budgets=[' 3.50bits @ a8']"]).lowbit.budgets == ["3.5bits@A8"]
+
+
+PLANS = ["lowbit.plans=[uniform, fisher, chain_fisher, fisher_iterative, learned]", "eval.classifier.train_limit=300"]
+
+
+@pytest.fixture(scope="module")
+def lowbit_run(tmp_path_factory, data_root):
+    tmp = tmp_path_factory.mktemp("lowbit")
+    os.environ["LAQFI_DATA_ROOT"] = data_root
+    run("simplediffusion.py", tmp, "--skip-eval")
+    p = run("lowbit.py", tmp, *[a for kv in PLANS for a in ("--set", kv)])
+    return tmp, tmp / "runs" / "smoke" / "lowbit", p
+
+
+def test_every_variant_fits_its_budget_and_stores_its_plan(lowbit_run):
+    from common.core.budget import budget_bits, parse_size_at_bits
+    from common.quant.container import read_quantized
+
+    tmp, out, _ = lowbit_run
+    cfg = load_config(SMOKE)
+    variants = [d for d in out.iterdir() if (d / "plan.json").exists()]
+    plans = ["uniform", "fisher", "chain_fisher", "fisher_iterative", "learned"]
+    both = [p for p in cfg.lowbit.codebook_plans if p in plans]  # the codebook menu runs these plans only
+    assert len(variants) == len(cfg.lowbit.budgets) * (len(plans) + len(both))
+    for d in variants:
+        m, plan = json.load(open(d / "metrics.json")), json.load(open(d / "plan.json"))
+        size, a = parse_size_at_bits(m["budget"])
+        blob = read_quantized(str(d / "quantized.safetensors"))
+        total = sum(int(np.prod(e["shape"] if e["format"] != "fp32" else e["data"].shape))
+                    for e in blob["tensors"].values())
+        assert m["size"]["stored_bytes"] * 8 <= budget_bits(size, total) + 8 * len(blob["tensors"])
+        assert abs(m["w_bits"] - 8 * m["size"]["stored_bytes"] / total) < 0.02
+        for n, f in plan["choice"].items():
+            assert blob["tensors"][n]["format"] == f
+        for n in ("shallow_conv.weight", "output_conv.weight"):
+            assert blob["tensors"][n]["format"] == cfg.lowbit.keep_format
+        menu = cfg.lowbit.uniform_menu if m["quantizer"] == "uniform" else cfg.lowbit.codebook_menu
+        assert set(plan["choice"].values()) <= set(menu) and m["a_bits"] == a
+
+
+def test_samples_come_from_the_saved_files_and_verify_is_clean(lowbit_run):
+    from common.diffusion.samplers import build_sampler, sample
+    from common.experiments.verify import verify_run
+    from common.quant.activations import load_act_quant
+    from common.quant.container import load_quantized
+
+    tmp, out, _ = lowbit_run
+    cfg = load_config(SMOKE)
+    vdir = out / "learned_codebook_3bits_A6" if (out / "learned_codebook_3bits_A6").exists() else \
+        out / "fisher_codebook_3bits_A6"
+    model, _ = load_quantized(str(vdir / "quantized.safetensors"))
+    load_act_quant(str(vdir / "act_quant.safetensors"))[0].attach(model)
+    torch.set_num_threads(cfg.run.threads)  # as the evaluation ran: oneDNN's reductions depend on the thread count
+    x = sample(model, build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion)), cfg.lowbit.n_images,
+               (1, 32, 32), 0, min(cfg.sample.batch_size, cfg.lowbit.n_images), progress=False)
+    assert torch.equal((x.clamp(-1, 1) + 1) / 2, torch.load(vdir / "samples_seed0.pt"))
+    problems = [f for f in verify_run(str(out.parent)) if f.problem]
+    assert not problems, problems[:3]
+
+
+def test_summary_reports_every_predictor_beside_the_ceiling(lowbit_run):
+    tmp, out, p = lowbit_run
+    md = (out / "summary.md").read_text()
+    assert "Test–retest ceiling" in md and "| learned |" in md and "| chain_fisher |" in md
+    q = json.load(open(out / "predictors.json"))
+    assert set(q["quality"]["rows"]) >= {"fisher", "chain_fisher", "fisher_iterative", "learned"}
+    assert -1 <= q["quality"]["ceiling_tau"] <= 1 and q["quality"]["n_heldout"] >= 2
+    assert abs(sum(q["chain_per_step"].values()) - 1) < 1e-6
+    assert all(h[0]["round"] == 0 for h in q["iterative"].values())
+    assert "fisher_iterative vs fisher" in md and (out / "lowbit_layers.png").stat().st_size > 1000
+    again = run("lowbit.py", tmp, *[a for kv in PLANS for a in ("--set", kv)])
+    assert "[uniform_uniform_4bits_A8] reusing" in again.stdout and "reusing 12 measured configurations" in again.stdout
+
+
+def test_budget_below_the_floor_is_one_line_and_codebooks_refuse_int8(lowbit_run, tmp_path):
+    tmp, out, _ = lowbit_run
+    bad = run("lowbit.py", tmp, "--set", "lowbit.budgets=['1.5bits@A8']", "--set", PLANS[1], check=False)
+    assert bad.returncode != 0 and bad.stderr.startswith("error: lowbit.budgets: '1.5bits@A8' is below")
+    assert bad.stderr.count("\n") == 1
+    from common.quant.backends import CodebookNotRunnable, int8_plan
+    from common.quant.container import load_quantized, save_quantized
+
+    vdir = out / "uniform_codebook_4bits_A8"
+    model, blob = load_quantized(str(vdir / "quantized.safetensors"))
+    with pytest.raises(CodebookNotRunnable, match="k-means codebooks.*dequant"):
+        int8_plan(model, blob["tensors"])
+    save_quantized(blob["tensors"], str(tmp_path / "quantized.safetensors"), blob["arch"], blob["provenance"])
+    p = run("sample.py", tmp, "--variant-file", str(tmp_path / "quantized.safetensors"), "--backend", "int8", "--n",
+            "2", check=False)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode != 0 and last.startswith("error:") and "codebooks" in last and "Traceback" not in p.stderr

@@ -1,0 +1,159 @@
+"""python -m common.verify: an intact smoke run passes; each kind of file, damaged in turn (truncated, a flipped
+byte, an edited JSON field, deleted), is named; verify never writes. Plus the two holes it closes: an edited
+plan.json is refused on reuse and by the report, and --force recovers."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from test_pipeline import ROOT, run
+
+from common.experiments.verify import verify_run
+
+ACT = ["--set", "act_quant.budgets=[W4A6]", "--set", "act_quant.plans=[uniform]", "--set",
+       "act_quant.range_modes=[single]", "--set", "eval.classifier.train_limit=300"]
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, data_root):
+    """A smoke run with every kind of file: trained baseline with snapshots, Fisher, two strategy variants, the
+    report, a W/A variant (activation file, calibration caches), a sample.py output and a learning curve."""
+    tmp = tmp_path_factory.mktemp("verify")
+    os.environ["LAQFI_DATA_ROOT"] = data_root
+    clf = ["--set", "eval.classifier.train_limit=300"]
+    run("simplediffusion.py", tmp, "--set", "train.snapshot_every=1", *clf)
+    run("layer_math.py", tmp, *clf)
+    run("whole_threshold.py", tmp, *clf)
+    subprocess.run([sys.executable, "-m", "common.report", str(tmp / "runs" / "smoke")], check=True, cwd=ROOT,
+                   capture_output=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    run("act_quant.py", tmp, *ACT)
+    run("sample.py", tmp, "--n", "4", *clf)
+    run("learning_curve.py", tmp, "--set", "eval.seeds=[0]", *clf)
+    return tmp, tmp / "runs" / "smoke"
+
+
+def digest_tree(folder):
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_intact_run_has_no_problem_and_verify_writes_nothing(smoke_run):
+    tmp, run_dir = smoke_run
+    before = digest_tree(run_dir)
+    p = subprocess.run([sys.executable, "-m", "common.verify", str(run_dir)], capture_output=True, text=True,
+                       cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert p.returncode == 0, p.stdout[-3000:]
+    last = p.stdout.strip().splitlines()[-1]
+    n = sum(1 for f in before if not f.endswith("/.lock"))
+    assert last == f"verify: {n} files, 0 problems"
+    assert "| fp32/metrics.json |" in p.stdout and "| baseline/checkpoint.pt |" in p.stdout
+    assert digest_tree(run_dir) == before
+
+
+def truncate(p):
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+
+def flip(p):
+    data = bytearray(p.read_bytes())
+    data[len(data) * 2 // 3] ^= 0x55
+    p.write_bytes(bytes(data))
+
+
+def edit(p, key=None):
+    """Change one field of a JSON record, leaving it valid JSON."""
+    rec = json.loads(p.read_text())
+    key = key or next(k for k, v in rec.items() if isinstance(v, (int, float, str, dict)) and k != "record_sha256")
+    v = rec[key]
+    rec[key] = (v + 1 if isinstance(v, (int, float)) and not isinstance(v, bool) else
+                v + "x" if isinstance(v, str) else {**v, "edited": 1})
+    p.write_text(json.dumps(rec, indent=2))
+
+
+def delete(p):
+    p.unlink()
+
+
+CASES = [
+    ("layer_math/quantized.safetensors", truncate), ("layer_math/quantized.safetensors", flip),
+    ("layer_math/quantized.safetensors", delete),
+    ("layer_math/plan.json", lambda p: edit(p, "strategy")), ("layer_math/plan.json", delete),
+    ("layer_math/metrics.json", lambda p: edit(p, "clf_fid")), ("layer_math/metrics.json", truncate),
+    ("layer_math/samples_seed0.pt", truncate), ("fp32/samples_seed1.pt", flip), ("fp32/samples_seed0.pt", delete),
+    ("layer_math/samples.png", flip),
+    ("baseline/checkpoint.pt", flip), ("baseline/checkpoint.pt", delete), ("baseline/model.json", edit),
+    ("baseline/fisher.pt", truncate), ("baseline/fisher.pt", delete), ("baseline/samples.png", delete),
+    ("baseline/snapshots/ema_step0000002.safetensors", flip),
+    ("baseline/snapshots/ema_step0000001.safetensors", delete), ("baseline/snapshots/index.json", edit),
+    ("act_quant/uniform_W4A6_single/act_quant.safetensors", flip),
+    ("act_quant/uniform_W4A6_single/act_quant.safetensors", delete),
+    ("act_quant/baseline/act_quant/ranges_single.safetensors", truncate),
+    ("act_quant/baseline/act_quant/fisher_all_weights.pt", truncate),
+    ("act_quant/summary.csv", flip), ("summary.md", flip), ("summary.sources.json", edit),
+    ("plots/tradeoff.png", delete),
+    ("samples/baseline_dequant_seed0/samples.npz", flip), ("samples/baseline_dequant_seed0/sample.json", edit),
+    ("learning_curve.json", edit), ("learning_curve.md", truncate),
+]
+
+
+@pytest.mark.parametrize("rel,damage", CASES, ids=[f"{r}-{d.__name__}" for r, d in CASES])
+def test_each_damaged_file_is_named(smoke_run, tmp_path, rel, damage):
+    _, run_dir = smoke_run
+    copy = tmp_path / "smoke"
+    shutil.copytree(run_dir, copy)
+    damage(copy / rel)
+    rows = {os.path.relpath(f.path, copy): f for f in verify_run(str(copy))}
+    assert rel in rows, sorted(rows)
+    assert rows[rel].problem, (rel, rows[rel])
+    if damage is delete:
+        assert rows[rel].status == "MISSING"
+
+
+def test_a_source_changed_after_its_summary_makes_the_summary_stale(smoke_run, tmp_path):
+    _, run_dir = smoke_run
+    copy = tmp_path / "smoke"
+    shutil.copytree(run_dir, copy)
+    # a variant re-evaluated (here: its metrics.json rewritten validly, seal and all) after the report was written
+    from common.core import storage
+
+    m = storage.load_json(copy / "layer_math" / "metrics.json")
+    m["wall_seconds"] += 1
+    storage.atomic_write_record(m, copy / "layer_math" / "metrics.json")
+    rows = {os.path.relpath(f.path, copy): f for f in verify_run(str(copy))}
+    assert not rows["layer_math/metrics.json"].problem
+    assert rows["summary.sources.json"].problem and "stale" in rows["summary.sources.json"].detail
+
+
+def test_stray_files_are_unreferenced(smoke_run, tmp_path):
+    _, run_dir = smoke_run
+    copy = tmp_path / "smoke"
+    shutil.copytree(run_dir, copy)
+    (copy / "layer_math" / ".quantized.safetensors.99999-abc.tmp").write_bytes(b"half a file")
+    (copy / "layer_math" / "quantized.pt").write_bytes(b"an old container")
+    rows = {os.path.relpath(f.path, copy): f for f in verify_run(str(copy))}
+    assert rows["layer_math/.quantized.safetensors.99999-abc.tmp"].status == "UNREFERENCED"
+    assert rows["layer_math/quantized.pt"].status == "UNREFERENCED"
+
+
+def test_edited_plan_is_refused_on_reuse_and_by_the_report_and_force_recovers(smoke_run, tmp_path_factory):
+    from common.core import storage
+    from common.experiments import report
+
+    tmp, run_dir = smoke_run
+    other = tmp_path_factory.mktemp("verify_plan")
+    shutil.copytree(run_dir, other / "runs" / "smoke")
+    shutil.copytree(tmp / "cache", other / "cache")
+    vdir = other / "runs" / "smoke" / "layer_math"
+    plan = storage.load_json(vdir / "plan.json")
+    plan["format"] = "int8"  # one field changed by hand
+    (vdir / "plan.json").write_text(json.dumps(plan, indent=2))
+    p = run("layer_math.py", other, "--set", "eval.classifier.train_limit=300", check=False)
+    assert p.returncode != 0 and str(vdir / "plan.json") in p.stderr and "--force" in p.stderr
+    assert p.stderr.count("\n") == 1 and "[layer_math] reusing" not in p.stdout, (p.stdout, p.stderr)
+    with pytest.raises(ValueError, match=r"layer_math not tabulated.*layer_math.py.*--force"):
+        report.load_results(str(other / "runs" / "smoke"))
+    run("layer_math.py", other, "--set", "eval.classifier.train_limit=300", "--force")
+    assert storage.load_json(vdir / "plan.json")["format"] == "fp16"
+    assert not [f for f in verify_run(str(vdir.parent)) if f.problem and "layer_math" in f.path]
