@@ -14,7 +14,7 @@ STRATEGIES := whole_threshold.py layer_group.py layer_ratio.py layer_math.py
 # Tables of the default config go into their docs page: $(call DOCS,results) -> --update-docs docs/results.md
 DOCS = $(if $(filter configs/default.yaml,$(CONFIG)),--update-docs docs/$(1).md)
 
-.PHONY: setup reproduce reproduce-from-scratch test bench compare full-eval learning-curve sensitivity actquant verify lowbit finetune
+.PHONY: setup reproduce reproduce-from-scratch test bench compare full-eval learning-curve sensitivity actquant verify lowbit finetune sweep-cost
 
 $(BIN)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -45,6 +45,10 @@ test: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench.py --config $(CONFIG) --n-batch 300 --backend-n 300 $(call DOCS,performance)
+
+# What a poster-scale reproduce / compare costs on 1 and 8 GPUs (measured here, projected by FLOPs; docs/distributed.md).
+sweep-cost: setup
+	$(BIN)/python benchmarks/sweep_cost.py --config configs/poster.yaml --update-docs docs/distributed.md
 
 # Beyond the poster: every importance metric through the same allocator (needs `make reproduce` first).
 compare: setup

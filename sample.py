@@ -5,9 +5,10 @@ its metadata, else from --config); default: the config's released baseline.weigh
 runs/<run>/baseline/checkpoint.pt. --variant-file takes a quantized.safetensors; an act_quant.py
 variant's activation quantizers (act_quant.safetensors beside it) are applied too, as fake quantization on
 --backend dequant only. --backend: dequant (fp32 compute of the stored values, the reference), bf16, fp16
-(CUDA only) or int8 (static W8A8 on x86 through PT2E + torch.compile; see README "Running quantized
-models"). Writes <out>/samples.png, samples.npz (uint8 images and float32 samples) and sample.json
-(source, backend, what each tensor ran in, speed). Same --seed, same batch size: same noise, so outputs of
+(CUDA only), int8 (static W8A8 on x86 through PT2E + torch.compile) or int8_bf16 (the same with everything
+but the int8 kernels and the plan's fp32 tensors in bf16; see docs/backends.md). Writes <out>/samples.png,
+samples.npz (uint8 images and float32 samples) and sample.json (source, backend, what each tensor ran in,
+speed). Same --seed, same batch size: same noise, so outputs of
 two backends or variants are paired.
 """
 import os

@@ -5,8 +5,8 @@
 
 Uses the default model architecture with random weights (speed does not depend on training).
 Each measurement runs in its own child process so its peak RSS is its own. Prints a table and
-ends with one ``key=value`` line (bf16_speedup, int8_speedup, int8_resident_ratio, int8_paired_mse_ratio
-first; see benchmarks/bench_backends.py).
+ends with one ``key=value`` line (bf16_speedup; int8_ and int8bf16_ speedup, resident_ratio and
+paired_mse_ratio; int8bf16_vs_bf16 first; see benchmarks/bench_backends.py).
 """
 import argparse
 import multiprocessing as mp

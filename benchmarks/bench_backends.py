@@ -26,9 +26,9 @@ from common.quant.eligibility import eligible_names
 from common.quant.formats import quantize_model
 
 BACKEND_ROWS = {"dequant": ("dequant", False), "bf16": ("bf16", False), "bf16+compile": ("bf16", True),
-                "int8": ("int8", True)}
+                "int8": ("int8", True), "int8_bf16": ("int8_bf16", True)}
 VARIANTS = ("fp32", "uniform_int8", "layer_ratio_p0.25_int8", "mp_fisher_25%")
-TARGETS = {"bf16": 1.8, "int8": 2.2}
+TARGETS = {"bf16": 1.8, "int8": 2.2, "int8bf16": 2.5}
 
 
 def _weights(cfg, ckpt_path):
@@ -153,9 +153,10 @@ def run(cfg, ckpt_path, out_dir, n, isolated, variants=VARIANTS, rows_wanted=tup
               f"{r['peak_rss_mb']:12.0f} {r['resident_bytes'] / 2 ** 20:11.3f} "
               f"{r['resident_bytes'] / fp32_resident:8.2f} {r['paired_mse']:11.2e} {fid}")
     print("\nwhat runs in which precision (int8 rows):")
-    for variant in paths:
-        r = rows.get((variant, "int8"), {})
+    for variant, label in ((v, b) for v in paths for b in ("int8", "int8_bf16")):
+        r = rows.get((variant, label), {})
         if "summary" in r:
+            variant = f"{variant} ({label})"
             parts = "; ".join(f"{c} {how}" for how, c in r["summary"]["tensors_by_execution"].items())
             held = ", ".join(f"{k} {v / 2 ** 20:.3f} MB" for k, v in r["summary"]["resident_by_dtype"].items())
             print(f"  {variant}: {parts}\n    resident: {held}")
@@ -169,19 +170,25 @@ def headline(rows) -> dict:
         r = rows.get(("uniform_int8", label))
         return r if r is not None and "error" not in r else None
 
-    base, int8 = ok("dequant"), ok("int8")
+    base = ok("dequant")
     bf16 = max(filter(None, (ok("bf16"), ok("bf16+compile"))), key=lambda r: r["img_s"], default=None)
-    out = dict.fromkeys(("bf16_speedup", "int8_speedup", "int8_resident_ratio", "int8_paired_mse_ratio"))
+    out = {"bf16_speedup": None}
+    if base is not None and bf16 is not None:
+        out["bf16_speedup"] = round(bf16["img_s"] / base["img_s"], 2)
+    for key, label in (("int8", "int8"), ("int8bf16", "int8_bf16")):
+        r = ok(label)
+        fig = dict.fromkeys((f"{key}_speedup", f"{key}_resident_ratio", f"{key}_paired_mse_ratio"))
+        if base is not None and r is not None:
+            fig = {f"{key}_speedup": round(r["img_s"] / base["img_s"], 2),
+                   f"{key}_resident_ratio": round(r["resident_bytes"] / rows["fp32", "dequant"]["resident_bytes"], 3),
+                   f"{key}_paired_mse_ratio": (round(r["paired_mse"] / base["paired_mse"], 2)
+                                               if base["paired_mse"] > 0 else None)}
+        out.update(fig)
+    mixed = ok("int8_bf16")
+    out["int8bf16_vs_bf16"] = round(mixed["img_s"] / bf16["img_s"], 2) if mixed and bf16 else None
     if base is None:
         return out
-    if bf16 is not None:
-        out["bf16_speedup"] = round(bf16["img_s"] / base["img_s"], 2)
-    if int8 is not None:
-        out["int8_speedup"] = round(int8["img_s"] / base["img_s"], 2)
-        out["int8_resident_ratio"] = round(int8["resident_bytes"] / rows["fp32", "dequant"]["resident_bytes"], 3)
-        out["int8_paired_mse_ratio"] = (round(int8["paired_mse"] / base["paired_mse"], 2)
-                                        if base["paired_mse"] > 0 else None)
-    for name, r in (("bf16", bf16), ("int8", int8)):
+    for name, r in (("bf16", bf16), ("int8", ok("int8")), ("int8bf16", mixed)):
         if r is not None and out[f"{name}_speedup"] < TARGETS[name]:
             print(f"  {name} target (>= {TARGETS[name]}x fp32) missed ({out[f'{name}_speedup']}x); top ops of one "
                   f"{name} U-Net call: {r['top_ops']}")

@@ -172,6 +172,23 @@ def test_int8_compiled(mixed, int8_reference):
     torch.testing.assert_close(part, out[:5], rtol=1e-4, atol=1e-4)
 
 
+
+def test_int8_mixed_bf16(mixed, int8_reference):
+    """int8_bf16: the same int8 codes, everything else under bf16 autocast: close to int8's samples, not equal."""
+    _, qmodel, stored, sampler, ref = mixed
+    reference, calib = int8_reference
+    runner = backends.prepare(qmodel, stored, "int8_bf16", calib=calib, compile_model=False)
+    assert runner.backend == "int8_bf16" and any("int8-mixed-bf16" in n for n in runner.notes)
+    assert runner.precision["Layer1.ResBlock1.conv1.weight"] == "int8 W8A8 (int4 codes, plan scales)"
+    assert runner.precision["Layer3.ResBlock2.conv1.weight"].startswith("bf16 (int8 masked values")
+    assert runner.precision["shallow_conv.weight"] == "fp32 (fp32 values)"  # the plan's fp32 tensors stay fp32
+    kept = [n for n in runner.fn.__closure__[0].cell_contents.graph.nodes if n.target is backends._conv2d_fp32]
+    assert [n.args[1].target for n in kept] == ["shallow_conv.weight", "late_conv.weight", "output_conv.weight"]
+    out = sample(runner, sampler, 8, SHAPE, 0, 8, progress=False)
+    assert out.dtype == torch.float32
+    int8 = sample(reference, sampler, 8, SHAPE, 0, 8, progress=False)
+    assert 0 < rel_err(out, int8) < 0.05 and rel_err(out, ref) < 0.08
+
 # ----------------------------------------------------------------------------- loading and sample.py
 def test_load_weights_plain_state_dict(tiny_model_fisher, tmp_path):
     from common.core.config import load_config

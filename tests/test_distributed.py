@@ -11,6 +11,10 @@ import pytest
 import torch
 from test_pipeline import ROOT, run
 
+from common.core.config import load_config
+from common.core.storage import fingerprint
+from common.diffusion.checkpoint import training_inputs
+
 SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
 CLF = ["--set", "eval.classifier.train_limit=300"]
 
@@ -65,6 +69,22 @@ def test_two_ranks_train_the_same_step_as_one(one_rank):
     for k in a["model"]:
         assert torch.allclose(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-6), k
     assert abs(a["loss_history"][0] - b["loss_history"][0]) < 1e-5
+    # --resume across a changed N: the 2 ranks' step 1, made the partial checkpoint of a 2-step run (what an
+    # interruption after step 1 leaves: the smoke config's learning rate does not depend on the step count),
+    # continued by one process = 2 steps of one process
+    two_steps = load_config(SMOKE, ["train.max_steps=2"])
+    path = tmp / "runs" / "t2" / "baseline" / "checkpoint.pt"
+    b["config"]["train"]["max_steps"], b["total_steps"], b["finished"] = 2, 2, False
+    b["training_inputs"], b["fingerprint"] = training_inputs(two_steps), fingerprint(training_inputs(two_steps))
+    for f in path.parent.iterdir():  # an interrupted training leaves only its checkpoint
+        f.unlink()
+    torch.save(b, path)
+    run("simplediffusion.py", tmp, "--set", "run.name=t2", "--set", "train.max_steps=2", "--skip-eval", "--resume")
+    run("simplediffusion.py", tmp, "--set", "run.name=s1", "--set", "train.max_steps=2", "--skip-eval")
+    a, b = (torch.load(tmp / "runs" / n / "baseline" / "checkpoint.pt", weights_only=True) for n in ("s1", "t2"))
+    assert a["step"] == b["step"] == 2 and b["finished"]
+    for k in a["model"]:
+        assert torch.allclose(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-6), k
     bad = torchrun("simplediffusion.py", tmp, "--set", "run.name=t3", "--set", "train.batch_size=15", *step,
                    check=False)
     assert bad.returncode != 0 and "does not divide among 2 ranks" in bad.stderr

@@ -279,7 +279,7 @@ class EvalConfig:
 @dataclass
 class BackendConfig:
     """How sample.py / the bench execute a model (common/backends.py); evaluation always uses dequant."""
-    name: Literal["dequant", "bf16", "fp16", "int8"] = "dequant"
+    name: Literal["dequant", "bf16", "fp16", "int8", "int8_bf16"] = "dequant"
     compile: bool | None = None  # torch.compile; null = only for int8 (which needs it for its int8 kernels)
     calib_images: int = _spec(32, lo=2, doc="int8: trajectories whose U-Net inputs calibrate activation scales")
     calib_steps: int = _spec(20, lo=1, doc="int8: sampler steps recorded per trajectory, spread over the chain")

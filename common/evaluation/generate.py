@@ -85,7 +85,7 @@ def build_runner(cfg, model, stored, backend: str, device, batch_size: int, comp
     """``backends.prepare`` with this config's sampler for int8 calibration (``backend.calib_*``)."""
     shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
     calib = None
-    if backend == "int8":
+    if backend in ("int8", "int8_bf16"):
         sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
         calib = backends.calibration_inputs(model, sampler, cfg.backend.calib_images, shape, cfg.backend.calib_seed,
                                             cfg.backend.calib_steps, progress)

@@ -26,6 +26,9 @@ What each tensor runs in (``Runner.precision`` says it per parameter):
   element-masked tensors (one kernel cannot mix formats inside a tensor). The export has a dynamic batch
   dimension; the compiled graph is specialised to ``batch_size`` and smaller batches are zero-padded to it
   (samples are independent under static scales, so padding changes no result).
+* ``int8_bf16`` — the same int8 graph compiled and run under bf16 autocast (PT2E's int8-mixed-bf16): the
+  int8 kernels as above, and everything else (GroupNorm, attention, the quantize / dequantize around each int8
+  op, and the tensors the plan keeps fp32) in bf16 instead of fp32.
 """
 import time
 from dataclasses import dataclass, field
@@ -36,7 +39,7 @@ from torch import nn
 from ..core.format_names import format_spec
 from ..diffusion.samplers import sample
 
-BACKENDS = ("dequant", "bf16", "fp16", "int8")
+BACKENDS = ("dequant", "bf16", "fp16", "int8", "int8_bf16")
 _DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -278,7 +281,7 @@ def _graph_constants(gm):
     return [t for t in (_attr(gm, target) for target in used) if isinstance(t, torch.Tensor)]
 
 
-def _int8(model, stored, calib, batch_size, compile_model):
+def _int8(model, stored, calib, batch_size, compile_model, mixed_bf16=False):
     if not calib:
         raise ValueError("backend 'int8' needs calibration inputs (see calibration_inputs)")
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -298,6 +301,8 @@ def _int8(model, stored, calib, batch_size, compile_model):
             prepared(xc, tc)
     converted = convert_pt2e(prepared)
     resident = tensor_bytes(_graph_constants(converted))
+    fp32_kept = (_keep_fp32(converted, {n for n, f in _formats(model, stored).items() if f == "fp32"})
+                 if mixed_bf16 else set())
     fn, notes = converted, []
     batch_size = batch_size or len(x)
     if compile_model:
@@ -307,6 +312,10 @@ def _int8(model, stored, calib, batch_size, compile_model):
     else:
         notes.append("not compiled: the reference quantize/dequantize graph (int8 numerics, fp32 speed)")
         batch_size = None
+    if mixed_bf16:  # PT2E's int8-mixed-bf16: compiled and run under bf16 autocast
+        fn = _bf16_autocast(fn)
+        notes.append("int8-mixed-bf16: the int8 convolutions / matmuls as int8, the plan's fp32 convolutions / "
+                     "linears in fp32, everything else autocast to bf16 (attention, the other tensors' matmuls)")
     precision = {}
     for name, fmt in _formats(model, stored).items():
         mod_name = name.rpartition(".")[0]
@@ -315,10 +324,47 @@ def _int8(model, stored, calib, batch_size, compile_model):
         elif mod_name in plan.subpixel and name.endswith(".weight"):
             precision[name] = f"int8 W8A8 ({fmt} codes, plan scales; as 4 sub-pixel 2x2 convs)"
         elif name in plan.kept:
-            precision[name] = f"fp32 ({fmt} values; {plan.kept[name]})"
+            precision[name] = f"{'bf16' if mixed_bf16 else 'fp32'} ({fmt} values; {plan.kept[name]})"
+        elif mixed_bf16 and name not in fp32_kept:
+            precision[name] = f"bf16 autocast ({fmt} values)"
         else:
             precision[name] = f"fp32 ({fmt} values)"
-    return Runner(fn, "int8", torch.float32, precision, resident, batch_size=batch_size, notes=notes, min_batch=2)
+    return Runner(fn, "int8_bf16" if mixed_bf16 else "int8", torch.float32, precision, resident,
+                  batch_size=batch_size, notes=notes, min_batch=2)
+
+
+def _conv2d_fp32(x, *args):
+    with torch.autocast("cpu", enabled=False):
+        return torch.ops.aten.conv2d.default(x.float(), *args)
+
+
+def _linear_fp32(x, *args):
+    with torch.autocast("cpu", enabled=False):
+        return torch.ops.aten.linear.default(x.float(), *args)
+
+
+def _keep_fp32(gm, fp32_names) -> set:
+    """Rewrite ``gm``'s float convolutions / linears whose weight the plan stores as fp32 to run outside bf16
+    autocast; returns the parameter names (weights and biases) that now run in fp32."""
+    swap = {torch.ops.aten.conv2d.default: _conv2d_fp32, torch.ops.aten.linear.default: _linear_fp32}
+    kept = set()
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in swap:
+            continue
+        weight = node.args[1]  # a plain attribute for a float weight; a dequantize node for int8 codes
+        if weight.op == "get_attr" and weight.target in fp32_names:
+            node.target = swap[node.target]
+            kept.update(a.target for a in node.args[1:3] if isinstance(a, torch.fx.Node) and a.op == "get_attr")
+    gm.recompile()
+    return kept
+
+
+def _bf16_autocast(fn):
+    def run(x, t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fn(x, t).float()
+
+    return run
 
 
 def _frozen(compiled):
@@ -381,8 +427,9 @@ def prepare(model, stored, backend: str, device="cpu", calib=None, batch_size=No
         runner = _floating(model, stored, backend, device, bool(compile_model))
     else:
         if torch.device(device).type != "cpu":
-            raise ValueError("backend 'int8' runs on the CPU (x86 oneDNN kernels); use --set run.device=cpu")
-        runner = _int8(model, stored, calib, batch_size, True if compile_model is None else compile_model)
+            raise ValueError(f"backend {backend!r} runs on the CPU (x86 oneDNN kernels); use --set run.device=cpu")
+        runner = _int8(model, stored, calib, batch_size, True if compile_model is None else compile_model,
+                       mixed_bf16=backend == "int8_bf16")
     if warmup_shape is not None:
         b = runner.batch_size or warmup_shape[0]
         with torch.inference_mode():
