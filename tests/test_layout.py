@@ -3,6 +3,8 @@ module importing from a package above its own. Also: README and docs/ links reso
 import ast
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -203,3 +205,14 @@ def test_readme_is_a_front_door_and_generated_blocks_exist_once():
     for marker in ("results", "compare", "actquant", "perf", "learning-curve", "sensitivity", "lowbit", "finetune"):
         holders = [d for d, t in text.items() if f"<!-- {marker}:start -->" in t and f"<!-- {marker}:end -->" in t]
         assert len(holders) == 1, (marker, holders)
+
+
+def test_scripts_start_without_the_heavy_optional_imports():
+    """torchvision / pytorch-fid / torch-fidelity (which pull in torch._dynamo) and scipy.stats cost a script
+    ~2-3 s of start-up; they are imported where Inception, KID or a test statistic is first needed."""
+    code = ("import sys\nimport common.experiments.pipeline, common.experiments.lowbit, common.experiments.finetune\n"
+            "print(sorted(m for m in ('torchvision', 'pytorch_fid', 'torch_fidelity', 'scipy.stats') "
+            "if m in sys.modules))")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]"

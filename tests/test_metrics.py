@@ -135,3 +135,7 @@ def test_kid_of_a_set_with_itself_is_about_zero_and_unbiased_between_samples():
             for _ in range(30)]
     assert abs(np.mean(same)) < 3 * np.std(same) / np.sqrt(len(same))
     assert shifted > 10 * np.std(same)
+
+
+def test_official_weights_file_is_pytorch_fids():
+    assert metrics.OFFICIAL_FILE == os.path.basename(pfi.FID_WEIGHTS_URL)

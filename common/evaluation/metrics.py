@@ -12,11 +12,7 @@ from unittest import mock
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pytorch_fid import inception as pfi
-from pytorch_fid.fid_score import calculate_frechet_distance
 from torch import nn
-from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
-from torchvision.models.inception import BasicConv2d
 from tqdm.auto import tqdm
 
 from ..core.storage import atomic_torch_save, load_cache, load_torch, sha256_file
@@ -26,13 +22,29 @@ __all__ = ["calculate_frechet_distance", "load_inception", "inception_features",
            "frechet_from_features", "kernel_distance", "train_classifier", "load_or_train_classifier",
            "classifier_outputs"]
 
-OFFICIAL_FILE = os.path.basename(pfi.FID_WEIGHTS_URL)  # pt_inception-2015-12-05-6726825d.pth
+OFFICIAL_FILE = "pt_inception-2015-12-05-6726825d.pth"  # the file of pytorch-fid's FID_WEIGHTS_URL (a test checks)
+
+
+def _pfi():
+    """pytorch-fid's inception module, imported on first use: it pulls in torchvision and torch._dynamo, about
+    two seconds of every script's start-up (and of ``--help``) that only Inception needs."""
+    from pytorch_fid import inception
+
+    return inception
+
+
+def calculate_frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
+    """pytorch-fid's ``calculate_frechet_distance``, imported on first use."""
+    from pytorch_fid.fid_score import calculate_frechet_distance as frechet
+
+    return frechet(mu1, sigma1, mu2, sigma2, eps)
 
 
 # ----------------------------------------------------------------------------- Inception
 def _fid_trunk(state_dict=None) -> nn.Module:
     """pytorch-fid's FID Inception (TF-2015 layout), loaded from ``state_dict`` without a download."""
     # fid_inception_v3() always calls load_state_dict_from_url; hand it the weights we already have.
+    pfi = _pfi()
     with mock.patch.object(pfi, "load_state_dict_from_url", lambda *a, **k: state_dict):
         if state_dict is not None:
             return pfi.fid_inception_v3()
@@ -67,6 +79,8 @@ def trunk_from_fid_helper(path=None) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit deprecation: we only read tensors
         src = list(torch.jit.load(path, map_location="cpu").state_dict().values())
+    from torchvision.models.inception import BasicConv2d
+
     net = _fid_trunk(None)
     convs = [m for m in net.modules() if isinstance(m, BasicConv2d)]
     if len(src) != 4 * len(convs):
@@ -89,6 +103,7 @@ class FIDInception(nn.Module):
 
     def __init__(self, trunk: nn.Module, has_classifier: bool, source: str, weights_file: str):
         super().__init__()
+        pfi = _pfi()
         with mock.patch.object(pfi, "fid_inception_v3", lambda: trunk):
             self.features = pfi.InceptionV3([pfi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]],
                                             resize_input=True, normalize_input=True)
@@ -116,7 +131,7 @@ def load_inception(weights_path=None, device="cpu", allow_download=True) -> FIDI
         return _ready(FIDInception(_fid_trunk(state), True, f"pytorch-fid:{cached}", cached), device)
     if allow_download:
         try:
-            state = torch.hub.load_state_dict_from_url(pfi.FID_WEIGHTS_URL, progress=False)
+            state = torch.hub.load_state_dict_from_url(_pfi().FID_WEIGHTS_URL, progress=False)
             return _ready(FIDInception(_fid_trunk(state), True, f"pytorch-fid:{cached}", cached), device)
         except Exception as e:  # offline: fall through to the packaged trunk
             print(f"[inception] pytorch-fid weights unavailable ({type(e).__name__}); "
@@ -196,6 +211,8 @@ def kernel_distance(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_s
     (x.y / d + 1)^3 on subsets of min(subset_size, n1, n2) drawn without replacement; unlike FID it is
     unbiased in the number of samples, so small sample sets compare fairly. It can be slightly negative.
     """
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric  # ~2 s
+
     m = min(subset_size, len(f1), len(f2))
     out = kid_features_to_metric(torch.as_tensor(f1, dtype=torch.float64), torch.as_tensor(f2, dtype=torch.float64),
                                  kid_subsets=subsets, kid_subset_size=m, rng_seed=seed, verbose=False)

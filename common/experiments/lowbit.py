@@ -25,7 +25,6 @@ import os
 import time
 
 import numpy as np
-from scipy.stats import kendalltau, spearmanr
 
 from ..core import distributed, lock, storage
 from ..core.budget import budget_bits, parse_size_at_bits, size_at_bits_tag
@@ -401,6 +400,8 @@ def predictor_quality(sens, table) -> dict:
         preds["fisher_iterative"] = np.array([sum(it[n][f] for n, f in c.items()) for c in configs])
     if sens.predictor is not None:
         preds["learned"] = np.array([sens.predictor.predict(c) for c in configs])
+    from scipy.stats import kendalltau, spearmanr  # on first use, like the other experiments (start-up time)
+
     targets = {"eps_mse": np.array([r["eps_mse"] for r in meas]), "mse_mean": np.array([r["mse_mean"] for r in meas]),
                "mse_median": np.array([r["mse_median"] for r in meas])}
     rows = {}

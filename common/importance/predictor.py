@@ -28,7 +28,6 @@ import warnings
 
 import numpy as np
 import torch
-from scipy.stats import kendalltau
 from tqdm.auto import tqdm
 
 from ..diffusion.samplers import sample
@@ -192,6 +191,8 @@ def fit_predictor(configs, damage, names, formats, sq_error, reference, prior=No
     ``prior``: damage = b + sum a_n prior[n][f_n] with a_n >= 0 shrunk towards one common scale, so a tensor the
     measurements say little about keeps the prior's estimate instead of a free zero. Returns (Predictor,
     cross-validation table)."""
+    from scipy.stats import kendalltau  # on first use (start-up time)
+
     damage = np.asarray(damage, dtype=float)
     order = np.random.default_rng(seed).permutation(len(configs))
     parts = np.array_split(order, folds)
