@@ -4,7 +4,8 @@ Part of ``make bench`` (``benchmarks/bench.py``; ``--part backends`` runs only t
 fp32, uniform int8, the poster's best rule (layer_ratio p = 0.25, the poster's best-FID row, with int8
 as its low format because fp16 has no fast CPU kernel) and a Fisher-allocated mix (fisher_distortion,
 25% budget over fp32/fp16/int8/int4), each written as quantized.safetensors and reloaded from it.
-Backends: dequant (fp32 reference), bf16 eager, bf16 + torch.compile, int8 (PT2E W8A8 + torch.compile).
+Backends: dequant (fp32 reference), bf16 eager, bf16 + torch.compile, int8 (PT2E W8A8 + torch.compile),
+int8_bf16 (the same under bf16 autocast: PT2E's int8-mixed-bf16).
 Every (variant, backend) runs in its own process (its own peak RSS), samples the same noise (seed 0), and
 is compared with fp32-on-dequant: paired MSE of [0, 1] pixels and classifier-FID between the two sets.
 """

@@ -31,6 +31,9 @@ def smoke_run(tmp_path_factory, data_root):
                    capture_output=True, env=dict(os.environ, PYTHONPATH=ROOT))
     run("act_quant.py", tmp, *ACT)
     run("sample.py", tmp, "--n", "4", *clf)
+    aq = tmp / "runs" / "smoke" / "act_quant" / "uniform_W4A6_single"
+    run("sample.py", tmp, "--n", "4", "--variant-file", str(aq / "quantized.safetensors"), "--out",
+        str(tmp / "runs" / "smoke" / "samples" / "aq"), *clf)
     run("learning_curve.py", tmp, "--set", "eval.seeds=[0]", *clf)
     return tmp, tmp / "runs" / "smoke"
 
@@ -124,6 +127,21 @@ def test_a_source_changed_after_its_summary_makes_the_summary_stale(smoke_run, t
     rows = {os.path.relpath(f.path, copy): f for f in verify_run(str(copy))}
     assert not rows["layer_math/metrics.json"].problem
     assert rows["summary.sources.json"].problem and "stale" in rows["summary.sources.json"].detail
+
+
+def test_a_sample_records_its_activation_quantizers(smoke_run, tmp_path):
+    _, run_dir = smoke_run
+    copy = tmp_path / "smoke"
+    shutil.copytree(run_dir, copy)
+    from common.core import storage
+
+    path = copy / "samples" / "aq" / "sample.json"
+    s = storage.load_json(path)
+    assert s["source"]["act_quant"]["path"].endswith("act_quant.safetensors")
+    s["source"]["act_quant"]["sha256"] = "0" * 64  # as if the quantizers changed after sampling (seal kept valid)
+    storage.atomic_write_record(s, path)
+    row = {os.path.relpath(f.path, copy): f for f in verify_run(str(copy))}["samples/aq/sample.json"]
+    assert row.status == "MISMATCH" and "act_quant.safetensors changed" in row.detail
 
 
 def test_stray_files_are_unreferenced(smoke_run, tmp_path):

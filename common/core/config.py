@@ -637,34 +637,42 @@ def _read_yaml(src: str, chain=()) -> dict:
         raise ConfigError(f"{src}: extends: {base} makes a cycle ({' -> '.join(chain + (src, base_path))})")
     return _merge(_read_yaml(base_path, chain + (os.path.normpath(src),)), raw)
 
+
+def _require_entries(section: str, values, keys, src: str):
+    for key in keys:
+        if not getattr(values, key):
+            raise ConfigError(f"{src}: {section}.{key}: needs at least one entry")
+
+
+def _normalized_budgets(section: str, values, normalize, src: str):
+    try:
+        values.budgets = [normalize(b) for b in values.budgets]
+    except ValueError as e:
+        raise ConfigError(f"{src}: {section}.budgets: {e}") from None
+
+
+def _not_an_evaluation_seed(key: str, seed: int, seeds, src: str):
+    if seed in seeds:
+        raise ConfigError(f"{src}: {key}: {seed} is an evaluation seed; calibration noise must differ from the "
+                          f"noise the variants are judged by")
+
+
 def _check_lowbit(cfg: Config, src: str):
     lb = cfg.lowbit
-    for key in ("budgets", "plans", "quantizers", "seeds", "uniform_menu", "codebook_menu"):
-        if not getattr(lb, key):
-            raise ConfigError(f"{src}: lowbit.{key}: needs at least one entry")
-    try:
-        lb.budgets = [normalize_size_at_bits(b) for b in lb.budgets]
-    except ValueError as e:
-        raise ConfigError(f"{src}: lowbit.budgets: {e}") from None
+    _require_entries("lowbit", lb, ("budgets", "plans", "quantizers", "seeds", "uniform_menu", "codebook_menu"), src)
+    _normalized_budgets("lowbit", lb, normalize_size_at_bits, src)
     if len(lb.predictor_bits) != 2 or lb.predictor_bits[0] >= lb.predictor_bits[1]:
         raise ConfigError(f"{src}: lowbit.predictor_bits: expected [low, high] average bits, got {lb.predictor_bits}")
     for key in ("predictor_seed", "retest_seed"):
-        if getattr(lb, key) in lb.seeds or getattr(lb, key) in cfg.eval.seeds:
-            raise ConfigError(f"{src}: lowbit.{key}: {getattr(lb, key)} is an evaluation seed; calibration noise must "
-                              f"differ from the noise the variants are judged by")
+        _not_an_evaluation_seed(f"lowbit.{key}", getattr(lb, key), lb.seeds + cfg.eval.seeds, src)
     if lb.predictor_seed == lb.retest_seed:
         raise ConfigError(f"{src}: lowbit.retest_seed: must differ from lowbit.predictor_seed ({lb.predictor_seed})")
 
 
 def _check_finetune(cfg: Config, src: str):
     ft = cfg.finetune
-    for key in ("budgets", "methods", "seeds"):
-        if not getattr(ft, key):
-            raise ConfigError(f"{src}: finetune.{key}: needs at least one entry")
-    try:
-        ft.budgets = [normalize_wa_budget(b) for b in ft.budgets]
-    except ValueError as e:
-        raise ConfigError(f"{src}: finetune.budgets: {e}") from None
+    _require_entries("finetune", ft, ("budgets", "methods", "seeds"), src)
+    _normalized_budgets("finetune", ft, normalize_wa_budget, src)
     for b in ft.budgets:
         parts = parse_wa_budget(b)
         if len(parts) != 1 or parts[0][0] != "wa" or parts[0][1][0] not in (8, 4, 3, 2):
@@ -673,22 +681,15 @@ def _check_finetune(cfg: Config, src: str):
         if parts[0][1][1] not in cfg.act_quant.a_bits:
             raise ConfigError(f"{src}: finetune.budgets: {b!r} needs {parts[0][1][1]} in act_quant.a_bits "
                               f"({cfg.act_quant.a_bits}): the Fisher choice reads the activation Fisher at those bits")
-    if ft.calib_seed in ft.seeds or ft.calib_seed in cfg.eval.seeds:
-        raise ConfigError(f"{src}: finetune.calib_seed: {ft.calib_seed} is an evaluation seed; calibration noise must "
-                          f"differ from the noise the variants are judged by")
+    _not_an_evaluation_seed("finetune.calib_seed", ft.calib_seed, ft.seeds + cfg.eval.seeds, src)
 
 
 def _check_act_quant(cfg: Config, src: str):
     aq = cfg.act_quant
-    for key in ("w_formats", "a_bits", "plans", "budgets", "seeds", "range_modes"):
-        if not getattr(aq, key):
-            raise ConfigError(f"{src}: act_quant.{key}: needs at least one entry")
+    _require_entries("act_quant", aq, ("w_formats", "a_bits", "plans", "budgets", "seeds", "range_modes"), src)
     if aq.timestep_groups > cfg.diffusion.timesteps:
         raise ConfigError(f"{src}: act_quant.timestep_groups: at most diffusion.timesteps ({cfg.diffusion.timesteps})")
-    try:
-        aq.budgets = [normalize_wa_budget(b) for b in aq.budgets]
-    except ValueError as e:
-        raise ConfigError(f"{src}: act_quant.budgets: {e}") from None
+    _normalized_budgets("act_quant", aq, normalize_wa_budget, src)
     for b in aq.budgets:
         for kind, value in parse_wa_budget(b):
             if kind == "wa" and (W_FORMAT_OF_BITS[value[0]] not in aq.w_formats or value[1] not in aq.a_bits):

@@ -134,8 +134,3 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def shutdown():
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()

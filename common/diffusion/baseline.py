@@ -101,14 +101,15 @@ def from_scratch_command(cfg) -> str:
 
 
 def _restore_hint(path: str) -> str:
-    """'Restore it (git checkout -- path) or ' when git tracks ``path`` in the checkout holding it, else ''."""
+    """'Restore it (git checkout -- path) or ' when git tracks ``path`` in the checkout holding it, else 'Replace
+    it with the released file, or '. Asks git, so it is only called on the way to an error."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         subprocess.run(["git", "ls-files", "--error-unmatch", "--", os.path.abspath(path)], cwd=folder,
                        capture_output=True, check=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
-        return ""
-    return f"restore it (git checkout -- {path}) or "
+        return "Replace it with the released file, or "
+    return f"Restore it (git checkout -- {path}) or "
 
 
 def verify_released(cfg, recover_hint=None) -> str:
@@ -117,15 +118,14 @@ def verify_released(cfg, recover_hint=None) -> str:
     file git tracks, or train from scratch (``recover_hint``, by default ``from_scratch_command``)."""
     path, want = cfg.baseline.weights, cfg.baseline.sha256
     hint = recover_hint or f"`{from_scratch_command(cfg)}` (or `make reproduce-from-scratch`)"
-    restore = _restore_hint(path) or "replace it with the released file, or "
-    restore = restore[0].upper() + restore[1:]
     if not os.path.isfile(path):
-        raise BaselineError(f"baseline.weights: {path} not found. {restore}train the baseline yourself: {hint}")
+        raise BaselineError(f"baseline.weights: {path} not found. {_restore_hint(path)}train the baseline yourself: "
+                            f"{hint}")
     have = sha256_file(path)
     if want and have != want:
         raise BaselineError(f"baseline.weights: {path} has SHA-256 {have[:16]}..., but baseline.sha256 in "
                             f"{cfg.source} expects {want[:16]}...: the file is corrupt or not the released one. "
-                            f"{restore}train from scratch: {hint}")
+                            f"{_restore_hint(path)}train from scratch: {hint}")
     meta = read_metadata(path)
     mine = fingerprint(training_inputs(cfg))
     if meta.get("training_fingerprint") != mine:

@@ -17,8 +17,7 @@ from ..quant.bops import unet_macs
 from ..quant.calibrate import check_act_quant_groups
 from . import pipeline
 from .act_pipeline import run_act_variant
-from .compare import _ms, _spread
-from .report import paired_test, per_seed, pyplot, save_figure, write_summary_files
+from .report import mean_sd, paired_verdict, per_seed, pyplot, save_figure, spread, write_summary_files
 
 KEYS = [("paired_mse_vs_fp32", "paired MSE"), ("clf_fid", "clf-FID"), ("fid", "FID"), ("kid", "KID")]
 COLUMNS = ["plan", "budget", "range_mode", "seed", "variant", "gbops", "w_bits", "a_bits", "size_mb"] + [
@@ -123,14 +122,7 @@ def comparisons(done: dict, cfg) -> list:
 
 def verdict(done: dict, a: str, b: str, key: str, names=("A", "B")) -> str:
     """Paired per-seed difference B - A of ``key`` (lower is better for every key: positive favours A)."""
-    d = per_seed(done[b][3], key) - per_seed(done[a][3], key)
-    mean, sem, significant = paired_test(d)
-    if mean is None:
-        return "–"
-    if significant is None:
-        return f"{mean:+.3g} (one seed: no verdict)"
-    who = f"{names[0] if mean > 0 else names[1]} better" if significant else "within noise"
-    return f"{mean:+.3g} ± {sem:.2g}: **{who}**"
+    return paired_verdict(per_seed(done[b][3], key) - per_seed(done[a][3], key), names)
 
 
 def summary_markdown(cfg, done: dict, notes: list, seconds=None) -> str:
@@ -144,7 +136,7 @@ def summary_markdown(cfg, done: dict, notes: list, seconds=None) -> str:
         gb = s["gbops"]
         lines.append(f"| {budget or 'reference'} | {mode or '–'} | {plan} | "
                      f"{'–' if gb is None else f'{gb:.3f}'} | {s['w_bits']:.2f} | {s['a_bits']:.2f} | "
-                     f"{r['size_mb']:.3f} | " + " | ".join(_ms(per_seed(r, k)) for k, _ in keys) + " |")
+                     f"{r['size_mb']:.3f} | " + " | ".join(mean_sd(per_seed(r, k), 4) for k, _ in keys) + " |")
     vlines = ["| comparison (A vs B) | " + " | ".join(f"{label}: B − A" for _, label in keys) + " |",
               "|---|" + "---|" * len(keys)]
     for label, a, b, na, nb in comparisons(done, cfg):
@@ -198,7 +190,7 @@ def plot(done: dict, cfg, path: str) -> str:
     for ax, (key, label) in zip(axes[0], keys, strict=True):
         for i, plan in enumerate(cfg.act_quant.plans):
             for mode, fill in (("single", "full"), ("group", "none")):
-                pts = sorted((r["gbops"], np.nanmean(per_seed(r, key)), _spread(per_seed(r, key)))
+                pts = sorted((r["gbops"], np.nanmean(per_seed(r, key)), spread(per_seed(r, key)))
                              for p, b, m, r in done.values() if p == plan and m == mode)
                 if pts:
                     x, y, e = zip(*pts, strict=True)

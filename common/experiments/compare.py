@@ -16,7 +16,7 @@ from ..core import distributed, storage
 from ..core.budget import budget_tag
 from ..quant.allocate import InfeasibleBudgetError
 from . import pipeline
-from .report import paired_test, per_seed, pyplot, save_figure, write_summary_files
+from .report import mean_sd, paired_test, per_seed, pyplot, save_figure, spread, write_summary_files
 
 COLUMNS = ["kind", "metric", "budget", "seed", "variant", "size_mb", "avg_bits", "clf_fid", "fid", "clf_is",
            "paired_mse_vs_fp32"]
@@ -104,13 +104,6 @@ def rows(done: dict) -> list:
     return out
 
 
-def _ms(values):
-    v = values[~np.isnan(values)]
-    if not len(v):
-        return "–"
-    return f"{v.mean():.4g} ± {_spread(v):.2g}" if len(v) > 1 else f"{v.mean():.4g}"
-
-
 def winners(done: dict, budgets, key: str) -> list:
     """Per budget: (budget, best metric, runner-up, gap mean, gap sem, verdict) on ``key`` (lower is better)."""
     out = []
@@ -157,8 +150,8 @@ def summary_markdown(cfg, done, infeasible, scores) -> str:
         n_params = r["fp32_size_mb"] * 2 ** 20 / 4
         label = budget or ("poster rule" if kind == "poster_rule" else "reference")
         lines.append(f"| {label} | {metric} | {r['size_mb']:.3f} | {8 * r['size_bytes'] / n_params:.2f} | "
-                     f"{_ms(per_seed(r, 'clf_fid'))} | {_ms(per_seed(r, 'paired_mse_vs_fp32'))} |"
-                     + (f" {_ms(per_seed(r, 'fid'))} |" if has_fid else ""))
+                     f"{mean_sd(per_seed(r, 'clf_fid'), 4)} | {mean_sd(per_seed(r, 'paired_mse_vs_fp32'), 4)} |"
+                     + (f" {mean_sd(per_seed(r, 'fid'), 4)} |" if has_fid else ""))
     win_lines = ["| budget | best metric | runner-up | runner-up minus best | verdict |", "|---|---|---|---:|---|"]
     for key, label in (("clf_fid", "classifier-FID"), ("paired_mse_vs_fp32", "paired MSE")):
         for budget, m1, m2, mean, sem, verdict in winners(done, cfg.compare.budgets, key):
@@ -185,12 +178,6 @@ def summary_markdown(cfg, done, infeasible, scores) -> str:
 
 
 # ----------------------------------------------------------------------------- plot
-def _spread(values: np.ndarray) -> float:
-    """Sample std (n - 1) of the non-NaN values; 0 with fewer than two."""
-    v = values[~np.isnan(values)]
-    return float(v.std(ddof=1)) if len(v) > 1 else 0.0
-
-
 def plot(done: dict, cfg, path: str) -> str:
     plt = pyplot()
 
@@ -198,7 +185,7 @@ def plot(done: dict, cfg, path: str) -> str:
     fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4.5), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
         for i, metric in enumerate(cfg.compare.metrics):
-            pts = sorted((r["size_mb"], np.nanmean(per_seed(r, key)), _spread(per_seed(r, key)))
+            pts = sorted((r["size_mb"], np.nanmean(per_seed(r, key)), spread(per_seed(r, key)))
                          for kind, m, b, r in done.values() if kind == "allocator" and m == metric)
             if pts:
                 x, y, e = zip(*pts, strict=True)
@@ -208,7 +195,7 @@ def plot(done: dict, cfg, path: str) -> str:
                 if key == "paired_mse_vs_fp32" and m == "fp32":
                     continue
                 y = per_seed(r, key)
-                ax.errorbar(r["size_mb"], np.nanmean(y), yerr=_spread(y), marker=marker,
+                ax.errorbar(r["size_mb"], np.nanmean(y), yerr=spread(y), marker=marker,
                             ms=9 if marker == "*" else 6,
                             color=color, capsize=3, ls="none")
                 ax.annotate(m, (r["size_mb"], np.nanmean(y)), fontsize=6, xytext=(3, 3), textcoords="offset points")

@@ -40,14 +40,14 @@ from ..diffusion.schedule import NoiseSchedule
 from ..evaluation import evaluate
 from ..importance.fisher import draw_samples
 from ..importance.weights import fisher_distortion_costs
-from ..quant.activations import ActQuantizer, LayerQuant
+from ..quant.activations import ActQuantizer, LayerQuant, group_of
 from ..quant.backends import calibration_inputs
 from ..quant.eligibility import eligible_names, end_convs
 from ..quant.formats import channel_axes, dequantize_tensor, quantize_tensor
 from ..quant.learnable import LearnedActQuant, WeightQuant, export_weight
 from . import lowbit, pipeline
 from .act_pipeline import act_layout, ensure_act_importance, ensure_ranges, mode_groups, save_and_evaluate
-from .report import paired_test, per_seed, pyplot, save_figure, write_summary_files
+from .report import mean_sd, paired_verdict, per_seed, pyplot, save_figure, write_summary_files
 
 METHODS = ("none", "reconstruction", "quest", "fisher", "all")
 COLUMNS = ["budget", "method", "seed", "variant", "trainable_params", "steps", "seconds", "paired_mse_vs_fp32",
@@ -137,10 +137,6 @@ class Student:
                          self.quantizer.timesteps, self.quantizer.softmax_bits)
         return stored, q
 
-    def trainable(self) -> int:
-        return sum(p.numel() for p in self.model.parameters() if p.requires_grad) + sum(
-            a.step.numel() for a in self.aq.values() if a.step.requires_grad)
-
 
 # ----------------------------------------------------------------------------- methods
 def reconstruct(c, student, teacher, pool, progress=True):
@@ -175,7 +171,7 @@ def reconstruct(c, student, teacher, pool, progress=True):
         ins = torch.cat([i for i, _, _ in group_t[n]])
         outs = torch.cat([o for _, o, _ in group_t[n]])
         ts = torch.cat([tt for _, _, tt in group_t[n]])
-        groups = (ts * student.quantizer.groups // c.diffusion.timesteps).clamp(0, student.quantizer.groups - 1)
+        groups = group_of(ts, student.quantizer.groups, c.diffusion.timesteps)
         for k in range(ft.recon_iters):
             sel = torch.randint(0, len(ins), (min(ft.recon_batch, len(ins)),), generator=gen)
             xi = ins[sel] if aq is None else aq.apply(ins[sel], groups[sel])
@@ -356,13 +352,6 @@ def _reusable(cfg, c, variant, force):
 
 
 # ----------------------------------------------------------------------------- outputs
-def _ms(y, digits=3):
-    y = y[~np.isnan(y)]
-    if not len(y):
-        return "–"
-    return f"{y.mean():.{digits}g} ± {y.std(ddof=1):.2g}" if len(y) > 1 else f"{y.mean():.{digits}g}"
-
-
 def summary_markdown(cfg, done, seconds=None) -> str:
     ft = cfg.finetune
     ref = done["fp32"][2]
@@ -375,16 +364,16 @@ def summary_markdown(cfg, done, seconds=None) -> str:
              + (f" This invocation: {seconds / 60:.1f} min." if seconds else ""), "",
              "| budget | method | trainable params | steps | s | paired MSE | median paired MSE | clf-FID | "
              "clf-FID / fp32 | clf-IS |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-             f"| reference | fp32 | – | – | – | 0 | 0 | {_ms(per_seed(ref, 'clf_fid'))} | 1 | "
-             f"{_ms(per_seed(ref, 'clf_is'))} |"]
+             f"| reference | fp32 | – | – | – | 0 | 0 | {mean_sd(per_seed(ref, 'clf_fid'))} | 1 | "
+             f"{mean_sd(per_seed(ref, 'clf_is'))} |"]
     fp_fid = np.nanmean(per_seed(ref, "clf_fid"))
     for v, (budget, method, r) in done.items():
         if v == "fp32":
             continue
         lines.append(f"| {budget} | {method} | {r['trainable_params']:,} | {r['optimisation_steps']:,} | "
-                     f"{r['optimisation_seconds']:.0f} | {_ms(per_seed(r, 'paired_mse_vs_fp32'))} | "
-                     f"{_ms(per_seed(r, 'paired_mse_median'))} | {_ms(per_seed(r, 'clf_fid'))} | "
-                     f"{np.nanmean(per_seed(r, 'clf_fid')) / fp_fid:.2f} | {_ms(per_seed(r, 'clf_is'))} |")
+                     f"{r['optimisation_seconds']:.0f} | {mean_sd(per_seed(r, 'paired_mse_vs_fp32'))} | "
+                     f"{mean_sd(per_seed(r, 'paired_mse_median'))} | {mean_sd(per_seed(r, 'clf_fid'))} | "
+                     f"{np.nanmean(per_seed(r, 'clf_fid')) / fp_fid:.2f} | {mean_sd(per_seed(r, 'clf_is'))} |")
     lines += ["", "## Verdicts", "", "B − A: mean paired per-seed difference (± s.e.m.); lower is better, so a "
               "positive difference favours A; **better** when a two-sided paired t-test at 5% says so.", "",
               "| comparison (A vs B) | paired MSE: B − A | clf-FID: B − A |", "|---|---|---|"]
@@ -392,11 +381,8 @@ def summary_markdown(cfg, done, seconds=None) -> str:
     pairs = [(b, "fisher", "quest") for b, m in by if m == "fisher" and (b, "quest") in by]
     pairs += [(b, m, "none") for b, m in by if m != "none" and (b, "none") in by]
     for b, a_m, b_m in pairs:
-        cells = []
-        for key in ("paired_mse_vs_fp32", "clf_fid"):
-            mean, sem, sig = paired_test(per_seed(by[(b, b_m)], key) - per_seed(by[(b, a_m)], key))
-            word = "within noise" if not sig else (f"{a_m} better" if mean > 0 else f"{b_m} better")
-            cells.append(f"{mean:+.3g} ± {sem:.2g}: **{word}**")
+        cells = [paired_verdict(per_seed(by[(b, b_m)], key) - per_seed(by[(b, a_m)], key), (a_m, b_m))
+                 for key in ("paired_mse_vs_fp32", "clf_fid")]
         lines.append(f"| {b}: {a_m} vs {b_m} | {cells[0]} | {cells[1]} |")
     lines += ["", "## Selective finetuning against training everything", ""] + recovery_lines(by)
     lines += ["", "![finetune](finetune.png)"]

@@ -45,7 +45,7 @@ from ..quant.eligibility import eligible_names, end_convs
 from ..quant.formats import channel_axes, dequantize_tensor, entry_bits, quantize_tensor, scale_groups
 from . import pipeline
 from .act_pipeline import act_layout, ensure_ranges, mode_groups, save_and_evaluate
-from .report import paired_test, per_seed, pyplot, save_figure, write_summary_files
+from .report import mean_sd, paired_verdict, per_seed, pyplot, save_figure, spread, write_summary_files
 
 RULE = "all_but_ends"
 COLUMNS = ["budget", "quantizer", "plan", "seed", "variant", "avg_bits", "a_bits", "size_mb", "paired_mse_vs_fp32",
@@ -182,7 +182,8 @@ def ensure_measurements(cfg, model, table, sha, progress=True, device="cpu"):
     path = _cache(cfg, "predictor.json")
     inputs = {"checkpoint_sha256": sha, "n": lb.predictor_configs, "holdout": lb.predictor_holdout,
               "images": lb.predictor_images, "bits": lb.predictor_bits, "seeds": [lb.predictor_seed, lb.retest_seed],
-              "eps_samples": lb.eps_samples, "formats": table.formats, "sample": to_dict(cfg.sample)}
+              "eps_samples": lb.eps_samples, "formats": table.formats, "names": table.names,
+              "keep_format": lb.keep_format, "sample": to_dict(cfg.sample)}
     if os.path.exists(path):
         try:
             art = storage.load_json(path)
@@ -321,15 +322,17 @@ def run_lowbit(cfg, device, force=False, progress=True):
     model, ckpt_path, fisher = pipeline.load_artifacts(cfg, device, force=False, progress=progress)
     sha = fisher["meta"]["checkpoint_sha256"]
 
-    def shared():  # caches every rank reads: rank 0 computes them first
-        with lock.hold(storage.baseline_dir(c)):
-            table = Table(c, model, sha, progress)
-            sens = Sensitivities(c, model, ckpt_path, table, sha, device, progress)
-            ranges = ensure_ranges(_act_cfg(c), model, lb.range_mode, sha, device, progress)
-        return table, sens, ranges
+    def shared(compute):  # caches every rank reads: rank 0 computes them first
+        def locked():
+            with lock.hold(storage.baseline_dir(c)):
+                return compute()
 
-    table, sens, ranges = distributed.rank0_first(shared)
-    check_budgets(lb, table)
+        return distributed.rank0_first(locked)
+
+    table = shared(lambda: Table(c, model, sha, progress))
+    check_budgets(lb, table)  # before the sensitivities, the costly part
+    sens, ranges = shared(lambda: (Sensitivities(c, model, ckpt_path, table, sha, device, progress),
+                                   ensure_ranges(_act_cfg(c), model, lb.range_mode, sha, device, progress)))
     done = {"fp32": (None, None, "fp32", distributed.rank0_first(
         lambda: pipeline.evaluate_fp32(c, model, ckpt_path, device, force, progress)))}
     tasks = [(budget, menu, plan) for budget in lb.budgets for menu in lb.quantizers for plan in lb.plans
@@ -463,17 +466,6 @@ def sensitivity_rows(sens, table):
     return rows
 
 
-def _spread(y):
-    return float(np.nanstd(y, ddof=1)) if np.sum(~np.isnan(y)) > 1 else 0.0
-
-
-def _ms(y, digits=3):
-    y = y[~np.isnan(y)]
-    if not len(y):
-        return "–"
-    return f"{y.mean():.{digits}g} ± {y.std(ddof=1):.2g}" if len(y) > 1 else f"{y.mean():.{digits}g}"
-
-
 def summary_markdown(cfg, done, notes, sens, table, quality, seconds=None) -> str:
     lb = cfg.lowbit
     ref = done["fp32"][3]
@@ -489,26 +481,23 @@ def summary_markdown(cfg, done, notes, sens, table, quality, seconds=None) -> st
              + (f" This invocation: {seconds / 60:.1f} min." if seconds else ""), "",
              "| budget | quantizer | plan | avg bits | paired MSE | median paired MSE | clf-FID | Δ clf-FID vs fp32 "
              "| clf-IS | plan s |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
-             f"| reference | – | fp32 | 32.00 | 0 | 0 | {_ms(per_seed(ref, 'clf_fid'))} | – | "
-             f"{_ms(per_seed(ref, 'clf_is'))} | – |"]
+             f"| reference | – | fp32 | 32.00 | 0 | 0 | {mean_sd(per_seed(ref, 'clf_fid'))} | – | "
+             f"{mean_sd(per_seed(ref, 'clf_is'))} | – |"]
     for v, (budget, menu, plan, r) in done.items():
         if v == "fp32":
             continue
         d = per_seed(r, "clf_fid") - per_seed(ref, "clf_fid")
-        lines.append(f"| {budget} | {menu} | {plan} | {r['w_bits']:.2f} | {_ms(per_seed(r, 'paired_mse_vs_fp32'))} | "
-                     f"{_ms(per_seed(r, 'paired_mse_median'))} | {_ms(per_seed(r, 'clf_fid'))} | {_ms(d)} | "
-                     f"{_ms(per_seed(r, 'clf_is'))} | {r.get('plan_seconds', 0):.0f} |")
+        cells = [mean_sd(per_seed(r, k)) for k in ("paired_mse_vs_fp32", "paired_mse_median", "clf_fid")]
+        lines.append(f"| {budget} | {menu} | {plan} | {r['w_bits']:.2f} | {' | '.join(cells)} | {mean_sd(d)} | "
+                     f"{mean_sd(per_seed(r, 'clf_is'))} | {r.get('plan_seconds', 0):.0f} |")
     if notes:
         lines += ["", "Not evaluated: " + "; ".join(notes)]
     lines += ["", "## Verdicts", "", "B − A: mean paired per-seed difference (± s.e.m.); lower is better for both "
               "metrics, so a positive difference favours A; **better** when a two-sided paired t-test at 5% says so.",
               "", "| comparison (A vs B) | paired MSE: B − A | clf-FID: B − A |", "|---|---|---|"]
     for a_name, b_name, a, b in verdict_pairs(done):
-        cells = []
-        for key in ("paired_mse_vs_fp32", "clf_fid"):
-            mean, sem, sig = paired_test(per_seed(b, key) - per_seed(a, key))
-            word = "within noise" if not sig else (f"{a_name} better" if mean > 0 else f"{b_name} better")
-            cells.append(f"{mean:+.3g} ± {sem:.2g}: **{word}**")
+        cells = [paired_verdict(per_seed(b, key) - per_seed(a, key), (a_name, b_name))
+                 for key in ("paired_mse_vs_fp32", "clf_fid")]
         lines.append(f"| {a['budget']}, {a['quantizer']}: {a_name} vs {b_name} | {cells[0]} | {cells[1]} |")
     lines += ["", "## How well each sensitivity predicts the damage", ""] + quality_lines(quality)
     srows = sensitivity_rows(sens, table)
@@ -586,7 +575,7 @@ def plot(done, cfg, path):
                            (axes[0][1], "clf_fid", "classifier-FID")):
         for i, plan in enumerate(cfg.lowbit.plans):
             for menu, marker in (("uniform", "o"), ("codebook", "s")):
-                pts = sorted((r["w_bits"], np.nanmean(per_seed(r, key)), _spread(per_seed(r, key)))
+                pts = sorted((r["w_bits"], np.nanmean(per_seed(r, key)), spread(per_seed(r, key)))
                              for b, m, p, r in done.values() if p == plan and m == menu)
                 if pts:
                     x, y, e = zip(*pts, strict=True)

@@ -140,6 +140,31 @@ def per_seed(r, key) -> np.ndarray:
                     dtype=float)
 
 
+def spread(values: np.ndarray) -> float:
+    """Sample std (n - 1) of the non-NaN values; 0 with fewer than two."""
+    v = values[~np.isnan(values)]
+    return float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def mean_sd(values: np.ndarray, digits: int = 3) -> str:
+    """'mean ± sample std' of the non-NaN values ('–' if none, the mean alone for one)."""
+    v = values[~np.isnan(values)]
+    if not len(v):
+        return "–"
+    return f"{v.mean():.{digits}g} ± {spread(v):.2g}" if len(v) > 1 else f"{v.mean():.{digits}g}"
+
+
+def paired_verdict(d: np.ndarray, names=("A", "B")) -> str:
+    """Table cell for paired per-seed differences B - A (lower is better: a positive mean favours A)."""
+    mean, sem, significant = paired_test(d)
+    if mean is None:
+        return "–"
+    if significant is None:
+        return f"{mean:+.3g} (one seed: no verdict)"
+    who = f"{names[0] if mean > 0 else names[1]} better" if significant else "within noise"
+    return f"{mean:+.3g} ± {sem:.2g}: **{who}**"
+
+
 def paired_test(d: np.ndarray):
     """(mean, s.e.m., significant) of paired per-seed differences ``d``: two-sided t-test at 5%.
 

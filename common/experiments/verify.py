@@ -270,13 +270,15 @@ class RunVerifier:
             return
         folder = os.path.dirname(path)
         src = s.get("source") or {}
-        row = sealed(Finding(path, [src.get("path", "?")]), s)
-        if row.problem:
-            pass
-        elif src.get("path") and not os.path.exists(src["path"]):
-            row.status, row.detail = MISSING, f"its source {src['path']} is gone"
-        elif src.get("path") and storage.sha256_file(src["path"]) != src.get("sha256"):
-            row.status, row.detail = MISMATCH, f"its source {src['path']} changed since it was sampled"
+        inputs = [f for f in (src, src.get("act_quant") or {}) if f.get("path")]  # weights, activation quantizers
+        row = sealed(Finding(path, [f["path"] for f in inputs] or ["?"]), s)
+        for f in inputs if not row.problem else ():
+            if not os.path.exists(f["path"]):
+                row.status, row.detail = MISSING, f"its source {f['path']} is gone"
+                break
+            if storage.sha256_file(f["path"]) != f.get("sha256"):
+                row.status, row.detail = MISMATCH, f"its source {f['path']} changed since it was sampled"
+                break
         self.add(row)
         for name, sha in (s.get("files") or {}).items():
             self.add(self.check_bound(os.path.join(folder, name), sha, path))

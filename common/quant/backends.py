@@ -27,8 +27,9 @@ What each tensor runs in (``Runner.precision`` says it per parameter):
   dimension; the compiled graph is specialised to ``batch_size`` and smaller batches are zero-padded to it
   (samples are independent under static scales, so padding changes no result).
 * ``int8_bf16`` — the same int8 graph compiled and run under bf16 autocast (PT2E's int8-mixed-bf16): the
-  int8 kernels as above, and everything else (GroupNorm, attention, the quantize / dequantize around each int8
-  op, and the tensors the plan keeps fp32) in bf16 instead of fp32.
+  int8 kernels as above, the convolutions / linears whose weight the plan stores as fp32 still in fp32
+  (rewritten out of autocast), and what autocast casts of the rest (attention, the other float tensors'
+  convolutions and matmuls) in bf16.
 """
 import time
 from dataclasses import dataclass, field
@@ -301,8 +302,8 @@ def _int8(model, stored, calib, batch_size, compile_model, mixed_bf16=False):
             prepared(xc, tc)
     converted = convert_pt2e(prepared)
     resident = tensor_bytes(_graph_constants(converted))
-    fp32_kept = (_keep_fp32(converted, {n for n, f in _formats(model, stored).items() if f == "fp32"})
-                 if mixed_bf16 else set())
+    formats = _formats(model, stored)
+    fp32_kept = _keep_fp32(converted, {n for n, f in formats.items() if f == "fp32"}) if mixed_bf16 else set()
     fn, notes = converted, []
     batch_size = batch_size or len(x)
     if compile_model:
@@ -317,7 +318,7 @@ def _int8(model, stored, calib, batch_size, compile_model, mixed_bf16=False):
         notes.append("int8-mixed-bf16: the int8 convolutions / matmuls as int8, the plan's fp32 convolutions / "
                      "linears in fp32, everything else autocast to bf16 (attention, the other tensors' matmuls)")
     precision = {}
-    for name, fmt in _formats(model, stored).items():
+    for name, fmt in formats.items():
         mod_name = name.rpartition(".")[0]
         if mod_name in plan.scales and name.endswith(".weight"):
             precision[name] = f"int8 W8A8 ({fmt} codes, plan scales)"
