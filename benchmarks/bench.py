@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import bench_backends  # noqa: E402
 from common.core.config import load_config  # noqa: E402
-from common.diffusion.model import build_unet  # noqa: E402
+from common.diffusion.model import build_model  # noqa: E402
 from common.diffusion.samplers import build_sampler, sample  # noqa: E402
 from common.diffusion.schedule import NoiseSchedule  # noqa: E402
 from common.experiments.report import add_docs_argument, update_section  # noqa: E402
@@ -31,7 +31,7 @@ from common.quant.eligibility import eligible_names  # noqa: E402
 
 def _model(cfg):
     torch.manual_seed(0)
-    return build_unet(cfg.model, cfg.diffusion.timesteps).eval().requires_grad_(False)
+    return build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size).eval().requires_grad_(False)
 
 
 def _peak_rss_mb():
@@ -179,7 +179,7 @@ def bench_fisher(cfg, n):
 
 
 def bench_training(cfg, steps=5):
-    model = build_unet(cfg.model, cfg.diffusion.timesteps).train()
+    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size).train()
     schedule = NoiseSchedule.from_config(cfg.diffusion)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
     bs = cfg.train.batch_size
@@ -194,7 +194,8 @@ def bench_training(cfg, steps=5):
             loss.backward()
             opt.step()
         out[label] = _timeit(step, 3.0)
-    out["flops_per_step"] = forward_flops(build_unet(cfg.model, cfg.diffusion.timesteps), bs, shape[1:], backward=True)
+    fresh = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size)
+    out["flops_per_step"] = forward_flops(fresh, bs, shape[1:], backward=True)
     out["batch"] = bs
     return out
 

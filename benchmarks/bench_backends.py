@@ -16,13 +16,12 @@ import time
 import torch
 
 from common.core import storage
-from common.core.config import to_dict
 from common.diffusion.data import to_uint8
 from common.diffusion.samplers import build_sampler, sample
 from common.diffusion.schedule import NoiseSchedule
 from common.evaluation import evaluate, metrics
 from common.evaluation.generate import build_runner, load_weights
-from common.quant.container import QUANTIZED_FILE, save_quantized
+from common.quant.container import QUANTIZED_FILE, arch_record, save_quantized
 from common.quant.eligibility import eligible_names
 from common.quant.formats import quantize_model
 
@@ -41,10 +40,10 @@ def _weights(cfg, ckpt_path):
 
         model, _, _ = load_weights(ckpt_path, cfg)
         return model, load_fisher(fisher_path, ckpt_path), f"trained baseline {ckpt_path}"
-    from common.diffusion.model import build_unet
+    from common.diffusion.model import build_model
 
     torch.manual_seed(0)
-    model = build_unet(cfg.model, cfg.diffusion.timesteps).eval().requires_grad_(False)
+    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size).eval().requires_grad_(False)
     params = dict(model.named_parameters())
     diag = {n: params[n].detach().pow(2) for n in eligible_names(model, cfg.fisher.eligible)}
     fisher = {"diag": diag, "per_tensor": {n: float(d.mean()) for n, d in diag.items()},
@@ -64,7 +63,7 @@ def write_variants(cfg, ckpt_path, out_dir, names=VARIANTS) -> tuple:
              "layer_ratio_p0.25_int8": lambda: strategies.layer_ratio(fisher, 0.25, fmt="int8")[0],
              "mp_fisher_25%": lambda: allocate_model(model, compute_importance(
                  "fisher_distortion", model, fisher, cfg.importance), "25%", ["fp32", "fp16", "int8", "int4"])[0]}
-    arch = {"model": to_dict(cfg.model), "timesteps": cfg.diffusion.timesteps}
+    arch = arch_record(cfg)
     paths = {}
     for name in names:
         _, stored = quantize_model(model, plans[name]())

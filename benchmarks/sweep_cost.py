@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench import forward_flops  # noqa: E402
 from common.core.cli import clear_errors  # noqa: E402
 from common.core.config import load_config  # noqa: E402
-from common.diffusion.model import build_unet  # noqa: E402
+from common.diffusion.model import build_model  # noqa: E402
 from common.experiments.report import add_docs_argument, update_section  # noqa: E402
 
 MNIST_TRAIN = 60_000
@@ -43,7 +43,7 @@ def _seconds_per_call(fn, min_seconds):
 def measure(cfg, device, batch, min_seconds=3.0) -> dict:
     """Seconds and FLOPs per image of one fp32 sampling call and one bf16-autocast training image."""
     torch.manual_seed(0)
-    model = build_unet(cfg.model, cfg.diffusion.timesteps)
+    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size)
     shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
     flops = {"sample": forward_flops(model.eval().requires_grad_(False), 1, shape),
              "train": forward_flops(model, 1, shape, backward=True)}

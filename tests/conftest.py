@@ -56,12 +56,12 @@ def tiny_model_fisher():
     """(smoke config, smoke-sized U-Net with random weights, a random Fisher artifact over its eligible
     tensors whose tensors' scales span several decades)."""
     from common.core.config import load_config
-    from common.diffusion.model import build_unet
+    from common.diffusion.model import build_model
     from common.quant.eligibility import eligible_names
 
     cfg = load_config(SMOKE)
     torch.manual_seed(0)
-    model = build_unet(cfg.model, cfg.diffusion.timesteps).eval()
+    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size).eval()
     g = torch.Generator().manual_seed(1)
     fisher = {"per_tensor": {}, "diag": {}, "meta": {"eligible_rule": "poster", "n_samples": 4, "seed": 0}}
     params = dict(model.named_parameters())

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from common.core.config import load_config
-from common.diffusion.model import build_unet
+from common.diffusion.model import build_model
 from common.diffusion.samplers import DDIMSampler, sample
 from common.diffusion.schedule import NoiseSchedule
 from common.importance.activations import activation_importance
@@ -37,7 +37,8 @@ def unet():
     """(config, smoke-sized U-Net with random weights, its schedule)."""
     cfg = load_config(SMOKE)
     torch.manual_seed(0)
-    return cfg, build_unet(cfg.model, cfg.diffusion.timesteps).eval(), NoiseSchedule.from_config(cfg.diffusion)
+    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size).eval()
+    return cfg, model, NoiseSchedule.from_config(cfg.diffusion)
 
 
 # ----------------------------------------------------------------------------- quantizer
@@ -297,7 +298,7 @@ def test_activation_fisher_of_an_input_made_of_constants_is_measured():
     input still reaches eps_theta, so its activation Fisher must be positive (not skipped, not an error)."""
     cfg = load_config(os.path.join(ROOT, "configs", "smoke.yaml"), ["model.time_embedding=mlp"])
     torch.manual_seed(0)
-    model = build_unet(cfg.model, cfg.diffusion.timesteps).eval()
+    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size).eval()
     names = ["time_mlp.0", "Layer1.ResBlock1.conv1"]
     art = activation_importance(model, NoiseSchedule.from_config(cfg.diffusion), torch.rand(8, 1, 32, 32) * 2 - 1,
                                 _candidates(model, names, 1, (4,)), 1, 4, 4, seed=0, progress=False)

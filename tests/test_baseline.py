@@ -10,7 +10,7 @@ from common.core.config import ConfigError, load_config
 from common.core.storage import sha256_file
 from common.diffusion import baseline
 from common.diffusion.checkpoint import training_inputs
-from common.diffusion.model import build_unet
+from common.diffusion.model import build_model
 from common.diffusion.train import snapshot_dir, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def weights(tiny_cfg, tmp_path):
     """A smoke U-Net saved in the baseline format; returns (cfg, model, path)."""
     torch.manual_seed(0)
-    model = build_unet(tiny_cfg.model, tiny_cfg.diffusion.timesteps)
+    model = build_model(tiny_cfg.model, tiny_cfg.diffusion.timesteps)
     path = str(tmp_path / "w.safetensors")
     baseline.save_weights(path, model.state_dict(), tiny_cfg, training_inputs(tiny_cfg), 12, 3.5, 0.25)
     return tiny_cfg, model, path
@@ -120,7 +120,7 @@ def test_released_default_checkpoint_matches_its_config_and_provenance():
     assert baseline.verify_released(cfg, "retrain") == cfg.baseline.sha256
     model, meta = baseline.load_weights(path)
     assert sum(p.numel() for p in model.parameters()) == sum(
-        p.numel() for p in build_unet(cfg.model, cfg.diffusion.timesteps).parameters())
+        p.numel() for p in build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size).parameters())
     prov = json.load(open(os.path.splitext(path)[0] + ".json"))
     assert prov["sha256"] == cfg.baseline.sha256 and prov["step"] == int(meta["step"])
     assert "simplediffusion.py" in prov["retrain_command"] or "make" in prov["retrain_command"]

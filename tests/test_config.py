@@ -318,11 +318,11 @@ def test_wide_config_changes_only_width_and_length():
     # configs/wide.yaml is the width experiment of issue 15: the released recipe, 1.5x the channels.
     from common.core.storage import diff_keys
     from common.diffusion.checkpoint import training_inputs
-    from common.diffusion.model import build_unet, count_params
+    from common.diffusion.model import build_model, count_params
 
     wide = load_config(os.path.join(ROOT, "configs", "wide.yaml"))
     default = load_config(os.path.join(ROOT, "configs", "default.yaml"))
     assert wide.baseline.weights is None and wide.run.name != default.run.name
     assert sorted(diff_keys(training_inputs(wide), training_inputs(default))) == ["model.channels", "train.max_steps"]
     assert [c * 2 for c in wide.model.channels] == [c * 3 for c in default.model.channels]
-    assert 5.6e6 < count_params(build_unet(wide.model, wide.diffusion.timesteps)) < 5.8e6
+    assert 5.6e6 < count_params(build_model(wide.model, wide.diffusion.timesteps)) < 5.8e6

@@ -68,14 +68,14 @@ def test_lsq_matches_the_calibrated_quantizer_then_learns_a_positive_step():
 
 def test_finetuning_lowers_its_loss_and_freezes_what_it_does_not_train(data_root, monkeypatch):
     from common.core.config import to_dict
-    from common.diffusion.model import build_unet
+    from common.diffusion.model import build_model
     from common.experiments import finetune as ft
 
     monkeypatch.setenv("LAQFI_DATA_ROOT", data_root)
     cfg = load_config(SMOKE, ["finetune.steps=40", "finetune.lr=1e-3"])
     c = ft.finetune_config(cfg)
     torch.manual_seed(0)
-    model = build_unet(cfg.model, cfg.diffusion.timesteps).eval()
+    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size).eval()
     ranges = {n: torch.tensor([[[-3.0, 3.0]]]).repeat(2, 2, 1) for n in quantizable_modules(model)}
     student = ft.Student(c, model, 4, 8, ranges, "ste")
     pool = (rand(32, 1, 32, 32, seed=3), torch.randint(0, cfg.diffusion.timesteps, (32,)))

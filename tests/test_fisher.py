@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from common.core.config import load_config
-from common.diffusion.model import build_unet
+from common.diffusion.model import build_model
 from common.diffusion.schedule import NoiseSchedule
 from common.importance.fisher import (
     FisherMismatchError,
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:There is a performance drop:User
 def setup():
     cfg = load_config(os.path.join(ROOT, "configs", "smoke.yaml"))
     torch.manual_seed(0)
-    model = build_unet(cfg.model, cfg.diffusion.timesteps).eval()
+    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size).eval()
     schedule = NoiseSchedule.from_config(cfg.diffusion)
     pool = torch.rand(6, 1, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1
     return cfg, model, schedule, pool
@@ -134,7 +134,7 @@ def test_compute_fisher_fixed_timestep_list(setup):
 def test_unreachable_parameter_gets_zero_fisher(setup):
     cfg, _, schedule, pool = setup
     torch.manual_seed(0)
-    model = build_unet(cfg.model, cfg.diffusion.timesteps)
+    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size)
     model.Layer3.unused = nn.Linear(4, 4)  # inside a stage, so eligible, but never called by forward()
     assert "Layer3.unused.weight" in eligible_names(model, "poster")
     art = compute_fisher(model, schedule, pool, fcfg(n_samples=2, chunk_size=2), progress=False)
@@ -239,7 +239,7 @@ def test_stratified_timesteps_reduce_the_spread_of_repeated_estimates(setup, dat
     cfg, _, schedule, _ = setup
     x = to_model_space(load_mnist(data_root, "train")[0][:256], 32)
     torch.manual_seed(0)
-    model = build_unet(cfg.model, cfg.diffusion.timesteps)
+    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size)
     opt, gen = torch.optim.Adam(model.parameters(), 2e-3), torch.Generator().manual_seed(0)
     for _ in range(150):  # measured: after 150 steps small t dominate and stratifying halves the spread
         i, t = torch.randint(0, len(x), (16,), generator=gen), torch.randint(0, 100, (16,), generator=gen)

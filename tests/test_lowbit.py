@@ -12,7 +12,7 @@ from test_pipeline import ROOT, run
 from torch import nn
 
 from common.core.config import ConfigError, load_config
-from common.diffusion.model import build_unet
+from common.diffusion.model import build_model
 from common.diffusion.samplers import DDIMSampler
 from common.diffusion.schedule import NoiseSchedule
 from common.importance.chain import chain_fisher
@@ -25,7 +25,7 @@ SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
 
 def test_all_but_ends_leaves_out_exactly_the_first_and_last_conv():
     cfg = load_config(SMOKE, ["model.time_embedding=mlp"])
-    model = build_unet(cfg.model, cfg.diffusion.timesteps)
+    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size)
     names = set(eligible_names(model, "all_but_ends"))
     every = set(eligible_names(model, "all_weights"))
     assert every - names == {"shallow_conv.weight", "output_conv.weight"} == set(end_convs(model))

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from common.core.config import load_config
-from common.diffusion.model import build_unet, count_params, sinusoidal_table, stage_of
+from common.diffusion.blocks import sinusoidal_table
+from common.diffusion.model import build_model, count_params, stage_of
 from common.diffusion.samplers import DDIMSampler, DDPMSampler, batch_generator, build_sampler, sample
 from common.diffusion.schedule import NoiseSchedule
 
@@ -21,7 +22,7 @@ def smoke_cfg():
 @pytest.fixture(scope="module")
 def tiny(smoke_cfg):
     torch.manual_seed(0)
-    return build_unet(smoke_cfg.model, smoke_cfg.diffusion.timesteps).eval()
+    return build_model(smoke_cfg.model, smoke_cfg.diffusion.timesteps).eval()
 
 
 class ZeroModel(torch.nn.Module):
@@ -54,7 +55,7 @@ class OracleModel(torch.nn.Module):
 def test_poster_architecture_parameter_count_and_step():
     cfg = load_config(os.path.join(ROOT, "configs", "poster.yaml"))
     torch.manual_seed(0)
-    model = build_unet(cfg.model, cfg.diffusion.timesteps)
+    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size)
     assert count_params(model) == 35_178_689
     assert [n for n, _ in model.named_children()] == ["shallow_conv", *[f"Layer{i}" for i in range(1, 7)],
                                                       "late_conv", "output_conv"]
@@ -237,7 +238,7 @@ def test_unfused_attention_matches_fused():
     from common.diffusion.model import unfused_attention
 
     cfg = load_config(os.path.join(ROOT, "configs", "smoke.yaml"))
-    model = build_unet(cfg.model, cfg.diffusion.timesteps).eval()
+    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size).eval()
     x, t = torch.randn(3, 1, 32, 32), torch.tensor([0, 5, 99])
     with torch.no_grad():
         fused = model(x, t)

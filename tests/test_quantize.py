@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from common.core.config import load_config, to_dict
-from common.diffusion.model import build_unet
+from common.diffusion.model import build_model
 from common.quant.container import QUANTIZED_FILE, QuantizedFileError, load_quantized, read_quantized, save_quantized
 from common.quant.eligibility import eligible_names
 from common.quant.formats import (
@@ -31,7 +31,7 @@ QMAX = {"int8": 127, "int4": 7}
 def tiny():
     cfg = load_config(os.path.join(ROOT, "configs", "smoke.yaml"))
     torch.manual_seed(0)
-    model = build_unet(cfg.model, cfg.diffusion.timesteps).eval()
+    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size).eval()
     arch = {"model": to_dict(cfg.model), "timesteps": cfg.diffusion.timesteps}
     return model, arch
 

@@ -9,7 +9,7 @@ import common.diffusion.train as train_mod
 from common.core.errors import StaleArtifactError
 from common.diffusion.checkpoint import check_checkpoint_matches, load_ema, training_inputs
 from common.diffusion.data import mnist_tensor
-from common.diffusion.model import build_unet
+from common.diffusion.model import build_model
 from common.diffusion.schedule import NoiseSchedule
 from common.diffusion.train import NonFiniteLossError, _batch_indices, total_steps, train
 
@@ -26,7 +26,7 @@ def x_real(data_root):
 
 
 def fixed_batch_loss(cfg, state, x):
-    model = build_unet(cfg.model, cfg.diffusion.timesteps)
+    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size)
     model.load_state_dict(state)
     model.eval()
     s = NoiseSchedule.from_config(cfg.diffusion)
@@ -41,7 +41,7 @@ def test_tiny_training_reduces_loss_and_writes_a_full_checkpoint(tiny_cfg, x_rea
     cfg = tiny_cfg
     cfg.train.max_steps, cfg.train.lr, cfg.train.checkpoint_every = 25, 2e-3, 10
     torch.manual_seed(cfg.run.seed)
-    init = build_unet(cfg.model, cfg.diffusion.timesteps).state_dict()
+    init = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size).state_dict()
     path = str(tmp_path / "ckpt.pt")
     ema, ckpt = train(cfg, x_real, path, CPU, progress=False)
     assert CKPT_KEYS <= set(ckpt)
@@ -108,7 +108,7 @@ def test_resume_is_bit_exact(tiny_cfg, tmp_path, monkeypatch):
     assert all(torch.equal(opt_a[k]["exp_avg_sq"], opt_b[k]["exp_avg_sq"]) for k in opt_a)
     # and the EMA really moved away from the initial weights
     torch.manual_seed(cfg.run.seed)
-    init = build_unet(cfg.model, cfg.diffusion.timesteps).state_dict()
+    init = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size).state_dict()
     assert not torch.equal(init["output_conv.weight"], ck_a["ema"]["output_conv.weight"])
 
 
@@ -188,7 +188,7 @@ def test_ema_follows_the_decay_schedule(tiny_cfg, tmp_path, monkeypatch, warmup)
     train(cfg, x, str(tmp_path / "e.pt"), CPU, progress=False)
     assert [s["step"] for s in saved] == [1, 2, 3] and [s["finished"] for s in saved] == [False, False, True]
     torch.manual_seed(cfg.run.seed)
-    ema = build_unet(cfg.model, cfg.diffusion.timesteps).state_dict()
+    ema = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size).state_dict()
     for step, ck in enumerate(saved):
         d = min(0.5, (1 + step) / (10 + step)) if warmup else 0.5  # warmup: 0.1, 0.18, 0.25
         for n, w in ck["model"].items():

@@ -62,6 +62,9 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    # "unet": the poster's 6-stage U-Net (channels .. time_embedding); "dit": a Diffusion Transformer with
+    # adaLN-Zero (patch_size .. mlp_ratio; num_heads and dropout shared)
+    arch: Literal["unet", "dit"] = "unet"
     channels: list[int] = _spec([64, 128, 256, 512, 512, 384], lo=1)
     attentions: list[bool] = _spec([False, True, False, False, False, True])
     upscales: list[bool] = _spec([False, False, False, True, True, True])
@@ -72,6 +75,11 @@ class ModelConfig:
     # "table": the poster's fixed sin/cos rows added to each block; "mlp": a learned MLP on them with a
     # projection per ResBlock (Ho et al.'s DDPM)
     time_embedding: Literal["table", "mlp"] = "table"
+    patch_size: int = _spec(4, lo=1, doc="DiT: pixels per patch side; (image_size / patch_size)^2 tokens")
+    hidden: int = _spec(128, lo=1, doc="DiT: token width")
+    stage_blocks: list[int] = _spec([1, 1, 1, 1, 1, 1], lo=1,
+                                    doc="DiT: transformer blocks per stage (the poster's Layer1..LayerN)")
+    mlp_ratio: float = _spec(4.0, lo=0.0, lo_open=True, doc="DiT: MLP width / token width")
 
 
 @dataclass
@@ -502,10 +510,19 @@ def _channel_example(c0: int, n: int) -> list:
     return ch
 
 
-def _cross_checks(cfg: Config, src: str):
-    if cfg.baseline.weights and not re.fullmatch(r"[0-9a-f]{64}", cfg.baseline.sha256 or ""):
-        raise ConfigError(f"{src}: baseline.sha256: needs the 64-hex-digit SHA-256 of baseline.weights "
-                          f"({cfg.baseline.weights}; `sha256sum` prints it), got {cfg.baseline.sha256!r}")
+def _check_model(cfg: Config, src: str) -> int:
+    """Architecture checks; returns the number of stages."""
+    m = cfg.model
+    if m.arch == "dit":
+        if m.hidden % m.num_heads:
+            raise ConfigError(f"{src}: model.num_heads: {m.num_heads} must divide model.hidden ({m.hidden})")
+        if m.hidden % 4:
+            raise ConfigError(f"{src}: model.hidden: must be a multiple of 4 (2-D sin/cos position embedding), "
+                              f"got {m.hidden}")
+        if cfg.data.image_size % m.patch_size:
+            raise ConfigError(f"{src}: model.patch_size: {m.patch_size} must divide data.image_size "
+                              f"({cfg.data.image_size})")
+        return len(m.stage_blocks)
     n = len(cfg.model.channels)
     for key in ("attentions", "upscales"):
         if len(getattr(cfg.model, key)) != n:
@@ -530,6 +547,14 @@ def _cross_checks(cfg: Config, src: str):
                               f"attention stage Layer{i + 1} ({cfg.model.channels[i]})")
     if cfg.data.image_size % (2 ** (n // 2)):
         raise ConfigError(f"{src}: data.image_size: must be divisible by {2 ** (n // 2)} for {n} stages")
+    return n
+
+
+def _cross_checks(cfg: Config, src: str):
+    if cfg.baseline.weights and not re.fullmatch(r"[0-9a-f]{64}", cfg.baseline.sha256 or ""):
+        raise ConfigError(f"{src}: baseline.sha256: needs the 64-hex-digit SHA-256 of baseline.weights "
+                          f"({cfg.baseline.weights}; `sha256sum` prints it), got {cfg.baseline.sha256!r}")
+    n = _check_model(cfg, src)
     if cfg.diffusion.beta_end <= cfg.diffusion.beta_start:
         raise ConfigError(f"{src}: diffusion.beta_end: must exceed diffusion.beta_start")
     if cfg.sample.sampler == "ddpm" and cfg.sample.steps != cfg.diffusion.timesteps:

@@ -15,7 +15,7 @@ from ..core.config import NOT_YAML, Config, _build, to_dict
 from ..core.errors import UserError
 from ..core.storage import atomic_save_safetensors, atomic_write_json, diff_keys, fingerprint, sha256_file
 from .checkpoint import load_ema, training_inputs
-from .model import build_unet
+from .model import build_model
 
 FORMAT = "laqfi-baseline"
 VERSION = "1"
@@ -84,7 +84,7 @@ def load_weights(path, device="cpu"):
 
     meta = read_metadata(path)
     cfg = config_of(path, meta)
-    model = build_unet(cfg.model, cfg.diffusion.timesteps)
+    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size)
     try:
         state = load_file(path, device="cpu")
         model.load_state_dict(state)

@@ -3,7 +3,23 @@ that a checkpoint belongs to a config, and the EMA network rebuilt from a finish
 from ..core.config import NOT_YAML, Config, _build, to_dict
 from ..core.errors import StaleArtifactError
 from ..core.storage import diff_keys, fingerprint, load_torch
-from .model import build_unet
+from .model import build_model
+
+UNET_KEYS = ("channels", "attentions", "upscales", "num_groups", "time_embedding")
+DIT_KEYS = ("patch_size", "hidden", "stage_blocks", "mlp_ratio")
+
+
+def arch_inputs(model_cfg) -> dict:
+    """The ``model`` keys that shape this architecture's weights (a U-Net's record is as before ``arch``
+    existed, so checkpoints trained then stay valid)."""
+    model = to_dict(model_cfg)
+    for key in DIT_KEYS if model["arch"] == "unet" else UNET_KEYS:
+        model.pop(key)
+    if model["arch"] == "unet":
+        model.pop("arch")
+    if model.get("time_embedding") == "table":
+        model.pop("time_embedding")
+    return model
 
 
 def training_inputs(cfg) -> dict:
@@ -14,9 +30,7 @@ def training_inputs(cfg) -> dict:
     train = to_dict(cfg.train)
     train.pop("checkpoint_every")
     train.pop("snapshot_every")
-    model = to_dict(cfg.model)
-    if model.get("time_embedding") == "table":
-        model.pop("time_embedding")
+    model = arch_inputs(cfg.model)
     # Options added later are recorded only when used, so older checkpoints stay valid.
     for key, default in (("lr_schedule", "constant"), ("warmup_steps", 0), ("min_snr_gamma", None)):
         if train.get(key) == default:
@@ -43,6 +57,6 @@ def load_ema(ckpt_path: str, device="cpu", hint="run `python simplediffusion.py 
                            f"finish it with `python simplediffusion.py --resume`")
     stored = {k: v for k, v in ckpt["config"].items() if k not in NOT_YAML}
     cfg = _build(Config, stored, ckpt_path)
-    model = build_unet(cfg.model, cfg.diffusion.timesteps).to(device)
+    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size).to(device)
     model.load_state_dict(ckpt["ema"])
     return model.eval().requires_grad_(False), ckpt

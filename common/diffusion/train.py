@@ -21,7 +21,7 @@ from ..core.storage import (
 )
 from .baseline import save_weights
 from .checkpoint import check_checkpoint_matches, training_inputs
-from .model import build_unet
+from .model import build_model
 from .schedule import NoiseSchedule
 
 
@@ -109,7 +109,7 @@ def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, prog
                          f"batch must split evenly (use a batch size that is a multiple of {world})")
     torch.manual_seed(cfg.run.seed)
     schedule = NoiseSchedule.from_config(cfg.diffusion)
-    model = build_unet(cfg.model, cfg.diffusion.timesteps).to(device)
+    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
     opt = opt_cls(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)

@@ -16,7 +16,7 @@ from ..core import storage
 from ..core.config import ModelConfig, to_dict
 from ..diffusion.checkpoint import load_ema
 from ..diffusion.data import to_uint8
-from ..diffusion.model import build_unet
+from ..diffusion.model import build_model
 from ..diffusion.samplers import build_sampler, sample
 from ..diffusion.schedule import NoiseSchedule
 from ..quant import backends
@@ -27,14 +27,15 @@ from .integrity import bind_files
 
 
 def _arch_from_metadata(meta: dict):
-    """(ModelConfig, timesteps) recorded in a safetensors header, or None: a JSON ``config`` (the full
-    resolved config, nanoGPT-style) or JSON ``model`` plus ``timesteps``."""
+    """(ModelConfig, timesteps, image size) recorded in a safetensors header, or None: a JSON ``config`` (the
+    full resolved config, nanoGPT-style) or JSON ``model`` plus ``timesteps`` (and ``image_size``, else 32)."""
     try:
         if "config" in meta:
             full = json.loads(meta["config"])
-            return ModelConfig(**full["model"]), int(full["diffusion"]["timesteps"])
+            return (ModelConfig(**full["model"]), int(full["diffusion"]["timesteps"]),
+                    int(full.get("data", {}).get("image_size", 32)))
         if "model" in meta:
-            return ModelConfig(**json.loads(meta["model"])), int(meta["timesteps"])
+            return ModelConfig(**json.loads(meta["model"])), int(meta["timesteps"]), int(meta.get("image_size", 32))
     except (ValueError, KeyError, TypeError):
         return None
     return None
@@ -69,8 +70,7 @@ def load_weights(path: str, cfg, device="cpu"):
     from safetensors.torch import load_file
 
     arch = _arch_from_metadata(meta)
-    model_cfg, timesteps = arch or (cfg.model, cfg.diffusion.timesteps)
-    model = build_unet(model_cfg, timesteps)
+    model = build_model(*(arch or (cfg.model, cfg.diffusion.timesteps, cfg.data.image_size)))
     try:
         model.load_state_dict(load_file(path))
     except RuntimeError as e:

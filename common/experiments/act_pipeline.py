@@ -26,8 +26,6 @@ from ..evaluation import evaluate
 from ..importance.activations import activation_importance
 from ..importance.weights import random_scores
 from ..quant.activations import (
-    FIRST,
-    LAST,
     ActQuantizer,
     LayerQuant,
     attention_projections,
@@ -39,7 +37,7 @@ from ..quant.activations import (
 )
 from ..quant.allocate import allocate_wa, format_bits, layer_bops, uniform_wa_choice
 from ..quant.calibrate import calibration_timesteps, collect_ranges
-from ..quant.container import QUANTIZED_FILE, load_quantized, save_quantized, stored_digest
+from ..quant.container import QUANTIZED_FILE, arch_record, load_quantized, save_quantized, stored_digest
 from ..quant.formats import Assignment, quantize_model
 from .pipeline import ensure_importance, ensure_rule_fisher
 
@@ -55,7 +53,7 @@ def act_layout(cfg, model):
     """(quantizable module names, inputs kept at act_quant.keep_bits, {name: concat split}, per-token names)."""
     aq = cfg.act_quant
     names = quantizable_modules(model)
-    kept = {FIRST, LAST} & set(names) if aq.keep_first_last else set()
+    kept = set(model.ends) & set(names) if aq.keep_first_last else set()
     splits = concat_splits(model) if aq.split_concat else {}
     token = attention_projections(model) if aq.per_token_attention else set()
     return names, kept, splits, token
@@ -267,7 +265,7 @@ def save_and_evaluate(cfg, variant, model, stored, q, extra, provenance, plan_re
     if old is not None:
         print(f"[{variant}] reusing {metrics_path}")
         return old
-    size = save_quantized(stored, qpath, {"model": to_dict(cfg.model), "timesteps": cfg.diffusion.timesteps},
+    size = save_quantized(stored, qpath, arch_record(cfg),
                           provenance)
     save_act_quant(q, apath, provenance)
     size.update(size_bytes=size["stored_bytes"], fp32_bytes=4 * sum(p.numel() for p in model.parameters()),

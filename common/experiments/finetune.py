@@ -40,7 +40,7 @@ from ..diffusion.schedule import NoiseSchedule
 from ..evaluation import evaluate
 from ..importance.fisher import draw_samples
 from ..importance.weights import fisher_distortion_costs
-from ..quant.activations import ActQuantizer, LayerQuant, group_of
+from ..quant.activations import ActQuantizer, LayerQuant, attention_projections, group_of
 from ..quant.backends import calibration_inputs
 from ..quant.eligibility import eligible_names, end_convs
 from ..quant.formats import channel_axes, dequantize_tensor, quantize_tensor
@@ -66,10 +66,11 @@ def finetune_dir(cfg) -> str:
 
 
 def quest_layers(model) -> list:
-    """QuEST's rule: the time-embedding path (time MLP, every ResBlock's time projection) and the attention
-    projections, among the quantized layers."""
+    """QuEST's rule: the time-embedding path (the U-Net's time MLP and ResBlock time projections, the DiT's
+    time MLP and adaLN modulations) and the attention projections, among the quantized layers."""
     names = [n.removesuffix(".weight") for n in eligible_names(model, lowbit.RULE)]
-    return [n for n in names if n.startswith("time_mlp") or ".time_proj" in n or ".attention_layer." in n]
+    attention = attention_projections(model)
+    return [n for n in names if model.time_path(n) or n in attention]
 
 
 # ----------------------------------------------------------------------------- data and the student

@@ -40,7 +40,7 @@ from ..importance.predictor import ConfigMeasurer, config_bits, fit_predictor, m
 from ..importance.weights import costs_from_scores, fisher_distortion_costs, magnitude_scores, random_scores
 from ..quant.activations import ActQuantizer, LayerQuant
 from ..quant.allocate import InfeasibleBudgetError, allocate
-from ..quant.container import read_quantized, save_quantized
+from ..quant.container import arch_record, read_quantized, save_quantized
 from ..quant.eligibility import eligible_names, end_convs
 from ..quant.formats import channel_axes, dequantize_tensor, entry_bits, quantize_tensor, scale_groups
 from . import pipeline
@@ -75,6 +75,7 @@ class Table:
         lb = cfg.lowbit
         self.names = eligible_names(model, RULE)
         self.ends = end_convs(model)
+        self.ops = {n: model.op_type(n) for n in self.names}
         self.formats = list(dict.fromkeys(lb.uniform_menu + lb.codebook_menu))
         self.menus = {"uniform": list(lb.uniform_menu), "codebook": list(lb.codebook_menu)}
         params, axes = dict(model.named_parameters()), channel_axes(model)
@@ -96,7 +97,7 @@ class Table:
             stored = {f"{n}@{f}": quantize_tensor(params[n], f, axes[n]) for n in self.names for f in self.formats}
             stored.update({f"{n}@{lb.keep_format}": quantize_tensor(params[n], lb.keep_format, axes[n])
                            for n in self.ends})
-            save_quantized(stored, path, {"model": to_dict(cfg.model), "timesteps": cfg.diffusion.timesteps},
+            save_quantized(stored, path, arch_record(cfg),
                            {"inputs": inputs, "what": "every eligible tensor in every format of the menus",
                             "seconds": round(time.time() - t0, 1)})
             print(f"[lowbit] {len(self.names)} tensors x {len(self.formats)} formats in {time.time() - t0:.0f} s "
@@ -433,20 +434,6 @@ def table_images(sens):
 
 
 # ----------------------------------------------------------------------------- outputs
-def op_type(name: str) -> str:
-    if name.startswith("time_mlp"):
-        return "time MLP"
-    if "time_proj" in name:
-        return "time-embedding projection"
-    if "attention" in name:
-        return "attention projection"
-    if ".conv1" in name or ".conv2" in name:
-        return "ResBlock conv"
-    if name.startswith("Layer") and name.endswith(".conv.weight"):
-        return "down-sampling conv" if name[5] in "123" else "up-sampling (transposed) conv"
-    return "stage-external conv"
-
-
 def sensitivity_rows(sens, table):
     """Per tensor: the learned cost and the Fisher estimate at int3 and int2 (and their ranks)."""
     rows = []
@@ -459,7 +446,7 @@ def sensitivity_rows(sens, table):
     rank = {k: {n: i + 1 for i, n in enumerate(sorted(names, key=lambda n, d=d: -d[n]))}
             for k, d in (("fisher", fis), ("learned", lrn)) if d is not None}
     for n in names:
-        rows.append({"tensor": n, "op": op_type(n), "fisher_int3": sens.costs["fisher"][n]["int3"],
+        rows.append({"tensor": n, "op": table.ops[n], "fisher_int3": sens.costs["fisher"][n]["int3"],
                      "fisher_int2": fis[n], "fisher_rank": rank["fisher"][n],
                      "learned_int3": sens.costs["learned"][n]["int3"] if lrn else None,
                      "learned_int2": lrn[n] if lrn else None, "learned_rank": rank["learned"][n] if lrn else None})

@@ -26,7 +26,7 @@ from ..evaluation.grids import save_grid
 from ..importance.fisher import FisherMismatchError, compute_fisher, load_fisher, save_fisher
 from ..importance.weights import artifact_inputs, compute_importance, load_importance
 from ..quant import allocate, strategies
-from ..quant.container import QUANTIZED_FILE, load_quantized, save_quantized, stored_digest
+from ..quant.container import QUANTIZED_FILE, arch_record, load_quantized, save_quantized, stored_digest
 from ..quant.formats import quantize_model
 from ..quant.strategies import describe_plan
 from .report import plan_table
@@ -337,7 +337,7 @@ def _run_variant(cfg, variant, strategy, params, model, ckpt_path, fisher, devic
     if old is not None:
         print(f"[{variant}] reusing {metrics_path}")
         return old
-    arch = {"model": to_dict(cfg.model), "timesteps": cfg.diffusion.timesteps}
+    arch = arch_record(cfg)
     summary = describe_plan(plan, model, fisher)
     plan_path = os.path.join(out, "plan.json")  # bound to the file it describes, and by metrics.json to the results
     size = None

@@ -23,11 +23,10 @@ import torch
 from torch import nn
 
 from ..core.storage import atomic_save_safetensors
-from ..diffusion.model import Attention
+from ..diffusion.blocks import Attention
 from ..diffusion.schedule import bucket_edges
 
 QUANTIZABLE = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
-FIRST, LAST = "shallow_conv", "output_conv"  # the U-Net's first and last conv
 FILE_FORMAT, FILE_VERSION = "laqfi-act-quant", "1"
 
 
@@ -119,18 +118,9 @@ def attention_projections(model: nn.Module) -> set:
 
 
 def concat_splits(model: nn.Module) -> dict:
-    """{module name: channels of the upsampled part} for the modules whose input is a skip concatenation.
-
-    Up stage Layer{i+1} concatenates its output with the mirrored down stage's skip; the next stage's
-    ResBlock1.conv1 consumes it (after GroupNorm and ReLU, which keep the channels apart) and after the
-    last stage ``late_conv`` does.
-    """
-    n = model.num_layers
-    out = {}
-    for i in range(n // 2, n):
-        consumer = f"Layer{i + 2}.ResBlock1.conv1" if i + 1 < n else "late_conv"
-        out[consumer] = getattr(model, f"Layer{i + 1}").conv.out_channels
-    return out
+    """{module name: channels of the first part} for the modules whose input is a skip concatenation (the
+    network declares them: ``model.concat_splits()``; none in a DiT)."""
+    return model.concat_splits()
 
 
 def group_of(t, groups: int, timesteps: int):

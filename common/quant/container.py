@@ -12,10 +12,10 @@ import struct
 
 import torch
 
-from ..core.config import ModelConfig
+from ..core.config import ModelConfig, to_dict
 from ..core.errors import UserError
 from ..core.storage import atomic_write_bytes
-from ..diffusion.model import build_unet
+from ..diffusion.model import build_model
 from .formats import dequantize_tensor, size_report
 
 FILE_VERSION = 3  # 2: one int scale for 1-D tensors; 3: quantized.safetensors instead of a torch.save container
@@ -139,9 +139,15 @@ def _entries(records: dict, raw: dict, path: str, rerun: str) -> dict:
     return stored
 
 
+def arch_record(cfg) -> dict:
+    """What a quantized file records of the network it belongs to (``model_from_arch`` rebuilds it)."""
+    return {"model": to_dict(cfg.model), "timesteps": cfg.diffusion.timesteps, "image_size": cfg.data.image_size}
+
+
 def model_from_arch(arch: dict):
-    """An fp32 U-Net of the recorded architecture ({"model": ModelConfig fields, "timesteps": T})."""
-    return build_unet(ModelConfig(**arch["model"]), arch["timesteps"])
+    """An fp32 network of the recorded architecture ({"model": ModelConfig fields, "timesteps": T,
+    "image_size": S (absent in older files: 32)})."""
+    return build_model(ModelConfig(**arch["model"]), arch["timesteps"], arch.get("image_size", 32))
 
 
 def load_quantized(path: str, device="cpu"):
