@@ -5,19 +5,20 @@ its metadata, else from --config); default: the config's released baseline.weigh
 runs/<run>/baseline/checkpoint.pt. --variant-file takes a quantized.safetensors; an act_quant.py
 variant's activation quantizers (act_quant.safetensors beside it) are applied too, as fake quantization on
 --backend dequant only. --backend: dequant (fp32 compute of the stored values, the reference), bf16, fp16
-(CUDA only), int8 (static W8A8 on x86 through PT2E + torch.compile) or int8_bf16 (the same with everything
-but the int8 kernels and the plan's fp32 tensors in bf16; see docs/backends.md). Writes <out>/samples.png,
-samples.npz (uint8 images and float32 samples) and sample.json (source, backend, what each tensor ran in,
-speed). Same --seed, same batch size: same noise, so outputs of
-two backends or variants are paired.
+(CUDA only), int8 (static W8A8 on x86 through PT2E + torch.compile), int8_bf16 (the same with everything
+but the int8 kernels and the plan's fp32 tensors in bf16), or auto (the fastest backend that is exact for the
+plan on this machine, measured once by a short probe and cached; see docs/backends.md). Writes
+<out>/samples.png, samples.npz (uint8 images and float32 samples) and sample.json (source, backend, what each
+tensor ran in, speed, the machine). Same --seed, same batch size: same noise, so outputs of two backends or
+variants are paired.
 """
 import os
 
-from common.core import cli
+from common.core import cli, machine
 from common.core.storage import baseline_dir, run_dir
 from common.diffusion.baseline import verify_released
 from common.evaluation.generate import generate
-from common.quant.backends import BACKENDS
+from common.quant.backends import AUTO, BACKENDS
 
 
 def main():
@@ -28,7 +29,8 @@ def main():
     src.add_argument("--variant-file", help="a quantized.safetensors written by a strategy script")
     p.add_argument("--n", type=int, default=64, help="number of images")
     p.add_argument("--seed", type=int, default=0, help="noise seed (the evaluation's seeds are eval.seeds)")
-    p.add_argument("--backend", choices=BACKENDS, help="execution backend (default: backend.name from the config)")
+    p.add_argument("--backend", choices=(AUTO, *BACKENDS),
+                   help="execution backend (default: backend.name from the config)")
     p.add_argument("--out", help="output folder (default: runs/<run>/samples/<source>_<backend>_seed<seed>)")
     args = p.parse_args()
     cfg = cli.load(args)
@@ -42,6 +44,7 @@ def main():
     device = cli.device(cfg, alone=True)
     if device is None:
         return  # under torchrun rank 0 samples; one file, one process
+    print(f"[sample] machine: {machine.describe()}")
     with cli.clear_errors():
         if cfg.baseline.weights and os.path.abspath(path) == os.path.abspath(cfg.baseline.weights):
             verify_released(cfg)  # SHA-256 and training config, as every other script checks them
@@ -50,7 +53,7 @@ def main():
                          progress=not args.no_progress)
         except ValueError as e:  # a bad file or a backend this machine cannot run: one line, not a traceback
             raise SystemExit(f"error: {e}") from None
-    print(f"[sample] {args.n} images of {path} on {backend}: {r['images_per_second']} img/s, "
+    print(f"[sample] {args.n} images of {path} on {r['backend']}: {r['images_per_second']} img/s, "
           f"prepare {r['prepare_seconds']} s, resident weights {r['resident_bytes'] / 2 ** 20:.2f} MB")
     for how, count in r["tensors_by_execution"].items():
         print(f"  {count:4d} tensors: {how}")

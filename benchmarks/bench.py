@@ -4,9 +4,11 @@
     python benchmarks/bench.py --part backends --quick --config configs/smoke.yaml   (the backend table, fast)
 
 Uses the default model architecture with random weights (speed does not depend on training).
-Each measurement runs in its own child process so its peak RSS is its own. Prints a table and
-ends with one ``key=value`` line (bf16_speedup; int8_ and int8bf16_ speedup, resident_ratio and
-paired_mse_ratio; int8bf16_vs_bf16 first; see benchmarks/bench_backends.py).
+Each measurement runs in its own child process so its peak RSS is its own. Prints the machine it measured on
+(``core.machine``: ISA, native bf16, VNNI, AMX) first, a table, and ends with one ``key=value`` line (bf16_speedup;
+int8_ and int8bf16_ speedup, resident_ratio and paired_mse_ratio; int8bf16_vs_bf16 first; see
+benchmarks/bench_backends.py; isa, native_bf16 and vnni last). Where bf16 is emulated (no AVX512-BF16 / AMX) the
+bf16 rows time a tenth of the images; every ratio is printed as measured, below 1 where it is.
 """
 import argparse
 import multiprocessing as mp
@@ -20,7 +22,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import bench_backends  # noqa: E402
+from common.core import machine  # noqa: E402
 from common.core.config import load_config  # noqa: E402
+from common.diffusion.checkpoint import resolve_bf16  # noqa: E402
 from common.diffusion.model import build_model  # noqa: E402
 from common.diffusion.samplers import build_sampler, sample  # noqa: E402
 from common.diffusion.schedule import NoiseSchedule  # noqa: E402
@@ -50,12 +54,18 @@ def _timeit(fn, min_seconds=2.0, warmup=1):
             return dt / n
 
 
-def matmul_peak():
+def gemm_size(dtype, cap) -> int:
+    """2048, or 512 for bf16 where it is emulated (a 2048^3 bf16 GEMM takes ~20 s there)."""
+    return 512 if dtype == torch.bfloat16 and not cap["native_bf16"] else 2048
+
+
+def matmul_peak(cap):
     """fp32 (and bf16) GEMM FLOP/s of this machine, the MFU denominator."""
     out = {}
     for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
-        out[str(dtype).split(".")[1]] = 2 * 2048 ** 3 / _timeit(lambda a=a, b=b: a @ b, 2.0)
+        n = gemm_size(dtype, cap)
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        out[str(dtype).split(".")[1]] = 2 * n ** 3 / _timeit(lambda a=a, b=b: a @ b, 2.0)
     return out
 
 
@@ -219,14 +229,15 @@ def isolated(fn, *args):
     return r
 
 
-def core(cfg, args, peak) -> dict:
+def core(cfg, args, peak, cap) -> dict:
     """Sampling variants, batch sweep, per-image loop, Fisher and training; returns the figures."""
     base = isolated(bench_sampling, cfg, args.n_batch, args.n_single, "fp32")
     rows = [base]
+    # Real fp16 on CPU has no fast kernels (measured ~20x slower), nor bf16 where it is emulated: time fewer images.
+    slow = {"fp16_weights"} | (set() if cap["native_bf16"] else {"bf16_autocast", "bf16_weights"})
     for v in ("channels_last", "torch_compile", "fp16_stored_dequant", "bf16_autocast", "bf16_weights",
               "fp16_weights", "torchao_int8_wo"):
-        # Real fp16 on CPU has no fast kernels (measured ~20x slower): time fewer images.
-        r = isolated(bench_sampling, cfg, args.n_batch // 10 if v == "fp16_weights" else args.n_batch, 0, v)
+        r = isolated(bench_sampling, cfg, max(2, args.n_batch // 10) if v in slow else args.n_batch, 0, v)
         r.setdefault("variant", v)
         rows.append(r)
     sweep = [isolated(bench_sampling, cfg, max(b, args.n_batch // 2), 0, "fp32", b) for b in args.batch_sweep]
@@ -245,16 +256,21 @@ def core(cfg, args, peak) -> dict:
     achieved = base["batched_img_s"] * base["flops_per_image"]
     sampling_mfu = achieved / peak["float32"]
     # MFU against the peak of the precision that runs: an autocast step does its GEMMs in bf16
+    # (none for bf16 where it is emulated: its convolutions do not even run as GEMMs there)
     train_mfu = {"fp32": train["flops_per_step"] / train["fp32"] / peak["float32"],
-                 "bf16": train["flops_per_step"] / train["bf16_autocast"] / peak["bfloat16"]}
-    training_mfu = train_mfu["bf16" if cfg.train.bf16 else "fp32"]
+                 "bf16": (train["flops_per_step"] / train["bf16_autocast"] / peak["bfloat16"]
+                          if cap["native_bf16"] else None)}
+    trains_bf16 = resolve_bf16(cfg.train, "cpu")  # what a new training of this config does on this machine
+    training_mfu = train_mfu["bf16" if trains_bf16 else "fp32"]
     print(f"\nper-image loop: {base['per_image_img_s']:.2f} img/s; batched (batch {base['batch']}): "
           f"{base['batched_img_s']:.1f} img/s -> {speedup:.1f}x")
     print(f"sampling: {base['flops_per_image'] / 1e9:.2f} GFLOP/image ({base['steps']} steps), "
           f"{achieved / 1e9:.1f} GFLOP/s = MFU {sampling_mfu:.2f} of fp32 GEMM")
+    bf16_step = (f"MFU {train_mfu['bf16']:.2f} of bf16 GEMM" if cap["native_bf16"] else
+                 f"{train['bf16_autocast'] / train['fp32']:.1f}x the fp32 step: bf16 is emulated on this CPU")
     print(f"training step (batch {train['batch']}): fp32 {train['fp32']:.2f} s = MFU {train_mfu['fp32']:.2f} of fp32 "
-          f"GEMM; bf16 autocast {train['bf16_autocast']:.2f} s = MFU {train_mfu['bf16']:.2f} of bf16 GEMM "
-          f"(the config trains in {'bf16' if cfg.train.bf16 else 'fp32'})")
+          f"GEMM; bf16 autocast {train['bf16_autocast']:.2f} s = {bf16_step} "
+          f"(the config trains in {'bf16' if trains_bf16 else 'fp32'} here: train.bf16 {cfg.train.bf16})")
     print(f"fisher ({fisher['n']} samples, chunk {fisher['chunk']}): vectorized {fisher['vectorized_s']:.2f} s, "
           f"loop {fisher['loop_s']:.2f} s -> {fisher['loop_s'] / fisher['vectorized_s']:.1f}x, "
           f"max error / tensor max {fisher['max_rel_err']:.1e}, peak RSS {fisher['peak_rss_mb']:.0f} MB")
@@ -275,8 +291,9 @@ def core(cfg, args, peak) -> dict:
         "fisher_speedup_vs_loop": round(fisher_speedup, 2),
         "fisher_allclose": fisher["allclose"],
         "sampling_mfu": round(sampling_mfu, 3),
-        "training_mfu": round(training_mfu, 3),
-        "training_mfu_fp32": round(train_mfu["fp32"], 3), "training_mfu_bf16": round(train_mfu["bf16"], 3),
+        "training_mfu": round(training_mfu, 3) if training_mfu is not None else None,
+        "training_mfu_fp32": round(train_mfu["fp32"], 3),
+        "training_mfu_bf16": round(train_mfu["bf16"], 3) if train_mfu["bf16"] is not None else None,
         "sampling_img_s": round(base["batched_img_s"], 1),
         "fp32_gemm_gflops": round(peak["float32"] / 1e9, 1),
         "peak_rss_mb_sampling": round(base["peak_rss_mb"]),
@@ -317,20 +334,24 @@ def main():
     cfg = load_config(args.config, args.overrides)
     if args.quick:
         args.n_batch, args.n_single, args.fisher_n, args.batch_sweep, args.backend_n = 16, 2, 8, [4], 16
+    cap = machine.capability()
     print(f"[bench] {args.config}: channels {cfg.model.channels}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
-    peak = matmul_peak()
-    print(f"[bench] GEMM 2048^3: fp32 {peak['float32'] / 1e9:.1f} GFLOP/s, bf16 {peak['bfloat16'] / 1e9:.1f} GFLOP/s")
+    print(f"[bench] machine: {machine.describe(cap)}")
+    peak = matmul_peak(cap)
+    print(f"[bench] GEMM: fp32 {peak['float32'] / 1e9:.1f} GFLOP/s (2048^3), bf16 {peak['bfloat16'] / 1e9:.1f} GFLOP/s "
+          f"({gemm_size(torch.bfloat16, cap)}^3{'' if cap['native_bf16'] else ', emulated'})")
 
     figures = {}
     if args.part in ("all", "core"):
-        figures.update(core(cfg, args, peak))
+        figures.update(core(cfg, args, peak, cap))
     if args.part in ("all", "backends"):
         ckpt = args.checkpoint or bench_backends.default_checkpoint(cfg)
         out_dir = os.path.join(cfg.run.out_dir, "bench", cfg.run.name)
         # the four figures the backend targets are judged by come first on the last line
         figures = {**bench_backends.run(cfg, ckpt, out_dir, args.backend_n, isolated, args.variants, args.backends),
                    **figures}
+    figures.update(isa=cap["isa"], native_bf16=cap["native_bf16"], vnni=cap["vnni"])  # what every figure ran on
     print(" ".join(f"{k}={v}" for k, v in figures.items()))
     if args.update_docs:
         update_section(args.update_docs, "perf", "```\n" + sys.stdout.text().strip() + "\n```")

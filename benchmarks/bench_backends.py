@@ -8,6 +8,10 @@ Backends: dequant (fp32 reference), bf16 eager, bf16 + torch.compile, int8 (PT2E
 int8_bf16 (the same under bf16 autocast: PT2E's int8-mixed-bf16).
 Every (variant, backend) runs in its own process (its own peak RSS), samples the same noise (seed 0), and
 is compared with fp32-on-dequant: paired MSE of [0, 1] pixels and classifier-FID between the two sets.
+On a CPU without native bf16 (``core.machine``), where the bf16 rows are emulated (~40x slower), every row runs
+a tenth of the images (all rows alike, so they stay paired) and the ratios below 1 are printed as measured.
+Then ``backend.name: auto``'s choice for each variant and for an all-bf16 plan (the one kind where it has a
+choice), with its probe figures.
 """
 import gc
 import os
@@ -15,12 +19,13 @@ import time
 
 import torch
 
-from common.core import storage
+from common.core import machine, storage
 from common.diffusion.data import to_uint8
 from common.diffusion.samplers import build_sampler, sample
 from common.diffusion.schedule import NoiseSchedule
-from common.evaluation import evaluate, metrics
+from common.evaluation import classifier, evaluate, metrics
 from common.evaluation.generate import build_runner, load_weights
+from common.quant import backends
 from common.quant.container import QUANTIZED_FILE, arch_record, save_quantized
 from common.quant.eligibility import eligible_names
 from common.quant.formats import quantize_model
@@ -111,7 +116,42 @@ def bench_backend(cfg, path, backend, compile_model, n, batch):
 
 def _clf_features(cfg, x01):
     clf, _ = evaluate.classifier(cfg, progress=False)
-    return metrics.classifier_outputs(clf, to_uint8(x01 * 2 - 1))[0]
+    return classifier.classifier_outputs(clf, to_uint8(x01 * 2 - 1))[0]
+
+
+BF16_ROWS = ("bf16", "bf16+compile", "int8_bf16")
+
+
+def images_per_row(n: int, rows, cap) -> int:
+    """``n``, or a tenth of it (at least 2) where bf16 rows would run emulated kernels on this CPU."""
+    if cap["native_bf16"] or not set(rows) & set(BF16_ROWS):
+        return n
+    return max(2, n // 10)
+
+
+def auto_choices(cfg, paths: dict, probe=backends.probe_speed) -> dict:
+    """``backend.name: auto`` on this machine for every variant file in ``paths`` and for the fp32 baseline with every
+    parameter rounded to bf16 (a plan bf16 runs exactly, so the probe decides); prints one line each and returns
+    {variant: choice}."""
+    import copy
+
+    shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
+    out = {}
+    for variant, path in paths.items():
+        model, _, _ = load_weights(path, cfg)
+        out[variant] = backends.choose_auto(model, "cpu", cfg.run.cache_dir, shape, cfg.diffusion.timesteps,
+                                            probe=probe)
+        if variant == "fp32":
+            bf16 = copy.deepcopy(model)
+            with torch.no_grad():
+                for p in bf16.parameters():
+                    p.copy_(p.to(torch.bfloat16).float())
+            out["uniform_bf16 (every parameter)"] = backends.choose_auto(
+                bf16, "cpu", cfg.run.cache_dir, shape, cfg.diffusion.timesteps, probe=probe)
+    print(f"\nbackend.name: auto on this machine ({machine.describe()}):")
+    for variant, c in out.items():
+        print(f"  {variant:32s} -> {c['backend']:8s} {c['reason']}")
+    return out
 
 
 def run(cfg, ckpt_path, out_dir, n, isolated, variants=VARIANTS, rows_wanted=tuple(BACKEND_ROWS)):
@@ -120,6 +160,11 @@ def run(cfg, ckpt_path, out_dir, n, isolated, variants=VARIANTS, rows_wanted=tup
     fp32 on dequant is the reference of the paired figures and is always measured."""
     variants = ["fp32"] + [v for v in variants if v != "fp32"]
     paths, source = write_variants(cfg, ckpt_path, out_dir, variants)
+    cap = machine.capability()
+    if images_per_row(n, rows_wanted, cap) != n:
+        print(f"\n[backends] this CPU ({cap['isa']}) has no native bf16: the bf16 rows run emulated kernels, so every "
+              f"row samples {images_per_row(n, rows_wanted, cap)} images instead of {n} (all rows alike: still paired)")
+        n = images_per_row(n, rows_wanted, cap)
     batch = min(n, cfg.sample.batch_size)
     print(f"\n[backends] {source}\n[backends] {n} images per row, batch {batch}, seed 0, "
           f"{cfg.sample.sampler} {cfg.sample.steps} steps; int8 calibration: {cfg.backend.calib_images} "
@@ -139,7 +184,8 @@ def run(cfg, ckpt_path, out_dir, n, isolated, variants=VARIANTS, rows_wanted=tup
         print(f"[backends] classifier-FID unavailable: {e}")
         ref_feats = None
     fp32_resident = ref["resident_bytes"]
-    print(f"\n{'variant':24s} {'backend':16s} {'img/s':>7s} {'vs fp32':>8s} {'prepare s':>10s} {'peak RSS MB':>12s} "
+    print(f"\nmeasured on {machine.describe(cap)}")
+    print(f"{'variant':24s} {'backend':16s} {'img/s':>7s} {'vs fp32':>8s} {'prepare s':>10s} {'peak RSS MB':>12s} "
           f"{'weights MB':>11s} {'vs fp32':>8s} {'paired MSE':>11s} {'clf-FID':>8s}")
     for (variant, label), r in rows.items():
         if "error" in r:
@@ -152,7 +198,8 @@ def run(cfg, ckpt_path, out_dir, n, isolated, variants=VARIANTS, rows_wanted=tup
         print(f"{variant:24s} {label:16s} {r['img_s']:7.1f} {r['img_s'] / ref['img_s']:8.2f} {r['prepare_s']:10.1f} "
               f"{r['peak_rss_mb']:12.0f} {r['resident_bytes'] / 2 ** 20:11.3f} "
               f"{r['resident_bytes'] / fp32_resident:8.2f} {r['paired_mse']:11.2e} {fid}")
-    print("\nwhat runs in which precision (int8 rows):")
+    if {"int8", "int8_bf16"} & set(rows_wanted):
+        print("\nwhat runs in which precision (int8 rows):")
     for variant, label in ((v, b) for v in paths for b in ("int8", "int8_bf16")):
         r = rows.get((variant, label), {})
         if "summary" in r:
@@ -160,7 +207,13 @@ def run(cfg, ckpt_path, out_dir, n, isolated, variants=VARIANTS, rows_wanted=tup
             parts = "; ".join(f"{c} {how}" for how, c in r["summary"]["tensors_by_execution"].items())
             held = ", ".join(f"{k} {v / 2 ** 20:.3f} MB" for k, v in r["summary"]["resident_by_dtype"].items())
             print(f"  {variant}: {parts}\n    resident: {held}")
-    return headline(rows)
+    figures = headline(rows)
+    auto = auto_choices(cfg, paths)
+    figures["auto_uniform_bf16"] = auto["uniform_bf16 (every parameter)"]["backend"]
+    measured = auto["uniform_bf16 (every parameter)"]["measured"] or {}
+    figures["auto_probe_bf16_vs_dequant"] = (round(measured["bf16"] / measured["dequant"], 2)
+                                             if "bf16" in measured else None)
+    return figures
 
 
 def headline(rows) -> dict:

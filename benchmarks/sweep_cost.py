@@ -6,12 +6,13 @@
 
 Measures, on ``--device``, the config's U-Net (default ``configs/poster.yaml``: 35 M parameters): seconds per
 image of one fp32 forward call (the sampler's unit of work: evaluation always runs the dequantized weights in
-fp32) and of one training image (forward + backward under bf16 autocast, as training runs), and counts both
-calls' FLOPs. Where the device is not a GPU, GPU seconds are projected from the FLOPs at ``--gpu-tflops``
-sustained per GPU: an assumption, stated in every table, not a measurement. Then applies the sharding of
-docs/distributed.md: training, Fisher and a variant's evaluation split across the N ranks (assumed linear:
-communication and the smaller per-rank batch are not charged); a sweep hands whole variants to ranks, so it
-takes ceil(V / N) rounds of one variant each.
+fp32) and of one training image (forward + backward, under bf16 autocast where ``train.bf16`` resolves to it on
+this device: ``auto`` means where bf16 is native), and counts both calls' FLOPs; the table names the machine.
+Where the device is not a GPU, GPU seconds are projected from the FLOPs at ``--gpu-tflops`` sustained per GPU:
+an assumption, stated in every table, not a measurement. Then applies the sharding of docs/distributed.md:
+training, Fisher and a variant's evaluation split across the N ranks (assumed linear: communication and the
+smaller per-rank batch are not charged); a sweep hands whole variants to ranks, so it takes ceil(V / N) rounds of
+one variant each.
 """
 import argparse
 import math
@@ -23,8 +24,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.bench import forward_flops  # noqa: E402
+from common.core import machine  # noqa: E402
 from common.core.cli import clear_errors  # noqa: E402
 from common.core.config import load_config  # noqa: E402
+from common.diffusion.checkpoint import resolve_bf16  # noqa: E402
 from common.diffusion.model import build_model  # noqa: E402
 from common.experiments.report import add_docs_argument, update_section  # noqa: E402
 
@@ -41,7 +44,8 @@ def _seconds_per_call(fn, min_seconds):
 
 
 def measure(cfg, device, batch, min_seconds=3.0) -> dict:
-    """Seconds and FLOPs per image of one fp32 sampling call and one bf16-autocast training image."""
+    """Seconds and FLOPs per image of one fp32 sampling call and one training image (bf16 autocast where training
+    would use it on ``device``: ``train.bf16`` resolved there)."""
     torch.manual_seed(0)
     model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size)
     shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
@@ -57,8 +61,10 @@ def measure(cfg, device, batch, min_seconds=3.0) -> dict:
             model(x, t)
         sync()
 
+    bf16 = resolve_bf16(cfg.train, torch.device(device).type)
+
     def train_call():
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             loss = model(x, t).float().pow(2).mean()
         loss.backward()
         sync()
@@ -68,7 +74,8 @@ def measure(cfg, device, batch, min_seconds=3.0) -> dict:
     model.train().requires_grad_(True)
     s_train = _seconds_per_call(train_call, min_seconds) / batch
     params = sum(p.numel() for p in model.parameters())
-    return {"params": params, "flops": flops, "seconds": {"sample": s_sample, "train": s_train}, "batch": batch}
+    return {"params": params, "flops": flops, "seconds": {"sample": s_sample, "train": s_train}, "batch": batch,
+            "bf16": bf16, "machine": machine.describe()}
 
 
 def workload(cfg) -> dict:
@@ -100,8 +107,10 @@ def table(cfg, m, device, gpus, gpu_tflops) -> str:
     lines = [f"Config `{cfg.source}`: {m['params'] / 1e6:.2f} M parameters, {cfg.sample.sampler} "
              f"{cfg.sample.steps} steps, {cfg.eval.n_images} images × {len(cfg.eval.seeds)} seed(s) per variant. "
              f"Per image: sampling call {m['flops']['sample'] / 1e9:.2f} GFLOP (fp32), training image "
-             f"{m['flops']['train'] / 1e9:.2f} GFLOP (forward + backward, bf16 autocast). Measured on "
-             f"{device} at batch {m['batch']}: {m['seconds']['sample'] * 1e3:.1f} ms per sampling call-image, "
+             f"{m['flops']['train'] / 1e9:.2f} GFLOP (forward + backward, "
+             f"{'bf16 autocast' if m.get('bf16', True) else 'fp32'}). Measured on {device}"
+             f"{' (' + m['machine'] + ')' if m.get('machine') else ''} at batch {m['batch']}: "
+             f"{m['seconds']['sample'] * 1e3:.1f} ms per sampling call-image, "
              f"{m['seconds']['train'] * 1e3:.1f} ms per training image.",
              "",
              ("GPU columns: **measured** on this GPU." if gpu_measured else

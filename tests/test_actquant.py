@@ -356,3 +356,66 @@ def test_layer_table_kept_inputs_and_stored_bits(unet):
     _, stored = quantize_model(model, {f"{n}.weight": Assignment(f) for n, (f, _) in choice.items() if f != "fp32"})
     counted = fixed + sum(layers[n]["w"][f][1] for n, (f, _) in choice.items())
     assert size_report(stored)["analytic_bytes"] * 8 == counted
+
+
+def _random_ranges(model, groups, seed=0):
+    """(G, P, 2) ranges with lo < 0 < hi for every quantizable module (two parts for a skip concatenation)."""
+    g = torch.Generator().manual_seed(seed)
+    splits = concat_splits(model)
+    out = {}
+    for n in quantizable_modules(model):
+        lo = -torch.rand(groups, 2 if n in splits else 1, 1, generator=g) * 3
+        out[n] = torch.cat([lo, torch.rand(groups, lo.shape[1], 1, generator=g) * 4 + 0.1], dim=-1)
+    return out
+
+
+@pytest.mark.parametrize("overrides", [[], ["act_quant.per_token_attention=true"], ["act_quant.split_concat=false"],
+                                       ["act_quant.symmetric=true", "act_quant.softmax_bits=8"],
+                                       ["act_quant.keep_bits=8"]])
+def test_one_activation_quantizer_builder_for_lowbit_actquant_and_finetune(unet, overrides):
+    """``act_pipeline.input_quants`` replaced three hand-written builders. The code each had before (copied here)
+    gives the same ``act_quant.safetensors`` content (``quantizer_digest``: metadata and tensors) through the new one:
+    lowbit's quantizer, the W/A pipeline's candidates and chosen quantizer, and the finetuning student's, which
+    before the fold dropped the per-token attention quantizers (so that case is compared with the fixed rule)."""
+    from common.experiments import lowbit
+    from common.experiments.act_pipeline import act_layout, act_quantizer, candidates, mode_groups
+    from common.experiments.finetune import Student, finetune_config
+    from common.quant.activations import quantizer_digest
+
+    _, model, _ = unet
+    cfg = lowbit.lowbit_config(load_config(SMOKE, overrides))
+    aq = cfg.act_quant
+    groups = mode_groups(cfg, cfg.lowbit.range_mode)
+    ranges = _random_ranges(model, groups)
+    names, kept, splits, token = act_layout(cfg, model)
+
+    def old(layers, mode_groups_=groups):  # the builders' shared shape before the fold
+        return ActQuantizer(layers, mode_groups_, cfg.diffusion.timesteps, aq.softmax_bits)
+
+    def lq(n, b):
+        return LayerQuant.from_ranges(ranges[n], b, aq.symmetric, "token" if n in token else "tensor", splits.get(n))
+
+    # lowbit.activation_quantizer
+    want = old({n: lq(n, 6) for n in names if n not in kept})
+    assert quantizer_digest(lowbit.activation_quantizer(cfg, model, 6, ranges)) == quantizer_digest(want)
+    assert lowbit.activation_quantizer(cfg, model, None, ranges).layers == {}
+    # act_pipeline.candidates and the quantizer of a chosen W/A plan
+    for allocatable in (True, False):
+        got = candidates(cfg, model, ranges, allocatable)
+        opts = {n: ([aq.keep_bits] if aq.keep_bits else []) if n in kept else aq.a_bits for n in names
+                if not (n in kept and allocatable)}
+        assert list(got) == list(opts) and all(list(got[n]) == list(b) for n, b in opts.items())
+        for n, bs in opts.items():
+            for b in bs:
+                assert quantizer_digest(old({n: got[n][b]})) == quantizer_digest(old({n: lq(n, b)})), (n, b)
+    choice = {n: (None, aq.keep_bits if n in kept else aq.a_bits[i % len(aq.a_bits)]) for i, n in enumerate(names)}
+    quants = candidates(cfg, model, ranges, allocatable=False)
+    want = old({n: quants[n][b] for n, (_, b) in choice.items() if b is not None})
+    got = act_quantizer(cfg, model, ranges, {n: b for n, (_, b) in choice.items()}, cfg.lowbit.range_mode)
+    assert quantizer_digest(got) == quantizer_digest(want)
+    # the finetuning student: untrained LSQ steps export the calibrated scales, per-token inputs as they are
+    c = finetune_config(cfg)
+    student = Student(c, model, 4, 6, ranges, "ste")
+    _, q = student.export(model)
+    want = old({n: lq(n, 6) for n in names if n not in kept}, mode_groups(c, c.finetune.range_mode))
+    assert quantizer_digest(q) == quantizer_digest(want)

@@ -215,7 +215,9 @@ def test_sample_script(tiny_model_fisher, tmp_path):
     qpath = str(tmp_path / "v" / QUANTIZED_FILE)
     save_quantized(stored, qpath, {"model": to_dict(cfg.model), "timesteps": cfg.diffusion.timesteps}, {})
     outs = {}
-    for backend in ("dequant", "bf16"):
+    from common.core import machine
+
+    for backend in ("dequant", "bf16", "auto"):
         out = tmp_path / backend
         p = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--config",
                             os.path.join(ROOT, "configs", "smoke.yaml"), "--variant-file", qpath, "--backend", backend,
@@ -227,9 +229,14 @@ def test_sample_script(tiny_model_fisher, tmp_path):
         assert npz["images"].shape == (5, 1, 32, 32) and npz["images"].dtype == np.uint8
         assert npz["x"].dtype == np.float32
         info = json.load(open(out / "sample.json"))
-        assert info["backend"] == backend and info["n"] == 5 and info["source"]["kind"] == "quantized"
+        assert info["n"] == 5 and info["source"]["kind"] == "quantized"
+        assert info["backend"] == ("dequant" if backend == "auto" else backend)
+        assert "[sample] machine: " in p.stdout and info["machine"]["isa"] == machine.capability()["isa"]
         outs[backend] = torch.from_numpy(npz["x"])
     assert 0 < rel_err(outs["bf16"], outs["dequant"]) < 0.02  # same noise: paired
+    # auto on an int8 plan: only dequant runs it exactly (bf16 would round its values), said and recorded
+    assert torch.equal(outs["auto"], outs["dequant"]) and "backend auto -> dequant: only dequant" in p.stdout
+    assert info["backend_auto"]["kind"] == "fp32" and info["backend_auto"]["measured"] is None
     p = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--config",
                         os.path.join(ROOT, "configs", "smoke.yaml"), "--variant-file", qpath, "--backend", "fp16"],
                        capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), cwd=tmp_path)
@@ -240,3 +247,76 @@ def test_sample_help():
     p = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--help"], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=ROOT))
     assert p.returncode == 0 and "--variant-file" in p.stdout and "--backend" in p.stdout
+
+
+# ----------------------------------------------------------------------------- backend.name: auto
+def _bf16_plan(model):
+    """A copy of ``model`` whose every parameter holds a bf16 value: the plan bf16 runs exactly."""
+    import copy
+
+    out = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    return out
+
+
+def test_plan_kind_and_exact_backends(mixed):
+    _, qmodel, _, _, _ = mixed
+    assert backends.plan_kind(qmodel) == "fp32"  # int8 / int4 values and fp32 tensors
+    assert backends.plan_kind(qmodel, act_quant=True) == "act_quant"
+    bf16 = _bf16_plan(qmodel)
+    assert "bf16" in backends.plan_kind(bf16).split("+")
+    assert backends.exact_backends("fp32") == backends.exact_backends("act_quant") == ["dequant"]
+    assert backends.exact_backends("bf16") == ["dequant", "bf16"]
+    assert backends.exact_backends("fp16", "cpu") == ["dequant"]  # fp16 runs on CUDA only
+
+
+def _never(*a, **k):
+    pytest.fail("probed")
+
+
+def test_auto_without_a_choice_is_dequant_and_probes_nothing(mixed, tmp_path):
+    _, qmodel, _, _, _ = mixed
+    c = backends.choose_auto(qmodel, "cpu", str(tmp_path), SHAPE, 100, probe=_never)
+    assert c["backend"] == "dequant" and c["measured"] is None and "only dequant" in c["reason"]
+    assert not (tmp_path / backends.AUTO_FILE).exists()
+
+
+@pytest.mark.parametrize("bf16_speed, expected", [(20.0, "bf16"), (10.4, "dequant"), (0.2, "dequant")])
+def test_auto_takes_bf16_only_when_clearly_faster(mixed, tmp_path, bf16_speed, expected):
+    _, qmodel, _, _, _ = mixed
+    speeds = {"dequant": 10.0, "bf16": bf16_speed}
+    c = backends.choose_auto(_bf16_plan(qmodel), "cpu", str(tmp_path), SHAPE, 100,
+                             probe=lambda m, b, *a: speeds[b])
+    assert c["backend"] == expected and c["measured"] == speeds and not c["cached"]
+    assert c["measured"][c["backend"]] >= c["measured"]["dequant"]  # never slower than dequant in its own probe
+
+
+def test_auto_is_measured_once_per_machine(mixed, tmp_path, monkeypatch):
+    from common.core import machine
+
+    _, qmodel, _, _, _ = mixed
+    plan = _bf16_plan(qmodel)
+    first = backends.choose_auto(plan, "cpu", str(tmp_path), SHAPE, 100, probe=lambda m, b, *a: {"dequant": 1.0,
+                                                                                                 "bf16": 3.0}[b])
+    again = backends.choose_auto(plan, "cpu", str(tmp_path), SHAPE, 100, probe=_never)  # cached for this machine
+    assert (first["backend"], again["backend"], again["cached"]) == ("bf16", "bf16", True)
+    assert again["measured"] == first["measured"] and "cached probe" in again["reason"]
+    real = machine.capability()
+    monkeypatch.setattr(machine, "capability", lambda *a: {**real, "isa": "OTHER", "native_bf16": False})
+    other = backends.choose_auto(plan, "cpu", str(tmp_path), SHAPE, 100, probe=lambda m, b, *a: {"dequant": 2.0,
+                                                                                                 "bf16": 0.1}[b])
+    assert other["backend"] == "dequant" and not other["cached"] and "OTHER" in other["reason"]
+    cache = json.load(open(tmp_path / backends.AUTO_FILE))
+    assert len(cache) == 2 and {e["isa"] for e in cache.values()} == {real["isa"], "OTHER"}
+    (tmp_path / backends.AUTO_FILE).write_text("{not json")  # a damaged cache is measured again, not an error
+    assert backends.choose_auto(plan, "cpu", str(tmp_path), SHAPE, 100, probe=lambda m, b, *a: 1.0)["cached"] is False
+
+
+def test_auto_probe_on_this_machine_is_never_slower_than_dequant(mixed, tmp_path):
+    """The real probe, tiny: two U-Net calls per backend at batch 2, whatever bf16 costs on this ISA."""
+    _, qmodel, _, _, _ = mixed
+    c = backends.choose_auto(_bf16_plan(qmodel), "cpu", str(tmp_path), SHAPE, 100, batch=2)
+    assert set(c["measured"]) == {"dequant", "bf16"} and all(v > 0 for v in c["measured"].values())
+    assert c["measured"][c["backend"]] >= c["measured"]["dequant"]

@@ -75,6 +75,33 @@ def test_verify_released_refuses_weights_of_another_training_config(weights):
         baseline.verify_released(cfg, "retrain")
 
 
+def test_verify_released_resolves_auto_to_what_the_file_recorded(weights, monkeypatch):
+    """A file trained with bf16 verifies under train.bf16: auto on any CPU; an explicit false refuses it."""
+    from common.core import machine
+
+    cfg, model, path = weights
+    cfg.train.bf16 = True
+    baseline.save_weights(path, model.state_dict(), cfg, training_inputs(cfg), 12, 3.5, 0.25)
+    cfg = _released(cfg, path)
+    real = machine.capability()
+    for native in (False, True):
+        monkeypatch.setattr(machine, "capability", lambda *a, native=native: {**real, "native_bf16": native})
+        cfg.train.bf16 = "auto"
+        assert baseline.verify_released(cfg, "retrain") == cfg.baseline.sha256
+    cfg.train.bf16 = False
+    with pytest.raises(baseline.BaselineError, match=r"differs in: train.bf16"):
+        baseline.verify_released(cfg, "retrain")
+
+
+def test_provenance_records_the_machine(weights, tmp_path):
+    from common.core import machine
+
+    cfg, _, path = weights
+    meta = baseline.read_metadata(path)
+    prov = json.load(open(baseline.write_provenance(path, meta, "make retrain")))
+    assert prov["exported_on"] == machine.capability() and prov["sha256"] == sha256_file(path)
+
+
 def test_truncated_or_foreign_files_are_refused_with_the_file_named(weights, tmp_path):
     _, model, path = weights
     data = open(path, "rb").read()

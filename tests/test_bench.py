@@ -32,6 +32,38 @@ def test_headline_keys_and_ratios():
     assert out["int8bf16_speedup"] is None and out["int8bf16_vs_bf16"] is None and out["int8_speedup"] == 1.8
 
 
+def test_emulated_bf16_rows_run_a_tenth_of_the_images():
+    from benchmarks import bench
+
+    avx2, native = {"native_bf16": False}, {"native_bf16": True}
+    assert bench_backends.images_per_row(300, ["dequant", "bf16"], avx2) == 30  # all rows alike: still paired
+    assert bench_backends.images_per_row(10, ["int8_bf16"], avx2) == 2
+    assert bench_backends.images_per_row(300, ["dequant", "int8"], avx2) == 300
+    assert bench_backends.images_per_row(300, ["bf16"], native) == 300
+    import torch
+
+    assert bench.gemm_size(torch.bfloat16, avx2) == 512 and bench.gemm_size(torch.bfloat16, native) == 2048
+    assert bench.gemm_size(torch.float32, avx2) == 2048
+
+
+def test_auto_choices_are_stated_per_variant(tmp_path, capsys):
+    """The bench's auto section: dequant for fp32 and int8 plans (nothing else is exact), the probe for an all-bf16
+    plan; a bf16 slower than dequant is never chosen."""
+    cfg = load_config(os.path.join(ROOT, "configs", "smoke.yaml"), [f"run.out_dir={tmp_path}/runs",
+                                                                      f"run.cache_dir={tmp_path}/cache"])
+    paths, _ = bench_backends.write_variants(cfg, str(tmp_path / "none.pt"), str(tmp_path / "bench"),
+                                             ("fp32", "uniform_int8"))
+    speeds = {"dequant": 10.0, "bf16": 0.3}
+    out = bench_backends.auto_choices(cfg, paths, probe=lambda m, b, *a: speeds[b])
+    assert {v: c["backend"] for v, c in out.items()} == {"fp32": "dequant", "uniform_int8": "dequant",
+                                                         "uniform_bf16 (every parameter)": "dequant"}
+    assert out["uniform_bf16 (every parameter)"]["measured"] == speeds
+    said = capsys.readouterr().out
+    from common.core import machine
+
+    assert f"auto on this machine ({machine.describe()})" in said and "bf16 0.03x dequant's speed" in said
+
+
 def _seconds(cell):
     value, unit = cell.split()
     return float(value.replace(",", "")) * {"h": 3600, "min": 60, "s": 1}[unit]

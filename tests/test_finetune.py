@@ -4,6 +4,7 @@ leaves frozen layers alone, samples come from the stored files, and an interrupt
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from test_pipeline import ROOT, run
@@ -93,6 +94,87 @@ def test_finetuning_lowers_its_loss_and_freezes_what_it_does_not_train(data_root
     assert to_dict(c.finetune) == to_dict(cfg.finetune)
 
 
+def _ranges(model, groups=2):
+    return {n: torch.tensor([[[-3.0, 3.0]]]).repeat(groups, 2, 1) for n in quantizable_modules(model)}
+
+
+def test_the_student_quantizes_every_input_it_reports_and_runs_without_dropout():
+    """Two bugs of the student before: with act_quant.per_token_attention the attention projections' inputs stayed
+    float (the per-token quantizers were dropped while the report said every input was quantized), and the copy ran
+    in train mode, so a model with dropout gave a random student against a deterministic teacher."""
+    from common.diffusion.model import build_model
+    from common.experiments import finetune as ft
+    from common.experiments.act_pipeline import act_layout
+    from common.quant.activations import attention_projections
+
+    cfg = load_config(SMOKE, ["act_quant.per_token_attention=true", "model.dropout=0.5"])
+    c = ft.finetune_config(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size).eval()
+    student = ft.Student(c, model, 4, 4, _ranges(model), "ste")
+    names, kept, _, token = act_layout(c, model)
+    assert token == attention_projections(model) and token
+    assert set(student.quantizer.layers) == set(names) - kept  # every allocatable input, the projections included
+    assert {n for n, q in student.quantizer.layers.items() if q.granularity == "token"} == token
+    assert set(student.aq) == set(names) - kept - token  # LSQ steps where there is a step to learn
+    assert not any(m.training for m in student.model.modules())
+    x, t = rand(2, 1, 32, 32, seed=4), torch.tensor([5, 60])
+    proj = sorted(token)[0]
+    seen = {}
+    hook = dict(student.model.named_modules())[proj].register_forward_hook(
+        lambda m, a, o: seen.__setitem__("in", a[0].detach()))
+    with torch.no_grad():
+        a, b = student.model(x, t), student.model(x, t)
+    hook.remove()
+    assert torch.equal(a, b)  # no dropout: the same input gives the same output
+    rows = seen["in"].reshape(-1, seen["in"].shape[-1])  # 4-bit per token: at most 16 values per row
+    assert max(len(r.unique()) for r in rows) <= 16
+    _, q = student.export(model)
+    assert {n for n, lq in q.layers.items() if lq.granularity == "token"} == token
+    pool = (rand(16, 1, 32, 32, seed=3), torch.randint(0, cfg.diffusion.timesteps, (16,)))
+    rc = load_config(SMOKE, ["act_quant.per_token_attention=true", "finetune.recon_iters=2"])
+    steps, info = ft.reconstruct(ft.finetune_config(rc), ft.Student(ft.finetune_config(rc), model, 4, 4,
+                                                                     _ranges(model), "adaround"),
+                                 model, pool, progress=False)
+    assert steps == 2 * len(student.names) and np.isfinite(info["last_mse_mean"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="no CUDA device on this machine: the finetuning's device path runs only where one is")
+def test_finetuning_keeps_every_tensor_on_the_model_device():
+    """Teacher, student, calibration pool batches, the Fisher layer choice and the exported codes on CUDA: each
+    method runs there and exports what the CPU path exports for the same rounding."""
+    from common.diffusion.model import build_model
+    from common.experiments import finetune as ft
+
+    cfg = load_config(SMOKE, ["finetune.steps=4", "finetune.recon_iters=2", "act_quant.per_token_attention=true"])
+    c = ft.finetune_config(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size).eval().cuda()
+    pool = (rand(16, 1, 32, 32, seed=3), torch.randint(0, cfg.diffusion.timesteps, (16,)))  # on the CPU, as cached
+    recon = ft.Student(c, model, 4, 4, _ranges(model), "adaround")
+    steps, info = ft.reconstruct(c, recon, model, pool, progress=False)
+    assert np.isfinite(info["last_mse_mean"])
+    student = ft.Student(c, model, 4, 4, _ranges(model), "ste")
+    none_stored, _ = student.export(model)
+    layers = ft.quest_layers(model)[:2]
+    steps, info = ft.finetune(c, student, model, pool, layers, progress=False)
+    assert steps == 4 and np.isfinite(info["last_loss"])
+    for s in (recon, student):
+        stored, q = s.export(model)
+        assert all(t.device.type == "cpu" for e in stored.values() for t in e.values() if isinstance(t, torch.Tensor))
+        assert all(lq.scale is None or lq.scale.device.type == "cpu" for lq in q.layers.values())
+    cpu = model.cpu()
+    for n, e in none_stored.items():  # untrained straight-through export = round to nearest of the CPU path
+        if e["format"] == "int4":
+            assert torch.equal(e["data"], quantize_tensor(dict(cpu.named_parameters())[n], "int4", e["axis"])["data"])
+    model.cuda()
+    diag = {n: torch.rand(p.shape) for n, p in model.named_parameters() if n in student.wq}
+    imp = {"fisher": {n.removesuffix(".weight"): {4: 1.0} for n in diag}}
+    chosen, score = ft.fisher_layers(model, {"diag": diag}, imp, 4, 4, 3)
+    assert len(chosen) == 3 and all(np.isfinite(v) for v in score.values())
+
+
 @pytest.fixture(scope="module")
 def ft_run(tmp_path_factory, data_root):
     tmp = tmp_path_factory.mktemp("finetune")
@@ -159,3 +241,50 @@ def test_rerun_reuses_and_an_interrupted_method_writes_nothing(ft_run, monkeypat
     monkeypatch.setenv("LAQFI_DATA_ROOT", data_root)
     done = ft.run_finetune(cfg, resolve_device("cpu"), progress=False)
     assert (vdir / "metrics.json").exists() and done["all_W4A4"][1] == "all"
+
+
+def test_shared_caches_come_first_and_every_setting_that_changes_a_variant_recomputes_it(ft_run, monkeypatch,
+                                                                                        data_root, capsys):
+    """The teacher's calibration pool, the weight Fisher and the activation importance are written (once, rank 0
+    first, under their folder's lock) before the variants are handed to the ranks; a finished variant is reused
+    only while the ends' format, the activation quantizers and their ranges are the ones it was made with."""
+    from common.core import distributed
+    from common.core.storage import resolve_device
+    from common.experiments import finetune as ft
+
+    tmp, _ = ft_run
+    monkeypatch.setenv("LAQFI_DATA_ROOT", data_root)
+    runs = tmp / "runs" / "smoke"
+    caches = [runs / "finetune" / "baseline" / "calib_pool.safetensors",
+              runs / "lowbit" / "baseline" / "fisher_all_but_ends.pt",
+              runs / "finetune" / "baseline" / "act_quant" / "act_importance_group.json"]
+    base = [f"run.out_dir={tmp}/runs", f"run.cache_dir={tmp}/cache", "eval.classifier.train_limit=300"]
+    real, seen = distributed.map_tasks, []
+
+    def spy(tasks, fn):
+        seen.append([p.exists() for p in caches])
+        return real(tasks, fn)
+
+    monkeypatch.setattr(ft.distributed, "map_tasks", spy)
+    pools = []
+    monkeypatch.setattr(ft, "calibration_pool", lambda *a, real=ft.calibration_pool, **k: pools.append(1) or
+                        real(*a, **k))
+
+    def rerun(*overrides, methods="[none, fisher]"):
+        capsys.readouterr()
+        cfg = load_config(SMOKE, base + [f"finetune.methods={methods}", *overrides])
+        ft.run_finetune(cfg, resolve_device("cpu"), progress=False)
+        return capsys.readouterr().out
+
+    for p in caches:
+        p.unlink()
+    out = rerun("lowbit.keep_format=int4")  # a changed keep_format: both variants again, from new caches
+    assert seen == [[True] * 3] and len(pools) == 1
+    assert "[none_W4A4] reusing" not in out and "[fisher_W4A4] reusing" not in out
+    out = rerun("lowbit.keep_format=int4")
+    assert "[none_W4A4] reusing" in out and "[fisher_W4A4] reusing" in out and len(pools) == 1
+    for setting in ("act_quant.symmetric=true", "act_quant.per_token_attention=true",  # the quantizers
+                    "act_quant.calib_seed=77", "act_quant.range_method=percentile"):  # their ranges
+        out = rerun("lowbit.keep_format=int4", setting, methods="[none]")
+        assert "[none_W4A4] reusing" not in out, setting
+        assert "[none_W4A4] reusing" in rerun("lowbit.keep_format=int4", setting, methods="[none]"), setting

@@ -211,3 +211,64 @@ def test_budget_below_the_floor_is_one_line_and_codebooks_refuse_int8(lowbit_run
             "2", check=False)
     last = p.stderr.strip().splitlines()[-1]
     assert p.returncode != 0 and last.startswith("error:") and "codebooks" in last and "Traceback" not in p.stderr
+
+
+def test_the_iterative_fisher_is_a_cached_sensitivity_computed_before_the_variants(lowbit_run, monkeypatch, data_root,
+                                                                                   capsys):
+    """It ran inside each fisher_iterative variant's task (on whichever rank got it, again on every invocation);
+    now it is computed with the other sensitivities, once per (menu, budget), written beside them and reused."""
+    from common.core import distributed
+    from common.core.storage import resolve_device
+    from common.experiments import lowbit
+
+    tmp, out, _ = lowbit_run
+    monkeypatch.setenv("LAQFI_DATA_ROOT", data_root)
+    cfg = load_config(SMOKE, [f"run.out_dir={tmp}/runs", f"run.cache_dir={tmp}/cache",
+                              "lowbit.plans=[fisher_iterative]", PLANS[1]])  # its variants only: the others wait
+    caches = sorted((out / "baseline").glob("iterative_*.pt"))
+    menus = [m for m in cfg.lowbit.quantizers if m != "codebook" or "fisher_iterative" in cfg.lowbit.codebook_plans]
+    assert [p.name for p in caches] == sorted(f"iterative_{m}_{b.split('@')[0]}.pt" for m in menus
+                                              for b in cfg.lowbit.budgets)
+    for p in caches:
+        p.unlink()
+    real_map, real_it, state, calls = distributed.map_tasks, lowbit.iterative_fisher, {"tasks": False}, []
+
+    def spy_map(tasks, fn):
+        state["tasks"] = True
+        state["files"] = [p.exists() for p in caches]
+        return real_map(tasks, fn)
+
+    def spy_it(*a, **k):
+        calls.append(state["tasks"])
+        return real_it(*a, **k)
+
+    monkeypatch.setattr(lowbit.distributed, "map_tasks", spy_map)
+    monkeypatch.setattr(lowbit, "iterative_fisher", spy_it)
+    capsys.readouterr()
+    done, _, sens, _ = lowbit.run_lowbit(cfg, resolve_device("cpu"), progress=False)
+    assert calls == [False] * len(caches) and state["files"] == [True] * len(caches)
+    assert "[fisher_iterative_uniform_4bits_A8] reusing" in capsys.readouterr().out  # the same plan as before
+    state["tasks"] = False
+    lowbit.run_lowbit(cfg, resolve_device("cpu"), progress=False)
+    assert len(calls) == len(caches) and capsys.readouterr().out.count("[lowbit] reusing") >= len(caches)
+
+
+def test_the_format_table_counts_bits_as_the_allocators_do(tmp_path):
+    """``Table.bits`` / ``Table.fixed`` are ``allocate.format_bits`` now: equal to the formula Table had (copied)."""
+    from common.experiments import lowbit
+    from common.quant.allocate import format_bits
+    from common.quant.formats import channel_axes, entry_bits, scale_groups
+
+    cfg = lowbit.lowbit_config(load_config(SMOKE, [f"run.out_dir={tmp_path}/runs", "lowbit.keep_format=int4",
+                                                   "lowbit.uniform_menu=[int8, int4_g32, int3]",
+                                                   "lowbit.codebook_menu=[int8, km2t]"]))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size)
+    table = lowbit.Table(cfg, model, "0" * 64, progress=False)
+    params, axes = dict(model.named_parameters()), channel_axes(model)
+    old = {n: {f: entry_bits(params[n].numel(), scale_groups(params[n].shape, axes[n]), f) for f in table.formats}
+           for n in table.names}
+    eligible = set(table.names) | set(table.ends)
+    old_fixed = 32 * sum(p.numel() for n, p in params.items() if n not in eligible) + sum(
+        entry_bits(params[n].numel(), scale_groups(params[n].shape, axes[n]), "int4") for n in table.ends)
+    assert table.bits == old == format_bits(model, table.names, table.formats) and table.fixed == old_fixed

@@ -14,12 +14,13 @@ from common.quant.formats import (
     int_codes,
     kmeans_1d,
     pack_codes,
-    pack_int4,
+    pack_signed,
     quantize_tensor,
     scale_groups,
     size_report,
     unpack_codes,
     unpack_int4,
+    unpack_signed,
 )
 
 INT = ["int3", "int2"]
@@ -46,9 +47,21 @@ def test_pack_codes_layout_and_int4_unchanged():
     # 3-bit codes 5, 3: bits 101 then 011, little-endian stream -> byte 0b00011101
     assert pack_codes(torch.tensor([5, 3], dtype=torch.uint8), 3).tolist() == [0b00011101]
     # int4 keeps its layout (two per byte, low nibble first), so older files read the same
-    assert pack_int4(torch.tensor([-8, 7], dtype=torch.int8)).tolist() == [0xF0]
-    assert torch.equal(unpack_int4(pack_int4(torch.tensor([-1, 2, 3], dtype=torch.int8)), 3),
+    assert pack_signed(torch.tensor([-8, 7], dtype=torch.int8), 4).tolist() == [0xF0]
+    assert torch.equal(unpack_int4(pack_signed(torch.tensor([-1, 2, 3], dtype=torch.int8), 4), 3),
                        torch.tensor([-1, 2, 3], dtype=torch.int8))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_signed_codes_pack_as_offset_binary_for_every_caller(bits):
+    """``pack_signed`` is what the per-channel, group-wise and learned exports wrote by hand before: pack_codes of
+    code + 2^(b-1), from int8 codes or from the integral float codes of the group-wise path."""
+    q = 2 ** (bits - 1)
+    codes = torch.randint(-q, q, (37,), generator=torch.Generator().manual_seed(bits), dtype=torch.int8)
+    want = pack_codes((codes.to(torch.int16) + q).to(torch.uint8), bits)
+    assert torch.equal(pack_signed(codes, bits), want) and torch.equal(pack_signed(codes.float(), bits), want)
+    assert torch.equal(pack_signed(codes.view(37, 1), bits), want)  # any shape: flattened
+    assert torch.equal(unpack_signed(want, 37, bits), codes)
 
 
 @pytest.mark.parametrize("fmt", INT)

@@ -1,4 +1,4 @@
-"""Inception FID path, the offline weight mapping, IS, and the MNIST-classifier metrics."""
+"""Inception FID path, the offline weight mapping, IS, KID (the MNIST classifier: tests/test_classifier.py)."""
 import os
 from unittest import mock
 
@@ -81,30 +81,6 @@ def test_inception_score_bounds():
     onehot = torch.full((100, 10), -1e4)
     onehot[torch.arange(100), torch.arange(100) % 10] = 0
     assert metrics.inception_score(onehot, splits=1)[0] == pytest.approx(10.0, rel=1e-6)
-
-
-def test_classifier_score_range():
-    p = torch.eye(10).repeat(5, 1)
-    assert metrics.classifier_score(p.double()) == pytest.approx(10.0, rel=1e-6)
-    assert metrics.classifier_score(torch.full((20, 10), 0.1, dtype=torch.float64)) == pytest.approx(1.0)
-
-
-def test_classifier_metrics_on_real_test_images(tiny_cfg):
-    """A short run on 12000 real images: held-out test digits get high classifier-IS, a flat histogram."""
-    from common.diffusion.data import load_mnist, to_model_space, to_uint8
-
-    clf_cfg = tiny_cfg.eval.classifier
-    clf_cfg.train_limit, clf_cfg.epochs = 12000, 2
-    model, info = metrics.load_or_train_classifier(tiny_cfg.run.cache_dir, tiny_cfg.data, clf_cfg, progress=False)
-    assert info["n_test"] == 10000 and info["test_accuracy"] > 0.9
-    x, y = load_mnist(tiny_cfg.data.root, "test")
-    feats, probs = metrics.classifier_outputs(model, to_uint8(to_model_space(x[:1000], 32)))
-    assert feats.shape == (1000, 128)
-    assert metrics.classifier_score(probs) > 7.0
-    hist = torch.bincount(probs.argmax(1), minlength=10).double() / 1000
-    assert hist.min() > 0.05 and hist.max() < 0.16
-    again, info2 = metrics.load_or_train_classifier(tiny_cfg.run.cache_dir, tiny_cfg.data, clf_cfg, progress=False)
-    assert info2 == info  # cached, not retrained
 
 
 @pytest.mark.parametrize("n, d", [(60, 256), (64, 64)])

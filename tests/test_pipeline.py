@@ -171,6 +171,50 @@ def test_report(pipeline_run):
         r.split(",", 1)[0] for r in rows[1:]}
     for name in ("tradeoff.png", "grids.png"):
         assert (tmp / "runs" / "smoke" / "plots" / name).exists()
+    # write_summary now writes through the experiments' write_summary_files: the files it wrote itself before
+    import csv
+    import io
+
+    from common.core.storage import seal_ok, sha256_file
+
+    results = report.load_results(run_dir)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=report.COLUMNS)
+    w.writeheader()
+    w.writerows(report.rows(results))
+    assert (tmp / "runs" / "smoke" / "summary.csv").read_bytes() == buf.getvalue().encode()  # \r\n kept
+    assert (tmp / "runs" / "smoke" / "summary.md").read_text() == text
+    man = json.load(open(tmp / "runs" / "smoke" / "summary.sources.json"))
+    assert seal_ok(man) and man["command"] == "python -m common.report " + run_dir
+    assert set(man["sources"]) == {f"{v}/metrics.json" for v in results} | {"baseline/fisher.pt"}
+    assert {"summary.csv", "summary.md", "plots/tradeoff.png", "plots/grids.png"} <= set(man["outputs"])
+    assert not any("fisher_" in k for k in man["outputs"])  # the Fisher plots have their own record
+    assert man["sources"]["baseline/fisher.pt"] == sha256_file(tmp / "runs" / "smoke" / "baseline" / "fisher.pt")
+
+
+def test_sub_run_configs_have_one_spelling(tmp_path):
+    """``sensitivity.snapshot_config`` is ``sub_run_config`` plus the snapshot as baseline: the same config as the
+    code it replaced (copied here)."""
+    import copy
+
+    from common.core.config import load_config, to_dict
+    from common.core.storage import sha256_file
+    from common.experiments import pipeline, sensitivity
+
+    cfg = load_config(os.path.join(ROOT, "configs", "smoke.yaml"), ["sensitivity.n_images=6",
+                                                                     "eval.inception_n_images=40"])
+    path = tmp_path / "ema_step0000004.safetensors"
+    path.write_bytes(b"weights")
+    want = copy.deepcopy(cfg)  # before the fold
+    want.run.name = f"{cfg.run.name}/sensitivity/ema_step0000004"
+    want.baseline.weights, want.baseline.sha256 = str(path), sha256_file(path)
+    s = cfg.sensitivity
+    want.eval.n_images, want.eval.seeds, want.eval.inception = s.n_images, list(s.seeds), s.inception
+    want.eval.inception_n_images = min(cfg.eval.inception_n_images or s.n_images, s.n_images)
+    want.sample.batch_size = min(cfg.sample.batch_size, s.n_images)
+    got = sensitivity.snapshot_config(cfg, str(path))
+    assert to_dict(got) == to_dict(want) and got.eval.n_images == 6 and got.sample.batch_size == 6
+    assert to_dict(pipeline.sub_run_config(cfg, "x", s))["eval"] == to_dict(want)["eval"]
 
 
 POSTER_ON_CPU = ["train.max_steps=1", "train.batch_size=2", "data.train_limit=64", "sample.sampler=ddim",

@@ -15,12 +15,13 @@ from common.quant.formats import (
     dequantize_tensor,
     entry_bits,
     pack_bits,
-    pack_int4,
+    pack_signed,
     quantize_model,
     quantize_tensor,
     size_report,
     unpack_bits,
     unpack_int4,
+    unpack_signed,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,17 +138,75 @@ def test_conv_transpose_uses_axis_1(tiny):
 @pytest.mark.parametrize("n", [0, 1, 2, 7, 13, 100])
 def test_pack_int4_round_trip(n):
     codes = torch.randint(-8, 8, (n,), generator=torch.Generator().manual_seed(n), dtype=torch.int8)
-    packed = pack_int4(codes)
+    packed = pack_signed(codes, 4)
     assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(n / 2)
     out = unpack_int4(packed, n)
-    assert out.dtype == torch.int8 and torch.equal(out, codes)
+    assert out.dtype == torch.int8 and torch.equal(out, codes) and torch.equal(unpack_signed(packed, n, 4), codes)
 
 
 def test_pack_int4_layout():
-    assert pack_int4(torch.tensor([-8, 7], dtype=torch.int8)).tolist() == [0xF0]  # low nibble first
-    assert pack_int4(torch.tensor([1], dtype=torch.int8)).tolist() == [9]
-    assert torch.equal(unpack_int4(pack_int4(torch.tensor([[-1, 2], [3, -4]], dtype=torch.int8)), 4),
+    assert pack_signed(torch.tensor([-8, 7], dtype=torch.int8), 4).tolist() == [0xF0]  # low nibble first
+    assert pack_signed(torch.tensor([1], dtype=torch.int8), 4).tolist() == [9]
+    assert torch.equal(unpack_int4(pack_signed(torch.tensor([[-1, 2], [3, -4]], dtype=torch.int8), 4), 4),
                        torch.tensor([-1, 2, 3, -4], dtype=torch.int8))
+
+
+def _entry_digest(e: dict) -> str:
+    """Every field of a stored entry: names, order, non-tensor values, dtypes, shapes and bytes."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256(json.dumps([[k, [str(v.dtype), list(v.shape)] if isinstance(v, torch.Tensor) else v]
+                                   for k, v in e.items()], default=str).encode())
+    for v in e.values():
+        if isinstance(v, torch.Tensor):
+            h.update(v.detach().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def test_stored_entries_are_bit_identical_to_the_code_before_the_packing_and_scale_folds():
+    """One packer (``pack_signed`` / ``unpack_signed``) and one per-channel quantizer (``channel_scale`` /
+    ``int_entry``) now serve ``quantize_tensor`` (per channel, group-wise, masked) and the learned quantizers'
+    ``export_weight``. The digest below was computed with the code before the fold (commit 4f3c7ca) on these fixed
+    inputs: every entry, its de-quantized values, the learned exports (straight-through and AdaRound at
+    initialisation), their codes and fake-quantized weights, in 8/4/3/2 bits, per channel, grouped, codebook,
+    masked, transposed-conv axis and an all-zero channel."""
+    import hashlib
+    import json
+
+    from common.quant.formats import int_codes
+    from common.quant.learnable import WeightQuant, export_weight
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"conv": (torch.randn(6, 5, 3, 3, generator=g), 0), "convT": (torch.randn(5, 4, 4, 4, generator=g), 1),
+               "lin": (torch.randn(7, 33, generator=g) * 10.0 ** torch.randint(-2, 2, (7, 1), generator=g), 0),
+               "bias": (torch.randn(9, generator=g), 0)}
+    tensors["zero_row"] = (tensors["lin"][0][0].clone().unsqueeze(0).repeat(3, 1), 0)
+    tensors["zero_row"][0][1] = 0
+    out = {}
+    for name, (w, axis) in tensors.items():
+        for fmt in ("fp16", "bf16", "int8", "int4", "int3", "int2", "int4_g16", "int3_g32", "int2_g16", "km3", "km2t"):
+            e = quantize_tensor(w, fmt, axis)
+            out[f"{name}@{fmt}"] = _entry_digest(e)
+            out[f"{name}@{fmt}/deq"] = _entry_digest({"v": dequantize_tensor(e)})
+        mask = torch.rand(w.shape, generator=g) > 0.3
+        for fmt in ("fp16", "int8", "int4"):
+            e = quantize_tensor(w, fmt, axis, mask)
+            out[f"{name}@{fmt}/mask"] = _entry_digest(e)
+            out[f"{name}@{fmt}/mask/deq"] = _entry_digest({"v": dequantize_tensor(e)})
+        if w.dim() > 1:
+            for fmt in ("int8", "int4", "int3", "int2"):
+                for mode in ("ste", "adaround"):
+                    wq = WeightQuant(w, fmt, axis, mode)
+                    e = export_weight(wq, w)
+                    out[f"{name}@{fmt}/{mode}"] = _entry_digest(e)
+                    out[f"{name}@{fmt}/{mode}/codes"] = _entry_digest({"c": int_codes(e)})
+                    out[f"{name}@{fmt}/{mode}/fwd"] = _entry_digest({"v": wq(w).detach()})
+                    if mode == "ste":  # the learned quantizer's export is round to nearest, field for field
+                        assert _entry_digest(e) == _entry_digest(quantize_tensor(w, fmt, axis)), (name, fmt)
+    assert len(out) == 236
+    digest = hashlib.sha256(json.dumps(out, sort_keys=True).encode()).hexdigest()
+    assert digest == "bf9ac46a9c3e4ad9c692b01238e9ad7761c282619a8bd51005a879913597d93a"
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 13, 17, 64])

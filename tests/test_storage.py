@@ -142,3 +142,29 @@ def test_save_killed_midway_leaves_tmp_that_the_next_write_removes(tmp_path):
     storage.atomic_torch_save({"v": torch.ones(3)}, target)
     assert _tmp_names(tmp_path) == sorted([live.name, legacy_new.name, other.name])
     assert torch.equal(storage.load_torch(str(target))["v"], torch.ones(3))
+
+
+def test_a_file_is_hashed_once_until_it_changes(tmp_path, monkeypatch):
+    import hashlib
+
+    reads = []
+    real = storage._hash_bytes
+    monkeypatch.setattr(storage, "_hash_bytes", lambda p: reads.append(p) or real(p))
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"a" * 100)
+    old = os.stat(path).st_mtime_ns - 10 ** 10
+    os.utime(path, ns=(old, old))  # written 10 s ago: past the racy window
+    want = hashlib.sha256(b"a" * 100).hexdigest()
+    assert storage.sha256_file(path) == storage.sha256_file(str(path)) == want
+    assert len(reads) == 1  # the second call (and the same file under another spelling of its path) is cached
+    path.write_bytes(b"b" * 100)  # same size, changed in place: a new mtime
+    assert storage.sha256_file(path) == hashlib.sha256(b"b" * 100).hexdigest() and len(reads) == 2
+    os.utime(path, ns=(old, old))  # the old mtime back, but another inode after an atomic replace
+    storage.atomic_write_bytes(b"c" * 100, path)
+    os.utime(path, ns=(old, old))
+    assert storage.sha256_file(path) == hashlib.sha256(b"c" * 100).hexdigest() and len(reads) == 3
+    fresh = tmp_path / "fresh.bin"
+    fresh.write_bytes(b"d")  # modified just now: hashed on every call, never cached
+    storage.sha256_file(fresh)
+    storage.sha256_file(fresh)
+    assert len(reads) == 5

@@ -208,3 +208,132 @@ def test_lr_schedule_is_a_function_of_the_step():
     assert lr_at(c, 0, 104) == pytest.approx(0.25) and lr_at(c, 3, 104) == pytest.approx(1.0)
     assert lr_at(c, 4, 104) == pytest.approx(1.0) and lr_at(c, 54, 104) == pytest.approx(0.5)
     assert lr_at(c, 103, 104) < 0.001
+
+
+# ----------------------------------------------------------------------------- train.bf16: auto
+@pytest.fixture
+def as_cpu(monkeypatch):
+    """``as_cpu(native_bf16)``: this machine seen as a CPU with (or without) native bf16 kernels, and autocast recorded
+    instead of run, so no bf16 kernel runs whatever the real ISA; returns the list of ``enabled`` flags."""
+    import contextlib
+
+    from common.core import machine
+    from common.diffusion import checkpoint
+
+    flags = []
+    real = machine.capability()
+
+    def fake_autocast(*args, enabled=True, **kwargs):
+        flags.append(enabled)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(torch, "autocast", fake_autocast)
+    monkeypatch.setattr(machine, "bf16_matmul_cost", lambda: {"n": 256, "fp32_gflops": 50.0, "bf16_gflops": 1.0,
+                                                              "slowdown": 50.0})
+    monkeypatch.setattr(checkpoint, "_WARNED", set())
+
+    def set_native(native):
+        isa = "AVX512" if native else "AVX2"
+        monkeypatch.setattr(machine, "capability", lambda *a: {**real, "native_bf16": native, "isa": isa})
+        return flags
+
+    return set_native
+
+
+def _short(cfg):
+    cfg.train.max_steps, cfg.train.batch_size, cfg.train.checkpoint_every = 2, 4, 1
+    return cfg, torch.rand(8, 1, 32, 32) * 2 - 1
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_resolves_from_the_machine_for_a_new_training(tiny_cfg, tmp_path, as_cpu, capsys, native):
+    from common.diffusion.checkpoint import resolve_bf16
+
+    enabled = as_cpu(native)
+    cfg, x = _short(tiny_cfg)
+    assert cfg.train.bf16 == "auto"  # the default
+    assert resolve_bf16(cfg.train, "cpu") is native and training_inputs(cfg)["train"]["bf16"] is native
+    _, ckpt = train(cfg, x, str(tmp_path / "a.pt"), CPU, progress=False)
+    assert set(enabled) == {native}
+    assert ckpt["training_inputs"]["train"]["bf16"] is native  # the resolved choice, never "auto"
+    said = capsys.readouterr().out
+    assert f"train.bf16: auto -> {'bf16 autocast' if native else 'fp32'}" in said
+    assert ("native bf16 kernels" if native else "AVX2") in said and "WARNING" not in said
+
+
+def test_explicit_true_and_false_are_kept(tiny_cfg, as_cpu):
+    from common.diffusion.checkpoint import resolve_bf16
+
+    as_cpu(False)
+    for value in (True, False):
+        tiny_cfg.train.bf16 = value
+        assert resolve_bf16(tiny_cfg.train, "cpu", recorded=not value) is value
+        assert training_inputs(tiny_cfg)["train"]["bf16"] is value
+
+
+def test_explicit_true_without_native_bf16_warns_once_with_the_cost(tiny_cfg, tmp_path, as_cpu, capsys):
+    enabled = as_cpu(False)
+    cfg, x = _short(tiny_cfg)
+    cfg.train.bf16 = True
+    train(cfg, x, str(tmp_path / "a.pt"), CPU, progress=False)
+    train(cfg, x, str(tmp_path / "b.pt"), CPU, progress=False)
+    said = capsys.readouterr().out
+    assert said.count("WARNING") == 1 and "no native bf16" in said and "50x slower" in said
+    assert set(enabled) == {True}
+    as_cpu(True)
+    train(cfg, x, str(tmp_path / "c.pt"), CPU, progress=False)
+    assert "WARNING" not in capsys.readouterr().out
+
+
+def test_auto_resumes_as_the_checkpoint_started(tiny_cfg, tmp_path, as_cpu, capsys, monkeypatch):
+    """A bf16 checkpoint resumed under auto on a CPU without native bf16 continues in bf16 (same fingerprint), and
+    says so once; an explicit false is a different training config."""
+    enabled = as_cpu(True)
+    cfg, x = _short(tiny_cfg)
+    cfg.train.max_steps = 4
+    path = str(tmp_path / "a.pt")
+    real_save = train_mod.atomic_torch_save
+
+    def save_then_die(obj, p):
+        real_save(obj, p)
+        if obj["step"] == 2:
+            raise Interrupt
+
+    monkeypatch.setattr(train_mod, "atomic_torch_save", save_then_die)
+    with pytest.raises(Interrupt):
+        train(cfg, x, path, CPU, progress=False)
+    monkeypatch.setattr(train_mod, "atomic_torch_save", real_save)
+    partial = torch.load(path, weights_only=False)
+    assert partial["training_inputs"]["train"]["bf16"] is True
+    enabled.clear()
+    as_cpu(False)
+    assert training_inputs(cfg)["train"]["bf16"] is False  # a new training here would be fp32 ...
+    check_checkpoint_matches(partial, cfg, path)  # ... yet auto accepts the bf16 checkpoint
+    _, ckpt = train(cfg, x, path, CPU, resume=True, progress=False)
+    assert set(enabled) == {True} and ckpt["fingerprint"] == partial["fingerprint"] and ckpt["step"] == 4
+    said = capsys.readouterr().out
+    assert "as the checkpoint being resumed was trained" in said and said.count("WARNING") == 1
+    explicit = copy.deepcopy(cfg)
+    explicit.train.bf16 = False
+    with pytest.raises(StaleArtifactError, match="train.bf16"):
+        check_checkpoint_matches(ckpt, explicit, path)
+
+
+def test_released_config_fingerprint_is_machine_independent(monkeypatch):
+    """configs/default.yaml says auto; checked against the released file (trained with bf16) it verifies on a CPU
+    with and without native bf16, and dit.yaml's explicit false records false everywhere."""
+    import os
+
+    from common.core import machine
+    from common.core.config import load_config
+    from common.diffusion.baseline import verify_released
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    real = machine.capability()
+    for native in (False, True):
+        monkeypatch.setattr(machine, "capability", lambda *a, native=native: {**real, "native_bf16": native})
+        cfg = load_config(os.path.join(root, "configs", "default.yaml"))
+        cfg.baseline.weights = os.path.join(root, cfg.baseline.weights)
+        assert cfg.train.bf16 == "auto" and verify_released(cfg, "retrain") == cfg.baseline.sha256
+        dit = load_config(os.path.join(root, "configs", "dit.yaml"))
+        assert dit.train.bf16 is False and training_inputs(dit)["train"]["bf16"] is False

@@ -175,3 +175,36 @@ def test_edited_plan_is_refused_on_reuse_and_by_the_report_and_force_recovers(sm
     run("layer_math.py", other, "--set", "eval.classifier.train_limit=300", "--force")
     assert storage.load_json(vdir / "plan.json")["format"] == "fp16"
     assert not [f for f in verify_run(str(vdir.parent)) if f.problem and "layer_math" in f.path]
+
+
+def test_variants_and_runs_share_one_file_check_and_one_seal_check(tmp_path):
+    """``verify`` checks a recorded file and a sealed record with ``integrity.file_check`` / ``integrity.sealed``
+    (it had its own ``check_bound`` / ``sealed``): the same status as the code it replaced (copied here) for an
+    intact, a changed and a missing file, and for a sealed, an edited and an unsealed record."""
+    from common.core import storage
+    from common.evaluation import integrity
+    from common.experiments import verify
+
+    assert verify.file_check is integrity.file_check and verify.sealed is integrity.sealed
+
+    def old_check_bound(path, sha, recorded_in):
+        if not os.path.exists(path):
+            return integrity.MISSING
+        return integrity.OK if storage.sha256_file(path) == sha else integrity.MISMATCH
+
+    def old_sealed(record):
+        return integrity.OK if storage.seal_ok(record) else integrity.MISMATCH
+
+    f = tmp_path / "plan.json"
+    f.write_bytes(b"{}")
+    sha = hashlib.sha256(b"{}").hexdigest()
+    rec = str(tmp_path / "metrics.json")
+    for path, want in ((f, sha), (f, "0" * 64), (tmp_path / "gone.json", sha)):
+        row = integrity.file_check(str(path), want, rec)
+        assert row.status == old_check_bound(str(path), want, rec) and row.depends == [rec]
+    storage.atomic_write_record({"a": 1}, rec)
+    good = json.load(open(rec))
+    for record in (good, {**good, "a": 2}, {"a": 1}):
+        row = integrity.sealed(integrity.Finding(rec), record)
+        assert row.status == old_sealed(record)
+    assert integrity.sealed(integrity.Finding(rec, [], integrity.MISSING, "x"), {"a": 1}).detail == "x"  # first stays

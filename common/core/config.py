@@ -112,7 +112,9 @@ class TrainConfig:
                                           "(baseline/snapshots/, for learning curves); null = never")
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decay to 0 at the last step
     warmup_steps: int = _spec(0, lo=0, doc="linear lr warm-up steps")
-    bf16: bool = False  # CPU/GPU autocast to bfloat16 for the forward pass (labelled in outputs)
+    # autocast to bfloat16 for the forward pass. auto: where this machine has native bf16 kernels (AVX512-BF16 /
+    # AMX, a bf16 GPU), and what an existing checkpoint or released file was trained with when checked against one
+    bf16: bool | Literal["auto"] = "auto"
     min_snr_gamma: float | None = _spec(None, lo=0.0, lo_open=True,
                                            doc="Min-SNR loss weighting (faster convergence); null = plain DDPM loss")
 
@@ -269,6 +271,10 @@ class ClassifierConfig:
     lr: float = _spec(1e-3, lo=0.0, lo_open=True)
     seed: int = 0
     train_limit: int | None = _spec(None, lo=10, doc="train on the first N images only (tests)")
+    # the released classifier (python -m common.release_classifier wrote it), verified by SHA-256 and used on
+    # every machine; null = train one here with the keys above and cache it under run.cache_dir
+    weights: str | None = None
+    sha256: str | None = None
 
 
 @dataclass
@@ -286,8 +292,9 @@ class EvalConfig:
 
 @dataclass
 class BackendConfig:
-    """How sample.py / the bench execute a model (common/backends.py); evaluation always uses dequant."""
-    name: Literal["dequant", "bf16", "fp16", "int8", "int8_bf16"] = "dequant"
+    """How sample.py / the bench execute a model (common/quant/backends.py); evaluation always uses dequant."""
+    # auto: the fastest backend that is exact for the plan on this machine (a short probe, cached per machine)
+    name: Literal["auto", "dequant", "bf16", "fp16", "int8", "int8_bf16"] = "dequant"
     compile: bool | None = None  # torch.compile; null = only for int8 (which needs it for its int8 kernels)
     calib_images: int = _spec(32, lo=2, doc="int8: trajectories whose U-Net inputs calibrate activation scales")
     calib_steps: int = _spec(20, lo=1, doc="int8: sampler steps recorded per trajectory, spread over the chain")
@@ -396,7 +403,8 @@ def _describe(tp) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in _UNION:
         inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return _describe(inner[0]) + " or null"
+        text = " or ".join(_describe(a) for a in inner)
+        return text + " or null" if type(None) in typing.get_args(tp) else text
     if origin is list:
         return f"a list of {_describe(typing.get_args(tp)[0])}"
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string",
@@ -408,10 +416,17 @@ def _convert(value, tp, where):
     origin = typing.get_origin(tp)
     bad = ConfigError(f"{where}: expected {_describe(tp)}, got {value!r}")
     if origin in _UNION:
-        if value is None:
+        if value is None and type(None) in typing.get_args(tp):
             return None
-        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
-        return _convert(value, inner, where)
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(inner) == 1:  # Optional[X]: X's own error, which may name an element
+            return _convert(value, inner[0], where)
+        for one in inner:
+            try:
+                return _convert(value, one, where)
+            except ConfigError:
+                continue
+        raise bad
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise bad
@@ -554,6 +569,10 @@ def _cross_checks(cfg: Config, src: str):
     if cfg.baseline.weights and not re.fullmatch(r"[0-9a-f]{64}", cfg.baseline.sha256 or ""):
         raise ConfigError(f"{src}: baseline.sha256: needs the 64-hex-digit SHA-256 of baseline.weights "
                           f"({cfg.baseline.weights}; `sha256sum` prints it), got {cfg.baseline.sha256!r}")
+    clf = cfg.eval.classifier
+    if clf.weights and not re.fullmatch(r"[0-9a-f]{64}", clf.sha256 or ""):
+        raise ConfigError(f"{src}: eval.classifier.sha256: needs the 64-hex-digit SHA-256 of eval.classifier.weights "
+                          f"({clf.weights}; `sha256sum` prints it), got {clf.sha256!r}")
     n = _check_model(cfg, src)
     if cfg.diffusion.beta_end <= cfg.diffusion.beta_start:
         raise ConfigError(f"{src}: diffusion.beta_end: must exceed diffusion.beta_start")

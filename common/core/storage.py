@@ -140,7 +140,29 @@ def write_sources(path, outputs, sources, command=None):
     atomic_write_record({"outputs": rel(outputs), "sources": rel(sources), "command": command}, path)
 
 
+_HASHES = {}  # (real path, device, inode, size, mtime_ns) -> SHA-256, for this process
+RACY_S = 2.0  # a file modified this recently may change again within its timestamp's resolution: never cached
+
+
 def sha256_file(path) -> str:
+    """SHA-256 of a file's bytes, read once per process while the file is unchanged: cached under (real path,
+    device, inode, size, mtime_ns). An atomic rewrite is a new inode and an in-place edit moves the mtime, so
+    either is hashed again. A file modified less than ``RACY_S`` seconds before it is read is not cached: a
+    second write within the filesystem's timestamp resolution would leave the key unchanged (git's "racily
+    clean" rule)."""
+    real = os.path.realpath(path)
+    st = os.stat(real)
+    key = (real, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key in _HASHES:
+        return _HASHES[key]
+    started = time.time_ns()
+    digest = _hash_bytes(real)
+    if started - st.st_mtime_ns > RACY_S * 1e9 and os.stat(real).st_mtime_ns == st.st_mtime_ns:
+        _HASHES[key] = digest
+    return digest
+
+
+def _hash_bytes(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

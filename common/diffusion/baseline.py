@@ -10,11 +10,12 @@ import json
 import os
 import subprocess
 
+from ..core import machine
 from ..core.cli import command
 from ..core.config import NOT_YAML, Config, _build, to_dict
 from ..core.errors import UserError
 from ..core.storage import atomic_save_safetensors, atomic_write_json, diff_keys, fingerprint, sha256_file
-from .checkpoint import load_ema, training_inputs
+from .checkpoint import device_type, load_ema, recorded_bf16, resolve_bf16, training_inputs
 from .model import build_model
 
 FORMAT = "laqfi-baseline"
@@ -100,7 +101,7 @@ def from_scratch_command(cfg) -> str:
                    drop=("baseline.weights", "baseline.sha256"))
 
 
-def _restore_hint(path: str) -> str:
+def restore_hint(path: str) -> str:
     """'Restore it (git checkout -- path) or ' when git tracks ``path`` in the checkout holding it, else 'Replace
     it with the released file, or '. Asks git, so it is only called on the way to an error."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -119,17 +120,19 @@ def verify_released(cfg, recover_hint=None) -> str:
     path, want = cfg.baseline.weights, cfg.baseline.sha256
     hint = recover_hint or f"`{from_scratch_command(cfg)}` (or `make reproduce-from-scratch`)"
     if not os.path.isfile(path):
-        raise BaselineError(f"baseline.weights: {path} not found. {_restore_hint(path)}train the baseline yourself: "
+        raise BaselineError(f"baseline.weights: {path} not found. {restore_hint(path)}train the baseline yourself: "
                             f"{hint}")
     have = sha256_file(path)
     if want and have != want:
         raise BaselineError(f"baseline.weights: {path} has SHA-256 {have[:16]}..., but baseline.sha256 in "
                             f"{cfg.source} expects {want[:16]}...: the file is corrupt or not the released one. "
-                            f"{_restore_hint(path)}train from scratch: {hint}")
+                            f"{restore_hint(path)}train from scratch: {hint}")
     meta = read_metadata(path)
-    mine = fingerprint(training_inputs(cfg))
-    if meta.get("training_fingerprint") != mine:
-        keys = diff_keys(json.loads(meta.get("training_inputs", "{}")), training_inputs(cfg))
+    recorded = json.loads(meta.get("training_inputs", "{}"))
+    # train.bf16: auto accepts what the file was trained with, so the released weights verify on any CPU
+    inputs = training_inputs(cfg, resolve_bf16(cfg.train, device_type(cfg), recorded_bf16(recorded)))
+    if meta.get("training_fingerprint") != fingerprint(inputs):
+        keys = diff_keys(recorded, inputs)
         raise BaselineError(f"baseline.weights: {path} was trained with other data/model/diffusion/train settings "
                             f"than {cfg.source} (differs in: {', '.join(keys) or '?'}); to use these settings, "
                             f"train them: {hint}")
@@ -150,6 +153,7 @@ def write_provenance(weights_path, meta: dict, retrain_command: str, extra=None)
         "training_fingerprint": meta["training_fingerprint"],
         "retrain_command": retrain_command,
         "config": json.loads(meta["config"]),
+        "exported_on": machine.capability(),  # the machine that wrote this file (training checkpoints record none)
         **(extra or {}),
     }
     atomic_write_json(record, path)

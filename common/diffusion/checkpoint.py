@@ -1,9 +1,20 @@
 """The training checkpoint (``baseline/checkpoint.pt``): which config sections determine the weights, the check
-that a checkpoint belongs to a config, and the EMA network rebuilt from a finished one."""
+that a checkpoint belongs to a config, and the EMA network rebuilt from a finished one.
+
+``train.bf16: auto`` is resolved before it enters a fingerprint, so every record holds the choice that was made
+(true or false): checked against an existing checkpoint or released file, auto means what that artifact
+recorded (a training continues as it started, and the released weights verify on any CPU); for a new training
+it means whether this machine has native bf16 kernels (``core.machine.native_bf16``).
+"""
+import torch
+
+from ..core import machine
 from ..core.config import NOT_YAML, Config, _build, to_dict
 from ..core.errors import StaleArtifactError
 from ..core.storage import diff_keys, fingerprint, load_torch
 from .model import build_model
+
+_WARNED = set()  # bf16 warnings already printed by this process
 
 UNET_KEYS = ("channels", "attentions", "upscales", "num_groups", "time_embedding")
 DIT_KEYS = ("patch_size", "hidden", "stage_blocks", "mlp_ratio")
@@ -22,12 +33,63 @@ def arch_inputs(model_cfg) -> dict:
     return model
 
 
-def training_inputs(cfg) -> dict:
-    """The config sections that determine the trained weights (not paths or devices)."""
+def device_type(cfg) -> str:
+    """"cuda" or "cpu": where ``run.device`` trains (auto: CUDA when there is one)."""
+    if cfg.run.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.run.device
+
+
+def recorded_bf16(inputs) -> bool | None:
+    """The resolved ``train.bf16`` an artifact's training inputs record, or None (none recorded)."""
+    value = (inputs or {}).get("train", {}).get("bf16")
+    return value if isinstance(value, bool) else None
+
+
+def resolve_bf16(train_cfg, device="cpu", recorded=None) -> bool:
+    """``train.bf16`` as the choice it makes: true/false as written; auto -> ``recorded`` (what the checkpoint or
+    released file being checked or resumed was trained with) when given, else native bf16 on ``device``."""
+    if train_cfg.bf16 != "auto":
+        return train_cfg.bf16
+    if recorded is not None:
+        return recorded
+    return machine.native_bf16(device)
+
+
+def announce_bf16(train_cfg, device="cpu", recorded=None, say=print) -> bool:
+    """``resolve_bf16`` for a training about to run, saying what it chose: auto on a new training names the machine;
+    bf16 on a CPU without native bf16 kernels (written explicitly, or auto resuming a bf16 checkpoint) is warned
+    about once per process, with the measured cost of a bf16 matmul here."""
+    bf16 = resolve_bf16(train_cfg, device, recorded)
+    cap = machine.capability()
+    if train_cfg.bf16 == "auto" and recorded is None:
+        why = ("native bf16 kernels" if bf16 else "no native bf16 kernels, so bf16 would be emulated") + " on " + (
+            "this GPU" if device == "cuda" else f"this CPU ({machine.describe(cap)})")
+        say(f"[train] train.bf16: auto -> {'bf16 autocast' if bf16 else 'fp32'}: {why}")
+    elif train_cfg.bf16 == "auto":
+        say(f"[train] train.bf16: auto -> {'bf16 autocast' if bf16 else 'fp32'}, as the checkpoint being resumed "
+            f"was trained")
+    if bf16 and device == "cpu" and not cap["native_bf16"] and (train_cfg.bf16, recorded) not in _WARNED:
+        _WARNED.add((train_cfg.bf16, recorded))
+        cost = machine.bf16_matmul_cost()
+        why = ("train.bf16 is true" if train_cfg.bf16 is True else
+               "train.bf16: auto continues this checkpoint in bf16, as it started")
+        fix = ("train.bf16: auto (or false) trains in fp32 here" if train_cfg.bf16 is True else
+               "to train in fp32 here, start a new run: --set train.bf16=false --set run.name=<new name>")
+        say(f"[train] WARNING: {why}, but this CPU ({cap['isa']}) has no native bf16 kernels: a {cost['n']}^2 "
+            f"matmul measured {cost['slowdown']:g}x slower in bf16 ({cost['bf16_gflops']:g} GFLOP/s) than in fp32 "
+            f"({cost['fp32_gflops']:g} GFLOP/s); training will be about that much slower. {fix}")
+    return bf16
+
+
+def training_inputs(cfg, bf16=None) -> dict:
+    """The config sections that determine the trained weights (not paths or devices); ``train.bf16`` as the
+    resolved choice: ``bf16`` when given, else ``resolve_bf16`` on this machine."""
     data = to_dict(cfg.data)
     data.pop("root")
     data.pop("download")
     train = to_dict(cfg.train)
+    train["bf16"] = resolve_bf16(cfg.train, device_type(cfg)) if bf16 is None else bool(bf16)
     train.pop("checkpoint_every")
     train.pop("snapshot_every")
     model = arch_inputs(cfg.model)
@@ -40,8 +102,11 @@ def training_inputs(cfg) -> dict:
 
 
 def check_checkpoint_matches(ckpt: dict, cfg, path: str):
-    if ckpt.get("fingerprint") != fingerprint(training_inputs(cfg)):
-        keys = diff_keys(ckpt.get("training_inputs", {}), training_inputs(cfg))
+    """A ``StaleArtifactError`` unless ``ckpt`` was trained with ``cfg``'s training inputs (train.bf16: auto
+    accepts the choice the checkpoint recorded)."""
+    mine = training_inputs(cfg, resolve_bf16(cfg.train, device_type(cfg), recorded_bf16(ckpt.get("training_inputs"))))
+    if ckpt.get("fingerprint") != fingerprint(mine):
+        keys = diff_keys(ckpt.get("training_inputs", {}), mine)
         raise StaleArtifactError(
             f"{path} was trained with a different config (differs in: {', '.join(keys) or '?'}). "
             f"Use --force to retrain into this run, or pick another run.name."

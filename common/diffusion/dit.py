@@ -181,3 +181,26 @@ class DiT(nn.Module):
         """Whether module ``name`` computes from the timestep alone (the time MLP and every adaLN modulation,
         the DiT's analogue of the U-Net's time projections)."""
         return name.startswith("t_embedder") or "adaLN_modulation" in name
+
+    def time_outputs(self) -> list:
+        """Modules whose outputs depend on t alone and feed the rest of the network: every adaLN modulation (the
+        time MLP only feeds them)."""
+        return [n for n, _ in self.named_modules() if n.endswith("adaLN_modulation")]
+
+    def smoothing_folds(self) -> dict:
+        """{module: where a per-input-channel divisor of its input can be folded, exactly}: the attention and MLP
+        inputs are adaLN-modulated, norm(x) * (1 + scale) + shift, so ``("modulation", linear, shift, scale,
+        chunks)`` divides the shift and (1 + scale) rows of the modulation linear; attention's output is a convex
+        mix of the value rows of ``proj1`` (``("rows", ...)``). fc2's input (after GELU) and the modulations'
+        inputs (after SiLU) need the divisor at run time."""
+        out = {}
+        for name, m in self.named_modules():
+            if isinstance(m, DiTBlock):
+                ada = f"{name}.adaLN_modulation.1"
+                out[f"{name}.attn.proj1"] = ("modulation", ada, 0, 1, 6)
+                out[f"{name}.mlp.fc1"] = ("modulation", ada, 3, 4, 6)
+                c = m.attn.proj2.in_features
+                out[f"{name}.attn.proj2"] = ("rows", f"{name}.attn.proj1", 2 * c, 3 * c)
+        out["final_layer.linear"] = ("modulation", "final_layer.adaLN_modulation.1", 0, 1, 2)
+        return out
+

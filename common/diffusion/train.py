@@ -20,7 +20,7 @@ from ..core.storage import (
     sha256_file,
 )
 from .baseline import save_weights
-from .checkpoint import check_checkpoint_matches, training_inputs
+from .checkpoint import announce_bf16, check_checkpoint_matches, recorded_bf16, training_inputs
 from .model import build_model
 from .schedule import NoiseSchedule
 
@@ -64,11 +64,12 @@ def lr_at(train_cfg, step: int, steps: int) -> float:
     return lr
 
 
-def _checkpoint(cfg, model, ema, opt, step, steps, finished, losses):
+def _checkpoint(cfg, model, ema, opt, step, steps, finished, losses, bf16):
+    inputs = training_inputs(cfg, bf16)  # the resolved bf16 choice, so a resume continues as it started
     return {
         "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
         "step": step, "total_steps": steps, "finished": finished, "config": to_dict(cfg),
-        "training_inputs": training_inputs(cfg), "fingerprint": fingerprint(training_inputs(cfg)),
+        "training_inputs": inputs, "fingerprint": fingerprint(inputs),
         "loss_history": losses,
     }
 
@@ -88,10 +89,16 @@ def _check_finite(model, step, train_cfg):
 
 
 def _rank_share(n: int):
-    """This rank's slice of a global batch of ``n``: contiguous, sizes differing by at most one."""
+    """(this rank's slice of a global batch of ``n``, the weight of its mean loss). Slices are contiguous, sizes
+    differing by at most one, and the weights world * size / n make DDP's average over ranks the global batch's
+    mean loss. A batch smaller than the number of ranks (an epoch's last partial batch) would leave a rank
+    without a sample, whose mean loss is NaN: that rank takes the batch's last sample at weight 0, so it still
+    joins the gradient all-reduce but adds nothing to it."""
     r, world = distributed.rank(), distributed.world_size()
     edges = [n * k // world for k in range(world + 1)]
-    return slice(edges[r], edges[r + 1])
+    if edges[r] == edges[r + 1]:
+        return slice(n - 1, n), 0.0
+    return slice(edges[r], edges[r + 1]), world * (edges[r + 1] - edges[r]) / n
 
 
 def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, progress=True):
@@ -119,10 +126,11 @@ def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, prog
 
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     steps = total_steps(cfg.train, len(x_train))
-    start, losses, seconds_before = 0, [], 0.0
+    start, losses, seconds_before, recorded = 0, [], 0.0, None
     if resume and os.path.exists(ckpt_path):
         ckpt = load_torch(ckpt_path, "start over with simplediffusion.py --retrain", map_location=device)
         check_checkpoint_matches(ckpt, cfg, ckpt_path)
+        recorded = recorded_bf16(ckpt.get("training_inputs"))
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["optimizer"])
@@ -130,7 +138,8 @@ def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, prog
         seconds_before = ckpt.get("train_seconds", 0.0)
         print(f"resuming {ckpt_path} at step {start}/{steps}")
     model.train()
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
+    bf16 = announce_bf16(cfg.train, device.type, recorded, say=print if distributed.is_main() else (lambda _: None))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="train",
                disable=not progress or not distributed.is_main())
     t0, running = time.time(), None
@@ -141,12 +150,12 @@ def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, prog
         t = torch.randint(0, schedule.timesteps, (len(idx),), generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
         torch.manual_seed(cfg.run.seed * 31 + step)  # dropout mask, replayable on resume
-        mine = _rank_share(len(idx))
+        mine, weight = _rank_share(len(idx))
         with autocast:
             loss = schedule.p_losses(net, x0[mine].to(device), t[mine].to(device), eps[mine].to(device),
                                      cfg.train.min_snr_gamma)
         if world > 1:  # DDP averages over ranks: weigh each rank's mean so the result is the global batch's mean
-            loss = loss * (world * (mine.stop - mine.start) / len(idx))
+            loss = loss * weight
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"loss became {loss.item()} at step {step}; {ckpt_path} keeps the last checkpoint written "
@@ -168,15 +177,15 @@ def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, prog
         if not distributed.is_main():
             continue  # every rank holds the same weights; rank 0 alone writes them
         if cfg.train.snapshot_every and (step + 1) % cfg.train.snapshot_every == 0:
-            save_snapshot(cfg, ema, ckpt_path, step + 1, seconds_before + time.time() - t0, running)
+            save_snapshot(cfg, ema, ckpt_path, step + 1, seconds_before + time.time() - t0, running, bf16)
         if (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < steps:
             _check_finite(model, step, cfg.train)
-            ckpt = _checkpoint(cfg, model, ema, opt, step + 1, steps, False, losses)
+            ckpt = _checkpoint(cfg, model, ema, opt, step + 1, steps, False, losses, bf16)
             ckpt["train_seconds"] = seconds_before + time.time() - t0  # summed over resumed sessions
             atomic_torch_save(ckpt, ckpt_path)
     bar.close()
     _check_finite(model, steps - 1, cfg.train)
-    ckpt = _checkpoint(cfg, model, ema, opt, steps, steps, True, losses)
+    ckpt = _checkpoint(cfg, model, ema, opt, steps, steps, True, losses, bf16)
     ckpt["train_seconds"] = seconds_before + time.time() - t0
     if distributed.is_main():
         atomic_torch_save(ckpt, ckpt_path)
@@ -188,10 +197,11 @@ def snapshot_dir(ckpt_path: str) -> str:
     return os.path.join(os.path.dirname(ckpt_path), "snapshots")
 
 
-def save_snapshot(cfg, ema, ckpt_path, step, seconds, loss):
-    """EMA weights at ``step`` in the baseline weights format (``common.diffusion.baseline``), for learning curves."""
+def save_snapshot(cfg, ema, ckpt_path, step, seconds, loss, bf16=None):
+    """EMA weights at ``step`` in the baseline weights format (``common.diffusion.baseline``), for learning curves;
+    ``bf16``: the training's resolved train.bf16 (None: resolved on this machine)."""
     path = os.path.join(snapshot_dir(ckpt_path), f"ema_step{step:07d}.safetensors")
-    save_weights(path, ema.state_dict(), cfg, training_inputs(cfg), step, seconds, loss)
+    save_weights(path, ema.state_dict(), cfg, training_inputs(cfg, bf16), step, seconds, loss)
     # snapshots/index.json: {file: SHA-256}, so a damaged snapshot is told apart (python -m common.verify)
     index_path = os.path.join(snapshot_dir(ckpt_path), "index.json")
     try:

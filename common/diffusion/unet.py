@@ -149,3 +149,27 @@ class UNet(nn.Module):
     def time_path(name: str) -> bool:
         """Whether module ``name`` computes from the timestep alone (the time MLP, every ResBlock's projection)."""
         return name.startswith("time_mlp") or ".time_proj" in name
+
+    def time_outputs(self) -> list:
+        """Modules whose outputs depend on t alone and feed the rest of the network: every ResBlock's time
+        projection (the time MLP only feeds them)."""
+        return [n for n, _ in self.named_modules() if n.endswith(".time_proj")]
+
+    def smoothing_folds(self) -> dict:
+        """{module: where a per-input-channel divisor of its input can be folded, exactly}: ``("affine", gn)``
+        when the input is ReLU(GroupNorm(.)) (ReLU commutes with a positive scale; the GroupNorm's weight and
+        bias absorb it); ``("rows", linear, start, stop)`` when the input is made of output rows of a linear
+        layer (attention's output is a convex mix of the value rows of ``proj1``) or ReLU of them. Inputs not
+        listed (the residual stream into attention and the sampling convs, skip concatenations, the time
+        path) need the divisor at run time."""
+        out = {}
+        for name, m in self.named_modules():
+            if isinstance(m, ResBlock):
+                out[f"{name}.conv1"] = ("affine", f"{name}.gnorm1")
+                out[f"{name}.conv2"] = ("affine", f"{name}.gnorm2")
+            elif isinstance(m, Attention):
+                c = m.proj2.in_features
+                out[f"{name}.proj2"] = ("rows", f"{name}.proj1", 2 * c, 3 * c)
+        out["output_conv"] = ("rows", "late_conv", 0, self.late_conv.out_channels)
+        return out
+

@@ -10,13 +10,14 @@ import time
 import numpy as np
 import torch
 
-from ..core import distributed, lock, storage
+from ..core import distributed, lock, machine, storage
 from ..core.cli import command
 from ..core.config import to_dict
 from ..core.errors import StaleArtifactError
 from ..diffusion.data import mnist_tensor, to_uint8
 from ..diffusion.samplers import build_sampler, sample_across_ranks
 from ..diffusion.schedule import NoiseSchedule
+from . import classifier as mnist_classifier
 from . import integrity, metrics
 from .grids import save_grid
 
@@ -29,8 +30,17 @@ def variant_dir(cfg, variant: str) -> str:
 
 
 def eval_inputs(cfg) -> dict:
-    """Everything besides the weights that decides a variant's metrics."""
-    return {"sample": to_dict(cfg.sample), "eval": to_dict(cfg.eval), "diffusion": to_dict(cfg.diffusion),
+    """Everything besides the weights that decides a variant's metrics (never the machine: ``metrics.json`` records
+    that beside the results). A released classifier is its SHA-256 alone (its recipe and path decide nothing);
+    without one, the recipe as before the release keys existed, so earlier results stay valid."""
+    ev = to_dict(cfg.eval)
+    clf = ev["classifier"]
+    if clf["weights"]:
+        ev["classifier"] = {"sha256": clf["sha256"]}
+    else:
+        clf.pop("weights")
+        clf.pop("sha256")
+    return {"sample": to_dict(cfg.sample), "eval": ev, "diffusion": to_dict(cfg.diffusion),
             "image_size": cfg.data.image_size}
 
 
@@ -125,11 +135,20 @@ def _cached_features(cfg, kind: str, tag: str, compute):
 
 
 def classifier(cfg, progress=True):
+    """(MNIST classifier, info) of ``eval.classifier``: the released file, or one trained here and cached."""
     key = ("clf", cfg.run.cache_dir, storage.fingerprint({"data": to_dict(cfg.data),
                                                            "clf": to_dict(cfg.eval.classifier)}))
     if key not in _CACHE:
-        _CACHE[key] = metrics.load_or_train_classifier(cfg.run.cache_dir, cfg.data, cfg.eval.classifier, progress)
+        _CACHE[key] = mnist_classifier.load_or_train_classifier(cfg.run.cache_dir, cfg.data, cfg.eval.classifier,
+                                                                progress, cfg.source)
     return _CACHE[key]
+
+
+def classifier_reference(cfg, clf, info) -> dict:
+    """The classifier features of the reference images, cached under ``run.cache_dir`` keyed on the classifier's
+    SHA-256: features of another classifier are never reused."""
+    return _cached_features(cfg, "classifier", f"clf{info['sha256'][:16]}",
+                            lambda imgs: mnist_classifier.classifier_outputs(clf, imgs)[0])
 
 
 def inception(cfg, device):
@@ -160,13 +179,12 @@ def _mean_std(values):
 def evaluate_seed(cfg, images_u8, device, progress=True) -> dict:
     """Metrics of one seed's samples (uint8 (N, 1, S, S))."""
     clf, clf_info = classifier(cfg, progress)
-    ref = _cached_features(cfg, "classifier", os.path.basename(clf_info["path"])[:-3],
-                           lambda imgs: metrics.classifier_outputs(clf, imgs)[0])
-    feats, probs = metrics.classifier_outputs(clf, images_u8)
+    ref = classifier_reference(cfg, clf, clf_info)
+    feats, probs = mnist_classifier.classifier_outputs(clf, images_u8)
     clf_kid, clf_kid_std = metrics.kernel_distance(feats, ref["features"])
     out = {"clf_fid": metrics.frechet_from_features(feats, ref["features"]),
            "clf_kid": clf_kid, "clf_kid_std": clf_kid_std,
-           "clf_is": metrics.classifier_score(probs),
+           "clf_is": mnist_classifier.classifier_score(probs),
            "class_histogram": torch.bincount(probs.argmax(1), minlength=10).tolist(),
            "fid": None, "kid": None, "kid_std": None, "is_mean": None, "is_std": None}
     if cfg.eval.inception:
@@ -246,6 +264,7 @@ def _evaluate_variant(cfg, variant, model, size, device, weights_id, force, prog
         result["quantized_sha256"] = storage.sha256_file(quantized_path)
     result["files"] = integrity.bind_files(out_dir, [os.path.basename(b) for b in bound] + ["samples.png"])
     result["command"] = command(cfg)  # what made it, and with --force what remakes it
+    result["machine"] = machine.capability()  # where: a plain record, in no fingerprint (results are reused anywhere)
     if extra:
         result.update(extra)
     storage.atomic_write_record(result, path)
@@ -325,6 +344,7 @@ def summarize_seeds(cfg, variant, per_seed: dict, size: dict) -> dict:
         "is_note": None if is_mean is not None else (metrics.IS_UNAVAILABLE if cfg.eval.inception
                                                      else "eval.inception is false"),
         "classifier_test_accuracy": clf_info["test_accuracy"],
+        "classifier": {k: clf_info[k] for k in ("source", "path", "sha256", "test_accuracy")},
         "class_histogram": [int(sum(c)) for c in zip(*[r["class_histogram"] for r in rows], strict=True)],
         "per_seed": per_seed,
         "size_unit": "MB = 2^20 bytes (the poster's 134.2 MB for 35.18 M fp32 weights)",

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import torch
 
-from ..core import storage
+from ..core import machine, storage
 from ..core.config import ModelConfig, to_dict
 from ..diffusion.checkpoint import load_ema
 from ..diffusion.data import to_uint8
@@ -95,16 +95,31 @@ def build_runner(cfg, model, stored, backend: str, device, batch_size: int, comp
                             compile_model=compile_model, warmup_shape=(batch_size, *shape))
 
 
+def resolve_backend(cfg, model, backend: str, device, act_quant=False, say=print):
+    """(backend name, the auto choice's record or None): ``auto`` resolved by ``backends.choose_auto`` for this
+    plan on this machine (stated through ``say``), any other name as it is."""
+    if backend != backends.AUTO:
+        return backend, None
+    shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
+    choice = backends.choose_auto(model, device, cfg.run.cache_dir, shape, cfg.diffusion.timesteps, act_quant)
+    say(f"[sample] backend auto -> {choice['backend']}: {choice['reason']}")
+    return choice["backend"], choice
+
+
 def generate(cfg, path: str, backend: str, n: int, seed: int, out_dir: str, device="cpu", progress=True) -> dict:
-    """Sample ``n`` images of ``path`` on ``backend`` and write ``out_dir``/{samples.png, samples.npz, sample.json}.
+    """Sample ``n`` images of ``path`` on ``backend`` (``auto``: ``resolve_backend``) and write
+    ``out_dir``/{samples.png, samples.npz, sample.json}.
 
     samples.npz: ``images`` uint8 (n, C, S, S) as the PNG holds them, ``x`` float32 (n, C, S, S) in model space
     (unclamped, about [-1, 1]). The noise depends only on (seed, batch), as in evaluation, so two backends or
-    variants sampled with the same seed and batch size are paired.
+    variants sampled with the same seed and batch size are paired. sample.json records the machine
+    (``core.machine.capability``) and, for auto, the choice and its probe.
     """
     model, stored, info = load_weights(path, cfg, device)
     act_path = os.path.join(os.path.dirname(path), "act_quant.safetensors")
-    if stored is not None and os.path.exists(act_path):  # a variant of act_quant.py: activations quantized too
+    act_quant = stored is not None and os.path.exists(act_path)
+    backend, choice = resolve_backend(cfg, model, backend, device, act_quant)
+    if act_quant:  # a variant of act_quant.py: activations quantized too
         if backend != "dequant":
             raise ValueError(f"{act_path}: this variant quantizes activations as well; its activation quantizers "
                              f"(per-layer bits, per-timestep-group ranges) run only as fake quantization, on "
@@ -128,8 +143,8 @@ def generate(cfg, path: str, backend: str, n: int, seed: int, out_dir: str, devi
     result = {"source": info, "n": n, "seed": seed, "batch_size": batch, "sampler": to_dict(cfg.sample),
               "sampling_steps": len(sampler.timesteps), "sampling_seconds": round(seconds, 2),
               "images_per_second": round(n / seconds, 2), **runner.summary(), "precision": runner.precision,
-              "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "files": bind_files(out_dir, ["samples.png", "samples.npz"])}
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": machine.capability(),
+              "backend_auto": choice, "files": bind_files(out_dir, ["samples.png", "samples.npz"])}
     storage.atomic_write_record(result, os.path.join(out_dir, "sample.json"))
     return result
 

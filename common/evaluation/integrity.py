@@ -40,13 +40,25 @@ def bind_files(folder: str, names) -> dict:
     return {n: storage.sha256_file(os.path.join(folder, n)) for n in names}
 
 
-def _file_check(path: str, want: str, recorded_in: str, what="") -> Finding:
+def file_check(path: str, want: str, recorded_in: str) -> Finding:
+    """``path`` against the SHA-256 ``want`` that the record ``recorded_in`` holds: OK, MISSING or MISMATCH."""
     if not os.path.exists(path):
-        return Finding(path, [recorded_in], MISSING, f"{recorded_in} records it{what}")
+        return Finding(path, [recorded_in], MISSING, f"{os.path.basename(recorded_in)} records it")
     if storage.sha256_file(path) != want:
         return Finding(path, [recorded_in], MISMATCH, f"SHA-256 differs from the one {os.path.basename(recorded_in)} "
                                                       f"records (edited, truncated, corrupted or replaced)")
     return Finding(path, [recorded_in])
+
+
+def sealed(f: Finding, record) -> Finding:
+    """``f`` marked MISMATCH (if it is OK so far) when the JSON ``record`` is not what was written
+    (``storage.seal_ok``: a field edited or damaged, or no seal at all)."""
+    ok = storage.seal_ok(record)
+    if not ok and f.status == OK:
+        f.status, f.detail = MISMATCH, (f"its content is not what was written (a field edited or damaged: "
+                                        f"{storage.SEAL} differs)" if ok is False else
+                                        f"carries no {storage.SEAL} (written before records were sealed)")
+    return f
 
 
 def check_variant(folder: str, baseline_sha256=None) -> list:
@@ -60,12 +72,7 @@ def check_variant(folder: str, baseline_sha256=None) -> list:
         m = storage.load_json(mpath)
     except storage.CorruptFileError as e:
         return [Finding(mpath, [], MISMATCH, str(e))]
-    found, mrow = [], Finding(mpath, [])
-    sealed = storage.seal_ok(m)
-    if not sealed:
-        mrow.status, mrow.detail = MISMATCH, ("its content is not what was written (a field edited or damaged: "
-                                              f"{storage.SEAL} differs)" if sealed is False else
-                                              f"carries no {storage.SEAL} (written before records were sealed)")
+    found, mrow = [], sealed(Finding(mpath, []), m)
     if baseline_sha256 and mrow.status == OK and m.get("checkpoint_sha256") != baseline_sha256:
         mrow.depends.append("baseline weights")
         mrow.status, mrow.detail = MISMATCH, (f"computed from checkpoint {str(m.get('checkpoint_sha256'))[:12]}..., "
@@ -75,7 +82,7 @@ def check_variant(folder: str, baseline_sha256=None) -> list:
     qfile = None
     if qname:
         mrow.depends.append(os.path.join(folder, qname))
-        f = _file_check(os.path.join(folder, qname), m.get("quantized_sha256") or "", mpath)
+        f = file_check(os.path.join(folder, qname), m.get("quantized_sha256") or "", mpath)
         if f.status == OK:
             f, qfile = _check_quantized(f, m)
         found.append(f)
@@ -87,7 +94,7 @@ def check_variant(folder: str, baseline_sha256=None) -> list:
     else:
         for name, sha in m["files"].items():
             mrow.depends.append(os.path.join(folder, name))
-            f = _file_check(os.path.join(folder, name), sha, mpath)
+            f = file_check(os.path.join(folder, name), sha, mpath)
             if f.status == OK and name == "plan.json":
                 f = _check_plan(f, m)
             if f.status == OK and name == ACT_FILE and qfile is not None:
@@ -128,9 +135,7 @@ def _check_plan(f: Finding, m: dict) -> Finding:
         f.status, f.detail = MISMATCH, str(e)
         return f
     f.depends.append(os.path.join(os.path.dirname(f.path), str(m.get("quantized_file"))))
-    if not storage.seal_ok(plan):
-        f.status, f.detail = MISMATCH, f"its content is not what was written ({storage.SEAL} differs or is absent)"
-    elif plan.get("quantized_sha256") != m.get("quantized_sha256"):
+    if sealed(f, plan).status == OK and plan.get("quantized_sha256") != m.get("quantized_sha256"):
         f.status, f.detail = MISMATCH, "describes another quantized file than metrics.json's (quantized_sha256)"
     return f
 

@@ -1,4 +1,5 @@
-"""Sample-quality metrics: FID/IS via pytorch-fid's InceptionV3, and MNIST-classifier metrics.
+"""Sample-quality metrics: FID/IS/KID via pytorch-fid's InceptionV3 (the MNIST classifier behind the
+classifier metrics is ``evaluation.classifier``).
 
 Images enter every metric as uint8 (N, 1, H, W), exactly what a saved PNG holds; no per-image
 normalization. For Inception they are fed as pytorch-fid's CLI feeds a grayscale PNG: replicated
@@ -15,12 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.storage import atomic_torch_save, load_cache, load_torch, sha256_file
-from ..diffusion.data import load_mnist, to_model_space, to_uint8
+from ..core.storage import load_torch, sha256_file
 
 __all__ = ["calculate_frechet_distance", "load_inception", "inception_features", "inception_score",
-           "frechet_from_features", "kernel_distance", "train_classifier", "load_or_train_classifier",
-           "classifier_outputs"]
+           "frechet_from_features", "kernel_distance", "tensor_digest"]
 
 OFFICIAL_FILE = "pt_inception-2015-12-05-6726825d.pth"  # the file of pytorch-fid's FID_WEIGHTS_URL (a test checks)
 
@@ -217,106 +216,6 @@ def kernel_distance(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_s
     out = kid_features_to_metric(torch.as_tensor(f1, dtype=torch.float64), torch.as_tensor(f2, dtype=torch.float64),
                                  kid_subsets=subsets, kid_subset_size=m, rng_seed=seed, verbose=False)
     return out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD]
-
-
-# ----------------------------------------------------------------------------- MNIST classifier
-class MNISTClassifier(nn.Module):
-    """Small CNN on (B, 1, S, S) images in [0, 1]; ``features`` is the 128-d penultimate layer."""
-
-    def __init__(self):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
-            nn.Linear(128 * 16, 128), nn.ReLU(),
-        )
-        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(128, 10))
-
-    def forward(self, x):
-        f = self.body(x)
-        return f, self.head(f)
-
-
-def train_classifier(x_train_u8, y_train, clf_cfg, progress=True):
-    """Train on uint8 (N, 1, S, S) images; returns the model in eval mode."""
-    torch.manual_seed(clf_cfg.seed)
-    model = MNISTClassifier()
-    opt = torch.optim.Adam(model.parameters(), lr=clf_cfg.lr)
-    gen = torch.Generator().manual_seed(clf_cfg.seed)
-    n = len(x_train_u8)
-    steps = clf_cfg.epochs * ((n + clf_cfg.batch_size - 1) // clf_cfg.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=clf_cfg.lr * 3, total_steps=steps)
-    bar = tqdm(total=steps, desc="classifier", disable=not progress)
-    for _ in range(clf_cfg.epochs):
-        perm = torch.randperm(n, generator=gen)
-        for s in range(0, n, clf_cfg.batch_size):
-            idx = perm[s: s + clf_cfg.batch_size]
-            x = x_train_u8[idx].float() / 255.0
-            # Small random shifts make the classifier robust to off-centre generated digits.
-            dx, dy = torch.randint(-2, 3, (2,), generator=gen).tolist()
-            x = torch.roll(x, shifts=(dy, dx), dims=(2, 3))
-            loss = F.cross_entropy(model(x)[1], y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    bar.close()
-    return model.eval()
-
-
-@torch.inference_mode()
-def classifier_outputs(model, images_u8, batch_size=500):
-    """uint8 (N, 1, S, S) -> (features (N, 128) float64 numpy, probabilities (N, 10) float64)."""
-    feats, probs = [], []
-    for s in range(0, len(images_u8), batch_size):
-        f, logits = model(images_u8[s: s + batch_size].float() / 255.0)
-        feats.append(f.double())
-        probs.append(F.softmax(logits.double(), dim=1))
-    return torch.cat(feats).numpy(), torch.cat(probs)
-
-
-def classifier_score(probs: torch.Tensor) -> float:
-    """Classifier-IS over all images at once: exp(E KL(p(y|x) || p(y))); at most 10 for MNIST."""
-    py = probs.mean(0, keepdim=True)
-    kl = (probs * (torch.log(probs + 1e-12) - torch.log(py + 1e-12))).sum(1).mean()
-    return float(torch.exp(kl))
-
-
-def load_or_train_classifier(cache_dir, data_cfg, clf_cfg, progress=True):
-    """Cached MNIST classifier for this image size and training config; returns (model, info)."""
-    xtr, ytr = load_mnist(data_cfg.root, "train", data_cfg.download)
-    xtr, ytr = xtr[:clf_cfg.train_limit], ytr[:clf_cfg.train_limit]
-    tag = (f"mnist_classifier_s{data_cfg.image_size}_e{clf_cfg.epochs}_b{clf_cfg.batch_size}_lr{clf_cfg.lr}"
-           f"_seed{clf_cfg.seed}")
-    if clf_cfg.train_limit:
-        tag += f"_n{clf_cfg.train_limit}"
-    # Keyed by the training images too: another data root (e.g. a test's synthetic IDX files) never
-    # reuses a classifier trained on different data.
-    tag += f"_d{tensor_digest(xtr, ytr)}"
-    path = os.path.join(cache_dir, tag + ".pt")
-    blob = load_cache(path, "the MNIST classifier")
-    if blob is not None:
-        model = MNISTClassifier()
-        model.load_state_dict(blob["state_dict"])
-        print(f"[classifier] reusing {path} (test accuracy {blob['info']['test_accuracy']:.4f})")
-        return model.eval(), blob["info"]
-    xte, yte = load_mnist(data_cfg.root, "test", data_cfg.download)
-    size = data_cfg.image_size
-    xtr_u8, xte_u8 = to_uint8(to_model_space(xtr, size)), to_uint8(to_model_space(xte, size))
-    model = train_classifier(xtr_u8, ytr, clf_cfg, progress)
-    _, probs = classifier_outputs(model, xte_u8)
-    acc = float((probs.argmax(1) == yte).double().mean())
-    info = {"test_accuracy": acc, "n_train": len(xtr), "n_test": len(xte), "epochs": clf_cfg.epochs,
-            "image_size": size, "path": path}
-    atomic_torch_save({"state_dict": model.state_dict(), "info": info}, path)
-    print(f"[classifier] trained, MNIST test accuracy {acc:.4f} -> {path}")
-    if acc < 0.99 and not clf_cfg.train_limit:
-        print(f"[classifier] WARNING: test accuracy {acc:.4f} is below the 0.99 the classifier metrics assume; "
-              f"raise eval.classifier.epochs")
-    return model, info
 
 
 def tensor_digest(*tensors) -> str:

@@ -27,9 +27,9 @@ from ..importance.activations import activation_importance
 from ..importance.weights import random_scores
 from ..quant.activations import (
     ActQuantizer,
-    LayerQuant,
     attention_projections,
     concat_splits,
+    layer_quants,
     load_act_quant,
     quantizable_modules,
     quantizer_digest,
@@ -57,6 +57,21 @@ def act_layout(cfg, model):
     splits = concat_splits(model) if aq.split_concat else {}
     token = attention_projections(model) if aq.per_token_attention else set()
     return names, kept, splits, token
+
+
+def input_quants(cfg, model, ranges, bits: dict) -> dict:
+    """{module: LayerQuant} of the inputs in ``bits`` ({module: b or None = float}) under the config's layout
+    (``act_layout``: per-token ranges for the attention projections with ``act_quant.per_token_attention``,
+    two-part ranges for skip concatenations with ``split_concat``, ``act_quant.symmetric``); the one builder of the
+    W/A pipeline, ``make lowbit`` and ``make finetune``."""
+    _, _, splits, token = act_layout(cfg, model)
+    return layer_quants(ranges, bits, cfg.act_quant.symmetric, token, splits)
+
+
+def act_quantizer(cfg, model, ranges, bits: dict, mode: str) -> ActQuantizer:
+    """The ``ActQuantizer`` of ``input_quants`` with ``mode``'s timestep groups and ``act_quant.softmax_bits``."""
+    return ActQuantizer(input_quants(cfg, model, ranges, bits), mode_groups(cfg, mode), cfg.diffusion.timesteps,
+                        cfg.act_quant.softmax_bits)
 
 
 def _cache_dir(cfg) -> str:
@@ -115,24 +130,27 @@ def candidates(cfg, model, ranges, allocatable=True) -> dict:
     """{module: {bits: LayerQuant}}: the quantizers each module's input may get (allocatable modules: every
     act_quant.a_bits; kept ones: act_quant.keep_bits only, none when that is float)."""
     aq = cfg.act_quant
-    names, kept, splits, token = act_layout(cfg, model)
-    out = {}
-    for n in names:
-        if n in kept and allocatable:
-            continue
-        bits = ([aq.keep_bits] if aq.keep_bits else []) if n in kept else aq.a_bits
-        out[n] = {b: LayerQuant.from_ranges(ranges[n], b, aq.symmetric, "token" if n in token else "tensor",
-                                            splits.get(n)) for b in bits}
-    return out
+    names, kept, _, _ = act_layout(cfg, model)
+    options = {n: ([aq.keep_bits] if aq.keep_bits else []) if n in kept else list(aq.a_bits)
+               for n in names if not (n in kept and allocatable)}
+    by_bits = {b: input_quants(cfg, model, ranges, {n: b for n, bs in options.items() if b in bs})
+               for b in dict.fromkeys(b for bs in options.values() for b in bs)}
+    return {n: {b: by_bits[b][n] for b in bs} for n, bs in options.items()}
+
+
+def act_importance_inputs(cfg, mode: str, checkpoint_sha256: str) -> dict:
+    """What the activation importance of ``mode`` depends on."""
+    aq = cfg.act_quant
+    return {"ranges": range_inputs(cfg, mode, checkpoint_sha256), "a_bits": aq.a_bits, "symmetric": aq.symmetric,
+            "per_token_attention": aq.per_token_attention, "keep_first_last": aq.keep_first_last,
+            "n_samples": aq.fisher_samples, "seed": cfg.fisher.seed, "train_limit": cfg.data.train_limit}
 
 
 def ensure_act_importance(cfg, model, mode, ranges, checkpoint_sha256, device, progress=True) -> dict:
     """Activation Fisher / squared error / mean |a| of the allocatable inputs under ``mode``'s ranges."""
     aq = cfg.act_quant
     path = os.path.join(_cache_dir(cfg), f"act_importance_{mode}.json")
-    inputs = {"ranges": range_inputs(cfg, mode, checkpoint_sha256), "a_bits": aq.a_bits, "symmetric": aq.symmetric,
-              "per_token_attention": aq.per_token_attention, "keep_first_last": aq.keep_first_last,
-              "n_samples": aq.fisher_samples, "seed": cfg.fisher.seed}
+    inputs = act_importance_inputs(cfg, mode, checkpoint_sha256)
     fp = storage.fingerprint(inputs)
     if os.path.exists(path):
         art = storage.load_json(path)
@@ -228,10 +246,8 @@ def _run_act_variant(cfg, variant, plan, budget, mode, model, ckpt_path, fisher,
     ranges = ensure_ranges(cfg, model, mode, sha, device, progress)
     imp = None if plan == "uniform" else ensure_act_importance(cfg, model, mode, ranges, sha, device, progress)
     choice, info = choose(cfg, plan, budget, model, macs, ckpt_path, fisher, imp, device)
-    quants = candidates(cfg, model, ranges, allocatable=False)
     _, stored = quantize_model(model, {f"{n}.weight": Assignment(f) for n, (f, _) in choice.items() if f != "fp32"})
-    q = ActQuantizer({n: quants[n][b] for n, (_, b) in choice.items() if b is not None}, mode_groups(cfg, mode),
-                     cfg.diffusion.timesteps, aq.softmax_bits)
+    q = act_quantizer(cfg, model, ranges, {n: b for n, (_, b) in choice.items()}, mode)
     total_macs = sum(macs.values())
     a_bits = sum(macs[n] * (b or 32) for n, (_, b) in choice.items()) / total_macs  # MAC-weighted, float = 32
     extra = {"strategy": "act_quant", "plan": plan, "budget": budget, "range_mode": mode,

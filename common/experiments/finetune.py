@@ -21,6 +21,7 @@ After optimisation the learned codes and steps are exported to ``quantized.safet
 ``act_quant.safetensors`` and the variant is evaluated from those files (``act_pipeline.save_and_evaluate``).
 """
 import copy
+import json
 import os
 import resource
 import time
@@ -40,13 +41,22 @@ from ..diffusion.schedule import NoiseSchedule
 from ..evaluation import evaluate
 from ..importance.fisher import draw_samples
 from ..importance.weights import fisher_distortion_costs
-from ..quant.activations import ActQuantizer, LayerQuant, attention_projections, group_of
+from ..quant.activations import ActQuantizer, attention_projections, group_of
 from ..quant.backends import calibration_inputs
 from ..quant.eligibility import eligible_names, end_convs
 from ..quant.formats import channel_axes, dequantize_tensor, quantize_tensor
 from ..quant.learnable import LearnedActQuant, WeightQuant, export_weight
 from . import lowbit, pipeline
-from .act_pipeline import act_layout, ensure_act_importance, ensure_ranges, mode_groups, save_and_evaluate
+from .act_pipeline import (
+    act_importance_inputs,
+    act_layout,
+    ensure_act_importance,
+    ensure_ranges,
+    input_quants,
+    mode_groups,
+    range_inputs,
+    save_and_evaluate,
+)
 from .report import mean_sd, paired_verdict, per_seed, pyplot, save_figure, write_summary_files
 
 METHODS = ("none", "reconstruction", "quest", "fisher", "all")
@@ -74,9 +84,47 @@ def quest_layers(model) -> list:
 
 
 # ----------------------------------------------------------------------------- data and the student
+def pool_inputs(c, checkpoint_sha256: str) -> dict:
+    """What the teacher's calibration pool depends on."""
+    ft = c.finetune
+    inputs = {"checkpoint_sha256": checkpoint_sha256, "source": ft.calib_source, "images": ft.calib_images,
+              "seed": ft.calib_seed, "diffusion": to_dict(c.diffusion),
+              "shape": [c.model.in_channels, c.data.image_size, c.data.image_size]}
+    if ft.calib_source == "noised":
+        inputs["train_limit"] = c.data.train_limit
+    else:
+        inputs["sampler"] = {k: to_dict(c.sample)[k] for k in ("sampler", "steps", "eta")}
+    return inputs
+
+
+def ensure_pool(c, model, checkpoint_sha256, device, progress=True):
+    """``calibration_pool``, cached in the comparison's baseline folder (``calib_pool.safetensors``, with a
+    fingerprint of ``pool_inputs``) and recomputed when an input changed. Returns (x, t) on the CPU."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = os.path.join(storage.baseline_dir(c), "calib_pool.safetensors")
+    inputs = pool_inputs(c, checkpoint_sha256)
+    fp = storage.fingerprint(inputs)
+    if os.path.exists(path):
+        try:
+            with safe_open(path, framework="pt") as fh:
+                same = (fh.metadata() or {}).get("fingerprint") == fp
+            if same:
+                print(f"[finetune] reusing the teacher's calibration pool {path}")
+                pool = load_file(path)
+                return pool["x"], pool["t"]
+        except Exception as e:  # safetensors raises its own types for damaged files: recompute
+            print(f"[finetune] {path}: unreadable ({type(e).__name__}); recomputing it")
+    x, t = calibration_pool(c, model, device, progress)
+    storage.atomic_save_safetensors({"x": x, "t": t}, path, {"fingerprint": fp, "inputs": json.dumps(inputs)})
+    print(f"[finetune] teacher's calibration pool ({len(x)} inputs, {c.finetune.calib_source}) -> {path}")
+    return x, t
+
+
 def calibration_pool(c, model, device, progress=True):
     """(x_t, t) pairs the teacher meets: its sampling trajectories from ``calib_seed`` (every step), or noised
-    training images. Returns (x (N, C, H, W), t (N,))."""
+    training images. Returns (x (N, C, H, W), t (N,)) on the CPU."""
     ft = c.finetune
     shape = (c.model.in_channels, c.data.image_size, c.data.image_size)
     if ft.calib_source == "noised":
@@ -90,11 +138,13 @@ def calibration_pool(c, model, device, progress=True):
 
 class Student:
     """A copy of the fp32 model whose quantized weights are parametrized (``WeightQuant``) and whose quantized
-    inputs pass learned-step quantizers; ``export`` writes what it has learned as stored entries and an
-    ``ActQuantizer``."""
+    inputs pass the W/A pipeline's quantizers (``act_pipeline.input_quants``), the per-tensor ones with learned
+    steps (``aq``: LSQ), the per-token ones (``act_quant.per_token_attention``) as they are (dynamic ranges have no
+    step to learn); ``export`` writes what it has learned as stored entries and an ``ActQuantizer``. The copy is in
+    eval mode, like the teacher: dropout would make the student's output random where the teacher's is not."""
 
     def __init__(self, c, model, w_bits, a_bits, ranges, mode):
-        self.model = copy.deepcopy(model).train()
+        self.model = copy.deepcopy(model)
         self.model.requires_grad_(False)
         params, axes = dict(model.named_parameters()), channel_axes(model)
         fmt = f"int{w_bits}"
@@ -111,14 +161,15 @@ class Student:
             own = dict(self.model.named_parameters())
             for n, e in self.keep.items():
                 own[n].copy_(dequantize_tensor(e))
-        names, kept, splits, token = act_layout(c, model)
-        self.aq = {n: LearnedActQuant(LayerQuant.from_ranges(ranges[n], a_bits, c.act_quant.symmetric, "tensor",
-                                                            splits.get(n)))
-                   for n in names if n not in kept and n not in token}
-        self.quantizer = ActQuantizer(self.aq, mode_groups(c, c.finetune.range_mode), c.diffusion.timesteps,
+        names, kept, _, _ = act_layout(c, model)
+        quants = input_quants(c, model, ranges, {n: a_bits for n in names if n not in kept})
+        self.aq = {n: LearnedActQuant(q) for n, q in quants.items() if q.granularity == "tensor"}
+        self.quantizer = ActQuantizer({n: self.aq.get(n, q) for n, q in quants.items()},
+                                      mode_groups(c, c.finetune.range_mode), c.diffusion.timesteps,
                                       c.act_quant.softmax_bits).attach(self.model)
         for m in list(self.wq.values()) + list(self.aq.values()):  # the methods switch on what they train
             m.requires_grad_(False)
+        self.model.eval()  # the parametrizations too
 
     def original(self, n):
         """The trainable tensor under the parametrization of weight ``n``."""
@@ -134,8 +185,8 @@ class Student:
                 stored[n] = self.keep[n]
             else:
                 stored[n] = {"format": "fp32", "data": p.detach().cpu().clone()}
-        q = ActQuantizer({n: a.export() for n, a in self.aq.items()}, self.quantizer.groups,
-                         self.quantizer.timesteps, self.quantizer.softmax_bits)
+        q = ActQuantizer({n: self.aq[n].export() if n in self.aq else lq for n, lq in self.quantizer.layers.items()},
+                         self.quantizer.groups, self.quantizer.timesteps, self.quantizer.softmax_bits)
         return stored, q
 
 
@@ -144,11 +195,12 @@ def reconstruct(c, student, teacher, pool, progress=True):
     """Layer by layer: AdaRound rounding + the layer's input LSQ steps, minimising the output error against the
     fp32 layer on the fp32 inputs of ``pool``. Returns (optimisation steps, loss history summary)."""
     ft = c.finetune
+    device = next(teacher.parameters()).device
     tmods, smods = dict(teacher.named_modules()), dict(student.model.named_modules())
     layers = [n.removesuffix(".weight") for n in student.names]
     gen = torch.Generator().manual_seed(ft.calib_seed)
     idx = torch.randperm(len(pool[0]), generator=gen)[:ft.recon_samples]
-    x, t = pool[0][idx], pool[1][idx]
+    x, t = pool[0][idx].to(device), pool[1][idx].to(device)
     captured = {}
     hooks = [tmods[n].register_forward_hook(lambda m, a, o, n=n: captured.__setitem__(n, (a[0].detach(), o.detach())))
              for n in layers]
@@ -164,8 +216,9 @@ def reconstruct(c, student, teacher, pool, progress=True):
     steps, first, last = 0, [], []
     bar = tqdm(layers, desc="reconstruct", disable=not progress)
     for n in bar:
-        mod, wq, aq = smods[n], student.wq[f"{n}.weight"], student.aq.get(n)
-        params = [wq.v] + ([aq.step] if aq is not None else [])
+        # the layer's input quantizer: learned steps (trained here too) or per-token ranges (applied as they are)
+        mod, wq, aq = smods[n], student.wq[f"{n}.weight"], student.quantizer.layers.get(n)
+        params = [wq.v] + ([aq.step] if n in student.aq else [])
         for p in params:
             p.requires_grad_(True)
         opt = torch.optim.Adam(params, lr=ft.recon_lr)
@@ -174,7 +227,7 @@ def reconstruct(c, student, teacher, pool, progress=True):
         ts = torch.cat([tt for _, _, tt in group_t[n]])
         groups = group_of(ts, student.quantizer.groups, c.diffusion.timesteps)
         for k in range(ft.recon_iters):
-            sel = torch.randint(0, len(ins), (min(ft.recon_batch, len(ins)),), generator=gen)
+            sel = torch.randint(0, len(ins), (min(ft.recon_batch, len(ins)),), generator=gen).to(device)
             xi = ins[sel] if aq is None else aq.apply(ins[sel], groups[sel])
             out = mod.forward(xi)  # forward() skips the pre-hook: the input was quantized above
             rec = (out - outs[sel]).pow(2).mean()
@@ -198,6 +251,7 @@ def finetune(c, student, teacher, pool, layers, progress=True):
     """Train the weights of ``layers`` (straight-through) and every input's LSQ steps against the teacher:
     eps MSE + ``local_weight`` x the trained layers' output MSE. Returns (steps, loss summary)."""
     ft = c.finetune
+    device = next(teacher.parameters()).device
     tmods, smods = dict(teacher.named_modules()), dict(student.model.named_modules())
     weights = [student.original(f"{n}.weight") for n in layers]
     steps_p = [a.step for a in student.aq.values()]
@@ -212,7 +266,7 @@ def finetune(c, student, teacher, pool, layers, progress=True):
     try:
         for _ in tqdm(range(ft.steps), desc="finetune", disable=not progress):
             sel = torch.randint(0, len(pool[0]), (ft.batch_size,), generator=gen)
-            x, t = pool[0][sel], pool[1][sel]
+            x, t = pool[0][sel].to(device), pool[1][sel].to(device)
             with torch.no_grad():
                 eps_t = teacher(x, t)
             eps_s = student.model(x, t)
@@ -232,15 +286,14 @@ def finetune(c, student, teacher, pool, layers, progress=True):
     return ft.steps, {"first_loss": float(np.mean(losses[:k])), "last_loss": float(np.mean(losses[-k:]))}
 
 
-def fisher_layers(cfg, c, model, ckpt_path, sha, ranges, w_bits, a_bits, k, device, progress):
-    """The ``k`` quantized layers with the largest weight + activation Fisher estimate at this budget (the weight
-    Fisher over the all_but_ends tensors is the one ``make lowbit`` caches)."""
-    fisher = lowbit.ensure_fisher(lowbit.lowbit_config(cfg), model, ckpt_path, progress, device)
+def fisher_layers(model, fisher, imp, w_bits, a_bits, k):
+    """The ``k`` quantized layers with the largest weight + activation Fisher estimate at this budget: ``fisher``
+    the weight Fisher over the all_but_ends tensors (the one ``make lowbit`` caches), ``imp`` the activation
+    importance (``act_pipeline.ensure_act_importance``). Returns (layers, {layer: score})."""
     params, axes = dict(model.named_parameters()), channel_axes(model)
     fmt = f"int{w_bits}"
-    err = {n: {fmt: params[n].detach() - _dequant(params[n], fmt, axes[n])} for n in fisher["diag"]}
+    err = {n: {fmt: params[n].detach().cpu() - _dequant(params[n], fmt, axes[n])} for n in fisher["diag"]}
     w_cost = fisher_distortion_costs(fisher["diag"], err)
-    imp = ensure_act_importance(c, model, c.finetune.range_mode, ranges, sha, device, progress)
     score = {}
     for n in eligible_names(model, lowbit.RULE):
         m = n.removesuffix(".weight")
@@ -257,35 +310,74 @@ def variant_name(method, budget):
     return f"{method}_{budget}"
 
 
+def budget_bits(budget: str):
+    """(weight bits, activation bits) of a 'WxAy' budget."""
+    (_, wa), = [p for p in parse_wa_budget(budget) if p[0] == "wa"]
+    return wa
+
+
+def variant_inputs(cfg, c, sha: str, method: str) -> dict:
+    """Everything a finetuned variant depends on but the evaluation (``_reusable`` compares that apart): the
+    checkpoint, the ``finetune`` settings, the ends' ``lowbit.keep_format``, the activation quantizers' layout and
+    ranges, the teacher's calibration pool, and for ``fisher`` the two Fisher estimates that choose its layers."""
+    aq = c.act_quant
+    out = {"checkpoint_sha256": sha, "finetune": to_dict(cfg.finetune), "keep_format": cfg.lowbit.keep_format,
+           "act_quant": {k: to_dict(aq)[k] for k in ("symmetric", "per_token_attention", "keep_first_last",
+                                                     "split_concat", "softmax_bits")},
+           "ranges": range_inputs(c, cfg.finetune.range_mode, sha), "pool": pool_inputs(c, sha)}
+    if method == "fisher":
+        out["fisher"] = {"weights": {**pipeline.fisher_inputs(cfg), "eligible": lowbit.RULE},
+                         "activations": act_importance_inputs(c, cfg.finetune.range_mode, sha)}
+    return json.loads(json.dumps(out, default=str))  # as metrics.json holds it
+
+
 def run_finetune(cfg, device, force=False, progress=True):
-    """Every (budget, method) variant: {variant: (budget, method, metrics)}."""
+    """Every (budget, method) variant: {variant: (budget, method, metrics)}.
+
+    What the variants share (calibrated ranges, the teacher's calibration pool, the two Fisher estimates that
+    choose the ``fisher`` layers) is computed once, under its folder's lock and on rank 0 first, before the
+    variants are handed to the ranks; only what an unfinished variant needs."""
     c = finetune_config(cfg)
     ft = cfg.finetune
     model, ckpt_path, fisher = pipeline.load_artifacts(cfg, device, force=False, progress=progress)
     sha = fisher["meta"]["checkpoint_sha256"]
-
-    def calibrated():
-        with lock.hold(storage.baseline_dir(c)):
-            return ensure_ranges(c, model, ft.range_mode, sha, device, progress)
-
-    ranges = distributed.rank0_first(calibrated)
+    ranges = pipeline.shared(c, lambda: ensure_ranges(c, model, ft.range_mode, sha, device, progress))
     done = {"fp32": (None, "fp32", distributed.rank0_first(
         lambda: pipeline.evaluate_fp32(c, model, ckpt_path, device, force, progress)))}
     quest = quest_layers(model)
-    pool = []  # the teacher's calibration pairs, computed once per process when a method needs them
     tasks = [(budget, method) for budget in ft.budgets for method in ft.methods]
+    inputs = {m: variant_inputs(cfg, c, sha, m) for m in ft.methods}
+    todo = distributed.broadcast_object(  # rank 0's view: the others must agree on which caches to compute
+        [(b, m) for b, m in tasks if not _reusable(cfg, c, variant_name(m, b), inputs[m], force)]
+        if distributed.is_main() else None)
+    lc = lowbit.lowbit_config(cfg)
+
+    def caches(todo, share):  # (calibration pool, {budget: fisher layers}) of the variants in ``todo``
+        pool, chosen = None, {}
+        if any(m != "none" for _, m in todo):
+            pool = share(c, lambda: ensure_pool(c, model, sha, device, progress))
+        if any(m == "fisher" for _, m in todo):
+            w_fisher = share(lc, lambda: lowbit.ensure_fisher(lc, model, ckpt_path, progress, device))
+            imp = share(c, lambda: ensure_act_importance(c, model, ft.range_mode, ranges, sha, device, progress))
+            for budget in dict.fromkeys(b for b, m in todo if m == "fisher"):
+                chosen[budget] = fisher_layers(model, w_fisher, imp, *budget_bits(budget), len(quest))[0]
+        return pool, chosen
+
+    pool, chosen = caches(todo, pipeline.shared)
 
     def one(task):
         budget, method = task
         variant = variant_name(method, budget)
         with lock.hold(evaluate.variant_dir(c, variant)):
-            if _reusable(cfg, c, variant, force):
+            if _reusable(cfg, c, variant, inputs[method], force):
                 print(f"[{variant}] reusing {evaluate.variant_dir(c, variant)}/metrics.json")
                 return storage.load_json(os.path.join(evaluate.variant_dir(c, variant), "metrics.json"))
-            if not pool and method != "none":
-                pool.append(calibration_pool(c, model, device, progress))
-            return optimise_and_evaluate(cfg, c, model, ckpt_path, sha, ranges, budget, method, quest,
-                                         pool[0] if pool else None, device, progress)
+            mine, layers = pool, {"quest": quest, "fisher": chosen.get(budget)}.get(method)
+            if task not in todo:  # reusable at the check above, changed since by another process: this rank alone
+                mine, picked = caches([task], _locked)
+                layers = picked.get(budget, layers)
+            return optimise_and_evaluate(c, model, sha, ranges, budget, method, layers, mine, inputs[method], device,
+                                         progress)
 
     # every variant on one rank of a torchrun (each alone, with its own lock and files), in this order
     for (budget, method), r in zip(tasks, distributed.map_tasks(tasks, one), strict=True):
@@ -293,25 +385,27 @@ def run_finetune(cfg, device, force=False, progress=True):
     return done
 
 
-def optimise_and_evaluate(cfg, c, model, ckpt_path, sha, ranges, budget, method, quest, pool, device, progress):
-    """One variant: build the student, run ``method``, export, save, evaluate from the files."""
-    ft = cfg.finetune
-    (_, (w_bits, a_bits)), = [p for p in parse_wa_budget(budget) if p[0] == "wa"]
+def _locked(cfg, compute):
+    with lock.hold(storage.baseline_dir(cfg)):
+        return compute()
+
+
+def optimise_and_evaluate(c, model, sha, ranges, budget, method, layers, pool, inputs, device, progress):
+    """One variant: build the student, run ``method`` (``layers``: the ones ``quest`` / ``fisher`` train), export,
+    save, evaluate from the files."""
+    ft = c.finetune
+    w_bits, a_bits = budget_bits(budget)
     variant = variant_name(method, budget)
     t0 = time.time()
     student = Student(c, model, w_bits, a_bits, ranges, "adaround" if method == "reconstruction" else "ste")
-    layers, info, steps = [], {}, 0
+    info, steps = {}, 0
+    if method in ("reconstruction", "all"):
+        layers = [n.removesuffix(".weight") for n in student.names]
+    elif method == "none":
+        layers = []
     if method == "reconstruction":
         steps, info = reconstruct(c, student, model, pool, progress)
-        layers = [n.removesuffix(".weight") for n in student.names]
     elif method in ("quest", "fisher", "all"):
-        if method == "quest":
-            layers = quest
-        elif method == "all":
-            layers = [n.removesuffix(".weight") for n in student.names]
-        else:
-            layers, _ = fisher_layers(cfg, c, model, ckpt_path, sha, ranges, w_bits, a_bits, len(quest), device,
-                                      progress)
         steps, info = finetune(c, student, model, pool, layers, progress)
     seconds = time.time() - t0
     params = dict(model.named_parameters())
@@ -328,16 +422,17 @@ def optimise_and_evaluate(cfg, c, model, ckpt_path, sha, ranges, budget, method,
              "calib_source": ft.calib_source, "trainable_params": int(trained), "layers_trained": layers,
              "optimisation_steps": int(steps), "optimisation_seconds": round(seconds, 1),
              "peak_rss_mb_so_far": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
-             "optimisation": info, "settings": to_dict(ft)}
+             "optimisation": info, "settings": to_dict(ft), "inputs": inputs}
     provenance = {"method": method, "budget": budget, "checkpoint_sha256": sha,
                   "calib": {"source": ft.calib_source, "images": ft.calib_images, "seed": ft.calib_seed}}
     return save_and_evaluate(c, variant, model, stored, q, extra, provenance, {"layers_trained": layers}, device,
                              True, progress)
 
 
-def _reusable(cfg, c, variant, force):
+def _reusable(cfg, c, variant, inputs, force):
     """A finished variant whose folder is intact (``evaluate.reusable`` without its fingerprint: optimisation is
-    not repeated to recompute one); ``force`` recomputes."""
+    not repeated to recompute one) and whose ``variant_inputs`` and evaluation settings are today's; ``force``
+    recomputes."""
     path = os.path.join(evaluate.variant_dir(c, variant), "metrics.json")
     if force or not os.path.exists(path):
         return False
@@ -345,7 +440,7 @@ def _reusable(cfg, c, variant, force):
         old = storage.load_json(path)
     except storage.CorruptFileError:
         return False
-    if old.get("settings") != to_dict(c.finetune) or old.get("eval_fingerprint") != evaluate.eval_fingerprint(c):
+    if old.get("inputs") != inputs or old.get("eval_fingerprint") != evaluate.eval_fingerprint(c):
         return False
     evaluate.raise_first_problem(evaluate.integrity.check_variant(os.path.dirname(path)),
                                  f"recompute with `{command(cfg, None, '--force')}`")

@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from ..core import distributed, lock, storage
-from ..core.budget import budget_bits, parse_size_at_bits, size_at_bits_tag
+from ..core.budget import budget_bits, budget_tag, parse_size_at_bits, size_at_bits_tag
 from ..core.config import to_dict
 from ..diffusion.data import mnist_tensor
 from ..diffusion.samplers import build_sampler
@@ -38,13 +38,12 @@ from ..importance.fisher import draw_samples
 from ..importance.iterative import iterative_fisher
 from ..importance.predictor import ConfigMeasurer, config_bits, fit_predictor, measure_all, random_configs
 from ..importance.weights import costs_from_scores, fisher_distortion_costs, magnitude_scores, random_scores
-from ..quant.activations import ActQuantizer, LayerQuant
-from ..quant.allocate import InfeasibleBudgetError, allocate
+from ..quant.allocate import InfeasibleBudgetError, allocate, format_bits
 from ..quant.container import arch_record, read_quantized, save_quantized
 from ..quant.eligibility import eligible_names, end_convs
-from ..quant.formats import channel_axes, dequantize_tensor, entry_bits, quantize_tensor, scale_groups
+from ..quant.formats import channel_axes, dequantize_tensor, quantize_tensor
 from . import pipeline
-from .act_pipeline import act_layout, ensure_ranges, mode_groups, save_and_evaluate
+from .act_pipeline import act_layout, act_quantizer, ensure_ranges, save_and_evaluate
 from .report import mean_sd, paired_verdict, per_seed, pyplot, save_figure, spread, write_summary_files
 
 RULE = "all_but_ends"
@@ -110,11 +109,10 @@ class Table:
         self.values = {n: {f: dequantize_tensor(e) for f, e in fs.items()} for n, fs in self.entries.items()}
         self.errors = {n: {f: params[n].detach().cpu() - self.values[n][f] for f in self.formats} for n in self.names}
         self.sq_error = {n: {f: float(e.double().pow(2).sum()) for f, e in es.items()} for n, es in self.errors.items()}
-        self.bits = {n: {f: entry_bits(params[n].numel(), scale_groups(params[n].shape, axes[n]), f)
-                         for f in self.formats} for n in self.names}
+        self.bits = format_bits(model, self.names, self.formats)
         eligible = set(self.names) | set(self.ends)
         self.fixed = 32 * sum(p.numel() for n, p in params.items() if n not in eligible) + sum(
-            entry_bits(params[n].numel(), scale_groups(params[n].shape, axes[n]), lb.keep_format) for n in self.ends)
+            b[lb.keep_format] for b in format_bits(model, self.ends, [lb.keep_format]).values())
 
     def menu_bits(self, menu):
         return {n: {f: self.bits[n][f] for f in self.menus[menu]} for n in self.names}
@@ -230,10 +228,42 @@ def uniform_choice(table, menu, budget):
     return dict.fromkeys(table.names, max(fits)[1])
 
 
-class Sensitivities:
-    """What each plan allocates by, computed once per run (with the seconds each took)."""
+def ensure_iterative(cfg, model, ckpt_path, table, fisher, menu, size, progress=True, device="cpu"):
+    """The iterative Fisher's (choice, last round's Fisher diagonal, history, seconds) for ``menu`` at the weight
+    size ``size``, cached in ``iterative_<menu>_<size>.pt`` bound to the checkpoint and recomputed when an input
+    changed (Fisher settings, the menu's formats, the budget in bits, the rounds, the tensors, the ends' format)."""
+    lb = cfg.lowbit
+    path = _cache(cfg, f"iterative_{menu}_{budget_tag(size)}.pt")
+    budget = budget_bits(size, table.total)
+    inputs = {"fisher": {**pipeline.fisher_inputs(cfg), "eligible": RULE}, "formats": table.menus[menu],
+              "budget_bits": budget, "rounds": lb.iterative_rounds, "names": table.names, "ends": table.ends,
+              "keep_format": lb.keep_format, "fixed_bits": table.fixed}
+    if os.path.exists(path):
+        try:
+            art = storage.load_for_checkpoint(path, ckpt_path, "it is recomputed")
+            if art["meta"].get("inputs") == inputs:
+                print(f"[lowbit] reusing {path}")
+                return art["choice"], art["diag"], art["history"], art["meta"]["seconds"]
+        except (storage.CheckpointMismatchError, storage.CorruptFileError):
+            pass
+    t0 = time.time()
+    errors = {n: {f: table.errors[n][f] for f in table.menus[menu]} for n in table.names}
+    choice, diag, history = iterative_fisher(
+        model, NoiseSchedule.from_config(cfg.diffusion), mnist_tensor(cfg.data, "train")[0], cfg.fisher, RULE, errors,
+        table.values, table.menu_bits(menu), table.fixed, budget, fisher["diag"], lb.iterative_rounds, progress,
+        device)
+    seconds = time.time() - t0
+    storage.save_for_checkpoint({"choice": choice, "diag": diag, "history": history,
+                                 "meta": {"inputs": inputs, "seconds": seconds}}, path, ckpt_path)
+    print(f"[lowbit] iterative Fisher ({menu}, {size}: {len(history) - 1} rounds) in {seconds:.0f} s -> {path}")
+    return choice, diag, history, seconds
 
-    def __init__(self, cfg, model, ckpt_path, table, sha, device, progress):
+
+class Sensitivities:
+    """What each plan allocates by, computed once per run (with the seconds each took); ``iterative``: the
+    (menu, weight size) pairs the ``fisher_iterative`` plan is run at, each an allocation of its own."""
+
+    def __init__(self, cfg, model, ckpt_path, table, sha, device, progress, iterative=()):
         lb = cfg.lowbit
         self.seconds = {"uniform": 0.0, "magnitude": 0.0, "random": 0.0}
         self.costs = {}
@@ -260,26 +290,25 @@ class Sensitivities:
                 else table.formats[0], prior=prior, seed=lb.predictor_seed)
             self.seconds["learned"] = self.measured["seconds"]["measure"] + time.time() - t0
             self.costs["learned"] = self.predictor.costs()
-        self.iterative = {}
+        self.iterative = {}  # (menu, size): (choice, diag, history, seconds), or the InfeasibleBudgetError
+        for key in dict.fromkeys(iterative):
+            try:
+                self.iterative[key] = ensure_iterative(cfg, model, ckpt_path, table, fisher, *key, progress, device)
+            except InfeasibleBudgetError as e:
+                self.iterative[key] = e
 
 
-def choose(cfg, plan, menu, budget_text, table, sens, model, device, progress):
+def choose(cfg, plan, menu, budget_text, table, sens):
     """({tensor: format}, info) of ``plan`` on ``menu`` at the weight size ``budget_text``."""
     budget = budget_bits(budget_text, table.total)
     bits = table.menu_bits(menu)
     t0 = time.time()
     if plan == "uniform":
         choice, info = uniform_choice(table, menu, budget), {}
-    elif plan == "fisher_iterative":
-        key = (menu, budget_text)
-        if key not in sens.iterative:
-            costs_menu = {n: {f: table.errors[n][f] for f in table.menus[menu]} for n in table.names}
-            choice, diag, history = iterative_fisher(
-                model, NoiseSchedule.from_config(cfg.diffusion), mnist_tensor(cfg.data, "train")[0], cfg.fisher, RULE,
-                costs_menu, table.values, bits, table.fixed, budget, sens.fisher["diag"], cfg.lowbit.iterative_rounds,
-                progress, device)
-            sens.iterative[key] = (choice, diag, history, time.time() - t0)
-        choice, _, history, seconds = sens.iterative[key]
+    elif plan == "fisher_iterative":  # computed with the sensitivities, before the variants were handed out
+        if isinstance(sens.iterative[(menu, budget_text)], InfeasibleBudgetError):
+            raise sens.iterative[(menu, budget_text)]
+        choice, _, history, seconds = sens.iterative[(menu, budget_text)]
         return choice, {"rounds": history, "seconds": sens.seconds["fisher"] + seconds}
     else:
         cost = {n: {f: sens.costs[plan][n][f] for f in table.menus[menu]} for n in table.names}
@@ -290,12 +319,8 @@ def choose(cfg, plan, menu, budget_text, table, sens, model, device, progress):
 
 def activation_quantizer(cfg, model, a_bits, ranges):
     """Every quantizable input but the first and last conv's at ``a_bits`` (None: none quantized)."""
-    names, kept, splits, token = act_layout(cfg, model)
-    layers = {} if a_bits is None else {
-        n: LayerQuant.from_ranges(ranges[n], a_bits, cfg.act_quant.symmetric, "token" if n in token else "tensor",
-                                  splits.get(n)) for n in names if n not in kept}
-    return ActQuantizer(layers, mode_groups(cfg, cfg.lowbit.range_mode), cfg.diffusion.timesteps,
-                        cfg.act_quant.softmax_bits)
+    names, kept, _, _ = act_layout(cfg, model)
+    return act_quantizer(cfg, model, ranges, {n: a_bits for n in names if n not in kept}, cfg.lowbit.range_mode)
 
 
 def check_budgets(lb, table):
@@ -323,28 +348,24 @@ def run_lowbit(cfg, device, force=False, progress=True):
     model, ckpt_path, fisher = pipeline.load_artifacts(cfg, device, force=False, progress=progress)
     sha = fisher["meta"]["checkpoint_sha256"]
 
-    def shared(compute):  # caches every rank reads: rank 0 computes them first
-        def locked():
-            with lock.hold(storage.baseline_dir(c)):
-                return compute()
-
-        return distributed.rank0_first(locked)
-
-    table = shared(lambda: Table(c, model, sha, progress))
+    table = pipeline.shared(c, lambda: Table(c, model, sha, progress))
     check_budgets(lb, table)  # before the sensitivities, the costly part
-    sens, ranges = shared(lambda: (Sensitivities(c, model, ckpt_path, table, sha, device, progress),
-                                   ensure_ranges(_act_cfg(c), model, lb.range_mode, sha, device, progress)))
-    done = {"fp32": (None, None, "fp32", distributed.rank0_first(
-        lambda: pipeline.evaluate_fp32(c, model, ckpt_path, device, force, progress)))}
     tasks = [(budget, menu, plan) for budget in lb.budgets for menu in lb.quantizers for plan in lb.plans
              if menu != "codebook" or plan in lb.codebook_plans]
+    iterative = [(menu, parse_size_at_bits(budget)[0]) for budget, menu, plan in tasks if plan == "fisher_iterative"]
+    # every cache the variants read, computed once (rank 0 first, under the folder's lock) before they are handed out
+    sens, ranges = pipeline.shared(c, lambda: (
+        Sensitivities(c, model, ckpt_path, table, sha, device, progress, iterative),
+        ensure_ranges(_act_cfg(c), model, lb.range_mode, sha, device, progress)))
+    done = {"fp32": (None, None, "fp32", distributed.rank0_first(
+        lambda: pipeline.evaluate_fp32(c, model, ckpt_path, device, force, progress)))}
 
     def one(task):
         budget, menu, plan = task
         size, a_bits = parse_size_at_bits(budget)
         variant = variant_name(plan, menu, budget)
         try:
-            choice, info = choose(c, plan, menu, size, table, sens, model, device, progress)
+            choice, info = choose(c, plan, menu, size, table, sens)
         except InfeasibleBudgetError as e:
             print(f"[lowbit] {variant}: infeasible: {e}")
             return e
@@ -398,8 +419,9 @@ def predictor_quality(sens, table) -> dict:
     bits = np.array(m["avg_bits"][hold])
     preds = {name: np.array([sum(sens.costs[name][n][f] for n, f in c.items()) for c in configs])
              for name in ("fisher", "chain_fisher", "magnitude", "random") if name in sens.costs}
-    if sens.iterative:
-        diag = next(iter(sens.iterative.values()))[1]  # the last round's curvature, first (menu, budget) run
+    runs = [r for r in sens.iterative.values() if not isinstance(r, InfeasibleBudgetError)]
+    if runs:
+        diag = runs[0][1]  # the last round's curvature, first (menu, budget) run
         it = fisher_distortion_costs(diag, table.errors)
         preds["fisher_iterative"] = np.array([sum(it[n][f] for n, f in c.items()) for c in configs])
     if sens.predictor is not None:
@@ -610,7 +632,8 @@ def write_outputs(cfg, done, notes, sens, table, seconds=None) -> str:
     storage.atomic_write_record({"quality": quality, "layers": sensitivity_rows(sens, table),
                                  "chain_per_step": sens.chain["per_step"] if sens.chain else None,
                                  "chain_rel_sem": sens.chain["rel_sem"] if sens.chain else None,
-                                 "iterative": {f"{m}@{b}": h for (m, b), (_, _, h, _) in sens.iterative.items()}},
+                                 "iterative": {f"{m}@{b}": r[2] for (m, b), r in sens.iterative.items()
+                                               if not isinstance(r, InfeasibleBudgetError)}},
                                 os.path.join(folder, "predictors.json"))
     md = summary_markdown(cfg, done, notes, sens, table, quality, seconds)
     write_summary_files(folder, cfg, rows(done), COLUMNS, md, figs + [os.path.join(folder, "predictors.json")], done)

@@ -159,6 +159,17 @@ def sub_run_config(cfg, name: str, section):
     return c
 
 
+def shared(cfg, compute):
+    """``compute()`` of a cache every rank reads (calibrated ranges, a Fisher, teacher trajectories), under the lock
+    of ``cfg``'s baseline folder, where it is written: rank 0 first (it computes and writes), then the other ranks
+    (they reuse what it wrote), all before a sweep hands its variants to the ranks."""
+    def locked():
+        with lock.hold(storage.baseline_dir(cfg)):
+            return compute()
+
+    return distributed.rank0_first(locked)
+
+
 # ----------------------------------------------------------------------------- Fisher
 def fisher_inputs(cfg) -> dict:
     """The fisher settings that change the result (chunk_size only trades memory for speed)."""

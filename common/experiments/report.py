@@ -6,9 +6,7 @@ are computed from the per-seed numbers (all variants share each seed's noise, so
 differences are paired).
 """
 import argparse
-import csv
 import glob
-import io
 import math
 import os
 import shutil
@@ -469,12 +467,6 @@ def write_summary(run: str, readme=None) -> str:
     os.makedirs(plots, exist_ok=True)
     figs = [plot_tradeoff(results, plots), plot_ratio_sweep(results, plots), plot_grids(run, results, plots)]
     fisher_figs = plot_fisher_recorded(fisher, fisher_path, plots) if fisher is not None else []
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS)
-    w.writeheader()
-    w.writerows(rows(results))
-    storage.atomic_write_text(buf.getvalue(), os.path.join(run, "summary.csv"))
-
     results_md = results_table(results) + "\n\n" + settings_note(results, run)
     v_md = "\n".join(f"| {c} | **{v}** | {e} |" for c, v, e in verdicts(results, fisher))
     verdict_md = ("| poster claim | verdict | evidence |\n|---|---|---|\n" + v_md +
@@ -489,11 +481,8 @@ def write_summary(run: str, readme=None) -> str:
     figs_all = [p for p in figs if p] + fisher_figs
     md += ["", "## Plots", ""] + [f"![{os.path.basename(p)}](plots/{os.path.basename(p)})" for p in figs_all]
     text = "\n".join(md) + "\n"
-    storage.atomic_write_text(text, os.path.join(run, "summary.md"))
-    storage.write_sources(os.path.join(run, "summary.sources.json"),  # the Fisher plots have their own record
-                          [os.path.join(run, "summary.md"), os.path.join(run, "summary.csv")] + [p for p in figs if p],
-                          [os.path.join(run, v, "metrics.json") for v in results] + ([fisher_path] if fisher else []),
-                          "python -m common.report " + run)
+    write_summary_files(run, None, rows(results), COLUMNS, text, figs, results,  # the Fisher plots have their own
+                        sources=[fisher_path] if fisher else [], cmd="python -m common.report " + run)  # record
     if readme:
         block = results_md + "\n\n### Verdicts\n\n" + verdict_md
         if fisher is not None:
@@ -503,15 +492,17 @@ def write_summary(run: str, readme=None) -> str:
     return text
 
 
-def write_summary_files(folder: str, cfg, rows: list, columns: list, md: str, figures, variants):
-    """An experiment folder's ``summary.csv`` and ``summary.md`` and ``summary.sources.json``, which binds them
-    (and ``figures``) to the ``metrics.json`` of ``variants`` they were made from."""
+def write_summary_files(folder: str, cfg, rows: list, columns: list, md: str, figures, variants, sources=(),
+                        cmd=None):
+    """A run's or experiment folder's ``summary.csv`` and ``summary.md`` and ``summary.sources.json``, which binds
+    them (and ``figures``) to the ``metrics.json`` of ``variants`` and the other ``sources`` (fisher.pt) they were
+    made from; ``cmd``: the command recorded (default: the one that reruns ``cfg``)."""
     storage.atomic_write_csv(rows, columns, os.path.join(folder, "summary.csv"))
     storage.atomic_write_text(md, os.path.join(folder, "summary.md"))
     storage.write_sources(os.path.join(folder, "summary.sources.json"),
                           [os.path.join(folder, "summary.csv"), os.path.join(folder, "summary.md")]
-                          + [f for f in figures if f], [os.path.join(folder, v, "metrics.json") for v in variants],
-                          command(cfg))
+                          + [f for f in figures if f], [os.path.join(folder, v, "metrics.json") for v in variants]
+                          + list(sources), cmd or command(cfg))
 
 
 def update_section(path: str, marker: str, block: str, figures=()):

@@ -21,14 +21,9 @@ VARIANTS = ("uniform_int8", "uniform_int4", "mp_fisher")
 
 def snapshot_config(cfg, path):
     """``cfg`` with ``path`` as its (verified) baseline, the sensitivity sample budget and its own run folder."""
-    c = copy.deepcopy(cfg)
     stem = os.path.splitext(os.path.basename(path))[0]
-    c.run.name = f"{cfg.run.name}/sensitivity/{stem}"
+    c = pipeline.sub_run_config(cfg, f"sensitivity/{stem}", cfg.sensitivity)
     c.baseline.weights, c.baseline.sha256 = path, storage.sha256_file(path)
-    s = cfg.sensitivity
-    c.eval.n_images, c.eval.seeds, c.eval.inception = s.n_images, list(s.seeds), s.inception
-    c.eval.inception_n_images = min(cfg.eval.inception_n_images or s.n_images, s.n_images)
-    c.sample.batch_size = min(cfg.sample.batch_size, s.n_images)
     return c
 
 

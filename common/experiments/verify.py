@@ -24,7 +24,7 @@ import sys
 
 from ..core import storage
 from ..diffusion.baseline import BaselineError, read_metadata
-from ..evaluation.integrity import MISMATCH, MISSING, OK, UNREFERENCED, Finding, check_variant
+from ..evaluation.integrity import MISMATCH, MISSING, OK, UNREFERENCED, Finding, check_variant, file_check, sealed
 from ..quant.container import META_KEY, QuantizedFileError, read_quantized
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -38,15 +38,6 @@ def _load(path, kind):
         return (storage.load_json(path) if kind == "json" else storage.load_torch(path)), None
     except (storage.CorruptFileError, FileNotFoundError) as e:
         return None, Finding(path, [], MISMATCH, str(e))
-
-
-def sealed(f: Finding, record) -> Finding:
-    """``f`` marked MISMATCH if the JSON ``record`` is not what was written (``storage.seal_ok``)."""
-    ok = storage.seal_ok(record)
-    if not ok and f.status == OK:
-        f.status, f.detail = MISMATCH, ("its content is not what was written (a field edited or damaged)" if ok is False
-                                        else f"carries no {storage.SEAL} (written before records were sealed)")
-    return f
 
 
 class RunVerifier:
@@ -93,13 +84,6 @@ class RunVerifier:
     def add(self, *found):
         self.findings += [f for f in found if f is not None]
 
-    def check_bound(self, path: str, sha: str, recorded_in: str) -> Finding:
-        if not os.path.exists(path):
-            return Finding(path, [recorded_in], MISSING, f"{os.path.basename(recorded_in)} records it")
-        ok = storage.sha256_file(path) == sha
-        return Finding(path, [recorded_in], OK if ok else MISMATCH,
-                       "" if ok else f"SHA-256 differs from the one {os.path.basename(recorded_in)} records")
-
     def check_baseline(self, base: str):
         folder = os.path.dirname(base)
         ident = self.identity(folder)
@@ -113,11 +97,11 @@ class RunVerifier:
                 if not m.get("files") and row.status == OK:
                     row.status, row.detail = MISMATCH, "records no sample grid hash"
                 for name, sha in (m.get("files") or {}).items():
-                    self.add(self.check_bound(os.path.join(base, name), sha, info))
+                    self.add(file_check(os.path.join(base, name), sha, info))
                 if m.get("source"):
                     self.add(self.check_released(m, info))
                 elif m.get("sha256"):
-                    self.add(self.check_bound(ckpt, m["sha256"], info))
+                    self.add(file_check(ckpt, m["sha256"], info))
         fingerprint = None
         if os.path.isfile(ckpt):
             c, bad = _load(ckpt, "torch")
@@ -141,7 +125,7 @@ class RunVerifier:
     def check_released(self, m: dict, info: str) -> Finding:
         src = m["source"]
         path = src if os.path.isabs(src) or os.path.exists(src) else os.path.join(REPO, src)
-        f = self.check_bound(path, m["sha256"], info)
+        f = file_check(path, m["sha256"], info)
         if f.status == OK:
             try:
                 read_metadata(path)
@@ -202,7 +186,7 @@ class RunVerifier:
             self.add(bad or sealed(Finding(index_path, []), record))
             index = (record or {}).get("files", {})
         for name, sha in index.items():
-            self.add(self.check_bound(os.path.join(folder, name), sha, index_path))
+            self.add(file_check(os.path.join(folder, name), sha, index_path))
         for path in files:
             if os.path.basename(path) in index:
                 f = next(f for f in reversed(self.findings) if f.path == path)
@@ -255,9 +239,9 @@ class RunVerifier:
         for rel, sha in {**man.get("sources", {}), **man.get("outputs", {})}.items():
             target = os.path.normpath(os.path.join(folder, rel))
             if rel in man.get("outputs", {}):
-                self.add(self.check_bound(target, sha, path))
+                self.add(file_check(target, sha, path))
             else:  # a source changed after the summary was written: the summary is stale
-                f = self.check_bound(target, sha, path)
+                f = file_check(target, sha, path)
                 if f.status != OK:
                     row = next(x for x in self.findings if x.path == path)
                     row.status, row.detail = f.status, f"{rel}: {f.detail.replace('SHA-256', 'its SHA-256')}" \
@@ -281,7 +265,7 @@ class RunVerifier:
                 break
         self.add(row)
         for name, sha in (s.get("files") or {}).items():
-            self.add(self.check_bound(os.path.join(folder, name), sha, path))
+            self.add(file_check(os.path.join(folder, name), sha, path))
 
     # ------------------------------------------------------------------ the walk
     def walk(self) -> list:

@@ -181,17 +181,21 @@ class ActQuantizer:
         return torch.clamp(torch.round(out * qmax), 0, qmax) / qmax
 
 
+def layer_quants(ranges: dict, bits: dict, symmetric=False, token_layers=(), splits=None) -> dict:
+    """{name: LayerQuant} from calibrated ``ranges`` {name: (G, P, 2)} and ``bits`` {name: b or None (float: left
+    out)}, in ``bits``' order: modules in ``token_layers`` get dynamic per-token ranges, ``splits`` {name: channel}
+    two-part ranges. The one place a module's input quantizer is made (``experiments.act_pipeline.input_quants``
+    applies a config's layout)."""
+    splits = splits or {}
+    return {n: LayerQuant.from_ranges(ranges[n], b, symmetric, "token" if n in token_layers else "tensor",
+                                      splits.get(n))
+            for n, b in bits.items() if b is not None}
+
+
 def build_quantizer(ranges: dict, bits: dict, groups: int, timesteps: int, symmetric=False, token_layers=(),
                     splits=None, softmax_bits=None) -> ActQuantizer:
-    """ActQuantizer from calibrated ``ranges`` {name: (G, P, 2)} and ``bits`` {name: b or None (float)}.
-
-    Modules in ``token_layers`` use dynamic per-token ranges; ``splits`` {name: channel} the two-part ranges.
-    """
-    splits = splits or {}
-    layers = {n: LayerQuant.from_ranges(ranges[n], b, symmetric, "token" if n in token_layers else "tensor",
-                                        splits.get(n))
-              for n, b in bits.items() if b is not None}
-    return ActQuantizer(layers, groups, timesteps, softmax_bits)
+    """ActQuantizer of ``layer_quants(ranges, bits, symmetric, token_layers, splits)``."""
+    return ActQuantizer(layer_quants(ranges, bits, symmetric, token_layers, splits), groups, timesteps, softmax_bits)
 
 
 # ----------------------------------------------------------------------------- file

@@ -30,17 +30,31 @@ What each tensor runs in (``Runner.precision`` says it per parameter):
   int8 kernels as above, the convolutions / linears whose weight the plan stores as fp32 still in fp32
   (rewritten out of autocast), and what autocast casts of the rest (attention, the other float tensors'
   convolutions and matmuls) in bf16.
+
+``auto`` (``choose_auto``) — the fastest backend that is *exact for the plan* on this machine: one that runs every
+stored weight at its stored value (no second rounding of a parameter) and adds no rounding the plan does not
+choose. ``dequant`` always is; ``bf16`` (``fp16``, CUDA only) when every parameter holds a bf16- (fp16-)
+representable value, i.e. the plan stores the whole network in that format, whose activations then run in it too
+(buffers, the sin/cos tables, are inputs of the time path and rounded like activations); ``int8`` / ``int8_bf16``
+never, because they round activations to uint8 with calibrated scales, which no weight-only plan contains (an
+act_quant variant's own activation quantizers run on ``dequant`` only). Where more than one is exact, a short probe
+(a few U-Net calls at a small batch, each candidate) measures them once per machine (``core.machine.key``), plan
+kind and architecture, cached in ``<run.cache_dir>/backend_auto.json``; a candidate must beat ``dequant`` by 5%
+in that probe, so auto is never slower than ``dequant`` on the machine it runs on.
 """
+import os
 import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from ..core import machine, storage
 from ..core.format_names import format_spec
 from ..diffusion.samplers import sample
 
 BACKENDS = ("dequant", "bf16", "fp16", "int8", "int8_bf16")
+AUTO = "auto"  # backend.name / sample.py --backend: choose_auto picks one of BACKENDS
 _DTYPE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -437,3 +451,96 @@ def prepare(model, stored, backend: str, device="cpu", calib=None, batch_size=No
             runner(torch.zeros(b, *warmup_shape[1:], device=device), torch.zeros(b, dtype=torch.long, device=device))
     runner.prepare_seconds = time.perf_counter() - t0
     return runner
+
+
+# ----------------------------------------------------------------------------- auto
+AUTO_FILE = "backend_auto.json"
+AUTO_MARGIN = 1.05  # a candidate must be this much faster than dequant in the probe to be chosen
+
+
+def plan_kind(model, act_quant=False) -> str:
+    """What decides which backends run a plan exactly: "act_quant" (fake-quantized activations), "bf16" / "fp16" /
+    "bf16+fp16" (every floating parameter holds a value of that format), else "fp32"."""
+    if act_quant:
+        return "act_quant"
+    params = [p.detach() for p in model.parameters() if p.is_floating_point()]
+    fits = [name for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16))
+            if all(torch.equal(p.to(dtype).to(p.dtype), p) for p in params)]
+    return "+".join(fits) or "fp32"
+
+
+def exact_backends(kind: str, device="cpu") -> list:
+    """The backends that run a plan of ``kind`` (``plan_kind``) exactly on ``device``; ``dequant`` first."""
+    cuda = torch.device(device).type == "cuda"
+    out = ["dequant"]
+    if "bf16" in kind.split("+") and (not cuda or torch.cuda.is_bf16_supported()):
+        out.append("bf16")
+    if "fp16" in kind.split("+") and cuda:
+        out.append("fp16")
+    return out
+
+
+def probe_speed(model, backend: str, device, shape, timesteps: int, batch=4, min_seconds=0.3, max_calls=20) -> float:
+    """Images per second of single U-Net calls of ``model`` on ``backend`` at ``batch`` (random x_t, t = T/2): one
+    warm-up call, then calls until ``min_seconds`` or ``max_calls``. Eager: what auto compares is the kernels."""
+    runner = prepare(model, None, backend, device)
+    x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0)).to(device)
+    t = torch.full((batch,), timesteps // 2, dtype=torch.long, device=device)
+    with torch.inference_mode():
+        runner(x, t)
+        calls, t0 = 0, time.perf_counter()
+        while calls < max_calls and (calls == 0 or time.perf_counter() - t0 < min_seconds):
+            runner(x, t)
+            calls += 1
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        return batch * calls / (time.perf_counter() - t0)
+
+
+def _read_auto_cache(path) -> dict:
+    if not os.path.exists(path):
+        return {}
+    try:
+        cached = storage.load_json(path)
+    except storage.CorruptFileError as e:
+        print(f"[backend] auto: {e}; measuring again")
+        return {}
+    return cached if isinstance(cached, dict) else {}
+
+
+def choose_auto(model, device, cache_dir, shape, timesteps: int, act_quant=False, batch=4, probe=probe_speed) -> dict:
+    """Resolve ``backend.name: auto`` for ``model`` (fp32, holding the plan's de-quantized values) on this machine.
+
+    Returns {"backend", "kind", "candidates", "measured" ({backend: images/s in the probe} or None), "cached",
+    "machine", "reason"}. ``probe(model, backend, device, shape, timesteps, batch)`` -> images/s (tests pass their
+    own); measured figures are cached in ``cache_dir``/backend_auto.json per machine, device, plan kind and
+    architecture (parameter names and shapes).
+    """
+    kind = plan_kind(model, act_quant)
+    candidates = exact_backends(kind, device)
+    cap = machine.capability()
+    out = {"kind": kind, "candidates": candidates, "measured": None, "cached": False, "machine": machine.describe(cap)}
+    if len(candidates) == 1:
+        why = ("its activation quantizers run only as fake quantization" if act_quant else
+               "bf16 / fp16 would round its parameters and int8 its activations")
+        return {**out, "backend": "dequant", "reason": f"only dequant runs this plan ({kind}) exactly: {why}"}
+    arch = storage.fingerprint({n: list(p.shape) for n, p in model.named_parameters()})
+    key = f"{machine.key(cap)}/{torch.device(device).type}/{kind}/{arch}"
+    path = os.path.join(cache_dir, AUTO_FILE)
+    cached = _read_auto_cache(path)
+    if key in cached and set(cached[key].get("measured", {})) == set(candidates):
+        measured, out["cached"] = cached[key]["measured"], True
+    else:
+        measured = {b: round(probe(model, b, device, shape, timesteps, batch), 2) for b in candidates}
+        cached = _read_auto_cache(path)  # another process may have added entries meanwhile
+        cached[key] = {"measured": measured, "machine": out["machine"], "isa": cap["isa"], "kind": kind,
+                       "probe_batch": batch, "measured_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+        storage.atomic_write_json(cached, path)
+    best = max(candidates, key=lambda b: measured[b])
+    if best != "dequant" and measured[best] < AUTO_MARGIN * measured["dequant"]:
+        best = "dequant"
+    ratios = ", ".join(f"{b} {measured[b] / measured['dequant']:.2f}x" for b in candidates if b != "dequant")
+    src = "cached probe" if out["cached"] else "probe"
+    return {**out, "backend": best, "measured": measured,
+            "reason": f"exact for this plan ({kind}): {', '.join(candidates)}; {src} on {cap['isa']}: {ratios} "
+                      f"dequant's speed"}

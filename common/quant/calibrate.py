@@ -7,14 +7,17 @@ the whole chain, forward pre-hooks record each module's input. Ranges are kept p
 
 * ``minmax``: the smallest and largest value seen (covers every calibration activation);
 * ``percentile``: the (100 - p)-th and p-th percentiles, estimated from a uniform random subsample of each
-  recorded input (at most ``values_per_call`` values per module call, so memory stays bounded).
+  recorded input (at most ``values_per_call`` values per module call, so memory stays bounded);
+* ``mse``: the clipping range that minimises the quantization MSE of that subsample at ``mse_bits``
+  (``mse_range``): heavy-tailed inputs (a few tokens or pixels far out) lose less by clipping them than by
+  spreading 2^b levels over the whole min-max range.
 """
 import torch
 
 from ..core.config import ConfigError
 from ..diffusion.samplers import build_sampler, sample
 from ..diffusion.schedule import NoiseSchedule
-from .activations import group_of
+from .activations import fake_quant, group_of, int_range, qparams
 
 
 def calibration_timesteps(sampler, n=None) -> list:
@@ -25,16 +28,37 @@ def calibration_timesteps(sampler, n=None) -> list:
     return [ts[i] for i in torch.linspace(0, len(ts) - 1, n).round().long().unique().tolist()]
 
 
+def mse_range(values: torch.Tensor, bits: int, symmetric=False, steps=40):
+    """(lo, hi) minimising E[(Q(x) - x)^2] over ``values`` for a b-bit quantizer (asymmetric unless
+    ``symmetric``): a grid over one shrink factor of the min-max range, then each end refined on its own."""
+    qmin, qmax = int_range(bits, symmetric)
+    lo0, hi0 = float(values.min()), float(values.max())
+
+    def err(lo, hi):
+        s, z = qparams(torch.tensor(lo), torch.tensor(hi), bits, symmetric)
+        return float((fake_quant(values, s, z, qmin, qmax) - values).pow(2).mean())
+
+    grid = torch.linspace(1.0 / steps, 1.0, steps).tolist()
+    best = min((err(lo0 * a, hi0 * a), lo0 * a, hi0 * a) for a in grid)
+    _, lo, hi = best
+    if not symmetric:  # coordinate refinement of each end
+        best = min(best, min((err(lo0 * a, hi), lo0 * a, hi) for a in grid))
+        _, lo, hi = best
+        best = min(best, min((err(lo, hi0 * a), lo, hi0 * a) for a in grid))
+        _, lo, hi = best
+    return lo, hi
+
+
 def collect_ranges(model, sampler, names, shape, n_images: int, timesteps, groups: int, method="minmax",
                    percentile=99.99, splits=None, seed=1000, batch_size=256, device="cpu", progress=True,
-                   values_per_call=4096):
+                   values_per_call=4096, mse_bits=4):
     """Ranges {name: (G, P, 2) float32 [lo, hi]} of the inputs of modules ``names`` of ``model``.
 
     shape: one image (C, H, W); timesteps: the sampler timesteps to record at; splits: {name: channel}
     where a module's input is split into two parts. Raises ValueError if a timestep group gets no data.
     """
-    if method not in ("minmax", "percentile"):
-        raise ValueError(f"range method must be 'minmax' or 'percentile', got {method!r}")
+    if method not in ("minmax", "percentile", "mse"):
+        raise ValueError(f"range method must be 'minmax', 'percentile' or 'mse', got {method!r}")
     splits = splits or {}
     T, wanted = sampler.schedule.timesteps, set(timesteps)
     parts = {n: 1 if splits.get(n) is None else 2 for n in names}
@@ -57,7 +81,7 @@ def collect_ranges(model, sampler, names, shape, n_images: int, timesteps, group
         for p, v in enumerate([x] if k is None else [x[:, :k], x[:, k:]]):
             lo[name][g, p] = min(float(lo[name][g, p]), float(v.min()))
             hi[name][g, p] = max(float(hi[name][g, p]), float(v.max()))
-            if method == "percentile":
+            if method != "minmax":
                 flat = v.flatten()
                 idx = torch.randint(flat.numel(), (min(values_per_call, flat.numel()),), generator=gen)
                 kept[name][g][p].append(flat[idx.to(flat.device)].cpu())
@@ -83,6 +107,10 @@ def collect_ranges(model, sampler, names, shape, n_images: int, timesteps, group
             for g in range(groups):
                 for p in range(parts[n]):
                     r[g, p] = torch.quantile(torch.cat(kept[n][g][p]), q)
+        elif method == "mse":
+            for g in range(groups):
+                for p in range(parts[n]):
+                    r[g, p] = torch.tensor(mse_range(torch.cat(kept[n][g][p]), mse_bits))
         out[n] = r
     return out
 

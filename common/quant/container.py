@@ -16,6 +16,7 @@ from ..core.config import ModelConfig, to_dict
 from ..core.errors import UserError
 from ..core.storage import atomic_write_bytes
 from ..diffusion.model import build_model
+from . import lowrank, rotation, smoothing, time_table
 from .formats import dequantize_tensor, size_report
 
 FILE_VERSION = 3  # 2: one int scale for 1-D tensors; 3: quantized.safetensors instead of a torch.save container
@@ -139,15 +140,51 @@ def _entries(records: dict, raw: dict, path: str, rerun: str) -> dict:
     return stored
 
 
-def arch_record(cfg) -> dict:
-    """What a quantized file records of the network it belongs to (``model_from_arch`` rebuilds it)."""
-    return {"model": to_dict(cfg.model), "timesteps": cfg.diffusion.timesteps, "image_size": cfg.data.image_size}
+def arch_record(cfg, model=None) -> dict:
+    """What a quantized file records of the network it belongs to (``model_from_arch`` rebuilds it): the
+    config's architecture and, for a ``model`` carrying them, its extras (low-rank branches, time table)."""
+    arch = {"model": to_dict(cfg.model), "timesteps": cfg.diffusion.timesteps, "image_size": cfg.data.image_size}
+    extras = extras_of(model) if model is not None else {}
+    if extras:
+        arch["extras"] = extras
+    return arch
+
+
+def extras_of(model) -> dict:
+    """What was added to the plain network, in the order ``model_from_arch`` re-attaches it (the order the
+    input hooks run in): {"smooth": {module: channels}, "rotate": {module: block}, "lowrank": {module: rank},
+    "time_table": {"steps", "widths"}}."""
+    out = {}
+    divisors = {n: m.smooth_div.numel() for n, m in model.named_modules() if hasattr(m, "smooth_div")}
+    if divisors:
+        out["smooth"] = divisors
+    blocks = {n: rotation.block_size_of(m) for n, m in model.named_modules() if hasattr(m, "rotation")}
+    if blocks:
+        out["rotate"] = blocks
+    ranks = {n: m.lowrank.down.weight.shape[0] for n, m in model.named_modules() if hasattr(m, "lowrank")}
+    if ranks:
+        out["lowrank"] = ranks
+    if hasattr(model, "time_rows_steps"):
+        out["time_table"] = {"steps": model.time_rows_steps.tolist(),
+                             "widths": {n: m.time_rows.shape[1] for n, m in model.named_modules()
+                                        if n and hasattr(m, "time_rows")}}
+    return out
 
 
 def model_from_arch(arch: dict):
     """An fp32 network of the recorded architecture ({"model": ModelConfig fields, "timesteps": T,
-    "image_size": S (absent in older files: 32)})."""
-    return build_model(ModelConfig(**arch["model"]), arch["timesteps"], arch.get("image_size", 32))
+    "image_size": S (absent in older files: 32), "extras": ``extras_of`` (absent: none)})."""
+    model = build_model(ModelConfig(**arch["model"]), arch["timesteps"], arch.get("image_size", 32))
+    extras = arch.get("extras", {})
+    if "smooth" in extras:  # first: the divisor's hook precedes the branch's (smoothing.attach_divisors)
+        smoothing.attach_divisors(model, extras["smooth"])
+    if "rotate" in extras:
+        rotation.attach(model, extras["rotate"])
+    if "lowrank" in extras:
+        lowrank.attach(model, extras["lowrank"])
+    if "time_table" in extras:
+        time_table.attach(model, extras["time_table"]["steps"], extras["time_table"]["widths"])
+    return model
 
 
 def load_quantized(path: str, device="cpu"):

@@ -50,13 +50,20 @@ def unpack_codes(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
     return (stream << torch.arange(bits, dtype=torch.uint8)).sum(1, dtype=torch.uint8)
 
 
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """int8 codes in [-8, 7] (any shape) -> uint8, two per byte (low nibble first), length ceil(n/2)."""
-    return pack_codes((codes.flatten().to(torch.int16) + 8).to(torch.uint8), 4)
+def pack_signed(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Signed integer codes in [-2^(b-1), 2^(b-1) - 1] (any shape, any integer or integral float dtype) ->
+    ``pack_codes`` of code + 2^(b-1) (offset binary): the one layout of every packed integer format."""
+    return pack_codes((codes.flatten().to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8), bits)
+
+
+def unpack_signed(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
+    """The ``n`` signed codes of ``pack_signed`` as int8 (n,)."""
+    return (unpack_codes(packed, n, bits).to(torch.int16) - 2 ** (bits - 1)).to(torch.int8)
 
 
 def unpack_int4(packed: torch.Tensor, n: int) -> torch.Tensor:
-    return unpack_codes(packed, n, 4).to(torch.int8) - 8
+    """``unpack_signed(packed, n, 4)``: int4 codes in [-8, 7], two per byte, low nibble first."""
+    return unpack_signed(packed, n, 4)
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
@@ -153,22 +160,36 @@ def quantize_tensor(w: torch.Tensor, fmt: str, axis: int = 0, mask=None) -> dict
         scale = _fp16_scale(g.abs().amax(-1), spec.qmax)
         codes = torch.round(g / scale.float()[..., None]).clamp(-spec.qmax, spec.qmax)
         codes = codes.flatten(1)[:, :cf.shape[1]]
-        entry.update(scale=scale.contiguous(), data=pack_codes((codes + 2 ** (spec.bits - 1)).to(torch.uint8),
-                                                               spec.bits))
+        entry.update(scale=scale.contiguous(), data=pack_signed(codes, spec.bits))
         return entry
     m = None if mask is None else _channel_first(mask.bool().cpu(), axis)
-    # Per output channel, over the elements actually quantized (the kept ones stay fp32, so their range must not
-    # coarsen the scale); an all-zero channel gets scale 1 so its codes are 0, not NaN.
-    amax = (cf.abs() if m is None else torch.where(m, cf.abs(), 0.0)).amax(dim=1)
-    scale = torch.where(amax > 0, amax / spec.qmax, torch.ones_like(amax))
-    entry["scale"] = scale.clone()
+    scale = channel_scale(cf, spec.qmax, m)
     scale_full = scale[:, None].expand_as(cf)
     values, s = (cf, scale_full) if m is None else (cf[m], scale_full[m])
-    codes = torch.round(values / s).clamp(-spec.qmax, spec.qmax).to(torch.int8)
-    entry["data"] = codes.clone() if spec.bits == 8 else pack_codes((codes.to(torch.int16) + 2 ** (spec.bits - 1))
-                                                                    .to(torch.uint8), spec.bits)
-    if m is not None:
-        entry.update(mask=pack_bits(m), kept=cf[~m].clone())
+    codes = torch.round(values / s).clamp(-spec.qmax, spec.qmax)
+    return int_entry(fmt, entry["shape"], axis, codes, scale, m, None if m is None else cf[~m])
+
+
+def channel_scale(cf: torch.Tensor, qmax: int, mask=None) -> torch.Tensor:
+    """(C,) per-output-channel scales max|w| / qmax of a channel-first (C, K) tensor, over the elements a bool
+    ``mask`` (C, K) marks as quantized (the kept ones stay fp32, so their range must not coarsen the scale); an
+    all-zero channel gets scale 1 so its codes are 0, not NaN. Used by ``quantize_tensor`` and by the learned
+    quantizers of ``common.quant.learnable``."""
+    a = cf.detach().abs()
+    amax = (a if mask is None else torch.where(mask, a, 0.0)).amax(dim=1)
+    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+
+
+def int_entry(fmt: str, shape, axis: int, codes: torch.Tensor, scale: torch.Tensor, mask=None, kept=None) -> dict:
+    """The stored entry of per-output-channel integer codes: ``codes`` (integral values in [-qmax, qmax], the
+    channel-first order, only the masked elements when ``mask``) as int8 data (8 bits) or ``pack_signed``;
+    ``scale`` (C,) fp32; for a mask the packed ``mask`` and the ``kept`` fp32 elements."""
+    bits = format_spec(fmt).bits
+    codes = codes.detach().cpu().to(torch.int8)
+    entry = {"format": fmt, "shape": tuple(shape), "axis": axis, "scale": scale.detach().float().cpu().clone(),
+             "data": codes.clone() if bits == 8 else pack_signed(codes, bits)}
+    if mask is not None:
+        entry.update(mask=pack_bits(mask), kept=kept.clone())
     return entry
 
 
@@ -179,8 +200,7 @@ def int_codes(entry: dict) -> torch.Tensor:
     C = scale_groups(entry["shape"], entry["axis"])
     if spec.bits == 8:
         return entry["data"].reshape(C, -1)
-    u = unpack_codes(entry["data"], n, spec.bits)
-    return (u.to(torch.int16) - 2 ** (spec.bits - 1)).to(torch.int8).reshape(C, -1)
+    return unpack_signed(entry["data"], n, spec.bits).reshape(C, -1)
 
 
 def dequantize_tensor(entry: dict) -> torch.Tensor:
@@ -197,7 +217,7 @@ def dequantize_tensor(entry: dict) -> torch.Tensor:
             out[m] = entry["data"].float()
         else:
             nq = int(m.sum())
-            codes = entry["data"] if spec.bits == 8 else unpack_int4(entry["data"], nq)
+            codes = entry["data"] if spec.bits == 8 else unpack_signed(entry["data"], nq, spec.bits)
             out[m] = codes.float() * entry["scale"][:, None].expand(C, K)[m]
         out[~m] = entry["kept"]
         return _from_channel_first(out, shape, axis)

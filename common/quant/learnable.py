@@ -4,12 +4,13 @@ to the ordinary files: integer codes and scales for ``quantized.safetensors`` (`
 ``LayerQuant`` scales for ``act_quant.safetensors`` (``LearnedActQuant.export``), so what is evaluated is what
 the file holds.
 
-* Weights: symmetric b-bit codes, one scale per output channel s_c = max|w_c| / qmax (the formula
-  ``formats.quantize_tensor`` uses). ``ste``: w_hat = s * clamp(round(w / s)), the gradient passing the rounding
-  unchanged (Bengio et al. 2013), so the weights w themselves train (QuEST-style finetuning). ``adaround``
-  (Nagel et al. 2020): w fixed, w_hat = s * clamp(floor(w / s) + h(V)) with h(V) = clip(sigmoid(V) (zeta - gamma)
-  + gamma, 0, 1), zeta = 1.1, gamma = -0.1, V initialised so h equals the fractional part; the regulariser
-  sum(1 - |2h - 1|^beta), beta annealed from 20 to 2, drives h to 0 or 1, and the export rounds it.
+* Weights: symmetric b-bit codes, one scale per output channel s_c = max|w_c| / qmax (``formats.channel_scale``,
+  the scale of ``formats.quantize_tensor``; ``formats.int_entry`` stores the learned codes as it stores its own).
+  ``ste``: w_hat = s * clamp(round(w / s)), the gradient passing the rounding unchanged (Bengio et al. 2013), so
+  the weights w themselves train (QuEST-style finetuning). ``adaround`` (Nagel et al. 2020): w fixed,
+  w_hat = s * clamp(floor(w / s) + h(V)) with h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1), zeta = 1.1,
+  gamma = -0.1, V initialised so h equals the fractional part; the regulariser sum(1 - |2h - 1|^beta), beta
+  annealed from 20 to 2, drives h to 0 or 1, and the export rounds it.
 * Activations (LSQ, Esser et al. 2020): per timestep group and channel part a learned step s (and the
   calibrated zero point), x_hat = (clamp(round(x / s) + z, qmin, qmax) - z) s with round passed straight
   through and the step's gradient scaled by 1 / sqrt(numel * qmax).
@@ -21,7 +22,7 @@ from torch import nn
 
 from ..core.format_names import format_spec
 from .activations import LayerQuant, int_range
-from .formats import _channel_first, _from_channel_first, pack_codes
+from .formats import _channel_first, _from_channel_first, channel_scale, int_entry
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -29,12 +30,6 @@ ZETA, GAMMA = 1.1, -0.1
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """round(x) forward, identity backward."""
     return x + (torch.round(x) - x).detach()
-
-
-def channel_scale(w_cf: torch.Tensor, qmax: int) -> torch.Tensor:
-    """(C, 1) per-channel scales max|w| / qmax, 1 for an all-zero channel (as ``quantize_tensor``)."""
-    amax = w_cf.detach().abs().amax(1, keepdim=True)
-    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
 
 
 class WeightQuant(nn.Module):
@@ -49,7 +44,7 @@ class WeightQuant(nn.Module):
         self.shape = tuple(weight.shape)
         if mode == "adaround":
             cf = _channel_first(weight.detach(), axis)
-            s = channel_scale(cf, self.qmax)
+            s = channel_scale(cf, self.qmax)[:, None]
             frac = cf / s - torch.floor(cf / s)
             # h(V) = frac at the start: sigmoid(V) = (frac - gamma) / (zeta - gamma)
             p = ((frac - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
@@ -63,7 +58,7 @@ class WeightQuant(nn.Module):
     def codes(self, w: torch.Tensor, hard=True) -> torch.Tensor:
         """Channel-first (C, K) codes of ``w`` (AdaRound: with its learned rounding, hard = rounded h)."""
         cf = _channel_first(w, self.axis)
-        s = channel_scale(cf, self.qmax)
+        s = channel_scale(cf, self.qmax)[:, None]
         if self.mode == "adaround":
             h = (self.h() >= 0.5).to(cf.dtype) if hard else self.h()
             return torch.clamp(torch.floor(cf.detach() / s) + h, -self.qmax, self.qmax), s
@@ -83,16 +78,13 @@ def export_weight(wq: WeightQuant, w: torch.Tensor) -> dict:
     """The stored entry (``formats.quantize_tensor``'s layout) of the learned codes: int8 data or packed codes and
     fp32 per-channel scales."""
     with torch.no_grad():
-        codes, s = wq.codes(w.detach().float().cpu(), hard=True)
-    spec = format_spec(wq.fmt)
-    codes = codes.to(torch.int8)
-    data = codes.clone() if spec.bits == 8 else pack_codes((codes.to(torch.int16) + 2 ** (spec.bits - 1))
-                                                           .to(torch.uint8), spec.bits)
-    return {"format": wq.fmt, "shape": wq.shape, "axis": wq.axis, "scale": s.flatten().float().clone(), "data": data}
+        codes, s = wq.codes(w.detach().float(), hard=True)
+    return int_entry(wq.fmt, wq.shape, wq.axis, codes, s.flatten())
 
 
 class LearnedActQuant(nn.Module):
     """A ``LayerQuant`` (per-tensor granularity) whose steps train (LSQ); the zero points stay calibrated."""
+    granularity = "tensor"
 
     def __init__(self, lq: LayerQuant):
         super().__init__()

@@ -1,0 +1,115 @@
+"""What this machine computes with: CPU instruction set, native bf16 / int8 support, GPU, torch, threads.
+
+``capability()`` is recorded beside every measurement (``metrics.json``, bench lines, ``sample.json``, release
+provenance) as a plain field, never inside a fingerprint that decides reuse: a result computed elsewhere stays
+valid here. ``native_bf16`` decides ``train.bf16: auto``; ``key`` names the machine in the ``backend.name: auto``
+cache. On a CPU without AVX512-BF16 / AMX-BF16, torch emulates bf16 GEMMs and convolutions (measured here on
+AVX2: ~40x slower than fp32), and without VNNI its int8 kernels gain nothing over fp32.
+"""
+import functools
+import os
+import platform
+import time
+
+import torch
+
+from .storage import fingerprint
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")   # x86 flags of native bf16 dot products (/proc/cpuinfo spelling)
+VNNI_FLAGS = ("avx512_vnni", "avx_vnni")  # int8 dot products
+AMX_FLAGS = ("amx_tile", "amx_bf16", "amx_int8")
+ARM_BF16_FLAGS = ("bf16",)                 # aarch64 "Features": BFDOT / BFMMLA (Armv8.6)
+
+
+def _cpuinfo(path="/proc/cpuinfo") -> tuple:
+    """(model name, set of flags) from ``path``; ("", empty set) where it does not exist (not Linux)."""
+    name, flags = "", set()
+    try:
+        with open(path) as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key == "model name" and not name:
+                    name = value.strip()
+                elif key in ("flags", "features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return name, flags
+
+
+def _torch_says(name: str) -> bool:
+    """torch's own cpuinfo probe (``torch.cpu._is_<name>_supported``), False where this torch has none."""
+    fn = getattr(torch.cpu, f"_is_{name}_supported", None)
+    try:
+        return bool(fn()) if fn is not None else False
+    except Exception:  # a private helper: never let it break a run
+        return False
+
+
+def capability(cpuinfo_path="/proc/cpuinfo") -> dict:
+    """This machine as a JSON-able dict.
+
+    isa: torch's CPU kernel level (``torch.backends.cpu.get_cpu_capability()``: "AVX2", "AVX512", "DEFAULT", ...);
+    native_bf16: the CPU has bf16 dot-product instructions (avx512_bf16 / amx_bf16; aarch64 bf16), so bf16
+    kernels are not emulated; vnni: int8 dot products (avx512_vnni / avx_vnni); amx: AMX tiles; cpu: model name;
+    cuda: the GPU's name or None; torch: version; threads: torch's intra-op threads now.
+    """
+    name, flags = _cpuinfo(cpuinfo_path)
+    have = lambda names: sorted(f for f in names if f in flags)  # noqa: E731
+    arm = platform.machine().lower() in ("aarch64", "arm64")
+    bf16 = have(BF16_FLAGS) + (have(ARM_BF16_FLAGS) if arm else [])
+    vnni, amx = have(VNNI_FLAGS), have(AMX_FLAGS)
+    if not flags:  # no /proc/cpuinfo: ask torch's cpuinfo instead
+        bf16 = ["avx512_bf16"] if _torch_says("avx512_bf16") else []
+        vnni = ["avx512_vnni"] if _torch_says("vnni") else []
+        amx = ["amx_tile"] if _torch_says("amx_tile") else []
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {"isa": torch.backends.cpu.get_cpu_capability(), "native_bf16": bool(bf16), "vnni": bool(vnni),
+            "amx": bool(amx), "flags": bf16 + [f for f in vnni + amx if f not in bf16],
+            "cpu": name or platform.processor() or platform.machine(), "cuda": cuda,
+            "cuda_bf16": bool(cuda) and torch.cuda.is_bf16_supported(), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cores": os.cpu_count()}
+
+
+def describe(cap=None) -> str:
+    """One line, e.g. "AMD EPYC, AVX2 (bf16 emulated, no VNNI, no AMX), 2 threads, torch 2.14.1, no CUDA"."""
+    cap = cap or capability()
+    bf16 = "native bf16" if cap["native_bf16"] else "bf16 emulated"
+    extras = [bf16, "VNNI" if cap["vnni"] else "no VNNI", "AMX" if cap["amx"] else "no AMX"]
+    gpu = f"CUDA {cap['cuda']}" if cap["cuda"] else "no CUDA"
+    threads = f"{cap['threads']} thread" + ("s" if cap["threads"] != 1 else "")
+    return f"{cap['cpu']}, {cap['isa']} ({', '.join(extras)}), {threads}, torch {cap['torch']}, {gpu}"
+
+
+def key(cap=None) -> str:
+    """Short hash of what decides which kernels are fast here: ISA, bf16 / VNNI / AMX, CPU and GPU, torch, threads."""
+    cap = cap or capability()
+    return fingerprint({k: cap[k] for k in ("isa", "native_bf16", "vnni", "amx", "cpu", "cuda", "torch", "threads")})
+
+
+def native_bf16(device_type="cpu", cap=None) -> bool:
+    """Whether bf16 kernels are native on ``device_type`` ("cpu" or "cuda") of this machine."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return (cap or capability())["native_bf16"]
+
+
+@functools.cache
+def bf16_matmul_cost(n=256, repeats=5) -> dict:
+    """A tiny timed probe: one n x n matmul in fp32 and in bf16 on this CPU (best of ``repeats`` after a warm-up);
+    returns {"fp32_gflops", "bf16_gflops", "slowdown": bf16 time / fp32 time}. ~0.2 s where bf16 is emulated."""
+    out = {}
+    for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        g = torch.Generator().manual_seed(0)
+        a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
+        a @ b
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        out[label] = best
+    return {"fp32_gflops": round(2 * n ** 3 / out["fp32"] / 1e9, 2),
+            "bf16_gflops": round(2 * n ** 3 / out["bf16"] / 1e9, 2),
+            "slowdown": round(out["bf16"] / out["fp32"], 1), "n": n}

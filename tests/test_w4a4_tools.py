@@ -1,0 +1,204 @@
+"""The W4A4 tools in common.quant: lowrank (an SVD branch beside a quantized layer), time_table (the time path
+as a table over the sampler's timesteps), smoothing (per-channel scales folded into weights and producers) and
+calibrate.mse_range: exactness, what each removes, storage round trips."""
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from common.core.config import load_config
+from common.diffusion.model import build_model
+from common.quant import lowrank, time_table
+from common.quant.container import arch_record, load_quantized, save_quantized
+from common.quant.formats import quantize_tensor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _net(name, overrides=()):
+    cfg = load_config(os.path.join(ROOT, "configs", name), overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # leave the DiT's zero start so every path carries signal
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return cfg, model
+
+
+@pytest.mark.parametrize("kind", [nn.Linear, nn.Conv2d, nn.ConvTranspose2d])
+def test_split_is_exact_and_full_rank_leaves_nothing(kind):
+    torch.manual_seed(0)
+    layer = {nn.Linear: lambda: nn.Linear(12, 10), nn.Conv2d: lambda: nn.Conv2d(6, 8, 3, padding=1),
+             nn.ConvTranspose2d: lambda: nn.ConvTranspose2d(8, 4, 4, stride=2, padding=1)}[kind]().eval()
+    x = torch.randn(2, 12) if kind is nn.Linear else torch.randn(2, layer.in_channels, 5, 5)
+    ref, w = layer(x), layer.weight.detach().clone()
+    model = nn.Sequential(layer)
+    lowrank.decompose(model, {"0": 3})
+    torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-4)  # branch + residual = the layer
+    assert layer.weight.norm() < w.norm()  # the residual is what gets quantized: smaller than W
+    _, _, residual = lowrank.split(w, kind, min(w.reshape(w.shape[0], -1).shape))
+    assert residual.abs().max() < 1e-4  # full rank leaves nothing
+
+
+def test_branch_sees_the_input_before_activation_quantizers_and_round_trips_through_the_file(tmp_path):
+    cfg, model = _net("smoke.yaml")
+    x, t = torch.randn(2, 1, 32, 32), torch.tensor([3, 70])
+    with torch.no_grad():
+        ref = model(x, t)
+    name = "Layer2.attention_layer.proj1"
+    lowrank.decompose(model, {name: 4, "Layer3.ResBlock1.conv1": 2, "Layer4.conv": 2})
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t), ref, atol=1e-4, rtol=1e-3)  # branches + residuals = the network
+    mod = dict(model.named_modules())[name]
+    seen = {}
+    mod.register_forward_pre_hook(lambda m, a: (a[0] * 0,))  # an input quantizer that zeroes everything
+    mod.lowrank.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    with torch.no_grad():
+        model(x, t)
+    assert seen["x"].abs().sum() > 0  # the branch got the unquantized input
+    cfg, model = _net("smoke.yaml")
+    lowrank.decompose(model, {name: 4})
+    stored = {}
+    for n, p in model.named_parameters():
+        fmt = lowrank.FACTOR_FORMAT if ".lowrank." in n else ("int8" if n.endswith("conv1.weight") else "fp32")
+        stored[n] = {"format": "fp32", "data": p.detach().clone()} if fmt == "fp32" else quantize_tensor(p, fmt, 0)
+    path = str(tmp_path / "q.safetensors")
+    report = save_quantized(stored, path, arch_record(cfg, model), {})
+    again, blob = load_quantized(path)
+    assert blob["arch"]["extras"]["lowrank"] == {name: 4}
+    assert report["stored_bytes"] == report["analytic_bytes"]
+    from common.quant.formats import dequantize_tensor
+
+    model.load_state_dict({n: e["data"] if e["format"] == "fp32" else dequantize_tensor(e) for n, e in stored.items()})
+    model.requires_grad_(False)  # as loaded models are (kernels differ when weights require grad)
+    with torch.no_grad():  # the file runs what was stored, branch included
+        torch.testing.assert_close(again(x, t), model(x, t), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("config", ["smoke.yaml", "smoke_dit.yaml"])
+def test_time_table_replaces_the_time_path_exactly_at_the_sampler_steps(tmp_path, config):
+    cfg, model = _net(config, ["model.time_embedding=mlp"])  # smoke.yaml's U-Net: the poster's fixed table
+    steps = [99, 66, 33, 0]
+    x = torch.randn(4, 1, 32, 32)
+    with torch.no_grad():
+        ref = model(x, torch.tensor(steps))
+    tabled = copy.deepcopy(model)
+    widths = time_table.build(tabled, steps, (1, 32, 32), reference=model)
+    assert set(widths) == set(model.time_outputs()) and widths
+    with torch.no_grad():  # break the time path's weights: the table does not need them
+        for n, p in tabled.named_parameters():
+            if tabled.time_path(n.rsplit(".", 1)[0]):
+                p.zero_()
+        out = tabled(x, torch.tensor(steps))
+        one_t = tabled(x[:2], torch.tensor([33]))
+    torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)  # fp16 rows
+    torch.testing.assert_close(one_t, out[2:3].expand(2, -1, -1, -1) * 0 + one_t, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="not in the stored time table"):
+        tabled(x[:1], torch.tensor([50]))
+    stored = {n: {"format": "fp32", "data": p.detach().clone()} for n, p in tabled.named_parameters()}
+    stored.update({n: ({"format": "fp32", "data": b.clone()} if b.dtype == torch.int32 else
+                       quantize_tensor(b, time_table.TABLE_FORMAT, 0)) for n, b in tabled.named_buffers()
+                   if n in time_table.table_entries(tabled)})
+    path = str(tmp_path / "q.safetensors")
+    save_quantized(stored, path, arch_record(cfg, tabled), {})
+    again, blob = load_quantized(path)
+    assert blob["arch"]["extras"]["time_table"]["steps"] == steps
+    with torch.no_grad():
+        torch.testing.assert_close(again(x, torch.tensor(steps)), out, atol=0, rtol=0)
+
+
+def test_mse_range_clips_heavy_tails_and_keeps_a_uniform_range():
+    from common.quant.activations import fake_quant, int_range, qparams
+    from common.quant.calibrate import mse_range
+
+    g = torch.Generator().manual_seed(0)
+    uniform = torch.rand(20000, generator=g) * 2 - 1
+    lo, hi = mse_range(uniform, 4)
+    assert lo == pytest.approx(-1, abs=0.06) and hi == pytest.approx(1, abs=0.06)  # nothing to clip
+    tails = torch.randn(20000, generator=g)
+    tails[:2] = 40.0  # 0.01 % far out: clipping them costs less than 16 levels over [-4, 40]
+    lo, hi = mse_range(tails, 4)
+    assert hi < 10
+
+    def mse(lo, hi):
+        s, z = qparams(torch.tensor(lo), torch.tensor(hi), 4, False)
+        return float((fake_quant(tails, s, z, *int_range(4, False)) - tails).pow(2).mean())
+
+    assert mse(lo, hi) < 0.5 * mse(float(tails.min()), float(tails.max()))
+
+
+@pytest.mark.parametrize("config", ["smoke.yaml", "smoke_dit.yaml"])
+def test_smoothing_folds_exactly_and_round_trips(tmp_path, config):
+    from common.quant import smoothing
+    from common.quant.activations import quantizable_modules
+
+    cfg, model = _net(config, ["model.time_embedding=mlp"])
+    x, t = torch.randn(2, 1, 32, 32), torch.tensor([5, 80])
+    with torch.no_grad():
+        ref = model(x, t)
+    mods = dict(model.named_modules())
+    g = torch.Generator().manual_seed(3)
+    runtime = {}
+    layers = [n for n in quantizable_modules(model) if not n.endswith(".lowrank.down")]
+    for n in layers:
+        c = mods[n].weight.shape[smoothing.weight_in_axis(mods[n])]
+        smoothing.fold(model, n, torch.rand(c, generator=g) * 3 + 0.2, runtime)
+    folded = {n for n in layers if n in model.smoothing_folds()}
+    assert folded and runtime and not folded & set(runtime)
+    smoothing.attach_divisors(model, {n: s.numel() for n, s in runtime.items()})
+    with torch.no_grad():
+        for n, s in runtime.items():
+            mods[n].smooth_div.copy_(s)
+        torch.testing.assert_close(model(x, t), ref, atol=1e-4, rtol=1e-3)  # x / s, W diag(s): the same net
+    stored = {n: {"format": "fp32", "data": p.detach().clone()} for n, p in model.state_dict().items()}
+    path = str(tmp_path / "q.safetensors")
+    save_quantized(stored, path, arch_record(cfg, model), {})
+    again, blob = load_quantized(path)
+    assert set(blob["arch"]["extras"]["smooth"]) == set(runtime)
+    model.requires_grad_(False)
+    with torch.no_grad():
+        torch.testing.assert_close(again(x, t), model(x, t), atol=0, rtol=0)
+
+
+def test_smoothing_moves_an_outlier_channel_into_the_weights():
+    from common.quant import smoothing
+    from common.quant.formats import dequantize_tensor
+
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    x = torch.randn(512, 16)
+    x[:, 3] *= 30  # one channel 30x wider than the rest: per-tensor 4-bit steps are too coarse for the others
+    wq = lambda w: dequantize_tensor(quantize_tensor(w, "int8", 0))  # noqa: E731
+    alpha, s, errors = smoothing.choose_alpha(layer, x, x.abs().amax(0), wq, 4)
+    assert alpha is not None and errors[alpha] < 0.9 * errors[None]
+    assert s[3] == s.max()
+
+
+@pytest.mark.parametrize("config", ["smoke.yaml", "smoke_dit.yaml"])
+def test_rotation_is_exact_spreads_an_outlier_and_round_trips(tmp_path, config):
+    from common.quant import rotation
+    from common.quant.activations import quantizable_modules
+
+    h = rotation.matrix(24, rotation.block_size(24))
+    assert rotation.block_size(24) == 8 and torch.allclose(h @ h.T, torch.eye(24), atol=1e-6)
+    x = torch.zeros(1, 8)
+    x[0, 3] = 8.0
+    assert (x @ rotation.hadamard(8)).abs().max() == pytest.approx(8 / 8 ** 0.5)  # spread over the block
+    cfg, model = _net(config)
+    x, t = torch.randn(2, 1, 32, 32), torch.tensor([5, 80])
+    with torch.no_grad():
+        ref = model(x, t)
+    blocks = rotation.rotate(model, quantizable_modules(model))
+    model.requires_grad_(False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t), ref, atol=1e-4, rtol=1e-3)
+    stored = {n: {"format": "fp32", "data": p.detach().clone()} for n, p in model.state_dict().items()}
+    path = str(tmp_path / "q.safetensors")
+    save_quantized(stored, path, arch_record(cfg, model), {})
+    again, blob = load_quantized(path)
+    assert blob["arch"]["extras"]["rotate"] == blocks
+    with torch.no_grad():
+        torch.testing.assert_close(again(x, t), model(x, t), atol=0, rtol=0)
