@@ -80,6 +80,7 @@ lowbit: setup
 # W4A4 recovered by reconstruction and selective finetuning, Fisher choosing what to train (after `make reproduce`).
 finetune: setup
 	$(BIN)/python finetune.py --config $(CONFIG) $(call DOCS,finetune)
+	$(BIN)/python w4a4.py --config $(CONFIG) $(call DOCS,finetune)
 
 # Whether runs/<run> is intact: every recorded hash and cross-reference (read-only; exit 1 on a problem).
 verify: setup

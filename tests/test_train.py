@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import common.diffusion.train as train_mod
+from common.core.config import TrainConfig
 from common.core.errors import StaleArtifactError
 from common.diffusion.checkpoint import check_checkpoint_matches, load_ema, training_inputs
 from common.diffusion.data import mnist_tensor
@@ -242,6 +243,7 @@ def as_cpu(monkeypatch):
 
 def _short(cfg):
     cfg.train.max_steps, cfg.train.batch_size, cfg.train.checkpoint_every = 2, 4, 1
+    cfg.train.bf16 = "auto"  # configs/smoke.yaml pins fp32 so its numbers are the same on every CPU
     return cfg, torch.rand(8, 1, 32, 32) * 2 - 1
 
 
@@ -251,7 +253,7 @@ def test_auto_resolves_from_the_machine_for_a_new_training(tiny_cfg, tmp_path, a
 
     enabled = as_cpu(native)
     cfg, x = _short(tiny_cfg)
-    assert cfg.train.bf16 == "auto"  # the default
+    assert cfg.train.bf16 == "auto" and TrainConfig().bf16 == "auto"  # the default
     assert resolve_bf16(cfg.train, "cpu") is native and training_inputs(cfg)["train"]["bf16"] is native
     _, ckpt = train(cfg, x, str(tmp_path / "a.pt"), CPU, progress=False)
     assert set(enabled) == {native}

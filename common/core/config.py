@@ -369,6 +369,21 @@ class FinetuneConfig:
 
 
 @dataclass
+class W4A4Config:
+    """w4a4.py / make finetune: where uniform W4A4's damage comes from, and what each technique buys (the
+    variants use finetune's budget-free settings: seeds, n_images, range_mode, calibration)."""
+    studies: list[Literal["damage", "ablation"]] = _spec(["damage", "ablation"])
+    rows: list[int] | None = _spec(None, lo=0, doc="ablation rows to run (0 = plain rounding); null = all")
+    lowrank_rank: int = _spec(8, lo=1, doc="rank of the 16-bit low-rank branch beside every quantized layer")
+    smooth_samples: int = _spec(1024, lo=1, doc="teacher inputs per layer for the smoothing strength search")
+    distill_steps: int = _spec(1000, lo=0, doc="Adam steps of the distillation row (batch finetune.batch_size)")
+    distill_lr: float = _spec(1e-4, lo=0.0, doc="learning rate of the weights and low-rank factors: codes can flip")
+    scale_lr: float = _spec(1e-3, lo=0.0, doc="learning rate of the log weight scales (per output channel)")
+    onpolicy_every: int = _spec(100, lo=0, doc="refresh the student's own trajectories every N steps (0 = never)")
+    onpolicy_images: int = _spec(8, lo=1, doc="student trajectories per refresh (every sampler step an input)")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -389,6 +404,7 @@ class Config:
     act_quant: ActQuantConfig = field(default_factory=ActQuantConfig)
     lowbit: LowbitConfig = field(default_factory=LowbitConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    w4a4: W4A4Config = field(default_factory=W4A4Config)
     source: str = "<defaults>"  # the YAML file this came from (not a YAML key)
     overrides: list = field(default_factory=list)  # the --set strings applied to it (not a YAML key)
 
@@ -742,6 +758,18 @@ def _check_act_quant(cfg: Config, src: str):
                                   f"and act_quant.a_bits ({aq.a_bits}) must hold {value[1]}")
 
 
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def released_path(path: str | None) -> str | None:
+    """A released file named relative to the project (``checkpoints/...``) is found from any working directory:
+    a relative path that does not exist here but does under the project root is taken from there."""
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    there = os.path.join(PROJECT_ROOT, path)
+    return there if os.path.exists(there) else path
+
+
 def load_config(path, overrides=()) -> Config:
     """Load ``path`` (YAML), apply ``key.sub=value`` overrides, validate, return a ``Config``."""
     src = str(path)
@@ -755,6 +783,8 @@ def load_config(path, overrides=()) -> Config:
         cfg.data.root = os.environ["LAQFI_DATA_ROOT"]
     if cfg.run.name is None:
         cfg.run.name = os.path.splitext(os.path.basename(src))[0]
+    cfg.baseline.weights = released_path(cfg.baseline.weights)
+    cfg.eval.classifier.weights = released_path(cfg.eval.classifier.weights)
     # A combination can be invalid where each value alone is fine: name the overrides too.
     _cross_checks(cfg, src + "".join(f" --set {o}" for o in overrides))
     return cfg

@@ -268,11 +268,12 @@ def _run_act_variant(cfg, variant, plan, budget, mode, model, ckpt_path, fisher,
 
 
 def save_and_evaluate(cfg, variant, model, stored, q, extra, provenance, plan_record, device, force=False,
-                      progress=True):
+                      progress=True, arch=None):
     """Reuse the variant's results if intact, else write ``quantized.safetensors`` (``stored``),
     ``act_quant.safetensors`` (the activation quantizer ``q``) and ``plan.json`` (``plan_record`` + ``extra``),
-    rebuild the model from the two files and evaluate it (``metrics.json`` binds all three). The caller holds
-    the variant's lock."""
+    rebuild the model from the two files and evaluate it (``metrics.json`` binds all three). ``arch``: the
+    network the file records (``container.arch_record``; default: the config's plain network, no extras).
+    ``model`` (the fp32 network) sizes ``fp32_bytes``. The caller holds the variant's lock."""
     weights_id = hashlib.sha256((stored_digest(stored) + quantizer_digest(q)).encode()).hexdigest()
     out = evaluate.variant_dir(cfg, variant)
     metrics_path = os.path.join(out, "metrics.json")
@@ -281,8 +282,7 @@ def save_and_evaluate(cfg, variant, model, stored, q, extra, provenance, plan_re
     if old is not None:
         print(f"[{variant}] reusing {metrics_path}")
         return old
-    size = save_quantized(stored, qpath, arch_record(cfg),
-                          provenance)
+    size = save_quantized(stored, qpath, arch or arch_record(cfg), provenance)
     save_act_quant(q, apath, provenance)
     size.update(size_bytes=size["stored_bytes"], fp32_bytes=4 * sum(p.numel() for p in model.parameters()),
                 act_file_bytes=os.path.getsize(apath))

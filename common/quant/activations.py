@@ -108,8 +108,9 @@ class LayerQuant:
 
 
 def quantizable_modules(model: nn.Module) -> list:
-    """Names of every conv / transposed-conv / linear module, in module order."""
-    return [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
+    """Names of every conv / transposed-conv / linear module of the network, in module order (not the two
+    halves of a low-rank branch: ``common.quant.lowrank`` keeps them in 16 bits beside their layer)."""
+    return [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE) and ".lowrank." not in n + "."]
 
 
 def attention_projections(model: nn.Module) -> set:

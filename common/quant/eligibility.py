@@ -24,7 +24,7 @@ def eligible_names(model: nn.Module, rule: str = "poster") -> list:
         return [n for n, _ in model.named_parameters()]
     names = []
     for mod_name, mod in model.named_modules():
-        if not isinstance(mod, _WEIGHTED):
+        if not isinstance(mod, _WEIGHTED) or ".lowrank." in mod_name + ".":  # a 16-bit branch, not a layer
             continue
         if rule == "all_weights" or (rule == "all_but_ends" and mod_name not in model.ends) or (
                 rule == "poster" and stage_of(mod_name)):

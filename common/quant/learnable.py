@@ -10,7 +10,9 @@ the file holds.
   the weights w themselves train (QuEST-style finetuning). ``adaround`` (Nagel et al. 2020): w fixed,
   w_hat = s * clamp(floor(w / s) + h(V)) with h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1), zeta = 1.1,
   gamma = -0.1, V initialised so h equals the fractional part; the regulariser sum(1 - |2h - 1|^beta), beta
-  annealed from 20 to 2, drives h to 0 or 1, and the export rounds it.
+  annealed from 20 to 2, drives h to 0 or 1, and the export rounds it. ``lsq``: as ``ste``, with the per-channel
+  scale a parameter of its own (log s, initialised at max|w_c| / qmax) learned with the weights (LSQ for
+  weights, EfficientDM-style), so ranges can shrink below the largest weight and codes flip.
 * Activations (LSQ, Esser et al. 2020): per timestep group and channel part a learned step s (and the
   calibrated zero point), x_hat = (clamp(round(x / s) + z, qmin, qmax) - z) s with round passed straight
   through and the step's gradient scaled by 1 / sqrt(numel * qmax).
@@ -49,8 +51,10 @@ class WeightQuant(nn.Module):
             # h(V) = frac at the start: sigmoid(V) = (frac - gamma) / (zeta - gamma)
             p = ((frac - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
             self.v = nn.Parameter(torch.log(p / (1 - p)))
+        elif mode == "lsq":
+            self.log_scale = nn.Parameter(channel_scale(_channel_first(weight.detach(), axis), self.qmax).log())
         elif mode != "ste":
-            raise ValueError(f"weight quantizer mode must be 'ste' or 'adaround', got {mode!r}")
+            raise ValueError(f"weight quantizer mode must be 'ste', 'lsq' or 'adaround', got {mode!r}")
 
     def h(self):
         return (torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
@@ -58,7 +62,7 @@ class WeightQuant(nn.Module):
     def codes(self, w: torch.Tensor, hard=True) -> torch.Tensor:
         """Channel-first (C, K) codes of ``w`` (AdaRound: with its learned rounding, hard = rounded h)."""
         cf = _channel_first(w, self.axis)
-        s = channel_scale(cf, self.qmax)[:, None]
+        s = self.log_scale.exp()[:, None] if self.mode == "lsq" else channel_scale(cf, self.qmax)[:, None]
         if self.mode == "adaround":
             h = (self.h() >= 0.5).to(cf.dtype) if hard else self.h()
             return torch.clamp(torch.floor(cf.detach() / s) + h, -self.qmax, self.qmax), s

@@ -1,0 +1,488 @@
+"""W4A4 that holds: where uniform W4A4's damage comes from, and what each technique against it buys.
+
+Two studies on the released baseline, written under ``runs/<run>/finetune/`` beside ``make finetune``'s variants
+and with its weights (every conv / linear but the two ends in 4-bit per-channel codes, the ends in
+``lowbit.keep_format``), calibration and evaluation settings; every variant is sampled from its stored files.
+
+* ``run_damage``: A4 on every quantized input but one group, and on one group alone (groups: ``input_group``),
+  plus per input the relative output error of 4-bit rounding per tensor against per input channel.
+* ``run_ablation``: uniform W4A4 from plain rounding, adding one technique at a time (``TECHNIQUES``): ranges
+  searched for the least quantization MSE, dynamic per-token ranges for attention inputs, smoothing, rotation,
+  a 16-bit low-rank branch, the time path as a table, and quantization-aware distillation (``finetune.py``).
+"""
+import copy
+import json
+import os
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..core import lock
+from ..diffusion.samplers import build_sampler
+from ..diffusion.schedule import NoiseSchedule
+from ..evaluation import evaluate
+from ..quant import lowrank, rotation, smoothing, time_table
+from ..quant.activations import fake_quant, group_of, int_range, qparams
+from ..quant.calibrate import calibration_timesteps, collect_ranges
+from ..quant.container import arch_record
+from ..quant.eligibility import eligible_names, end_convs
+from ..quant.formats import channel_axes, dequantize_tensor, quantize_tensor
+from . import lowbit, pipeline
+from .act_pipeline import act_layout, act_quantizer, ensure_ranges, mode_groups, save_and_evaluate
+
+# the techniques of the ablation, in the order the rows add them
+TECHNIQUES = ("ranges", "token", "smooth", "rotate", "lowrank", "time_table", "distill")
+SAMPLING_CONVS = ("down-sampling conv", "up-sampling (transposed) conv")
+
+
+def input_group(model, name: str, splits: dict) -> str:
+    """The damage group of a quantized input: the time path, skip concatenations, sampling convs, or the
+    network's own op type (attention projections, ResBlock convs; the DiT's qkv / out / MLP inputs)."""
+    if model.time_path(name):
+        return "time path"
+    if name in splits:
+        return "skip concatenation"
+    op = model.op_type(name)
+    return "sampling conv" if op in SAMPLING_CONVS else op
+
+
+def rounded_weights(c, model, w_bits: int) -> dict:
+    """Stored entries of plain W-bit rounding: every ``lowbit.RULE`` weight in int<w_bits> per output channel,
+    the two ends in ``lowbit.keep_format``, the rest fp32 (as ``make finetune``'s ``none`` method stores them)."""
+    params, axes = dict(model.named_parameters()), channel_axes(model)
+    quantized = set(eligible_names(model, lowbit.RULE))
+    ends = set(end_convs(model))
+    stored = {}
+    for n, p in params.items():
+        if n in quantized:
+            stored[n] = quantize_tensor(p, f"int{w_bits}", axes[n])
+        elif n in ends:
+            stored[n] = quantize_tensor(p, c.lowbit.keep_format, axes[n])
+        else:
+            stored[n] = {"format": "fp32", "data": p.detach().cpu().clone()}
+    return stored
+
+
+def _evaluate(c, variant, model, stored, quantizer, extra, device, force, progress, transformed=None):
+    """Save and evaluate one variant from its files, under its lock; ``transformed``: the network with extras
+    (smoothing divisors, rotations, low-rank branches, time table) that the quantized file records."""
+    provenance = {"study": extra["study"], "checkpoint_sha256": extra["checkpoint_sha256"]}
+    arch = arch_record(c, transformed) if transformed is not None else None
+    with lock.hold(evaluate.variant_dir(c, variant)):
+        return save_and_evaluate(c, variant, model, stored, quantizer, extra, provenance, {"study": extra}, device,
+                                 force, progress, arch=arch)
+
+
+# ----------------------------------------------------------------------------- where the damage comes from
+def damage_sets(model, names, kept, splits) -> dict:
+    """{variant: (label, inputs at A4)}: weights only, every input, and per group all-but-it and it alone."""
+    inputs = [n for n in names if n not in kept]
+    groups = {}
+    for n in inputs:
+        groups.setdefault(input_group(model, n, splits), []).append(n)
+    out = {"damage_w4": ("W4, inputs float", []), "damage_all": ("W4A4 (every quantized input)", inputs)}
+    for g, members in groups.items():
+        tag = g.replace(" ", "_").replace("(", "").replace(")", "")
+        out[f"damage_but_{tag}"] = (f"A4 on all but {g}", [n for n in inputs if n not in members])
+        out[f"damage_only_{tag}"] = (f"A4 on {g} alone", members)
+    return out
+
+
+def run_damage(cfg, c, model, sha, a_bits, device, force=False, progress=True) -> dict:
+    """Evaluate ``damage_sets`` at W4A{a_bits}: {variant: (label, group, metrics)}."""
+    mode = cfg.finetune.range_mode
+    names, kept, splits, _ = act_layout(c, model)
+    ranges = pipeline.shared(c, lambda: ensure_ranges(c, model, mode, sha, device, progress))
+    stored = rounded_weights(c, model, 4)
+    done = {}
+    for variant, (label, inputs) in damage_sets(model, names, kept, splits).items():
+        q = _quantizer(c, model, ranges, {n: a_bits for n in inputs}, mode, token=False)
+        extra = {"study": "damage", "label": label, "inputs_at_a4": len(inputs), "checkpoint_sha256": sha,
+                 "a_bits": a_bits, "range_mode": mode}
+        done[variant] = (label, _evaluate(c, variant, model, stored, q, extra, device, force, progress))
+    return done
+
+
+def _quantizer(c, model, ranges, bits, mode, token: bool):
+    """The W/A pipeline's activation quantizer with per-token attention ranges switched by ``token``."""
+    c2 = copy.deepcopy(c)
+    c2.act_quant.per_token_attention = token
+    return act_quantizer(c2, model, ranges, bits, mode)
+
+
+def channel_errors(model, quantizer, pool, n_inputs=64, seed=0) -> list:
+    """Per quantized input: the relative output error ||f(Q(x)) - f(x)|| / ||f(x)|| of its layer with the
+    calibrated per-tensor quantizer and with min-max ranges per input channel (of the same inputs, per timestep
+    group), on ``n_inputs`` pairs of the teacher's calibration pool."""
+    mods = dict(model.named_modules())
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(pool[0]), generator=gen)[:n_inputs]
+    x, t = pool[0][idx], pool[1][idx]
+    seen = {}
+    hooks = [mods[n].register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0].detach()))
+             for n in quantizer.layers]
+    with torch.no_grad():
+        model(x, t)
+    for h in hooks:
+        h.remove()
+    groups = group_of(t, quantizer.groups, quantizer.timesteps)
+    rows = []
+    with torch.no_grad():
+        for n, lq in quantizer.layers.items():
+            layer, xi = mods[n], seen[n]
+            ref = layer(xi)
+            per_tensor = float((layer.forward(lq.apply(xi, groups)) - ref).norm() / ref.norm())
+            dim = smoothing.channel_dim(xi, layer)
+            xc = torch.empty_like(xi)
+            for g in groups.unique():
+                sel = groups == g
+                v = xi[sel]
+                red = tuple(d for d in range(v.dim()) if d != dim)
+                s, z = qparams(v.amin(red, keepdim=True), v.amax(red, keepdim=True), lq.bits, lq.symmetric)
+                xc[sel] = fake_quant(v, s, z, *int_range(lq.bits, lq.symmetric))
+            per_channel = float((layer.forward(xc) - ref).norm() / ref.norm())
+            rows.append({"input": n, "op": model.op_type(n), "per_tensor": per_tensor, "per_channel": per_channel})
+    return rows
+
+
+# ----------------------------------------------------------------------------- the ablation
+def row_techniques(k: int) -> tuple:
+    """The techniques of ablation row k (0 = plain rounding): the first k of ``TECHNIQUES``."""
+    return TECHNIQUES[:k]
+
+
+def transformed_model(c, model, techniques, pool, device, rank: int, smooth_samples: int, progress=True):
+    """The fp32 model with the ablation's exact transformations applied, in the order their input hooks run:
+    smoothing (alpha per layer chosen at W4A4 on teacher inputs), rotation, low-rank branches, time table.
+    Returns (model, {technique: what it did})."""
+    names, kept, _, _ = act_layout(c, model)
+    layers = [n.removesuffix(".weight") for n in eligible_names(model, lowbit.RULE)]
+    inputs = [n for n in names if n not in kept]
+    m = copy.deepcopy(model)
+    info = {}
+    axes = channel_axes(model)
+    if "smooth" in techniques:
+        gen = torch.Generator().manual_seed(c.finetune.calib_seed)
+        idx = torch.randperm(len(pool[0]), generator=gen)[:smooth_samples]
+        xs, ts = pool[0][idx].to(device), pool[1][idx].to(device)
+        recorded = smoothing.record_inputs(m, inputs, lambda: [m(xs[i:i + 64], ts[i:i + 64])
+                                                                for i in range(0, len(xs), 64)])
+        runtime, alphas = {}, {}
+        mods = dict(m.named_modules())
+        for n in inputs:
+            if n not in layers:
+                continue
+            x = recorded[n]
+            amax = x.abs().amax(tuple(d for d in range(x.dim()) if d != smoothing.channel_dim(x, mods[n])))
+            axis = axes[f"{n}.weight"]
+            alpha, s, _ = smoothing.choose_alpha(
+                mods[n], x, amax, lambda w, axis=axis: dequantize_tensor(quantize_tensor(w, "int4", axis)), 4)
+            alphas[n] = alpha
+            if alpha is not None:
+                smoothing.fold(m, n, s, runtime)
+        smoothing.attach_divisors(m, {n: s.numel() for n, s in runtime.items()})
+        with torch.no_grad():
+            for n, s in runtime.items():
+                mods[n].smooth_div.copy_(s.to(torch.float16).float())  # stored fp16: run what is stored
+        info["smooth"] = {"alpha": alphas, "folded": sorted(set(alphas) - set(runtime) - {
+            n for n, a in alphas.items() if a is None}), "runtime": sorted(runtime)}
+    if "rotate" in techniques:
+        info["rotate"] = rotation.rotate(m, [n for n in inputs if n in layers])
+    if "lowrank" in techniques:
+        info["lowrank"] = lowrank.decompose(m, {n: rank for n in layers})
+    if "time_table" in techniques:
+        sampler = build_sampler(c.sample, NoiseSchedule.from_config(c.diffusion))
+        shape = (c.model.in_channels, c.data.image_size, c.data.image_size)
+        info["time_table"] = {"steps": [int(s) for s in sampler.timesteps],
+                              "widths": time_table.build(m, sampler.timesteps, shape, reference=model)}
+    return m.eval().requires_grad_(False), info
+
+
+def stored_entries(c, transformed, w_bits: int) -> dict:
+    """What the transformed model stores: its quantized layers' (residual) weights in int<w_bits>, the ends in
+    ``keep_format``, low-rank factors / run-time divisors / time rows in 16 bits, everything else fp32."""
+    state = transformed.state_dict()
+    params, axes = dict(transformed.named_parameters()), channel_axes(transformed)
+    quantized = {n for n in eligible_names(transformed, lowbit.RULE) if ".lowrank." not in n}
+    ends = set(end_convs(transformed))
+    stored = {}
+    for n, v in state.items():
+        if n in quantized:
+            stored[n] = quantize_tensor(params[n], f"int{w_bits}", axes[n])
+        elif n in ends:
+            stored[n] = quantize_tensor(params[n], c.lowbit.keep_format, axes[n])
+        elif ".lowrank." in n or n.endswith(".smooth_div") or n.endswith(".time_rows"):
+            stored[n] = quantize_tensor(v, "fp16", 0)
+        else:
+            stored[n] = {"format": "fp32", "data": v.detach().cpu().clone()}
+    return stored
+
+
+def calibrate(c, transformed, names, method: str, a_bits: int, mode: str, device, progress=True) -> dict:
+    """Ranges of the transformed model's inputs (min-max, or the least-MSE ranges at ``a_bits``)."""
+    aq = c.act_quant
+    _, _, splits, _ = act_layout(c, transformed)
+    sampler = build_sampler(c.sample, NoiseSchedule.from_config(c.diffusion))
+    shape = (c.model.in_channels, c.data.image_size, c.data.image_size)
+    return collect_ranges(transformed, sampler, names, shape, aq.calib_images,
+                          calibration_timesteps(sampler, aq.calib_timesteps), mode_groups(c, mode), method,
+                          aq.percentile, splits, aq.calib_seed, c.sample.batch_size, device, progress,
+                          mse_bits=a_bits)
+
+
+def distill(cfg, c, teacher, transformed, ranges, pool, token: bool, device, progress=True):
+    """Quantization-aware distillation that can move the weights (EfficientDM, He et al. 2024): a ``Student`` of
+    the transformed model with straight-through weights and learned per-channel weight scales (``lsq``), LSQ
+    activation steps per timestep group, and the low-rank factors, trained with Adam to match the fp32
+    ``teacher``'s noise prediction on x_t drawn half from the teacher's trajectories (``pool``) and half from the
+    student's own (on-policy, refreshed every ``w4a4.onpolicy_every`` steps). Returns (stored entries,
+    ActQuantizer, info with the share of weight codes that changed)."""
+    from ..diffusion.samplers import build_sampler as sampler_of
+    from ..quant.backends import calibration_inputs
+    from ..quant.learnable import export_weight
+    from .finetune import Student
+
+    w = cfg.w4a4
+    c2 = copy.deepcopy(c)
+    c2.act_quant.per_token_attention = token
+    student = Student(c2, transformed, 4, 4, ranges, "lsq")
+    names = list(student.wq)
+    before = {n: student.wq[n].codes(student.original(n).detach(), hard=True)[0].clone() for n in names}
+    weights = [student.original(n) for n in names]
+    scales = [student.wq[n].log_scale for n in names]
+    steps_p = [a.step for a in student.aq.values()]
+    branch = [p for n, p in student.model.named_parameters() if ".lowrank." in n]
+    trained = weights + scales + steps_p + branch
+    for p in trained:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam([{"params": weights + branch, "lr": w.distill_lr}, {"params": scales, "lr": w.scale_lr},
+                            {"params": steps_p, "lr": cfg.finetune.step_lr}])
+    sampler = sampler_of(c.sample, NoiseSchedule.from_config(c.diffusion))
+    shape = (c.model.in_channels, c.data.image_size, c.data.image_size)
+    gen = torch.Generator().manual_seed(c.finetune.calib_seed + 7)
+    own, losses = None, []
+    bar = tqdm(range(w.distill_steps), desc="distill", disable=not progress)
+    try:
+        for k in bar:
+            if w.onpolicy_every and k % w.onpolicy_every == 0:
+                with torch.no_grad():  # the student's own trajectories (its quantizers on), from calibration noise
+                    pairs = calibration_inputs(student.model, sampler, w.onpolicy_images, shape,
+                                               c.finetune.calib_seed + 100 + k, progress=False)
+                own = (torch.cat([x for x, _ in pairs]), torch.cat([t.expand(len(x)) for x, t in pairs]))
+            half = cfg.finetune.batch_size // 2 if own is not None else cfg.finetune.batch_size
+            sel = torch.randint(0, len(pool[0]), (half,), generator=gen)
+            x, t = pool[0][sel].to(device), pool[1][sel].to(device)
+            if own is not None:
+                sel = torch.randint(0, len(own[0]), (cfg.finetune.batch_size - half,), generator=gen)
+                x, t = torch.cat([x, own[0][sel].to(device)]), torch.cat([t, own[1][sel].to(device)])
+            with torch.no_grad():
+                target = teacher(x, t)
+            loss = (student.model(x, t) - target).pow(2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.2e}")
+    finally:
+        for p in trained:
+            p.requires_grad_(False)
+    changed = sum(int((student.wq[n].codes(student.original(n).detach(), hard=True)[0] != before[n]).sum())
+                  for n in names)
+    total = sum(before[n].numel() for n in names)
+    stored = stored_entries(c, transformed, 4)
+    for n in names:
+        stored[n] = export_weight(student.wq[n], student.original(n))
+    own_params = dict(student.model.named_parameters())
+    for n in stored:
+        if ".lowrank." in n:
+            stored[n] = quantize_tensor(own_params[n].detach(), "fp16", 0)
+    _, q = student.export(transformed)
+    kk = max(1, len(losses) // 10)
+    return stored, q, {"steps": w.distill_steps, "codes_changed": changed / max(1, total),
+                       "first_loss": float(np.mean(losses[:kk])) if losses else None,
+                       "last_loss": float(np.mean(losses[-kk:])) if losses else None}
+
+
+def ablation_variant(k: int) -> str:
+    return "w4a4_" + "_".join(("round",) + row_techniques(k))
+
+
+def run_ablation(cfg, c, model, sha, pool, device, rows=None, rank=8, force=False, progress=True) -> dict:
+    """Ablation rows 0..len(TECHNIQUES) (or ``rows``): {variant: (techniques, metrics)}."""
+    mode = cfg.finetune.range_mode
+    names, kept, _, _ = act_layout(c, model)
+    inputs = [n for n in names if n not in kept]
+    done = {}
+    for k in rows if rows is not None else range(len(TECHNIQUES) + 1):
+        techniques = row_techniques(k)
+        variant = ablation_variant(k)
+        m, info = transformed_model(c, model, techniques, pool, device, rank, cfg.w4a4.smooth_samples, progress)
+        method = "mse" if "ranges" in techniques else "minmax"
+        ranges = calibrate(c, m, names, method, 4, mode, device, progress)
+        q = _quantizer(c, m, ranges, {n: 4 for n in inputs}, mode, token="token" in techniques)
+        stored = stored_entries(c, m, 4)
+        if "distill" in techniques:
+            stored, q, info["distill"] = distill(cfg, c, model, m, ranges, pool, "token" in techniques, device,
+                                                 progress)
+        extra = {"study": "ablation", "row": k, "techniques": list(techniques), "checkpoint_sha256": sha,
+                 "range_method": method, "range_mode": mode, "lowrank_rank": rank if "lowrank" in techniques else 0,
+                 "transform": json.loads(json.dumps(info, default=str))}
+        done[variant] = (techniques, _evaluate(c, variant, model, stored, q, extra, device, force, progress,
+                                               transformed=m))
+    return done
+
+
+def run_w4a4(cfg, device, studies=("damage", "ablation"), force=False, progress=True) -> dict:
+    """The studies on ``cfg``'s baseline: {"damage": ..., "channel_errors": [...], "ablation": ...}."""
+    from .finetune import ensure_pool, finetune_config
+
+    c = finetune_config(cfg)
+    model, ckpt_path, fisher = pipeline.load_artifacts(cfg, device, force=False, progress=progress)
+    sha = fisher["meta"]["checkpoint_sha256"]
+    out = {"fp32": pipeline.evaluate_fp32(c, model, ckpt_path, device, force, progress)}
+    pool = pipeline.shared(c, lambda: ensure_pool(c, model, sha, device, progress))
+    if "damage" in studies:
+        out["damage"] = run_damage(cfg, c, model, sha, 4, device, force, progress)
+        ranges = ensure_ranges(c, model, cfg.finetune.range_mode, sha, device, progress)
+        names, kept, _, _ = act_layout(c, model)
+        q = _quantizer(c, model, ranges, {n: 4 for n in names if n not in kept}, cfg.finetune.range_mode, False)
+        out["channel_errors"] = channel_errors(model, q, pool)
+    if "ablation" in studies:
+        out["ablation"] = run_ablation(cfg, c, model, sha, pool, device, rank=cfg.w4a4.lowrank_rank, force=force,
+                                       progress=progress)
+    return out
+
+
+# ----------------------------------------------------------------------------- outputs
+COLUMNS = ["study", "variant", "label", "seed", "paired_mse_vs_fp32", "paired_mse_median", "clf_fid", "clf_is",
+           "size_bytes"]
+
+
+def w4a4_dir(cfg) -> str:
+    from .finetune import finetune_dir
+
+    return finetune_dir(cfg)
+
+
+def _variants(done):
+    """(study, variant, label, metrics) of every evaluated variant."""
+    out = [("reference", "fp32", "fp32", done["fp32"])]
+    for v, (label, r) in done.get("damage", {}).items():
+        out.append(("damage", v, label, r))
+    for v, (techniques, r) in done.get("ablation", {}).items():
+        out.append(("ablation", v, " + ".join(("rounding",) + tuple(techniques)), r))
+    return out
+
+
+def rows(done) -> list:
+    out = []
+    for study, v, label, r in _variants(done):
+        for s in r["seeds"]:
+            ps = r["per_seed"][str(s)]
+            out.append({"study": study, "variant": v, "label": label, "seed": s,
+                        "paired_mse_vs_fp32": ps["paired_mse_vs_fp32"],
+                        "paired_mse_median": ps.get("paired_mse_median"),
+                        "clf_fid": ps["clf_fid"], "clf_is": ps["clf_is"], "size_bytes": r.get("size_bytes")})
+    return out
+
+
+def summary_markdown(cfg, done, seconds=None) -> str:
+    from .report import mean_sd, paired_verdict, per_seed
+
+    ft = cfg.finetune
+    ref = done["fp32"]
+    fp_fid = float(np.nanmean(per_seed(ref, "clf_fid")))
+    head = ("| variant | paired MSE | clf-FID | clf-FID / fp32 | clf-IS |", "|---|---:|---:|---:|---:|")
+    lines = [f"# W4A4: where the damage comes from, what each technique buys (`{w4a4_dir(cfg)}`)", "",
+             f"{ft.n_images} images per seed × seeds {ft.seeds}, paired noise; weights: every conv / linear but the "
+             f"first and last layer in 4-bit codes per output channel (those {cfg.lowbit.keep_format}); activations: "
+             f"{ft.range_mode} ranges calibrated on {cfg.act_quant.calib_images} trajectories from seed "
+             f"{cfg.act_quant.calib_seed}." + (f" This invocation: {seconds / 60:.1f} min." if seconds else ""), "",
+             f"fp32: clf-FID {mean_sd(per_seed(ref, 'clf_fid'))}, clf-IS {mean_sd(per_seed(ref, 'clf_is'))}."]
+
+    def cells(r):
+        fid = float(np.nanmean(per_seed(r, "clf_fid")))
+        return (f"{mean_sd(per_seed(r, 'paired_mse_vs_fp32'))} | {mean_sd(per_seed(r, 'clf_fid'))} | "
+                f"{fid / fp_fid:.2f} | {mean_sd(per_seed(r, 'clf_is'))}")
+
+    if "damage" in done:
+        lines += ["", "## Which 4-bit inputs do the damage", "", *head]
+        for _, (label, r) in done["damage"].items():
+            lines.append(f"| {label} | {cells(r)} |")
+        errs = done.get("channel_errors") or []
+        if errs:
+            lines += ["", "Relative output error of one layer with its input at 4 bits (64 teacher inputs): the "
+                      "calibrated per-tensor range against min-max ranges per input channel. Median over the inputs "
+                      "of each op type, and the five worst inputs:", "",
+                      "| op type | inputs | per tensor | per channel |", "|---|---:|---:|---:|"]
+            for op in sorted({e["op"] for e in errs}):
+                es = [e for e in errs if e["op"] == op]
+                lines.append(f"| {op} | {len(es)} | {np.median([e['per_tensor'] for e in es]):.3g} | "
+                             f"{np.median([e['per_channel'] for e in es]):.3g} |")
+            lines += ["", "| input | per tensor | per channel |", "|---|---:|---:|"]
+            for e in sorted(errs, key=lambda e: -e["per_tensor"])[:5]:
+                lines.append(f"| `{e['input']}` | {e['per_tensor']:.3g} | {e['per_channel']:.3g} |")
+    if "ablation" in done:
+        lines += ["", "## Ablation: one technique at a time", "",
+                  "Each row adds one technique to the row above; the verdict compares it with the row above (B − A "
+                  "of paired per-seed values; **better** when a two-sided paired t-test at 5% says so).", "",
+                  "| row | adds | weights MB | paired MSE | clf-FID | clf-FID / fp32 | clf-IS | "
+                  "paired MSE vs row above |",
+                  "|---:|---|---:|---:|---:|---:|---:|---|"]
+        prev = None
+        for _, (techniques, r) in done["ablation"].items():
+            k = len(techniques)
+            verdict = "–" if prev is None else paired_verdict(
+                per_seed(r, "paired_mse_vs_fp32") - per_seed(prev, "paired_mse_vs_fp32"), ("above", "this"))
+            lines.append(f"| {k} | {techniques[-1] if techniques else 'plain rounding'} | "
+                         f"{r['size_bytes'] / 1e6:.3f} | {cells(r)} | {verdict} |")
+            prev = r
+    lines += ["", "![w4a4](w4a4.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(done, path):
+    from .report import per_seed, pyplot, save_figure
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False)
+    ax = axes[0][0]
+    if "damage" in done:
+        labels = [lab for lab, _ in done["damage"].values()]
+        vals = [float(np.nanmean(per_seed(r, "paired_mse_vs_fp32"))) for _, r in done["damage"].values()]
+        errs = [float(np.nanstd(per_seed(r, "paired_mse_vs_fp32"))) for _, r in done["damage"].values()]
+        ax.barh(range(len(vals)), vals, xerr=errs, color=["C0" if "alone" in lab else "C1" for lab in labels])
+        ax.set_yticks(range(len(vals)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("paired MSE vs fp32")
+        ax.set_title("W4A4: A4 on all but one group (orange) / one group alone (blue)")
+    ax = axes[0][1]
+    if "ablation" in done:
+        names = ["rounding"] + [t[-1] for t, _ in list(done["ablation"].values())[1:]]
+        for key, color in (("paired_mse_vs_fp32", "C0"),):
+            vals = [float(np.nanmean(per_seed(r, key))) for _, r in done["ablation"].values()]
+            errs = [float(np.nanstd(per_seed(r, key))) for _, r in done["ablation"].values()]
+            ax.errorbar(range(len(vals)), vals, yerr=errs, marker="o", color=color, capsize=3)
+        ax.set_xticks(range(len(names)), ["+ " + n if i else n for i, n in enumerate(names)], rotation=30,
+                      fontsize=7)
+        ax.set_yscale("log")
+        ax.set_ylabel("paired MSE vs fp32")
+        ax.set_title("W4A4 ablation (cumulative)")
+    return save_figure(fig, path)
+
+
+def write_outputs(cfg, done, seconds=None) -> str:
+    from ..core import storage
+    from ..core.cli import command
+
+    folder = w4a4_dir(cfg)
+    fig = plot(done, os.path.join(folder, "w4a4.png"))
+    md = summary_markdown(cfg, done, seconds)
+    storage.atomic_write_csv(rows(done), COLUMNS, os.path.join(folder, "w4a4.csv"))
+    storage.atomic_write_text(md, os.path.join(folder, "w4a4.md"))
+    storage.atomic_write_record({"channel_errors": done.get("channel_errors")}, os.path.join(folder, "w4a4.json"))
+    storage.write_sources(os.path.join(folder, "w4a4.sources.json"),
+                          [os.path.join(folder, f) for f in ("w4a4.csv", "w4a4.md", "w4a4.json")] + [fig],
+                          [os.path.join(folder, v, "metrics.json") for _, v, _, _ in _variants(done)], command(cfg))
+    return md
