@@ -341,6 +341,8 @@ class LowbitConfig:
     predictor_seed: int = 7000   # calibration noise of the measurements; not an evaluation seed
     retest_seed: int = 7001      # second noise seed: the test-retest ceiling on the held-out configurations
     eps_samples: int = _spec(64, lo=1, doc="(x_t, t) samples of the one-step noise-prediction error")
+    targets: dict = _spec({"3.5bits@A8": 5.0, "3bits@A8": 15.0, "3.5bits@A6": 8.0},
+                          doc="budget -> the most classifier-FID may exceed fp32's; met when the 95% interval does")
 
 
 @dataclass
@@ -727,6 +729,22 @@ def _check_lowbit(cfg: Config, src: str):
         _not_an_evaluation_seed(f"lowbit.{key}", getattr(lb, key), lb.seeds + cfg.eval.seeds, src)
     if lb.predictor_seed == lb.retest_seed:
         raise ConfigError(f"{src}: lowbit.retest_seed: must differ from lowbit.predictor_seed ({lb.predictor_seed})")
+    lb.targets = _lowbit_targets(lb.targets, src)
+
+
+def _lowbit_targets(targets: dict, src: str) -> dict:
+    """{normalized budget: Δ classifier-FID >= 0}; a budget not in lowbit.budgets is not reported (no error: a
+    ``--set lowbit.budgets=...`` keeps the default targets valid)."""
+    out = {}
+    for key, value in targets.items():
+        try:
+            budget = normalize_size_at_bits(str(key))
+        except ValueError as e:
+            raise ConfigError(f"{src}: lowbit.targets: {key!r}: {e}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ConfigError(f"{src}: lowbit.targets.{key}: expected a classifier-FID difference >= 0, got {value!r}")
+        out[budget] = float(value)
+    return out
 
 
 def _check_finetune(cfg: Config, src: str):

@@ -4,7 +4,8 @@ Evaluates, in ``runs/<run>/act_quant/`` with the ``act_quant`` section's seeds a
 baseline and every (budget, range mode, plan) of ``common.experiments.act_pipeline``; all share each seed's noise, so
 per-seed differences are paired. Writes ``summary.csv`` (one row per variant and seed), ``summary.md``
 (the table, then a verdict per comparison: Fisher against every other plan, per-timestep-group against
-single ranges; a two-sided paired t-test at 5% over seeds, ``report.paired_test``) and ``act_quant.png``.
+single ranges; two-sided paired t-tests over seeds with Holm's correction over the table,
+``statistics.verdict_table``) and ``act_quant.png``.
 """
 import os
 
@@ -17,7 +18,8 @@ from ..quant.bops import unet_macs
 from ..quant.calibrate import check_act_quant_groups
 from . import pipeline
 from .act_pipeline import run_act_variant
-from .report import mean_sd, paired_verdict, per_seed, pyplot, save_figure, spread, write_summary_files
+from .report import mean_sd, per_seed, pyplot, save_figure, spread, write_summary_files
+from .statistics import verdict_table
 
 KEYS = [("paired_mse_vs_fp32", "paired MSE"), ("clf_fid", "clf-FID"), ("fid", "FID"), ("kid", "KID")]
 COLUMNS = ["plan", "budget", "range_mode", "seed", "variant", "gbops", "w_bits", "a_bits", "size_mb"] + [
@@ -120,11 +122,6 @@ def comparisons(done: dict, cfg) -> list:
     return out
 
 
-def verdict(done: dict, a: str, b: str, key: str, names=("A", "B")) -> str:
-    """Paired per-seed difference B - A of ``key`` (lower is better for every key: positive favours A)."""
-    return paired_verdict(per_seed(done[b][3], key) - per_seed(done[a][3], key), names)
-
-
 def summary_markdown(cfg, done: dict, notes: list, seconds=None) -> str:
     keys = measured_keys(done)
     ref = done["fp32"][3]
@@ -139,8 +136,8 @@ def summary_markdown(cfg, done: dict, notes: list, seconds=None) -> str:
                      f"{r['size_mb']:.3f} | " + " | ".join(mean_sd(per_seed(r, k), 4) for k, _ in keys) + " |")
     vlines = ["| comparison (A vs B) | " + " | ".join(f"{label}: B − A" for _, label in keys) + " |",
               "|---|" + "---|" * len(keys)]
-    for label, a, b, na, nb in comparisons(done, cfg):
-        vlines.append(f"| {label} | " + " | ".join(verdict(done, a, b, k, (na, nb)) for k, _ in keys) + " |")
+    vlines += verdict_table([(label, [per_seed(done[b][3], k) - per_seed(done[a][3], k) for k, _ in keys], (na, nb))
+                             for label, a, b, na, nb in comparisons(done, cfg)])
     wall = sum(r.get("wall_seconds") or 0 for *_, r in done.values())
     settings = settings_note(cfg, ref) + (f" Evaluation time summed over variants: {wall / 60:.1f} min"
                                           + (f"; this invocation {seconds / 60:.1f} min." if seconds is not None
@@ -150,8 +147,9 @@ def summary_markdown(cfg, done: dict, notes: list, seconds=None) -> str:
         md += ["Not evaluated:", ""] + [f"* {n}" for n in notes] + [""]
     md += ["## Verdicts", "",
            "B − A: mean paired per-seed difference (± s.e.m.); every metric is lower-is-better, so a positive "
-           "difference favours A. A side is named **better** when a two-sided paired t-test at 5% over the "
-           f"{len(ref['seeds'])} seeds says so{_t_note(len(ref['seeds']))}, else the difference is within noise.",
+           "difference favours A. A side is named **better** when a two-sided paired t-test over the "
+           f"{len(ref['seeds'])} seeds says so after the correction stated under the table, else the difference is "
+           "within noise.",
            "", "\n".join(vlines), "", "![act_quant](act_quant.png)"]
     return "\n".join(md) + "\n"
 
@@ -173,12 +171,6 @@ def settings_note(cfg, ref: dict) -> str:
             + ("; per-token attention projections" if aq.per_token_attention else "")
             + ". GBOPs per U-Net evaluation (MACs × w bits × a bits, float = 32). ± is the sample standard "
               "deviation over seeds.")
-
-
-def _t_note(n: int) -> str:
-    from scipy.stats import t as student_t
-
-    return f" (more than {student_t.ppf(0.975, n - 1):.1f} standard errors)" if n > 1 else ""
 
 
 # ----------------------------------------------------------------------------- plot

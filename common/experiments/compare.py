@@ -17,6 +17,7 @@ from ..core.budget import budget_tag
 from ..quant.allocate import InfeasibleBudgetError
 from . import pipeline
 from .report import mean_sd, paired_test, per_seed, pyplot, save_figure, spread, write_summary_files
+from .statistics import ALPHA, holm, holm_note, paired_p, tested
 
 COLUMNS = ["kind", "metric", "budget", "seed", "variant", "size_mb", "avg_bits", "clf_fid", "fid", "clf_is",
            "paired_mse_vs_fp32"]
@@ -104,8 +105,9 @@ def rows(done: dict) -> list:
     return out
 
 
-def winners(done: dict, budgets, key: str) -> list:
-    """Per budget: (budget, best metric, runner-up, gap mean, gap sem, verdict) on ``key`` (lower is better)."""
+def winners(done: dict, budgets, key: str, with_diffs=False) -> list:
+    """Per budget: (budget, best metric, runner-up, gap mean, gap sem, verdict) on ``key`` (lower is better), the
+    verdict of that row's test alone; ``with_diffs``: the per-seed gaps appended to every row that was tested."""
     out = []
     for budget in budgets:
         entries = [(m, r) for kind, m, b, r in done.values() if kind == "allocator" and b == budget]
@@ -123,11 +125,29 @@ def winners(done: dict, budgets, key: str) -> list:
             out.append((budget, " = ".join(groups[0][0]), "–", 0.0, 0.0, "all tie (identical results)"))
             continue
         (m1, r1), (m2, r2) = groups[0], groups[1]
-        mean, sem, significant = paired_test(per_seed(r2, key) - per_seed(r1, key))
+        d = per_seed(r2, key) - per_seed(r1, key)
+        mean, sem, significant = paired_test(d)
         verdict = {None: "one seed: no spread to judge by", True: "clear (paired t-test, 5%)",
                    False: "within noise"}[significant]
-        out.append((budget, " = ".join(m1), " = ".join(m2), mean, sem, verdict))
+        out.append((budget, " = ".join(m1), " = ".join(m2), mean, sem, verdict, d) if with_diffs else
+                   (budget, " = ".join(m1), " = ".join(m2), mean, sem, verdict))
     return out
+
+
+def winner_lines(done: dict, budgets, keys) -> list:
+    """The winners table's rows for every (key, label) of ``keys``, each win judged by its paired t-test with Holm's
+    correction over the whole table (a tie of identical results is not tested), then the correction's note."""
+    rows = [(label, w) for key, label in keys for w in winners(done, budgets, key, with_diffs=True)]
+    adjusted = iter(holm([paired_p(w[6]) for _, w in rows if len(w) == 7]))
+    out = []
+    for label, w in rows:
+        budget, m1, m2, mean, sem, verdict = w[:6]
+        if len(w) == 7:
+            p = next(adjusted)
+            verdict = ("one seed: no spread to judge by" if p is None else
+                       f"{'clear' if p < ALPHA else 'within noise'} (paired t-test, p_Holm {p:.2g})")
+        out.append(f"| {budget} ({label}) | **{m1}** | {m2} | {mean:.4g} ± {sem:.2g} | {verdict} |")
+    return out + ["", holm_note(sum(len(w) == 7 and tested([w[6]]) for _, w in rows))]
 
 
 def score_correlations(scores: dict) -> dict:
@@ -153,9 +173,8 @@ def summary_markdown(cfg, done, infeasible, scores) -> str:
                      f"{mean_sd(per_seed(r, 'clf_fid'), 4)} | {mean_sd(per_seed(r, 'paired_mse_vs_fp32'), 4)} |"
                      + (f" {mean_sd(per_seed(r, 'fid'), 4)} |" if has_fid else ""))
     win_lines = ["| budget | best metric | runner-up | runner-up minus best | verdict |", "|---|---|---|---:|---|"]
-    for key, label in (("clf_fid", "classifier-FID"), ("paired_mse_vs_fp32", "paired MSE")):
-        for budget, m1, m2, mean, sem, verdict in winners(done, cfg.compare.budgets, key):
-            win_lines.append(f"| {budget} ({label}) | **{m1}** | {m2} | {mean:.4g} ± {sem:.2g} | {verdict} |")
+    win_lines += winner_lines(done, cfg.compare.budgets, (("clf_fid", "classifier-FID"),
+                                                          ("paired_mse_vs_fp32", "paired MSE")))
     names, corr = list(scores), score_correlations(scores)
     corr_lines = ["| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     corr_lines += [f"| {a} | " + " | ".join("–" if np.isnan(corr[a][b]) else f"{corr[a][b]:.2f}" for b in names)
@@ -165,7 +184,8 @@ def summary_markdown(cfg, done, infeasible, scores) -> str:
                 + (f", FID on {ref['inception_n_images']} images per seed" if has_fid else
                    ", FID not computed (compare.inception: false)")
                 + ". ± is the sample standard deviation over seeds. A win is *clear* when a two-sided paired "
-                  "t-test at 5% over the per-seed differences to the runner-up (same noise for every variant) says so.")
+                  "t-test over the per-seed differences to the runner-up (same noise for every variant) says so after "
+                  "the correction stated under the table.")
     md = ["# Importance metrics under one allocator", "", settings, "", "\n".join(lines), ""]
     if infeasible:
         md += ["Budgets no allocation can meet:", ""] + [f"* `{b}`: {e}" for b, e in infeasible.items()] + [""]

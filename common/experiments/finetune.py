@@ -57,7 +57,8 @@ from .act_pipeline import (
     range_inputs,
     save_and_evaluate,
 )
-from .report import mean_sd, paired_verdict, per_seed, pyplot, save_figure, write_summary_files
+from .report import mean_sd, per_seed, pyplot, save_figure, write_summary_files
+from .statistics import verdict_table
 
 METHODS = ("none", "reconstruction", "quest", "fisher", "all")
 COLUMNS = ["budget", "method", "seed", "variant", "trainable_params", "steps", "seconds", "paired_mse_vs_fp32",
@@ -471,15 +472,14 @@ def summary_markdown(cfg, done, seconds=None) -> str:
                      f"{mean_sd(per_seed(r, 'paired_mse_median'))} | {mean_sd(per_seed(r, 'clf_fid'))} | "
                      f"{np.nanmean(per_seed(r, 'clf_fid')) / fp_fid:.2f} | {mean_sd(per_seed(r, 'clf_is'))} |")
     lines += ["", "## Verdicts", "", "B − A: mean paired per-seed difference (± s.e.m.); lower is better, so a "
-              "positive difference favours A; **better** when a two-sided paired t-test at 5% says so.", "",
+              "positive difference favours A; **better** when a two-sided paired t-test says so (Holm, below).", "",
               "| comparison (A vs B) | paired MSE: B − A | clf-FID: B − A |", "|---|---|---|"]
     by = {(b, m): r for b, m, r in done.values() if m != "fp32"}
     pairs = [(b, "fisher", "quest") for b, m in by if m == "fisher" and (b, "quest") in by]
     pairs += [(b, m, "none") for b, m in by if m != "none" and (b, "none") in by]
-    for b, a_m, b_m in pairs:
-        cells = [paired_verdict(per_seed(by[(b, b_m)], key) - per_seed(by[(b, a_m)], key), (a_m, b_m))
-                 for key in ("paired_mse_vs_fp32", "clf_fid")]
-        lines.append(f"| {b}: {a_m} vs {b_m} | {cells[0]} | {cells[1]} |")
+    lines += verdict_table([(f"{b}: {a_m} vs {b_m}", [per_seed(by[(b, b_m)], k) - per_seed(by[(b, a_m)], k)
+                                                      for k in ("paired_mse_vs_fp32", "clf_fid")], (a_m, b_m))
+                            for b, a_m, b_m in pairs])
     lines += ["", "## Selective finetuning against training everything", ""] + recovery_lines(by)
     lines += ["", "![finetune](finetune.png)"]
     return "\n".join(lines) + "\n"

@@ -44,7 +44,8 @@ from ..quant.eligibility import eligible_names, end_convs
 from ..quant.formats import channel_axes, dequantize_tensor, quantize_tensor
 from . import pipeline
 from .act_pipeline import act_layout, act_quantizer, ensure_ranges, save_and_evaluate
-from .report import mean_sd, paired_verdict, per_seed, pyplot, save_figure, spread, write_summary_files
+from .report import mean_sd, per_seed, pyplot, save_figure, spread, write_summary_files
+from .statistics import target_verdict, verdict_table
 
 RULE = "all_but_ends"
 COLUMNS = ["budget", "quantizer", "plan", "seed", "variant", "avg_bits", "a_bits", "size_mb", "paired_mse_vs_fp32",
@@ -502,12 +503,13 @@ def summary_markdown(cfg, done, notes, sens, table, quality, seconds=None) -> st
     if notes:
         lines += ["", "Not evaluated: " + "; ".join(notes)]
     lines += ["", "## Verdicts", "", "B − A: mean paired per-seed difference (± s.e.m.); lower is better for both "
-              "metrics, so a positive difference favours A; **better** when a two-sided paired t-test at 5% says so.",
+              "metrics, so a positive difference favours A; **better** when a two-sided paired t-test says so after "
+              "the correction stated under the table.",
               "", "| comparison (A vs B) | paired MSE: B − A | clf-FID: B − A |", "|---|---|---|"]
-    for a_name, b_name, a, b in verdict_pairs(done):
-        cells = [paired_verdict(per_seed(b, key) - per_seed(a, key), (a_name, b_name))
-                 for key in ("paired_mse_vs_fp32", "clf_fid")]
-        lines.append(f"| {a['budget']}, {a['quantizer']}: {a_name} vs {b_name} | {cells[0]} | {cells[1]} |")
+    lines += verdict_table([(f"{a['budget']}, {a['quantizer']}: {a_name} vs {b_name}",
+                             [per_seed(b, key) - per_seed(a, key) for key in ("paired_mse_vs_fp32", "clf_fid")],
+                             (a_name, b_name)) for a_name, b_name, a, b in verdict_pairs(done)])
+    lines += target_lines(lb, done)
     lines += ["", "## How well each sensitivity predicts the damage", ""] + quality_lines(quality)
     srows = sensitivity_rows(sens, table)
     if srows:
@@ -525,6 +527,27 @@ def summary_markdown(cfg, done, notes, sens, table, quality, seconds=None) -> st
         lines += [f"| {r['tensor']} | {r['op']} | {r['learned_rank'] or '–'} | {r['fisher_rank']} |" for r in top]
     lines += ["", "![lowbit](lowbit.png)", "", "![layer sensitivity](lowbit_layers.png)"]
     return "\n".join(lines) + "\n"
+
+
+def target_lines(lb, done) -> list:
+    """Every plan at a budget with a ``lowbit.targets`` entry: its classifier-FID difference to fp32 (per seed,
+    paired) with the 95% t-interval, judged against the target."""
+    ref = done["fp32"][3]
+    rows = [(budget, menu, plan, r) for budget, menu, plan, r in done.values() if budget in lb.targets]
+    if not rows:
+        return []
+    out = ["", "## Targets", "", "Δ clf-FID = per-seed classifier-FID minus fp32's (paired noise), mean and 95% "
+           "t-interval over the seeds. **target met** only when the whole interval lies within the target; "
+           "*point estimate within target, interval not* when the mean does and the interval reaches past it.", "",
+           "| budget | quantizer | plan | target Δ | Δ clf-FID | 95% interval | verdict |",
+           "|---|---|---|---:|---:|---|---|"]
+    for budget, menu, plan, r in sorted(rows, key=lambda x: (x[0], np.nanmean(per_seed(x[3], "clf_fid")))):
+        verdict, mean, lo, hi = target_verdict(per_seed(r, "clf_fid") - per_seed(ref, "clf_fid"), lb.targets[budget])
+        interval = "–" if lo is None else f"[{lo:+.3g}, {hi:+.3g}]"
+        out.append(f"| {budget} | {menu} | {plan} | +{lb.targets[budget]:g} | {mean:+.3g} | {interval} | "
+                   f"{verdict} |")
+    return out + ["", "The intervals are per row (not corrected for the number of rows): each row answers its own "
+                  "question, whether that plan meets its budget's target."]
 
 
 def quality_lines(q) -> list:

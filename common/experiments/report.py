@@ -18,6 +18,7 @@ from ..core.cli import command
 from ..core.errors import StaleArtifactError
 from ..evaluation import evaluate, integrity
 from ..importance.fisher import load_fisher
+from .statistics import paired_test, paired_verdict  # noqa: F401 (paired_verdict: the tables' cell, re-exported)
 
 # The poster's published rows (5000 images) and the slides' 100-image rows, for comparison.
 POSTER = {
@@ -150,34 +151,6 @@ def mean_sd(values: np.ndarray, digits: int = 3) -> str:
     if not len(v):
         return "–"
     return f"{v.mean():.{digits}g} ± {spread(v):.2g}" if len(v) > 1 else f"{v.mean():.{digits}g}"
-
-
-def paired_verdict(d: np.ndarray, names=("A", "B")) -> str:
-    """Table cell for paired per-seed differences B - A (lower is better: a positive mean favours A)."""
-    mean, sem, significant = paired_test(d)
-    if mean is None:
-        return "–"
-    if significant is None:
-        return f"{mean:+.3g} (one seed: no verdict)"
-    who = f"{names[0] if mean > 0 else names[1]} better" if significant else "within noise"
-    return f"{mean:+.3g} ± {sem:.2g}: **{who}**"
-
-
-def paired_test(d: np.ndarray):
-    """(mean, s.e.m., significant) of paired per-seed differences ``d``: two-sided t-test at 5%.
-
-    With 3 seeds the mean must exceed 4.3 standard errors; ``significant`` is None below 2 seeds.
-    """
-    from scipy.stats import t as student_t
-
-    d = d[~np.isnan(d)]
-    if len(d) == 0:
-        return None, float("nan"), None
-    mean = float(d.mean())
-    if len(d) < 2:
-        return mean, float("nan"), None
-    sem = float(d.std(ddof=1) / math.sqrt(len(d)))
-    return mean, sem, abs(mean) > student_t.ppf(0.975, len(d) - 1) * sem
 
 
 def _paired_verdict(d: np.ndarray, better_if_negative=True):
