@@ -340,6 +340,7 @@ class LowbitConfig:
                                         doc="range of average bits the random configurations are drawn from")
     predictor_seed: int = 7000   # calibration noise of the measurements; not an evaluation seed
     retest_seed: int = 7001      # second noise seed: the test-retest ceiling on the held-out configurations
+    chain_seed: int = 7100       # the chain-aware Fisher's chains: disjoint from every measurement's noise
     eps_samples: int = _spec(64, lo=1, doc="(x_t, t) samples of the one-step noise-prediction error")
     targets: dict = _spec({"3.5bits@A8": 5.0, "3bits@A8": 15.0, "3.5bits@A6": 8.0},
                           doc="budget -> the most classifier-FID may exceed fp32's; met when the 95% interval does")
@@ -725,10 +726,14 @@ def _check_lowbit(cfg: Config, src: str):
     _normalized_budgets("lowbit", lb, normalize_size_at_bits, src)
     if len(lb.predictor_bits) != 2 or lb.predictor_bits[0] >= lb.predictor_bits[1]:
         raise ConfigError(f"{src}: lowbit.predictor_bits: expected [low, high] average bits, got {lb.predictor_bits}")
-    for key in ("predictor_seed", "retest_seed"):
+    for key in ("predictor_seed", "retest_seed", "chain_seed"):
         _not_an_evaluation_seed(f"lowbit.{key}", getattr(lb, key), lb.seeds + cfg.eval.seeds, src)
     if lb.predictor_seed == lb.retest_seed:
         raise ConfigError(f"{src}: lowbit.retest_seed: must differ from lowbit.predictor_seed ({lb.predictor_seed})")
+    if lb.chain_seed in (lb.predictor_seed, lb.retest_seed):
+        raise ConfigError(f"{src}: lowbit.chain_seed: must differ from lowbit.predictor_seed and lowbit.retest_seed "
+                          f"({lb.predictor_seed}, {lb.retest_seed}): the chains would be the first images the "
+                          f"damage is measured on")
     lb.targets = _lowbit_targets(lb.targets, src)
 
 

@@ -145,7 +145,8 @@ def ensure_fisher(cfg, model, ckpt_path, progress=True, device="cpu"):
 def ensure_chain(cfg, model, names, ckpt_path, progress=True, device="cpu"):
     lb = cfg.lowbit
     path = _cache(cfg, "chain_fisher.pt")
-    inputs = {"chains": lb.chain_chains, "projections": lb.chain_projections, "seed": lb.predictor_seed,
+    inputs = {"chains": lb.chain_chains, "projections": lb.chain_projections, "seed": lb.chain_seed,
+              "estimator": "chain groups",
               "sample": to_dict(cfg.sample), "diffusion": to_dict(cfg.diffusion), "names": names}
     if os.path.exists(path):
         try:
@@ -157,13 +158,14 @@ def ensure_chain(cfg, model, names, ckpt_path, progress=True, device="cpu"):
             pass
     sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
     shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
-    art = chain_fisher(model, sampler, names, shape, lb.chain_chains, lb.chain_projections, lb.predictor_seed,
+    art = chain_fisher(model, sampler, names, shape, lb.chain_chains, lb.chain_projections, lb.chain_seed,
                        device, progress)
     art["meta"]["inputs"] = inputs
     storage.save_for_checkpoint(art, path, ckpt_path)
     rel = [v for v in art["rel_sem"].values() if v == v]
     print(f"[lowbit] chain-aware Fisher ({lb.chain_chains} chains x {lb.chain_projections} projections) in "
-          f"{art['meta']['seconds']} s, median relative s.e.m. {np.median(rel):.2f} -> {path}")
+          f"{art['meta']['seconds']} s, median relative s.e.m. over {art['meta']['groups']} chain groups "
+          f"{np.median(rel):.2f} -> {path}")
     return art
 
 
