@@ -1,12 +1,13 @@
 """Below 4 bits: sub-4-bit weight formats (int3/int2, group-wise scales, k-means codebooks) allocated under
 lowbit.budgets ('3.5bits@A8': average stored bits per weight, scales and codebooks counted, with 8-bit
 activations) by every plan in lowbit.plans (uniform, one-step Fisher, chain-aware Fisher, iterative Fisher, a
-predictor learned from measured random configurations, magnitude, random), for the uniform and the codebook menu
-of formats. Every conv / linear weight but the first and last conv may be quantized. Each variant is saved,
-rebuilt from its files and evaluated with lowbit.seeds x lowbit.n_images paired samples; the predictors' Kendall
-tau against measured damage is reported beside its test-retest ceiling. Writes runs/<run>/lowbit/{summary.csv,
-summary.md, predictors.json, lowbit.png, lowbit_layers.png} and one folder per variant. Needs simplediffusion.py
-to have run.
+predictor learned from measured configurations, magnitude, random, the JVP of x_0 along the real weight error, a
+measured search), for the uniform and the codebook menu of formats. Every conv / linear weight but the first and
+last conv may be quantized. Each variant is saved, rebuilt from its files and evaluated with lowbit.seeds x
+lowbit.n_images paired samples; each sensitivity is judged by the measured damage of its plans and by Kendall tau
+per budget band beside the test-retest ceiling. Writes runs/<run>/lowbit/{summary.csv, summary.md,
+predictors.json, lowbit.png, lowbit_layers.png, lowbit_search.png} and one folder per variant. Needs
+simplediffusion.py to have run.
 """
 import time
 
@@ -28,9 +29,7 @@ def main():
             return  # the ranks shared the variants; rank 0 writes the summary
         md = lowbit.write_outputs(cfg, done, notes, sens, table, seconds=time.time() - t0)
         if args.update_docs:
-            folder = lowbit.lowbit_dir(cfg)
-            update_section(args.update_docs, "lowbit", md.split("\n", 2)[2],
-                           figures=[f"{folder}/lowbit.png", f"{folder}/lowbit_layers.png"])
+            update_section(args.update_docs, "lowbit", md.split("\n", 2)[2], figures=lowbit.doc_figures(cfg))
     print(md)
 
 

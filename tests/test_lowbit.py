@@ -140,7 +140,8 @@ def test_chain_noise_is_disjoint_from_the_damage_measurements():
         load_config(SMOKE, ['lowbit.targets={"3bits@A8": -1}'])
 
 
-PLANS = ["lowbit.plans=[uniform, fisher, chain_fisher, fisher_iterative, learned]", "eval.classifier.train_limit=300"]
+PLANS = ["lowbit.plans=[uniform, fisher, chain_fisher, fisher_iterative, learned, search, jvp]",
+         "eval.classifier.train_limit=300"]
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +160,7 @@ def test_every_variant_fits_its_budget_and_stores_its_plan(lowbit_run):
     tmp, out, _ = lowbit_run
     cfg = load_config(SMOKE)
     variants = [d for d in out.iterdir() if (d / "plan.json").exists()]
-    plans = ["uniform", "fisher", "chain_fisher", "fisher_iterative", "learned"]
+    plans = ["uniform", "fisher", "chain_fisher", "fisher_iterative", "learned", "search", "jvp"]
     both = [p for p in cfg.lowbit.codebook_plans if p in plans]  # the codebook menu runs these plans only
     assert len(variants) == len(cfg.lowbit.budgets) * (len(plans) + len(both))
     for d in variants:
@@ -210,6 +211,32 @@ def test_summary_reports_every_predictor_beside_the_ceiling(lowbit_run):
     assert "fisher_iterative vs fisher" in md and (out / "lowbit_layers.png").stat().st_size > 1000
     again = run("lowbit.py", tmp, *[a for kv in PLANS for a in ("--set", kv)])
     assert "[uniform_uniform_4bits_A8] reusing" in again.stdout and "reusing 12 measured configurations" in again.stdout
+
+
+def test_summary_judges_plans_by_their_damage_with_corrected_verdicts_and_targets(lowbit_run):
+    """Issue 32: the plans' measured damage first; tau per band with intervals and the band's ceiling; Holm under
+    the verdicts; targets by interval; the search's trace; the learned predictor refitted on its own plans."""
+    tmp, out, p = lowbit_run
+    cfg = load_config(SMOKE)
+    md = (out / "summary.md").read_text()
+    for text in ("Primary score", "*test–retest ceiling*", "Holm's correction over the", "## Targets",
+                 "![measured search](lowbit_search.png)", "| jvp |", "| jvp_plan |"):
+        assert text in md, text
+    assert any(v in md for v in ("target met", "point estimate within target, interval not", "target missed"))
+    q = json.load(open(out / "predictors.json"))
+    plans = ["uniform", "fisher", "chain_fisher", "fisher_iterative", "learned", "search", "jvp"]
+    for key, row in q["plan_damage"].items():
+        menu = key.split()[0]
+        want = plans if menu == "uniform" else [x for x in plans if x in cfg.lowbit.codebook_plans]
+        assert set(row) == set(want) and all(r["mse_mean"] >= 0 for r in row.values()), key
+    for band in q["quality"]["ceiling_bands"].values():
+        assert band["tau"] is None or -1 <= band["tau"] <= 1
+    assert q["quality"]["predictor"]["floor"] == cfg.lowbit.predictor_floor
+    assert q["quality"]["predictor"]["active"] >= 1  # plans of its own allocator, measured
+    assert set(q["search"]) == {f"uniform {b.split('@')[0]}" for b in cfg.lowbit.budgets}
+    for trace in q["search"].values():
+        assert trace[0]["move"] == "start" and 1 <= len(trace) <= cfg.lowbit.search_evals + 1
+    assert (out / "lowbit_search.png").stat().st_size > 1000 and "[lowbit] search (uniform, 4bits)" in p.stdout
 
 
 def test_budget_below_the_floor_is_one_line_and_codebooks_refuse_int8(lowbit_run, tmp_path):
@@ -290,3 +317,185 @@ def test_the_format_table_counts_bits_as_the_allocators_do(tmp_path):
     old_fixed = 32 * sum(p.numel() for n, p in params.items() if n not in eligible) + sum(
         entry_bits(params[n].numel(), scale_groups(params[n].shape, axes[n]), "int4") for n in table.ends)
     assert table.bits == old == format_bits(model, table.names, table.formats) and table.fixed == old_fixed
+
+
+def test_tau_per_band_has_a_bootstrap_interval_beside_the_bands_ceiling():
+    from common.experiments.lowbit_quality import BANDS, predictor_quality, quality_lines
+
+    rng = np.random.default_rng(0)
+    n = 90
+    bits = np.concatenate([rng.uniform(lo, min(hi, 4.5), n // 3) for lo, hi in ((2.4, 3.25), (3.25, 3.75),
+                                                                                 (3.75, 4.5))])
+    y = np.exp(-bits + rng.normal(0, 0.5, n))                  # damage: mostly the bits, then the mix
+    retest = y * np.exp(rng.normal(0, 0.05, n))                 # a second noise seed: nearly the same order
+    good = np.exp(np.log(y) + rng.normal(0, 0.2, n))            # ranks within a band too
+    bits_only = np.exp(-bits)                                  # ranks the bands, not within them
+    meas = [{"mse_mean": v, "mse_median": v, "eps_mse": v} for v in y]
+    q = predictor_quality({"good": good, "bits_only": bits_only + rng.normal(0, 1e-9, n)}, meas,
+                          [{"mse_mean": v, "mse_median": v} for v in retest], bits, n_boot=300)
+    assert q["band_counts"] == [30, 30, 30] and len(q["ceiling_bands"]) == len(BANDS)
+    assert q["rows"]["bits_only"]["tau_mse_mean"] > 0.4  # over all configurations it looks fine
+    for band in q["ceiling_bands"]:
+        g, b, c = (q["rows"]["good"]["bands"][band], q["rows"]["bits_only"]["bands"][band], q["ceiling_bands"][band])
+        assert g["ci"][0] <= g["tau"] <= g["ci"][1] and g["ci"][0] > 0.3
+        assert b["ci"][0] < 0.35 and b["tau"] < g["tau"]  # within the band the average bits say little
+        assert c["tau"] > g["tau"] and c["ci"][1] - c["ci"][0] < g["ci"][1] - g["ci"][0] + 0.2
+    q.update(n_train=10, predictor=None)
+    text = "\n".join(quality_lines(q, 4))
+    assert "*test–retest ceiling*" in text and "[" in text.split("| good |")[2]
+
+
+def _frozen_fit(prior, floor=0.1):
+    """Training configurations that never move three sensitive tensors off int8: the data say nothing about them."""
+    formats, bits, true = _synthetic(seed=4)
+    frozen = ["t0", "t1", "t2"]
+    for n in frozen:  # the most sensitive tensors of the mix
+        true[n] = {f: 50 * v for f, v in true[n].items()}
+    total = sum(b["int8"] for b in bits.values()) // 8
+    configs = [{**c, **dict.fromkeys(frozen, "int8")} for c in random_configs(bits, 0, total, 3.0, 6.0, 120, seed=2)]
+    damage = [sum(true[n][f] for n, f in c.items()) for c in configs]
+    sq = {n: {f: e for f, e in zip(formats, (0.0, 1.0, 4.0, 16.0), strict=True)} for n in true}
+    pred, table = fit_predictor(configs, damage, list(true), formats, sq, "int8", prior=prior, seed=0, floor=floor)
+    return pred, table, bits, true, total, frozen
+
+
+def test_learned_costs_never_vanish_and_zeros_do_not_send_tensors_to_int2():
+    """The collapse on the released baseline: tensors the random configurations say nothing about got a zero
+    coefficient, and the exact allocator sent exactly those to int2. With a prior, no cost vanishes."""
+    _, _, _, true, _, _ = _frozen_fit(None)
+    noisy_prior = {n: {f: v * (1.5 if i % 2 else 0.7) for f, v in fs.items()} for i, (n, fs) in enumerate(true.items())}
+    bare, _, bits, true, total, frozen = _frozen_fit(None)
+    bounded, table, *_ = _frozen_fit(noisy_prior)
+    budget = int(3.2 * total)
+    collapsed, _ = allocate(bare.costs(), bits, 0, budget)
+    assert min(bare.costs()[n]["int2"] for n in frozen) == 0 and "int2" in {collapsed[n] for n in frozen}
+    costs = bounded.costs()
+    assert all(costs[n][f] > 0 for n in costs for f in ("int4", "int3", "int2"))  # no tensor is free
+    mine, _ = allocate(costs, bits, 0, budget)
+    best, _ = allocate(true, bits, 0, budget)
+    assert all(mine[n] != "int2" for n in frozen)
+    damage = lambda c: sum(true[n][f] for n, f in c.items())  # noqa: E731
+    assert damage(mine) <= 2.0 * damage(best) < damage(collapsed)
+    assert {r["kind"] for r in table} == {"onehot", "error", "prior"} and all("cv_sem" in r for r in table)
+
+
+def test_one_standard_error_rule_prefers_the_most_constrained_fit_on_a_tie():
+    """The prior fit tied the best cross-validated tau and lost to list order; now a tie (or anything within one
+    standard error of the best) goes to the most constrained kind, then the strongest ridge."""
+    from common.importance.predictor import one_standard_error
+
+    table = [{"kind": "onehot", "target": "log", "alpha": 1e-3, "cv_tau": 0.50, "cv_sem": 0.04},
+             {"kind": "error", "target": "log", "alpha": 1e-3, "cv_tau": 0.49, "cv_sem": 0.04},
+             {"kind": "prior", "target": "raw", "alpha": 1.0, "cv_tau": 0.47, "cv_sem": 0.05},
+             {"kind": "prior", "target": "raw", "alpha": 10.0, "cv_tau": 0.40, "cv_sem": 0.05}]
+    assert one_standard_error(table) == table[2]
+    table[2]["cv_tau"] = 0.45  # more than one standard error (0.04) below the best: the data decide
+    assert one_standard_error(table)["kind"] == "error"
+
+
+def test_refit_with_plans_measures_the_allocators_own_choices():
+    from common.importance.predictor import refit_with_plans
+
+    formats, bits, true = _synthetic(seed=5)
+    total = sum(b["int8"] for b in bits.values()) // 8
+
+    def damage(c):  # saturating and with one interaction: what an additive fit on random mixes misses
+        low = sum(f == "int2" for f in c.values())
+        return sum(true[n][f] for n, f in c.items()) * (1 + 0.3 * low) + 5.0 * (c["t0"] == c["t1"] == "int2")
+
+    configs = random_configs(bits, 0, total, 2.5, 6.0, 40, seed=1)
+    measured = []
+
+    def fit(cs, ds):
+        return fit_predictor(cs, ds, list(true), formats, {n: dict.fromkeys(formats, 1.0) for n in true}, "int8",
+                             prior=true, seed=0)
+
+    def plans(pred):
+        return [allocate(pred.costs(), bits, 0, int(b * total))[0] for b in (2.6, 3.0, 3.5)]
+
+    def measure(c):
+        measured.append(c)
+        return damage(c)
+
+    pred, cv, added = refit_with_plans(fit, plans, measure, configs, [damage(c) for c in configs], rounds=3)
+    assert 3 <= len(added) <= 9 and [c for c, _ in added] == measured and pred.active == len(added)
+    assert all(d == damage(c) for c, d in added)
+    assert len({json.dumps(c, sort_keys=True) for c in measured}) == len(measured)  # never measured twice
+    again, _, none = refit_with_plans(fit, plans, measure, configs + measured, [damage(c) for c in configs + measured],
+                                      rounds=3)
+    assert len(none) <= len(added)  # converges: what it proposes it has mostly seen
+
+
+def test_jvp_is_the_exact_first_order_change_of_the_final_sample():
+    from common.diffusion.samplers import batch_generator
+    from common.importance.jvp import ChainJVP, jvp_costs
+
+    model = Linear(4)
+    sampler = DDIMSampler(NoiseSchedule(50, 1e-4, 0.02), steps=3, eta=0.0, clip_x0=False)
+    cj = ChainJVP(model, sampler, (1, 2, 2), n_chains=3, seed=5)
+    x_T = torch.randn((3, 1, 2, 2), generator=batch_generator(5, 0))
+
+    def x0(w):
+        x = x_T
+        for t in sampler.timesteps:
+            x = sampler.step((x.flatten(1) @ w.T).view_as(x), t, x, None)
+        return x.flatten()
+
+    J = torch.autograd.functional.jacobian(x0, model.lin.weight.detach()).flatten(1)  # (12, 16)
+    dW = 0.01 * torch.randn(4, 4, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(cj.direction({"lin.weight": dW}).flatten(), J @ dW.flatten(), atol=1e-6)
+    assert cj.sq_norm({"lin.weight": dW}) == pytest.approx(float((J @ dW.flatten()).pow(2).sum()) / 12, rel=1e-5)
+    costs = jvp_costs(cj, {"lin.weight": {"a": dW, "b": 2 * dW, "fp32": torch.zeros(4, 4)}}, progress=False)
+    assert costs["lin.weight"]["b"] == pytest.approx(4 * costs["lin.weight"]["a"]) and costs["lin.weight"]["fp32"] == 0
+
+
+def test_plan_jvp_sees_errors_of_two_tensors_cancel_through_the_chain():
+    """An additive estimate adds the tensors' damages; the JVP of the whole plan adds their effects on x_0 first."""
+    from common.importance.jvp import ChainJVP, plan_jvp
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4, bias=False), nn.Linear(4, 4, bias=False)
+            torch.nn.init.normal_(self.a.weight, std=0.3, generator=torch.Generator().manual_seed(0))
+            self.b.weight.data.copy_(self.a.weight.data)
+
+        def forward(self, x, t):
+            return (0.5 * self.a(x.flatten(1)) + 0.5 * self.b(x.flatten(1))).view_as(x)
+
+    cj = ChainJVP(Two(), DDIMSampler(NoiseSchedule(50, 1e-4, 0.02), steps=3, eta=0.0, clip_x0=False), (1, 2, 2),
+                  n_chains=2, seed=3)
+    d = 0.01 * torch.randn(4, 4, generator=torch.Generator().manual_seed(2))
+    errors = {"a.weight": {"q": d}, "b.weight": {"q": -d}}
+    alone = cj.sq_norm({"a.weight": d}) + cj.sq_norm({"b.weight": -d})
+    assert alone > 0 and plan_jvp(cj, {"a.weight": "q", "b.weight": "q"}, errors) < 1e-6 * alone
+    both = cj.direction({"a.weight": d, "b.weight": d})
+    assert torch.allclose(both, cj.direction({"a.weight": d}) + cj.direction({"b.weight": d}), atol=1e-7)
+
+
+def test_jvp_through_the_unet_chain_matches_finite_differences():
+    from common.diffusion.samplers import build_sampler, sample
+    from common.importance.jvp import ChainJVP
+
+    cfg = load_config(SMOKE)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size).eval()
+    sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
+    names = [n for n in eligible_names(model, "all_but_ends")][:4]
+    params = dict(model.named_parameters())
+    g = torch.Generator().manual_seed(0)
+    deltas = {n: 1e-3 * params[n].detach().abs().mean() * torch.randn(params[n].shape, generator=g) for n in names}
+    cj = ChainJVP(model, sampler, (1, 32, 32), n_chains=2, seed=11)
+    dx = cj.direction(deltas)
+
+    def x0(sign):
+        with torch.no_grad():
+            for n in names:
+                params[n].add_(sign * deltas[n])
+            x = sample(model, sampler, 2, (1, 32, 32), 11, 2, progress=False)
+            for n in names:
+                params[n].sub_(sign * deltas[n])
+        return x
+
+    fd = (x0(1.0) - x0(-1.0)) / 2
+    assert float((fd - dx).norm() / dx.norm()) < 0.05

@@ -22,7 +22,8 @@ def test_paired_p_matches_the_closed_form_for_three_seeds():
         assert st.paired_p(d) == pytest.approx(_p_df2(d), rel=1e-9)
     assert st.paired_p([1.0, np.nan, 2.0, 3.0]) == st.paired_p([1.0, 2.0, 3.0])  # NaN seeds dropped
     assert st.paired_p([2.0]) is None
-    assert st.paired_p([0.25, 0.25, 0.25]) == 0.0 and st.paired_p([0.2] * 3) < 1e-20 and st.paired_p([0.0, 0.0, 0.0]) == 1.0  # no spread
+    assert st.paired_p([0.25, 0.25, 0.25]) == 0.0 and st.paired_p([0.2] * 3) < 1e-20  # no spread, not 0
+    assert st.paired_p([0.0, 0.0, 0.0]) == 1.0  # identical samples
 
 
 def test_holm_adjusts_by_hand():

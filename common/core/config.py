@@ -301,7 +301,8 @@ class BackendConfig:
     calib_seed: int = 1234  # not an evaluation seed, so calibration never sees the noise it is judged on
 
 
-LOWBIT_PLANS = Literal["uniform", "fisher", "chain_fisher", "fisher_iterative", "learned", "magnitude", "random"]
+LOWBIT_PLANS = Literal["uniform", "fisher", "chain_fisher", "fisher_iterative", "learned", "magnitude", "random",
+                       "search", "jvp"]
 
 
 def _format_list(names):
@@ -318,7 +319,7 @@ class LowbitConfig:
     budgets: list[str] = _spec(["4bits@A8", "3.5bits@A8", "3bits@A8", "3.5bits@A6"],
                                doc="weight size (average bits incl. scales and codebooks) @ activation bits")
     plans: list[LOWBIT_PLANS] = _spec(["uniform", "fisher", "chain_fisher", "fisher_iterative", "learned",
-                                       "magnitude", "random"])
+                                       "magnitude", "random", "search", "jvp"])
     quantizers: list[Literal["uniform", "codebook"]] = _spec(["uniform", "codebook"])
     codebook_plans: list[LOWBIT_PLANS] = _spec(["uniform", "fisher", "learned"],
                                                doc="plans also run with the codebook menu (each costs a variant)")
@@ -341,6 +342,14 @@ class LowbitConfig:
     predictor_seed: int = 7000   # calibration noise of the measurements; not an evaluation seed
     retest_seed: int = 7001      # second noise seed: the test-retest ceiling on the held-out configurations
     chain_seed: int = 7100       # the chain-aware Fisher's chains: disjoint from every measurement's noise
+    predictor_floor: float = _spec(0.1, lo=0.0, lo_open=True, hi=1.0,
+                                   doc="no learned cost below this share of the prior's (chain-aware Fisher) estimate")
+    predictor_rounds: int = _spec(3, lo=0, doc="refits with the learned allocator's own plans, measured (0 = none)")
+    search_seconds: float = _spec(300.0, lo=0.0, doc="wall clock of the measured search per (menu, weight size)")
+    search_evals: int = _spec(300, lo=1, doc="at most this many measured configurations per search")
+    search_images: int = _spec(16, lo=2, doc="images of calibration noise per measured configuration of the search")
+    search_seed: int = 7200      # the search's calibration noise: not the noise the plans are scored on
+    jvp_chains: int = _spec(4, lo=1, doc="chains of the JVP sensitivity (x_0's first-order change along the real dW)")
     eps_samples: int = _spec(64, lo=1, doc="(x_t, t) samples of the one-step noise-prediction error")
     targets: dict = _spec({"3.5bits@A8": 5.0, "3bits@A8": 15.0, "3.5bits@A6": 8.0},
                           doc="budget -> the most classifier-FID may exceed fp32's; met when the 95% interval does")
@@ -726,8 +735,12 @@ def _check_lowbit(cfg: Config, src: str):
     _normalized_budgets("lowbit", lb, normalize_size_at_bits, src)
     if len(lb.predictor_bits) != 2 or lb.predictor_bits[0] >= lb.predictor_bits[1]:
         raise ConfigError(f"{src}: lowbit.predictor_bits: expected [low, high] average bits, got {lb.predictor_bits}")
-    for key in ("predictor_seed", "retest_seed", "chain_seed"):
+    for key in ("predictor_seed", "retest_seed", "chain_seed", "search_seed"):
         _not_an_evaluation_seed(f"lowbit.{key}", getattr(lb, key), lb.seeds + cfg.eval.seeds, src)
+    if lb.search_seed in (lb.predictor_seed, lb.retest_seed, lb.chain_seed):
+        raise ConfigError(f"{src}: lowbit.search_seed: must differ from lowbit.predictor_seed, retest_seed and "
+                          f"chain_seed: the plans are scored on retest_seed's noise, and a search fitted to it would "
+                          f"be judged on its own training data")
     if lb.predictor_seed == lb.retest_seed:
         raise ConfigError(f"{src}: lowbit.retest_seed: must differ from lowbit.predictor_seed ({lb.predictor_seed})")
     if lb.chain_seed in (lb.predictor_seed, lb.retest_seed):

@@ -10,17 +10,21 @@ km4/km3/km2), a plan chooses one format per tensor:
 * ``fisher``: the exact allocator on 1/2 sum F (W - Q_f(W))^2, the one-step Fisher (``importance.fisher``);
 * ``chain_fisher``: the same with the chain-aware Fisher of the final sample (``importance.chain``);
 * ``fisher_iterative``: allocate, recompute the Fisher on the quantized model, re-allocate (``importance.iterative``);
-* ``learned``: the allocator on a predictor fitted to measured random configurations (``importance.predictor``);
+* ``learned``: the allocator on a predictor fitted to measured random configurations and refitted with its own
+  allocator's plans, its costs bounded below by the chain-aware Fisher's (``importance.predictor``);
+* ``jvp``: the allocator on ||J dW||^2, x_0's exact first-order change along each tensor's real error
+  (``importance.jvp``);
+* ``search``: a measured search from the chain-aware Fisher's plan at the fixed budget (``experiments.search``);
 * ``magnitude``, ``random``: controls through the same allocator.
 
 Activations: every quantizable input but the first and last conv's at the budget's bits with calibrated
 per-timestep-group ranges (``lowbit.range_mode``; the W/A pipeline's calibration). Every variant is saved, rebuilt
-from its files and evaluated with ``lowbit.seeds`` x ``lowbit.n_images`` paired samples. The predictors' quality
-is measured on held-out configurations: Kendall tau and Spearman rho against the one-step noise-prediction error
-and the final samples' damage, beside the test-retest ceiling of that damage under a second noise seed.
-Everything lands in ``runs/<run>/lowbit/``.
+from its files and evaluated with ``lowbit.seeds`` x ``lowbit.n_images`` paired samples. Each sensitivity is
+judged first by the measured damage of the plans it allocates (``lowbit_quality``), then by Kendall tau on held-out
+configurations per budget band, beside each band's test-retest ceiling. Everything lands in ``runs/<run>/lowbit/``.
 """
 import copy
+import json
 import os
 import time
 
@@ -36,15 +40,25 @@ from ..evaluation import evaluate
 from ..importance.chain import chain_fisher
 from ..importance.fisher import draw_samples
 from ..importance.iterative import iterative_fisher
-from ..importance.predictor import ConfigMeasurer, config_bits, fit_predictor, measure_all, random_configs
+from ..importance.jvp import ChainJVP, jvp_costs, plan_jvp
+from ..importance.predictor import (
+    ConfigMeasurer,
+    config_bits,
+    fit_predictor,
+    measure_all,
+    random_configs,
+    refit_with_plans,
+)
 from ..importance.weights import costs_from_scores, fisher_distortion_costs, magnitude_scores, random_scores
 from ..quant.allocate import InfeasibleBudgetError, allocate, format_bits
 from ..quant.container import arch_record, read_quantized, save_quantized
 from ..quant.eligibility import eligible_names, end_convs
 from ..quant.formats import channel_axes, dequantize_tensor, quantize_tensor
+from . import lowbit_quality as quality
 from . import pipeline
 from .act_pipeline import act_layout, act_quantizer, ensure_ranges, save_and_evaluate
 from .report import mean_sd, per_seed, pyplot, save_figure, spread, write_summary_files
+from .search import measured_search, plot_trace
 from .statistics import target_verdict, verdict_table
 
 RULE = "all_but_ends"
@@ -169,12 +183,69 @@ def ensure_chain(cfg, model, names, ckpt_path, progress=True, device="cpu"):
     return art
 
 
+def chain_jvp(cfg, model, device):
+    """``ChainJVP`` of ``lowbit.jvp_chains`` chains on the chain-aware Fisher's noise (``lowbit.chain_seed``)."""
+    sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
+    shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
+    return ChainJVP(model, sampler, shape, cfg.lowbit.jvp_chains, cfg.lowbit.chain_seed, device)
+
+
+def ensure_jvp(cfg, model, table, menus, ckpt_path, progress=True, device="cpu"):
+    """The JVP sensitivity (``importance.jvp``): ||J dW_{n,f}||^2 per pixel for every tensor and every format of
+    ``menus``, cached in ``jvp.pt`` bound to the checkpoint. Formats outside the menus cost what the menus'
+    dearest format does (never chosen: ``choose`` restricts the costs to the menu)."""
+    lb = cfg.lowbit
+    path = _cache(cfg, "jvp.pt")
+    formats = list(dict.fromkeys(f for m in menus for f in table.menus[m]))
+    inputs = {"chains": lb.jvp_chains, "seed": lb.chain_seed, "formats": formats, "names": table.names,
+              "sample": to_dict(cfg.sample), "diffusion": to_dict(cfg.diffusion)}
+    if os.path.exists(path):
+        try:
+            art = storage.load_for_checkpoint(path, ckpt_path, "it is recomputed")
+            if art["meta"].get("inputs") == inputs:
+                print(f"[lowbit] reusing {path}")
+                return art
+        except (storage.CheckpointMismatchError, storage.CorruptFileError):
+            pass
+    t0 = time.time()
+    costs = jvp_costs(chain_jvp(cfg, model, device),
+                      {n: {f: table.errors[n][f] for f in formats} for n in table.names}, progress)
+    for n in costs:
+        top = max(costs[n].values())
+        costs[n].update({f: top for f in table.formats if f not in costs[n]})
+    art = {"costs": costs, "meta": {"inputs": inputs, "seconds": round(time.time() - t0, 1)}}
+    storage.save_for_checkpoint(art, path, ckpt_path)
+    print(f"[lowbit] JVP sensitivity ({len(table.names)} tensors x {len(formats)} formats, {lb.jvp_chains} chains) "
+          f"in {art['meta']['seconds']} s -> {path}")
+    return art
+
+
 def eps_inputs(cfg, n, seed, device):
     """(x_t, t) of ``n`` noised training images, drawn like the Fisher's samples from ``seed``."""
     x0, t, eps = draw_samples(mnist_tensor(cfg.data, "train")[0], n, cfg.diffusion.timesteps, seed,
                               strata=min(n, cfg.fisher.profile_buckets))
     schedule = NoiseSchedule.from_config(cfg.diffusion)
     return schedule.q_sample(x0, t, eps).to(device), t.to(device)
+
+
+def make_measurer(cfg, model, table, device, n_images=None):
+    """A ``ConfigMeasurer`` of ``n_images`` (default ``lowbit.predictor_images``) samples per configuration, the
+    ends in ``keep_format``."""
+    lb = cfg.lowbit
+    n = n_images or lb.predictor_images
+    sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
+    shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
+    return ConfigMeasurer(model, sampler, shape, table.values, n, min(cfg.sample.batch_size, n),
+                          eps_inputs(cfg, lb.eps_samples, lb.predictor_seed, device), device,
+                          fixed={n: table.values[n][lb.keep_format] for n in table.ends})
+
+
+def measurer_inputs(cfg, table, sha, n_images) -> dict:
+    """What a ``make_measurer`` measurement depends on, but the configuration and the noise seed."""
+    lb = cfg.lowbit
+    return {"checkpoint_sha256": sha, "images": n_images, "eps_samples": lb.eps_samples, "eps_seed": lb.predictor_seed,
+            "formats": table.formats, "names": table.names, "keep_format": lb.keep_format,
+            "sample": to_dict(cfg.sample)}
 
 
 def ensure_measurements(cfg, model, table, sha, progress=True, device="cpu"):
@@ -198,12 +269,7 @@ def ensure_measurements(cfg, model, table, sha, progress=True, device="cpu"):
     configs = random_configs(table.bits, table.fixed, table.total, *lb.predictor_bits, lb.predictor_configs,
                              lb.predictor_seed)
     n_hold = max(2, round(lb.predictor_holdout * len(configs)))
-    sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
-    shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
-    measurer = ConfigMeasurer(model, sampler, shape, table.values, lb.predictor_images,
-                              min(cfg.sample.batch_size, lb.predictor_images),
-                              eps_inputs(cfg, lb.eps_samples, lb.predictor_seed, device), device,
-                              fixed={n: table.values[n][lb.keep_format] for n in table.ends})
+    measurer = make_measurer(cfg, model, table, device)
     first = measure_all(measurer, configs, lb.predictor_seed, progress, "measure")
     t1 = time.time()
     retest = measure_all(measurer, configs[-n_hold:], lb.retest_seed, progress, "retest")
@@ -262,11 +328,81 @@ def ensure_iterative(cfg, model, ckpt_path, table, fisher, menu, size, progress=
     return choice, diag, history, seconds
 
 
-class Sensitivities:
-    """What each plan allocates by, computed once per run (with the seconds each took); ``iterative``: the
-    (menu, weight size) pairs the ``fisher_iterative`` plan is run at, each an allocation of its own."""
+def fit_learned(cfg, model, table, measured, prior, sha, device="cpu", progress=True):
+    """The learned predictor: fitted on the training configurations, then refitted ``lowbit.predictor_rounds``
+    times with its own allocator's plans (every weight size of ``lowbit.budgets``, every menu it is run with)
+    measured under ``predictor_seed``; those measurements are cached in ``predictor_active.json`` by configuration.
+    Returns (Predictor, cross-validation table, [(configuration, damage)] added)."""
+    lb = cfg.lowbit
+    train = slice(0, len(measured["configs"]) - measured["holdout"])
+    cache = ConfigCache(_cache(cfg, "predictor_active.json"), measured["inputs"])
+    measurer = None
 
-    def __init__(self, cfg, model, ckpt_path, table, sha, device, progress, iterative=()):
+    def measure(config):
+        nonlocal measurer
+        measurer = measurer or make_measurer(cfg, model, table, device)
+        return cache.get(config, lambda c: measurer.measure(c, lb.predictor_seed)["mse_mean"])
+
+    sizes = list(dict.fromkeys(parse_size_at_bits(b)[0] for b in lb.budgets))
+    menus = [m for m in lb.quantizers if m == "uniform" or "learned" in lb.codebook_plans]
+
+    def plans(pred):
+        out, costs = [], pred.costs()
+        for size in sizes:
+            for menu in menus:
+                cost = {n: {f: costs[n][f] for f in table.menus[menu]} for n in table.names}
+                try:
+                    out.append(allocate(cost, table.menu_bits(menu), table.fixed, budget_bits(size, table.total))[0])
+                except InfeasibleBudgetError:
+                    pass
+        return out
+
+    reference = lb.keep_format if lb.keep_format in table.formats else table.formats[0]
+
+    def fit(configs, damage):
+        return fit_predictor(configs, damage, table.names, table.formats, table.sq_error, reference, prior=prior,
+                             seed=lb.predictor_seed, floor=lb.predictor_floor)
+
+    pred, cv, added = refit_with_plans(fit, plans, measure, measured["configs"][train],
+                                       [m["mse_mean"] for m in measured["measured"][train]], lb.predictor_rounds)
+    cache.save()
+    if progress:
+        print(f"[lowbit] learned predictor: {pred.kind}/{pred.target}, alpha {pred.alpha:g}, refitted with "
+              f"{len(added)} of its own plans ({lb.predictor_rounds} rounds at most)")
+    return pred, cv, added
+
+
+class ConfigCache:
+    """Values computed per configuration ({tensor: format}), kept in the JSON record ``path`` while ``inputs``
+    (everything a value depends on but the configuration) stay the same; otherwise started afresh."""
+
+    def __init__(self, path, inputs):
+        self.path, self.inputs, self.values = path, inputs, {}
+        if os.path.exists(path):
+            try:
+                art = storage.load_json(path)
+                if art.get("inputs") == inputs and storage.seal_ok(art):
+                    self.values = {json.dumps(c, sort_keys=True): v for c, v in art["values"]}
+            except storage.CorruptFileError:
+                pass
+
+    def get(self, config, compute):
+        key = json.dumps(config, sort_keys=True)
+        if key not in self.values:
+            self.values[key] = compute(config)
+        return self.values[key]
+
+    def save(self):
+        storage.atomic_write_record({"inputs": self.inputs, "values": [[json.loads(k), v] for k, v in
+                                                                       self.values.items()]}, self.path)
+
+
+class Sensitivities:
+    """What each plan allocates by, computed once per run (with the seconds each took); ``iterative`` /
+    ``searched``: the (menu, weight size) pairs the ``fisher_iterative`` / ``search`` plan is run at, each an
+    allocation of its own."""
+
+    def __init__(self, cfg, model, ckpt_path, table, sha, device, progress, iterative=(), searched=()):
         lb = cfg.lowbit
         self.seconds = {"uniform": 0.0, "magnitude": 0.0, "random": 0.0}
         self.costs = {}
@@ -277,28 +413,88 @@ class Sensitivities:
         self.costs["magnitude"] = costs_from_scores(magnitude_scores(model, table.names), table.errors)
         self.costs["random"] = costs_from_scores(random_scores(table.names, cfg.importance.seed), table.errors)
         self.chain = None
-        if "chain_fisher" in lb.plans:
+        if {"chain_fisher", "search"} & set(lb.plans):  # the search starts from the chain-aware Fisher's plan
             self.chain = ensure_chain(cfg, model, table.names, ckpt_path, progress, device)
             self.seconds["chain_fisher"] = float(self.chain["meta"]["seconds"])
             self.costs["chain_fisher"] = fisher_distortion_costs(self.chain["diag"], table.errors)
+        self.jvp = None
+        if "jvp" in lb.plans:
+            menus = [m for m in lb.quantizers if m == "uniform" or "jvp" in lb.codebook_plans]
+            self.jvp = ensure_jvp(cfg, model, table, menus, ckpt_path, progress, device)
+            self.seconds["jvp"] = self.jvp["meta"]["seconds"]
+            self.costs["jvp"] = self.jvp["costs"]
         self.measured = self.predictor = None
         if "learned" in lb.plans:
             self.measured = ensure_measurements(cfg, model, table, sha, progress, device)
-            train = slice(0, len(self.measured["configs"]) - self.measured["holdout"])
             t0 = time.time()
             prior = self.costs.get("chain_fisher", self.costs["fisher"])  # what the measurements correct
-            self.predictor, self.cv = fit_predictor(
-                self.measured["configs"][train], [m["mse_mean"] for m in self.measured["measured"][train]],
-                table.names, table.formats, table.sq_error, lb.keep_format if lb.keep_format in table.formats
-                else table.formats[0], prior=prior, seed=lb.predictor_seed)
+            self.predictor, self.cv, self.active = fit_learned(cfg, model, table, self.measured, prior, sha, device,
+                                                               progress)
             self.seconds["learned"] = self.measured["seconds"]["measure"] + time.time() - t0
             self.costs["learned"] = self.predictor.costs()
+        self.jvp_plan = None  # the JVP of every held-out configuration as a whole: a feature with cross terms
+        if self.jvp is not None and self.measured is not None:
+            cj = None
+            cache = ConfigCache(_cache(cfg, "jvp_plans.json"), {**self.jvp["meta"]["inputs"], "checkpoint_sha256": sha})
+
+            def one(c):
+                nonlocal cj
+                cj = cj or chain_jvp(cfg, model, device)
+                return plan_jvp(cj, c, table.errors)
+
+            held = self.measured["configs"][len(self.measured["configs"]) - self.measured["holdout"]:]
+            self.jvp_plan = [cache.get(c, one) for c in held]
+            cache.save()
         self.iterative = {}  # (menu, size): (choice, diag, history, seconds), or the InfeasibleBudgetError
         for key in dict.fromkeys(iterative):
             try:
                 self.iterative[key] = ensure_iterative(cfg, model, ckpt_path, table, fisher, *key, progress, device)
             except InfeasibleBudgetError as e:
                 self.iterative[key] = e
+        self.search = {}  # (menu, size): {"choice", "trace", "seconds", ...}, or the InfeasibleBudgetError
+        for key in dict.fromkeys(searched):
+            try:
+                self.search[key] = ensure_search(cfg, model, table, self, *key, sha, progress, device)
+            except InfeasibleBudgetError as e:
+                self.search[key] = e
+
+
+def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, device="cpu"):
+    """The measured search's result for ``menu`` at the weight size ``size`` (``experiments.search``): from the
+    chain-aware Fisher's plan, moves proposed by the learned costs (else the chain-aware Fisher's), fitness the
+    paired MSE of ``lowbit.search_images`` images under ``lowbit.search_seed``. Cached in
+    ``search_<menu>_<size>.json`` (the wall clock makes a rerun differ: a cached result is reused, not redone)."""
+    lb = cfg.lowbit
+    path = _cache(cfg, f"search_{menu}_{budget_tag(size)}.json")
+    start_by = "chain_fisher" if "chain_fisher" in sens.costs else "fisher"
+    propose_by = "learned" if "learned" in sens.costs else start_by
+    limit = budget_bits(size, table.total) - table.fixed
+    menu_costs = {k: {n: {f: sens.costs[k][n][f] for f in table.menus[menu]} for n in table.names}
+                  for k in (start_by, propose_by)}
+    start, _ = allocate(menu_costs[start_by], table.menu_bits(menu), table.fixed, limit + table.fixed)
+    inputs = {"checkpoint_sha256": sha, "start": start, "start_by": start_by, "propose_by": propose_by,
+              "proposer": sens.predictor.describe() if propose_by == "learned" else None,
+              "seconds": lb.search_seconds, "evals": lb.search_evals, "images": lb.search_images,
+              "seed": lb.search_seed, "limit_bits": limit, "sample": to_dict(cfg.sample)}
+    if os.path.exists(path):
+        try:
+            art = storage.load_json(path)
+            if art.get("inputs") == inputs and storage.seal_ok(art):
+                print(f"[lowbit] reusing {path}")
+                return art
+        except storage.CorruptFileError:
+            pass
+    measurer = make_measurer(cfg, model, table, device, lb.search_images)
+    t0 = time.time()
+    choice, trace = measured_search(start, table.menu_bits(menu), limit, menu_costs[propose_by],
+                                    lambda c: measurer.measure(c, lb.search_seed)["mse_mean"], lb.search_seconds,
+                                    lb.search_evals, seed=lb.search_seed)
+    art = {"inputs": inputs, "choice": choice, "trace": trace, "seconds": round(time.time() - t0, 1),
+           "changed": sum(choice[n] != start[n] for n in start)}
+    storage.atomic_write_record(art, path)
+    print(f"[lowbit] search ({menu}, {size}): {len(trace) - 1} measured moves in {art['seconds']:.0f} s, fitness "
+          f"{trace[0]['fitness']:.3g} -> {trace[-1]['best']:.3g}, {art['changed']} tensors changed -> {path}")
+    return art
 
 
 def choose(cfg, plan, menu, budget_text, table, sens):
@@ -313,6 +509,12 @@ def choose(cfg, plan, menu, budget_text, table, sens):
             raise sens.iterative[(menu, budget_text)]
         choice, _, history, seconds = sens.iterative[(menu, budget_text)]
         return choice, {"rounds": history, "seconds": sens.seconds["fisher"] + seconds}
+    elif plan == "search":  # likewise
+        art = sens.search[(menu, budget_text)]
+        if isinstance(art, InfeasibleBudgetError):
+            raise art
+        return art["choice"], {"evaluations": len(art["trace"]) - 1, "changed": art["changed"],
+                               "seconds": sens.seconds.get(art["inputs"]["start_by"], 0.0) + art["seconds"]}
     else:
         cost = {n: {f: sens.costs[plan][n][f] for f in table.menus[menu]} for n in table.names}
         choice, info = allocate(cost, bits, table.fixed, budget)
@@ -356,9 +558,10 @@ def run_lowbit(cfg, device, force=False, progress=True):
     tasks = [(budget, menu, plan) for budget in lb.budgets for menu in lb.quantizers for plan in lb.plans
              if menu != "codebook" or plan in lb.codebook_plans]
     iterative = [(menu, parse_size_at_bits(budget)[0]) for budget, menu, plan in tasks if plan == "fisher_iterative"]
+    searched = [(menu, parse_size_at_bits(budget)[0]) for budget, menu, plan in tasks if plan == "search"]
     # every cache the variants read, computed once (rank 0 first, under the folder's lock) before they are handed out
     sens, ranges = pipeline.shared(c, lambda: (
-        Sensitivities(c, model, ckpt_path, table, sha, device, progress, iterative),
+        Sensitivities(c, model, ckpt_path, table, sha, device, progress, iterative, searched),
         ensure_ranges(_act_cfg(c), model, lb.range_mode, sha, device, progress)))
     done = {"fp32": (None, None, "fp32", distributed.rank0_first(
         lambda: pipeline.evaluate_fp32(c, model, ckpt_path, device, force, progress)))}
@@ -397,6 +600,8 @@ def run_lowbit(cfg, device, force=False, progress=True):
             notes.append(f"{variant_name(plan, menu, budget)}: {r}")
         else:
             done[variant_name(plan, menu, budget)] = (budget, menu, plan, r)
+    if distributed.is_main():  # the primary score of every sensitivity: what its plans do (rank 0 writes it)
+        sens.plan_damage = measure_plans(c, model, table, sens, sha, device, progress)
     return done, notes, sens, table
 
 
@@ -408,18 +613,8 @@ def _act_cfg(c):
 
 
 # ----------------------------------------------------------------------------- predictor quality
-BANDS = ((0.0, 3.25), (3.25, 3.75), (3.75, 99.0))
-
-
-def predictor_quality(sens, table) -> dict:
-    """Kendall tau / Spearman rho of every predictor on the held-out configurations against (a) the one-step
-    error and (b) the final damage (mean and median paired MSE); the test-retest ceiling; tau per budget band."""
-    m = sens.measured
-    if m is None:
-        return {}
-    hold = slice(len(m["configs"]) - m["holdout"], None)
-    configs, meas, retest = m["configs"][hold], m["measured"][hold], m["retest"]
-    bits = np.array(m["avg_bits"][hold])
+def heldout_predictions(sens, table, configs) -> dict:
+    """{predictor: its estimate of every configuration's damage}."""
     preds = {name: np.array([sum(sens.costs[name][n][f] for n, f in c.items()) for c in configs])
              for name in ("fisher", "chain_fisher", "magnitude", "random") if name in sens.costs}
     runs = [r for r in sens.iterative.values() if not isinstance(r, InfeasibleBudgetError)]
@@ -429,33 +624,55 @@ def predictor_quality(sens, table) -> dict:
         preds["fisher_iterative"] = np.array([sum(it[n][f] for n, f in c.items()) for c in configs])
     if sens.predictor is not None:
         preds["learned"] = np.array([sens.predictor.predict(c) for c in configs])
-    from scipy.stats import kendalltau, spearmanr  # on first use, like the other experiments (start-up time)
-
-    targets = {"eps_mse": np.array([r["eps_mse"] for r in meas]), "mse_mean": np.array([r["mse_mean"] for r in meas]),
-               "mse_median": np.array([r["mse_median"] for r in meas])}
-    rows = {}
-    for name, p in preds.items():
-        row = {}
-        for key, y in targets.items():
-            row[f"tau_{key}"] = float(kendalltau(p, y).statistic)
-            row[f"rho_{key}"] = float(spearmanr(p, y).statistic)
-        for lo, hi in BANDS:
-            sel = (bits >= lo) & (bits < hi)
-            row[f"tau_band_{lo:g}-{hi:g}"] = float(kendalltau(p[sel], targets["mse_mean"][sel]).statistic) \
-                if sel.sum() >= 4 else None
-        rows[name] = row
-    second = np.array([r["mse_mean"] for r in retest])
-    return {"rows": rows, "n_heldout": len(configs), "n_train": len(m["configs"]) - len(configs),
-            "ceiling_tau": float(kendalltau(targets["mse_mean"], second).statistic),
-            "ceiling_tau_median": float(kendalltau(targets["mse_median"],
-                                                   np.array([r["mse_median"] for r in retest])).statistic),
-            "images": table_images(sens), "band_counts": [int(((bits >= lo) & (bits < hi)).sum()) for lo, hi in BANDS],
-            "predictor": sens.predictor.describe() if sens.predictor else None,
-            "cv": getattr(sens, "cv", None)}
+    if "jvp" in sens.costs:
+        preds["jvp"] = np.array([sum(sens.costs["jvp"][n][f] for n, f in c.items()) for c in configs])
+    if getattr(sens, "jvp_plan", None) is not None:
+        preds["jvp_plan"] = np.array(sens.jvp_plan)
+    return preds
 
 
-def table_images(sens):
-    return sens.measured["inputs"]["images"] if sens.measured else None
+def predictor_quality(sens, table, seed=0) -> dict:
+    """``lowbit_quality.predictor_quality`` on the held-out configurations, with the learned predictor's fit."""
+    m = sens.measured
+    if m is None:
+        return {}
+    hold = slice(len(m["configs"]) - m["holdout"], None)
+    q = quality.predictor_quality(heldout_predictions(sens, table, m["configs"][hold]), m["measured"][hold],
+                                  m["retest"], m["avg_bits"][hold], seed=seed)
+    q.update(n_train=len(m["configs"]) - m["holdout"], images=m["inputs"]["images"],
+             predictor=sens.predictor.describe() if sens.predictor else None, cv=getattr(sens, "cv", None))
+    return q
+
+
+def measure_plans(cfg, model, table, sens, sha, device="cpu", progress=True) -> dict:
+    """The primary score: {"<menu> <size>": {plan: measured damage}} of every plan's allocation at every weight
+    size of ``lowbit.budgets``, under ``lowbit.retest_seed`` (weights only: the activations stay float)."""
+    lb = cfg.lowbit
+    measurer = None
+    cache = ConfigCache(_cache(cfg, "plan_damage.json"), {**measurer_inputs(cfg, table, sha, lb.predictor_images),
+                                                          "seed": lb.retest_seed})
+
+    def measure(choice):
+        nonlocal measurer
+        measurer = measurer or make_measurer(cfg, model, table, device)
+        return measurer.measure(choice, lb.retest_seed)
+
+    out = {}
+    for size in dict.fromkeys(parse_size_at_bits(b)[0] for b in lb.budgets):
+        for menu in lb.quantizers:
+            row = {}
+            for plan in lb.plans if menu == "uniform" else [p for p in lb.plans if p in lb.codebook_plans]:
+                try:
+                    choice, _ = choose(cfg, plan, menu, size, table, sens)
+                except InfeasibleBudgetError:
+                    continue
+                row[plan] = {**cache.get(choice, measure), "avg_bits": table.avg_bits(choice)}
+            out[f"{menu} {size}"] = row
+            if progress:
+                print(f"[lowbit] plan damage {menu} {size}: "
+                      + ", ".join(f"{p} {r['mse_mean']:.3g}" for p, r in row.items()))
+    cache.save()
+    return out
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -478,7 +695,7 @@ def sensitivity_rows(sens, table):
     return rows
 
 
-def summary_markdown(cfg, done, notes, sens, table, quality, seconds=None) -> str:
+def summary_markdown(cfg, done, notes, sens, table, q, seconds=None) -> str:
     lb = cfg.lowbit
     ref = done["fp32"][3]
     steps = len(build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion)).timesteps)
@@ -512,7 +729,9 @@ def summary_markdown(cfg, done, notes, sens, table, quality, seconds=None) -> st
                              [per_seed(b, key) - per_seed(a, key) for key in ("paired_mse_vs_fp32", "clf_fid")],
                              (a_name, b_name)) for a_name, b_name, a, b in verdict_pairs(done)])
     lines += target_lines(lb, done)
-    lines += ["", "## How well each sensitivity predicts the damage", ""] + quality_lines(quality)
+    lines += ["", "## How well each sensitivity predicts the damage", ""]
+    lines += quality.plan_damage_lines(getattr(sens, "plan_damage", None), lb.predictor_images, lb.retest_seed)
+    lines += [""] + quality.quality_lines(q, q.get("images") if q else None)
     srows = sensitivity_rows(sens, table)
     if srows:
         lines += ["", "## Which layers tolerate 2–3 bits", "",
@@ -528,6 +747,8 @@ def summary_markdown(cfg, done, notes, sens, table, quality, seconds=None) -> st
         lines += ["", "| tensor | op | learned rank | Fisher rank |", "|---|---|---:|---:|"]
         lines += [f"| {r['tensor']} | {r['op']} | {r['learned_rank'] or '–'} | {r['fisher_rank']} |" for r in top]
     lines += ["", "![lowbit](lowbit.png)", "", "![layer sensitivity](lowbit_layers.png)"]
+    if sens.search:
+        lines += ["", "![measured search](lowbit_search.png)"]
     return "\n".join(lines) + "\n"
 
 
@@ -550,27 +771,6 @@ def target_lines(lb, done) -> list:
                    f"{verdict} |")
     return out + ["", "The intervals are per row (not corrected for the number of rows): each row answers its own "
                   "question, whether that plan meets its budget's target."]
-
-
-def quality_lines(q) -> list:
-    if not q:
-        return ["(no learned predictor in lowbit.plans: no measured configurations)"]
-    bands = [k for k in next(iter(q["rows"].values())) if k.startswith("tau_band_")]
-    head = ("| predictor | τ one-step error | τ mean damage | ρ mean damage | τ median damage | "
-            + " | ".join(f"τ {k[9:]} bits" for k in bands) + " |")
-    out = [f"Held-out: {q['n_heldout']} of {q['n_train'] + q['n_heldout']} random configurations ({q['images']} "
-           f"images each, their own noise seed); per band {q['band_counts']}. Test–retest ceiling (the same held-out "
-           f"configurations under a second noise seed): τ {q['ceiling_tau']:.2f} (mean damage), "
-           f"{q['ceiling_tau_median']:.2f} (median).", "", head, "|---|" + "---:|" * (4 + len(bands))]
-    for name, r in q["rows"].items():
-        out.append(f"| {name} | {r['tau_eps_mse']:.2f} | {r['tau_mse_mean']:.2f} | {r['rho_mse_mean']:.2f} | "
-                   f"{r['tau_mse_median']:.2f} | "
-                   + " | ".join("–" if r[k] is None else f"{r[k]:.2f}" for k in bands) + " |")
-    if q.get("predictor"):
-        p = q["predictor"]
-        out += ["", f"Learned predictor: features `{p['kind']}`, target `{p['target']}` damage, ridge α {p['alpha']:g} "
-                    f"(chosen by 5-fold cross-validated τ on the training configurations)."]
-    return out
 
 
 def verdict_pairs(done):
@@ -649,18 +849,30 @@ def plot_layers(sens, table, path):
     return save_figure(fig, path)
 
 
+def doc_figures(cfg) -> list:
+    """The figures ``summary.md`` links, as written by ``write_outputs`` (for ``--update-docs``)."""
+    folder = lowbit_dir(cfg)
+    names = ("lowbit.png", "lowbit_layers.png", "lowbit_search.png")
+    return [os.path.join(folder, n) for n in names if os.path.exists(os.path.join(folder, n))]
+
+
 def write_outputs(cfg, done, notes, sens, table, seconds=None) -> str:
     folder = lowbit_dir(cfg)
-    quality = predictor_quality(sens, table)
+    q = predictor_quality(sens, table, cfg.lowbit.predictor_seed)
     figs = [plot(done, cfg, os.path.join(folder, "lowbit.png")),
             plot_layers(sens, table, os.path.join(folder, "lowbit_layers.png"))]
-    storage.atomic_write_record({"quality": quality, "layers": sensitivity_rows(sens, table),
+    traces = {f"{m} {b}": a["trace"] for (m, b), a in sens.search.items() if not isinstance(a, InfeasibleBudgetError)}
+    if traces:
+        figs.append(plot_trace(traces, os.path.join(folder, "lowbit_search.png")))
+    storage.atomic_write_record({"quality": q, "plan_damage": getattr(sens, "plan_damage", None),
+                                 "layers": sensitivity_rows(sens, table),
                                  "chain_per_step": sens.chain["per_step"] if sens.chain else None,
                                  "chain_rel_sem": sens.chain["rel_sem"] if sens.chain else None,
                                  "iterative": {f"{m}@{b}": r[2] for (m, b), r in sens.iterative.items()
-                                               if not isinstance(r, InfeasibleBudgetError)}},
+                                               if not isinstance(r, InfeasibleBudgetError)},
+                                 "search": traces},
                                 os.path.join(folder, "predictors.json"))
-    md = summary_markdown(cfg, done, notes, sens, table, quality, seconds)
+    md = summary_markdown(cfg, done, notes, sens, table, q, seconds)
     write_summary_files(folder, cfg, rows(done), COLUMNS, md, figs + [os.path.join(folder, "predictors.json")], done)
     return md
 

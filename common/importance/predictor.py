@@ -14,12 +14,23 @@ it exactly (its cost per tensor and format is a coefficient). Two feature sets a
   prior[n][f_n], a_n shrunk towards one common scale rather than towards 0;
 
 ``onehot`` and ``error`` on the damage itself or on its logarithm (damage saturates: a few layers at low bits
-already cost as much as the worst mixes), with the ridge strength; the combination with the best
-cross-validated Kendall tau on the training configurations is kept. Coefficients are non-negative
-(bounded least squares on the ridge-augmented system), so no format is ever predicted to *help*, which an exact
-optimiser would otherwise exploit. A coefficient shrunk to 0 is what an optimiser exploits too: a tensor the
-random configurations say little about costs nothing to the ``onehot`` and ``error`` fits, and the allocator
-then puts it at the lowest format; the ``prior`` fit keeps such a tensor at the prior's estimate.
+already cost as much as the worst mixes), with the ridge strength. Coefficients are non-negative (bounded least
+squares on the ridge-augmented system), so no format is ever predicted to *help*, which an exact optimiser would
+otherwise exploit.
+
+A coefficient shrunk to 0 is what an optimiser exploits too: a tensor the random configurations say little about
+costs nothing to the ``onehot`` and ``error`` fits, and the allocator then puts it at the lowest format (on the
+released baseline that made every ``learned`` plan collapse, classifier-FID ~570). So, with a prior:
+
+* the ``prior`` fit's multipliers are bounded below, a_n >= ``floor`` x the common scale, not only shrunk towards
+  it: no tensor's cost can vanish;
+* the fit is chosen by the one-standard-error rule (the most constrained fit whose cross-validated tau is within
+  one standard error over the folds of the best: ``prior`` before ``error`` before ``onehot``, then the strongest
+  ridge), not by the best tau alone, whose ties went to whichever kind came first in the list;
+* whatever kind is chosen, the costs handed to the allocator are at least ``floor`` x (the fit's typical ratio of
+  coefficient to prior) x the prior's cost of that tensor and format (``Predictor.costs``);
+* ``refit_with_plans`` adds the allocator's own choices, measured, to the training set and refits, a few rounds
+  (active learning): the random configurations rarely visit the corners the allocator goes to.
 """
 import copy
 import math
@@ -117,22 +128,35 @@ def measure_all(measurer, configs, seed, progress=True, desc="configurations") -
 
 # ----------------------------------------------------------------------------- the model of measured damage
 class Predictor:
-    """damage ~ intercept + sum_n coef[n][f_n] (on log(damage) for target "log")."""
+    """damage ~ intercept + sum_n coef[n][f_n] (on log(damage) for target "log").
 
-    def __init__(self, kind, target, alpha, coef, intercept, reference):
+    ``prior`` {tensor: {format: cost}} and ``floor``: the allocator's costs are bounded below by the prior
+    (``costs``); without a prior they are the coefficients."""
+
+    def __init__(self, kind, target, alpha, coef, intercept, reference, prior=None, floor=0.0):
         self.kind, self.target, self.alpha = kind, target, alpha
         self.coef, self.intercept, self.reference = coef, intercept, reference
+        self.prior, self.floor = prior, floor
+        self.active = 0  # measured plans of its own allocator among the training configurations
 
     def costs(self) -> dict:
-        """{tensor: {format: cost}} for the allocator (the reference format costs what its coefficient says)."""
-        return self.coef
+        """{tensor: {format: cost}} for the allocator: max(coefficient, floor x s x prior cost), s the median ratio
+        of coefficient to prior cost where both are positive (the fit's own units: damage or log damage), so a
+        coefficient of 0 never makes a format free where the prior says it costs something."""
+        if not self.prior or self.floor <= 0:
+            return self.coef
+        ratios = [self.coef[n][f] / self.prior[n][f] for n in self.coef for f in self.coef[n]
+                  if self.coef[n][f] > 0 and self.prior[n].get(f, 0) > 0]
+        s = float(np.median(ratios)) if ratios else 1.0
+        return {n: {f: max(v, self.floor * s * self.prior[n].get(f, 0.0)) for f, v in fs.items()}
+                for n, fs in self.coef.items()}
 
     def predict(self, config: dict) -> float:
         return self.intercept + sum(self.coef[n][f] for n, f in config.items())
 
     def describe(self) -> dict:
         return {"kind": self.kind, "target": self.target, "alpha": self.alpha, "intercept": self.intercept,
-                "reference_format": self.reference}
+                "reference_format": self.reference, "floor": self.floor, "active": self.active}
 
 
 def _design(configs, names, formats, kind, per_format, reference):
@@ -151,8 +175,8 @@ def _design(configs, names, formats, kind, per_format, reference):
     return X, names
 
 
-def _fit(X, y, alpha, center=None):
-    """min ||X b + c - y||^2 + alpha ||b - center||^2 over b >= 0 and a free intercept c (columns scaled to unit
+def _fit(X, y, alpha, center=None, lower=0.0):
+    """min ||X b + c - y||^2 + alpha ||b - center||^2 over b >= lower and a free intercept c (columns scaled to unit
     RMS first, so alpha means the same for every feature set). ``center``: what b shrinks towards (0 = none)."""
     from scipy.optimize import lsq_linear
 
@@ -163,7 +187,8 @@ def _fit(X, y, alpha, center=None):
     center_s = np.zeros(k) if center is None else np.broadcast_to(center, (k,)) * scale
     A = np.vstack([np.hstack([Xs, np.ones((len(y), 1))]), np.hstack([math.sqrt(alpha) * np.eye(k), np.zeros((k, 1))])])
     b = np.concatenate([y, math.sqrt(alpha) * center_s])
-    sol = lsq_linear(A, b, bounds=(np.r_[np.zeros(k), -np.inf], np.full(k + 1, np.inf))).x
+    lo = np.broadcast_to(np.asarray(lower, dtype=float), (k,)) * scale
+    sol = lsq_linear(A, b, bounds=(np.r_[lo, -np.inf], np.full(k + 1, np.inf))).x
     return sol[:k] / scale, sol[k]
 
 
@@ -181,16 +206,35 @@ def _center(kind, X, y):
 
 
 KINDS = {"onehot": ("log", "raw"), "error": ("log", "raw"), "prior": ("raw",)}
+CONSTRAINED = ("prior", "error", "onehot")  # most constrained first: the one-standard-error rule's preference
+
+
+def _fit_kind(kind, X, y, alpha, floor):
+    """(coefficients, intercept) of one kind; ``prior``: shrunk towards the common scale s, bounded by floor x s."""
+    center = _center(kind, X, y)
+    lower = 0.0 if center is None else floor * center
+    return _fit(X, y, alpha, center, lower)
+
+
+def one_standard_error(table) -> dict:
+    """The row of the cross-validation table to keep: among the rows whose cv_tau is within one standard error
+    (over the folds) of the best, the most constrained kind, then the strongest ridge."""
+    ok = [r for r in table if r["cv_tau"] == r["cv_tau"]]
+    if not ok:
+        return max(table, key=lambda r: -r["alpha"])
+    best = max(ok, key=lambda r: r["cv_tau"])
+    near = [r for r in ok if r["cv_tau"] >= best["cv_tau"] - np.nan_to_num(best["cv_sem"])]
+    return min(near, key=lambda r: (CONSTRAINED.index(r["kind"]), -r["alpha"]))
 
 
 def fit_predictor(configs, damage, names, formats, sq_error, reference, prior=None,
-                  alphas=(1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0), folds=5, seed=0):
+                  alphas=(1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0), folds=5, seed=0, floor=0.1):
     """The (kind, target, alpha) with the best mean Kendall tau over ``folds`` cross-validation folds of the
     training configurations, refitted on all of them. Kinds: ``onehot`` and ``error`` (see the module's
     docstring) and, with ``prior`` {tensor: {format: cost}} (e.g. the chain-aware Fisher's estimate),
-    ``prior``: damage = b + sum a_n prior[n][f_n] with a_n >= 0 shrunk towards one common scale, so a tensor the
-    measurements say little about keeps the prior's estimate instead of a free zero. Returns (Predictor,
-    cross-validation table)."""
+    ``prior``: damage = b + sum a_n prior[n][f_n] with a_n >= floor x s shrunk towards one common scale s, so a
+    tensor the measurements say little about keeps the prior's estimate instead of a free zero. The fit is chosen
+    by ``one_standard_error``. Returns (Predictor, cross-validation table)."""
     from scipy.stats import kendalltau  # on first use (start-up time)
 
     damage = np.asarray(damage, dtype=float)
@@ -210,15 +254,18 @@ def fit_predictor(configs, damage, names, formats, sq_error, reference, prior=No
                     for k in range(folds):
                         test = parts[k]
                         train = np.concatenate([parts[j] for j in range(folds) if j != k])
-                        b, c = _fit(X[train], y[train], alpha, _center(kind, X[train], y[train]))
+                        b, c = _fit_kind(kind, X[train], y[train], alpha, floor)
                         if len(test) >= 3:
                             taus.append(kendalltau(X[test] @ b + c, damage[test]).statistic)
+                    taus = [t for t in taus if t == t]
                     table.append({"kind": kind, "target": target, "alpha": alpha,
-                                  "cv_tau": float(np.nanmean(taus)) if taus else float("nan")})
-    best = max(table, key=lambda r: (np.nan_to_num(r["cv_tau"], nan=-2.0), -r["alpha"]))
+                                  "cv_tau": float(np.mean(taus)) if taus else float("nan"),
+                                  "cv_sem": float(np.std(taus, ddof=1) / math.sqrt(len(taus))) if len(taus) > 1
+                                  else float("nan")})
+    best = one_standard_error(table)
     X, cols = _design(configs, names, formats, best["kind"], per_format, reference)
     y = _transform(damage, best["target"])
-    b, c = _fit(X, y, best["alpha"], _center(best["kind"], X, y))
+    b, c = _fit_kind(best["kind"], X, y, best["alpha"], floor)
     if best["kind"] == "onehot":
         coef = {n: {f: 0.0 for f in formats} for n in names}
         for (n, f), v in zip(cols, b, strict=True):
@@ -226,4 +273,33 @@ def fit_predictor(configs, damage, names, formats, sq_error, reference, prior=No
     else:
         coef = {n: {f: float(a * per_format[best["kind"]][n][f]) for f in formats}
                 for n, a in zip(names, b, strict=True)}
-    return Predictor(best["kind"], best["target"], best["alpha"], coef, float(c), reference), table
+    return Predictor(best["kind"], best["target"], best["alpha"], coef, float(c), reference, prior, floor), table
+
+
+def refit_with_plans(fit, allocate_plans, measure, configs, damage, rounds):
+    """Active learning: fit, allocate with the fit, measure those plans, add them to the training set, refit;
+    ``rounds`` times or until the allocator proposes nothing new.
+
+    fit(configs, damage) -> (Predictor, cv table); allocate_plans(predictor) -> [configuration] (e.g. one per
+    budget and menu); measure(configuration) -> damage. Returns (Predictor, cv table, [(config, damage)] added)."""
+    configs, damage, added = list(configs), list(damage), []
+    seen = {_key(c) for c in configs}
+    pred, cv = fit(configs, damage)
+    for _ in range(rounds):
+        new = []
+        for c in allocate_plans(pred):
+            if _key(c) not in seen:
+                seen.add(_key(c))
+                new.append((c, measure(c)))
+        if not new:
+            break
+        added += new
+        configs += [c for c, _ in new]
+        damage += [d for _, d in new]
+        pred, cv = fit(configs, damage)
+    pred.active = len(added)
+    return pred, cv, added
+
+
+def _key(config: dict) -> tuple:
+    return tuple(sorted(config.items()))

@@ -1,0 +1,123 @@
+"""How well each lowbit sensitivity predicts the damage, and how it is reported.
+
+The primary score of a sensitivity is what its plans do: the measured final damage (paired MSE against fp32 under
+calibration noise, ``lowbit.retest_seed``, never an evaluation seed and never the noise a predictor was fitted or a
+search was run on) of the plan the exact allocator makes from it at every weight budget of ``lowbit.budgets``.
+
+Rank correlation over random configurations is kept as a second view, but over the whole 2.4-4.5 bit range much
+of any score's Kendall tau is the configuration's average bits (a random score gets ~0.4). Allocation happens
+within one budget, so tau is reported per budget band, each with a bootstrap 95% interval (configurations of the
+band resampled with replacement) beside the band's own test-retest ceiling (the same configurations measured
+again under a second noise seed): a band whose ceiling is low cannot rank anything.
+"""
+import numpy as np
+
+BANDS = ((0.0, 3.25), (3.25, 3.75), (3.75, 99.0))
+N_BOOT = 1000
+
+
+def _tau(p, y):
+    from scipy.stats import kendalltau  # on first use (start-up time)
+
+    t = kendalltau(p, y).statistic
+    return None if t != t else float(t)
+
+
+def band_tau(p, y, n_boot: int = N_BOOT, seed: int = 0) -> dict:
+    """Kendall tau of ``p`` against ``y`` with a percentile bootstrap 95% interval; None below 4 points."""
+    p, y = np.asarray(p, float), np.asarray(y, float)
+    if len(p) < 4:
+        return {"tau": None, "ci": None, "n": len(p)}
+    rng = np.random.default_rng(seed)
+    boots = [_tau(p[i], y[i]) for i in (rng.integers(0, len(p), len(p)) for _ in range(n_boot))]
+    boots = [b for b in boots if b is not None]  # a resample of ties only has no tau
+    ci = [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))] if boots else None
+    return {"tau": _tau(p, y), "ci": ci, "n": len(p)}
+
+
+def predictor_quality(preds: dict, measured: list, retest: list, bits, n_boot: int = N_BOOT, seed: int = 0) -> dict:
+    """Every predictor's tau / rho on held-out configurations against the one-step error and the final damage,
+    per band with bootstrap intervals; the test-retest ceiling over all and per band.
+
+    preds: {name: predictions, one per configuration}; measured / retest: the configurations' measurements under
+    the first and the second noise seed ({"mse_mean", "mse_median", "eps_mse"}); bits: their average bits."""
+    from scipy.stats import spearmanr
+
+    bits = np.asarray(bits, float)
+    y = {k: np.array([r[k] for r in measured]) for k in ("eps_mse", "mse_mean", "mse_median")}
+    second = {k: np.array([r[k] for r in retest]) for k in ("mse_mean", "mse_median")}
+    bands = [(lo, hi, (bits >= lo) & (bits < hi)) for lo, hi in BANDS]
+    rows = {}
+    for name, p in preds.items():
+        p = np.asarray(p, float)
+        row = {f"tau_{k}": _tau(p, v) for k, v in y.items()}
+        row.update({f"rho_{k}": float(spearmanr(p, v).statistic) for k, v in y.items()})
+        row["bands"] = {f"{lo:g}-{hi:g}": band_tau(p[sel], y["mse_mean"][sel], n_boot, seed) for lo, hi, sel in bands}
+        rows[name] = row
+    return {"rows": rows, "n_heldout": len(measured),
+            "ceiling_tau": _tau(y["mse_mean"], second["mse_mean"]),
+            "ceiling_tau_median": _tau(y["mse_median"], second["mse_median"]),
+            "ceiling_bands": {f"{lo:g}-{hi:g}": band_tau(y["mse_mean"][sel], second["mse_mean"][sel], n_boot, seed)
+                              for lo, hi, sel in bands},
+            "band_counts": [int(sel.sum()) for *_, sel in bands]}
+
+
+def _cell(b) -> str:
+    if b is None or b["tau"] is None:
+        return "–"
+    return f"{b['tau']:.2f}" + (f" [{b['ci'][0]:.2f}, {b['ci'][1]:.2f}]" if b["ci"] else "")
+
+
+def _f(v) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
+def plan_damage_lines(damage: dict, images: int, seed: int) -> list:
+    """The primary score: {"<menu> <size>": {plan: {"mse_mean": ...}}} as a table, the best plan per column bold."""
+    if not damage:
+        return []
+    cols = list(damage)
+    plans = list(dict.fromkeys(p for c in cols for p in damage[c]))
+    best = {c: min(damage[c].values(), key=lambda r: r["mse_mean"])["mse_mean"] for c in cols}
+    out = [f"**Primary score: the damage of the plans each sensitivity allocates.** Paired MSE against fp32 of the "
+           f"plan's weights (activations float) over {images} images of calibration noise (seed {seed}: no "
+           f"evaluation seed, and not the noise any predictor was fitted or the search was run on); lower is better, "
+           f"the best per column in bold.", "",
+           "| plan | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+    for p in plans:
+        cells = []
+        for c in cols:
+            r = damage[c].get(p)
+            v = None if r is None else r["mse_mean"]
+            cells.append("–" if v is None else (f"**{v:.3g}**" if v == best[c] else f"{v:.3g}"))
+        out.append(f"| {p} | " + " | ".join(cells) + " |")
+    return out
+
+
+def quality_lines(q: dict, images) -> list:
+    """The held-out tau tables (overall, then per band with intervals and the band's ceiling)."""
+    if not q:
+        return ["(no learned predictor in lowbit.plans: no measured configurations)"]
+    bands = list(q["ceiling_bands"])
+    out = [f"Held-out: {q['n_heldout']} of {q['n_train'] + q['n_heldout']} random configurations ({images} "
+           f"images each, their own noise seed); per band {q['band_counts']}. Test–retest ceiling (the same held-out "
+           f"configurations under a second noise seed): τ {_f(q['ceiling_tau'])} (mean damage), "
+           f"{_f(q['ceiling_tau_median'])} (median).", "",
+           "| predictor | τ one-step error | τ mean damage | ρ mean damage | τ median damage |",
+           "|---|---:|---:|---:|---:|"]
+    for name, r in q["rows"].items():
+        out.append(f"| {name} | {_f(r['tau_eps_mse'])} | {_f(r['tau_mse_mean'])} | {_f(r['rho_mse_mean'])} | "
+                   f"{_f(r['tau_mse_median'])} |")
+    out += ["", "Within a budget band (where allocation happens): τ against the mean damage [bootstrap 95% interval, "
+            f"{N_BOOT} resamples of the band's configurations]; the last row is the band's test–retest ceiling.", "",
+            "| predictor | " + " | ".join(f"{b} bits" for b in bands) + " |", "|---|" + "---:|" * len(bands)]
+    for name, r in q["rows"].items():
+        out.append(f"| {name} | " + " | ".join(_cell(r["bands"][b]) for b in bands) + " |")
+    out.append("| *test–retest ceiling* | " + " | ".join(_cell(q["ceiling_bands"][b]) for b in bands) + " |")
+    if q.get("predictor"):
+        p = q["predictor"]
+        out += ["", f"Learned predictor: features `{p['kind']}`, target `{p['target']}` damage, ridge α {p['alpha']:g} "
+                    f"(chosen by 5-fold cross-validated τ on the training configurations: the most constrained fit "
+                    f"within one standard error of the best), refitted on {p.get('active', 0)} measured plans of its "
+                    f"own allocator."]
+    return out

@@ -1,0 +1,138 @@
+"""A measured search over per-tensor formats at a fixed budget (``lowbit``'s ``search`` plan).
+
+Every sensitivity of ``lowbit`` is additive: the damage of a plan is the sum of its tensors' costs. The final
+samples' damage is not (errors saturate and interact through the chain), so the allocator's optimum of an
+additive estimate is a good start, not the end. This search starts from such a plan (the chain-aware Fisher's)
+and moves by measurement:
+
+* a *move* changes one tensor's format and pays for it at the fixed budget: raising a tensor lowers others, one
+  format step at a time, cheapest predicted damage per freed bit first; lowering one raises the tensor whose
+  predicted gain per bit is largest while it fits. Every candidate stays within the budget;
+* the predictor (the learned costs, else the chain-aware Fisher's) *proposes*: of ``proposals`` random moves the
+  one with the least predicted damage increase is measured, except with probability ``explore`` a random one
+  (the predictor is what is being corrected; it must not decide alone);
+* the *fitness* is measured: the mean paired MSE of the plan's samples against fp32 over a small batch of
+  calibration noise (``lowbit.search_images`` images, ``lowbit.search_seed``: neither an evaluation seed nor the
+  noise the plans are scored on); a move is kept when it lowers the fitness ((1+1) hill climbing: first
+  improvement, the best so far kept), and a configuration is never measured twice;
+* it stops after ``seconds`` of wall clock or ``max_evals`` measurements, whichever comes first.
+
+The trace (fitness of every measured candidate, the best so far, the seconds) is returned, written and plotted.
+"""
+import time
+
+import numpy as np
+
+from .report import pyplot, save_figure
+
+
+def _used(config, bits):
+    return sum(bits[n][f] for n, f in config.items())
+
+
+def _steps(bits, n):
+    """The formats of tensor ``n`` ordered by stored bits (fewest first)."""
+    return sorted(bits[n], key=lambda f: bits[n][f])
+
+
+def complete_move(config, n, f, bits, limit, costs):
+    """``config`` with tensor ``n`` in format ``f``, made to fit ``limit`` bits again (or to use freed bits), and
+    the predicted change of damage; None when it cannot fit."""
+    new = dict(config)
+    new[n] = f
+    delta = costs[n][f] - costs[n][config[n]]
+    while _used(new, bits) > limit:  # pay: lower one other tensor a step, least predicted damage per freed bit
+        best = None
+        for m in new:
+            if m == n:
+                continue
+            order = _steps(bits, m)
+            i = order.index(new[m])
+            if i == 0:
+                continue
+            g = order[i - 1]
+            freed = bits[m][new[m]] - bits[m][g]
+            ratio = (costs[m][g] - costs[m][new[m]]) / max(freed, 1)
+            if best is None or ratio < best[0]:
+                best = (ratio, m, g)
+        if best is None:
+            return None
+        _, m, g = best
+        delta += costs[m][g] - costs[m][new[m]]
+        new[m] = g
+    while True:  # spend: raise one other tensor a step where the predicted gain per bit is largest and it fits
+        room, best = limit - _used(new, bits), None
+        for m in new:
+            if m == n:
+                continue
+            order = _steps(bits, m)
+            i = order.index(new[m])
+            if i + 1 == len(order):
+                continue
+            g = order[i + 1]
+            extra = bits[m][g] - bits[m][new[m]]
+            gain = costs[m][new[m]] - costs[m][g]
+            if extra <= room and gain > 0 and (best is None or gain / max(extra, 1) > best[0]):
+                best = (gain / max(extra, 1), m, g)
+        if best is None:
+            break
+        _, m, g = best
+        delta += costs[m][g] - costs[m][new[m]]
+        new[m] = g
+    return new, delta
+
+
+def measured_search(start, bits, limit, costs, measure, seconds, max_evals, seed=0, proposals=8, explore=0.2):
+    """(best configuration, trace). ``start``: {tensor: format} within ``limit`` stored bits of the tensors
+    (``bits`` {tensor: {format: bits}} over the menu); ``costs``: the predictor, {tensor: {format: cost}};
+    ``measure(config) -> fitness`` (lower is better). Trace: one row per measurement, the start first."""
+    if _used(start, bits) > limit:
+        raise ValueError(f"the start uses {_used(start, bits)} bits, over the limit {limit}")
+    rng = np.random.default_rng(seed)
+    t0 = time.time()
+    current, fit = dict(start), measure(start)
+    seen = {tuple(sorted(start.items()))}
+    trace = [{"eval": 0, "seconds": round(time.time() - t0, 2), "fitness": fit, "best": fit, "move": "start",
+              "accepted": True, "predicted_delta": 0.0}]
+    names = sorted(bits)
+    stale = 0  # proposal rounds that found nothing new
+    while len(trace) < max_evals + 1 and time.time() - t0 < seconds and stale < 20:
+        candidates = []
+        for _ in range(proposals):
+            n = names[rng.integers(len(names))]
+            options = [f for f in bits[n] if f != current[n]]
+            f = options[rng.integers(len(options))]
+            done = complete_move(current, n, f, bits, limit, costs)
+            if done is not None and tuple(sorted(done[0].items())) not in seen:
+                candidates.append((done[1], n, f, done[0]))
+        if not candidates:
+            stale += 1
+            continue
+        stale = 0
+        candidates.sort(key=lambda c: c[0])
+        pick = candidates[rng.integers(len(candidates))] if rng.random() < explore else candidates[0]
+        delta, n, f, config = pick
+        seen.add(tuple(sorted(config.items())))
+        value = measure(config)
+        accepted = value < fit
+        if accepted:
+            current, fit = config, value
+        trace.append({"eval": len(trace), "seconds": round(time.time() - t0, 2), "fitness": value, "best": fit,
+                      "move": f"{n} -> {f}", "accepted": bool(accepted), "predicted_delta": float(delta)})
+    return current, trace
+
+
+def plot_trace(traces: dict, path: str) -> str:
+    """Fitness of every measured candidate and the best so far, per search ({label: trace})."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for i, (label, trace) in enumerate(traces.items()):
+        x = [r["eval"] for r in trace]
+        ax.scatter(x, [r["fitness"] for r in trace], s=8, color=f"C{i}", alpha=0.5)
+        ax.plot(x, [r["best"] for r in trace], color=f"C{i}", label=f"{label} (best so far)")
+    ax.set_yscale("log")
+    ax.set_xlabel("measured configurations")
+    ax.set_ylabel("paired MSE vs fp32 (search batch)")
+    ax.set_title("measured search: fitness against evaluations (dots: every candidate)")
+    ax.legend(fontsize=7)
+    return save_figure(fig, path)

@@ -1,0 +1,73 @@
+"""The measured search of lowbit's ``search`` plan on a synthetic, non-additive damage: it stays within the budget,
+never measures a configuration twice, keeps the best, stops on evaluations or wall clock, and finds what the
+additive optimum misses."""
+import json
+
+import numpy as np
+import pytest
+
+from common.experiments.search import complete_move, measured_search, plot_trace
+from common.quant.allocate import allocate
+
+FORMATS = ("int8", "int4", "int3", "int2")
+
+
+def _problem(n=10, seed=0):
+    rng = np.random.default_rng(seed)
+    size = rng.integers(100, 400, n)
+    bits = {f"t{i}": {f: int(b * s) for f, b in zip(FORMATS, (8, 4, 3, 2), strict=True)} for i, s in enumerate(size)}
+    sens = rng.lognormal(0, 1.0, n)
+    sens[:2] = 0.05  # t0, t1 alone tolerate 2 bits: an additive estimate sends both there
+    err = dict(zip(FORMATS, (0.0, 1.0, 4.0, 16.0), strict=True))
+    additive = {f"t{i}": {f: float(sens[i] * err[f]) for f in FORMATS} for i in range(n)}
+
+    def damage(c):  # two neighbours interact: both at 2-3 bits cost far more than the sum says
+        pair = 40.0 * (c["t0"] in ("int3", "int2")) * (c["t1"] in ("int3", "int2"))
+        return sum(additive[k][f] for k, f in c.items()) + pair
+
+    return bits, additive, damage
+
+
+def test_moves_stay_within_the_budget():
+    bits, costs, _ = _problem()
+    limit = int(0.45 * sum(b["int8"] for b in bits.values()))
+    start, _ = allocate(costs, bits, 0, limit)
+    for n in bits:
+        for f in FORMATS:
+            done = complete_move(start, n, f, bits, limit, costs)
+            if done is not None:
+                new, delta = done
+                assert sum(bits[k][v] for k, v in new.items()) <= limit and new[n] == f
+                assert delta == pytest.approx(sum(costs[k][v] for k, v in new.items())
+                                              - sum(costs[k][v] for k, v in start.items()))
+
+
+def test_search_improves_on_the_additive_optimum_and_keeps_the_best(tmp_path):
+    bits, costs, damage = _problem()
+    limit = int(0.45 * sum(b["int8"] for b in bits.values()))
+    start, _ = allocate(costs, bits, 0, limit)
+    assert start["t0"] in ("int3", "int2") and start["t1"] in ("int3", "int2")  # the trap the sum cannot see
+    measured = []
+
+    def measure(c):
+        assert sum(bits[k][v] for k, v in c.items()) <= limit
+        measured.append(json.dumps(c, sort_keys=True))
+        return damage(c)
+
+    best, trace = measured_search(start, bits, limit, costs, measure, seconds=60, max_evals=60, seed=1)
+    assert len(measured) == len(set(measured)) == len(trace) <= 61  # never twice; the start is row 0
+    assert damage(best) == trace[-1]["best"] == min(r["fitness"] for r in trace) < damage(start) - 20
+    assert all(a["best"] >= b["best"] for a, b in zip(trace, trace[1:], strict=False))
+    assert plot_trace({"3bits": trace}, str(tmp_path / "trace.png")) and (tmp_path / "trace.png").stat().st_size > 1000
+
+
+def test_search_stops_on_evaluations_and_on_wall_clock():
+    bits, costs, damage = _problem(seed=3)
+    limit = int(0.5 * sum(b["int8"] for b in bits.values()))
+    start, _ = allocate(costs, bits, 0, limit)
+    _, trace = measured_search(start, bits, limit, costs, damage, seconds=60, max_evals=5, seed=0)
+    assert len(trace) == 6
+    _, trace = measured_search(start, bits, limit, costs, damage, seconds=0, max_evals=50, seed=0)
+    assert len(trace) == 1 and trace[0]["move"] == "start"
+    with pytest.raises(ValueError, match="over the limit"):
+        measured_search(dict.fromkeys(bits, "int8"), bits, limit, costs, damage, 1, 1)
