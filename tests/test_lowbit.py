@@ -406,9 +406,12 @@ def test_refit_with_plans_measures_the_allocators_own_choices():
     configs = random_configs(bits, 0, total, 2.5, 6.0, 40, seed=1)
     measured = []
 
-    def fit(cs, ds):
+    fits = []
+
+    def fit(cs, ds, chosen):
+        fits.append(chosen)
         return fit_predictor(cs, ds, list(true), formats, {n: dict.fromkeys(formats, 1.0) for n in true}, "int8",
-                             prior=true, seed=0)
+                             prior=true, seed=0, chosen=chosen)
 
     def plans(pred):
         return [allocate(pred.costs(), bits, 0, int(b * total))[0] for b in (2.6, 3.0, 3.5)]
@@ -419,6 +422,7 @@ def test_refit_with_plans_measures_the_allocators_own_choices():
 
     pred, cv, added = refit_with_plans(fit, plans, measure, configs, [damage(c) for c in configs], rounds=3)
     assert 3 <= len(added) <= 9 and [c for c, _ in added] == measured and pred.active == len(added)
+    assert fits[0] is None and all(f == fits[1] for f in fits[1:]) and fits[1]["kind"] == pred.kind  # CV once
     assert all(d == damage(c) for c, d in added)
     assert len({json.dumps(c, sort_keys=True) for c in measured}) == len(measured)  # never measured twice
     again, _, none = refit_with_plans(fit, plans, measure, configs + measured, [damage(c) for c in configs + measured],

@@ -359,9 +359,9 @@ def fit_learned(cfg, model, table, measured, prior, sha, device="cpu", progress=
 
     reference = lb.keep_format if lb.keep_format in table.formats else table.formats[0]
 
-    def fit(configs, damage):
+    def fit(configs, damage, chosen):
         return fit_predictor(configs, damage, table.names, table.formats, table.sq_error, reference, prior=prior,
-                             seed=lb.predictor_seed, floor=lb.predictor_floor)
+                             seed=lb.predictor_seed, floor=lb.predictor_floor, chosen=chosen)
 
     pred, cv, added = refit_with_plans(fit, plans, measure, measured["configs"][train],
                                        [m["mse_mean"] for m in measured["measured"][train]], lb.predictor_rounds)

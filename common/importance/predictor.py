@@ -228,13 +228,15 @@ def one_standard_error(table) -> dict:
 
 
 def fit_predictor(configs, damage, names, formats, sq_error, reference, prior=None,
-                  alphas=(1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0), folds=5, seed=0, floor=0.1):
+                  alphas=(1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1000.0), folds=5, seed=0, floor=0.1, chosen=None):
     """The (kind, target, alpha) with the best mean Kendall tau over ``folds`` cross-validation folds of the
     training configurations, refitted on all of them. Kinds: ``onehot`` and ``error`` (see the module's
     docstring) and, with ``prior`` {tensor: {format: cost}} (e.g. the chain-aware Fisher's estimate),
     ``prior``: damage = b + sum a_n prior[n][f_n] with a_n >= floor x s shrunk towards one common scale s, so a
     tensor the measurements say little about keeps the prior's estimate instead of a free zero. The fit is chosen
-    by ``one_standard_error``. Returns (Predictor, cross-validation table)."""
+    by ``one_standard_error``; ``chosen`` (a row of an earlier table) skips the cross-validation and refits that
+    kind, target and alpha (a refit with a few more configurations: the grid costs minutes at full scale).
+    Returns (Predictor, cross-validation table)."""
     from scipy.stats import kendalltau  # on first use (start-up time)
 
     damage = np.asarray(damage, dtype=float)
@@ -242,10 +244,10 @@ def fit_predictor(configs, damage, names, formats, sq_error, reference, prior=No
     parts = np.array_split(order, folds)
     per_format = {"error": sq_error, "prior": prior}
     kinds = [k for k in KINDS if k != "prior" or prior is not None]
-    table = []
+    table = [] if chosen is None else [chosen]
     with warnings.catch_warnings():  # tiny folds (tests) and constant predictions give NaN taus: skipped below
         warnings.simplefilter("ignore")
-        for kind in kinds:
+        for kind in kinds if chosen is None else ():
             X, _ = _design(configs, names, formats, kind, per_format, reference)
             for target in KINDS[kind]:
                 y = _transform(damage, target)
@@ -280,11 +282,13 @@ def refit_with_plans(fit, allocate_plans, measure, configs, damage, rounds):
     """Active learning: fit, allocate with the fit, measure those plans, add them to the training set, refit;
     ``rounds`` times or until the allocator proposes nothing new.
 
-    fit(configs, damage) -> (Predictor, cv table); allocate_plans(predictor) -> [configuration] (e.g. one per
-    budget and menu); measure(configuration) -> damage. Returns (Predictor, cv table, [(config, damage)] added)."""
+    fit(configs, damage, chosen) -> (Predictor, cv table), ``chosen`` None (cross-validate) or the first fit's
+    row of its table (refit that); allocate_plans(predictor) -> [configuration] (e.g. one per budget and menu);
+    measure(configuration) -> damage. Returns (Predictor, the first fit's cv table, [(config, damage)] added)."""
     configs, damage, added = list(configs), list(damage), []
     seen = {_key(c) for c in configs}
-    pred, cv = fit(configs, damage)
+    pred, cv = fit(configs, damage, None)
+    chosen = one_standard_error(cv)  # kept for the refits (a few more configurations; the grid costs minutes)
     for _ in range(rounds):
         new = []
         for c in allocate_plans(pred):
@@ -296,7 +300,7 @@ def refit_with_plans(fit, allocate_plans, measure, configs, damage, rounds):
         added += new
         configs += [c for c, _ in new]
         damage += [d for _, d in new]
-        pred, cv = fit(configs, damage)
+        pred, _ = fit(configs, damage, chosen)
     pred.active = len(added)
     return pred, cv, added
 
