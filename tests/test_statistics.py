@@ -36,10 +36,10 @@ def test_holm_adjusts_by_hand():
 
 def test_a_cell_significant_alone_is_not_after_holm():
     strong, weak = np.array([1.0, 1.1, 0.9]), np.array([1.0, 2.0, 3.0]) * 0.9 + np.array([0.0, 0.0, 2.0])
-    alone = st.paired_p([1.0, 1.5, 1.4])  # 0.0093: significant at 5% on its own
+    alone = st.paired_p([1.0, 1.5, 1.4])  # 0.0135: significant at 5% on its own
     assert alone < 0.05
     cells = st.verdict_cells([np.array([1.0, 1.5, 1.4])] + [np.array([0.1, -0.1, 0.05])] * 5, [("A", "B")] * 6)
-    assert "A better" not in cells[0] and "within noise" in cells[0]  # 6 x 0.0093 > 0.05
+    assert "A better" not in cells[0] and "within noise" in cells[0]  # 6 x 0.0135 > 0.05
     assert f"p_Holm {min(1, 6 * alone):.2g}" in cells[0]
     assert st.paired_verdict(np.array([1.0, 1.5, 1.4]), ("A", "B")).endswith("**A better**")  # uncorrected
     both = st.verdict_cells([strong, -strong], [("A", "B"), ("C", "D")])
@@ -84,3 +84,19 @@ def test_compare_winners_table_is_corrected_over_both_metrics_and_all_budgets():
     adjusted = st.holm([st.paired_p(g) for g in gaps])
     assert f"p_Holm {adjusted[0]:.2g}" in lines[0] and f"p_Holm {adjusted[1]:.2g}" in lines[2]
     assert "all tie" in lines[1] and "Holm's correction over the 2 tested cells" in lines[-1]
+
+
+def test_sensitivity_trend_sentences_are_holm_corrected_over_the_variants():
+    from common.experiments.sensitivity import VARIANTS, trend_sentences
+
+    def metrics(name, mse):
+        return {"variant": name, "per_seed": {str(s): {"paired_mse_vs_fp32": m} for s, m in enumerate(mse)}}
+
+    first = {"info": {"step": 100}, **{v: metrics(v, [1.0, 1.0, 1.0]) for v in VARIANTS}}
+    last = {"info": {"step": 200}, **{v: metrics(v, [2.0, 2.5, 2.4]) for v in VARIANTS}}
+    p = 1 - (1.3 / (math.sqrt(0.07) / math.sqrt(3))) / math.sqrt(2 + 1.3 ** 2 * 3 / 0.07)  # d = 1, 1.5, 1.4: 0.0135
+    assert st.paired_p([1.0, 1.5, 1.4]) == pytest.approx(p)
+    out = trend_sentences([first, last])
+    m = len(VARIANTS)  # three equal p-values: each adjusted to m p
+    assert len(out) == m and all(f"Holm over the {m} variants: p_Holm {m * p:.2g}" in s for s in out)
+    assert all(("a clear change" in s) == (m * p < 0.05) for s in out)

@@ -14,7 +14,8 @@ import numpy as np
 from ..core import storage
 from ..core.cli import command
 from . import pipeline
-from .report import paired_test, per_seed, pyplot, save_figure
+from .report import per_seed, pyplot, save_figure
+from .statistics import ALPHA, holm, paired_p
 
 VARIANTS = ("uniform_int8", "uniform_int4", "mp_fisher")
 
@@ -97,12 +98,15 @@ def trend_sentences(rows) -> list:
     """Plain statements of how each variant's damage changed from the first to the last snapshot."""
     first, last = rows[0], rows[-1]
     out = []
-    for v in VARIANTS:
+    # one family: the variants' changes, Holm-corrected together (as every verdict table is)
+    adjusted = holm([paired_p(per_seed(last[v], "paired_mse_vs_fp32") - per_seed(first[v], "paired_mse_vs_fp32"))
+                     for v in VARIANTS])
+    for v, p in zip(VARIANTS, adjusted, strict=True):
         a = per_seed(first[v], "paired_mse_vs_fp32")
         b = per_seed(last[v], "paired_mse_vs_fp32")
-        mean, sem, sig = paired_test(b - a)
-        verdict = {True: "a clear change (paired t-test, 5%)", False: "within noise",
-                   None: "one seed: not judged"}[sig]
+        verdict = ("one seed: not judged" if p is None else
+                   f"{'a clear change' if p < ALPHA else 'within noise'} (paired t-test, Holm over the "
+                   f"{len(VARIANTS)} variants: p_Holm {p:.2g})")
         out.append(f"{first[v]['variant']}: paired MSE {np.nanmean(a):.3g} at step {first['info']['step']:,} -> "
                    f"{np.nanmean(b):.3g} at step {last['info']['step']:,} (x{np.nanmean(b) / np.nanmean(a):.2f}; "
                    f"{verdict}).")
