@@ -211,6 +211,8 @@ def test_summary_reports_every_predictor_beside_the_ceiling(lowbit_run):
     assert "fisher_iterative vs fisher" in md and (out / "lowbit_layers.png").stat().st_size > 1000
     again = run("lowbit.py", tmp, *[a for kv in PLANS for a in ("--set", kv)])
     assert "[uniform_uniform_4bits_A8] reusing" in again.stdout and "reusing 12 measured configurations" in again.stdout
+    assert any(line.startswith("[lowbit] reusing") and line.endswith("search_uniform_4bits.json")
+               for line in again.stdout.splitlines())  # a wall-clock search is reused, not redone
 
 
 def test_summary_judges_plans_by_their_damage_with_corrected_verdicts_and_targets(lowbit_run):
@@ -503,3 +505,16 @@ def test_jvp_through_the_unet_chain_matches_finite_differences():
 
     fd = (x0(1.0) - x0(-1.0)) / 2
     assert float((fd - dx).norm() / dx.norm()) < 0.05
+
+
+def test_verdicts_hold_the_new_plans_against_their_start():
+    from common.experiments.lowbit import verdict_pairs
+
+    plans = ["uniform", "fisher", "chain_fisher", "learned", "search", "jvp"]
+    done = {f"{p}_uniform_3bits_A8": ("3bits@A8", "uniform", p, {"plan": p}) for p in plans}
+    done["fp32"] = (None, None, "fp32", {})
+    pairs = {(a, b) for a, b, _, _ in verdict_pairs(done)}
+    assert {(p, "uniform") for p in plans[1:]} <= pairs
+    assert {("learned", "chain_fisher"), ("search", "chain_fisher"), ("jvp", "chain_fisher"), ("jvp", "fisher"),
+            ("learned", "fisher"), ("chain_fisher", "fisher")} <= pairs
+    assert ("search", "fisher") not in pairs and len(pairs) == len(plans) - 1 + 3 + 3

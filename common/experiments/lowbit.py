@@ -774,15 +774,15 @@ def target_lines(lb, done) -> list:
 
 
 def verdict_pairs(done):
-    """(A name, B name, A metrics, B metrics): every plan vs uniform, learned and chain-aware vs Fisher."""
+    """(A name, B name, A metrics, B metrics): every plan vs uniform; learned, chain-aware, iterative and JVP vs
+    Fisher; learned, search and JVP vs the chain-aware Fisher (the search's start, the learned costs' prior)."""
     by = {(b, m, p): r for b, m, p, r in done.values() if p != "fp32"}
     out = []
-    for (budget, menu, plan), r in by.items():
-        if plan != "uniform" and (budget, menu, "uniform") in by:
-            out.append((plan, "uniform", r, by[(budget, menu, "uniform")]))
-    for (budget, menu, plan), r in by.items():
-        if plan in ("learned", "chain_fisher", "fisher_iterative") and (budget, menu, "fisher") in by:
-            out.append((plan, "fisher", r, by[(budget, menu, "fisher")]))
+    for ref, plans in (("uniform", None), ("fisher", ("learned", "chain_fisher", "fisher_iterative", "jvp")),
+                       ("chain_fisher", ("learned", "search", "jvp"))):
+        for (budget, menu, plan), r in by.items():
+            if plan != ref and (plans is None or plan in plans) and (budget, menu, ref) in by:
+                out.append((plan, ref, r, by[(budget, menu, ref)]))
     return out
 
 
