@@ -10,11 +10,12 @@ export LAQFI_DATA_ROOT
 # Training from scratch with the released recipe instead of using checkpoints/default.safetensors.
 SCRATCH_RUN := $(notdir $(RUN))_scratch
 SCRATCH := --set baseline.weights=null --set run.name=$(SCRATCH_RUN)
+TEST_WORKERS ?= $(shell $(PY) -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))")
 STRATEGIES := whole_threshold.py layer_group.py layer_ratio.py layer_math.py
 # Tables of the default config go into their docs page: $(call DOCS,results) -> --update-docs docs/results.md
 DOCS = $(if $(filter configs/default.yaml,$(CONFIG)),--update-docs docs/$(1).md)
 
-.PHONY: setup reproduce reproduce-from-scratch test bench compare full-eval learning-curve sensitivity actquant verify lowbit finetune sweep-cost
+.PHONY: setup reproduce reproduce-from-scratch test test-quick bench compare full-eval learning-curve sensitivity actquant verify lowbit finetune sweep-cost
 
 $(BIN)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,9 +40,14 @@ reproduce-from-scratch: reproduce
 	for s in $(STRATEGIES); do $(BIN)/python $$s --config $(CONFIG) $(SCRATCH) || exit 1; done
 	$(BIN)/python -m common.report runs/$(SCRATCH_RUN) --compare-released $(RUN)
 
+# One pytest worker per core (2 here), a whole test file per worker so its module fixtures run once.
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+
+# The inner loop: unit tests only (everything not marked slow), one process.
+test-quick: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: setup
 	$(BIN)/python benchmarks/bench.py --config $(CONFIG) --n-batch 300 --backend-n 300 $(call DOCS,performance)

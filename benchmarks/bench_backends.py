@@ -13,6 +13,7 @@ a tenth of the images (all rows alike, so they stay paired) and the ratios below
 Then ``backend.name: auto``'s choice for each variant and for an all-bf16 plan (the one kind where it has a
 choice), with its probe figures.
 """
+import copy
 import gc
 import os
 import time
@@ -30,10 +31,13 @@ from common.quant.container import QUANTIZED_FILE, arch_record, save_quantized
 from common.quant.eligibility import eligible_names
 from common.quant.formats import quantize_model
 
-BACKEND_ROWS = {"dequant": ("dequant", False), "bf16": ("bf16", False), "bf16+compile": ("bf16", True),
-                "int8": ("int8", True), "int8_bf16": ("int8_bf16", True)}
+# label: (backend, torch.compile, int8 activation ranges); the +pct rows calibrate with per-step percentiles
+BACKEND_ROWS = {"dequant": ("dequant", False, None), "bf16": ("bf16", False, None),
+                "bf16+compile": ("bf16", True, None), "int8": ("int8", True, "histogram"),
+                "int8+pct": ("int8", True, "percentile"), "int8_bf16": ("int8_bf16", True, "histogram"),
+                "int8_bf16+pct": ("int8_bf16", True, "percentile")}
 VARIANTS = ("fp32", "uniform_int8", "layer_ratio_p0.25_int8", "mp_fisher_25%")
-TARGETS = {"bf16": 1.8, "int8": 2.2, "int8bf16": 2.5}
+TARGETS = {"bf16": 1.8, "int8": 2.2, "int8bf16": 2.5, "int8pct": 2.2, "int8bf16pct": 2.5}
 
 
 def _weights(cfg, ckpt_path):
@@ -96,8 +100,12 @@ def _top_ops(runner, x, t, k=5) -> str:
     return ", ".join(f"{e.key} {100 * e.self_cpu_time_total / total:.0f}%" for e in top)
 
 
-def bench_backend(cfg, path, backend, compile_model, n, batch):
-    """One (variant file, backend) in this process: prepare, sample ``n`` images (seed 0), profile one call."""
+def bench_backend(cfg, path, backend, compile_model, n, batch, int8_ranges=None):
+    """One (variant file, backend) in this process: prepare, sample ``n`` images (seed 0), profile one call.
+    ``int8_ranges``: the int8 activation observer (``backend.int8_ranges``; None keeps the config's)."""
+    if int8_ranges is not None:
+        cfg = copy.deepcopy(cfg)
+        cfg.backend.int8_ranges = int8_ranges
     model, stored, _ = load_weights(path, cfg)
     runner = build_runner(cfg, model, stored, backend, "cpu", batch, compile_model, progress=False)
     del model, stored
@@ -172,8 +180,8 @@ def run(cfg, ckpt_path, out_dir, n, isolated, variants=VARIANTS, rows_wanted=tup
     rows = {}
     for variant, path in paths.items():
         for label in ["dequant"] + [b for b in rows_wanted if b != "dequant"]:
-            backend, comp = BACKEND_ROWS[label]
-            r = isolated(bench_backend, cfg, path, backend, comp, n, batch)
+            backend, comp, ranges = BACKEND_ROWS[label]
+            r = isolated(bench_backend, cfg, path, backend, comp, n, batch, ranges)
             if "x01" in r:
                 r["x01"] = torch.from_numpy(r["x01"])
             rows[variant, label] = r
@@ -200,7 +208,7 @@ def run(cfg, ckpt_path, out_dir, n, isolated, variants=VARIANTS, rows_wanted=tup
               f"{r['resident_bytes'] / fp32_resident:8.2f} {r['paired_mse']:11.2e} {fid}")
     if {"int8", "int8_bf16"} & set(rows_wanted):
         print("\nwhat runs in which precision (int8 rows):")
-    for variant, label in ((v, b) for v in paths for b in ("int8", "int8_bf16")):
+    for variant, label in ((v, b) for v in paths for b in ("int8", "int8_bf16", "int8+pct", "int8_bf16+pct")):
         r = rows.get((variant, label), {})
         if "summary" in r:
             variant = f"{variant} ({label})"
@@ -228,7 +236,8 @@ def headline(rows) -> dict:
     out = {"bf16_speedup": None}
     if base is not None and bf16 is not None:
         out["bf16_speedup"] = round(bf16["img_s"] / base["img_s"], 2)
-    for key, label in (("int8", "int8"), ("int8bf16", "int8_bf16")):
+    for key, label in (("int8", "int8"), ("int8bf16", "int8_bf16"), ("int8pct", "int8+pct"),
+                       ("int8bf16pct", "int8_bf16+pct")):
         r = ok(label)
         fig = dict.fromkeys((f"{key}_speedup", f"{key}_resident_ratio", f"{key}_paired_mse_ratio"))
         if base is not None and r is not None:
@@ -241,7 +250,8 @@ def headline(rows) -> dict:
     out["int8bf16_vs_bf16"] = round(mixed["img_s"] / bf16["img_s"], 2) if mixed and bf16 else None
     if base is None:
         return out
-    for name, r in (("bf16", bf16), ("int8", ok("int8")), ("int8bf16", mixed)):
+    for name, r in (("bf16", bf16), ("int8", ok("int8")), ("int8bf16", mixed), ("int8pct", ok("int8+pct")),
+                    ("int8bf16pct", ok("int8_bf16+pct"))):
         if r is not None and out[f"{name}_speedup"] < TARGETS[name]:
             print(f"  {name} target (>= {TARGETS[name]}x fp32) missed ({out[f'{name}_speedup']}x); top ops of one "
                   f"{name} U-Net call: {r['top_ops']}")

@@ -10,6 +10,17 @@ SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
 torch.set_num_threads(1)
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end to end (scripts, training, sampling); `make test-quick` skips it")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test built on the shared smoke run is end to end, so ``slow`` without being told."""
+    for item in items:
+        if "smoke_baseline" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """The test machine has 2 cores shared with other jobs: keep torch on one thread."""
@@ -69,3 +80,37 @@ def tiny_model_fisher():
         d = torch.rand(params[n].shape, generator=g) * 10.0 ** torch.randint(-3, 3, (1,), generator=g)
         fisher["diag"][n], fisher["per_tensor"][n] = d, float(d.mean())
     return cfg, model, fisher
+
+
+@pytest.fixture(scope="session")
+def smoke_baseline(tmp_path_factory, data_root):
+    """One smoke baseline for the whole test run (``simplediffusion.py --skip-eval``: the tiny U-Net trained with
+    snapshots, its Fisher; the smoke and the 300-image MNIST classifiers cached), made once per pytest worker; the
+    returned function copies it into a test's own folder (``runs/`` and ``cache/``, as ``test_pipeline.run`` lays
+    them out) so tests never share outputs."""
+    import shutil
+    import subprocess
+    import sys
+
+    os.environ["LAQFI_DATA_ROOT"] = data_root
+    src = tmp_path_factory.mktemp("smoke_baseline")
+    cmd = [sys.executable, os.path.join(ROOT, "simplediffusion.py"), "--config", SMOKE, "--set",
+           f"run.out_dir={src}/runs", "--set", f"run.cache_dir={src}/cache", "--no-progress", "--skip-eval",
+           "--set", "train.snapshot_every=1"]  # snapshots for the learning curve and verify (not a training input)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), cwd=src)
+    assert p.returncode == 0, p.stdout + p.stderr
+    from common.core.config import load_config
+    from common.evaluation.classifier import load_or_train_classifier
+
+    for limit in (None, 300):  # the smoke classifier, and the 300-image one most end-to-end tests ask for
+        cfg = load_config(SMOKE, [f"run.cache_dir={src}/cache"] + ([f"eval.classifier.train_limit={limit}"]
+                                                                    if limit else []))
+        load_or_train_classifier(cfg.run.cache_dir, cfg.data, cfg.eval.classifier, progress=False)
+
+    def copy_into(dst):
+        for sub in ("runs", "cache"):
+            if (src / sub).exists():
+                shutil.copytree(src / sub, dst / sub, dirs_exist_ok=True)
+        return dst
+
+    return copy_into

@@ -7,6 +7,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # end to end: scripts on the smoke config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The classifier only has to exist here (its quality is tested elsewhere): 300 images train it in seconds.
 GRID = ["act_quant.budgets=[W4A6]", "act_quant.plans=[uniform, fisher]", "eval.classifier.train_limit=300"]
@@ -20,10 +22,8 @@ def run(script, tmp, *sets, flags=(), check=True):
 
 
 @pytest.fixture(scope="module")
-def act_run(tmp_path_factory, data_root):
-    tmp = tmp_path_factory.mktemp("act")
-    os.environ["LAQFI_DATA_ROOT"] = data_root
-    run("simplediffusion.py", tmp, flags=["--skip-eval"])  # train + Fisher only
+def act_run(tmp_path_factory, smoke_baseline):
+    tmp = smoke_baseline(tmp_path_factory.mktemp("act"))  # the shared smoke run: trained + Fisher only
     return tmp, run("act_quant.py", tmp, *GRID)
 
 

@@ -159,6 +159,34 @@ def test_int8_reference_stays_close_to_dequant(mixed, int8_reference):
     torch.testing.assert_close(one, out[:1], rtol=1e-5, atol=1e-5)
 
 
+def test_percentile_observer_clips_each_steps_outliers_and_covers_every_step():
+    obs = backends._percentile_observer()(percentile=99.0, dtype=torch.quint8)
+    g = torch.Generator().manual_seed(0)
+    small = torch.rand(10_000, generator=g)  # values in [0, 1) at one step ...
+    small[0] = 50.0  # ... with one outlier
+    obs(small)
+    obs(torch.rand(10_000, generator=g) * 4 - 2)  # a later step with a wider range
+    lo, hi = float(obs.min_val), float(obs.max_val)
+    assert -2.0 < lo < -1.9 and 1.9 < hi < 2.0  # the second step's 1st / 99th percentiles, the outlier clipped
+    with pytest.raises(ValueError, match="unknown int8 activation ranges 'mse'.*histogram, percentile"):
+        backends._activation_spec(None, "mse", 99.9)
+
+
+def test_int8_percentile_ranges_run_the_same_codes(mixed, int8_reference):
+    """Only the activation observer changes: the same weight codes and scales, samples close to dequant."""
+    _, qmodel, stored, sampler, ref = mixed
+    reference, calib = int8_reference
+    runner = backends.prepare(qmodel, stored, "int8", calib=calib, compile_model=False, int8_ranges="percentile",
+                              int8_percentile=99.9)
+    assert "activation ranges: percentile 99.9" in runner.notes
+    assert "activation ranges: histogram" in reference.notes
+    assert [(w.tolist(), s.tolist()) for w, s in _graph_weights(runner.fn)] == [
+        (w.tolist(), s.tolist()) for w, s in _graph_weights(reference.fn)]
+    out = sample(runner, sampler, 8, SHAPE, 0, 8, progress=False)
+    assert 0 < rel_err(out, ref) < 0.05
+
+
+@pytest.mark.slow
 def test_int8_compiled(mixed, int8_reference):
     """The one torch.compile test: oneDNN int8 kernels agree with the reference graph, small batches are padded."""
     _, qmodel, stored, sampler, ref = mixed
@@ -207,6 +235,7 @@ def test_load_weights_plain_state_dict(tiny_model_fisher, tmp_path):
         load_weights(path, other)
 
 
+@pytest.mark.slow
 def test_sample_script(tiny_model_fisher, tmp_path):
     cfg, model, _ = tiny_model_fisher
     _, stored = quantize_model(model, {n: Assignment("int8") for n in eligible_names(model, "poster")})

@@ -22,11 +22,14 @@ def test_headline_keys_and_ratios():
             ("uniform_int8", "bf16"): _row(15, 500, 3e-4),
             ("uniform_int8", "bf16+compile"): _row(20, 500, 3e-4),
             ("uniform_int8", "int8"): _row(18, 330, 2e-4),
-            ("uniform_int8", "int8_bf16"): _row(26, 320, 3e-4)}
+            ("uniform_int8", "int8_bf16"): _row(26, 320, 3e-4),
+            ("uniform_int8", "int8+pct"): _row(18, 330, 1e-4)}
     out = bench_backends.headline(rows)
     assert out == {"bf16_speedup": 2.0, "int8_speedup": 1.8, "int8_resident_ratio": 0.33, "int8_paired_mse_ratio": 2.0,
                    "int8bf16_speedup": 2.6, "int8bf16_resident_ratio": 0.32, "int8bf16_paired_mse_ratio": 3.0,
-                   "int8bf16_vs_bf16": 1.3}
+                   "int8pct_speedup": 1.8, "int8pct_resident_ratio": 0.33, "int8pct_paired_mse_ratio": 1.0,
+                   "int8bf16pct_speedup": None, "int8bf16pct_resident_ratio": None,
+                   "int8bf16pct_paired_mse_ratio": None, "int8bf16_vs_bf16": 1.3}
     rows["uniform_int8", "int8_bf16"] = {"error": "no oneDNN"}
     out = bench_backends.headline(rows)
     assert out["int8bf16_speedup"] is None and out["int8bf16_vs_bf16"] is None and out["int8_speedup"] == 1.8
@@ -89,6 +92,7 @@ def test_sweep_cost_sharding():
     assert eight == pytest.approx(one / 8, rel=0.02)  # a variant's images split over the ranks
 
 
+@pytest.mark.slow
 def test_sweep_cost_script_measures_and_writes_docs(tmp_path):
     md = tmp_path / "d.md"
     md.write_text("# x\n<!-- sweep-cost:start -->\nold\n<!-- sweep-cost:end -->\ntail\n")

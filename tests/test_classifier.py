@@ -23,6 +23,7 @@ def test_classifier_score_range():
     assert classifier.classifier_score(torch.full((20, 10), 0.1, dtype=torch.float64)) == pytest.approx(1.0)
 
 
+@pytest.mark.slow
 def test_classifier_metrics_on_real_test_images(tiny_cfg):
     """A short run on 12000 real images: held-out test digits get high classifier-IS, a flat histogram."""
     from common.diffusion.data import load_mnist, to_model_space, to_uint8

@@ -21,6 +21,8 @@ from common.core.config import load_config
 from common.core.storage import fingerprint
 from common.diffusion.checkpoint import training_inputs
 
+pytestmark = pytest.mark.slow  # end to end: scripts on the smoke config
+
 SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
 CLF = ["--set", "eval.classifier.train_limit=300"]
 
@@ -38,10 +40,9 @@ def torchrun(script, tmp, *extra, ranks=2, timeout=600, check=True):
 
 
 @pytest.fixture(scope="module")
-def one_rank(tmp_path_factory, data_root):
-    """The reference: a plain run (training, Fisher, fp32 and uniform evaluation)."""
-    tmp = tmp_path_factory.mktemp("dist")
-    os.environ["LAQFI_DATA_ROOT"] = data_root
+def one_rank(tmp_path_factory, smoke_baseline):
+    """The reference: a plain run (the shared smoke training and Fisher, fp32 and uniform evaluation)."""
+    tmp = smoke_baseline(tmp_path_factory.mktemp("dist"))
     run("simplediffusion.py", tmp, *CLF)
     return tmp
 

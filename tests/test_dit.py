@@ -159,6 +159,7 @@ def test_op_types_and_time_path():
     assert model.concat_splits() == {}
 
 
+@pytest.mark.slow
 def test_smoke_dit_pipeline_samples_from_its_stored_files(tmp_path, data_root):
     """configs/smoke_dit.yaml end to end (train, Fisher, a strategy), and the stored quantized DiT resampled
     gives its stored samples bit for bit."""

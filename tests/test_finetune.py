@@ -176,10 +176,8 @@ def test_finetuning_keeps_every_tensor_on_the_model_device():
 
 
 @pytest.fixture(scope="module")
-def ft_run(tmp_path_factory, data_root):
-    tmp = tmp_path_factory.mktemp("finetune")
-    os.environ["LAQFI_DATA_ROOT"] = data_root
-    run("simplediffusion.py", tmp, "--skip-eval")
+def ft_run(tmp_path_factory, smoke_baseline):
+    tmp = smoke_baseline(tmp_path_factory.mktemp("finetune"))  # the shared smoke run: trained + Fisher only
     return tmp, run("finetune.py", tmp, "--set", "eval.classifier.train_limit=300")
 
 

@@ -228,6 +228,7 @@ def test_stratified_fisher_is_the_bucket_weighted_mean_with_intervals(setup):
     assert art["sample_sums"].shape == (6, len(names))
 
 
+@pytest.mark.slow
 def test_stratified_timesteps_reduce_the_spread_of_repeated_estimates(setup, data_root):
     """Ten independent 20-sample estimates per rule: stratified per-stage Fisher varies less.
 

@@ -145,10 +145,8 @@ PLANS = ["lowbit.plans=[uniform, fisher, chain_fisher, fisher_iterative, learned
 
 
 @pytest.fixture(scope="module")
-def lowbit_run(tmp_path_factory, data_root):
-    tmp = tmp_path_factory.mktemp("lowbit")
-    os.environ["LAQFI_DATA_ROOT"] = data_root
-    run("simplediffusion.py", tmp, "--skip-eval")
+def lowbit_run(tmp_path_factory, smoke_baseline):
+    tmp = smoke_baseline(tmp_path_factory.mktemp("lowbit"))  # the shared smoke run: trained + Fisher only
     p = run("lowbit.py", tmp, *[a for kv in PLANS for a in ("--set", kv)])
     return tmp, tmp / "runs" / "smoke" / "lowbit", p
 

@@ -48,6 +48,7 @@ def test_explicit_missing_weights_path_is_a_clear_error():
         metrics.load_inception("/nonexistent/pt_inception.pth")
 
 
+@pytest.mark.slow
 def test_in_memory_fid_equals_pytorch_fid_cli_on_pngs(net, tmp_path):
     a, b = _digits(12, 0), _digits(12, 1)
     for name, imgs in (("a", a), ("b", b)):

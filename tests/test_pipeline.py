@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # end to end: scripts on the smoke config
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["simplediffusion.py", "whole_threshold.py", "layer_group.py", "layer_ratio.py", "layer_math.py"]
 
@@ -24,9 +26,8 @@ def run(script, tmp, *extra, check=True):
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory, data_root):
-    tmp = tmp_path_factory.mktemp("pipe")
-    os.environ["LAQFI_DATA_ROOT"] = data_root
+def pipeline_run(tmp_path_factory, smoke_baseline):
+    tmp = smoke_baseline(tmp_path_factory.mktemp("pipe"))  # the shared training and Fisher; evaluation here
     outs = {s: run(s, tmp) for s in SCRIPTS}
     return tmp, outs
 

@@ -13,16 +13,17 @@ from test_pipeline import ROOT, run
 
 from common.experiments.verify import verify_run
 
+pytestmark = pytest.mark.slow  # end to end: scripts on the smoke config
+
 ACT = ["--set", "act_quant.budgets=[W4A6]", "--set", "act_quant.plans=[uniform]", "--set",
        "act_quant.range_modes=[single]", "--set", "eval.classifier.train_limit=300"]
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory, data_root):
+def smoke_run(tmp_path_factory, smoke_baseline):
     """A smoke run with every kind of file: trained baseline with snapshots, Fisher, two strategy variants, the
     report, a W/A variant (activation file, calibration caches), a sample.py output and a learning curve."""
-    tmp = tmp_path_factory.mktemp("verify")
-    os.environ["LAQFI_DATA_ROOT"] = data_root
+    tmp = smoke_baseline(tmp_path_factory.mktemp("verify"))  # the shared training (with snapshots) and Fisher
     clf = ["--set", "eval.classifier.train_limit=300"]
     run("simplediffusion.py", tmp, "--set", "train.snapshot_every=1", *clf)
     run("layer_math.py", tmp, *clf)

@@ -271,6 +271,7 @@ class ClassifierConfig:
     lr: float = _spec(1e-3, lo=0.0, lo_open=True)
     seed: int = 0
     train_limit: int | None = _spec(None, lo=10, doc="train on the first N images only (tests)")
+    test_limit: int | None = _spec(None, lo=10, doc="report accuracy on the first N test images only (tests)")
     # the released classifier (python -m common.release_classifier wrote it), verified by SHA-256 and used on
     # every machine; null = train one here with the keys above and cache it under run.cache_dir
     weights: str | None = None
@@ -299,6 +300,10 @@ class BackendConfig:
     calib_images: int = _spec(32, lo=2, doc="int8: trajectories whose U-Net inputs calibrate activation scales")
     calib_steps: int = _spec(20, lo=1, doc="int8: sampler steps recorded per trajectory, spread over the chain")
     calib_seed: int = 1234  # not an evaluation seed, so calibration never sees the noise it is judged on
+    # int8: activation ranges from PT2E's histogram observer (least L2 error) or per-step percentiles
+    int8_ranges: Literal["histogram", "percentile"] = "histogram"
+    int8_percentile: float = _spec(99.99, lo=50.0, lo_open=True, hi=100.0,
+                                   doc="int8_ranges: percentile: the upper percentile of each calibration step")
 
 
 LOWBIT_PLANS = Literal["uniform", "fisher", "chain_fisher", "fisher_iterative", "learned", "magnitude", "random",

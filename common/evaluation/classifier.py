@@ -107,9 +107,10 @@ def _training_images(data_cfg, clf_cfg):
     return to_uint8(to_model_space(xtr, data_cfg.image_size)), ytr, tensor_digest(xtr, ytr)
 
 
-def _test_accuracy(model, data_cfg) -> tuple:
-    """(accuracy on the 10,000 MNIST test digits, their number)."""
+def _test_accuracy(model, data_cfg, limit=None) -> tuple:
+    """(accuracy on the 10,000 MNIST test digits, or the first ``limit`` of them, their number)."""
     xte, yte = load_mnist(data_cfg.root, "test", data_cfg.download)
+    xte, yte = xte[:limit], yte[:limit]
     _, probs = classifier_outputs(model, to_uint8(to_model_space(xte, data_cfg.image_size)))
     return float((probs.argmax(1) == yte).double().mean()), len(xte)
 
@@ -143,7 +144,7 @@ def load_or_train_classifier(cache_dir, data_cfg, clf_cfg, progress=True, source
         print(f"[classifier] reusing {path} (test accuracy {blob['info']['test_accuracy']:.4f})")
         return model.eval(), {**blob["info"], "source": "trained here", "path": path, "sha256": sha256_file(path)}
     model = train_classifier(xtr_u8, ytr, clf_cfg, progress)
-    acc, n_test = _test_accuracy(model, data_cfg)
+    acc, n_test = _test_accuracy(model, data_cfg, clf_cfg.test_limit)
     info = {"test_accuracy": acc, "n_train": len(xtr_u8), "n_test": n_test, "epochs": clf_cfg.epochs,
             "image_size": data_cfg.image_size, "path": path}
     atomic_torch_save({"state_dict": model.state_dict(), "info": info}, path)
@@ -216,7 +217,7 @@ def release_classifier(data_cfg, clf_cfg, out_path: str, retrain_command: str, p
     machine it was trained on, the commit, ``retrain_command``). Returns (SHA-256, provenance path, record)."""
     xtr_u8, ytr, data_tag = _training_images(data_cfg, clf_cfg)
     model = train_classifier(xtr_u8, ytr, clf_cfg, progress)
-    acc, n_test = _test_accuracy(model, data_cfg)
+    acc, n_test = _test_accuracy(model, data_cfg, clf_cfg.test_limit)
     _warn_if_weak(acc, clf_cfg)
     recipe = {k: getattr(clf_cfg, k) for k in ("epochs", "batch_size", "lr", "seed", "train_limit")}
     cap = machine.capability()

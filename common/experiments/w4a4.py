@@ -282,7 +282,7 @@ def distill(cfg, c, teacher, transformed, ranges, pool, token: bool, device, pro
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.2e}")
     finally:
         for p in trained:
@@ -349,8 +349,8 @@ def run_w4a4(cfg, device, studies=("damage", "ablation"), force=False, progress=
         q = _quantizer(c, model, ranges, {n: 4 for n in names if n not in kept}, cfg.finetune.range_mode, False)
         out["channel_errors"] = channel_errors(model, q, pool)
     if "ablation" in studies:
-        out["ablation"] = run_ablation(cfg, c, model, sha, pool, device, rank=cfg.w4a4.lowrank_rank, force=force,
-                                       progress=progress)
+        out["ablation"] = run_ablation(cfg, c, model, sha, pool, device, rows=cfg.w4a4.rows,
+                                       rank=cfg.w4a4.lowrank_rank, force=force, progress=progress)
     return out
 
 
@@ -388,7 +388,8 @@ def rows(done) -> list:
 
 
 def summary_markdown(cfg, done, seconds=None) -> str:
-    from .report import mean_sd, paired_verdict, per_seed
+    from .report import mean_sd, per_seed
+    from .statistics import holm_note, tested, verdict_cells
 
     ft = cfg.finetune
     ref = done["fp32"]
@@ -426,18 +427,18 @@ def summary_markdown(cfg, done, seconds=None) -> str:
     if "ablation" in done:
         lines += ["", "## Ablation: one technique at a time", "",
                   "Each row adds one technique to the row above; the verdict compares it with the row above (B − A "
-                  "of paired per-seed values; **better** when a two-sided paired t-test at 5% says so).", "",
+                  "of paired per-seed values, a two-sided paired t-test, Holm-corrected over the column).", "",
                   "| row | adds | weights MB | paired MSE | clf-FID | clf-FID / fp32 | clf-IS | "
                   "paired MSE vs row above |",
                   "|---:|---|---:|---:|---:|---:|---:|---|"]
-        prev = None
-        for _, (techniques, r) in done["ablation"].items():
-            k = len(techniques)
-            verdict = "–" if prev is None else paired_verdict(
-                per_seed(r, "paired_mse_vs_fp32") - per_seed(prev, "paired_mse_vs_fp32"), ("above", "this"))
-            lines.append(f"| {k} | {techniques[-1] if techniques else 'plain rounding'} | "
+        ablation = list(done["ablation"].values())
+        diffs = [per_seed(r, "paired_mse_vs_fp32") - per_seed(prev, "paired_mse_vs_fp32")
+                 for (_, prev), (_, r) in zip(ablation[:-1], ablation[1:], strict=True)]
+        verdicts = ["–"] + verdict_cells(diffs, [("above", "this")] * len(diffs))
+        for (techniques, r), verdict in zip(ablation, verdicts, strict=True):
+            lines.append(f"| {len(techniques)} | {techniques[-1] if techniques else 'plain rounding'} | "
                          f"{r['size_bytes'] / 1e6:.3f} | {cells(r)} | {verdict} |")
-            prev = r
+        lines += ["", holm_note(tested(diffs))]
     lines += ["", "![w4a4](w4a4.png)"]
     return "\n".join(lines) + "\n"
 

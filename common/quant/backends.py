@@ -257,7 +257,51 @@ def _plan_scale_observer():
     return PlanScaleObserver
 
 
-def _quantizer(plan: Int8Plan):
+INT8_RANGES = ("histogram", "percentile")
+PERCENTILE_SAMPLE = 1 << 20  # values per calibration call the percentile is taken over (a strided subsample)
+
+
+def _percentile_observer():
+    from torchao.quantization.pt2e.observer import MinMaxObserver
+
+    class PercentileObserver(MinMaxObserver):
+        """Activation range from percentiles: per calibration call (one sampler step of the chain) the
+        ``percentile``-th and (100 - ``percentile``)-th values of the input, and over the calls the widest of
+        them. Activations change scale along the chain, so the range must cover every step, but within a step a
+        few outlier values would otherwise stretch the 256 levels for all the rest."""
+
+        def __init__(self, percentile=99.99, **kwargs):
+            super().__init__(**kwargs)
+            self.percentile = percentile
+
+        def forward(self, x_orig):
+            if x_orig.numel() == 0:
+                return x_orig
+            x = x_orig.detach().flatten().to(self.min_val.dtype)
+            x = x[:: max(1, x.numel() // PERCENTILE_SAMPLE)]  # torch.quantile takes at most 2^24 values
+            q = torch.tensor([1 - self.percentile / 100, self.percentile / 100], dtype=x.dtype)
+            lo, hi = torch.quantile(x, q)
+            self.min_val.copy_(torch.min(lo, self.min_val))
+            self.max_val.copy_(torch.max(hi, self.max_val))
+            return x_orig
+
+    return PercentileObserver
+
+
+def _activation_spec(default, ranges: str, percentile: float):
+    """PT2E's x86 activation spec (uint8, per tensor, affine) with the observer ``ranges`` names: its default
+    histogram observer (least L2 error over a histogram), or ``PercentileObserver``."""
+    from dataclasses import replace
+
+    if ranges == "histogram":
+        return default.input_activation
+    if ranges != "percentile":
+        raise ValueError(f"unknown int8 activation ranges {ranges!r}; valid: {', '.join(INT8_RANGES)}")
+    return replace(default.input_activation,
+                   observer_or_fake_quant_ctr=_percentile_observer().with_args(percentile=percentile))
+
+
+def _quantizer(plan: Int8Plan, ranges="histogram", percentile=99.99):
     from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer,
@@ -265,6 +309,7 @@ def _quantizer(plan: Int8Plan):
     )
 
     default = get_default_x86_inductor_quantization_config()  # uint8 activations, HistogramObserver
+    activation = _activation_spec(default, ranges, percentile)
     observer = _plan_scale_observer()
     quantizer = X86InductorQuantizer()  # no global config: nothing but the modules below is quantized
     for mod_name, scale in plan.scales.items():
@@ -272,7 +317,7 @@ def _quantizer(plan: Int8Plan):
                                   ch_axis=0, is_dynamic=False, observer_or_fake_quant_ctr=observer.with_args(
                                       plan_scale=scale))
         quantizer.set_module_name_qconfig(mod_name, QuantizationConfig(
-            default.input_activation, default.output_activation, weight, None, False))
+            activation, default.output_activation, weight, None, False))
     return quantizer
 
 
@@ -296,7 +341,7 @@ def _graph_constants(gm):
     return [t for t in (_attr(gm, target) for target in used) if isinstance(t, torch.Tensor)]
 
 
-def _int8(model, stored, calib, batch_size, compile_model, mixed_bf16=False):
+def _int8(model, stored, calib, batch_size, compile_model, mixed_bf16=False, ranges="histogram", percentile=99.99):
     if not calib:
         raise ValueError("backend 'int8' needs calibration inputs (see calibration_inputs)")
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -310,7 +355,7 @@ def _int8(model, stored, calib, batch_size, compile_model, mixed_bf16=False):
     x, t = calib[0]
     batch = torch.export.Dim("batch", min=2)  # the sampler's last batch may be smaller; min 2 avoids 0/1 specialisation
     gm = torch.export.export(net, (x[:2], t[:2]), dynamic_shapes={"x": {0: batch}, "t": {0: batch}}).module()
-    prepared = prepare_pt2e(gm, _quantizer(plan))
+    prepared = prepare_pt2e(gm, _quantizer(plan, ranges, percentile))
     with torch.no_grad():
         for xc, tc in calib:
             prepared(xc, tc)
@@ -318,7 +363,7 @@ def _int8(model, stored, calib, batch_size, compile_model, mixed_bf16=False):
     resident = tensor_bytes(_graph_constants(converted))
     formats = _formats(model, stored)
     fp32_kept = _keep_fp32(converted, {n for n, f in formats.items() if f == "fp32"}) if mixed_bf16 else set()
-    fn, notes = converted, []
+    fn, notes = converted, [f"activation ranges: {ranges}" + (f" {percentile}" if ranges == "percentile" else "")]
     batch_size = batch_size or len(x)
     if compile_model:
         fn = _frozen(torch.compile(converted))
@@ -422,12 +467,13 @@ def calibration_inputs(model, sampler, n: int, shape, seed: int, steps=None, pro
 
 
 def prepare(model, stored, backend: str, device="cpu", calib=None, batch_size=None, compile_model=None,
-            warmup_shape=None) -> Runner:
+            warmup_shape=None, int8_ranges="histogram", int8_percentile=99.99) -> Runner:
     """Build the ``Runner`` of ``backend`` for ``model`` (fp32, de-quantized values) and its stored entries.
 
     calib: [(x, t), ...] from ``calibration_inputs`` (int8 only). batch_size: the sampling batch (int8
     compiles for it). compile_model: torch.compile (default: True for int8, False otherwise).
     warmup_shape: (B, C, H, W) to run once here, so compilation is timed in ``prepare_seconds``.
+    int8_ranges / int8_percentile: how the int8 backends calibrate activation ranges (``INT8_RANGES``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
@@ -444,7 +490,7 @@ def prepare(model, stored, backend: str, device="cpu", calib=None, batch_size=No
         if torch.device(device).type != "cpu":
             raise ValueError(f"backend {backend!r} runs on the CPU (x86 oneDNN kernels); use --set run.device=cpu")
         runner = _int8(model, stored, calib, batch_size, True if compile_model is None else compile_model,
-                       mixed_bf16=backend == "int8_bf16")
+                       mixed_bf16=backend == "int8_bf16", ranges=int8_ranges, percentile=int8_percentile)
     if warmup_shape is not None:
         b = runner.batch_size or warmup_shape[0]
         with torch.inference_mode():
