@@ -29,7 +29,7 @@ def test_classifier_metrics_on_real_test_images(tiny_cfg):
     from common.diffusion.data import load_mnist, to_model_space, to_uint8
 
     clf_cfg = tiny_cfg.eval.classifier
-    clf_cfg.train_limit, clf_cfg.epochs = 12000, 2
+    clf_cfg.train_limit, clf_cfg.epochs, clf_cfg.test_limit = 12000, 2, None
     model, info = classifier.load_or_train_classifier(tiny_cfg.run.cache_dir, tiny_cfg.data, clf_cfg, progress=False)
     assert info["n_test"] == 10000 and info["test_accuracy"] > 0.9
     assert info["source"] == "trained here" and info["sha256"] == sha256_file(info["path"])
