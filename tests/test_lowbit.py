@@ -209,6 +209,7 @@ def test_summary_reports_every_predictor_beside_the_ceiling(lowbit_run):
     assert "fisher_iterative vs fisher" in md and (out / "lowbit_layers.png").stat().st_size > 1000
     again = run("lowbit.py", tmp, *[a for kv in PLANS for a in ("--set", kv)])
     assert "[uniform_uniform_4bits_A8] reusing" in again.stdout and "reusing 12 measured configurations" in again.stdout
+    assert "reusing the predictor's cross-validation table" in again.stdout  # the grid is not run twice
     assert any(line.startswith("[lowbit] reusing") and line.endswith("search_uniform_4bits.json")
                for line in again.stdout.splitlines())  # a wall-clock search is reused, not redone
 

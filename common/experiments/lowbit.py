@@ -363,8 +363,26 @@ def fit_learned(cfg, model, table, measured, prior, sha, device="cpu", progress=
         return fit_predictor(configs, damage, table.names, table.formats, table.sq_error, reference, prior=prior,
                              seed=lb.predictor_seed, floor=lb.predictor_floor, chosen=chosen)
 
+    # the cross-validation grid costs minutes at full scale: its table is kept for the same training data
+    cv_path = _cache(cfg, "predictor_cv.json")
+    cv_inputs = {"checkpoint_sha256": measured["inputs"].get("checkpoint_sha256"),  # verify binds it to them
+                 "measured": measured["inputs"], "train": train.stop, "seed": lb.predictor_seed,
+                 "floor": lb.predictor_floor, "reference": reference,
+                 "prior": storage.fingerprint(prior) if prior is not None else None}
+    cv_old = None
+    if os.path.exists(cv_path):
+        try:
+            art = storage.load_json(cv_path)
+            cv_old = art["cv"] if art.get("inputs") == cv_inputs and storage.seal_ok(art) else None
+        except storage.CorruptFileError:
+            cv_old = None
     pred, cv, added = refit_with_plans(fit, plans, measure, measured["configs"][train],
-                                       [m["mse_mean"] for m in measured["measured"][train]], lb.predictor_rounds)
+                                       [m["mse_mean"] for m in measured["measured"][train]], lb.predictor_rounds,
+                                       cv=cv_old)
+    if cv_old is None:
+        storage.atomic_write_record({"inputs": cv_inputs, "cv": cv}, cv_path)
+    else:
+        print(f"[lowbit] reusing the predictor's cross-validation table {cv_path}")
     cache.save()
     if progress:
         print(f"[lowbit] learned predictor: {pred.kind}/{pred.target}, alpha {pred.alpha:g}, refitted with "

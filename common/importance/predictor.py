@@ -278,16 +278,21 @@ def fit_predictor(configs, damage, names, formats, sq_error, reference, prior=No
     return Predictor(best["kind"], best["target"], best["alpha"], coef, float(c), reference, prior, floor), table
 
 
-def refit_with_plans(fit, allocate_plans, measure, configs, damage, rounds):
+def refit_with_plans(fit, allocate_plans, measure, configs, damage, rounds, cv=None):
     """Active learning: fit, allocate with the fit, measure those plans, add them to the training set, refit;
     ``rounds`` times or until the allocator proposes nothing new.
 
     fit(configs, damage, chosen) -> (Predictor, cv table), ``chosen`` None (cross-validate) or the first fit's
     row of its table (refit that); allocate_plans(predictor) -> [configuration] (e.g. one per budget and menu);
-    measure(configuration) -> damage. Returns (Predictor, the first fit's cv table, [(config, damage)] added)."""
+    measure(configuration) -> damage. ``cv``: the first fit's table from an earlier run on the same training
+    configurations (its choice is refitted without the cross-validation, which gives the same predictor).
+    Returns (Predictor, the first fit's cv table, [(config, damage)] added)."""
     configs, damage, added = list(configs), list(damage), []
     seen = {_key(c) for c in configs}
-    pred, cv = fit(configs, damage, None)
+    if cv is None:
+        pred, cv = fit(configs, damage, None)
+    else:
+        pred, _ = fit(configs, damage, one_standard_error(cv))
     chosen = one_standard_error(cv)  # kept for the refits (a few more configurations; the grid costs minutes)
     for _ in range(rounds):
         new = []
