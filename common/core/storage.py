@@ -265,6 +265,30 @@ def load_for_checkpoint(path: str, ckpt_path: str, recompute_hint: str) -> dict:
     return art
 
 
+def reusable_artifact(path: str, ckpt_path: str, inputs) -> dict | None:
+    """The cached artifact at ``path`` (``save_for_checkpoint``) if it is bound to ``ckpt_path`` and records
+    ``inputs`` in its meta; None when it is missing, stale, foreign or corrupt (the caller recomputes it)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        art = load_for_checkpoint(path, ckpt_path, "it is recomputed")
+    except (CheckpointMismatchError, CorruptFileError):
+        return None
+    return art if art["meta"].get("inputs") == inputs else None
+
+
+def reusable_record(path: str, inputs) -> dict | None:
+    """The sealed JSON record at ``path`` (``atomic_write_record``) if it records ``inputs``; None when it is
+    missing, stale, edited or corrupt (the caller recomputes it)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        art = load_json(path)
+    except CorruptFileError:
+        return None
+    return art if art.get("inputs") == inputs and seal_ok(art) else None
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

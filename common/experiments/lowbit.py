@@ -162,14 +162,10 @@ def ensure_chain(cfg, model, names, ckpt_path, progress=True, device="cpu"):
     inputs = {"chains": lb.chain_chains, "projections": lb.chain_projections, "seed": lb.chain_seed,
               "estimator": "chain groups",
               "sample": to_dict(cfg.sample), "diffusion": to_dict(cfg.diffusion), "names": names}
-    if os.path.exists(path):
-        try:
-            art = storage.load_for_checkpoint(path, ckpt_path, "it is recomputed")
-            if art["meta"].get("inputs") == inputs:
-                print(f"[lowbit] reusing {path}")
-                return art
-        except (storage.CheckpointMismatchError, storage.CorruptFileError):
-            pass
+    art = storage.reusable_artifact(path, ckpt_path, inputs)
+    if art is not None:
+        print(f"[lowbit] reusing {path}")
+        return art
     sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
     shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
     art = chain_fisher(model, sampler, names, shape, lb.chain_chains, lb.chain_projections, lb.chain_seed,
@@ -199,14 +195,10 @@ def ensure_jvp(cfg, model, table, menus, ckpt_path, progress=True, device="cpu")
     formats = list(dict.fromkeys(f for m in menus for f in table.menus[m]))
     inputs = {"chains": lb.jvp_chains, "seed": lb.chain_seed, "formats": formats, "names": table.names,
               "sample": to_dict(cfg.sample), "diffusion": to_dict(cfg.diffusion)}
-    if os.path.exists(path):
-        try:
-            art = storage.load_for_checkpoint(path, ckpt_path, "it is recomputed")
-            if art["meta"].get("inputs") == inputs:
-                print(f"[lowbit] reusing {path}")
-                return art
-        except (storage.CheckpointMismatchError, storage.CorruptFileError):
-            pass
+    art = storage.reusable_artifact(path, ckpt_path, inputs)
+    if art is not None:
+        print(f"[lowbit] reusing {path}")
+        return art
     t0 = time.time()
     costs = jvp_costs(chain_jvp(cfg, model, device),
                       {n: {f: table.errors[n][f] for f in formats} for n in table.names}, progress)
@@ -257,14 +249,10 @@ def ensure_measurements(cfg, model, table, sha, progress=True, device="cpu"):
               "images": lb.predictor_images, "bits": lb.predictor_bits, "seeds": [lb.predictor_seed, lb.retest_seed],
               "eps_samples": lb.eps_samples, "formats": table.formats, "names": table.names,
               "keep_format": lb.keep_format, "sample": to_dict(cfg.sample)}
-    if os.path.exists(path):
-        try:
-            art = storage.load_json(path)
-            if art.get("inputs") == inputs and storage.seal_ok(art):
-                print(f"[lowbit] reusing {len(art['configs'])} measured configurations {path}")
-                return art
-        except storage.CorruptFileError:
-            pass
+    art = storage.reusable_record(path, inputs)
+    if art is not None:
+        print(f"[lowbit] reusing {len(art['configs'])} measured configurations {path}")
+        return art
     t0 = time.time()
     configs = random_configs(table.bits, table.fixed, table.total, *lb.predictor_bits, lb.predictor_configs,
                              lb.predictor_seed)
@@ -307,14 +295,10 @@ def ensure_iterative(cfg, model, ckpt_path, table, fisher, menu, size, progress=
     inputs = {"fisher": {**pipeline.fisher_inputs(cfg), "eligible": RULE}, "formats": table.menus[menu],
               "budget_bits": budget, "rounds": lb.iterative_rounds, "names": table.names, "ends": table.ends,
               "keep_format": lb.keep_format, "fixed_bits": table.fixed}
-    if os.path.exists(path):
-        try:
-            art = storage.load_for_checkpoint(path, ckpt_path, "it is recomputed")
-            if art["meta"].get("inputs") == inputs:
-                print(f"[lowbit] reusing {path}")
-                return art["choice"], art["diag"], art["history"], art["meta"]["seconds"]
-        except (storage.CheckpointMismatchError, storage.CorruptFileError):
-            pass
+    art = storage.reusable_artifact(path, ckpt_path, inputs)
+    if art is not None:
+        print(f"[lowbit] reusing {path}")
+        return art["choice"], art["diag"], art["history"], art["meta"]["seconds"]
     t0 = time.time()
     errors = {n: {f: table.errors[n][f] for f in table.menus[menu]} for n in table.names}
     choice, diag, history = iterative_fisher(
@@ -369,13 +353,7 @@ def fit_learned(cfg, model, table, measured, prior, sha, device="cpu", progress=
                  "measured": measured["inputs"], "train": train.stop, "seed": lb.predictor_seed,
                  "floor": lb.predictor_floor, "reference": reference,
                  "prior": storage.fingerprint(prior) if prior is not None else None}
-    cv_old = None
-    if os.path.exists(cv_path):
-        try:
-            art = storage.load_json(cv_path)
-            cv_old = art["cv"] if art.get("inputs") == cv_inputs and storage.seal_ok(art) else None
-        except storage.CorruptFileError:
-            cv_old = None
+    cv_old = (storage.reusable_record(cv_path, cv_inputs) or {}).get("cv")
     pred, cv, added = refit_with_plans(fit, plans, measure, measured["configs"][train],
                                        [m["mse_mean"] for m in measured["measured"][train]], lb.predictor_rounds,
                                        cv=cv_old)
@@ -396,13 +374,9 @@ class ConfigCache:
 
     def __init__(self, path, inputs):
         self.path, self.inputs, self.values = path, inputs, {}
-        if os.path.exists(path):
-            try:
-                art = storage.load_json(path)
-                if art.get("inputs") == inputs and storage.seal_ok(art):
-                    self.values = {json.dumps(c, sort_keys=True): v for c, v in art["values"]}
-            except storage.CorruptFileError:
-                pass
+        art = storage.reusable_record(path, inputs)
+        if art is not None:
+            self.values = {json.dumps(c, sort_keys=True): v for c, v in art["values"]}
 
     def get(self, config, compute):
         key = json.dumps(config, sort_keys=True)
@@ -494,14 +468,10 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
               "proposer": sens.predictor.describe() if propose_by == "learned" else None,
               "seconds": lb.search_seconds, "evals": lb.search_evals, "images": lb.search_images,
               "seed": lb.search_seed, "limit_bits": limit, "sample": to_dict(cfg.sample)}
-    if os.path.exists(path):
-        try:
-            art = storage.load_json(path)
-            if art.get("inputs") == inputs and storage.seal_ok(art):
-                print(f"[lowbit] reusing {path}")
-                return art
-        except storage.CorruptFileError:
-            pass
+    art = storage.reusable_record(path, inputs)
+    if art is not None:
+        print(f"[lowbit] reusing {path}")
+        return art
     measurer = make_measurer(cfg, model, table, device, lb.search_images)
     t0 = time.time()
     choice, trace = measured_search(start, table.menu_bits(menu), limit, menu_costs[propose_by],
