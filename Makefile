@@ -40,10 +40,11 @@ reproduce-from-scratch: reproduce
 	for s in $(STRATEGIES); do $(BIN)/python $$s --config $(CONFIG) $(SCRATCH) || exit 1; done
 	$(BIN)/python -m common.report runs/$(SCRATCH_RUN) --compare-released $(RUN)
 
-# One pytest worker per core (2 here), a whole test file per worker so its module fixtures run once.
+# One pytest worker per core (2 here), a whole test file per worker so its module fixtures run once;
+# the slowest files first (tests/conftest.py SLOWEST_FILES), not xdist's order by test count.
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # The inner loop: unit tests only (everything not marked slow), one process.
 test-quick: setup

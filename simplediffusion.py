@@ -3,11 +3,12 @@ points every strategy is compared with: the fp32 baseline and uniform quantizati
 tensor in quant.format).
 
 Writes runs/<run>/baseline/{checkpoint.pt, model.json, samples.png, fisher.pt}, runs/<run>/plots/fisher_*.png,
-runs/<run>/fp32/ and runs/<run>/uniform_<format>/. Finished stages are reused.
+runs/<run>/fp32/ and runs/<run>/uniform_<format>/, and prints the Fisher per stage and by op type (over every
+conv / linear weight: the all-weights Fisher act_quant.py uses, cached). Finished stages are reused.
 """
 from common.core import cli, distributed, lock
 from common.core.storage import baseline_dir, run_dir
-from common.experiments import pipeline, report
+from common.experiments import act_pipeline, pipeline, report
 
 
 def main():
@@ -40,6 +41,10 @@ def main():
                                                recompute=args.recompute_fisher or args.retrain, force=args.force,
                                                progress=progress)
         print(report.fisher_table(fisher))
+        if distributed.is_main():  # where the sensitivity sits by what a tensor does, over every conv / linear
+            every = act_pipeline.ensure_weight_fisher(cfg, model, ckpt_path, fisher, device, progress)
+            print(f"Fisher by op type ({len(every['diag'])} conv / linear weights):\n"
+                  + report.fisher_op_table(every, model.op_type))
         plots = f"{run_dir(cfg)}/plots"
         for path in report.plot_fisher_recorded(fisher, f"{baseline_dir(cfg)}/fisher.pt", plots) \
                 if distributed.is_main() else []:

@@ -140,8 +140,9 @@ def test_training_writes_loadable_snapshots(tiny_cfg, tmp_path):
     assert meta["step"] == "4" and float(meta["train_seconds"]) > 0
 
 
-def test_released_default_checkpoint_matches_its_config_and_provenance():
-    cfg = load_config(os.path.join(ROOT, "configs", "default.yaml"))
+@pytest.mark.parametrize("config, network", [("default.yaml", "U-Net"), ("dit.yaml", "DiT")])
+def test_released_checkpoint_matches_its_config_and_provenance(config, network):
+    cfg = load_config(os.path.join(ROOT, "configs", config))
     path = os.path.join(ROOT, cfg.baseline.weights)
     cfg.baseline.weights = path
     assert baseline.verify_released(cfg, "retrain") == cfg.baseline.sha256
@@ -151,6 +152,7 @@ def test_released_default_checkpoint_matches_its_config_and_provenance():
     prov = json.load(open(os.path.splitext(path)[0] + ".json"))
     assert prov["sha256"] == cfg.baseline.sha256 and prov["step"] == int(meta["step"])
     assert "simplediffusion.py" in prov["retrain_command"] or "make" in prov["retrain_command"]
+    assert network in prov["what"]
 
 
 def test_restore_hint_only_for_files_git_tracks(tiny_cfg):

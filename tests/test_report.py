@@ -80,3 +80,18 @@ def test_compare_winners_group_identical_allocations():
     assert (best, runner, verdict) == ("fisher = fisher_distortion", "random", "clear (paired t-test, 5%)")
     assert gap == pytest.approx(2.0333, abs=1e-3)
     assert best50 == "fisher = random" and verdict50 == "all tie (identical results)"
+
+
+def test_fisher_op_table_weighs_each_op_type_by_its_elements():
+    """Shares are of the total Fisher (mean x elements), largest first; the mean is per weight of the type."""
+    import torch
+
+    diag = {"a.qkv.weight": torch.zeros(100), "b.qkv.weight": torch.zeros(300), "a.mlp.weight": torch.zeros(50)}
+    fisher = {"diag": diag, "per_tensor": {"a.qkv.weight": 1.0, "b.qkv.weight": 3.0, "a.mlp.weight": 20.0}}
+    rows = report.fisher_op_table(fisher, lambda n: n.split(".")[1]).splitlines()[2:]
+    # qkv: 100 + 900 = 1000 over 400 weights; mlp: 1000 over 50; total 2000
+    assert rows == ["| qkv | 2 | 400 | 2.5 | 50.0% |", "| mlp | 1 | 50 | 20 | 50.0% |"]  # a tie keeps first-seen order
+    fisher["per_tensor"]["a.mlp.weight"] = 40.0
+    rows = report.fisher_op_table(fisher, lambda n: n.split(".")[1]).splitlines()[2:]
+    assert rows == ["| mlp | 1 | 50 | 40 | 66.7% |", "| qkv | 2 | 400 | 2.5 | 33.3% |"]
+

@@ -106,3 +106,30 @@ def test_rerun_reuses_every_variant(w4a4_run):
     tmp, _, _ = w4a4_run
     again = run("w4a4.py", tmp, *SETS)
     assert "[w4a4_round] reusing" in again.stdout and "[damage_all] reusing" in again.stdout
+    assert "reusing the distillation" in again.stdout and "distill:" not in again.stderr  # trained once
+    assert "[w4a4_average_fisher] reusing" in again.stdout
+
+
+def test_a4_on_average_spends_uniform_a4s_bops_on_the_allowed_bits(w4a4_run):
+    """The Fisher and random plans choose per input from w4a4.average_a_bits within uniform W4A4's BOPs, keep
+    the weights of uniform A4 (every allocatable weight int4), and are reported beside it."""
+    from common.quant.activations import load_act_quant
+
+    _, _, out = w4a4_run
+    cfg = load_config(SMOKE)
+    plans = {p: _plan(out / f"w4a4_average_{p}") for p in ("uniform", "fisher", "random")}
+    uniform_bops = plans["uniform"]["bops"]
+    allowed = set(cfg.w4a4.average_a_bits) | {4}
+    for name, plan in plans.items():
+        assert plan["bops"] <= uniform_bops, name
+        mods = plan["modules"]
+        assert {m["w_format"] for m in mods.values()} <= {"int4", "fp32"}, name
+        assert {m["w_format"] for m in mods.values() if m["w_format"] != "fp32"} == {"int4"}
+        free = {m["a_bits"] for m in mods.values()} - {cfg.act_quant.keep_bits}
+        assert free <= allowed, name
+        q, _ = load_act_quant(str(out / f"w4a4_average_{name}" / "act_quant.safetensors"))
+        assert {n: lq.bits for n, lq in q.layers.items() if n in mods and mods[n]["a_bits"]} == {
+            n: m["a_bits"] for n, m in mods.items() if m["a_bits"]}, name  # the stored quantizer is the plan
+    assert {m["a_bits"] for n, m in plans["uniform"]["modules"].items()} - {cfg.act_quant.keep_bits} == {4}
+    md = (out / "w4a4.md").read_text()
+    assert "Uniform A4 and A4 on average" in md and "A4 on average, bits by the activation Fisher" in md

@@ -389,7 +389,7 @@ class FinetuneConfig:
 class W4A4Config:
     """w4a4.py / make finetune: where uniform W4A4's damage comes from, and what each technique buys (the
     variants use finetune's budget-free settings: seeds, n_images, range_mode, calibration)."""
-    studies: list[Literal["damage", "ablation"]] = _spec(["damage", "ablation"])
+    studies: list[Literal["damage", "ablation", "average"]] = _spec(["damage", "ablation", "average"])
     rows: list[int] | None = _spec(None, lo=0, doc="ablation rows to run (0 = plain rounding); null = all")
     lowrank_rank: int = _spec(8, lo=1, doc="rank of the 16-bit low-rank branch beside every quantized layer")
     smooth_samples: int = _spec(1024, lo=1, doc="teacher inputs per layer for the smoothing strength search")
@@ -398,6 +398,8 @@ class W4A4Config:
     scale_lr: float = _spec(1e-3, lo=0.0, doc="learning rate of the log weight scales (per output channel)")
     onpolicy_every: int = _spec(100, lo=0, doc="refresh the student's own trajectories every N steps (0 = never)")
     onpolicy_images: int = _spec(8, lo=1, doc="student trajectories per refresh (every sampler step an input)")
+    average_a_bits: list[int] = _spec([3, 4, 6, 8], lo=2, hi=16,
+                                      doc="activation bits the A4-on-average plans choose from (4 always included)")
 
 
 @dataclass

@@ -265,16 +265,17 @@ def load_for_checkpoint(path: str, ckpt_path: str, recompute_hint: str) -> dict:
     return art
 
 
-def reusable_artifact(path: str, ckpt_path: str, inputs) -> dict | None:
+def reusable_artifact(path: str, ckpt_path: str, inputs, key="inputs") -> dict | None:
     """The cached artifact at ``path`` (``save_for_checkpoint``) if it is bound to ``ckpt_path`` and records
-    ``inputs`` in its meta; None when it is missing, stale, foreign or corrupt (the caller recomputes it)."""
+    ``inputs`` in its meta (under ``key``); None when it is missing, stale, foreign or corrupt (the caller
+    recomputes it)."""
     if not os.path.exists(path):
         return None
     try:
         art = load_for_checkpoint(path, ckpt_path, "it is recomputed")
     except (CheckpointMismatchError, CorruptFileError):
         return None
-    return art if art["meta"].get("inputs") == inputs else None
+    return art if art["meta"].get(key) == inputs else None
 
 
 def reusable_record(path: str, inputs) -> dict | None:

@@ -113,20 +113,27 @@ def restore_hint(path: str) -> str:
     return f"Restore it (git checkout -- {path}) or "
 
 
+def verified_release(path, want, section: str, source: str, error, missing: str, wrong: str) -> str:
+    """The SHA-256 of the released file ``<section>.weights`` = ``path`` once it exists and matches ``want``
+    (``<section>.sha256``; None skips the check), else ``error`` naming both keys, the config ``source`` and what to
+    do: restore the tracked file, or the remedy ``missing`` / ``wrong``. Shared by every released artifact."""
+    if not os.path.isfile(path):
+        raise error(f"{section}.weights: {path} not found. {restore_hint(path)}{missing}")
+    have = sha256_file(path)
+    if want and have != want:
+        raise error(f"{section}.weights: {path} has SHA-256 {have[:16]}..., but {section}.sha256 in {source} "
+                    f"expects {want[:16]}...: the file is corrupt or not the released one. {restore_hint(path)}{wrong}")
+    return have
+
+
 def verify_released(cfg, recover_hint=None) -> str:
     """Check ``cfg.baseline.weights`` exists, has ``cfg.baseline.sha256`` and was trained with this config's
     training inputs; returns its SHA-256. Every failure is a ``BaselineError`` that says what to do: restore a
     file git tracks, or train from scratch (``recover_hint``, by default ``from_scratch_command``)."""
-    path, want = cfg.baseline.weights, cfg.baseline.sha256
+    path = cfg.baseline.weights
     hint = recover_hint or f"`{from_scratch_command(cfg)}` (or `make reproduce-from-scratch`)"
-    if not os.path.isfile(path):
-        raise BaselineError(f"baseline.weights: {path} not found. {restore_hint(path)}train the baseline yourself: "
-                            f"{hint}")
-    have = sha256_file(path)
-    if want and have != want:
-        raise BaselineError(f"baseline.weights: {path} has SHA-256 {have[:16]}..., but baseline.sha256 in "
-                            f"{cfg.source} expects {want[:16]}...: the file is corrupt or not the released one. "
-                            f"{restore_hint(path)}train from scratch: {hint}")
+    have = verified_release(path, cfg.baseline.sha256, "baseline", cfg.source, BaselineError,
+                            missing=f"train the baseline yourself: {hint}", wrong=f"train from scratch: {hint}")
     meta = read_metadata(path)
     recorded = json.loads(meta.get("training_inputs", "{}"))
     # train.bf16: auto accepts what the file was trained with, so the released weights verify on any CPU
@@ -139,6 +146,11 @@ def verify_released(cfg, recover_hint=None) -> str:
     return have
 
 
+def _network_name(config: dict) -> str:
+    arch = config.get("model", {}).get("arch", "unet")
+    return {"unet": "U-Net", "dit": "DiT"}.get(arch, arch) + f" of run `{config.get('run', {}).get('name', '?')}`"
+
+
 def write_provenance(weights_path, meta: dict, retrain_command: str, extra=None) -> str:
     """``<weights>.json`` beside the weights: what they are, where they came from, how to recreate them."""
     path = os.path.splitext(weights_path)[0] + ".json"
@@ -146,7 +158,8 @@ def write_provenance(weights_path, meta: dict, retrain_command: str, extra=None)
         "file": os.path.basename(weights_path),
         "sha256": sha256_file(weights_path),
         "bytes": os.path.getsize(weights_path),
-        "what": "EMA weights of the LAQFI default U-Net (fp32), trained by this repository's code",
+        "what": f"EMA weights of the LAQFI {_network_name(json.loads(meta['config']))} (fp32), trained by this "
+                "repository's code",
         "step": int(meta["step"]), "images_seen": int(meta["images_seen"]),
         "train_seconds": float(meta["train_seconds"]), "final_loss_ema": float(meta["loss_ema"]),
         "code_commit": meta["code_commit"],

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ..core import machine
 from ..core.errors import UserError
 from ..core.storage import atomic_save_safetensors, atomic_torch_save, atomic_write_json, load_cache, sha256_file
-from ..diffusion.baseline import code_commit, restore_hint
+from ..diffusion.baseline import code_commit, verified_release
 from ..diffusion.data import load_mnist, to_model_space, to_uint8
 from .metrics import tensor_digest
 
@@ -161,7 +161,7 @@ def release_command(config: str, out_path: str, overrides=()) -> str:
 
 def _recover(path: str, source: str) -> str:
     """What to do about a missing or wrong released file."""
-    return (f"{restore_hint(path)}retrain and release it: `{release_command(source, path)}` (then paste the sha256 "
+    return (f"retrain and release it: `{release_command(source, path)}` (then paste the sha256 "
             f"it prints into eval.classifier.sha256), or set eval.classifier.weights=null to train one here")
 
 
@@ -186,14 +186,9 @@ def load_released(clf_cfg, image_size: int, source="the config"):
     file and the command that restores or retrains it."""
     from safetensors.torch import load_file
 
-    path, want = clf_cfg.weights, clf_cfg.sha256
-    if not os.path.isfile(path):
-        raise ClassifierError(f"eval.classifier.weights: {path} not found. {_recover(path, source)}")
-    have = sha256_file(path)
-    if want and have != want:
-        raise ClassifierError(f"eval.classifier.weights: {path} has SHA-256 {have[:16]}..., but eval.classifier.sha256 "
-                              f"in {source} expects {want[:16]}...: the file is corrupt or not the released one. "
-                              f"{_recover(path, source)}")
+    path = clf_cfg.weights
+    remedy = _recover(path, source)
+    have = verified_release(path, clf_cfg.sha256, "eval.classifier", source, ClassifierError, remedy, remedy)
     meta = read_metadata(path)
     if int(meta["image_size"]) != image_size:
         raise ClassifierError(f"eval.classifier.weights: {path} classifies {meta['image_size']}x{meta['image_size']} "

@@ -84,7 +84,7 @@ def release_baseline(cfg, out_path, note=None):
         raise FileNotFoundError(f"{ckpt_path} not found: train it first ({from_scratch_command(cfg)})")
     retrain = shlex.join(["python", "simplediffusion.py", "--config", cfg.source, "--set", "baseline.weights=null",
                           "--set", f"run.name={cfg.run.name}"])
-    return release(ckpt_path, out_path, retrain_command=f"make reproduce-from-scratch   # = {retrain}",
+    return release(ckpt_path, out_path, f"make reproduce-from-scratch CONFIG={cfg.source}   # = {retrain}",
                    extra={"note": note} if note else None)
 
 
@@ -238,14 +238,10 @@ def ensure_rule_fisher(cfg, model, ckpt_path, rule: str, path: str, device, prog
     ``fisher.pt``, so equal values on the tensors both cover), cached at ``path`` bound to the checkpoint:
     reused if current, else computed (a corrupt or stale cache is recomputed)."""
     inputs = {**fisher_inputs(cfg), "eligible": rule}
-    if os.path.exists(path):
-        try:
-            art = load_fisher(path, ckpt_path)
-            if art["meta"].get("config") == inputs:
-                print(f"[fisher] reusing {path}")
-                return art
-        except (storage.CheckpointMismatchError, storage.CorruptFileError):
-            pass
+    art = storage.reusable_artifact(path, ckpt_path, inputs, key="config")  # the key fisher.pt records them under
+    if art is not None:
+        print(f"[fisher] reusing {path}")
+        return art
     t0 = time.time()
     art = compute_fisher(model, NoiseSchedule.from_config(cfg.diffusion), mnist_tensor(cfg.data, "train")[0],
                          cfg.fisher, rule=rule, progress=progress, device=device)

@@ -375,6 +375,23 @@ def fisher_table(fisher: dict) -> str:
     return "\n".join(lines)
 
 
+def fisher_op_table(fisher: dict, op_type) -> str:
+    """Fisher by what a tensor does (``op_type``: the network's own naming, e.g. attention qkv, MLP, adaLN
+    modulation), largest share first: where an architecture's sensitivity sits, comparable across networks."""
+    groups = {}
+    for name, mean in fisher["per_tensor"].items():
+        g = groups.setdefault(op_type(name), [0, 0, 0.0])
+        numel = fisher["diag"][name].numel()
+        g[0] += 1
+        g[1] += numel
+        g[2] += mean * numel
+    total = sum(g[2] for g in groups.values()) or 1.0
+    lines = ["| op type | tensors | weights | mean Fisher | share of total Fisher |", "|---|---:|---:|---:|---:|"]
+    for op, (n, numel, tot) in sorted(groups.items(), key=lambda kv: -kv[1][2]):
+        lines.append(f"| {op} | {n} | {numel:,} | {tot / numel:.3g} | {tot / total:.1%} |")
+    return "\n".join(lines)
+
+
 def plan_table(summary: dict) -> str:
     """Per stage: tensors quantized (of eligible), weights quantized, formats used (from describe_plan)."""
     lines = [f"  {'stage':8s} {'tensors':>9s} {'weights quantized':>22s}  formats"]

@@ -18,18 +18,27 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..core import lock
+from ..core import lock, storage
 from ..diffusion.samplers import build_sampler
 from ..diffusion.schedule import NoiseSchedule
 from ..evaluation import evaluate
 from ..quant import lowrank, rotation, smoothing, time_table
-from ..quant.activations import fake_quant, group_of, int_range, qparams
+from ..quant.activations import (
+    fake_quant,
+    group_of,
+    int_range,
+    load_act_quant,
+    qparams,
+    quantizer_digest,
+    save_act_quant,
+)
+from ..quant.bops import unet_macs
 from ..quant.calibrate import calibration_timesteps, collect_ranges
-from ..quant.container import arch_record
+from ..quant.container import arch_record, stored_digest
 from ..quant.eligibility import eligible_names, end_convs
 from ..quant.formats import channel_axes, dequantize_tensor, quantize_tensor
 from . import lowbit, pipeline
-from .act_pipeline import act_layout, act_quantizer, ensure_ranges, mode_groups, save_and_evaluate
+from .act_pipeline import act_layout, act_quantizer, ensure_ranges, mode_groups, run_act_variant, save_and_evaluate
 
 # the techniques of the ablation, in the order the rows add them
 TECHNIQUES = ("ranges", "token", "smooth", "rotate", "lowrank", "time_table", "distill")
@@ -304,6 +313,35 @@ def distill(cfg, c, teacher, transformed, ranges, pool, token: bool, device, pro
                        "last_loss": float(np.mean(losses[-kk:])) if losses else None}
 
 
+def cached_distill(cfg, c, teacher, transformed, ranges, pool, token: bool, sha: str, before: str, device,
+                   progress=True):
+    """``distill``, computed once: its result (stored entries, activation quantizer, info) is cached in the
+    comparison's baseline folder, keyed on everything it depends on: the checkpoint, the calibration pool, the
+    student it starts from (``before``: the digest of the transformed model's stored weights and calibrated
+    quantizer), per-token attention and the distillation settings. A rerun of ``make finetune`` then re-samples
+    nothing and re-trains nothing; a changed setting trains again."""
+    from .finetune import pool_inputs
+
+    ft = cfg.finetune
+    inputs = {"checkpoint_sha256": sha, "pool": pool_inputs(c, sha), "before": before, "token": token,
+              "w4a4": {k: getattr(cfg.w4a4, k) for k in ("distill_steps", "distill_lr", "scale_lr", "onpolicy_every",
+                                                         "onpolicy_images")},
+              "finetune": {"batch_size": ft.batch_size, "step_lr": ft.step_lr}, "device": str(device)}
+    key = storage.fingerprint(inputs)
+    path = os.path.join(storage.baseline_dir(c), f"distill_{key[:16]}")
+    art = storage.load_cache(path + ".pt", "the distillation")
+    if art is not None and art.get("fingerprint") == key and os.path.exists(path + "_act.safetensors"):
+        q, _ = load_act_quant(path + "_act.safetensors")
+        if stored_digest(art["stored"]) == art["stored_digest"] and quantizer_digest(q) == art["q_digest"]:
+            print(f"[w4a4] reusing the distillation {path}.pt")
+            return art["stored"], q, art["info"]
+    stored, q, info = distill(cfg, c, teacher, transformed, ranges, pool, token, device, progress)
+    save_act_quant(q, path + "_act.safetensors", {"what": "w4a4 distillation cache", "fingerprint": key})
+    storage.atomic_torch_save({"fingerprint": key, "inputs": inputs, "stored": stored, "info": info,
+                               "stored_digest": stored_digest(stored), "q_digest": quantizer_digest(q)}, path + ".pt")
+    return stored, q, info
+
+
 def ablation_variant(k: int) -> str:
     return "w4a4_" + "_".join(("round",) + row_techniques(k))
 
@@ -323,13 +361,35 @@ def run_ablation(cfg, c, model, sha, pool, device, rows=None, rank=8, force=Fals
         q = _quantizer(c, m, ranges, {n: 4 for n in inputs}, mode, token="token" in techniques)
         stored = stored_entries(c, m, 4)
         if "distill" in techniques:
-            stored, q, info["distill"] = distill(cfg, c, model, m, ranges, pool, "token" in techniques, device,
-                                                 progress)
+            before = stored_digest(stored) + quantizer_digest(q)
+            stored, q, info["distill"] = cached_distill(cfg, c, model, m, ranges, pool, "token" in techniques, sha,
+                                                        before, device, progress)
         extra = {"study": "ablation", "row": k, "techniques": list(techniques), "checkpoint_sha256": sha,
                  "range_method": method, "range_mode": mode, "lowrank_rank": rank if "lowrank" in techniques else 0,
                  "transform": json.loads(json.dumps(info, default=str))}
         done[variant] = (techniques, _evaluate(c, variant, model, stored, q, extra, device, force, progress,
                                                transformed=m))
+    return done
+
+
+# ----------------------------------------------------------------------------- A4 on average
+AVERAGE_PLANS = ("uniform", "fisher", "random")
+
+
+def run_average(cfg, c, model, ckpt_path, fisher, device, force=False, progress=True) -> dict:
+    """*A4 on average* beside *uniform A4*: every quantized weight in int4 (the ends as ``act_quant`` keeps them),
+    activation bits from ``w4a4.average_a_bits`` chosen per input by the exact allocator under the BOPs of uniform
+    W4A4 (``act_pipeline``: the activation Fisher's estimated loss, or random scores as the control), and the
+    uniform A4 plan of the same pipeline as the reference. {variant: (plan, metrics)}."""
+    c2 = copy.deepcopy(c)
+    c2.act_quant.w_formats = ["int4"]
+    c2.act_quant.a_bits = sorted(set(cfg.w4a4.average_a_bits) | {4})
+    macs = unet_macs(model, (c.model.in_channels, c.data.image_size, c.data.image_size))
+    done = {}
+    for plan in AVERAGE_PLANS:
+        variant = f"w4a4_average_{plan}"
+        done[variant] = (plan, run_act_variant(c2, variant, plan, "W4A4", cfg.finetune.range_mode, model, ckpt_path,
+                                               fisher, macs, device, force, progress))
     return done
 
 
@@ -351,6 +411,8 @@ def run_w4a4(cfg, device, studies=("damage", "ablation"), force=False, progress=
     if "ablation" in studies:
         out["ablation"] = run_ablation(cfg, c, model, sha, pool, device, rows=cfg.w4a4.rows,
                                        rank=cfg.w4a4.lowrank_rank, force=force, progress=progress)
+    if "average" in studies:
+        out["average"] = run_average(cfg, c, model, ckpt_path, fisher, device, force, progress)
     return out
 
 
@@ -372,7 +434,13 @@ def _variants(done):
         out.append(("damage", v, label, r))
     for v, (techniques, r) in done.get("ablation", {}).items():
         out.append(("ablation", v, " + ".join(("rounding",) + tuple(techniques)), r))
+    for v, (plan, r) in done.get("average", {}).items():
+        out.append(("average", v, AVERAGE_LABELS[plan], r))
     return out
+
+
+AVERAGE_LABELS = {"uniform": "uniform A4 (every allocatable input at 4 bits)",
+                  "fisher": "A4 on average, bits by the activation Fisher", "random": "A4 on average, random bits"}
 
 
 def rows(done) -> list:
@@ -438,6 +506,23 @@ def summary_markdown(cfg, done, seconds=None) -> str:
         for (techniques, r), verdict in zip(ablation, verdicts, strict=True):
             lines.append(f"| {len(techniques)} | {techniques[-1] if techniques else 'plain rounding'} | "
                          f"{r['size_bytes'] / 1e6:.3f} | {cells(r)} | {verdict} |")
+        lines += ["", holm_note(tested(diffs))]
+    if "average" in done:
+        uni = done["average"]["w4a4_average_uniform"][1]
+        lines += ["", "## Uniform A4 and A4 on average", "",
+                  f"Every quantized weight in int4; activation bits per input from {sorted(cfg.w4a4.average_a_bits)} "
+                  "chosen by the exact allocator within the BOPs of uniform W4A4 (the first and last layer's inputs "
+                  "as `act_quant` keeps them). Verdicts: B − A of paired per-seed values against uniform A4, a "
+                  "two-sided paired t-test, Holm-corrected over the column.", "",
+                  "| plan | a-bits (MAC-weighted) | GBOPs | paired MSE | clf-FID | clf-FID / fp32 | clf-IS | "
+                  "paired MSE vs uniform A4 |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+        others = [(p, r) for p, r in done["average"].values() if p != "uniform"]
+        diffs = [per_seed(r, "paired_mse_vs_fp32") - per_seed(uni, "paired_mse_vs_fp32") for _, r in others]
+        verdicts = dict(zip([p for p, _ in others], verdict_cells(diffs, [("uniform A4", "this")] * len(diffs)),
+                            strict=True))
+        for plan, r in done["average"].values():
+            lines.append(f"| {AVERAGE_LABELS[plan]} | {r.get('a_bits', float('nan')):.2f} | "
+                         f"{r.get('gbops', float('nan')):.4g} | {cells(r)} | {verdicts.get(plan, '–')} |")
         lines += ["", holm_note(tested(diffs))]
     lines += ["", "![w4a4](w4a4.png)"]
     return "\n".join(lines) + "\n"
