@@ -44,6 +44,7 @@ def test_outputs_name_every_variant_and_seed(w4a4_run):
     assert "Which 4-bit inputs do the damage" in p.stdout
     errs = json.load(open(out / "w4a4.json"))["channel_errors"]
     assert errs and all(e["per_tensor"] >= 0 and e["per_channel"] >= 0 for e in errs)
+    assert all(e["range_spread"] >= 1 and e["channels"] >= 1 for e in errs)  # max over median of >= 1 channels
 
 
 def test_damage_rows_quantize_exactly_the_inputs_they_name(w4a4_run):
@@ -133,3 +134,14 @@ def test_a4_on_average_spends_uniform_a4s_bops_on_the_allowed_bits(w4a4_run):
     assert {m["a_bits"] for n, m in plans["uniform"]["modules"].items()} - {cfg.act_quant.keep_bits} == {4}
     md = (out / "w4a4.md").read_text()
     assert "Uniform A4 and A4 on average" in md and "A4 on average, bits by the activation Fisher" in md
+
+
+def test_channels_study_alone_writes_the_outlier_table_and_samples_nothing(w4a4_run):
+    """(Last in this file: it rewrites the outputs.) The outlier table alone, no variant sampled."""
+    tmp, _, out = w4a4_run
+    p = run("w4a4.py", tmp, *SETS, "--set", "w4a4.studies=[channels]")
+    md = (out / "w4a4.md").read_text()
+    assert "Where the activation outliers are" in md and "range spread (median)" in md
+    assert "Which 4-bit inputs do the damage" not in md
+    assert not any(line.startswith("[damage_") and "B of weights" in line for line in p.stdout.splitlines())
+

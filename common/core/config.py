@@ -389,7 +389,8 @@ class FinetuneConfig:
 class W4A4Config:
     """w4a4.py / make finetune: where uniform W4A4's damage comes from, and what each technique buys (the
     variants use finetune's budget-free settings: seeds, n_images, range_mode, calibration)."""
-    studies: list[Literal["damage", "ablation", "average"]] = _spec(["damage", "ablation", "average"])
+    studies: list[Literal["damage", "ablation", "average", "channels"]] = _spec(
+        ["damage", "ablation", "average"], doc="channels: only the per-input outlier table (part of damage), seconds")
     rows: list[int] | None = _spec(None, lo=0, doc="ablation rows to run (0 = plain rounding); null = all")
     lowrank_rank: int = _spec(8, lo=1, doc="rank of the 16-bit low-rank branch beside every quantized layer")
     smooth_samples: int = _spec(1024, lo=1, doc="teacher inputs per layer for the smoothing strength search")

@@ -123,7 +123,8 @@ def _quantizer(c, model, ranges, bits, mode, token: bool):
 def channel_errors(model, quantizer, pool, n_inputs=64, seed=0) -> list:
     """Per quantized input: the relative output error ||f(Q(x)) - f(x)|| / ||f(x)|| of its layer with the
     calibrated per-tensor quantizer and with min-max ranges per input channel (of the same inputs, per timestep
-    group), on ``n_inputs`` pairs of the teacher's calibration pool."""
+    group), on ``n_inputs`` pairs of the teacher's calibration pool; and where the outliers are: the spread of the
+    channels' ranges (largest max|x| of a channel over the median channel's)."""
     mods = dict(model.named_modules())
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(pool[0]), generator=gen)[:n_inputs]
@@ -151,7 +152,10 @@ def channel_errors(model, quantizer, pool, n_inputs=64, seed=0) -> list:
                 s, z = qparams(v.amin(red, keepdim=True), v.amax(red, keepdim=True), lq.bits, lq.symmetric)
                 xc[sel] = fake_quant(v, s, z, *int_range(lq.bits, lq.symmetric))
             per_channel = float((layer.forward(xc) - ref).norm() / ref.norm())
-            rows.append({"input": n, "op": model.op_type(n), "per_tensor": per_tensor, "per_channel": per_channel})
+            amax = xi.abs().amax(tuple(d for d in range(xi.dim()) if d != dim))
+            spread = float(amax.max() / amax.median().clamp_min(1e-12))
+            rows.append({"input": n, "op": model.op_type(n), "per_tensor": per_tensor, "per_channel": per_channel,
+                         "channels": int(amax.numel()), "range_spread": spread})
     return rows
 
 
@@ -404,6 +408,7 @@ def run_w4a4(cfg, device, studies=("damage", "ablation"), force=False, progress=
     pool = pipeline.shared(c, lambda: ensure_pool(c, model, sha, device, progress))
     if "damage" in studies:
         out["damage"] = run_damage(cfg, c, model, sha, 4, device, force, progress)
+    if "damage" in studies or "channels" in studies:  # seconds: no variant is sampled
         ranges = ensure_ranges(c, model, cfg.finetune.range_mode, sha, device, progress)
         names, kept, _, _ = act_layout(c, model)
         q = _quantizer(c, model, ranges, {n: 4 for n in names if n not in kept}, cfg.finetune.range_mode, False)
@@ -475,23 +480,15 @@ def summary_markdown(cfg, done, seconds=None) -> str:
         return (f"{mean_sd(per_seed(r, 'paired_mse_vs_fp32'))} | {mean_sd(per_seed(r, 'clf_fid'))} | "
                 f"{fid / fp_fid:.2f} | {mean_sd(per_seed(r, 'clf_is'))}")
 
+    errs = done.get("channel_errors") or []
     if "damage" in done:
         lines += ["", "## Which 4-bit inputs do the damage", "", *head]
         for _, (label, r) in done["damage"].items():
             lines.append(f"| {label} | {cells(r)} |")
-        errs = done.get("channel_errors") or []
-        if errs:
-            lines += ["", "Relative output error of one layer with its input at 4 bits (64 teacher inputs): the "
-                      "calibrated per-tensor range against min-max ranges per input channel. Median over the inputs "
-                      "of each op type, and the five worst inputs:", "",
-                      "| op type | inputs | per tensor | per channel |", "|---|---:|---:|---:|"]
-            for op in sorted({e["op"] for e in errs}):
-                es = [e for e in errs if e["op"] == op]
-                lines.append(f"| {op} | {len(es)} | {np.median([e['per_tensor'] for e in es]):.3g} | "
-                             f"{np.median([e['per_channel'] for e in es]):.3g} |")
-            lines += ["", "| input | per tensor | per channel |", "|---|---:|---:|"]
-            for e in sorted(errs, key=lambda e: -e["per_tensor"])[:5]:
-                lines.append(f"| `{e['input']}` | {e['per_tensor']:.3g} | {e['per_channel']:.3g} |")
+    elif errs:
+        lines += ["", "## Where the activation outliers are"]
+    if errs:
+            lines += channel_lines(errs)
     if "ablation" in done:
         lines += ["", "## Ablation: one technique at a time", "",
                   "Each row adds one technique to the row above; the verdict compares it with the row above (B − A "
@@ -528,11 +525,32 @@ def summary_markdown(cfg, done, seconds=None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def channel_lines(errs) -> list:
+    """The per-op-type table of ``channel_errors`` (medians; the range spread's largest too) and the worst inputs."""
+    lines = ["", "Relative output error of one layer with its input at 4 bits (64 teacher inputs): the calibrated "
+             "per-tensor range against min-max ranges per input channel; and the range spread, the largest channel's "
+             "max |x| over the median channel's (where the outliers are). Medians over the inputs of each op type, "
+             "and the five worst inputs:", "",
+             "| op type | inputs | per tensor | per channel | range spread (median) | range spread (max) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for op in sorted({e["op"] for e in errs}):
+        es = [e for e in errs if e["op"] == op]
+        spreads = [e["range_spread"] for e in es if "range_spread" in e]
+        sp = f"{np.median(spreads):.3g} | {max(spreads):.3g}" if spreads else "– | –"
+        lines.append(f"| {op} | {len(es)} | {np.median([e['per_tensor'] for e in es]):.3g} | "
+                     f"{np.median([e['per_channel'] for e in es]):.3g} | {sp} |")
+    lines += ["", "| input | per tensor | per channel | range spread |", "|---|---:|---:|---:|"]
+    for e in sorted(errs, key=lambda e: -e["per_tensor"])[:5]:
+        lines.append(f"| `{e['input']}` | {e['per_tensor']:.3g} | {e['per_channel']:.3g} | "
+                     f"{e.get('range_spread', float('nan')):.3g} |")
+    return lines
+
+
 def plot(done, path):
     from .report import per_seed, pyplot, save_figure
 
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.5), squeeze=False)
     ax = axes[0][0]
     if "damage" in done:
         labels = [lab for lab, _ in done["damage"].values()]
@@ -555,6 +573,17 @@ def plot(done, path):
         ax.set_yscale("log")
         ax.set_ylabel("paired MSE vs fp32")
         ax.set_title("W4A4 ablation (cumulative)")
+    ax = axes[0][2]
+    errs = [e for e in done.get("channel_errors") or [] if "range_spread" in e]
+    if errs:
+        ops = sorted({e["op"] for e in errs})
+        for i, op in enumerate(ops):
+            vals = [e["range_spread"] for e in errs if e["op"] == op]
+            ax.scatter(vals, np.full(len(vals), i) + np.linspace(-0.2, 0.2, len(vals)), s=10)
+        ax.set_yticks(range(len(ops)), ops, fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xlabel("range spread: largest channel max|x| / median channel's")
+        ax.set_title("where the activation outliers are (one dot per input)")
     return save_figure(fig, path)
 
 
