@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow  # end to end: scripts on the smoke config
 
 SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
 # one seed, the plain and the full ablation row: every code path, a third of the smoke cost
-SETS = ("--set", "eval.classifier.train_limit=300", "--set", "w4a4.rows=[0,7]", "--set", "finetune.seeds=[0]")
+SETS = ("--set", "eval.classifier.train_limit=300", "--set", "w4a4.rows=[0,7]", "--set", "finetune.seeds=[0]",
+        "--set", "w4a4.ablation=cumulative")
 
 
 @pytest.fixture(scope="module")
@@ -137,11 +138,32 @@ def test_a4_on_average_spends_uniform_a4s_bops_on_the_allowed_bits(w4a4_run):
 
 
 def test_channels_study_alone_writes_the_outlier_table_and_samples_nothing(w4a4_run):
-    """(Last in this file: it rewrites the outputs.) The outlier table alone, no variant sampled."""
+    """(After the tests that read the first run's outputs: it rewrites them.) The outlier table alone, no variant
+    sampled."""
     tmp, _, out = w4a4_run
     p = run("w4a4.py", tmp, *SETS, "--set", "w4a4.studies=[channels]")
     md = (out / "w4a4.md").read_text()
     assert "Where the activation outliers are" in md and "range spread (median)" in md
     assert "Which 4-bit inputs do the damage" not in md
     assert not any(line.startswith("[damage_") and "B of weights" in line for line in p.stdout.splitlines())
+
+
+def test_greedy_ablation_drops_a_technique_that_does_not_help(w4a4_run):
+    """Greedy rows: each technique is tried on the last row that helped (paired MSE on selection noise, decided
+    from the stored files), and a row that did not help is reported but not built on."""
+    tmp, _, out = w4a4_run
+    p = run("w4a4.py", tmp, *SETS, "--set", "w4a4.ablation=greedy", "--set", "w4a4.rows=[0,3,7]",
+            "--set", "w4a4.studies=[ablation]", "--set", "w4a4.select_images=4")
+    decisions = [line for line in p.stdout.splitlines() if line.startswith("[w4a4] row ")]
+    assert len(decisions) == 3 and "plain rounding" in decisions[0] and "-> kept" in decisions[0]
+    smooth_kept = decisions[1].endswith("kept")
+    last = "w4a4_round_smooth_distill" if smooth_kept else "w4a4_round_distill"
+    assert (out / last / "metrics.json").is_file(), last
+    assert _plan(out / last)["techniques"] == (["smooth", "distill"] if smooth_kept else ["distill"])
+    mses = [float(d.split("selection paired MSE ")[1].split()[0]) for d in decisions]
+    assert smooth_kept == (mses[1] < mses[0])  # kept exactly when it lowered the damage of the row it tried
+    md = (out / "w4a4.md").read_text()
+    assert "built on" in md and "selection noise" in md
+    assert "| 3 | smooth | rounding |" in md and ("| 7 | distill | rounding + smooth |" if smooth_kept
+                                                 else "| 7 | distill | rounding |") in md
 

@@ -160,9 +160,31 @@ def channel_errors(model, quantizer, pool, n_inputs=64, seed=0) -> list:
 
 
 # ----------------------------------------------------------------------------- the ablation
-def row_techniques(k: int) -> tuple:
-    """The techniques of ablation row k (0 = plain rounding): the first k of ``TECHNIQUES``."""
-    return TECHNIQUES[:k]
+def technique_variant(techniques) -> str:
+    return "w4a4_" + "_".join(("round",) + tuple(techniques))
+
+
+def selection_damage(c, variant: str, reference: torch.Tensor, n: int, device) -> float:
+    """Paired MSE on the [0, 1] scale of ``variant`` (rebuilt from its stored files) against the fp32 samples
+    ``reference`` on ``n`` images of selection noise (``finetune.calib_seed + 1``: never an evaluation seed), so
+    the greedy ablation decides on noise it is not judged on."""
+    from ..quant.container import load_quantized
+
+    folder = evaluate.variant_dir(c, variant)
+    qmodel, _ = load_quantized(os.path.join(folder, "quantized.safetensors"), device)
+    load_act_quant(os.path.join(folder, "act_quant.safetensors"))[0].attach(qmodel)
+    x = _selection_samples(c, qmodel, n, device)
+    return float(((x - reference) ** 2).mean())
+
+
+def _selection_samples(c, model, n, device):
+    from ..diffusion.samplers import sample
+
+    sampler = build_sampler(c.sample, NoiseSchedule.from_config(c.diffusion))
+    shape = (c.model.in_channels, c.data.image_size, c.data.image_size)
+    x = sample(model, sampler, n, shape, c.finetune.calib_seed + 1, min(n, c.sample.batch_size), device,
+               progress=False)
+    return (x.clamp(-1, 1) + 1) / 2
 
 
 def transformed_model(c, model, techniques, pool, device, rank: int, smooth_samples: int, progress=True):
@@ -346,19 +368,23 @@ def cached_distill(cfg, c, teacher, transformed, ranges, pool, token: bool, sha:
     return stored, q, info
 
 
-def ablation_variant(k: int) -> str:
-    return "w4a4_" + "_".join(("round",) + row_techniques(k))
-
-
 def run_ablation(cfg, c, model, sha, pool, device, rows=None, rank=8, force=False, progress=True) -> dict:
-    """Ablation rows 0..len(TECHNIQUES) (or ``rows``): {variant: (techniques, metrics)}."""
+    """Ablation rows 0..len(TECHNIQUES) (or ``rows``): row 0 plain rounding, row k adds ``TECHNIQUES[k-1]`` to
+    the row it is built on: the row above (``w4a4.ablation: cumulative``), or the last row whose technique
+    lowered the paired MSE on selection noise (``greedy``: a technique that does not help is tried, reported and
+    dropped, so one harmful technique does not sink the rows after it). {variant: (techniques, metrics, info)}
+    with info: the technique tried, the row it was built on, its selection damage and whether it was kept."""
     mode = cfg.finetune.range_mode
-    names, kept, _, _ = act_layout(c, model)
-    inputs = [n for n in names if n not in kept]
-    done = {}
+    greedy = cfg.w4a4.ablation == "greedy"
+    names, kept_inputs, _, _ = act_layout(c, model)
+    inputs = [n for n in names if n not in kept_inputs]
+    n_sel = cfg.w4a4.select_images
+    reference = _selection_samples(c, model, n_sel, device) if greedy else None
+    done, kept, base, best = {}, (), None, float("inf")
     for k in rows if rows is not None else range(len(TECHNIQUES) + 1):
-        techniques = row_techniques(k)
-        variant = ablation_variant(k)
+        tried = TECHNIQUES[k - 1] if k else None
+        techniques = (kept + (tried,)) if greedy and tried else TECHNIQUES[:k]
+        variant = technique_variant(techniques)
         m, info = transformed_model(c, model, techniques, pool, device, rank, cfg.w4a4.smooth_samples, progress)
         method = "mse" if "ranges" in techniques else "minmax"
         ranges = calibrate(c, m, names, method, 4, mode, device, progress)
@@ -371,8 +397,16 @@ def run_ablation(cfg, c, model, sha, pool, device, rows=None, rank=8, force=Fals
         extra = {"study": "ablation", "row": k, "techniques": list(techniques), "checkpoint_sha256": sha,
                  "range_method": method, "range_mode": mode, "lowrank_rank": rank if "lowrank" in techniques else 0,
                  "transform": json.loads(json.dumps(info, default=str))}
-        done[variant] = (techniques, _evaluate(c, variant, model, stored, q, extra, device, force, progress,
-                                               transformed=m))
+        result = _evaluate(c, variant, model, stored, q, extra, device, force, progress, transformed=m)
+        row = {"row": k, "tried": tried, "base": base, "selection_mse": None, "kept": True}
+        if greedy:
+            row["selection_mse"] = selection_damage(c, variant, reference, n_sel, device)
+            row["kept"] = tried is None or row["selection_mse"] < best
+            print(f"[w4a4] row {k} ({tried or 'plain rounding'}): selection paired MSE {row['selection_mse']:.4g} "
+                  f"on {n_sel} images -> {'kept' if row['kept'] else 'dropped'}")
+        if row["kept"]:
+            kept, base, best = techniques, variant, row["selection_mse"] if greedy else best
+        done[variant] = (techniques, result, row)
     return done
 
 
@@ -437,7 +471,7 @@ def _variants(done):
     out = [("reference", "fp32", "fp32", done["fp32"])]
     for v, (label, r) in done.get("damage", {}).items():
         out.append(("damage", v, label, r))
-    for v, (techniques, r) in done.get("ablation", {}).items():
+    for v, (techniques, r, _) in done.get("ablation", {}).items():
         out.append(("ablation", v, " + ".join(("rounding",) + tuple(techniques)), r))
     for v, (plan, r) in done.get("average", {}).items():
         out.append(("average", v, AVERAGE_LABELS[plan], r))
@@ -490,19 +524,29 @@ def summary_markdown(cfg, done, seconds=None) -> str:
     if errs:
             lines += channel_lines(errs)
     if "ablation" in done:
+        greedy = any(row["selection_mse"] is not None for _, _, row in done["ablation"].values())
+        rule = (f"the last row whose technique lowered the paired MSE on {cfg.w4a4.select_images} images of selection "
+                f"noise (seed finetune.calib_seed + 1, not an evaluation seed): a technique that did not is tried, "
+                f"reported and dropped" if greedy else "the row above")
         lines += ["", "## Ablation: one technique at a time", "",
-                  "Each row adds one technique to the row above; the verdict compares it with the row above (B − A "
-                  "of paired per-seed values, a two-sided paired t-test, Holm-corrected over the column).", "",
-                  "| row | adds | weights MB | paired MSE | clf-FID | clf-FID / fp32 | clf-IS | "
-                  "paired MSE vs row above |",
-                  "|---:|---|---:|---:|---:|---:|---:|---|"]
-        ablation = list(done["ablation"].values())
-        diffs = [per_seed(r, "paired_mse_vs_fp32") - per_seed(prev, "paired_mse_vs_fp32")
-                 for (_, prev), (_, r) in zip(ablation[:-1], ablation[1:], strict=True)]
-        verdicts = ["–"] + verdict_cells(diffs, [("above", "this")] * len(diffs))
-        for (techniques, r), verdict in zip(ablation, verdicts, strict=True):
-            lines.append(f"| {len(techniques)} | {techniques[-1] if techniques else 'plain rounding'} | "
-                         f"{r['size_bytes'] / 1e6:.3f} | {cells(r)} | {verdict} |")
+                  f"Each row adds one technique to the row it is built on: {rule}. The verdict compares it with "
+                  "that row (B − A of paired per-seed values, a two-sided paired t-test, Holm-corrected over the "
+                  "column).", "",
+                  "| row | adds | built on | selection MSE | kept | weights MB | paired MSE | clf-FID | "
+                  "clf-FID / fp32 | clf-IS | paired MSE vs the row built on |",
+                  "|---:|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
+        ablation = done["ablation"]
+        pairs = [(v, row["base"]) for v, (_, _, row) in ablation.items() if row["base"] in ablation]
+        diffs = [per_seed(ablation[v][1], "paired_mse_vs_fp32") - per_seed(ablation[b][1], "paired_mse_vs_fp32")
+                 for v, b in pairs]
+        verdicts = dict(zip([v for v, _ in pairs], verdict_cells(diffs, [("base", "this")] * len(diffs)),
+                            strict=True))
+        for v, (_, r, row) in ablation.items():
+            sel = f"{row['selection_mse']:.4g}" if row["selection_mse"] is not None else "–"
+            base = " + ".join(("rounding",) + tuple(ablation[row["base"]][0])) if row["base"] in ablation else "–"
+            lines.append(f"| {row['row']} | {row['tried'] or 'plain rounding'} | {base} | {sel} | "
+                         f"{'yes' if row['kept'] else 'no'} | {r['size_bytes'] / 1e6:.3f} | {cells(r)} | "
+                         f"{verdicts.get(v, '–')} |")
         lines += ["", holm_note(tested(diffs))]
     if "average" in done:
         uni = done["average"]["w4a4_average_uniform"][1]
@@ -563,16 +607,16 @@ def plot(done, path):
         ax.set_title("W4A4: A4 on all but one group (orange) / one group alone (blue)")
     ax = axes[0][1]
     if "ablation" in done:
-        names = ["rounding"] + [t[-1] for t, _ in list(done["ablation"].values())[1:]]
+        names = [row["tried"] or "rounding" for _, _, row in done["ablation"].values()]
         for key, color in (("paired_mse_vs_fp32", "C0"),):
-            vals = [float(np.nanmean(per_seed(r, key))) for _, r in done["ablation"].values()]
-            errs = [float(np.nanstd(per_seed(r, key))) for _, r in done["ablation"].values()]
+            vals = [float(np.nanmean(per_seed(r, key))) for _, r, _ in done["ablation"].values()]
+            errs = [float(np.nanstd(per_seed(r, key))) for _, r, _ in done["ablation"].values()]
             ax.errorbar(range(len(vals)), vals, yerr=errs, marker="o", color=color, capsize=3)
         ax.set_xticks(range(len(names)), ["+ " + n if i else n for i, n in enumerate(names)], rotation=30,
                       fontsize=7)
         ax.set_yscale("log")
         ax.set_ylabel("paired MSE vs fp32")
-        ax.set_title("W4A4 ablation (cumulative)")
+        ax.set_title("W4A4 ablation (each row: + its technique on the row it is built on)")
     ax = axes[0][2]
     errs = [e for e in done.get("channel_errors") or [] if "range_spread" in e]
     if errs:
