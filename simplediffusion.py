@@ -41,8 +41,10 @@ def main():
                                                recompute=args.recompute_fisher or args.retrain, force=args.force,
                                                progress=progress)
         print(report.fisher_table(fisher))
-        if distributed.is_main():  # where the sensitivity sits by what a tensor does, over every conv / linear
-            every = act_pipeline.ensure_weight_fisher(cfg, model, ckpt_path, fisher, device, progress)
+        # where the sensitivity sits by what a tensor does, over every conv / linear (rank 0 computes, others reuse)
+        every = pipeline.shared(cfg, lambda: act_pipeline.ensure_weight_fisher(cfg, model, ckpt_path, fisher, device,
+                                                                               progress))
+        if distributed.is_main():
             print(f"Fisher by op type ({len(every['diag'])} conv / linear weights):\n"
                   + report.fisher_op_table(every, model.op_type))
         plots = f"{run_dir(cfg)}/plots"
