@@ -296,7 +296,7 @@ def test_two_ranks_train_the_same_step_as_one(tmp_path, data_root, monkeypatch):
     b["config"]["train"]["max_steps"], b["total_steps"], b["finished"] = 2, 2, False
     b["training_inputs"], b["fingerprint"] = training_inputs(two_steps), fingerprint(training_inputs(two_steps))
     for f in path.parent.iterdir():  # an interrupted training leaves only its checkpoint
-        f.unlink()
+        shutil.rmtree(f) if f.is_dir() else f.unlink()
     torch.save(b, path)
     resumed, _ = recorded(tmp_path, 1, "t2", "--set", "train.max_steps=2", "--resume")
     assert len(resumed) == 1
