@@ -339,36 +339,37 @@ def distill(cfg, c, teacher, transformed, ranges, pool, token: bool, device, pro
                        "last_loss": float(np.mean(losses[-kk:])) if losses else None}
 
 
-def cached_distill(cfg, c, teacher, transformed, ranges, pool, token: bool, sha: str, before: str, device,
+def cached_distill(cfg, c, teacher, transformed, ranges, pool, token: bool, ckpt_path: str, before: str, device,
                    progress=True):
     """``distill``, computed once: its result (stored entries, activation quantizer, info) is cached in the
-    comparison's baseline folder, keyed on everything it depends on: the checkpoint, the calibration pool, the
-    student it starts from (``before``: the digest of the transformed model's stored weights and calibrated
-    quantizer), per-token attention and the distillation settings. A rerun of ``make finetune`` then re-samples
-    nothing and re-trains nothing; a changed setting trains again."""
+    comparison's baseline folder, bound to the checkpoint (``storage.save_for_checkpoint``) and keyed on
+    everything else it depends on: the calibration pool, the student it starts from (``before``: the digest of the
+    transformed model's stored weights and calibrated quantizer), per-token attention and the distillation
+    settings. A rerun of ``make finetune`` then re-trains nothing; a changed setting trains again."""
     from .finetune import pool_inputs
 
     ft = cfg.finetune
-    inputs = {"checkpoint_sha256": sha, "pool": pool_inputs(c, sha), "before": before, "token": token,
+    sha = storage.sha256_file(ckpt_path)
+    inputs = {"pool": pool_inputs(c, sha), "before": before, "token": token,
               "w4a4": {k: getattr(cfg.w4a4, k) for k in ("distill_steps", "distill_lr", "scale_lr", "onpolicy_every",
                                                          "onpolicy_images")},
               "finetune": {"batch_size": ft.batch_size, "step_lr": ft.step_lr}, "device": str(device)}
-    key = storage.fingerprint(inputs)
-    path = os.path.join(storage.baseline_dir(c), f"distill_{key[:16]}")
-    art = storage.load_cache(path + ".pt", "the distillation")
-    if art is not None and art.get("fingerprint") == key and os.path.exists(path + "_act.safetensors"):
+    path = os.path.join(storage.baseline_dir(c), f"distill_{storage.fingerprint(inputs)}")
+    art = storage.reusable_artifact(path + ".pt", ckpt_path, inputs)
+    if art is not None and os.path.exists(path + "_act.safetensors"):
         q, _ = load_act_quant(path + "_act.safetensors")
         if stored_digest(art["stored"]) == art["stored_digest"] and quantizer_digest(q) == art["q_digest"]:
             print(f"[w4a4] reusing the distillation {path}.pt")
             return art["stored"], q, art["info"]
     stored, q, info = distill(cfg, c, teacher, transformed, ranges, pool, token, device, progress)
-    save_act_quant(q, path + "_act.safetensors", {"what": "w4a4 distillation cache", "fingerprint": key})
-    storage.atomic_torch_save({"fingerprint": key, "inputs": inputs, "stored": stored, "info": info,
-                               "stored_digest": stored_digest(stored), "q_digest": quantizer_digest(q)}, path + ".pt")
+    save_act_quant(q, path + "_act.safetensors", {"what": "w4a4 distillation cache"})
+    storage.save_for_checkpoint({"meta": {"inputs": inputs}, "stored": stored, "info": info,
+                                 "stored_digest": stored_digest(stored), "q_digest": quantizer_digest(q)},
+                                path + ".pt", ckpt_path)
     return stored, q, info
 
 
-def run_ablation(cfg, c, model, sha, pool, device, rows=None, rank=8, force=False, progress=True) -> dict:
+def run_ablation(cfg, c, model, ckpt_path, sha, pool, device, rows=None, rank=8, force=False, progress=True) -> dict:
     """Ablation rows 0..len(TECHNIQUES) (or ``rows``): row 0 plain rounding, row k adds ``TECHNIQUES[k-1]`` to
     the row it is built on: the row above (``w4a4.ablation: cumulative``), or the last row whose technique
     lowered the paired MSE on selection noise (``greedy``: a technique that does not help is tried, reported and
@@ -392,8 +393,8 @@ def run_ablation(cfg, c, model, sha, pool, device, rows=None, rank=8, force=Fals
         stored = stored_entries(c, m, 4)
         if "distill" in techniques:
             before = stored_digest(stored) + quantizer_digest(q)
-            stored, q, info["distill"] = cached_distill(cfg, c, model, m, ranges, pool, "token" in techniques, sha,
-                                                        before, device, progress)
+            stored, q, info["distill"] = cached_distill(cfg, c, model, m, ranges, pool, "token" in techniques,
+                                                        ckpt_path, before, device, progress)
         extra = {"study": "ablation", "row": k, "techniques": list(techniques), "checkpoint_sha256": sha,
                  "range_method": method, "range_mode": mode, "lowrank_rank": rank if "lowrank" in techniques else 0,
                  "transform": json.loads(json.dumps(info, default=str))}
@@ -448,7 +449,7 @@ def run_w4a4(cfg, device, studies=("damage", "ablation"), force=False, progress=
         q = _quantizer(c, model, ranges, {n: 4 for n in names if n not in kept}, cfg.finetune.range_mode, False)
         out["channel_errors"] = channel_errors(model, q, pool)
     if "ablation" in studies:
-        out["ablation"] = run_ablation(cfg, c, model, sha, pool, device, rows=cfg.w4a4.rows,
+        out["ablation"] = run_ablation(cfg, c, model, ckpt_path, sha, pool, device, rows=cfg.w4a4.rows,
                                        rank=cfg.w4a4.lowrank_rank, force=force, progress=progress)
     if "average" in studies:
         out["average"] = run_average(cfg, c, model, ckpt_path, fisher, device, force, progress)
