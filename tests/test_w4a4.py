@@ -146,6 +146,8 @@ def test_channels_study_alone_writes_the_outlier_table_and_samples_nothing(w4a4_
     assert "Where the activation outliers are" in md and "range spread (median)" in md
     assert "Which 4-bit inputs do the damage" not in md
     assert not any(line.startswith("[damage_") and "B of weights" in line for line in p.stdout.splitlines())
+    assert not any(line.startswith("[fp32]") for line in p.stdout.splitlines())  # not even the reference
+    assert "fp32: clf-FID" not in md
 
 
 def test_greedy_ablation_drops_a_technique_that_does_not_help(w4a4_run):

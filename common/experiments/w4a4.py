@@ -439,7 +439,9 @@ def run_w4a4(cfg, device, studies=("damage", "ablation"), force=False, progress=
     c = finetune_config(cfg)
     model, ckpt_path, fisher = pipeline.load_artifacts(cfg, device, force=False, progress=progress)
     sha = fisher["meta"]["checkpoint_sha256"]
-    out = {"fp32": pipeline.evaluate_fp32(c, model, ckpt_path, device, force, progress)}
+    out = {}
+    if {"damage", "ablation", "average"} & set(studies):  # the reference of every sampled variant
+        out["fp32"] = pipeline.evaluate_fp32(c, model, ckpt_path, device, force, progress)
     pool = pipeline.shared(c, lambda: ensure_pool(c, model, sha, device, progress))
     if "damage" in studies:
         out["damage"] = run_damage(cfg, c, model, sha, 4, device, force, progress)
@@ -469,7 +471,7 @@ def w4a4_dir(cfg) -> str:
 
 def _variants(done):
     """(study, variant, label, metrics) of every evaluated variant."""
-    out = [("reference", "fp32", "fp32", done["fp32"])]
+    out = [("reference", "fp32", "fp32", done["fp32"])] if "fp32" in done else []
     for v, (label, r) in done.get("damage", {}).items():
         out.append(("damage", v, label, r))
     for v, (techniques, r, _) in done.get("ablation", {}).items():
@@ -500,15 +502,16 @@ def summary_markdown(cfg, done, seconds=None) -> str:
     from .statistics import holm_note, tested, verdict_cells
 
     ft = cfg.finetune
-    ref = done["fp32"]
-    fp_fid = float(np.nanmean(per_seed(ref, "clf_fid")))
     head = ("| variant | paired MSE | clf-FID | clf-FID / fp32 | clf-IS |", "|---|---:|---:|---:|---:|")
     lines = [f"# W4A4: where the damage comes from, what each technique buys (`{w4a4_dir(cfg)}`)", "",
              f"{ft.n_images} images per seed × seeds {ft.seeds}, paired noise; weights: every conv / linear but the "
              f"first and last layer in 4-bit codes per output channel (those {cfg.lowbit.keep_format}); activations: "
              f"{ft.range_mode} ranges calibrated on {cfg.act_quant.calib_images} trajectories from seed "
-             f"{cfg.act_quant.calib_seed}." + (f" This invocation: {seconds / 60:.1f} min." if seconds else ""), "",
-             f"fp32: clf-FID {mean_sd(per_seed(ref, 'clf_fid'))}, clf-IS {mean_sd(per_seed(ref, 'clf_is'))}."]
+             f"{cfg.act_quant.calib_seed}." + (f" This invocation: {seconds / 60:.1f} min." if seconds else "")]
+    if "fp32" in done:
+        ref = done["fp32"]
+        fp_fid = float(np.nanmean(per_seed(ref, "clf_fid")))
+        lines += ["", f"fp32: clf-FID {mean_sd(per_seed(ref, 'clf_fid'))}, clf-IS {mean_sd(per_seed(ref, 'clf_is'))}."]
 
     def cells(r):
         fid = float(np.nanmean(per_seed(r, "clf_fid")))
@@ -523,9 +526,9 @@ def summary_markdown(cfg, done, seconds=None) -> str:
     elif errs:
         lines += ["", "## Where the activation outliers are"]
     if errs:
-            lines += channel_lines(errs)
+        lines += channel_lines(errs)
     if "ablation" in done:
-        greedy = any(row["selection_mse"] is not None for _, _, row in done["ablation"].values())
+        greedy = cfg.w4a4.ablation == "greedy"
         rule = (f"the last row whose technique lowered the paired MSE on {cfg.w4a4.select_images} images of selection "
                 f"noise (seed finetune.calib_seed + 1, not an evaluation seed): a technique that did not is tried, "
                 f"reported and dropped" if greedy else "the row above")
@@ -580,14 +583,14 @@ def channel_lines(errs) -> list:
              "|---|---:|---:|---:|---:|---:|"]
     for op in sorted({e["op"] for e in errs}):
         es = [e for e in errs if e["op"] == op]
-        spreads = [e["range_spread"] for e in es if "range_spread" in e]
-        sp = f"{np.median(spreads):.3g} | {max(spreads):.3g}" if spreads else "– | –"
+        spreads = [e["range_spread"] for e in es]
         lines.append(f"| {op} | {len(es)} | {np.median([e['per_tensor'] for e in es]):.3g} | "
-                     f"{np.median([e['per_channel'] for e in es]):.3g} | {sp} |")
+                     f"{np.median([e['per_channel'] for e in es]):.3g} | {np.median(spreads):.3g} | "
+                     f"{max(spreads):.3g} |")
     lines += ["", "| input | per tensor | per channel | range spread |", "|---|---:|---:|---:|"]
     for e in sorted(errs, key=lambda e: -e["per_tensor"])[:5]:
         lines.append(f"| `{e['input']}` | {e['per_tensor']:.3g} | {e['per_channel']:.3g} | "
-                     f"{e.get('range_spread', float('nan')):.3g} |")
+                     f"{e['range_spread']:.3g} |")
     return lines
 
 
@@ -619,7 +622,7 @@ def plot(done, path):
         ax.set_ylabel("paired MSE vs fp32")
         ax.set_title("W4A4 ablation (each row: + its technique on the row it is built on)")
     ax = axes[0][2]
-    errs = [e for e in done.get("channel_errors") or [] if "range_spread" in e]
+    errs = done.get("channel_errors") or []
     if errs:
         ops = sorted({e["op"] for e in errs})
         for i, op in enumerate(ops):
