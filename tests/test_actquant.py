@@ -22,6 +22,7 @@ from common.quant.activations import (
     load_act_quant,
     qparams,
     quantizable_modules,
+    quantizer_digest,
     save_act_quant,
     token_fake_quant,
 )
@@ -62,6 +63,31 @@ def test_enough_bits_reproduce_the_input_and_fewer_bits_err_by_at_most_half_a_st
     assert fake_quant(torch.zeros(3), scale, zp, qmin, qmax).abs().max() == 0
     assert fake_quant(torch.tensor([100.0]), scale, zp, qmin, qmax).item() == pytest.approx(
         float((qmax - zp) * scale))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_bits_per_timestep_group_quantize_each_sample_at_its_groups_bits(tmp_path, symmetric):
+    """A LayerQuant with ``group_bits``: each sample is quantized exactly as a one-group quantizer at its group's
+    bits would (per tensor and per token), and the file keeps the widths (older files: none)."""
+    ranges = torch.tensor([[[-1.0, 2.0]], [[-0.5, 3.0]], [[-2.0, 1.0]]])
+    gen = torch.Generator().manual_seed(0)
+    group = torch.tensor([0, 1, 2, 2, 1, 0])
+    for granularity, x in (("tensor", torch.randn(6, 4, 5, 5, generator=gen)),
+                           ("token", torch.randn(6, 7, 16, generator=gen))):
+        lq = LayerQuant.from_ranges(ranges, [3, 8, 4], symmetric, granularity)
+        assert lq.bits == 8 and lq.group_bits == (3, 8, 4)
+        y = lq.apply(x, group)
+        for i, g in enumerate(group.tolist()):
+            one = LayerQuant.from_ranges(ranges[g:g + 1], [3, 8, 4][g], symmetric, granularity)
+            assert torch.equal(y[i:i + 1], one.apply(x[i:i + 1], torch.tensor([0]))), (granularity, i)
+    q = ActQuantizer({"a": LayerQuant.from_ranges(ranges, [3, 8, 4], symmetric),
+                      "b": LayerQuant.from_ranges(ranges, 6, symmetric)}, 3, 1000)
+    save_act_quant(q, str(tmp_path / "q.safetensors"), {})
+    back, _ = load_act_quant(str(tmp_path / "q.safetensors"))
+    assert back.layers["a"].group_bits == (3, 8, 4) and back.layers["b"].group_bits is None
+    assert quantizer_digest(back) == quantizer_digest(q)
+    with pytest.raises(ValueError, match="2 bit widths for 3 timestep groups"):
+        LayerQuant.from_ranges(ranges, [4, 4], symmetric)
 
 
 def test_split_ranges_quantize_each_part_with_its_own_scale():
@@ -111,6 +137,20 @@ def test_calibrated_ranges_cover_the_calibration_activations(unet, method):
                     total += vals.numel()
     if method == "percentile":
         assert 0 < outside / total < 0.05  # clipped the 1% tails (estimated from a subsample)
+
+
+def test_mse_ranges_per_input_bits_are_each_inputs_own_search(unet):
+    """``mse_bits`` as {name: bits} (A4 on average with least-MSE ranges): each input's range is the one a
+    search at its own bits finds, from the same recorded values (the subsample draws do not depend on bits)."""
+    cfg, model, schedule = unet
+    sampler = DDIMSampler(schedule, 4)
+    names = ["shallow_conv", "late_conv"]
+    args = (model, sampler, names, (1, 32, 32), 2, sampler.timesteps, 2, "mse")
+    kw = dict(seed=3, batch_size=2, progress=False, values_per_call=512)
+    mixed = collect_ranges(*args, mse_bits={"shallow_conv": 2, "late_conv": 8}, **kw)
+    at2, at8 = collect_ranges(*args, mse_bits=2, **kw), collect_ranges(*args, mse_bits=8, **kw)
+    assert torch.equal(mixed["shallow_conv"], at2["shallow_conv"]) and torch.equal(mixed["late_conv"], at8["late_conv"])
+    assert not torch.equal(at2["late_conv"], at8["late_conv"])  # the bits matter: 2-bit ranges clip more
 
 
 def test_a_timestep_group_without_calibration_data_is_an_error(unet):

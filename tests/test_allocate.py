@@ -18,6 +18,7 @@ from common.quant.allocate import (
     InfeasibleBudgetError,
     allocate,
     allocate_model,
+    allocate_steps,
     allocate_wa,
     format_bits,
     layer_bops,
@@ -196,3 +197,23 @@ def test_wa_infeasible_budget_names_the_floor():
         allocate_wa(WA, "0.0001GBOPs", 600, 0)
     with pytest.raises(InfeasibleBudgetError, match="add int8 / 16"):
         uniform_wa_choice(WA, 8, 16)
+
+
+def test_step_allocation_spends_the_bops_where_the_steps_reach_the_sample():
+    """``allocate_steps``: bits per input and timestep group within the same BOPs; a group that carries most of
+    the final sample's sensitivity gets more bits, the others fewer; a kept input keeps its bits; equal shares
+    and equal step fractions give every group the same bits (the per-input problem, split in parts)."""
+    choice = {"a": ("int4", 4), "b": ("int4", 4), "end": ("fp32", None)}
+    macs = {"a": 1000, "b": 3000, "end": 50}
+    a_cost = {n: {3: 8.0 * k, 4: 2.0 * k, 6: 0.5 * k, 8: 0.1 * k} for n, k in (("a", 1.0), ("b", 2.0))}
+    limit = sum(m * 4 * 4 for n, m in macs.items() if n != "end") + macs["end"] * 32 * 32
+    out, info = allocate_steps(choice, macs, a_cost, [3, 4, 6, 8], [0.25] * 4, [0.05, 0.85, 0.05, 0.05], limit)
+    assert out["end"] == ("fp32", None) and info["bops"] <= limit
+    for n in ("a", "b"):
+        f, bits = out[n]
+        assert f == "int4" and len(bits) == 4
+        assert bits[1] == max(bits) > min(bits)  # the decisive group gets the most
+    spent = sum(macs[n] * 0.25 * 4 * b for n in ("a", "b") for b in out[n][1]) + macs["end"] * 32 * 32
+    assert spent == info["bops"]
+    even, _ = allocate_steps(choice, macs, a_cost, [3, 4, 6, 8], [0.25] * 4, [0.25] * 4, limit)
+    assert all(len(set(even[n][1])) == 1 for n in ("a", "b"))

@@ -133,8 +133,18 @@ def test_a4_on_average_spends_uniform_a4s_bops_on_the_allowed_bits(w4a4_run):
         assert {n: lq.bits for n, lq in q.layers.items() if n in mods and mods[n]["a_bits"]} == {
             n: m["a_bits"] for n, m in mods.items() if m["a_bits"]}, name  # the stored quantizer is the plan
     assert {m["a_bits"] for n, m in plans["uniform"]["modules"].items()} - {cfg.act_quant.keep_bits} == {4}
+    # per sampler-step group: bits per (input, timestep group) from the same menu within the same BOPs, as stored
+    steps = _plan(out / "w4a4_average_fisher_steps")
+    assert steps["bops"] <= uniform_bops and steps["allocation"]["steps"]["limits"]["bops"] == uniform_bops
+    groups = len(steps["group_sensitivity_shares"])
+    assert groups > 1 and abs(sum(steps["group_sensitivity_shares"]) - 1) < 1e-6
+    lists = {n: m["a_bits"] for n, m in steps["modules"].items() if isinstance(m["a_bits"], list)}
+    assert lists and all(len(b) == groups and set(b) <= allowed for b in lists.values())
+    q, _ = load_act_quant(str(out / "w4a4_average_fisher_steps" / "act_quant.safetensors"))
+    assert {n: list(q.layers[n].group_bits) for n in lists} == lists
     md = (out / "w4a4.md").read_text()
     assert "Uniform A4 and A4 on average" in md and "A4 on average, bits by the activation Fisher" in md
+    assert "MAC-weighted activation bits per timestep group" in md
 
 
 def test_channels_study_alone_writes_the_outlier_table_and_samples_nothing(w4a4_run):
@@ -169,3 +179,24 @@ def test_greedy_ablation_drops_a_technique_that_does_not_help(w4a4_run):
     assert "| 3 | smooth | rounding |" in md and ("| 7 | distill | rounding + smooth |" if smooth_kept
                                                  else "| 7 | distill | rounding |") in md
 
+
+
+def test_a4_on_average_on_the_ablations_techniques_keeps_the_plain_allocation(w4a4_run):
+    """(Rewrites w4a4.md.) ``w4a4.average_on``: the same per-input bits as plain rounding's plan, on the
+    techniques' model (per-token attention quantizers, least-MSE ranges at each input's bits), reported beside
+    uniform A4 on the same techniques."""
+    from common.quant.activations import load_act_quant
+
+    tmp, _, out = w4a4_run
+    p = run("w4a4.py", tmp, *SETS, "--set", "w4a4.studies=[average]", "--set", "w4a4.average_on=['ranges+token']")
+    assert "[w4a4_average_fisher] reusing" not in p.stdout  # the plain rows are not this invocation's
+    plain = _plan(out / "w4a4_average_fisher")["modules"]
+    stacked = _plan(out / "w4a4_average_fisher_ranges_token")
+    assert stacked["techniques"] == ["ranges", "token"] and stacked["range_method"] == "mse"
+    assert stacked["a_bits_by_input"] == {n: m["a_bits"] for n, m in plain.items() if n in stacked["a_bits_by_input"]}
+    q, _ = load_act_quant(str(out / "w4a4_average_fisher_ranges_token" / "act_quant.safetensors"))
+    assert {n: lq.bits for n, lq in q.layers.items() if n in stacked["a_bits_by_input"]} == stacked["a_bits_by_input"]
+    assert any(lq.granularity == "token" for lq in q.layers.values())
+    md = (out / "w4a4.md").read_text()
+    assert "A4 on average, bits by the activation Fisher, on rounding + ranges + token" in md
+    assert md.count("vs uniform A4") == 1 and "| uniform A4 (every allocatable input at 4 bits), on rounding + " in md

@@ -202,3 +202,25 @@ def test_rotation_is_exact_spreads_an_outlier_and_round_trips(tmp_path, config):
     assert blob["arch"]["extras"]["rotate"] == blocks
     with torch.no_grad():
         torch.testing.assert_close(again(x, t), model(x, t), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["smoke.yaml", "smoke_dit.yaml"])
+def test_rounded_weights_are_the_parameters_stored_entries(name):
+    """``w4a4.rounded_weights`` (plain rounding, every damage variant) is ``stored_entries`` over the parameters:
+    bit-identical to its former own loop (RULE weights int4, the ends in keep_format, the rest fp32)."""
+    from common.experiments import lowbit
+    from common.experiments.w4a4 import rounded_weights, stored_entries
+    from common.quant.eligibility import eligible_names, end_convs
+    from common.quant.formats import channel_axes
+
+    cfg, model = _net(name)
+    got = rounded_weights(cfg, model, 4)
+    axes, quantized, ends = channel_axes(model), set(eligible_names(model, lowbit.RULE)), set(end_convs(model))
+    assert quantized and ends
+    for n, p in model.named_parameters():
+        fmt = "int4" if n in quantized else cfg.lowbit.keep_format if n in ends else "fp32"
+        want = quantize_tensor(p, fmt, axes[n]) if fmt != "fp32" else {"format": "fp32", "data": p.detach()}
+        assert got[n].keys() == want.keys() and got[n]["format"] == fmt, n
+        assert all(torch.equal(got[n][k], v) if torch.is_tensor(v) else got[n][k] == v for k, v in want.items()), n
+    assert got.keys() == dict(model.named_parameters()).keys()
+    assert set(stored_entries(cfg, model, 4)) >= set(got)  # the whole state dict: buffers too

@@ -385,6 +385,16 @@ class FinetuneConfig:
     recon_lambda: float = _spec(0.01, lo=0.0, doc="weight of AdaRound's rounding regulariser (per weight)")
 
 
+def _average_stacks(stacks):
+    usable = ("ranges", "token", "smooth", "rotate", "lowrank", "time_table")  # distillation trains uniform A4
+    for s in stacks:
+        bad = [t for t in s.split("+") if t and t not in usable] if s != "best" else []
+        if bad:
+            return (f"entry {s!r}: unknown technique(s) {bad}; use '', 'best' or techniques from {list(usable)} "
+                    "joined by '+'")
+    return None
+
+
 @dataclass
 class W4A4Config:
     """w4a4.py / make finetune: where uniform W4A4's damage comes from, and what each technique buys (the
@@ -404,6 +414,10 @@ class W4A4Config:
     onpolicy_images: int = _spec(8, lo=1, doc="student trajectories per refresh (every sampler step an input)")
     average_a_bits: list[int] = _spec([3, 4, 6, 8], lo=2, hi=16,
                                       doc="activation bits the A4-on-average plans choose from (4 always included)")
+    average_on: list[str] = _spec([""], check=_average_stacks,
+                                  doc="what the A4-on-average plans are built on, one table block each: '' plain "
+                                  "rounding, 'ranges+token+time_table' (ablation techniques joined by '+'), or "
+                                  "'best': the greedy ablation's kept techniques (needs the ablation study)")
 
 
 @dataclass

@@ -29,13 +29,14 @@ from ..quant.activations import (
     ActQuantizer,
     attention_projections,
     concat_splits,
+    group_of,
     layer_quants,
     load_act_quant,
     quantizable_modules,
     quantizer_digest,
     save_act_quant,
 )
-from ..quant.allocate import allocate_wa, format_bits, layer_bops, uniform_wa_choice
+from ..quant.allocate import allocate_steps, allocate_wa, format_bits, layer_bops, uniform_wa_choice
 from ..quant.calibrate import calibration_timesteps, collect_ranges
 from ..quant.container import QUANTIZED_FILE, arch_record, load_quantized, save_quantized, stored_digest
 from ..quant.formats import Assignment, quantize_model
@@ -229,37 +230,96 @@ def choose(cfg, plan, budget, model, macs, ckpt_path, fisher, imp, device):
     return allocate_wa(layers, budget, total, fixed)
 
 
+# plans that allocate activation bits across timestep groups too: the per-input plan they start from
+STEP_PLANS = {"fisher_steps": "fisher"}
+
+
+def group_step_shares(per_step: dict, groups: int, timesteps: int):
+    """(fractions, shares) per timestep group: the share of the sampler's steps in each group and the summed
+    ``per_step`` share of the final sample's sensitivity ({t: share}, ``importance.chain``) of those steps."""
+    g_of = {t: int(group_of(t, groups, timesteps)) for t in per_step}
+    fractions = [sum(g == k for g in g_of.values()) / len(g_of) for k in range(groups)]
+    shares = [sum(v for t, v in per_step.items() if g_of[t] == k) for k in range(groups)]
+    return fractions, shares
+
+
+def mean_bits(b, fractions):
+    """An input's bits averaged over the sampler's steps (float = 32)."""
+    if isinstance(b, list):
+        return sum(f * x for f, x in zip(fractions, b, strict=True))
+    return b or 32
+
+
+def step_record(choice: dict, macs: dict, info: dict) -> dict:
+    """For a plan with bits per timestep group: its MAC-weighted activation bits in each group (allocated inputs
+    only) beside each group's share of the final sample's sensitivity; {} for any other plan."""
+    steps = info.get("steps")
+    if not steps:
+        return {}
+    per = [(macs[n], b) for n, (_, b) in choice.items() if isinstance(b, list)]
+    total = sum(m for m, _ in per) or 1
+    return {"a_bits_by_group": [sum(m * b[g] for m, b in per) / total for g in range(len(steps["shares"]))],
+            "group_sensitivity_shares": steps["shares"], "group_step_fractions": steps["fractions"]}
+
+
+def plan_choice(cfg, plan, budget, mode, model, ckpt_path, fisher, macs, device, progress=True, per_step=None):
+    """(choice, info, ranges) of ``plan`` at ``budget``: ``choose`` with its cached inputs (the all-weights Fisher,
+    ``mode`` ranges and, but for the uniform plan, the activation importance). A ``STEP_PLANS`` plan re-allocates
+    its per-input plan's activation bits per timestep group of ``mode`` (``quant.allocate.allocate_steps``) by
+    ``per_step`` ({sampler timestep: share of the final sample's sensitivity}), within the same BOPs limit."""
+    sha = fisher["meta"]["checkpoint_sha256"]
+    fisher = ensure_weight_fisher(cfg, model, ckpt_path, fisher, device, progress)
+    ranges = ensure_ranges(cfg, model, mode, sha, device, progress)
+    imp = None if plan == "uniform" else ensure_act_importance(cfg, model, mode, ranges, sha, device, progress)
+    base = STEP_PLANS.get(plan, plan)
+    choice, info = choose(cfg, base, budget, model, macs, ckpt_path, fisher, imp, device)
+    if plan in STEP_PLANS:
+        if not per_step:
+            raise ValueError(f"plan {plan!r} allocates across sampler steps: it needs their sensitivity shares")
+        fractions, shares = group_step_shares(per_step, mode_groups(cfg, mode), cfg.diffusion.timesteps)
+        _, kept, _, _ = act_layout(cfg, model)
+        a_cost = {n: c for n, c in activation_costs(base, imp, cfg.importance.seed).items()
+                  if n not in kept and choice[n][1]}
+        choice, steps = allocate_steps(choice, macs, a_cost, cfg.act_quant.a_bits, fractions, shares,
+                                       info["limits"]["bops"])
+        info = {**info, "bops": steps["bops"], "steps": {**steps, "fractions": fractions, "shares": shares},
+                "choice": {n: list(o) for n, o in choice.items()}}
+    return choice, info, ranges
+
+
 def run_act_variant(cfg, variant, plan, budget, mode, model, ckpt_path, fisher, macs, device, force=False,
-                    progress=True):
+                    progress=True, per_step=None):
     """Quantize weights and activations by ``plan`` at ``budget`` with ``mode`` ranges, save both files,
     rebuild the model from them and evaluate it (metrics.json with w_bits, a_bits, bops). The variant's
     folder is locked throughout, as ``pipeline.run_variant`` locks a weights-only variant."""
     with lock.hold(evaluate.variant_dir(cfg, variant)):
         return _run_act_variant(cfg, variant, plan, budget, mode, model, ckpt_path, fisher, macs, device, force,
-                                progress)
+                                progress, per_step)
 
 
-def _run_act_variant(cfg, variant, plan, budget, mode, model, ckpt_path, fisher, macs, device, force, progress):
+def _run_act_variant(cfg, variant, plan, budget, mode, model, ckpt_path, fisher, macs, device, force, progress,
+                     per_step=None):
     aq = cfg.act_quant
     sha = fisher["meta"]["checkpoint_sha256"]
-    fisher = ensure_weight_fisher(cfg, model, ckpt_path, fisher, device, progress)
-    ranges = ensure_ranges(cfg, model, mode, sha, device, progress)
-    imp = None if plan == "uniform" else ensure_act_importance(cfg, model, mode, ranges, sha, device, progress)
-    choice, info = choose(cfg, plan, budget, model, macs, ckpt_path, fisher, imp, device)
+    choice, info, ranges = plan_choice(cfg, plan, budget, mode, model, ckpt_path, fisher, macs, device, progress,
+                                       per_step)
     _, stored = quantize_model(model, {f"{n}.weight": Assignment(f) for n, (f, _) in choice.items() if f != "fp32"})
     q = act_quantizer(cfg, model, ranges, {n: b for n, (_, b) in choice.items()}, mode)
     total_macs = sum(macs.values())
-    a_bits = sum(macs[n] * (b or 32) for n, (_, b) in choice.items()) / total_macs  # MAC-weighted, float = 32
+    fractions = info.get("steps", {}).get("fractions")
+    bits = {n: mean_bits(b, fractions) for n, (_, b) in choice.items()}  # over the sampler's steps, float = 32
+    a_bits = sum(macs[n] * bits[n] for n in choice) / total_macs  # MAC-weighted
     extra = {"strategy": "act_quant", "plan": plan, "budget": budget, "range_mode": mode,
              "checkpoint_sha256": sha,
              "quantized_weights": "every conv / linear weight" + (" but the first and last conv's"
                                                                   if aq.keep_first_last else ""),
              "w_bits": info["avg_bits"], "a_bits": a_bits,
              "bops": int(info["bops"]), "gbops": info["bops"] / 1e9, "macs": total_macs,
-             "bops_unit": "bit-operations per U-Net evaluation (MACs x w_bits x a_bits, float = 32 bits)"}
+             "bops_unit": "bit-operations per U-Net evaluation (MACs x w_bits x a_bits, float = 32 bits)",
+             **step_record(choice, macs, info)}
     provenance = {"plan": plan, "budget": budget, "range_mode": mode, "checkpoint_sha256": sha,
                   "ranges": range_inputs(cfg, mode, sha), "act_quant": to_dict(aq)}
-    per_module = {n: {"w_format": f, "a_bits": b, "macs": macs[n], "bops": layer_bops(macs[n], f, b)}
+    per_module = {n: {"w_format": f, "a_bits": b, "macs": macs[n], "bops": layer_bops(macs[n], f, bits[n])}
                   for n, (f, b) in choice.items()}
     print(f"[{variant}] {extra['gbops']:.4g} GBOPs, {extra['w_bits']:.2f} bits/weight, "
           f"{extra['a_bits']:.2f} bits/activation (MAC-weighted)")

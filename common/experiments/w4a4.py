@@ -38,7 +38,17 @@ from ..quant.container import arch_record, stored_digest
 from ..quant.eligibility import eligible_names, end_convs
 from ..quant.formats import channel_axes, dequantize_tensor, quantize_tensor
 from . import lowbit, pipeline
-from .act_pipeline import act_layout, act_quantizer, ensure_ranges, mode_groups, run_act_variant, save_and_evaluate
+from .act_pipeline import (
+    act_layout,
+    act_quantizer,
+    ensure_ranges,
+    mean_bits,
+    mode_groups,
+    plan_choice,
+    run_act_variant,
+    save_and_evaluate,
+    step_record,
+)
 
 # the techniques of the ablation, in the order the rows add them
 TECHNIQUES = ("ranges", "token", "smooth", "rotate", "lowrank", "time_table", "distill")
@@ -58,19 +68,9 @@ def input_group(model, name: str, splits: dict) -> str:
 
 def rounded_weights(c, model, w_bits: int) -> dict:
     """Stored entries of plain W-bit rounding: every ``lowbit.RULE`` weight in int<w_bits> per output channel,
-    the two ends in ``lowbit.keep_format``, the rest fp32 (as ``make finetune``'s ``none`` method stores them)."""
-    params, axes = dict(model.named_parameters()), channel_axes(model)
-    quantized = set(eligible_names(model, lowbit.RULE))
-    ends = set(end_convs(model))
-    stored = {}
-    for n, p in params.items():
-        if n in quantized:
-            stored[n] = quantize_tensor(p, f"int{w_bits}", axes[n])
-        elif n in ends:
-            stored[n] = quantize_tensor(p, c.lowbit.keep_format, axes[n])
-        else:
-            stored[n] = {"format": "fp32", "data": p.detach().cpu().clone()}
-    return stored
+    the two ends in ``lowbit.keep_format``, the rest fp32 (as ``make finetune``'s ``none`` method stores them):
+    ``stored_entries`` over the parameters alone (buffers are rebuilt by the model, not stored)."""
+    return stored_entries(c, model, w_bits, dict(model.named_parameters()))
 
 
 def _evaluate(c, variant, model, stored, quantizer, extra, device, force, progress, transformed=None):
@@ -234,10 +234,11 @@ def transformed_model(c, model, techniques, pool, device, rank: int, smooth_samp
     return m.eval().requires_grad_(False), info
 
 
-def stored_entries(c, transformed, w_bits: int) -> dict:
+def stored_entries(c, transformed, w_bits: int, state=None) -> dict:
     """What the transformed model stores: its quantized layers' (residual) weights in int<w_bits>, the ends in
-    ``keep_format``, low-rank factors / run-time divisors / time rows in 16 bits, everything else fp32."""
-    state = transformed.state_dict()
+    ``keep_format``, low-rank factors / run-time divisors / time rows in 16 bits, everything else fp32; of
+    ``state`` (default: the whole state dict)."""
+    state = transformed.state_dict() if state is None else state
     params, axes = dict(transformed.named_parameters()), channel_axes(transformed)
     quantized = {n for n in eligible_names(transformed, lowbit.RULE) if ".lowrank." not in n}
     ends = set(end_convs(transformed))
@@ -412,23 +413,85 @@ def run_ablation(cfg, c, model, ckpt_path, sha, pool, device, rows=None, rank=8,
 
 
 # ----------------------------------------------------------------------------- A4 on average
-AVERAGE_PLANS = ("uniform", "fisher", "random")
+AVERAGE_PLANS = ("uniform", "fisher", "random", "fisher_steps")
 
 
-def run_average(cfg, c, model, ckpt_path, fisher, device, force=False, progress=True) -> dict:
+def average_stacks(cfg, ablation=None) -> list:
+    """The technique tuples ``w4a4.average_on`` names ('best': the greedy ablation's last kept row)."""
+    out = []
+    for entry in cfg.w4a4.average_on:
+        if entry == "best":
+            if not ablation:
+                raise ValueError("w4a4.average_on: 'best' needs the ablation study in w4a4.studies")
+            kept = [techniques for techniques, _, row in ablation.values() if row["kept"]]
+            out.append(tuple(t for t in kept[-1] if t != "distill"))
+        else:
+            out.append(tuple(t for t in entry.split("+") if t))
+    return list(dict.fromkeys(out))
+
+
+def average_variant(plan: str, techniques) -> str:
+    return "_".join(("w4a4_average", plan) + tuple(techniques))
+
+
+def run_average(cfg, c, model, ckpt_path, fisher, pool, device, ablation=None, force=False, progress=True) -> dict:
     """*A4 on average* beside *uniform A4*: every quantized weight in int4 (the ends as ``act_quant`` keeps them),
     activation bits from ``w4a4.average_a_bits`` chosen per input by the exact allocator under the BOPs of uniform
     W4A4 (``act_pipeline``: the activation Fisher's estimated loss, or random scores as the control), and the
-    uniform A4 plan of the same pipeline as the reference. {variant: (plan, metrics)}."""
+    uniform A4 plan of the same pipeline as the reference; on plain rounding, or on the ablation's techniques
+    (``w4a4.average_on``: the same allocation, the techniques' model, ranges at each input's bits).
+    {variant: (plan, techniques, metrics)}."""
     c2 = copy.deepcopy(c)
     c2.act_quant.w_formats = ["int4"]
     c2.act_quant.a_bits = sorted(set(cfg.w4a4.average_a_bits) | {4})
     macs = unet_macs(model, (c.model.in_channels, c.data.image_size, c.data.image_size))
+    # the sampler steps' shares of the final sample's sensitivity: the chain-aware Fisher of make lowbit (cached)
+    per_step = lowbit.ensure_chain(cfg, model, eligible_names(model, lowbit.RULE), ckpt_path, progress,
+                                   device)["per_step"]
+    done = {}
+    for techniques in average_stacks(cfg, ablation):
+        if not techniques:
+            for plan in AVERAGE_PLANS:
+                variant = average_variant(plan, ())
+                done[variant] = (plan, (), run_act_variant(c2, variant, plan, "W4A4", cfg.finetune.range_mode, model,
+                                                           ckpt_path, fisher, macs, device, force, progress, per_step))
+            continue
+        done.update(_average_on(cfg, c, c2, model, ckpt_path, fisher, pool, techniques, macs, per_step, device, force,
+                                progress))
+    return done
+
+
+def _average_on(cfg, c, c2, model, ckpt_path, fisher, pool, techniques, macs, per_step, device, force,
+                progress) -> dict:
+    """The A4-on-average plans (and uniform A4) on the ablation's ``techniques``: the allocation of plain
+    rounding's plan (the same BOPs), stored and run through the transformed model as the ablation row is."""
+    mode = cfg.finetune.range_mode
+    sha = fisher["meta"]["checkpoint_sha256"]
+    names, kept_inputs, _, _ = act_layout(c, model)
+    m, tinfo = transformed_model(c, model, techniques, pool, device, cfg.w4a4.lowrank_rank, cfg.w4a4.smooth_samples,
+                                 progress)
+    stored = stored_entries(c, m, 4)
+    method = "mse" if "ranges" in techniques else "minmax"
+    total_macs = sum(macs.values())
     done = {}
     for plan in AVERAGE_PLANS:
-        variant = f"w4a4_average_{plan}"
-        done[variant] = (plan, run_act_variant(c2, variant, plan, "W4A4", cfg.finetune.range_mode, model, ckpt_path,
-                                               fisher, macs, device, force, progress))
+        variant = average_variant(plan, techniques)
+        choice, info, _ = plan_choice(c2, plan, "W4A4", mode, model, ckpt_path, fisher, macs, device, progress,
+                                      per_step)
+        bits = {n: b for n, (_, b) in choice.items() if n not in kept_inputs}
+        ranges = calibrate(c, m, names, method, bits, mode, device, progress)
+        q = _quantizer(c, m, ranges, bits, mode, token="token" in techniques)
+        fractions = info.get("steps", {}).get("fractions")
+        a_bits = sum(macs[n] * mean_bits(b, fractions) for n, (_, b) in choice.items()) / total_macs
+        extra = {"study": "average", "plan": plan, "techniques": list(techniques), "checkpoint_sha256": sha,
+                 "range_method": method, "range_mode": mode, "a_bits": a_bits, "bops": int(info["bops"]),
+                 "gbops": info["bops"] / 1e9, "a_bits_by_input": bits, **step_record(choice, macs, info),
+                 "lowrank_rank": cfg.w4a4.lowrank_rank if "lowrank" in techniques else 0,
+                 "transform": json.loads(json.dumps(tinfo, default=str))}
+        print(f"[{variant}] {extra['gbops']:.4g} GBOPs, {a_bits:.2f} bits/activation (MAC-weighted) on "
+              f"{' + '.join(('rounding',) + techniques)}")
+        done[variant] = (plan, techniques, _evaluate(c, variant, model, stored, q, extra, device, force, progress,
+                                                     transformed=m))
     return done
 
 
@@ -454,7 +517,8 @@ def run_w4a4(cfg, device, studies=("damage", "ablation"), force=False, progress=
         out["ablation"] = run_ablation(cfg, c, model, ckpt_path, sha, pool, device, rows=cfg.w4a4.rows,
                                        rank=cfg.w4a4.lowrank_rank, force=force, progress=progress)
     if "average" in studies:
-        out["average"] = run_average(cfg, c, model, ckpt_path, fisher, device, force, progress)
+        out["average"] = run_average(cfg, c, model, ckpt_path, fisher, pool, device, out.get("ablation"), force,
+                                     progress)
     return out
 
 
@@ -476,13 +540,18 @@ def _variants(done):
         out.append(("damage", v, label, r))
     for v, (techniques, r, _) in done.get("ablation", {}).items():
         out.append(("ablation", v, " + ".join(("rounding",) + tuple(techniques)), r))
-    for v, (plan, r) in done.get("average", {}).items():
-        out.append(("average", v, AVERAGE_LABELS[plan], r))
+    for v, (plan, techniques, r) in done.get("average", {}).items():
+        out.append(("average", v, average_label(plan, techniques), r))
     return out
 
 
 AVERAGE_LABELS = {"uniform": "uniform A4 (every allocatable input at 4 bits)",
-                  "fisher": "A4 on average, bits by the activation Fisher", "random": "A4 on average, random bits"}
+                  "fisher": "A4 on average, bits by the activation Fisher", "random": "A4 on average, random bits",
+                  "fisher_steps": "A4 on average, bits by the activation Fisher per input and sampler-step group"}
+
+
+def average_label(plan: str, techniques) -> str:
+    return AVERAGE_LABELS[plan] + (f", on rounding + {' + '.join(techniques)}" if techniques else "")
 
 
 def rows(done) -> list:
@@ -553,22 +622,31 @@ def summary_markdown(cfg, done, seconds=None) -> str:
                          f"{verdicts.get(v, '–')} |")
         lines += ["", holm_note(tested(diffs))]
     if "average" in done:
-        uni = done["average"]["w4a4_average_uniform"][1]
         lines += ["", "## Uniform A4 and A4 on average", "",
                   f"Every quantized weight in int4; activation bits per input from {sorted(cfg.w4a4.average_a_bits)} "
                   "chosen by the exact allocator within the BOPs of uniform W4A4 (the first and last layer's inputs "
-                  "as `act_quant` keeps them). Verdicts: B − A of paired per-seed values against uniform A4, a "
-                  "two-sided paired t-test, Holm-corrected over the column.", "",
+                  "as `act_quant` keeps them), on plain rounding or on the ablation's techniques (the same "
+                  "allocation; ranges searched at each input's bits). Verdicts: B − A of paired per-seed values "
+                  "against uniform A4 on the same techniques, a two-sided paired t-test, Holm-corrected over the "
+                  "column.", "",
                   "| plan | a-bits (MAC-weighted) | GBOPs | paired MSE | clf-FID | clf-FID / fp32 | clf-IS | "
                   "paired MSE vs uniform A4 |", "|---|---:|---:|---:|---:|---:|---:|---|"]
-        others = [(p, r) for p, r in done["average"].values() if p != "uniform"]
-        diffs = [per_seed(r, "paired_mse_vs_fp32") - per_seed(uni, "paired_mse_vs_fp32") for _, r in others]
-        verdicts = dict(zip([p for p, _ in others], verdict_cells(diffs, [("uniform A4", "this")] * len(diffs)),
+        average = done["average"]
+        uniform = {techniques: r for plan, techniques, r in average.values() if plan == "uniform"}
+        others = [(v, r, uniform[t]) for v, (p, t, r) in average.items() if p != "uniform" and t in uniform]
+        diffs = [per_seed(r, "paired_mse_vs_fp32") - per_seed(u, "paired_mse_vs_fp32") for _, r, u in others]
+        verdicts = dict(zip([v for v, _, _ in others], verdict_cells(diffs, [("uniform A4", "this")] * len(diffs)),
                             strict=True))
-        for plan, r in done["average"].values():
-            lines.append(f"| {AVERAGE_LABELS[plan]} | {r.get('a_bits', float('nan')):.2f} | "
-                         f"{r.get('gbops', float('nan')):.4g} | {cells(r)} | {verdicts.get(plan, '–')} |")
+        for v, (plan, techniques, r) in average.items():
+            lines.append(f"| {average_label(plan, techniques)} | {r.get('a_bits', float('nan')):.2f} | "
+                         f"{r.get('gbops', float('nan')):.4g} | {cells(r)} | {verdicts.get(v, '–')} |")
         lines += ["", holm_note(tested(diffs))]
+        for plan, techniques, r in average.values():
+            if r.get("a_bits_by_group"):
+                lines += ["", f"{average_label(plan, techniques)}: MAC-weighted activation bits per timestep group "
+                          "(t ascending) " + ", ".join(f"{b:.2f}" for b in r["a_bits_by_group"]) + "; the groups' "
+                          "shares of the final sample's sensitivity (chain-aware Fisher) " +
+                          ", ".join(f"{x:.2f}" for x in r["group_sensitivity_shares"]) + "."]
     lines += ["", "![w4a4](w4a4.png)"]
     return "\n".join(lines) + "\n"
 

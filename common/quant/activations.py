@@ -30,12 +30,12 @@ QUANTIZABLE = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
 FILE_FORMAT, FILE_VERSION = "laqfi-act-quant", "1"
 
 
-def int_range(bits: int, symmetric: bool):
-    """(qmin, qmax) of the integer codes."""
+def int_range(bits, symmetric: bool):
+    """(qmin, qmax) of the integer codes (``bits`` an int, or a tensor of them: tensors of ranges)."""
     if symmetric:
         q = 2 ** (bits - 1) - 1
         return -q, q
-    return 0, 2 ** bits - 1
+    return (0 * bits if torch.is_tensor(bits) else 0), 2 ** bits - 1  # clamp takes two numbers or two tensors
 
 
 def qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool):
@@ -59,8 +59,9 @@ def fake_quant(x, scale, zero_point, qmin: int, qmax: int):
     return (torch.clamp(torch.round(x / scale) + z, qmin, qmax) - z) * scale
 
 
-def token_fake_quant(x, bits: int, symmetric: bool):
-    """Dynamic per-token quantization: each row of the last dimension uses the range of its own values."""
+def token_fake_quant(x, bits, symmetric: bool):
+    """Dynamic per-token quantization: each row of the last dimension uses the range of its own values
+    (``bits`` an int, or a tensor broadcasting against x's rows: bits per sample)."""
     scale, zp = qparams(x.amin(-1, keepdim=True), x.amax(-1, keepdim=True), bits, symmetric)
     return fake_quant(x, scale, zp, *int_range(bits, symmetric))
 
@@ -70,7 +71,9 @@ class LayerQuant:
     """How one module's input is quantized.
 
     ``scale``/``zero_point``: (G, P) per timestep group and channel part (None when per token);
-    ``split``: the channel where the second part starts (None: one part).
+    ``split``: the channel where the second part starts (None: one part); ``group_bits``: bits per timestep
+    group (activation bits allocated across sampler steps), then ``bits`` is their largest; None: ``bits`` in
+    every group.
     """
     bits: int
     symmetric: bool = False
@@ -78,22 +81,36 @@ class LayerQuant:
     split: int | None = None
     scale: torch.Tensor | None = None
     zero_point: torch.Tensor | None = None
+    group_bits: tuple | None = None
 
     @classmethod
     def from_ranges(cls, ranges, bits, symmetric=False, granularity="tensor", split=None):
-        """From calibrated ranges (G, P, 2) = lo, hi per group and part (unused when per token)."""
+        """From calibrated ranges (G, P, 2) = lo, hi per group and part (unused when per token); ``bits`` an int
+        or one per timestep group."""
+        group_bits = None
+        if isinstance(bits, (list, tuple)):
+            if len(bits) != ranges.shape[0]:
+                raise ValueError(f"{len(bits)} bit widths for {ranges.shape[0]} timestep groups")
+            group_bits, bits = tuple(int(b) for b in bits), max(int(b) for b in bits)
         if granularity == "token":
-            return cls(bits, symmetric, "token", split)
-        scale, zp = qparams(ranges[..., 0], ranges[..., 1], bits, symmetric)
-        return cls(bits, symmetric, "tensor", split, scale, zp)
+            return cls(bits, symmetric, "token", split, group_bits=group_bits)
+        b = bits if group_bits is None else torch.tensor(group_bits).view(-1, *([1] * (ranges.dim() - 2)))
+        scale, zp = qparams(ranges[..., 0], ranges[..., 1], b, symmetric)
+        return cls(bits, symmetric, "tensor", split, scale, zp, group_bits)
+
+    def sample_bits(self, group, shape):
+        """The bits of each sample (its timestep group's), shaped to broadcast; ``bits`` without group bits."""
+        if self.group_bits is None:
+            return self.bits
+        return torch.tensor(self.group_bits, device=group.device)[group].view(shape)
 
     def apply(self, x, group):
         """Fake-quantize x: conv input (B, C, H, W) or linear input (B, [L,] C); ``group`` (B,) long selects
         each sample's parameters."""
-        if self.granularity == "token":
-            return token_fake_quant(x, self.bits, self.symmetric)
-        qmin, qmax = int_range(self.bits, self.symmetric)
         shape = (-1,) + (1,) * (x.dim() - 1)  # per sample, broadcast over the rest
+        if self.granularity == "token":
+            return token_fake_quant(x, self.sample_bits(group, shape), self.symmetric)
+        qmin, qmax = int_range(self.sample_bits(group, shape), self.symmetric)
         s, z = self.scale[group], self.zero_point[group]  # (B, P)
         if self.split is None:
             return fake_quant(x, s[:, 0].view(shape), z[:, 0].view(shape), qmin, qmax)
@@ -202,8 +219,11 @@ def build_quantizer(ranges: dict, bits: dict, groups: int, timesteps: int, symme
 # ----------------------------------------------------------------------------- file
 def _layer_meta(lq: LayerQuant) -> dict:
     qmin, qmax = int_range(lq.bits, lq.symmetric)
-    return {"bits": lq.bits, "symmetric": lq.symmetric, "granularity": lq.granularity, "split": lq.split,
+    meta = {"bits": lq.bits, "symmetric": lq.symmetric, "granularity": lq.granularity, "split": lq.split,
             "qmin": qmin, "qmax": qmax}
+    if lq.group_bits is not None:  # only then: files without per-step bits stay byte-identical
+        meta["group_bits"] = list(lq.group_bits)
+    return meta
 
 
 # Every key starts with "act." / "act_" so the file can be merged into a variant's weight file as it is.
@@ -237,7 +257,9 @@ def save_act_quant(q: ActQuantizer, path: str, provenance: dict):
     granularity / split / qmin / qmax), ``act_groups``, ``act_timesteps``, ``act_group_edges``,
     ``act_softmax_bits``, ``act_provenance`` and ``act_format`` / ``act_version``.
     A sample of timestep t uses row t * groups // timesteps; code = clamp(round(x / scale) + zero_point,
-    qmin, qmax), value = (code - zero_point) * scale; split modules use part 0 for channels [0, split)."""
+    qmin, qmax), value = (code - zero_point) * scale; split modules use part 0 for channels [0, split). A module
+    with bits per timestep group has ``group_bits`` in its layer entry: group g's codes use [qmin, qmax] of
+    group_bits[g] (``bits`` / ``qmin`` / ``qmax`` are then its largest width's)."""
     atomic_save_safetensors(_file_tensors(q), path, {**_file_metadata(q), "act_provenance": json.dumps(provenance)})
 
 
@@ -254,7 +276,11 @@ def load_act_quant(path: str):
     groups = int(meta["act_groups"])
     layers = {}
     for name, m in json.loads(meta["act_layers"]).items():
-        lq = LayerQuant(m["bits"], m["symmetric"], m["granularity"], m["split"])
+        group_bits = m.get("group_bits")
+        if group_bits is not None and len(group_bits) != groups:
+            raise ValueError(f"{path}: {name} has {len(group_bits)} group bit widths for {groups} timestep groups")
+        lq = LayerQuant(m["bits"], m["symmetric"], m["granularity"], m["split"],
+                        group_bits=None if group_bits is None else tuple(group_bits))
         if lq.granularity == "tensor":
             parts = 1 if lq.split is None else 2
             for key in ("scale", "zero_point"):

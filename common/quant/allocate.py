@@ -138,22 +138,23 @@ def uniform_wa_choice(layers: dict, w: int, a: int) -> dict:
     return out
 
 
-def allocate_wa(layers: dict, budget: str, total_params: int, fixed_bits: int):
+def allocate_wa(layers: dict, budget: str, total_params: int, fixed_bits: int, bops_limit=None):
     """Exact choice of one (weight format, activation bits) per module minimising the summed estimated
     loss increase, weight cost + activation cost (taken as additive, as second-order estimates of
     independent perturbations are), within ``budget`` in BOPs and/or stored size.
 
     layers: {module: {"macs": MACs per evaluation, "w": {format: (cost, stored bits)}, "a": {bits: cost}}};
     a module whose weight stays fp32 has w = {"fp32": (0, bits)}, one whose input stays float a = {None: 0}.
-    fixed_bits: stored bits of the parameters outside the layers' weights (biases, norms). Returns
-    ({module: (format, a_bits)}, info).
+    fixed_bits: stored bits of the parameters outside the layers' weights (biases, norms); bops_limit: the BOPs
+    limit itself, in place of ``budget``'s (which then only names it). Returns ({module: (format, a_bits)}, info).
     """
     opts = {n: [(f, a) for f in layer["w"] for a in layer["a"]] for n, layer in layers.items()}
     cost = {n: {o: layers[n]["w"][o[0]][0] + layers[n]["a"][o[1]] for o in opts[n]} for n in layers}
     res = {"bops": {n: {o: layer_bops(layers[n]["macs"], *o) for o in opts[n]} for n in layers},
            "bits": {n: {o: layers[n]["w"][o[0]][1] for o in opts[n]} for n in layers}}
-    limits = {}
-    for (kind, value), raw in zip(parse_wa_budget(budget), str(budget).split("&"), strict=True):
+    limits = {} if bops_limit is None else {"bops": float(bops_limit)}
+    for (kind, value), raw in zip(parse_wa_budget(budget) if bops_limit is None else [], str(budget).split("&"),
+                                  strict=bops_limit is None):
         if kind == "wa":
             uniform = uniform_wa_choice(layers, *value)
             limits["bops"] = sum(res["bops"][n][o] for n, o in uniform.items())
@@ -176,3 +177,27 @@ def allocate_wa(layers: dict, budget: str, total_params: int, fixed_bits: int):
                     "bits_used": int(used_bits), "avg_bits": used_bits / total_params, "budget": budget,
                     "limits": {k: float(v) for k, v in limits.items()}, "solver": SOLVER, "status": status,
                     "choice": {n: list(o) for n, o in chosen.items()}}
+
+
+def allocate_steps(choice: dict, macs: dict, a_cost: dict, a_options, fractions, shares, bops_limit: float):
+    """Activation bits per module *and timestep group* within ``bops_limit`` (BOPs per network evaluation,
+    averaged over the sampler's steps), the weights as ``choice`` {module: (format, a_bits)} has them.
+
+    fractions[g]: the share of the sampler's steps in group g; shares[g]: the share of the final sample's
+    sensitivity to a noise-prediction error in those steps (the chain-aware Fisher's ``per_step``). A module's
+    input at b bits in group g costs shares[g] * a_cost[module][b] (its error weighted by how much that group's
+    steps reach x_0) and spends macs * fractions[g] * w_bits * b BOPs; modules without ``a_cost`` (inputs kept
+    float) keep their bits. Returns ({module: (format, [bits per group] or the kept bits)}, info)."""
+    units = {}
+    for n, (f, b) in choice.items():
+        if b is None or n not in a_cost:
+            units[n] = {"macs": macs[n], "w": {f: (0.0, 0)}, "a": {b: 0.0}}
+            continue
+        for g, (frac, share) in enumerate(zip(fractions, shares, strict=True)):
+            units[f"{n}@{g}"] = {"macs": macs[n] * frac, "w": {f: (0.0, 0)},
+                                 "a": {a: share * a_cost[n][a] for a in a_options}}
+    chosen, info = allocate_wa(units, f"{bops_limit / 1e9:.6g} GBOPs", 1, 0, bops_limit=bops_limit)
+    out = {n: (f, [chosen[f"{n}@{g}"][1] for g in range(len(fractions))] if f"{n}@0" in chosen else b)
+           for n, (f, b) in choice.items()}
+    return out, {k: info[k] for k in ("objective", "bops", "limits", "solver", "status")}
+

@@ -55,7 +55,9 @@ def collect_ranges(model, sampler, names, shape, n_images: int, timesteps, group
     """Ranges {name: (G, P, 2) float32 [lo, hi]} of the inputs of modules ``names`` of ``model``.
 
     shape: one image (C, H, W); timesteps: the sampler timesteps to record at; splits: {name: channel}
-    where a module's input is split into two parts. Raises ValueError if a timestep group gets no data.
+    where a module's input is split into two parts; mse_bits: the bits the ``mse`` ranges are searched for, one
+    for every input or {name: bits or [bits per timestep group]} (an input without bits: 16). Raises
+    ValueError if a timestep group gets no data.
     """
     if method not in ("minmax", "percentile", "mse"):
         raise ValueError(f"range method must be 'minmax', 'percentile' or 'mse', got {method!r}")
@@ -110,7 +112,9 @@ def collect_ranges(model, sampler, names, shape, n_images: int, timesteps, group
         elif method == "mse":
             for g in range(groups):
                 for p in range(parts[n]):
-                    r[g, p] = torch.tensor(mse_range(torch.cat(kept[n][g][p]), mse_bits))
+                    bits = mse_bits.get(n) or 16 if isinstance(mse_bits, dict) else mse_bits
+                    bits = bits[g] if isinstance(bits, (list, tuple)) else bits  # bits per timestep group
+                    r[g, p] = torch.tensor(mse_range(torch.cat(kept[n][g][p]), bits))
         out[n] = r
     return out
 

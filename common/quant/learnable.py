@@ -94,6 +94,8 @@ class LearnedActQuant(nn.Module):
         super().__init__()
         if lq.granularity != "tensor":
             raise ValueError("LSQ steps are learned for per-tensor ranges, not per-token ones")
+        if lq.group_bits is not None:
+            raise ValueError("LSQ steps are learned at one bit width per input, not bits per timestep group")
         self.bits, self.symmetric, self.split = lq.bits, lq.symmetric, lq.split
         self.step = nn.Parameter(lq.scale.detach().clone().float())  # (G, P)
         self.register_buffer("zero_point", lq.zero_point.detach().clone())
