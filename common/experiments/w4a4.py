@@ -582,6 +582,13 @@ def summary_markdown(cfg, done, seconds=None) -> str:
         fp_fid = float(np.nanmean(per_seed(ref, "clf_fid")))
         lines += ["", f"fp32: clf-FID {mean_sd(per_seed(ref, 'clf_fid'))}, clf-IS {mean_sd(per_seed(ref, 'clf_is'))}."]
 
+    def against(pairs, reference: str):
+        """({variant: paired-MSE verdict against its reference row}, the differences): ``pairs`` of (variant,
+        its metrics, the reference's), tested together (Holm over the column)."""
+        diffs = [per_seed(r, "paired_mse_vs_fp32") - per_seed(ref, "paired_mse_vs_fp32") for _, r, ref in pairs]
+        cells_ = verdict_cells(diffs, [(reference, "this")] * len(diffs))
+        return dict(zip([v for v, _, _ in pairs], cells_, strict=True)), diffs
+
     def cells(r):
         fid = float(np.nanmean(per_seed(r, "clf_fid")))
         return (f"{mean_sd(per_seed(r, 'paired_mse_vs_fp32'))} | {mean_sd(per_seed(r, 'clf_fid'))} | "
@@ -609,11 +616,8 @@ def summary_markdown(cfg, done, seconds=None) -> str:
                   "clf-FID / fp32 | clf-IS | paired MSE vs the row built on |",
                   "|---:|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
         ablation = done["ablation"]
-        pairs = [(v, row["base"]) for v, (_, _, row) in ablation.items() if row["base"] in ablation]
-        diffs = [per_seed(ablation[v][1], "paired_mse_vs_fp32") - per_seed(ablation[b][1], "paired_mse_vs_fp32")
-                 for v, b in pairs]
-        verdicts = dict(zip([v for v, _ in pairs], verdict_cells(diffs, [("base", "this")] * len(diffs)),
-                            strict=True))
+        verdicts, diffs = against([(v, r, ablation[row["base"]][1]) for v, (_, r, row) in ablation.items()
+                                   if row["base"] in ablation], "base")
         for v, (_, r, row) in ablation.items():
             sel = f"{row['selection_mse']:.4g}" if row["selection_mse"] is not None else "–"
             base = " + ".join(("rounding",) + tuple(ablation[row["base"]][0])) if row["base"] in ablation else "–"
@@ -633,10 +637,8 @@ def summary_markdown(cfg, done, seconds=None) -> str:
                   "paired MSE vs uniform A4 |", "|---|---:|---:|---:|---:|---:|---:|---|"]
         average = done["average"]
         uniform = {techniques: r for plan, techniques, r in average.values() if plan == "uniform"}
-        others = [(v, r, uniform[t]) for v, (p, t, r) in average.items() if p != "uniform" and t in uniform]
-        diffs = [per_seed(r, "paired_mse_vs_fp32") - per_seed(u, "paired_mse_vs_fp32") for _, r, u in others]
-        verdicts = dict(zip([v for v, _, _ in others], verdict_cells(diffs, [("uniform A4", "this")] * len(diffs)),
-                            strict=True))
+        verdicts, diffs = against([(v, r, uniform[t]) for v, (p, t, r) in average.items()
+                                   if p != "uniform" and t in uniform], "uniform A4")
         for v, (plan, techniques, r) in average.items():
             lines.append(f"| {average_label(plan, techniques)} | {r.get('a_bits', float('nan')):.2f} | "
                          f"{r.get('gbops', float('nan')):.4g} | {cells(r)} | {verdicts.get(v, '–')} |")
