@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from common.core.config import load_config
 from common.diffusion.samplers import build_sampler, sample
 from common.diffusion.schedule import NoiseSchedule
 from common.quant import backends
@@ -184,6 +185,36 @@ def test_int8_percentile_ranges_run_the_same_codes(mixed, int8_reference):
         (w.tolist(), s.tolist()) for w, s in _graph_weights(reference.fn)]
     out = sample(runner, sampler, 8, SHAPE, 0, 8, progress=False)
     assert 0 < rel_err(out, ref) < 0.05
+
+
+def test_int8_reduce_range_quantizes_activations_to_7_bits(mixed, int8_reference):
+    """``backend.int8_reduce_range``: every activation quantize op of the graph uses codes 0..127 (8-bit: 0..255),
+    the weight codes stay those of the plan, and the samples stay close to dequant."""
+    _, qmodel, stored, sampler, ref = mixed
+    reference, calib = int8_reference
+    runner = backends.prepare(qmodel, stored, "int8", calib=calib, compile_model=False, int8_reduce_range=True)
+    assert "activation ranges: histogram, 7-bit codes (reduce_range)" in runner.notes
+
+    def act_qmax(gm):
+        return {n.args[4] for n in gm.graph.nodes
+                if n.target is torch.ops.quantized_decomposed.quantize_per_tensor.default}
+
+    assert act_qmax(runner.fn) == {127} and act_qmax(reference.fn) == {255}
+    assert [(w.tolist(), s.tolist()) for w, s in _graph_weights(runner.fn)] == [
+        (w.tolist(), s.tolist()) for w, s in _graph_weights(reference.fn)]
+    out = sample(runner, sampler, 8, SHAPE, 0, 8, progress=False)
+    assert 0 < rel_err(out, ref) < 0.05
+
+
+def test_int8_reduce_range_auto_follows_vnni():
+    """auto: 7-bit codes exactly where the CPU lacks VNNI (its 16-bit pair sums would saturate); explicit values
+    win; a bad value in the YAML is refused by the config loader, naming the key."""
+    assert backends.resolve_reduce_range("auto", {"vnni": False})[0] is True
+    assert backends.resolve_reduce_range("auto", {"vnni": True})[0] is False
+    assert backends.resolve_reduce_range(False, {"vnni": False})[0] is False
+    assert backends.resolve_reduce_range(True, {"vnni": True})[0] is True
+    with pytest.raises(ValueError, match="int8_reduce_range"):
+        load_config("configs/default.yaml", ["backend.int8_reduce_range=sometimes"])
 
 
 @pytest.mark.slow

@@ -304,6 +304,9 @@ class BackendConfig:
     int8_ranges: Literal["histogram", "percentile"] = "histogram"
     int8_percentile: float = _spec(99.99, lo=50.0, lo_open=True, hi=100.0,
                                    doc="int8_ranges: percentile: the upper percentile of each calibration step")
+    # int8: 7-bit activation codes (0..127), so CPUs without VNNI do not saturate the 16-bit pair sums of their
+    # u8*s8 kernels (docs/performance.md: 6.3x lower paired MSE on AVX2); auto: true exactly where there is no VNNI
+    int8_reduce_range: bool | Literal["auto"] = "auto"
 
 
 LOWBIT_PLANS = Literal["uniform", "fisher", "chain_fisher", "fisher_iterative", "learned", "magnitude", "random",

@@ -301,14 +301,25 @@ def _activation_spec(default, ranges: str, percentile: float):
                    observer_or_fake_quant_ctr=_percentile_observer().with_args(percentile=percentile))
 
 
-def _quantizer(plan: Int8Plan, ranges="histogram", percentile=99.99):
+def resolve_reduce_range(setting, cap=None) -> tuple:
+    """(reduce_range, why) for ``backend.int8_reduce_range``: true / false as written; auto -> true exactly where the
+    CPU has no VNNI. Without VNNI, oneDNN's u8*s8 kernels (vpmaddubsw) add pairs of products in saturating 16-bit
+    sums, which 8-bit activation codes overflow; 7-bit codes cannot (127 * 127 * 2 < 32767)."""
+    if setting != "auto":
+        return bool(setting), "as configured"
+    vnni = (cap or machine.capability())["vnni"]
+    return not vnni, "auto: " + ("VNNI here, 8-bit codes" if vnni else "no VNNI here, so 7-bit codes")
+
+
+def _quantizer(plan: Int8Plan, ranges="histogram", percentile=99.99, reduce_range=False):
     from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer,
         get_default_x86_inductor_quantization_config,
     )
 
-    default = get_default_x86_inductor_quantization_config()  # uint8 activations, HistogramObserver
+    # uint8 activations (0..127 with reduce_range), HistogramObserver
+    default = get_default_x86_inductor_quantization_config(reduce_range=reduce_range)
     activation = _activation_spec(default, ranges, percentile)
     observer = _plan_scale_observer()
     quantizer = X86InductorQuantizer()  # no global config: nothing but the modules below is quantized
@@ -341,7 +352,8 @@ def _graph_constants(gm):
     return [t for t in (_attr(gm, target) for target in used) if isinstance(t, torch.Tensor)]
 
 
-def _int8(model, stored, calib, batch_size, compile_model, mixed_bf16=False, ranges="histogram", percentile=99.99):
+def _int8(model, stored, calib, batch_size, compile_model, mixed_bf16=False, ranges="histogram", percentile=99.99,
+          reduce_range=False):
     if not calib:
         raise ValueError("backend 'int8' needs calibration inputs (see calibration_inputs)")
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -355,7 +367,7 @@ def _int8(model, stored, calib, batch_size, compile_model, mixed_bf16=False, ran
     x, t = calib[0]
     batch = torch.export.Dim("batch", min=2)  # the sampler's last batch may be smaller; min 2 avoids 0/1 specialisation
     gm = torch.export.export(net, (x[:2], t[:2]), dynamic_shapes={"x": {0: batch}, "t": {0: batch}}).module()
-    prepared = prepare_pt2e(gm, _quantizer(plan, ranges, percentile))
+    prepared = prepare_pt2e(gm, _quantizer(plan, ranges, percentile, reduce_range))
     with torch.no_grad():
         for xc, tc in calib:
             prepared(xc, tc)
@@ -363,7 +375,8 @@ def _int8(model, stored, calib, batch_size, compile_model, mixed_bf16=False, ran
     resident = tensor_bytes(_graph_constants(converted))
     formats = _formats(model, stored)
     fp32_kept = _keep_fp32(converted, {n for n, f in formats.items() if f == "fp32"}) if mixed_bf16 else set()
-    fn, notes = converted, [f"activation ranges: {ranges}" + (f" {percentile}" if ranges == "percentile" else "")]
+    fn, notes = converted, [f"activation ranges: {ranges}" + (f" {percentile}" if ranges == "percentile" else "")
+                            + (", 7-bit codes (reduce_range)" if reduce_range else "")]
     batch_size = batch_size or len(x)
     if compile_model:
         fn = _frozen(torch.compile(converted))
@@ -467,13 +480,14 @@ def calibration_inputs(model, sampler, n: int, shape, seed: int, steps=None, pro
 
 
 def prepare(model, stored, backend: str, device="cpu", calib=None, batch_size=None, compile_model=None,
-            warmup_shape=None, int8_ranges="histogram", int8_percentile=99.99) -> Runner:
+            warmup_shape=None, int8_ranges="histogram", int8_percentile=99.99, int8_reduce_range=False) -> Runner:
     """Build the ``Runner`` of ``backend`` for ``model`` (fp32, de-quantized values) and its stored entries.
 
     calib: [(x, t), ...] from ``calibration_inputs`` (int8 only). batch_size: the sampling batch (int8
     compiles for it). compile_model: torch.compile (default: True for int8, False otherwise).
     warmup_shape: (B, C, H, W) to run once here, so compilation is timed in ``prepare_seconds``.
-    int8_ranges / int8_percentile: how the int8 backends calibrate activation ranges (``INT8_RANGES``).
+    int8_ranges / int8_percentile: how the int8 backends calibrate activation ranges (``INT8_RANGES``);
+    int8_reduce_range: 7-bit activation codes (``backend.int8_reduce_range``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
@@ -490,7 +504,8 @@ def prepare(model, stored, backend: str, device="cpu", calib=None, batch_size=No
         if torch.device(device).type != "cpu":
             raise ValueError(f"backend {backend!r} runs on the CPU (x86 oneDNN kernels); use --set run.device=cpu")
         runner = _int8(model, stored, calib, batch_size, True if compile_model is None else compile_model,
-                       mixed_bf16=backend == "int8_bf16", ranges=int8_ranges, percentile=int8_percentile)
+                       mixed_bf16=backend == "int8_bf16", ranges=int8_ranges, percentile=int8_percentile,
+                       reduce_range=int8_reduce_range)
     if warmup_shape is not None:
         b = runner.batch_size or warmup_shape[0]
         with torch.inference_mode():
