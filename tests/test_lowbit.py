@@ -517,3 +517,40 @@ def test_verdicts_hold_the_new_plans_against_their_start():
     assert {("learned", "chain_fisher"), ("search", "chain_fisher"), ("jvp", "chain_fisher"), ("jvp", "fisher"),
             ("learned", "fisher"), ("chain_fisher", "fisher")} <= pairs
     assert ("search", "fisher") not in pairs and len(pairs) == len(plans) - 1 + 3 + 3
+
+
+def test_gptq_rounding_table_lowers_output_error_in_its_own_folder(tmp_path):
+    """``lowbit.rounding: gptq``: the table stores GPTQ's entries for every integer format GPTQ covers (same
+    formats, same stored bits), round-to-nearest's elsewhere (codebooks, transposed convs), under
+    runs/<run>/lowbit_gptq/ so no cache of round-to-nearest is reused; the proxy output error is lower."""
+    from common.experiments import lowbit
+    from common.quant import gptq
+    from common.quant.formats import dequantize_tensor
+
+    sets = [f"run.out_dir={tmp_path}/runs", "lowbit.uniform_menu=[int8, int3_g32, int3]",
+            "lowbit.codebook_menu=[int8, km2t]", "lowbit.gptq_images=2", "sample.steps=4"]
+    near = lowbit.lowbit_config(load_config(SMOKE, sets))
+    cfg = lowbit.lowbit_config(load_config(SMOKE, sets + ["lowbit.rounding=gptq"]))
+    assert cfg.run.name.endswith("/lowbit_gptq") and near.run.name.endswith("/lowbit")
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size)
+    table, rtn = lowbit.Table(cfg, model, "0" * 64, progress=False), lowbit.Table(near, model, "0" * 64, progress=False)
+    mods = dict(model.named_modules())
+    layers = [n.removesuffix(".weight") for n in table.names]
+    H = lowbit.layer_hessians(cfg, model, layers, "cpu", progress=False)
+    assert table.bits == rtn.bits and table.fixed == rtn.fixed
+    lower = 0
+    for n in table.names:
+        mod = mods[n.removesuffix(".weight")]
+        for f in table.formats:
+            same = torch.equal(table.values[n][f], rtn.values[n][f])
+            if not gptq.supports(mod, f):
+                assert same, (n, f)
+                continue
+            w = mod.weight.detach().reshape(mod.weight.shape[0], -1)
+            err = [gptq.output_error(w - v[n][f].reshape(w.shape), H[n.removesuffix(".weight")])
+                   for v in (table.values, rtn.values)]
+            lower += err[0] < err[1]
+            assert torch.equal(table.values[n][f], dequantize_tensor(table.entries[n][f]))
+    covered = sum(gptq.supports(mods[n.removesuffix(".weight")], f) for n in table.names for f in table.formats)
+    assert covered and lower >= 0.9 * covered  # GPTQ is greedy: a rare layer may not improve; most must

@@ -15,8 +15,8 @@ from common.quant.formats import int_codes
 pytestmark = pytest.mark.slow  # end to end: scripts on the smoke config
 
 SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
-# one seed, the plain and the full ablation row: every code path, a third of the smoke cost
-SETS = ("--set", "eval.classifier.train_limit=300", "--set", "w4a4.rows=[0,7]", "--set", "finetune.seeds=[0]",
+# one seed, the plain and the full ablation row (GPTQ included): every code path, a third of the smoke cost
+SETS = ("--set", "eval.classifier.train_limit=300", "--set", "w4a4.rows=[0,8]", "--set", "finetune.seeds=[0]",
         "--set", "w4a4.ablation=cumulative")
 
 
@@ -38,7 +38,7 @@ def test_outputs_name_every_variant_and_seed(w4a4_run):
     rows = list(csv.DictReader(open(out / "w4a4.csv")))
     variants = {r["variant"] for r in rows}
     assert {"fp32", "damage_w4", "damage_all", "w4a4_round",
-            "w4a4_round_ranges_token_smooth_rotate_lowrank_time_table_distill"} <= variants
+            "w4a4_round_ranges_token_smooth_rotate_lowrank_time_table_distill_gptq"} <= variants
     assert all(sum(r["variant"] == v for r in rows) == 1 for v in variants)  # finetune.seeds=[0]
     md = (out / "w4a4.md").read_text()
     assert "Which 4-bit inputs do the damage" in md and "one technique at a time" in md
@@ -75,10 +75,13 @@ def test_every_technique_is_stored_and_the_samples_come_from_the_files(w4a4_run)
 
     _, _, out = w4a4_run
     cfg = load_config(SMOKE)
-    vdir = out / "w4a4_round_ranges_token_smooth_rotate_lowrank_time_table_distill"
+    vdir = out / "w4a4_round_ranges_token_smooth_rotate_lowrank_time_table_distill_gptq"
     plan = _plan(vdir)
-    assert plan["techniques"] == ["ranges", "token", "smooth", "rotate", "lowrank", "time_table", "distill"]
+    assert plan["techniques"] == ["ranges", "token", "smooth", "rotate", "lowrank", "time_table", "distill", "gptq"]
     info = plan["transform"]
+    # GPTQ rounded every covered layer (the distillation started from its weights) and lowered their output error
+    assert info["gptq"]["layers"] and info["gptq"]["median_error_ratio"] < 1
+    assert all(v["gptq_error"] >= 0 for v in info["gptq"]["layers"].values())
     assert info["distill"]["steps"] == cfg.w4a4.distill_steps and 0 <= info["distill"]["codes_changed"] <= 1
     tensors = read_quantized(str(vdir / "quantized.safetensors"))["tensors"]
     assert any(".lowrank." in n for n in tensors) and any(n.endswith(".smooth_div") for n in tensors)

@@ -335,6 +335,12 @@ class LowbitConfig:
                                     check=_format_list)
     codebook_menu: list[str] = _spec(["int8", "km4", "km3", "km2"], check=_format_list)
     keep_format: str = _spec("int8", check=_format_name, doc="the first and last conv (all_but_ends rule)")
+    rounding: Literal["nearest", "gptq"] = _spec("nearest", doc="integer formats rounded to nearest, or by GPTQ "
+                                                 "on each layer's inputs (quant.gptq): runs/<run>/lowbit_gptq/")
+    gptq_images: int = _spec(16, lo=1, doc="GPTQ's calibration: sampling trajectories whose every step's layer "
+                             "inputs make each layer's Hessian (also w4a4's gptq row)")
+    gptq_seed: int = 7300        # their noise: not an evaluation or measurement seed
+    gptq_damp: float = _spec(0.01, lo=0.0, lo_open=True, hi=1.0, doc="GPTQ's damping, a fraction of mean(diag H)")
     range_mode: Literal["single", "group"] = "group"
     seeds: list[int] = _spec([0, 1, 2])
     n_images: int = _spec(100, lo=2, doc="images per seed of every variant")
@@ -389,7 +395,7 @@ class FinetuneConfig:
 
 
 def _average_stacks(stacks):
-    usable = ("ranges", "token", "smooth", "rotate", "lowrank", "time_table")  # distillation trains uniform A4
+    usable = ("ranges", "token", "smooth", "rotate", "lowrank", "time_table", "gptq")  # distillation: uniform A4
     for s in stacks:
         bad = [t for t in s.split("+") if t and t not in usable] if s != "best" else []
         if bad:

@@ -29,6 +29,8 @@ import os
 import time
 
 import numpy as np
+import torch
+from tqdm.auto import tqdm
 
 from ..core import distributed, lock, storage
 from ..core.budget import budget_bits, budget_tag, parse_size_at_bits, size_at_bits_tag
@@ -50,7 +52,9 @@ from ..importance.predictor import (
     refit_with_plans,
 )
 from ..importance.weights import costs_from_scores, fisher_distortion_costs, magnitude_scores, random_scores
+from ..quant import gptq
 from ..quant.allocate import InfeasibleBudgetError, allocate, format_bits
+from ..quant.backends import calibration_inputs
 from ..quant.container import arch_record, read_quantized, save_quantized
 from ..quant.eligibility import eligible_names, end_convs
 from ..quant.formats import channel_axes, dequantize_tensor, quantize_tensor
@@ -67,8 +71,9 @@ COLUMNS = ["budget", "quantizer", "plan", "seed", "variant", "avg_bits", "a_bits
 
 
 def lowbit_config(cfg):
-    """``cfg`` with the comparison's sample budget, writing under runs/<run>/lowbit/."""
-    return pipeline.sub_run_config(cfg, "lowbit", cfg.lowbit)
+    """``cfg`` with the comparison's sample budget, writing under runs/<run>/lowbit/ (GPTQ rounding:
+    runs/<run>/lowbit_gptq/, so no cache or variant of one rounding is ever taken for the other's)."""
+    return pipeline.sub_run_config(cfg, "lowbit" if cfg.lowbit.rounding == "nearest" else "lowbit_gptq", cfg.lowbit)
 
 
 def lowbit_dir(cfg) -> str:
@@ -85,7 +90,7 @@ class Table:
     """Every eligible tensor in every format of the menus: stored entries (read back from ``formats.safetensors``),
     their de-quantized values, squared errors and stored bits; the fixed bits of everything else."""
 
-    def __init__(self, cfg, model, sha, progress=True):
+    def __init__(self, cfg, model, sha, progress=True, device="cpu"):
         lb = cfg.lowbit
         self.names = eligible_names(model, RULE)
         self.ends = end_convs(model)
@@ -97,6 +102,9 @@ class Table:
         path = _cache(cfg, "formats.safetensors")
         inputs = {"checkpoint_sha256": sha, "formats": self.formats, "names": self.names, "ends": self.ends,
                   "keep_format": lb.keep_format}
+        if lb.rounding != "nearest":  # absent for round-to-nearest: its cached tables stay valid
+            inputs["rounding"] = {"rule": lb.rounding, "images": lb.gptq_images, "seed": lb.gptq_seed,
+                                  "damp": lb.gptq_damp, "sample": to_dict(cfg.sample)}
         blob = None
         if os.path.exists(path):
             try:
@@ -109,11 +117,15 @@ class Table:
         if blob is None:
             t0 = time.time()
             stored = {f"{n}@{f}": quantize_tensor(params[n], f, axes[n]) for n in self.names for f in self.formats}
+            rounding = {}
+            if lb.rounding == "gptq":
+                entries, rounding["gptq"] = gptq_entries(cfg, model, self.names, self.formats, device, progress)
+                stored.update({f"{n}@{f}": e for (n, f), e in entries.items()})
             stored.update({f"{n}@{lb.keep_format}": quantize_tensor(params[n], lb.keep_format, axes[n])
                            for n in self.ends})
             save_quantized(stored, path, arch_record(cfg),
                            {"inputs": inputs, "what": "every eligible tensor in every format of the menus",
-                            "seconds": round(time.time() - t0, 1)})
+                            "seconds": round(time.time() - t0, 1), **rounding})
             print(f"[lowbit] {len(self.names)} tensors x {len(self.formats)} formats in {time.time() - t0:.0f} s "
                   f"-> {path}")
             blob = read_quantized(path)  # from here on, what the file holds
@@ -147,6 +159,40 @@ class Table:
             else:
                 out[n] = {"format": "fp32", "data": p.detach().cpu().clone()}
         return out
+
+
+def layer_hessians(cfg, model, layers, device, progress=True) -> dict:
+    """{layer: H} (``quant.gptq.collect_hessians``) over the inputs of ``lowbit.gptq_images`` sampling trajectories of
+    ``model`` itself at every sampler step (noise ``lowbit.gptq_seed``): the inputs each layer meets when sampling."""
+    lb = cfg.lowbit
+    sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
+    shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
+    pairs = calibration_inputs(model, sampler, lb.gptq_images, shape, lb.gptq_seed, progress=progress)
+    with torch.no_grad():
+        return gptq.collect_hessians(model, layers, lambda: [model(x.to(device), t.to(device)) for x, t in pairs])
+
+
+def gptq_entries(cfg, model, names, formats, device, progress=True) -> tuple:
+    """({(weight, format): stored entry} by GPTQ for every weight of ``names`` and integer format of ``formats``
+    that GPTQ covers (the others keep round-to-nearest), report): the report gives per format the median ratio of
+    GPTQ's layer output error to round-to-nearest's, and the weights left to round-to-nearest."""
+    mods = dict(model.named_modules())
+    covered = {n: [f for f in formats if gptq.supports(mods[n.removesuffix(".weight")], f)] for n in names}
+    layers = [n.removesuffix(".weight") for n, fs in covered.items() if fs]
+    t0 = time.time()
+    hessians = layer_hessians(cfg, model, layers, device, progress)
+    entries, ratios = {}, {}
+    work = [(n, f) for n, fs in covered.items() for f in fs]
+    for n, f in tqdm(work, desc="gptq", disable=not progress):
+        entries[(n, f)], info = gptq.gptq_entry(mods[n.removesuffix(".weight")].weight, f,
+                                                hessians[n.removesuffix(".weight")], cfg.lowbit.gptq_damp)
+        ratios.setdefault(f, []).append(info["ratio"])
+    report = {"median_error_ratio": {f: float(np.median(r)) for f, r in ratios.items()},
+              "round_to_nearest": sorted(n for n, fs in covered.items() if not fs),
+              "seconds": round(time.time() - t0, 1)}
+    print(f"[lowbit] GPTQ: {len(work)} (weight, format) pairs in {report['seconds']:.0f} s; layer output error x "
+          + ", ".join(f"{v:.2f} ({f})" for f, v in report["median_error_ratio"].items()) + " of round-to-nearest")
+    return entries, report
 
 
 # ----------------------------------------------------------------------------- sensitivities (cached)
@@ -541,7 +587,7 @@ def run_lowbit(cfg, device, force=False, progress=True):
     model, ckpt_path, fisher = pipeline.load_artifacts(cfg, device, force=False, progress=progress)
     sha = fisher["meta"]["checkpoint_sha256"]
 
-    table = pipeline.shared(c, lambda: Table(c, model, sha, progress))
+    table = pipeline.shared(c, lambda: Table(c, model, sha, progress, device))
     check_budgets(lb, table)  # before the sensitivities, the costly part
     tasks = [(budget, menu, plan) for budget in lb.budgets for menu in lb.quantizers for plan in lb.plans
              if menu != "codebook" or plan in lb.codebook_plans]

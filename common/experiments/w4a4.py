@@ -8,7 +8,9 @@ and with its weights (every conv / linear but the two ends in 4-bit per-channel 
   plus per input the relative output error of 4-bit rounding per tensor against per input channel.
 * ``run_ablation``: uniform W4A4 from plain rounding, adding one technique at a time (``TECHNIQUES``): ranges
   searched for the least quantization MSE, dynamic per-token ranges for attention inputs, smoothing, rotation,
-  a 16-bit low-rank branch, the time path as a table, and quantization-aware distillation (``finetune.py``).
+  a 16-bit low-rank branch, the time path as a table, quantization-aware distillation (``finetune.py``), and
+  GPTQ's error-compensating weight rounding (``quant.gptq``; the row order is the order rows are tried: GPTQ
+  rounds the transformed weights, and a distillation in the same row starts from its weights).
 """
 import copy
 import json
@@ -22,7 +24,7 @@ from ..core import lock, storage
 from ..diffusion.samplers import build_sampler
 from ..diffusion.schedule import NoiseSchedule
 from ..evaluation import evaluate
-from ..quant import lowrank, rotation, smoothing, time_table
+from ..quant import gptq, lowrank, rotation, smoothing, time_table
 from ..quant.activations import (
     fake_quant,
     group_of,
@@ -51,7 +53,7 @@ from .act_pipeline import (
 )
 
 # the techniques of the ablation, in the order the rows add them
-TECHNIQUES = ("ranges", "token", "smooth", "rotate", "lowrank", "time_table", "distill")
+TECHNIQUES = ("ranges", "token", "smooth", "rotate", "lowrank", "time_table", "distill", "gptq")
 SAMPLING_CONVS = ("down-sampling conv", "up-sampling (transposed) conv")
 
 
@@ -255,6 +257,45 @@ def stored_entries(c, transformed, w_bits: int, state=None) -> dict:
     return stored
 
 
+def gptq_weights(c, transformed, device, progress=True) -> tuple:
+    """({parameter: stored entry}, info): the transformed model's quantized layers in int4 by GPTQ
+    (``quant.gptq``), each layer's Hessian from the transformed model's own sampling trajectories
+    (``lowbit.layer_hessians``: ``lowbit.gptq_images`` trajectories, ``lowbit.gptq_seed``: the same entries on
+    every invocation). Transposed / grouped convs keep round-to-nearest. info per layer: the output-error proxy
+    of round-to-nearest and of GPTQ."""
+    mods = dict(transformed.named_modules())
+    layers = [n.removesuffix(".weight") for n in eligible_names(transformed, lowbit.RULE) if ".lowrank." not in n]
+    covered = [n for n in layers if gptq.supports(mods[n], "int4")]
+    hessians = lowbit.layer_hessians(c, transformed, covered, device, progress)
+    entries, per_layer = {}, {}
+    for n in tqdm(covered, desc="gptq", disable=not progress):
+        entries[f"{n}.weight"], per_layer[n] = gptq.gptq_entry(mods[n].weight, "int4", hessians[n],
+                                                               c.lowbit.gptq_damp)
+    ratios = [v["ratio"] for v in per_layer.values()]
+    info = {"images": c.lowbit.gptq_images, "damp": c.lowbit.gptq_damp, "layers": per_layer,
+            "round_to_nearest": sorted(set(layers) - set(covered)),
+            "median_error_ratio": float(np.median(ratios)) if ratios else None}
+    print(f"[w4a4] GPTQ on {len(covered)} layers: layer output error x{info['median_error_ratio']:.3g} of "
+          f"round-to-nearest (median); {len(info['round_to_nearest'])} transposed / grouped convs round to nearest")
+    return entries, info
+
+
+def quantized_weights(c, transformed, techniques, device, info, progress=True) -> dict:
+    """The stored entries of a row: ``stored_entries`` at 4 bits, the quantized layers by GPTQ where the row has
+    it (its report in ``info['gptq']``). With a distillation in the same row the transformed model's weights
+    take GPTQ's values, so the distillation starts from them."""
+    stored = stored_entries(c, transformed, 4)
+    if "gptq" in techniques:
+        entries, info["gptq"] = gptq_weights(c, transformed, device, progress)
+        stored.update(entries)
+    if "gptq" in techniques and "distill" in techniques:
+        params = dict(transformed.named_parameters())
+        with torch.no_grad():
+            for n, e in entries.items():
+                params[n].copy_(dequantize_tensor(e).to(params[n].device))
+    return stored
+
+
 def calibrate(c, transformed, names, method: str, a_bits: int, mode: str, device, progress=True) -> dict:
     """Ranges of the transformed model's inputs (min-max, or the least-MSE ranges at ``a_bits``)."""
     aq = c.act_quant
@@ -391,7 +432,7 @@ def run_ablation(cfg, c, model, ckpt_path, sha, pool, device, rows=None, rank=8,
         method = "mse" if "ranges" in techniques else "minmax"
         ranges = calibrate(c, m, names, method, 4, mode, device, progress)
         q = _quantizer(c, m, ranges, {n: 4 for n in inputs}, mode, token="token" in techniques)
-        stored = stored_entries(c, m, 4)
+        stored = quantized_weights(c, m, techniques, device, info, progress)
         if "distill" in techniques:
             before = stored_digest(stored) + quantizer_digest(q)
             stored, q, info["distill"] = cached_distill(cfg, c, model, m, ranges, pool, "token" in techniques,
@@ -470,7 +511,7 @@ def _average_on(cfg, c, c2, model, ckpt_path, fisher, pool, techniques, macs, pe
     names, kept_inputs, _, _ = act_layout(c, model)
     m, tinfo = transformed_model(c, model, techniques, pool, device, cfg.w4a4.lowrank_rank, cfg.w4a4.smooth_samples,
                                  progress)
-    stored = stored_entries(c, m, 4)
+    stored = quantized_weights(c, m, techniques, device, tinfo, progress)
     method = "mse" if "ranges" in techniques else "minmax"
     total_macs = sum(macs.values())
     done = {}

@@ -106,6 +106,18 @@ def _fp16_scale(amax: torch.Tensor, qmax: int) -> torch.Tensor:
     return scale.clamp(2.0 ** -24, 65504.0).half()  # the smallest fp16 subnormal: tiny groups round to 0
 
 
+def group_scale(cf: torch.Tensor, group: int, qmax: int, ratio=None) -> torch.Tensor:
+    """fp16 (C, G) scales of a channel-first (C, K) tensor, one per group of ``group`` inputs of a row:
+    max|w| / qmax over the group (times ``ratio`` (C, G), a clipping chosen elsewhere, where given)."""
+    amax = _group_view(cf, group).abs().amax(-1)
+    return _fp16_scale(amax if ratio is None else amax * ratio, qmax)
+
+
+def expand_group_scale(scale: torch.Tensor, group: int, k: int) -> torch.Tensor:
+    """fp16 (C, G) group scales -> fp32 (C, K), the scale of every element (what de-quantization multiplies)."""
+    return scale.float().repeat_interleave(group, dim=1)[:, :k]
+
+
 def _group_view(cf: torch.Tensor, group: int) -> torch.Tensor:
     """(C, K) -> (C, ceil(K / group), group), zero-padded at the end of each row."""
     C, K = cf.shape
@@ -156,12 +168,9 @@ def quantize_tensor(w: torch.Tensor, fmt: str, axis: int = 0, mask=None) -> dict
         entry.update(codebook=book.contiguous(), data=pack_codes(idx.to(torch.uint8), spec.bits))
         return entry
     if spec.group is not None:
-        g = _group_view(cf, spec.group)
-        scale = _fp16_scale(g.abs().amax(-1), spec.qmax)
-        codes = torch.round(g / scale.float()[..., None]).clamp(-spec.qmax, spec.qmax)
-        codes = codes.flatten(1)[:, :cf.shape[1]]
-        entry.update(scale=scale.contiguous(), data=pack_signed(codes, spec.bits))
-        return entry
+        scale = group_scale(cf, spec.group, spec.qmax)
+        codes = torch.round(cf / expand_group_scale(scale, spec.group, cf.shape[1])).clamp(-spec.qmax, spec.qmax)
+        return group_entry(fmt, entry["shape"], axis, codes, scale)
     m = None if mask is None else _channel_first(mask.bool().cpu(), axis)
     scale = channel_scale(cf, spec.qmax, m)
     scale_full = scale[:, None].expand_as(cf)
@@ -191,6 +200,13 @@ def int_entry(fmt: str, shape, axis: int, codes: torch.Tensor, scale: torch.Tens
     if mask is not None:
         entry.update(mask=pack_bits(mask), kept=kept.clone())
     return entry
+
+
+def group_entry(fmt: str, shape, axis: int, codes: torch.Tensor, scale: torch.Tensor) -> dict:
+    """The stored entry of group-wise integer codes: ``codes`` (C, K) integral in [-qmax, qmax], channel-first,
+    packed by ``pack_signed``; ``scale`` fp16 (C, G), one per group of the format's size."""
+    return {"format": fmt, "shape": tuple(shape), "axis": axis, "scale": scale.detach().cpu().half().contiguous(),
+            "data": pack_signed(codes.detach().cpu(), format_spec(fmt).bits)}
 
 
 def int_codes(entry: dict) -> torch.Tensor:
@@ -228,9 +244,7 @@ def dequantize_tensor(entry: dict) -> torch.Tensor:
         idx = unpack_codes(entry["data"], n, spec.bits).long()
         out = (book[0][idx] if spec.per_tensor else book.gather(1, idx.view(C, K))).reshape(C, K)
     elif spec.group is not None:
-        codes = int_codes(entry).float()
-        scale = entry["scale"].float().repeat_interleave(spec.group, dim=1)[:, :K]
-        out = codes * scale
+        out = int_codes(entry).float() * expand_group_scale(entry["scale"], spec.group, K)
     else:
         out = int_codes(entry).float() * entry["scale"][:, None]
     return _from_channel_first(out, shape, axis)
