@@ -48,6 +48,20 @@ def test_outputs_name_every_variant_and_seed(w4a4_run):
     assert all(e["range_spread"] >= 1 and e["channels"] >= 1 for e in errs)  # max over median of >= 1 channels
 
 
+def test_gptq_damage_row_stores_the_same_format_with_other_codes(w4a4_run):
+    """damage_w4_gptq: W4 by GPTQ, inputs float: every GPTQ-covered weight int4 with round-to-nearest's scales
+    (the same bytes), the codes moved by the error compensation; nothing else differs from damage_w4."""
+    from common.quant.container import read_quantized
+
+    _, _, out = w4a4_run
+    near = read_quantized(str(out / "damage_w4" / "quantized.safetensors"))["tensors"]
+    gptq = read_quantized(str(out / "damage_w4_gptq" / "quantized.safetensors"))["tensors"]
+    assert near.keys() == gptq.keys() and _plan(out / "damage_w4_gptq")["inputs_at_a4"] == 0
+    moved = [n for n in near if near[n]["format"] == "int4" and not torch.equal(near[n]["data"], gptq[n]["data"])]
+    assert moved and all(torch.equal(near[n]["scale"], gptq[n]["scale"]) for n in moved)
+    assert all(near[n]["format"] == gptq[n]["format"] for n in near)
+
+
 def test_damage_rows_quantize_exactly_the_inputs_they_name(w4a4_run):
     from common.quant.activations import load_act_quant
 

@@ -112,6 +112,14 @@ def run_damage(cfg, c, model, sha, a_bits, device, force=False, progress=True) -
         extra = {"study": "damage", "label": label, "inputs_at_a4": len(inputs), "checkpoint_sha256": sha,
                  "a_bits": a_bits, "range_mode": mode}
         done[variant] = (label, _evaluate(c, variant, model, stored, q, extra, device, force, progress))
+    # the weights' own term under GPTQ's rounding too: where the weight share goes once rounding is fixed
+    label = "W4 by GPTQ, inputs float"
+    entries, info = gptq_weights(c, model, device, progress)
+    extra = {"study": "damage", "label": label, "inputs_at_a4": 0, "checkpoint_sha256": sha, "a_bits": a_bits,
+             "range_mode": mode, "gptq_median_error_ratio": info["median_error_ratio"]}
+    q = _quantizer(c, model, ranges, {}, mode, token=False)
+    done["damage_w4_gptq"] = (label, _evaluate(c, "damage_w4_gptq", model, {**stored, **entries}, q, extra, device,
+                                                force, progress))
     return done
 
 
