@@ -539,6 +539,10 @@ def test_gptq_rounding_table_lowers_output_error_in_its_own_folder(tmp_path):
     layers = [n.removesuffix(".weight") for n in table.names]
     H = lowbit.layer_hessians(cfg, model, layers, "cpu", progress=False)
     assert table.bits == rtn.bits and table.fixed == rtn.fixed
+    # every cache computed from the entries is keyed on how they were rounded (round-to-nearest: the old keys)
+    assert rtn.rounding == {} and table.rounding["rounding"]["damp"] == cfg.lowbit.gptq_damp
+    assert lowbit.measurer_inputs(cfg, table, "0" * 64, 4)["rounding"] == table.rounding["rounding"]
+    assert "rounding" not in lowbit.measurer_inputs(near, rtn, "0" * 64, 4)
     lower = 0
     for n in table.names:
         mod = mods[n.removesuffix(".weight")]

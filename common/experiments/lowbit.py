@@ -129,6 +129,9 @@ class Table:
             print(f"[lowbit] {len(self.names)} tensors x {len(self.formats)} formats in {time.time() - t0:.0f} s "
                   f"-> {path}")
             blob = read_quantized(path)  # from here on, what the file holds
+        # what the entries were rounded by, for every cache computed from them: {} for round-to-nearest (the keys
+        # its caches had before GPTQ existed), else {"rounding": the GPTQ settings}
+        self.rounding = {"rounding": inputs["rounding"]} if "rounding" in inputs else {}
         self.entries = {}
         for key, e in blob["tensors"].items():
             n, f = key.rsplit("@", 1)
@@ -240,7 +243,7 @@ def ensure_jvp(cfg, model, table, menus, ckpt_path, progress=True, device="cpu")
     path = _cache(cfg, "jvp.pt")
     formats = list(dict.fromkeys(f for m in menus for f in table.menus[m]))
     inputs = {"chains": lb.jvp_chains, "seed": lb.chain_seed, "formats": formats, "names": table.names,
-              "sample": to_dict(cfg.sample), "diffusion": to_dict(cfg.diffusion)}
+              "sample": to_dict(cfg.sample), "diffusion": to_dict(cfg.diffusion), **table.rounding}
     art = storage.reusable_artifact(path, ckpt_path, inputs)
     if art is not None:
         print(f"[lowbit] reusing {path}")
@@ -283,7 +286,7 @@ def measurer_inputs(cfg, table, sha, n_images) -> dict:
     lb = cfg.lowbit
     return {"checkpoint_sha256": sha, "images": n_images, "eps_samples": lb.eps_samples, "eps_seed": lb.predictor_seed,
             "formats": table.formats, "names": table.names, "keep_format": lb.keep_format,
-            "sample": to_dict(cfg.sample)}
+            "sample": to_dict(cfg.sample), **table.rounding}
 
 
 def ensure_measurements(cfg, model, table, sha, progress=True, device="cpu"):
@@ -294,7 +297,7 @@ def ensure_measurements(cfg, model, table, sha, progress=True, device="cpu"):
     inputs = {"checkpoint_sha256": sha, "n": lb.predictor_configs, "holdout": lb.predictor_holdout,
               "images": lb.predictor_images, "bits": lb.predictor_bits, "seeds": [lb.predictor_seed, lb.retest_seed],
               "eps_samples": lb.eps_samples, "formats": table.formats, "names": table.names,
-              "keep_format": lb.keep_format, "sample": to_dict(cfg.sample)}
+              "keep_format": lb.keep_format, "sample": to_dict(cfg.sample), **table.rounding}
     art = storage.reusable_record(path, inputs)
     if art is not None:
         print(f"[lowbit] reusing {len(art['configs'])} measured configurations {path}")
@@ -340,7 +343,7 @@ def ensure_iterative(cfg, model, ckpt_path, table, fisher, menu, size, progress=
     budget = budget_bits(size, table.total)
     inputs = {"fisher": {**pipeline.fisher_inputs(cfg), "eligible": RULE}, "formats": table.menus[menu],
               "budget_bits": budget, "rounds": lb.iterative_rounds, "names": table.names, "ends": table.ends,
-              "keep_format": lb.keep_format, "fixed_bits": table.fixed}
+              "keep_format": lb.keep_format, "fixed_bits": table.fixed, **table.rounding}
     art = storage.reusable_artifact(path, ckpt_path, inputs)
     if art is not None:
         print(f"[lowbit] reusing {path}")
@@ -513,7 +516,7 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
     inputs = {"checkpoint_sha256": sha, "start": start, "start_by": start_by, "propose_by": propose_by,
               "proposer": sens.predictor.describe() if propose_by == "learned" else None,
               "seconds": lb.search_seconds, "evals": lb.search_evals, "images": lb.search_images,
-              "seed": lb.search_seed, "limit_bits": limit, "sample": to_dict(cfg.sample)}
+              "seed": lb.search_seed, "limit_bits": limit, "sample": to_dict(cfg.sample), **table.rounding}
     art = storage.reusable_record(path, inputs)
     if art is not None:
         print(f"[lowbit] reusing {path}")

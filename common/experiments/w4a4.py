@@ -283,8 +283,9 @@ def gptq_weights(c, transformed, device, progress=True) -> tuple:
     info = {"images": c.lowbit.gptq_images, "damp": c.lowbit.gptq_damp, "layers": per_layer,
             "round_to_nearest": sorted(set(layers) - set(covered)),
             "median_error_ratio": float(np.median(ratios)) if ratios else None}
-    print(f"[w4a4] GPTQ on {len(covered)} layers: layer output error x{info['median_error_ratio']:.3g} of "
-          f"round-to-nearest (median); {len(info['round_to_nearest'])} transposed / grouped convs round to nearest")
+    ratio = "n/a" if info["median_error_ratio"] is None else f"x{info['median_error_ratio']:.3g}"
+    print(f"[w4a4] GPTQ on {len(covered)} layers: layer output error {ratio} of round-to-nearest (median); "
+          f"{len(info['round_to_nearest'])} transposed / grouped convs round to nearest")
     return entries, info
 
 
