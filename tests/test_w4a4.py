@@ -97,6 +97,7 @@ def test_every_technique_is_stored_and_the_samples_come_from_the_files(w4a4_run)
     assert info["gptq"]["layers"] and info["gptq"]["median_error_ratio"] < 1
     assert all(v["gptq_error"] >= 0 for v in info["gptq"]["layers"].values())
     assert info["distill"]["steps"] == cfg.w4a4.distill_steps and 0 <= info["distill"]["codes_changed"] <= 1
+    assert info["distill"]["start_matches_stored"] == 1.0  # the distillation starts exactly on GPTQ's codes
     tensors = read_quantized(str(vdir / "quantized.safetensors"))["tensors"]
     assert any(".lowrank." in n for n in tensors) and any(n.endswith(".smooth_div") for n in tensors)
     # smoke.yaml's U-Net adds the poster's fixed time table with no layer on the time path: an empty table here

@@ -38,7 +38,7 @@ from ..quant.bops import unet_macs
 from ..quant.calibrate import calibration_timesteps, collect_ranges
 from ..quant.container import arch_record, stored_digest
 from ..quant.eligibility import eligible_names, end_convs
-from ..quant.formats import channel_axes, dequantize_tensor, quantize_tensor
+from ..quant.formats import channel_axes, dequantize_tensor, int_codes, quantize_tensor
 from . import lowbit, pipeline
 from .act_pipeline import (
     act_layout,
@@ -317,13 +317,14 @@ def calibrate(c, transformed, names, method: str, a_bits: int, mode: str, device
                           mse_bits=a_bits)
 
 
-def distill(cfg, c, teacher, transformed, ranges, pool, token: bool, device, progress=True):
+def distill(cfg, c, teacher, transformed, ranges, pool, token: bool, device, progress=True, start=None):
     """Quantization-aware distillation that can move the weights (EfficientDM, He et al. 2024): a ``Student`` of
     the transformed model with straight-through weights and learned per-channel weight scales (``lsq``), LSQ
     activation steps per timestep group, and the low-rank factors, trained with Adam to match the fp32
     ``teacher``'s noise prediction on x_t drawn half from the teacher's trajectories (``pool``) and half from the
-    student's own (on-policy, refreshed every ``w4a4.onpolicy_every`` steps). Returns (stored entries,
-    ActQuantizer, info with the share of weight codes that changed)."""
+    student's own (on-policy, refreshed every ``w4a4.onpolicy_every`` steps). ``start``: the row's stored entries
+    (round-to-nearest's or GPTQ's): the learned scales start at their scales, so the student starts on their
+    codes. Returns (stored entries, ActQuantizer, info with the share of weight codes that changed)."""
     from ..diffusion.samplers import build_sampler as sampler_of
     from ..quant.backends import calibration_inputs
     from ..quant.learnable import export_weight
@@ -334,7 +335,12 @@ def distill(cfg, c, teacher, transformed, ranges, pool, token: bool, device, pro
     c2.act_quant.per_token_attention = token
     student = Student(c2, transformed, 4, 4, ranges, "lsq")
     names = list(student.wq)
+    start = {n: e for n, e in (start or {}).items() if n in student.wq and e["format"] == "int4"}
+    with torch.no_grad():
+        for n, e in start.items():
+            student.wq[n].log_scale.copy_(e["scale"].log().to(student.wq[n].log_scale.device))
     before = {n: student.wq[n].codes(student.original(n).detach(), hard=True)[0].clone() for n in names}
+    same = sum(int((before[n].cpu().to(torch.int8) == int_codes(e)).sum()) for n, e in start.items())
     weights = [student.original(n) for n in names]
     scales = [student.wq[n].log_scale for n in names]
     steps_p = [a.step for a in student.aq.values()]
@@ -386,17 +392,19 @@ def distill(cfg, c, teacher, transformed, ranges, pool, token: bool, device, pro
     _, q = student.export(transformed)
     kk = max(1, len(losses) // 10)
     return stored, q, {"steps": w.distill_steps, "codes_changed": changed / max(1, total),
+                       "start_matches_stored": same / max(1, sum(before[n].numel() for n in start)),
                        "first_loss": float(np.mean(losses[:kk])) if losses else None,
                        "last_loss": float(np.mean(losses[-kk:])) if losses else None}
 
 
 def cached_distill(cfg, c, teacher, transformed, ranges, pool, token: bool, ckpt_path: str, before: str, device,
-                   progress=True):
+                   progress=True, start=None):
     """``distill``, computed once: its result (stored entries, activation quantizer, info) is cached in the
     comparison's baseline folder, bound to the checkpoint (``storage.save_for_checkpoint``) and keyed on
     everything else it depends on: the calibration pool, the student it starts from (``before``: the digest of the
     transformed model's stored weights and calibrated quantizer), per-token attention and the distillation
-    settings. A rerun of ``make finetune`` then re-trains nothing; a changed setting trains again."""
+    settings. A rerun of ``make finetune`` then re-trains nothing; a changed setting trains again. ``start``: the
+    stored entries ``before`` digests (``distill``'s start)."""
     from .finetune import pool_inputs
 
     ft = cfg.finetune
@@ -412,7 +420,7 @@ def cached_distill(cfg, c, teacher, transformed, ranges, pool, token: bool, ckpt
         if stored_digest(art["stored"]) == art["stored_digest"] and quantizer_digest(q) == art["q_digest"]:
             print(f"[w4a4] reusing the distillation {path}.pt")
             return art["stored"], q, art["info"]
-    stored, q, info = distill(cfg, c, teacher, transformed, ranges, pool, token, device, progress)
+    stored, q, info = distill(cfg, c, teacher, transformed, ranges, pool, token, device, progress, start)
     save_act_quant(q, path + "_act.safetensors", {"what": "w4a4 distillation cache"})
     storage.save_for_checkpoint({"meta": {"inputs": inputs}, "stored": stored, "info": info,
                                  "stored_digest": stored_digest(stored), "q_digest": quantizer_digest(q)},
@@ -445,7 +453,7 @@ def run_ablation(cfg, c, model, ckpt_path, sha, pool, device, rows=None, rank=8,
         if "distill" in techniques:
             before = stored_digest(stored) + quantizer_digest(q)
             stored, q, info["distill"] = cached_distill(cfg, c, model, m, ranges, pool, "token" in techniques,
-                                                        ckpt_path, before, device, progress)
+                                                        ckpt_path, before, device, progress, start=stored)
         extra = {"study": "ablation", "row": k, "techniques": list(techniques), "checkpoint_sha256": sha,
                  "range_method": method, "range_mode": mode, "lowrank_rank": rank if "lowrank" in techniques else 0,
                  "transform": json.loads(json.dumps(info, default=str))}
