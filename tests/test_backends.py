@@ -209,10 +209,10 @@ def test_int8_reduce_range_quantizes_activations_to_7_bits(mixed, int8_reference
 def test_int8_reduce_range_auto_follows_vnni():
     """auto: 7-bit codes exactly where the CPU lacks VNNI (its 16-bit pair sums would saturate); explicit values
     win; a bad value in the YAML is refused by the config loader, naming the key."""
-    assert backends.resolve_reduce_range("auto", {"vnni": False})[0] is True
-    assert backends.resolve_reduce_range("auto", {"vnni": True})[0] is False
-    assert backends.resolve_reduce_range(False, {"vnni": False})[0] is False
-    assert backends.resolve_reduce_range(True, {"vnni": True})[0] is True
+    assert backends.resolve_reduce_range("auto", {"vnni": False}) is True
+    assert backends.resolve_reduce_range("auto", {"vnni": True}) is False
+    assert backends.resolve_reduce_range(False, {"vnni": False}) is False
+    assert backends.resolve_reduce_range(True, {"vnni": True}) is True
     with pytest.raises(ValueError, match="int8_reduce_range"):
         load_config("configs/default.yaml", ["backend.int8_reduce_range=sometimes"])
 

@@ -119,7 +119,8 @@ class Table:
             stored = {f"{n}@{f}": quantize_tensor(params[n], f, axes[n]) for n in self.names for f in self.formats}
             rounding = {}
             if lb.rounding == "gptq":
-                entries, rounding["gptq"] = gptq_entries(cfg, model, self.names, self.formats, device, progress)
+                entries, _, rounding["gptq"] = gptq_entries(cfg, model, self.names, self.formats, device,
+                                                            progress)
                 stored.update({f"{n}@{f}": e for (n, f), e in entries.items()})
             stored.update({f"{n}@{lb.keep_format}": quantize_tensor(params[n], lb.keep_format, axes[n])
                            for n in self.ends})
@@ -177,25 +178,27 @@ def layer_hessians(cfg, model, layers, device, progress=True) -> dict:
 
 def gptq_entries(cfg, model, names, formats, device, progress=True) -> tuple:
     """({(weight, format): stored entry} by GPTQ for every weight of ``names`` and integer format of ``formats``
-    that GPTQ covers (the others keep round-to-nearest), report): the report gives per format the median ratio of
-    GPTQ's layer output error to round-to-nearest's, and the weights left to round-to-nearest."""
+    that GPTQ covers (the others keep round-to-nearest), {(weight, format): its output-error proxies}, report):
+    the report gives per format the median ratio of GPTQ's layer output error to round-to-nearest's, and the
+    weights left to round-to-nearest."""
     mods = dict(model.named_modules())
     covered = {n: [f for f in formats if gptq.supports(mods[n.removesuffix(".weight")], f)] for n in names}
     layers = [n.removesuffix(".weight") for n, fs in covered.items() if fs]
     t0 = time.time()
     hessians = layer_hessians(cfg, model, layers, device, progress)
-    entries, ratios = {}, {}
+    entries, infos, ratios = {}, {}, {}
     work = [(n, f) for n, fs in covered.items() for f in fs]
     for n, f in tqdm(work, desc="gptq", disable=not progress):
-        entries[(n, f)], info = gptq.gptq_entry(mods[n.removesuffix(".weight")].weight, f,
-                                                hessians[n.removesuffix(".weight")], cfg.lowbit.gptq_damp)
-        ratios.setdefault(f, []).append(info["ratio"])
+        entries[(n, f)], infos[(n, f)] = gptq.gptq_entry(mods[n.removesuffix(".weight")].weight, f,
+                                                         hessians[n.removesuffix(".weight")], cfg.lowbit.gptq_damp)
+        ratios.setdefault(f, []).append(infos[(n, f)]["ratio"])
     report = {"median_error_ratio": {f: float(np.median(r)) for f, r in ratios.items()},
               "round_to_nearest": sorted(n for n, fs in covered.items() if not fs),
               "seconds": round(time.time() - t0, 1)}
-    print(f"[lowbit] GPTQ: {len(work)} (weight, format) pairs in {report['seconds']:.0f} s; layer output error x "
-          + ", ".join(f"{v:.2f} ({f})" for f, v in report["median_error_ratio"].items()) + " of round-to-nearest")
-    return entries, report
+    print(f"[gptq] {len(work)} (weight, format) pairs in {report['seconds']:.0f} s; layer output error x "
+          + ", ".join(f"{v:.3g} ({f})" for f, v in report["median_error_ratio"].items()) + " of round-to-nearest; "
+          f"{len(report['round_to_nearest'])} transposed / grouped convs round to nearest")
+    return entries, infos, report
 
 
 # ----------------------------------------------------------------------------- sensitivities (cached)

@@ -24,7 +24,7 @@ from ..core import lock, storage
 from ..diffusion.samplers import build_sampler
 from ..diffusion.schedule import NoiseSchedule
 from ..evaluation import evaluate
-from ..quant import gptq, lowrank, rotation, smoothing, time_table
+from ..quant import lowrank, rotation, smoothing, time_table
 from ..quant.activations import (
     fake_quant,
     group_of,
@@ -39,6 +39,7 @@ from ..quant.calibrate import calibration_timesteps, collect_ranges
 from ..quant.container import arch_record, stored_digest
 from ..quant.eligibility import eligible_names, end_convs
 from ..quant.formats import channel_axes, dequantize_tensor, int_codes, quantize_tensor
+from ..quant.hooks import input_hooks
 from . import lowbit, pipeline
 from .act_pipeline import (
     act_layout,
@@ -140,12 +141,8 @@ def channel_errors(model, quantizer, pool, n_inputs=64, seed=0) -> list:
     idx = torch.randperm(len(pool[0]), generator=gen)[:n_inputs]
     x, t = pool[0][idx], pool[1][idx]
     seen = {}
-    hooks = [mods[n].register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0].detach()))
-             for n in quantizer.layers]
-    with torch.no_grad():
+    with torch.no_grad(), input_hooks(model, quantizer.layers, lambda n, a: seen.__setitem__(n, a[0].detach())):
         model(x, t)
-    for h in hooks:
-        h.remove()
     groups = group_of(t, quantizer.groups, quantizer.timesteps)
     rows = []
     with torch.no_grad():
@@ -267,26 +264,16 @@ def stored_entries(c, transformed, w_bits: int, state=None) -> dict:
 
 def gptq_weights(c, transformed, device, progress=True) -> tuple:
     """({parameter: stored entry}, info): the transformed model's quantized layers in int4 by GPTQ
-    (``quant.gptq``), each layer's Hessian from the transformed model's own sampling trajectories
-    (``lowbit.layer_hessians``: ``lowbit.gptq_images`` trajectories, ``lowbit.gptq_seed``: the same entries on
-    every invocation). Transposed / grouped convs keep round-to-nearest. info per layer: the output-error proxy
-    of round-to-nearest and of GPTQ."""
-    mods = dict(transformed.named_modules())
-    layers = [n.removesuffix(".weight") for n in eligible_names(transformed, lowbit.RULE) if ".lowrank." not in n]
-    covered = [n for n in layers if gptq.supports(mods[n], "int4")]
-    hessians = lowbit.layer_hessians(c, transformed, covered, device, progress)
-    entries, per_layer = {}, {}
-    for n in tqdm(covered, desc="gptq", disable=not progress):
-        entries[f"{n}.weight"], per_layer[n] = gptq.gptq_entry(mods[n].weight, "int4", hessians[n],
-                                                               c.lowbit.gptq_damp)
-    ratios = [v["ratio"] for v in per_layer.values()]
-    info = {"images": c.lowbit.gptq_images, "damp": c.lowbit.gptq_damp, "layers": per_layer,
-            "round_to_nearest": sorted(set(layers) - set(covered)),
-            "median_error_ratio": float(np.median(ratios)) if ratios else None}
-    ratio = "n/a" if info["median_error_ratio"] is None else f"x{info['median_error_ratio']:.3g}"
-    print(f"[w4a4] GPTQ on {len(covered)} layers: layer output error {ratio} of round-to-nearest (median); "
-          f"{len(info['round_to_nearest'])} transposed / grouped convs round to nearest")
-    return entries, info
+    (``lowbit.gptq_entries``: Hessians from the transformed model's own sampling trajectories,
+    ``lowbit.gptq_images`` / ``lowbit.gptq_seed``, the same entries on every invocation). Transposed / grouped
+    convs keep round-to-nearest. info per layer: the output-error proxy of round-to-nearest and of GPTQ."""
+    names = [n for n in eligible_names(transformed, lowbit.RULE) if ".lowrank." not in n]
+    entries, infos, report = lowbit.gptq_entries(c, transformed, names, ["int4"], device, progress)
+    info = {"images": c.lowbit.gptq_images, "damp": c.lowbit.gptq_damp,
+            "layers": {n.removesuffix(".weight"): v for (n, _), v in infos.items()},
+            "round_to_nearest": sorted(n.removesuffix(".weight") for n in report["round_to_nearest"]),
+            "median_error_ratio": report["median_error_ratio"].get("int4")}
+    return {n: e for (n, _), e in entries.items()}, info
 
 
 def quantized_weights(c, transformed, techniques, device, info, progress=True) -> dict:

@@ -301,14 +301,13 @@ def _activation_spec(default, ranges: str, percentile: float):
                    observer_or_fake_quant_ctr=_percentile_observer().with_args(percentile=percentile))
 
 
-def resolve_reduce_range(setting, cap=None) -> tuple:
-    """(reduce_range, why) for ``backend.int8_reduce_range``: true / false as written; auto -> true exactly where the
-    CPU has no VNNI. Without VNNI, oneDNN's u8*s8 kernels (vpmaddubsw) add pairs of products in saturating 16-bit
-    sums, which 8-bit activation codes overflow; 7-bit codes cannot (127 * 127 * 2 < 32767)."""
+def resolve_reduce_range(setting, cap=None) -> bool:
+    """``backend.int8_reduce_range`` as the choice it makes: true / false as written; auto -> true exactly where
+    the CPU has no VNNI. Without VNNI, oneDNN's u8*s8 kernels (vpmaddubsw) add pairs of products in saturating
+    16-bit sums, which 8-bit activation codes overflow; 7-bit codes cannot (127 * 127 * 2 < 32767)."""
     if setting != "auto":
-        return bool(setting), "as configured"
-    vnni = (cap or machine.capability())["vnni"]
-    return not vnni, "auto: " + ("VNNI here, 8-bit codes" if vnni else "no VNNI here, so 7-bit codes")
+        return bool(setting)
+    return not (cap or machine.capability())["vnni"]
 
 
 def _quantizer(plan: Int8Plan, ranges="histogram", percentile=99.99, reduce_range=False):

@@ -106,11 +106,10 @@ def _fp16_scale(amax: torch.Tensor, qmax: int) -> torch.Tensor:
     return scale.clamp(2.0 ** -24, 65504.0).half()  # the smallest fp16 subnormal: tiny groups round to 0
 
 
-def group_scale(cf: torch.Tensor, group: int, qmax: int, ratio=None) -> torch.Tensor:
+def group_scale(cf: torch.Tensor, group: int, qmax: int) -> torch.Tensor:
     """fp16 (C, G) scales of a channel-first (C, K) tensor, one per group of ``group`` inputs of a row:
-    max|w| / qmax over the group (times ``ratio`` (C, G), a clipping chosen elsewhere, where given)."""
-    amax = _group_view(cf, group).abs().amax(-1)
-    return _fp16_scale(amax if ratio is None else amax * ratio, qmax)
+    max|w| / qmax over the group."""
+    return _fp16_scale(_group_view(cf, group).abs().amax(-1), qmax)
 
 
 def expand_group_scale(scale: torch.Tensor, group: int, k: int) -> torch.Tensor:

@@ -24,7 +24,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..core.format_names import format_spec
-from .formats import expand_group_scale, group_entry, group_scale, int_entry
+from .formats import channel_scale, expand_group_scale, group_entry, group_scale, int_entry
+from .hooks import input_hooks
 
 
 def supports(module: nn.Module, fmt: str) -> bool:
@@ -59,12 +60,8 @@ def collect_hessians(model: nn.Module, names, run) -> dict:
         h, n = acc.get(name, (0.0, 0))  # a batch's sum in the input's precision, the running sum in float64
         acc[name] = (h + (rows.T @ rows).double(), n + len(rows))
 
-    hooks = [mods[n].register_forward_pre_hook(lambda m, a, n=n: add(n, a)) for n in names]
-    try:
+    with input_hooks(model, names, add):
         run()
-    finally:
-        for h in hooks:
-            h.remove()
     missing = [n for n in names if n not in acc]
     if missing:
         raise ValueError(f"GPTQ: no calibration input reached {missing[:3]}{' ...' if len(missing) > 3 else ''}")
@@ -81,9 +78,9 @@ def _round(w, scale, qmax):
     return torch.round(w / scale).clamp(-qmax, qmax)
 
 
-def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple:
-    """(upper Cholesky factor of H^-1 after damping, the damped H); dead inputs (zero diagonal) get 1 on the
-    diagonal so H stays invertible."""
+def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """The upper Cholesky factor of H^-1 after damping; dead inputs (zero diagonal) get 1 on the diagonal so H
+    stays invertible."""
     H = H.double().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
@@ -92,8 +89,7 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple:
         Hd = H + torch.eye(len(H), dtype=H.dtype) * damp * 10 ** k * mean_diag
         L, info = torch.linalg.cholesky_ex(Hd)
         if int(info) == 0:
-            inv = torch.cholesky_inverse(L)
-            return torch.linalg.cholesky(inv, upper=True), Hd
+            return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
     raise ValueError("GPTQ: the input Hessian is not positive definite even with 1e5 x the damping")
 
 
@@ -107,7 +103,7 @@ def gptq_codes(w: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, qmax: int,
     S = (scale.double()[:, None] if scale.dim() == 1 else scale.double()).expand(C, K)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(K)
     W, S = W[:, perm], S[:, perm]
-    U, _ = _inverse_cholesky(H[perm][:, perm], damp)
+    U = _inverse_cholesky(H[perm][:, perm], damp)
     Q = torch.zeros_like(W)
     for i0 in range(0, K, block):
         i1 = min(i0 + block, K)
@@ -140,8 +136,7 @@ def gptq_entry(weight: torch.Tensor, fmt: str, H: torch.Tensor, damp=0.01) -> tu
         stored = group_scale(w, spec.group, spec.qmax)
         full = expand_group_scale(stored, spec.group, K)
     else:
-        amax = w.abs().amax(1)
-        stored = torch.where(amax > 0, amax / spec.qmax, torch.ones_like(amax))
+        stored = channel_scale(w, spec.qmax)
         full = stored[:, None].expand(-1, K)
     codes = gptq_codes(w, H, full, spec.qmax, damp)
     rtn = output_error(w - _round(w, full, spec.qmax) * full, H)

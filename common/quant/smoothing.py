@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .activations import fake_quant, int_range, qparams
+from .hooks import input_hooks
 
 DIVISOR_FORMAT = "fp16"
 
@@ -137,12 +138,8 @@ def record_inputs(model, names, run, max_rows=4096, seed=0) -> dict:
             x = x.reshape(-1, x.shape[-1])
         seen[name].append(x[torch.randperm(len(x), generator=gen)[:max(1, max_rows // 16)].to(x.device)].cpu())
 
-    hooks = [mods[n].register_forward_pre_hook(lambda m, a, n=n: keep(n, a)) for n in names]
-    try:
+    with input_hooks(model, names, keep):
         run()
-    finally:
-        for h in hooks:
-            h.remove()
     out = {}
     for n, xs in seen.items():
         x = torch.cat(xs)
