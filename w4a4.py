@@ -12,6 +12,7 @@ per-input outlier table alone (range spread per channel, per-tensor vs per-chann
 sampled; also part of damage). Studies: w4a4.studies. Writes runs/<run>/finetune/{w4a4.md, w4a4.csv, w4a4.png}
 and one folder per variant. Needs simplediffusion.py first.
 """
+import os
 import time
 
 from common.core import cli, distributed
@@ -31,7 +32,9 @@ def main():
             return
         md = w4a4.write_outputs(cfg, done, seconds=time.time() - t0)
         if args.update_docs:
-            update_section_from_summary(args.update_docs, md, "w4a4", f"{w4a4.w4a4_dir(cfg)}/w4a4.png")
+            folder = w4a4.w4a4_dir(cfg)
+            figures = [f"{folder}/{f}" for f in ("w4a4.png", "w4a4_grids.png") if os.path.exists(f"{folder}/{f}")]
+            update_section_from_summary(args.update_docs, md, "w4a4", figures)
     print(md)
 
 

@@ -14,8 +14,10 @@ from common.importance.activations import activation_importance
 from common.quant.activations import (
     ActQuantizer,
     LayerQuant,
+    block_fake_quant,
     build_quantizer,
     concat_splits,
+    e4m3_scale,
     fake_quant,
     group_of,
     int_range,
@@ -97,6 +99,104 @@ def test_split_ranges_quantize_each_part_with_its_own_scale():
     xq = q.apply(x, torch.zeros(2, dtype=torch.long))
     assert (xq[:, :3] - x[:, :3]).abs().max() <= 0.01 / 255 / 2 * 1.0001  # not the 100/255 of one shared range
     assert (xq[:, 3:] - x[:, 3:]).abs().max() <= 100 / 255 / 2 * 1.0001
+
+
+def test_e4m3_block_scales_keep_three_mantissa_bits_below_the_largest():
+    """Block scales are stored as float8 e4m3 times one fp32 scale per sample: within e4m3's normal range (2^-6 of
+    its largest value and up) each is off by at most half a mantissa step, 2^-4 relative; none is ever zero."""
+    gen = torch.Generator().manual_seed(0)
+    s = torch.exp(torch.empty(3, 200).uniform_(-7, 0, generator=gen))  # ratios to the largest down to ~1e-3
+    s[:, 0] = 1.0
+    q = e4m3_scale(s * torch.tensor([[1e-3], [1.0], [50.0]]))
+    rel = (q / (s * torch.tensor([[1e-3], [1.0], [50.0]])) - 1).abs()
+    assert rel.max() <= 2.0 ** -4 * (1 + 1e-6)
+    assert (e4m3_scale(torch.tensor([[1.0, 0.0]])) > 0).all()
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_block_ranges_keep_an_outlier_channel_in_its_own_block(symmetric):
+    """Per block of channels at one token / pixel: at most 2^b values per block, each block's error bounded by
+    its own range (e4m3 scale rounding and zero-point rounding can clip one end by up to 1.5 steps), so one outlier
+    channel costs only its own block; conv inputs block along dim 1, exactly as the channel-last tensor would;
+    channels that do not fill a block are padded, not dropped."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 40, generator=gen) * 0.01
+    x[..., 0] = 100.0  # one outlier channel in block 0
+    y = block_fake_quant(x, 4, symmetric, 16, -1)
+    assert y.shape == x.shape
+    qmin, qmax = int_range(4, symmetric)
+    xb = torch.nn.functional.pad(x, (0, 8)).unflatten(-1, (3, 16))
+    yb = torch.nn.functional.pad(y, (0, 8)).unflatten(-1, (3, 16))
+    lo, hi = xb.amin(-1).clamp(max=0), xb.amax(-1).clamp(min=0)
+    step = (torch.maximum(lo.abs(), hi) / qmax) if symmetric else (hi - lo) / (qmax - qmin)
+    assert ((yb - xb).abs().amax(-1) <= 1.5 * step + 1e-7).all()
+    small = (y - x)[..., 16:].abs().max()  # per token the outlier's step (100 / 15) rounds them all to 0
+    assert small < 0.01 and token_fake_quant(x, 4, symmetric)[..., 16:].sub(x[..., 16:]).abs().max() > 4 * small
+    assert all(len(v.unique()) <= 2 ** 4 for v in yb.reshape(-1, 16))
+    conv = torch.randn(2, 24, 3, 3, generator=gen)
+    assert torch.equal(block_fake_quant(conv, 4, symmetric, 8, 1),
+                       block_fake_quant(conv.movedim(1, -1), 4, symmetric, 8, -1).movedim(-1, 1))
+
+
+def test_block_quantizers_follow_group_bits_and_round_trip_through_the_file(tmp_path):
+    """A block LayerQuant quantizes each sample at its timestep group's bits, the hook finds the channel axis of
+    conv and linear inputs, and the file rebuilds it (block size recorded; a block entry without one is refused)."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    ranges = torch.zeros(2, 1, 2)  # unused: dynamic
+    lq = LayerQuant.from_ranges(ranges, [3, 8], granularity="block", block=8)
+    assert lq.block == 8 and lq.scale is None
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 16, 4, 4, generator=gen)
+    y = lq.apply(x, torch.tensor([0, 1]), dim=1)
+    assert torch.equal(y[:1], block_fake_quant(x[:1], 3, False, 8, 1))
+    assert torch.equal(y[1:], block_fake_quant(x[1:], 8, False, 8, 1))
+    with pytest.raises(ValueError, match="positive block size"):
+        LayerQuant.from_ranges(ranges, 4, granularity="block")
+    with pytest.raises(ValueError, match="needs the input's channel axis"):  # conv and linear differ: never guessed
+        lq.apply(x, torch.tensor([0, 1]))
+    model = nn.Sequential(nn.Conv2d(3, 16, 1), nn.Flatten(2), nn.Linear(4, 4))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = model
+
+        def forward(self, x, t):
+            return self.net(x)
+
+    net = Net()
+    q = build_quantizer({"net.0": ranges, "net.2": ranges}, {"net.0": 4, "net.2": 4}, 2, 10, block=2)
+    path = str(tmp_path / "q.safetensors")
+    save_act_quant(q, path, {})
+    back, _ = load_act_quant(path)
+    assert {lq.granularity for lq in back.layers.values()} == {"block"} and back.layers["net.0"].block == 2
+    assert quantizer_digest(back) == quantizer_digest(q)
+    xin = torch.randn(2, 3, 2, 2, generator=gen)
+    outs = []
+    for quant in (q, back):
+        quant.attach(net)
+        with torch.no_grad():
+            outs.append(net(xin, torch.tensor([1, 7])))
+        quant.remove()
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, k=k: seen.__setitem__(k, a[0])) for k, m in
+             (("conv", model[0]), ("linear", model[2]))]
+    with torch.no_grad():
+        ref = model[2](block_fake_quant(model[1](model[0](block_fake_quant(xin, 4, False, 2, 1))), 4, False, 2, -1))
+    for h in hooks:
+        h.remove()
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], ref)
+    with safe_open(path, framework="pt") as fh:
+        meta = fh.metadata()
+    layers = json.loads(meta["act_layers"])
+    del layers["net.0"]["block"]
+    save_file({}, str(tmp_path / "bad.safetensors"), {**meta, "act_layers": json.dumps(layers)})
+    with pytest.raises(ValueError, match="bad.safetensors: net.0 has granularity 'block' block None"):
+        load_act_quant(str(tmp_path / "bad.safetensors"))
 
 
 # ----------------------------------------------------------------------------- calibration

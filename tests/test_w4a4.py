@@ -15,8 +15,9 @@ from common.quant.formats import int_codes
 pytestmark = pytest.mark.slow  # end to end: scripts on the smoke config
 
 SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
-# one seed, the plain and the full ablation row (GPTQ included): every code path, a third of the smoke cost
-SETS = ("--set", "eval.classifier.train_limit=300", "--set", "w4a4.rows=[0,8]", "--set", "finetune.seeds=[0]",
+# one seed, the plain and the full ablation row (GPTQ and activation blocks included): every code path, a third
+# of the smoke cost
+SETS = ("--set", "eval.classifier.train_limit=300", "--set", "w4a4.rows=[0,9]", "--set", "finetune.seeds=[0]",
         "--set", "w4a4.ablation=cumulative")
 
 
@@ -38,7 +39,7 @@ def test_outputs_name_every_variant_and_seed(w4a4_run):
     rows = list(csv.DictReader(open(out / "w4a4.csv")))
     variants = {r["variant"] for r in rows}
     assert {"fp32", "damage_w4", "damage_all", "w4a4_round",
-            "w4a4_round_ranges_token_smooth_rotate_lowrank_time_table_distill_gptq"} <= variants
+            "w4a4_round_ranges_token_smooth_rotate_lowrank_time_table_distill_gptq_block"} <= variants
     assert all(sum(r["variant"] == v for r in rows) == 1 for v in variants)  # finetune.seeds=[0]
     md = (out / "w4a4.md").read_text()
     assert "Which 4-bit inputs do the damage" in md and "one technique at a time" in md
@@ -89,9 +90,11 @@ def test_every_technique_is_stored_and_the_samples_come_from_the_files(w4a4_run)
 
     _, _, out = w4a4_run
     cfg = load_config(SMOKE)
-    vdir = out / "w4a4_round_ranges_token_smooth_rotate_lowrank_time_table_distill_gptq"
+    vdir = out / "w4a4_round_ranges_token_smooth_rotate_lowrank_time_table_distill_gptq_block"
     plan = _plan(vdir)
-    assert plan["techniques"] == ["ranges", "token", "smooth", "rotate", "lowrank", "time_table", "distill", "gptq"]
+    assert plan["techniques"] == ["ranges", "token", "smooth", "rotate", "lowrank", "time_table", "distill", "gptq",
+                                  "block"]
+    assert plan["a_block"] == cfg.w4a4.block_size and plan["a_bits_effective"] == 4 + 8 / cfg.w4a4.block_size
     info = plan["transform"]
     # GPTQ rounded every covered layer (the distillation started from its weights) and lowered their output error
     assert info["gptq"]["layers"] and info["gptq"]["median_error_ratio"] < 1
@@ -111,8 +114,9 @@ def test_every_technique_is_stored_and_the_samples_come_from_the_files(w4a4_run)
     assert not any(".lowrank." in n for n in plain)
     model, _ = load_quantized(str(vdir / "quantized.safetensors"))
     q, _ = load_act_quant(str(vdir / "act_quant.safetensors"))
-    # the token row's attention quantizers survive the distillation's export
-    assert any(lq.granularity == "token" for lq in q.layers.values())
+    # the block row's dynamic quantizers survive the distillation's export, on every input (test_finetune: the
+    # per-token ones)
+    assert {(lq.granularity, lq.block) for lq in q.layers.values()} == {("block", cfg.w4a4.block_size)}
     q.attach(model)
     torch.set_num_threads(cfg.run.threads)  # as the evaluation ran: oneDNN's reductions depend on the thread count
     x = sample(model, build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion)), cfg.finetune.n_images,
@@ -128,6 +132,8 @@ def test_rerun_reuses_every_variant(w4a4_run):
     assert "[w4a4_round] reusing" in again.stdout and "[damage_all] reusing" in again.stdout
     assert "reusing the distillation" in again.stdout and "distill:" not in again.stderr  # trained once
     assert "[w4a4_average_fisher] reusing" in again.stdout
+    # GPTQ's rounding is computed once per transformed model: the rerun's rows and damage study load it
+    assert "reusing GPTQ's rounding" in again.stdout and "[gptq]" not in again.stdout
 
 
 def test_a4_on_average_spends_uniform_a4s_bops_on_the_allowed_bits(w4a4_run):
@@ -201,20 +207,24 @@ def test_greedy_ablation_drops_a_technique_that_does_not_help(w4a4_run):
 
 def test_a4_on_average_on_the_ablations_techniques_keeps_the_plain_allocation(w4a4_run):
     """(Rewrites w4a4.md.) ``w4a4.average_on``: the same per-input bits as plain rounding's plan, on the
-    techniques' model (per-token attention quantizers, least-MSE ranges at each input's bits), reported beside
-    uniform A4 on the same techniques."""
+    techniques' model (least-MSE ranges at each input's bits; per-block quantizers on every input, their scales
+    counted in the reported bits), reported beside uniform A4 on the same techniques."""
     from common.quant.activations import load_act_quant
 
     tmp, _, out = w4a4_run
-    p = run("w4a4.py", tmp, *SETS, "--set", "w4a4.studies=[average]", "--set", "w4a4.average_on=['ranges+token']")
+    cfg = load_config(SMOKE)
+    p = run("w4a4.py", tmp, *SETS, "--set", "w4a4.studies=[average]", "--set", "w4a4.average_on=['ranges+block']")
     assert "[w4a4_average_fisher] reusing" not in p.stdout  # the plain rows are not this invocation's
     plain = _plan(out / "w4a4_average_fisher")["modules"]
-    stacked = _plan(out / "w4a4_average_fisher_ranges_token")
-    assert stacked["techniques"] == ["ranges", "token"] and stacked["range_method"] == "mse"
+    stacked = _plan(out / "w4a4_average_fisher_ranges_block")
+    assert stacked["techniques"] == ["ranges", "block"] and stacked["range_method"] == "mse"
     assert stacked["a_bits_by_input"] == {n: m["a_bits"] for n, m in plain.items() if n in stacked["a_bits_by_input"]}
-    q, _ = load_act_quant(str(out / "w4a4_average_fisher_ranges_token" / "act_quant.safetensors"))
+    q, _ = load_act_quant(str(out / "w4a4_average_fisher_ranges_block" / "act_quant.safetensors"))
     assert {n: lq.bits for n, lq in q.layers.items() if n in stacked["a_bits_by_input"]} == stacked["a_bits_by_input"]
-    assert any(lq.granularity == "token" for lq in q.layers.values())
+    assert {(lq.granularity, lq.block) for lq in q.layers.values()} == {("block", cfg.w4a4.block_size)}
+    extra = stacked["a_bits_effective"] - stacked["a_bits"]  # 8 / block on the quantized inputs' share of MACs
+    assert stacked["a_block"] == cfg.w4a4.block_size and 0 < extra <= 8 / cfg.w4a4.block_size + 1e-9
     md = (out / "w4a4.md").read_text()
-    assert "A4 on average, bits by the activation Fisher, on rounding + ranges + token" in md
+    assert "A4 on average, bits by the activation Fisher, on rounding + ranges + block" in md
+    assert "with block scales)" in md
     assert md.count("vs uniform A4") == 1 and "| uniform A4 (every allocatable input at 4 bits), on rounding + " in md

@@ -3,6 +3,7 @@ as a table over the sampler's timesteps), smoothing (per-channel scales folded i
 calibrate.mse_range: exactness, what each removes, storage round trips."""
 import copy
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -224,3 +225,57 @@ def test_rounded_weights_are_the_parameters_stored_entries(name):
         assert all(torch.equal(got[n][k], v) if torch.is_tensor(v) else got[n][k] == v for k, v in want.items()), n
     assert got.keys() == dict(model.named_parameters()).keys()
     assert set(stored_entries(cfg, model, 4)) >= set(got)  # the whole state dict: buffers too
+
+
+def test_gptq_rounding_is_cached_per_model_state(tmp_path, capsys):
+    """w4a4's GPTQ rounding is computed once per transformed model: the same model reuses it (the same entries),
+    a model whose weights differ anywhere computes its own, and a corrupt cache file is recomputed, not used."""
+    from common.experiments.finetune import finetune_config
+    from common.experiments.w4a4 import gptq_weights
+    from common.quant.container import stored_digest
+
+    cfg, model = _net("smoke.yaml", [f"run.out_dir={tmp_path}"])
+    c = finetune_config(cfg)
+    first, info = gptq_weights(c, model, "cpu", progress=False)
+    assert "[gptq]" in capsys.readouterr().out and info["layers"]
+    again, info2 = gptq_weights(c, model, "cpu", progress=False)
+    out = capsys.readouterr().out
+    assert "reusing GPTQ's rounding" in out and "[gptq]" not in out
+    assert stored_digest(again) == stored_digest(first) and info2 == info
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(iter(other.parameters())).add_(1e-3)
+    gptq_weights(c, other, "cpu", progress=False)
+    assert "[gptq]" in capsys.readouterr().out
+    from common.core import storage
+
+    files = sorted(Path(storage.baseline_dir(c)).glob("gptq_*.pt"))
+    assert len(files) == 2
+    for f in files:
+        f.write_bytes(b"not a torch file")
+    third, _ = gptq_weights(c, model, "cpu", progress=False)
+    assert "[gptq]" in capsys.readouterr().out and stored_digest(third) == stored_digest(first)
+
+
+def test_w4a4_rows_switch_token_and_block_quantizers():
+    """An ablation row's activation quantizer: per tensor by default, per token on the attention projections with
+    ``token``, and per block of ``w4a4.block_size`` channels on every input with ``block`` (which supersedes
+    both); the row's block size is the config's only when the row has the technique."""
+    from common.experiments.finetune import finetune_config
+    from common.experiments.w4a4 import _quantizer, row_block
+    from common.quant.activations import attention_projections, quantizable_modules
+
+    cfg, model = _net("smoke.yaml")
+    c = finetune_config(cfg)
+    names = quantizable_modules(model)
+    ranges = {n: torch.tensor([[[-1.0, 1.0]] * (2 if n in model.concat_splits() else 1)] * 4) for n in names}
+    bits = {n: 4 for n in names}
+    attn = attention_projections(model)
+    assert attn
+    plain = _quantizer(c, model, ranges, bits, "group", token=False)
+    token = _quantizer(c, model, ranges, bits, "group", token=True)
+    block = _quantizer(c, model, ranges, bits, "group", token=True, block=row_block(cfg, ("token", "block")))
+    assert {lq.granularity for lq in plain.layers.values()} == {"tensor"}
+    assert {n for n, lq in token.layers.items() if lq.granularity == "token"} == attn
+    assert {(lq.granularity, lq.block) for lq in block.layers.values()} == {("block", cfg.w4a4.block_size)}
+    assert row_block(cfg, ("ranges", "token")) == 0

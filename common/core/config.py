@@ -241,6 +241,8 @@ class ActQuantConfig:
     a_bits: list[int] = _spec([16, 8, 6, 4], lo=2, hi=16, doc="activation bit widths a module's input may take")
     symmetric: bool = False  # asymmetric ranges use the full code range on ReLU'd (non-negative) inputs
     per_token_attention: bool = False  # attention projections' inputs: dynamic per-token ranges
+    block_size: int = _spec(0, lo=0, doc="every input dynamic per block of this many input channels "
+                            "(microscaling: one e4m3 scale per block, 8 / block more bits per activation); 0 = off")
     range_method: Literal["minmax", "percentile"] = "minmax"
     percentile: float = _spec(99.99, lo=50.0, hi=100.0, doc="range_method percentile: clip to [100-p, p]")
     range_modes: list[Literal["single", "group"]] = _spec(["single", "group"])  # one range, or per timestep group
@@ -395,7 +397,7 @@ class FinetuneConfig:
 
 
 def _average_stacks(stacks):
-    usable = ("ranges", "token", "smooth", "rotate", "lowrank", "time_table", "gptq")  # distillation: uniform A4
+    usable = ("ranges", "token", "smooth", "rotate", "lowrank", "time_table", "gptq", "block")  # distill: uniform A4
     for s in stacks:
         bad = [t for t in s.split("+") if t and t not in usable] if s != "best" else []
         if bad:
@@ -415,6 +417,7 @@ class W4A4Config:
     select_images: int = _spec(128, lo=2, doc="images of selection noise the greedy ablation decides on (one image "
                                "that lands on another digit moves the mean paired MSE by ~0.08 / n)")
     lowrank_rank: int = _spec(8, lo=1, doc="rank of the 16-bit low-rank branch beside every quantized layer")
+    block_size: int = _spec(16, lo=1, doc="input channels per block of the 'block' row (NVFP4's 16; MX formats 32)")
     smooth_samples: int = _spec(1024, lo=1, doc="teacher inputs per layer for the smoothing strength search")
     distill_steps: int = _spec(1000, lo=0, doc="Adam steps of the distillation row (batch finetune.batch_size)")
     distill_lr: float = _spec(1e-4, lo=0.0, doc="learning rate of the weights and low-rank factors: codes can flip")

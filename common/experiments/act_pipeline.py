@@ -63,10 +63,11 @@ def act_layout(cfg, model):
 def input_quants(cfg, model, ranges, bits: dict) -> dict:
     """{module: LayerQuant} of the inputs in ``bits`` ({module: b or None = float}) under the config's layout
     (``act_layout``: per-token ranges for the attention projections with ``act_quant.per_token_attention``,
-    two-part ranges for skip concatenations with ``split_concat``, ``act_quant.symmetric``); the one builder of the
+    two-part ranges for skip concatenations with ``split_concat``, ``act_quant.symmetric``; with
+    ``act_quant.block_size`` every input dynamic per block of channels instead); the one builder of the
     W/A pipeline, ``make lowbit`` and ``make finetune``."""
     _, _, splits, token = act_layout(cfg, model)
-    return layer_quants(ranges, bits, cfg.act_quant.symmetric, token, splits)
+    return layer_quants(ranges, bits, cfg.act_quant.symmetric, token, splits, cfg.act_quant.block_size or None)
 
 
 def act_quantizer(cfg, model, ranges, bits: dict, mode: str) -> ActQuantizer:
@@ -144,7 +145,8 @@ def act_importance_inputs(cfg, mode: str, checkpoint_sha256: str) -> dict:
     aq = cfg.act_quant
     return {"ranges": range_inputs(cfg, mode, checkpoint_sha256), "a_bits": aq.a_bits, "symmetric": aq.symmetric,
             "per_token_attention": aq.per_token_attention, "keep_first_last": aq.keep_first_last,
-            "n_samples": aq.fisher_samples, "seed": cfg.fisher.seed, "train_limit": cfg.data.train_limit}
+            "n_samples": aq.fisher_samples, "seed": cfg.fisher.seed, "train_limit": cfg.data.train_limit,
+            **({"block_size": aq.block_size} if aq.block_size else {})}  # only then: earlier caches stay valid
 
 
 def ensure_act_importance(cfg, model, mode, ranges, checkpoint_sha256, device, progress=True) -> dict:

@@ -41,10 +41,11 @@ from ..diffusion.schedule import NoiseSchedule
 from ..evaluation import evaluate
 from ..importance.fisher import draw_samples
 from ..importance.weights import fisher_distortion_costs
-from ..quant.activations import ActQuantizer, attention_projections, group_of
+from ..quant.activations import ActQuantizer, attention_projections, channel_dim, group_of
 from ..quant.backends import calibration_inputs
 from ..quant.eligibility import eligible_names, end_convs
 from ..quant.formats import channel_axes, dequantize_tensor, quantize_tensor
+from ..quant.hooks import output_hooks
 from ..quant.learnable import LearnedActQuant, WeightQuant, export_weight
 from . import lowbit, pipeline
 from .act_pipeline import (
@@ -197,23 +198,18 @@ def reconstruct(c, student, teacher, pool, progress=True):
     fp32 layer on the fp32 inputs of ``pool``. Returns (optimisation steps, loss history summary)."""
     ft = c.finetune
     device = next(teacher.parameters()).device
-    tmods, smods = dict(teacher.named_modules()), dict(student.model.named_modules())
+    smods = dict(student.model.named_modules())
     layers = [n.removesuffix(".weight") for n in student.names]
     gen = torch.Generator().manual_seed(ft.calib_seed)
     idx = torch.randperm(len(pool[0]), generator=gen)[:ft.recon_samples]
     x, t = pool[0][idx].to(device), pool[1][idx].to(device)
-    captured = {}
-    hooks = [tmods[n].register_forward_hook(lambda m, a, o, n=n: captured.__setitem__(n, (a[0].detach(), o.detach())))
-             for n in layers]
-    group_t = {}
-    with torch.no_grad():
+    captured, group_t = {}, {}
+    with torch.no_grad(), output_hooks(teacher, layers, lambda n, a, o: captured.__setitem__(n, (a[0], o))):
         for b in range(0, len(x), 64):
             teacher(x[b:b + 64], t[b:b + 64])
             for n in layers:
                 i, o = captured[n]
                 group_t.setdefault(n, []).append((i, o, t[b:b + 64]))
-    for h in hooks:
-        h.remove()
     steps, first, last = 0, [], []
     bar = tqdm(layers, desc="reconstruct", disable=not progress)
     for n in bar:
@@ -229,7 +225,7 @@ def reconstruct(c, student, teacher, pool, progress=True):
         groups = group_of(ts, student.quantizer.groups, c.diffusion.timesteps)
         for k in range(ft.recon_iters):
             sel = torch.randint(0, len(ins), (min(ft.recon_batch, len(ins)),), generator=gen).to(device)
-            xi = ins[sel] if aq is None else aq.apply(ins[sel], groups[sel])
+            xi = ins[sel] if aq is None else aq.apply(ins[sel], groups[sel], channel_dim(ins, mod))
             out = mod.forward(xi)  # forward() skips the pre-hook: the input was quantized above
             rec = (out - outs[sel]).pow(2).mean()
             beta = 20 - (20 - 2) * k / max(1, ft.recon_iters - 1)
@@ -253,34 +249,32 @@ def finetune(c, student, teacher, pool, layers, progress=True):
     eps MSE + ``local_weight`` x the trained layers' output MSE. Returns (steps, loss summary)."""
     ft = c.finetune
     device = next(teacher.parameters()).device
-    tmods, smods = dict(teacher.named_modules()), dict(student.model.named_modules())
     weights = [student.original(f"{n}.weight") for n in layers]
     steps_p = [a.step for a in student.aq.values()]
     for p in weights + steps_p:
         p.requires_grad_(True)
     opt = torch.optim.Adam([{"params": weights, "lr": ft.lr}, {"params": steps_p, "lr": ft.step_lr}])
     t_out, s_out = {}, {}
-    hooks = [tmods[n].register_forward_hook(lambda m, a, o, n=n: t_out.__setitem__(n, o)) for n in layers] + \
-            [smods[n].register_forward_hook(lambda m, a, o, n=n: s_out.__setitem__(n, o)) for n in layers]
     gen = torch.Generator().manual_seed(ft.calib_seed + 1)
     losses = []
     try:
-        for _ in tqdm(range(ft.steps), desc="finetune", disable=not progress):
-            sel = torch.randint(0, len(pool[0]), (ft.batch_size,), generator=gen)
-            x, t = pool[0][sel].to(device), pool[1][sel].to(device)
-            with torch.no_grad():
-                eps_t = teacher(x, t)
-            eps_s = student.model(x, t)
-            loss = (eps_s - eps_t).pow(2).mean()
-            if layers and ft.local_weight:
-                loss = loss + ft.local_weight * sum((s_out[n] - t_out[n]).pow(2).mean() for n in layers) / len(layers)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(float(loss))
+        with output_hooks(teacher, layers, lambda n, a, o: t_out.__setitem__(n, o)), \
+                output_hooks(student.model, layers, lambda n, a, o: s_out.__setitem__(n, o)):
+            for _ in tqdm(range(ft.steps), desc="finetune", disable=not progress):
+                sel = torch.randint(0, len(pool[0]), (ft.batch_size,), generator=gen)
+                x, t = pool[0][sel].to(device), pool[1][sel].to(device)
+                with torch.no_grad():
+                    eps_t = teacher(x, t)
+                eps_s = student.model(x, t)
+                loss = (eps_s - eps_t).pow(2).mean()
+                if layers and ft.local_weight:
+                    local = sum((s_out[n] - t_out[n]).pow(2).mean() for n in layers) / len(layers)
+                    loss = loss + ft.local_weight * local
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss))
     finally:
-        for h in hooks:
-            h.remove()
         for p in weights + steps_p:
             p.requires_grad_(False)
     k = max(1, len(losses) // 10)
@@ -325,6 +319,7 @@ def variant_inputs(cfg, c, sha: str, method: str) -> dict:
     out = {"checkpoint_sha256": sha, "finetune": to_dict(cfg.finetune), "keep_format": cfg.lowbit.keep_format,
            "act_quant": {k: to_dict(aq)[k] for k in ("symmetric", "per_token_attention", "keep_first_last",
                                                      "split_concat", "softmax_bits")},
+           **({"block_size": aq.block_size} if aq.block_size else {}),
            "ranges": range_inputs(c, cfg.finetune.range_mode, sha), "pool": pool_inputs(c, sha)}
     if method == "fisher":
         out["fisher"] = {"weights": {**pipeline.fisher_inputs(cfg), "eligible": lowbit.RULE},

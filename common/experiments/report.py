@@ -337,7 +337,9 @@ def plot_ratio_sweep(results: dict, folder: str):
     return save_figure(fig, os.path.join(folder, "ratio_sweep.png"))
 
 
-def plot_grids(run: str, results: dict, folder: str, n=16):
+def plot_grids(run: str, results: dict, folder: str, n=16, name="grids.png"):
+    """The first ``n`` samples of the first seed of each variant of ``results`` (its folder under ``run``), side by
+    side: the same noise for every variant. Written to ``folder``/``name``; None if no variant has samples."""
     plt = pyplot()
     names = [v for v in results if os.path.exists(os.path.join(run, v, f"samples_seed{results[v]['seeds'][0]}.pt"))]
     if not names:
@@ -353,7 +355,7 @@ def plot_grids(run: str, results: dict, folder: str, n=16):
         ax.set_title(v, fontsize=7)
         ax.axis("off")
     fig.suptitle(f"same noise (seed {results[names[0]]['seeds'][0]}) for every variant", fontsize=9)
-    return save_figure(fig, os.path.join(folder, "grids.png"))
+    return save_figure(fig, os.path.join(folder, name))
 
 
 # ----------------------------------------------------------------------------- tables
@@ -529,9 +531,9 @@ def _marker_hint(path: str, start: str, end: str) -> str:
     return ""
 
 
-def update_section_from_summary(path: str, summary_md: str, marker: str, figure: str):
-    """Write a ``summary.md`` (less its title line) between ``path``'s markers, with its figure."""
-    update_section(path, marker, summary_md.split("\n", 2)[2], figures=[figure])
+def update_section_from_summary(path: str, summary_md: str, marker: str, figure):
+    """Write a ``summary.md`` (less its title line) between ``path``'s markers, with its figure (or figures)."""
+    update_section(path, marker, summary_md.split("\n", 2)[2], figures=[figure] if isinstance(figure, str) else figure)
 
 
 def add_docs_argument(parser, marker: str, default_file: str):

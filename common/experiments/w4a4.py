@@ -10,7 +10,9 @@ and with its weights (every conv / linear but the two ends in 4-bit per-channel 
   searched for the least quantization MSE, dynamic per-token ranges for attention inputs, smoothing, rotation,
   a 16-bit low-rank branch, the time path as a table, quantization-aware distillation (``finetune.py``), and
   GPTQ's error-compensating weight rounding (``quant.gptq``; the row order is the order rows are tried: GPTQ
-  rounds the transformed weights, and a distillation in the same row starts from its weights).
+  rounds the transformed weights, and a distillation in the same row starts from its weights), and dynamic
+  per-block activation ranges (microscaling: ``w4a4.block_size`` input channels share an e4m3 scale, so the
+  row's activations cost 4 + 8 / block bits; ``quant.activations.block_fake_quant``).
 """
 import copy
 import json
@@ -21,11 +23,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core import lock, storage
+from ..core.config import to_dict
 from ..diffusion.samplers import build_sampler
 from ..diffusion.schedule import NoiseSchedule
 from ..evaluation import evaluate
 from ..quant import lowrank, rotation, smoothing, time_table
 from ..quant.activations import (
+    channel_dim,
     fake_quant,
     group_of,
     int_range,
@@ -54,7 +58,7 @@ from .act_pipeline import (
 )
 
 # the techniques of the ablation, in the order the rows add them
-TECHNIQUES = ("ranges", "token", "smooth", "rotate", "lowrank", "time_table", "distill", "gptq")
+TECHNIQUES = ("ranges", "token", "smooth", "rotate", "lowrank", "time_table", "distill", "gptq", "block")
 SAMPLING_CONVS = ("down-sampling conv", "up-sampling (transposed) conv")
 
 
@@ -124,11 +128,24 @@ def run_damage(cfg, c, model, sha, a_bits, device, force=False, progress=True) -
     return done
 
 
-def _quantizer(c, model, ranges, bits, mode, token: bool):
-    """The W/A pipeline's activation quantizer with per-token attention ranges switched by ``token``."""
+def _quantizer(c, model, ranges, bits, mode, token: bool, block: int = 0):
+    """The W/A pipeline's activation quantizer with per-token attention ranges switched by ``token`` and dynamic
+    per-block ranges by ``block`` (channels; 0 = off)."""
     c2 = copy.deepcopy(c)
     c2.act_quant.per_token_attention = token
+    c2.act_quant.block_size = block
     return act_quantizer(c2, model, ranges, bits, mode)
+
+
+def a_bits_effective(bits: int, block: int) -> float:
+    """Bits per activation with the block scales counted (one 8-bit scale per ``block`` values; 0: per tensor or
+    token, whose one scale is negligible)."""
+    return bits + (8 / block if block else 0)
+
+
+def row_block(cfg, techniques) -> int:
+    """The row's activation block size: ``w4a4.block_size`` with the "block" technique, else 0 (off)."""
+    return cfg.w4a4.block_size if "block" in techniques else 0
 
 
 def channel_errors(model, quantizer, pool, n_inputs=64, seed=0) -> list:
@@ -149,8 +166,8 @@ def channel_errors(model, quantizer, pool, n_inputs=64, seed=0) -> list:
         for n, lq in quantizer.layers.items():
             layer, xi = mods[n], seen[n]
             ref = layer(xi)
-            per_tensor = float((layer.forward(lq.apply(xi, groups)) - ref).norm() / ref.norm())
-            dim = smoothing.channel_dim(xi, layer)
+            per_tensor = float((layer.forward(lq.apply(xi, groups, channel_dim(xi, layer))) - ref).norm() / ref.norm())
+            dim = channel_dim(xi, layer)
             xc = torch.empty_like(xi)
             for g in groups.unique():
                 sel = groups == g
@@ -216,7 +233,7 @@ def transformed_model(c, model, techniques, pool, device, rank: int, smooth_samp
             if n not in layers:
                 continue
             x = recorded[n]
-            amax = x.abs().amax(tuple(d for d in range(x.dim()) if d != smoothing.channel_dim(x, mods[n])))
+            amax = x.abs().amax(tuple(d for d in range(x.dim()) if d != channel_dim(x, mods[n])))
             axis = axes[f"{n}.weight"]
             alpha, s, _ = smoothing.choose_alpha(
                 mods[n], x, amax, lambda w, axis=axis: dequantize_tensor(quantize_tensor(w, "int4", axis)), 4)
@@ -266,14 +283,29 @@ def gptq_weights(c, transformed, device, progress=True) -> tuple:
     """({parameter: stored entry}, info): the transformed model's quantized layers in int4 by GPTQ
     (``lowbit.gptq_entries``: Hessians from the transformed model's own sampling trajectories,
     ``lowbit.gptq_images`` / ``lowbit.gptq_seed``, the same entries on every invocation). Transposed / grouped
-    convs keep round-to-nearest. info per layer: the output-error proxy of round-to-nearest and of GPTQ."""
+    convs keep round-to-nearest. info per layer: the output-error proxy of round-to-nearest and of GPTQ. Computed
+    once per transformed model: cached in the baseline folder, keyed on the digest of the model's whole state and
+    the GPTQ settings (rows and studies that round the same model share it; a corrupt file is recomputed)."""
     names = [n for n in eligible_names(transformed, lowbit.RULE) if ".lowrank." not in n]
+    lb = c.lowbit
+    state = {n: {"format": "fp32", "data": v} for n, v in transformed.state_dict().items()}
+    inputs = {"model": stored_digest(state), "names": names, "images": lb.gptq_images, "seed": lb.gptq_seed,
+              "damp": lb.gptq_damp, "sample": to_dict(c.sample), "diffusion": to_dict(c.diffusion),
+              "device": str(device)}
+    path = os.path.join(storage.baseline_dir(c), f"gptq_{storage.fingerprint(inputs)}.pt")
+    art = storage.load_cache(path, "the GPTQ rounding")
+    if art is not None and art["meta"].get("inputs") == inputs and stored_digest(art["entries"]) == art["digest"]:
+        print(f"[w4a4] reusing GPTQ's rounding {path}")
+        return art["entries"], art["info"]
     entries, infos, report = lowbit.gptq_entries(c, transformed, names, ["int4"], device, progress)
-    info = {"images": c.lowbit.gptq_images, "damp": c.lowbit.gptq_damp,
+    info = {"images": lb.gptq_images, "damp": lb.gptq_damp,
             "layers": {n.removesuffix(".weight"): v for (n, _), v in infos.items()},
             "round_to_nearest": sorted(n.removesuffix(".weight") for n in report["round_to_nearest"]),
             "median_error_ratio": report["median_error_ratio"].get("int4")}
-    return {n: e for (n, _), e in entries.items()}, info
+    entries = {n: e for (n, _), e in entries.items()}
+    storage.atomic_torch_save({"meta": {"inputs": inputs}, "entries": entries, "info": info,
+                               "digest": stored_digest(entries)}, path)
+    return entries, info
 
 
 def quantized_weights(c, transformed, techniques, device, info, progress=True) -> dict:
@@ -304,14 +336,15 @@ def calibrate(c, transformed, names, method: str, a_bits: int, mode: str, device
                           mse_bits=a_bits)
 
 
-def distill(cfg, c, teacher, transformed, ranges, pool, token: bool, device, progress=True, start=None):
+def distill(cfg, c, teacher, transformed, ranges, pool, token: bool, device, progress=True, start=None, block=0):
     """Quantization-aware distillation that can move the weights (EfficientDM, He et al. 2024): a ``Student`` of
     the transformed model with straight-through weights and learned per-channel weight scales (``lsq``), LSQ
     activation steps per timestep group, and the low-rank factors, trained with Adam to match the fp32
     ``teacher``'s noise prediction on x_t drawn half from the teacher's trajectories (``pool``) and half from the
     student's own (on-policy, refreshed every ``w4a4.onpolicy_every`` steps). ``start``: the row's stored entries
     (round-to-nearest's or GPTQ's): the learned scales start at their scales, so the student starts on their
-    codes. Returns (stored entries, ActQuantizer, info with the share of weight codes that changed)."""
+    codes; ``block``: dynamic per-block activation ranges (as ``_quantizer``; nothing to learn there). Returns
+    (stored entries, ActQuantizer, info with the share of weight codes that changed)."""
     from ..diffusion.samplers import build_sampler as sampler_of
     from ..quant.backends import calibration_inputs
     from ..quant.learnable import export_weight
@@ -320,6 +353,7 @@ def distill(cfg, c, teacher, transformed, ranges, pool, token: bool, device, pro
     w = cfg.w4a4
     c2 = copy.deepcopy(c)
     c2.act_quant.per_token_attention = token
+    c2.act_quant.block_size = block
     student = Student(c2, transformed, 4, 4, ranges, "lsq")
     names = list(student.wq)
     start = {n: e for n, e in (start or {}).items() if n in student.wq and e["format"] == "int4"}
@@ -385,7 +419,7 @@ def distill(cfg, c, teacher, transformed, ranges, pool, token: bool, device, pro
 
 
 def cached_distill(cfg, c, teacher, transformed, ranges, pool, token: bool, ckpt_path: str, before: str, device,
-                   progress=True, start=None):
+                   progress=True, start=None, block=0):
     """``distill``, computed once: its result (stored entries, activation quantizer, info) is cached in the
     comparison's baseline folder, bound to the checkpoint (``storage.save_for_checkpoint``) and keyed on
     everything else it depends on: the calibration pool, the student it starts from (``before``: the digest of the
@@ -399,7 +433,8 @@ def cached_distill(cfg, c, teacher, transformed, ranges, pool, token: bool, ckpt
     inputs = {"pool": pool_inputs(c, sha), "before": before, "token": token,
               "w4a4": {k: getattr(cfg.w4a4, k) for k in ("distill_steps", "distill_lr", "scale_lr", "onpolicy_every",
                                                          "onpolicy_images")},
-              "finetune": {"batch_size": ft.batch_size, "step_lr": ft.step_lr}, "device": str(device)}
+              "finetune": {"batch_size": ft.batch_size, "step_lr": ft.step_lr}, "device": str(device),
+              **({"block": block} if block else {})}
     path = os.path.join(storage.baseline_dir(c), f"distill_{storage.fingerprint(inputs)}")
     art = storage.reusable_artifact(path + ".pt", ckpt_path, inputs)
     if art is not None and os.path.exists(path + "_act.safetensors"):
@@ -407,7 +442,7 @@ def cached_distill(cfg, c, teacher, transformed, ranges, pool, token: bool, ckpt
         if stored_digest(art["stored"]) == art["stored_digest"] and quantizer_digest(q) == art["q_digest"]:
             print(f"[w4a4] reusing the distillation {path}.pt")
             return art["stored"], q, art["info"]
-    stored, q, info = distill(cfg, c, teacher, transformed, ranges, pool, token, device, progress, start)
+    stored, q, info = distill(cfg, c, teacher, transformed, ranges, pool, token, device, progress, start, block)
     save_act_quant(q, path + "_act.safetensors", {"what": "w4a4 distillation cache"})
     storage.save_for_checkpoint({"meta": {"inputs": inputs}, "stored": stored, "info": info,
                                  "stored_digest": stored_digest(stored), "q_digest": quantizer_digest(q)},
@@ -435,14 +470,17 @@ def run_ablation(cfg, c, model, ckpt_path, sha, pool, device, rows=None, rank=8,
         m, info = transformed_model(c, model, techniques, pool, device, rank, cfg.w4a4.smooth_samples, progress)
         method = "mse" if "ranges" in techniques else "minmax"
         ranges = calibrate(c, m, names, method, 4, mode, device, progress)
-        q = _quantizer(c, m, ranges, {n: 4 for n in inputs}, mode, token="token" in techniques)
+        q = _quantizer(c, m, ranges, {n: 4 for n in inputs}, mode, "token" in techniques, row_block(cfg, techniques))
         stored = quantized_weights(c, m, techniques, device, info, progress)
         if "distill" in techniques:
             before = stored_digest(stored) + quantizer_digest(q)
             stored, q, info["distill"] = cached_distill(cfg, c, model, m, ranges, pool, "token" in techniques,
-                                                        ckpt_path, before, device, progress, start=stored)
+                                                        ckpt_path, before, device, progress, stored,
+                                                        row_block(cfg, techniques))
+        block = row_block(cfg, techniques)
         extra = {"study": "ablation", "row": k, "techniques": list(techniques), "checkpoint_sha256": sha,
                  "range_method": method, "range_mode": mode, "lowrank_rank": rank if "lowrank" in techniques else 0,
+                 "a_block": block, "a_bits_effective": a_bits_effective(4, block),
                  "transform": json.loads(json.dumps(info, default=str))}
         result = _evaluate(c, variant, model, stored, q, extra, device, force, progress, transformed=m)
         row = {"row": k, "tried": tried, "base": base, "selection_mse": None, "kept": True}
@@ -525,11 +563,14 @@ def _average_on(cfg, c, c2, model, ckpt_path, fisher, pool, techniques, macs, pe
                                       per_step)
         bits = {n: b for n, (_, b) in choice.items() if n not in kept_inputs}
         ranges = calibrate(c, m, names, method, bits, mode, device, progress)
-        q = _quantizer(c, m, ranges, bits, mode, token="token" in techniques)
+        q = _quantizer(c, m, ranges, bits, mode, "token" in techniques, row_block(cfg, techniques))
         fractions = info.get("steps", {}).get("fractions")
         a_bits = sum(macs[n] * mean_bits(b, fractions) for n, (_, b) in choice.items()) / total_macs
+        block = row_block(cfg, techniques)  # the block scales: 8 / block more bits on every quantized input
+        scales = sum(macs[n] for n in bits) * a_bits_effective(0, block) / total_macs
         extra = {"study": "average", "plan": plan, "techniques": list(techniques), "checkpoint_sha256": sha,
-                 "range_method": method, "range_mode": mode, "a_bits": a_bits, "bops": int(info["bops"]),
+                 "range_method": method, "range_mode": mode, "a_bits": a_bits, "a_block": block,
+                 "a_bits_effective": a_bits + scales, "bops": int(info["bops"]),
                  "gbops": info["bops"] / 1e9, "a_bits_by_input": bits, **step_record(choice, macs, info),
                  "lowrank_rank": cfg.w4a4.lowrank_rank if "lowrank" in techniques else 0,
                  "transform": json.loads(json.dumps(tinfo, default=str))}
@@ -657,9 +698,9 @@ def summary_markdown(cfg, done, seconds=None) -> str:
                   f"Each row adds one technique to the row it is built on: {rule}. The verdict compares it with "
                   "that row (B − A of paired per-seed values, a two-sided paired t-test, Holm-corrected over the "
                   "column).", "",
-                  "| row | adds | built on | selection MSE | kept | weights MB | paired MSE | clf-FID | "
+                  "| row | adds | built on | selection MSE | kept | weights MB | a-bits | paired MSE | clf-FID | "
                   "clf-FID / fp32 | clf-IS | paired MSE vs the row built on |",
-                  "|---:|---|---|---:|---|---:|---:|---:|---:|---:|---|"]
+                  "|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
         ablation = done["ablation"]
         verdicts, diffs = against([(v, r, ablation[row["base"]][1]) for v, (_, r, row) in ablation.items()
                                    if row["base"] in ablation], "base")
@@ -667,9 +708,13 @@ def summary_markdown(cfg, done, seconds=None) -> str:
             sel = f"{row['selection_mse']:.4g}" if row["selection_mse"] is not None else "–"
             base = " + ".join(("rounding",) + tuple(ablation[row["base"]][0])) if row["base"] in ablation else "–"
             lines.append(f"| {row['row']} | {row['tried'] or 'plain rounding'} | {base} | {sel} | "
-                         f"{'yes' if row['kept'] else 'no'} | {r['size_bytes'] / 1e6:.3f} | {cells(r)} | "
-                         f"{verdicts.get(v, '–')} |")
+                         f"{'yes' if row['kept'] else 'no'} | {r['size_bytes'] / 1e6:.3f} | "
+                         f"{r.get('a_bits_effective', 4):.2f} | {cells(r)} | {verdicts.get(v, '–')} |")
         lines += ["", holm_note(tested(diffs))]
+        if any("block" in t for t, _, _ in ablation.values()):
+            lines += ["", f"block: every quantized input dynamic per block of {cfg.w4a4.block_size} input channels at "
+                      "each pixel / token, one float8 e4m3 scale per block (times one fp32 scale per sample), as "
+                      "NVFP4 / MX formats store them; a-bits counts the scales (4 + 8 / block)."]
     if "average" in done:
         lines += ["", "## Uniform A4 and A4 on average", "",
                   f"Every quantized weight in int4; activation bits per input from {sorted(cfg.w4a4.average_a_bits)} "
@@ -685,7 +730,8 @@ def summary_markdown(cfg, done, seconds=None) -> str:
         verdicts, diffs = against([(v, r, uniform[t]) for v, (p, t, r) in average.items()
                                    if p != "uniform" and t in uniform], "uniform A4")
         for v, (plan, techniques, r) in average.items():
-            lines.append(f"| {average_label(plan, techniques)} | {r.get('a_bits', float('nan')):.2f} | "
+            scales = f" ({r['a_bits_effective']:.2f} with block scales)" if r.get("a_block") else ""
+            lines.append(f"| {average_label(plan, techniques)} | {r.get('a_bits', float('nan')):.2f}{scales} | "
                          f"{r.get('gbops', float('nan')):.4g} | {cells(r)} | {verdicts.get(v, '–')} |")
         lines += ["", holm_note(tested(diffs))]
         for plan, techniques, r in average.values():
@@ -694,7 +740,12 @@ def summary_markdown(cfg, done, seconds=None) -> str:
                           "(t ascending) " + ", ".join(f"{b:.2f}" for b in r["a_bits_by_group"]) + "; the groups' "
                           "shares of the final sample's sensitivity (chain-aware Fisher) " +
                           ", ".join(f"{x:.2f}" for x in r["group_sensitivity_shares"]) + "."]
-    lines += ["", "![w4a4](w4a4.png)"]
+    if any(done.get(k) for k in ("damage", "ablation", "channel_errors")):  # what ``plot`` draws
+        lines += ["", "![w4a4](w4a4.png)"]
+    best = best_row(done)
+    if best and "fp32" in done:
+        lines += ["", f"Samples under the same noise (seed {ft.seeds[0]}): fp32, plain rounding and the ablation's "
+                  f"best row ({best}):", "", "![W4A4 samples](w4a4_grids.png)"]
     return "\n".join(lines) + "\n"
 
 
@@ -719,58 +770,90 @@ def channel_lines(errs) -> list:
     return lines
 
 
-def plot(done, path):
-    from .report import per_seed, pyplot, save_figure
+def _damage_panel(ax, done):
+    from .report import per_seed
 
+    labels = [lab for lab, _ in done["damage"].values()]
+    vals = [float(np.nanmean(per_seed(r, "paired_mse_vs_fp32"))) for _, r in done["damage"].values()]
+    errs = [float(np.nanstd(per_seed(r, "paired_mse_vs_fp32"))) for _, r in done["damage"].values()]
+    ax.barh(range(len(vals)), vals, xerr=errs, color=["C0" if "alone" in lab else "C1" for lab in labels])
+    ax.set_yticks(range(len(vals)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("paired MSE vs fp32")
+    ax.set_title("W4A4: A4 on all but one group (orange) / one group alone (blue)")
+
+
+def _ablation_panel(ax, done):
+    from .report import per_seed
+
+    names = [row["tried"] or "rounding" for _, _, row in done["ablation"].values()]
+    vals = [float(np.nanmean(per_seed(r, "paired_mse_vs_fp32"))) for _, r, _ in done["ablation"].values()]
+    errs = [float(np.nanstd(per_seed(r, "paired_mse_vs_fp32"))) for _, r, _ in done["ablation"].values()]
+    ax.errorbar(range(len(vals)), vals, yerr=errs, marker="o", color="C0", capsize=3)
+    ax.set_xticks(range(len(names)), ["+ " + n if i else n for i, n in enumerate(names)], rotation=30, fontsize=7)
+    ax.set_yscale("log")
+    ax.set_ylabel("paired MSE vs fp32")
+    ax.set_title("W4A4 ablation: each row adds its technique", fontsize=10)
+
+
+def _outlier_panel(ax, done):
+    errs = done["channel_errors"]
+    ops = sorted({e["op"] for e in errs})
+    for i, op in enumerate(ops):
+        vals = [e["range_spread"] for e in errs if e["op"] == op]
+        ax.scatter(vals, np.full(len(vals), i) + np.linspace(-0.2, 0.2, len(vals)), s=10)
+    ax.set_yticks(range(len(ops)), ops, fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("range spread: largest channel max|x| / median channel's")
+    ax.set_title("where the activation outliers are (one dot per input)")
+
+
+def plot(done, path):
+    """One panel per study that ran (damage bars, the ablation's paired MSE, the outlier dots); None if none."""
+    from .report import pyplot, save_figure
+
+    panels = [(draw, key) for draw, key in ((_damage_panel, "damage"), (_ablation_panel, "ablation"),
+                                            (_outlier_panel, "channel_errors")) if done.get(key)]
+    if not panels:
+        return None
     plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(18, 4.5), squeeze=False)
-    ax = axes[0][0]
-    if "damage" in done:
-        labels = [lab for lab, _ in done["damage"].values()]
-        vals = [float(np.nanmean(per_seed(r, "paired_mse_vs_fp32"))) for _, r in done["damage"].values()]
-        errs = [float(np.nanstd(per_seed(r, "paired_mse_vs_fp32"))) for _, r in done["damage"].values()]
-        ax.barh(range(len(vals)), vals, xerr=errs, color=["C0" if "alone" in lab else "C1" for lab in labels])
-        ax.set_yticks(range(len(vals)), labels, fontsize=7)
-        ax.invert_yaxis()
-        ax.set_xlabel("paired MSE vs fp32")
-        ax.set_title("W4A4: A4 on all but one group (orange) / one group alone (blue)")
-    ax = axes[0][1]
-    if "ablation" in done:
-        names = [row["tried"] or "rounding" for _, _, row in done["ablation"].values()]
-        for key, color in (("paired_mse_vs_fp32", "C0"),):
-            vals = [float(np.nanmean(per_seed(r, key))) for _, r, _ in done["ablation"].values()]
-            errs = [float(np.nanstd(per_seed(r, key))) for _, r, _ in done["ablation"].values()]
-            ax.errorbar(range(len(vals)), vals, yerr=errs, marker="o", color=color, capsize=3)
-        ax.set_xticks(range(len(names)), ["+ " + n if i else n for i, n in enumerate(names)], rotation=30,
-                      fontsize=7)
-        ax.set_yscale("log")
-        ax.set_ylabel("paired MSE vs fp32")
-        ax.set_title("W4A4 ablation (each row: + its technique on the row it is built on)")
-    ax = axes[0][2]
-    errs = done.get("channel_errors") or []
-    if errs:
-        ops = sorted({e["op"] for e in errs})
-        for i, op in enumerate(ops):
-            vals = [e["range_spread"] for e in errs if e["op"] == op]
-            ax.scatter(vals, np.full(len(vals), i) + np.linspace(-0.2, 0.2, len(vals)), s=10)
-        ax.set_yticks(range(len(ops)), ops, fontsize=7)
-        ax.set_xscale("log")
-        ax.set_xlabel("range spread: largest channel max|x| / median channel's")
-        ax.set_title("where the activation outliers are (one dot per input)")
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.5), squeeze=False)
+    for ax, (draw, _) in zip(axes[0], panels, strict=True):
+        draw(ax, done)
     return save_figure(fig, path)
+
+
+def best_row(done):
+    """The ablation's best row: the last kept (greedy) or the lowest paired MSE (cumulative); None without one."""
+    from .report import per_seed
+
+    ablation = done.get("ablation") or {}
+    kept = [v for v, (_, _, row) in ablation.items() if row["kept"] and row["selection_mse"] is not None]
+    if kept:
+        return kept[-1]
+    scored = [(float(np.nanmean(per_seed(r, "paired_mse_vs_fp32"))), v) for v, (_, r, _) in ablation.items()]
+    return min(scored)[1] if scored else None
 
 
 def write_outputs(cfg, done, seconds=None) -> str:
     from ..core import storage
     from ..core.cli import command
+    from .report import plot_grids
 
     folder = w4a4_dir(cfg)
     fig = plot(done, os.path.join(folder, "w4a4.png"))
+    best = best_row(done)
+    grids = None
+    if best and "fp32" in done:  # the best W4A4 row beside fp32 and plain rounding, same noise
+        shown = {"fp32": done["fp32"], **{v: done["ablation"][v][1] for v in dict.fromkeys(
+            [technique_variant(()), best]) if v in done["ablation"]}}
+        grids = plot_grids(folder, shown, folder, name="w4a4_grids.png")
     md = summary_markdown(cfg, done, seconds)
     storage.atomic_write_csv(rows(done), COLUMNS, os.path.join(folder, "w4a4.csv"))
     storage.atomic_write_text(md, os.path.join(folder, "w4a4.md"))
     storage.atomic_write_record({"channel_errors": done.get("channel_errors")}, os.path.join(folder, "w4a4.json"))
     storage.write_sources(os.path.join(folder, "w4a4.sources.json"),
-                          [os.path.join(folder, f) for f in ("w4a4.csv", "w4a4.md", "w4a4.json")] + [fig],
+                          [os.path.join(folder, f) for f in ("w4a4.csv", "w4a4.md", "w4a4.json")]
+                          + [f for f in (fig, grids) if f],
                           [os.path.join(folder, v, "metrics.json") for _, v, _, _ in _variants(done)], command(cfg))
     return md

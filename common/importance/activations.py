@@ -23,7 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..diffusion.schedule import bucket_edges
-from ..quant.activations import group_of
+from ..quant.activations import channel_dim, group_of
+from ..quant.hooks import input_hooks
 from .fisher import draw_samples
 
 
@@ -49,43 +50,42 @@ def activation_importance(model, schedule, x_pool, candidates: dict, groups: int
     def per_sample_into_groups(acc, values):
         acc.index_add_(0, state["g"].cpu(), values.detach().double().cpu())
 
-    def pre_hook(name, module, args):
+    mods = dict(model.named_modules())
+
+    def pre_hook(name, args):
         a = args[0]
         # gradients reaching this node flow through this module only; an input computed from constants
         # alone (the time MLP's sinusoidal rows) becomes a leaf that collects its own gradient
         alias = a.view_as(a) if a.requires_grad else a.detach().requires_grad_(True)
         a = a.detach()
-        g_idx = state["g"]
+        g_idx, dim = state["g"], channel_dim(a, mods[name])
         abs_sum[name] += float(a.abs().flatten(1).mean(1).sum())
 
         def on_grad(grad):  # the errors are computed here, so only ``a`` (which autograd keeps anyway) waits
             g2 = grad.detach().pow(2)
             for b, lq in candidates[name].items():
-                d2 = (a - lq.apply(a, g_idx)).pow(2)
+                d2 = (a - lq.apply(a, g_idx, dim)).pow(2)
                 per_sample_into_groups(fis[name][b], (g2 * d2).flatten(1).sum(1))
                 per_sample_into_groups(mse[name][b], d2.flatten(1).sum(1))
 
         alias.register_hook(on_grad)
         return (alias, *args[1:])
 
-    mods = dict(model.named_modules())
-    hooks = [mods[n].register_forward_pre_hook(lambda m, a, n=n: pre_hook(n, m, a)) for n in names]
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:  # gradients w.r.t. activations only
         p.requires_grad_(False)
     try:
-        for s in tqdm(range(0, n_samples, chunk), desc="activation fisher", disable=not progress, unit="chunk"):
-            sl = slice(s, s + chunk)
-            tc = t[sl].to(device)
-            state["g"] = group_of(tc, groups, T).to(device)
-            with torch.enable_grad():
-                x_t = schedule.q_sample(x0[sl].to(device), tc, eps[sl].to(device)).requires_grad_(True)
-                per_sample = (model(x_t, tc) - eps[sl].to(device)).pow(2).flatten(1).mean(1)
-                per_sample.sum().backward()
-            count.index_add_(0, state["g"].cpu(), torch.ones(len(tc), dtype=torch.float64))
+        with input_hooks(model, names, pre_hook):
+            for s in tqdm(range(0, n_samples, chunk), desc="activation fisher", disable=not progress, unit="chunk"):
+                sl = slice(s, s + chunk)
+                tc = t[sl].to(device)
+                state["g"] = group_of(tc, groups, T).to(device)
+                with torch.enable_grad():
+                    x_t = schedule.q_sample(x0[sl].to(device), tc, eps[sl].to(device)).requires_grad_(True)
+                    per_sample = (model(x_t, tc) - eps[sl].to(device)).pow(2).flatten(1).mean(1)
+                    per_sample.sum().backward()
+                count.index_add_(0, state["g"].cpu(), torch.ones(len(tc), dtype=torch.float64))
     finally:
-        for h in hooks:
-            h.remove()
         for p in frozen:
             p.requires_grad_(True)
     edges = bucket_edges(T, groups)

@@ -31,6 +31,7 @@ import torch
 
 from ..core.storage import fingerprint, load_for_checkpoint
 from ..quant.formats import FORMATS, channel_axes, dequantize_tensor, quantize_tensor
+from ..quant.hooks import output_hooks
 
 METRICS = {
     "fisher": "mean empirical Fisher of the tensor (the poster's signal)",
@@ -105,13 +106,11 @@ def orthogonality_scores(model, schedule, x_pool, names, ortho_cfg, seed: int, d
     owner = {n: n.rsplit(".", 1)[0] for n in names}
     modules = list(dict.fromkeys(owner.values()))
     captured = {}
-    hooks = [model.get_submodule(m).register_forward_hook(
-        lambda mod, args, out, m=m: captured.__setitem__(m, out.detach().cpu())) for m in modules]
     gen = torch.Generator().manual_seed(seed)
     T, K, N = schedule.timesteps, ortho_cfg.buckets, ortho_cfg.n_samples
     per_bucket, profile = [], {}
     model.eval()
-    try:
+    with output_hooks(model, modules, lambda m, a, out: captured.__setitem__(m, out.detach().cpu())):
         for k in range(K):
             lo, hi = k * T // K, (k + 1) * T // K
             x0 = x_pool[torch.randint(0, len(x_pool), (N,), generator=gen)]
@@ -123,9 +122,6 @@ def orthogonality_scores(model, schedule, x_pool, names, ortho_cfg, seed: int, d
             s = dict(zip(modules, scores, strict=True))
             per_bucket.append(s)
             profile[f"t{lo:04d}-{hi - 1:04d}"] = {n: float(s[owner[n]]) for n in names}
-    finally:
-        for hk in hooks:
-            hk.remove()
     return {n: float(sum(s[owner[n]] for s in per_bucket) / K) for n in names}, profile
 
 

@@ -11,9 +11,12 @@ x_hat = (q - z) * s:
 Granularity: per tensor with calibrated ranges, where the input of a module that consumes a skip
 concatenation may be split into its two channel slices with a range each (Q-Diffusion's shortcut
 splitting); or per token, dynamic (each row of an attention projection's (B, L, C) input gets the range of
-its own values at run time). Calibrated ranges may differ per timestep group (TFMQ-style intervals):
-group g = t * G // T of the timestep t being denoised. A forward pre-hook on the U-Net itself reads its
-``t`` argument, so every sample of a batch uses the ranges of its own timestep.
+its own values at run time); or per block, dynamic (microscaling, as MXINT / NVFP4: each run of ``block``
+consecutive input channels at one pixel or token gets the range of its own values, its scale stored in 8 bits,
+float8 e4m3 times one fp32 scale per sample, so a block of 16 costs 0.5 bit per activation more).
+Calibrated ranges may differ per timestep group (TFMQ-style intervals): group g = t * G // T of the timestep
+t being denoised. A forward pre-hook on the U-Net itself reads its ``t`` argument, so every sample of a batch
+uses the ranges of its own timestep.
 """
 import hashlib
 import json
@@ -59,6 +62,47 @@ def fake_quant(x, scale, zero_point, qmin: int, qmax: int):
     return (torch.clamp(torch.round(x / scale) + z, qmin, qmax) - z) * scale
 
 
+def channel_dim(x: torch.Tensor, layer: nn.Module) -> int:
+    """The input-channel axis: 1 for conv inputs (B, C, H, W), the last for linear inputs (B, [L,] C)."""
+    return x.dim() - 1 if isinstance(layer, nn.Linear) else 1
+
+
+E4M3_MAX = 448.0  # largest finite float8 e4m3fn
+
+
+def e4m3_scale(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` (B, ...) rounded to float8 e4m3 relative to one fp32 scale per sample (its largest maps to
+    e4m3's largest), as an NVFP4 tensor stores its block scales."""
+    red = tuple(range(1, scale.dim()))
+    g = (scale.amax(red, keepdim=True) / E4M3_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    return (scale / g).to(torch.float8_e4m3fn).float().clamp_min(2.0 ** -9) * g  # never a zero scale
+
+
+def block_fake_quant(x, bits, symmetric: bool, block: int, dim: int):
+    """Dynamic per-block quantization along the channel axis ``dim``: each run of ``block`` channels at one
+    position gets the range of its own values, its scale rounded by ``e4m3_scale`` (channels padded with zeros
+    to a whole block; ``bits`` an int or a tensor of one per sample, shaped (B, 1, ...))."""
+    v = x.movedim(dim, -1)
+    c = v.shape[-1]
+    pad = -c % block
+    if pad:
+        v = torch.nn.functional.pad(v, (0, pad))
+    v = v.unflatten(-1, (-1, block))
+    if torch.is_tensor(bits):
+        bits = bits.reshape(-1, *([1] * (v.dim() - 1)))
+    qmin, qmax = int_range(bits, symmetric)
+    lo, hi = v.amin(-1, keepdim=True), v.amax(-1, keepdim=True)
+    if symmetric:
+        scale = e4m3_scale(torch.maximum(lo.abs(), hi.abs()).float() / qmax)
+        zp = torch.zeros_like(scale)
+    else:
+        lo, hi = lo.clamp(max=0.0).float(), hi.clamp(min=0.0).float()
+        scale = e4m3_scale((hi - lo) / (qmax - qmin))
+        zp = torch.round(-lo / scale).clamp(qmin, qmax)
+    out = fake_quant(v, scale.to(x.dtype), zp, qmin, qmax).flatten(-2)[..., :c]
+    return out.movedim(-1, dim)
+
+
 def token_fake_quant(x, bits, symmetric: bool):
     """Dynamic per-token quantization: each row of the last dimension uses the range of its own values
     (``bits`` an int, or a tensor broadcasting against x's rows: bits per sample)."""
@@ -70,30 +114,35 @@ def token_fake_quant(x, bits, symmetric: bool):
 class LayerQuant:
     """How one module's input is quantized.
 
-    ``scale``/``zero_point``: (G, P) per timestep group and channel part (None when per token);
+    ``scale``/``zero_point``: (G, P) per timestep group and channel part (None when dynamic: per token or block);
+    ``block``: channels per block (granularity "block");
     ``split``: the channel where the second part starts (None: one part); ``group_bits``: bits per timestep
     group (activation bits allocated across sampler steps), then ``bits`` is their largest; None: ``bits`` in
     every group.
     """
     bits: int
     symmetric: bool = False
-    granularity: str = "tensor"  # or "token" (dynamic, rows of the last dimension)
+    granularity: str = "tensor"  # or "token" (dynamic, rows of the last dimension), "block" (dynamic, channels)
     split: int | None = None
     scale: torch.Tensor | None = None
     zero_point: torch.Tensor | None = None
     group_bits: tuple | None = None
+    block: int | None = None
 
     @classmethod
-    def from_ranges(cls, ranges, bits, symmetric=False, granularity="tensor", split=None):
-        """From calibrated ranges (G, P, 2) = lo, hi per group and part (unused when per token); ``bits`` an int
+    def from_ranges(cls, ranges, bits, symmetric=False, granularity="tensor", split=None, block=None):
+        """From calibrated ranges (G, P, 2) = lo, hi per group and part (unused when dynamic); ``bits`` an int
         or one per timestep group."""
         group_bits = None
         if isinstance(bits, (list, tuple)):
             if len(bits) != ranges.shape[0]:
                 raise ValueError(f"{len(bits)} bit widths for {ranges.shape[0]} timestep groups")
             group_bits, bits = tuple(int(b) for b in bits), max(int(b) for b in bits)
-        if granularity == "token":
-            return cls(bits, symmetric, "token", split, group_bits=group_bits)
+        if granularity == "block" and not (isinstance(block, int) and block > 0):
+            raise ValueError(f"block granularity needs a positive block size, got {block!r}")
+        if granularity in ("token", "block"):
+            return cls(bits, symmetric, granularity, split, block=block if granularity == "block" else None,
+                       group_bits=group_bits)
         b = bits if group_bits is None else torch.tensor(group_bits).view(-1, *([1] * (ranges.dim() - 2)))
         scale, zp = qparams(ranges[..., 0], ranges[..., 1], b, symmetric)
         return cls(bits, symmetric, "tensor", split, scale, zp, group_bits)
@@ -104,10 +153,14 @@ class LayerQuant:
             return self.bits
         return torch.tensor(self.group_bits, device=group.device)[group].view(shape)
 
-    def apply(self, x, group):
+    def apply(self, x, group, dim=None):
         """Fake-quantize x: conv input (B, C, H, W) or linear input (B, [L,] C); ``group`` (B,) long selects
-        each sample's parameters."""
+        each sample's parameters; ``dim``: the channel axis (``channel_dim``), which blocks run along."""
         shape = (-1,) + (1,) * (x.dim() - 1)  # per sample, broadcast over the rest
+        if self.granularity == "block":
+            if dim is None:  # conv and linear inputs keep their channels on different axes: never guess
+                raise ValueError("per-block activation quantization needs the input's channel axis (channel_dim)")
+            return block_fake_quant(x, self.sample_bits(group, shape), self.symmetric, self.block, dim)
         if self.granularity == "token":
             return token_fake_quant(x, self.sample_bits(group, shape), self.symmetric)
         qmin, qmax = int_range(self.sample_bits(group, shape), self.symmetric)
@@ -168,7 +221,8 @@ class ActQuantizer:
         for name, lq in self.layers.items():
             lq.to(device)
             self._handles.append(mods[name].register_forward_pre_hook(
-                lambda mod, args, lq=lq: (lq.apply(args[0], self._group(args[0])), *args[1:])))
+                lambda mod, args, lq=lq: (lq.apply(args[0], self._group(args[0]), channel_dim(args[0], mod)),
+                                          *args[1:])))
         if self.softmax_bits:
             for m in mods.values():
                 if isinstance(m, Attention):
@@ -199,21 +253,25 @@ class ActQuantizer:
         return torch.clamp(torch.round(out * qmax), 0, qmax) / qmax
 
 
-def layer_quants(ranges: dict, bits: dict, symmetric=False, token_layers=(), splits=None) -> dict:
+def layer_quants(ranges: dict, bits: dict, symmetric=False, token_layers=(), splits=None, block=None) -> dict:
     """{name: LayerQuant} from calibrated ``ranges`` {name: (G, P, 2)} and ``bits`` {name: b or None (float: left
-    out)}, in ``bits``' order: modules in ``token_layers`` get dynamic per-token ranges, ``splits`` {name: channel}
-    two-part ranges. The one place a module's input quantizer is made (``experiments.act_pipeline.input_quants``
-    applies a config's layout)."""
+    out)}, in ``bits``' order: with ``block`` (channels) every input gets dynamic per-block ranges; else modules in
+    ``token_layers`` get dynamic per-token ranges, ``splits`` {name: channel} two-part ranges. The one place a
+    module's input quantizer is made (``experiments.act_pipeline.input_quants`` applies a config's layout)."""
     splits = splits or {}
-    return {n: LayerQuant.from_ranges(ranges[n], b, symmetric, "token" if n in token_layers else "tensor",
-                                      splits.get(n))
+
+    def granularity(n):
+        return "block" if block else "token" if n in token_layers else "tensor"
+
+    return {n: LayerQuant.from_ranges(ranges[n], b, symmetric, granularity(n), splits.get(n), block or None)
             for n, b in bits.items() if b is not None}
 
 
 def build_quantizer(ranges: dict, bits: dict, groups: int, timesteps: int, symmetric=False, token_layers=(),
-                    splits=None, softmax_bits=None) -> ActQuantizer:
-    """ActQuantizer of ``layer_quants(ranges, bits, symmetric, token_layers, splits)``."""
-    return ActQuantizer(layer_quants(ranges, bits, symmetric, token_layers, splits), groups, timesteps, softmax_bits)
+                    splits=None, softmax_bits=None, block=None) -> ActQuantizer:
+    """ActQuantizer of ``layer_quants(ranges, bits, symmetric, token_layers, splits, block)``."""
+    return ActQuantizer(layer_quants(ranges, bits, symmetric, token_layers, splits, block), groups, timesteps,
+                        softmax_bits)
 
 
 # ----------------------------------------------------------------------------- file
@@ -223,6 +281,8 @@ def _layer_meta(lq: LayerQuant) -> dict:
             "qmin": qmin, "qmax": qmax}
     if lq.group_bits is not None:  # only then: files without per-step bits stay byte-identical
         meta["group_bits"] = list(lq.group_bits)
+    if lq.block is not None:
+        meta["block"], meta["block_scale"] = lq.block, "float8_e4m3fn x fp32 per sample"
     return meta
 
 
@@ -279,7 +339,11 @@ def load_act_quant(path: str):
         group_bits = m.get("group_bits")
         if group_bits is not None and len(group_bits) != groups:
             raise ValueError(f"{path}: {name} has {len(group_bits)} group bit widths for {groups} timestep groups")
-        lq = LayerQuant(m["bits"], m["symmetric"], m["granularity"], m["split"],
+        if m["granularity"] not in ("tensor", "token", "block") or (
+                m["granularity"] == "block" and not (isinstance(m.get("block"), int) and m["block"] > 0)):
+            raise ValueError(f"{path}: {name} has granularity {m['granularity']!r} block {m.get('block')!r}; "
+                             f"expected tensor, token or block with a positive block size")
+        lq = LayerQuant(m["bits"], m["symmetric"], m["granularity"], m["split"], block=m.get("block"),
                         group_bits=None if group_bits is None else tuple(group_bits))
         if lq.granularity == "tensor":
             parts = 1 if lq.split is None else 2

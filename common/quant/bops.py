@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .activations import QUANTIZABLE
+from .hooks import output_hooks
 
 FLOAT_BITS = 32
 
@@ -39,14 +40,10 @@ def count_macs(model: nn.Module, example_inputs: tuple) -> dict:
     """{module name: MACs per sample} of every conv / linear module over one forward of ``example_inputs``
     (a module called more than once is summed)."""
     macs = {}
-    hooks = [m.register_forward_hook(lambda mod, args, out, n=n: macs.__setitem__(
-        n, macs.get(n, 0) + module_macs(mod, args[0], out)))
-        for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
-    try:
+    names = [n for n, m in model.named_modules() if isinstance(m, QUANTIZABLE)]
+    with output_hooks(model, names, lambda n, args, out: macs.__setitem__(
+            n, macs.get(n, 0) + module_macs(mods[n], args[0], out))) as mods:
         model(*example_inputs)
-    finally:
-        for h in hooks:
-            h.remove()
     return macs
 
 

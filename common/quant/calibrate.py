@@ -18,6 +18,7 @@ from ..core.config import ConfigError
 from ..diffusion.samplers import build_sampler, sample
 from ..diffusion.schedule import NoiseSchedule
 from .activations import fake_quant, group_of, int_range, qparams
+from .hooks import input_hooks
 
 
 def calibration_timesteps(sampler, n=None) -> list:
@@ -74,7 +75,7 @@ def collect_ranges(model, sampler, names, shape, n_images: int, timesteps, group
         t = int(args[1].reshape(-1)[0])  # sampling denoises a whole batch at one t
         state["g"] = int(group_of(t, groups, T)) if t in wanted else None
 
-    def record(name, module, args):
+    def record(name, args):
         g = state["g"]
         if g is None:
             return
@@ -88,14 +89,12 @@ def collect_ranges(model, sampler, names, shape, n_images: int, timesteps, group
                 idx = torch.randint(flat.numel(), (min(values_per_call, flat.numel()),), generator=gen)
                 kept[name][g][p].append(flat[idx.to(flat.device)].cpu())
 
-    mods = dict(model.named_modules())
-    hooks = [model.register_forward_pre_hook(see_t)]
-    hooks += [mods[n].register_forward_pre_hook(lambda m, a, n=n: record(n, m, a)) for n in names]
+    t_hook = model.register_forward_pre_hook(see_t)
     try:
-        sample(model, sampler, n_images, shape, seed, batch_size, device, progress=progress, desc="calibration")
+        with input_hooks(model, names, record):
+            sample(model, sampler, n_images, shape, seed, batch_size, device, progress=progress, desc="calibration")
     finally:
-        for h in hooks:
-            h.remove()
+        t_hook.remove()
     seen = {int(group_of(t, groups, T)) for t in wanted}
     empty = [g for g in range(groups) if g not in seen]
     if empty:

@@ -100,7 +100,7 @@ class LearnedActQuant(nn.Module):
         self.step = nn.Parameter(lq.scale.detach().clone().float())  # (G, P)
         self.register_buffer("zero_point", lq.zero_point.detach().clone())
 
-    def apply(self, x, group):
+    def apply(self, x, group, dim=None):  # dim: the channel axis, unused per tensor (``LayerQuant.apply``'s)
         qmin, qmax = int_range(self.bits, self.symmetric)
         shape = (-1,) + (1,) * (x.dim() - 1)
         g = 1.0 / math.sqrt(x[0].numel() * qmax)

@@ -17,11 +17,6 @@ from .hooks import input_hooks
 DIVISOR_FORMAT = "fp16"
 
 
-def channel_dim(x: torch.Tensor, layer: nn.Module) -> int:
-    """The input-channel axis: 1 for conv inputs (B, C, H, W), the last for linear inputs (B, [L,] C)."""
-    return x.dim() - 1 if isinstance(layer, nn.Linear) else 1
-
-
 def weight_in_axis(layer: nn.Module) -> int:
     """The weight axis that meets input channels: 1 for Conv2d / Linear, 0 for ConvTranspose2d."""
     return 0 if isinstance(layer, nn.ConvTranspose2d) else 1

@@ -10,6 +10,8 @@ the module's (quantized) output. A timestep outside the table is an error, never
 import torch
 from torch import nn
 
+from .hooks import output_hooks
+
 TABLE_FORMAT = "fp16"
 
 
@@ -53,18 +55,12 @@ def build(model: nn.Module, steps, image_shape, reference: nn.Module = None) -> 
     (C, H, W) of one input (the time path does not depend on it). Rows are rounded to TABLE_FORMAT."""
     reference = reference if reference is not None else model
     names = list(model.time_outputs())
-    ref_mods = dict(reference.named_modules())
     steps = [int(s) for s in steps]
     outs = {}
-    hooks = [ref_mods[n].register_forward_hook(lambda m, a, o, n=n: outs.__setitem__(n, o.detach()))
-             for n in names]
     p = next(reference.parameters())
     shape = (len(steps), *image_shape)
-    try:
+    with output_hooks(reference, names, lambda n, a, o: outs.__setitem__(n, o.detach())):
         reference(torch.zeros(shape, device=p.device), torch.tensor(steps, device=p.device))
-    finally:
-        for h in hooks:
-            h.remove()
     widths = {n: outs[n].shape[1] for n in names}
     attach(model, steps, widths)
     mods = dict(model.named_modules())
