@@ -247,10 +247,14 @@ def test_gptq_rounding_is_cached_per_model_state(tmp_path, capsys):
         next(iter(other.parameters())).add_(1e-3)
     gptq_weights(c, other, "cpu", progress=False)
     assert "[gptq]" in capsys.readouterr().out
+    wider = copy.deepcopy(c)  # the same weights sampled at another resolution: other Hessians, other rounding
+    wider.data.image_size = c.data.image_size + 8
+    gptq_weights(wider, model, "cpu", progress=False)
+    assert "[gptq]" in capsys.readouterr().out
     from common.core import storage
 
     files = sorted(Path(storage.baseline_dir(c)).glob("gptq_*.pt"))
-    assert len(files) == 2
+    assert len(files) == 3
     for f in files:
         f.write_bytes(b"not a torch file")
     third, _ = gptq_weights(c, model, "cpu", progress=False)

@@ -316,6 +316,10 @@ def _run_act_variant(cfg, variant, plan, budget, mode, model, ckpt_path, fisher,
              "quantized_weights": "every conv / linear weight" + (" but the first and last conv's"
                                                                   if aq.keep_first_last else ""),
              "w_bits": info["avg_bits"], "a_bits": a_bits,
+             **({"a_block": aq.block_size,  # one 8-bit scale per block on every quantized input
+                 "a_bits_effective": a_bits + 8 / aq.block_size * sum(macs[n] for n, (_, b) in choice.items()
+                                                                     if b is not None) / total_macs}
+                if aq.block_size else {}),
              "bops": int(info["bops"]), "gbops": info["bops"] / 1e9, "macs": total_macs,
              "bops_unit": "bit-operations per U-Net evaluation (MACs x w_bits x a_bits, float = 32 bits)",
              **step_record(choice, macs, info)}

@@ -291,10 +291,11 @@ def gptq_weights(c, transformed, device, progress=True) -> tuple:
     state = {n: {"format": "fp32", "data": v} for n, v in transformed.state_dict().items()}
     inputs = {"model": stored_digest(state), "names": names, "images": lb.gptq_images, "seed": lb.gptq_seed,
               "damp": lb.gptq_damp, "sample": to_dict(c.sample), "diffusion": to_dict(c.diffusion),
-              "device": str(device)}
+              "shape": [c.model.in_channels, c.data.image_size, c.data.image_size], "device": str(device)}
     path = os.path.join(storage.baseline_dir(c), f"gptq_{storage.fingerprint(inputs)}.pt")
     art = storage.load_cache(path, "the GPTQ rounding")
-    if art is not None and art["meta"].get("inputs") == inputs and stored_digest(art["entries"]) == art["digest"]:
+    if (isinstance(art, dict) and {"meta", "entries", "info", "digest"} <= set(art)
+            and art["meta"].get("inputs") == inputs and stored_digest(art["entries"]) == art["digest"]):
         print(f"[w4a4] reusing GPTQ's rounding {path}")
         return art["entries"], art["info"]
     entries, infos, report = lowbit.gptq_entries(c, transformed, names, ["int4"], device, progress)
@@ -652,7 +653,7 @@ def rows(done) -> list:
     return out
 
 
-def summary_markdown(cfg, done, seconds=None) -> str:
+def summary_markdown(cfg, done, seconds=None, grids=False) -> str:
     from .report import mean_sd, per_seed
     from .statistics import holm_note, tested, verdict_cells
 
@@ -743,7 +744,7 @@ def summary_markdown(cfg, done, seconds=None) -> str:
     if any(done.get(k) for k in ("damage", "ablation", "channel_errors")):  # what ``plot`` draws
         lines += ["", "![w4a4](w4a4.png)"]
     best = best_row(done)
-    if best and "fp32" in done:
+    if grids and best:
         lines += ["", f"Samples under the same noise (seed {ft.seeds[0]}): fp32, plain rounding and the ablation's "
                   f"best row ({best}):", "", "![W4A4 samples](w4a4_grids.png)"]
     return "\n".join(lines) + "\n"
@@ -848,7 +849,7 @@ def write_outputs(cfg, done, seconds=None) -> str:
         shown = {"fp32": done["fp32"], **{v: done["ablation"][v][1] for v in dict.fromkeys(
             [technique_variant(()), best]) if v in done["ablation"]}}
         grids = plot_grids(folder, shown, folder, name="w4a4_grids.png")
-    md = summary_markdown(cfg, done, seconds)
+    md = summary_markdown(cfg, done, seconds, grids=grids is not None)
     storage.atomic_write_csv(rows(done), COLUMNS, os.path.join(folder, "w4a4.csv"))
     storage.atomic_write_text(md, os.path.join(folder, "w4a4.md"))
     storage.atomic_write_record({"channel_errors": done.get("channel_errors")}, os.path.join(folder, "w4a4.json"))

@@ -71,18 +71,21 @@ E4M3_MAX = 448.0  # largest finite float8 e4m3fn
 
 
 def e4m3_scale(scale: torch.Tensor) -> torch.Tensor:
-    """``scale`` (B, ...) rounded to float8 e4m3 relative to one fp32 scale per sample (its largest maps to
-    e4m3's largest), as an NVFP4 tensor stores its block scales."""
+    """``scale`` (B, ...) rounded to float8 e4m3 relative to one fp32 scale per sample (its largest finite one
+    maps to e4m3's largest), as an NVFP4 tensor stores its block scales: a block holding inf / NaN breaks only
+    itself, not its sample."""
     red = tuple(range(1, scale.dim()))
-    g = (scale.amax(red, keepdim=True) / E4M3_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    finite = torch.where(torch.isfinite(scale), scale, torch.zeros_like(scale))
+    g = (finite.amax(red, keepdim=True) / E4M3_MAX).clamp_min(torch.finfo(torch.float32).tiny)
     return (scale / g).to(torch.float8_e4m3fn).float().clamp_min(2.0 ** -9) * g  # never a zero scale
 
 
 def block_fake_quant(x, bits, symmetric: bool, block: int, dim: int):
     """Dynamic per-block quantization along the channel axis ``dim``: each run of ``block`` channels at one
     position gets the range of its own values, its scale rounded by ``e4m3_scale`` (channels padded with zeros
-    to a whole block; ``bits`` an int or a tensor of one per sample, shaped (B, 1, ...))."""
-    v = x.movedim(dim, -1)
+    to a whole block; ``bits`` an int or a tensor of one per sample, shaped (B, 1, ...)). Computed in float32
+    (a half-precision scale of a near-zero block would underflow to 0) and returned in x's dtype."""
+    v = x.float().movedim(dim, -1)
     c = v.shape[-1]
     pad = -c % block
     if pad:
@@ -99,8 +102,15 @@ def block_fake_quant(x, bits, symmetric: bool, block: int, dim: int):
         lo, hi = lo.clamp(max=0.0).float(), hi.clamp(min=0.0).float()
         scale = e4m3_scale((hi - lo) / (qmax - qmin))
         zp = torch.round(-lo / scale).clamp(qmin, qmax)
-    out = fake_quant(v, scale.to(x.dtype), zp, qmin, qmax).flatten(-2)[..., :c]
-    return out.movedim(-1, dim)
+    out = fake_quant(v, scale, zp, qmin, qmax).flatten(-2)[..., :c]
+    return out.movedim(-1, dim).to(x.dtype)
+
+
+def straight_through(x, out):
+    """``out`` with an identity gradient to ``x`` while training (rounding has none: a dynamic quantizer would
+    otherwise pass gradient only through each row's / block's min and max); outside autograd ``out`` itself, bit
+    for bit."""
+    return x + (out - x).detach() if torch.is_grad_enabled() and x.requires_grad else out
 
 
 def token_fake_quant(x, bits, symmetric: bool):
@@ -160,9 +170,10 @@ class LayerQuant:
         if self.granularity == "block":
             if dim is None:  # conv and linear inputs keep their channels on different axes: never guess
                 raise ValueError("per-block activation quantization needs the input's channel axis (channel_dim)")
-            return block_fake_quant(x, self.sample_bits(group, shape), self.symmetric, self.block, dim)
+            return straight_through(x, block_fake_quant(x, self.sample_bits(group, shape), self.symmetric,
+                                                        self.block, dim))
         if self.granularity == "token":
-            return token_fake_quant(x, self.sample_bits(group, shape), self.symmetric)
+            return straight_through(x, token_fake_quant(x, self.sample_bits(group, shape), self.symmetric))
         qmin, qmax = int_range(self.sample_bits(group, shape), self.symmetric)
         s, z = self.scale[group], self.zero_point[group]  # (B, P)
         if self.split is None:
