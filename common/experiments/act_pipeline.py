@@ -67,7 +67,13 @@ def input_quants(cfg, model, ranges, bits: dict) -> dict:
     ``act_quant.block_size`` every input dynamic per block of channels instead); the one builder of the
     W/A pipeline, ``make lowbit`` and ``make finetune``."""
     _, _, splits, token = act_layout(cfg, model)
-    return layer_quants(ranges, bits, cfg.act_quant.symmetric, token, splits, cfg.act_quant.block_size or None)
+    return layer_quants(ranges, bits, cfg.act_quant.symmetric, token, splits, cfg.act_quant.block_size)
+
+
+def block_scale_bits(macs: dict, quantized, block: int) -> float:
+    """Bits per activation (MAC-weighted over every input of ``macs``) that per-block scales add: one 8-bit scale
+    per ``block`` values of each ``quantized`` input; 0 without blocks."""
+    return 8 / block * sum(macs[n] for n in quantized) / sum(macs.values()) if block else 0.0
 
 
 def act_quantizer(cfg, model, ranges, bits: dict, mode: str) -> ActQuantizer:
@@ -316,9 +322,8 @@ def _run_act_variant(cfg, variant, plan, budget, mode, model, ckpt_path, fisher,
              "quantized_weights": "every conv / linear weight" + (" but the first and last conv's"
                                                                   if aq.keep_first_last else ""),
              "w_bits": info["avg_bits"], "a_bits": a_bits,
-             **({"a_block": aq.block_size,  # one 8-bit scale per block on every quantized input
-                 "a_bits_effective": a_bits + 8 / aq.block_size * sum(macs[n] for n, (_, b) in choice.items()
-                                                                     if b is not None) / total_macs}
+             **({"a_block": aq.block_size, "a_bits_effective": a_bits + block_scale_bits(
+                 macs, [n for n, (_, b) in choice.items() if b is not None], aq.block_size)}
                 if aq.block_size else {}),
              "bops": int(info["bops"]), "gbops": info["bops"] / 1e9, "macs": total_macs,
              "bops_unit": "bit-operations per U-Net evaluation (MACs x w_bits x a_bits, float = 32 bits)",

@@ -48,6 +48,7 @@ from . import lowbit, pipeline
 from .act_pipeline import (
     act_layout,
     act_quantizer,
+    block_scale_bits,
     ensure_ranges,
     mean_bits,
     mode_groups,
@@ -137,12 +138,6 @@ def _quantizer(c, model, ranges, bits, mode, token: bool, block: int = 0):
     return act_quantizer(c2, model, ranges, bits, mode)
 
 
-def a_bits_effective(bits: int, block: int) -> float:
-    """Bits per activation with the block scales counted (one 8-bit scale per ``block`` values; 0: per tensor or
-    token, whose one scale is negligible)."""
-    return bits + (8 / block if block else 0)
-
-
 def row_block(cfg, techniques) -> int:
     """The row's activation block size: ``w4a4.block_size`` with the "block" technique, else 0 (off)."""
     return cfg.w4a4.block_size if "block" in techniques else 0
@@ -166,8 +161,8 @@ def channel_errors(model, quantizer, pool, n_inputs=64, seed=0) -> list:
         for n, lq in quantizer.layers.items():
             layer, xi = mods[n], seen[n]
             ref = layer(xi)
-            per_tensor = float((layer.forward(lq.apply(xi, groups, channel_dim(xi, layer))) - ref).norm() / ref.norm())
             dim = channel_dim(xi, layer)
+            per_tensor = float((layer.forward(lq.apply(xi, groups, dim)) - ref).norm() / ref.norm())
             xc = torch.empty_like(xi)
             for g in groups.unique():
                 sel = groups == g
@@ -471,17 +466,17 @@ def run_ablation(cfg, c, model, ckpt_path, sha, pool, device, rows=None, rank=8,
         m, info = transformed_model(c, model, techniques, pool, device, rank, cfg.w4a4.smooth_samples, progress)
         method = "mse" if "ranges" in techniques else "minmax"
         ranges = calibrate(c, m, names, method, 4, mode, device, progress)
-        q = _quantizer(c, m, ranges, {n: 4 for n in inputs}, mode, "token" in techniques, row_block(cfg, techniques))
+        block = row_block(cfg, techniques)
+        q = _quantizer(c, m, ranges, {n: 4 for n in inputs}, mode, "token" in techniques, block)
         stored = quantized_weights(c, m, techniques, device, info, progress)
         if "distill" in techniques:
             before = stored_digest(stored) + quantizer_digest(q)
             stored, q, info["distill"] = cached_distill(cfg, c, model, m, ranges, pool, "token" in techniques,
-                                                        ckpt_path, before, device, progress, stored,
-                                                        row_block(cfg, techniques))
-        block = row_block(cfg, techniques)
+                                                        ckpt_path, before, device, progress, stored, block)
         extra = {"study": "ablation", "row": k, "techniques": list(techniques), "checkpoint_sha256": sha,
                  "range_method": method, "range_mode": mode, "lowrank_rank": rank if "lowrank" in techniques else 0,
-                 "a_block": block, "a_bits_effective": a_bits_effective(4, block),
+                 # per quantized activation, one 8-bit scale per block counted (a tensor's or token's: negligible)
+                 "a_block": block, "a_bits_effective": 4 + (8 / block if block else 0),
                  "transform": json.loads(json.dumps(info, default=str))}
         result = _evaluate(c, variant, model, stored, q, extra, device, force, progress, transformed=m)
         row = {"row": k, "tried": tried, "base": base, "selection_mse": None, "kept": True}
@@ -557,6 +552,7 @@ def _average_on(cfg, c, c2, model, ckpt_path, fisher, pool, techniques, macs, pe
     stored = quantized_weights(c, m, techniques, device, tinfo, progress)
     method = "mse" if "ranges" in techniques else "minmax"
     total_macs = sum(macs.values())
+    block = row_block(cfg, techniques)
     done = {}
     for plan in AVERAGE_PLANS:
         variant = average_variant(plan, techniques)
@@ -564,14 +560,12 @@ def _average_on(cfg, c, c2, model, ckpt_path, fisher, pool, techniques, macs, pe
                                       per_step)
         bits = {n: b for n, (_, b) in choice.items() if n not in kept_inputs}
         ranges = calibrate(c, m, names, method, bits, mode, device, progress)
-        q = _quantizer(c, m, ranges, bits, mode, "token" in techniques, row_block(cfg, techniques))
+        q = _quantizer(c, m, ranges, bits, mode, "token" in techniques, block)
         fractions = info.get("steps", {}).get("fractions")
         a_bits = sum(macs[n] * mean_bits(b, fractions) for n, (_, b) in choice.items()) / total_macs
-        block = row_block(cfg, techniques)  # the block scales: 8 / block more bits on every quantized input
-        scales = sum(macs[n] for n in bits) * a_bits_effective(0, block) / total_macs
         extra = {"study": "average", "plan": plan, "techniques": list(techniques), "checkpoint_sha256": sha,
                  "range_method": method, "range_mode": mode, "a_bits": a_bits, "a_block": block,
-                 "a_bits_effective": a_bits + scales, "bops": int(info["bops"]),
+                 "a_bits_effective": a_bits + block_scale_bits(macs, bits, block), "bops": int(info["bops"]),
                  "gbops": info["bops"] / 1e9, "a_bits_by_input": bits, **step_record(choice, macs, info),
                  "lowrank_rank": cfg.w4a4.lowrank_rank if "lowrank" in techniques else 0,
                  "transform": json.loads(json.dumps(tinfo, default=str))}
