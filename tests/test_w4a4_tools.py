@@ -283,3 +283,14 @@ def test_w4a4_rows_switch_token_and_block_quantizers():
     assert {n for n, lq in token.layers.items() if lq.granularity == "token"} == attn
     assert {(lq.granularity, lq.block) for lq in block.layers.values()} == {("block", cfg.w4a4.block_size)}
     assert row_block(cfg, ("ranges", "token")) == 0
+    # dynamic rows skip calibration: no ranges, the same quantizer; a per-tensor row cannot do without them
+    from common.experiments.w4a4 import row_ranges
+    from common.quant.activations import quantizer_digest
+
+    assert row_ranges(c, model, names, "mse", 4, "group", cfg.w4a4.block_size, "cpu") is None
+    blind = _quantizer(c, model, None, bits, "group", token=True, block=cfg.w4a4.block_size)
+    assert quantizer_digest(blind) == quantizer_digest(block)
+    with pytest.raises(ValueError, match="needs calibrated ranges"):
+        _quantizer(c, model, None, bits, "group", token=False)
+    with pytest.raises(ValueError, match="2 bit widths for 1 timestep groups"):  # checked without ranges too
+        _quantizer(c, model, None, {n: [4, 8] for n in names}, "single", token=False, block=16)

@@ -332,6 +332,12 @@ def calibrate(c, transformed, names, method: str, a_bits: int, mode: str, device
                           mse_bits=a_bits)
 
 
+def row_ranges(c, transformed, names, method: str, a_bits, mode: str, block: int, device, progress=True):
+    """``calibrate``'s ranges, or None with ``block``: every input's ranges are then dynamic, nothing to
+    calibrate (the row records ``range_method`` "dynamic")."""
+    return None if block else calibrate(c, transformed, names, method, a_bits, mode, device, progress)
+
+
 def distill(cfg, c, teacher, transformed, ranges, pool, token: bool, device, progress=True, start=None, block=0):
     """Quantization-aware distillation that can move the weights (EfficientDM, He et al. 2024): a ``Student`` of
     the transformed model with straight-through weights and learned per-channel weight scales (``lsq``), LSQ
@@ -464,9 +470,9 @@ def run_ablation(cfg, c, model, ckpt_path, sha, pool, device, rows=None, rank=8,
         techniques = (kept + (tried,)) if greedy and tried else TECHNIQUES[:k]
         variant = technique_variant(techniques)
         m, info = transformed_model(c, model, techniques, pool, device, rank, cfg.w4a4.smooth_samples, progress)
-        method = "mse" if "ranges" in techniques else "minmax"
-        ranges = calibrate(c, m, names, method, 4, mode, device, progress)
         block = row_block(cfg, techniques)
+        method = "dynamic" if block else "mse" if "ranges" in techniques else "minmax"
+        ranges = row_ranges(c, m, names, method, 4, mode, block, device, progress)
         q = _quantizer(c, m, ranges, {n: 4 for n in inputs}, mode, "token" in techniques, block)
         stored = quantized_weights(c, m, techniques, device, info, progress)
         if "distill" in techniques:
@@ -550,16 +556,16 @@ def _average_on(cfg, c, c2, model, ckpt_path, fisher, pool, techniques, macs, pe
     m, tinfo = transformed_model(c, model, techniques, pool, device, cfg.w4a4.lowrank_rank, cfg.w4a4.smooth_samples,
                                  progress)
     stored = quantized_weights(c, m, techniques, device, tinfo, progress)
-    method = "mse" if "ranges" in techniques else "minmax"
     total_macs = sum(macs.values())
     block = row_block(cfg, techniques)
+    method = "dynamic" if block else "mse" if "ranges" in techniques else "minmax"
     done = {}
     for plan in AVERAGE_PLANS:
         variant = average_variant(plan, techniques)
         choice, info, _ = plan_choice(c2, plan, "W4A4", mode, model, ckpt_path, fisher, macs, device, progress,
                                       per_step)
         bits = {n: b for n, (_, b) in choice.items() if n not in kept_inputs}
-        ranges = calibrate(c, m, names, method, bits, mode, device, progress)
+        ranges = row_ranges(c, m, names, method, bits, mode, block, device, progress)
         q = _quantizer(c, m, ranges, bits, mode, "token" in techniques, block)
         fractions = info.get("steps", {}).get("fractions")
         a_bits = sum(macs[n] * mean_bits(b, fractions) for n, (_, b) in choice.items()) / total_macs

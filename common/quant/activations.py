@@ -141,11 +141,13 @@ class LayerQuant:
 
     @classmethod
     def from_ranges(cls, ranges, bits, symmetric=False, granularity="tensor", split=None, block=None):
-        """From calibrated ranges (G, P, 2) = lo, hi per group and part (unused when dynamic); ``bits`` an int
-        or one per timestep group."""
+        """From calibrated ranges (G, P, 2) = lo, hi per group and part (unused when dynamic, so may be None:
+        per-token and per-block inputs need no calibration); ``bits`` an int or one per timestep group."""
         group_bits = None
+        if granularity == "tensor" and ranges is None:
+            raise ValueError("a per-tensor activation quantizer needs calibrated ranges (got none)")
         if isinstance(bits, (list, tuple)):
-            if len(bits) != ranges.shape[0]:
+            if ranges is not None and len(bits) != ranges.shape[0]:
                 raise ValueError(f"{len(bits)} bit widths for {ranges.shape[0]} timestep groups")
             group_bits, bits = tuple(int(b) for b in bits), max(int(b) for b in bits)
         if granularity == "block" and not (isinstance(block, int) and block > 0):
@@ -218,6 +220,10 @@ class ActQuantizer:
     """
 
     def __init__(self, layers: dict, groups: int, timesteps: int, softmax_bits=None):
+        for name, lq in layers.items():  # learned quantizers (finetune) have no per-group bits
+            per_group = getattr(lq, "group_bits", None)
+            if per_group is not None and len(per_group) != groups:
+                raise ValueError(f"{name}: {len(per_group)} bit widths for {groups} timestep groups")
         self.layers, self.groups, self.timesteps, self.softmax_bits = layers, groups, timesteps, softmax_bits
         self.group = None
         self._handles, self._unfused = [], []
@@ -265,16 +271,17 @@ class ActQuantizer:
 
 
 def layer_quants(ranges: dict, bits: dict, symmetric=False, token_layers=(), splits=None, block=None) -> dict:
-    """{name: LayerQuant} from calibrated ``ranges`` {name: (G, P, 2)} and ``bits`` {name: b or None (float: left
+    """{name: LayerQuant} from calibrated ``ranges`` {name: (G, P, 2)} (None with ``block``: every input is
+    dynamic then) and ``bits`` {name: b or None (float: left
     out)}, in ``bits``' order: with ``block`` (channels) every input gets dynamic per-block ranges; else modules in
     ``token_layers`` get dynamic per-token ranges, ``splits`` {name: channel} two-part ranges. The one place a
     module's input quantizer is made (``experiments.act_pipeline.input_quants`` applies a config's layout)."""
-    splits = splits or {}
+    splits, ranges = splits or {}, ranges or {}
 
     def granularity(n):
         return "block" if block else "token" if n in token_layers else "tensor"
 
-    return {n: LayerQuant.from_ranges(ranges[n], b, symmetric, granularity(n), splits.get(n), block or None)
+    return {n: LayerQuant.from_ranges(ranges.get(n), b, symmetric, granularity(n), splits.get(n), block or None)
             for n, b in bits.items() if b is not None}
 
 
