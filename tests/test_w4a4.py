@@ -207,8 +207,8 @@ def test_greedy_ablation_drops_a_technique_that_does_not_help(w4a4_run):
 
 def test_a4_on_average_on_the_ablations_techniques_keeps_the_plain_allocation(w4a4_run):
     """(Rewrites w4a4.md.) ``w4a4.average_on``: the same per-input bits as plain rounding's plan, on the
-    techniques' model (least-MSE ranges at each input's bits; per-block quantizers on every input, their scales
-    counted in the reported bits), reported beside uniform A4 on the same techniques."""
+    techniques' model (per-block quantizers on every input, so no ranges calibrated, their scales counted in the
+    reported bits), reported beside uniform A4 on the same techniques."""
     from common.quant.activations import load_act_quant
 
     tmp, _, out = w4a4_run
@@ -217,7 +217,7 @@ def test_a4_on_average_on_the_ablations_techniques_keeps_the_plain_allocation(w4
     assert "[w4a4_average_fisher] reusing" not in p.stdout  # the plain rows are not this invocation's
     plain = _plan(out / "w4a4_average_fisher")["modules"]
     stacked = _plan(out / "w4a4_average_fisher_ranges_block")
-    assert stacked["techniques"] == ["ranges", "block"] and stacked["range_method"] == "mse"
+    assert stacked["techniques"] == ["ranges", "block"] and stacked["range_method"] == "dynamic"
     assert stacked["a_bits_by_input"] == {n: m["a_bits"] for n, m in plain.items() if n in stacked["a_bits_by_input"]}
     q, _ = load_act_quant(str(out / "w4a4_average_fisher_ranges_block" / "act_quant.safetensors"))
     assert {n: lq.bits for n, lq in q.layers.items() if n in stacked["a_bits_by_input"]} == stacked["a_bits_by_input"]
