@@ -47,6 +47,12 @@ def test_outputs_name_every_variant_and_seed(w4a4_run):
     errs = json.load(open(out / "w4a4.json"))["channel_errors"]
     assert errs and all(e["per_tensor"] >= 0 and e["per_channel"] >= 0 for e in errs)
     assert all(e["range_spread"] >= 1 and e["channels"] >= 1 for e in errs)  # max over median of >= 1 channels
+    # where each row's minutes went (this invocation sampled every row, so none was reused)
+    seconds = json.load(open(out / "w4a4.json"))["ablation_seconds"]
+    ablation = {r["variant"] for r in rows if r["study"] == "ablation"}
+    assert set(seconds) == ablation and all(s["evaluate"] > 0 and min(s.values()) >= 0 for s in seconds.values())
+    assert [v for v, s in seconds.items() if "distill" in s] == [v for v in seconds if "distill" in v]
+    assert "Minutes of this invocation per row" in md and "| row | transform | calibrate |" in md
 
 
 def test_gptq_damage_row_stores_the_same_format_with_other_codes(w4a4_run):

@@ -4,6 +4,7 @@ rank. Rank 0 alone writes shared files and shows progress bars; collectives time
 ``LAQFI_DIST_TIMEOUT`` seconds (default 600), so a rank that dies makes the others fail instead of hanging, and
 torchrun ends the run with the failing rank's error and a non-zero exit status.
 """
+import atexit
 import contextlib
 import datetime
 import os
@@ -93,9 +94,19 @@ def init(device: torch.device) -> torch.device:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         dist.init_process_group("nccl", timeout=timeout)
+        atexit.register(_shut_down)
         return torch.device("cuda", local)
     dist.init_process_group("gloo", timeout=timeout)
+    atexit.register(_shut_down)
     return device
+
+
+def _shut_down():
+    """Tear the process group down at exit, before the interpreter's own teardown: left to that, gloo's
+    background threads can outlive the objects they use and the rank dies with SIGABRT ("terminate called
+    without an active exception") after its work is done. Local: no collective, so a failing rank exits too."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def barrier():

@@ -14,15 +14,17 @@ and with its weights (every conv / linear but the two ends in 4-bit per-channel 
   per-block activation ranges (microscaling: ``w4a4.block_size`` input channels share an e4m3 scale, so the
   row's activations cost 4 + 8 / block bits; ``quant.activations.block_fake_quant``).
 """
+import contextlib
 import copy
 import json
 import os
+import time
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..core import lock, storage
+from ..core import lock, machine, storage
 from ..core.config import to_dict
 from ..diffusion.samplers import build_sampler
 from ..diffusion.schedule import NoiseSchedule
@@ -332,6 +334,17 @@ def calibrate(c, transformed, names, method: str, a_bits: int, mode: str, device
                           mse_bits=a_bits)
 
 
+@contextlib.contextmanager
+def timed(seconds: dict, stage: str):
+    """Adds the block's wall time to ``seconds[stage]``: where a row's minutes go (this invocation's; a reused
+    cache or variant shows as ~0)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
 def row_ranges(c, transformed, names, method: str, a_bits, mode: str, block: int, device, progress=True):
     """``calibrate``'s ranges, or None with ``block``: every input's ranges are then dynamic, nothing to
     calibrate (the row records ``range_method`` "dynamic")."""
@@ -469,25 +482,32 @@ def run_ablation(cfg, c, model, ckpt_path, sha, pool, device, rows=None, rank=8,
         tried = TECHNIQUES[k - 1] if k else None
         techniques = (kept + (tried,)) if greedy and tried else TECHNIQUES[:k]
         variant = technique_variant(techniques)
-        m, info = transformed_model(c, model, techniques, pool, device, rank, cfg.w4a4.smooth_samples, progress)
+        seconds = {}
+        with timed(seconds, "transform"):
+            m, info = transformed_model(c, model, techniques, pool, device, rank, cfg.w4a4.smooth_samples, progress)
         block = row_block(cfg, techniques)
         method = "dynamic" if block else "mse" if "ranges" in techniques else "minmax"
-        ranges = row_ranges(c, m, names, method, 4, mode, block, device, progress)
+        with timed(seconds, "calibrate"):
+            ranges = row_ranges(c, m, names, method, 4, mode, block, device, progress)
         q = _quantizer(c, m, ranges, {n: 4 for n in inputs}, mode, "token" in techniques, block)
-        stored = quantized_weights(c, m, techniques, device, info, progress)
+        with timed(seconds, "weights"):
+            stored = quantized_weights(c, m, techniques, device, info, progress)
         if "distill" in techniques:
             before = stored_digest(stored) + quantizer_digest(q)
-            stored, q, info["distill"] = cached_distill(cfg, c, model, m, ranges, pool, "token" in techniques,
-                                                        ckpt_path, before, device, progress, stored, block)
+            with timed(seconds, "distill"):
+                stored, q, info["distill"] = cached_distill(cfg, c, model, m, ranges, pool, "token" in techniques,
+                                                            ckpt_path, before, device, progress, stored, block)
         extra = {"study": "ablation", "row": k, "techniques": list(techniques), "checkpoint_sha256": sha,
                  "range_method": method, "range_mode": mode, "lowrank_rank": rank if "lowrank" in techniques else 0,
                  # per quantized activation, one 8-bit scale per block counted (a tensor's or token's: negligible)
                  "a_block": block, "a_bits_effective": 4 + (8 / block if block else 0),
                  "transform": json.loads(json.dumps(info, default=str))}
-        result = _evaluate(c, variant, model, stored, q, extra, device, force, progress, transformed=m)
-        row = {"row": k, "tried": tried, "base": base, "selection_mse": None, "kept": True}
+        with timed(seconds, "evaluate"):
+            result = _evaluate(c, variant, model, stored, q, extra, device, force, progress, transformed=m)
+        row = {"row": k, "tried": tried, "base": base, "selection_mse": None, "kept": True, "seconds": seconds}
         if greedy:
-            row["selection_mse"] = selection_damage(c, variant, reference, n_sel, device)
+            with timed(seconds, "select"):
+                row["selection_mse"] = selection_damage(c, variant, reference, n_sel, device)
             row["kept"] = tried is None or row["selection_mse"] < best
             print(f"[w4a4] row {k} ({tried or 'plain rounding'}): selection paired MSE {row['selection_mse']:.4g} "
                   f"on {n_sel} images -> {'kept' if row['kept'] else 'dropped'}")
@@ -712,6 +732,7 @@ def summary_markdown(cfg, done, seconds=None, grids=False) -> str:
                          f"{'yes' if row['kept'] else 'no'} | {r['size_bytes'] / 1e6:.3f} | "
                          f"{r.get('a_bits_effective', 4):.2f} | {cells(r)} | {verdicts.get(v, '–')} |")
         lines += ["", holm_note(tested(diffs))]
+        lines += time_lines(ablation)
         if any("block" in t for t, _, _ in ablation.values()):
             lines += ["", f"block: every quantized input dynamic per block of {cfg.w4a4.block_size} input channels at "
                       "each pixel / token, one float8 e4m3 scale per block (times one fp32 scale per sample), as "
@@ -748,6 +769,25 @@ def summary_markdown(cfg, done, seconds=None, grids=False) -> str:
         lines += ["", f"Samples under the same noise (seed {ft.seeds[0]}): fp32, plain rounding and the ablation's "
                   f"best row ({best}):", "", "![W4A4 samples](w4a4_grids.png)"]
     return "\n".join(lines) + "\n"
+
+
+STAGES = ("transform", "calibrate", "weights", "distill", "evaluate", "select")
+
+
+def time_lines(ablation) -> list:
+    """Where this invocation's minutes went, per ablation row and stage (a reused cache or variant: ~0)."""
+    timed_rows = [(v, row) for v, (_, _, row) in ablation.items() if row.get("seconds")]
+    if not timed_rows:
+        return []
+    lines = ["", f"Minutes of this invocation per row ({machine.describe()}; a stage that reused its cache or variant "
+             "shows ~0; evaluate = sampling every seed's images and scoring them; select = the greedy rule's "
+             "selection samples):", "", "| row | " + " | ".join(STAGES) + " | total |",
+             "|---:|" + "---:|" * (len(STAGES) + 1)]
+    for _, row in timed_rows:
+        sec = row["seconds"]
+        lines.append(f"| {row['row']} | " + " | ".join(f"{sec[k] / 60:.1f}" if k in sec else "–" for k in STAGES)
+                     + f" | {sum(sec.values()) / 60:.1f} |")
+    return lines
 
 
 def channel_lines(errs) -> list:
@@ -852,7 +892,9 @@ def write_outputs(cfg, done, seconds=None) -> str:
     md = summary_markdown(cfg, done, seconds, grids=grids is not None)
     storage.atomic_write_csv(rows(done), COLUMNS, os.path.join(folder, "w4a4.csv"))
     storage.atomic_write_text(md, os.path.join(folder, "w4a4.md"))
-    storage.atomic_write_record({"channel_errors": done.get("channel_errors")}, os.path.join(folder, "w4a4.json"))
+    seconds = {v: row.get("seconds") for v, (_, _, row) in (done.get("ablation") or {}).items()}
+    storage.atomic_write_record({"channel_errors": done.get("channel_errors"), "ablation_seconds": seconds},
+                                os.path.join(folder, "w4a4.json"))
     storage.write_sources(os.path.join(folder, "w4a4.sources.json"),
                           [os.path.join(folder, f) for f in ("w4a4.csv", "w4a4.md", "w4a4.json")]
                           + [f for f in (fig, grids) if f],
