@@ -208,6 +208,15 @@ def test_greedy_ablation_drops_a_technique_that_does_not_help(w4a4_run):
     assert "built on" in md and "selection noise" in md
     assert "| 3 | smooth | rounding |" in md and ("| 7 | distill | rounding + smooth |" if smooth_kept
                                                  else "| 7 | distill | rounding |") in md
+    # the selection damage is stored with each variant: a rerun decides the same from it, an edited record is
+    # recomputed (to the same value: the same files, the same selection noise)
+    record = out / "w4a4_round" / "selection.json"
+    edited = json.loads(record.read_text()) | {"paired_mse": 0.0}
+    record.write_text(json.dumps(edited))
+    again = run("w4a4.py", tmp, *SETS, "--set", "w4a4.ablation=greedy", "--set", "w4a4.rows=[0,3,7]",
+                "--set", "w4a4.studies=[ablation]", "--set", "w4a4.select_images=4")
+    assert [line for line in again.stdout.splitlines() if line.startswith("[w4a4] row ")] == decisions
+    assert again.stdout.count("reusing its selection damage") == 2 and "[w4a4_round] reusing its" not in again.stdout
 
 
 

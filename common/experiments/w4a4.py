@@ -16,6 +16,7 @@ and with its weights (every conv / linear but the two ends in 4-bit per-channel 
 """
 import contextlib
 import copy
+import hashlib
 import json
 import os
 import time
@@ -192,10 +193,22 @@ def selection_damage(c, variant: str, reference: torch.Tensor, n: int, device) -
     from ..quant.container import load_quantized
 
     folder = evaluate.variant_dir(c, variant)
-    qmodel, _ = load_quantized(os.path.join(folder, "quantized.safetensors"), device)
-    load_act_quant(os.path.join(folder, "act_quant.safetensors"))[0].attach(qmodel)
+    files = [os.path.join(folder, f) for f in ("quantized.safetensors", "act_quant.safetensors")]
+    # computed once per stored variant: a rerun that reuses the variant reuses its selection damage too
+    inputs = {"files": [storage.sha256_file(f) for f in files], "n": n, "seed": c.finetune.calib_seed + 1,
+              "sample": to_dict(c.sample), "diffusion": to_dict(c.diffusion), "device": str(device),
+              "reference": hashlib.sha256(reference.cpu().numpy().tobytes()).hexdigest()}
+    path = os.path.join(folder, "selection.json")
+    old = storage.reusable_record(path, inputs)
+    if old is not None:
+        print(f"[{variant}] reusing its selection damage {path}")
+        return old["paired_mse"]
+    qmodel, _ = load_quantized(files[0], device)
+    load_act_quant(files[1])[0].attach(qmodel)
     x = _selection_samples(c, qmodel, n, device)
-    return float(((x - reference) ** 2).mean())
+    mse = float(((x - reference) ** 2).mean())
+    storage.atomic_write_record({"inputs": inputs, "paired_mse": mse}, path)
+    return mse
 
 
 def _selection_samples(c, model, n, device):
