@@ -32,14 +32,19 @@ def mixed(tiny_model_fisher):
     """Smoke U-Net quantized with a plan touching every case: int8 and int4 convs and linears, an fp16
     tensor, an element-masked int8 tensor and an int8 ConvTranspose2d."""
     cfg, model, _ = tiny_model_fisher
-    names = eligible_names(model, "poster")
-    plan = {n: Assignment("int8") for n in names}
+    return _quantized_mixed(cfg, model, "Layer2.attention_layer.proj1", "Layer3.ResBlock1.conv2",
+                            "Layer3.ResBlock2.conv1")
+
+
+def _quantized_mixed(cfg, model, int4_attention, fp16, masked):
+    """(cfg, the model quantized int8 but for an int4 conv (Layer1's first) and int4 attention projection, an
+    fp16 and an element-masked int8 tensor, its sampler, its samples)."""
+    plan = {n: Assignment("int8") for n in eligible_names(model, "poster")}
     plan["Layer1.ResBlock1.conv1.weight"] = Assignment("int4")
-    plan["Layer2.attention_layer.proj1.weight"] = Assignment("int4")
-    plan["Layer3.ResBlock1.conv2.weight"] = Assignment("fp16")
-    w = dict(model.named_parameters())["Layer3.ResBlock2.conv1.weight"]
-    plan["Layer3.ResBlock2.conv1.weight"] = Assignment("int8", torch.rand(w.shape, generator=torch.Generator()
-                                                                           .manual_seed(0)) < 0.5)
+    plan[f"{int4_attention}.weight"] = Assignment("int4")
+    plan[f"{fp16}.weight"] = Assignment("fp16")
+    w = dict(model.named_parameters())[f"{masked}.weight"]
+    plan[f"{masked}.weight"] = Assignment("int8", torch.rand(w.shape, generator=torch.Generator().manual_seed(0)) < 0.5)
     qmodel, stored = quantize_model(model, plan)
     sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
     ref = sample(qmodel.eval(), sampler, 8, SHAPE, 0, 8, progress=False)
@@ -231,19 +236,9 @@ def mixed_two_stages():
     arch.channels, arch.attentions, arch.upscales = [8, 16], [False, True], [False, True]
     torch.manual_seed(0)
     model = build_model(arch, cfg.diffusion.timesteps, cfg.data.image_size).eval()
-    names = eligible_names(model, "poster")
-    plan = {n: Assignment("int8") for n in names}
-    plan["Layer1.ResBlock1.conv1.weight"] = Assignment("int4")
-    plan["Layer2.attention_layer.proj1.weight"] = Assignment("int4")
-    plan["Layer2.ResBlock1.conv2.weight"] = Assignment("fp16")
-    w = dict(model.named_parameters())["Layer1.ResBlock2.conv1.weight"]
-    plan["Layer1.ResBlock2.conv1.weight"] = Assignment("int8", torch.rand(w.shape, generator=torch.Generator()
-                                                                           .manual_seed(0)) < 0.5)
-    assert isinstance(model.Layer2.conv, torch.nn.ConvTranspose2d)
-    qmodel, stored = quantize_model(model, plan)
-    sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
-    ref = sample(qmodel.eval(), sampler, 8, SHAPE, 0, 8, progress=False)
-    return cfg, qmodel.eval().requires_grad_(False), stored, sampler, ref
+    assert isinstance(model.Layer2.conv, torch.nn.ConvTranspose2d)  # the int8 transposed conv
+    return _quantized_mixed(cfg, model, "Layer2.attention_layer.proj1", "Layer2.ResBlock1.conv2",
+                            "Layer1.ResBlock2.conv1")
 
 
 @pytest.mark.slow

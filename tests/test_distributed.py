@@ -36,8 +36,6 @@ def torchrun(script, tmp, *extra, ranks=2, timeout=600, check=True):
     if check and p.returncode != 0:
         raise AssertionError(f"torchrun {script} failed:\n{p.stdout[-3000:]}\n" + "\n".join(
             ln for ln in p.stderr.splitlines() if "rank0]" not in ln)[-4000:])
-    if check:  # every rank tore its process group down before exiting (distributed._shut_down)
-        assert "terminate called" not in p.stderr, p.stderr[-3000:]
     return p
 
 

@@ -290,7 +290,7 @@ def test_w4a4_rows_switch_token_and_block_quantizers():
     assert row_ranges(c, model, names, "mse", 4, "group", cfg.w4a4.block_size, "cpu") is None
     blind = _quantizer(c, model, None, bits, "group", token=True, block=cfg.w4a4.block_size)
     assert quantizer_digest(blind) == quantizer_digest(block)
-    with pytest.raises(ValueError, match="needs calibrated ranges"):
+    with pytest.raises(ValueError, match="no calibrated activation ranges for the per-tensor inputs"):
         _quantizer(c, model, None, bits, "group", token=False)
     with pytest.raises(ValueError, match="2 bit widths for 1 timestep groups"):  # checked without ranges too
         _quantizer(c, model, None, {n: [4, 8] for n in names}, "single", token=False, block=16)

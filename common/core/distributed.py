@@ -94,7 +94,6 @@ def init(device: torch.device) -> torch.device:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         dist.init_process_group("nccl", timeout=timeout)
-        atexit.register(_shut_down)
         return torch.device("cuda", local)
     dist.init_process_group("gloo", timeout=timeout)
     atexit.register(_shut_down)
@@ -102,9 +101,10 @@ def init(device: torch.device) -> torch.device:
 
 
 def _shut_down():
-    """Tear the process group down at exit, before the interpreter's own teardown: left to that, gloo's
+    """Tear the gloo process group down at exit, before the interpreter's own teardown: left to that, gloo's
     background threads can outlive the objects they use and the rank dies with SIGABRT ("terminate called
-    without an active exception") after its work is done. Local: no collective, so a failing rank exits too."""
+    without an active exception") after its work is done. Gloo's teardown waits for no peer, so a rank that
+    exits on an error still exits (not registered for NCCL, whose teardown waits for queued work)."""
     if dist.is_initialized():
         dist.destroy_process_group()
 

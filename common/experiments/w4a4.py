@@ -16,7 +16,7 @@ and with its weights (every conv / linear but the two ends in 4-bit per-channel 
 """
 import contextlib
 import copy
-import hashlib
+import functools
 import json
 import os
 import time
@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..core import lock, machine, storage
+from ..core import distributed, lock, machine, storage
 from ..core.config import to_dict
 from ..diffusion.samplers import build_sampler
 from ..diffusion.schedule import NoiseSchedule
@@ -141,6 +141,11 @@ def _quantizer(c, model, ranges, bits, mode, token: bool, block: int = 0):
     return act_quantizer(c2, model, ranges, bits, mode)
 
 
+def range_method(techniques) -> str:
+    """The row's per-tensor activation ranges: least-MSE with the "ranges" technique, else min-max."""
+    return "mse" if "ranges" in techniques else "minmax"
+
+
 def row_block(cfg, techniques) -> int:
     """The row's activation block size: ``w4a4.block_size`` with the "block" technique, else 0 (off)."""
     return cfg.w4a4.block_size if "block" in techniques else 0
@@ -186,18 +191,19 @@ def technique_variant(techniques) -> str:
     return "w4a4_" + "_".join(("round",) + tuple(techniques))
 
 
-def selection_damage(c, variant: str, reference: torch.Tensor, n: int, device) -> float:
+def selection_damage(c, variant: str, reference, sha: str, n: int, device) -> float:
     """Paired MSE on the [0, 1] scale of ``variant`` (rebuilt from its stored files) against the fp32 samples
-    ``reference`` on ``n`` images of selection noise (``finetune.calib_seed + 1``: never an evaluation seed), so
-    the greedy ablation decides on noise it is not judged on."""
+    ``reference()`` (a function: sampled only when some variant's record is missing) of the checkpoint ``sha``
+    on ``n`` images of selection noise (``finetune.calib_seed + 1``: never an evaluation seed), so the greedy
+    ablation decides on noise it is not judged on. Stored beside the variant (``selection.json``), computed once
+    per stored variant: a rerun that reuses the variant reuses its selection damage."""
     from ..quant.container import load_quantized
 
     folder = evaluate.variant_dir(c, variant)
     files = [os.path.join(folder, f) for f in ("quantized.safetensors", "act_quant.safetensors")]
-    # computed once per stored variant: a rerun that reuses the variant reuses its selection damage too
-    inputs = {"files": [storage.sha256_file(f) for f in files], "n": n, "seed": c.finetune.calib_seed + 1,
-              "sample": to_dict(c.sample), "diffusion": to_dict(c.diffusion), "device": str(device),
-              "reference": hashlib.sha256(reference.cpu().numpy().tobytes()).hexdigest()}
+    inputs = {"files": [storage.sha256_file(f) for f in files], "checkpoint_sha256": sha, "n": n,
+              "seed": c.finetune.calib_seed + 1, "sample": to_dict(c.sample), "diffusion": to_dict(c.diffusion),
+              "device": device.type if isinstance(device, torch.device) else str(device)}
     path = os.path.join(folder, "selection.json")
     old = storage.reusable_record(path, inputs)
     if old is not None:
@@ -206,8 +212,9 @@ def selection_damage(c, variant: str, reference: torch.Tensor, n: int, device) -
     qmodel, _ = load_quantized(files[0], device)
     load_act_quant(files[1])[0].attach(qmodel)
     x = _selection_samples(c, qmodel, n, device)
-    mse = float(((x - reference) ** 2).mean())
-    storage.atomic_write_record({"inputs": inputs, "paired_mse": mse}, path)
+    mse = float(((x - reference()) ** 2).mean())
+    if distributed.is_main():
+        storage.atomic_write_record({"inputs": inputs, "paired_mse": mse}, path)
     return mse
 
 
@@ -360,7 +367,8 @@ def timed(seconds: dict, stage: str):
 
 def row_ranges(c, transformed, names, method: str, a_bits, mode: str, block: int, device, progress=True):
     """``calibrate``'s ranges, or None with ``block``: every input's ranges are then dynamic, nothing to
-    calibrate (the row records ``range_method`` "dynamic")."""
+    calibrate (the row's record keeps the ``range_method`` its per-tensor inputs would use, so variants stored
+    before calibration was skipped stay valid; ``a_block`` > 0 says the ranges are dynamic)."""
     return None if block else calibrate(c, transformed, names, method, a_bits, mode, device, progress)
 
 
@@ -489,7 +497,7 @@ def run_ablation(cfg, c, model, ckpt_path, sha, pool, device, rows=None, rank=8,
     names, kept_inputs, _, _ = act_layout(c, model)
     inputs = [n for n in names if n not in kept_inputs]
     n_sel = cfg.w4a4.select_images
-    reference = _selection_samples(c, model, n_sel, device) if greedy else None
+    reference = functools.cache(lambda: _selection_samples(c, model, n_sel, device))  # only if a record misses
     done, kept, base, best = {}, (), None, float("inf")
     for k in rows if rows is not None else range(len(TECHNIQUES) + 1):
         tried = TECHNIQUES[k - 1] if k else None
@@ -499,7 +507,7 @@ def run_ablation(cfg, c, model, ckpt_path, sha, pool, device, rows=None, rank=8,
         with timed(seconds, "transform"):
             m, info = transformed_model(c, model, techniques, pool, device, rank, cfg.w4a4.smooth_samples, progress)
         block = row_block(cfg, techniques)
-        method = "dynamic" if block else "mse" if "ranges" in techniques else "minmax"
+        method = range_method(techniques)
         with timed(seconds, "calibrate"):
             ranges = row_ranges(c, m, names, method, 4, mode, block, device, progress)
         q = _quantizer(c, m, ranges, {n: 4 for n in inputs}, mode, "token" in techniques, block)
@@ -520,7 +528,7 @@ def run_ablation(cfg, c, model, ckpt_path, sha, pool, device, rows=None, rank=8,
         row = {"row": k, "tried": tried, "base": base, "selection_mse": None, "kept": True, "seconds": seconds}
         if greedy:
             with timed(seconds, "select"):
-                row["selection_mse"] = selection_damage(c, variant, reference, n_sel, device)
+                row["selection_mse"] = selection_damage(c, variant, reference, sha, n_sel, device)
             row["kept"] = tried is None or row["selection_mse"] < best
             print(f"[w4a4] row {k} ({tried or 'plain rounding'}): selection paired MSE {row['selection_mse']:.4g} "
                   f"on {n_sel} images -> {'kept' if row['kept'] else 'dropped'}")
@@ -557,7 +565,8 @@ def run_average(cfg, c, model, ckpt_path, fisher, pool, device, ablation=None, f
     activation bits from ``w4a4.average_a_bits`` chosen per input by the exact allocator under the BOPs of uniform
     W4A4 (``act_pipeline``: the activation Fisher's estimated loss, or random scores as the control), and the
     uniform A4 plan of the same pipeline as the reference; on plain rounding, or on the ablation's techniques
-    (``w4a4.average_on``: the same allocation, the techniques' model, ranges at each input's bits).
+    (``w4a4.average_on``: the same allocation, the techniques' model, ranges calibrated at each input's bits, or
+    dynamic per block with the "block" technique).
     {variant: (plan, techniques, metrics)}."""
     c2 = copy.deepcopy(c)
     c2.act_quant.w_formats = ["int4"]
@@ -591,7 +600,7 @@ def _average_on(cfg, c, c2, model, ckpt_path, fisher, pool, techniques, macs, pe
     stored = quantized_weights(c, m, techniques, device, tinfo, progress)
     total_macs = sum(macs.values())
     block = row_block(cfg, techniques)
-    method = "dynamic" if block else "mse" if "ranges" in techniques else "minmax"
+    method = range_method(techniques)
     done = {}
     for plan in AVERAGE_PLANS:
         variant = average_variant(plan, techniques)
@@ -905,8 +914,8 @@ def write_outputs(cfg, done, seconds=None) -> str:
     md = summary_markdown(cfg, done, seconds, grids=grids is not None)
     storage.atomic_write_csv(rows(done), COLUMNS, os.path.join(folder, "w4a4.csv"))
     storage.atomic_write_text(md, os.path.join(folder, "w4a4.md"))
-    seconds = {v: row.get("seconds") for v, (_, _, row) in (done.get("ablation") or {}).items()}
-    storage.atomic_write_record({"channel_errors": done.get("channel_errors"), "ablation_seconds": seconds},
+    row_seconds = {v: row.get("seconds") for v, (_, _, row) in (done.get("ablation") or {}).items()}
+    storage.atomic_write_record({"channel_errors": done.get("channel_errors"), "ablation_seconds": row_seconds},
                                 os.path.join(folder, "w4a4.json"))
     storage.write_sources(os.path.join(folder, "w4a4.sources.json"),
                           [os.path.join(folder, f) for f in ("w4a4.csv", "w4a4.md", "w4a4.json")]

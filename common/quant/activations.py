@@ -271,16 +271,20 @@ class ActQuantizer:
 
 
 def layer_quants(ranges: dict, bits: dict, symmetric=False, token_layers=(), splits=None, block=None) -> dict:
-    """{name: LayerQuant} from calibrated ``ranges`` {name: (G, P, 2)} (None with ``block``: every input is
-    dynamic then) and ``bits`` {name: b or None (float: left
-    out)}, in ``bits``' order: with ``block`` (channels) every input gets dynamic per-block ranges; else modules in
-    ``token_layers`` get dynamic per-token ranges, ``splits`` {name: channel} two-part ranges. The one place a
-    module's input quantizer is made (``experiments.act_pipeline.input_quants`` applies a config's layout)."""
+    """{name: LayerQuant} from calibrated ``ranges`` {name: (G, P, 2)} and ``bits`` {name: b or None (float: left
+    out)}, in ``bits``' order: with ``block`` (channels) every input gets dynamic per-block ranges (``ranges`` may
+    then be None: nothing is calibrated); else modules in ``token_layers`` get dynamic per-token ranges, ``splits``
+    {name: channel} two-part ranges. The one place a module's input quantizer is made
+    (``experiments.act_pipeline.input_quants`` applies a config's layout)."""
     splits, ranges = splits or {}, ranges or {}
 
     def granularity(n):
         return "block" if block else "token" if n in token_layers else "tensor"
 
+    missing = [n for n, b in bits.items() if b is not None and granularity(n) == "tensor" and n not in ranges]
+    if missing:
+        raise ValueError(f"no calibrated activation ranges for the per-tensor inputs {missing[:3]}"
+                         + (f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""))
     return {n: LayerQuant.from_ranges(ranges.get(n), b, symmetric, granularity(n), splits.get(n), block or None)
             for n, b in bits.items() if b is not None}
 
