@@ -294,3 +294,36 @@ def test_w4a4_rows_switch_token_and_block_quantizers():
         _quantizer(c, model, None, bits, "group", token=False)
     with pytest.raises(ValueError, match="2 bit widths for 1 timestep groups"):  # checked without ranges too
         _quantizer(c, model, None, {n: [4, 8] for n in names}, "single", token=False, block=16)
+
+
+def test_w4a4_calibration_is_cached_per_model_and_setting(tmp_path, capsys):
+    """A row's ranges are computed once per transformed model and calibration setting: the same call reuses
+    them (equal tensors), another method, other MSE bits or other weights recalibrate, a damaged file is
+    recomputed to the same values."""
+    from common.core import storage
+    from common.experiments.act_pipeline import act_layout
+    from common.experiments.finetune import finetune_config
+    from common.experiments.w4a4 import calibrate
+
+    cfg, model = _net("smoke.yaml", [f"run.out_dir={tmp_path}"])
+    c = finetune_config(cfg)
+    names = act_layout(c, model)[0]
+    first = calibrate(c, model, names, "mse", 4, "group", "cpu", progress=False)
+    assert "reusing calibrated ranges" not in capsys.readouterr().out
+    again = calibrate(c, model, names, "mse", 4, "group", "cpu", progress=False)
+    assert "reusing calibrated ranges" in capsys.readouterr().out
+    assert again.keys() == first.keys() and all(torch.equal(again[n], first[n]) for n in first)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(iter(other.parameters())).add_(1e-3)
+    for args in ((model, "minmax", 4), (model, "mse", 6), (other, "mse", 4)):
+        calibrate(c, args[0], names, args[1], args[2], "group", "cpu", progress=False)
+        assert "reusing calibrated ranges" not in capsys.readouterr().out, args[1:]
+    files = sorted(Path(storage.baseline_dir(c)).glob("ranges_*.safetensors"))
+    assert len(files) == 4
+    for f in files:
+        data = f.read_bytes()
+        f.write_bytes(data[:-8] + bytes(b ^ 0xFF for b in data[-8:]))  # the last values damaged
+    third = calibrate(c, model, names, "mse", 4, "group", "cpu", progress=False)
+    assert "reusing calibrated ranges" not in capsys.readouterr().out
+    assert all(torch.equal(third[n], first[n]) for n in first)

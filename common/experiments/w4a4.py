@@ -30,6 +30,7 @@ from ..core.config import to_dict
 from ..diffusion.samplers import build_sampler
 from ..diffusion.schedule import NoiseSchedule
 from ..evaluation import evaluate
+from ..evaluation.metrics import tensor_digest
 from ..quant import lowrank, rotation, smoothing, time_table
 from ..quant.activations import (
     channel_dim,
@@ -305,8 +306,7 @@ def gptq_weights(c, transformed, device, progress=True) -> tuple:
     the GPTQ settings (rows and studies that round the same model share it; a corrupt file is recomputed)."""
     names = [n for n in eligible_names(transformed, lowbit.RULE) if ".lowrank." not in n]
     lb = c.lowbit
-    state = {n: {"format": "fp32", "data": v} for n, v in transformed.state_dict().items()}
-    inputs = {"model": stored_digest(state), "names": names, "images": lb.gptq_images, "seed": lb.gptq_seed,
+    inputs = {"model": model_digest(transformed), "names": names, "images": lb.gptq_images, "seed": lb.gptq_seed,
               "damp": lb.gptq_damp, "sample": to_dict(c.sample), "diffusion": to_dict(c.diffusion),
               "shape": [c.model.in_channels, c.data.image_size, c.data.image_size], "device": str(device)}
     path = os.path.join(storage.baseline_dir(c), f"gptq_{storage.fingerprint(inputs)}.pt")
@@ -342,16 +342,45 @@ def quantized_weights(c, transformed, techniques, device, info, progress=True) -
     return stored
 
 
-def calibrate(c, transformed, names, method: str, a_bits: int, mode: str, device, progress=True) -> dict:
-    """Ranges of the transformed model's inputs (min-max, or the least-MSE ranges at ``a_bits``)."""
+def model_digest(model) -> str:
+    """Digest of a (transformed) model's whole state: what its calibration and GPTQ caches are keyed on."""
+    return stored_digest({n: {"format": "fp32", "data": v} for n, v in model.state_dict().items()})
+
+
+def calibrate(c, transformed, names, method: str, a_bits, mode: str, device, progress=True) -> dict:
+    """Ranges of the transformed model's inputs (min-max, or the least-MSE ranges at ``a_bits``: an int or one
+    per input). Computed once per transformed model and calibration: cached in the baseline folder, keyed on the
+    model's whole state and every calibration setting, so rows that calibrate the same model the same way (the
+    ``token`` and ``gptq`` rows repeat the row below them) and reruns share them; a damaged file is recomputed."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
     aq = c.act_quant
     _, _, splits, _ = act_layout(c, transformed)
+    inputs = {"model": model_digest(transformed), "names": list(names), "method": method,
+              "bits": a_bits if method == "mse" else None, "groups": mode_groups(c, mode),
+              "percentile": aq.percentile, "images": aq.calib_images, "timesteps": aq.calib_timesteps,
+              "seed": aq.calib_seed, "splits": splits, "sample": to_dict(c.sample),
+              "diffusion": to_dict(c.diffusion), "device": str(device)}
+    path = os.path.join(storage.baseline_dir(c), f"ranges_{storage.fingerprint(inputs)}.safetensors")
+    with contextlib.suppress(Exception):  # missing, foreign or damaged: recomputed below
+        with safe_open(path, framework="pt") as fh:
+            meta = fh.metadata() or {}
+        ranges = load_file(path)
+        if meta.get("inputs") == json.dumps(inputs, sort_keys=True) and meta.get("digest") == tensor_digest(
+                *(ranges[n] for n in sorted(ranges))):
+            print(f"[w4a4] reusing calibrated ranges {path}")
+            return ranges
     sampler = build_sampler(c.sample, NoiseSchedule.from_config(c.diffusion))
     shape = (c.model.in_channels, c.data.image_size, c.data.image_size)
-    return collect_ranges(transformed, sampler, names, shape, aq.calib_images,
-                          calibration_timesteps(sampler, aq.calib_timesteps), mode_groups(c, mode), method,
-                          aq.percentile, splits, aq.calib_seed, c.sample.batch_size, device, progress,
-                          mse_bits=a_bits)
+    ranges = collect_ranges(transformed, sampler, names, shape, aq.calib_images,
+                            calibration_timesteps(sampler, aq.calib_timesteps), mode_groups(c, mode), method,
+                            aq.percentile, splits, aq.calib_seed, c.sample.batch_size, device, progress,
+                            mse_bits=a_bits)
+    if distributed.is_main():
+        storage.atomic_save_safetensors(ranges, path, {"inputs": json.dumps(inputs, sort_keys=True),
+                                                       "digest": tensor_digest(*(ranges[n] for n in sorted(ranges)))})
+    return ranges
 
 
 @contextlib.contextmanager
