@@ -63,6 +63,7 @@ def released(tmp_path_factory, data_root):
     return data, ClassifierConfig(epochs=1, train_limit=600, weights=out, sha256=sha), record
 
 
+@pytest.mark.slow  # trains and releases a classifier on real MNIST, scored on all 10,000 test digits
 def test_release_records_hash_accuracy_machine_and_the_command(released):
     _, clf_cfg, record = released
     assert record["sha256"] == sha256_file(clf_cfg.weights) == clf_cfg.sha256
