@@ -63,7 +63,7 @@ def released(tmp_path_factory, data_root):
     return data, ClassifierConfig(epochs=1, train_limit=600, weights=out, sha256=sha), record
 
 
-@pytest.mark.slow  # trains and releases a classifier on real MNIST, scored on all 10,000 test digits
+@pytest.mark.slow  # ``released`` trains a classifier on real MNIST, scored on all 10,000 test digits
 def test_release_records_hash_accuracy_machine_and_the_command(released):
     _, clf_cfg, record = released
     assert record["sha256"] == sha256_file(clf_cfg.weights) == clf_cfg.sha256
@@ -73,6 +73,7 @@ def test_release_records_hash_accuracy_machine_and_the_command(released):
     assert record["recipe"]["epochs"] == 1 and record["recipe"]["train_limit"] == 600
 
 
+@pytest.mark.slow  # uses ``released``
 def test_released_classifier_loads_verified_without_training_data(released, tmp_path):
     """The released file is all it needs: no MNIST training images are read, nothing is trained or cached."""
     data, clf_cfg, record = released
@@ -86,6 +87,7 @@ def test_released_classifier_loads_verified_without_training_data(released, tmp_
     assert torch.equal(classifier.classifier_outputs(model, x)[1], classifier.classifier_outputs(again, x)[1])
 
 
+@pytest.mark.slow  # uses ``released``
 def test_a_wrong_hash_missing_or_foreign_file_is_refused_naming_the_file(released, tmp_path):
     from safetensors.torch import save_file
 

@@ -2,6 +2,7 @@
 as a table over the sampler's timesteps), smoothing (per-channel scales folded into weights and producers) and
 calibrate.mse_range: exactness, what each removes, storage round trips."""
 import copy
+import json
 import os
 from pathlib import Path
 
@@ -303,7 +304,7 @@ def test_w4a4_calibration_is_cached_per_model_and_setting(tmp_path, capsys):
     from common.core import storage
     from common.experiments.act_pipeline import act_layout
     from common.experiments.finetune import finetune_config
-    from common.experiments.w4a4 import calibrate
+    from common.experiments.w4a4 import calibrate, calibration_inputs
 
     cfg, model = _net("smoke.yaml", [f"run.out_dir={tmp_path}"])
     c = finetune_config(cfg)
@@ -326,5 +327,13 @@ def test_w4a4_calibration_is_cached_per_model_and_setting(tmp_path, capsys):
         data = f.read_bytes()
         f.write_bytes(data[:-8] + bytes(b ^ 0xFF for b in data[-8:]))  # the last values damaged
     third = calibrate(c, model, names, "mse", 4, "group", "cpu", progress=False)
-    assert "reusing calibrated ranges" not in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "reusing calibrated ranges" not in out and "damaged or foreign: calibrating again" in out
     assert all(torch.equal(third[n], first[n]) for n in first)
+    # the key: every rank of a torchrun shares one file; the sampled shape, groups and seed are in it
+    key = lambda cc, mode="group", dev="cpu": calibration_inputs(cc, model, names, "mse", 4, mode, dev)  # noqa: E731
+    assert key(c, dev=torch.device("cuda", 0)) == key(c, dev=torch.device("cuda", 1)) != key(c)
+    changed = [copy.deepcopy(c) for _ in range(2)]
+    changed[0].data.image_size += 8
+    changed[1].act_quant.calib_seed += 1
+    assert len({json.dumps(k, sort_keys=True) for k in [key(c), key(c, "single"), *map(key, changed)]}) == 4

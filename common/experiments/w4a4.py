@@ -17,6 +17,7 @@ and with its weights (every conv / linear but the two ends in 4-bit per-channel 
 import contextlib
 import copy
 import functools
+import hashlib
 import json
 import os
 import time
@@ -347,39 +348,59 @@ def model_digest(model) -> str:
     return stored_digest({n: {"format": "fp32", "data": v} for n, v in model.state_dict().items()})
 
 
+def calibration_inputs(c, transformed, names, method: str, a_bits, mode: str, device) -> dict:
+    """What ``calibrate``'s ranges depend on: the model's whole state and architecture, the inputs, the range
+    method (and the bits the least-MSE search aims at), groups, calibration data, sampler and image shape. The
+    device's type, not its index: every rank of a torchrun shares one file."""
+    aq = c.act_quant
+    return {"model": model_digest(transformed), "arch": to_dict(c.model), "names": list(names), "method": method,
+            "bits": a_bits if method == "mse" else None, "groups": mode_groups(c, mode),
+            "percentile": aq.percentile if method == "percentile" else None, "images": aq.calib_images,
+            "timesteps": aq.calib_timesteps, "seed": aq.calib_seed, "splits": act_layout(c, transformed)[2],
+            "sample": to_dict(c.sample), "diffusion": to_dict(c.diffusion),
+            "shape": [c.model.in_channels, c.data.image_size, c.data.image_size],
+            "device": device.type if isinstance(device, torch.device) else torch.device(device).type}
+
+
 def calibrate(c, transformed, names, method: str, a_bits, mode: str, device, progress=True) -> dict:
     """Ranges of the transformed model's inputs (min-max, or the least-MSE ranges at ``a_bits``: an int or one
-    per input). Computed once per transformed model and calibration: cached in the baseline folder, keyed on the
-    model's whole state and every calibration setting, so rows that calibrate the same model the same way (the
-    ``token`` and ``gptq`` rows repeat the row below them) and reruns share them; a damaged file is recomputed."""
-    from safetensors import safe_open
+    per input). Computed once per transformed model and calibration (``calibration_inputs``): cached in the
+    baseline folder, so rows that calibrate the same model the same way (the ``token`` and ``gptq`` rows repeat
+    the row below them) and reruns share them; rank 0 computes, the other ranks read its file; a damaged or
+    foreign file is recomputed."""
+    key = json.dumps(calibration_inputs(c, transformed, names, method, a_bits, mode, device), sort_keys=True,
+                     default=str)
+    path = os.path.join(storage.baseline_dir(c), f"ranges_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+                                                 ".safetensors")
+    return pipeline.shared(c, lambda: _load_or_calibrate(c, transformed, names, method, a_bits, mode, device,
+                                                         progress, key, path))
+
+
+def _load_or_calibrate(c, transformed, names, method, a_bits, mode, device, progress, key, path) -> dict:
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
+    if os.path.exists(path):
+        try:
+            with safe_open(path, framework="pt") as fh:
+                meta = fh.metadata() or {}
+            ranges = load_file(path)
+            if meta.get("inputs") == key and meta.get("digest") == tensor_digest(*(ranges[n] for n in sorted(ranges))):
+                print(f"[w4a4] reusing calibrated ranges {path}")
+                return ranges
+        except (OSError, SafetensorError, ValueError, KeyError):
+            pass
+        print(f"[w4a4] {path} is damaged or foreign: calibrating again")
     aq = c.act_quant
-    _, _, splits, _ = act_layout(c, transformed)
-    inputs = {"model": model_digest(transformed), "names": list(names), "method": method,
-              "bits": a_bits if method == "mse" else None, "groups": mode_groups(c, mode),
-              "percentile": aq.percentile, "images": aq.calib_images, "timesteps": aq.calib_timesteps,
-              "seed": aq.calib_seed, "splits": splits, "sample": to_dict(c.sample),
-              "diffusion": to_dict(c.diffusion), "device": str(device)}
-    path = os.path.join(storage.baseline_dir(c), f"ranges_{storage.fingerprint(inputs)}.safetensors")
-    with contextlib.suppress(Exception):  # missing, foreign or damaged: recomputed below
-        with safe_open(path, framework="pt") as fh:
-            meta = fh.metadata() or {}
-        ranges = load_file(path)
-        if meta.get("inputs") == json.dumps(inputs, sort_keys=True) and meta.get("digest") == tensor_digest(
-                *(ranges[n] for n in sorted(ranges))):
-            print(f"[w4a4] reusing calibrated ranges {path}")
-            return ranges
     sampler = build_sampler(c.sample, NoiseSchedule.from_config(c.diffusion))
     shape = (c.model.in_channels, c.data.image_size, c.data.image_size)
     ranges = collect_ranges(transformed, sampler, names, shape, aq.calib_images,
                             calibration_timesteps(sampler, aq.calib_timesteps), mode_groups(c, mode), method,
-                            aq.percentile, splits, aq.calib_seed, c.sample.batch_size, device, progress,
-                            mse_bits=a_bits)
+                            aq.percentile, act_layout(c, transformed)[2], aq.calib_seed, c.sample.batch_size,
+                            device, progress, mse_bits=a_bits)
     if distributed.is_main():
-        storage.atomic_save_safetensors(ranges, path, {"inputs": json.dumps(inputs, sort_keys=True),
-                                                       "digest": tensor_digest(*(ranges[n] for n in sorted(ranges)))})
+        storage.atomic_save_safetensors(ranges, path, {"inputs": key, "digest": tensor_digest(
+            *(ranges[n] for n in sorted(ranges)))})
     return ranges
 
 
