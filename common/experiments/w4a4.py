@@ -17,7 +17,6 @@ and with its weights (every conv / linear but the two ends in 4-bit per-channel 
 import contextlib
 import copy
 import functools
-import hashlib
 import json
 import os
 import time
@@ -205,7 +204,7 @@ def selection_damage(c, variant: str, reference, sha: str, n: int, device) -> fl
     files = [os.path.join(folder, f) for f in ("quantized.safetensors", "act_quant.safetensors")]
     inputs = {"files": [storage.sha256_file(f) for f in files], "checkpoint_sha256": sha, "n": n,
               "seed": c.finetune.calib_seed + 1, "sample": to_dict(c.sample), "diffusion": to_dict(c.diffusion),
-              "device": device.type if isinstance(device, torch.device) else str(device)}
+              "device": torch.device(device).type}
     path = os.path.join(folder, "selection.json")
     old = storage.reusable_record(path, inputs)
     if old is not None:
@@ -359,7 +358,7 @@ def calibration_inputs(c, transformed, names, method: str, a_bits, mode: str, de
             "timesteps": aq.calib_timesteps, "seed": aq.calib_seed, "splits": act_layout(c, transformed)[2],
             "sample": to_dict(c.sample), "diffusion": to_dict(c.diffusion),
             "shape": [c.model.in_channels, c.data.image_size, c.data.image_size],
-            "device": device.type if isinstance(device, torch.device) else torch.device(device).type}
+            "device": torch.device(device).type}
 
 
 def calibrate(c, transformed, names, method: str, a_bits, mode: str, device, progress=True) -> dict:
@@ -368,10 +367,9 @@ def calibrate(c, transformed, names, method: str, a_bits, mode: str, device, pro
     baseline folder, so rows that calibrate the same model the same way (the ``token`` and ``gptq`` rows repeat
     the row below them) and reruns share them; rank 0 computes, the other ranks read its file; a damaged or
     foreign file is recomputed."""
-    key = json.dumps(calibration_inputs(c, transformed, names, method, a_bits, mode, device), sort_keys=True,
-                     default=str)
-    path = os.path.join(storage.baseline_dir(c), f"ranges_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
-                                                 ".safetensors")
+    inputs = calibration_inputs(c, transformed, names, method, a_bits, mode, device)
+    key = json.dumps(inputs, sort_keys=True, default=str)
+    path = os.path.join(storage.baseline_dir(c), f"ranges_{storage.fingerprint(inputs)}.safetensors")
     return pipeline.shared(c, lambda: _load_or_calibrate(c, transformed, names, method, a_bits, mode, device,
                                                          progress, key, path))
 
