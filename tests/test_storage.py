@@ -168,3 +168,22 @@ def test_a_file_is_hashed_once_until_it_changes(tmp_path, monkeypatch):
     storage.sha256_file(fresh)
     storage.sha256_file(fresh)
     assert len(reads) == 5
+
+
+def test_sealed_tensor_cache_is_reused_only_when_inputs_and_bytes_match(tmp_path, capsys):
+    """The one tensor cache of calibrated ranges (act_quant and w4a4): reused when it records the same inputs and
+    its tensors match their digest; other inputs, damaged bytes or no file at all -> None (recompute)."""
+    path = tmp_path / "ranges.safetensors"
+    tensors = {"b": torch.arange(6.0).reshape(3, 2), "a": torch.ones(4)}
+    inputs = {"method": "mse", "groups": [[0, 9]], "images": 8}
+    assert storage.reusable_tensors(path, inputs) is None  # missing: silent
+    storage.save_sealed_tensors(tensors, path, inputs)
+    back = storage.reusable_tensors(path, dict(reversed(inputs.items())))  # key order does not matter
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    assert storage.reusable_tensors(path, {**inputs, "images": 16}) is None
+    assert "stale, foreign or damaged" in capsys.readouterr().out
+    data = path.read_bytes()
+    path.write_bytes(data[:-4] + bytes(b ^ 0xFF for b in data[-4:]))  # the last value's bytes flipped
+    assert storage.reusable_tensors(path, inputs) is None
+    path.write_bytes(data[: len(data) // 2])  # truncated
+    assert storage.reusable_tensors(path, inputs) is None

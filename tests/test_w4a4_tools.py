@@ -328,7 +328,7 @@ def test_w4a4_calibration_is_cached_per_model_and_setting(tmp_path, capsys):
         f.write_bytes(data[:-8] + bytes(b ^ 0xFF for b in data[-8:]))  # the last values damaged
     third = calibrate(c, model, names, "mse", 4, "group", "cpu", progress=False)
     out = capsys.readouterr().out
-    assert "reusing calibrated ranges" not in out and "damaged or foreign: calibrating again" in out
+    assert "reusing calibrated ranges" not in out and "stale, foreign or damaged: recomputing it" in out
     assert all(torch.equal(third[n], first[n]) for n in first)
     # the key: every rank of a torchrun shares one file; the sampled shape, groups and seed are in it
     key = lambda cc, mode="group", dev="cpu": calibration_inputs(cc, model, names, "mse", 4, mode, dev)  # noqa: E731

@@ -81,6 +81,46 @@ def atomic_save_safetensors(tensors: dict, path, metadata=None):
     _atomic(path, lambda fh: fh.write(blob))
 
 
+def tensor_digest(*tensors) -> str:
+    """Short SHA-256 of tensors' bytes (identifies a data set in cache file names, seals a tensor cache)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()[:10]
+
+
+def _tensors_digest(tensors: dict) -> str:
+    return tensor_digest(*(tensors[n] for n in sorted(tensors)))
+
+
+def save_sealed_tensors(tensors: dict, path, inputs: dict):
+    """``atomic_save_safetensors`` of a cache that records what it was computed from (``inputs``) and a digest of
+    its own tensors, so a stale, foreign or damaged file is told apart (``reusable_tensors``)."""
+    atomic_save_safetensors(tensors, path, {"inputs": json.dumps(inputs, sort_keys=True, default=str),
+                                            "digest": _tensors_digest(tensors)})
+
+
+def reusable_tensors(path, inputs: dict) -> dict | None:
+    """The tensors of ``save_sealed_tensors``' file at ``path`` if it records ``inputs`` and its tensors match
+    their digest; None when it is missing, stale, foreign or damaged (the caller recomputes and overwrites it)."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    if not os.path.exists(path):
+        return None
+    try:
+        with safe_open(path, framework="pt") as fh:
+            meta = fh.metadata() or {}
+        if meta.get("inputs") == json.dumps(inputs, sort_keys=True, default=str):
+            tensors = load_file(path)
+            if meta.get("digest") == _tensors_digest(tensors):
+                return tensors
+    except (OSError, SafetensorError, ValueError, KeyError):
+        pass
+    print(f"[cache] {path} is stale, foreign or damaged: recomputing it")
+    return None
+
+
 def atomic_write_text(text: str, path):
     _atomic(path, lambda fh: fh.write(text.encode()))
 

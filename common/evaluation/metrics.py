@@ -5,7 +5,6 @@ Images enter every metric as uint8 (N, 1, H, W), exactly what a saved PNG holds;
 normalization. For Inception they are fed as pytorch-fid's CLI feeds a grayscale PNG: replicated
 to 3 channels, scaled to [0, 1], resized to 299 and mapped to [-1, 1] inside ``InceptionV3``.
 """
-import hashlib
 import os
 import warnings
 from unittest import mock
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core.storage import load_torch, sha256_file
+from ..core.storage import load_torch, sha256_file, tensor_digest
 
 __all__ = ["calculate_frechet_distance", "load_inception", "inception_features", "inception_score",
            "frechet_from_features", "kernel_distance", "tensor_digest"]
@@ -216,14 +215,6 @@ def kernel_distance(f1: np.ndarray, f2: np.ndarray, subsets: int = 100, subset_s
     out = kid_features_to_metric(torch.as_tensor(f1, dtype=torch.float64), torch.as_tensor(f2, dtype=torch.float64),
                                  kid_subsets=subsets, kid_subset_size=m, rng_seed=seed, verbose=False)
     return out[KEY_METRIC_KID_MEAN], out[KEY_METRIC_KID_STD]
-
-
-def tensor_digest(*tensors) -> str:
-    """Short SHA-256 of tensors' bytes (identifies a data set in cache file names)."""
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()[:10]
 
 
 def file_tag(path) -> str:

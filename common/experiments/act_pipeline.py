@@ -70,10 +70,16 @@ def input_quants(cfg, model, ranges, bits: dict) -> dict:
     return layer_quants(ranges, bits, cfg.act_quant.symmetric, token, splits, cfg.act_quant.block_size)
 
 
+def scale_bits(block: int) -> float:
+    """Bits per value of a quantized input that its per-block scales add: one 8-bit scale per ``block`` values;
+    0 without blocks."""
+    return 8 / block if block else 0.0
+
+
 def block_scale_bits(macs: dict, quantized, block: int) -> float:
-    """Bits per activation (MAC-weighted over every input of ``macs``) that per-block scales add: one 8-bit scale
-    per ``block`` values of each ``quantized`` input; 0 without blocks."""
-    return 8 / block * sum(macs[n] for n in quantized) / sum(macs.values()) if block else 0.0
+    """``scale_bits`` per activation MAC-weighted over every input of ``macs`` (only the ``quantized`` ones carry
+    scales)."""
+    return scale_bits(block) * sum(macs[n] for n in quantized) / sum(macs.values())
 
 
 def act_quantizer(cfg, model, ranges, bits: dict, mode: str) -> ActQuantizer:
@@ -97,19 +103,14 @@ def range_inputs(cfg, mode: str, checkpoint_sha256: str) -> dict:
 
 
 def ensure_ranges(cfg, model, mode, checkpoint_sha256, device, progress=True) -> dict:
-    """Calibrated ranges {module: (G, P, 2)} of ``mode``, reused from the cache when its inputs match."""
-    from safetensors.torch import load_file
-
+    """Calibrated ranges {module: (G, P, 2)} of ``mode``, reused from the cache when its inputs match (and its
+    tensors their digest)."""
     path = os.path.join(_cache_dir(cfg), f"ranges_{mode}.safetensors")
     inputs = range_inputs(cfg, mode, checkpoint_sha256)
-    fp = storage.fingerprint(inputs)
-    if os.path.exists(path):
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as fh:
-            if (fh.metadata() or {}).get("fingerprint") == fp:
-                print(f"[act_quant] reusing calibrated ranges {path}")
-                return load_file(path)
+    ranges = storage.reusable_tensors(path, inputs)
+    if ranges is not None:
+        print(f"[act_quant] reusing calibrated ranges {path}")
+        return ranges
     aq = cfg.act_quant
     names, _, splits, _ = act_layout(cfg, model)
     sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
@@ -118,7 +119,7 @@ def ensure_ranges(cfg, model, mode, checkpoint_sha256, device, progress=True) ->
                             calibration_timesteps(sampler, aq.calib_timesteps), mode_groups(cfg, mode),
                             aq.range_method, aq.percentile, splits, aq.calib_seed, cfg.sample.batch_size, device,
                             progress)
-    storage.atomic_save_safetensors(ranges, path, {"fingerprint": fp, "inputs": json.dumps(inputs)})
+    storage.save_sealed_tensors(ranges, path, inputs)
     print(f"[act_quant] {mode} ranges from {aq.calib_images} calibration images -> {path}")
     return ranges
 

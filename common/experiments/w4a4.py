@@ -30,7 +30,6 @@ from ..core.config import to_dict
 from ..diffusion.samplers import build_sampler
 from ..diffusion.schedule import NoiseSchedule
 from ..evaluation import evaluate
-from ..evaluation.metrics import tensor_digest
 from ..quant import lowrank, rotation, smoothing, time_table
 from ..quant.activations import (
     channel_dim,
@@ -59,6 +58,7 @@ from .act_pipeline import (
     plan_choice,
     run_act_variant,
     save_and_evaluate,
+    scale_bits,
     step_record,
 )
 
@@ -368,38 +368,25 @@ def calibrate(c, transformed, names, method: str, a_bits, mode: str, device, pro
     the row below them) and reruns share them; rank 0 computes, the other ranks read its file; a damaged or
     foreign file is recomputed."""
     inputs = calibration_inputs(c, transformed, names, method, a_bits, mode, device)
-    key = json.dumps(inputs, sort_keys=True, default=str)
     path = os.path.join(storage.baseline_dir(c), f"ranges_{storage.fingerprint(inputs)}.safetensors")
-    return pipeline.shared(c, lambda: _load_or_calibrate(c, transformed, names, method, a_bits, mode, device,
-                                                         progress, key, path))
 
+    def load_or_calibrate():
+        ranges = storage.reusable_tensors(path, inputs)
+        if ranges is not None:
+            print(f"[w4a4] reusing calibrated ranges {path}")
+            return ranges
+        aq = c.act_quant
+        sampler = build_sampler(c.sample, NoiseSchedule.from_config(c.diffusion))
+        shape = (c.model.in_channels, c.data.image_size, c.data.image_size)
+        ranges = collect_ranges(transformed, sampler, names, shape, aq.calib_images,
+                                calibration_timesteps(sampler, aq.calib_timesteps), mode_groups(c, mode), method,
+                                aq.percentile, act_layout(c, transformed)[2], aq.calib_seed, c.sample.batch_size,
+                                device, progress, mse_bits=a_bits)
+        if distributed.is_main():
+            storage.save_sealed_tensors(ranges, path, inputs)
+        return ranges
 
-def _load_or_calibrate(c, transformed, names, method, a_bits, mode, device, progress, key, path) -> dict:
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
-
-    if os.path.exists(path):
-        try:
-            with safe_open(path, framework="pt") as fh:
-                meta = fh.metadata() or {}
-            ranges = load_file(path)
-            if meta.get("inputs") == key and meta.get("digest") == tensor_digest(*(ranges[n] for n in sorted(ranges))):
-                print(f"[w4a4] reusing calibrated ranges {path}")
-                return ranges
-        except (OSError, SafetensorError, ValueError, KeyError):
-            pass
-        print(f"[w4a4] {path} is damaged or foreign: calibrating again")
-    aq = c.act_quant
-    sampler = build_sampler(c.sample, NoiseSchedule.from_config(c.diffusion))
-    shape = (c.model.in_channels, c.data.image_size, c.data.image_size)
-    ranges = collect_ranges(transformed, sampler, names, shape, aq.calib_images,
-                            calibration_timesteps(sampler, aq.calib_timesteps), mode_groups(c, mode), method,
-                            aq.percentile, act_layout(c, transformed)[2], aq.calib_seed, c.sample.batch_size,
-                            device, progress, mse_bits=a_bits)
-    if distributed.is_main():
-        storage.atomic_save_safetensors(ranges, path, {"inputs": key, "digest": tensor_digest(
-            *(ranges[n] for n in sorted(ranges)))})
-    return ranges
+    return pipeline.shared(c, load_or_calibrate)
 
 
 @contextlib.contextmanager
@@ -568,8 +555,9 @@ def run_ablation(cfg, c, model, ckpt_path, sha, pool, device, rows=None, rank=8,
                                                             ckpt_path, before, device, progress, stored, block)
         extra = {"study": "ablation", "row": k, "techniques": list(techniques), "checkpoint_sha256": sha,
                  "range_method": method, "range_mode": mode, "lowrank_rank": rank if "lowrank" in techniques else 0,
-                 # per quantized activation, one 8-bit scale per block counted (a tensor's or token's: negligible)
-                 "a_block": block, "a_bits_effective": 4 + (8 / block if block else 0),
+                 # per quantized input, unweighted (a tensor's or token's scale: negligible); the A4-on-average
+                 # study's a_bits_effective is MAC-weighted over every input instead (block_scale_bits)
+                 "a_block": block, "a_bits_effective": 4 + scale_bits(block),
                  "transform": json.loads(json.dumps(info, default=str))}
         with timed(seconds, "evaluate"):
             result = _evaluate(c, variant, model, stored, q, extra, device, force, progress, transformed=m)
@@ -789,8 +777,8 @@ def summary_markdown(cfg, done, seconds=None, grids=False) -> str:
                   f"Each row adds one technique to the row it is built on: {rule}. The verdict compares it with "
                   "that row (B − A of paired per-seed values, a two-sided paired t-test, Holm-corrected over the "
                   "column).", "",
-                  "| row | adds | built on | selection MSE | kept | weights MB | a-bits | paired MSE | clf-FID | "
-                  "clf-FID / fp32 | clf-IS | paired MSE vs the row built on |",
+                  "| row | adds | built on | selection MSE | kept | weights MB | a-bits (quantized inputs) | "
+                  "paired MSE | clf-FID | clf-FID / fp32 | clf-IS | paired MSE vs the row built on |",
                   "|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
         ablation = done["ablation"]
         verdicts, diffs = against([(v, r, ablation[row["base"]][1]) for v, (_, r, row) in ablation.items()
@@ -806,7 +794,9 @@ def summary_markdown(cfg, done, seconds=None, grids=False) -> str:
         if any("block" in t for t, _, _ in ablation.values()):
             lines += ["", f"block: every quantized input dynamic per block of {cfg.w4a4.block_size} input channels at "
                       "each pixel / token, one float8 e4m3 scale per block (times one fp32 scale per sample), as "
-                      "NVFP4 / MX formats store them; a-bits counts the scales (4 + 8 / block)."]
+                      "NVFP4 / MX formats store them; a-bits counts the scales (4 + 8 / block) per quantized input, "
+                      "the kept first and last layer's inputs not counted (the A4-on-average table's a-bits are "
+                      "MAC-weighted over every input, kept ones included)."]
     if "average" in done:
         lines += ["", "## Uniform A4 and A4 on average", "",
                   f"Every quantized weight in int4; activation bits per input from {sorted(cfg.w4a4.average_a_bits)} "
