@@ -17,6 +17,7 @@ from common.diffusion.samplers import DDIMSampler
 from common.diffusion.schedule import NoiseSchedule
 from common.importance.chain import chain_fisher
 from common.importance.predictor import config_bits, fit_predictor, random_configs
+from common.importance.weights import fisher_distortion_costs
 from common.quant.allocate import allocate
 from common.quant.eligibility import eligible_names, end_convs
 
@@ -558,3 +559,30 @@ def test_gptq_rounding_table_lowers_output_error_in_its_own_folder(tmp_path):
             assert torch.equal(table.values[n][f], dequantize_tensor(table.entries[n][f]))
     covered = sum(gptq.supports(mods[n.removesuffix(".weight")], f) for n in table.names for f in table.formats)
     assert covered and lower >= 0.9 * covered  # GPTQ is greedy: a rare layer may not improve; most must
+    # chain_output's ingredients: round-to-nearest's errors and GPTQ's layer-output error over theirs
+    for n in table.names:
+        mod, h = mods[n.removesuffix(".weight")], H[n.removesuffix(".weight")]
+        for f in table.formats:
+            assert torch.equal(table.rtn_errors[n][f], rtn.errors[n][f]), (n, f)
+            want = 1.0  # transposed convs keep round-to-nearest
+            if gptq.supports(mod, f):
+                proxy = [gptq.output_error(t.errors[n][f].reshape(mod.weight.shape[0], -1), h) for t in (table, rtn)]
+                want = proxy[0] / proxy[1]
+            # the ratio is computed in float64 from the codes, this one from float32 de-quantized values: their
+            # rounding (2^-24 |w|) is ~1e-5 of an int8 error (~|w| / 254), ~1e-4 of GPTQ's smaller one
+            assert table.output_ratio[n][f] == pytest.approx(want, rel=1e-3), (n, f)
+    assert rtn.rtn_errors is rtn.errors and {r for fs in rtn.output_ratio.values() for r in fs.values()} == {1.0}
+    diag = {n: torch.rand_like(mods[n.removesuffix(".weight")].weight) for n in table.names}
+    scaled, plain = lowbit.output_scaled_costs(diag, table), lowbit.output_scaled_costs(diag, rtn)
+    assert plain == fisher_distortion_costs(diag, rtn.errors)  # round-to-nearest rounding: it is chain_fisher
+    n, f = table.names[0], "int3"
+    assert scaled[n][f] == pytest.approx(plain[n][f] * table.output_ratio[n][f]) and table.output_ratio[n][f] < 1
+    # a table written before the ratios were recorded is rebuilt, to the same entries
+    from common.quant.container import read_quantized, save_quantized
+    path = lowbit._cache(cfg, "formats.safetensors")
+    blob = read_quantized(path)
+    del blob["provenance"]["gptq"]["output_ratio"]
+    save_quantized(blob["tensors"], path, blob["arch"], blob["provenance"])
+    again = lowbit.Table(cfg, model, "0" * 64, progress=False)
+    assert again.output_ratio == table.output_ratio
+    assert all(torch.equal(again.values[n][f], table.values[n][f]) for n in table.names for f in table.formats)

@@ -176,7 +176,7 @@ def test_sealed_tensor_cache_is_reused_only_when_inputs_and_bytes_match(tmp_path
     path = tmp_path / "ranges.safetensors"
     tensors = {"b": torch.arange(6.0).reshape(3, 2), "a": torch.ones(4)}
     inputs = {"method": "mse", "groups": [[0, 9]], "images": 8}
-    assert storage.reusable_tensors(path, inputs) is None  # missing: silent
+    assert storage.reusable_tensors(path, inputs) is None and capsys.readouterr().out == ""  # missing: silent
     storage.save_sealed_tensors(tensors, path, inputs)
     back = storage.reusable_tensors(path, dict(reversed(inputs.items())))  # key order does not matter
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
@@ -186,4 +186,18 @@ def test_sealed_tensor_cache_is_reused_only_when_inputs_and_bytes_match(tmp_path
     path.write_bytes(data[:-4] + bytes(b ^ 0xFF for b in data[-4:]))  # the last value's bytes flipped
     assert storage.reusable_tensors(path, inputs) is None
     path.write_bytes(data[: len(data) // 2])  # truncated
+    assert storage.reusable_tensors(path, inputs) is None
+    # the same bytes under another shape, with the metadata copied: the digest covers names, dtypes and shapes
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path.write_bytes(data)
+    with safe_open(path, framework="pt") as fh:
+        meta = fh.metadata()
+    save_file({"b": tensors["b"].reshape(2, 3), "a": tensors["a"]}, str(path), metadata=meta)
+    assert storage.reusable_tensors(path, inputs) is None
+    save_file(tensors, str(path), metadata=meta)  # and with the shapes it was written with, it is reused
+    assert storage.reusable_tensors(path, inputs) is not None
+    # a file of the code before the seal (inputs recorded, no digest) is recomputed once, never trusted
+    save_file(tensors, str(path), metadata={"inputs": meta["inputs"], "fingerprint": storage.fingerprint(inputs)})
     assert storage.reusable_tensors(path, inputs) is None

@@ -80,6 +80,12 @@ def delete(p):
     p.unlink()
 
 
+def flip_end(p):
+    """The last value's bytes: the file stays readable, only a digest of the data can tell."""
+    data = p.read_bytes()
+    p.write_bytes(data[:-4] + bytes(b ^ 0x55 for b in data[-4:]))
+
+
 CASES = [
     ("layer_math/quantized.safetensors", truncate), ("layer_math/quantized.safetensors", flip),
     ("layer_math/quantized.safetensors", delete),
@@ -94,6 +100,7 @@ CASES = [
     ("act_quant/uniform_W4A6_single/act_quant.safetensors", flip),
     ("act_quant/uniform_W4A6_single/act_quant.safetensors", delete),
     ("act_quant/baseline/act_quant/ranges_single.safetensors", truncate),
+    ("act_quant/baseline/act_quant/ranges_single.safetensors", flip_end),
     ("act_quant/baseline/act_quant/fisher_all_weights.pt", truncate),
     ("act_quant/summary.csv", flip), ("summary.md", flip), ("summary.sources.json", edit),
     ("plots/tradeoff.png", delete),

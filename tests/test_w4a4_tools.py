@@ -288,7 +288,7 @@ def test_w4a4_rows_switch_token_and_block_quantizers():
     from common.experiments.w4a4 import row_ranges
     from common.quant.activations import quantizer_digest
 
-    assert row_ranges(c, model, names, "mse", 4, "group", cfg.w4a4.block_size, "cpu") is None
+    assert row_ranges(c, model, names, "mse", 4, "group", cfg.w4a4.block_size, "cpu", "0" * 64) is None
     blind = _quantizer(c, model, None, bits, "group", token=True, block=cfg.w4a4.block_size)
     assert quantizer_digest(blind) == quantizer_digest(block)
     with pytest.raises(ValueError, match="no calibrated activation ranges for the per-tensor inputs"):
@@ -304,34 +304,34 @@ def test_w4a4_calibration_is_cached_per_model_and_setting(tmp_path, capsys):
     from common.core import storage
     from common.experiments.act_pipeline import act_layout
     from common.experiments.finetune import finetune_config
-    from common.experiments.w4a4 import calibrate, calibration_inputs
+    from common.experiments.w4a4 import calibrate, range_cache_inputs
 
     cfg, model = _net("smoke.yaml", [f"run.out_dir={tmp_path}"])
     c = finetune_config(cfg)
     c.act_quant.calib_images = 2  # what is cached, not how well: two trajectories suffice
     names = act_layout(c, model)[0]
-    first = calibrate(c, model, names, "mse", 4, "group", "cpu", progress=False)
+    first = calibrate(c, model, names, "mse", 4, "group", "cpu", "0" * 64, progress=False)
     assert "reusing calibrated ranges" not in capsys.readouterr().out
-    again = calibrate(c, model, names, "mse", 4, "group", "cpu", progress=False)
+    again = calibrate(c, model, names, "mse", 4, "group", "cpu", "0" * 64, progress=False)
     assert "reusing calibrated ranges" in capsys.readouterr().out
     assert again.keys() == first.keys() and all(torch.equal(again[n], first[n]) for n in first)
     other = copy.deepcopy(model)
     with torch.no_grad():
         next(iter(other.parameters())).add_(1e-3)
     for args in ((model, "minmax", 4), (model, "mse", 6), (other, "mse", 4)):
-        calibrate(c, args[0], names, args[1], args[2], "group", "cpu", progress=False)
+        calibrate(c, args[0], names, args[1], args[2], "group", "cpu", "0" * 64, progress=False)
         assert "reusing calibrated ranges" not in capsys.readouterr().out, args[1:]
     files = sorted(Path(storage.baseline_dir(c)).glob("ranges_*.safetensors"))
     assert len(files) == 4
     for f in files:
         data = f.read_bytes()
         f.write_bytes(data[:-8] + bytes(b ^ 0xFF for b in data[-8:]))  # the last values damaged
-    third = calibrate(c, model, names, "mse", 4, "group", "cpu", progress=False)
+    third = calibrate(c, model, names, "mse", 4, "group", "cpu", "0" * 64, progress=False)
     out = capsys.readouterr().out
     assert "reusing calibrated ranges" not in out and "stale, foreign or damaged: recomputing it" in out
     assert all(torch.equal(third[n], first[n]) for n in first)
     # the key: every rank of a torchrun shares one file; the sampled shape, groups and seed are in it
-    key = lambda cc, mode="group", dev="cpu": calibration_inputs(cc, model, names, "mse", 4, mode, dev)  # noqa: E731
+    key = lambda cc, mode="group", dev="cpu": range_cache_inputs(cc, model, names, "mse", 4, mode, dev, "0" * 64)  # noqa: E731
     assert key(c, dev=torch.device("cuda", 0)) == key(c, dev=torch.device("cuda", 1)) != key(c)
     changed = [copy.deepcopy(c) for _ in range(2)]
     changed[0].data.image_size += 8

@@ -311,8 +311,8 @@ class BackendConfig:
     int8_reduce_range: bool | Literal["auto"] = "auto"
 
 
-LOWBIT_PLANS = Literal["uniform", "fisher", "chain_fisher", "fisher_iterative", "learned", "magnitude", "random",
-                       "search", "jvp"]
+LOWBIT_PLANS = Literal["uniform", "fisher", "chain_fisher", "chain_output", "fisher_iterative", "learned",
+                       "magnitude", "random", "search", "jvp"]
 
 
 def _format_list(names):

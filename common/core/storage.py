@@ -90,7 +90,19 @@ def tensor_digest(*tensors) -> str:
 
 
 def _tensors_digest(tensors: dict) -> str:
-    return tensor_digest(*(tensors[n] for n in sorted(tensors)))
+    """SHA-256 over every tensor's name, dtype, shape and bytes: an edited header is caught as well as the data."""
+    h = hashlib.sha256()
+    for n in sorted(tensors):
+        t = tensors[n].detach().cpu().contiguous()
+        h.update(f"{n}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def tensors_seal_ok(metadata: dict, tensors: dict) -> bool | None:
+    """Whether the tensors of a ``save_sealed_tensors`` file match the digest its metadata records; None for a
+    file without one."""
+    return None if "digest" not in metadata else metadata["digest"] == _tensors_digest(tensors)
 
 
 def save_sealed_tensors(tensors: dict, path, inputs: dict):
@@ -104,18 +116,17 @@ def reusable_tensors(path, inputs: dict) -> dict | None:
     """The tensors of ``save_sealed_tensors``' file at ``path`` if it records ``inputs`` and its tensors match
     their digest; None when it is missing, stale, foreign or damaged (the caller recomputes and overwrites it)."""
     from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_file
 
     if not os.path.exists(path):
         return None
     try:
-        with safe_open(path, framework="pt") as fh:
+        with safe_open(path, framework="pt") as fh:  # one handle: a file replaced meanwhile is not read half-old
             meta = fh.metadata() or {}
-        if meta.get("inputs") == json.dumps(inputs, sort_keys=True, default=str):
-            tensors = load_file(path)
-            if meta.get("digest") == _tensors_digest(tensors):
-                return tensors
-    except (OSError, SafetensorError, ValueError, KeyError):
+            if meta.get("inputs") == json.dumps(inputs, sort_keys=True, default=str):
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+                if tensors_seal_ok(meta, tensors):
+                    return tensors
+    except (OSError, SafetensorError, ValueError, KeyError, RuntimeError):
         pass
     print(f"[cache] {path} is stale, foreign or damaged: recomputing it")
     return None

@@ -17,7 +17,7 @@ from ..quant.allocate import InfeasibleBudgetError
 from ..quant.bops import unet_macs
 from ..quant.calibrate import check_act_quant_groups
 from . import pipeline
-from .act_pipeline import run_act_variant
+from .act_pipeline import ensure_act_importance, ensure_ranges, ensure_weight_fisher, run_act_variant
 from .report import mean_sd, per_seed, pyplot, save_figure, spread, write_summary_files
 from .statistics import verdict_table
 
@@ -48,6 +48,16 @@ def run_act_comparison(cfg, device, force=False, progress=True):
     macs = unet_macs(model, (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size))
     done = {"fp32": ("fp32", None, None, distributed.rank0_first(
         lambda: pipeline.evaluate_fp32(acfg, model, ckpt_path, device, force, progress)))}
+    sha = fisher["meta"]["checkpoint_sha256"]
+
+    def caches():  # every cache the variants read, computed once before they are handed to the ranks
+        ensure_weight_fisher(acfg, model, ckpt_path, fisher, device, progress)
+        for mode in aq.range_modes:
+            ranges = ensure_ranges(acfg, model, mode, sha, device, progress)
+            if set(aq.plans) - {"uniform"}:
+                ensure_act_importance(acfg, model, mode, ranges, sha, device, progress)
+
+    pipeline.shared(acfg, caches)
     notes = []
     tasks = []
     for budget in aq.budgets:

@@ -79,6 +79,8 @@ def scale_bits(block: int) -> float:
 def block_scale_bits(macs: dict, quantized, block: int) -> float:
     """``scale_bits`` per activation MAC-weighted over every input of ``macs`` (only the ``quantized`` ones carry
     scales)."""
+    if not block:
+        return 0.0
     return scale_bits(block) * sum(macs[n] for n in quantized) / sum(macs.values())
 
 

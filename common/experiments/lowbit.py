@@ -9,6 +9,9 @@ km4/km3/km2), a plan chooses one format per tensor:
 * ``uniform``: one format for every tensor, the one with most bits that fits;
 * ``fisher``: the exact allocator on 1/2 sum F (W - Q_f(W))^2, the one-step Fisher (``importance.fisher``);
 * ``chain_fisher``: the same with the chain-aware Fisher of the final sample (``importance.chain``);
+* ``chain_output``: the chain-aware Fisher's cost of round-to-nearest's error times the ratio of the table's
+  rounding's layer-output error to round-to-nearest's (GPTQ's measured gain per tensor and format; with
+  round-to-nearest rounding it is ``chain_fisher``);
 * ``fisher_iterative``: allocate, recompute the Fisher on the quantized model, re-allocate (``importance.iterative``);
 * ``learned``: the allocator on a predictor fitted to measured random configurations and refitted with its own
   allocator's plans, its costs bounded below by the chain-aware Fisher's (``importance.predictor``);
@@ -114,14 +117,17 @@ class Table:
             except (ValueError, OSError) as e:
                 print(f"[lowbit] {path}: {e}; rewriting it")
                 blob = None
+        if blob is not None and lb.rounding == "gptq" and "output_ratio" not in blob["provenance"].get("gptq", {}):
+            blob = None  # written before the ratios were recorded: GPTQ is deterministic, the entries come back equal
         if blob is None:
             t0 = time.time()
             stored = {f"{n}@{f}": quantize_tensor(params[n], f, axes[n]) for n in self.names for f in self.formats}
             rounding = {}
             if lb.rounding == "gptq":
-                entries, _, rounding["gptq"] = gptq_entries(cfg, model, self.names, self.formats, device,
-                                                            progress)
+                entries, infos, rounding["gptq"] = gptq_entries(cfg, model, self.names, self.formats, device,
+                                                                progress)
                 stored.update({f"{n}@{f}": e for (n, f), e in entries.items()})
+                rounding["gptq"]["output_ratio"] = {f"{n}@{f}": i["ratio"] for (n, f), i in infos.items()}
             stored.update({f"{n}@{lb.keep_format}": quantize_tensor(params[n], lb.keep_format, axes[n])
                            for n in self.ends})
             save_quantized(stored, path, arch_record(cfg),
@@ -140,6 +146,13 @@ class Table:
         self.values = {n: {f: dequantize_tensor(e) for f, e in fs.items()} for n, fs in self.entries.items()}
         self.errors = {n: {f: params[n].detach().cpu() - self.values[n][f] for f in self.formats} for n in self.names}
         self.sq_error = {n: {f: float(e.double().pow(2).sum()) for f, e in es.items()} for n, es in self.errors.items()}
+        # round-to-nearest's errors, and the table's rounding's layer-output error over theirs (1 where the entry
+        # is round-to-nearest's): what the chain_output costs are made of
+        ratio = blob["provenance"].get("gptq", {}).get("output_ratio", {})
+        self.output_ratio = {n: {f: float(ratio.get(f"{n}@{f}", 1.0)) for f in self.formats} for n in self.names}
+        self.rtn_errors = self.errors if not ratio else {
+            n: {f: params[n].detach().cpu() - dequantize_tensor(quantize_tensor(params[n], f, axes[n]))
+                for f in self.formats} for n in self.names}
         self.bits = format_bits(model, self.names, self.formats)
         eligible = set(self.names) | set(self.ends)
         self.fixed = 32 * sum(p.numel() for n, p in params.items() if n not in eligible) + sum(
@@ -457,10 +470,11 @@ class Sensitivities:
         self.costs["magnitude"] = costs_from_scores(magnitude_scores(model, table.names), table.errors)
         self.costs["random"] = costs_from_scores(random_scores(table.names, cfg.importance.seed), table.errors)
         self.chain = None
-        if {"chain_fisher", "search"} & set(lb.plans):  # the search starts from the chain-aware Fisher's plan
+        if {"chain_fisher", "chain_output", "search"} & set(lb.plans):  # the search starts from chain_fisher's plan
             self.chain = ensure_chain(cfg, model, table.names, ckpt_path, progress, device)
-            self.seconds["chain_fisher"] = float(self.chain["meta"]["seconds"])
+            self.seconds["chain_fisher"] = self.seconds["chain_output"] = float(self.chain["meta"]["seconds"])
             self.costs["chain_fisher"] = fisher_distortion_costs(self.chain["diag"], table.errors)
+            self.costs["chain_output"] = output_scaled_costs(self.chain["diag"], table)
         self.jvp = None
         if "jvp" in lb.plans:
             menus = [m for m in lb.quantizers if m == "uniform" or "jvp" in lb.codebook_plans]
@@ -535,6 +549,18 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
     print(f"[lowbit] search ({menu}, {size}): {len(trace) - 1} measured moves in {art['seconds']:.0f} s, fitness "
           f"{trace[0]['fitness']:.3g} -> {trace[-1]['best']:.3g}, {art['changed']} tensors changed -> {path}")
     return art
+
+
+def output_scaled_costs(diag: dict, table) -> dict:
+    """cost[n][f] = 1/2 sum F (W - RTN_f(W))^2 x (the table's layer-output error of f / round-to-nearest's).
+
+    A diagonal Fisher prices an error by its size per weight; GPTQ's error is larger per weight than round-to-
+    nearest's but lies where the layer's inputs have little energy, so the diagonal cost of GPTQ's own error
+    overstates it, by a different factor per layer. Round-to-nearest's errors are near independent per weight,
+    where the diagonal is a fair estimate; GPTQ's measured gain on the layer's output (``quant.gptq.output_error``)
+    then scales it per tensor and format."""
+    rtn = fisher_distortion_costs(diag, table.rtn_errors)
+    return {n: {f: c * table.output_ratio[n].get(f, 1.0) for f, c in fs.items()} for n, fs in rtn.items()}
 
 
 def choose(cfg, plan, menu, budget_text, table, sens):
@@ -656,7 +682,7 @@ def _act_cfg(c):
 def heldout_predictions(sens, table, configs) -> dict:
     """{predictor: its estimate of every configuration's damage}."""
     preds = {name: np.array([sum(sens.costs[name][n][f] for n, f in c.items()) for c in configs])
-             for name in ("fisher", "chain_fisher", "magnitude", "random") if name in sens.costs}
+             for name in ("fisher", "chain_fisher", "chain_output", "magnitude", "random") if name in sens.costs}
     runs = [r for r in sens.iterative.values() if not isinstance(r, InfeasibleBudgetError)]
     if runs:
         diag = runs[0][1]  # the last round's curvature, first (menu, budget) run
@@ -819,7 +845,7 @@ def verdict_pairs(done):
     by = {(b, m, p): r for b, m, p, r in done.values() if p != "fp32"}
     out = []
     for ref, plans in (("uniform", None), ("fisher", ("learned", "chain_fisher", "fisher_iterative", "jvp")),
-                       ("chain_fisher", ("learned", "search", "jvp"))):
+                       ("chain_fisher", ("learned", "search", "jvp", "chain_output"))):
         for (budget, menu, plan), r in by.items():
             if plan != ref and (plans is None or plan in plans) and (budget, menu, ref) in by:
                 out.append((plan, ref, r, by[(budget, menu, ref)]))

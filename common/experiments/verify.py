@@ -161,8 +161,10 @@ class RunVerifier:
                 have = (read_quantized(path)["provenance"].get("inputs") or {}).get("checkpoint_sha256")
             else:
                 with safe_open(path, framework="pt") as fh:
-                    for k in fh.keys():
-                        fh.get_tensor(k)
+                    tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+                if storage.tensors_seal_ok(meta, tensors) is False:
+                    return Finding(path, [], MISMATCH, "its tensors do not match the digest it was written with "
+                                                       "(edited or damaged)")
                 have = json.loads(meta.get("inputs", "{}")).get("checkpoint_sha256")
         except Exception as e:  # safetensors raises its own error types for damaged files
             return Finding(path, [], MISMATCH, f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})")

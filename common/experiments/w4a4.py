@@ -347,12 +347,14 @@ def model_digest(model) -> str:
     return stored_digest({n: {"format": "fp32", "data": v} for n, v in model.state_dict().items()})
 
 
-def calibration_inputs(c, transformed, names, method: str, a_bits, mode: str, device) -> dict:
+def range_cache_inputs(c, transformed, names, method: str, a_bits, mode: str, device, sha: str) -> dict:
     """What ``calibrate``'s ranges depend on: the model's whole state and architecture, the inputs, the range
     method (and the bits the least-MSE search aims at), groups, calibration data, sampler and image shape. The
-    device's type, not its index: every rank of a torchrun shares one file."""
+    device's type, not its index: every rank of a torchrun shares one file. The checkpoint's SHA-256 binds the
+    file to the baseline it was transformed from, as ``make verify`` checks every cache in a baseline folder."""
     aq = c.act_quant
-    return {"model": model_digest(transformed), "arch": to_dict(c.model), "names": list(names), "method": method,
+    return {"checkpoint_sha256": sha, "model": model_digest(transformed), "arch": to_dict(c.model),
+            "names": list(names), "method": method,
             "bits": a_bits if method == "mse" else None, "groups": mode_groups(c, mode),
             "percentile": aq.percentile if method == "percentile" else None, "images": aq.calib_images,
             "timesteps": aq.calib_timesteps, "seed": aq.calib_seed, "splits": act_layout(c, transformed)[2],
@@ -361,13 +363,13 @@ def calibration_inputs(c, transformed, names, method: str, a_bits, mode: str, de
             "device": torch.device(device).type}
 
 
-def calibrate(c, transformed, names, method: str, a_bits, mode: str, device, progress=True) -> dict:
+def calibrate(c, transformed, names, method: str, a_bits, mode: str, device, sha: str, progress=True) -> dict:
     """Ranges of the transformed model's inputs (min-max, or the least-MSE ranges at ``a_bits``: an int or one
-    per input). Computed once per transformed model and calibration (``calibration_inputs``): cached in the
+    per input). Computed once per transformed model and calibration (``range_cache_inputs``): cached in the
     baseline folder, so rows that calibrate the same model the same way (the ``token`` and ``gptq`` rows repeat
     the row below them) and reruns share them; rank 0 computes, the other ranks read its file; a damaged or
     foreign file is recomputed."""
-    inputs = calibration_inputs(c, transformed, names, method, a_bits, mode, device)
+    inputs = range_cache_inputs(c, transformed, names, method, a_bits, mode, device, sha)
     path = os.path.join(storage.baseline_dir(c), f"ranges_{storage.fingerprint(inputs)}.safetensors")
 
     def load_or_calibrate():
@@ -400,11 +402,11 @@ def timed(seconds: dict, stage: str):
         seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - start
 
 
-def row_ranges(c, transformed, names, method: str, a_bits, mode: str, block: int, device, progress=True):
+def row_ranges(c, transformed, names, method: str, a_bits, mode: str, block: int, device, sha: str, progress=True):
     """``calibrate``'s ranges, or None with ``block``: every input's ranges are then dynamic, nothing to
     calibrate (the row's record keeps the ``range_method`` its per-tensor inputs would use, so variants stored
     before calibration was skipped stay valid; ``a_block`` > 0 says the ranges are dynamic)."""
-    return None if block else calibrate(c, transformed, names, method, a_bits, mode, device, progress)
+    return None if block else calibrate(c, transformed, names, method, a_bits, mode, device, sha, progress)
 
 
 def distill(cfg, c, teacher, transformed, ranges, pool, token: bool, device, progress=True, start=None, block=0):
@@ -544,7 +546,7 @@ def run_ablation(cfg, c, model, ckpt_path, sha, pool, device, rows=None, rank=8,
         block = row_block(cfg, techniques)
         method = range_method(techniques)
         with timed(seconds, "calibrate"):
-            ranges = row_ranges(c, m, names, method, 4, mode, block, device, progress)
+            ranges = row_ranges(c, m, names, method, 4, mode, block, device, sha, progress)
         q = _quantizer(c, m, ranges, {n: 4 for n in inputs}, mode, "token" in techniques, block)
         with timed(seconds, "weights"):
             stored = quantized_weights(c, m, techniques, device, info, progress)
@@ -643,7 +645,7 @@ def _average_on(cfg, c, c2, model, ckpt_path, fisher, pool, techniques, macs, pe
         choice, info, _ = plan_choice(c2, plan, "W4A4", mode, model, ckpt_path, fisher, macs, device, progress,
                                       per_step)
         bits = {n: b for n, (_, b) in choice.items() if n not in kept_inputs}
-        ranges = row_ranges(c, m, names, method, bits, mode, block, device, progress)
+        ranges = row_ranges(c, m, names, method, bits, mode, block, device, sha, progress)
         q = _quantizer(c, m, ranges, bits, mode, "token" in techniques, block)
         fractions = info.get("steps", {}).get("fractions")
         a_bits = sum(macs[n] * mean_bits(b, fractions) for n, (_, b) in choice.items()) / total_macs
@@ -674,7 +676,7 @@ def run_w4a4(cfg, device, studies=("damage", "ablation"), force=False, progress=
     if "damage" in studies:
         out["damage"] = run_damage(cfg, c, model, sha, 4, device, force, progress)
     if "damage" in studies or "channels" in studies:  # seconds: no variant is sampled
-        ranges = ensure_ranges(c, model, cfg.finetune.range_mode, sha, device, progress)
+        ranges = pipeline.shared(c, lambda: ensure_ranges(c, model, cfg.finetune.range_mode, sha, device, progress))
         names, kept, _, _ = act_layout(c, model)
         q = _quantizer(c, model, ranges, {n: 4 for n in names if n not in kept}, cfg.finetune.range_mode, False)
         out["channel_errors"] = channel_errors(model, q, pool)
