@@ -335,8 +335,9 @@ def main():
     if args.quick:
         args.n_batch, args.n_single, args.fisher_n, args.batch_sweep, args.backend_n = 16, 2, 8, [4], 16
     cap = machine.capability()
-    print(f"[bench] {args.config}: channels {cfg.model.channels}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
+    arch = (f"U-Net, channels {cfg.model.channels}" if cfg.model.arch == "unet" else
+            f"DiT, width {cfg.model.hidden}, {sum(cfg.model.stage_blocks)} blocks, patch {cfg.model.patch_size}")
+    print(f"[bench] {args.config}: {arch}, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(f"[bench] machine: {machine.describe(cap)}")
     peak = matmul_peak(cap)
     print(f"[bench] GEMM: fp32 {peak['float32'] / 1e9:.1f} GFLOP/s (2048^3), bf16 {peak['bfloat16'] / 1e9:.1f} GFLOP/s "
