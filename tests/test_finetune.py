@@ -286,3 +286,17 @@ def test_shared_caches_come_first_and_every_setting_that_changes_a_variant_recom
         out = rerun("lowbit.keep_format=int4", setting, methods="[none]")
         assert "[none_W4A4] reusing" not in out, setting
         assert "[none_W4A4] reusing" in rerun("lowbit.keep_format=int4", setting, methods="[none]"), setting
+
+
+def test_a_variant_does_not_depend_on_which_other_variants_the_run_makes():
+    """Adding a budget or a method to finetune.budgets / methods reuses the variants already made (their inputs
+    leave the two lists out); a setting that changes the optimisation still changes them."""
+    from common.experiments import finetune as ft
+
+    def inputs(*sets, method="none"):
+        cfg = load_config(SMOKE, list(sets))
+        return ft.variant_inputs(cfg, ft.finetune_config(cfg), "0" * 64, method)
+
+    small = inputs("finetune.budgets=[W4A4]", "finetune.methods=[none]")
+    assert small == inputs("finetune.budgets=[W4A8, W4A4]", "finetune.methods=[none, quest, fisher]")
+    assert small != inputs("finetune.budgets=[W4A4]", "finetune.methods=[none]", "finetune.steps=7")

@@ -316,7 +316,9 @@ def variant_inputs(cfg, c, sha: str, method: str) -> dict:
     checkpoint, the ``finetune`` settings, the ends' ``lowbit.keep_format``, the activation quantizers' layout and
     ranges, the teacher's calibration pool, and for ``fisher`` the two Fisher estimates that choose its layers."""
     aq = c.act_quant
-    out = {"checkpoint_sha256": sha, "finetune": to_dict(cfg.finetune), "keep_format": cfg.lowbit.keep_format,
+    # which budgets and methods a run makes changes none of them (a variant's name says its own)
+    settings = {k: v for k, v in to_dict(cfg.finetune).items() if k not in ("budgets", "methods")}
+    out = {"checkpoint_sha256": sha, "finetune": settings, "keep_format": cfg.lowbit.keep_format,
            "act_quant": {k: to_dict(aq)[k] for k in ("symmetric", "per_token_attention", "keep_first_last",
                                                      "split_concat", "softmax_bits")},
            **({"block_size": aq.block_size} if aq.block_size else {}),
