@@ -104,6 +104,18 @@ def range_inputs(cfg, mode: str, checkpoint_sha256: str) -> dict:
             "timesteps": aq.calib_timesteps, "seed": aq.calib_seed, "split_concat": aq.split_concat}
 
 
+def calibrated_ranges(cfg, model, names, mode: str, method: str, device, progress=True, mse_bits=4) -> dict:
+    """``quant.calibrate.collect_ranges`` of ``model``'s inputs ``names`` by ``method`` under the config's
+    calibration: ``act_quant.calib_*``, the sampler, ``mode``'s timestep groups and the concatenation splits."""
+    aq = cfg.act_quant
+    sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
+    shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
+    return collect_ranges(model, sampler, names, shape, aq.calib_images,
+                          calibration_timesteps(sampler, aq.calib_timesteps), mode_groups(cfg, mode), method,
+                          aq.percentile, act_layout(cfg, model)[2], aq.calib_seed, cfg.sample.batch_size, device,
+                          progress, mse_bits=mse_bits)
+
+
 def ensure_ranges(cfg, model, mode, checkpoint_sha256, device, progress=True) -> dict:
     """Calibrated ranges {module: (G, P, 2)} of ``mode``, reused from the cache when its inputs match (and its
     tensors their digest)."""
@@ -113,16 +125,10 @@ def ensure_ranges(cfg, model, mode, checkpoint_sha256, device, progress=True) ->
     if ranges is not None:
         print(f"[act_quant] reusing calibrated ranges {path}")
         return ranges
-    aq = cfg.act_quant
-    names, _, splits, _ = act_layout(cfg, model)
-    sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
-    shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
-    ranges = collect_ranges(model, sampler, names, shape, aq.calib_images,
-                            calibration_timesteps(sampler, aq.calib_timesteps), mode_groups(cfg, mode),
-                            aq.range_method, aq.percentile, splits, aq.calib_seed, cfg.sample.batch_size, device,
-                            progress)
+    ranges = calibrated_ranges(cfg, model, act_layout(cfg, model)[0], mode, cfg.act_quant.range_method, device,
+                               progress)
     storage.save_sealed_tensors(ranges, path, inputs)
-    print(f"[act_quant] {mode} ranges from {aq.calib_images} calibration images -> {path}")
+    print(f"[act_quant] {mode} ranges from {cfg.act_quant.calib_images} calibration images -> {path}")
     return ranges
 
 

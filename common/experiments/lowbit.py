@@ -146,17 +146,25 @@ class Table:
         self.values = {n: {f: dequantize_tensor(e) for f, e in fs.items()} for n, fs in self.entries.items()}
         self.errors = {n: {f: params[n].detach().cpu() - self.values[n][f] for f in self.formats} for n in self.names}
         self.sq_error = {n: {f: float(e.double().pow(2).sum()) for f, e in es.items()} for n, es in self.errors.items()}
-        # round-to-nearest's errors, and the table's rounding's layer-output error over theirs (1 where the entry
-        # is round-to-nearest's): what the chain_output costs are made of
+        # the table's rounding's layer-output error over round-to-nearest's (1 where the entry is round-to-
+        # nearest's): with ``rtn_errors``, what the chain_output costs are made of
         ratio = blob["provenance"].get("gptq", {}).get("output_ratio", {})
         self.output_ratio = {n: {f: float(ratio.get(f"{n}@{f}", 1.0)) for f in self.formats} for n in self.names}
-        self.rtn_errors = self.errors if not ratio else {
-            n: {f: params[n].detach().cpu() - dequantize_tensor(quantize_tensor(params[n], f, axes[n]))
-                for f in self.formats} for n in self.names}
+        self._rtn = None if ratio else self.errors  # computed on first use: only chain_output needs them
+        self._weights = {n: (params[n].detach().cpu(), axes[n]) for n in self.names}
         self.bits = format_bits(model, self.names, self.formats)
         eligible = set(self.names) | set(self.ends)
         self.fixed = 32 * sum(p.numel() for n, p in params.items() if n not in eligible) + sum(
             b[lb.keep_format] for b in format_bits(model, self.ends, [lb.keep_format]).values())
+
+    @property
+    def rtn_errors(self) -> dict:
+        """{tensor: {format: W - RTN_f(W)}}: round-to-nearest's errors (the table's own ``errors`` where it is
+        round-to-nearest's)."""
+        if self._rtn is None:
+            self._rtn = {n: {f: w - dequantize_tensor(quantize_tensor(w, f, axis)) for f in self.formats}
+                         for n, (w, axis) in self._weights.items()}
+        return self._rtn
 
     def menu_bits(self, menu):
         return {n: {f: self.bits[n][f] for f in self.menus[menu]} for n in self.names}

@@ -42,7 +42,6 @@ from ..quant.activations import (
     save_act_quant,
 )
 from ..quant.bops import unet_macs
-from ..quant.calibrate import calibration_timesteps, collect_ranges
 from ..quant.container import arch_record, stored_digest
 from ..quant.eligibility import eligible_names, end_convs
 from ..quant.formats import channel_axes, dequantize_tensor, int_codes, quantize_tensor
@@ -52,6 +51,7 @@ from .act_pipeline import (
     act_layout,
     act_quantizer,
     block_scale_bits,
+    calibrated_ranges,
     ensure_ranges,
     mean_bits,
     mode_groups,
@@ -377,13 +377,7 @@ def calibrate(c, transformed, names, method: str, a_bits, mode: str, device, sha
         if ranges is not None:
             print(f"[w4a4] reusing calibrated ranges {path}")
             return ranges
-        aq = c.act_quant
-        sampler = build_sampler(c.sample, NoiseSchedule.from_config(c.diffusion))
-        shape = (c.model.in_channels, c.data.image_size, c.data.image_size)
-        ranges = collect_ranges(transformed, sampler, names, shape, aq.calib_images,
-                                calibration_timesteps(sampler, aq.calib_timesteps), mode_groups(c, mode), method,
-                                aq.percentile, act_layout(c, transformed)[2], aq.calib_seed, c.sample.batch_size,
-                                device, progress, mse_bits=a_bits)
+        ranges = calibrated_ranges(c, transformed, names, mode, method, device, progress, mse_bits=a_bits)
         if distributed.is_main():
             storage.save_sealed_tensors(ranges, path, inputs)
         return ranges
