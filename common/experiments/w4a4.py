@@ -272,7 +272,7 @@ def transformed_model(c, model, techniques, pool, device, rank: int, smooth_samp
         sampler = build_sampler(c.sample, NoiseSchedule.from_config(c.diffusion))
         shape = (c.model.in_channels, c.data.image_size, c.data.image_size)
         info["time_table"] = {"steps": [int(s) for s in sampler.timesteps],
-                              "widths": time_table.build(m, sampler.timesteps, shape, reference=model)}
+                              "widths": time_table.build(m, sampler.timesteps, shape)}
     return m.eval().requires_grad_(False), info
 
 
