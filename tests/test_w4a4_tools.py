@@ -88,7 +88,7 @@ def test_time_table_replaces_the_time_path_exactly_at_the_sampler_steps(tmp_path
     with torch.no_grad():
         ref = model(x, torch.tensor(steps))
     tabled = copy.deepcopy(model)
-    widths = time_table.build(tabled, steps, (1, 32, 32), reference=model)
+    widths = time_table.build(tabled, steps, (1, 32, 32))
     assert set(widths) == set(model.time_outputs()) and widths
     with torch.no_grad():  # break the time path's weights: the table does not need them
         for n, p in tabled.named_parameters():
@@ -351,7 +351,8 @@ def test_transformed_model_computes_the_fp32_network_with_every_exact_technique(
     steps = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion)).timesteps
     g = torch.Generator().manual_seed(4)
     size = cfg.data.image_size
-    pool = (torch.randn(16, 1, size, size, generator=g), torch.as_tensor(steps)[torch.randint(len(steps), (16,))])
+    picks = torch.randint(len(steps), (16,), generator=g)
+    pool = (torch.randn(16, 1, size, size, generator=g), torch.as_tensor(steps)[picks])
     m, info = transformed_model(cfg, model, ("smooth", "rotate", "lowrank", "time_table"), pool, "cpu", rank=2,
                                 smooth_samples=16, progress=False)
     assert info["smooth"]["alpha"] and info["time_table"]["widths"]

@@ -49,18 +49,18 @@ def attach(model: nn.Module, steps, widths: dict) -> nn.Module:
 
 
 @torch.no_grad()
-def build(model: nn.Module, steps, image_shape, reference: nn.Module = None) -> dict:
-    """Attach tables to ``model`` filled from ``reference`` (default: ``model`` itself, before attaching), the
+def build(model: nn.Module, steps, image_shape) -> dict:
+    """Attach tables to ``model`` filled from ``model`` itself before attaching (its float path, with whatever
+    exact transformations it carries: smoothing may fold divisors into the time path's outputs), the
     unquantized path, at the sampler timesteps ``steps``; returns {module name: width}. ``image_shape``:
     (C, H, W) of one input (the time path does not depend on it). Rows are rounded to TABLE_FORMAT."""
-    reference = reference if reference is not None else model
     names = list(model.time_outputs())
     steps = [int(s) for s in steps]
     outs = {}
-    p = next(reference.parameters())
+    p = next(model.parameters())
     shape = (len(steps), *image_shape)
-    with output_hooks(reference, names, lambda n, a, o: outs.__setitem__(n, o.detach())):
-        reference(torch.zeros(shape, device=p.device), torch.tensor(steps, device=p.device))
+    with output_hooks(model, names, lambda n, a, o: outs.__setitem__(n, o.detach())):
+        model(torch.zeros(shape, device=p.device), torch.tensor(steps, device=p.device))
     widths = {n: outs[n].shape[1] for n in names}
     attach(model, steps, widths)
     mods = dict(model.named_modules())
