@@ -67,6 +67,43 @@ def test_lsq_matches_the_calibrated_quantizer_then_learns_a_positive_step():
     assert torch.all(lsq.export().scale > 0)
 
 
+@pytest.mark.parametrize("split", [None, 3])
+def test_lsq_fused_pass_equals_the_expression_autograd_differentiates(split):
+    """``LSQFakeQuant`` against (clamp(round_ste(x / s) + z) - z) s differentiated by autograd: the same values
+    (bit for bit: the same float operations) and gradients to float32 rounding (x's: exactly 1 where autograd
+    gets s / s; the step's: sums of up to 16*4*5*5 terms ~1, reordered: 1e-4 relative is ~100x that error)."""
+    from common.quant.learnable import round_ste
+
+    x = rand(16, 7, 5, 5, seed=3) * 3
+    g = torch.arange(16) % 3
+    scale = torch.rand(3, 2, generator=torch.Generator().manual_seed(4)) * 0.4 + 0.3
+    zp = torch.randint(0, 16, (3, 2), generator=torch.Generator().manual_seed(5)).float()
+    lq = LayerQuant(4, False, "tensor", split, scale, zp)
+    up = rand(*x.shape, seed=6)
+    lsq = LearnedActQuant(lq)
+    xa = x.clone().requires_grad_(True)
+    fused = lsq.apply(xa, g)
+    fused.backward(up)
+
+    step = lsq.step.detach().clone().requires_grad_(True)
+    xb = x.clone().requires_grad_(True)
+    gs = 1.0 / (x[0].numel() * 15) ** 0.5
+    s, z = (step * gs + (step - step * gs).detach())[g], zp[g]
+    k = 7 if split is None else split
+
+    def fq(v, j):
+        sj, zj = s[:, j].view(-1, 1, 1, 1), z[:, j].view(-1, 1, 1, 1)
+        return (torch.clamp(round_ste(v / sj) + zj, 0, 15) - zj) * sj
+
+    ref = fq(xb, 0) if split is None else torch.cat([fq(xb[:, :k], 0), fq(xb[:, k:], 1)], dim=1)
+    ref.backward(up)
+    assert torch.equal(fused, ref)
+    assert torch.allclose(xa.grad, xb.grad, rtol=1e-6, atol=0)
+    assert (xa.grad == 0).any() and (xa.grad != 0).any()  # both sides of the range are exercised
+    assert torch.allclose(lsq.step.grad, step.grad, rtol=1e-4, atol=1e-6)
+    assert (lsq.step.grad != 0).sum() == (2 if split else 1) * 3
+
+
 def test_finetuning_lowers_its_loss_and_freezes_what_it_does_not_train(data_root, monkeypatch):
     from common.core.config import to_dict
     from common.diffusion.model import build_model

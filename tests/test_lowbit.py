@@ -586,3 +586,35 @@ def test_gptq_rounding_table_lowers_output_error_in_its_own_folder(tmp_path):
     again = lowbit.Table(cfg, model, "0" * 64, progress=False)
     assert again.output_ratio == table.output_ratio
     assert all(torch.equal(again.values[n][f], table.values[n][f]) for n in table.names for f in table.formats)
+
+
+def test_least_mse_ranges_per_activation_bits_are_cached_apart_and_clip_inside_min_max(tmp_path, capsys):
+    """``lowbit.range_method: mse``: each budget's activation bits get their own least-MSE ranges (their own cache
+    file beside the min-max one, reused on the next call), which clip inside the min-max ranges of the same
+    calibration (more at fewer bits); the variants get their own names, so no min-max variant is reused."""
+    from common.experiments import lowbit
+    from common.experiments.act_pipeline import ensure_ranges
+
+    cfg = load_config(SMOKE, [f"run.out_dir={tmp_path}/runs", "lowbit.range_method=mse"])
+    c = lowbit._act_cfg(lowbit.lowbit_config(cfg))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size).eval()
+    sha = "0" * 64
+    mm = ensure_ranges(c, model, "group", sha, "cpu", progress=False)
+    r4, r8 = (ensure_ranges(c, model, "group", sha, "cpu", progress=False, mse_bits=b) for b in (4, 8))
+    files = sorted(os.listdir(os.path.join(tmp_path, "runs", "smoke", "lowbit", "baseline", "act_quant")))
+    assert [f for f in files if f.endswith(".safetensors")] == ["ranges_group.safetensors",
+                                                                "ranges_group_mse4.safetensors",
+                                                                "ranges_group_mse8.safetensors"]
+    capsys.readouterr()
+    again = ensure_ranges(c, model, "group", sha, "cpu", progress=False, mse_bits=4)
+    assert "reusing" in capsys.readouterr().out and all(torch.equal(again[n], r4[n]) for n in r4)
+    width = {}
+    for name, r in (("4", r4), ("8", r8)):
+        for n in mm:
+            assert torch.all(r[n][..., 0] >= mm[n][..., 0] - 1e-6) and torch.all(r[n][..., 1] <= mm[n][..., 1] + 1e-6)
+        width[name] = sum(float((r[n][..., 1] - r[n][..., 0]).sum()) for n in r)
+    full = sum(float((mm[n][..., 1] - mm[n][..., 0]).sum()) for n in mm)
+    assert width["4"] < width["8"] <= full
+    assert lowbit.variant_name("search", "uniform", "3.5bits@A6", "mse") == "search_uniform_3.5bits_A6_mse"
+    assert lowbit.variant_name("search", "uniform", "3.5bits@A6") == "search_uniform_3.5bits_A6"

@@ -344,6 +344,8 @@ class LowbitConfig:
     gptq_seed: int = 7300        # their noise: not an evaluation or measurement seed
     gptq_damp: float = _spec(0.01, lo=0.0, lo_open=True, hi=1.0, doc="GPTQ's damping, a fraction of mean(diag H)")
     range_mode: Literal["single", "group"] = "group"
+    range_method: Literal["minmax", "mse"] = _spec("minmax", doc="activation ranges: min-max, or least-MSE at each "
+                                                  "budget's activation bits (variants named <plan>_..._mse)")
     seeds: list[int] = _spec([0, 1, 2])
     n_images: int = _spec(100, lo=2, doc="images per seed of every variant")
     inception: bool = False

@@ -116,19 +116,23 @@ def calibrated_ranges(cfg, model, names, mode: str, method: str, device, progres
                           progress, mse_bits=mse_bits)
 
 
-def ensure_ranges(cfg, model, mode, checkpoint_sha256, device, progress=True) -> dict:
-    """Calibrated ranges {module: (G, P, 2)} of ``mode``, reused from the cache when its inputs match (and its
-    tensors their digest)."""
-    path = os.path.join(_cache_dir(cfg), f"ranges_{mode}.safetensors")
+def ensure_ranges(cfg, model, mode, checkpoint_sha256, device, progress=True, mse_bits=None) -> dict:
+    """Calibrated ranges {module: (G, P, 2)} of ``mode`` by ``act_quant.range_method`` (``mse_bits``: the
+    least-MSE ranges at those bits instead), reused from the cache when its inputs match (and its tensors their
+    digest)."""
+    method = "mse" if mse_bits else cfg.act_quant.range_method
+    path = os.path.join(_cache_dir(cfg), f"ranges_{mode}{f'_mse{mse_bits}' if mse_bits else ''}.safetensors")
     inputs = range_inputs(cfg, mode, checkpoint_sha256)
+    if mse_bits:
+        inputs.update(method="mse", percentile=None, mse_bits=mse_bits)
     ranges = storage.reusable_tensors(path, inputs)
     if ranges is not None:
         print(f"[act_quant] reusing calibrated ranges {path}")
         return ranges
-    ranges = calibrated_ranges(cfg, model, act_layout(cfg, model)[0], mode, cfg.act_quant.range_method, device,
-                               progress)
+    ranges = calibrated_ranges(cfg, model, act_layout(cfg, model)[0], mode, method, device, progress,
+                               mse_bits=mse_bits or 4)
     storage.save_sealed_tensors(ranges, path, inputs)
-    print(f"[act_quant] {mode} ranges from {cfg.act_quant.calib_images} calibration images -> {path}")
+    print(f"[act_quant] {mode} {method} ranges from {cfg.act_quant.calib_images} calibration images -> {path}")
     return ranges
 
 

@@ -251,6 +251,7 @@ def finetune(c, student, teacher, pool, layers, progress=True):
     device = next(teacher.parameters()).device
     weights = [student.original(f"{n}.weight") for n in layers]
     steps_p = [a.step for a in student.aq.values()]
+    local = layers if ft.local_weight else []
     for p in weights + steps_p:
         p.requires_grad_(True)
     opt = torch.optim.Adam([{"params": weights, "lr": ft.lr}, {"params": steps_p, "lr": ft.step_lr}])
@@ -258,8 +259,8 @@ def finetune(c, student, teacher, pool, layers, progress=True):
     gen = torch.Generator().manual_seed(ft.calib_seed + 1)
     losses = []
     try:
-        with output_hooks(teacher, layers, lambda n, a, o: t_out.__setitem__(n, o)), \
-                output_hooks(student.model, layers, lambda n, a, o: s_out.__setitem__(n, o)):
+        with output_hooks(teacher, local, lambda n, a, o: t_out.__setitem__(n, o)), \
+                output_hooks(student.model, local, lambda n, a, o: s_out.__setitem__(n, o)):
             for _ in tqdm(range(ft.steps), desc="finetune", disable=not progress):
                 sel = torch.randint(0, len(pool[0]), (ft.batch_size,), generator=gen)
                 x, t = pool[0][sel].to(device), pool[1][sel].to(device)
@@ -267,13 +268,12 @@ def finetune(c, student, teacher, pool, layers, progress=True):
                     eps_t = teacher(x, t)
                 eps_s = student.model(x, t)
                 loss = (eps_s - eps_t).pow(2).mean()
-                if layers and ft.local_weight:
-                    local = sum((s_out[n] - t_out[n]).pow(2).mean() for n in layers) / len(layers)
-                    loss = loss + ft.local_weight * local
+                if local:
+                    loss = loss + ft.local_weight * sum((s_out[n] - t_out[n]).pow(2).mean() for n in local) / len(local)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
     finally:
         for p in weights + steps_p:
             p.requires_grad_(False)

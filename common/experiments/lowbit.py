@@ -616,8 +616,9 @@ def check_budgets(lb, table):
                     f"(the first and last conv in {lb.keep_format}, biases and norms fp32)")
 
 
-def variant_name(plan, menu, budget):
-    return f"{plan}_{menu}_{size_at_bits_tag(budget)}"
+def variant_name(plan, menu, budget, range_method="minmax"):
+    """The variant's folder: least-MSE activation ranges add ``_mse`` (min-max variants keep their names)."""
+    return f"{plan}_{menu}_{size_at_bits_tag(budget)}{'_mse' if range_method == 'mse' else ''}"
 
 
 def run_lowbit(cfg, device, force=False, progress=True):
@@ -634,16 +635,22 @@ def run_lowbit(cfg, device, force=False, progress=True):
     iterative = [(menu, parse_size_at_bits(budget)[0]) for budget, menu, plan in tasks if plan == "fisher_iterative"]
     searched = [(menu, parse_size_at_bits(budget)[0]) for budget, menu, plan in tasks if plan == "search"]
     # every cache the variants read, computed once (rank 0 first, under the folder's lock) before they are handed out
+
+    def budget_ranges():  # {activation bits: ranges}: min-max for every budget, or least-MSE at each one's bits
+        base = ensure_ranges(_act_cfg(c), model, lb.range_mode, sha, device, progress)
+        bits = {parse_size_at_bits(b)[1] for b in lb.budgets} - {None}
+        return {None: base, **{a: ensure_ranges(_act_cfg(c), model, lb.range_mode, sha, device, progress, mse_bits=a)
+                               if lb.range_method == "mse" else base for a in sorted(bits)}}
+
     sens, ranges = pipeline.shared(c, lambda: (
-        Sensitivities(c, model, ckpt_path, table, sha, device, progress, iterative, searched),
-        ensure_ranges(_act_cfg(c), model, lb.range_mode, sha, device, progress)))
+        Sensitivities(c, model, ckpt_path, table, sha, device, progress, iterative, searched), budget_ranges()))
     done = {"fp32": (None, None, "fp32", distributed.rank0_first(
         lambda: pipeline.evaluate_fp32(c, model, ckpt_path, device, force, progress)))}
 
     def one(task):
         budget, menu, plan = task
         size, a_bits = parse_size_at_bits(budget)
-        variant = variant_name(plan, menu, budget)
+        variant = variant_name(plan, menu, budget, lb.range_method)
         try:
             choice, info = choose(c, plan, menu, size, table, sens)
         except InfeasibleBudgetError as e:
@@ -651,7 +658,8 @@ def run_lowbit(cfg, device, force=False, progress=True):
             return e
         extra = {"strategy": "lowbit", "plan": plan, "quantizer": menu, "budget": budget,
                  "checkpoint_sha256": sha, "eligible_rule": RULE, "keep_format": lb.keep_format,
-                 "w_bits": table.avg_bits(choice), "a_bits": a_bits, "range_mode": lb.range_mode}
+                 "w_bits": table.avg_bits(choice), "a_bits": a_bits, "range_mode": lb.range_mode,
+                 "range_method": lb.range_method}
         record = {"choice": choice, "allocation": {k: v for k, v in info.items() if k != "seconds"},
                   "plan_seconds": info.get("seconds", 0.0),
                   "formats_used": {f: sum(v == f for v in choice.values()) for f in table.menus[menu]}}
@@ -659,8 +667,8 @@ def run_lowbit(cfg, device, force=False, progress=True):
                       "fisher": {k: v for k, v in sens.fisher["meta"].items() if k != "timesteps"},
                       "fisher_file": os.path.relpath(_cache(c, "fisher_all_but_ends.pt"),
                                                      evaluate.variant_dir(c, variant)),
-                      "act": {"bits": a_bits, "range_mode": lb.range_mode}}
-        q = activation_quantizer(_act_cfg(c), model, a_bits, ranges)
+                      "act": {"bits": a_bits, "range_mode": lb.range_mode, "range_method": lb.range_method}}
+        q = activation_quantizer(_act_cfg(c), model, a_bits, ranges[a_bits])
         with lock.hold(evaluate.variant_dir(c, variant)):
             r = save_and_evaluate(c, variant, model, table.stored(model, choice, lb.keep_format), q, extra,
                                   provenance, record, device, force, progress)
@@ -671,9 +679,9 @@ def run_lowbit(cfg, device, force=False, progress=True):
     # every variant on one rank of a torchrun (each alone, with its own lock and files), in this order
     for (budget, menu, plan), r in zip(tasks, distributed.map_tasks(tasks, one), strict=True):
         if isinstance(r, InfeasibleBudgetError):
-            notes.append(f"{variant_name(plan, menu, budget)}: {r}")
+            notes.append(f"{variant_name(plan, menu, budget, lb.range_method)}: {r}")
         else:
-            done[variant_name(plan, menu, budget)] = (budget, menu, plan, r)
+            done[variant_name(plan, menu, budget, lb.range_method)] = (budget, menu, plan, r)
     if distributed.is_main():  # the primary score of every sensitivity: what its plans do (rank 0 writes it)
         sens.plan_damage = measure_plans(c, model, table, sens, sha, device, progress)
     return done, notes, sens, table
@@ -773,13 +781,14 @@ def summary_markdown(cfg, done, notes, sens, table, q, seconds=None) -> str:
     lb = cfg.lowbit
     ref = done["fp32"][3]
     steps = len(build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion)).timesteps)
+    ranges = "least-MSE (at the budget's bits)" if lb.range_method == "mse" else "min-max"
     lines = [f"# Below 4 bits (`{storage.run_dir(lowbit_config(cfg))}`)", "",
              f"{lb.n_images} images per seed × seeds {lb.seeds}, {cfg.sample.sampler.upper()} {steps} steps, "
              f"paired noise; "
              f"eligible: every conv / linear weight but the first and last conv ({lb.keep_format}); biases and norms "
-             f"fp32; activations: every quantized input at the budget's bits, {lb.range_mode} ranges (first / last "
-             f"conv inputs float). Avg bits = stored bits (scales and codebooks included) / all parameters. "
-             f"Plan seconds: wall time on this machine to compute what the plan allocates by (the learned "
+             f"fp32; activations: every quantized input at the budget's bits, {lb.range_mode} {ranges} ranges "
+             f"(first / last conv inputs float). Avg bits = stored bits (scales and codebooks included) / all "
+             f"parameters. Plan seconds: wall time on this machine to compute what the plan allocates by (the learned "
              f"predictor's includes its {lb.predictor_configs} measurements)."
              + (f" This invocation: {seconds / 60:.1f} min." if seconds else ""), "",
              "| budget | quantizer | plan | avg bits | paired MSE | median paired MSE | clf-FID | Δ clf-FID vs fp32 "
