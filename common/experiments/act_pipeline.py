@@ -95,13 +95,16 @@ def _cache_dir(cfg) -> str:
     return os.path.join(storage.baseline_dir(cfg), "act_quant")
 
 
-def range_inputs(cfg, mode: str, checkpoint_sha256: str) -> dict:
-    """What the calibrated ranges of ``mode`` depend on."""
+def range_inputs(cfg, mode: str, checkpoint_sha256: str, mse_bits=None) -> dict:
+    """What the calibrated ranges of ``mode`` depend on (``mse_bits``: the least-MSE ranges at those bits, in place
+    of ``act_quant.range_method``)."""
     aq = cfg.act_quant
+    method = "mse" if mse_bits else aq.range_method
     return {"checkpoint_sha256": checkpoint_sha256, "sample": to_dict(cfg.sample), "diffusion": to_dict(cfg.diffusion),
-            "groups": mode_groups(cfg, mode), "method": aq.range_method,
-            "percentile": aq.percentile if aq.range_method == "percentile" else None, "images": aq.calib_images,
-            "timesteps": aq.calib_timesteps, "seed": aq.calib_seed, "split_concat": aq.split_concat}
+            "groups": mode_groups(cfg, mode), "method": method,
+            "percentile": aq.percentile if method == "percentile" else None, "images": aq.calib_images,
+            "timesteps": aq.calib_timesteps, "seed": aq.calib_seed, "split_concat": aq.split_concat,
+            **({"mse_bits": mse_bits} if mse_bits else {})}
 
 
 def calibrated_ranges(cfg, model, names, mode: str, method: str, device, progress=True, mse_bits=4) -> dict:
@@ -120,11 +123,9 @@ def ensure_ranges(cfg, model, mode, checkpoint_sha256, device, progress=True, ms
     """Calibrated ranges {module: (G, P, 2)} of ``mode`` by ``act_quant.range_method`` (``mse_bits``: the
     least-MSE ranges at those bits instead), reused from the cache when its inputs match (and its tensors their
     digest)."""
-    method = "mse" if mse_bits else cfg.act_quant.range_method
     path = os.path.join(_cache_dir(cfg), f"ranges_{mode}{f'_mse{mse_bits}' if mse_bits else ''}.safetensors")
-    inputs = range_inputs(cfg, mode, checkpoint_sha256)
-    if mse_bits:
-        inputs.update(method="mse", percentile=None, mse_bits=mse_bits)
+    inputs = range_inputs(cfg, mode, checkpoint_sha256, mse_bits)
+    method = inputs["method"]
     ranges = storage.reusable_tensors(path, inputs)
     if ranges is not None:
         print(f"[act_quant] reusing calibrated ranges {path}")

@@ -637,10 +637,12 @@ def run_lowbit(cfg, device, force=False, progress=True):
     # every cache the variants read, computed once (rank 0 first, under the folder's lock) before they are handed out
 
     def budget_ranges():  # {activation bits: ranges}: min-max for every budget, or least-MSE at each one's bits
+        bits = sorted({parse_size_at_bits(b)[1] for b in lb.budgets} - {None})
+        if lb.range_method == "mse":
+            return {a: ensure_ranges(_act_cfg(c), model, lb.range_mode, sha, device, progress, mse_bits=a)
+                    for a in bits}
         base = ensure_ranges(_act_cfg(c), model, lb.range_mode, sha, device, progress)
-        bits = {parse_size_at_bits(b)[1] for b in lb.budgets} - {None}
-        return {None: base, **{a: ensure_ranges(_act_cfg(c), model, lb.range_mode, sha, device, progress, mse_bits=a)
-                               if lb.range_method == "mse" else base for a in sorted(bits)}}
+        return dict.fromkeys(bits, base)
 
     sens, ranges = pipeline.shared(c, lambda: (
         Sensitivities(c, model, ckpt_path, table, sha, device, progress, iterative, searched), budget_ranges()))
@@ -668,7 +670,7 @@ def run_lowbit(cfg, device, force=False, progress=True):
                       "fisher_file": os.path.relpath(_cache(c, "fisher_all_but_ends.pt"),
                                                      evaluate.variant_dir(c, variant)),
                       "act": {"bits": a_bits, "range_mode": lb.range_mode, "range_method": lb.range_method}}
-        q = activation_quantizer(_act_cfg(c), model, a_bits, ranges[a_bits])
+        q = activation_quantizer(_act_cfg(c), model, a_bits, ranges.get(a_bits))
         with lock.hold(evaluate.variant_dir(c, variant)):
             r = save_and_evaluate(c, variant, model, table.stored(model, choice, lb.keep_format), q, extra,
                                   provenance, record, device, force, progress)
