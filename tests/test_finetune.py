@@ -48,6 +48,37 @@ def test_ste_export_equals_round_to_nearest_and_passes_gradients():
     assert w.grad is not None and w.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("mode", ["ste", "lsq", "adaround"])
+def test_group_wise_formats_train_and_export_what_the_forward_computes(mode):
+    """A plan's group-wise formats (one fp16 scale per group of inputs of a row) train like per-channel ones:
+    untrained, the export is quantize_tensor's entry bit for bit; after training (weights and, for lsq, the scales
+    at their fp16 values) the stored entry de-quantizes to exactly what the forward computed."""
+    from common.quant.formats import dequantize_tensor
+
+    w = (rand(6, 100, seed=7) * 0.1).requires_grad_(True)  # 100 inputs: groups of 32 leave a shorter last one
+    wq = WeightQuant(w.detach(), "int3_g32", 0, mode)
+    e, ref = export_weight(wq, w), quantize_tensor(w.detach(), "int3_g32")
+    assert e["format"] == "int3_g32" and e["scale"].dtype == torch.float16 and e["scale"].shape == (6, 4)
+    if mode != "adaround":  # adaround's export rounds its learned h, which starts at the fractional part
+        assert torch.equal(e["data"], ref["data"]) and torch.equal(e["scale"], ref["scale"])
+    trained = [w] + [p for p in wq.parameters()]
+    opt = torch.optim.Adam(trained, lr=0.01)
+    for _ in range(5):
+        loss = (wq(w) - 0.05).pow(2).sum() + wq.regularizer(2.0) * 1e-3
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained if p is not w or mode != "adaround")
+    e = export_weight(wq, w)
+    with torch.no_grad():
+        assert torch.equal(wq(w) if mode != "adaround" else wq.codes(w, hard=True)[0] * wq.codes(w)[1],
+                           dequantize_tensor(e))
+    if mode == "lsq":
+        assert not torch.equal(e["scale"], ref["scale"])  # the scales learned, and were stored as trained
+    with pytest.raises(ValueError, match="integer formats"):
+        WeightQuant(w.detach(), "km3", 0, mode)
+
+
 def test_lsq_matches_the_calibrated_quantizer_then_learns_a_positive_step():
     x = rand(16, 4, 5, 5, seed=2) * 3
     lo, hi = x.amin().view(1, 1), x.amax().view(1, 1)
@@ -336,4 +367,20 @@ def test_a_variant_does_not_depend_on_which_other_variants_the_run_makes():
 
     small = inputs("finetune.budgets=[W4A4]", "finetune.methods=[none]")
     assert small == inputs("finetune.budgets=[W4A8, W4A4]", "finetune.methods=[none, quest, fisher]")
+    assert small == inputs("finetune.plans=['3bits@A8']", "finetune.plan_source=chain_fisher")  # plans: their own
     assert small != inputs("finetune.budgets=[W4A4]", "finetune.methods=[none]", "finetune.steps=7")
+
+
+def test_plans_to_train_are_lowbit_budgets_with_activation_bits_the_config_allows():
+    from common.core.config import ConfigError
+    from common.experiments import finetune as ft
+
+    cfg = load_config(SMOKE, ["finetune.plans=[' 3.0bits @ a8']", "finetune.budgets=[]"])
+    assert cfg.finetune.plans == ["3bits@A8"] and ft.variant_name("all", "3bits@A8") == "all_search_3bits_A8"
+    assert ft.variant_name("all", "W4A8") == "all_W4A8" and not ft.is_plan("W4A8")
+    for bad, msg in (("['3bits']", r"needs quantized activations"), ("['3bits@A5']", r"act_quant.a_bits"),
+                     ("['W4A8']", r"expected a percentage of the fp32 size")):
+        with pytest.raises(ConfigError, match=rf"finetune.plans.*{msg}"):
+            load_config(SMOKE, [f"finetune.plans={bad}"])
+    with pytest.raises(ConfigError, match=r"finetune.budgets: needs at least one entry \(or finetune.plans one\)"):
+        load_config(SMOKE, ["finetune.budgets=[]"])

@@ -618,3 +618,34 @@ def test_least_mse_ranges_per_activation_bits_are_cached_apart_and_clip_inside_m
     assert width["4"] < width["8"] <= full
     assert lowbit.variant_name("search", "uniform", "3.5bits@A6", "mse") == "search_uniform_3.5bits_A6_mse"
     assert lowbit.variant_name("search", "uniform", "3.5bits@A6") == "search_uniform_3.5bits_A6"
+
+
+def test_finetune_trains_a_stored_plan_from_its_own_codes(lowbit_run):
+    """finetune.plans: make lowbit's stored search plan trained by finetune.py. Untrained (`none`) it stores the
+    plan's formats (group-wise ones included) and codes unchanged; `fisher` trains it; both are evaluated from
+    their files and judged against lowbit.targets; a plan make lowbit has not stored is a clear error."""
+    from common.core.errors import UserError
+    from common.experiments import finetune as ft
+    from common.quant.container import read_quantized
+    from common.quant.formats import dequantize_tensor
+
+    tmp, out, _ = lowbit_run
+    p = run("finetune.py", tmp, "--set", "finetune.budgets=[]", "--set", "finetune.plans=['3bits@A6']",
+            "--set", "finetune.methods=[none, fisher]", "--set", "finetune.seeds=[0]",
+            "--set", "eval.classifier.train_limit=300")
+    fdir = tmp / "runs" / "smoke" / "finetune"
+    plan = read_quantized(str(out / "search_uniform_3bits_A6" / "quantized.safetensors"))["tensors"]
+    none = read_quantized(str(fdir / "none_search_3bits_A6" / "quantized.safetensors"))["tensors"]
+    assert {e["format"] for e in plan.values()} - {"fp32"}
+    for n, e in plan.items():
+        assert none[n]["format"] == e["format"], n
+        if e["format"] != "fp32":
+            assert torch.allclose(dequantize_tensor(none[n]), dequantize_tensor(e), rtol=1e-6, atol=0), n
+    m = json.load(open(fdir / "fisher_search_3bits_A6" / "metrics.json"))
+    assert m["inputs"]["plan"]["sha256"] and m["layers_trained"] and m["a_bits"] == 6
+    md = (fdir / "summary.md").read_text()
+    assert "Plans of `make lowbit`, trained" in md and "| 3bits@A6 | fisher |" in md and "+50 |" in md
+    cfg = load_config(SMOKE, [f"run.out_dir={tmp}/runs", f"run.cache_dir={tmp}/cache"])
+    with pytest.raises(UserError, match=r"2bits@A8.*does not exist: run `python lowbit.py"):
+        ft.lowbit_plan(cfg, "2bits@A8")
+    assert p.returncode == 0

@@ -4,6 +4,7 @@ stored samples, and its weights are really 4-bit codes."""
 import csv
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -218,6 +219,17 @@ def test_greedy_ablation_drops_a_technique_that_does_not_help(w4a4_run):
                 "--set", "w4a4.studies=[ablation]", "--set", "w4a4.select_images=4")
     assert [line for line in again.stdout.splitlines() if line.startswith("[w4a4] row ")] == decisions
     assert again.stdout.count("reusing its selection damage") == 2 and "[w4a4_round] reusing its" not in again.stdout
+    # make verify binds each selection.json to its row's files: a row re-stored after it was measured shows
+    from common.experiments.verify import verify_run
+
+    assert not [f for f in verify_run(str(out.parent)) if f.problem]
+    copy = tmp / "verify_copy"
+    shutil.copytree(out.parent, copy)
+    shutil.copy(copy / "finetune" / last / "act_quant.safetensors",
+                copy / "finetune" / "w4a4_round" / "act_quant.safetensors")
+    row = {os.path.relpath(f.path, copy): f for f in verify_run(str(copy))}["finetune/w4a4_round/selection.json"]
+    assert row.status == "MISMATCH" and "selection damage" in row.detail
+    shutil.rmtree(copy)
 
 
 
@@ -244,3 +256,33 @@ def test_a4_on_average_on_the_ablations_techniques_keeps_the_plain_allocation(w4
     assert "A4 on average, bits by the activation Fisher, on rounding + ranges + block" in md
     assert "with block scales)" in md
     assert md.count("vs uniform A4") == 1 and "| uniform A4 (every allocatable input at 4 bits), on rounding + " in md
+
+
+def test_verify_accounts_for_every_file_w4a4_writes(w4a4_run, tmp_path):
+    """make verify on a w4a4 run finds nothing wrong: GPTQ's rounding and the distillation's learned steps (caches
+    in the baseline folder) name the checkpoint (and a greedy row's selection.json, when another test made one,
+    the files it was measured on); and learned steps that are not the ones the distillation cache records show."""
+    from common.experiments.verify import verify_run
+    from common.quant.activations import load_act_quant, save_act_quant
+
+    _, _, out = w4a4_run
+    assert list((out / "baseline").glob("gptq_*.pt")) and list((out / "baseline").glob("distill_*_act.safetensors"))
+    assert [f for f in verify_run(str(out.parent)) if f.problem] == []
+    copy = tmp_path / "run"
+    shutil.copytree(out.parent, copy)
+    fin = copy / "finetune"
+    act = str(next((fin / "baseline").glob("distill_*_act.safetensors")))
+    gptq = str(next((fin / "baseline").glob("gptq_*.pt")))
+
+    def row(path):
+        return {os.path.relpath(f.path, copy): f for f in verify_run(str(copy))}[os.path.relpath(path, copy)]
+
+    # written before the caches named the checkpoint: the steps are bound through their .pt, GPTQ's file is not
+    save_act_quant(load_act_quant(act)[0], act, {"what": "w4a4 distillation cache"})
+    art = torch.load(gptq, weights_only=True)
+    art["meta"].pop("checkpoint_sha256")
+    torch.save(art, gptq)
+    assert row(act).status == "OK"
+    assert row(gptq).status == "MISMATCH" and "names no baseline weights" in row(gptq).detail
+    save_act_quant(load_act_quant(str(fin / "w4a4_round" / "act_quant.safetensors"))[0], act, load_act_quant(act)[1])
+    assert row(act).status == "MISMATCH" and "not the ones" in row(act).detail

@@ -17,7 +17,14 @@ from typing import Literal
 
 import yaml
 
-from .budget import W_FORMAT_OF_BITS, normalize_budget, normalize_size_at_bits, normalize_wa_budget, parse_wa_budget
+from .budget import (
+    W_FORMAT_OF_BITS,
+    normalize_budget,
+    normalize_size_at_bits,
+    normalize_wa_budget,
+    parse_size_at_bits,
+    parse_wa_budget,
+)
 from .errors import UserError
 from .format_names import format_spec
 
@@ -377,6 +384,9 @@ class LowbitConfig:
 class FinetuneConfig:
     """finetune.py / make finetune: W/A plans recovered by reconstruction or selective finetuning."""
     budgets: list[str] = _spec(["W4A4", "W4A6", "W4A8"], doc="'WxAy': x-bit weights, y-bit activations")
+    plans: list[str] = _spec([], doc="make lowbit budgets ('3bits@A8') whose stored plan is trained: its per-tensor "
+                             "formats, its codes (GPTQ's) as the start, activations at the budget's bits")
+    plan_source: LOWBIT_PLANS = _spec("search", doc="which of make lowbit's plans (its stored uniform-menu variant)")
     methods: list[Literal["none", "reconstruction", "quest", "fisher", "all"]] = _spec(
         ["none", "reconstruction", "quest", "fisher", "all"])
     seeds: list[int] = _spec([0, 1, 2])
@@ -806,7 +816,9 @@ def _lowbit_targets(targets: dict, src: str) -> dict:
 
 def _check_finetune(cfg: Config, src: str):
     ft = cfg.finetune
-    _require_entries("finetune", ft, ("budgets", "methods", "seeds"), src)
+    _require_entries("finetune", ft, ("methods", "seeds"), src)
+    if not ft.budgets and not ft.plans:
+        raise ConfigError(f"{src}: finetune.budgets: needs at least one entry (or finetune.plans one)")
     _normalized_budgets("finetune", ft, normalize_wa_budget, src)
     for b in ft.budgets:
         parts = parse_wa_budget(b)
@@ -816,6 +828,15 @@ def _check_finetune(cfg: Config, src: str):
         if parts[0][1][1] not in cfg.act_quant.a_bits:
             raise ConfigError(f"{src}: finetune.budgets: {b!r} needs {parts[0][1][1]} in act_quant.a_bits "
                               f"({cfg.act_quant.a_bits}): the Fisher choice reads the activation Fisher at those bits")
+    try:
+        ft.plans = [normalize_size_at_bits(b) for b in ft.plans]
+    except ValueError as e:
+        raise ConfigError(f"{src}: finetune.plans: {e}") from None
+    for b in ft.plans:
+        a = parse_size_at_bits(b)[1]
+        if a not in cfg.act_quant.a_bits:
+            raise ConfigError(f"{src}: finetune.plans: {b!r} needs quantized activations ('@A<bits>') with the bits "
+                              f"in act_quant.a_bits ({cfg.act_quant.a_bits}), e.g. '3bits@A8'")
     _not_an_evaluation_seed("finetune.calib_seed", ft.calib_seed, ft.seeds + cfg.eval.seeds, src)
 
 

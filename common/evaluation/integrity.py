@@ -21,6 +21,8 @@ from .metrics import tensor_digest
 OK, MISMATCH, MISSING, UNREFERENCED = "OK", "MISMATCH", "MISSING", "UNREFERENCED"
 PROBLEMS = (MISMATCH, MISSING, UNREFERENCED)
 ACT_FILE = "act_quant.safetensors"
+# what a w4a4 ablation row's selection.json measured (its files' SHA-256 in this order)
+SELECTION_FILES = ("quantized.safetensors", ACT_FILE)
 
 
 @dataclass

@@ -17,6 +17,10 @@ seed), or, with ``finetune.calib_source: noised``, training images noised by q(x
   the largest weight + activation Fisher (the one-step estimate ½ΣFΔW² at the budget's weight bits plus the
   activation Fisher at its activation bits), ``all`` every quantized layer.
 
+``finetune.plans`` (e.g. '3bits@A8') trains ``make lowbit``'s stored plans the same way: the student takes the
+plan's per-tensor formats (group-wise scales included) and starts from its codes (GPTQ's), at the budget's
+activation bits; variants ``<method>_<plan_source>_<budget>``.
+
 After optimisation the learned codes and steps are exported to ``quantized.safetensors`` and
 ``act_quant.safetensors`` and the variant is evaluated from those files (``act_pipeline.save_and_evaluate``).
 """
@@ -32,9 +36,11 @@ from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
 from ..core import distributed, lock, storage
-from ..core.budget import parse_wa_budget
+from ..core.budget import parse_size_at_bits, parse_wa_budget, size_at_bits_tag
 from ..core.cli import command
 from ..core.config import to_dict
+from ..core.errors import UserError
+from ..core.format_names import format_spec
 from ..diffusion.data import mnist_tensor
 from ..diffusion.samplers import build_sampler
 from ..diffusion.schedule import NoiseSchedule
@@ -43,6 +49,7 @@ from ..importance.fisher import draw_samples
 from ..importance.weights import fisher_distortion_costs
 from ..quant.activations import ActQuantizer, attention_projections, channel_dim, group_of
 from ..quant.backends import calibration_inputs
+from ..quant.container import read_quantized
 from ..quant.eligibility import eligible_names, end_convs
 from ..quant.formats import channel_axes, dequantize_tensor, quantize_tensor
 from ..quant.hooks import output_hooks
@@ -59,7 +66,7 @@ from .act_pipeline import (
     save_and_evaluate,
 )
 from .report import mean_sd, per_seed, pyplot, save_figure, write_summary_files
-from .statistics import verdict_table
+from .statistics import target_verdict, verdict_table
 
 METHODS = ("none", "reconstruction", "quest", "fisher", "all")
 COLUMNS = ["budget", "method", "seed", "variant", "trainable_params", "steps", "seconds", "paired_mse_vs_fp32",
@@ -145,24 +152,31 @@ class Student:
     step to learn); ``export`` writes what it has learned as stored entries and an ``ActQuantizer``. The copy is in
     eval mode, like the teacher: dropout would make the student's output random where the teacher's is not."""
 
-    def __init__(self, c, model, w_bits, a_bits, ranges, mode):
+    def __init__(self, c, model, w_bits, a_bits, ranges, mode, start=None):
+        """``w_bits``: every quantized weight in ``int<w_bits>`` codes per output channel, or {weight: format}
+        (a plan's per-tensor formats, group-wise ones included); ``start``: {weight: stored entry} whose values
+        the weights start from (a plan's GPTQ codes) and the ends keep."""
         self.model = copy.deepcopy(model)
         self.model.requires_grad_(False)
         params, axes = dict(model.named_parameters()), channel_axes(model)
-        fmt = f"int{w_bits}"
+        start = start or {}
         self.names = eligible_names(model, lowbit.RULE)
+        formats = w_bits if isinstance(w_bits, dict) else {n: f"int{w_bits}" for n in self.names}
+        if missing := [n for n in self.names if n not in formats]:
+            raise ValueError(f"the plan gives no integer format for {missing[:3]}{'...' if len(missing) > 3 else ''}:"
+                             f" only integer codes (per channel or group-wise) are trained")
         self.ends = end_convs(model)
-        self.keep = {n: quantize_tensor(params[n], c.lowbit.keep_format, axes[n]) for n in self.ends}
+        self.keep = {n: start.get(n) or quantize_tensor(params[n], c.lowbit.keep_format, axes[n]) for n in self.ends}
+        own = dict(self.model.named_parameters())
+        with torch.no_grad():  # the ends hold their stored values, the rest start from ``start``'s where given
+            for n, e in [*self.keep.items(), *((n, start[n]) for n in self.names if n in start)]:
+                own[n].copy_(dequantize_tensor(e).to(own[n].device))
         mods = dict(self.model.named_modules())
         self.wq = {}
         for n in self.names:
             mod = mods[n.removesuffix(".weight")]
-            self.wq[n] = WeightQuant(params[n], fmt, axes[n], mode)
+            self.wq[n] = WeightQuant(own[n], formats[n], axes[n], mode)
             parametrize.register_parametrization(mod, "weight", self.wq[n])
-        with torch.no_grad():  # the ends hold their stored values
-            own = dict(self.model.named_parameters())
-            for n, e in self.keep.items():
-                own[n].copy_(dequantize_tensor(e))
         names, kept, _, _ = act_layout(c, model)
         quants = input_quants(c, model, ranges, {n: a_bits for n in names if n not in kept})
         self.aq = {n: LearnedActQuant(q) for n, q in quants.items() if q.granularity == "tensor"}
@@ -281,18 +295,23 @@ def finetune(c, student, teacher, pool, layers, progress=True):
     return ft.steps, {"first_loss": float(np.mean(losses[:k])), "last_loss": float(np.mean(losses[-k:]))}
 
 
-def fisher_layers(model, fisher, imp, w_bits, a_bits, k):
+def fisher_layers(model, fisher, imp, w_bits, a_bits, k, start=None):
     """The ``k`` quantized layers with the largest weight + activation Fisher estimate at this budget: ``fisher``
     the weight Fisher over the all_but_ends tensors (the one ``make lowbit`` caches), ``imp`` the activation
-    importance (``act_pipeline.ensure_act_importance``). Returns (layers, {layer: score})."""
+    importance (``act_pipeline.ensure_act_importance``); ``w_bits`` as ``Student`` takes it, the weight error
+    that of ``start``'s stored entries where given (a plan's GPTQ codes), else of rounding to nearest. Returns
+    (layers, {layer: score})."""
     params, axes = dict(model.named_parameters()), channel_axes(model)
-    fmt = f"int{w_bits}"
-    err = {n: {fmt: params[n].detach().cpu() - _dequant(params[n], fmt, axes[n])} for n in fisher["diag"]}
+    fmts = w_bits if isinstance(w_bits, dict) else {n: f"int{w_bits}" for n in fisher["diag"]}
+    start = start or {}
+    err = {n: {fmts[n]: params[n].detach().cpu() - (dequantize_tensor(start[n]) if n in start
+                                                    else _dequant(params[n], fmts[n], axes[n]))}
+           for n in fisher["diag"]}
     w_cost = fisher_distortion_costs(fisher["diag"], err)
     score = {}
     for n in eligible_names(model, lowbit.RULE):
         m = n.removesuffix(".weight")
-        score[m] = w_cost[n][fmt] + float((imp["fisher"].get(m) or {}).get(a_bits, 0.0))
+        score[m] = w_cost[n][fmts[n]] + float((imp["fisher"].get(m) or {}).get(a_bits, 0.0))
     return sorted(score, key=lambda m: -score[m])[:k], score
 
 
@@ -301,23 +320,53 @@ def _dequant(w, fmt, axis):
 
 
 # ----------------------------------------------------------------------------- the comparison
-def variant_name(method, budget):
-    return f"{method}_{budget}"
+def variant_name(method, budget, source="search"):
+    """'fisher_W4A8'; a plan of ``make lowbit`` (budget '3bits@A8', plan ``source``): 'fisher_search_3bits_A8'."""
+    return f"{method}_{source}_{size_at_bits_tag(budget)}" if is_plan(budget) else f"{method}_{budget}"
 
 
-def budget_bits(budget: str):
-    """(weight bits, activation bits) of a 'WxAy' budget."""
+def is_plan(budget: str) -> bool:
+    """A ``finetune.plans`` entry ('3bits@A8': make lowbit's stored plan) rather than a uniform 'WxAy'."""
+    return "@" in budget
+
+
+def budget_bits(budget: str, plan=None):
+    """(weight bits, activation bits) of a 'WxAy' budget; of a plan budget ({weight: format}, activation bits)."""
+    if is_plan(budget):
+        return plan["formats"], parse_size_at_bits(budget)[1]
     (_, wa), = [p for p in parse_wa_budget(budget) if p[0] == "wa"]
     return wa
 
 
-def variant_inputs(cfg, c, sha: str, method: str) -> dict:
+def lowbit_plan(cfg, budget: str) -> dict:
+    """``make lowbit``'s stored plan at ``budget``: its ``finetune.plan_source`` variant on the uniform menu
+    (with the run's ``lowbit.rounding`` and ``range_method``), checked intact first. {"file", "sha256",
+    "formats": {weight: format} of the allocated tensors, "entries": every stored entry}."""
+    lc = lowbit.lowbit_config(cfg)
+    name = lowbit.variant_name(cfg.finetune.plan_source, "uniform", budget, cfg.lowbit.range_method)
+    folder = evaluate.variant_dir(lc, name)
+    path = os.path.join(folder, "quantized.safetensors")
+    if not os.path.exists(os.path.join(folder, "metrics.json")):
+        raise UserError(f"finetune.plans: {budget!r} trains make lowbit's stored plan {folder}, which does not exist: "
+                        f"run `{command(cfg, 'lowbit.py')}` first (with {cfg.finetune.plan_source!r} in lowbit.plans "
+                        f"and {budget!r} in lowbit.budgets)")
+    evaluate.raise_first_problem(evaluate.integrity.check_variant(folder), f"rerun `{command(cfg, 'lowbit.py')}`")
+    entries = read_quantized(path)["tensors"]
+    return {"file": os.path.relpath(path, storage.run_dir(cfg)), "sha256": storage.sha256_file(path),
+            "formats": {n: e["format"] for n, e in entries.items()
+                    if e["format"] != "fp32" and format_spec(e["format"]).kind == "int"},
+            "entries": entries}
+
+
+def variant_inputs(cfg, c, sha: str, method: str, plan=None) -> dict:
     """Everything a finetuned variant depends on but the evaluation (``_reusable`` compares that apart): the
     checkpoint, the ``finetune`` settings, the ends' ``lowbit.keep_format``, the activation quantizers' layout and
-    ranges, the teacher's calibration pool, and for ``fisher`` the two Fisher estimates that choose its layers."""
+    ranges, the teacher's calibration pool, for ``fisher`` the two Fisher estimates that choose its layers, and
+    for a plan of ``make lowbit`` its stored file."""
     aq = c.act_quant
-    # which budgets and methods a run makes changes none of them (a variant's name says its own)
-    settings = {k: v for k, v in to_dict(cfg.finetune).items() if k not in ("budgets", "methods")}
+    # which budgets, plans and methods a run makes changes none of them (a variant's name says its own)
+    settings = {k: v for k, v in to_dict(cfg.finetune).items() if k not in ("budgets", "methods", "plans",
+                                                                            "plan_source")}
     out = {"checkpoint_sha256": sha, "finetune": settings, "keep_format": cfg.lowbit.keep_format,
            "act_quant": {k: to_dict(aq)[k] for k in ("symmetric", "per_token_attention", "keep_first_last",
                                                      "split_concat", "softmax_bits")},
@@ -326,6 +375,8 @@ def variant_inputs(cfg, c, sha: str, method: str) -> dict:
     if method == "fisher":
         out["fisher"] = {"weights": {**pipeline.fisher_inputs(cfg), "eligible": lowbit.RULE},
                          "activations": act_importance_inputs(c, cfg.finetune.range_mode, sha)}
+    if plan is not None:
+        out["plan"] = {k: plan[k] for k in ("file", "sha256")}
     return json.loads(json.dumps(out, default=str))  # as metrics.json holds it
 
 
@@ -343,10 +394,12 @@ def run_finetune(cfg, device, force=False, progress=True):
     done = {"fp32": (None, "fp32", distributed.rank0_first(
         lambda: pipeline.evaluate_fp32(c, model, ckpt_path, device, force, progress)))}
     quest = quest_layers(model)
-    tasks = [(budget, method) for budget in ft.budgets for method in ft.methods]
-    inputs = {m: variant_inputs(cfg, c, sha, m) for m in ft.methods}
+    plans = {b: lowbit_plan(cfg, b) for b in ft.plans}
+    tasks = [(budget, method) for budget in ft.budgets + ft.plans for method in ft.methods]
+    inputs = {(b, m): variant_inputs(cfg, c, sha, m, plans.get(b)) for b, m in tasks}
+    name = {(b, m): variant_name(m, b, ft.plan_source) for b, m in tasks}
     todo = distributed.broadcast_object(  # rank 0's view: the others must agree on which caches to compute
-        [(b, m) for b, m in tasks if not _reusable(cfg, c, variant_name(m, b), inputs[m], force)]
+        [task for task in tasks if not _reusable(cfg, c, name[task], inputs[task], force)]
         if distributed.is_main() else None)
     lc = lowbit.lowbit_config(cfg)
 
@@ -358,28 +411,30 @@ def run_finetune(cfg, device, force=False, progress=True):
             w_fisher = share(lc, lambda: lowbit.ensure_fisher(lc, model, ckpt_path, progress, device))
             imp = share(c, lambda: ensure_act_importance(c, model, ft.range_mode, ranges, sha, device, progress))
             for budget in dict.fromkeys(b for b, m in todo if m == "fisher"):
-                chosen[budget] = fisher_layers(model, w_fisher, imp, *budget_bits(budget), len(quest))[0]
+                start = plans[budget]["entries"] if budget in plans else None
+                chosen[budget] = fisher_layers(model, w_fisher, imp, *budget_bits(budget, plans.get(budget)),
+                                               len(quest), start)[0]
         return pool, chosen
 
     pool, chosen = caches(todo, pipeline.shared)
 
     def one(task):
         budget, method = task
-        variant = variant_name(method, budget)
+        variant = name[task]
         with lock.hold(evaluate.variant_dir(c, variant)):
-            if _reusable(cfg, c, variant, inputs[method], force):
+            if _reusable(cfg, c, variant, inputs[task], force):
                 print(f"[{variant}] reusing {evaluate.variant_dir(c, variant)}/metrics.json")
                 return storage.load_json(os.path.join(evaluate.variant_dir(c, variant), "metrics.json"))
             mine, layers = pool, {"quest": quest, "fisher": chosen.get(budget)}.get(method)
             if task not in todo:  # reusable at the check above, changed since by another process: this rank alone
                 mine, picked = caches([task], _locked)
                 layers = picked.get(budget, layers)
-            return optimise_and_evaluate(c, model, sha, ranges, budget, method, layers, mine, inputs[method], device,
-                                         progress)
+            return optimise_and_evaluate(c, model, sha, ranges, budget, method, layers, mine, inputs[task], device,
+                                         progress, plans.get(budget))
 
     # every variant on one rank of a torchrun (each alone, with its own lock and files), in this order
     for (budget, method), r in zip(tasks, distributed.map_tasks(tasks, one), strict=True):
-        done[variant_name(method, budget)] = (budget, method, r)
+        done[name[(budget, method)]] = (budget, method, r)
     return done
 
 
@@ -388,14 +443,15 @@ def _locked(cfg, compute):
         return compute()
 
 
-def optimise_and_evaluate(c, model, sha, ranges, budget, method, layers, pool, inputs, device, progress):
+def optimise_and_evaluate(c, model, sha, ranges, budget, method, layers, pool, inputs, device, progress, plan=None):
     """One variant: build the student, run ``method`` (``layers``: the ones ``quest`` / ``fisher`` train), export,
-    save, evaluate from the files."""
+    save, evaluate from the files. ``plan``: ``lowbit_plan``'s, for a plan budget (its formats and codes)."""
     ft = c.finetune
-    w_bits, a_bits = budget_bits(budget)
-    variant = variant_name(method, budget)
+    w_bits, a_bits = budget_bits(budget, plan)
+    variant = variant_name(method, budget, ft.plan_source)
     t0 = time.time()
-    student = Student(c, model, w_bits, a_bits, ranges, "adaround" if method == "reconstruction" else "ste")
+    student = Student(c, model, w_bits, a_bits, ranges, "adaround" if method == "reconstruction" else "ste",
+                      plan["entries"] if plan else None)
     info, steps = {}, 0
     if method in ("reconstruction", "all"):
         layers = [n.removesuffix(".weight") for n in student.names]
@@ -416,12 +472,13 @@ def optimise_and_evaluate(c, model, sha, ranges, budget, method, layers, pool, i
     trained += 0 if method == "none" else sum(a.step.numel() for a in student.aq.values())
     stored, q = student.export(model)
     extra = {"strategy": "finetune", "method": method, "budget": budget, "checkpoint_sha256": sha,
-             "w_bits_format": f"int{w_bits}", "a_bits": a_bits, "range_mode": ft.range_mode,
+             "w_bits_format": "plan" if plan else f"int{w_bits}", "a_bits": a_bits, "range_mode": ft.range_mode,
              "calib_source": ft.calib_source, "trainable_params": int(trained), "layers_trained": layers,
              "optimisation_steps": int(steps), "optimisation_seconds": round(seconds, 1),
              "peak_rss_mb_so_far": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
              "optimisation": info, "settings": to_dict(ft), "inputs": inputs}
     provenance = {"method": method, "budget": budget, "checkpoint_sha256": sha,
+                  **({"plan": {k: plan[k] for k in ("file", "sha256")}} if plan else {}),
                   "calib": {"source": ft.calib_source, "images": ft.calib_images, "seed": ft.calib_seed}}
     return save_and_evaluate(c, variant, model, stored, q, extra, provenance, {"layers_trained": layers}, device,
                              True, progress)
@@ -478,8 +535,42 @@ def summary_markdown(cfg, done, seconds=None) -> str:
                                                       for k in ("paired_mse_vs_fp32", "clf_fid")], (a_m, b_m))
                             for b, a_m, b_m in pairs])
     lines += ["", "## Selective finetuning against training everything", ""] + recovery_lines(by)
+    lines += plan_lines(cfg, done)
     lines += ["", "![finetune](finetune.png)"]
     return "\n".join(lines) + "\n"
+
+
+def plan_lines(cfg, done) -> list:
+    """For ``finetune.plans``: each trained plan's classifier-FID over fp32's (paired per seed, 95% t-interval)
+    against ``lowbit.targets``, beside the plan as ``make lowbit`` stored and evaluated it (its own ranges)."""
+    ref = done["fp32"][2]
+    rows = [(b, m, r) for v, (b, m, r) in done.items() if v != "fp32" and is_plan(b)]
+    if not rows:
+        return []
+    out = ["", "## Plans of `make lowbit`, trained", "",
+           f"Each plan starts from `make lowbit`'s stored `{cfg.finetune.plan_source}` variant (its per-tensor "
+           f"formats, group-wise ones included, and its {cfg.lowbit.rounding} codes); `none` is that plan with this "
+           f"page's activation ranges ({cfg.finetune.range_mode}, min-max), untrained. Δ clf-FID: per-seed "
+           f"classifier-FID minus fp32's, mean and 95% t-interval; **target met** only when the whole interval lies "
+           f"within `lowbit.targets`.", "",
+           "| budget | method | paired MSE | Δ clf-FID | 95% interval | target Δ | verdict |",
+           "|---|---|---:|---:|---|---:|---|"]
+    for b, m, r in rows:
+        target = cfg.lowbit.targets.get(b)
+        d = per_seed(r, "clf_fid") - per_seed(ref, "clf_fid")
+        verdict, mean, lo, hi = target_verdict(d, target if target is not None else float("inf"))
+        out.append(f"| {b} | {m} | {mean_sd(per_seed(r, 'paired_mse_vs_fp32'))} | {mean:+.3g} | "
+                   + ("–" if lo is None else f"[{lo:+.3g}, {hi:+.3g}]")
+                   + (f" | +{target:g} | {verdict} |" if target is not None else " | – | – |"))
+    for b in dict.fromkeys(b for b, _, _ in rows):
+        lc = lowbit.lowbit_config(cfg)
+        folder = evaluate.variant_dir(lc, lowbit.variant_name(cfg.finetune.plan_source, "uniform", b,
+                                                                cfg.lowbit.range_method))
+        m = storage.load_json(os.path.join(folder, "metrics.json"))
+        out.append(f"\n{b} as `make lowbit` stored it ({os.path.relpath(folder, storage.run_dir(cfg))}, its "
+                   f"{cfg.lowbit.range_method} ranges): paired MSE {mean_sd(per_seed(m, 'paired_mse_vs_fp32'))}, "
+                   f"clf-FID {mean_sd(per_seed(m, 'clf_fid'))}.")
+    return out
 
 
 def recovery_lines(by) -> list:
@@ -516,7 +607,7 @@ def plot(done, cfg, path):
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), squeeze=False)
     for ax, key, label in ((axes[0][0], "paired_mse_vs_fp32", "paired MSE vs fp32"),
                            (axes[0][1], "clf_fid", "classifier-FID")):
-        for i, budget in enumerate(cfg.finetune.budgets):
+        for i, budget in enumerate(cfg.finetune.budgets + cfg.finetune.plans):
             pts = sorted((max(1, r["trainable_params"]), np.nanmean(per_seed(r, key)),
                           float(np.nanstd(per_seed(r, key))), m) for b, m, r in done.values() if b == budget)
             for x, y, e, m in pts:

@@ -9,7 +9,8 @@ A run folder is a set of files bound to each other by recorded hashes:
   ``act_quant/`` or ``sensitivity/<snapshot>/``): see ``common.evaluation.integrity``; its quantized file
   also names the Fisher it was planned with, checked against the nearest ``baseline/fisher.pt``;
 * summaries and plots: ``<name>.sources.json`` records their SHA-256 and those of the files they were made from;
-* ``sample.py`` outputs: ``sample.json`` records the source file and its outputs.
+* ``sample.py`` outputs: ``sample.json`` records the source file and its outputs;
+* ``w4a4.py``'s ablation rows: ``selection.json`` records the variant's files and the baseline it measured.
 
 ``verify_run`` reads everything with safetensors, ``weights_only`` torch loads and JSON only, never writes,
 and returns one ``Finding`` per file: OK, MISMATCH (a hash or cross-reference that does not hold, or a file
@@ -24,7 +25,18 @@ import sys
 
 from ..core import storage
 from ..diffusion.baseline import BaselineError, read_metadata
-from ..evaluation.integrity import MISMATCH, MISSING, OK, UNREFERENCED, Finding, check_variant, file_check, sealed
+from ..evaluation.integrity import (
+    MISMATCH,
+    MISSING,
+    OK,
+    SELECTION_FILES,
+    UNREFERENCED,
+    Finding,
+    check_variant,
+    file_check,
+    sealed,
+)
+from ..quant.activations import load_act_quant, quantizer_digest
 from ..quant.container import META_KEY, QuantizedFileError, read_quantized
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -144,6 +156,9 @@ class RunVerifier:
     def _against(self, path, have, ident) -> Finding:
         if ident is None:
             return Finding(path, ["baseline weights"], MISSING, "no baseline weights in this run to check it against")
+        if have is None:
+            return Finding(path, [ident[1]], MISMATCH, "names no baseline weights (a cache written before caches "
+                                                       "named them?): delete it, the next run recomputes it")
         if have != ident[0]:
             return Finding(path, [ident[1]], MISMATCH, f"computed from weights {str(have)[:12]}..., the run's baseline "
                                                        f"is {ident[0][:12]}...")
@@ -159,6 +174,12 @@ class RunVerifier:
                 meta = fh.metadata() or {}
             if META_KEY in meta:
                 have = (read_quantized(path)["provenance"].get("inputs") or {}).get("checkpoint_sha256")
+            elif "act_format" in meta:  # learned activation steps (w4a4's distillation): content in its .pt
+                bad, bound = self._act_against_artifact(path)
+                if bad:
+                    return bad
+                # a file written before it named the checkpoint is bound through its .pt's digest of it
+                have = json.loads(meta.get("act_provenance", "{}")).get("checkpoint_sha256") or bound
             else:
                 with safe_open(path, framework="pt") as fh:
                     tensors = {k: fh.get_tensor(k) for k in fh.keys()}
@@ -169,6 +190,22 @@ class RunVerifier:
         except Exception as e:  # safetensors raises its own error types for damaged files
             return Finding(path, [], MISMATCH, f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
         return self._against(path, have, ident)
+
+    @staticmethod
+    def _act_against_artifact(path: str):
+        """A cache ``<name>_act.safetensors`` whose ``<name>.pt`` records its quantizer's digest (``q_digest``):
+        (a MISMATCH if the two disagree, either edited or replaced, else None; the checkpoint SHA-256 the .pt is
+        bound to when they agree)."""
+        art_path = path.removesuffix("_act.safetensors") + ".pt"
+        if not os.path.isfile(art_path):
+            return None, None
+        art, bad = _load(art_path, "torch")
+        if bad or not isinstance(art, dict) or "q_digest" not in art:
+            return None, None  # the .pt's own row says why
+        if quantizer_digest(load_act_quant(path)[0]) != art["q_digest"]:
+            return Finding(path, [art_path], MISMATCH, f"its steps are not the ones {os.path.basename(art_path)} "
+                                                       f"records (edited or replaced)"), None
+        return None, (art.get("meta") or {}).get("checkpoint_sha256")
 
     def check_cache_json(self, path: str, ident) -> Finding:
         """A sealed JSON cache (activation importance, measured configurations) naming the baseline weights."""
@@ -249,6 +286,24 @@ class RunVerifier:
                     row.status, row.detail = f.status, f"{rel}: {f.detail.replace('SHA-256', 'its SHA-256')}" \
                                                       f" (the summary is stale)"
 
+    def check_selection(self, path: str):
+        """w4a4's ``selection.json``: the greedy ablation's damage of the variant beside it, on selection noise;
+        sealed, and naming the SHA-256 of that variant's files and of the baseline weights."""
+        s, bad = _load(path, "json")
+        if bad:
+            self.add(bad)
+            return
+        folder = os.path.dirname(path)
+        files = [os.path.join(folder, f) for f in SELECTION_FILES]
+        inputs = s.get("inputs") or {}
+        ident = self.identity(os.path.dirname(folder))
+        row = sealed(self._against(path, inputs.get("checkpoint_sha256"), ident), s)
+        row.depends += [f for f in files if f not in row.depends]
+        have = [storage.sha256_file(f) if os.path.exists(f) else None for f in files]
+        if row.status == OK and have != inputs.get("files"):
+            row.status, row.detail = MISMATCH, "the variant's files changed since its selection damage was measured"
+        self.add(row)
+
     def check_sample_output(self, path: str):
         s, bad = _load(path, "json")
         if bad:
@@ -285,6 +340,8 @@ class RunVerifier:
             self.check_manifest(man)
         for s in sorted(glob.glob(os.path.join(self.run, "**", "sample.json"), recursive=True)):
             self.check_sample_output(s)
+        for s in sorted(glob.glob(os.path.join(self.run, "**", "selection.json"), recursive=True)):
+            self.check_selection(s)
         curve = os.path.join(self.run, "learning_curve.json")
         if os.path.isfile(curve):
             c, bad = _load(curve, "json")

@@ -30,6 +30,7 @@ from ..core.config import to_dict
 from ..diffusion.samplers import build_sampler
 from ..diffusion.schedule import NoiseSchedule
 from ..evaluation import evaluate
+from ..evaluation.integrity import SELECTION_FILES
 from ..quant import lowrank, rotation, smoothing, time_table
 from ..quant.activations import (
     channel_dim,
@@ -124,7 +125,7 @@ def run_damage(cfg, c, model, sha, a_bits, device, force=False, progress=True) -
         done[variant] = (label, _evaluate(c, variant, model, stored, q, extra, device, force, progress))
     # the weights' own term under GPTQ's rounding too: where the weight share goes once rounding is fixed
     label = "W4 by GPTQ, inputs float"
-    entries, info = gptq_weights(c, model, device, progress)
+    entries, info = gptq_weights(c, model, sha, device, progress)
     extra = {"study": "damage", "label": label, "inputs_at_a4": 0, "checkpoint_sha256": sha, "a_bits": a_bits,
              "range_mode": mode, "gptq_median_error_ratio": info["median_error_ratio"]}
     q = _quantizer(c, model, ranges, {}, mode, token=False)
@@ -201,7 +202,7 @@ def selection_damage(c, variant: str, reference, sha: str, n: int, device) -> fl
     from ..quant.container import load_quantized
 
     folder = evaluate.variant_dir(c, variant)
-    files = [os.path.join(folder, f) for f in ("quantized.safetensors", "act_quant.safetensors")]
+    files = [os.path.join(folder, f) for f in SELECTION_FILES]
     inputs = {"files": [storage.sha256_file(f) for f in files], "checkpoint_sha256": sha, "n": n,
               "seed": c.finetune.calib_seed + 1, "sample": to_dict(c.sample), "diffusion": to_dict(c.diffusion),
               "device": torch.device(device).type}
@@ -297,13 +298,14 @@ def stored_entries(c, transformed, w_bits: int, state=None) -> dict:
     return stored
 
 
-def gptq_weights(c, transformed, device, progress=True) -> tuple:
+def gptq_weights(c, transformed, sha: str, device, progress=True) -> tuple:
     """({parameter: stored entry}, info): the transformed model's quantized layers in int4 by GPTQ
     (``lowbit.gptq_entries``: Hessians from the transformed model's own sampling trajectories,
     ``lowbit.gptq_images`` / ``lowbit.gptq_seed``, the same entries on every invocation). Transposed / grouped
     convs keep round-to-nearest. info per layer: the output-error proxy of round-to-nearest and of GPTQ. Computed
     once per transformed model: cached in the baseline folder, keyed on the digest of the model's whole state and
-    the GPTQ settings (rows and studies that round the same model share it; a corrupt file is recomputed)."""
+    the GPTQ settings (rows and studies that round the same model share it; a corrupt file is recomputed), and
+    bound to the checkpoint ``sha`` it was transformed from, as ``make verify`` checks every baseline cache."""
     names = [n for n in eligible_names(transformed, lowbit.RULE) if ".lowrank." not in n]
     lb = c.lowbit
     inputs = {"model": model_digest(transformed), "names": names, "images": lb.gptq_images, "seed": lb.gptq_seed,
@@ -312,7 +314,8 @@ def gptq_weights(c, transformed, device, progress=True) -> tuple:
     path = os.path.join(storage.baseline_dir(c), f"gptq_{storage.fingerprint(inputs)}.pt")
     art = storage.load_cache(path, "the GPTQ rounding")
     if (isinstance(art, dict) and {"meta", "entries", "info", "digest"} <= set(art)
-            and art["meta"].get("inputs") == inputs and stored_digest(art["entries"]) == art["digest"]):
+            and art["meta"].get("inputs") == inputs and art["meta"].get("checkpoint_sha256") == sha
+            and stored_digest(art["entries"]) == art["digest"]):
         print(f"[w4a4] reusing GPTQ's rounding {path}")
         return art["entries"], art["info"]
     entries, infos, report = lowbit.gptq_entries(c, transformed, names, ["int4"], device, progress)
@@ -321,18 +324,18 @@ def gptq_weights(c, transformed, device, progress=True) -> tuple:
             "round_to_nearest": sorted(n.removesuffix(".weight") for n in report["round_to_nearest"]),
             "median_error_ratio": report["median_error_ratio"].get("int4")}
     entries = {n: e for (n, _), e in entries.items()}
-    storage.atomic_torch_save({"meta": {"inputs": inputs}, "entries": entries, "info": info,
+    storage.atomic_torch_save({"meta": {"inputs": inputs, "checkpoint_sha256": sha}, "entries": entries, "info": info,
                                "digest": stored_digest(entries)}, path)
     return entries, info
 
 
-def quantized_weights(c, transformed, techniques, device, info, progress=True) -> dict:
+def quantized_weights(c, transformed, techniques, sha: str, device, info, progress=True) -> dict:
     """The stored entries of a row: ``stored_entries`` at 4 bits, the quantized layers by GPTQ where the row has
     it (its report in ``info['gptq']``). With a distillation in the same row the transformed model's weights
     take GPTQ's values, so the distillation starts from them."""
     stored = stored_entries(c, transformed, 4)
     if "gptq" in techniques:
-        entries, info["gptq"] = gptq_weights(c, transformed, device, progress)
+        entries, info["gptq"] = gptq_weights(c, transformed, sha, device, progress)
         stored.update(entries)
     if "gptq" in techniques and "distill" in techniques:
         params = dict(transformed.named_parameters())
@@ -503,14 +506,18 @@ def cached_distill(cfg, c, teacher, transformed, ranges, pool, token: bool, ckpt
               "finetune": {"batch_size": ft.batch_size, "step_lr": ft.step_lr}, "device": str(device),
               **({"block": block} if block else {})}
     path = os.path.join(storage.baseline_dir(c), f"distill_{storage.fingerprint(inputs)}")
+    # the learned steps' file names the checkpoint too: make verify checks every cache in a baseline folder
+    act_provenance = {"what": "w4a4 distillation cache", "checkpoint_sha256": sha}
     art = storage.reusable_artifact(path + ".pt", ckpt_path, inputs)
     if art is not None and os.path.exists(path + "_act.safetensors"):
-        q, _ = load_act_quant(path + "_act.safetensors")
+        q, prov = load_act_quant(path + "_act.safetensors")
         if stored_digest(art["stored"]) == art["stored_digest"] and quantizer_digest(q) == art["q_digest"]:
             print(f"[w4a4] reusing the distillation {path}.pt")
+            if prov != act_provenance:  # written before it named the checkpoint; its content is the .pt's (q_digest)
+                save_act_quant(q, path + "_act.safetensors", act_provenance)
             return art["stored"], q, art["info"]
     stored, q, info = distill(cfg, c, teacher, transformed, ranges, pool, token, device, progress, start, block)
-    save_act_quant(q, path + "_act.safetensors", {"what": "w4a4 distillation cache"})
+    save_act_quant(q, path + "_act.safetensors", act_provenance)
     storage.save_for_checkpoint({"meta": {"inputs": inputs}, "stored": stored, "info": info,
                                  "stored_digest": stored_digest(stored), "q_digest": quantizer_digest(q)},
                                 path + ".pt", ckpt_path)
@@ -543,7 +550,7 @@ def run_ablation(cfg, c, model, ckpt_path, sha, pool, device, rows=None, rank=8,
             ranges = row_ranges(c, m, names, method, 4, mode, block, device, sha, progress)
         q = _quantizer(c, m, ranges, {n: 4 for n in inputs}, mode, "token" in techniques, block)
         with timed(seconds, "weights"):
-            stored = quantized_weights(c, m, techniques, device, info, progress)
+            stored = quantized_weights(c, m, techniques, sha, device, info, progress)
         if "distill" in techniques:
             before = stored_digest(stored) + quantizer_digest(q)
             with timed(seconds, "distill"):
@@ -629,7 +636,7 @@ def _average_on(cfg, c, c2, model, ckpt_path, fisher, pool, techniques, macs, pe
     names, kept_inputs, _, _ = act_layout(c, model)
     m, tinfo = transformed_model(c, model, techniques, pool, device, cfg.w4a4.lowrank_rank, cfg.w4a4.smooth_samples,
                                  progress)
-    stored = quantized_weights(c, m, techniques, device, tinfo, progress)
+    stored = quantized_weights(c, m, techniques, sha, device, tinfo, progress)
     total_macs = sum(macs.values())
     block = row_block(cfg, techniques)
     method = range_method(techniques)

@@ -5,7 +5,9 @@ to the ordinary files: integer codes and scales for ``quantized.safetensors`` (`
 the file holds.
 
 * Weights: symmetric b-bit codes, one scale per output channel s_c = max|w_c| / qmax (``formats.channel_scale``,
-  the scale of ``formats.quantize_tensor``; ``formats.int_entry`` stores the learned codes as it stores its own).
+  the scale of ``formats.quantize_tensor``; ``formats.int_entry`` stores the learned codes as it stores its own),
+  or one fp16 scale per group of inputs of a row for the group-wise formats (``formats.group_scale``,
+  ``formats.group_entry``).
   ``ste``: w_hat = s * clamp(round(w / s)), the gradient passing the rounding unchanged (Bengio et al. 2013), so
   the weights w themselves train (QuEST-style finetuning). ``adaround`` (Nagel et al. 2020): w fixed,
   w_hat = s * clamp(floor(w / s) + h(V)) with h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1), zeta = 1.1,
@@ -24,7 +26,15 @@ from torch import nn
 
 from ..core.format_names import format_spec
 from .activations import LayerQuant, int_range
-from .formats import _channel_first, _from_channel_first, channel_scale, int_entry
+from .formats import (
+    _channel_first,
+    _from_channel_first,
+    channel_scale,
+    expand_group_scale,
+    group_entry,
+    group_scale,
+    int_entry,
+)
 
 ZETA, GAMMA = 1.1, -0.1
 
@@ -35,41 +45,59 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 
 
 class WeightQuant(nn.Module):
-    """Fake-quantizes one weight (a parametrization: ``module.weight`` becomes ``forward(original)``)."""
+    """Fake-quantizes one weight (a parametrization: ``module.weight`` becomes ``forward(original)``), in a
+    per-channel integer format or a group-wise one (``int3_g64``: one fp16 scale per group of inputs of a row, as
+    ``formats.quantize_tensor`` stores it; the learned scales of ``lsq`` then train at their fp16 values)."""
 
     def __init__(self, weight: torch.Tensor, fmt: str, axis: int, mode: str):
         super().__init__()
         spec = format_spec(fmt)
-        if spec.kind != "int" or spec.group is not None:
-            raise ValueError(f"learned quantization supports per-channel integer formats, not {fmt!r}")
-        self.fmt, self.axis, self.mode, self.qmax = fmt, axis, mode, spec.qmax
+        if spec.kind != "int":
+            raise ValueError(f"learned quantization supports integer formats (per channel or group-wise), not {fmt!r}")
+        self.fmt, self.axis, self.mode, self.qmax, self.group = fmt, axis, mode, spec.qmax, spec.group
         self.shape = tuple(weight.shape)
         if mode == "adaround":
             cf = _channel_first(weight.detach(), axis)
-            s = channel_scale(cf, self.qmax)[:, None]
+            s = self.scales(cf)[1]
             frac = cf / s - torch.floor(cf / s)
             # h(V) = frac at the start: sigmoid(V) = (frac - gamma) / (zeta - gamma)
             p = ((frac - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
             self.v = nn.Parameter(torch.log(p / (1 - p)))
         elif mode == "lsq":
-            self.log_scale = nn.Parameter(channel_scale(_channel_first(weight.detach(), axis), self.qmax).log())
+            self.log_scale = nn.Parameter(self.scales(_channel_first(weight.detach(), axis))[0].log())
         elif mode != "ste":
             raise ValueError(f"weight quantizer mode must be 'ste', 'lsq' or 'adaround', got {mode!r}")
+
+    def scales(self, cf: torch.Tensor):
+        """(stored, per element) scales of the channel-first (C, K) weight: what the file stores ((C,) fp32 per
+        channel, (C, G) fp16-valued per group) and each element's ((C, 1) or (C, K))."""
+        if self.mode == "lsq" and hasattr(self, "log_scale"):
+            stored = self.log_scale.exp()
+            if self.group is not None:  # the file holds fp16 scales: train with the value it will hold
+                stored = stored + (stored.clamp(2.0 ** -24, 65504.0).half().float() - stored).detach()
+        elif self.group is None:
+            stored = channel_scale(cf, self.qmax)
+        else:
+            stored = group_scale(cf.detach(), self.group, self.qmax).float()
+        if self.group is None:
+            return stored, stored[:, None]
+        return stored, expand_group_scale(stored, self.group, cf.shape[1])
 
     def h(self):
         return (torch.sigmoid(self.v) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
 
-    def codes(self, w: torch.Tensor, hard=True) -> torch.Tensor:
-        """Channel-first (C, K) codes of ``w`` (AdaRound: with its learned rounding, hard = rounded h)."""
+    def codes(self, w: torch.Tensor, hard=True):
+        """Channel-first (C, K) codes of ``w`` (AdaRound: with its learned rounding, hard = rounded h), the
+        per-element scales and the stored ones."""
         cf = _channel_first(w, self.axis)
-        s = self.log_scale.exp()[:, None] if self.mode == "lsq" else channel_scale(cf, self.qmax)[:, None]
+        stored, s = self.scales(cf)
         if self.mode == "adaround":
             h = (self.h() >= 0.5).to(cf.dtype) if hard else self.h()
-            return torch.clamp(torch.floor(cf.detach() / s) + h, -self.qmax, self.qmax), s
-        return torch.clamp(round_ste(cf / s) if not hard else torch.round(cf / s), -self.qmax, self.qmax), s
+            return torch.clamp(torch.floor(cf.detach() / s) + h, -self.qmax, self.qmax), s, stored
+        return torch.clamp(round_ste(cf / s) if not hard else torch.round(cf / s), -self.qmax, self.qmax), s, stored
 
     def forward(self, w):
-        codes, s = self.codes(w, hard=False)
+        codes, s, _ = self.codes(w, hard=False)
         return _from_channel_first(codes * s, self.shape, self.axis)
 
     def regularizer(self, beta: float) -> torch.Tensor:
@@ -80,10 +108,12 @@ class WeightQuant(nn.Module):
 
 def export_weight(wq: WeightQuant, w: torch.Tensor) -> dict:
     """The stored entry (``formats.quantize_tensor``'s layout) of the learned codes: int8 data or packed codes and
-    fp32 per-channel scales."""
+    fp32 per-channel scales, or packed codes and fp16 group scales."""
     with torch.no_grad():
-        codes, s = wq.codes(w.detach().float(), hard=True)
-    return int_entry(wq.fmt, wq.shape, wq.axis, codes, s.flatten())
+        codes, _, stored = wq.codes(w.detach().float(), hard=True)
+    if wq.group is not None:
+        return group_entry(wq.fmt, wq.shape, wq.axis, codes, stored)
+    return int_entry(wq.fmt, wq.shape, wq.axis, codes, stored)
 
 
 class LSQFakeQuant(torch.autograd.Function):
