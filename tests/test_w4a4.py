@@ -190,6 +190,7 @@ def test_channels_study_alone_writes_the_outlier_table_and_samples_nothing(w4a4_
     assert not any(line.startswith("[damage_") and "B of weights" in line for line in p.stdout.splitlines())
     assert not any(line.startswith("[fp32]") for line in p.stdout.splitlines())  # not even the reference
     assert "fp32: clf-FID" not in md
+    assert not (out / "w4a4_grids.png").exists()  # the first run's figure is not left beside a summary without it
 
 
 def test_greedy_ablation_drops_a_technique_that_does_not_help(w4a4_run):
@@ -267,6 +268,7 @@ def test_verify_accounts_for_every_file_w4a4_writes(w4a4_run, tmp_path):
 
     _, _, out = w4a4_run
     assert list((out / "baseline").glob("gptq_*.pt")) and list((out / "baseline").glob("distill_*_act.safetensors"))
+    # whichever studies other tests of this module reran last (w4a4.md, its figures and manifest agree)
     assert [f for f in verify_run(str(out.parent)) if f.problem] == []
     copy = tmp_path / "run"
     shutil.copytree(out.parent, copy)

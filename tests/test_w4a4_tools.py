@@ -17,6 +17,7 @@ from common.quant.container import arch_record, load_quantized, save_quantized
 from common.quant.formats import quantize_tensor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHA = "0" * 64  # the checkpoint a cache is bound to (any SHA-256 spelling)
 
 
 def _net(name, overrides=()):
@@ -237,20 +238,22 @@ def test_gptq_rounding_is_cached_per_model_state(tmp_path, capsys):
 
     cfg, model = _net("smoke.yaml", [f"run.out_dir={tmp_path}"])
     c = finetune_config(cfg)
-    first, info = gptq_weights(c, model, "cpu", progress=False)
+    first, info = gptq_weights(c, model, SHA, "cpu", progress=False)
     assert "[gptq]" in capsys.readouterr().out and info["layers"]
-    again, info2 = gptq_weights(c, model, "cpu", progress=False)
+    again, info2 = gptq_weights(c, model, SHA, "cpu", progress=False)
     out = capsys.readouterr().out
     assert "reusing GPTQ's rounding" in out and "[gptq]" not in out
     assert stored_digest(again) == stored_digest(first) and info2 == info
     other = copy.deepcopy(model)
     with torch.no_grad():
         next(iter(other.parameters())).add_(1e-3)
-    gptq_weights(c, other, "cpu", progress=False)
+    gptq_weights(c, other, SHA, "cpu", progress=False)
+    assert "[gptq]" in capsys.readouterr().out
+    gptq_weights(c, model, "1" * 64, "cpu", progress=False)  # bound to its checkpoint: another one recomputes
     assert "[gptq]" in capsys.readouterr().out
     wider = copy.deepcopy(c)  # the same weights sampled at another resolution: other Hessians, other rounding
     wider.data.image_size = c.data.image_size + 8
-    gptq_weights(wider, model, "cpu", progress=False)
+    gptq_weights(wider, model, SHA, "cpu", progress=False)
     assert "[gptq]" in capsys.readouterr().out
     from common.core import storage
 
@@ -258,7 +261,7 @@ def test_gptq_rounding_is_cached_per_model_state(tmp_path, capsys):
     assert len(files) == 3
     for f in files:
         f.write_bytes(b"not a torch file")
-    third, _ = gptq_weights(c, model, "cpu", progress=False)
+    third, _ = gptq_weights(c, model, SHA, "cpu", progress=False)
     assert "[gptq]" in capsys.readouterr().out and stored_digest(third) == stored_digest(first)
 
 

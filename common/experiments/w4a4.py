@@ -953,6 +953,9 @@ def write_outputs(cfg, done, seconds=None) -> str:
             [technique_variant(()), best]) if v in done["ablation"]}}
         grids = plot_grids(folder, shown, folder, name="w4a4_grids.png")
     md = summary_markdown(cfg, done, seconds, grids=grids is not None)
+    for name, made in (("w4a4.png", fig), ("w4a4_grids.png", grids)):  # an earlier run's figure, not this summary's
+        if not made and os.path.exists(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
     storage.atomic_write_csv(rows(done), COLUMNS, os.path.join(folder, "w4a4.csv"))
     storage.atomic_write_text(md, os.path.join(folder, "w4a4.md"))
     row_seconds = {v: row.get("seconds") for v, (_, _, row) in (done.get("ablation") or {}).items()}
