@@ -79,6 +79,25 @@ def test_group_wise_formats_train_and_export_what_the_forward_computes(mode):
         WeightQuant(w.detach(), "km3", 0, mode)
 
 
+@pytest.mark.parametrize("fmt", ["int3_g32", "int3"])
+def test_a_plans_scales_are_kept_where_its_codes_do_not_reach_qmax(fmt):
+    """After GPTQ's error compensation a row or group need not hold a code at +-qmax; max|w| / qmax of its values
+    would then shrink its scale and re-round every code. Given the entry's scales, the untrained export is the
+    entry itself, bit for bit."""
+    from common.quant.formats import dequantize_tensor, group_entry, int_entry
+
+    ref = quantize_tensor(rand(6, 100, seed=8) * 0.1, fmt)
+    codes = int_codes(ref).clamp(-2, 2)  # int3: qmax 3 is reached nowhere
+    entry = (group_entry if "_g" in fmt else int_entry)(fmt, ref["shape"], 0, codes, ref["scale"])
+    values = dequantize_tensor(entry)
+    for mode in ("ste", "lsq"):  # lsq holds log(scale): fp32 per-channel scales come back to the last bit or so
+        kept = export_weight(WeightQuant(values, fmt, 0, mode, scale=entry["scale"]), values)
+        assert torch.equal(kept["data"], entry["data"]), mode
+        assert torch.allclose(kept["scale"].float(), entry["scale"].float(), rtol=1e-6, atol=0), mode
+        assert mode == "lsq" and "_g" not in fmt or torch.equal(kept["scale"], entry["scale"]), mode
+    assert not torch.equal(export_weight(WeightQuant(values, fmt, 0, "ste"), values)["scale"], entry["scale"])
+
+
 def test_lsq_matches_the_calibrated_quantizer_then_learns_a_positive_step():
     x = rand(16, 4, 5, 5, seed=2) * 3
     lo, hi = x.amin().view(1, 1), x.amax().view(1, 1)

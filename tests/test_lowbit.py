@@ -637,15 +637,16 @@ def test_finetune_trains_a_stored_plan_from_its_own_codes(lowbit_run):
     plan = read_quantized(str(out / "search_uniform_3bits_A6" / "quantized.safetensors"))["tensors"]
     none = read_quantized(str(fdir / "none_search_3bits_A6" / "quantized.safetensors"))["tensors"]
     assert {e["format"] for e in plan.values()} - {"fp32"}
-    for n, e in plan.items():
+    for n, e in plan.items():  # untrained, the export is the plan: its formats, scales and codes
         assert none[n]["format"] == e["format"], n
-        if e["format"] != "fp32":
-            assert torch.allclose(dequantize_tensor(none[n]), dequantize_tensor(e), rtol=1e-6, atol=0), n
+        assert torch.equal(dequantize_tensor(none[n]), dequantize_tensor(e)), n
     m = json.load(open(fdir / "fisher_search_3bits_A6" / "metrics.json"))
     assert m["inputs"]["plan"]["sha256"] and m["layers_trained"] and m["a_bits"] == 6
     md = (fdir / "summary.md").read_text()
     assert "Plans of `make lowbit`, trained" in md and "| 3bits@A6 | fisher |" in md and "+50 |" in md
     cfg = load_config(SMOKE, [f"run.out_dir={tmp}/runs", f"run.cache_dir={tmp}/cache"])
     with pytest.raises(UserError, match=r"2bits@A8.*does not exist: run `python lowbit.py"):
-        ft.lowbit_plan(cfg, "2bits@A8")
+        ft.lowbit_plan(cfg, "2bits@A8", m["checkpoint_sha256"])
+    with pytest.raises(Exception, match=r"checkpoint"):  # a plan of other weights is not trained
+        ft.lowbit_plan(cfg, "3bits@A6", "0" * 64)
     assert p.returncode == 0

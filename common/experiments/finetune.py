@@ -154,8 +154,10 @@ class Student:
 
     def __init__(self, c, model, w_bits, a_bits, ranges, mode, start=None):
         """``w_bits``: every quantized weight in ``int<w_bits>`` codes per output channel, or {weight: format}
-        (a plan's per-tensor formats, group-wise ones included); ``start``: {weight: stored entry} whose values
-        the weights start from (a plan's GPTQ codes) and the ends keep."""
+        (a plan's per-tensor formats, group-wise ones included); ``start``: {weight: stored entry} of the same
+        formats whose scales the weights keep and whose values they start from (a plan's GPTQ codes: untrained,
+        the export is the plan); AdaRound starts from the fp32 weights instead, its rounding being a choice
+        between the two grid points around each of them. The ends keep ``start``'s entries."""
         self.model = copy.deepcopy(model)
         self.model.requires_grad_(False)
         params, axes = dict(model.named_parameters()), channel_axes(model)
@@ -169,13 +171,14 @@ class Student:
         self.keep = {n: start.get(n) or quantize_tensor(params[n], c.lowbit.keep_format, axes[n]) for n in self.ends}
         own = dict(self.model.named_parameters())
         with torch.no_grad():  # the ends hold their stored values, the rest start from ``start``'s where given
-            for n, e in [*self.keep.items(), *((n, start[n]) for n in self.names if n in start)]:
+            values = [] if mode == "adaround" else [(n, start[n]) for n in self.names if n in start]
+            for n, e in [*self.keep.items(), *values]:
                 own[n].copy_(dequantize_tensor(e).to(own[n].device))
         mods = dict(self.model.named_modules())
         self.wq = {}
         for n in self.names:
             mod = mods[n.removesuffix(".weight")]
-            self.wq[n] = WeightQuant(own[n], formats[n], axes[n], mode)
+            self.wq[n] = WeightQuant(own[n], formats[n], axes[n], mode, start[n]["scale"] if n in start else None)
             parametrize.register_parametrization(mod, "weight", self.wq[n])
         names, kept, _, _ = act_layout(c, model)
         quants = input_quants(c, model, ranges, {n: a_bits for n in names if n not in kept})
@@ -338,9 +341,10 @@ def budget_bits(budget: str, plan=None):
     return wa
 
 
-def lowbit_plan(cfg, budget: str) -> dict:
+def lowbit_plan(cfg, budget: str, sha: str) -> dict:
     """``make lowbit``'s stored plan at ``budget``: its ``finetune.plan_source`` variant on the uniform menu
-    (with the run's ``lowbit.rounding`` and ``range_method``), checked intact first. {"file", "sha256",
+    (with the run's ``lowbit.rounding`` and ``range_method``), checked intact and made from the checkpoint ``sha``
+    first. {"file", "sha256",
     "formats": {weight: format} of the allocated tensors, "entries": every stored entry}."""
     lc = lowbit.lowbit_config(cfg)
     name = lowbit.variant_name(cfg.finetune.plan_source, "uniform", budget, cfg.lowbit.range_method)
@@ -348,9 +352,10 @@ def lowbit_plan(cfg, budget: str) -> dict:
     path = os.path.join(folder, "quantized.safetensors")
     if not os.path.exists(os.path.join(folder, "metrics.json")):
         raise UserError(f"finetune.plans: {budget!r} trains make lowbit's stored plan {folder}, which does not exist: "
-                        f"run `{command(cfg, 'lowbit.py')}` first (with {cfg.finetune.plan_source!r} in lowbit.plans "
-                        f"and {budget!r} in lowbit.budgets)")
-    evaluate.raise_first_problem(evaluate.integrity.check_variant(folder), f"rerun `{command(cfg, 'lowbit.py')}`")
+                        f"run `{command(cfg, 'lowbit.py')}` first (with {cfg.finetune.plan_source!r} in lowbit.plans, "
+                        f"'uniform' in lowbit.quantizers and {budget!r} in lowbit.budgets; this run's lowbit.rounding "
+                        f"{cfg.lowbit.rounding!r} and range_method {cfg.lowbit.range_method!r} name the folder)")
+    evaluate.raise_first_problem(evaluate.integrity.check_variant(folder, sha), f"rerun `{command(cfg, 'lowbit.py')}`")
     entries = read_quantized(path)["tensors"]
     return {"file": os.path.relpath(path, storage.run_dir(cfg)), "sha256": storage.sha256_file(path),
             "formats": {n: e["format"] for n, e in entries.items()
@@ -394,7 +399,12 @@ def run_finetune(cfg, device, force=False, progress=True):
     done = {"fp32": (None, "fp32", distributed.rank0_first(
         lambda: pipeline.evaluate_fp32(c, model, ckpt_path, device, force, progress)))}
     quest = quest_layers(model)
-    plans = {b: lowbit_plan(cfg, b) for b in ft.plans}
+    plans = {b: lowbit_plan(cfg, b, sha) for b in ft.plans}
+    for b, plan in plans.items():
+        if missing := [n for n in eligible_names(model, lowbit.RULE) if n not in plan["formats"]]:
+            raise UserError(f"finetune.plans: {b!r}: {plan['file']} stores {missing[0]} in "
+                            f"{plan['entries'][missing[0]]['format']}; only integer formats (per channel or "
+                            f"group-wise) are trained")
     tasks = [(budget, method) for budget in ft.budgets + ft.plans for method in ft.methods]
     inputs = {(b, m): variant_inputs(cfg, c, sha, m, plans.get(b)) for b, m in tasks}
     name = {(b, m): variant_name(m, b, ft.plan_source) for b, m in tasks}

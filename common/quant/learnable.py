@@ -47,15 +47,19 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 class WeightQuant(nn.Module):
     """Fake-quantizes one weight (a parametrization: ``module.weight`` becomes ``forward(original)``), in a
     per-channel integer format or a group-wise one (``int3_g64``: one fp16 scale per group of inputs of a row, as
-    ``formats.quantize_tensor`` stores it; the learned scales of ``lsq`` then train at their fp16 values)."""
+    ``formats.quantize_tensor`` stores it; the learned scales of ``lsq`` then train at their fp16 values).
+    ``scale``: a stored entry's scales ((C,) or (C, G)) to keep instead of max|w| / qmax (a plan's, whose codes
+    need not reach qmax in every row or group after GPTQ's error compensation); ``lsq`` starts from them."""
 
-    def __init__(self, weight: torch.Tensor, fmt: str, axis: int, mode: str):
+    def __init__(self, weight: torch.Tensor, fmt: str, axis: int, mode: str, scale=None):
         super().__init__()
         spec = format_spec(fmt)
         if spec.kind != "int":
             raise ValueError(f"learned quantization supports integer formats (per channel or group-wise), not {fmt!r}")
         self.fmt, self.axis, self.mode, self.qmax, self.group = fmt, axis, mode, spec.qmax, spec.group
         self.shape = tuple(weight.shape)
+        self.register_buffer("fixed_scale", None if scale is None or mode == "lsq" else
+                             scale.detach().float().to(weight.device).clone())
         if mode == "adaround":
             cf = _channel_first(weight.detach(), axis)
             s = self.scales(cf)[1]
@@ -64,7 +68,9 @@ class WeightQuant(nn.Module):
             p = ((frac - GAMMA) / (ZETA - GAMMA)).clamp(1e-4, 1 - 1e-4)
             self.v = nn.Parameter(torch.log(p / (1 - p)))
         elif mode == "lsq":
-            self.log_scale = nn.Parameter(self.scales(_channel_first(weight.detach(), axis))[0].log())
+            init = (scale.detach().float().to(weight.device) if scale is not None
+                    else self.scales(_channel_first(weight.detach(), axis))[0])
+            self.log_scale = nn.Parameter(init.log())
         elif mode != "ste":
             raise ValueError(f"weight quantizer mode must be 'ste', 'lsq' or 'adaround', got {mode!r}")
 
@@ -75,6 +81,8 @@ class WeightQuant(nn.Module):
             stored = self.log_scale.exp()
             if self.group is not None:  # the file holds fp16 scales: train with the value it will hold
                 stored = stored + (stored.clamp(2.0 ** -24, 65504.0).half().float() - stored).detach()
+        elif self.fixed_scale is not None:
+            stored = self.fixed_scale
         elif self.group is None:
             stored = channel_scale(cf, self.qmax)
         else:
