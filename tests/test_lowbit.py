@@ -647,6 +647,8 @@ def test_finetune_trains_a_stored_plan_from_its_own_codes(lowbit_run):
     assert m["inputs"]["plan"]["sha256"] and m["layers_trained"] and m["a_bits"] == 6
     md = (fdir / "summary.md").read_text()
     assert "Plans of `make lowbit`, trained" in md and "| 3bits@A6 | fisher |" in md and "+50 |" in md
+    sources = json.load(open(fdir / "summary.sources.json"))["sources"]  # the quoted lowbit record is bound too
+    assert any(k.endswith(os.path.join("search_uniform_3bits_A6", "metrics.json")) for k in sources)
     cfg = load_config(SMOKE, [f"run.out_dir={tmp}/runs", f"run.cache_dir={tmp}/cache"])
     with pytest.raises(UserError, match=r"2bits@A8.*does not exist: run `python lowbit.py"):
         ft.lowbit_plan(cfg, "2bits@A8", m["checkpoint_sha256"])

@@ -341,14 +341,18 @@ def budget_bits(budget: str, plan=None):
     return wa
 
 
+def plan_folder(cfg, budget: str) -> str:
+    """The variant folder of ``make lowbit``'s stored plan at ``budget`` (``finetune.plan_source``, uniform menu)."""
+    return evaluate.variant_dir(lowbit.lowbit_config(cfg), lowbit.variant_name(
+        cfg.finetune.plan_source, "uniform", budget, cfg.lowbit.range_method))
+
+
 def lowbit_plan(cfg, budget: str, sha: str) -> dict:
     """``make lowbit``'s stored plan at ``budget``: its ``finetune.plan_source`` variant on the uniform menu
     (with the run's ``lowbit.rounding`` and ``range_method``), checked intact and made from the checkpoint ``sha``
     first. {"file", "sha256",
     "formats": {weight: format} of the allocated tensors, "entries": every stored entry}."""
-    lc = lowbit.lowbit_config(cfg)
-    name = lowbit.variant_name(cfg.finetune.plan_source, "uniform", budget, cfg.lowbit.range_method)
-    folder = evaluate.variant_dir(lc, name)
+    folder = plan_folder(cfg, budget)
     path = os.path.join(folder, "quantized.safetensors")
     if not os.path.exists(os.path.join(folder, "metrics.json")):
         raise UserError(f"finetune.plans: {budget!r} trains make lowbit's stored plan {folder}, which does not exist: "
@@ -573,9 +577,7 @@ def plan_lines(cfg, done) -> list:
                    + ("–" if lo is None else f"[{lo:+.3g}, {hi:+.3g}]")
                    + (f" | +{target:g} | {verdict} |" if target is not None else " | – | – |"))
     for b in dict.fromkeys(b for b, _, _ in rows):
-        lc = lowbit.lowbit_config(cfg)
-        folder = evaluate.variant_dir(lc, lowbit.variant_name(cfg.finetune.plan_source, "uniform", b,
-                                                                cfg.lowbit.range_method))
+        folder = plan_folder(cfg, b)
         m = storage.load_json(os.path.join(folder, "metrics.json"))
         out.append(f"\n{b} as `make lowbit` stored it ({os.path.relpath(folder, storage.run_dir(cfg))}, its "
                    f"{cfg.lowbit.range_method} ranges): paired MSE {mean_sd(per_seed(m, 'paired_mse_vs_fp32'))}, "
@@ -638,6 +640,8 @@ def write_outputs(cfg, done, seconds=None) -> str:
     folder = finetune_dir(cfg)
     fig = plot(done, cfg, os.path.join(folder, "finetune.png"))
     md = summary_markdown(cfg, done, seconds)
-    write_summary_files(folder, cfg, rows(done), COLUMNS, md, [fig], done)
+    plans = [os.path.join(plan_folder(cfg, b), "metrics.json")  # the summary quotes the plans as lowbit stored them
+             for b in dict.fromkeys(b for b, _, _ in done.values() if b and is_plan(b))]
+    write_summary_files(folder, cfg, rows(done), COLUMNS, md, [fig], done, plans)
     return md
 
