@@ -279,7 +279,7 @@ def test_verify_accounts_for_every_file_w4a4_writes(w4a4_run, tmp_path):
     def row(path):
         return {os.path.relpath(f.path, copy): f for f in verify_run(str(copy))}[os.path.relpath(path, copy)]
 
-    # written before the caches named the checkpoint: the steps are bound through their .pt, GPTQ's file is not
+    # the steps are bound through their .pt (whatever their own provenance says); GPTQ's file needs its own SHA
     save_act_quant(load_act_quant(act)[0], act, {"what": "w4a4 distillation cache"})
     art = torch.load(gptq, weights_only=True)
     art["meta"].pop("checkpoint_sha256")
@@ -288,3 +288,5 @@ def test_verify_accounts_for_every_file_w4a4_writes(w4a4_run, tmp_path):
     assert row(gptq).status == "MISMATCH" and "names no baseline weights" in row(gptq).detail
     save_act_quant(load_act_quant(str(fin / "w4a4_round" / "act_quant.safetensors"))[0], act, load_act_quant(act)[1])
     assert row(act).status == "MISMATCH" and "not the ones" in row(act).detail
+    os.remove(act.removesuffix("_act.safetensors") + ".pt")  # steps left behind by their .pt
+    assert row(act).status == "MISMATCH" and "no distill_" in row(act).detail

@@ -163,10 +163,8 @@ class Student:
         params, axes = dict(model.named_parameters()), channel_axes(model)
         start = start or {}
         self.names = eligible_names(model, lowbit.RULE)
+        # a plan's formats cover every quantized weight (run_finetune refuses one that does not)
         formats = w_bits if isinstance(w_bits, dict) else {n: f"int{w_bits}" for n in self.names}
-        if missing := [n for n in self.names if n not in formats]:
-            raise ValueError(f"the plan gives no integer format for {missing[:3]}{'...' if len(missing) > 3 else ''}:"
-                             f" only integer codes (per channel or group-wise) are trained")
         self.ends = end_convs(model)
         self.keep = {n: start.get(n) or quantize_tensor(params[n], c.lowbit.keep_format, axes[n]) for n in self.ends}
         own = dict(self.model.named_parameters())

@@ -174,12 +174,10 @@ class RunVerifier:
                 meta = fh.metadata() or {}
             if META_KEY in meta:
                 have = (read_quantized(path)["provenance"].get("inputs") or {}).get("checkpoint_sha256")
-            elif "act_format" in meta:  # learned activation steps (w4a4's distillation): content in its .pt
-                bad, bound = self._act_against_artifact(path)
+            elif "act_format" in meta:  # learned activation steps (w4a4's distillation): bound through its .pt
+                bad, have = self._act_against_artifact(path)
                 if bad:
                     return bad
-                # a file written before it named the checkpoint is bound through its .pt's digest of it
-                have = json.loads(meta.get("act_provenance", "{}")).get("checkpoint_sha256") or bound
             else:
                 with safe_open(path, framework="pt") as fh:
                     tensors = {k: fh.get_tensor(k) for k in fh.keys()}
@@ -193,15 +191,16 @@ class RunVerifier:
 
     @staticmethod
     def _act_against_artifact(path: str):
-        """A cache ``<name>_act.safetensors`` whose ``<name>.pt`` records its quantizer's digest (``q_digest``):
-        (a MISMATCH if the two disagree, either edited or replaced, else None; the checkpoint SHA-256 the .pt is
-        bound to when they agree)."""
+        """A cache ``<name>_act.safetensors`` whose ``<name>.pt`` records its quantizer's digest (``q_digest``) and
+        the checkpoint: (a MISMATCH if there is no such .pt or the two disagree, either edited or replaced, else
+        None; the checkpoint SHA-256 the .pt is bound to)."""
         art_path = path.removesuffix("_act.safetensors") + ".pt"
-        if not os.path.isfile(art_path):
-            return None, None
-        art, bad = _load(art_path, "torch")
-        if bad or not isinstance(art, dict) or "q_digest" not in art:
-            return None, None  # the .pt's own row says why
+        art, bad = _load(art_path, "torch") if os.path.isfile(art_path) else (None, None)
+        if bad:
+            return None, None  # the .pt's own row says why; this file then names no weights
+        if not isinstance(art, dict) or "q_digest" not in art:
+            return Finding(path, [art_path], MISMATCH, f"no {os.path.basename(art_path)} records these steps "
+                                                       f"(left behind?): delete it"), None
         if quantizer_digest(load_act_quant(path)[0]) != art["q_digest"]:
             return Finding(path, [art_path], MISMATCH, f"its steps are not the ones {os.path.basename(art_path)} "
                                                        f"records (edited or replaced)"), None

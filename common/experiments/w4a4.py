@@ -506,18 +506,15 @@ def cached_distill(cfg, c, teacher, transformed, ranges, pool, token: bool, ckpt
               "finetune": {"batch_size": ft.batch_size, "step_lr": ft.step_lr}, "device": str(device),
               **({"block": block} if block else {})}
     path = os.path.join(storage.baseline_dir(c), f"distill_{storage.fingerprint(inputs)}")
-    # the learned steps' file names the checkpoint too: make verify checks every cache in a baseline folder
-    act_provenance = {"what": "w4a4 distillation cache", "checkpoint_sha256": sha}
     art = storage.reusable_artifact(path + ".pt", ckpt_path, inputs)
     if art is not None and os.path.exists(path + "_act.safetensors"):
-        q, prov = load_act_quant(path + "_act.safetensors")
+        q, _ = load_act_quant(path + "_act.safetensors")
         if stored_digest(art["stored"]) == art["stored_digest"] and quantizer_digest(q) == art["q_digest"]:
             print(f"[w4a4] reusing the distillation {path}.pt")
-            if prov != act_provenance:  # written before it named the checkpoint; its content is the .pt's (q_digest)
-                save_act_quant(q, path + "_act.safetensors", act_provenance)
             return art["stored"], q, art["info"]
     stored, q, info = distill(cfg, c, teacher, transformed, ranges, pool, token, device, progress, start, block)
-    save_act_quant(q, path + "_act.safetensors", act_provenance)
+    # bound to the checkpoint through the .pt beside it, which records its digest (q_digest): make verify checks both
+    save_act_quant(q, path + "_act.safetensors", {"what": "w4a4 distillation cache"})
     storage.save_for_checkpoint({"meta": {"inputs": inputs}, "stored": stored, "info": info,
                                  "stored_digest": stored_digest(stored), "q_digest": quantizer_digest(q)},
                                 path + ".pt", ckpt_path)

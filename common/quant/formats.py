@@ -100,10 +100,14 @@ def _from_channel_first(flat: torch.Tensor, shape, axis: int) -> torch.Tensor:
     return flat.reshape(moved).movedim(0, axis)
 
 
+def fp16_scale_values(scale: torch.Tensor) -> torch.Tensor:
+    """Scales as the fp16 a group-wise entry stores them, never 0 or inf."""
+    return scale.clamp(2.0 ** -24, 65504.0).half()  # the smallest fp16 subnormal: tiny groups round to 0
+
+
 def _fp16_scale(amax: torch.Tensor, qmax: int) -> torch.Tensor:
     """amax / qmax as fp16, never 0 or inf (an all-zero group gets 1, so its codes are 0, not NaN)."""
-    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
-    return scale.clamp(2.0 ** -24, 65504.0).half()  # the smallest fp16 subnormal: tiny groups round to 0
+    return fp16_scale_values(torch.where(amax > 0, amax / qmax, torch.ones_like(amax)))
 
 
 def group_scale(cf: torch.Tensor, group: int, qmax: int) -> torch.Tensor:

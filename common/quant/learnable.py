@@ -31,6 +31,7 @@ from .formats import (
     _from_channel_first,
     channel_scale,
     expand_group_scale,
+    fp16_scale_values,
     group_entry,
     group_scale,
     int_entry,
@@ -80,7 +81,7 @@ class WeightQuant(nn.Module):
         if self.mode == "lsq" and hasattr(self, "log_scale"):
             stored = self.log_scale.exp()
             if self.group is not None:  # the file holds fp16 scales: train with the value it will hold
-                stored = stored + (stored.clamp(2.0 ** -24, 65504.0).half().float() - stored).detach()
+                stored = stored + (fp16_scale_values(stored).float() - stored).detach()
         elif self.fixed_scale is not None:
             stored = self.fixed_scale
         elif self.group is None:
