@@ -370,6 +370,10 @@ class LowbitConfig:
     predictor_floor: float = _spec(0.1, lo=0.0, lo_open=True, hi=1.0,
                                    doc="no learned cost below this share of the prior's (chain-aware Fisher) estimate")
     predictor_rounds: int = _spec(3, lo=0, doc="refits with the learned allocator's own plans, measured (0 = none)")
+    predictor_alphas: list[float] = _spec([10.0, 100.0, 1000.0], lo=0.0, lo_open=True,
+                                          doc="ridge strengths of the candidate fits judged by their plans' damage")
+    predictor_floors: list[float] = _spec([0.1, 0.5, 1.0], lo=0.0, lo_open=True, hi=1.0,
+                                          doc="floors of those candidates ([] = no selection: the cross-validated fit)")
     search_seconds: float = _spec(300.0, lo=0.0, doc="wall clock of the measured search per (menu, weight size)")
     search_evals: int = _spec(300, lo=1, doc="at most this many measured configurations per search")
     search_images: int = _spec(16, lo=2, doc="images of calibration noise per measured configuration of the search")

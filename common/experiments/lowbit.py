@@ -28,6 +28,7 @@ configurations per budget band, beside each band's test-retest ceiling. Everythi
 """
 import copy
 import json
+import math
 import os
 import time
 
@@ -48,11 +49,13 @@ from ..importance.iterative import iterative_fisher
 from ..importance.jvp import ChainJVP, jvp_costs, plan_jvp
 from ..importance.predictor import (
     ConfigMeasurer,
+    Predictor,
     config_bits,
     fit_predictor,
     measure_all,
     random_configs,
     refit_with_plans,
+    select_by_plans,
 )
 from ..importance.weights import costs_from_scores, fisher_distortion_costs, magnitude_scores, random_scores
 from ..quant import gptq
@@ -434,6 +437,21 @@ def fit_learned(cfg, model, table, measured, prior, sha, device="cpu", progress=
         storage.atomic_write_record({"inputs": cv_inputs, "cv": cv}, cv_path)
     else:
         print(f"[lowbit] reusing the predictor's cross-validation table {cv_path}")
+    if lb.predictor_floors:  # the fit whose plans do the least damage, the prior's own plans among the candidates
+        configs = measured["configs"][train] + [c for c, _ in added]
+        damage = [m["mse_mean"] for m in measured["measured"][train]] + [d for _, d in added]
+        candidates = {"cross-validated": pred}
+        for floor in lb.predictor_floors:
+            for alpha in lb.predictor_alphas:
+                candidates[f"prior, alpha {alpha:g}, floor {floor:g}"] = fit_predictor(
+                    configs, damage, table.names, table.formats, table.sq_error, reference, prior=prior,
+                    floor=floor, chosen={"kind": "prior", "target": "raw", "alpha": alpha, "cv_tau": math.nan})[0]
+        candidates["the prior (chain-aware Fisher)"] = Predictor.of_prior(prior, reference)
+        for p in candidates.values():
+            p.active = len(added)
+        name, pred, _ = select_by_plans(candidates, plans, measure)
+        if progress:
+            print(f"[lowbit] learned predictor chosen by its plans' measured damage: {name}")
     cache.save()
     if progress:
         print(f"[lowbit] learned predictor: {pred.kind}/{pred.target}, alpha {pred.alpha:g}, refitted with "

@@ -116,8 +116,17 @@ def quality_lines(q: dict, images) -> list:
     out.append("| *test–retest ceiling* | " + " | ".join(_cell(q["ceiling_bands"][b]) for b in bands) + " |")
     if q.get("predictor"):
         p = q["predictor"]
-        out += ["", f"Learned predictor: features `{p['kind']}`, target `{p['target']}` damage, ridge α {p['alpha']:g} "
-                    f"(chosen by 5-fold cross-validated τ on the training configurations: the most constrained fit "
-                    f"within one standard error of the best), refitted on {p.get('active', 0)} measured plans of its "
-                    f"own allocator."]
+        alpha = "∞ (the prior itself)" if p["alpha"] is None else f"{p['alpha']:g}"
+        out += ["", f"Learned predictor kept: features `{p['kind']}`, target `{p['target']}` damage, ridge α {alpha}, "
+                    f"floor {p['floor']:g}. The cross-validated fit (5-fold τ on the training configurations: the most "
+                    f"constrained within one standard error of the best) was refitted on {p.get('active', 0)} measured "
+                    f"plans of its own allocator" + ("." if not p.get("selection") else
+                    "; then each candidate below allocated one plan per budget and menu, measured on the "
+                    "predictor's calibration noise, and the one of least mean log damage was kept:")]
+        if p.get("selection"):
+            out += ["", "| candidate | plan damage (per budget and menu) | mean log damage | kept |",
+                    "|---|---|---:|:---:|"]
+            for r in p["selection"]:
+                out.append(f"| {r['name']} | " + ", ".join(f"{d:.3g}" for d in r["plan_damage"]) +
+                           f" | {r['score']:.3f} | {'✓' if r['chosen'] else ''} |")
     return out
