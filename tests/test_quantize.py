@@ -170,7 +170,10 @@ def test_stored_entries_are_bit_identical_to_the_code_before_the_packing_and_sca
     ``export_weight``. The digest below was computed with the code before the fold (commit 4f3c7ca) on these fixed
     inputs: every entry, its de-quantized values, the learned exports (straight-through and AdaRound at
     initialisation), their codes and fake-quantized weights, in 8/4/3/2 bits, per channel, grouped, codebook,
-    masked, transposed-conv axis and an all-zero channel."""
+    masked, transposed-conv axis and an all-zero channel (bf9ac46a9c3e…, on an AVX2 CPU). AdaRound's soft forward
+    goes through sigmoid and log, whose last ulp differ between CPUs' vector code (an AVX-512 host failed the
+    digest on exactly those 16 fields): it is checked to float32 error instead (``_check_adaround_forward``), and
+    the digest now covers the other 220 fields, which are exact arithmetic (divisions, rounding, comparisons)."""
     import hashlib
     import json
 
@@ -201,12 +204,35 @@ def test_stored_entries_are_bit_identical_to_the_code_before_the_packing_and_sca
                     e = export_weight(wq, w)
                     out[f"{name}@{fmt}/{mode}"] = _entry_digest(e)
                     out[f"{name}@{fmt}/{mode}/codes"] = _entry_digest({"c": int_codes(e)})
-                    out[f"{name}@{fmt}/{mode}/fwd"] = _entry_digest({"v": wq(w).detach()})
+                    fwd = wq(w).detach()
+                    if mode == "ste":
+                        out[f"{name}@{fmt}/{mode}/fwd"] = _entry_digest({"v": fwd})
+                    else:  # sigmoid / log: vectorised differently per CPU (last-ulp), so checked to float32 error
+                        _check_adaround_forward(wq, w, fwd)
                     if mode == "ste":  # the learned quantizer's export is round to nearest, field for field
                         assert _entry_digest(e) == _entry_digest(quantize_tensor(w, fmt, axis)), (name, fmt)
-    assert len(out) == 236
+    assert len(out) == 236 - 16
     digest = hashlib.sha256(json.dumps(out, sort_keys=True).encode()).hexdigest()
-    assert digest == "bf9ac46a9c3e4ad9c692b01238e9ad7761c282619a8bd51005a879913597d93a"
+    assert digest == "3a94af0dae57ad1737af85a753a4f3fd036dae29e7cb345a01f4feae60a22105"
+
+
+def _check_adaround_forward(wq, w, fwd):
+    """AdaRound's soft forward s * clamp(floor(w / s) + h(V)) against the same expression in float64 on the
+    module's own V and scales. Its float32 path rounds a few times (sigmoid, the affine map to h, the product with
+    s: a few ulp of values <= qmax * s), so the bound is 8 float32 ulp of the largest |code| * s; and at
+    initialisation h equals frac(w / s) wherever the logit was not clipped, so the forward is w itself there."""
+    from common.quant.learnable import GAMMA, ZETA, _channel_first
+
+    cf32 = _channel_first(w.detach(), wq.axis)
+    _, s32 = wq.scales(cf32)
+    floor = torch.floor(cf32 / s32).double()  # float32 division is correctly rounded: the same on every CPU
+    cf, s, got = cf32.double(), s32.double(), _channel_first(fwd, wq.axis).double()
+    h = (torch.sigmoid(wq.v.detach().double()) * (ZETA - GAMMA) + GAMMA).clamp(0, 1)
+    ref = torch.clamp(floor + h, -wq.qmax, wq.qmax) * s
+    ulp = torch.finfo(torch.float32).eps * (wq.qmax + 1) * float(s.max())
+    assert (got - ref).abs().max() <= 8 * ulp
+    inside = ((cf / s).abs() < wq.qmax) & (h > 1e-3) & (h < 1 - 1e-3)
+    assert inside.any() and ((got - cf).abs() / s)[inside].max() <= 1e-3
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 13, 17, 64])
