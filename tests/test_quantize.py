@@ -167,13 +167,15 @@ def _entry_digest(e: dict) -> str:
 def test_stored_entries_are_bit_identical_to_the_code_before_the_packing_and_scale_folds():
     """One packer (``pack_signed`` / ``unpack_signed``) and one per-channel quantizer (``channel_scale`` /
     ``int_entry``) now serve ``quantize_tensor`` (per channel, group-wise, masked) and the learned quantizers'
-    ``export_weight``. The digest below was computed with the code before the fold (commit 4f3c7ca) on these fixed
-    inputs: every entry, its de-quantized values, the learned exports (straight-through and AdaRound at
-    initialisation), their codes and fake-quantized weights, in 8/4/3/2 bits, per channel, grouped, codebook,
-    masked, transposed-conv axis and an all-zero channel (bf9ac46a9c3e…, on an AVX2 CPU). AdaRound's soft forward
-    goes through sigmoid and log, whose last ulp differ between CPUs' vector code (an AVX-512 host failed the
-    digest on exactly those 16 fields): it is checked to float32 error instead (``_check_adaround_forward``), and
-    the digest now covers the other 220 fields, which are exact arithmetic (divisions, rounding, comparisons)."""
+    ``export_weight``. A digest computed with the code before the fold (commit 4f3c7ca) on these fixed inputs,
+    which the folded code matched on that AVX2 CPU (bf9ac46a9c3e…), covered every entry, its de-quantized values,
+    the learned exports (straight-through and AdaRound at initialisation), their codes and fake-quantized weights,
+    in 8/4/3/2 bits, per channel, grouped, codebook, masked, transposed-conv axis and an all-zero channel.
+    AdaRound's soft forward goes through sigmoid and log, whose last ulp differ between CPUs' vector code (an
+    AVX-512 host failed the digest on exactly those 16 fields): it is checked to float32 error instead
+    (``_check_adaround_forward``), and the digest below (computed with the folded code) covers the other 220
+    fields, which are exact arithmetic (divisions, rounding, comparisons) and equal under torch's AVX2 and
+    AVX-512 kernels."""
     import hashlib
     import json
 
@@ -207,10 +209,10 @@ def test_stored_entries_are_bit_identical_to_the_code_before_the_packing_and_sca
                     fwd = wq(w).detach()
                     if mode == "ste":
                         out[f"{name}@{fmt}/{mode}/fwd"] = _entry_digest({"v": fwd})
+                        # the learned quantizer's export is round to nearest, field for field
+                        assert _entry_digest(e) == _entry_digest(quantize_tensor(w, fmt, axis)), (name, fmt)
                     else:  # sigmoid / log: vectorised differently per CPU (last-ulp), so checked to float32 error
                         _check_adaround_forward(wq, w, fwd)
-                    if mode == "ste":  # the learned quantizer's export is round to nearest, field for field
-                        assert _entry_digest(e) == _entry_digest(quantize_tensor(w, fmt, axis)), (name, fmt)
     assert len(out) == 236 - 16
     digest = hashlib.sha256(json.dumps(out, sort_keys=True).encode()).hexdigest()
     assert digest == "3a94af0dae57ad1737af85a753a4f3fd036dae29e7cb345a01f4feae60a22105"

@@ -430,16 +430,17 @@ def fit_learned(cfg, model, table, measured, prior, sha, device="cpu", progress=
                  "floor": lb.predictor_floor, "reference": reference,
                  "prior": storage.fingerprint(prior) if prior is not None else None}
     cv_old = (storage.reusable_record(cv_path, cv_inputs) or {}).get("cv")
-    pred, cv, added = refit_with_plans(fit, plans, measure, measured["configs"][train],
-                                       [m["mse_mean"] for m in measured["measured"][train]], lb.predictor_rounds,
+    train_configs = measured["configs"][train]
+    train_damage = [m["mse_mean"] for m in measured["measured"][train]]
+    pred, cv, added = refit_with_plans(fit, plans, measure, train_configs, train_damage, lb.predictor_rounds,
                                        cv=cv_old)
     if cv_old is None:
         storage.atomic_write_record({"inputs": cv_inputs, "cv": cv}, cv_path)
     else:
         print(f"[lowbit] reusing the predictor's cross-validation table {cv_path}")
     if lb.predictor_floors:  # the fit whose plans do the least damage, the prior's own plans among the candidates
-        configs = measured["configs"][train] + [c for c, _ in added]
-        damage = [m["mse_mean"] for m in measured["measured"][train]] + [d for _, d in added]
+        configs = train_configs + [c for c, _ in added]  # what the last refit saw
+        damage = train_damage + [d for _, d in added]
         candidates = {"cross-validated": pred}
         for floor in lb.predictor_floors:
             for alpha in lb.predictor_alphas:
