@@ -365,3 +365,23 @@ def test_transformed_model_computes_the_fp32_network_with_every_exact_technique(
     # fp16 divisors and table rows: each rounding is off by at most 2^-11 (4.9e-4) relatively, and they do not
     # compound beyond a few of that; the original model's rows in the table were off by ~1e-2 on this random net
     assert float((out - ref).norm() / ref.norm()) < 2e-3
+
+
+def test_greedy_rule_drops_only_measurable_harm():
+    """w4a4.keeps: a row is dropped only when its per-image selection damage exceeds its base's by more than the
+    margin in standard errors of the paired difference; a tie inside the images' noise is kept; margin 0 is the
+    strict rule (kept only when the mean went down); the first row has no base and is kept."""
+    from common.experiments.w4a4 import keeps
+
+    base = [0.010, 0.002, 0.030, 0.004, 0.008, 0.006]
+    noisy_tie = [b + d for b, d in zip(base, (0.003, -0.002, 0.002, -0.001, 0.001, -0.002), strict=True)]
+    kept, z = keeps(noisy_tie, base, 2.0)
+    assert kept and 0 < z < 2  # worse on average, but by less than two standard errors
+    assert not keeps(noisy_tie, base, 0.0)[0]  # the strict rule drops it
+    harm = [b * 1.5 + 0.001 for b in base]  # every image worse
+    kept, z = keeps(harm, base, 2.0)
+    assert not kept and z > 2
+    better = [b * 0.5 for b in base]
+    assert keeps(better, base, 2.0)[0] and keeps(better, base, 0.0)[0] and keeps(better, base, 2.0)[1] < 0
+    assert keeps(base, None, 2.0) == (True, 0.0)
+    assert keeps(base, base, 2.0) == (True, 0.0) and not keeps(base, base, 0.0)[0]  # equal: a tie, not a gain

@@ -387,7 +387,8 @@ class LowbitConfig:
 @dataclass
 class FinetuneConfig:
     """finetune.py / make finetune: W/A plans recovered by reconstruction or selective finetuning."""
-    budgets: list[str] = _spec(["W4A4", "W4A6", "W4A8"], doc="'WxAy': x-bit weights, y-bit activations")
+    budgets: list[str] = _spec(["W4A6", "W4A8"], doc="'WxAy': x-bit weights, y-bit activations (W4A4: w4a4.py's "
+                               "ablation; finetuning alone reached 6.3x fp32's clf-FID there, docs/finetune.md)")
     plans: list[str] = _spec([], doc="make lowbit budgets ('3bits@A8') whose stored plan is trained: its per-tensor "
                              "formats, its codes (GPTQ's) as the start, activations at the budget's bits")
     plan_source: LOWBIT_PLANS = _spec("search", doc="which of make lowbit's plans (its stored uniform-menu variant)")
@@ -432,6 +433,11 @@ class W4A4Config:
     ablation: Literal["greedy", "cumulative"] = "greedy"  # greedy: a technique that does not help is dropped
     select_images: int = _spec(128, lo=2, doc="images of selection noise the greedy ablation decides on (one image "
                                "that lands on another digit moves the mean paired MSE by ~0.08 / n)")
+    drop_margin: float = _spec(2.0, lo=0.0, doc="greedy: a tried technique is dropped only when its selection "
+                               "paired MSE exceeds its base's by more than this many standard errors of the per-image "
+                               "difference; within it (a tie) it is kept, so float noise between hosts does not decide "
+                               "the path and a technique that pays only with a later one stays (0: dropped unless it "
+                               "lowers the damage)")
     lowrank_rank: int = _spec(8, lo=1, doc="rank of the 16-bit low-rank branch beside every quantized layer")
     block_size: int = _spec(16, lo=1, doc="input channels per block of the 'block' row (NVFP4's 16; MX formats 32)")
     smooth_samples: int = _spec(1024, lo=1, doc="teacher inputs per layer for the smoothing strength search")

@@ -8,11 +8,11 @@ and with its weights (every conv / linear but the two ends in 4-bit per-channel 
   plus per input the relative output error of 4-bit rounding per tensor against per input channel.
 * ``run_ablation``: uniform W4A4 from plain rounding, adding one technique at a time (``TECHNIQUES``): ranges
   searched for the least quantization MSE, dynamic per-token ranges for attention inputs, smoothing, rotation,
-  a 16-bit low-rank branch, the time path as a table, quantization-aware distillation (``finetune.py``), and
-  GPTQ's error-compensating weight rounding (``quant.gptq``; the row order is the order rows are tried: GPTQ
-  rounds the transformed weights, and a distillation in the same row starts from its weights), and dynamic
-  per-block activation ranges (microscaling: ``w4a4.block_size`` input channels share an e4m3 scale, so the
-  row's activations cost 4 + 8 / block bits; ``quant.activations.block_fake_quant``).
+  a 16-bit low-rank branch, the time path as a table, GPTQ's error-compensating weight rounding
+  (``quant.gptq``: it rounds the transformed weights), dynamic per-block activation ranges (microscaling:
+  ``w4a4.block_size`` input channels share an e4m3 scale, so the row's activations cost 4 + 8 / block bits;
+  ``quant.activations.block_fake_quant``), and last quantization-aware distillation (``finetune.py``), which
+  starts from the row's stored codes and quantizers: the one trained row, so it is trained once, on the rest.
 """
 import contextlib
 import copy
@@ -64,7 +64,7 @@ from .act_pipeline import (
 )
 
 # the techniques of the ablation, in the order the rows add them
-TECHNIQUES = ("ranges", "token", "smooth", "rotate", "lowrank", "time_table", "distill", "gptq", "block")
+TECHNIQUES = ("ranges", "token", "smooth", "rotate", "lowrank", "time_table", "gptq", "block", "distill")
 SAMPLING_CONVS = ("down-sampling conv", "up-sampling (transposed) conv")
 
 
@@ -193,31 +193,47 @@ def technique_variant(techniques) -> str:
     return "w4a4_" + "_".join(("round",) + tuple(techniques))
 
 
-def selection_damage(c, variant: str, reference, sha: str, n: int, device) -> float:
-    """Paired MSE on the [0, 1] scale of ``variant`` (rebuilt from its stored files) against the fp32 samples
-    ``reference()`` (a function: sampled only when some variant's record is missing) of the checkpoint ``sha``
-    on ``n`` images of selection noise (``finetune.calib_seed + 1``: never an evaluation seed), so the greedy
-    ablation decides on noise it is not judged on. Stored beside the variant (``selection.json``), computed once
-    per stored variant: a rerun that reuses the variant reuses its selection damage."""
+def selection_damage(c, variant: str, reference, sha: str, n: int, device) -> list:
+    """Per-image paired MSE on the [0, 1] scale of ``variant`` (rebuilt from its stored files) against the fp32
+    samples ``reference()`` (a function: sampled only when some variant's record is missing) of the checkpoint
+    ``sha`` on ``n`` images of selection noise (``finetune.calib_seed + 1``: never an evaluation seed), so the
+    greedy ablation decides on noise it is not judged on. Stored beside the variant (``selection.json``, with
+    their mean), computed once per stored variant: a rerun that reuses the variant reuses its selection damage."""
     from ..quant.container import load_quantized
 
     folder = evaluate.variant_dir(c, variant)
     files = [os.path.join(folder, f) for f in SELECTION_FILES]
     inputs = {"files": [storage.sha256_file(f) for f in files], "checkpoint_sha256": sha, "n": n,
               "seed": c.finetune.calib_seed + 1, "sample": to_dict(c.sample), "diffusion": to_dict(c.diffusion),
-              "device": torch.device(device).type}
+              "device": torch.device(device).type, "per_image": True}
     path = os.path.join(folder, "selection.json")
     old = storage.reusable_record(path, inputs)
     if old is not None:
         print(f"[{variant}] reusing its selection damage {path}")
-        return old["paired_mse"]
+        return old["per_image"]
     qmodel, _ = load_quantized(files[0], device)
     load_act_quant(files[1])[0].attach(qmodel)
     x = _selection_samples(c, qmodel, n, device)
-    mse = float(((x - reference()) ** 2).mean())
+    per_image = ((x - reference()) ** 2).flatten(1).mean(1).tolist()
     if distributed.is_main():
-        storage.atomic_write_record({"inputs": inputs, "paired_mse": mse}, path)
-    return mse
+        storage.atomic_write_record({"inputs": inputs, "paired_mse": float(np.mean(per_image)),
+                                     "per_image": per_image}, path)
+    return per_image
+
+
+def keeps(per_image, base, margin: float) -> tuple[bool, float]:
+    """The greedy rule: (kept, z) for a row of per-image selection damages ``per_image`` tried on the kept row
+    ``base`` (None: the first row, kept): dropped only when its mean exceeds the base's by more than ``margin``
+    standard errors of the per-image paired difference (z: that difference over its standard error). A tie is
+    kept: differences inside the images' noise are what float paths on another CPU can flip, and a technique
+    that pays only together with a later one (GPTQ with per-block ranges) is not lost on the way."""
+    if base is None:
+        return True, 0.0
+    diff = np.asarray(per_image, dtype=np.float64) - np.asarray(base, dtype=np.float64)
+    mean = float(diff.mean())
+    se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+    z = mean / se if se > 0 else (0.0 if mean == 0 else float(np.copysign(np.inf, mean)))
+    return (z <= margin if margin > 0 else mean < 0), z
 
 
 def _selection_samples(c, model, n, device):
@@ -523,17 +539,18 @@ def cached_distill(cfg, c, teacher, transformed, ranges, pool, token: bool, ckpt
 
 def run_ablation(cfg, c, model, ckpt_path, sha, pool, device, rows=None, rank=8, force=False, progress=True) -> dict:
     """Ablation rows 0..len(TECHNIQUES) (or ``rows``): row 0 plain rounding, row k adds ``TECHNIQUES[k-1]`` to
-    the row it is built on: the row above (``w4a4.ablation: cumulative``), or the last row whose technique
-    lowered the paired MSE on selection noise (``greedy``: a technique that does not help is tried, reported and
-    dropped, so one harmful technique does not sink the rows after it). {variant: (techniques, metrics, info)}
-    with info: the technique tried, the row it was built on, its selection damage and whether it was kept."""
+    the row it is built on: the row above (``w4a4.ablation: cumulative``), or the last kept row (``greedy``: a
+    technique that raises the paired MSE on selection noise by more than ``w4a4.drop_margin`` standard errors is
+    tried, reported and dropped, so one harmful technique does not sink the rows after it; ``keeps``).
+    {variant: (techniques, metrics, info)} with info: the technique tried, the row it was built on, its selection
+    damage, its z against that row and whether it was kept."""
     mode = cfg.finetune.range_mode
     greedy = cfg.w4a4.ablation == "greedy"
     names, kept_inputs, _, _ = act_layout(c, model)
     inputs = [n for n in names if n not in kept_inputs]
     n_sel = cfg.w4a4.select_images
     reference = functools.cache(lambda: _selection_samples(c, model, n_sel, device))  # only if a record misses
-    done, kept, base, best = {}, (), None, float("inf")
+    done, kept, base, best = {}, (), None, None  # best: the kept row's per-image selection damages
     for k in rows if rows is not None else range(len(TECHNIQUES) + 1):
         tried = TECHNIQUES[k - 1] if k else None
         techniques = (kept + (tried,)) if greedy and tried else TECHNIQUES[:k]
@@ -561,15 +578,19 @@ def run_ablation(cfg, c, model, ckpt_path, sha, pool, device, rows=None, rank=8,
                  "transform": json.loads(json.dumps(info, default=str))}
         with timed(seconds, "evaluate"):
             result = _evaluate(c, variant, model, stored, q, extra, device, force, progress, transformed=m)
-        row = {"row": k, "tried": tried, "base": base, "selection_mse": None, "kept": True, "seconds": seconds}
+        row = {"row": k, "tried": tried, "base": base, "selection_mse": None, "selection_z": None, "kept": True,
+               "seconds": seconds}
         if greedy:
             with timed(seconds, "select"):
-                row["selection_mse"] = selection_damage(c, variant, reference, sha, n_sel, device)
-            row["kept"] = tried is None or row["selection_mse"] < best
+                per_image = selection_damage(c, variant, reference, sha, n_sel, device)
+            row["kept"], z = keeps(per_image, best if tried else None, cfg.w4a4.drop_margin)
+            row["selection_mse"] = float(np.mean(per_image))
+            row["selection_z"] = z if tried and best and np.isfinite(z) else None
+            against = f", {z:+.2f} s.e. against its base" if row["selection_z"] is not None else ""
             print(f"[w4a4] row {k} ({tried or 'plain rounding'}): selection paired MSE {row['selection_mse']:.4g} "
-                  f"on {n_sel} images -> {'kept' if row['kept'] else 'dropped'}")
+                  f"on {n_sel} images{against} -> {'kept' if row['kept'] else 'dropped'}")
         if row["kept"]:
-            kept, base, best = techniques, variant, row["selection_mse"] if greedy else best
+            kept, base, best = techniques, variant, per_image if greedy else best
         done[variant] = (techniques, result, row)
     return done
 
@@ -770,14 +791,18 @@ def summary_markdown(cfg, done, seconds=None, grids=False) -> str:
         lines += channel_lines(errs)
     if "ablation" in done:
         greedy = cfg.w4a4.ablation == "greedy"
-        rule = (f"the last row whose technique lowered the paired MSE on {cfg.w4a4.select_images} images of selection "
-                f"noise (seed finetune.calib_seed + 1, not an evaluation seed): a technique that did not is tried, "
-                f"reported and dropped" if greedy else "the row above")
+        margin = cfg.w4a4.drop_margin
+        worse = (f"raises it by more than {margin:g} standard errors of the per-image paired difference (z, its "
+                 "difference over that error) is tried, reported and dropped; a tie is kept" if margin > 0 else
+                 "does not lower it is tried, reported and dropped")
+        rule = (f"the last kept row, judged by the paired MSE on {cfg.w4a4.select_images} images of selection noise "
+                f"(seed finetune.calib_seed + 1, not an evaluation seed): a technique that {worse}" if greedy
+                else "the row above")
         lines += ["", "## Ablation: one technique at a time", "",
                   f"Each row adds one technique to the row it is built on: {rule}. The verdict compares it with "
                   "that row (B − A of paired per-seed values, a two-sided paired t-test, Holm-corrected over the "
                   "column).", "",
-                  "| row | adds | built on | selection MSE | kept | weights MB | a-bits (quantized inputs) | "
+                  "| row | adds | built on | selection MSE (z) | kept | weights MB | a-bits (quantized inputs) | "
                   "paired MSE | clf-FID | clf-FID / fp32 | clf-IS | paired MSE vs the row built on |",
                   "|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
         ablation = done["ablation"]
@@ -785,6 +810,7 @@ def summary_markdown(cfg, done, seconds=None, grids=False) -> str:
                                    if row["base"] in ablation], "base")
         for v, (_, r, row) in ablation.items():
             sel = f"{row['selection_mse']:.4g}" if row["selection_mse"] is not None else "–"
+            sel += f" ({row['selection_z']:+.1f})" if row.get("selection_z") is not None else ""
             base = " + ".join(("rounding",) + tuple(ablation[row["base"]][0])) if row["base"] in ablation else "–"
             lines.append(f"| {row['row']} | {row['tried'] or 'plain rounding'} | {base} | {sel} | "
                          f"{'yes' if row['kept'] else 'no'} | {r['size_bytes'] / 1e6:.3f} | "
