@@ -385,3 +385,19 @@ def test_greedy_rule_drops_only_measurable_harm():
     assert keeps(better, base, 2.0)[0] and keeps(better, base, 0.0)[0] and keeps(better, base, 2.0)[1] < 0
     assert keeps(base, None, 2.0) == (True, 0.0)
     assert keeps(base, base, 2.0) == (True, 0.0) and not keeps(base, base, 0.0)[0]  # equal: a tie, not a gain
+    # a technique that stores more bytes or spends more activation bits must pay: a tie or a small gain is dropped
+    small_gain = [b - d for b, d in zip(base, (0.003, -0.002, 0.002, -0.001, 0.001, -0.002), strict=True)]
+    kept, z = keeps(small_gain, base, 2.0, costs_more=True)
+    assert not kept and -2 < z < 0
+    assert keeps(better, base, 2.0, costs_more=True)[0] and not keeps(noisy_tie, base, 2.0, costs_more=True)[0]
+    assert not keeps([float("nan")] + base[1:], base, 2.0)[0]  # a broken row is never built on
+
+
+def test_a_row_costs_more_by_its_bytes_or_activation_bits():
+    from common.experiments.w4a4 import costs_more, row_cost
+
+    base = row_cost({"size_bytes": 1_316_000, "a_bits_effective": 4.0})
+    assert row_cost({"size_bytes": 5}) == (5, 4)
+    assert not costs_more((1_316_500, 4.0), base)  # metadata-sized growth is not a cost
+    assert costs_more((1_353_000, 4.0), base) and costs_more((1_316_000, 4.5), base)  # a table; block scales
+    assert not costs_more((1_316_000, 4.0), base) and not costs_more((2_000_000, 8.0), None)  # the first row

@@ -433,11 +433,11 @@ class W4A4Config:
     ablation: Literal["greedy", "cumulative"] = "greedy"  # greedy: a technique that does not help is dropped
     select_images: int = _spec(128, lo=2, doc="images of selection noise the greedy ablation decides on (one image "
                                "that lands on another digit moves the mean paired MSE by ~0.08 / n)")
-    drop_margin: float = _spec(2.0, lo=0.0, doc="greedy: a tried technique is dropped only when its selection "
-                               "paired MSE exceeds its base's by more than this many standard errors of the per-image "
-                               "difference; within it (a tie) it is kept, so float noise between hosts does not decide "
-                               "the path and a technique that pays only with a later one stays (0: dropped unless it "
-                               "lowers the damage)")
+    drop_margin: float = _spec(2.0, lo=0.0, doc="greedy: a tried technique that costs nothing is dropped only when "
+                               "its selection paired MSE exceeds its base's by more than this many standard errors of "
+                               "the per-image difference (a tie is kept, so float noise between hosts does not decide "
+                               "the path); one that stores more bytes or spends more activation bits is kept only "
+                               "when lower by more than this (0: kept exactly when it lowers the damage)")
     lowrank_rank: int = _spec(8, lo=1, doc="rank of the 16-bit low-rank branch beside every quantized layer")
     block_size: int = _spec(16, lo=1, doc="input channels per block of the 'block' row (NVFP4's 16; MX formats 32)")
     smooth_samples: int = _spec(1024, lo=1, doc="teacher inputs per layer for the smoothing strength search")
@@ -451,7 +451,8 @@ class W4A4Config:
     average_on: list[str] = _spec([""], check=_average_stacks,
                                   doc="what the A4-on-average plans are built on, one table block each: '' plain "
                                   "rounding, 'ranges+token+time_table' (ablation techniques joined by '+'), or "
-                                  "'best': the greedy ablation's kept techniques (needs the ablation study)")
+                                  "'best': the techniques of the ablation's best row (the kept one of least "
+                                  "selection damage), without distillation (needs the ablation study)")
 
 
 @dataclass

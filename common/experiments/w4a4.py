@@ -221,19 +221,35 @@ def selection_damage(c, variant: str, reference, sha: str, n: int, device) -> li
     return per_image
 
 
-def keeps(per_image, base, margin: float) -> tuple[bool, float]:
+def keeps(per_image, base, margin: float, costs_more: bool = False) -> tuple[bool, float]:
     """The greedy rule: (kept, z) for a row of per-image selection damages ``per_image`` tried on the kept row
-    ``base`` (None: the first row, kept): dropped only when its mean exceeds the base's by more than ``margin``
-    standard errors of the per-image paired difference (z: that difference over its standard error). A tie is
-    kept: differences inside the images' noise are what float paths on another CPU can flip, and a technique
-    that pays only together with a later one (GPTQ with per-block ranges) is not lost on the way."""
+    ``base`` (None: the first row, kept), z being the mean per-image paired difference over its standard error.
+    A technique that costs nothing (the same bytes and activation bits as its base) is dropped only when z >
+    ``margin``: a tie is kept, since differences inside the images' noise are what float paths on another CPU
+    can flip, and a technique that pays only together with a later one (GPTQ after the low-rank branch) is not
+    lost on the way. One that ``costs_more`` (stored bytes, activation bits) must pay for it: kept only when
+    z < -``margin``. ``margin`` 0: kept exactly when the mean went down (the strict rule)."""
     if base is None:
         return True, 0.0
     diff = np.asarray(per_image, dtype=np.float64) - np.asarray(base, dtype=np.float64)
+    if not np.isfinite(diff).all():  # a broken row (NaN samples) is never built on
+        return False, float("nan")
     mean = float(diff.mean())
     se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
     z = mean / se if se > 0 else (0.0 if mean == 0 else float(np.copysign(np.inf, mean)))
-    return (z <= margin if margin > 0 else mean < 0), z
+    if margin <= 0:
+        return mean < 0, z
+    return (z < -margin if costs_more else z <= margin), z
+
+
+def row_cost(result) -> tuple:
+    """What a row stores and spends: (weight bytes, activation bits per quantized input)."""
+    return result["size_bytes"], result.get("a_bits_effective", 4)
+
+
+def costs_more(cost, base_cost, rel: float = 1e-3) -> bool:
+    """More stored bytes (beyond ``rel``: metadata is not a cost) or more activation bits than the base row."""
+    return base_cost is not None and (cost[0] > base_cost[0] * (1 + rel) or cost[1] > base_cost[1] + 1e-9)
 
 
 def _selection_samples(c, model, n, device):
@@ -550,7 +566,7 @@ def run_ablation(cfg, c, model, ckpt_path, sha, pool, device, rows=None, rank=8,
     inputs = [n for n in names if n not in kept_inputs]
     n_sel = cfg.w4a4.select_images
     reference = functools.cache(lambda: _selection_samples(c, model, n_sel, device))  # only if a record misses
-    done, kept, base, best = {}, (), None, None  # best: the kept row's per-image selection damages
+    done, kept, base, best, base_cost = {}, (), None, None, None  # best: the kept row's per-image damages
     for k in rows if rows is not None else range(len(TECHNIQUES) + 1):
         tried = TECHNIQUES[k - 1] if k else None
         techniques = (kept + (tried,)) if greedy and tried else TECHNIQUES[:k]
@@ -583,14 +599,16 @@ def run_ablation(cfg, c, model, ckpt_path, sha, pool, device, rows=None, rank=8,
         if greedy:
             with timed(seconds, "select"):
                 per_image = selection_damage(c, variant, reference, sha, n_sel, device)
-            row["kept"], z = keeps(per_image, best if tried else None, cfg.w4a4.drop_margin)
+            row["costs_more"] = costs_more(row_cost(result), base_cost)
+            row["kept"], z = keeps(per_image, best if tried else None, cfg.w4a4.drop_margin, row["costs_more"])
             row["selection_mse"] = float(np.mean(per_image))
             row["selection_z"] = z if tried and best and np.isfinite(z) else None
-            against = f", {z:+.2f} s.e. against its base" if row["selection_z"] is not None else ""
+            against = (f", {z:+.2f} s.e. against its base" + (" (costs more: must be lower)" if row["costs_more"]
+                                                              else "")) if row["selection_z"] is not None else ""
             print(f"[w4a4] row {k} ({tried or 'plain rounding'}): selection paired MSE {row['selection_mse']:.4g} "
                   f"on {n_sel} images{against} -> {'kept' if row['kept'] else 'dropped'}")
         if row["kept"]:
-            kept, base, best = techniques, variant, per_image if greedy else best
+            kept, base, best, base_cost = techniques, variant, per_image if greedy else best, row_cost(result)
         done[variant] = (techniques, result, row)
     return done
 
@@ -600,14 +618,14 @@ AVERAGE_PLANS = ("uniform", "fisher", "random", "fisher_steps")
 
 
 def average_stacks(cfg, ablation=None) -> list:
-    """The technique tuples ``w4a4.average_on`` names ('best': the greedy ablation's last kept row)."""
+    """The technique tuples ``w4a4.average_on`` names ('best': the ablation's best row, ``best_row``, without
+    the distillation, which trains uniform A4's steps)."""
     out = []
     for entry in cfg.w4a4.average_on:
         if entry == "best":
             if not ablation:
                 raise ValueError("w4a4.average_on: 'best' needs the ablation study in w4a4.studies")
-            kept = [techniques for techniques, _, row in ablation.values() if row["kept"]]
-            out.append(tuple(t for t in kept[-1] if t != "distill"))
+            out.append(tuple(t for t in ablation[best_row({"ablation": ablation})][0] if t != "distill"))
         else:
             out.append(tuple(t for t in entry.split("+") if t))
     return list(dict.fromkeys(out))
@@ -793,7 +811,8 @@ def summary_markdown(cfg, done, seconds=None, grids=False) -> str:
         greedy = cfg.w4a4.ablation == "greedy"
         margin = cfg.w4a4.drop_margin
         worse = (f"raises it by more than {margin:g} standard errors of the per-image paired difference (z, its "
-                 "difference over that error) is tried, reported and dropped; a tie is kept" if margin > 0 else
+                 "difference over that error) is tried, reported and dropped, a tie kept; one that stores more "
+                 f"bytes or spends more activation bits must lower it by more than {margin:g}" if margin > 0 else
                  "does not lower it is tried, reported and dropped")
         rule = (f"the last kept row, judged by the paired MSE on {cfg.w4a4.select_images} images of selection noise "
                 f"(seed finetune.calib_seed + 1, not an evaluation seed): a technique that {worse}" if greedy
@@ -951,13 +970,16 @@ def plot(done, path):
 
 
 def best_row(done):
-    """The ablation's best row: the last kept (greedy) or the lowest paired MSE (cumulative); None without one."""
+    """The ablation's best row: the kept row of least selection damage (greedy: ties are kept, so the last kept
+    row may be a little worse than the one it was built on) or the lowest paired MSE (cumulative); None without
+    one."""
     from .report import per_seed
 
     ablation = done.get("ablation") or {}
-    kept = [v for v, (_, _, row) in ablation.items() if row["kept"] and row["selection_mse"] is not None]
+    kept = [(row["selection_mse"], v) for v, (_, _, row) in ablation.items()
+            if row["kept"] and row["selection_mse"] is not None]
     if kept:
-        return kept[-1]
+        return min(kept)[1]
     scored = [(float(np.nanmean(per_seed(r, "paired_mse_vs_fp32"))), v) for v, (_, r, _) in ablation.items()]
     return min(scored)[1] if scored else None
 
