@@ -84,7 +84,8 @@ actquant: setup
 lowbit: setup
 	$(BIN)/python lowbit.py --config $(CONFIG) $(call DOCS,lowbit)
 
-# W4A4 recovered by reconstruction and selective finetuning, Fisher choosing what to train (after `make reproduce`).
+# W4A6 / W4A8 recovered by reconstruction and selective finetuning (Fisher choosing what to train), then W4A4's
+# damage and ablation (w4a4.py); after `make reproduce`.
 finetune: setup
 	$(BIN)/python finetune.py --config $(CONFIG) $(call DOCS,finetune)
 	$(BIN)/python w4a4.py --config $(CONFIG) $(call DOCS,finetune)
