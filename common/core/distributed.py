@@ -7,6 +7,7 @@ torchrun ends the run with the failing rank's error and a non-zero exit status.
 import atexit
 import contextlib
 import datetime
+import gc
 import os
 
 import torch
@@ -107,6 +108,9 @@ def _shut_down():
     exits on an error still exits (not registered for NCCL, whose teardown waits for queued work)."""
     if dist.is_initialized():
         dist.destroy_process_group()
+        # a Work or group object kept alive by a reference cycle would otherwise be freed (its gloo threads
+        # joined) only in the interpreter's static teardown: the abort seen once more under a loaded suite
+        gc.collect()
 
 
 def barrier():
