@@ -207,13 +207,14 @@ def test_greedy_ablation_drops_a_technique_that_does_not_help(w4a4_run):
     assert (out / last / "metrics.json").is_file(), last
     assert _plan(out / last)["techniques"] == (["smooth", "distill"] if smooth_kept else ["distill"])
     # kept exactly when its per-image damages (stored) are not worse than the base's by more than the margin
-    from common.experiments.w4a4 import keeps
+    from common.experiments.w4a4 import costs_more, keeps, row_cost
 
-    per_image = {v: json.load(open(out / v / "selection.json"))["per_image"]
-                 for v in ("w4a4_round", "w4a4_round_smooth")}
+    rows = ("w4a4_round", "w4a4_round_smooth")
+    per_image = {v: json.load(open(out / v / "selection.json"))["per_image"] for v in rows}
     assert all(len(x) == 4 for x in per_image.values())
-    more = json.load(open(out / "w4a4_round_smooth" / "metrics.json"))["size_bytes"] > \
-        json.load(open(out / "w4a4_round" / "metrics.json"))["size_bytes"] * 1.001  # its stored divisors
+    cost = {v: row_cost(json.load(open(out / v / "metrics.json"))) for v in rows}
+    more = costs_more(cost["w4a4_round_smooth"], cost["w4a4_round"])
+    assert more  # smoothing stores its fp16 divisors
     kept, z = keeps(per_image["w4a4_round_smooth"], per_image["w4a4_round"], 2.0, more)
     assert smooth_kept == kept and f"{z:+.2f} s.e. against its base" in decisions[1]
     md = (out / "w4a4.md").read_text()

@@ -566,7 +566,7 @@ def run_ablation(cfg, c, model, ckpt_path, sha, pool, device, rows=None, rank=8,
     inputs = [n for n in names if n not in kept_inputs]
     n_sel = cfg.w4a4.select_images
     reference = functools.cache(lambda: _selection_samples(c, model, n_sel, device))  # only if a record misses
-    done, kept, base, best, base_cost = {}, (), None, None, None  # best: the kept row's per-image damages
+    done, kept, base, base_damage, base_cost = {}, (), None, None, None  # the kept row's per-image damages
     for k in rows if rows is not None else range(len(TECHNIQUES) + 1):
         tried = TECHNIQUES[k - 1] if k else None
         techniques = (kept + (tried,)) if greedy and tried else TECHNIQUES[:k]
@@ -599,16 +599,20 @@ def run_ablation(cfg, c, model, ckpt_path, sha, pool, device, rows=None, rank=8,
         if greedy:
             with timed(seconds, "select"):
                 per_image = selection_damage(c, variant, reference, sha, n_sel, device)
+            against_damage = base_damage if tried else None
             row["costs_more"] = costs_more(row_cost(result), base_cost)
-            row["kept"], z = keeps(per_image, best if tried else None, cfg.w4a4.drop_margin, row["costs_more"])
+            row["kept"], z = keeps(per_image, against_damage, cfg.w4a4.drop_margin, row["costs_more"])
             row["selection_mse"] = float(np.mean(per_image))
-            row["selection_z"] = z if tried and best and np.isfinite(z) else None
-            against = (f", {z:+.2f} s.e. against its base" + (" (costs more: must be lower)" if row["costs_more"]
-                                                              else "")) if row["selection_z"] is not None else ""
+            row["selection_z"] = z if against_damage is not None and np.isfinite(z) else None
+            against = ""
+            if row["selection_z"] is not None:
+                against = f", {z:+.2f} s.e. against its base" + (" (costs more: must be lower)"
+                                                                  if row["costs_more"] else "")
             print(f"[w4a4] row {k} ({tried or 'plain rounding'}): selection paired MSE {row['selection_mse']:.4g} "
                   f"on {n_sel} images{against} -> {'kept' if row['kept'] else 'dropped'}")
         if row["kept"]:
-            kept, base, best, base_cost = techniques, variant, per_image if greedy else best, row_cost(result)
+            kept, base, base_cost = techniques, variant, row_cost(result)
+            base_damage = per_image if greedy else None
         done[variant] = (techniques, result, row)
     return done
 
