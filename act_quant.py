@@ -32,4 +32,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -96,14 +96,21 @@ def record(opt, args, kwargs):  # before the step: DDP has all-reduced the gradi
     steps.append({"weights": [p.detach().clone() for p in params], "grads": [p.grad.detach().clone() for p in params]})
 
 
+def save():
+    if os.environ.get("RANK", "0") == "0":
+        torch.save(steps, out)
+
+
 register_optimizer_step_pre_hook(record)
 script, out = sys.argv[1], sys.argv[2]
 sys.argv = [script] + sys.argv[3:]
+from common.core import distributed  # a finished gloo rank leaves at once (os._exit): save before it does
+leave = distributed.leave
+distributed.leave = lambda: (save(), leave())
 try:
     runpy.run_path(script, run_name="__main__")
 finally:
-    if os.environ.get("RANK", "0") == "0":
-        torch.save(steps, out)
+    save()
 """
 
 
@@ -378,3 +385,21 @@ def test_a_failing_rank_ends_the_run_quickly(tmp_path):
                         str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode != 0 and "rank 1 fails on purpose" in p.stderr and "unreachable" not in p.stdout
     assert time.time() - t0 < 120
+
+
+def test_a_finished_rank_exits_cleanly_whatever_the_teardown_does(tmp_path):
+    """cli.run leaves a gloo rank right after main(): output flushed, status 0, and nothing of the interpreter's
+    teardown runs (modelled by an exit handler that aborts, as gloo's joinable threads rarely did: SIGABRT)."""
+    script = tmp_path / "done.py"
+    script.write_text("import atexit, os, torch\nfrom common.core import cli, distributed\n"
+                      "atexit.register(os.abort)\n"
+                      "def main():\n    distributed.init(torch.device('cpu'))\n    distributed.barrier()\n"
+                      "    print(f'rank {distributed.rank()} finished', end='')\n"
+                      "cli.run(main)\n")
+    env = dict(os.environ, PYTHONPATH=ROOT, LAQFI_DIST_TIMEOUT="60")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "rank 0 finished" in p.stdout and "rank 1 finished" in p.stdout
+    plain = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert plain.returncode != 0 and "rank 0 finished" in plain.stdout  # a plain run is left to exit as usual

@@ -339,3 +339,52 @@ def test_released_config_fingerprint_is_machine_independent(monkeypatch):
         assert cfg.train.bf16 == "auto" and verify_released(cfg, "retrain") == cfg.baseline.sha256
         dit = load_config(os.path.join(root, "configs", "dit.yaml"))
         assert dit.train.bf16 is False and training_inputs(dit)["train"]["bf16"] is False
+
+
+def test_a_second_stage_starts_from_the_released_file_it_names(tiny_cfg, tmp_path):
+    """train.init_from: model and EMA start from the named file's weights, checked by SHA-256; the hash (not the
+    path) enters the fingerprint; a wrong hash, a missing file or another architecture is an error naming the key."""
+    from safetensors.torch import save_file
+
+    from common.core.config import _cross_checks
+    from common.core.errors import UserError
+    from common.core.storage import sha256_file
+
+    cfg = tiny_cfg
+    cfg.train.max_steps, cfg.train.batch_size, cfg.train.lr = 1, 4, 1e-12  # one step that cannot move the weights
+    torch.manual_seed(99)
+    start = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size).state_dict()
+    path = str(tmp_path / "stage1.safetensors")
+    save_file(start, path)
+    cfg.train.init_from, cfg.train.init_sha256 = path, sha256_file(path)
+    x = torch.rand(8, 1, 32, 32) * 2 - 1
+    ema, ckpt = train(cfg, x, str(tmp_path / "c.pt"), CPU, progress=False)
+    for name, w in start.items():
+        assert torch.allclose(ckpt["model"][name], w, atol=1e-9), name
+        assert torch.allclose(ema.state_dict()[name], w, atol=1e-9), name
+    inputs = training_inputs(cfg)
+    assert inputs["train"]["init_sha256"] == cfg.train.init_sha256 and "init_from" not in inputs["train"]
+    moved = copy.deepcopy(cfg)
+    moved.train.init_from = str(tmp_path / "elsewhere.safetensors")
+    assert training_inputs(moved) == inputs  # where the file lies does not matter
+    plain = copy.deepcopy(cfg)
+    plain.train.init_from = plain.train.init_sha256 = None
+    assert "init_sha256" not in training_inputs(plain)["train"]  # older checkpoints keep their fingerprint
+
+    wrong = copy.deepcopy(cfg)
+    wrong.train.init_sha256 = "0" * 64
+    with pytest.raises(UserError, match="train.init_from.*train.init_sha256"):
+        train(wrong, x, str(tmp_path / "w.pt"), CPU, progress=False)
+    with pytest.raises(UserError, match="train.init_from.*not found"):
+        train(moved, x, str(tmp_path / "m.pt"), CPU, progress=False)
+    other = copy.deepcopy(cfg)
+    save_file({k: v[..., :1].contiguous() if v.dim() else v for k, v in start.items()}, path)
+    other.train.init_sha256 = sha256_file(path)
+    with pytest.raises(UserError, match="does not load into the configured model"):
+        train(other, x, str(tmp_path / "o.pt"), CPU, progress=False)
+    for bad, key in ((dict(init_sha256=None), "train.init_sha256: needs"), (dict(init_from=None), "init_from is not")):
+        broken = copy.deepcopy(cfg)
+        for k, v in bad.items():
+            setattr(broken.train, k, v)
+        with pytest.raises(Exception, match=key):
+            _cross_checks(broken, "cfg.yaml")

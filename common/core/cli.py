@@ -61,6 +61,13 @@ def command(cfg, script=None, *flags, drop=()) -> str:
     return shlex.join(parts + list(flags))
 
 
+def run(main):
+    """A script's entry point: ``main()``, then, under torchrun on CPUs, an immediate clean exit
+    (``distributed.leave``: the gloo teardown's rare SIGABRT at exit cannot fail a finished run)."""
+    main()
+    distributed.leave()
+
+
 @contextlib.contextmanager
 def clear_errors():
     """Turn the errors a user can fix (missing or stale artifacts, bad files, busy folders, impossible budgets:

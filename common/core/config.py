@@ -124,6 +124,10 @@ class TrainConfig:
     bf16: bool | Literal["auto"] = "auto"
     min_snr_gamma: float | None = _spec(None, lo=0.0, lo_open=True,
                                            doc="Min-SNR loss weighting (faster convergence); null = plain DDPM loss")
+    # A second stage of training: start the network and its EMA from a released weights file (same architecture)
+    # instead of random numbers; its SHA-256 enters the training fingerprint, the path does not.
+    init_from: str | None = None
+    init_sha256: str | None = None
 
 
 @dataclass
@@ -657,6 +661,12 @@ def _cross_checks(cfg: Config, src: str):
     if cfg.baseline.weights and not re.fullmatch(r"[0-9a-f]{64}", cfg.baseline.sha256 or ""):
         raise ConfigError(f"{src}: baseline.sha256: needs the 64-hex-digit SHA-256 of baseline.weights "
                           f"({cfg.baseline.weights}; `sha256sum` prints it), got {cfg.baseline.sha256!r}")
+    if cfg.train.init_from and not re.fullmatch(r"[0-9a-f]{64}", cfg.train.init_sha256 or ""):
+        raise ConfigError(f"{src}: train.init_sha256: needs the 64-hex-digit SHA-256 of train.init_from "
+                          f"({cfg.train.init_from}; `sha256sum` prints it), got {cfg.train.init_sha256!r}")
+    if cfg.train.init_sha256 and not cfg.train.init_from:
+        raise ConfigError(f"{src}: train.init_sha256 is set but train.init_from is not: name the weights file "
+                          f"to start from, or drop train.init_sha256")
     clf = cfg.eval.classifier
     if clf.weights and not re.fullmatch(r"[0-9a-f]{64}", clf.sha256 or ""):
         raise ConfigError(f"{src}: eval.classifier.sha256: needs the 64-hex-digit SHA-256 of eval.classifier.weights "
@@ -892,6 +902,7 @@ def load_config(path, overrides=()) -> Config:
         cfg.run.name = os.path.splitext(os.path.basename(src))[0]
     cfg.baseline.weights = released_path(cfg.baseline.weights)
     cfg.eval.classifier.weights = released_path(cfg.eval.classifier.weights)
+    cfg.train.init_from = released_path(cfg.train.init_from)
     # A combination can be invalid where each value alone is fine: name the overrides too.
     _cross_checks(cfg, src + "".join(f" --set {o}" for o in overrides))
     return cfg

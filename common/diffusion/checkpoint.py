@@ -94,9 +94,11 @@ def training_inputs(cfg, bf16=None) -> dict:
     train.pop("snapshot_every")
     model = arch_inputs(cfg.model)
     # Options added later are recorded only when used, so older checkpoints stay valid.
-    for key, default in (("lr_schedule", "constant"), ("warmup_steps", 0), ("min_snr_gamma", None)):
+    for key, default in (("lr_schedule", "constant"), ("warmup_steps", 0), ("min_snr_gamma", None),
+                         ("init_sha256", None)):
         if train.get(key) == default:
             train.pop(key)
+    train.pop("init_from")  # where the starting weights lie is not what they are: init_sha256 is
     return {"data": data, "model": model, "diffusion": to_dict(cfg.diffusion),
             "train": train, "seed": cfg.run.seed}
 

@@ -101,6 +101,26 @@ def _rank_share(n: int):
     return slice(edges[r], edges[r + 1]), world * (edges[r + 1] - edges[r]) / n
 
 
+def _start_from(train_cfg, model):
+    """Load ``train.init_from`` (a released weights file of the same architecture, checked against
+    ``train.init_sha256``) into ``model``: the second stage of a two-stage recipe starts where the first ended."""
+    from safetensors.torch import load_file
+
+    path = train_cfg.init_from
+    if not os.path.isfile(path):
+        raise UserError(f"train.init_from: {path} not found; name a released weights file (checkpoints/...)")
+    have = sha256_file(path)
+    if have != train_cfg.init_sha256:
+        raise UserError(f"train.init_from: {path} has SHA-256 {have[:16]}..., but train.init_sha256 expects "
+                        f"{train_cfg.init_sha256[:16]}...: not the file this recipe starts from")
+    try:
+        model.load_state_dict(load_file(path, device="cpu"))
+    except Exception as e:
+        raise UserError(f"train.init_from: {path} does not load into the configured model "
+                        f"({type(e).__name__}: {str(e)[:200]}); model: must match the file's architecture") from None
+    print(f"starting from {path} (SHA-256 {have[:16]}...)")
+
+
 def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, progress=True):
     """Train (or resume) and write ``ckpt_path``; returns (ema model in eval mode, checkpoint dict).
 
@@ -116,7 +136,10 @@ def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, prog
                          f"batch must split evenly (use a batch size that is a multiple of {world})")
     torch.manual_seed(cfg.run.seed)
     schedule = NoiseSchedule.from_config(cfg.diffusion)
-    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size).to(device)
+    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size)
+    if cfg.train.init_from:
+        _start_from(cfg.train, model)
+    model = model.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
     opt = opt_cls(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)

@@ -388,6 +388,7 @@ def run_strategy_script(description: str, variants):
             done[variant] = run_variant(cfg, variant, strategy, params, model, ckpt_path, fisher, device,
                                         force=args.force, progress=progress)
         print_comparison(done)
+    distributed.leave()  # the script's end: under torchrun, exit before the gloo teardown can abort (cli.run)
 
 
 def print_comparison(results: dict):
