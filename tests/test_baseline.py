@@ -140,7 +140,7 @@ def test_training_writes_loadable_snapshots(tiny_cfg, tmp_path):
     assert meta["step"] == "4" and float(meta["train_seconds"]) > 0
 
 
-@pytest.mark.parametrize("config, network", [("default.yaml", "U-Net"), ("dit.yaml", "DiT")])
+@pytest.mark.parametrize("config, network", [("default.yaml", "U-Net"), ("dit.yaml", "DiT"), ("dit_long.yaml", "DiT")])
 def test_released_checkpoint_matches_its_config_and_provenance(config, network):
     cfg = load_config(os.path.join(ROOT, "configs", config))
     path = os.path.join(ROOT, cfg.baseline.weights)
