@@ -657,20 +657,21 @@ def _check_model(cfg: Config, src: str) -> int:
     return n
 
 
+def _check_sha(src: str, weights_key: str, weights, sha_key: str, sha):
+    """A released file named by ``weights_key`` needs its 64-hex-digit SHA-256 under ``sha_key``."""
+    if weights and not re.fullmatch(r"[0-9a-f]{64}", sha or ""):
+        raise ConfigError(f"{src}: {sha_key}: needs the 64-hex-digit SHA-256 of {weights_key} "
+                          f"({weights}; `sha256sum` prints it), got {sha!r}")
+
+
 def _cross_checks(cfg: Config, src: str):
-    if cfg.baseline.weights and not re.fullmatch(r"[0-9a-f]{64}", cfg.baseline.sha256 or ""):
-        raise ConfigError(f"{src}: baseline.sha256: needs the 64-hex-digit SHA-256 of baseline.weights "
-                          f"({cfg.baseline.weights}; `sha256sum` prints it), got {cfg.baseline.sha256!r}")
-    if cfg.train.init_from and not re.fullmatch(r"[0-9a-f]{64}", cfg.train.init_sha256 or ""):
-        raise ConfigError(f"{src}: train.init_sha256: needs the 64-hex-digit SHA-256 of train.init_from "
-                          f"({cfg.train.init_from}; `sha256sum` prints it), got {cfg.train.init_sha256!r}")
+    _check_sha(src, "baseline.weights", cfg.baseline.weights, "baseline.sha256", cfg.baseline.sha256)
+    _check_sha(src, "train.init_from", cfg.train.init_from, "train.init_sha256", cfg.train.init_sha256)
     if cfg.train.init_sha256 and not cfg.train.init_from:
         raise ConfigError(f"{src}: train.init_sha256 is set but train.init_from is not: name the weights file "
                           f"to start from, or drop train.init_sha256")
     clf = cfg.eval.classifier
-    if clf.weights and not re.fullmatch(r"[0-9a-f]{64}", clf.sha256 or ""):
-        raise ConfigError(f"{src}: eval.classifier.sha256: needs the 64-hex-digit SHA-256 of eval.classifier.weights "
-                          f"({clf.weights}; `sha256sum` prints it), got {clf.sha256!r}")
+    _check_sha(src, "eval.classifier.weights", clf.weights, "eval.classifier.sha256", clf.sha256)
     n = _check_model(cfg, src)
     if cfg.diffusion.beta_end <= cfg.diffusion.beta_start:
         raise ConfigError(f"{src}: diffusion.beta_end: must exceed diffusion.beta_start")

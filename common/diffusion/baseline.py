@@ -113,15 +113,17 @@ def restore_hint(path: str) -> str:
     return f"Restore it (git checkout -- {path}) or "
 
 
-def verified_release(path, want, section: str, source: str, error, missing: str, wrong: str) -> str:
+def verified_release(path, want, section: str, source: str, error, missing: str, wrong: str, keys=None) -> str:
     """The SHA-256 of the released file ``<section>.weights`` = ``path`` once it exists and matches ``want``
     (``<section>.sha256``; None skips the check), else ``error`` naming both keys, the config ``source`` and what to
-    do: restore the tracked file, or the remedy ``missing`` / ``wrong``. Shared by every released artifact."""
+    do: restore the tracked file, or the remedy ``missing`` / ``wrong``. Shared by every released artifact;
+    ``keys``: (file key, hash key) where they are not named that way (``train.init_from`` / ``init_sha256``)."""
+    file_key, sha_key = keys or (f"{section}.weights", f"{section}.sha256")
     if not os.path.isfile(path):
-        raise error(f"{section}.weights: {path} not found. {restore_hint(path)}{missing}")
+        raise error(f"{file_key}: {path} not found. {restore_hint(path)}{missing}")
     have = sha256_file(path)
     if want and have != want:
-        raise error(f"{section}.weights: {path} has SHA-256 {have[:16]}..., but {section}.sha256 in {source} "
+        raise error(f"{file_key}: {path} has SHA-256 {have[:16]}..., but {sha_key} in {source} "
                     f"expects {want[:16]}...: the file is corrupt or not the released one. {restore_hint(path)}{wrong}")
     return have
 

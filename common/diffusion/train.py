@@ -19,7 +19,7 @@ from ..core.storage import (
     load_torch,
     sha256_file,
 )
-from .baseline import save_weights
+from .baseline import save_weights, verified_release
 from .checkpoint import announce_bf16, check_checkpoint_matches, recorded_bf16, training_inputs
 from .model import build_model
 from .schedule import NoiseSchedule
@@ -101,18 +101,15 @@ def _rank_share(n: int):
     return slice(edges[r], edges[r + 1]), world * (edges[r + 1] - edges[r]) / n
 
 
-def _start_from(train_cfg, model):
+def _start_from(cfg, model):
     """Load ``train.init_from`` (a released weights file of the same architecture, checked against
     ``train.init_sha256``) into ``model``: the second stage of a two-stage recipe starts where the first ended."""
     from safetensors.torch import load_file
 
-    path = train_cfg.init_from
-    if not os.path.isfile(path):
-        raise UserError(f"train.init_from: {path} not found; name a released weights file (checkpoints/...)")
-    have = sha256_file(path)
-    if have != train_cfg.init_sha256:
-        raise UserError(f"train.init_from: {path} has SHA-256 {have[:16]}..., but train.init_sha256 expects "
-                        f"{train_cfg.init_sha256[:16]}...: not the file this recipe starts from")
+    path = cfg.train.init_from
+    remedy = "name the released weights file this recipe starts from (checkpoints/...)"
+    have = verified_release(path, cfg.train.init_sha256, "train", cfg.source, UserError, remedy, remedy,
+                            keys=("train.init_from", "train.init_sha256"))
     try:
         model.load_state_dict(load_file(path, device="cpu"))
     except Exception as e:
@@ -138,7 +135,7 @@ def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, prog
     schedule = NoiseSchedule.from_config(cfg.diffusion)
     model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size)
     if cfg.train.init_from:
-        _start_from(cfg.train, model)
+        _start_from(cfg, model)
     model = model.to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt_cls = torch.optim.AdamW if cfg.train.optimizer == "adamw" else torch.optim.Adam
