@@ -15,7 +15,7 @@ STRATEGIES := whole_threshold.py layer_group.py layer_ratio.py layer_math.py
 # Tables of the default config go into their docs page: $(call DOCS,results) -> --update-docs docs/results.md
 DOCS = $(if $(filter configs/default.yaml,$(CONFIG)),--update-docs docs/$(1).md)
 
-.PHONY: setup reproduce reproduce-from-scratch test test-quick bench compare full-eval learning-curve sensitivity actquant verify lowbit finetune sweep-cost
+.PHONY: setup reproduce reproduce-from-scratch test test-avx2 test-quick bench compare full-eval learning-curve sensitivity actquant verify lowbit finetune sweep-cost
 
 $(BIN)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -45,6 +45,12 @@ reproduce-from-scratch: reproduce
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
+
+# The same suite computing like an AVX2-only CPU (no native bf16 / VNNI / AMX) on any x86 host: torch's own kernels
+# at AVX2 width, oneDNN's (bf16 / int8 GEMMs and convolutions) capped at AVX2 (common/core/machine.py).
+test-avx2: setup
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
+		--no-loadscope-reorder tests
 
 # The inner loop: unit tests only (everything not marked slow), one process.
 test-quick: setup

@@ -15,7 +15,7 @@ ZEN4 = "model name\t: AMD EPYC 9654\nflags\t\t: avx2 avx512f avx512_vnni avx512_
 def _cap(tmp_path, text):
     path = tmp_path / "cpuinfo"
     path.write_text(text + "\n" + text)  # a second core's block repeats the first
-    return machine.capability(str(path))
+    return machine.capability(str(path), environ={})  # no oneDNN cap, whatever this process runs under
 
 
 def test_flags_decide_native_bf16_vnni_and_amx(tmp_path):
@@ -26,6 +26,23 @@ def test_flags_decide_native_bf16_vnni_and_amx(tmp_path):
     assert spr["flags"] == ["amx_bf16", "avx512_bf16", "avx512_vnni", "amx_int8", "amx_tile"]
     assert (zen4["native_bf16"], zen4["vnni"], zen4["amx"]) == (True, True, False)
     assert machine.native_bf16("cpu", avx2) is False and machine.native_bf16("cpu", zen4) is True
+
+
+def test_a_onednn_isa_cap_removes_the_instructions_above_it(tmp_path):
+    """ONEDNN_MAX_CPU_ISA=AVX2 on an AMX host makes its bf16 GEMMs emulated (~100x slower): not native then."""
+    path = tmp_path / "cpuinfo"
+    path.write_text(SAPPHIRE)
+    cap = lambda env: machine.capability(str(path), environ=env)  # noqa: E731
+    free, avx2 = cap({}), cap({"ONEDNN_MAX_CPU_ISA": "avx2"})
+    assert free["onednn_cap"] is None and (free["native_bf16"], free["vnni"], free["amx"]) == (True, True, True)
+    assert avx2["onednn_cap"] == "AVX2" and (avx2["native_bf16"], avx2["vnni"], avx2["amx"]) == (False, False, False)
+    assert avx2["flags"] == free["flags"]  # what the CPU has is still recorded
+    vnni = cap({"DNNL_MAX_CPU_ISA": "AVX512_CORE_VNNI"})  # oneDNN's older name
+    assert (vnni["native_bf16"], vnni["vnni"], vnni["amx"]) == (False, True, False)
+    assert cap({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"})["native_bf16"] is True
+    assert cap({"ONEDNN_MAX_CPU_ISA": "ALL"}) == free and cap({"ONEDNN_MAX_CPU_ISA": "bogus"})["native_bf16"] is True
+    assert "oneDNN capped at AVX2" in machine.describe(avx2) and "capped" not in machine.describe(free)
+    assert machine.key(avx2) != machine.key(free) and machine.key(free) == machine.key({**free, "onednn_cap": None})
 
 
 def test_capability_is_plain_json_with_torch_facts():
@@ -46,7 +63,7 @@ def test_describe_and_key(tmp_path):
 
 
 def test_no_cpuinfo_falls_back_to_torch(tmp_path):
-    cap = machine.capability(str(tmp_path / "missing"))
+    cap = machine.capability(str(tmp_path / "missing"), environ={})
     assert cap["native_bf16"] == bool(torch.cpu._is_avx512_bf16_supported())
     assert cap["cpu"]  # platform's name for the processor, never empty
 

@@ -19,6 +19,15 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16")   # x86 flags of native bf16 dot produc
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni")  # int8 dot products
 AMX_FLAGS = ("amx_tile", "amx_bf16", "amx_int8")
 ARM_BF16_FLAGS = ("bf16",)                 # aarch64 "Features": BFDOT / BFMMLA (Armv8.6)
+# oneDNN's ISA levels, lowest first: ONEDNN_MAX_CPU_ISA caps the instructions torch's bf16 / int8 GEMMs and
+# convolutions may use (ONEDNN_MAX_CPU_ISA=AVX2 on an AVX512-BF16 CPU makes a bf16 matmul ~100x slower, measured),
+# so a flag the cap excludes is not native for what runs here. With ATEN_CPU_CAPABILITY=avx2 (which ``isa``
+# reports) it makes such a host compute like an AVX2-only one: ``make test-avx2``.
+ONEDNN_LEVELS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
+                 "AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10_1_512_AMX",
+                 "AVX512_CORE_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2")
+NEEDS_LEVEL = {"avx512_bf16": "AVX512_CORE_BF16", "amx_bf16": "AVX512_CORE_AMX", "amx_tile": "AVX512_CORE_AMX",
+               "amx_int8": "AVX512_CORE_AMX", "avx512_vnni": "AVX512_CORE_VNNI", "avx_vnni": "AVX2_VNNI"}
 
 
 def _cpuinfo(path="/proc/cpuinfo") -> tuple:
@@ -47,13 +56,30 @@ def _torch_says(name: str) -> bool:
         return False
 
 
-def capability(cpuinfo_path="/proc/cpuinfo") -> dict:
+def onednn_cap(environ=None):
+    """The oneDNN ISA cap in force (``ONEDNN_MAX_CPU_ISA``, or its older name ``DNNL_MAX_CPU_ISA``), upper-cased,
+    or None where none is set (or it is ALL / DEFAULT). An unknown value is reported as is and caps nothing."""
+    env = os.environ if environ is None else environ
+    value = (env.get("ONEDNN_MAX_CPU_ISA") or env.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    return None if value in ("", "ALL", "DEFAULT") else value
+
+
+def _allowed(flag, cap) -> bool:
+    """Whether oneDNN may use ``flag``'s instructions under the ISA ``cap`` (None or unknown: no cap)."""
+    if cap not in ONEDNN_LEVELS or flag not in NEEDS_LEVEL:
+        return True
+    return ONEDNN_LEVELS.index(cap) >= ONEDNN_LEVELS.index(NEEDS_LEVEL[flag])
+
+
+def capability(cpuinfo_path="/proc/cpuinfo", environ=None) -> dict:
     """This machine as a JSON-able dict.
 
     isa: torch's CPU kernel level (``torch.backends.cpu.get_cpu_capability()``: "AVX2", "AVX512", "DEFAULT", ...);
     native_bf16: the CPU has bf16 dot-product instructions (avx512_bf16 / amx_bf16; aarch64 bf16), so bf16
     kernels are not emulated; vnni: int8 dot products (avx512_vnni / avx_vnni); amx: AMX tiles; cpu: model name;
-    cuda: the GPU's name or None; torch: version; threads: torch's intra-op threads now.
+    cuda: the GPU's name or None; torch: version; threads: torch's intra-op threads now; onednn_cap: the oneDNN
+    ISA cap in force (``onednn_cap``; None: none), which removes the flags above it from native_bf16 / vnni / amx
+    (``flags`` stays what the CPU has).
     """
     name, flags = _cpuinfo(cpuinfo_path)
     have = lambda names: sorted(f for f in names if f in flags)  # noqa: E731
@@ -65,8 +91,11 @@ def capability(cpuinfo_path="/proc/cpuinfo") -> dict:
         vnni = ["avx512_vnni"] if _torch_says("vnni") else []
         amx = ["amx_tile"] if _torch_says("amx_tile") else []
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"isa": torch.backends.cpu.get_cpu_capability(), "native_bf16": bool(bf16), "vnni": bool(vnni),
-            "amx": bool(amx), "flags": bf16 + [f for f in vnni + amx if f not in bf16],
+    isa_cap = onednn_cap(environ)
+    usable = lambda found: [f for f in found if _allowed(f, isa_cap)]  # noqa: E731
+    return {"isa": torch.backends.cpu.get_cpu_capability(), "native_bf16": bool(usable(bf16)),
+            "vnni": bool(usable(vnni)), "amx": bool(usable(amx)), "onednn_cap": isa_cap,
+            "flags": bf16 + [f for f in vnni + amx if f not in bf16],
             "cpu": name or platform.processor() or platform.machine(), "cuda": cuda,
             "cuda_bf16": bool(cuda) and torch.cuda.is_bf16_supported(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "cores": os.cpu_count()}
@@ -77,6 +106,8 @@ def describe(cap=None) -> str:
     cap = cap or capability()
     bf16 = "native bf16" if cap["native_bf16"] else "bf16 emulated"
     extras = [bf16, "VNNI" if cap["vnni"] else "no VNNI", "AMX" if cap["amx"] else "no AMX"]
+    if cap.get("onednn_cap"):  # records written before the field have none
+        extras.append(f"oneDNN capped at {cap['onednn_cap']}")
     gpu = f"CUDA {cap['cuda']}" if cap["cuda"] else "no CUDA"
     threads = f"{cap['threads']} thread" + ("s" if cap["threads"] != 1 else "")
     return f"{cap['cpu']}, {cap['isa']} ({', '.join(extras)}), {threads}, torch {cap['torch']}, {gpu}"
@@ -85,7 +116,8 @@ def describe(cap=None) -> str:
 def key(cap=None) -> str:
     """Short hash of what decides which kernels are fast here: ISA, bf16 / VNNI / AMX, CPU and GPU, torch, threads."""
     cap = cap or capability()
-    return fingerprint({k: cap[k] for k in ("isa", "native_bf16", "vnni", "amx", "cpu", "cuda", "torch", "threads")})
+    return fingerprint({k: cap[k] for k in ("isa", "native_bf16", "vnni", "amx", "cpu", "cuda", "torch", "threads")
+                       } | ({"onednn_cap": cap["onednn_cap"]} if cap.get("onednn_cap") else {}))
 
 
 def native_bf16(device_type="cpu", cap=None) -> bool:
