@@ -244,6 +244,12 @@ def test_summary_judges_plans_by_their_damage_with_corrected_verdicts_and_target
     for trace in q["search"].values():
         assert trace[0]["move"] == "start" and 1 <= len(trace) <= cfg.lowbit.search_evals + 1
     assert (out / "lowbit_search.png").stat().st_size > 1000 and "[lowbit] search (uniform, 4bits)" in p.stdout
+    # lowbit.search_start: best -- every sensitivity's plan measured on the search's images, the least one starts
+    art = json.load(open(out / "baseline" / "search_uniform_4bits.json"))
+    assert set(art["starts"]) == {"chain_fisher", "fisher", "learned", "chain_output", "jvp", "magnitude", "random"}
+    assert art["start_by"] == min(art["starts"], key=art["starts"].get)
+    assert art["trace"][0]["fitness"] == art["starts"][art["start_by"]]  # the same images and noise: the same value
+    assert f"search (uniform, 4bits) from {art['start_by']}'s plan" in p.stdout
 
 
 def test_budget_below_the_floor_is_one_line_and_codebooks_refuse_int8(lowbit_run, tmp_path):

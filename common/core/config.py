@@ -382,6 +382,9 @@ class LowbitConfig:
     search_evals: int = _spec(300, lo=1, doc="at most this many measured configurations per search")
     search_images: int = _spec(16, lo=2, doc="images of calibration noise per measured configuration of the search")
     search_seed: int = 7200      # the search's calibration noise: not the noise the plans are scored on
+    search_start: Literal["best", "chain_fisher"] = _spec(
+        "best", doc="the search's start: the plan of least fitness among every sensitivity's plans (measured on the "
+        "search's own images), or always the chain-aware Fisher's")
     jvp_chains: int = _spec(2, lo=1, doc="chains of the JVP sensitivity (x_0's first-order change along the real dW)")
     eps_samples: int = _spec(64, lo=1, doc="(x_t, t) samples of the one-step noise-prediction error")
     targets: dict = _spec({"3.5bits@A8": 5.0, "3bits@A8": 15.0, "3.5bits@A6": 8.0},

@@ -17,7 +17,7 @@ km4/km3/km2), a plan chooses one format per tensor:
   allocator's plans, its costs bounded below by the chain-aware Fisher's (``importance.predictor``);
 * ``jvp``: the allocator on ||J dW||^2, x_0's exact first-order change along each tensor's real error
   (``importance.jvp``);
-* ``search``: a measured search from the chain-aware Fisher's plan at the fixed budget (``experiments.search``);
+* ``search``: a measured search from the best-measured sensitivity's plan at the fixed budget (``experiments.search``);
 * ``magnitude``, ``random``: controls through the same allocator.
 
 Activations: every quantizable input but the first and last conv's at the budget's bits with calibrated
@@ -544,38 +544,55 @@ class Sensitivities:
                 self.search[key] = e
 
 
+# The sensitivities whose plans may start the search (lowbit.search_start: best), in order of preference on a tie
+SEARCH_STARTS = ("chain_fisher", "fisher", "learned", "chain_output", "jvp", "magnitude", "random")
+
+
 def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, device="cpu"):
-    """The measured search's result for ``menu`` at the weight size ``size`` (``experiments.search``): from the
-    chain-aware Fisher's plan, moves proposed by the learned costs (else the chain-aware Fisher's), fitness the
-    paired MSE of ``lowbit.search_images`` images under ``lowbit.search_seed``. Cached in
-    ``search_<menu>_<size>.json`` (the wall clock makes a rerun differ: a cached result is reused, not redone)."""
+    """The measured search's result for ``menu`` at the weight size ``size`` (``experiments.search``): from a
+    sensitivity's plan (``lowbit.search_start``: ``best``, the plan of least fitness among those of
+    ``SEARCH_STARTS`` computed here, or always the chain-aware Fisher's), moves proposed by the learned costs (else
+    the chain-aware Fisher's), fitness the paired MSE of ``lowbit.search_images`` images under
+    ``lowbit.search_seed``. Cached in ``search_<menu>_<size>.json`` (the wall clock makes a rerun differ: a cached
+    result is reused, not redone)."""
     lb = cfg.lowbit
     path = _cache(cfg, f"search_{menu}_{budget_tag(size)}.json")
-    start_by = "chain_fisher" if "chain_fisher" in sens.costs else "fisher"
-    propose_by = "learned" if "learned" in sens.costs else start_by
+    prior = "chain_fisher" if "chain_fisher" in sens.costs else "fisher"
+    propose_by = "learned" if "learned" in sens.costs else prior
     limit = budget_bits(size, table.total) - table.fixed
     menu_costs = {k: {n: {f: sens.costs[k][n][f] for f in table.menus[menu]} for n in table.names}
-                  for k in (start_by, propose_by)}
-    start, _ = allocate(menu_costs[start_by], table.menu_bits(menu), table.fixed, limit + table.fixed)
-    inputs = {"checkpoint_sha256": sha, "start": start, "start_by": start_by, "propose_by": propose_by,
+                  for k in sens.costs}
+    names = [k for k in SEARCH_STARTS if k in sens.costs] if lb.search_start == "best" else [prior]
+    plans = {k: allocate(menu_costs[k], table.menu_bits(menu), table.fixed, limit + table.fixed)[0] for k in names}
+    inputs = {"checkpoint_sha256": sha, "start": plans[prior], "start_by": prior, "propose_by": propose_by,
               "proposer": sens.predictor.describe() if propose_by == "learned" else None,
               "seconds": lb.search_seconds, "evals": lb.search_evals, "images": lb.search_images,
               "seed": lb.search_seed, "limit_bits": limit, "sample": to_dict(cfg.sample), **table.rounding}
+    if lb.search_start == "best":  # absent for the chain-aware start: its cached searches stay valid
+        inputs.update(start_rule="best", start_by=None, start=None, candidates=plans)
     art = storage.reusable_record(path, inputs)
     if art is not None:
         print(f"[lowbit] reusing {path}")
         return art
     measurer = make_measurer(cfg, model, table, device, lb.search_images)
+    fitness = lambda c: measurer.measure(c, lb.search_seed)["mse_mean"]  # noqa: E731
+    starts = {k: fitness(c) for k, c in plans.items()} if len(plans) > 1 else {}
+    start_by = min(plans, key=lambda k: (starts.get(k, 0.0), names.index(k)))
     t0 = time.time()
-    choice, trace = measured_search(start, table.menu_bits(menu), limit, menu_costs[propose_by],
-                                    lambda c: measurer.measure(c, lb.search_seed)["mse_mean"], lb.search_seconds,
-                                    lb.search_evals, seed=lb.search_seed)
+    choice, trace = measured_search(plans[start_by], table.menu_bits(menu), limit, menu_costs[propose_by], fitness,
+                                    lb.search_seconds, lb.search_evals, seed=lb.search_seed)
     art = {"inputs": inputs, "choice": choice, "trace": trace, "seconds": round(time.time() - t0, 1),
-           "changed": sum(choice[n] != start[n] for n in start)}
+           "start_by": start_by, "starts": starts, "changed": sum(choice[n] != plans[start_by][n] for n in choice)}
     storage.atomic_write_record(art, path)
-    print(f"[lowbit] search ({menu}, {size}): {len(trace) - 1} measured moves in {art['seconds']:.0f} s, fitness "
-          f"{trace[0]['fitness']:.3g} -> {trace[-1]['best']:.3g}, {art['changed']} tensors changed -> {path}")
+    begun = f" from {start_by}'s plan (of {', '.join(f'{k} {v:.3g}' for k, v in starts.items())})" if starts else ""
+    print(f"[lowbit] search ({menu}, {size}){begun}: {len(trace) - 1} measured moves in {art['seconds']:.0f} s, "
+          f"fitness {trace[0]['fitness']:.3g} -> {trace[-1]['best']:.3g}, {art['changed']} tensors changed -> {path}")
     return art
+
+
+def search_start(art) -> str:
+    """The sensitivity whose plan a stored search started from (older records: their inputs' ``start_by``)."""
+    return art.get("start_by") or art["inputs"]["start_by"]
 
 
 def output_scaled_costs(diag: dict, table) -> dict:
@@ -607,7 +624,8 @@ def choose(cfg, plan, menu, budget_text, table, sens):
         if isinstance(art, InfeasibleBudgetError):
             raise art
         return art["choice"], {"evaluations": len(art["trace"]) - 1, "changed": art["changed"],
-                               "seconds": sens.seconds.get(art["inputs"]["start_by"], 0.0) + art["seconds"]}
+                               "start_by": search_start(art),
+                               "seconds": sens.seconds.get(search_start(art), 0.0) + art["seconds"]}
     else:
         cost = {n: {f: sens.costs[plan][n][f] for f in table.menus[menu]} for n in table.names}
         choice, info = allocate(cost, bits, table.fixed, budget)
