@@ -11,6 +11,7 @@ export LAQFI_DATA_ROOT
 SCRATCH_RUN := $(notdir $(RUN))_scratch
 SCRATCH := --set baseline.weights=null --set run.name=$(SCRATCH_RUN)
 TEST_WORKERS ?= $(shell $(PY) -c "import os; print(max(1, min(4, len(os.sched_getaffinity(0)))))")
+PYTEST_ALL = $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 STRATEGIES := whole_threshold.py layer_group.py layer_ratio.py layer_math.py
 # Tables of the default config go into their docs page: $(call DOCS,results) -> --update-docs docs/results.md
 DOCS = $(if $(filter configs/default.yaml,$(CONFIG)),--update-docs docs/$(1).md)
@@ -44,13 +45,12 @@ reproduce-from-scratch: reproduce
 # the slowest files first (tests/conftest.py SLOWEST_FILES), not xdist's order by test count.
 test: setup
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
+	$(PYTEST_ALL)
 
 # The same suite computing like an AVX2-only CPU (no native bf16 / VNNI / AMX) on any x86 host: torch's own kernels
 # at AVX2 width, oneDNN's (bf16 / int8 GEMMs and convolutions) capped at AVX2 (common/core/machine.py).
 test-avx2: setup
-	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile \
-		--no-loadscope-reorder tests
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PYTEST_ALL)
 
 # The inner loop: unit tests only (everything not marked slow), one process.
 test-quick: setup

@@ -560,16 +560,17 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
     prior = "chain_fisher" if "chain_fisher" in sens.costs else "fisher"
     propose_by = "learned" if "learned" in sens.costs else prior
     limit = budget_bits(size, table.total) - table.fixed
-    menu_costs = {k: {n: {f: sens.costs[k][n][f] for f in table.menus[menu]} for n in table.names}
-                  for k in sens.costs}
     names = [k for k in SEARCH_STARTS if k in sens.costs] if lb.search_start == "best" else [prior]
+    menu_costs = {k: {n: {f: sens.costs[k][n][f] for f in table.menus[menu]} for n in table.names}
+                  for k in {*names, propose_by}}
     plans = {k: allocate(menu_costs[k], table.menu_bits(menu), table.fixed, limit + table.fixed)[0] for k in names}
-    inputs = {"checkpoint_sha256": sha, "start": plans[prior], "start_by": prior, "propose_by": propose_by,
+    # the chain-aware start keeps the keys its searches were cached under before the rule existed
+    start = {"start": plans[prior], "start_by": prior} if lb.search_start == "chain_fisher" else \
+        {"start_rule": "best", "candidates": plans}
+    inputs = {"checkpoint_sha256": sha, **start, "propose_by": propose_by,
               "proposer": sens.predictor.describe() if propose_by == "learned" else None,
               "seconds": lb.search_seconds, "evals": lb.search_evals, "images": lb.search_images,
               "seed": lb.search_seed, "limit_bits": limit, "sample": to_dict(cfg.sample), **table.rounding}
-    if lb.search_start == "best":  # absent for the chain-aware start: its cached searches stay valid
-        inputs.update(start_rule="best", start_by=None, start=None, candidates=plans)
     art = storage.reusable_record(path, inputs)
     if art is not None:
         print(f"[lowbit] reusing {path}")
