@@ -1,9 +1,11 @@
 """Execution backends x variants, side by side: speed, memory and what each does to the samples.
 
 Part of ``make bench`` (``benchmarks/bench.py``; ``--part backends`` runs only this). Variants:
-fp32, uniform int8, the poster's best rule (layer_ratio p = 0.25, the poster's best-FID row, with int8
-as its low format because fp16 has no fast CPU kernel) and a Fisher-allocated mix (fisher_distortion,
-25% budget over fp32/fp16/int8/int4), each written as quantized.safetensors and reloaded from it.
+fp32, uniform int8, its smoothed twin (``uniform_int8_smooth``: SmoothQuant scales chosen at W8A8 folded into
+the weights before rounding, fp16 run-time divisors where no producer can absorb them), the poster's best
+rule (layer_ratio p = 0.25, the poster's best-FID row, with int8 as its low format because fp16 has no fast
+CPU kernel) and a Fisher-allocated mix (fisher_distortion, 25% budget over fp32/fp16/int8/int4), each written
+as quantized.safetensors and reloaded from it.
 Backends: dequant (fp32 reference), bf16 eager, bf16 + torch.compile, int8 (PT2E W8A8 + torch.compile),
 int8_bf16 (the same under bf16 autocast: PT2E's int8-mixed-bf16).
 Every (variant, backend) runs in its own process (its own peak RSS), samples the same noise (seed 0), and
@@ -36,7 +38,7 @@ BACKEND_ROWS = {"dequant": ("dequant", False, None), "bf16": ("bf16", False, Non
                 "bf16+compile": ("bf16", True, None), "int8": ("int8", True, "histogram"),
                 "int8+pct": ("int8", True, "percentile"), "int8_bf16": ("int8_bf16", True, "histogram"),
                 "int8_bf16+pct": ("int8_bf16", True, "percentile")}
-VARIANTS = ("fp32", "uniform_int8", "layer_ratio_p0.25_int8", "mp_fisher_25%")
+VARIANTS = ("fp32", "uniform_int8", "uniform_int8_smooth", "layer_ratio_p0.25_int8", "mp_fisher_25%")
 TARGETS = {"bf16": 1.8, "int8": 2.2, "int8bf16": 2.5, "int8pct": 2.2, "int8bf16pct": 2.5}
 
 
@@ -61,23 +63,52 @@ def _weights(cfg, ckpt_path):
                            f"paired figures only show the machinery works; squared weights stand in for Fisher")
 
 
+def smoothed_for_int8(cfg, model, plan) -> tuple:
+    """(copy of ``model`` smoothed for W8A8, what smoothing did): every conv / linear the int8 plan ``plan``
+    quantizes gets per-input-channel scales (SmoothQuant; alpha per layer by the W8A8 output error,
+    ``smoothing.smooth``) measured on the int8 backend's own calibration trajectories (``backend.calib_*``), so
+    that its per-tensor uint8 activations see flattened channels; the int8 weights are rounded after the scaling.
+    The inputs are recorded on trajectories of the fp32 model drawn with the int8 backend's calibration settings
+    (``backend.calib_*``: its noise, count and steps; the backend later calibrates on the quantized model's)."""
+    from common.quant.formats import channel_axes, dequantize_tensor, quantize_tensor
+    from common.quant.smoothing import smooth
+
+    m = copy.deepcopy(model)
+    mods, axes = dict(m.named_modules()), channel_axes(m)
+    layers = [n.removesuffix(".weight") for n in plan if n.endswith(".weight") and
+              type(mods[n.removesuffix(".weight")]) in (torch.nn.Conv2d, torch.nn.Linear, torch.nn.ConvTranspose2d)]
+    sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
+    shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
+    calib = backends.calibration_inputs(m, sampler, cfg.backend.calib_images, shape, cfg.backend.calib_seed,
+                                        cfg.backend.calib_steps)
+    info = smooth(m, layers, lambda: [m(x, t) for x, t in calib],
+                  lambda n: lambda w: dequantize_tensor(quantize_tensor(w, "int8", axes[f"{n}.weight"])), 8)
+    return m.eval().requires_grad_(False), info
+
+
 def write_variants(cfg, ckpt_path, out_dir, names=VARIANTS) -> tuple:
     """quantized.safetensors of the ``names`` variants under ``out_dir``; returns ({name: path}, description)."""
     from common.importance.weights import compute_importance
     from common.quant import strategies
     from common.quant.allocate import allocate_model
+    from common.quant.formats import quantize_tensor
 
     model, fisher, source = _weights(cfg, ckpt_path)
     plans = {"fp32": lambda: {}, "uniform_int8": lambda: strategies.uniform(fisher, fmt="int8")[0],
+             "uniform_int8_smooth": lambda: strategies.uniform(fisher, fmt="int8")[0],
              "layer_ratio_p0.25_int8": lambda: strategies.layer_ratio(fisher, 0.25, fmt="int8")[0],
              "mp_fisher_25%": lambda: allocate_model(model, compute_importance(
                  "fisher_distortion", model, fisher, cfg.importance), "25%", ["fp32", "fp16", "int8", "int4"])[0]}
-    arch = arch_record(cfg)
     paths = {}
     for name in names:
-        _, stored = quantize_model(model, plans[name]())
+        plan, net, provenance = plans[name](), model, {"bench": name, "source": source}
+        if name.endswith("_smooth"):
+            net, provenance["smoothing"] = smoothed_for_int8(cfg, model, plan)
+        _, stored = quantize_model(net, plan)
+        stored.update({n: quantize_tensor(b, "fp16", 0) for n, b in net.named_buffers()
+                       if n.endswith(".smooth_div")})  # run-time divisors: stored fp16, counted in the size
         paths[name] = os.path.join(out_dir, name, QUANTIZED_FILE)
-        save_quantized(stored, paths[name], arch, {"bench": name, "source": source})
+        save_quantized(stored, paths[name], arch_record(cfg, net), provenance)
     return paths, source
 
 
@@ -225,8 +256,8 @@ def run(cfg, ckpt_path, out_dir, n, isolated, variants=VARIANTS, rows_wanted=tup
 
 
 def headline(rows) -> dict:
-    """The last-line figures, all on the uniform int8 variant against its own dequant row (fp32 compute);
-    None where that row was not measured."""
+    """The last-line figures, on the uniform int8 variant against its own dequant row (fp32 compute), and
+    ``smooth_*`` for its smoothed twin; None where a row was not measured."""
     def ok(label):
         r = rows.get(("uniform_int8", label))
         return r if r is not None and "error" not in r else None
@@ -245,6 +276,21 @@ def headline(rows) -> dict:
                    f"{key}_resident_ratio": round(r["resident_bytes"] / rows["fp32", "dequant"]["resident_bytes"], 3),
                    f"{key}_paired_mse_ratio": (round(r["paired_mse"] / base["paired_mse"], 2)
                                                if base["paired_mse"] > 0 else None)}
+        out.update(fig)
+    # the smoothed plan: its MSE against its own dequant row (the target's ratio) and against the plain plan's
+    # dequant row (what smoothing costs or buys in the weights), its speed against the plain plan's dequant row
+    own = rows.get(("uniform_int8_smooth", "dequant"))
+    own = own if own is not None and "error" not in own else None
+    for key, label in (("int8", "int8"), ("int8bf16", "int8_bf16"), ("int8pct", "int8+pct"),
+                       ("int8bf16pct", "int8_bf16+pct")):
+        r = rows.get(("uniform_int8_smooth", label))
+        fig = dict.fromkeys((f"smooth_{key}_speedup", f"smooth_{key}_paired_mse_ratio", f"smooth_{key}_vs_plain"))
+        if base is not None and r is not None and "error" not in r:
+            fig[f"smooth_{key}_speedup"] = round(r["img_s"] / base["img_s"], 2)
+            if base["paired_mse"] > 0:
+                fig[f"smooth_{key}_vs_plain"] = round(r["paired_mse"] / base["paired_mse"], 2)
+        if own is not None and r is not None and "error" not in r and own["paired_mse"] > 0:
+            fig[f"smooth_{key}_paired_mse_ratio"] = round(r["paired_mse"] / own["paired_mse"], 2)
         out.update(fig)
     mixed = ok("int8_bf16")
     out["int8bf16_vs_bf16"] = round(mixed["img_s"] / bf16["img_s"], 2) if mixed and bf16 else None

@@ -405,3 +405,68 @@ def test_auto_probe_on_this_machine_is_never_slower_than_dequant(mixed, tmp_path
     c = backends.choose_auto(_bf16_plan(qmodel), "cpu", str(tmp_path), SHAPE, 100, batch=2)
     assert set(c["measured"]) == {"dequant", "bf16"} and all(v > 0 for v in c["measured"].values())
     assert c["measured"][c["backend"]] >= c["measured"]["dequant"]
+
+
+def test_subpixel_rewrite_keeps_a_smoothing_divisor():
+    """A smoothed ConvTranspose2d with a run-time divisor, rewritten into sub-pixel convs for the int8 backend, must
+    still divide its input (the rewrite once dropped the pre-hook: the int8 graph then ran the unsmoothed input)."""
+    from torch import nn
+
+    from common.quant import smoothing
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.ConvTranspose2d(6, 4, 4, 2, 1))
+    smoothing.attach_divisors(net, {"0": 6})
+    with torch.no_grad():
+        net[0].smooth_div.copy_(torch.rand(6) * 4 + 0.25)
+    x = torch.randn(2, 6, 5, 5)
+    kept = smoothing.carry_divisor(net[0], backends.SubPixelConvTranspose(net[0]))
+    torch.testing.assert_close(kept(x), net(x), rtol=1e-5, atol=1e-5)  # float32 sums of 36 products, reordered
+    assert not torch.allclose(backends.SubPixelConvTranspose(net[0])(x), net(x), atol=1e-2)
+
+
+def test_smoothed_int8_plan_is_exact_stored_and_runs_int8(tmp_path):
+    """The bench's ``uniform_int8_smooth``: SmoothQuant scales folded into the weights before int8 rounding. In real
+    arithmetic it is the same network (checked on the fp32 copy), its file holds the fp16 divisors and rebuilds them
+    on load, and the int8 graph (divisors before the quantized inputs, transposed convs included) stays close to the
+    same file on dequant."""
+    from benchmarks import bench_backends
+    from common.evaluation.generate import load_weights
+    from common.quant import strategies
+
+    cfg = load_config(SMOKE, [f"run.out_dir={tmp_path}/runs", f"run.cache_dir={tmp_path}/cache",
+                              "backend.calib_images=4"])
+    model, fisher, _ = bench_backends._weights(cfg, str(tmp_path / "none.pt"))
+    plan = strategies.uniform(fisher, fmt="int8")[0]
+    net, info = bench_backends.smoothed_for_int8(cfg, model, plan)
+    assert set(info["alpha"]) == {n.removesuffix(".weight") for n in plan}
+    transposed = [n for n in ("Layer4.conv", "Layer5.conv", "Layer6.conv") if n in info["runtime"]]
+    assert transposed  # a transposed conv with a run-time divisor: what the int8 backend's rewrite must carry
+    x, t = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(1)), torch.tensor([3, 40, 90])
+    with torch.no_grad():  # exact up to float32 rounding (fp16-exact scales): products reordered, ~1e-6 relative
+        torch.testing.assert_close(net(x, t), model(x, t), rtol=1e-4, atol=1e-5)
+    paths, _ = bench_backends.write_variants(cfg, str(tmp_path / "none.pt"), str(tmp_path / "bench"),
+                                             ("uniform_int8_smooth",))
+    loaded, stored, _ = load_weights(paths["uniform_int8_smooth"], cfg)
+    divisors = {n for n, e in stored.items() if n.endswith(".smooth_div")}
+    assert divisors == {f"{n}.smooth_div" for n in info["runtime"]}
+    assert all(stored[n]["format"] == "fp16" for n in divisors)
+    bufs = dict(loaded.named_buffers())
+    assert all(torch.equal(bufs[n], dict(net.named_buffers())[n]) for n in divisors)  # fp16-exact, rebuilt
+    sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
+    ref = sample(backends.prepare(loaded, stored, "dequant"), sampler, 4, SHAPE, 0, 4, progress=False)
+    calib = backends.calibration_inputs(loaded, sampler, 4, SHAPE, 1234)
+    runner = backends.prepare(loaded, stored, "int8", calib=calib, compile_model=False)
+    assert runner.precision[f"{transposed[0]}.weight"].endswith("as 4 sub-pixel 2x2 convs)")
+    out = sample(runner, sampler, 4, SHAPE, 0, 4, progress=False)
+    assert 0 < rel_err(out, ref) < 0.05
+    # the same graph with the sub-pixel rewrite dropping the divisors (as it once did) computes something else
+    from common.quant import smoothing
+
+    carry = smoothing.carry_divisor
+    try:
+        smoothing.carry_divisor = lambda src, dst: dst
+        dropped = backends.prepare(loaded, stored, "int8", calib=calib, compile_model=False)
+    finally:
+        smoothing.carry_divisor = carry
+    assert rel_err(sample(dropped, sampler, 4, SHAPE, 0, 4, progress=False), out) > 1e-3

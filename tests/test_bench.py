@@ -29,7 +29,15 @@ def test_headline_keys_and_ratios():
                    "int8bf16_speedup": 2.6, "int8bf16_resident_ratio": 0.32, "int8bf16_paired_mse_ratio": 3.0,
                    "int8pct_speedup": 1.8, "int8pct_resident_ratio": 0.33, "int8pct_paired_mse_ratio": 1.0,
                    "int8bf16pct_speedup": None, "int8bf16pct_resident_ratio": None,
-                   "int8bf16pct_paired_mse_ratio": None, "int8bf16_vs_bf16": 1.3}
+                   "int8bf16pct_paired_mse_ratio": None, "int8bf16_vs_bf16": 1.3,
+                   **{f"smooth_{k}_{f}": None for k in ("int8", "int8bf16", "int8pct", "int8bf16pct")
+                      for f in ("speedup", "paired_mse_ratio", "vs_plain")}}
+    # the smoothed twin: its MSE against its own dequant row and against the plain plan's, speed against the plain's
+    rows["uniform_int8_smooth", "dequant"] = _row(10, 1000, 2e-4)
+    rows["uniform_int8_smooth", "int8_bf16+pct"] = _row(25, 330, 3e-4)
+    out = bench_backends.headline(rows)
+    assert (out["smooth_int8bf16pct_speedup"], out["smooth_int8bf16pct_paired_mse_ratio"],
+            out["smooth_int8bf16pct_vs_plain"], out["smooth_int8_speedup"]) == (2.5, 1.5, 3.0, None)
     rows["uniform_int8", "int8_bf16"] = {"error": "no oneDNN"}
     out = bench_backends.headline(rows)
     assert out["int8bf16_speedup"] is None and out["int8bf16_vs_bf16"] is None and out["int8_speedup"] == 1.8

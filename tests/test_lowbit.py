@@ -480,6 +480,34 @@ def test_plans_judge_the_candidate_fits_and_the_prior_stays_unless_beaten():
                                                               strict=True))
     tie = select_by_plans({"first": prior, "second": Predictor.of_prior(blurred, "int8")}, plans, damage)
     assert tie[0] == "first"  # equal plans: the earlier candidate (the order states the preference)
+    # with the prior as the reference, a fit must do no more damage at every budget: one that trades a loss at one
+    # budget for larger gains at the others (better mean log damage) does not replace it (the DiT release's case)
+    fixed = {"prior": [1.0, 1.0, 1.0], "trade": [1.2, 0.5, 0.5], "dominant": [1.0, 0.9, 1.0]}
+    by_plan = lambda p: [(p, i) for i in range(3)]  # noqa: E731
+    look = lambda c: fixed[c[0]][c[1]]  # noqa: E731
+    cands = {k: Predictor.of_prior(blurred, "int8") for k in fixed}
+    plans_of = {id(v): k for k, v in cands.items()}
+    for refname, winner in ((None, "trade"), ("prior", "dominant")):
+        name, _, table = select_by_plans(cands, lambda p: by_plan(plans_of[id(p)]), look, reference=refname)
+        assert name == winner
+        assert [r["eligible"] for r in table] == ([True] * 3 if refname is None else [True, False, True])
+    name, _, _ = select_by_plans({"prior": cands["prior"], "trade": cands["trade"]},
+                                 lambda p: by_plan(plans_of[id(p)]), look, reference="prior")
+    assert name == "prior"
+    # equal damage everywhere: the reference stays; a NaN in the reference's damage or plans of another count
+    # (a budget infeasible for one candidate) leave the reference eligible and the other not
+    fixed.update(same=[1.0, 1.0, 1.0], short=[0.1, 0.1], nan_ref=[float("nan"), 1.0, 1.0])
+    cands.update({k: Predictor.of_prior(blurred, "int8") for k in ("same", "short", "nan_ref")})
+    plans_of = {id(v): k for k, v in cands.items()}
+    by_count = lambda p: [(p, i) for i in range(len(fixed[p]))]  # noqa: E731
+    for pool, ref, eligible in ((("same", "prior"), "prior", [True, True]),
+                                (("short", "prior"), "prior", [False, True]),
+                                (("dominant", "nan_ref"), "nan_ref", [False, True])):
+        name, _, table = select_by_plans({k: cands[k] for k in pool}, lambda p: by_count(plans_of[id(p)]), look,
+                                         reference=ref)
+        assert name == ref and [r["eligible"] for r in table] == eligible
+    with pytest.raises(ValueError, match="reference candidate 'nope'"):
+        select_by_plans(cands, lambda p: by_plan(plans_of[id(p)]), look, reference="nope")
 
 
 def test_jvp_is_the_exact_first_order_change_of_the_final_sample():

@@ -72,6 +72,7 @@ from .search import measured_search, plot_trace
 from .statistics import target_verdict, verdict_table
 
 RULE = "all_but_ends"
+PRIOR_CANDIDATE = "the prior (chain-aware Fisher)"  # select_by_plans' reference: replaced only where no worse
 COLUMNS = ["budget", "quantizer", "plan", "seed", "variant", "avg_bits", "a_bits", "size_mb", "paired_mse_vs_fp32",
            "paired_mse_median", "clf_fid", "clf_is", "fid", "plan_seconds"]
 
@@ -447,10 +448,10 @@ def fit_learned(cfg, model, table, measured, prior, sha, device="cpu", progress=
                 candidates[f"prior, alpha {alpha:g}, floor {floor:g}"] = fit_predictor(
                     configs, damage, table.names, table.formats, table.sq_error, reference, prior=prior,
                     floor=floor, chosen={"kind": "prior", "target": "raw", "alpha": alpha, "cv_tau": math.nan})[0]
-        candidates["the prior (chain-aware Fisher)"] = Predictor.of_prior(prior, reference)
+        candidates[PRIOR_CANDIDATE] = Predictor.of_prior(prior, reference)
         for p in candidates.values():
             p.active = len(added)
-        name, pred, _ = select_by_plans(candidates, plans, measure)
+        name, pred, _ = select_by_plans(candidates, plans, measure, reference=PRIOR_CANDIDATE)
         if progress:
             print(f"[lowbit] learned predictor chosen by its plans' measured damage: {name}")
     cache.save()

@@ -122,11 +122,15 @@ def quality_lines(q: dict, images) -> list:
                     f"constrained within one standard error of the best) was refitted on {p.get('active', 0)} measured "
                     f"plans of its own allocator" + ("." if not p.get("selection") else
                     "; then each candidate below allocated one plan per budget and menu, measured on the "
-                    "predictor's calibration noise, and the one of least mean log damage was kept:")]
+                    "predictor's calibration noise, and " + (
+                        "of those no worse than the prior's plans at every budget and menu (eligible) "
+                        if any("eligible" in r for r in p["selection"]) else "") +
+                    "the one of least mean log damage was kept:")]
         if p.get("selection"):
-            out += ["", "| candidate | plan damage (per budget and menu) | mean log damage | kept |",
-                    "|---|---|---:|:---:|"]
+            out += ["", "| candidate | plan damage (per budget and menu) | mean log damage | eligible | kept |",
+                    "|---|---|---:|:---:|:---:|"]
             for r in p["selection"]:
                 out.append(f"| {r['name']} | " + ", ".join(f"{d:.3g}" for d in r["plan_damage"]) +
-                           f" | {r['score']:.3f} | {'✓' if r['chosen'] else ''} |")
+                           f" | {r['score']:.3f} | {'yes' if r.get('eligible', True) else 'no'} | "
+                           f"{'✓' if r['chosen'] else ''} |")
     return out

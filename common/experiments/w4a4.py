@@ -276,27 +276,10 @@ def transformed_model(c, model, techniques, pool, device, rank: int, smooth_samp
         gen = torch.Generator().manual_seed(c.finetune.calib_seed)
         idx = torch.randperm(len(pool[0]), generator=gen)[:smooth_samples]
         xs, ts = pool[0][idx].to(device), pool[1][idx].to(device)
-        recorded = smoothing.record_inputs(m, inputs, lambda: [m(xs[i:i + 64], ts[i:i + 64])
-                                                                for i in range(0, len(xs), 64)])
-        runtime, alphas = {}, {}
-        mods = dict(m.named_modules())
-        for n in inputs:
-            if n not in layers:
-                continue
-            x = recorded[n]
-            amax = x.abs().amax(tuple(d for d in range(x.dim()) if d != channel_dim(x, mods[n])))
-            axis = axes[f"{n}.weight"]
-            alpha, s, _ = smoothing.choose_alpha(
-                mods[n], x, amax, lambda w, axis=axis: dequantize_tensor(quantize_tensor(w, "int4", axis)), 4)
-            alphas[n] = alpha
-            if alpha is not None:
-                smoothing.fold(m, n, s, runtime)
-        smoothing.attach_divisors(m, {n: s.numel() for n, s in runtime.items()})
-        with torch.no_grad():
-            for n, s in runtime.items():
-                mods[n].smooth_div.copy_(s.to(torch.float16).float())  # stored fp16: run what is stored
-        info["smooth"] = {"alpha": alphas, "folded": sorted(set(alphas) - set(runtime) - {
-            n for n, a in alphas.items() if a is None}), "runtime": sorted(runtime)}
+        info["smooth"] = smoothing.smooth(
+            m, [n for n in inputs if n in layers],
+            lambda: [m(xs[i:i + 64], ts[i:i + 64]) for i in range(0, len(xs), 64)],
+            lambda n: lambda w: dequantize_tensor(quantize_tensor(w, "int4", axes[f"{n}.weight"])), 4, record=inputs)
     if "rotate" in techniques:
         info["rotate"] = rotation.rotate(m, [n for n in inputs if n in layers])
     if "lowrank" in techniques:

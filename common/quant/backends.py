@@ -52,6 +52,7 @@ from torch import nn
 from ..core import machine, storage
 from ..core.format_names import format_spec
 from ..diffusion.samplers import sample
+from . import smoothing
 
 BACKENDS = ("dequant", "bf16", "fp16", "int8", "int8_bf16")
 AUTO = "auto"  # backend.name / sample.py --backend: choose_auto picks one of BACKENDS
@@ -362,7 +363,8 @@ def _int8(model, stored, calib, batch_size, compile_model, mixed_bf16=False, ran
     for mod_name in plan.subpixel:
         parent, _, leaf = mod_name.rpartition(".")
         owner = net.get_submodule(parent) if parent else net
-        setattr(owner, leaf, SubPixelConvTranspose(getattr(owner, leaf)))
+        ct = getattr(owner, leaf)
+        setattr(owner, leaf, smoothing.carry_divisor(ct, SubPixelConvTranspose(ct)))  # a smoothed input stays so
     x, t = calib[0]
     batch = torch.export.Dim("batch", min=2)  # the sampler's last batch may be smaller; min 2 avoids 0/1 specialisation
     gm = torch.export.export(net, (x[:2], t[:2]), dynamic_shapes={"x": {0: batch}, "t": {0: batch}}).module()

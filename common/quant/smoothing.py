@@ -11,10 +11,11 @@ input gets it at run time as a buffer ``<layer>.smooth_div`` (stored fp16 and co
 import torch
 from torch import nn
 
-from .activations import fake_quant, int_range, qparams
+from .activations import channel_dim, fake_quant, int_range, qparams
 from .hooks import input_hooks
 
 DIVISOR_FORMAT = "fp16"
+FP16_TINY, FP16_MAX = 2.0 ** -14, 65504.0  # fp16's normal range: a scale outside it would round to 0 or inf
 
 
 def weight_in_axis(layer: nn.Module) -> int:
@@ -119,6 +120,42 @@ def fold(model: nn.Module, layer_name: str, s: torch.Tensor, runtime: dict):
             lin.bias[i_scale * c:(i_scale + 1) * c].add_(1 / s - 1)
         else:
             raise ValueError(f"{layer_name}: unknown smoothing fold {spec!r}")
+
+
+def input_absmax(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(C_in,) max |x| of ``layer``'s recorded inputs over everything but the input-channel axis."""
+    return x.abs().amax(tuple(d for d in range(x.dim()) if d != channel_dim(x, layer)))
+
+
+def smooth(model: nn.Module, layers: list, run, w_quant, a_bits: int, record=None) -> dict:
+    """Smooth ``layers`` of ``model`` in place, each with the alpha of least ``layer_error`` at ``a_bits``
+    (``choose_alpha``) on the inputs ``run()`` feeds it; ``w_quant(layer name)`` -> the weight quantizer
+    (W -> de-quantized W) the layer will be stored with. Run-time divisors are attached and hold their fp16
+    values (what the file stores). ``record``: the layers whose inputs are recorded (default ``layers``; the
+    random subsets depend on it). Returns {"alpha": {layer: alpha or None}, "folded": [...], "runtime": [...]}."""
+    recorded = record_inputs(model, record or layers, run)
+    mods, runtime, alphas = dict(model.named_modules()), {}, {}
+    for n in layers:
+        x = recorded[n]
+        alpha, s, _ = choose_alpha(mods[n], x, input_absmax(mods[n], x), w_quant(n), a_bits)
+        alphas[n] = alpha
+        if alpha is not None:  # s rounded to the divisor's stored fp16 first, so W diag(s) and x / s still cancel
+            fold(model, n, s.clamp(FP16_TINY, FP16_MAX).half().float(), runtime)
+    attach_divisors(model, {n: s.numel() for n, s in runtime.items()})
+    with torch.no_grad():
+        for n, s in runtime.items():
+            mods[n].smooth_div.copy_(s)
+    return {"alpha": alphas, "folded": sorted(n for n, a in alphas.items() if a is not None and n not in runtime),
+            "runtime": sorted(runtime)}
+
+
+def carry_divisor(src: nn.Module, dst: nn.Module) -> nn.Module:
+    """Give ``dst`` (a module replacing ``src``, e.g. a rewritten convolution) ``src``'s run-time divisor and its
+    pre-hook, so the replacement still sees the smoothed input x / s."""
+    if hasattr(src, "smooth_div"):
+        dst.register_buffer("smooth_div", src.smooth_div.detach().clone())
+        dst.register_forward_pre_hook(_divide_input, prepend=True)
+    return dst
 
 
 def record_inputs(model, names, run, max_rows=4096, seed=0) -> dict:
