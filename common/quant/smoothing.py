@@ -127,17 +127,19 @@ def input_absmax(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x.abs().amax(tuple(d for d in range(x.dim()) if d != channel_dim(x, layer)))
 
 
-def smooth(model: nn.Module, layers: list, run, w_quant, a_bits: int, record=None) -> dict:
+def smooth(model: nn.Module, layers: list, run, w_quant, a_bits: int, record=None, grid=None) -> dict:
     """Smooth ``layers`` of ``model`` in place, each with the alpha of least ``layer_error`` at ``a_bits``
     (``choose_alpha``) on the inputs ``run()`` feeds it; ``w_quant(layer name)`` -> the weight quantizer
     (W -> de-quantized W) the layer will be stored with. Run-time divisors are attached and hold their fp16
     values (what the file stores). ``record``: the layers whose inputs are recorded (default ``layers``; the
-    random subsets depend on it). Returns {"alpha": {layer: alpha or None}, "folded": [...], "runtime": [...]}."""
+    random subsets depend on it); ``grid``: the alphas ``choose_alpha`` tries (default its own).
+    Returns {"alpha": {layer: alpha or None}, "folded": [...], "runtime": [...]}."""
     recorded = record_inputs(model, record or layers, run)
     mods, runtime, alphas = dict(model.named_modules()), {}, {}
     for n in layers:
         x = recorded[n]
-        alpha, s, _ = choose_alpha(mods[n], x, input_absmax(mods[n], x), w_quant(n), a_bits)
+        alpha, s, _ = choose_alpha(mods[n], x, input_absmax(mods[n], x), w_quant(n), a_bits,
+                                   **({} if grid is None else {"alphas": grid}))
         alphas[n] = alpha
         if alpha is not None:  # s rounded to the divisor's stored fp16 first, so W diag(s) and x / s still cancel
             fold(model, n, s.clamp(FP16_TINY, FP16_MAX).half().float(), runtime)
