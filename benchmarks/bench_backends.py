@@ -70,8 +70,9 @@ def smoothed_for_int8(cfg, model, plan) -> tuple:
     """(copy of ``model`` smoothed for W8A8, what smoothing did): every conv / linear the int8 plan ``plan``
     quantizes gets per-input-channel scales (SmoothQuant; alpha per layer from ``W8A8_ALPHAS`` by the W8A8
     output error, ``smoothing.smooth``), so that the int8 backend's per-tensor uint8 activations see flattened
-    channels; the int8 weights are rounded after the scaling. The inputs are recorded on trajectories of the fp32 model drawn with the int8 backend's calibration settings
-    (``backend.calib_*``: its noise, count and steps; the backend later calibrates on the quantized model's)."""
+    channels; the int8 weights are rounded after the scaling. The inputs are recorded on trajectories of the
+    fp32 model drawn with the int8 backend's calibration settings (``backend.calib_*``: its noise, count and
+    steps; the backend later calibrates on the quantized model's)."""
     from common.quant.formats import channel_axes, dequantize_tensor, quantize_tensor
     from common.quant.smoothing import smooth
 
