@@ -29,7 +29,7 @@ from common.diffusion.schedule import NoiseSchedule
 from common.evaluation import classifier, evaluate, metrics
 from common.evaluation.generate import build_runner, load_weights
 from common.quant import backends
-from common.quant.container import QUANTIZED_FILE, arch_record, save_quantized
+from common.quant.container import QUANTIZED_FILE, arch_record, is_extra_tensor, save_quantized
 from common.quant.eligibility import eligible_names
 from common.quant.formats import quantize_model
 
@@ -110,7 +110,7 @@ def write_variants(cfg, ckpt_path, out_dir, names=VARIANTS) -> tuple:
             net, provenance["smoothing"] = smoothed_for_int8(cfg, model, plan)
         _, stored = quantize_model(net, plan)
         stored.update({n: quantize_tensor(b, "fp16", 0) for n, b in net.named_buffers()
-                       if n.endswith(".smooth_div")})  # run-time divisors: stored fp16, counted in the size
+                       if is_extra_tensor(n)})  # run-time divisors: stored fp16, counted in the size
         paths[name] = os.path.join(out_dir, name, QUANTIZED_FILE)
         save_quantized(stored, paths[name], arch_record(cfg, net), provenance)
     return paths, source

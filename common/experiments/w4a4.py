@@ -43,7 +43,7 @@ from ..quant.activations import (
     save_act_quant,
 )
 from ..quant.bops import unet_macs
-from ..quant.container import arch_record, stored_digest
+from ..quant.container import arch_record, is_extra_tensor, stored_digest
 from ..quant.eligibility import eligible_names, end_convs
 from ..quant.formats import channel_axes, dequantize_tensor, int_codes, quantize_tensor
 from ..quant.hooks import input_hooks
@@ -306,7 +306,7 @@ def stored_entries(c, transformed, w_bits: int, state=None) -> dict:
             stored[n] = quantize_tensor(params[n], f"int{w_bits}", axes[n])
         elif n in ends:
             stored[n] = quantize_tensor(params[n], c.lowbit.keep_format, axes[n])
-        elif ".lowrank." in n or n.endswith(".smooth_div") or n.endswith(".time_rows"):
+        elif is_extra_tensor(n):
             stored[n] = quantize_tensor(v, "fp16", 0)
         else:
             stored[n] = {"format": "fp32", "data": v.detach().cpu().clone()}

@@ -150,6 +150,12 @@ def arch_record(cfg, model=None) -> dict:
     return arch
 
 
+def is_extra_tensor(name: str) -> bool:
+    """A tensor an extra adds to the network (low-rank factors, smoothing divisors, time-table rows): the file
+    stores these in 16 bits (``extras_of`` records the extras themselves)."""
+    return ".lowrank." in name or name.endswith(".smooth_div") or name.endswith(".time_rows")
+
+
 def extras_of(model) -> dict:
     """What was added to the plain network, in the order ``model_from_arch`` re-attaches it (the order the
     input hooks run in): {"smooth": {module: channels}, "rotate": {module: block}, "lowrank": {module: rank},
