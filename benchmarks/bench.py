@@ -318,7 +318,9 @@ def main():
     ap.add_argument("--batch-sweep", type=int, nargs="*", default=[25, 100, 300], help="sampling batch sizes")
     ap.add_argument("--part", choices=("all", "core", "backends"), default="all",
                     help="core: sampling/Fisher/training; backends: execution backends x variants")
-    ap.add_argument("--backend-n", type=int, default=400, help="images per (variant, backend) row")
+    ap.add_argument("--backend-n", type=int, default=400, help="images per seed and (variant, backend) row")
+    ap.add_argument("--backend-seeds", type=int, nargs="+", default=[0],
+                    help="noise seeds of the backend rows (the ratios' intervals pool their images)")
     ap.add_argument("--variants", nargs="+", default=list(bench_backends.VARIANTS), choices=bench_backends.VARIANTS,
                     help="variants of the backend table (fp32 is always measured: it is the reference)")
     ap.add_argument("--backends", nargs="+", default=list(bench_backends.BACKEND_ROWS),
@@ -350,7 +352,8 @@ def main():
         ckpt = args.checkpoint or bench_backends.default_checkpoint(cfg)
         out_dir = os.path.join(cfg.run.out_dir, "bench", cfg.run.name)
         # the four figures the backend targets are judged by come first on the last line
-        figures = {**bench_backends.run(cfg, ckpt, out_dir, args.backend_n, isolated, args.variants, args.backends),
+        figures = {**bench_backends.run(cfg, ckpt, out_dir, args.backend_n, isolated, args.variants, args.backends,
+                                          args.backend_seeds),
                    **figures}
     figures.update(isa=cap["isa"], native_bf16=cap["native_bf16"], vnni=cap["vnni"])  # what every figure ran on
     print(" ".join(f"{k}={v}" for k, v in figures.items()))

@@ -7,9 +7,10 @@ rule (layer_ratio p = 0.25, the poster's best-FID row, with int8 as its low form
 CPU kernel) and a Fisher-allocated mix (fisher_distortion, 25% budget over fp32/fp16/int8/int4), each written
 as quantized.safetensors and reloaded from it.
 Backends: dequant (fp32 reference), bf16 eager, bf16 + torch.compile, int8 (PT2E W8A8 + torch.compile),
-int8_bf16 (the same under bf16 autocast: PT2E's int8-mixed-bf16).
-Every (variant, backend) runs in its own process (its own peak RSS), samples the same noise (seed 0), and
-is compared with fp32-on-dequant: paired MSE of [0, 1] pixels and classifier-FID between the two sets.
+int8_bf16 (the same with attention and the non-fp32 float layers in bf16 islands).
+Every (variant, backend) runs in its own process (its own peak RSS), samples the same noise (``--backend-seeds``,
+default seed 0), and is compared with fp32-on-dequant: paired MSE of [0, 1] pixels and classifier-FID between the
+two sets; the paired-MSE ratios of the headline carry a 95% bootstrap interval over the images.
 On a CPU without native bf16 (``core.machine``), where the bf16 rows are emulated (~40x slower), every row runs
 a tenth of the images (all rows alike, so they stay paired) and the ratios below 1 are printed as measured.
 Then ``backend.name: auto``'s choice for each variant and for an all-bf16 plan (the one kind where it has a
@@ -28,6 +29,7 @@ from common.diffusion.samplers import build_sampler, sample
 from common.diffusion.schedule import NoiseSchedule
 from common.evaluation import classifier, evaluate, metrics
 from common.evaluation.generate import build_runner, load_weights
+from common.experiments.statistics import ratio_interval
 from common.quant import backends
 from common.quant.container import QUANTIZED_FILE, arch_record, is_extra_tensor, save_quantized
 from common.quant.eligibility import eligible_names
@@ -135,9 +137,9 @@ def _top_ops(runner, x, t, k=5) -> str:
     return ", ".join(f"{e.key} {100 * e.self_cpu_time_total / total:.0f}%" for e in top)
 
 
-def bench_backend(cfg, path, backend, compile_model, n, batch, int8_ranges=None):
-    """One (variant file, backend) in this process: prepare, sample ``n`` images (seed 0), profile one call.
-    ``int8_ranges``: the int8 activation observer (``backend.int8_ranges``; None keeps the config's)."""
+def bench_backend(cfg, path, backend, compile_model, n, batch, int8_ranges=None, seeds=(0,)):
+    """One (variant file, backend) in this process: prepare, sample ``n`` images per seed of ``seeds``, profile one
+    call. ``int8_ranges``: the int8 activation observer (``backend.int8_ranges``; None keeps the config's)."""
     if int8_ranges is not None:
         cfg = copy.deepcopy(cfg)
         cfg.backend.int8_ranges = int8_ranges
@@ -148,10 +150,10 @@ def bench_backend(cfg, path, backend, compile_model, n, batch, int8_ranges=None)
     sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
     shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
     t0 = time.perf_counter()
-    x = sample(runner, sampler, n, shape, 0, batch, progress=False)
+    x = torch.cat([sample(runner, sampler, n, shape, seed, batch, progress=False) for seed in seeds])
     seconds = time.perf_counter() - t0
     probe = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
-    return {"img_s": n / seconds, "prepare_s": runner.prepare_seconds, "resident_bytes": runner.resident_bytes,
+    return {"img_s": len(x) / seconds, "prepare_s": runner.prepare_seconds, "resident_bytes": runner.resident_bytes,
             # numpy, not a tensor: torch would share the tensor through a file descriptor of this (exiting) process
             "peak_rss_mb": _peak_rss_mb(), "x01": ((x.clamp(-1, 1) + 1) / 2).numpy(), "summary": runner.summary(),
             "top_ops": _top_ops(runner, probe, torch.full((batch,), cfg.diffusion.timesteps // 2))}
@@ -197,10 +199,11 @@ def auto_choices(cfg, paths: dict, probe=backends.probe_speed) -> dict:
     return out
 
 
-def run(cfg, ckpt_path, out_dir, n, isolated, variants=VARIANTS, rows_wanted=tuple(BACKEND_ROWS)):
+def run(cfg, ckpt_path, out_dir, n, isolated, variants=VARIANTS, rows_wanted=tuple(BACKEND_ROWS), seeds=(0,)):
     """Measure every (variant, backend); print the table and return the headline figures.
 
-    fp32 on dequant is the reference of the paired figures and is always measured."""
+    fp32 on dequant is the reference of the paired figures and is always measured. ``n`` images per seed of
+    ``seeds``; the paired-MSE ratios get a bootstrap interval over the images."""
     variants = ["fp32"] + [v for v in variants if v != "fp32"]
     paths, source = write_variants(cfg, ckpt_path, out_dir, variants)
     cap = machine.capability()
@@ -209,14 +212,14 @@ def run(cfg, ckpt_path, out_dir, n, isolated, variants=VARIANTS, rows_wanted=tup
               f"row samples {images_per_row(n, rows_wanted, cap)} images instead of {n} (all rows alike: still paired)")
         n = images_per_row(n, rows_wanted, cap)
     batch = min(n, cfg.sample.batch_size)
-    print(f"\n[backends] {source}\n[backends] {n} images per row, batch {batch}, seed 0, "
+    print(f"\n[backends] {source}\n[backends] {n} images per seed and row, batch {batch}, seeds {list(seeds)}, "
           f"{cfg.sample.sampler} {cfg.sample.steps} steps; int8 calibration: {cfg.backend.calib_images} "
           f"trajectories x {cfg.backend.calib_steps} steps (seed {cfg.backend.calib_seed})")
     rows = {}
     for variant, path in paths.items():
         for label in ["dequant"] + [b for b in rows_wanted if b != "dequant"]:
             backend, comp, ranges = BACKEND_ROWS[label]
-            r = isolated(bench_backend, cfg, path, backend, comp, n, batch, ranges)
+            r = isolated(bench_backend, cfg, path, backend, comp, n, batch, ranges, tuple(seeds))
             if "x01" in r:
                 r["x01"] = torch.from_numpy(r["x01"])
             rows[variant, label] = r
@@ -234,7 +237,8 @@ def run(cfg, ckpt_path, out_dir, n, isolated, variants=VARIANTS, rows_wanted=tup
         if "error" in r:
             print(f"{variant:24s} {label:16s} unavailable: {r['error']}")
             continue
-        r["paired_mse"] = float((r["x01"] - ref["x01"]).pow(2).mean())
+        r["per_image"] = (r["x01"] - ref["x01"]).pow(2).flatten(1).mean(1).double().numpy()
+        r["paired_mse"] = float(r["per_image"].mean())
         r["clf_fid"] = (metrics.frechet_from_features(_clf_features(cfg, r["x01"]), ref_feats)
                         if ref_feats is not None else None)
         fid = f"{r['clf_fid']:8.3f}" if r["clf_fid"] is not None else f"{'n/a':>8s}"
@@ -259,6 +263,15 @@ def run(cfg, ckpt_path, out_dir, n, isolated, variants=VARIANTS, rows_wanted=tup
     return figures
 
 
+def _mse_ratio(r, base) -> tuple:
+    """(paired-MSE ratio of row ``r`` over row ``base``, its 95% bootstrap interval over the images or None)."""
+    if base["paired_mse"] <= 0:
+        return None, None
+    ci = (ratio_interval(r["per_image"], base["per_image"]) if "per_image" in r and "per_image" in base
+          else None)
+    return round(r["paired_mse"] / base["paired_mse"], 2), (None if ci is None else [round(c, 2) for c in ci])
+
+
 def headline(rows) -> dict:
     """The last-line figures, on the uniform int8 variant against its own dequant row (fp32 compute), and
     ``smooth_*`` for its smoothed twin; None where a row was not measured."""
@@ -274,12 +287,12 @@ def headline(rows) -> dict:
     for key, label in (("int8", "int8"), ("int8bf16", "int8_bf16"), ("int8pct", "int8+pct"),
                        ("int8bf16pct", "int8_bf16+pct")):
         r = ok(label)
-        fig = dict.fromkeys((f"{key}_speedup", f"{key}_resident_ratio", f"{key}_paired_mse_ratio"))
+        fig = dict.fromkeys((f"{key}_speedup", f"{key}_resident_ratio", f"{key}_paired_mse_ratio",
+                             f"{key}_paired_mse_ratio_ci"))
         if base is not None and r is not None:
             fig = {f"{key}_speedup": round(r["img_s"] / base["img_s"], 2),
-                   f"{key}_resident_ratio": round(r["resident_bytes"] / rows["fp32", "dequant"]["resident_bytes"], 3),
-                   f"{key}_paired_mse_ratio": (round(r["paired_mse"] / base["paired_mse"], 2)
-                                               if base["paired_mse"] > 0 else None)}
+                   f"{key}_resident_ratio": round(r["resident_bytes"] / rows["fp32", "dequant"]["resident_bytes"], 3)}
+            fig[f"{key}_paired_mse_ratio"], fig[f"{key}_paired_mse_ratio_ci"] = _mse_ratio(r, base)
         out.update(fig)
     # the smoothed plan: its MSE against its own dequant row (the target's ratio) and against the plain plan's
     # dequant row (what smoothing costs or buys in the weights), its speed against the plain plan's dequant row
@@ -288,13 +301,14 @@ def headline(rows) -> dict:
     for key, label in (("int8", "int8"), ("int8bf16", "int8_bf16"), ("int8pct", "int8+pct"),
                        ("int8bf16pct", "int8_bf16+pct")):
         r = rows.get(("uniform_int8_smooth", label))
-        fig = dict.fromkeys((f"smooth_{key}_speedup", f"smooth_{key}_paired_mse_ratio", f"smooth_{key}_vs_plain"))
+        fig = dict.fromkeys((f"smooth_{key}_speedup", f"smooth_{key}_paired_mse_ratio",
+                             f"smooth_{key}_paired_mse_ratio_ci", f"smooth_{key}_vs_plain"))
         if base is not None and r is not None and "error" not in r:
             fig[f"smooth_{key}_speedup"] = round(r["img_s"] / base["img_s"], 2)
             if base["paired_mse"] > 0:
                 fig[f"smooth_{key}_vs_plain"] = round(r["paired_mse"] / base["paired_mse"], 2)
-        if own is not None and r is not None and "error" not in r and own["paired_mse"] > 0:
-            fig[f"smooth_{key}_paired_mse_ratio"] = round(r["paired_mse"] / own["paired_mse"], 2)
+        if own is not None and r is not None and "error" not in r:
+            fig[f"smooth_{key}_paired_mse_ratio"], fig[f"smooth_{key}_paired_mse_ratio_ci"] = _mse_ratio(r, own)
         out.update(fig)
     mixed = ok("int8_bf16")
     out["int8bf16_vs_bf16"] = round(mixed["img_s"] / bf16["img_s"], 2) if mixed and bf16 else None

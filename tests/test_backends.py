@@ -258,20 +258,40 @@ def test_int8_compiled(mixed_two_stages):
 
 
 def test_int8_mixed_bf16(mixed, int8_reference):
-    """int8_bf16: the same int8 codes, everything else under bf16 autocast: close to int8's samples, not equal."""
+    """int8_bf16: the same int8 codes; attention and the non-fp32 float convolutions in bf16 islands, everything
+    between them (the int8 kernels' outputs, norms, the residual stream) fp32: close to int8's samples, not equal."""
     _, qmodel, stored, sampler, ref = mixed
     reference, calib = int8_reference
     runner = backends.prepare(qmodel, stored, "int8_bf16", calib=calib, compile_model=False)
-    assert runner.backend == "int8_bf16" and any("int8-mixed-bf16" in n for n in runner.notes)
+    assert runner.backend == "int8_bf16" and any("bf16 islands" in n for n in runner.notes)
     assert runner.precision["Layer1.ResBlock1.conv1.weight"] == "int8 W8A8 (int4 codes, plan scales)"
     assert runner.precision["Layer3.ResBlock2.conv1.weight"].startswith("bf16 (int8 masked values")
     assert runner.precision["shallow_conv.weight"] == "fp32 (fp32 values)"  # the plan's fp32 tensors stay fp32
-    kept = [n for n in runner.fn.__closure__[0].cell_contents.graph.nodes if n.target is backends._conv2d_fp32]
-    assert [n.args[1].target for n in kept] == ["shallow_conv.weight", "late_conv.weight", "output_conv.weight"]
+    assert runner.precision["Layer1.ResBlock1.gnorm1.weight"] == "fp32 (fp32 values)"  # no autocast around norms
+    nodes = list(runner.fn.graph.nodes)
+    assert sum(n.target is backends._sdpa_bf16 for n in nodes) == 2  # both attention layers
+    assert {n.args[1].target for n in nodes if n.target is backends._conv2d_bf16} == {
+        "Layer3.ResBlock2.conv1.weight", "Layer3.ResBlock1.conv2.weight"}  # the masked and the fp16 conv
+    # the residual stream stays fp32: every float tensor the graph computes is fp32 (under PT2E's
+    # int8-mixed-bf16 autocast the int8 kernels' outputs and everything after them were bf16)
+    dtypes = set()
+
+    class Dtypes(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if isinstance(out, torch.Tensor) and out.is_floating_point():
+                dtypes.add(out.dtype)
+            return out
+
+    x = torch.randn(2, *SHAPE)
+    with torch.no_grad():
+        Dtypes(runner.fn).run(x, torch.tensor([3, 17]))
+    assert dtypes == {torch.float32}
     out = sample(runner, sampler, 8, SHAPE, 0, 8, progress=False)
     assert out.dtype == torch.float32
     int8 = sample(reference, sampler, 8, SHAPE, 0, 8, progress=False)
     assert 0 < rel_err(out, int8) < 0.05 and rel_err(out, ref) < 0.08
+
 
 # ----------------------------------------------------------------------------- loading and sample.py
 def test_load_weights_plain_state_dict(tiny_model_fisher, tmp_path):

@@ -30,8 +30,9 @@ def test_headline_keys_and_ratios():
                    "int8pct_speedup": 1.8, "int8pct_resident_ratio": 0.33, "int8pct_paired_mse_ratio": 1.0,
                    "int8bf16pct_speedup": None, "int8bf16pct_resident_ratio": None,
                    "int8bf16pct_paired_mse_ratio": None, "int8bf16_vs_bf16": 1.3,
+                   **{f"{k}_paired_mse_ratio_ci": None for k in ("int8", "int8bf16", "int8pct", "int8bf16pct")},
                    **{f"smooth_{k}_{f}": None for k in ("int8", "int8bf16", "int8pct", "int8bf16pct")
-                      for f in ("speedup", "paired_mse_ratio", "vs_plain")}}
+                      for f in ("speedup", "paired_mse_ratio", "paired_mse_ratio_ci", "vs_plain")}}
     # the smoothed twin: its MSE against its own dequant row and against the plain plan's, speed against the plain's
     rows["uniform_int8_smooth", "dequant"] = _row(10, 1000, 2e-4)
     rows["uniform_int8_smooth", "int8_bf16+pct"] = _row(25, 330, 3e-4)
@@ -41,6 +42,29 @@ def test_headline_keys_and_ratios():
     rows["uniform_int8", "int8_bf16"] = {"error": "no oneDNN"}
     out = bench_backends.headline(rows)
     assert out["int8bf16_speedup"] is None and out["int8bf16_vs_bf16"] is None and out["int8_speedup"] == 1.8
+
+
+def test_paired_mse_ratio_has_a_bootstrap_interval_over_the_images():
+    """Per-image paired MSEs give the ratio an interval: it holds the ratio, is paired (a constant per-image
+    factor has no spread at all), and widens when one image carries the damage."""
+    import numpy as np
+
+    from common.experiments.statistics import ratio_interval
+
+    rng = np.random.default_rng(1)
+    den = rng.exponential(1e-4, 300)
+    base = {"paired_mse": den.mean(), "per_image": den}
+    r = {"paired_mse": 2 * den.mean(), "per_image": 2 * den}
+    assert bench_backends._mse_ratio(r, base) == (2.0, [2.0, 2.0])
+    num = den * rng.uniform(1, 3, 300)
+    ratio, (lo, hi) = bench_backends._mse_ratio({"paired_mse": num.mean(), "per_image": num}, base)
+    assert lo < ratio < hi and 1 < lo and hi < 3
+    spiky = num.copy()
+    spiky[0] += 300 * num.mean()  # one image that changed digit doubles the mean
+    lo2, hi2 = ratio_interval(spiky, den)
+    assert hi2 - lo2 > 3 * (hi - lo)
+    assert ratio_interval(num[:1], den[:1]) is None and ratio_interval(num, den[:10]) is None
+    assert bench_backends._mse_ratio(_row(1, 1, 1e-4), _row(1, 1, 1e-4)) == (1.0, None)  # no per-image figures
 
 
 def test_emulated_bf16_rows_run_a_tenth_of_the_images():

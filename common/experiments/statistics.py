@@ -79,6 +79,23 @@ def t_interval(d: np.ndarray, level: float = 0.95):
     return mean, mean - half, mean + half
 
 
+def ratio_interval(num: np.ndarray, den: np.ndarray, level: float = 0.95, n_boot: int = 2000, seed: int = 0):
+    """(low, high) of the ``level`` percentile-bootstrap interval of mean(num) / mean(den) where num[i] and den[i]
+    belong to the same image (paired: both resampled with one index), e.g. two backends' per-image paired MSE.
+    A few images whose digit changes carry most of a paired MSE, so one noise seed's ratio can sit far from
+    another's; the interval says how far. None below 2 pairs or where a resample's mean(den) is 0."""
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    if num.shape != den.shape or len(num) < 2:
+        return None
+    idx = np.random.default_rng(seed).integers(0, len(num), (n_boot, len(num)))
+    means = den[idx].mean(1)
+    if (means <= 0).any():
+        return None
+    ratios = num[idx].mean(1) / means
+    lo, hi = np.percentile(ratios, [50 - 50 * level, 50 + 50 * level])
+    return float(lo), float(hi)
+
+
 def paired_verdict(d: np.ndarray, names=("A", "B"), p_adjusted=None) -> str:
     """Table cell for paired per-seed differences B - A (lower is better: a positive mean favours A).
 

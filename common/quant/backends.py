@@ -26,10 +26,11 @@ What each tensor runs in (``Runner.precision`` says it per parameter):
   element-masked tensors (one kernel cannot mix formats inside a tensor). The export has a dynamic batch
   dimension; the compiled graph is specialised to ``batch_size`` and smaller batches are zero-padded to it
   (samples are independent under static scales, so padding changes no result).
-* ``int8_bf16`` — the same int8 graph compiled and run under bf16 autocast (PT2E's int8-mixed-bf16): the
-  int8 kernels as above, the convolutions / linears whose weight the plan stores as fp32 still in fp32
-  (rewritten out of autocast), and what autocast casts of the rest (attention, the other float tensors'
-  convolutions and matmuls) in bf16.
+* ``int8_bf16`` — the same int8 graph with bf16 islands: the int8 kernels as above (fp32 outputs), attention
+  (``scaled_dot_product_attention``) and the float convolutions / linears whose weight the plan does not store
+  as fp32 rewritten to run in bf16 and cast back (``_bf16_islands``), so the residual stream, norms and
+  everything between stays fp32. PT2E's int8-mixed-bf16 (the whole graph under bf16 autocast, bf16 outputs
+  from the int8 kernels) was measured faster by ~5% but with 1.4x this one's damage (docs/performance.md).
 
 ``auto`` (``choose_auto``) — the fastest backend that is *exact for the plan* on this machine: one that runs every
 stored weight at its stored value (no second rounding of a parameter) and adds no rounding the plan does not
@@ -375,7 +376,7 @@ def _int8(model, stored, calib, batch_size, compile_model, mixed_bf16=False, ran
     converted = convert_pt2e(prepared)
     resident = tensor_bytes(_graph_constants(converted))
     formats = _formats(model, stored)
-    fp32_kept = _keep_fp32(converted, {n for n, f in formats.items() if f == "fp32"}) if mixed_bf16 else set()
+    in_bf16 = _bf16_islands(converted, {n for n, f in formats.items() if f == "fp32"}) if mixed_bf16 else set()
     fn, notes = converted, [f"activation ranges: {ranges}" + (f" {percentile}" if ranges == "percentile" else "")
                             + (", 7-bit codes (reduce_range)" if reduce_range else "")]
     batch_size = batch_size or len(x)
@@ -386,10 +387,9 @@ def _int8(model, stored, calib, batch_size, compile_model, mixed_bf16=False, ran
     else:
         notes.append("not compiled: the reference quantize/dequantize graph (int8 numerics, fp32 speed)")
         batch_size = None
-    if mixed_bf16:  # PT2E's int8-mixed-bf16: compiled and run under bf16 autocast
-        fn = _bf16_autocast(fn)
-        notes.append("int8-mixed-bf16: the int8 convolutions / matmuls as int8, the plan's fp32 convolutions / "
-                     "linears in fp32, everything else autocast to bf16 (attention, the other tensors' matmuls)")
+    if mixed_bf16:
+        notes.append("bf16 islands: attention and the convolutions / linears of non-fp32 float weights in bf16, "
+                     "cast back to fp32; the int8 kernels' outputs, norms and the residual stream in fp32")
     precision = {}
     for name, fmt in formats.items():
         mod_name = name.rpartition(".")[0]
@@ -398,47 +398,52 @@ def _int8(model, stored, calib, batch_size, compile_model, mixed_bf16=False, ran
         elif mod_name in plan.subpixel and name.endswith(".weight"):
             precision[name] = f"int8 W8A8 ({fmt} codes, plan scales; as 4 sub-pixel 2x2 convs)"
         elif name in plan.kept:
-            precision[name] = f"{'bf16' if mixed_bf16 else 'fp32'} ({fmt} values; {plan.kept[name]})"
-        elif mixed_bf16 and name not in fp32_kept:
-            precision[name] = f"bf16 autocast ({fmt} values)"
+            precision[name] = f"{'bf16' if name in in_bf16 else 'fp32'} ({fmt} values; {plan.kept[name]})"
+        elif name in in_bf16:
+            precision[name] = f"bf16 ({fmt} values, output cast to fp32)"
         else:
             precision[name] = f"fp32 ({fmt} values)"
     return Runner(fn, "int8_bf16" if mixed_bf16 else "int8", torch.float32, precision, resident,
                   batch_size=batch_size, notes=notes, min_batch=2)
 
 
-def _conv2d_fp32(x, *args):
-    with torch.autocast("cpu", enabled=False):
-        return torch.ops.aten.conv2d.default(x.float(), *args)
+def _bf16(a):
+    return a.bfloat16() if isinstance(a, torch.Tensor) else a
 
 
-def _linear_fp32(x, *args):
-    with torch.autocast("cpu", enabled=False):
-        return torch.ops.aten.linear.default(x.float(), *args)
+def _conv2d_bf16(x, weight, bias=None, *args):
+    return torch.ops.aten.conv2d.default(x.bfloat16(), weight.bfloat16(), _bf16(bias), *args).float()
 
 
-def _keep_fp32(gm, fp32_names) -> set:
-    """Rewrite ``gm``'s float convolutions / linears whose weight the plan stores as fp32 to run outside bf16
-    autocast; returns the parameter names (weights and biases) that now run in fp32."""
-    swap = {torch.ops.aten.conv2d.default: _conv2d_fp32, torch.ops.aten.linear.default: _linear_fp32}
-    kept = set()
+def _linear_bf16(x, weight, bias=None):
+    return torch.ops.aten.linear.default(x.bfloat16(), weight.bfloat16(), _bf16(bias)).float()
+
+
+def _sdpa_bf16(q, k, v, *args, **kwargs):
+    return torch.ops.aten.scaled_dot_product_attention.default(q.bfloat16(), k.bfloat16(), v.bfloat16(), *args,
+                                                                **kwargs).float()
+
+
+def _bf16_islands(gm, fp32_names) -> set:
+    """Rewrite ``gm``'s attention and its float convolutions / linears (a plain weight attribute, not an int8
+    dequantize node) whose weight the plan does not store as fp32 (``fp32_names``) to run in bf16 with fp32
+    outputs; returns the parameter names (weights and biases) that now run in bf16. Autocasting the whole graph
+    instead (PT2E's int8-mixed-bf16) also rounds the int8 kernels' outputs, i.e. the residual stream, to bf16
+    after every layer, which measured 1.4x the damage for ~5% speed."""
+    swap = {torch.ops.aten.conv2d.default: _conv2d_bf16, torch.ops.aten.linear.default: _linear_bf16}
+    islands = set()
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in swap:
+        if node.op != "call_function":
             continue
-        weight = node.args[1]  # a plain attribute for a float weight; a dequantize node for int8 codes
-        if weight.op == "get_attr" and weight.target in fp32_names:
-            node.target = swap[node.target]
-            kept.update(a.target for a in node.args[1:3] if isinstance(a, torch.fx.Node) and a.op == "get_attr")
+        if node.target is torch.ops.aten.scaled_dot_product_attention.default:
+            node.target = _sdpa_bf16
+        elif node.target in swap:
+            weight = node.args[1]
+            if weight.op == "get_attr" and weight.target not in fp32_names:
+                node.target = swap[node.target]
+                islands.update(a.target for a in node.args[1:3] if isinstance(a, torch.fx.Node) and a.op == "get_attr")
     gm.recompile()
-    return kept
-
-
-def _bf16_autocast(fn):
-    def run(x, t):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return fn(x, t).float()
-
-    return run
+    return islands
 
 
 def _frozen(compiled):
