@@ -222,7 +222,7 @@ def test_summary_judges_plans_by_their_damage_with_corrected_verdicts_and_target
     cfg = load_config(SMOKE)
     md = (out / "summary.md").read_text()
     for text in ("Primary score", "*test–retest ceiling*", "Holm's correction over the", "## Targets",
-                 "![measured search](lowbit_search.png)", "| jvp |", "| jvp_plan |"):
+                 "![measured search](lowbit_search.png)", "| jvp |", "| jvp_plan |", "| search fitness (measured) |"):
         assert text in md, text
     assert any(v in md for v in ("target met", "point estimate within target, interval not", "target missed"))
     q = json.load(open(out / "predictors.json"))
@@ -233,6 +233,11 @@ def test_summary_judges_plans_by_their_damage_with_corrected_verdicts_and_target
         assert set(row) == set(want) and all(r["mse_mean"] >= 0 for r in row.values()), key
     for band in q["quality"]["ceiling_bands"].values():
         assert band["tau"] is None or -1 <= band["tau"] <= 1
+    # the search's own judge on the held-out configurations: measured once, cached beside the other measurements
+    fitness = json.load(open(out / "baseline" / "search_fitness.json"))
+    assert len(fitness["values"]) == q["quality"]["n_heldout"] and all(v >= 0 for _, v in fitness["values"])
+    assert (fitness["inputs"]["images"], fitness["inputs"]["seed"]) == (cfg.lowbit.search_images,
+                                                                        cfg.lowbit.search_seed)
     kept = q["quality"]["predictor"]
     assert kept["floor"] in {cfg.lowbit.predictor_floor, *cfg.lowbit.predictor_floors, 0.0}
     names = [r["name"] for r in kept["selection"]]  # every candidate judged by its plans, exactly one kept

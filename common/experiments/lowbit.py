@@ -531,6 +531,9 @@ class Sensitivities:
             held = self.measured["configs"][len(self.measured["configs"]) - self.measured["holdout"]:]
             self.jvp_plan = [cache.get(c, one) for c in held]
             cache.save()
+        self.search_fitness = None  # the search's own judge on the held-out configurations: a measurement, not a model
+        if "search" in lb.plans and self.measured is not None:
+            self.search_fitness = heldout_search_fitness(cfg, model, table, self.measured, sha, device)
         self.iterative = {}  # (menu, size): (choice, diag, history, seconds), or the InfeasibleBudgetError
         for key in dict.fromkeys(iterative):
             try:
@@ -745,6 +748,7 @@ def _act_cfg(c):
 
 
 # ----------------------------------------------------------------------------- predictor quality
+SEARCH_FITNESS = "search fitness (measured)"  # a row of the τ tables that is a measurement, not a model
 def heldout_predictions(sens, table, configs) -> dict:
     """{predictor: its estimate of every configuration's damage}."""
     preds = {name: np.array([sum(sens.costs[name][n][f] for n, f in c.items()) for c in configs])
@@ -760,6 +764,8 @@ def heldout_predictions(sens, table, configs) -> dict:
         preds["jvp"] = np.array([sum(sens.costs["jvp"][n][f] for n, f in c.items()) for c in configs])
     if getattr(sens, "jvp_plan", None) is not None:
         preds["jvp_plan"] = np.array(sens.jvp_plan)
+    if getattr(sens, "search_fitness", None) is not None:
+        preds[SEARCH_FITNESS] = np.array(sens.search_fitness)
     return preds
 
 
@@ -774,6 +780,26 @@ def predictor_quality(sens, table, seed=0) -> dict:
     q.update(n_train=len(m["configs"]) - m["holdout"], images=m["inputs"]["images"],
              predictor=sens.predictor.describe() if sens.predictor else None, cv=getattr(sens, "cv", None))
     return q
+
+
+def heldout_search_fitness(cfg, model, table, measured, sha, device="cpu") -> list:
+    """The measured search's fitness (paired MSE of ``lowbit.search_images`` images under ``lowbit.search_seed``)
+    of every held-out configuration, cached in ``search_fitness.json``: how far the search can trust its own
+    judge within a budget band, beside the predictors (its noise is neither the held-out nor the retest one)."""
+    lb = cfg.lowbit
+    measurer = None
+    cache = ConfigCache(_cache(cfg, "search_fitness.json"),
+                        {**measurer_inputs(cfg, table, sha, lb.search_images), "seed": lb.search_seed})
+
+    def one(c):
+        nonlocal measurer
+        measurer = measurer or make_measurer(cfg, model, table, device, lb.search_images)
+        return measurer.measure(c, lb.search_seed)["mse_mean"]
+
+    held = measured["configs"][len(measured["configs"]) - measured["holdout"]:]
+    out = [cache.get(c, one) for c in held]
+    cache.save()
+    return out
 
 
 def measure_plans(cfg, model, table, sens, sha, device="cpu", progress=True) -> dict:
