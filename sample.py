@@ -5,9 +5,10 @@ its metadata, else from --config); default: the config's released baseline.weigh
 runs/<run>/baseline/checkpoint.pt. --variant-file takes a quantized.safetensors; an act_quant.py
 variant's activation quantizers (act_quant.safetensors beside it) are applied too, as fake quantization on
 --backend dequant only. --backend: dequant (fp32 compute of the stored values, the reference), bf16, fp16
-(CUDA only), int8 (static W8A8 on x86 through PT2E + torch.compile), int8_bf16 (the same with everything
-but the int8 kernels and the plan's fp32 tensors in bf16), or auto (the fastest backend that is exact for the
-plan on this machine, measured once by a short probe and cached; see docs/backends.md). Writes
+(CUDA only), int8 (static W8A8 on x86 through PT2E + torch.compile), int8_bf16 (the same with attention and
+the convolutions / linears of non-fp32 float weights in bf16, everything between them fp32), or auto (the
+fastest backend that is exact for the plan on this machine, measured once by a short probe and cached; see
+docs/backends.md). Writes
 <out>/samples.png, samples.npz (uint8 images and float32 samples) and sample.json (source, backend, what each
 tensor ran in, speed, the machine). Same --seed, same batch size: same noise, so outputs of two backends or
 variants are paired.

@@ -13,7 +13,6 @@ bf16 rows time a tenth of the images; every ratio is printed as measured, below 
 import argparse
 import multiprocessing as mp
 import os
-import resource
 import sys
 import time
 
@@ -36,10 +35,6 @@ from common.quant.eligibility import eligible_names  # noqa: E402
 def _model(cfg):
     torch.manual_seed(0)
     return build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size).eval().requires_grad_(False)
-
-
-def _peak_rss_mb():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _timeit(fn, min_seconds=2.0, warmup=1):
@@ -140,7 +135,7 @@ def bench_sampling(cfg, n_batch, n_single, variant="fp32", batch=None):
         run(n_single, 1)  # the original's way: one image at a time
         out["per_image_img_s"] = n_single / (time.perf_counter() - t0)
         out["flops_per_image"] = steps * forward_flops(_model(cfg), 1, shape)
-    out["peak_rss_mb"] = _peak_rss_mb()
+    out["peak_rss_mb"] = machine.peak_rss_mb()
     return out
 
 
@@ -177,7 +172,7 @@ def bench_fisher(cfg, n):
     top = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:4]
     total = sum(e.self_cpu_time_total for e in prof.key_averages())
     profile_top = ", ".join(f"{e.key} {100 * e.self_cpu_time_total / total:.0f}%" for e in top)
-    rss_vec = _peak_rss_mb()
+    rss_vec = machine.peak_rss_mb()
     t0 = time.perf_counter()
     b = loop()
     t_loop = time.perf_counter() - t0
@@ -356,7 +351,8 @@ def main():
                                           args.backend_seeds),
                    **figures}
     figures.update(isa=cap["isa"], native_bf16=cap["native_bf16"], vnni=cap["vnni"])  # what every figure ran on
-    print(" ".join(f"{k}={v}" for k, v in figures.items()))
+    # key=value pairs separated by spaces: a list (an interval) is printed without them
+    print(" ".join(f"{k}={v}".replace(", ", ",") for k, v in figures.items()))
     if args.update_docs:
         update_section(args.update_docs, "perf", "```\n" + sys.stdout.text().strip() + "\n```")
         sys.stdout = sys.stdout.stream

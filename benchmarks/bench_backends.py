@@ -118,12 +118,6 @@ def write_variants(cfg, ckpt_path, out_dir, names=VARIANTS) -> tuple:
     return paths, source
 
 
-def _peak_rss_mb():
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _top_ops(runner, x, t, k=5) -> str:
     from torch.profiler import ProfilerActivity, profile
 
@@ -155,7 +149,8 @@ def bench_backend(cfg, path, backend, compile_model, n, batch, int8_ranges=None,
     probe = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0))
     return {"img_s": len(x) / seconds, "prepare_s": runner.prepare_seconds, "resident_bytes": runner.resident_bytes,
             # numpy, not a tensor: torch would share the tensor through a file descriptor of this (exiting) process
-            "peak_rss_mb": _peak_rss_mb(), "x01": ((x.clamp(-1, 1) + 1) / 2).numpy(), "summary": runner.summary(),
+            "peak_rss_mb": machine.peak_rss_mb(), "x01": ((x.clamp(-1, 1) + 1) / 2).numpy(),
+            "summary": runner.summary(),
             "top_ops": _top_ops(runner, probe, torch.full((batch,), cfg.diffusion.timesteps // 2))}
 
 

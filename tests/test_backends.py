@@ -266,6 +266,7 @@ def test_int8_mixed_bf16(mixed, int8_reference):
     assert runner.backend == "int8_bf16" and any("bf16 islands" in n for n in runner.notes)
     assert runner.precision["Layer1.ResBlock1.conv1.weight"] == "int8 W8A8 (int4 codes, plan scales)"
     assert runner.precision["Layer3.ResBlock2.conv1.weight"].startswith("bf16 (int8 masked values")
+    assert runner.precision["Layer3.ResBlock2.conv1.bias"] == "fp32 (fp32 values)"  # added after the bf16 conv
     assert runner.precision["shallow_conv.weight"] == "fp32 (fp32 values)"  # the plan's fp32 tensors stay fp32
     assert runner.precision["Layer1.ResBlock1.gnorm1.weight"] == "fp32 (fp32 values)"  # no autocast around norms
     nodes = list(runner.fn.graph.nodes)

@@ -138,3 +138,20 @@ def test_sweep_cost_script_measures_and_writes_docs(tmp_path):
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sweep_cost.py"), "--gpu-tflops", "0"],
                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
     assert bad.returncode != 0 and "--gpu-tflops" in bad.stderr
+
+
+def test_a_spawned_row_reports_its_own_peak_rss_not_its_parents():
+    """The bench runs each row in a spawned process for its own peak RSS; Linux carries ru_maxrss across fork +
+    exec, so every row used to report at least the parent's RSS (2462 MB in each row of one run)."""
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("no /proc: peak_rss_mb falls back to ru_maxrss")
+    import torch
+
+    from benchmarks.bench import isolated
+    from common.core import machine
+
+    held = torch.ones(2**28)  # 1 GiB resident in the parent
+    parent = machine.peak_rss_mb()
+    child = isolated(machine.peak_rss_mb)
+    assert parent > 1024 and child < parent - 700, (parent, child)
+    del held

@@ -9,6 +9,7 @@ AVX2: ~40x slower than fp32), and without VNNI its int8 kernels gain nothing ove
 import functools
 import os
 import platform
+import resource
 import time
 
 import torch
@@ -145,3 +146,17 @@ def bf16_matmul_cost(n=256, repeats=5) -> dict:
     return {"fp32_gflops": round(2 * n ** 3 / out["fp32"] / 1e9, 2),
             "bf16_gflops": round(2 * n ** 3 / out["bf16"] / 1e9, 2),
             "slowdown": round(out["bf16"] / out["fp32"], 1), "n": n}
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak resident set in MB: ``VmHWM`` of /proc/self/status, which starts afresh at exec.
+    ``ru_maxrss`` does not: Linux carries it across fork + exec, so a spawned child (the bench's one process per
+    row) reported at least its parent's RSS. ``ru_maxrss`` (KB on Linux) only where /proc is missing."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -27,7 +27,6 @@ After optimisation the learned codes and steps are exported to ``quantized.safet
 import copy
 import json
 import os
-import resource
 import time
 
 import numpy as np
@@ -35,7 +34,7 @@ import torch
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from ..core import distributed, lock, storage
+from ..core import distributed, lock, machine, storage
 from ..core.budget import parse_size_at_bits, parse_wa_budget, size_at_bits_tag
 from ..core.cli import command
 from ..core.config import to_dict
@@ -487,7 +486,7 @@ def optimise_and_evaluate(c, model, sha, ranges, budget, method, layers, pool, i
              "w_bits_format": "plan" if plan else f"int{w_bits}", "a_bits": a_bits, "range_mode": ft.range_mode,
              "calib_source": ft.calib_source, "trainable_params": int(trained), "layers_trained": layers,
              "optimisation_steps": int(steps), "optimisation_seconds": round(seconds, 1),
-             "peak_rss_mb_so_far": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+             "peak_rss_mb_so_far": round(machine.peak_rss_mb()),
              "optimisation": info, "settings": to_dict(ft), "inputs": inputs}
     provenance = {"method": method, "budget": budget, "checkpoint_sha256": sha,
                   **({"plan": {k: plan[k] for k in ("file", "sha256")}} if plan else {}),

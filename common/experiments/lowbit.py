@@ -749,6 +749,8 @@ def _act_cfg(c):
 
 # ----------------------------------------------------------------------------- predictor quality
 SEARCH_FITNESS = "search fitness (measured)"  # a row of the τ tables that is a measurement, not a model
+
+
 def heldout_predictions(sens, table, configs) -> dict:
     """{predictor: its estimate of every configuration's damage}."""
     preds = {name: np.array([sum(sens.costs[name][n][f] for n, f in c.items()) for c in configs])
