@@ -296,12 +296,11 @@ def headline(rows) -> dict:
     for key, label in (("int8", "int8"), ("int8bf16", "int8_bf16"), ("int8pct", "int8+pct"),
                        ("int8bf16pct", "int8_bf16+pct")):
         r = rows.get(("uniform_int8_smooth", label))
-        fig = dict.fromkeys((f"smooth_{key}_speedup", f"smooth_{key}_paired_mse_ratio",
-                             f"smooth_{key}_paired_mse_ratio_ci", f"smooth_{key}_vs_plain"))
+        fig = dict.fromkeys(f"smooth_{key}_{f}" for f in ("speedup", "paired_mse_ratio", "paired_mse_ratio_ci",
+                                                          "vs_plain", "vs_plain_ci"))
         if base is not None and r is not None and "error" not in r:
             fig[f"smooth_{key}_speedup"] = round(r["img_s"] / base["img_s"], 2)
-            if base["paired_mse"] > 0:
-                fig[f"smooth_{key}_vs_plain"] = round(r["paired_mse"] / base["paired_mse"], 2)
+            fig[f"smooth_{key}_vs_plain"], fig[f"smooth_{key}_vs_plain_ci"] = _mse_ratio(r, base)
         if own is not None and r is not None and "error" not in r:
             fig[f"smooth_{key}_paired_mse_ratio"], fig[f"smooth_{key}_paired_mse_ratio_ci"] = _mse_ratio(r, own)
         out.update(fig)

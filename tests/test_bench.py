@@ -32,7 +32,7 @@ def test_headline_keys_and_ratios():
                    "int8bf16pct_paired_mse_ratio": None, "int8bf16_vs_bf16": 1.3,
                    **{f"{k}_paired_mse_ratio_ci": None for k in ("int8", "int8bf16", "int8pct", "int8bf16pct")},
                    **{f"smooth_{k}_{f}": None for k in ("int8", "int8bf16", "int8pct", "int8bf16pct")
-                      for f in ("speedup", "paired_mse_ratio", "paired_mse_ratio_ci", "vs_plain")}}
+                      for f in ("speedup", "paired_mse_ratio", "paired_mse_ratio_ci", "vs_plain", "vs_plain_ci")}}
     # the smoothed twin: its MSE against its own dequant row and against the plain plan's, speed against the plain's
     rows["uniform_int8_smooth", "dequant"] = _row(10, 1000, 2e-4)
     rows["uniform_int8_smooth", "int8_bf16+pct"] = _row(25, 330, 3e-4)
