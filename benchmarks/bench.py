@@ -351,8 +351,9 @@ def main():
                                           args.backend_seeds),
                    **figures}
     figures.update(isa=cap["isa"], native_bf16=cap["native_bf16"], vnni=cap["vnni"])  # what every figure ran on
-    # key=value pairs separated by spaces: a list (an interval) is printed without them
-    print(" ".join(f"{k}={v}".replace(", ", ",") for k, v in figures.items()))
+    # key=value pairs separated by spaces, so an interval is printed without them
+    print(" ".join(f"{k}={'[' + ','.join(map(str, v)) + ']' if isinstance(v, list) else v}"
+                   for k, v in figures.items()))
     if args.update_docs:
         update_section(args.update_docs, "perf", "```\n" + sys.stdout.text().strip() + "\n```")
         sys.stdout = sys.stdout.stream

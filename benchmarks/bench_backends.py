@@ -45,6 +45,8 @@ VARIANTS = ("fp32", "uniform_int8", "uniform_int8_smooth", "layer_ratio_p0.25_in
 # wider grid lowered both the weight-only and the int8_bf16 paired MSE (docs/performance.md)
 W8A8_ALPHAS = (0.0, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9, 0.95, 1.0)
 TARGETS = {"bf16": 1.8, "int8": 2.2, "int8bf16": 2.5, "int8pct": 2.2, "int8bf16pct": 2.5}
+# headline key prefix: its int8 row of BACKEND_ROWS
+INT8_FIGURES = {"int8": "int8", "int8bf16": "int8_bf16", "int8pct": "int8+pct", "int8bf16pct": "int8_bf16+pct"}
 
 
 def _weights(cfg, ckpt_path):
@@ -279,8 +281,7 @@ def headline(rows) -> dict:
     out = {"bf16_speedup": None}
     if base is not None and bf16 is not None:
         out["bf16_speedup"] = round(bf16["img_s"] / base["img_s"], 2)
-    for key, label in (("int8", "int8"), ("int8bf16", "int8_bf16"), ("int8pct", "int8+pct"),
-                       ("int8bf16pct", "int8_bf16+pct")):
+    for key, label in INT8_FIGURES.items():
         r = ok(label)
         fig = dict.fromkeys((f"{key}_speedup", f"{key}_resident_ratio", f"{key}_paired_mse_ratio",
                              f"{key}_paired_mse_ratio_ci"))
@@ -293,8 +294,7 @@ def headline(rows) -> dict:
     # dequant row (what smoothing costs or buys in the weights), its speed against the plain plan's dequant row
     own = rows.get(("uniform_int8_smooth", "dequant"))
     own = own if own is not None and "error" not in own else None
-    for key, label in (("int8", "int8"), ("int8bf16", "int8_bf16"), ("int8pct", "int8+pct"),
-                       ("int8bf16pct", "int8_bf16+pct")):
+    for key, label in INT8_FIGURES.items():
         r = rows.get(("uniform_int8_smooth", label))
         fig = dict.fromkeys(f"smooth_{key}_{f}" for f in ("speedup", "paired_mse_ratio", "paired_mse_ratio_ci",
                                                           "vs_plain", "vs_plain_ci"))

@@ -552,6 +552,20 @@ class Sensitivities:
 SEARCH_STARTS = ("chain_fisher", "fisher", "learned", "chain_output", "jvp", "magnitude", "random")
 
 
+def search_judge(cfg, model, table, device="cpu"):
+    """fitness(configuration): the measured search's judge, the paired MSE of ``lowbit.search_images`` images
+    under ``lowbit.search_seed`` (its measurer built at the first call). One definition for the search and for
+    the held-out τ row that says how far the search can trust it."""
+    measurer = None
+
+    def fitness(c):
+        nonlocal measurer
+        measurer = measurer or make_measurer(cfg, model, table, device, cfg.lowbit.search_images)
+        return measurer.measure(c, cfg.lowbit.search_seed)["mse_mean"]
+
+    return fitness
+
+
 def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, device="cpu"):
     """The measured search's result for ``menu`` at the weight size ``size`` (``experiments.search``): from a
     sensitivity's plan (``lowbit.search_start``: ``best``, the plan of least fitness among those of
@@ -579,7 +593,7 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
     if art is not None:
         print(f"[lowbit] reusing {path}")
         return art
-    measurer = make_measurer(cfg, model, table, device, lb.search_images)
+    judge = search_judge(cfg, model, table, device)
     # each configuration measured once: the chosen start is the search's first row again, and two sensitivities
     # may allocate the same plan (the learned one keeps the chain-aware Fisher's)
     measured = {}
@@ -587,7 +601,7 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
     def fitness(c):
         key = json.dumps(c, sort_keys=True)
         if key not in measured:
-            measured[key] = measurer.measure(c, lb.search_seed)["mse_mean"]
+            measured[key] = judge(c)
         return measured[key]
 
     starts = {k: fitness(c) for k, c in plans.items()} if len(plans) > 1 else {}
@@ -789,17 +803,11 @@ def heldout_search_fitness(cfg, model, table, measured, sha, device="cpu") -> li
     of every held-out configuration, cached in ``search_fitness.json``: how far the search can trust its own
     judge within a budget band, beside the predictors (its noise is neither the held-out nor the retest one)."""
     lb = cfg.lowbit
-    measurer = None
     cache = ConfigCache(_cache(cfg, "search_fitness.json"),
                         {**measurer_inputs(cfg, table, sha, lb.search_images), "seed": lb.search_seed})
-
-    def one(c):
-        nonlocal measurer
-        measurer = measurer or make_measurer(cfg, model, table, device, lb.search_images)
-        return measurer.measure(c, lb.search_seed)["mse_mean"]
-
+    judge = search_judge(cfg, model, table, device)
     held = measured["configs"][len(measured["configs"]) - measured["holdout"]:]
-    out = [cache.get(c, one) for c in held]
+    out = [cache.get(c, judge) for c in held]
     cache.save()
     return out
 
