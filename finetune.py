@@ -1,5 +1,7 @@
-"""W4A4 that holds up: for every budget in finetune.budgets ('W4A4': 4-bit weight codes for every conv / linear
-but the first and last conv, 4-bit activations with per-timestep-group ranges) and every method in
+"""W/A plans recovered by training: for every budget in finetune.budgets ('WxAy', default W4A6 and W4A8: x-bit
+weight codes for every conv / linear but the first and last conv, y-bit activations with per-timestep-group ranges;
+W4A4 is w4a4.py's ablation), every make lowbit plan in finetune.plans ('3bits@A8': its stored per-tensor
+formats, GPTQ's codes as the start), and every method in
 finetune.methods -- none (round to nearest, min-max ranges), reconstruction (per-layer AdaRound + LSQ steps
 against the fp32 layer), quest / fisher / all (finetuning with the quantizer in the loop against the fp32 teacher:
 QuEST's choice of layers, the same number chosen by Fisher information, or every layer) -- optimise on the

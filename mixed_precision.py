@@ -1,7 +1,7 @@
 """Beyond the poster: budgeted mixed precision. For each importance metric in mixed_precision.metric
 and each size budget in mixed_precision.budget ('25%' of fp32, '4.5bits' average, or '2.1MB'), choose one
 format per eligible tensor among mixed_precision.formats that minimises the summed estimated loss
-increase within the budget (exact MILP, common/allocate.py), then quantize, reload and evaluate like any
+increase within the budget (exact MILP, common/quant/allocate.py), then quantize, reload and evaluate like any
 strategy. Writes runs/<run>/mp_<metric>_<budget>/ and caches runs/<run>/baseline/importance/<metric>.pt.
 """
 from common.core.budget import budget_tag

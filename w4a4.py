@@ -5,12 +5,12 @@ quantized input but one group, and on one group alone (time path, skip concatena
 attention projections, ResBlock convs; the DiT's op types), each variant sampled from its files; plus per input
 the relative output error of 4-bit rounding per tensor against per input channel. ablation: W4A4 from plain
 rounding, adding one technique at a time (w4a4.rows): least-MSE ranges, per-token attention ranges, smoothing,
-rotation, a 16-bit low-rank branch (w4a4.lowrank_rank), the time path as a table, distillation that moves
-the weights (cached once trained). average: uniform A4 against A4 on average (activation bits from
-w4a4.average_a_bits chosen by the activation Fisher, or at random, within uniform W4A4's BOPs). channels: the
-per-input outlier table alone (range spread per channel, per-tensor vs per-channel error; seconds, nothing
-sampled; also part of damage). Studies: w4a4.studies. Writes runs/<run>/finetune/{w4a4.md, w4a4.csv, w4a4.png}
-and one folder per variant. Needs simplediffusion.py first.
+rotation, a 16-bit low-rank branch (w4a4.lowrank_rank), the time path as a table, GPTQ rounding, per-block
+activation ranges, distillation that moves the weights (cached once trained). average: uniform A4 against
+A4 on average (activation bits from w4a4.average_a_bits chosen by the activation Fisher, or at random, within
+uniform W4A4's BOPs). channels: the per-input outlier table alone (range spread per channel, per-tensor vs
+per-channel error; seconds, nothing sampled; also part of damage). Studies: w4a4.studies. Writes
+runs/<run>/finetune/{w4a4.md, w4a4.csv, w4a4.png} and one folder per variant. Needs simplediffusion.py first.
 """
 import os
 import time

@@ -110,6 +110,11 @@ def test_calibration_inputs_span_the_chain(mixed):
     assert all(x.shape == (4, *SHAPE) for x, _ in calib)
     two = backends.calibration_inputs(qmodel, sampler, 4, SHAPE, 7, steps=2)
     assert [int(t[0]) for _, t in two] == [sampler.timesteps[0], sampler.timesteps[-1]]
+    with pytest.raises(ValueError, match="at least 2"):  # one step would be pure noise only (t = T)
+        backends.calibration_inputs(qmodel, sampler, 4, SHAPE, 7, steps=1)
+    from common.core.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="calib_steps"):
+        load_config("configs/default.yaml", ["backend.calib_steps=1"])
 
 
 @pytest.fixture(scope="module")
@@ -259,20 +264,21 @@ def test_int8_compiled(mixed_two_stages):
 
 def test_int8_mixed_bf16(mixed, int8_reference):
     """int8_bf16: the same int8 codes; attention and the non-fp32 float convolutions in bf16 islands, everything
-    between them (the int8 kernels' outputs, norms, the residual stream) fp32: close to int8's samples, not equal."""
+    between them (the int8 kernels' outputs, norms, the residual stream) fp32: close to int8's samples, not equal.
+    An element-masked tensor stays fp32 as on int8: its kept elements are fp32 by the plan's choice."""
     _, qmodel, stored, sampler, ref = mixed
     reference, calib = int8_reference
     runner = backends.prepare(qmodel, stored, "int8_bf16", calib=calib, compile_model=False)
     assert runner.backend == "int8_bf16" and any("bf16 islands" in n for n in runner.notes)
     assert runner.precision["Layer1.ResBlock1.conv1.weight"] == "int8 W8A8 (int4 codes, plan scales)"
-    assert runner.precision["Layer3.ResBlock2.conv1.weight"].startswith("bf16 (int8 masked values")
+    assert runner.precision["Layer3.ResBlock2.conv1.weight"].startswith("fp32 (int8 masked values; element mask")
     assert runner.precision["Layer3.ResBlock2.conv1.bias"] == "fp32 (fp32 values)"  # added after the bf16 conv
     assert runner.precision["shallow_conv.weight"] == "fp32 (fp32 values)"  # the plan's fp32 tensors stay fp32
     assert runner.precision["Layer1.ResBlock1.gnorm1.weight"] == "fp32 (fp32 values)"  # no autocast around norms
     nodes = list(runner.fn.graph.nodes)
     assert sum(n.target is backends._sdpa_bf16 for n in nodes) == 2  # both attention layers
     assert {n.args[1].target for n in nodes if n.target is backends._conv2d_bf16} == {
-        "Layer3.ResBlock2.conv1.weight", "Layer3.ResBlock1.conv2.weight"}  # the masked and the fp16 conv
+        "Layer3.ResBlock1.conv2.weight"}  # the fp16 conv; not the masked one
     # the residual stream stays fp32: every float tensor the graph computes is fp32 (under PT2E's
     # int8-mixed-bf16 autocast the int8 kernels' outputs and everything after them were bf16)
     dtypes = set()
@@ -373,6 +379,11 @@ def test_plan_kind_and_exact_backends(mixed):
     assert backends.plan_kind(qmodel, act_quant=True) == "act_quant"
     bf16 = _bf16_plan(qmodel)
     assert "bf16" in backends.plan_kind(bf16).split("+")
+    # a stored buffer is part of the plan: an fp16 smoothing divisor that bf16 cannot hold makes bf16 inexact
+    conv = bf16.get_submodule("Layer1.ResBlock1.conv1")
+    conv.register_buffer("smooth_div", torch.full((conv.in_channels,), 1 + 2 ** -9).half().float())
+    assert "bf16" not in backends.plan_kind(bf16).split("+")
+    del conv.smooth_div
     assert backends.exact_backends("fp32") == backends.exact_backends("act_quant") == ["dequant"]
     assert backends.exact_backends("bf16") == ["dequant", "bf16"]
     assert backends.exact_backends("fp16", "cpu") == ["dequant"]  # fp16 runs on CUDA only
@@ -417,6 +428,12 @@ def test_auto_is_measured_once_per_machine(mixed, tmp_path, monkeypatch):
     cache = json.load(open(tmp_path / backends.AUTO_FILE))
     assert len(cache) == 2 and {e["isa"] for e in cache.values()} == {real["isa"], "OTHER"}
     (tmp_path / backends.AUTO_FILE).write_text("{not json")  # a damaged cache is measured again, not an error
+    assert backends.choose_auto(plan, "cpu", str(tmp_path), SHAPE, 100, probe=lambda m, b, *a: 1.0)["cached"] is False
+    # a probe at another batch is another measurement; a hand-damaged entry is measured again, not a crash
+    assert backends.choose_auto(plan, "cpu", str(tmp_path), SHAPE, 100, batch=8,
+                                probe=lambda m, b, *a: 1.0)["cached"] is False
+    cache = json.load(open(tmp_path / backends.AUTO_FILE))
+    json.dump({k: "garbage" for k in cache}, open(tmp_path / backends.AUTO_FILE, "w"))
     assert backends.choose_auto(plan, "cpu", str(tmp_path), SHAPE, 100, probe=lambda m, b, *a: 1.0)["cached"] is False
 
 

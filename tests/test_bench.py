@@ -64,6 +64,25 @@ def test_paired_mse_ratio_has_a_bootstrap_interval_over_the_images():
     lo2, hi2 = ratio_interval(spiky, den)
     assert hi2 - lo2 > 3 * (hi - lo)
     assert ratio_interval(num[:1], den[:1]) is None and ratio_interval(num, den[:10]) is None
+    diverged = num.copy()
+    diverged[5] = float("nan")  # a row whose samples went NaN has no interval, not [nan, nan]
+    assert ratio_interval(diverged, den) is None
+    with pytest.raises(ValueError, match="one value per image"):
+        ratio_interval(num.reshape(3, 100), den.reshape(3, 100))
+
+
+def test_backend_seeds_are_distinct_and_not_the_calibration_seed(capsys):
+    """Pooled seeds are independent images only if each is given once and none is the int8 calibration's noise."""
+    import argparse
+
+    from benchmarks.bench import check_backend_seeds
+
+    ap = argparse.ArgumentParser(prog="bench.py")
+    check_backend_seeds([0, 1, 2], 1234, ap)
+    for seeds, text in (([0, 1, 0], "appears twice"), ([0, 1234], "backend.calib_seed")):
+        with pytest.raises(SystemExit):
+            check_backend_seeds(seeds, 1234, ap)
+        assert text in capsys.readouterr().err
     assert bench_backends._mse_ratio(_row(1, 1, 1e-4), _row(1, 1, 1e-4)) == (1.0, None)  # no per-image figures
 
 
@@ -155,3 +174,22 @@ def test_a_spawned_row_reports_its_own_peak_rss_not_its_parents():
     child = isolated(machine.peak_rss_mb)
     assert parent > 1024 and child < parent - 700, (parent, child)
     del held
+
+
+def test_peak_rss_without_proc_reads_ru_maxrss_in_the_platforms_unit(monkeypatch):
+    """Where /proc is missing, ru_maxrss is KB on Linux / BSD but bytes on macOS."""
+    import builtins
+    import resource
+    import types
+
+    from common.core import machine
+
+    def no_proc(*a, **k):
+        raise OSError("no /proc")
+
+    monkeypatch.setattr(builtins, "open", no_proc)
+    monkeypatch.setattr(resource, "getrusage", lambda who: types.SimpleNamespace(ru_maxrss=512 * 2 ** 20))
+    monkeypatch.setattr(machine.sys, "platform", "darwin")
+    assert machine.peak_rss_mb() == 512
+    monkeypatch.setattr(machine.sys, "platform", "linux")
+    assert machine.peak_rss_mb() == 512 * 1024

@@ -255,6 +255,10 @@ def test_summary_judges_plans_by_their_damage_with_corrected_verdicts_and_target
     assert art["start_by"] == min(art["starts"], key=art["starts"].get)
     assert art["trace"][0]["fitness"] == art["starts"][art["start_by"]]  # the same images and noise: the same value
     assert f"search (uniform, 4bits) from {art['start_by']}'s plan" in p.stdout
+    # its cache is keyed by everything its judge's measurements depend on: a changed keep_format or format menu
+    # must not reuse it (the judge's own cache, search_fitness.json, is keyed the same way)
+    for key in ("keep_format", "formats", "names", "eps_samples", "sample", "checkpoint_sha256"):
+        assert art["inputs"][key] == fitness["inputs"][key], key
 
 
 def test_budget_below_the_floor_is_one_line_and_codebooks_refuse_int8(lowbit_run, tmp_path):

@@ -311,7 +311,8 @@ class BackendConfig:
     name: Literal["auto", "dequant", "bf16", "fp16", "int8", "int8_bf16"] = "dequant"
     compile: bool | None = None  # torch.compile; null = only for int8 (which needs it for its int8 kernels)
     calib_images: int = _spec(32, lo=2, doc="int8: trajectories whose U-Net inputs calibrate activation scales")
-    calib_steps: int = _spec(20, lo=1, doc="int8: sampler steps recorded per trajectory, spread over the chain")
+    calib_steps: int = _spec(20, lo=2, doc="int8: sampler steps recorded per trajectory, spread over the chain "
+                                           "(first and last included)")
     calib_seed: int = 1234  # not an evaluation seed, so calibration never sees the noise it is judged on
     # int8: activation ranges from PT2E's histogram observer (least L2 error) or per-step percentiles
     int8_ranges: Literal["histogram", "percentile"] = "histogram"

@@ -10,6 +10,7 @@ import functools
 import os
 import platform
 import resource
+import sys
 import time
 
 import torch
@@ -151,7 +152,8 @@ def bf16_matmul_cost(n=256, repeats=5) -> dict:
 def peak_rss_mb() -> float:
     """This process's own peak resident set in MB: ``VmHWM`` of /proc/self/status, which starts afresh at exec.
     ``ru_maxrss`` does not: Linux carries it across fork + exec, so a spawned child (the bench's one process per
-    row) reported at least its parent's RSS. ``ru_maxrss`` (KB on Linux) only where /proc is missing."""
+    row) reported at least its parent's RSS. ``ru_maxrss`` only where /proc is missing (bytes on macOS, KB
+    elsewhere)."""
     try:
         with open("/proc/self/status") as fh:
             for line in fh:
@@ -159,4 +161,5 @@ def peak_rss_mb() -> float:
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024

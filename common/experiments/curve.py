@@ -27,8 +27,9 @@ def snapshot_paths(spec: str) -> list:
     pattern = os.path.join(spec, "*.safetensors") if os.path.isdir(spec) else spec
     paths = sorted(glob.glob(pattern))
     if not paths:
-        raise FileNotFoundError(f"no snapshots match {pattern!r}: train with train.snapshot_every set "
-                                f"(e.g. --set train.snapshot_every=1000)")
+        raise FileNotFoundError(f"no snapshots match {pattern!r}: a training run writes them where "
+                                f"train.snapshot_every is set (configs/default.yaml: 2000; `make learning-curve` "
+                                f"reads the run of `make reproduce-from-scratch`, which trains from scratch)")
     return paths
 
 

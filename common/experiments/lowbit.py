@@ -585,10 +585,10 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
     # the chain-aware start keeps the keys its searches were cached under before the rule existed
     start = {"start": plans[prior], "start_by": prior} if lb.search_start == "chain_fisher" else \
         {"start_rule": "best", "candidates": plans}
-    inputs = {"checkpoint_sha256": sha, **start, "propose_by": propose_by,
+    # everything its judge's measurements depend on (the menu, keep_format, rounding, ...), then the search's own
+    inputs = {**measurer_inputs(cfg, table, sha, lb.search_images), **start, "propose_by": propose_by,
               "proposer": sens.predictor.describe() if propose_by == "learned" else None,
-              "seconds": lb.search_seconds, "evals": lb.search_evals, "images": lb.search_images,
-              "seed": lb.search_seed, "limit_bits": limit, "sample": to_dict(cfg.sample), **table.rounding}
+              "seconds": lb.search_seconds, "evals": lb.search_evals, "seed": lb.search_seed, "limit_bits": limit}
     art = storage.reusable_record(path, inputs)
     if art is not None:
         print(f"[lowbit] reusing {path}")

@@ -83,9 +83,14 @@ def ratio_interval(num: np.ndarray, den: np.ndarray, level: float = 0.95, n_boot
     """(low, high) of the ``level`` percentile-bootstrap interval of mean(num) / mean(den) where num[i] and den[i]
     belong to the same image (paired: both resampled with one index), e.g. two backends' per-image paired MSE.
     A few images whose digit changes carry most of a paired MSE, so one noise seed's ratio can sit far from
-    another's; the interval says how far. None below 2 pairs or where a resample's mean(den) is 0."""
+    another's; the interval says how far. Both 1-D, one value per image. None where they are not the same images
+    (lengths differ: e.g. a row that ran a tenth of them), below 2 pairs, where a value is not finite (a diverged
+    row) or where a resample's mean(den) is 0."""
     num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
-    if num.shape != den.shape or len(num) < 2:
+    if num.ndim != 1 or den.ndim != 1:
+        raise ValueError(f"ratio_interval takes one value per image on each side, got shapes {num.shape} and "
+                         f"{den.shape}")
+    if len(num) != len(den) or len(num) < 2 or not (np.isfinite(num).all() and np.isfinite(den).all()):
         return None
     idx = np.random.default_rng(seed).integers(0, len(num), (n_boot, len(num)))
     means = den[idx].mean(1)

@@ -377,7 +377,9 @@ def _int8(model, stored, calib, batch_size, compile_model, mixed_bf16=False, ran
     converted = convert_pt2e(prepared)
     resident = tensor_bytes(_graph_constants(converted))
     formats = _formats(model, stored)
-    in_bf16 = _bf16_islands(converted, {n for n, f in formats.items() if f == "fp32"}) if mixed_bf16 else set()
+    # a masked entry's kept elements are fp32 by the plan's choice (outliers, high-Fisher elements): never bf16
+    in_bf16 = _bf16_islands(converted, {n for n, f in formats.items() if f == "fp32" or f.endswith(" masked")}) \
+        if mixed_bf16 else set()
     fn, notes = converted, [f"activation ranges: {ranges}" + (f" {percentile}" if ranges == "percentile" else "")
                             + (", 7-bit codes (reduce_range)" if reduce_range else "")]
     batch_size = batch_size or len(x)
@@ -476,6 +478,9 @@ def calibration_inputs(model, sampler, n: int, shape, seed: int, steps=None, pro
     """U-Net inputs (x_t, t) met along ``n`` sampling trajectories of ``model`` (one batch of ``n``):
     at every sampler step, or at ``steps`` of them spread evenly over the chain (first and last included).
     Activation ranges depend strongly on t, so calibration must see the whole chain."""
+    if steps is not None and steps < 2:
+        raise ValueError(f"calibration steps {steps}: need at least 2 (the chain's first and last step), "
+                         "or None for every step")
     total = len(sampler.timesteps)
     k = total if steps is None else min(steps, total)
     keep = {round(i * (total - 1) / max(1, k - 1)) for i in range(k)}
@@ -526,10 +531,11 @@ AUTO_MARGIN = 1.05  # a candidate must be this much faster than dequant in the p
 
 def plan_kind(model, act_quant=False) -> str:
     """What decides which backends run a plan exactly: "act_quant" (fake-quantized activations), "bf16" / "fp16" /
-    "bf16+fp16" (every floating parameter holds a value of that format), else "fp32"."""
+    "bf16+fp16" (every floating tensor of the plan -- parameters and stored buffers such as smoothing's fp16
+    divisors -- holds a value of that format; the floating backends cast them all), else "fp32"."""
     if act_quant:
         return "act_quant"
-    params = [p.detach() for p in model.parameters() if p.is_floating_point()]
+    params = [p.detach() for p in model.state_dict().values() if p.is_floating_point()]
     fits = [name for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16))
             if all(torch.equal(p.to(dtype).to(p.dtype), p) for p in params)]
     return "+".join(fits) or "fp32"
@@ -552,13 +558,16 @@ def probe_speed(model, backend: str, device, shape, timesteps: int, batch=4, min
     runner = prepare(model, None, backend, device)
     x = torch.randn(batch, *shape, generator=torch.Generator().manual_seed(0)).to(device)
     t = torch.full((batch,), timesteps // 2, dtype=torch.long, device=device)
+    cuda = torch.device(device).type == "cuda"
     with torch.inference_mode():
         runner(x, t)
+        if cuda:  # the warm-up's kernels finish before the clock starts
+            torch.cuda.synchronize()
         calls, t0 = 0, time.perf_counter()
         while calls < max_calls and (calls == 0 or time.perf_counter() - t0 < min_seconds):
             runner(x, t)
             calls += 1
-        if torch.device(device).type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
         return batch * calls / (time.perf_counter() - t0)
 
@@ -579,8 +588,8 @@ def choose_auto(model, device, cache_dir, shape, timesteps: int, act_quant=False
 
     Returns {"backend", "kind", "candidates", "measured" ({backend: images/s in the probe} or None), "cached",
     "machine", "reason"}. ``probe(model, backend, device, shape, timesteps, batch)`` -> images/s (tests pass their
-    own); measured figures are cached in ``cache_dir``/backend_auto.json per machine, device, plan kind and
-    architecture (parameter names and shapes).
+    own); measured figures are cached in ``cache_dir``/backend_auto.json per machine, device, plan kind,
+    architecture (parameter names and shapes) and probe batch.
     """
     kind = plan_kind(model, act_quant)
     candidates = exact_backends(kind, device)
@@ -591,11 +600,13 @@ def choose_auto(model, device, cache_dir, shape, timesteps: int, act_quant=False
                "bf16 / fp16 would round its parameters and int8 its activations")
         return {**out, "backend": "dequant", "reason": f"only dequant runs this plan ({kind}) exactly: {why}"}
     arch = storage.fingerprint({n: list(p.shape) for n, p in model.named_parameters()})
-    key = f"{machine.key(cap)}/{torch.device(device).type}/{kind}/{arch}"
+    key = f"{machine.key(cap)}/{torch.device(device).type}/{kind}/{arch}/b{batch}"
     path = os.path.join(cache_dir, AUTO_FILE)
-    cached = _read_auto_cache(path)
-    if key in cached and set(cached[key].get("measured", {})) == set(candidates):
-        measured, out["cached"] = cached[key]["measured"], True
+    entry = _read_auto_cache(path).get(key)
+    got = entry.get("measured") if isinstance(entry, dict) else None  # a hand-edited entry is measured again
+    if isinstance(got, dict) and set(got) == set(candidates) and \
+            all(isinstance(v, (int, float)) and v > 0 for v in got.values()):
+        measured, out["cached"] = got, True
     else:
         measured = {b: round(probe(model, b, device, shape, timesteps, batch), 2) for b in candidates}
         cached = _read_auto_cache(path)  # another process may have added entries meanwhile
