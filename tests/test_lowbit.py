@@ -235,7 +235,9 @@ def test_summary_judges_plans_by_their_damage_with_corrected_verdicts_and_target
         assert band["tau"] is None or -1 <= band["tau"] <= 1
     # the search's own judge on the held-out configurations: measured once, cached beside the other measurements
     fitness = json.load(open(out / "baseline" / "search_fitness.json"))
-    assert len(fitness["values"]) == q["quality"]["n_heldout"] and all(v >= 0 for _, v in fitness["values"])
+    assert len(fitness["values"]) == q["quality"]["n_heldout"]
+    assert all(len(v) == cfg.lowbit.search_images and min(v) >= 0 for _, v in fitness["values"])  # per image
+    assert "How many sampled images the measurement needs" in md and "| *best predictor* |" in md
     assert (fitness["inputs"]["images"], fitness["inputs"]["seed"]) == (cfg.lowbit.search_images,
                                                                         cfg.lowbit.search_seed)
     kept = q["quality"]["predictor"]
@@ -365,6 +367,30 @@ def test_tau_per_band_has_a_bootstrap_interval_beside_the_bands_ceiling():
     q.update(n_train=10, predictor=None)
     text = "\n".join(quality_lines(q, 4))
     assert "*test–retest ceiling*" in text and "[" in text.split("| good |")[2]
+
+
+def test_judge_size_tau_ranks_better_with_more_images():
+    """A measurement of k sampled images per configuration: each image is the damage times heavy-tailed noise, so
+    one image ranks a band's configurations worse than the mean of all of them; every group is disjoint."""
+    from common.experiments.lowbit_quality import judge_size_lines, judge_size_tau
+
+    rng = np.random.default_rng(0)
+    n, images = 90, 16
+    bits = np.concatenate([rng.uniform(lo, hi, n // 3) for lo, hi in ((2.4, 3.25), (3.25, 3.75), (3.75, 4.5))])
+    y = np.exp(-bits + rng.normal(0, 0.5, n))
+    per_image = y[:, None] * rng.exponential(1.0, (n, images))
+    sizes = judge_size_tau(per_image, [{"mse_mean": v} for v in y], bits)
+    assert list(sizes) == ["1", "2", "4", "8", "16"]
+    for band in sizes["1"]:
+        assert sizes["1"][band]["groups"] == 16 and sizes["16"][band]["groups"] == 1
+        assert sizes["1"][band]["min"] <= sizes["1"][band]["mean"] < sizes["16"][band]["mean"]
+        whole = kendalltau(per_image[(bits >= float(band.split("-")[0])) & (bits < float(band.split("-")[1]))]
+                           .mean(1), y[(bits >= float(band.split("-")[0])) & (bits < float(band.split("-")[1]))])
+        assert sizes["16"][band]["mean"] == pytest.approx(whole.statistic)  # all images: the judge itself
+    rows = {"p": {"bands": {b: {"tau": 0.3} for b in sizes["1"]}}}
+    text = "\n".join(judge_size_lines(sizes, rows))
+    assert "| 1 (mean of 16 groups) |" in text and "| *best predictor* | 0.30 (p)" in text
+    assert judge_size_tau(per_image[:, :3], [{"mse_mean": v} for v in y], bits).keys() == {"1", "2", "3"}
 
 
 def _frozen_fit(prior, floor=0.1):

@@ -552,16 +552,17 @@ class Sensitivities:
 SEARCH_STARTS = ("chain_fisher", "fisher", "learned", "chain_output", "jvp", "magnitude", "random")
 
 
-def search_judge(cfg, model, table, device="cpu"):
+def search_judge(cfg, model, table, device="cpu", per_image=False):
     """fitness(configuration): the measured search's judge, the paired MSE of ``lowbit.search_images`` images
-    under ``lowbit.search_seed`` (its measurer built at the first call). One definition for the search and for
-    the held-out τ row that says how far the search can trust it."""
+    under ``lowbit.search_seed`` (its measurer built at the first call); ``per_image``: each image's, as a list.
+    One definition for the search and for the held-out τ rows that say how far the search can trust it."""
     measurer = None
 
     def fitness(c):
         nonlocal measurer
         measurer = measurer or make_measurer(cfg, model, table, device, cfg.lowbit.search_images)
-        return measurer.measure(c, cfg.lowbit.search_seed)["mse_mean"]
+        images = measurer.measure_images(c, cfg.lowbit.search_seed)
+        return images.tolist() if per_image else float(images.mean())
 
     return fitness
 
@@ -762,7 +763,7 @@ def _act_cfg(c):
 
 
 # ----------------------------------------------------------------------------- predictor quality
-SEARCH_FITNESS = "search fitness (measured)"  # a row of the τ tables that is a measurement, not a model
+SEARCH_FITNESS = quality.SEARCH_FITNESS
 
 
 def heldout_predictions(sens, table, configs) -> dict:
@@ -781,7 +782,7 @@ def heldout_predictions(sens, table, configs) -> dict:
     if getattr(sens, "jvp_plan", None) is not None:
         preds["jvp_plan"] = np.array(sens.jvp_plan)
     if getattr(sens, "search_fitness", None) is not None:
-        preds[SEARCH_FITNESS] = np.array(sens.search_fitness)
+        preds[SEARCH_FITNESS] = np.array(sens.search_fitness).mean(1)  # per configuration: its images' mean
     return preds
 
 
@@ -793,19 +794,23 @@ def predictor_quality(sens, table, seed=0) -> dict:
     hold = slice(len(m["configs"]) - m["holdout"], None)
     q = quality.predictor_quality(heldout_predictions(sens, table, m["configs"][hold]), m["measured"][hold],
                                   m["retest"], m["avg_bits"][hold], seed=seed)
+    if getattr(sens, "search_fitness", None) is not None:
+        q["judge_sizes"] = quality.judge_size_tau(np.array(sens.search_fitness), m["measured"][hold],
+                                                  m["avg_bits"][hold])
     q.update(n_train=len(m["configs"]) - m["holdout"], images=m["inputs"]["images"],
              predictor=sens.predictor.describe() if sens.predictor else None, cv=getattr(sens, "cv", None))
     return q
 
 
 def heldout_search_fitness(cfg, model, table, measured, sha, device="cpu") -> list:
-    """The measured search's fitness (paired MSE of ``lowbit.search_images`` images under ``lowbit.search_seed``)
-    of every held-out configuration, cached in ``search_fitness.json``: how far the search can trust its own
-    judge within a budget band, beside the predictors (its noise is neither the held-out nor the retest one)."""
+    """The measured search's judge on every held-out configuration, per image (paired MSE of each of
+    ``lowbit.search_images`` images under ``lowbit.search_seed``), cached in ``search_fitness.json``: how far the
+    search can trust its own judge within a budget band, beside the predictors (its noise is neither the held-out
+    nor the retest one), and how many of its images that takes (``lowbit_quality.judge_size_tau``)."""
     lb = cfg.lowbit
-    cache = ConfigCache(_cache(cfg, "search_fitness.json"),
-                        {**measurer_inputs(cfg, table, sha, lb.search_images), "seed": lb.search_seed})
-    judge = search_judge(cfg, model, table, device)
+    cache = ConfigCache(_cache(cfg, "search_fitness.json"), {**measurer_inputs(cfg, table, sha, lb.search_images),
+                                                              "seed": lb.search_seed, "per_image": True})
+    judge = search_judge(cfg, model, table, device, per_image=True)
     held = measured["configs"][len(measured["configs"]) - measured["holdout"]:]
     out = [cache.get(c, judge) for c in held]
     cache.save()

@@ -13,6 +13,7 @@ again under a second noise seed): a band whose ceiling is low cannot rank anythi
 import numpy as np
 
 BANDS = ((0.0, 3.25), (3.25, 3.75), (3.75, 99.0))
+SEARCH_FITNESS = "search fitness (measured)"  # a row of the τ tables that is a measurement, not a model
 N_BOOT = 1000
 
 
@@ -60,6 +61,48 @@ def predictor_quality(preds: dict, measured: list, retest: list, bits, n_boot: i
             "ceiling_bands": {f"{lo:g}-{hi:g}": band_tau(y["mse_mean"][sel], second["mse_mean"][sel], n_boot, seed)
                               for lo, hi, sel in bands},
             "band_counts": [int(sel.sum()) for *_, sel in bands]}
+
+
+def judge_size_tau(per_image, measured: list, bits) -> dict:
+    """How many sampled images a measurement needs to rank within a band: the judge's per-image damages
+    (configurations x images) split into disjoint groups of k images (k = 1, 2, 4, ... up to all of them); per
+    band, the mean and the lowest Kendall tau of a group's mean damage against the held-out mean damage.
+    {k: {band: {"mean", "min", "groups"}}}."""
+    per_image, bits = np.asarray(per_image, float), np.asarray(bits, float)
+    y = np.array([r["mse_mean"] for r in measured])
+    n = per_image.shape[1]
+    sizes = sorted({min(2 ** i, n) for i in range(n.bit_length())} | {n})
+    out = {}
+    for k in sizes:
+        groups = [per_image[:, j:j + k].mean(1) for j in range(0, n - k + 1, k)]
+        out[str(k)] = {}  # str: the same keys after a round trip through predictors.json
+        for lo, hi in BANDS:
+            sel = (bits >= lo) & (bits < hi)
+            taus = [t for t in (_tau(g[sel], y[sel]) if sel.sum() >= 4 else None for g in groups) if t is not None]
+            out[str(k)][f"{lo:g}-{hi:g}"] = ({"mean": float(np.mean(taus)), "min": float(np.min(taus)),
+                                         "groups": len(taus)} if taus else None)
+    return out
+
+
+def judge_size_lines(sizes: dict, rows: dict) -> list:
+    """``judge_size_tau`` as a table, under it the best predictor per band for comparison."""
+    if not sizes:
+        return []
+    bands = list(next(iter(sizes.values())))
+    out = ["", "How many sampled images the measurement needs: the search's judge split into disjoint groups of k of "
+               "its images; per band the mean τ of a group's damage against the held-out damage (the lowest group "
+               "in brackets).", "",
+           "| judge images | " + " | ".join(f"{b} bits" for b in bands) + " |", "|---|" + "---:|" * len(bands)]
+    for k, row in sizes.items():
+        out.append(f"| {k} (mean of {next(iter(r['groups'] for r in row.values() if r), 0)} groups) | " + " | ".join(
+            "–" if row[b] is None else f"{row[b]['mean']:.2f} [{row[b]['min']:.2f}]" for b in bands) + " |")
+    best = []
+    for b in bands:
+        cands = [(r["bands"][b]["tau"], name) for name, r in rows.items() if name != SEARCH_FITNESS
+                 and r["bands"][b]["tau"] is not None]
+        best.append("–" if not cands else f"{max(cands)[0]:.2f} ({max(cands)[1]})")
+    out.append("| *best predictor* | " + " | ".join(best) + " |")
+    return out
 
 
 def _cell(b) -> str:
@@ -114,6 +157,7 @@ def quality_lines(q: dict, images) -> list:
     for name, r in q["rows"].items():
         out.append(f"| {name} | " + " | ".join(_cell(r["bands"][b]) for b in bands) + " |")
     out.append("| *test–retest ceiling* | " + " | ".join(_cell(q["ceiling_bands"][b]) for b in bands) + " |")
+    out += judge_size_lines(q.get("judge_sizes"), q["rows"])
     if q.get("predictor"):
         p = q["predictor"]
         alpha = "∞ (the prior itself)" if p["alpha"] is None else f"{p['alpha']:g}"

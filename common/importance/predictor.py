@@ -114,10 +114,14 @@ class ConfigMeasurer:
             for n, f in config.items():
                 self.params[n].copy_(self.entries[n][f])
 
+    def measure_images(self, config: dict, seed: int) -> torch.Tensor:
+        """Each image's paired MSE vs fp32 ([0, 1] pixels) under noise ``seed``."""
+        self.load(config)
+        return (self._sample(self.work, seed) - self.reference(seed)).pow(2).flatten(1).mean(1)
+
     def measure(self, config: dict, seed: int) -> dict:
         """{"mse_mean", "mse_median": per-image paired MSE vs fp32 ([0, 1] pixels), "eps_mse"}."""
-        self.load(config)
-        per_image = (self._sample(self.work, seed) - self.reference(seed)).pow(2).flatten(1).mean(1)
+        per_image = self.measure_images(config, seed)
         with torch.inference_mode():
             eps = self.work(*self.eps_inputs)
         return {"mse_mean": float(per_image.mean()), "mse_median": float(per_image.median()),
