@@ -272,6 +272,14 @@ def test_mse_ranges_per_input_bits_are_each_inputs_own_search(unet):
     at2, at8 = collect_ranges(*args, mse_bits=2, **kw), collect_ranges(*args, mse_bits=8, **kw)
     assert torch.equal(mixed["shallow_conv"], at2["shallow_conv"]) and torch.equal(mixed["late_conv"], at8["late_conv"])
     assert not torch.equal(at2["late_conv"], at8["late_conv"])  # the bits matter: 2-bit ranges clip more
+    # with act_quant.symmetric the search is for the symmetric quantizer the ranges will feed, and cached apart
+    sym = collect_ranges(*args, mse_bits=2, symmetric=True, **kw)
+    assert not torch.equal(sym["late_conv"], at2["late_conv"])
+    from common.experiments.act_pipeline import range_inputs
+    cfg2 = copy.deepcopy(cfg)
+    cfg2.act_quant.symmetric = True
+    assert range_inputs(cfg2, "single", "sha", 4) != range_inputs(cfg, "single", "sha", 4)
+    assert range_inputs(cfg2, "single", "sha") == range_inputs(cfg, "single", "sha")  # min-max: the same ranges
 
 
 def test_a_timestep_group_without_calibration_data_is_an_error(unet):

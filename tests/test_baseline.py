@@ -140,6 +140,26 @@ def test_training_writes_loadable_snapshots(tiny_cfg, tmp_path):
     assert meta["step"] == "4" and float(meta["train_seconds"]) > 0
 
 
+def test_an_edited_snapshot_index_is_kept_aside_not_resealed(tiny_cfg, tmp_path, capsys):
+    """An index whose seal no longer matches (edited by hand, or damaged) was read and re-sealed, laundering the
+    edit; a corrupt one was silently reset. Now it is moved aside, said so, and a new index begins."""
+    from common.diffusion.train import save_snapshot
+
+    cfg = tiny_cfg
+    ckpt = str(tmp_path / "b" / "checkpoint.pt")
+    ema = torch.nn.Linear(2, 2)
+    save_snapshot(cfg, ema, ckpt, 1, 1.0, 0.5, False)
+    path = os.path.join(snapshot_dir(ckpt), "index.json")
+    record = json.load(open(path))
+    record["files"]["ema_step0000001.safetensors"] = "0" * 64  # a hash edited to match some other file
+    json.dump(record, open(path, "w"))
+    save_snapshot(cfg, ema, ckpt, 2, 1.0, 0.5, False)
+    assert "was damaged or edited" in capsys.readouterr().out
+    assert list(json.load(open(path))["files"]) == ["ema_step0000002.safetensors"]
+    aside = [f for f in os.listdir(snapshot_dir(ckpt)) if f.startswith("index.damaged-")]
+    assert len(aside) == 1 and json.load(open(os.path.join(snapshot_dir(ckpt), aside[0]))) == record
+
+
 @pytest.mark.parametrize("config, network", [("default.yaml", "U-Net"), ("dit.yaml", "DiT"), ("dit_long.yaml", "DiT")])
 def test_released_checkpoint_matches_its_config_and_provenance(config, network):
     cfg = load_config(os.path.join(ROOT, "configs", config))

@@ -48,6 +48,10 @@ def test_classifier_trained_here_is_cached_not_retrained(tiny_cfg):
     assert info2 == info  # cached, not retrained
     x = torch.randint(0, 256, (4, 1, 32, 32), dtype=torch.uint8)
     assert torch.equal(classifier.classifier_outputs(model, x)[1], classifier.classifier_outputs(again, x)[1])
+    # a foreign file under the cache's name is retrained over (not a KeyError)
+    torch.save({"weights": torch.zeros(2)}, info["path"])
+    _, info3 = classifier.load_or_train_classifier(tiny_cfg.run.cache_dir, tiny_cfg.data, clf_cfg, progress=False)
+    assert info3["test_accuracy"] == info["test_accuracy"] and torch.load(info["path"], weights_only=True)["info"]
 
 
 # ----------------------------------------------------------------------------- released

@@ -241,6 +241,8 @@ def test_missing_and_invalid_files(tmp_path):
         load_config(write(tmp_path, "train: [1, 2\n"))
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(write(tmp_path, "- 1\n- 2\n"))
+    with pytest.raises(ConfigError, match="is a directory; name a YAML file"):
+        load_config(str(tmp_path))
 
 
 def test_env_data_root_overrides_file_and_set(monkeypatch):
@@ -282,6 +284,13 @@ def test_non_positive_channels_are_a_config_error(channels):
 def test_nan_is_out_of_range(key):
     with pytest.raises(ConfigError, match=key):
         load_config(os.path.join(CONFIGS, "smoke.yaml"), overrides=[f"{key}=.nan"])
+
+
+@pytest.mark.parametrize("override", ["train.lr=.inf", "train.max_steps=0", "train.epochs=0"])
+def test_infinite_values_and_zero_training_are_config_errors(override):
+    """lr .inf passed "> 0"; zero steps wrote a 'finished' untrained checkpoint that later runs reused."""
+    with pytest.raises(ConfigError, match=override.split("=")[0]):
+        load_config(os.path.join(CONFIGS, "smoke.yaml"), overrides=[override])
 
 
 def test_extends_reads_the_base_and_overrides_key_by_key(tmp_path):

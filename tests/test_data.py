@@ -128,6 +128,19 @@ def test_load_mnist_rejects_unpaired_files(tmp_path):
         load_mnist(str(tmp_path), "test")
 
 
+def test_load_mnist_refuses_other_dtypes_and_labels_above_nine(tmp_path):
+    """A float IDX image file would be rescaled as if it held bytes; a label 12 would index no class."""
+    make_root(tmp_path)
+    raw = tmp_path / "MNIST" / "raw"
+    write_idx(raw / "t10k-images-idx3-ubyte.gz", np.ones((4, 28, 28), ">f4"), type_byte=0x0D)
+    with pytest.raises(CorruptFileError, match="t10k-images.*images of IDX type float32, MNIST's are uint8"):
+        load_mnist(str(tmp_path), "test")
+    make_root(tmp_path)
+    write_idx(raw / "t10k-labels-idx1-ubyte.gz", np.array([0, 1, 12, 3], np.uint8))
+    with pytest.raises(CorruptFileError, match="t10k-labels.*labels up to 12, MNIST's are 0-9"):
+        load_mnist(str(tmp_path), "test")
+
+
 def test_load_mnist_missing_lists_paths(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         load_mnist(str(tmp_path), "test", download=False)

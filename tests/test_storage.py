@@ -83,6 +83,39 @@ def test_planted_pickle_in_a_cache_is_recomputed(tmp_path, capsys):
     assert "recomputing reference features" in capsys.readouterr().out
 
 
+def test_a_flipped_byte_in_a_torch_cache_or_artifact_is_detected(tmp_path, capsys):
+    """torch.load checks no checksum: a damaged tensor loads as a wrong number unless the file carries a digest of
+    its contents (caches: save_cache / load_cache; artifacts bound to a checkpoint: save_for_checkpoint)."""
+    def flip(path):  # one byte inside the tensor's payload: 1000.0 becomes another finite value
+        raw = bytearray(path.read_bytes())
+        at = raw.find(torch.tensor([1000.0] * 8).numpy().tobytes())
+        assert at > 0
+        raw[at + 2] ^= 0x10
+        path.write_bytes(bytes(raw))
+
+    cache = tmp_path / "ref_features.pt"
+    storage.save_cache({"features": torch.full((8,), 1000.0), "provenance": {"n": 8}}, str(cache))
+    assert storage.load_cache(str(cache), "reference features")["features"][0] == 1000.0
+    flip(cache)
+    assert torch.load(cache, weights_only=True)["features"].ne(1000.0).any()  # torch alone does not notice
+    assert storage.load_cache(str(cache), "reference features") is None
+    assert "do not match their digest" in capsys.readouterr().out
+
+    ckpt = tmp_path / "ckpt.pt"
+    torch.save({"w": torch.ones(2)}, ckpt)
+    art = tmp_path / "fisher.pt"
+    storage.save_for_checkpoint({"meta": {"inputs": 1}, "diag": {"w": torch.full((8,), 1000.0)}}, str(art), str(ckpt))
+    assert storage.reusable_artifact(str(art), str(ckpt), 1)["diag"]["w"][0] == 1000.0
+    flip(art)
+    with pytest.raises(CorruptFileError, match="do not match their digest"):
+        storage.load_for_checkpoint(str(art), str(ckpt), "recompute it")
+    assert storage.reusable_artifact(str(art), str(ckpt), 1) is None
+    torch.save({"something": "else"}, art)  # a foreign file where an artifact should be: recomputed, not a KeyError
+    assert storage.reusable_artifact(str(art), str(ckpt), 1) is None
+    torch.save([1, 2], cache)
+    assert storage.load_cache(str(cache), "reference features") is None
+
+
 def test_truncated_torch_file_is_one_line_naming_it(tmp_path):
     path = tmp_path / "checkpoint.pt"
     torch.save({"w": torch.randn(1000)}, path)

@@ -107,6 +107,11 @@ def test_resume_is_bit_exact(tiny_cfg, tmp_path, monkeypatch):
     opt_a, opt_b = ck_a["optimizer"]["state"], ck_b["optimizer"]["state"]
     assert opt_a.keys() == opt_b.keys()
     assert all(torch.equal(opt_a[k]["exp_avg_sq"], opt_b[k]["exp_avg_sq"]) for k in opt_a)
+    # a resume on other images, or over another number of steps, is refused with what differs
+    with pytest.raises(StaleArtifactError, match="other images"):
+        train(cfg, x.flip(0), resumed_path, CPU, resume=True, progress=False)
+    with pytest.raises(StaleArtifactError, match="training for 4 steps; this config and data give 6"):
+        train_mod.check_resume(ck_b, resumed_path, 6, ck_b["data_sha256"], "data")  # e.g. more epochs
     # and the EMA really moved away from the initial weights
     torch.manual_seed(cfg.run.seed)
     init = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size).state_dict()
@@ -159,6 +164,19 @@ def test_non_finite_loss_is_an_error_and_saves_nothing(tiny_cfg, tmp_path):
     with pytest.raises(NonFiniteLossError, match="step 0"):
         train(cfg, x, str(path), CPU, progress=False)
     assert not path.exists()
+
+
+def test_a_nan_on_another_rank_stops_this_rank_before_it_steps(tiny_cfg, tmp_path, monkeypatch):
+    """Under torchrun the loss is checked after summing over ranks: a rank whose own loss is finite must raise
+    too (raising alone, the NaN rank left the others waiting in the gradient all-reduce)."""
+    cfg = tiny_cfg
+    cfg.train.max_steps, cfg.train.batch_size = 2, 4
+    monkeypatch.setattr(train_mod.distributed, "all_reduce_sum", lambda t: t + float("nan"))  # the other rank's
+    stepped = []
+    monkeypatch.setattr(torch.optim.Adam, "step", lambda self, *a, **k: stepped.append(1))
+    with pytest.raises(NonFiniteLossError, match="loss became nan at step 0"):
+        train(cfg, torch.rand(8, 1, 32, 32) * 2 - 1, str(tmp_path / "a.pt"), CPU, progress=False)
+    assert not stepped
 
 
 def test_total_steps_and_epoch_batches(tiny_cfg):

@@ -86,6 +86,18 @@ def flip_end(p):
     p.write_bytes(data[:-4] + bytes(b ^ 0x55 for b in data[-4:]))
 
 
+def change_a_value(p):
+    """One tensor value changed in a torch file that still loads (bit rot in the payload; torch.load checks no
+    checksum): only the digest of its contents the file carries can tell."""
+    import torch
+
+    art = torch.load(p, weights_only=True)
+    tensors = [v for v in art.get("diag", {}).values() if isinstance(v, torch.Tensor)] or \
+        [v for v in art.values() if isinstance(v, torch.Tensor)]
+    tensors[0].view(-1)[0] += 1.0
+    torch.save(art, p)
+
+
 CASES = [
     ("layer_math/quantized.safetensors", truncate), ("layer_math/quantized.safetensors", flip),
     ("layer_math/quantized.safetensors", delete),
@@ -94,7 +106,8 @@ CASES = [
     ("layer_math/samples_seed0.pt", truncate), ("fp32/samples_seed1.pt", flip), ("fp32/samples_seed0.pt", delete),
     ("layer_math/samples.png", flip),
     ("baseline/checkpoint.pt", flip), ("baseline/checkpoint.pt", delete), ("baseline/model.json", edit),
-    ("baseline/fisher.pt", truncate), ("baseline/fisher.pt", delete), ("baseline/samples.png", delete),
+    ("baseline/fisher.pt", truncate), ("baseline/fisher.pt", delete), ("baseline/fisher.pt", change_a_value),
+    ("baseline/samples.png", delete),
     ("baseline/snapshots/ema_step0000002.safetensors", flip),
     ("baseline/snapshots/ema_step0000001.safetensors", delete), ("baseline/snapshots/index.json", edit),
     ("act_quant/uniform_W4A6_single/act_quant.safetensors", flip),

@@ -46,6 +46,17 @@ def test_split_is_exact_and_full_rank_leaves_nothing(kind):
     assert residual.abs().max() < 1e-4  # full rank leaves nothing
 
 
+def test_a_rank_above_the_layers_own_is_capped_not_a_shape_error():
+    """w4a4.lowrank_rank above a small layer's width (e.g. the last conv's) built a branch wider than its SVD."""
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3)
+    x, model = torch.randn(5, 4), nn.Sequential(layer)
+    ref = layer(x)
+    assert lowrank.decompose(model, {"0": 8}) == {"0": 3}
+    assert layer.lowrank.down.weight.shape == (3, 4)
+    torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-4)
+
+
 def test_branch_sees_the_input_before_activation_quantizers_and_round_trips_through_the_file(tmp_path):
     cfg, model = _net("smoke.yaml")
     x, t = torch.randn(2, 1, 32, 32), torch.tensor([3, 70])

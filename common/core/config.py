@@ -109,15 +109,15 @@ class TrainConfig:
     lr: float = _spec(2e-5, lo=0.0, lo_open=True)
     weight_decay: float = _spec(0.0, lo=0.0)
     batch_size: int = _spec(64, lo=1)
-    epochs: int = _spec(15, lo=0)
-    max_steps: int | None = _spec(None, lo=0, doc="stop after this many steps (overrides epochs)")
+    epochs: int = _spec(15, lo=1)
+    max_steps: int | None = _spec(None, lo=1, doc="stop after this many steps (overrides epochs)")
     ema_decay: float = _spec(0.9999, lo=0.0, hi=1.0)
     ema_warmup: bool = True  # decay min(ema_decay, (1+step)/(10+step)) so short runs get a usable EMA
     grad_clip: float | None = _spec(None, lo=0.0, lo_open=True)
     checkpoint_every: int = _spec(1000, lo=1)
     snapshot_every: int | None = _spec(None, lo=1, doc="also keep the EMA weights every N steps "
                                           "(baseline/snapshots/, for learning curves); null = never")
-    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decay to 0 at the last step
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: from lr after warm-up towards 0 at the end
     warmup_steps: int = _spec(0, lo=0, doc="linear lr warm-up steps")
     # autocast to bfloat16 for the forward pass. auto: where this machine has native bf16 kernels (AVX512-BF16 /
     # AMX, a bf16 GPU), and what an existing checkpoint or released file was trained with when checked against one
@@ -406,6 +406,8 @@ class FinetuneConfig:
     n_images: int = _spec(100, lo=2, doc="images per seed of every variant")
     inception: bool = False
     range_mode: Literal["single", "group"] = "group"
+    # noised: training images noised at uniform t (w4a4's distillation after the time table then refuses: the
+    # table answers the sampler's timesteps only)
     calib_source: Literal["trajectories", "noised"] = "trajectories"
     calib_images: int = _spec(64, lo=1, doc="teacher trajectories (every sampler step is a calibration input)")
     calib_seed: int = 2000  # the teacher's calibration noise; not an evaluation seed
@@ -446,7 +448,8 @@ class W4A4Config:
                                "the per-image difference (a tie is kept, so float noise between hosts does not decide "
                                "the path); one that stores more bytes or spends more activation bits is kept only "
                                "when lower by more than this (0: kept exactly when it lowers the damage)")
-    lowrank_rank: int = _spec(8, lo=1, doc="rank of the 16-bit low-rank branch beside every quantized layer")
+    lowrank_rank: int = _spec(8, lo=1, doc="rank of the 16-bit low-rank branch beside every quantized layer (a layer "
+                              "of lower rank gets its own)")
     block_size: int = _spec(16, lo=1, doc="input channels per block of the 'block' row (NVFP4's 16; MX formats 32)")
     smooth_samples: int = _spec(1024, lo=1, doc="teacher inputs per layer for the smoothing strength search")
     distill_steps: int = _spec(1000, lo=0, doc="Adam steps of the distillation row (batch finetune.batch_size)")
@@ -570,6 +573,8 @@ def _check_range(value, f, where):
             continue
         if v != v:  # NaN passes every comparison
             raise ConfigError(f"{where}: must be a number, got NaN")
+        if v in (float("inf"), float("-inf")):  # a bound of "> 0" alone would let .inf through (lr: .inf)
+            raise ConfigError(f"{where}: must be a finite number, got {v!r}")
         if lo is not None and (v < lo or (lo_open and v == lo)):
             op = ">" if lo_open else ">="
             raise ConfigError(f"{where}: must be {op} {lo}, got {v!r}")
@@ -768,6 +773,10 @@ def _read_yaml(src: str, chain=()) -> dict:
             raw = yaml.safe_load(fh)
     except FileNotFoundError:
         raise ConfigError(f"{src}: config file not found" + (f" (extended by {chain[-1]})" if chain else "")) from None
+    except IsADirectoryError:
+        raise ConfigError(f"{src}: is a directory; name a YAML file, e.g. configs/default.yaml") from None
+    except OSError as e:
+        raise ConfigError(f"{src}: cannot be read ({e.strerror})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{src}: not valid YAML: {_yaml_error(e)}") from None
     if raw is None:  # silently running the full default setup instead is never what was meant

@@ -282,16 +282,81 @@ def load_torch(path, hint="", map_location="cpu"):
         raise CorruptFileError(f"{path} is truncated or corrupt ({_first_line(e)}){tail}") from None
 
 
+CONTENT = "content_sha256"  # the digest a torch artifact carries of its own contents
+
+
+def content_digest(obj) -> str:
+    """SHA-256 over a nested structure of dicts, lists, tensors and plain values (names, dtypes, shapes, bytes):
+    torch.load checks no checksum, so a flipped byte in a saved tensor would otherwise load as a wrong number."""
+    h = hashlib.sha256()
+
+    def walk(o):
+        if isinstance(o, torch.Tensor):
+            t = o.detach().cpu().contiguous()
+            h.update(f"T|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(o, dict):
+            h.update(f"D{len(o)}|".encode())
+            for k in sorted(o, key=repr):
+                h.update(f"{k!r}=".encode())
+                walk(o[k])
+        elif isinstance(o, (list, tuple)):
+            h.update(f"L{len(o)}|".encode())
+            for v in o:
+                walk(v)
+        else:
+            h.update(f"V{o!r}|".encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def _digest_ok(blob: dict, holder: dict) -> bool | None:
+    """Whether ``blob`` still has the contents ``holder[CONTENT]`` was computed over; None if it carries none
+    (written before artifacts carried one)."""
+    if CONTENT not in holder:
+        return None
+    want = holder.pop(CONTENT)
+    try:
+        return content_digest(blob) == want
+    finally:
+        holder[CONTENT] = want
+
+
+def content_ok(blob) -> bool | None:
+    """Whether a loaded torch artifact still has the contents its digest was computed over (``save_cache`` keeps
+    it at the top level, ``save_for_checkpoint`` in ``meta``); None if it carries none."""
+    if not isinstance(blob, dict):
+        return None
+    meta = blob.get("meta")
+    return _digest_ok(blob, meta if isinstance(meta, dict) and CONTENT in meta else blob)
+
+
+def save_cache(blob: dict, path):
+    """``atomic_torch_save`` of a cache dict with the digest of its contents (``load_cache`` checks it)."""
+    blob.pop(CONTENT, None)
+    blob[CONTENT] = content_digest(blob)
+    atomic_torch_save(blob, path)
+
+
 def load_cache(path, what: str):
-    """A cache file's contents, or None (the caller recomputes and overwrites it) if it is missing or
-    unreadable: a cache is never worth an error."""
+    """A cache file's contents, or None (the caller recomputes and overwrites it) if it is missing, unreadable,
+    foreign (not a dict) or damaged (its contents no longer match the digest ``save_cache`` wrote): a cache is
+    never worth an error."""
     if not os.path.exists(path):
         return None
     try:
-        return load_torch(path)
+        blob = load_torch(path)
     except CorruptFileError as e:
         print(f"[cache] {e}; recomputing {what}")
         return None
+    if not isinstance(blob, dict):
+        print(f"[cache] {path} is not one of our caches (a {type(blob).__name__}); recomputing {what}")
+        return None
+    if content_ok(blob) is False:
+        print(f"[cache] {path}: its contents do not match their digest (damaged); recomputing {what}")
+        return None
+    return blob
 
 
 class CheckpointMismatchError(UserError, RuntimeError):
@@ -302,12 +367,18 @@ def save_for_checkpoint(artifact: dict, path: str, ckpt_path: str):
     """Write ``artifact`` atomically, bound (by SHA-256) to the checkpoint it was computed from."""
     artifact["meta"]["checkpoint_sha256"] = sha256_file(ckpt_path)
     artifact["meta"]["checkpoint"] = os.path.abspath(ckpt_path)
+    artifact["meta"].pop(CONTENT, None)
+    artifact["meta"][CONTENT] = content_digest(artifact)  # load_for_checkpoint checks it
     atomic_torch_save(artifact, path)
 
 
 def load_for_checkpoint(path: str, ckpt_path: str, recompute_hint: str) -> dict:
     """Load an artifact written by ``save_for_checkpoint`` and check it belongs to ``ckpt_path``."""
     art = load_torch(path, recompute_hint)
+    if not isinstance(art, dict) or not isinstance(art.get("meta"), dict):
+        raise CorruptFileError(f"{path} is not one of our artifacts (no meta record); {recompute_hint}")
+    if content_ok(art) is False:
+        raise CorruptFileError(f"{path}: its contents do not match their digest (damaged); {recompute_hint}")
     want, have = sha256_file(ckpt_path), art["meta"].get("checkpoint_sha256")
     if want != have:
         raise CheckpointMismatchError(
@@ -324,7 +395,9 @@ def reusable_artifact(path: str, ckpt_path: str, inputs, key="inputs") -> dict |
         return None
     try:
         art = load_for_checkpoint(path, ckpt_path, "it is recomputed")
-    except (CheckpointMismatchError, CorruptFileError):
+    except (CheckpointMismatchError, CorruptFileError) as e:
+        if isinstance(e, CorruptFileError):
+            print(f"[cache] {e}")
         return None
     return art if art["meta"].get(key) == inputs else None
 

@@ -80,6 +80,11 @@ def load_mnist(root: str, split: str = "train", download: bool = False):
     images, labels = read_idx(paths[0]), read_idx(paths[1])
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise CorruptFileError(f"{paths[0]} / {paths[1]}: shapes {images.shape} and {labels.shape} do not pair up")
+    for path, arr, what in ((paths[0], images, "images"), (paths[1], labels, "labels")):
+        if arr.dtype != np.uint8:  # MNIST's are unsigned bytes; other dtypes would be rescaled as if they were
+            raise CorruptFileError(f"{path}: {what} of IDX type {arr.dtype}, MNIST's are uint8; {REPLACE_HINT}")
+    if labels.size and labels.max() > 9:
+        raise CorruptFileError(f"{path}: labels up to {int(labels.max())}, MNIST's are 0-9; {REPLACE_HINT}")
     return torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64))
 
 

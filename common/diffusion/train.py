@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from ..core import distributed
 from ..core.config import to_dict
-from ..core.errors import UserError
+from ..core.errors import StaleArtifactError, UserError
 from ..core.storage import (
     CorruptFileError,
     atomic_torch_save,
@@ -17,7 +17,9 @@ from ..core.storage import (
     fingerprint,
     load_json,
     load_torch,
+    seal_ok,
     sha256_file,
+    tensor_digest,
 )
 from .baseline import save_weights, verified_release
 from .checkpoint import announce_bf16, check_checkpoint_matches, recorded_bf16, training_inputs
@@ -64,14 +66,28 @@ def lr_at(train_cfg, step: int, steps: int) -> float:
     return lr
 
 
-def _checkpoint(cfg, model, ema, opt, step, steps, finished, losses, bf16):
+def _checkpoint(cfg, model, ema, opt, step, steps, finished, losses, bf16, data_sha):
     inputs = training_inputs(cfg, bf16)  # the resolved bf16 choice, so a resume continues as it started
     return {
         "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
         "step": step, "total_steps": steps, "finished": finished, "config": to_dict(cfg),
         "training_inputs": inputs, "fingerprint": fingerprint(inputs),
+        "data_sha256": data_sha,  # the training images themselves: data.root is a path, not what it holds
         "loss_history": losses,
     }
+
+
+def check_resume(ckpt: dict, path: str, steps: int, data_sha: str, root):
+    """A resume continues the same training: on the same images (checkpoints since 2026-12-06 record their
+    digest; the fingerprint holds no path) and over the same number of steps (the lr schedule spans them)."""
+    if ckpt.get("data_sha256") not in (None, data_sha):
+        raise StaleArtifactError(
+            f"{path} was trained on other images (digest {ckpt['data_sha256']}) than data.root {root!r} holds "
+            f"({data_sha}): point data.root at the data it started on, or start over with --retrain")
+    if ckpt.get("total_steps") not in (None, steps):
+        raise StaleArtifactError(
+            f"{path} was training for {ckpt['total_steps']} steps; this config and data give {steps} (the lr "
+            f"schedule spans the whole run): resume with the settings it started with, or start over with --retrain")
 
 
 def _remedy(train_cfg) -> str:
@@ -125,7 +141,8 @@ def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, prog
     DistributedDataParallel and every step's global batch (``train.batch_size``, the same images, timesteps
     and noise as a single process draws) is split across the ranks; each rank's loss is scaled so the
     averaged gradient is that of the global batch's mean loss. Only rank 0 writes checkpoints and snapshots;
-    their content does not depend on the number of ranks, so ``--resume`` works across a changed N.
+    ``--resume`` works across a changed N (without dropout the weights do not depend on N up to float summation
+    order; with dropout each rank draws its own masks, so they do).
     """
     world = distributed.world_size()
     if cfg.train.batch_size % world:
@@ -146,10 +163,12 @@ def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, prog
 
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     steps = total_steps(cfg.train, len(x_train))
+    data_sha = tensor_digest(x_train)
     start, losses, seconds_before, recorded = 0, [], 0.0, None
     if resume and os.path.exists(ckpt_path):
         ckpt = load_torch(ckpt_path, "start over with simplediffusion.py --retrain", map_location=device)
         check_checkpoint_matches(ckpt, cfg, ckpt_path)
+        check_resume(ckpt, ckpt_path, steps, data_sha, cfg.data.root)
         recorded = recorded_bf16(ckpt.get("training_inputs"))
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
@@ -169,16 +188,20 @@ def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, prog
         x0 = x_train[idx]
         t = torch.randint(0, schedule.timesteps, (len(idx),), generator=gen)
         eps = torch.randn(x0.shape, generator=gen)
-        torch.manual_seed(cfg.run.seed * 31 + step)  # dropout mask, replayable on resume
+        # dropout masks, replayable on resume; each rank its own stream (one process: the same seed as ever)
+        torch.manual_seed((cfg.run.seed * 31 + step) * world + distributed.rank())
         mine, weight = _rank_share(len(idx))
         with autocast:
             loss = schedule.p_losses(net, x0[mine].to(device), t[mine].to(device), eps[mine].to(device),
                                      cfg.train.min_snr_gamma)
         if world > 1:  # DDP averages over ranks: weigh each rank's mean so the result is the global batch's mean
             loss = loss * weight
-        if not torch.isfinite(loss):
+        # the global batch's loss, summed over ranks before anything steps: a NaN on one rank stops every rank
+        # here (each raising alone would leave the others waiting in the gradient all-reduce)
+        value = float(distributed.all_reduce_sum(loss.detach().float().clone())) / world
+        if not math.isfinite(value):
             raise NonFiniteLossError(
-                f"loss became {loss.item()} at step {step}; {ckpt_path} keeps the last checkpoint written "
+                f"loss became {value} at step {step}; {ckpt_path} keeps the last checkpoint written "
                 f"before it (if any), nothing later. {_remedy(cfg.train)}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -190,7 +213,6 @@ def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, prog
         with torch.no_grad():
             d = _ema_decay(cfg.train, step)
             torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - d)
-        value = float(distributed.all_reduce_sum(loss.detach().float().clone())) / world  # the global batch's
         running = value if running is None else 0.98 * running + 0.02 * value
         losses.append(value)
         bar.set_postfix(loss=f"{running:.4f}")
@@ -200,12 +222,12 @@ def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, prog
             save_snapshot(cfg, ema, ckpt_path, step + 1, seconds_before + time.time() - t0, running, bf16)
         if (step + 1) % cfg.train.checkpoint_every == 0 and step + 1 < steps:
             _check_finite(model, step, cfg.train)
-            ckpt = _checkpoint(cfg, model, ema, opt, step + 1, steps, False, losses, bf16)
+            ckpt = _checkpoint(cfg, model, ema, opt, step + 1, steps, False, losses, bf16, data_sha)
             ckpt["train_seconds"] = seconds_before + time.time() - t0  # summed over resumed sessions
             atomic_torch_save(ckpt, ckpt_path)
     bar.close()
     _check_finite(model, steps - 1, cfg.train)
-    ckpt = _checkpoint(cfg, model, ema, opt, steps, steps, True, losses, bf16)
+    ckpt = _checkpoint(cfg, model, ema, opt, steps, steps, True, losses, bf16, data_sha)
     ckpt["train_seconds"] = seconds_before + time.time() - t0
     if distributed.is_main():
         atomic_torch_save(ckpt, ckpt_path)
@@ -224,10 +246,20 @@ def save_snapshot(cfg, ema, ckpt_path, step, seconds, loss, bf16=None):
     save_weights(path, ema.state_dict(), cfg, training_inputs(cfg, bf16), step, seconds, loss)
     # snapshots/index.json: {file: SHA-256}, so a damaged snapshot is told apart (python -m common.verify)
     index_path = os.path.join(snapshot_dir(ckpt_path), "index.json")
-    try:
-        index = load_json(index_path).get("files", {}) if os.path.exists(index_path) else {}
-    except (CorruptFileError, AttributeError):
-        index = {}
+    index = {}
+    if os.path.exists(index_path):
+        try:
+            record = load_json(index_path)
+            ok = seal_ok(record) is not False and isinstance(record.get("files"), dict)
+        except (CorruptFileError, AttributeError):
+            ok = False
+        if ok:
+            index = record["files"]
+        else:  # never re-seal an edited index, never drop its record silently: keep it aside and say so
+            aside = index_path.removesuffix(".json") + f".damaged-{time.strftime('%Y%m%d-%H%M%S')}.json"
+            os.replace(index_path, aside)
+            print(f"[train] {index_path} was damaged or edited (its seal does not match): kept as {aside}; a new "
+                  f"index starts with this snapshot (python -m common.verify lists the earlier ones as unreferenced)")
     index[os.path.basename(path)] = sha256_file(path)
     atomic_write_record({"files": dict(sorted(index.items()))}, index_path)
     return path

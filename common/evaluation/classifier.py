@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from ..core import machine
 from ..core.errors import UserError
-from ..core.storage import atomic_save_safetensors, atomic_torch_save, atomic_write_json, load_cache, sha256_file
+from ..core.storage import atomic_save_safetensors, atomic_write_json, load_cache, save_cache, sha256_file
 from ..diffusion.baseline import code_commit, verified_release
 from ..diffusion.data import load_mnist, to_model_space, to_uint8
 from .metrics import tensor_digest
@@ -138,16 +138,22 @@ def load_or_train_classifier(cache_dir, data_cfg, clf_cfg, progress=True, source
     # reuses a classifier trained on different data.
     path = os.path.join(cache_dir, f"{tag}_d{data_tag}.pt")
     blob = load_cache(path, "the MNIST classifier")
+    model = MNISTClassifier()
     if blob is not None:
-        model = MNISTClassifier()
-        model.load_state_dict(blob["state_dict"])
+        try:  # a foreign file under the cache's name is retrained over, not a KeyError
+            model.load_state_dict(blob["state_dict"])
+            float(blob["info"]["test_accuracy"])
+        except (KeyError, TypeError, RuntimeError) as e:
+            print(f"[cache] {path} is not a classifier of this architecture ({type(e).__name__}); retraining")
+            blob = None
+    if blob is not None:
         print(f"[classifier] reusing {path} (test accuracy {blob['info']['test_accuracy']:.4f})")
         return model.eval(), {**blob["info"], "source": "trained here", "path": path, "sha256": sha256_file(path)}
     model = train_classifier(xtr_u8, ytr, clf_cfg, progress)
     acc, n_test = _test_accuracy(model, data_cfg, clf_cfg.test_limit)
     info = {"test_accuracy": acc, "n_train": len(xtr_u8), "n_test": n_test, "epochs": clf_cfg.epochs,
             "image_size": data_cfg.image_size, "path": path}
-    atomic_torch_save({"state_dict": model.state_dict(), "info": info}, path)
+    save_cache({"state_dict": model.state_dict(), "info": info}, path)
     print(f"[classifier] trained, MNIST test accuracy {acc:.4f} -> {path}")
     _warn_if_weak(acc, clf_cfg)
     return model, {**info, "source": "trained here", "sha256": sha256_file(path)}

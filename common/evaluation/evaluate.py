@@ -119,6 +119,9 @@ def _cached_features(cfg, kind: str, tag: str, compute):
     path = os.path.join(cfg.run.cache_dir, f"ref_{kind}_{tag}_n{cfg.eval.ref_n_images}_s{cfg.data.image_size}"
                                            f"_d{data_tag}.pt")
     blob = storage.load_cache(path, f"reference {kind} features")
+    if blob is not None and not isinstance(blob.get("features"), torch.Tensor):
+        print(f"[cache] {path} holds no feature tensor (not one of our caches); recomputing")
+        blob = None
     if blob is not None:
         print(f"[eval] reusing reference {kind} features {path}")
     else:
@@ -127,7 +130,7 @@ def _cached_features(cfg, kind: str, tag: str, compute):
         blob = {"features": torch.from_numpy(feats), "provenance": {  # a tensor: loadable without pickle
             "images": f"MNIST train[:{cfg.eval.ref_n_images}], 28x28 zero-padded to {cfg.data.image_size}",
             "backbone": tag, "seconds": round(time.time() - t0, 1)}}
-        storage.atomic_torch_save(blob, path)
+        storage.save_cache(blob, path)
         print(f"[eval] reference {kind} features ({cfg.eval.ref_n_images} images) -> {path}")
     blob["features"] = blob["features"].numpy()
     _CACHE[key] = blob

@@ -104,7 +104,8 @@ def range_inputs(cfg, mode: str, checkpoint_sha256: str, mse_bits=None) -> dict:
             "groups": mode_groups(cfg, mode), "method": method,
             "percentile": aq.percentile if method == "percentile" else None, "images": aq.calib_images,
             "timesteps": aq.calib_timesteps, "seed": aq.calib_seed, "split_concat": aq.split_concat,
-            **({"mse_bits": mse_bits} if mse_bits else {})}
+            **({"mse_bits": mse_bits} if mse_bits else {}),
+            **({"symmetric": True} if method == "mse" and aq.symmetric else {})}  # least-MSE for that quantizer
 
 
 def calibrated_ranges(cfg, model, names, mode: str, method: str, device, progress=True, mse_bits=4) -> dict:
@@ -116,7 +117,7 @@ def calibrated_ranges(cfg, model, names, mode: str, method: str, device, progres
     return collect_ranges(model, sampler, names, shape, aq.calib_images,
                           calibration_timesteps(sampler, aq.calib_timesteps), mode_groups(cfg, mode), method,
                           aq.percentile, act_layout(cfg, model)[2], aq.calib_seed, cfg.sample.batch_size, device,
-                          progress, mse_bits=mse_bits)
+                          progress, mse_bits=mse_bits, symmetric=aq.symmetric)
 
 
 def ensure_ranges(cfg, model, mode, checkpoint_sha256, device, progress=True, mse_bits=None) -> dict:

@@ -94,7 +94,8 @@ def judge_size_lines(sizes: dict, rows: dict) -> list:
                "in brackets).", "",
            "| judge images | " + " | ".join(f"{b} bits" for b in bands) + " |", "|---|" + "---:|" * len(bands)]
     for k, row in sizes.items():
-        out.append(f"| {k} (mean of {next(iter(r['groups'] for r in row.values() if r), 0)} groups) | " + " | ".join(
+        g = next(iter(r["groups"] for r in row.values() if r), 0)
+        out.append(f"| {k} (mean of {g} group{'' if g == 1 else 's'}) | " + " | ".join(
             "–" if row[b] is None else f"{row[b]['mean']:.2f} [{row[b]['min']:.2f}]" for b in bands) + " |")
     best = []
     for b in bands:

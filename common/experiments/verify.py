@@ -45,11 +45,19 @@ FISHER_KEYS = ("checkpoint_sha256", "config", "n_samples")  # what decides the F
 
 
 def _load(path, kind):
-    """(content, None) or (None, Finding) for a JSON or torch file that does not read."""
+    """(content, None) or (None, Finding) for a JSON or torch file that does not read, is not one of ours (not a
+    mapping) or whose contents no longer match the digest it carries."""
     try:
-        return (storage.load_json(path) if kind == "json" else storage.load_torch(path)), None
+        obj = storage.load_json(path) if kind == "json" else storage.load_torch(path)
     except (storage.CorruptFileError, FileNotFoundError) as e:
         return None, Finding(path, [], MISMATCH, str(e))
+    if not isinstance(obj, dict):
+        return None, Finding(path, [], MISMATCH, f"not one of our artifacts (a {type(obj).__name__})")
+    if kind == "torch" and storage.content_ok(obj) is False:
+        return None, Finding(path, [], MISMATCH, "its contents do not match their digest (damaged)")
+    if kind == "torch" and "meta" in obj and not isinstance(obj["meta"], dict):
+        return None, Finding(path, [], MISMATCH, "not one of our artifacts (its meta is not a record)")
+    return obj, None
 
 
 class RunVerifier:

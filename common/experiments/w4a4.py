@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..core import distributed, lock, machine, storage
 from ..core.config import to_dict
+from ..core.errors import UserError
 from ..diffusion.samplers import build_sampler
 from ..diffusion.schedule import NoiseSchedule
 from ..evaluation import evaluate
@@ -161,7 +162,8 @@ def channel_errors(model, quantizer, pool, n_inputs=64, seed=0) -> list:
     mods = dict(model.named_modules())
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(pool[0]), generator=gen)[:n_inputs]
-    x, t = pool[0][idx], pool[1][idx]
+    device = next(model.parameters()).device  # the pool is kept on the CPU; the model may be on a GPU
+    x, t = pool[0][idx].to(device), pool[1][idx].to(device)
     seen = {}
     with torch.no_grad(), input_hooks(model, quantizer.layers, lambda n, a: seen.__setitem__(n, a[0].detach())):
         model(x, t)
@@ -169,7 +171,7 @@ def channel_errors(model, quantizer, pool, n_inputs=64, seed=0) -> list:
     rows = []
     with torch.no_grad():
         for n, lq in quantizer.layers.items():
-            layer, xi = mods[n], seen[n]
+            layer, xi, lq = mods[n], seen[n], copy.copy(lq).to(device)  # a copy: the quantizer stays where it is
             ref = layer(xi)
             dim = channel_dim(xi, layer)
             per_tensor = float((layer.forward(lq.apply(xi, groups, dim)) - ref).norm() / ref.norm())
@@ -458,6 +460,14 @@ def distill(cfg, c, teacher, transformed, ranges, pool, token: bool, device, pro
                             {"params": steps_p, "lr": cfg.finetune.step_lr}])
     sampler = sampler_of(c.sample, NoiseSchedule.from_config(c.diffusion))
     shape = (c.model.in_channels, c.data.image_size, c.data.image_size)
+    steps = getattr(student.model, "time_rows_steps", None)
+    if steps is not None:  # a time table answers only the sampler's timesteps: train on those inputs alone
+        keep = torch.isin(pool[1], steps.cpu().to(pool[1].dtype))
+        if not keep.any():
+            raise UserError("w4a4: distillation on a student with the time table needs calibration inputs at the "
+                            f"sampler's timesteps; finetune.calib_source: {c.finetune.calib_source} has none: use "
+                            "finetune.calib_source: trajectories, or leave time_table out of the rows before distill")
+        pool = (pool[0][keep], pool[1][keep])
     gen = torch.Generator().manual_seed(c.finetune.calib_seed + 7)
     own, losses = None, []
     bar = tqdm(range(w.distill_steps), desc="distill", disable=not progress)
@@ -515,7 +525,10 @@ def cached_distill(cfg, c, teacher, transformed, ranges, pool, token: bool, ckpt
 
     ft = cfg.finetune
     sha = storage.sha256_file(ckpt_path)
-    inputs = {"pool": pool_inputs(c, sha), "before": before, "token": token,
+    pool_key = pool_inputs(c, sha)
+    if "sampler" not in pool_key and cfg.w4a4.onpolicy_every:  # its own trajectories follow the sampler too
+        pool_key["onpolicy_sampler"] = {k: to_dict(c.sample)[k] for k in ("sampler", "steps", "eta")}
+    inputs = {"pool": pool_key, "before": before, "token": token,
               "w4a4": {k: getattr(cfg.w4a4, k) for k in ("distill_steps", "distill_lr", "scale_lr", "onpolicy_every",
                                                          "onpolicy_images")},
               "finetune": {"batch_size": ft.batch_size, "step_lr": ft.step_lr}, "device": str(device),

@@ -485,7 +485,8 @@ def calibration_inputs(model, sampler, n: int, shape, seed: int, steps=None, pro
     k = total if steps is None else min(steps, total)
     keep = {round(i * (total - 1) / max(1, k - 1)) for i in range(k)}
     rec = _Recorder(model, keep)
-    sample(rec, sampler, n, shape, seed, n, progress=progress, desc="calibration")
+    device = next(model.parameters()).device  # where the model is (a GPU for finetune's teacher)
+    sample(rec, sampler, n, shape, seed, n, device=device, progress=progress, desc="calibration")
     return rec.inputs
 
 

@@ -52,12 +52,13 @@ def mse_range(values: torch.Tensor, bits: int, symmetric=False, steps=40):
 
 def collect_ranges(model, sampler, names, shape, n_images: int, timesteps, groups: int, method="minmax",
                    percentile=99.99, splits=None, seed=1000, batch_size=256, device="cpu", progress=True,
-                   values_per_call=4096, mse_bits=4):
+                   values_per_call=4096, mse_bits=4, symmetric=False):
     """Ranges {name: (G, P, 2) float32 [lo, hi]} of the inputs of modules ``names`` of ``model``.
 
     shape: one image (C, H, W); timesteps: the sampler timesteps to record at; splits: {name: channel}
     where a module's input is split into two parts; mse_bits: the bits the ``mse`` ranges are searched for, one
-    for every input or {name: bits or [bits per timestep group]} (an input without bits: 16). Raises
+    for every input or {name: bits or [bits per timestep group]} (an input without bits: 16), for the symmetric
+    quantizer where ``symmetric`` (the one they will feed). Raises
     ValueError if a timestep group gets no data.
     """
     if method not in ("minmax", "percentile", "mse"):
@@ -113,7 +114,7 @@ def collect_ranges(model, sampler, names, shape, n_images: int, timesteps, group
                 for p in range(parts[n]):
                     bits = mse_bits.get(n) or 16 if isinstance(mse_bits, dict) else mse_bits
                     bits = bits[g] if isinstance(bits, (list, tuple)) else bits  # bits per timestep group
-                    r[g, p] = torch.tensor(mse_range(torch.cat(kept[n][g][p]), bits))
+                    r[g, p] = torch.tensor(mse_range(torch.cat(kept[n][g][p]), bits, symmetric))
         out[n] = r
     return out
 

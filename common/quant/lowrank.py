@@ -88,9 +88,11 @@ def attach(model: nn.Module, ranks: dict) -> nn.Module:
 
 def decompose(model: nn.Module, ranks: dict) -> dict:
     """Attach branches to ``model`` holding the top-r SVD part of each layer's weight, leave the residual in the
-    layer's weight, and return {module: rank}. The model computes the same function (to float rounding)."""
+    layer's weight, and return {module: rank}: the rank asked for, or the layer's own where that is smaller (a
+    matrix of k rows has no (k + 1)-th singular vector). The model computes the same function (to float rounding)."""
     mods = dict(model.named_modules())
     kinds = {n: type(mods[n]) for n in ranks}
+    ranks = {n: min(int(r), min(mods[n].weight.shape[0], mods[n].weight[0].numel())) for n, r in ranks.items()}
     attach(model, ranks)
     with torch.no_grad():
         for name, r in ranks.items():

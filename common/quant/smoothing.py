@@ -137,7 +137,7 @@ def smooth(model: nn.Module, layers: list, run, w_quant, a_bits: int, record=Non
     recorded = record_inputs(model, record or layers, run)
     mods, runtime, alphas = dict(model.named_modules()), {}, {}
     for n in layers:
-        x = recorded[n]
+        x = recorded[n].to(mods[n].weight.device)  # recorded on the CPU (memory); the layer may be on a GPU
         alpha, s, _ = choose_alpha(mods[n], x, input_absmax(mods[n], x), w_quant(n), a_bits,
                                    **({} if grid is None else {"alphas": grid}))
         alphas[n] = alpha
