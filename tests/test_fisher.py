@@ -209,6 +209,27 @@ def test_stratified_draw_has_equal_bucket_counts_and_weights_with_mean_one():
     assert torch.equal(sample_weights(torch.tensor([1, 5]), 10, None), torch.ones(2, dtype=torch.float64))
 
 
+def test_more_buckets_than_timesteps_is_coarser_buckets_not_a_crash(setup):
+    """fisher.profile_buckets above diffusion.timesteps left buckets without a timestep (randint from 1 to 1)."""
+    _, model, _, pool = setup
+    with pytest.raises(ValueError, match="10 timestep buckets for 5 timesteps"):
+        draw_samples(pool, 20, 5, seed=0, strata=10)
+    art = compute_fisher(model, NoiseSchedule(5, 1e-4, 0.02), pool,
+                         fcfg(n_samples=20, chunk_size=20, profile_buckets=10, timestep_sampling="stratified"),
+                         progress=False)
+    assert all(torch.isfinite(v).all() for v in art["diag"].values())
+
+
+def test_chain_error_bar_is_zero_when_every_chain_contributes_the_same_and_groups_are_uneven():
+    """16 chains in 5 groups (4, 3, 3, 3, 3): each group's mean scaled by G assumed 16 / 5 chains per group, so
+    the error bar held the groups' size differences (6% for a constant contribution)."""
+    from common.importance.chain import _rel_sem
+
+    chains = torch.bincount(torch.arange(16) % 5, minlength=5)
+    sums = chains.double()[:, None].repeat(1, 2)  # projection p sees group p: one unit per chain
+    assert _rel_sem(sums, 5, torch.ones(5, dtype=torch.float64), chains) == [0.0, 0.0]
+
+
 def test_stratified_fisher_is_the_bucket_weighted_mean_with_intervals(setup):
     _, model, schedule, pool = setup
     art = compute_fisher(model, schedule, pool, fcfg(n_samples=6, timestep_sampling="stratified", bootstrap=200),

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 from pytorch_fid import fid_score
 from pytorch_fid import inception as pfi
+from torch import nn
 
 from common.evaluation import metrics
 
@@ -92,6 +93,24 @@ def test_inception_score_bounds():
     onehot = torch.full((100, 10), -1e4)
     onehot[torch.arange(100), torch.arange(100) % 10] = 0
     assert metrics.inception_score(onehot, splits=1)[0] == pytest.approx(10.0, rel=1e-6)
+    # 81 images in 10 splits: torch-fidelity's boundaries (i * N // 10), not torch.chunk's 9 parts of 9
+    from torch_fidelity.metric_isc import isc_features_to_metric
+
+    logits = torch.randn(81, 12, generator=torch.Generator().manual_seed(0)) * 3
+    want = isc_features_to_metric(logits, splits=10)
+    assert metrics.inception_score(logits) == (want["inception_score_mean"], want["inception_score_std"])
+
+
+def test_inception_logits_leave_out_the_heads_bias():
+    """IS is defined on the unbiased logits (Salimans et al.; torch-fidelity's logits_unbiased)."""
+    trunk = nn.Module()
+    trunk.fc = nn.Linear(2048, 1008)
+    net = metrics.FIDInception.__new__(metrics.FIDInception)
+    nn.Module.__init__(net)
+    net.features, net.fc = (lambda x: [x]), trunk.fc
+    f = torch.randn(3, 2048)
+    _, logits = net(f)
+    torch.testing.assert_close(logits, f @ trunk.fc.weight.T)
 
 
 @pytest.mark.parametrize("n, d", [(60, 256), (64, 64)])

@@ -244,6 +244,9 @@ def test_compare_writes_one_row_per_metric_budget_seed(pipeline_run):
     assert "3bits" in md and "smallest reachable" in md  # the infeasible budget is reported, not skipped silently
     assert "Which metric wins" in md and (folder / "compare.png").stat().st_size > 1000
     assert "[fp32] reusing" not in p.stdout  # the comparison evaluates its own paired fp32 reference
+    # each metric's scores computed once, where the allocator reads them (they were computed twice, in two folders)
+    made = [line for line in p.stdout.splitlines() if line.startswith("[importance] magnitude in")]
+    assert len(made) <= 1 and all(os.path.join("compare", "baseline", "importance") in line for line in made)
 
 
 def test_released_weights_are_verified_and_used_without_training(pipeline_run):

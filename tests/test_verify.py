@@ -150,6 +150,24 @@ def test_a_source_changed_after_its_summary_makes_the_summary_stale(smoke_run, t
     assert rows["summary.sources.json"].problem and "stale" in rows["summary.sources.json"].detail
 
 
+def test_a_variant_paired_against_fp32_samples_since_replaced_is_named(smoke_run, tmp_path):
+    """fp32 re-evaluated (e.g. another script's --force on another device) after a variant measured its paired
+    MSE: the variant records which fp32 samples it was paired against, so verify names it."""
+    _, run_dir = smoke_run
+    copy = tmp_path / "smoke"
+    shutil.copytree(run_dir, copy)
+    from common.core import storage
+
+    m = storage.load_json(copy / "layer_math" / "metrics.json")
+    assert m["per_seed"]["0"]["fp32_samples_sha256"] == \
+        storage.load_json(copy / "fp32" / "metrics.json")["per_seed"]["0"]["samples_sha256"]
+    ref = storage.load_json(copy / "fp32" / "metrics.json")
+    ref["per_seed"]["0"]["samples_sha256"] = "0" * 16  # fp32's seed 0 re-sampled (its record rewritten validly)
+    storage.atomic_write_record(ref, copy / "fp32" / "metrics.json")
+    row = {os.path.relpath(f.path, copy): f for f in verify_run(str(copy))}["layer_math/metrics.json"]
+    assert row.problem and "measured against other fp32 samples" in row.detail
+
+
 def test_a_sample_records_its_activation_quantizers(smoke_run, tmp_path):
     _, run_dir = smoke_run
     copy = tmp_path / "smoke"

@@ -248,6 +248,8 @@ def _evaluate_variant(cfg, variant, model, size, device, weights_id, force, prog
         r = evaluate_seed(cfg, to_uint8(x), device, progress)
         r["samples_sha256"] = metrics.tensor_digest(x01)  # ties samples_seed<k>.pt to these metrics
         sq = paired_errors(cfg, variant, seed, x01, (extra or {}).get("checkpoint_sha256"))
+        if variant != "fp32":  # which fp32 samples it was paired against: a later re-evaluation of fp32 shows
+            r["fp32_samples_sha256"] = reference_digest(cfg, seed)
         # the mean is carried by a few images whose stochastic trajectories drift; the median is the typical image
         r["paired_mse_vs_fp32"] = float(sq.mean())
         r["paired_mse_median"] = float(sq.flatten(1).mean(1).median())
@@ -278,6 +280,12 @@ def _evaluate_variant(cfg, variant, model, size, device, weights_id, force, prog
 def paired_mse(cfg, variant, seed, x01, checkpoint_sha256):
     """Mean squared [0, 1]-pixel difference to the fp32 baseline's samples under the same noise."""
     return float(paired_errors(cfg, variant, seed, x01, checkpoint_sha256).mean())
+
+
+def reference_digest(cfg, seed) -> str | None:
+    """The digest fp32's metrics.json records for its samples of ``seed`` (the file ``paired_errors`` checked)."""
+    info = storage.load_json(os.path.join(variant_dir(cfg, "fp32"), "metrics.json"))
+    return info.get("per_seed", {}).get(str(seed), {}).get("samples_sha256")
 
 
 def paired_errors(cfg, variant, seed, x01, checkpoint_sha256) -> torch.Tensor:

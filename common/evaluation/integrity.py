@@ -186,6 +186,12 @@ def _check_reference(folder: str, m: dict, mpath: str):
     if (r.get("checkpoint_sha256"), r.get("eval_fingerprint")) != (m.get("checkpoint_sha256"),
                                                                    m.get("eval_fingerprint")):
         return Finding(mpath, [ref], MISMATCH, "its fp32 reference has another checkpoint or evaluation settings")
+    for seed, row in (m.get("per_seed") or {}).items():  # recorded since 2026-12-06
+        want = row.get("fp32_samples_sha256") if isinstance(row, dict) else None
+        have = ((r.get("per_seed") or {}).get(seed) or {}).get("samples_sha256")
+        if want is not None and want != have:
+            return Finding(mpath, [ref], MISMATCH, f"its paired MSE (seed {seed}) was measured against other fp32 "
+                                                   f"samples than {ref} records now (fp32 re-evaluated since)")
     return Finding(mpath, [ref])
 
 

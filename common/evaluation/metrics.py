@@ -110,9 +110,11 @@ class FIDInception(nn.Module):
         self.weights_file = weights_file  # its SHA-256 keys the cached reference statistics
 
     def forward(self, x01):
-        """x01: (B, 3, H, W) float in [0, 1] -> (pool3 features (B, 2048), logits (B, 1008) or None)."""
+        """x01: (B, 3, H, W) float in [0, 1] -> (pool3 features (B, 2048), logits (B, 1008) or None). The logits
+        are without the head's bias, as the Inception Score is defined (Salimans et al.'s code, torch-fidelity's
+        ``logits_unbiased``)."""
         f = self.features(x01)[0].flatten(1)
-        return f, (self.fc(f) if self.fc is not None else None)
+        return f, (F.linear(f, self.fc.weight) if self.fc is not None else None)
 
 
 def load_inception(weights_path=None, device="cpu", allow_download=True) -> FIDInception:
@@ -166,14 +168,12 @@ def inception_features(net: FIDInception, images_u8: torch.Tensor, batch_size=50
 
 
 def inception_score(logits: torch.Tensor, splits: int = 10):
-    """IS = exp(E_x KL(p(y|x) || p(y))), mean and std over ``splits`` equal parts (Salimans et al.)."""
-    p = F.softmax(logits.double(), dim=1)
-    scores = []
-    for part in torch.chunk(p, splits):
-        py = part.mean(0, keepdim=True)
-        kl = (part * (torch.log(part + 1e-12) - torch.log(py + 1e-12))).sum(1).mean()
-        scores.append(torch.exp(kl).item())
-    return float(np.mean(scores)), float(np.std(scores))
+    """IS = exp(E_x KL(p(y|x) || p(y))), mean and std over ``splits`` parts (Salimans et al.): torch-fidelity's
+    own function (its seeded shuffle and split boundaries i * N // splits), on the unbiased logits."""
+    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+
+    out = isc_features_to_metric(torch.as_tensor(logits), splits=splits)
+    return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
 
 
 def statistics(features: np.ndarray):

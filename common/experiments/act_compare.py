@@ -42,7 +42,7 @@ def variant_name(plan: str, budget: str, mode: str) -> str:
 def run_act_comparison(cfg, device, force=False, progress=True):
     """Evaluate the grid. Returns ({variant: (plan, budget, mode, metrics)}, [notes on what was skipped])."""
     check_act_quant_groups(cfg)
-    model, ckpt_path, fisher = pipeline.load_artifacts(cfg, device)
+    model, ckpt_path, fisher = pipeline.load_artifacts(cfg, device, force=force, progress=progress)
     acfg = act_config(cfg)
     aq = cfg.act_quant
     macs = unet_macs(model, (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size))

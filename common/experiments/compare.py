@@ -48,7 +48,8 @@ def run_comparison(cfg, device, force=False, progress=True):
     {budget no allocation can meet: why}, {metric: per-tensor scores})."""
     model, ckpt_path, fisher = pipeline.load_artifacts(cfg, device, force=force, progress=progress)
     ccfg = compare_config(cfg)
-    scores = distributed.rank0_first(lambda: {m: pipeline.ensure_importance(cfg, m, model, ckpt_path, fisher,
+    # under the comparison's own config: the scores the variants' allocator reads, computed (and cached) once
+    scores = distributed.rank0_first(lambda: {m: pipeline.ensure_importance(ccfg, m, model, ckpt_path, fisher,
                                                                             device)["score"]
                                               for m in cfg.compare.metrics})
 

@@ -121,10 +121,10 @@ def plot(rows, path) -> str:
     for i, v in enumerate(VARIANTS):
         label = rows[0][v]["variant"]
         mse = [per_seed(r[v], "paired_mse_vs_fp32") for r in rows]
-        axes[0].errorbar(x, [np.nanmean(m) for m in mse], yerr=[np.nanstd(m) for m in mse], marker="o",
+        axes[0].errorbar(x, [np.nanmean(m) for m in mse], yerr=[np.nanstd(m, ddof=1) for m in mse], marker="o",
                          capsize=3, label=label, color=f"C{i}")
         d = [per_seed(r[v], "clf_fid") - per_seed(r["fp32"], "clf_fid") for r in rows]
-        axes[1].errorbar(x, [np.nanmean(e) for e in d], yerr=[np.nanstd(e) for e in d], marker="o", capsize=3,
+        axes[1].errorbar(x, [np.nanmean(e) for e in d], yerr=[np.nanstd(e, ddof=1) for e in d], marker="o", capsize=3,
                          label=label, color=f"C{i}")
     axes[0].set_yscale("log")
     axes[0].set_ylabel("paired MSE vs own fp32")

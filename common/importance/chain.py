@@ -78,7 +78,7 @@ def chain_fisher(model, sampler, names, shape, n_chains=16, n_projections=32, se
         for n, p in params.items():
             p.requires_grad_(old_flags[n])
     scale = n_chains * float(torch.tensor(shape).prod())
-    rel_sem = _rel_sem(sums, groups, count)
+    rel_sem = _rel_sem(sums, groups, count, torch.bincount(torch.arange(n_chains) % groups, minlength=groups))
     total = sum(per_step.values()) or 1.0
     return {"diag": {n: (sq[n] / scale).float().cpu() for n in names},
             "rel_sem": {n: rel_sem[k] for k, n in enumerate(names)},
@@ -92,15 +92,18 @@ def chain_fisher(model, sampler, names, shape, n_chains=16, n_projections=32, se
                      "seconds": round(time.time() - t0, 1)}}
 
 
-def _rel_sem(sums, groups, count) -> list:
-    """Relative standard error of every tensor's summed diagonal. sums: (P, K) per projection and tensor.
+def _rel_sem(sums, groups, count, chains) -> list:
+    """Relative standard error of every tensor's summed diagonal. sums: (P, K) per projection and tensor;
+    count / chains: (G,) projections / chains of each group.
 
-    G > 1: G x (group g's mean) estimates the total independently for each g, so their spread over the groups
-    is the estimate's error with the chains' own variation in it. G = 1: the spread over the projections."""
+    G > 1: (B / B_g) x (group g's mean) estimates the total independently for each g (B_g of the B chains are in
+    group g: B / G each when G divides B), so their spread over the groups is the estimate's error with the
+    chains' own variation in it. G = 1: the spread over the projections."""
     P = sums.shape[0]
     if groups > 1:
         per_group = torch.stack([sums[torch.arange(P) % groups == g].sum(0) / count[g] for g in range(groups)])
-        est = groups * per_group  # (G, K)
+        chains = torch.as_tensor(chains, dtype=torch.float64)
+        est = per_group * (chains.sum() / chains)[:, None]  # (G, K)
         mean, sem = est.mean(0), est.std(0, unbiased=True) / groups ** 0.5
     elif P > 1:
         mean, sem = sums.mean(0), sums.std(0, unbiased=True) / P ** 0.5

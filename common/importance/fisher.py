@@ -32,6 +32,9 @@ def draw_samples(x_pool: torch.Tensor, n: int, timesteps: int, seed: int, fixed_
     ``strata``: a number K of equal-width timestep buckets (``bucket_edges``) that get equal counts
     (the first n mod K buckets one more), t uniform inside each; None draws t uniform over 0..T-1.
     """
+    if strata and strata > timesteps:  # a bucket would hold no timestep at all
+        raise ValueError(f"{strata} timestep buckets for {timesteps} timesteps: at most one bucket per timestep "
+                         f"(fisher.profile_buckets <= diffusion.timesteps)")
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(0, len(x_pool), (n,), generator=gen)
     if fixed_t:
@@ -105,7 +108,7 @@ def compute_fisher(model, schedule, x_pool, fisher_cfg, rule=None, progress=True
     K = fisher_cfg.profile_buckets
     strata = None
     if fisher_cfg.timestep_sampling == "stratified" and not fisher_cfg.timesteps:
-        strata = min(K, fisher_cfg.n_samples)  # fewer samples than buckets: one per coarser bucket
+        strata = min(K, fisher_cfg.n_samples, T)  # fewer samples (or timesteps) than buckets: coarser buckets
     x0, t, eps = draw_samples(x_pool, fisher_cfg.n_samples, T, fisher_cfg.seed, fisher_cfg.timesteps, strata)
     w = sample_weights(t, T, strata)
     params = dict(model.named_parameters())
