@@ -45,6 +45,25 @@ def test_adaptive_variant_is_compared_with_uniform_of_its_own_format():
     assert verdict == "not supported (opposite)"
 
 
+def test_equal_size_comparisons_are_one_family_corrected_by_holm():
+    """Four rules, each 8 standard errors below the line on 3 seeds (p ~ 0.015): each would be *supported* alone at
+    5%, but not as one of a family of four (Holm: the smallest p must be below 0.05 / 4); one at 40 standard errors
+    (p ~ 6e-4) is supported even so."""
+    line = [10.0, 10.1, 9.9]
+    results = {"fp32": variant(line, 8.0), "uniform_fp16": variant(line, 4.0)}
+    for rule in ("whole_threshold", "layer_group", "layer_ratio_p0.4", "layer_math"):
+        results[rule] = variant([v - 1.0 + e for v, e in zip(line, (-0.2165, 0.0, 0.2165), strict=True)], 6.0,
+                                fmt="fp16")
+    out = {c: (v, e) for c, v, e in report.verdicts(results, None)}
+    for rule in ("whole_threshold", "layer_group", "layer_ratio_p0.4", "layer_math"):
+        verdict, evidence = out[f"layer-adaptive beats uniform at equal size ({rule}, clf_fid)"]
+        assert verdict == "within noise" and "p 0.01" in evidence and "Holm 0.06" in evidence, evidence
+    results["layer_math"] = variant([v - 1.0 + e for v, e in zip(line, (-0.0433, 0.0, 0.0433), strict=True)], 6.0,
+                                    fmt="fp16")
+    out = {c: v for c, v, _ in report.verdicts(results, None)}
+    assert out["layer-adaptive beats uniform at equal size (layer_math, clf_fid)"] == "supported"
+
+
 def test_missing_uniform_of_the_format_is_not_measured():
     results = {"fp32": variant([1.0, 1.0, 1.0], 8.0), "uniform_fp16": variant([1.0, 1.0, 1.0], 4.0),
                "layer_group": variant([1.0, 1.1, 1.2], 5.0, fmt="int8")}
