@@ -391,3 +391,29 @@ def test_damaged_checkpoint_is_one_line_naming_it(pipeline_run, monkeypatch, dam
         assert msg.startswith(f"error: {ckpt} ") and "\n" not in msg
         assert "--retrain" in msg and f"--set run.name={run_dir.name}" in msg
     assert not marker.exists()
+
+
+def test_baseline_grid_shows_the_evaluations_first_images(tiny_model_fisher, tmp_path):
+    """A stochastic sampler draws each step's noise for its whole batch: a grid of fewer images than the batch
+    drawn alone showed other digits than the evaluation's seed (baseline/samples.png vs fp32/samples.png)."""
+    import copy
+
+    import numpy as np
+    from PIL import Image
+
+    from common.diffusion.data import to_uint8
+    from common.diffusion.samplers import build_sampler, sample
+    from common.diffusion.schedule import NoiseSchedule
+    from common.evaluation.grids import save_grid
+    from common.experiments.pipeline import write_sample_grid
+
+    cfg, model, _ = tiny_model_fisher
+    cfg = copy.deepcopy(cfg)
+    cfg.sample.grid_images, cfg.sample.batch_size, cfg.eval.n_images, cfg.sample.steps = 4, 8, 8, 3
+    cfg.sample.eta = 1.0  # stochastic DDIM, as configs/default.yaml samples
+    sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
+    assert sampler.stochastic  # per-step noise
+    write_sample_grid(cfg, model, str(tmp_path / "grid.png"), "cpu", progress=False)
+    x = sample(model, sampler, 8, (1, 32, 32), cfg.eval.seeds[0], 8, progress=False)  # the evaluation's batch
+    save_grid(to_uint8(x[:4]).float() / 255, str(tmp_path / "eval.png"))
+    assert (np.asarray(Image.open(tmp_path / "grid.png")) == np.asarray(Image.open(tmp_path / "eval.png"))).all()

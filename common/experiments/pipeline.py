@@ -141,10 +141,12 @@ def write_sample_grid(cfg, model, path, device, progress=True, seed=None):
     schedule = NoiseSchedule.from_config(cfg.diffusion)
     sampler = build_sampler(cfg.sample, schedule)
     shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
-    x = sample(model, sampler, cfg.sample.grid_images, shape,
-               seed=cfg.eval.seeds[0] if seed is None else seed,
+    # the evaluation's first images: a stochastic sampler draws each step's noise for the whole batch, so the
+    # grid samples the evaluation's first batch (not grid_images alone, whose noise would differ) and shows its head
+    n = max(cfg.sample.grid_images, min(cfg.sample.batch_size, cfg.eval.n_images))
+    x = sample(model, sampler, n, shape, seed=cfg.eval.seeds[0] if seed is None else seed,
                batch_size=cfg.sample.batch_size, device=device, progress=progress, desc="grid")
-    save_grid(to_uint8(x).float() / 255, path)
+    save_grid(to_uint8(x[:cfg.sample.grid_images]).float() / 255, path)
     print(f"[baseline] sample grid -> {path}")
 
 
