@@ -22,6 +22,14 @@ from common.evaluation.generate import generate
 from common.quant.backends import AUTO, BACKENDS
 
 
+def source_tag(path: str) -> str:
+    """What names a source in the default output folder: the folder of a variant's ``quantized.safetensors`` or a
+    run's ``checkpoint.pt`` (their file names say nothing), else the weights file's own name, so two files of one
+    folder (checkpoints/default.safetensors, checkpoints/default_step004000.safetensors) never share a folder."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return os.path.basename(os.path.dirname(os.path.abspath(path))) if stem in ("quantized", "checkpoint") else stem
+
+
 def main():
     p = cli.parser(__doc__)
     src = p.add_mutually_exclusive_group()
@@ -32,7 +40,8 @@ def main():
     p.add_argument("--seed", type=int, default=0, help="noise seed (the evaluation's seeds are eval.seeds)")
     p.add_argument("--backend", choices=(AUTO, *BACKENDS),
                    help="execution backend (default: backend.name from the config)")
-    p.add_argument("--out", help="output folder (default: runs/<run>/samples/<source>_<backend>_seed<seed>)")
+    p.add_argument("--out", help="output folder (default: runs/<run>/samples/<source>_<backend>_seed<seed>; source: "
+                                 "the variant's folder, or a weights file's name)")
     args = p.parse_args()
     cfg = cli.load(args)
     if args.n < 1:
@@ -40,7 +49,7 @@ def main():
     backend = args.backend or cfg.backend.name
     path = (args.variant_file or args.checkpoint or cfg.baseline.weights
             or os.path.join(baseline_dir(cfg), "checkpoint.pt"))
-    tag = os.path.basename(os.path.dirname(os.path.abspath(path)))  # the variant (or baseline) folder
+    tag = source_tag(path)
     out = args.out or os.path.join(run_dir(cfg), "samples", f"{tag}_{backend}_seed{args.seed}")
     device = cli.device(cfg, alone=True)
     if device is None:

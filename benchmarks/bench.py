@@ -214,12 +214,26 @@ def _child(q, fn, args):
 
 
 def isolated(fn, *args):
-    """Run ``fn`` in a fresh process so its peak RSS is its own."""
+    """Run ``fn`` in a fresh process so its peak RSS is its own. A child that dies without answering (a segfault
+    in a compiled kernel, the OOM killer) is a row with an error, not a bench that waits forever."""
+    import queue
+
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=_child, args=(q, fn, args))
     p.start()
-    r = q.get()
+    while True:
+        try:
+            r = q.get(timeout=1)
+            break
+        except queue.Empty:
+            if not p.is_alive():
+                try:  # it may have answered just before exiting
+                    r = q.get(timeout=1)
+                    break
+                except queue.Empty:
+                    r = {"error": f"the row's process died without a result (exit code {p.exitcode})"}
+                    break
     p.join()
     return r
 

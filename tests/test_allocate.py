@@ -51,6 +51,11 @@ def test_parse_budget_forms_and_errors():
     assert budget_tag("25%") == "25pct" and budget_tag("4.5bits") == "4.5bits"
     assert normalize_budget(" 25.0 %") == normalize_budget("25%") == "25%"
     assert normalize_budget("4.50bits") == "4.5bits" and normalize_budget("2.10MB") == "2.1MB"
+    # two nearby budgets stay two (6 significant digits made them one variant); an infinite one is an error
+    assert normalize_budget("4.1234567bits") == "4.1234567bits" != normalize_budget("4.1234568bits")
+    assert normalize_budget("33.3%") == "33.3%"
+    with pytest.raises(ValueError, match="1e400MB"):
+        parse_budget("1e400MB")
 
 
 @pytest.mark.parametrize("avg_bits", [30, 16, 12, 8, 6, 4.5, 4])

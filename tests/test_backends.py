@@ -508,3 +508,14 @@ def test_smoothed_int8_plan_is_exact_stored_and_runs_int8(tmp_path):
     finally:
         smoothing.carry_divisor = carry
     assert rel_err(sample(dropped, sampler, 4, SHAPE, 0, 4, progress=False), out) > 1e-3
+
+
+def test_sample_py_default_folder_tells_two_weights_files_of_one_folder_apart():
+    """checkpoints/default.safetensors and checkpoints/default_step004000.safetensors both wrote
+    samples/checkpoints_<backend>_seed<k>, the second silently over the first."""
+    import runpy
+
+    tag = runpy.run_path(os.path.join(ROOT, "sample.py"))["source_tag"]
+    assert tag("checkpoints/default.safetensors") != tag("checkpoints/default_step004000.safetensors")
+    assert tag("runs/default/mp_fisher_25%/quantized.safetensors") == "mp_fisher_25%"
+    assert tag("runs/default/baseline/checkpoint.pt") == "baseline"

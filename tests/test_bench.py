@@ -176,6 +176,15 @@ def test_a_spawned_row_reports_its_own_peak_rss_not_its_parents():
     del held
 
 
+def test_a_row_whose_process_dies_is_an_error_not_a_hang():
+    """A child that dies without answering (segfault, OOM killer) left the bench waiting on its queue forever."""
+    from benchmarks.bench import isolated
+
+    r = isolated(os._exit, 3)
+    assert "died without a result (exit code 3)" in r["error"]
+    assert isolated(math.sqrt, 16.0) == 4.0
+
+
 def test_peak_rss_without_proc_reads_ru_maxrss_in_the_platforms_unit(monkeypatch):
     """Where /proc is missing, ru_maxrss is KB on Linux / BSD but bytes on macOS."""
     import builtins

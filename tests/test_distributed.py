@@ -403,3 +403,18 @@ def test_a_finished_rank_exits_cleanly_whatever_the_teardown_does(tmp_path):
     assert "rank 0 finished" in p.stdout and "rank 1 finished" in p.stdout
     plain = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
     assert plain.returncode != 0 and "rank 0 finished" in plain.stdout  # a plain run is left to exit as usual
+
+
+def test_collectives_wait_hours_not_minutes_unless_told(monkeypatch):
+    """Ranks wait inside a barrier while rank 0 builds a shared cache alone (tens of minutes on a CPU): the old
+    600 s default ended healthy runs. torchrun, not the timeout, ends a run whose rank died."""
+    from common.core import distributed
+
+    monkeypatch.delenv("LAQFI_DIST_TIMEOUT", raising=False)
+    assert distributed.timeout_seconds() >= 3 * 3600
+    monkeypatch.setenv("LAQFI_DIST_TIMEOUT", "30")
+    assert distributed.timeout_seconds() == 30
+    for bad in ("soon", "0", "-5"):
+        monkeypatch.setenv("LAQFI_DIST_TIMEOUT", bad)
+        with pytest.raises(ValueError, match="LAQFI_DIST_TIMEOUT"):
+            distributed.timeout_seconds()

@@ -98,10 +98,25 @@ def change_a_value(p):
     torch.save(art, p)
 
 
+def retype(key, value):
+    """Give one field of a sealed JSON record another type, re-sealed (a hand edit through our own writer): only a
+    check of the field's type can tell, and a crash would hide the whole table."""
+    def damage(p):
+        from common.core import storage
+
+        rec = storage.load_json(p)
+        rec[key] = value
+        rec.pop("record_sha256", None)
+        storage.atomic_write_record(rec, p)
+    damage.__name__ = f"retype_{key}"
+    return damage
+
+
 CASES = [
     ("layer_math/quantized.safetensors", truncate), ("layer_math/quantized.safetensors", flip),
     ("layer_math/quantized.safetensors", delete),
     ("layer_math/plan.json", lambda p: edit(p, "strategy")), ("layer_math/plan.json", delete),
+    ("layer_math/metrics.json", retype("files", None)), ("layer_math/metrics.json", retype("per_seed", [1, 2])),
     ("layer_math/metrics.json", lambda p: edit(p, "clf_fid")), ("layer_math/metrics.json", truncate),
     ("layer_math/samples_seed0.pt", truncate), ("fp32/samples_seed1.pt", flip), ("fp32/samples_seed0.pt", delete),
     ("layer_math/samples.png", flip),

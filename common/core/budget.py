@@ -18,7 +18,7 @@ def parse_budget(text: str):
         raise ValueError(f"budget {text!r}: expected a percentage of the fp32 size ('25%'), average bits per "
                          f"weight ('4.5bits') or MB of stored weights ('2.1MB')")
     value, unit = float(m.group(1)), m.group(2)
-    if value <= 0 or (unit == "%" and value > 100) or (unit == "bits" and value > 32):
+    if not math.isfinite(value) or value <= 0 or (unit == "%" and value > 100) or (unit == "bits" and value > 32):
         raise ValueError(f"budget {text!r}: must be in (0, 100]% of fp32, (0, 32] bits or a positive MB")
     return {"%": ("fraction", value / 100), "bits": ("bits", value), "MB": ("mb", value)}[unit]
 
@@ -36,7 +36,8 @@ def budget_bits(text: str, total_params: int) -> int:
 def normalize_budget(budget: str) -> str:
     """One spelling per budget: ' 25.0 %' -> '25%', '4.50bits' -> '4.5bits'."""
     kind, value = parse_budget(budget)
-    return {"fraction": f"{100 * value:g}%", "bits": f"{value:g}bits", "mb": f"{value:g}MB"}[kind]
+    # 15 significant digits: 4.1234567bits stays itself ({:g} kept 6, so two nearby budgets became one variant)
+    return {"fraction": f"{100 * value:.15g}%", "bits": f"{value:.15g}bits", "mb": f"{value:.15g}MB"}[kind]
 
 
 def budget_tag(budget: str) -> str:
@@ -82,7 +83,7 @@ def normalize_wa_budget(text: str) -> str:
     """One spelling per budget: 'w4a8 & 25.0%' -> 'W4A8&25%'."""
     parts = []
     for (kind, value), raw in zip(parse_wa_budget(text), str(text).split("&"), strict=True):
-        parts.append(f"W{value[0]}A{value[1]}" if kind == "wa" else f"{value:g}GBOPs" if kind == "gbops"
+        parts.append(f"W{value[0]}A{value[1]}" if kind == "wa" else f"{value:.15g}GBOPs" if kind == "gbops"
                      else normalize_budget(raw))
     return "&".join(parts)
 

@@ -1,8 +1,10 @@
 """One launcher convention: every script runs plainly (one process, nothing initialised) or under
 ``torchrun --nproc_per_node N script.py ...`` (``WORLD_SIZE`` > 1): NCCL on CUDA, gloo on CPU, one device per
-rank. Rank 0 alone writes shared files and shows progress bars; collectives time out after
-``LAQFI_DIST_TIMEOUT`` seconds (default 600), so a rank that dies makes the others fail instead of hanging, and
-torchrun ends the run with the failing rank's error and a non-zero exit status.
+rank. Rank 0 alone writes shared files and shows progress bars. A rank that dies ends the run: torchrun stops
+the others with the failing rank's error and a non-zero exit status. Collectives time out after
+``LAQFI_DIST_TIMEOUT`` seconds (default ``DEFAULT_TIMEOUT``, 6 h): ranks wait inside them while another works
+alone (rank 0 building a shared cache, a rank's longer share of a sweep), which takes tens of minutes on a CPU,
+so the timeout only ends a rank that is alive but stuck.
 """
 import atexit
 import contextlib
@@ -87,12 +89,27 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+DEFAULT_TIMEOUT = 6 * 3600.0  # 600 s killed healthy runs: a rank waited at a barrier while rank 0 worked longer
+
+
+def timeout_seconds() -> float:
+    """``LAQFI_DIST_TIMEOUT`` (seconds) or ``DEFAULT_TIMEOUT``."""
+    value = os.environ.get("LAQFI_DIST_TIMEOUT", "")
+    try:
+        seconds = float(value) if value else DEFAULT_TIMEOUT
+    except ValueError:
+        raise ValueError(f"LAQFI_DIST_TIMEOUT={value!r}: expected seconds, e.g. 3600") from None
+    if not seconds > 0:
+        raise ValueError(f"LAQFI_DIST_TIMEOUT={value!r}: must be > 0 seconds")
+    return seconds
+
+
 def init(device: torch.device) -> torch.device:
     """Initialise the process group when launched with several ranks; returns this rank's device (the local
     GPU under NCCL, the CPU under gloo). A plain run returns ``device`` unchanged and initialises nothing."""
     if not launched() or dist.is_initialized():
         return device
-    timeout = datetime.timedelta(seconds=float(os.environ.get("LAQFI_DIST_TIMEOUT", "600")))
+    timeout = datetime.timedelta(seconds=timeout_seconds())
     if device.type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)

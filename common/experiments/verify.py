@@ -271,7 +271,7 @@ class RunVerifier:
         if art is None:
             return  # fisher.pt's own row says why
         want = {k: prov["fisher"].get(k) for k in FISHER_KEYS}
-        have = json.loads(json.dumps({k: art["meta"].get(k) for k in FISHER_KEYS}, default=str))
+        have = json.loads(json.dumps({k: (art.get("meta") or {}).get(k) for k in FISHER_KEYS}, default=str))
         if want != have and row.status == OK:
             row.status, row.detail = MISMATCH, f"planned from another Fisher than {fpath} (settings or checkpoint)"
 
@@ -337,18 +337,22 @@ class RunVerifier:
             raise FileNotFoundError(f"{self.run}: no such run directory")
         for base in sorted(glob.glob(os.path.join(self.run, "**", "baseline"), recursive=True)):
             if os.path.isdir(base):
-                self.check_baseline(base)
+                self._guarded(base, self.check_baseline, base)
         for mpath in sorted(glob.glob(os.path.join(self.run, "**", "metrics.json"), recursive=True)):
             variant = os.path.dirname(mpath)
-            ident = self.identity(os.path.dirname(variant))
-            self.add(*check_variant(variant, ident[0] if ident else None))
-            self.check_fisher_of_plan(variant)
+
+            def one(variant=variant):
+                ident = self.identity(os.path.dirname(variant))
+                self.add(*check_variant(variant, ident[0] if ident else None))
+                self.check_fisher_of_plan(variant)
+
+            self._guarded(mpath, one)
         for man in sorted(glob.glob(os.path.join(self.run, "**", "*.sources.json"), recursive=True)):
-            self.check_manifest(man)
+            self._guarded(man, self.check_manifest, man)
         for s in sorted(glob.glob(os.path.join(self.run, "**", "sample.json"), recursive=True)):
-            self.check_sample_output(s)
+            self._guarded(s, self.check_sample_output, s)
         for s in sorted(glob.glob(os.path.join(self.run, "**", "selection.json"), recursive=True)):
-            self.check_selection(s)
+            self._guarded(s, self.check_selection, s)
         curve = os.path.join(self.run, "learning_curve.json")
         if os.path.isfile(curve):
             c, bad = _load(curve, "json")
@@ -360,6 +364,14 @@ class RunVerifier:
                 self.add(Finding(path, [], UNREFERENCED, "no record of this run names it"))
                 seen.add(os.path.abspath(path))
         return self._merged()
+
+    def _guarded(self, path: str, check, *args):
+        """``check(*args)``; a record whose fields have other types than ours (edited by hand, or a foreign file
+        under our name) is a MISMATCH row naming ``path``, not a traceback that hides the table."""
+        try:
+            check(*args)
+        except (KeyError, TypeError, AttributeError, ValueError, IndexError) as e:
+            self.add(Finding(path, [], MISMATCH, f"malformed record ({type(e).__name__}: {str(e)[:120]})"))
 
     def _merged(self) -> list:
         """One row per file: a file checked from several records keeps its worst status and every dependency."""
