@@ -1,4 +1,7 @@
 """common.experiments.report verdicts on hand-made results: the decision rules, not the plumbing."""
+import json
+import os
+
 import numpy as np
 import pytest
 
@@ -114,3 +117,26 @@ def test_fisher_op_table_weighs_each_op_type_by_its_elements():
     rows = report.fisher_op_table(fisher, lambda n: n.split(".")[1]).splitlines()[2:]
     assert rows == ["| mlp | 1 | 50 | 40 | 66.7% |", "| qkv | 2 | 400 | 2.5 | 33.3% |"]
 
+
+
+def test_an_edited_learning_curve_cache_is_recomputed_not_resealed(tiny_cfg, tmp_path, monkeypatch):
+    """runs/<run>/learning_curve.json was read without its seal: an edited row was reused and re-sealed."""
+    from common.core import storage
+    from common.experiments import curve
+
+    snap = tmp_path / "ema_step0000002.safetensors"
+    snap.write_bytes(b"weights")
+    calls = []
+
+    def fake(cfg, path, device, progress=True):
+        calls.append(path)
+        return {"step": 2, "images_seen": 4, "clf_is": 5.0, "clf_fid": 10.0, "fid": None}
+
+    monkeypatch.setattr(curve, "evaluate_snapshot", fake)
+    assert curve.learning_curve(tiny_cfg, [str(snap)], "cpu")[0]["clf_is"] == 5.0
+    assert curve.learning_curve(tiny_cfg, [str(snap)], "cpu")[0]["clf_is"] == 5.0 and len(calls) == 1  # reused
+    path = os.path.join(storage.run_dir(tiny_cfg), "learning_curve.json")
+    rec = json.load(open(path))
+    next(v for k, v in rec.items() if k != storage.SEAL)["clf_is"] = 9.9  # edited by hand, seal left as it was
+    json.dump(rec, open(path, "w"))
+    assert curve.learning_curve(tiny_cfg, [str(snap)], "cpu")[0]["clf_is"] == 5.0 and len(calls) == 2

@@ -61,6 +61,10 @@ def learning_curve(cfg, paths, device, progress=True) -> list:
     except storage.CorruptFileError as e:  # a cache: recompute rather than fail
         print(f"[curve] {e}; recomputing it")
         cache = {}
+    if storage.seal_ok(cache) is False:  # an edited cache is not read (and not re-sealed as if it were ours)
+        print(f"[curve] {cache_path} was edited (its seal does not match); recomputing it")
+        cache = {}
+    cache.pop(storage.SEAL, None)
     eval_fp = evaluate.eval_fingerprint(cfg)
     rows = []
     for path in paths:
