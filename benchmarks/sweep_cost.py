@@ -86,10 +86,11 @@ def workload(cfg) -> dict:
     train_steps = cfg.train.max_steps
     if train_steps is None:
         train_steps = cfg.train.epochs * math.ceil(MNIST_TRAIN / cfg.train.batch_size)
+    reproduce = 5 + len(cfg.strategies.layer_ratio.p)  # fp32, uniform, whole, group, math + the p sweep (as bench.py)
     return {
         "training": ("train", train_steps * cfg.train.batch_size, None),
         "Fisher": ("train", cfg.fisher.n_samples, None),
-        "reproduce: 6 variants evaluated": ("sample", 6 * per_variant, None),
+        f"reproduce: {reproduce} variants evaluated": ("sample", reproduce * per_variant, None),
         f"compare: {compare_variants} variants": ("sample", compare_variants * cfg.compare.n_images
                                                   * len(cfg.compare.seeds) * steps, compare_variants),
     }

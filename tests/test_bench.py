@@ -130,6 +130,9 @@ def test_sweep_cost_sharding():
     work = sweep_cost.workload(cfg)
     kind, calls, variants = work["reproduce: 6 variants evaluated"]
     assert (kind, calls, variants) == ("sample", 6 * 5000 * 1 * 1000, None)
+    # the p sweep's variants count: the same rule as bench.py's reproduction figure (it was a fixed 6)
+    two = load_config(os.path.join(ROOT, "configs", "poster.yaml"), ["strategies.layer_ratio.p=[0.25,0.4]"])
+    assert sweep_cost.workload(two)["reproduce: 7 variants evaluated"][1] == 7 * 5000 * 1000
     compare = next(k for k in work if k.startswith("compare"))
     assert work[compare][2] == len(cfg.compare.metrics) * len(cfg.compare.budgets)
     text = sweep_cost.table(cfg, m, "cpu", [1, 8], 100.0)
