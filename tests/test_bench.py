@@ -205,3 +205,14 @@ def test_peak_rss_without_proc_reads_ru_maxrss_in_the_platforms_unit(monkeypatch
     assert machine.peak_rss_mb() == 512
     monkeypatch.setattr(machine.sys, "platform", "linux")
     assert machine.peak_rss_mb() == 512 * 1024
+
+
+def test_sampling_warm_up_covers_the_timed_runs_last_batch(monkeypatch):
+    """500 images at batch 300 end with a batch of 200: a compiled model recompiled for it inside the timed run."""
+    from benchmarks import bench
+
+    calls = []
+    monkeypatch.setattr(bench, "sample", lambda model, sampler, n, shape, seed, bs, **kw: calls.append((n, bs)))
+    cfg = load_config(os.path.join(ROOT, "configs", "smoke.yaml"), [])
+    bench.bench_sampling(cfg, 5, 0, "fp32", batch=2)
+    assert calls == [(2, 2), (1, 2), (5, 2)]  # warm-up: a full batch and the last one's shape; then the timed run
