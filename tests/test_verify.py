@@ -204,7 +204,10 @@ def test_stray_files_are_unreferenced(smoke_run, tmp_path):
     shutil.copytree(run_dir, copy)
     (copy / "layer_math" / ".quantized.safetensors.99999-abc.tmp").write_bytes(b"half a file")
     (copy / "layer_math" / "quantized.pt").write_bytes(b"an old container")
+    (copy / "layer_math" / ".ipynb_checkpoints").mkdir()  # a hidden folder is looked into too
+    (copy / "layer_math" / ".ipynb_checkpoints" / "metrics-checkpoint.json").write_text("{}")
     rows = {os.path.relpath(f.path, copy): f for f in verify_run(str(copy))}
+    assert rows["layer_math/.ipynb_checkpoints/metrics-checkpoint.json"].status == "UNREFERENCED"
     assert rows["layer_math/.quantized.safetensors.99999-abc.tmp"].status == "UNREFERENCED"
     assert rows["layer_math/quantized.pt"].status == "UNREFERENCED"
 

@@ -358,8 +358,8 @@ class RunVerifier:
             c, bad = _load(curve, "json")
             self.add(bad or sealed(Finding(curve, ["baseline/snapshots"]), c))
         seen = {os.path.abspath(f.path) for f in self.findings}
-        for path in sorted(glob.glob(os.path.join(self.run, "**", "*"), recursive=True)
-                           + glob.glob(os.path.join(self.run, "**", ".*"), recursive=True)):
+        every = [os.path.join(d, f) for d, _, files in os.walk(self.run) for f in files]  # hidden folders too
+        for path in sorted(every):
             if os.path.isfile(path) and os.path.basename(path) not in IGNORED and os.path.abspath(path) not in seen:
                 self.add(Finding(path, [], UNREFERENCED, "no record of this run names it"))
                 seen.add(os.path.abspath(path))
