@@ -246,3 +246,20 @@ def test_unfused_attention_matches_fused():
             plain = model(x, t)
     assert torch.allclose(fused, plain, atol=1e-5)
     assert all(m.fused for m in model.modules() if hasattr(m, "fused"))  # restored
+
+
+def test_noise_rows_give_a_smaller_batch_the_images_a_full_batch_begins_with():
+    """A stochastic sampler draws each step's noise for its batch's rows: 3 images sampled alone were other
+    images than the first 3 of a batch of 8 (sample.py --n below the evaluation's batch); noise_rows fixes that."""
+
+    class Elementwise(torch.nn.Module):  # no cross-image arithmetic: equality is exact
+        def forward(self, x, t):
+            return 0.1 * x
+
+    sampler = DDIMSampler(NoiseSchedule(100, 1e-4, 0.02), 4, eta=1.0)
+    assert sampler.stochastic
+    full = sample(Elementwise(), sampler, 8, (1, 4, 4), 7, 8, progress=False)
+    alone = sample(Elementwise(), sampler, 3, (1, 4, 4), 7, 3, progress=False)
+    assert not torch.equal(alone, full[:3])
+    assert torch.equal(sample(Elementwise(), sampler, 3, (1, 4, 4), 7, 3, progress=False, noise_rows=8), full[:3])
+    assert torch.equal(sample(Elementwise(), sampler, 8, (1, 4, 4), 7, 8, progress=False, noise_rows=8), full)

@@ -72,12 +72,14 @@ def batch_generator(seed: int, batch_index: int) -> torch.Generator:
 
 @torch.inference_mode()
 def sample(model, sampler, n: int, shape, seed: int, batch_size: int, device="cpu",
-           channels_last=False, progress=True, desc="sampling", batches=None):
+           channels_last=False, progress=True, desc="sampling", batches=None, noise_rows=None):
     """Draw ``n`` images (n, *shape) in [-1, 1] (unclamped model space) as float32 on the CPU.
 
     The initial x_T and every per-step noise come from ``batch_generator(seed, b)``, so two
     models sampled with the same (seed, batch_size) see identical noise. ``batches``: only these batch
-    indices (their images, in that order), e.g. one rank's share.
+    indices (their images, in that order), e.g. one rank's share. ``noise_rows``: draw each batch's noise for
+    this many images and use the first ones, so a smaller batch gets the images a batch of ``noise_rows`` would
+    begin with (a stochastic sampler's per-step noise depends on the number of rows drawn).
     """
     model.eval()
     if channels_last:
@@ -89,14 +91,15 @@ def sample(model, sampler, n: int, shape, seed: int, batch_size: int, device="cp
                disable=not progress or not distributed.shows_progress())
     for b in todo:
         m = min(batch_size, n - b * batch_size)
+        rows = max(m, noise_rows or m)
         gen = batch_generator(seed, b)
-        x = torch.randn((m, *shape), generator=gen).to(device)
+        x = torch.randn((rows, *shape), generator=gen)[:m].to(device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         t_batch = torch.empty(m, dtype=torch.long, device=device)
         for t in sampler.timesteps:
             eps = model(x, t_batch.fill_(t))
-            noise = torch.randn((m, *shape), generator=gen).to(device) if sampler.stochastic else None
+            noise = torch.randn((rows, *shape), generator=gen)[:m].to(device) if sampler.stochastic else None
             x = sampler.step(eps, t, x, noise)
             bar.update(1)
         out.append(x.float().cpu())

@@ -136,7 +136,9 @@ def generate(cfg, path: str, backend: str, n: int, seed: int, out_dir: str, devi
     sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
     shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
     t0 = time.perf_counter()
-    x = sample(runner, sampler, n, shape, seed, batch, device, progress=progress, desc=f"sampling ({backend})")
+    # noise drawn for the evaluation's batch: --n below it gives the evaluation's first images of that seed
+    x = sample(runner, sampler, n, shape, seed, batch, device, progress=progress, desc=f"sampling ({backend})",
+               noise_rows=cfg.sample.batch_size)
     seconds = time.perf_counter() - t0
     images = to_uint8(x)
     os.makedirs(out_dir, exist_ok=True)
