@@ -225,17 +225,14 @@ def isolated(fn, *args):
     p = ctx.Process(target=_child, args=(q, fn, args))
     p.start()
     while True:
+        alive = p.is_alive()  # read before waiting: a child that answered just before exiting is still heard
         try:
             r = q.get(timeout=1)
             break
         except queue.Empty:
-            if not p.is_alive():
-                try:  # it may have answered just before exiting
-                    r = q.get(timeout=1)
-                    break
-                except queue.Empty:
-                    r = {"error": f"the row's process died without a result (exit code {p.exitcode})"}
-                    break
+            if not alive:
+                r = {"error": f"the row's process died without a result (exit code {p.exitcode})"}
+                break
     p.join()
     return r
 

@@ -247,9 +247,9 @@ def _evaluate_variant(cfg, variant, model, size, device, weights_id, force, prog
         storage.atomic_torch_save(x01, os.path.join(out_dir, f"samples_seed{seed}.pt"))
         r = evaluate_seed(cfg, to_uint8(x), device, progress)
         r["samples_sha256"] = metrics.tensor_digest(x01)  # ties samples_seed<k>.pt to these metrics
-        sq = paired_errors(cfg, variant, seed, x01, (extra or {}).get("checkpoint_sha256"))
-        if variant != "fp32":  # which fp32 samples it was paired against: a later re-evaluation of fp32 shows
-            r["fp32_samples_sha256"] = reference_digest(cfg, seed)
+        sq, ref_digest = _paired(cfg, variant, seed, x01, (extra or {}).get("checkpoint_sha256"))
+        if ref_digest is not None:  # which fp32 samples it was paired against: a later re-evaluation of fp32 shows
+            r["fp32_samples_sha256"] = ref_digest
         # the mean is carried by a few images whose stochastic trajectories drift; the median is the typical image
         r["paired_mse_vs_fp32"] = float(sq.mean())
         r["paired_mse_median"] = float(sq.flatten(1).mean(1).median())
@@ -282,18 +282,17 @@ def paired_mse(cfg, variant, seed, x01, checkpoint_sha256):
     return float(paired_errors(cfg, variant, seed, x01, checkpoint_sha256).mean())
 
 
-def reference_digest(cfg, seed) -> str | None:
-    """The digest fp32's metrics.json records for its samples of ``seed`` (the file ``paired_errors`` checked)."""
-    info = storage.load_json(os.path.join(variant_dir(cfg, "fp32"), "metrics.json"))
-    return info.get("per_seed", {}).get(str(seed), {}).get("samples_sha256")
-
-
 def paired_errors(cfg, variant, seed, x01, checkpoint_sha256) -> torch.Tensor:
     """The squared [0, 1]-pixel differences (x01's shape) to the fp32 baseline's samples under the same noise
     (zeros for fp32 itself). The reference must be the fp32 evaluation of the same checkpoint with the same
     evaluation settings."""
+    return _paired(cfg, variant, seed, x01, checkpoint_sha256)[0]
+
+
+def _paired(cfg, variant, seed, x01, checkpoint_sha256) -> tuple:
+    """(``paired_errors``, the digest of the fp32 samples they were taken against: None for fp32 itself)."""
     if variant == "fp32":
-        return torch.zeros_like(x01)
+        return torch.zeros_like(x01), None
     ref_dir = variant_dir(cfg, "fp32")
     ref_path = os.path.join(ref_dir, f"samples_seed{seed}.pt")
     ref_metrics = os.path.join(ref_dir, "metrics.json")
@@ -313,7 +312,7 @@ def paired_errors(cfg, variant, seed, x01, checkpoint_sha256) -> torch.Tensor:
     if expected != metrics.tensor_digest(ref):
         raise StaleArtifactError(f"{ref_path} is not the file fp32's metrics.json was computed from "
                                  f"(samples hash differs): {redo}")
-    return (x01 - ref).pow(2)
+    return (x01 - ref).pow(2), expected
 
 
 def summarize_seeds(cfg, variant, per_seed: dict, size: dict) -> dict:

@@ -92,6 +92,11 @@ def quest_layers(model) -> list:
 
 
 # ----------------------------------------------------------------------------- data and the student
+def sampler_inputs(c) -> dict:
+    """What of ``sample`` decides a sampler's trajectories (not the batch or the grid)."""
+    return {k: to_dict(c.sample)[k] for k in ("sampler", "steps", "eta")}
+
+
 def pool_inputs(c, checkpoint_sha256: str) -> dict:
     """What the teacher's calibration pool depends on."""
     ft = c.finetune
@@ -101,7 +106,7 @@ def pool_inputs(c, checkpoint_sha256: str) -> dict:
     if ft.calib_source == "noised":
         inputs["train_limit"] = c.data.train_limit
     else:
-        inputs["sampler"] = {k: to_dict(c.sample)[k] for k in ("sampler", "steps", "eta")}
+        inputs["sampler"] = sampler_inputs(c)
     return inputs
 
 

@@ -187,12 +187,12 @@ def verdicts(results: dict, fisher) -> list:
                 line = (1 - w) * per_seed(uni, key) + w * per_seed(fp, key)
                 cells.append((f"layer-adaptive beats uniform at equal size ({v}, {key})", per_seed(r, key) - line,
                               f"{key} minus fp32–uniform line at {r['size_mb']:.3f} MB", len(r["seeds"])))
-        adjusted = holm([paired_p(d) if (~np.isnan(d)).sum() >= 3 else None for _, d, _, _ in cells])
-        for (claim, d, what, seeds), p_adj in zip(cells, adjusted, strict=True):
+        ps = [paired_p(d) for _, d, _, _ in cells]
+        adjusted = holm([p if (~np.isnan(d)).sum() >= 3 else None for p, (_, d, _, _) in zip(ps, cells, strict=True)])
+        for (claim, d, what, seeds), p, p_adj in zip(cells, ps, adjusted, strict=True):
             verdict, mean, sem = _paired_verdict(d)
             if p_adj is not None:
                 verdict = verdict if p_adj < ALPHA else "within noise"
-            p = paired_p(d)
             out.append((claim, verdict, f"{what}: {_f(mean, 3)} (± {_f(sem, 3)} s.e.m. over {seeds} paired seeds; "
                                         f"p {_f(p, 4)}, Holm {_f(p_adj, 4)})"))
     ratio = results.get("layer_ratio_p0.25")

@@ -521,13 +521,13 @@ def cached_distill(cfg, c, teacher, transformed, ranges, pool, token: bool, ckpt
     transformed model's stored weights and calibrated quantizer), per-token attention and the distillation
     settings. A rerun of ``make finetune`` then re-trains nothing; a changed setting trains again. ``start``: the
     stored entries ``before`` digests (``distill``'s start)."""
-    from .finetune import pool_inputs
+    from .finetune import pool_inputs, sampler_inputs
 
     ft = cfg.finetune
     sha = storage.sha256_file(ckpt_path)
     pool_key = pool_inputs(c, sha)
     if "sampler" not in pool_key and cfg.w4a4.onpolicy_every:  # its own trajectories follow the sampler too
-        pool_key["onpolicy_sampler"] = {k: to_dict(c.sample)[k] for k in ("sampler", "steps", "eta")}
+        pool_key["onpolicy_sampler"] = sampler_inputs(c)
     inputs = {"pool": pool_key, "before": before, "token": token,
               "w4a4": {k: getattr(cfg.w4a4, k) for k in ("distill_steps", "distill_lr", "scale_lr", "onpolicy_every",
                                                          "onpolicy_images")},
