@@ -639,7 +639,7 @@ def test_gptq_rounding_table_lowers_output_error_in_its_own_folder(tmp_path):
     runs/<run>/lowbit_gptq/ so no cache of round-to-nearest is reused; the proxy output error is lower."""
     from common.experiments import lowbit
     from common.quant import gptq
-    from common.quant.formats import dequantize_tensor
+    from common.quant.formats import KMEANS_VERSION, dequantize_tensor
 
     sets = [f"run.out_dir={tmp_path}/runs", "lowbit.uniform_menu=[int8, int3_g32, int3]",
             "lowbit.codebook_menu=[int8, km2t]", "lowbit.gptq_images=2", "sample.steps=4"]
@@ -654,9 +654,11 @@ def test_gptq_rounding_table_lowers_output_error_in_its_own_folder(tmp_path):
     H = lowbit.layer_hessians(cfg, model, layers, "cpu", progress=False)
     assert table.bits == rtn.bits and table.fixed == rtn.fixed
     # every cache computed from the entries is keyed on how they were rounded (round-to-nearest: the old keys)
-    assert rtn.rounding == {} and table.rounding["rounding"]["damp"] == cfg.lowbit.gptq_damp
-    assert lowbit.measurer_inputs(cfg, table, "0" * 64, 4)["rounding"] == table.rounding["rounding"]
+    # and on the k-means rule of its codebook entries
+    assert rtn.recipe == {"kmeans": KMEANS_VERSION} and table.recipe["rounding"]["damp"] == cfg.lowbit.gptq_damp
+    assert lowbit.measurer_inputs(cfg, table, "0" * 64, 4)["rounding"] == table.recipe["rounding"]
     assert "rounding" not in lowbit.measurer_inputs(near, rtn, "0" * 64, 4)
+    assert lowbit.measurer_inputs(near, rtn, "0" * 64, 4)["kmeans"] == KMEANS_VERSION
     lower = 0
     for n in table.names:
         mod = mods[n.removesuffix(".weight")]
@@ -699,6 +701,13 @@ def test_gptq_rounding_table_lowers_output_error_in_its_own_folder(tmp_path):
     again = lowbit.Table(cfg, model, "0" * 64, progress=False)
     assert again.output_ratio == table.output_ratio
     assert all(torch.equal(again.values[n][f], table.values[n][f]) for n in table.names for f in table.formats)
+    # a table of the k-means rule before KMEANS_VERSION (no key) is rebuilt, not reused
+    npath = lowbit._cache(near, "formats.safetensors")
+    blob = read_quantized(npath)
+    del blob["provenance"]["inputs"]["kmeans"]
+    save_quantized(blob["tensors"], npath, blob["arch"], blob["provenance"])
+    lowbit.Table(near, model, "0" * 64, progress=False)
+    assert read_quantized(npath)["provenance"]["inputs"]["kmeans"] == KMEANS_VERSION
 
 
 def test_least_mse_ranges_per_activation_bits_are_cached_apart_and_clip_inside_min_max(tmp_path, capsys):

@@ -144,6 +144,34 @@ def test_kmeans_is_deterministic_and_at_least_as_good_as_uniform_levels():
     assert err < (x[0, :, None] - uniform).abs().min(1).values.pow(2).sum()
 
 
+def test_kmeans_leaves_no_code_unused_and_never_a_larger_error():
+    """Rows little longer than the codebook (an attention projection's 32 inputs, 16 codes) end Lloyd's plain rule
+    with empty clusters: codes no value uses. Each moves to a value of its own and Lloyd resumes on its row, so
+    every code is used, the row's error falls, no row's error grows and rows without an empty cluster keep their
+    centroids; a row with fewer values than codes is reproduced exactly."""
+    from common.quant.formats import _lloyd
+
+    x = rand(64, 32, seed=11).double()
+    plain = _lloyd(x, torch.quantile(x, torch.linspace(0, 1, 33, dtype=x.dtype)[1::2], dim=1).T.contiguous(), 30)
+    c = kmeans_1d(x, 16)
+
+    def row_errors(book):
+        return (x[:, :, None] - book[:, None, :]).abs().min(-1).values.pow(2).sum(1)
+
+    def counts(book):
+        return torch.nn.functional.one_hot((x[:, :, None] - book[:, None, :]).abs().argmin(-1), 16).sum(1)
+
+    had_empty = (counts(plain) == 0).any(1)
+    assert had_empty.sum() >= 3  # the case this is about
+    assert (counts(c) > 0).all()
+    assert torch.all(row_errors(c) <= row_errors(plain) + 1e-15)
+    assert torch.all(row_errors(c)[had_empty] < row_errors(plain)[had_empty])
+    assert torch.equal(c[~had_empty], plain[~had_empty].sort(dim=1).values)
+    nine = rand(1, 9, seed=12).double()
+    book = kmeans_1d(nine, 16)
+    assert torch.equal((nine[0, :, None] - book[0]).abs().min(1).values, torch.zeros(9, dtype=torch.float64))
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4"] + INT + GROUPED + CODEBOOK)
 def test_errors_shrink_with_bits_and_container_round_trip(fmt, tmp_path):
     w = rand(24, 18, 3, 3, seed=7)

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from ..core import distributed, lock, storage
 from ..core.budget import budget_bits, budget_tag, parse_size_at_bits, size_at_bits_tag
 from ..core.config import to_dict
+from ..core.format_names import format_spec
 from ..diffusion.data import mnist_tensor
 from ..diffusion.samplers import build_sampler
 from ..diffusion.schedule import NoiseSchedule
@@ -63,7 +64,7 @@ from ..quant.allocate import InfeasibleBudgetError, allocate, format_bits
 from ..quant.backends import calibration_inputs
 from ..quant.container import arch_record, read_quantized, save_quantized
 from ..quant.eligibility import eligible_names, end_convs
-from ..quant.formats import channel_axes, dequantize_tensor, quantize_tensor
+from ..quant.formats import KMEANS_VERSION, channel_axes, dequantize_tensor, quantize_tensor
 from . import lowbit_quality as quality
 from . import pipeline
 from .act_pipeline import act_layout, act_quantizer, ensure_ranges, save_and_evaluate
@@ -109,6 +110,8 @@ class Table:
         path = _cache(cfg, "formats.safetensors")
         inputs = {"checkpoint_sha256": sha, "formats": self.formats, "names": self.names, "ends": self.ends,
                   "keep_format": lb.keep_format}
+        if any(format_spec(f).kind == "codebook" for f in self.formats):  # an older k-means rule: recomputed
+            inputs["kmeans"] = KMEANS_VERSION
         if lb.rounding != "nearest":  # absent for round-to-nearest: its cached tables stay valid
             inputs["rounding"] = {"rule": lb.rounding, "images": lb.gptq_images, "seed": lb.gptq_seed,
                                   "damp": lb.gptq_damp, "sample": to_dict(cfg.sample)}
@@ -140,9 +143,9 @@ class Table:
             print(f"[lowbit] {len(self.names)} tensors x {len(self.formats)} formats in {time.time() - t0:.0f} s "
                   f"-> {path}")
             blob = read_quantized(path)  # from here on, what the file holds
-        # what the entries were rounded by, for every cache computed from them: {} for round-to-nearest (the keys
-        # its caches had before GPTQ existed), else {"rounding": the GPTQ settings}
-        self.rounding = {"rounding": inputs["rounding"]} if "rounding" in inputs else {}
+        # how the entries were made, for every cache computed from them: the GPTQ settings ("rounding"; absent for
+        # round-to-nearest, the keys its caches had before GPTQ existed) and the k-means rule of codebook entries
+        self.recipe = {k: inputs[k] for k in ("kmeans", "rounding") if k in inputs}
         self.entries = {}
         for key, e in blob["tensors"].items():
             n, f = key.rsplit("@", 1)
@@ -271,7 +274,7 @@ def ensure_jvp(cfg, model, table, menus, ckpt_path, progress=True, device="cpu")
     path = _cache(cfg, "jvp.pt")
     formats = list(dict.fromkeys(f for m in menus for f in table.menus[m]))
     inputs = {"chains": lb.jvp_chains, "seed": lb.chain_seed, "formats": formats, "names": table.names,
-              "sample": to_dict(cfg.sample), "diffusion": to_dict(cfg.diffusion), **table.rounding}
+              "sample": to_dict(cfg.sample), "diffusion": to_dict(cfg.diffusion), **table.recipe}
     art = storage.reusable_artifact(path, ckpt_path, inputs)
     if art is not None:
         print(f"[lowbit] reusing {path}")
@@ -314,7 +317,7 @@ def measurer_inputs(cfg, table, sha, n_images) -> dict:
     lb = cfg.lowbit
     return {"checkpoint_sha256": sha, "images": n_images, "eps_samples": lb.eps_samples, "eps_seed": lb.predictor_seed,
             "formats": table.formats, "names": table.names, "keep_format": lb.keep_format,
-            "sample": to_dict(cfg.sample), **table.rounding}
+            "sample": to_dict(cfg.sample), **table.recipe}
 
 
 def ensure_measurements(cfg, model, table, sha, progress=True, device="cpu"):
@@ -325,7 +328,7 @@ def ensure_measurements(cfg, model, table, sha, progress=True, device="cpu"):
     inputs = {"checkpoint_sha256": sha, "n": lb.predictor_configs, "holdout": lb.predictor_holdout,
               "images": lb.predictor_images, "bits": lb.predictor_bits, "seeds": [lb.predictor_seed, lb.retest_seed],
               "eps_samples": lb.eps_samples, "formats": table.formats, "names": table.names,
-              "keep_format": lb.keep_format, "sample": to_dict(cfg.sample), **table.rounding}
+              "keep_format": lb.keep_format, "sample": to_dict(cfg.sample), **table.recipe}
     art = storage.reusable_record(path, inputs)
     if art is not None:
         print(f"[lowbit] reusing {len(art['configs'])} measured configurations {path}")
@@ -371,7 +374,7 @@ def ensure_iterative(cfg, model, ckpt_path, table, fisher, menu, size, progress=
     budget = budget_bits(size, table.total)
     inputs = {"fisher": {**pipeline.fisher_inputs(cfg), "eligible": RULE}, "formats": table.menus[menu],
               "budget_bits": budget, "rounds": lb.iterative_rounds, "names": table.names, "ends": table.ends,
-              "keep_format": lb.keep_format, "fixed_bits": table.fixed, **table.rounding}
+              "keep_format": lb.keep_format, "fixed_bits": table.fixed, **table.recipe}
     art = storage.reusable_artifact(path, ckpt_path, inputs)
     if art is not None:
         print(f"[lowbit] reusing {path}")
