@@ -139,6 +139,9 @@ def test_chain_noise_is_disjoint_from_the_damage_measurements():
         load_config(SMOKE, ["lowbit.chain_seed=0"])
     with pytest.raises(ConfigError, match=r"lowbit.targets.3bits@A8: expected a classifier-FID difference >= 0"):
         load_config(SMOKE, ['lowbit.targets={"3bits@A8": -1}'])
+    with pytest.raises(ConfigError, match=r"search_wa.*'3bits@A5' needs 5 in act_quant.a_bits"):
+        load_config(SMOKE, ["lowbit.plans=[search, search_wa]", "lowbit.budgets=[3bits@A5]"])
+    load_config(SMOKE, ["lowbit.plans=[search]", "lowbit.budgets=[3bits@A5]"])  # only the joint search needs it
 
 
 PLANS = ["lowbit.plans=[uniform, fisher, chain_fisher, fisher_iterative, learned, search, jvp]",
@@ -777,3 +780,63 @@ def test_finetune_trains_a_stored_plan_from_its_own_codes(lowbit_run):
     with pytest.raises(Exception, match=r"checkpoint"):  # a plan of other weights is not trained
         ft.lowbit_plan(cfg, "3bits@A6", "0" * 64)
     assert p.returncode == 0
+
+
+def test_joint_search_moves_activation_bits_within_the_bops_of_the_weight_search(tmp_path, smoke_baseline):
+    """Plan ``search_wa``: the weight search's formats, then every quantized input's bits searched over
+    ``act_quant.a_bits`` within the BOPs of all inputs at the budget's bits, judged on the search's calibration
+    noise with the activations quantized. Its variant stores the search's weights and the searched bits (with
+    the least-MSE ranges of each input's own bits); sampling its stored files gives the fitness the search
+    recorded; a budget whose bits are the menu's most says in one line that there is nothing to search."""
+    from common.experiments import lowbit
+    from common.quant.activations import load_act_quant
+    from common.quant.bops import bops, unet_macs
+    from common.quant.container import load_quantized, read_quantized
+
+    tmp = smoke_baseline(tmp_path)
+    sets = ["lowbit.plans=[chain_fisher, search, search_wa]", "lowbit.quantizers=[uniform]",
+            "lowbit.budgets=[3bits@A6, 3bits@A16]", "lowbit.range_method=mse", "lowbit.act_search_evals=4",
+            "eval.classifier.train_limit=300"]
+    p = run("lowbit.py", tmp, *[a for kv in sets for a in ("--set", kv)])
+    base = load_config(SMOKE, [f"run.out_dir={tmp}/runs", f"run.cache_dir={tmp}/cache"] + sets)
+    cfg = lowbit.lowbit_config(base)
+    out = tmp / "runs" / "smoke" / "lowbit"
+    art = json.load(open(out / "baseline" / "search_wa_uniform_3bits_A6.json"))
+    assert art["trace"][0]["move"] == "start" and 2 <= len(art["trace"]) <= 5
+    assert art["trace"][-1]["best"] <= art["trace"][0]["fitness"]
+    vdir, wdir = out / "search_wa_uniform_3bits_A6_mse", out / "search_uniform_3bits_A6_mse"
+    mine, theirs = (read_quantized(str(d / "quantized.safetensors"))["tensors"] for d in (vdir, wdir))
+    assert all(mine[n]["format"] == theirs[n]["format"] and torch.equal(mine[n]["data"], theirs[n]["data"])
+               for n in theirs)
+    model, _ = load_quantized(str(vdir / "quantized.safetensors"))
+    q, _ = load_act_quant(str(vdir / "act_quant.safetensors"))
+    assert {n: lq.bits for n, lq in q.layers.items()} == art["bits"]
+    assert set(art["bits"].values()) <= set(cfg.act_quant.a_bits)
+    # within the BOPs of every input at 6 bits, at the stored weights' bits per element
+    from common.diffusion.samplers import build_sampler, sample
+    from common.experiments import pipeline
+    from common.quant.allocate import format_bits
+
+    stored = read_quantized(str(vdir / "quantized.safetensors"))["tensors"]
+    params, w_bits = dict(model.named_parameters()), {}
+    for n in art["bits"]:
+        w, f = f"{n}.weight", stored[f"{n}.weight"]["format"]
+        w_bits[n] = 32 if f == "fp32" else format_bits(model, [w], [f])[w][f] / params[w].numel()
+    macs = {n: m for n, m in unet_macs(model, (1, 32, 32)).items() if n in art["bits"]}  # the searched inputs
+    assert art["bops"] == pytest.approx(bops(macs, w_bits, art["bits"]), rel=1e-9)
+    assert art["bops"] <= art["limit_bops"] == pytest.approx(bops(macs, w_bits, dict.fromkeys(art["bits"], 6)),
+                                                             rel=1e-9)
+    # the stored files are what the search judged: its best fitness, sampled from them
+    fp32, _, _ = pipeline.load_artifacts(base, "cpu", progress=False)
+    q.attach(model)
+    torch.set_num_threads(cfg.run.threads)
+    n = cfg.lowbit.search_images
+    sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
+    x, ref = (sample(m.eval(), sampler, n, (1, 32, 32), cfg.lowbit.search_seed, min(cfg.sample.batch_size, n),
+                     progress=False) for m in (model, fp32))
+    got = float(((x.clamp(-1, 1) + 1) / 2 - (ref.clamp(-1, 1) + 1) / 2).pow(2).flatten(1).mean(1).mean())
+    assert got == pytest.approx(art["trace"][-1]["best"], rel=1e-4)
+    assert "search_wa_uniform_3bits_A16_mse: search_wa at 3bits@A16: no input can go above 16 bits" in p.stdout
+    summary = (out / "summary.md").read_text()
+    assert "## The joint search's activation bits (`search_wa`)" in summary and "| uniform | 3bits@A6 |" in summary
+    assert "| 3bits@A6, uniform: search_wa vs search |" in summary  # judged against the weight search it continues

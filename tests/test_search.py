@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from common.experiments.search import complete_move, measured_search, plot_trace
+from common.experiments.search import bops_options, complete_move, measured_search, plot_trace
 from common.quant.allocate import allocate
 
 FORMATS = ("int8", "int4", "int3", "int2")
@@ -71,3 +71,28 @@ def test_search_stops_on_evaluations_and_on_wall_clock():
     assert len(trace) == 1 and trace[0]["move"] == "start"
     with pytest.raises(ValueError, match="over the limit"):
         measured_search(dict.fromkeys(bits, "int8"), bits, limit, costs, damage, 1, 1)
+
+
+def test_activation_bits_search_raises_one_input_by_lowering_others_within_the_bops():
+    """``bops_options``: an input's options are its bit widths at MACs x weight bits x a. From every input at 6
+    bits, the search finds the plan that gives the one sensitive input 16 bits and pays with the cheap ones' BOPs,
+    never over the start's BOPs."""
+    macs = {"big": 1000, "a": 400, "b": 400, "c": 400, "sens": 100}
+    w_bits = {"big": 4.0, "a": 4.0, "b": 3.0, "c": 4.25, "sens": 8.0}
+    options = bops_options(macs, w_bits, [16, 8, 6, 4])
+    assert options["b"][6] == 400 * 3.0 * 6 and set(options["sens"]) == {16, 8, 6, 4}
+    start = dict.fromkeys(macs, 6)
+    limit = sum(options[n][6] for n in start)
+    err = {16: 0.0, 8: 1.0, 6: 4.0, 4: 16.0}
+    weight = {"big": 0.01, "a": 0.01, "b": 0.01, "c": 0.01, "sens": 10.0}
+    costs = {n: {a: weight[n] * e for a, e in err.items()} for n in macs}
+    seen = []
+
+    def measure(c):
+        assert sum(options[n][a] for n, a in c.items()) <= limit + 1e-6
+        seen.append(c)
+        return sum(costs[n][a] for n, a in c.items())
+
+    best, trace = measured_search(start, options, limit, costs, measure, seconds=30, max_evals=40, seed=0)
+    assert best["sens"] == 16 and measure(best) < 0.5 * measure(start)
+    assert trace[-1]["best"] == min(r["fitness"] for r in trace)

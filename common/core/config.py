@@ -324,7 +324,7 @@ class BackendConfig:
 
 
 LOWBIT_PLANS = Literal["uniform", "fisher", "chain_fisher", "chain_output", "fisher_iterative", "learned",
-                       "magnitude", "random", "search", "jvp"]
+                       "magnitude", "random", "search", "search_wa", "jvp"]
 
 
 def _format_list(names):
@@ -383,6 +383,8 @@ class LowbitConfig:
     search_evals: int = _spec(300, lo=1, doc="at most this many measured configurations per search")
     search_images: int = _spec(16, lo=2, doc="images of calibration noise per measured configuration of the search")
     search_seed: int = 7200      # the search's calibration noise: not the noise the plans are scored on
+    act_search_seconds: float = _spec(150.0, lo=0.0, doc="wall clock of search_wa's activation-bits search per budget")
+    act_search_evals: int = _spec(150, lo=1, doc="at most this many measured configurations per activation search")
     search_start: Literal["best", "chain_fisher"] = _spec(
         "best", doc="the search's start: the plan of least fitness among every sensitivity's plans (measured on the "
         "search's own images), or always the chain-aware Fisher's")
@@ -831,6 +833,13 @@ def _check_lowbit(cfg: Config, src: str):
         raise ConfigError(f"{src}: lowbit.chain_seed: must differ from lowbit.predictor_seed and lowbit.retest_seed "
                           f"({lb.predictor_seed}, {lb.retest_seed}): the chains would be the first images the "
                           f"damage is measured on")
+    if "search_wa" in lb.plans:
+        for b in lb.budgets:
+            a = parse_size_at_bits(b)[1]
+            if a is not None and a not in cfg.act_quant.a_bits:
+                raise ConfigError(f"{src}: lowbit.plans has search_wa, whose activation search starts with every "
+                                  f"input at the budget's bits: {b!r} needs {a} in act_quant.a_bits "
+                                  f"({cfg.act_quant.a_bits})")
     lb.targets = _lowbit_targets(lb.targets, src)
 
 

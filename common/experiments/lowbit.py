@@ -18,13 +18,16 @@ km4/km3/km2), a plan chooses one format per tensor:
 * ``jvp``: the allocator on ||J dW||^2, x_0's exact first-order change along each tensor's real error
   (``importance.jvp``);
 * ``search``: a measured search from the best-measured sensitivity's plan at the fixed budget (``experiments.search``);
+* ``search_wa``: the joint search, ``search``'s weights and then each quantized input's bits over
+  ``act_quant.a_bits``, searched by measurement within the BOPs of every input at the budget's bits;
 * ``magnitude``, ``random``: controls through the same allocator.
 
-Activations: every quantizable input but the first and last conv's at the budget's bits with calibrated
-per-timestep-group ranges (``lowbit.range_mode``; the W/A pipeline's calibration). Every variant is saved, rebuilt
-from its files and evaluated with ``lowbit.seeds`` x ``lowbit.n_images`` paired samples. Each sensitivity is
-judged first by the measured damage of the plans it allocates (``lowbit_quality``), then by Kendall tau on held-out
-configurations per budget band, beside each band's test-retest ceiling. Everything lands in ``runs/<run>/lowbit/``.
+Activations: every quantizable input but the first and last conv's at the budget's bits (``search_wa``: at its
+searched bits) with calibrated per-timestep-group ranges (``lowbit.range_mode``; the W/A pipeline's calibration).
+Every variant is saved, rebuilt from its files and evaluated with ``lowbit.seeds`` x ``lowbit.n_images`` paired
+samples. Each sensitivity is judged first by the measured damage of the plans it allocates (``lowbit_quality``),
+then by Kendall tau on held-out configurations per budget band, beside each band's test-retest ceiling. Everything
+lands in ``runs/<run>/lowbit/``.
 """
 import copy
 import json
@@ -62,14 +65,23 @@ from ..importance.weights import costs_from_scores, fisher_distortion_costs, mag
 from ..quant import gptq
 from ..quant.allocate import InfeasibleBudgetError, allocate, format_bits
 from ..quant.backends import calibration_inputs
+from ..quant.bops import unet_macs
 from ..quant.container import arch_record, read_quantized, save_quantized
 from ..quant.eligibility import eligible_names, end_convs
 from ..quant.formats import KMEANS_VERSION, channel_axes, dequantize_tensor, quantize_tensor
 from . import lowbit_quality as quality
 from . import pipeline
-from .act_pipeline import act_layout, act_quantizer, ensure_ranges, save_and_evaluate
+from .act_pipeline import (
+    act_importance_inputs,
+    act_layout,
+    act_quantizer,
+    ensure_act_importance,
+    ensure_ranges,
+    range_inputs,
+    save_and_evaluate,
+)
 from .report import mean_sd, per_seed, pyplot, save_figure, spread, write_summary_files
-from .search import measured_search, plot_trace
+from .search import bops_options, measured_search, plot_trace
 from .statistics import target_verdict, verdict_table
 
 RULE = "all_but_ends"
@@ -501,7 +513,7 @@ class Sensitivities:
         self.costs["magnitude"] = costs_from_scores(magnitude_scores(model, table.names), table.errors)
         self.costs["random"] = costs_from_scores(random_scores(table.names, cfg.importance.seed), table.errors)
         self.chain = None
-        if {"chain_fisher", "chain_output", "search"} & set(lb.plans):  # the search starts from chain_fisher's plan
+        if {"chain_fisher", "chain_output", "search", "search_wa"} & set(lb.plans):  # a search may start there
             self.chain = ensure_chain(cfg, model, table.names, ckpt_path, progress, device)
             self.seconds["chain_fisher"] = self.seconds["chain_output"] = float(self.chain["meta"]["seconds"])
             self.costs["chain_fisher"] = fisher_distortion_costs(self.chain["diag"], table.errors)
@@ -627,6 +639,86 @@ def search_start(art) -> str:
     return art.get("start_by") or art["inputs"]["start_by"]
 
 
+def ranges_by_bits(c, model, bits, sha, device, progress=True) -> dict:
+    """{activation bits: calibrated ranges} for each of ``bits``: least-MSE at those bits (``lowbit.range_method:
+    mse``), else the one min-max calibration for all."""
+    lb = c.lowbit
+    if lb.range_method == "mse":
+        return {a: ensure_ranges(_act_cfg(c), model, lb.range_mode, sha, device, progress, mse_bits=a) for a in bits}
+    return dict.fromkeys(bits, ensure_ranges(_act_cfg(c), model, lb.range_mode, sha, device, progress))
+
+
+def act_search_options(c, model, table, weights) -> dict:
+    """{module: {bits: BOPs}} of every quantized input at the fixed ``weights`` ({tensor: format}): MACs per image
+    x its weights' stored bits per element (the ends in ``keep_format``, other weights fp32) x each of
+    ``act_quant.a_bits``."""
+    ac = _act_cfg(c)
+    names, kept, _, _ = act_layout(ac, model)
+    params = dict(model.named_parameters())
+    macs = unet_macs(model, (c.model.in_channels, c.data.image_size, c.data.image_size))
+
+    def w_bits(w):
+        f = weights.get(w) or (c.lowbit.keep_format if w in table.ends else None)
+        return 32.0 if f is None else format_bits(model, [w], [f])[w][f] / params[w].numel()
+
+    return bops_options(macs, {n: w_bits(f"{n}.weight") for n in names if n not in kept}, ac.act_quant.a_bits)
+
+
+def ensure_act_search(c, model, table, weights, menu, budget, sha, progress=True, device="cpu"):
+    """The activation half of the joint search (plan ``search_wa``) at ``budget`` (weight size @ activation bits),
+    at ``weights`` (the ``search`` plan's formats): every quantized input's bits over ``act_quant.a_bits`` by the
+    measured search (``experiments.search``) from every input at the budget's bits, within that start's BOPs —
+    an input raised pays by lowering others — judged like the weight search (``lowbit.search_images`` images of
+    ``lowbit.search_seed``'s noise, now with the activations quantized), the activation Fisher proposing.
+    Cached in ``search_wa_<menu>_<size>_A<bits>.json``; {"bits": {module: bits}, "trace", ...}."""
+    lb = c.lowbit
+    size, a = parse_size_at_bits(budget)
+    menu_a = sorted(c.act_quant.a_bits)
+    if a is None or a >= menu_a[-1]:
+        raise InfeasibleBudgetError(f"search_wa at {budget}: " + (
+            "the activations stay float" if a is None else f"no input can go above {a} bits (act_quant.a_bits "
+                                                              f"{c.act_quant.a_bits})") + ": nothing to search")
+    path = _cache(c, f"search_wa_{menu}_{budget_tag(size)}_A{a}.json")
+    options = act_search_options(c, model, table, weights)
+    start = dict.fromkeys(options, a)
+    limit = sum(options[n][a] for n in start)
+    ranges = ranges_by_bits(c, model, menu_a, sha, device, progress)
+    rinputs = range_inputs(_act_cfg(c), lb.range_mode, sha) if lb.range_method == "minmax" else \
+        {b: range_inputs(_act_cfg(c), lb.range_mode, sha, b) for b in menu_a}
+    inputs = {**measurer_inputs(c, table, sha, lb.search_images), "weights": weights, "a_bits": menu_a,
+              "start_bits": a, "ranges": rinputs, "range_mode": lb.range_mode, "seconds": lb.act_search_seconds,
+              "evals": lb.act_search_evals, "seed": lb.search_seed,
+              "act_importance": act_importance_inputs(_act_cfg(c), lb.range_mode, sha)}
+    art = storage.reusable_record(path, inputs)
+    if art is not None:
+        print(f"[lowbit] reusing {path}")
+        return art
+    ac = _act_cfg(c)
+    imp = ensure_act_importance(ac, model, lb.range_mode, ensure_ranges(ac, model, lb.range_mode, sha, device,
+                                                                       progress), sha, device, progress)
+    costs = {n: {b: float(imp["fisher"].get(n, {}).get(b, 0.0)) for b in menu_a} for n in start}
+    measurer = make_measurer(c, model, table, device, lb.search_images)
+
+    def fitness(bits):
+        q = act_quantizer(ac, model, {n: ranges[b][n] for n, b in bits.items()}, bits, lb.range_mode)
+        q.attach(measurer.work)
+        try:
+            return float(measurer.measure_images(weights, lb.search_seed).mean())
+        finally:
+            q.remove()
+
+    t0 = time.time()
+    bits, trace = measured_search(start, options, limit, costs, fitness, lb.act_search_seconds, lb.act_search_evals,
+                                  seed=lb.search_seed)
+    art = {"inputs": inputs, "bits": bits, "trace": trace, "seconds": round(time.time() - t0, 1),
+           "bops": sum(options[n][b] for n, b in bits.items()), "limit_bops": limit,
+           "changed": sum(b != a for b in bits.values())}
+    storage.atomic_write_record(art, path)
+    print(f"[lowbit] activation search ({menu}, {budget}): {len(trace) - 1} measured moves in {art['seconds']:.0f} s, "
+          f"fitness {trace[0]['fitness']:.3g} -> {trace[-1]['best']:.3g}, {art['changed']} inputs changed -> {path}")
+    return art
+
+
 def output_scaled_costs(diag: dict, table) -> dict:
     """cost[n][f] = 1/2 sum F (W - RTN_f(W))^2 x (the table's layer-output error of f / round-to-nearest's).
 
@@ -702,19 +794,28 @@ def run_lowbit(cfg, device, force=False, progress=True):
     tasks = [(budget, menu, plan) for budget in lb.budgets for menu in lb.quantizers for plan in lb.plans
              if menu != "codebook" or plan in lb.codebook_plans]
     iterative = [(menu, parse_size_at_bits(budget)[0]) for budget, menu, plan in tasks if plan == "fisher_iterative"]
-    searched = [(menu, parse_size_at_bits(budget)[0]) for budget, menu, plan in tasks if plan == "search"]
+    searched = [(menu, parse_size_at_bits(budget)[0]) for budget, menu, plan in tasks if plan.startswith("search")]
     # every cache the variants read, computed once (rank 0 first, under the folder's lock) before they are handed out
 
-    def budget_ranges():  # {activation bits: ranges}: min-max for every budget, or least-MSE at each one's bits
-        bits = sorted({parse_size_at_bits(b)[1] for b in lb.budgets} - {None})
-        if lb.range_method == "mse":
-            return {a: ensure_ranges(_act_cfg(c), model, lb.range_mode, sha, device, progress, mse_bits=a)
-                    for a in bits}
-        base = ensure_ranges(_act_cfg(c), model, lb.range_mode, sha, device, progress)
-        return dict.fromkeys(bits, base)
-
+    # {activation bits: ranges}: min-max for every budget, or least-MSE at each one's bits
+    budget_bits_a = sorted({parse_size_at_bits(b)[1] for b in lb.budgets} - {None})
     sens, ranges = pipeline.shared(c, lambda: (
-        Sensitivities(c, model, ckpt_path, table, sha, device, progress, iterative, searched), budget_ranges()))
+        Sensitivities(c, model, ckpt_path, table, sha, device, progress, iterative, searched),
+        ranges_by_bits(c, model, budget_bits_a, sha, device, progress)))
+
+    def act_searches():  # (menu, budget): the activation half of search_wa, or why it does not apply
+        out = {}
+        for budget, menu, plan in tasks:
+            art = sens.search.get((menu, parse_size_at_bits(budget)[0]))
+            if plan == "search_wa" and not isinstance(art, InfeasibleBudgetError):
+                try:
+                    out[(menu, budget)] = ensure_act_search(c, model, table, art["choice"], menu, budget, sha,
+                                                            progress, device)
+                except InfeasibleBudgetError as e:
+                    out[(menu, budget)] = e
+        return out
+
+    joint = sens.act_search = pipeline.shared(c, act_searches) if any(t[2] == "search_wa" for t in tasks) else {}
     done = {"fp32": (None, None, "fp32", distributed.rank0_first(
         lambda: pipeline.evaluate_fp32(c, model, ckpt_path, device, force, progress)))}
 
@@ -723,7 +824,10 @@ def run_lowbit(cfg, device, force=False, progress=True):
         size, a_bits = parse_size_at_bits(budget)
         variant = variant_name(plan, menu, budget, lb.range_method)
         try:
-            choice, info = choose(c, plan, menu, size, table, sens)
+            choice, info = choose(c, "search" if plan == "search_wa" else plan, menu, size, table, sens)
+            act = joint.get((menu, budget)) if plan == "search_wa" else None
+            if isinstance(act, InfeasibleBudgetError):
+                raise act
         except InfeasibleBudgetError as e:
             print(f"[lowbit] {variant}: infeasible: {e}")
             return e
@@ -739,7 +843,15 @@ def run_lowbit(cfg, device, force=False, progress=True):
                       "fisher_file": os.path.relpath(_cache(c, "fisher_all_but_ends.pt"),
                                                      evaluate.variant_dir(c, variant)),
                       "act": {"bits": a_bits, "range_mode": lb.range_mode, "range_method": lb.range_method}}
-        q = activation_quantizer(_act_cfg(c), model, a_bits, ranges.get(a_bits))
+        if act is None:
+            q = activation_quantizer(_act_cfg(c), model, a_bits, ranges.get(a_bits))
+        else:  # search_wa: each input at its searched bits, with the ranges of those bits
+            every = ranges_by_bits(c, model, sorted(set(act["bits"].values())), sha, device, progress=False)
+            q = act_quantizer(_act_cfg(c), model, {n: every[b][n] for n, b in act["bits"].items()}, act["bits"],
+                              lb.range_mode)
+            extra["a_bits_searched"] = act["bits"]
+            record["act_search"] = {k: act[k] for k in ("bops", "limit_bops", "changed", "seconds")} | {
+                "evaluations": len(act["trace"]) - 1}
         with lock.hold(evaluate.variant_dir(c, variant)):
             r = save_and_evaluate(c, variant, model, table.stored(model, choice, lb.keep_format), q, extra,
                                   provenance, record, device, force, progress)
@@ -838,6 +950,8 @@ def measure_plans(cfg, model, table, sens, sha, device="cpu", progress=True) -> 
         for menu in lb.quantizers:
             row = {}
             for plan in lb.plans if menu == "uniform" else [p for p in lb.plans if p in lb.codebook_plans]:
+                if plan == "search_wa":  # the search's weights: only its activations differ
+                    continue
                 try:
                     choice, _ = choose(cfg, plan, menu, size, table, sens)
                 except InfeasibleBudgetError:
@@ -926,6 +1040,20 @@ def summary_markdown(cfg, done, notes, sens, table, q, seconds=None) -> str:
     lines += ["", "![lowbit](lowbit.png)", "", "![layer sensitivity](lowbit_layers.png)"]
     if sens.search:
         lines += ["", "![measured search](lowbit_search.png)"]
+    joint = {k: a for k, a in getattr(sens, "act_search", {}).items() if not isinstance(a, InfeasibleBudgetError)}
+    if joint:
+        lines += ["", "## The joint search's activation bits (`search_wa`)", "",
+                  "From `search`'s weights with every quantized input at the budget's bits, each input's bits over "
+                  "`act_quant.a_bits` by measured search within that start's BOPs (MACs x weight bits x activation "
+                  "bits); fitness: the paired MSE of the weight search's images and noise, activations quantized.",
+                  "", "| menu | budget | measured moves | seconds | fitness: start → best | inputs changed | "
+                  "inputs at each bit width | BOPs / limit |", "|---|---|---:|---:|---|---:|---|---:|"]
+        for (m, b), a in joint.items():
+            counts = ", ".join(f"A{k}: {sum(v == k for v in a['bits'].values())}"
+                               for k in sorted(set(a["bits"].values()), reverse=True))
+            lines.append(f"| {m} | {b} | {len(a['trace']) - 1} | {a['seconds']:.0f} | {a['trace'][0]['fitness']:.3g} "
+                         f"→ {a['trace'][-1]['best']:.3g} | {a['changed']} | {counts} | "
+                         f"{a['bops'] / a['limit_bops']:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -952,11 +1080,12 @@ def target_lines(lb, done) -> list:
 
 def verdict_pairs(done):
     """(A name, B name, A metrics, B metrics): every plan vs uniform; learned, chain-aware, iterative and JVP vs
-    Fisher; learned, search and JVP vs the chain-aware Fisher (the search's start, the learned costs' prior)."""
+    Fisher; learned, search and JVP vs the chain-aware Fisher (the search's start, the learned costs' prior); the
+    joint search vs the weight search it continues."""
     by = {(b, m, p): r for b, m, p, r in done.values() if p != "fp32"}
     out = []
     for ref, plans in (("uniform", None), ("fisher", ("learned", "chain_fisher", "fisher_iterative", "jvp")),
-                       ("chain_fisher", ("learned", "search", "jvp", "chain_output"))):
+                       ("chain_fisher", ("learned", "search", "jvp", "chain_output")), ("search", ("search_wa",))):
         for (budget, menu, plan), r in by.items():
             if plan != ref and (plans is None or plan in plans) and (budget, menu, ref) in by:
                 out.append((plan, ref, r, by[(budget, menu, ref)]))
@@ -1039,6 +1168,8 @@ def write_outputs(cfg, done, notes, sens, table, seconds=None) -> str:
     figs = [plot(done, cfg, os.path.join(folder, "lowbit.png")),
             plot_layers(sens, table, os.path.join(folder, "lowbit_layers.png"))]
     traces = {f"{m} {b}": a["trace"] for (m, b), a in sens.search.items() if not isinstance(a, InfeasibleBudgetError)}
+    traces.update({f"{m} {b} activations": a["trace"] for (m, b), a in getattr(sens, "act_search", {}).items()
+                   if not isinstance(a, InfeasibleBudgetError)})
     if traces:
         figs.append(plot_trace(traces, os.path.join(folder, "lowbit_search.png")))
     storage.atomic_write_record({"quality": q, "plan_damage": getattr(sens, "plan_damage", None),

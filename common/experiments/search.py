@@ -18,6 +18,8 @@ and moves by measurement:
 * it stops after ``seconds`` of wall clock or ``max_evals`` measurements, whichever comes first.
 
 The trace (fitness of every measured candidate, the best so far, the seconds) is returned, written and plotted.
+The same search moves activation bits at fixed weights (``bops_options``: an input's options are its bit widths,
+what it pays with its BOPs), the second half of ``lowbit``'s joint ``search_wa`` plan.
 """
 import time
 
@@ -120,6 +122,13 @@ def measured_search(start, bits, limit, costs, measure, seconds, max_evals, seed
         trace.append({"eval": len(trace), "seconds": round(time.time() - t0, 2), "fitness": value, "best": fit,
                       "move": f"{n} -> {f}", "accepted": bool(accepted), "predicted_delta": float(delta)})
     return current, trace
+
+
+def bops_options(macs: dict, w_bits: dict, a_menu) -> dict:
+    """The options of an activation-bits search at fixed weights: {input: {a: its BOPs, MACs x w_bits x a}} for
+    every input of ``w_bits`` ({module: its weights' stored bits per element}); ``measured_search`` with these as
+    ``bits`` and a BOPs limit keeps every candidate within that many bit-operations."""
+    return {n: {int(a): macs[n] * w * int(a) for a in a_menu} for n, w in w_bits.items()}
 
 
 def plot_trace(traces: dict, path: str) -> str:
