@@ -864,6 +864,9 @@ def _check_finetune(cfg: Config, src: str):
     if not ft.budgets and not ft.plans:
         raise ConfigError(f"{src}: finetune.budgets: needs at least one entry (or finetune.plans one)")
     _normalized_budgets("finetune", ft, normalize_wa_budget, src)
+    if ft.plan_source == "search_wa":
+        raise ConfigError(f"{src}: finetune.plan_source: 'search_wa' is not trained here (finetune quantizes every "
+                          f"input at the budget's bits, not at its searched ones); use 'search', its weights")
     for b in ft.budgets:
         parts = parse_wa_budget(b)
         if len(parts) != 1 or parts[0][0] != "wa" or parts[0][1][0] not in (8, 4, 3, 2):

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import time
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -657,9 +658,9 @@ def act_search_options(c, model, table, weights) -> dict:
     params = dict(model.named_parameters())
     macs = unet_macs(model, (c.model.in_channels, c.data.image_size, c.data.image_size))
 
-    def w_bits(w):
+    def w_bits(w):  # exact fractions: sums of BOPs then compare the same in any order
         f = weights.get(w) or (c.lowbit.keep_format if w in table.ends else None)
-        return 32.0 if f is None else format_bits(model, [w], [f])[w][f] / params[w].numel()
+        return Fraction(32) if f is None else Fraction(format_bits(model, [w], [f])[w][f], params[w].numel())
 
     return bops_options(macs, {n: w_bits(f"{n}.weight") for n in names if n not in kept}, ac.act_quant.a_bits)
 
@@ -674,20 +675,21 @@ def ensure_act_search(c, model, table, weights, menu, budget, sha, progress=True
     lb = c.lowbit
     size, a = parse_size_at_bits(budget)
     menu_a = sorted(c.act_quant.a_bits)
-    if a is None or a >= menu_a[-1]:
+    if a is None or a in (menu_a[0], menu_a[-1]):  # at either end of the menu no input can pay for another
         raise InfeasibleBudgetError(f"search_wa at {budget}: " + (
-            "the activations stay float" if a is None else f"no input can go above {a} bits (act_quant.a_bits "
-                                                              f"{c.act_quant.a_bits})") + ": nothing to search")
+            "the activations stay float" if a is None else f"no input can go {'above' if a == menu_a[-1] else 'below'}"
+                                                              f" {a} bits (act_quant.a_bits {c.act_quant.a_bits})")
+                                    + ": nothing to search")
     path = _cache(c, f"search_wa_{menu}_{budget_tag(size)}_A{a}.json")
     options = act_search_options(c, model, table, weights)
     start = dict.fromkeys(options, a)
     limit = sum(options[n][a] for n in start)
     ranges = ranges_by_bits(c, model, menu_a, sha, device, progress)
     rinputs = range_inputs(_act_cfg(c), lb.range_mode, sha) if lb.range_method == "minmax" else \
-        {b: range_inputs(_act_cfg(c), lb.range_mode, sha, b) for b in menu_a}
+        {str(b): range_inputs(_act_cfg(c), lb.range_mode, sha, b) for b in menu_a}  # str: JSON's keys
     inputs = {**measurer_inputs(c, table, sha, lb.search_images), "weights": weights, "a_bits": menu_a,
               "start_bits": a, "ranges": rinputs, "range_mode": lb.range_mode, "seconds": lb.act_search_seconds,
-              "evals": lb.act_search_evals, "seed": lb.search_seed,
+              "evals": lb.act_search_evals, "seed": lb.search_seed, "softmax_bits": c.act_quant.softmax_bits,
               "act_importance": act_importance_inputs(_act_cfg(c), lb.range_mode, sha)}
     art = storage.reusable_record(path, inputs)
     if art is not None:
@@ -711,7 +713,7 @@ def ensure_act_search(c, model, table, weights, menu, budget, sha, progress=True
     bits, trace = measured_search(start, options, limit, costs, fitness, lb.act_search_seconds, lb.act_search_evals,
                                   seed=lb.search_seed)
     art = {"inputs": inputs, "bits": bits, "trace": trace, "seconds": round(time.time() - t0, 1),
-           "bops": sum(options[n][b] for n, b in bits.items()), "limit_bops": limit,
+           "bops": float(sum(options[n][b] for n, b in bits.items())), "limit_bops": float(limit),
            "changed": sum(b != a for b in bits.values())}
     storage.atomic_write_record(art, path)
     print(f"[lowbit] activation search ({menu}, {budget}): {len(trace) - 1} measured moves in {art['seconds']:.0f} s, "
@@ -849,9 +851,10 @@ def run_lowbit(cfg, device, force=False, progress=True):
             every = ranges_by_bits(c, model, sorted(set(act["bits"].values())), sha, device, progress=False)
             q = act_quantizer(_act_cfg(c), model, {n: every[b][n] for n, b in act["bits"].items()}, act["bits"],
                               lb.range_mode)
-            extra["a_bits_searched"] = act["bits"]
+            extra["a_bits_searched"] = provenance["act"]["bits_per_input"] = act["bits"]
             record["act_search"] = {k: act[k] for k in ("bops", "limit_bops", "changed", "seconds")} | {
                 "evaluations": len(act["trace"]) - 1}
+            record["plan_seconds"] += act["seconds"]
         with lock.hold(evaluate.variant_dir(c, variant)):
             r = save_and_evaluate(c, variant, model, table.stored(model, choice, lb.keep_format), q, extra,
                                   provenance, record, device, force, progress)

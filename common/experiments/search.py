@@ -126,8 +126,9 @@ def measured_search(start, bits, limit, costs, measure, seconds, max_evals, seed
 
 def bops_options(macs: dict, w_bits: dict, a_menu) -> dict:
     """The options of an activation-bits search at fixed weights: {input: {a: its BOPs, MACs x w_bits x a}} for
-    every input of ``w_bits`` ({module: its weights' stored bits per element}); ``measured_search`` with these as
-    ``bits`` and a BOPs limit keeps every candidate within that many bit-operations."""
+    every input of ``w_bits`` ({module: its weights' stored bits per element; a ``Fraction`` keeps the sums exact,
+    so a swap that balances exactly is never refused by rounding}); ``measured_search`` with these as ``bits``
+    and a BOPs limit keeps every candidate within that many bit-operations."""
     return {n: {int(a): macs[n] * w * int(a) for a in a_menu} for n, w in w_bits.items()}
 
 
