@@ -845,6 +845,10 @@ def test_joint_search_moves_activation_bits_within_the_bops_of_the_weight_search
     again = run("lowbit.py", tmp, *[a for kv in sets for a in ("--set", kv)])  # a wall-clock search: reused
     assert "reusing" in again.stdout and "search_wa_uniform_3bits_A6.json" in again.stdout
     assert "activation search (uniform" not in again.stdout
+    from common.experiments.verify import verify_run
+
+    problems = [f for f in verify_run(str(out.parent)) if f.problem]
+    assert not problems, problems[:3]
     summary = (out / "summary.md").read_text()
     assert "## The joint search's activation bits (`search_wa`)" in summary and "| uniform | 3bits@A6 |" in summary
     assert "| 3bits@A6, uniform: search_wa vs search |" in summary  # judged against the weight search it continues
