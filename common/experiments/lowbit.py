@@ -681,21 +681,21 @@ def ensure_act_search(c, model, table, weights, menu, budget, sha, progress=True
                                                               f" {a} bits (act_quant.a_bits {c.act_quant.a_bits})")
                                     + ": nothing to search")
     path = _cache(c, f"search_wa_{menu}_{budget_tag(size)}_A{a}.json")
+    ac = _act_cfg(c)
     options = act_search_options(c, model, table, weights)
     start = dict.fromkeys(options, a)
     limit = sum(options[n][a] for n in start)
     ranges = ranges_by_bits(c, model, menu_a, sha, device, progress)
-    rinputs = range_inputs(_act_cfg(c), lb.range_mode, sha) if lb.range_method == "minmax" else \
-        {str(b): range_inputs(_act_cfg(c), lb.range_mode, sha, b) for b in menu_a}  # str: JSON's keys
+    rinputs = range_inputs(ac, lb.range_mode, sha) if lb.range_method == "minmax" else \
+        {str(b): range_inputs(ac, lb.range_mode, sha, b) for b in menu_a}  # str: JSON's keys
     inputs = {**measurer_inputs(c, table, sha, lb.search_images), "weights": weights, "a_bits": menu_a,
               "start_bits": a, "ranges": rinputs, "range_mode": lb.range_mode, "seconds": lb.act_search_seconds,
               "evals": lb.act_search_evals, "seed": lb.search_seed, "softmax_bits": c.act_quant.softmax_bits,
-              "act_importance": act_importance_inputs(_act_cfg(c), lb.range_mode, sha)}
+              "act_importance": act_importance_inputs(ac, lb.range_mode, sha)}
     art = storage.reusable_record(path, inputs)
     if art is not None:
         print(f"[lowbit] reusing {path}")
         return art
-    ac = _act_cfg(c)
     imp = ensure_act_importance(ac, model, lb.range_mode, ensure_ranges(ac, model, lb.range_mode, sha, device,
                                                                        progress), sha, device, progress)
     costs = {n: {b: float(imp["fisher"].get(n, {}).get(b, 0.0)) for b in menu_a} for n in start}
@@ -796,7 +796,8 @@ def run_lowbit(cfg, device, force=False, progress=True):
     tasks = [(budget, menu, plan) for budget in lb.budgets for menu in lb.quantizers for plan in lb.plans
              if menu != "codebook" or plan in lb.codebook_plans]
     iterative = [(menu, parse_size_at_bits(budget)[0]) for budget, menu, plan in tasks if plan == "fisher_iterative"]
-    searched = [(menu, parse_size_at_bits(budget)[0]) for budget, menu, plan in tasks if plan.startswith("search")]
+    searched = [(menu, parse_size_at_bits(budget)[0]) for budget, menu, plan in tasks
+                if plan in ("search", "search_wa")]  # search_wa starts from the search's weights
     # every cache the variants read, computed once (rank 0 first, under the folder's lock) before they are handed out
 
     # {activation bits: ranges}: min-max for every budget, or least-MSE at each one's bits

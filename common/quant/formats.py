@@ -154,8 +154,9 @@ def _lloyd(x: torch.Tensor, c: torch.Tensor, iters: int) -> torch.Tensor:
     """At most ``iters`` Lloyd steps on every row from centroids ``c`` (R, k); an empty cluster keeps its own."""
     for _ in range(iters):
         onehot = torch.nn.functional.one_hot((x[:, :, None] - c[:, None, :]).abs().argmin(-1), c.shape[1])
-        count = onehot.to(x.dtype).sum(1)
-        new = torch.where(count > 0, (onehot.to(x.dtype) * x[:, :, None]).sum(1) / count.clamp(min=1), c)
+        onehot = onehot.to(x.dtype)
+        count = onehot.sum(1)
+        new = torch.where(count > 0, (onehot * x[:, :, None]).sum(1) / count.clamp(min=1), c)
         if torch.equal(new, c):
             break
         c = new
