@@ -789,14 +789,16 @@ def test_joint_search_moves_activation_bits_within_the_bops_of_the_weight_search
     ``act_quant.a_bits`` within the BOPs of all inputs at the budget's bits, judged on the search's calibration
     noise with the activations quantized. Its variant stores the search's weights and the searched bits (with
     the least-MSE ranges of each input's own bits); sampling its stored files gives the fitness the search
-    recorded; a budget whose bits are the menu's most says in one line that there is nothing to search."""
+    recorded; a budget whose bits are the menu's most says in one line that there is nothing to search.
+    Plan ``search_act``: the weight search judged with every input at the budget's bits — its stored files
+    (weights and activation quantizer) sampled again give its recorded fitness too."""
     from common.experiments import lowbit
     from common.quant.activations import load_act_quant
     from common.quant.bops import bops, unet_macs
     from common.quant.container import load_quantized, read_quantized
 
     tmp = smoke_baseline(tmp_path)
-    sets = ["lowbit.plans=[chain_fisher, search, search_wa]", "lowbit.quantizers=[uniform]",
+    sets = ["lowbit.plans=[chain_fisher, search, search_act, search_wa]", "lowbit.quantizers=[uniform]",
             "lowbit.budgets=[3bits@A6, 3bits@A16, 3bits@A4]", "lowbit.range_method=mse", "lowbit.act_search_evals=4",
             "eval.classifier.train_limit=300"]
     p = run("lowbit.py", tmp, *[a for kv in sets for a in ("--set", kv)])
@@ -838,12 +840,28 @@ def test_joint_search_moves_activation_bits_within_the_bops_of_the_weight_search
                      progress=False) for m in (model, fp32))
     got = float(((x.clamp(-1, 1) + 1) / 2 - (ref.clamp(-1, 1) + 1) / 2).pow(2).flatten(1).mean(1).mean())
     assert got == pytest.approx(art["trace"][-1]["best"], rel=1e-4)
+    # search_act: its own search, judged at A6, whose best is what its stored weights and A6 quantizer do
+    sa = json.load(open(out / "baseline" / "search_uniform_3bits_A6.json"))
+    assert sa["inputs"]["act"]["a_bits"] == 6 and "act" not in json.load(open(out / "baseline" /
+                                                                               "search_uniform_3bits.json"))["inputs"]
+    adir = out / "search_act_uniform_3bits_A6_mse"
+    model_a, _ = load_quantized(str(adir / "quantized.safetensors"))
+    qa, _ = load_act_quant(str(adir / "act_quant.safetensors"))
+    assert set(lq.bits for lq in qa.layers.values()) == {6}
+    assert {n: t["format"] for n, t in read_quantized(str(adir / "quantized.safetensors"))["tensors"].items()
+            if n in sa["choice"]} == sa["choice"]
+    qa.attach(model_a)
+    xa = sample(model_a.eval(), sampler, n, (1, 32, 32), cfg.lowbit.search_seed, min(cfg.sample.batch_size, n),
+                progress=False)
+    got = float(((xa.clamp(-1, 1) + 1) / 2 - (ref.clamp(-1, 1) + 1) / 2).pow(2).flatten(1).mean(1).mean())
+    assert got == pytest.approx(sa["trace"][-1]["best"], rel=1e-4)
     assert "search_wa_uniform_3bits_A16_mse: search_wa at 3bits@A16: no input can go above 16 bits" in p.stdout
     assert "search_wa_uniform_3bits_A4_mse: search_wa at 3bits@A4: no input can go below 4 bits" in p.stdout
     plan = json.load(open(vdir / "plan.json"))
     assert plan["a_bits_searched"] == art["bits"] and plan["plan_seconds"] >= art["seconds"]
     again = run("lowbit.py", tmp, *[a for kv in sets for a in ("--set", kv)])  # a wall-clock search: reused
     assert "reusing" in again.stdout and "search_wa_uniform_3bits_A6.json" in again.stdout
+    assert "search_uniform_3bits_A6.json" in again.stdout and "judged at A6" not in again.stdout
     assert "activation search (uniform" not in again.stdout
     from common.experiments.verify import verify_run
 
@@ -852,3 +870,4 @@ def test_joint_search_moves_activation_bits_within_the_bops_of_the_weight_search
     summary = (out / "summary.md").read_text()
     assert "## The joint search's activation bits (`search_wa`)" in summary and "| uniform | 3bits@A6 |" in summary
     assert "| 3bits@A6, uniform: search_wa vs search |" in summary  # judged against the weight search it continues
+    assert "| 3bits@A6, uniform: search_act vs search |" in summary

@@ -324,7 +324,7 @@ class BackendConfig:
 
 
 LOWBIT_PLANS = Literal["uniform", "fisher", "chain_fisher", "chain_output", "fisher_iterative", "learned",
-                       "magnitude", "random", "search", "search_wa", "jvp"]
+                       "magnitude", "random", "search", "search_act", "search_wa", "jvp"]
 
 
 def _format_list(names):

@@ -18,6 +18,8 @@ km4/km3/km2), a plan chooses one format per tensor:
 * ``jvp``: the allocator on ||J dW||^2, x_0's exact first-order change along each tensor's real error
   (``importance.jvp``);
 * ``search``: a measured search from the best-measured sensitivity's plan at the fixed budget (``experiments.search``);
+* ``search_act``: the same search judged with every quantized input at the budget's activation bits (``search``
+  judges with float activations, so one weight search serves every activation width);
 * ``search_wa``: the joint search, ``search``'s weights and then each quantized input's bits over
   ``act_quant.a_bits``, searched by measurement within the BOPs of every input at the budget's bits;
 * ``magnitude``, ``random``: controls through the same allocator.
@@ -501,9 +503,10 @@ class ConfigCache:
 class Sensitivities:
     """What each plan allocates by, computed once per run (with the seconds each took); ``iterative`` /
     ``searched``: the (menu, weight size) pairs the ``fisher_iterative`` / ``search`` plan is run at, each an
-    allocation of its own."""
+    allocation of its own; ``searched_act``: the (menu, weight size, activation bits) of ``search_act``."""
 
-    def __init__(self, cfg, model, ckpt_path, table, sha, device, progress, iterative=(), searched=()):
+    def __init__(self, cfg, model, ckpt_path, table, sha, device, progress, iterative=(), searched=(),
+                 searched_act=()):
         lb = cfg.lowbit
         self.seconds = {"uniform": 0.0, "magnitude": 0.0, "random": 0.0}
         self.costs = {}
@@ -514,7 +517,7 @@ class Sensitivities:
         self.costs["magnitude"] = costs_from_scores(magnitude_scores(model, table.names), table.errors)
         self.costs["random"] = costs_from_scores(random_scores(table.names, cfg.importance.seed), table.errors)
         self.chain = None
-        if {"chain_fisher", "chain_output", "search", "search_wa"} & set(lb.plans):  # a search may start there
+        if {"chain_fisher", "chain_output", "search", "search_wa", "search_act"} & set(lb.plans):  # a search may start there
             self.chain = ensure_chain(cfg, model, table.names, ckpt_path, progress, device)
             self.seconds["chain_fisher"] = self.seconds["chain_output"] = float(self.chain["meta"]["seconds"])
             self.costs["chain_fisher"] = fisher_distortion_costs(self.chain["diag"], table.errors)
@@ -557,41 +560,48 @@ class Sensitivities:
             except InfeasibleBudgetError as e:
                 self.iterative[key] = e
         self.search = {}  # (menu, size): {"choice", "trace", "seconds", ...}, or the InfeasibleBudgetError
-        for key in dict.fromkeys(searched):
-            try:
-                self.search[key] = ensure_search(cfg, model, table, self, *key, sha, progress, device)
-            except InfeasibleBudgetError as e:
-                self.search[key] = e
+        self.search_act = {}  # (menu, size, activation bits): likewise, judged with quantized activations
+        for found, keys in ((self.search, searched), (self.search_act, searched_act)):
+            for key in dict.fromkeys(keys):
+                try:
+                    found[key] = ensure_search(cfg, model, table, self, *key[:2], sha, progress, device, *key[2:])
+                except InfeasibleBudgetError as e:
+                    found[key] = e
 
 
 # The sensitivities whose plans may start the search (lowbit.search_start: best), in order of preference on a tie
 SEARCH_STARTS = ("chain_fisher", "fisher", "learned", "chain_output", "jvp", "magnitude", "random")
 
 
-def search_judge(cfg, model, table, device="cpu", per_image=False):
+def search_judge(cfg, model, table, device="cpu", per_image=False, act=None):
     """fitness(configuration): the measured search's judge, the paired MSE of ``lowbit.search_images`` images
-    under ``lowbit.search_seed`` (its measurer built at the first call); ``per_image``: each image's, as a list.
+    under ``lowbit.search_seed`` (its measurer built at the first call); ``per_image``: each image's, as a list;
+    ``act``: an activation quantizer kept attached to the measured model (else float activations).
     One definition for the search and for the held-out τ rows that say how far the search can trust it."""
     measurer = None
 
     def fitness(c):
         nonlocal measurer
-        measurer = measurer or make_measurer(cfg, model, table, device, cfg.lowbit.search_images)
+        if measurer is None:
+            measurer = make_measurer(cfg, model, table, device, cfg.lowbit.search_images)
+            if act is not None:
+                act.attach(measurer.work)
         images = measurer.measure_images(c, cfg.lowbit.search_seed)
         return images.tolist() if per_image else float(images.mean())
 
     return fitness
 
 
-def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, device="cpu"):
+def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, device="cpu", a_bits=None):
     """The measured search's result for ``menu`` at the weight size ``size`` (``experiments.search``): from a
     sensitivity's plan (``lowbit.search_start``: ``best``, the plan of least fitness among those of
     ``SEARCH_STARTS`` computed here, or always the chain-aware Fisher's), moves proposed by the learned costs (else
     the chain-aware Fisher's), fitness the paired MSE of ``lowbit.search_images`` images under
-    ``lowbit.search_seed``. Cached in ``search_<menu>_<size>.json`` (the wall clock makes a rerun differ: a cached
-    result is reused, not redone)."""
+    ``lowbit.search_seed`` — with float activations, or (``a_bits``, plan ``search_act``) every quantized input at
+    those bits with their ranges, as the budget's variant runs. Cached in ``search_<menu>_<size>[_A<bits>].json``
+    (the wall clock makes a rerun differ: a cached result is reused, not redone)."""
     lb = cfg.lowbit
-    path = _cache(cfg, f"search_{menu}_{budget_tag(size)}.json")
+    path = _cache(cfg, f"search_{menu}_{budget_tag(size)}{'' if a_bits is None else f'_A{a_bits}'}.json")
     prior = "chain_fisher" if "chain_fisher" in sens.costs else "fisher"
     propose_by = "learned" if "learned" in sens.costs else prior
     limit = budget_bits(size, table.total) - table.fixed
@@ -606,11 +616,16 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
     inputs = {**measurer_inputs(cfg, table, sha, lb.search_images), **start, "propose_by": propose_by,
               "proposer": sens.predictor.describe() if propose_by == "learned" else None,
               "seconds": lb.search_seconds, "evals": lb.search_evals, "seed": lb.search_seed, "limit_bits": limit}
+    if a_bits is not None:
+        inputs["act"] = {"a_bits": a_bits, "ranges": _ranges_inputs(cfg, sha, [a_bits]), "range_mode": lb.range_mode,
+                         "softmax_bits": cfg.act_quant.softmax_bits}
     art = storage.reusable_record(path, inputs)
     if art is not None:
         print(f"[lowbit] reusing {path}")
         return art
-    judge = search_judge(cfg, model, table, device)
+    act = None if a_bits is None else activation_quantizer(
+        _act_cfg(cfg), model, a_bits, ranges_by_bits(cfg, model, [a_bits], sha, device, progress)[a_bits])
+    judge = search_judge(cfg, model, table, device, act=act)
     # each configuration measured once: the chosen start is the search's first row again, and two sensitivities
     # may allocate the same plan (the learned one keeps the chain-aware Fisher's)
     measured = {}
@@ -630,7 +645,8 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
            "start_by": start_by, "starts": starts, "changed": sum(choice[n] != plans[start_by][n] for n in choice)}
     storage.atomic_write_record(art, path)
     begun = f" from {start_by}'s plan (of {', '.join(f'{k} {v:.3g}' for k, v in starts.items())})" if starts else ""
-    print(f"[lowbit] search ({menu}, {size}){begun}: {len(trace) - 1} measured moves in {art['seconds']:.0f} s, "
+    judged = "" if a_bits is None else f" judged at A{a_bits}"
+    print(f"[lowbit] search ({menu}, {size}){judged}{begun}: {len(trace) - 1} measured moves in {art['seconds']:.0f} s, "
           f"fitness {trace[0]['fitness']:.3g} -> {trace[-1]['best']:.3g}, {art['changed']} tensors changed -> {path}")
     return art
 
@@ -647,6 +663,14 @@ def ranges_by_bits(c, model, bits, sha, device, progress=True) -> dict:
     if lb.range_method == "mse":
         return {a: ensure_ranges(_act_cfg(c), model, lb.range_mode, sha, device, progress, mse_bits=a) for a in bits}
     return dict.fromkeys(bits, ensure_ranges(_act_cfg(c), model, lb.range_mode, sha, device, progress))
+
+
+def _ranges_inputs(c, sha, bits):
+    """What ``ranges_by_bits(c, ..., bits)`` depends on (keys as strings: JSON's)."""
+    ac, lb = _act_cfg(c), c.lowbit
+    if lb.range_method == "minmax":
+        return range_inputs(ac, lb.range_mode, sha)
+    return {str(b): range_inputs(ac, lb.range_mode, sha, b) for b in bits}
 
 
 def act_search_options(c, model, table, weights) -> dict:
@@ -686,10 +710,8 @@ def ensure_act_search(c, model, table, weights, menu, budget, sha, progress=True
     start = dict.fromkeys(options, a)
     limit = sum(options[n][a] for n in start)
     ranges = ranges_by_bits(c, model, menu_a, sha, device, progress)
-    rinputs = range_inputs(ac, lb.range_mode, sha) if lb.range_method == "minmax" else \
-        {str(b): range_inputs(ac, lb.range_mode, sha, b) for b in menu_a}  # str: JSON's keys
     inputs = {**measurer_inputs(c, table, sha, lb.search_images), "weights": weights, "a_bits": menu_a,
-              "start_bits": a, "ranges": rinputs, "range_mode": lb.range_mode, "seconds": lb.act_search_seconds,
+              "start_bits": a, "ranges": _ranges_inputs(c, sha, menu_a), "range_mode": lb.range_mode, "seconds": lb.act_search_seconds,
               "evals": lb.act_search_evals, "seed": lb.search_seed, "softmax_bits": c.act_quant.softmax_bits,
               "act_importance": act_importance_inputs(ac, lb.range_mode, sha)}
     art = storage.reusable_record(path, inputs)
@@ -733,8 +755,9 @@ def output_scaled_costs(diag: dict, table) -> dict:
     return {n: {f: c * table.output_ratio[n].get(f, 1.0) for f, c in fs.items()} for n, fs in rtn.items()}
 
 
-def choose(cfg, plan, menu, budget_text, table, sens):
-    """({tensor: format}, info) of ``plan`` on ``menu`` at the weight size ``budget_text``."""
+def choose(cfg, plan, menu, budget_text, table, sens, a_bits=None):
+    """({tensor: format}, info) of ``plan`` on ``menu`` at the weight size ``budget_text`` (``search_act``: its
+    search judged at ``a_bits``)."""
     budget = budget_bits(budget_text, table.total)
     bits = table.menu_bits(menu)
     t0 = time.time()
@@ -745,8 +768,8 @@ def choose(cfg, plan, menu, budget_text, table, sens):
             raise sens.iterative[(menu, budget_text)]
         choice, _, history, seconds = sens.iterative[(menu, budget_text)]
         return choice, {"rounds": history, "seconds": sens.seconds["fisher"] + seconds}
-    elif plan == "search":  # likewise
-        art = sens.search[(menu, budget_text)]
+    elif plan in ("search", "search_act"):  # likewise
+        art = sens.search[(menu, budget_text)] if plan == "search" else sens.search_act[(menu, budget_text, a_bits)]
         if isinstance(art, InfeasibleBudgetError):
             raise art
         return art["choice"], {"evaluations": len(art["trace"]) - 1, "changed": art["changed"],
@@ -798,12 +821,14 @@ def run_lowbit(cfg, device, force=False, progress=True):
     iterative = [(menu, parse_size_at_bits(budget)[0]) for budget, menu, plan in tasks if plan == "fisher_iterative"]
     searched = [(menu, parse_size_at_bits(budget)[0]) for budget, menu, plan in tasks
                 if plan in ("search", "search_wa")]  # search_wa starts from the search's weights
+    searched_act = [(menu, *parse_size_at_bits(budget)) for budget, menu, plan in tasks
+                    if plan == "search_act" and parse_size_at_bits(budget)[1] is not None]
     # every cache the variants read, computed once (rank 0 first, under the folder's lock) before they are handed out
 
     # {activation bits: ranges}: min-max for every budget, or least-MSE at each one's bits
     budget_bits_a = sorted({parse_size_at_bits(b)[1] for b in lb.budgets} - {None})
     sens, ranges = pipeline.shared(c, lambda: (
-        Sensitivities(c, model, ckpt_path, table, sha, device, progress, iterative, searched),
+        Sensitivities(c, model, ckpt_path, table, sha, device, progress, iterative, searched, searched_act),
         ranges_by_bits(c, model, budget_bits_a, sha, device, progress)))
 
     def act_searches():  # (menu, budget): the activation half of search_wa, or why it does not apply
@@ -827,7 +852,9 @@ def run_lowbit(cfg, device, force=False, progress=True):
         size, a_bits = parse_size_at_bits(budget)
         variant = variant_name(plan, menu, budget, lb.range_method)
         try:
-            choice, info = choose(c, "search" if plan == "search_wa" else plan, menu, size, table, sens)
+            if plan == "search_act" and a_bits is None:
+                raise InfeasibleBudgetError(f"search_act at {budget}: the activations stay float: plan search")
+            choice, info = choose(c, "search" if plan == "search_wa" else plan, menu, size, table, sens, a_bits)
             act = joint.get((menu, budget)) if plan == "search_wa" else None
             if isinstance(act, InfeasibleBudgetError):
                 raise act
@@ -954,7 +981,7 @@ def measure_plans(cfg, model, table, sens, sha, device="cpu", progress=True) -> 
         for menu in lb.quantizers:
             row = {}
             for plan in lb.plans if menu == "uniform" else [p for p in lb.plans if p in lb.codebook_plans]:
-                if plan == "search_wa":  # the search's weights: only its activations differ
+                if plan in ("search_wa", "search_act"):  # judged with quantized activations, not weights alone
                     continue
                 try:
                     choice, _ = choose(cfg, plan, menu, size, table, sens)
@@ -1042,7 +1069,7 @@ def summary_markdown(cfg, done, notes, sens, table, q, seconds=None) -> str:
         lines += ["", "| tensor | op | learned rank | Fisher rank |", "|---|---|---:|---:|"]
         lines += [f"| {r['tensor']} | {r['op']} | {r['learned_rank'] or '–'} | {r['fisher_rank']} |" for r in top]
     lines += ["", "![lowbit](lowbit.png)", "", "![layer sensitivity](lowbit_layers.png)"]
-    if sens.search:
+    if sens.search or sens.search_act:
         lines += ["", "![measured search](lowbit_search.png)"]
     joint = {k: a for k, a in getattr(sens, "act_search", {}).items() if not isinstance(a, InfeasibleBudgetError)}
     if joint:
@@ -1084,12 +1111,13 @@ def target_lines(lb, done) -> list:
 
 def verdict_pairs(done):
     """(A name, B name, A metrics, B metrics): every plan vs uniform; learned, chain-aware, iterative and JVP vs
-    Fisher; learned, search and JVP vs the chain-aware Fisher (the search's start, the learned costs' prior); the
-    joint search vs the weight search it continues."""
+    Fisher; learned, both searches and JVP vs the chain-aware Fisher (the search's start, the learned costs' prior);
+    the joint search and the search judged at the budget's activations vs the weight search."""
     by = {(b, m, p): r for b, m, p, r in done.values() if p != "fp32"}
     out = []
     for ref, plans in (("uniform", None), ("fisher", ("learned", "chain_fisher", "fisher_iterative", "jvp")),
-                       ("chain_fisher", ("learned", "search", "jvp", "chain_output")), ("search", ("search_wa",))):
+                       ("chain_fisher", ("learned", "search", "search_act", "jvp", "chain_output")),
+                       ("search", ("search_wa", "search_act"))):
         for (budget, menu, plan), r in by.items():
             if plan != ref and (plans is None or plan in plans) and (budget, menu, ref) in by:
                 out.append((plan, ref, r, by[(budget, menu, ref)]))
@@ -1172,6 +1200,8 @@ def write_outputs(cfg, done, notes, sens, table, seconds=None) -> str:
     figs = [plot(done, cfg, os.path.join(folder, "lowbit.png")),
             plot_layers(sens, table, os.path.join(folder, "lowbit_layers.png"))]
     traces = {f"{m} {b}": a["trace"] for (m, b), a in sens.search.items() if not isinstance(a, InfeasibleBudgetError)}
+    traces.update({f"{m} {b} judged at A{a}": art["trace"] for (m, b, a), art in sens.search_act.items()
+                   if not isinstance(art, InfeasibleBudgetError)})
     traces.update({f"{m} {b} activations": a["trace"] for (m, b), a in getattr(sens, "act_search", {}).items()
                    if not isinstance(a, InfeasibleBudgetError)})
     if traces:
