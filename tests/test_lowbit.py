@@ -144,6 +144,9 @@ def test_chain_noise_is_disjoint_from_the_damage_measurements():
     load_config(SMOKE, ["lowbit.plans=[search]", "lowbit.budgets=[3bits@A5]"])  # only the joint search needs it
     with pytest.raises(ConfigError, match=r"finetune.plan_source: 'search_wa' is not trained here"):
         load_config(SMOKE, ["finetune.plan_source=search_wa"])
+    with pytest.raises(ConfigError, match=r"lowbit.plans has search_act, which search at the budget's activation bits"
+                                          r", but no budget .* names any"):
+        load_config(SMOKE, ["lowbit.plans=[search, search_act]", "lowbit.budgets=[3bits, 4bits]"])
 
 
 PLANS = ["lowbit.plans=[uniform, fisher, chain_fisher, fisher_iterative, learned, search, jvp]",
@@ -805,7 +808,7 @@ def test_joint_search_moves_activation_bits_within_the_bops_of_the_weight_search
     base = load_config(SMOKE, [f"run.out_dir={tmp}/runs", f"run.cache_dir={tmp}/cache"] + sets)
     cfg = lowbit.lowbit_config(base)
     out = tmp / "runs" / "smoke" / "lowbit"
-    art = json.load(open(out / "baseline" / "search_wa_uniform_3bits_A6.json"))
+    art = json.load(open(out / "baseline" / "search_wa_uniform_3bits_A6_mse.json"))
     assert art["trace"][0]["move"] == "start" and 2 <= len(art["trace"]) <= 5
     assert art["trace"][0]["fitness"] == max(r["fitness"] for r in art["trace"] if r["accepted"])
     vdir, wdir = out / "search_wa_uniform_3bits_A6_mse", out / "search_uniform_3bits_A6_mse"
@@ -841,7 +844,7 @@ def test_joint_search_moves_activation_bits_within_the_bops_of_the_weight_search
     got = float(((x.clamp(-1, 1) + 1) / 2 - (ref.clamp(-1, 1) + 1) / 2).pow(2).flatten(1).mean(1).mean())
     assert got == pytest.approx(art["trace"][-1]["best"], rel=1e-4)
     # search_act: its own search, judged at A6, whose best is what its stored weights and A6 quantizer do
-    sa = json.load(open(out / "baseline" / "search_uniform_3bits_A6.json"))
+    sa = json.load(open(out / "baseline" / "search_uniform_3bits_A6_mse.json"))
     assert sa["inputs"]["act"]["a_bits"] == 6 and "act" not in json.load(open(out / "baseline" /
                                                                                "search_uniform_3bits.json"))["inputs"]
     adir = out / "search_act_uniform_3bits_A6_mse"
@@ -860,8 +863,8 @@ def test_joint_search_moves_activation_bits_within_the_bops_of_the_weight_search
     plan = json.load(open(vdir / "plan.json"))
     assert plan["a_bits_searched"] == art["bits"] and plan["plan_seconds"] >= art["seconds"]
     again = run("lowbit.py", tmp, *[a for kv in sets for a in ("--set", kv)])  # a wall-clock search: reused
-    assert "reusing" in again.stdout and "search_wa_uniform_3bits_A6.json" in again.stdout
-    assert "search_uniform_3bits_A6.json" in again.stdout and "judged at A6" not in again.stdout
+    assert "reusing" in again.stdout and "search_wa_uniform_3bits_A6_mse.json" in again.stdout
+    assert "search_uniform_3bits_A6_mse.json" in again.stdout and "judged at A6" not in again.stdout
     assert "activation search (uniform" not in again.stdout
     from common.experiments.verify import verify_run
 
@@ -871,3 +874,9 @@ def test_joint_search_moves_activation_bits_within_the_bops_of_the_weight_search
     assert "## The joint search's activation bits (`search_wa`)" in summary and "| uniform | 3bits@A6 |" in summary
     assert "| 3bits@A6, uniform: search_wa vs search |" in summary  # judged against the weight search it continues
     assert "| 3bits@A6, uniform: search_act vs search |" in summary
+    # the quantizer a search judged with is part of its key: per-token attention ranges search again
+    token = ["lowbit.plans=[search_act]", "lowbit.budgets=[3bits@A6]", "act_quant.per_token_attention=true"]
+    third = run("lowbit.py", tmp, *[a for kv in sets + token for a in ("--set", kv)], "--force")
+    assert "search (uniform, 3bits) judged at A6" in third.stdout
+    assert json.load(open(out / "baseline" / "search_uniform_3bits_A6_mse.json"))["inputs"]["act"]["act_quant"][
+        "per_token_attention"] is True

@@ -840,6 +840,11 @@ def _check_lowbit(cfg: Config, src: str):
                 raise ConfigError(f"{src}: lowbit.plans has search_wa, whose activation search starts with every "
                                   f"input at the budget's bits: {b!r} needs {a} in act_quant.a_bits "
                                   f"({cfg.act_quant.a_bits})")
+    searched = [p for p in ("search_act", "search_wa") if p in lb.plans]
+    if searched and all(parse_size_at_bits(b)[1] is None for b in lb.budgets):
+        raise ConfigError(f"{src}: lowbit.plans has {', '.join(searched)}, which search at the budget's activation "
+                          f"bits, but no budget in lowbit.budgets ({lb.budgets}) names any: add '@A<bits>' "
+                          f"(e.g. '3.5bits@A6')")
     lb.targets = _lowbit_targets(lb.targets, src)
 
 

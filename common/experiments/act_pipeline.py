@@ -90,6 +90,15 @@ def act_quantizer(cfg, model, ranges, bits: dict, mode: str) -> ActQuantizer:
                         cfg.act_quant.softmax_bits)
 
 
+def quantizer_inputs(cfg) -> dict:
+    """What a quantizer of ``act_quantizer`` depends on beyond its bits and ranges: ``act_layout``'s settings and
+    the softmax bits (``block_size`` only when set, so records made before it existed stay valid)."""
+    aq = cfg.act_quant
+    return {"act_quant": {k: to_dict(aq)[k] for k in ("symmetric", "per_token_attention", "keep_first_last",
+                                                      "split_concat", "softmax_bits")},
+            **({"block_size": aq.block_size} if aq.block_size else {})}
+
+
 def _cache_dir(cfg) -> str:
     """Beside fisher.pt in the run's baseline folder (never beside released weights in checkpoints/)."""
     return os.path.join(storage.baseline_dir(cfg), "act_quant")

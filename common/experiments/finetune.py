@@ -61,6 +61,7 @@ from .act_pipeline import (
     ensure_ranges,
     input_quants,
     mode_groups,
+    quantizer_inputs,
     range_inputs,
     save_and_evaluate,
 )
@@ -374,15 +375,11 @@ def variant_inputs(cfg, c, sha: str, method: str, plan=None) -> dict:
     checkpoint, the ``finetune`` settings, the ends' ``lowbit.keep_format``, the activation quantizers' layout and
     ranges, the teacher's calibration pool, for ``fisher`` the two Fisher estimates that choose its layers, and
     for a plan of ``make lowbit`` its stored file."""
-    aq = c.act_quant
     # which budgets, plans and methods a run makes changes none of them (a variant's name says its own)
     settings = {k: v for k, v in to_dict(cfg.finetune).items() if k not in ("budgets", "methods", "plans",
                                                                             "plan_source")}
     out = {"checkpoint_sha256": sha, "finetune": settings, "keep_format": cfg.lowbit.keep_format,
-           "act_quant": {k: to_dict(aq)[k] for k in ("symmetric", "per_token_attention", "keep_first_last",
-                                                     "split_concat", "softmax_bits")},
-           **({"block_size": aq.block_size} if aq.block_size else {}),
-           "ranges": range_inputs(c, cfg.finetune.range_mode, sha), "pool": pool_inputs(c, sha)}
+           **quantizer_inputs(c), "ranges": range_inputs(c, cfg.finetune.range_mode, sha), "pool": pool_inputs(c, sha)}
     if method == "fisher":
         out["fisher"] = {"weights": {**pipeline.fisher_inputs(cfg), "eligible": lowbit.RULE},
                          "activations": act_importance_inputs(c, cfg.finetune.range_mode, sha)}

@@ -80,6 +80,7 @@ from .act_pipeline import (
     act_quantizer,
     ensure_act_importance,
     ensure_ranges,
+    quantizer_inputs,
     range_inputs,
     save_and_evaluate,
 )
@@ -517,7 +518,8 @@ class Sensitivities:
         self.costs["magnitude"] = costs_from_scores(magnitude_scores(model, table.names), table.errors)
         self.costs["random"] = costs_from_scores(random_scores(table.names, cfg.importance.seed), table.errors)
         self.chain = None
-        if {"chain_fisher", "chain_output", "search", "search_wa", "search_act"} & set(lb.plans):  # a search may start there
+        # a search may start from the chain-aware Fisher's plan
+        if {"chain_fisher", "chain_output", "search", "search_wa", "search_act"} & set(lb.plans):
             self.chain = ensure_chain(cfg, model, table.names, ckpt_path, progress, device)
             self.seconds["chain_fisher"] = self.seconds["chain_output"] = float(self.chain["meta"]["seconds"])
             self.costs["chain_fisher"] = fisher_distortion_costs(self.chain["diag"], table.errors)
@@ -598,10 +600,11 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
     ``SEARCH_STARTS`` computed here, or always the chain-aware Fisher's), moves proposed by the learned costs (else
     the chain-aware Fisher's), fitness the paired MSE of ``lowbit.search_images`` images under
     ``lowbit.search_seed`` — with float activations, or (``a_bits``, plan ``search_act``) every quantized input at
-    those bits with their ranges, as the budget's variant runs. Cached in ``search_<menu>_<size>[_A<bits>].json``
+    those bits with their ranges, as the budget's variant runs. Cached in ``search_<menu>_<size>[_A<bits>[_mse]].json``
     (the wall clock makes a rerun differ: a cached result is reused, not redone)."""
     lb = cfg.lowbit
-    path = _cache(cfg, f"search_{menu}_{budget_tag(size)}{'' if a_bits is None else f'_A{a_bits}'}.json")
+    judged_at = "" if a_bits is None else f"_A{a_bits}{_range_tag(lb)}"  # searches of both range methods kept
+    path = _cache(cfg, f"search_{menu}_{budget_tag(size)}{judged_at}.json")
     prior = "chain_fisher" if "chain_fisher" in sens.costs else "fisher"
     propose_by = "learned" if "learned" in sens.costs else prior
     limit = budget_bits(size, table.total) - table.fixed
@@ -618,7 +621,7 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
               "seconds": lb.search_seconds, "evals": lb.search_evals, "seed": lb.search_seed, "limit_bits": limit}
     if a_bits is not None:
         inputs["act"] = {"a_bits": a_bits, "ranges": _ranges_inputs(cfg, sha, [a_bits]), "range_mode": lb.range_mode,
-                         "softmax_bits": cfg.act_quant.softmax_bits}
+                         **quantizer_inputs(cfg)}
     art = storage.reusable_record(path, inputs)
     if art is not None:
         print(f"[lowbit] reusing {path}")
@@ -646,8 +649,9 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
     storage.atomic_write_record(art, path)
     begun = f" from {start_by}'s plan (of {', '.join(f'{k} {v:.3g}' for k, v in starts.items())})" if starts else ""
     judged = "" if a_bits is None else f" judged at A{a_bits}"
-    print(f"[lowbit] search ({menu}, {size}){judged}{begun}: {len(trace) - 1} measured moves in {art['seconds']:.0f} s, "
-          f"fitness {trace[0]['fitness']:.3g} -> {trace[-1]['best']:.3g}, {art['changed']} tensors changed -> {path}")
+    print(f"[lowbit] search ({menu}, {size}){judged}{begun}: {len(trace) - 1} measured moves in "
+          f"{art['seconds']:.0f} s, fitness {trace[0]['fitness']:.3g} -> {trace[-1]['best']:.3g}, "
+          f"{art['changed']} tensors changed -> {path}")
     return art
 
 
@@ -663,6 +667,11 @@ def ranges_by_bits(c, model, bits, sha, device, progress=True) -> dict:
     if lb.range_method == "mse":
         return {a: ensure_ranges(_act_cfg(c), model, lb.range_mode, sha, device, progress, mse_bits=a) for a in bits}
     return dict.fromkeys(bits, ensure_ranges(_act_cfg(c), model, lb.range_mode, sha, device, progress))
+
+
+def _range_tag(lb) -> str:
+    """``_mse`` for least-MSE activation ranges, as in the variants' names (``variant_name``)."""
+    return "_mse" if lb.range_method == "mse" else ""
 
 
 def _ranges_inputs(c, sha, bits):
@@ -695,7 +704,7 @@ def ensure_act_search(c, model, table, weights, menu, budget, sha, progress=True
     measured search (``experiments.search``) from every input at the budget's bits, within that start's BOPs —
     an input raised pays by lowering others — judged like the weight search (``lowbit.search_images`` images of
     ``lowbit.search_seed``'s noise, now with the activations quantized), the activation Fisher proposing.
-    Cached in ``search_wa_<menu>_<size>_A<bits>.json``; {"bits": {module: bits}, "trace", ...}."""
+    Cached in ``search_wa_<menu>_<size>_A<bits>[_mse].json``; {"bits": {module: bits}, "trace", ...}."""
     lb = c.lowbit
     size, a = parse_size_at_bits(budget)
     menu_a = sorted(c.act_quant.a_bits)
@@ -704,16 +713,16 @@ def ensure_act_search(c, model, table, weights, menu, budget, sha, progress=True
             "the activations stay float" if a is None else f"no input can go {'above' if a == menu_a[-1] else 'below'}"
                                                               f" {a} bits (act_quant.a_bits {c.act_quant.a_bits})")
                                     + ": nothing to search")
-    path = _cache(c, f"search_wa_{menu}_{budget_tag(size)}_A{a}.json")
+    path = _cache(c, f"search_wa_{menu}_{budget_tag(size)}_A{a}{_range_tag(lb)}.json")
     ac = _act_cfg(c)
     options = act_search_options(c, model, table, weights)
     start = dict.fromkeys(options, a)
     limit = sum(options[n][a] for n in start)
     ranges = ranges_by_bits(c, model, menu_a, sha, device, progress)
     inputs = {**measurer_inputs(c, table, sha, lb.search_images), "weights": weights, "a_bits": menu_a,
-              "start_bits": a, "ranges": _ranges_inputs(c, sha, menu_a), "range_mode": lb.range_mode, "seconds": lb.act_search_seconds,
-              "evals": lb.act_search_evals, "seed": lb.search_seed, "softmax_bits": c.act_quant.softmax_bits,
-              "act_importance": act_importance_inputs(ac, lb.range_mode, sha)}
+              "start_bits": a, "ranges": _ranges_inputs(c, sha, menu_a), "range_mode": lb.range_mode,
+              "seconds": lb.act_search_seconds, "evals": lb.act_search_evals, "seed": lb.search_seed,
+              **quantizer_inputs(c), "act_importance": act_importance_inputs(ac, lb.range_mode, sha)}
     art = storage.reusable_record(path, inputs)
     if art is not None:
         print(f"[lowbit] reusing {path}")
@@ -988,6 +997,8 @@ def measure_plans(cfg, model, table, sens, sha, device="cpu", progress=True) -> 
                 except InfeasibleBudgetError:
                     continue
                 row[plan] = {**cache.get(choice, measure), "avg_bits": table.avg_bits(choice)}
+            if not row:  # only plans judged with activations at this size
+                continue
             out[f"{menu} {size}"] = row
             if progress:
                 print(f"[lowbit] plan damage {menu} {size}: "
