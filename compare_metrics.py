@@ -1,5 +1,5 @@
 """Beyond the poster: every importance metric in compare.metrics (fisher, fisher_distortion, magnitude,
-random, orthogonality) through the same exact allocator at every budget in compare.budgets, evaluated
+random, orthogonality, quant_error) through the same exact allocator at every budget in compare.budgets, evaluated
 with compare.seeds beside the fp32 baseline, uniform fp16/int8/int4 and the poster's four rules.
 Writes runs/<run>/compare/{summary.csv, summary.md, compare.png} and one folder per variant.
 Needs simplediffusion.py to have run (checkpoint and Fisher).

@@ -1,6 +1,6 @@
 """Poster strategy 4: per-stage mean/std rule. In every stage quantize tensors with
 Fisher < mean - k*std, k = clamp(alpha*mean/std, k_min, k_max) (strategies.layer_math).
-Writes runs/<run>/layer_math/.
+Writes runs/<run>/layer_math/. Needs simplediffusion.py to have run (checkpoint and Fisher).
 """
 from common.experiments.pipeline import run_strategy_script
 

@@ -140,3 +140,30 @@ def test_an_edited_learning_curve_cache_is_recomputed_not_resealed(tiny_cfg, tmp
     next(v for k, v in rec.items() if k != storage.SEAL)["clf_is"] = 9.9  # edited by hand, seal left as it was
     json.dump(rec, open(path, "w"))
     assert curve.learning_curve(tiny_cfg, [str(snap)], "cpu")[0]["clf_is"] == 5.0 and len(calls) == 2
+
+
+def test_update_docs_file_is_checked_before_the_run(tmp_path, capsys):
+    """--update-docs names a file whose markers are checked when the arguments are parsed, not after the run."""
+    import argparse
+
+    from common.experiments.report import add_docs_argument
+
+    p = argparse.ArgumentParser()
+    add_docs_argument(p, "lowbit", "docs/lowbit.md")
+    good = tmp_path / "good.md"
+    good.write_text("<!-- lowbit:start -->\n<!-- lowbit:end -->\n")
+    bad = tmp_path / "bad.md"
+    bad.write_text("# no markers\n")
+    assert p.parse_args(["--update-docs", str(good)]).update_docs == str(good)
+    for path, why in ((bad, "markers <!-- lowbit:start --> / <!-- lowbit:end --> not found"),
+                      (tmp_path / "none.md", "No such file")):
+        with pytest.raises(SystemExit):
+            p.parse_args(["--update-docs", str(path)])
+        assert why in capsys.readouterr().err
+
+
+def test_a_budget_without_its_at_sign_says_how_to_write_one():
+    from common.core.budget import parse_size_at_bits
+
+    with pytest.raises(ValueError, match=r"'<size>@A<bits>', e.g. '3.5bits@A8'"):
+        parse_size_at_bits("3bitsA8")

@@ -234,3 +234,26 @@ def test_sealed_tensor_cache_is_reused_only_when_inputs_and_bytes_match(tmp_path
     # a file of the code before the seal (inputs recorded, no digest) is recomputed once, never trusted
     save_file(tensors, str(path), metadata={"inputs": meta["inputs"], "fingerprint": storage.fingerprint(inputs)})
     assert storage.reusable_tensors(path, inputs) is None
+
+
+def test_atomic_writes_get_the_permissions_of_any_new_file(tmp_path):
+    """mkstemp makes its file 0600 and the rename kept that: results, caches and docs unreadable by others."""
+    old = os.umask(0o022)
+    try:
+        storage.atomic_write_text("x", tmp_path / "a.txt")
+        storage.atomic_torch_save({"x": 1}, tmp_path / "b.pt")
+        os.umask(0o077)
+        storage.atomic_write_bytes(b"y", tmp_path / "c.bin")
+    finally:
+        os.umask(old)
+    modes = [os.stat(tmp_path / n).st_mode & 0o777 for n in ("a.txt", "b.pt", "c.bin")]
+    assert modes == [0o644, 0o644, 0o600]
+
+
+def test_a_missing_cuda_device_is_a_one_line_user_error():
+    from common.core.errors import UserError
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(UserError, match="run.device: 'cuda' requested but no CUDA device"):
+        storage.resolve_device("cuda")

@@ -406,3 +406,18 @@ def test_a_second_stage_starts_from_the_released_file_it_names(tiny_cfg, tmp_pat
             setattr(broken.train, k, v)
         with pytest.raises(Exception, match=key):
             _cross_checks(broken, "cfg.yaml")
+
+
+def test_a_foreign_torch_file_as_checkpoint_is_a_one_line_error(tmp_path):
+    """A torch file that is not a training checkpoint of this project: named as such, not a KeyError or a
+    'partial checkpoint (step None)'."""
+    from common.core.errors import UserError
+    from common.diffusion.checkpoint import load_ema
+
+    path = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
+    with pytest.raises(UserError, match=r"not a training checkpoint of this project \(no config, ema, finished\)"):
+        load_ema(str(path))
+    torch.save({"finished": True, "ema": {}}, path)
+    with pytest.raises(UserError, match=r"\(no config\)"):
+        load_ema(str(path))

@@ -104,7 +104,10 @@ def parse_size_at_bits(text: str):
     if not m or (a is not None and not 2 <= a <= 16):
         raise ValueError(f"budget {text!r}: expected a weight size ('3.5bits', '25%', '2.1MB'), optionally with "
                          f"'@A<bits>' for the activations (2..16), e.g. '3.5bits@A8'")
-    return normalize_budget(m.group(1)), a
+    try:
+        return normalize_budget(m.group(1)), a
+    except ValueError as e:
+        raise ValueError(f"{e}; with activation bits: '<size>@A<bits>', e.g. '3.5bits@A8'") from None
 
 
 def normalize_size_at_bits(text: str) -> str:

@@ -9,3 +9,7 @@ class UserError(Exception):
 
 class StaleArtifactError(UserError, RuntimeError):
     """A file was made from other inputs than the ones asked for now (config, checkpoint, settings)."""
+
+
+class UnavailableDeviceError(UserError, RuntimeError):
+    """The configured device is not on this machine."""

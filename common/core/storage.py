@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from .errors import UserError
+from .errors import UnavailableDeviceError, UserError
 
 
 class CorruptFileError(UserError, ValueError):
@@ -58,6 +58,9 @@ def _atomic(path, write):
     # The writer's pid in the name lets a later write tell a dead writer's leftover from a live one's file.
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.{os.getpid()}-", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would outlive the rename: readable as any new file is
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -418,5 +421,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device: 'cuda' requested but no CUDA device is available; use 'auto' or 'cpu'")
+        raise UnavailableDeviceError("run.device: 'cuda' requested but no CUDA device is available; use 'auto' "
+                                     "or 'cpu'")
     return torch.device(name)

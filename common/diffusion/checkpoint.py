@@ -10,9 +10,22 @@ import torch
 
 from ..core import machine
 from ..core.config import NOT_YAML, Config, _build, to_dict
-from ..core.errors import StaleArtifactError
-from ..core.storage import diff_keys, fingerprint, load_torch
+from ..core.errors import StaleArtifactError, UserError
+from ..core.storage import CorruptFileError, diff_keys, fingerprint, load_torch
 from .model import build_model
+
+
+class UnfinishedCheckpointError(UserError, RuntimeError):
+    """A training checkpoint that is not finished: resume it before sampling from it."""
+
+
+def _check_training_checkpoint(ckpt, path: str, needed, hint: str):
+    """A ``CorruptFileError`` naming ``path`` unless ``ckpt`` is a dict with every key of ``needed``."""
+    missing = sorted(set(needed) - set(ckpt)) if isinstance(ckpt, dict) else sorted(needed)
+    if missing:
+        raise CorruptFileError(f"{path}: not a training checkpoint of this project (no {', '.join(missing)})"
+                               + (f"; {hint}" if hint else ""))
+
 
 _WARNED = set()  # bf16 warnings already printed by this process
 
@@ -106,6 +119,7 @@ def training_inputs(cfg, bf16=None) -> dict:
 def check_checkpoint_matches(ckpt: dict, cfg, path: str):
     """A ``StaleArtifactError`` unless ``ckpt`` was trained with ``cfg``'s training inputs (train.bf16: auto
     accepts the choice the checkpoint recorded)."""
+    _check_training_checkpoint(ckpt, path, ("fingerprint", "training_inputs"), "use --force to retrain into this run")
     mine = training_inputs(cfg, resolve_bf16(cfg.train, device_type(cfg), recorded_bf16(ckpt.get("training_inputs"))))
     if ckpt.get("fingerprint") != fingerprint(mine):
         keys = diff_keys(ckpt.get("training_inputs", {}), mine)
@@ -119,9 +133,10 @@ def load_ema(ckpt_path: str, device="cpu", hint="run `python simplediffusion.py 
     """Rebuild the EMA network from a finished checkpoint; returns (model in eval mode, checkpoint).
     ``hint``: the command that makes a missing or corrupt checkpoint, for the error message."""
     ckpt = load_torch(ckpt_path, hint, map_location=device)
-    if not ckpt.get("finished"):
-        raise RuntimeError(f"{ckpt_path} is a partial checkpoint (step {ckpt.get('step')}): "
-                           f"finish it with `python simplediffusion.py --resume`")
+    _check_training_checkpoint(ckpt, ckpt_path, ("finished", "config", "ema"), hint)
+    if not ckpt["finished"]:
+        raise UnfinishedCheckpointError(f"{ckpt_path} is a partial checkpoint (step {ckpt.get('step')}): finish it "
+                                        f"with `python simplediffusion.py --config <its config> --resume`")
     stored = {k: v for k, v in ckpt["config"].items() if k not in NOT_YAML}
     cfg = _build(Config, stored, ckpt_path)
     model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size).to(device)

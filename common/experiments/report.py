@@ -9,7 +9,6 @@ import argparse
 import glob
 import math
 import os
-import shutil
 
 import numpy as np
 
@@ -283,12 +282,14 @@ def pyplot():
 
 def save_figure(fig, path):
     """Write a matplotlib figure atomically and close it."""
+    import io
+
     plt = pyplot()
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
+    storage.atomic_write_bytes(buf.getvalue(), path)
     return path
 
 
@@ -521,7 +522,8 @@ def update_section(path: str, marker: str, block: str, figures=()):
     for fig in figures:
         if fig:
             name = os.path.basename(fig)
-            shutil.copyfile(fig, os.path.join(docs, name))
+            with open(fig, "rb") as fh:
+                storage.atomic_write_bytes(fh.read(), os.path.join(docs, name))
             block = block.replace(f"]({name})", f"]({os.path.relpath(os.path.join(docs, name), here)})")
     head, rest = text.split(start, 1)
     storage.atomic_write_text(head + start + "\n" + block + "\n" + end + rest.split(end, 1)[1], path)
@@ -548,7 +550,20 @@ def update_section_from_summary(path: str, summary_md: str, marker: str, figure)
 def add_docs_argument(parser, marker: str, default_file: str):
     """``--update-docs FILE`` (alias ``--update-readme``): also write the table into the markdown file holding the
     ``<!-- {marker} -->`` markers."""
+    def markdown_with_markers(path):  # checked before the run, not after hours of it
+        start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+        try:
+            with open(path) as fh:
+                text = fh.read()
+        except OSError as e:
+            raise argparse.ArgumentTypeError(f"{path}: {e.strerror}") from None
+        if start not in text or end not in text:
+            raise argparse.ArgumentTypeError(f"{path}: markers {start} / {end} not found"
+                                             + _marker_hint(path, start, end))
+        return path
+
     parser.add_argument("--update-docs", "--update-readme", dest="update_docs", metavar="MD",
+                        type=markdown_with_markers,
                         help=f"also write the table into this markdown file, between its <!-- {marker}:start/end --> "
                              f"markers (they are in {default_file})")
 

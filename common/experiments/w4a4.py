@@ -200,7 +200,12 @@ def selection_damage(c, variant: str, reference, sha: str, n: int, device) -> li
     samples ``reference()`` (a function: sampled only when some variant's record is missing) of the checkpoint
     ``sha`` on ``n`` images of selection noise (``finetune.calib_seed + 1``: never an evaluation seed), so the
     greedy ablation decides on noise it is not judged on. Stored beside the variant (``selection.json``, with
-    their mean), computed once per stored variant: a rerun that reuses the variant reuses its selection damage."""
+    their mean), computed once per stored variant: a rerun that reuses the variant reuses its selection damage.
+    Under torchrun rank 0 computes it and the other ranks read its record, so every rank keeps the same rows."""
+    return distributed.rank0_first(lambda: _selection_damage(c, variant, reference, sha, n, device))
+
+
+def _selection_damage(c, variant, reference, sha, n, device) -> list:
     from ..quant.container import load_quantized
 
     folder = evaluate.variant_dir(c, variant)
@@ -327,23 +332,28 @@ def gptq_weights(c, transformed, sha: str, device, progress=True) -> tuple:
     lb = c.lowbit
     inputs = {"model": model_digest(transformed), "names": names, "images": lb.gptq_images, "seed": lb.gptq_seed,
               "damp": lb.gptq_damp, "sample": to_dict(c.sample), "diffusion": to_dict(c.diffusion),
-              "shape": [c.model.in_channels, c.data.image_size, c.data.image_size], "device": str(device)}
+              "shape": [c.model.in_channels, c.data.image_size, c.data.image_size],
+              "device": torch.device(device).type}  # not its index: every rank of a torchrun shares one file
     path = os.path.join(storage.baseline_dir(c), f"gptq_{storage.fingerprint(inputs)}.pt")
-    art = storage.load_cache(path, "the GPTQ rounding")
-    if (isinstance(art, dict) and {"meta", "entries", "info", "digest"} <= set(art)
-            and art["meta"].get("inputs") == inputs and art["meta"].get("checkpoint_sha256") == sha
-            and stored_digest(art["entries"]) == art["digest"]):
-        print(f"[w4a4] reusing GPTQ's rounding {path}")
-        return art["entries"], art["info"]
-    entries, infos, report = lowbit.gptq_entries(c, transformed, names, ["int4"], device, progress)
-    info = {"images": lb.gptq_images, "damp": lb.gptq_damp,
-            "layers": {n.removesuffix(".weight"): v for (n, _), v in infos.items()},
-            "round_to_nearest": sorted(n.removesuffix(".weight") for n in report["round_to_nearest"]),
-            "median_error_ratio": report["median_error_ratio"].get("int4")}
-    entries = {n: e for (n, _), e in entries.items()}
-    storage.atomic_torch_save({"meta": {"inputs": inputs, "checkpoint_sha256": sha}, "entries": entries, "info": info,
-                               "digest": stored_digest(entries)}, path)
-    return entries, info
+
+    def load_or_round():
+        art = storage.load_cache(path, "the GPTQ rounding")
+        if (isinstance(art, dict) and {"meta", "entries", "info", "digest"} <= set(art)
+                and art["meta"].get("inputs") == inputs and art["meta"].get("checkpoint_sha256") == sha
+                and stored_digest(art["entries"]) == art["digest"]):
+            print(f"[w4a4] reusing GPTQ's rounding {path}")
+            return art["entries"], art["info"]
+        entries, infos, report = lowbit.gptq_entries(c, transformed, names, ["int4"], device, progress)
+        info = {"images": lb.gptq_images, "damp": lb.gptq_damp,
+                "layers": {n.removesuffix(".weight"): v for (n, _), v in infos.items()},
+                "round_to_nearest": sorted(n.removesuffix(".weight") for n in report["round_to_nearest"]),
+                "median_error_ratio": report["median_error_ratio"].get("int4")}
+        entries = {n: e for (n, _), e in entries.items()}
+        storage.atomic_torch_save({"meta": {"inputs": inputs, "checkpoint_sha256": sha}, "entries": entries,
+                                   "info": info, "digest": stored_digest(entries)}, path)
+        return entries, info
+
+    return pipeline.shared(c, load_or_round)  # rank 0 rounds, the other ranks read its file
 
 
 def quantized_weights(c, transformed, techniques, sha: str, device, info, progress=True) -> dict:
@@ -380,7 +390,8 @@ def range_cache_inputs(c, transformed, names, method: str, a_bits, mode: str, de
             "timesteps": aq.calib_timesteps, "seed": aq.calib_seed, "splits": act_layout(c, transformed)[2],
             "sample": to_dict(c.sample), "diffusion": to_dict(c.diffusion),
             "shape": [c.model.in_channels, c.data.image_size, c.data.image_size],
-            "device": torch.device(device).type}
+            "device": torch.device(device).type,
+            **({"symmetric": True} if method == "mse" and aq.symmetric else {})}  # least-MSE for that quantizer
 
 
 def calibrate(c, transformed, names, method: str, a_bits, mode: str, device, sha: str, progress=True) -> dict:
@@ -531,22 +542,27 @@ def cached_distill(cfg, c, teacher, transformed, ranges, pool, token: bool, ckpt
     inputs = {"pool": pool_key, "before": before, "token": token,
               "w4a4": {k: getattr(cfg.w4a4, k) for k in ("distill_steps", "distill_lr", "scale_lr", "onpolicy_every",
                                                          "onpolicy_images")},
-              "finetune": {"batch_size": ft.batch_size, "step_lr": ft.step_lr}, "device": str(device),
-              **({"block": block} if block else {})}
+              "finetune": {"batch_size": ft.batch_size, "step_lr": ft.step_lr},
+              "device": torch.device(device).type, **({"block": block} if block else {})}
     path = os.path.join(storage.baseline_dir(c), f"distill_{storage.fingerprint(inputs)}")
-    art = storage.reusable_artifact(path + ".pt", ckpt_path, inputs)
-    if art is not None and os.path.exists(path + "_act.safetensors"):
-        q, _ = load_act_quant(path + "_act.safetensors")
-        if stored_digest(art["stored"]) == art["stored_digest"] and quantizer_digest(q) == art["q_digest"]:
-            print(f"[w4a4] reusing the distillation {path}.pt")
-            return art["stored"], q, art["info"]
-    stored, q, info = distill(cfg, c, teacher, transformed, ranges, pool, token, device, progress, start, block)
-    # bound to the checkpoint through the .pt beside it, which records its digest (q_digest): make verify checks both
-    save_act_quant(q, path + "_act.safetensors", {"what": "w4a4 distillation cache"})
-    storage.save_for_checkpoint({"meta": {"inputs": inputs}, "stored": stored, "info": info,
-                                 "stored_digest": stored_digest(stored), "q_digest": quantizer_digest(q)},
-                                path + ".pt", ckpt_path)
-    return stored, q, info
+
+    def load_or_train():
+        art = storage.reusable_artifact(path + ".pt", ckpt_path, inputs)
+        if art is not None and os.path.exists(path + "_act.safetensors"):
+            q, _ = load_act_quant(path + "_act.safetensors")
+            if stored_digest(art["stored"]) == art["stored_digest"] and quantizer_digest(q) == art["q_digest"]:
+                print(f"[w4a4] reusing the distillation {path}.pt")
+                return art["stored"], q, art["info"]
+        stored, q, info = distill(cfg, c, teacher, transformed, ranges, pool, token, device, progress, start, block)
+        # bound to the checkpoint through the .pt beside it, which records its digest (q_digest): make verify
+        # checks both
+        save_act_quant(q, path + "_act.safetensors", {"what": "w4a4 distillation cache"})
+        storage.save_for_checkpoint({"meta": {"inputs": inputs}, "stored": stored, "info": info,
+                                     "stored_digest": stored_digest(stored), "q_digest": quantizer_digest(q)},
+                                    path + ".pt", ckpt_path)
+        return stored, q, info
+
+    return pipeline.shared(c, load_or_train)  # rank 0 trains, the other ranks read its files (one student)
 
 
 def run_ablation(cfg, c, model, ckpt_path, sha, pool, device, rows=None, rank=8, force=False, progress=True) -> dict:
