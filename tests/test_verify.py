@@ -265,3 +265,10 @@ def test_variants_and_runs_share_one_file_check_and_one_seal_check(tmp_path):
         row = integrity.sealed(integrity.Finding(rec), record)
         assert row.status == old_sealed(record)
     assert integrity.sealed(integrity.Finding(rec, [], integrity.MISSING, "x"), {"a": 1}).detail == "x"  # first stays
+
+
+def test_a_folder_with_nothing_of_a_run_is_an_error_not_a_clean_pass(tmp_path):
+    from common.experiments.verify import main
+
+    with pytest.raises(SystemExit, match=r"no files of a run folder"):
+        main([str(tmp_path)])

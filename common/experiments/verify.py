@@ -419,6 +419,9 @@ def main(argv=None):
         findings = verify_run(args.run)
     except FileNotFoundError as e:
         raise SystemExit(f"error: {e}") from None
+    if not findings:  # nothing any step of this toolkit writes: a typo'd path, not an intact run
+        raise SystemExit(f"error: {args.run}: no files of a run folder (metrics.json, checkpoints, caches) found; "
+                         f"expected e.g. runs/default")
     problems = sum(f.problem for f in findings)
     print(table(findings, args.run, args.problems))
     print(f"verify: {len(findings)} files, {problems} problems")
