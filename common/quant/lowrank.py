@@ -28,6 +28,9 @@ def split(weight: torch.Tensor, kind: type, rank: int):
     u, s, vh = torch.linalg.svd(mat, full_matrices=False)
     r = min(rank, s.numel())
     left, right = u[:, :r] * s[:r].sqrt(), s[:r].sqrt()[:, None] * vh[:r]  # (rows, r), (r, cols)
+    # rounded as FACTOR_FORMAT stores them, so the residual absorbs the rounding: calibration, GPTQ and the
+    # distillation then see the model the file holds
+    left, right = left.half().float(), right.half().float()
     residual = (mat - left @ right).reshape(w.shape)
     if kind is nn.Linear:
         return right, left, residual  # down (r, in), up (out, r)
