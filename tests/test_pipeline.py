@@ -39,6 +39,7 @@ def test_strategy_without_baseline_names_simplediffusion(tmp_path, data_root):
     assert "simplediffusion.py" in p.stderr and "checkpoint.pt" in p.stderr
     # Following the hint trains the run the user asked for, not the config's default one.
     assert f"--set run.out_dir={tmp_path}/runs --set run.cache_dir={tmp_path}/cache --set run.name=mine" in p.stderr
+    assert not os.path.exists(tmp_path / "runs" / "mine")  # the error leaves no empty run folder behind
 
 
 def test_all_variants_written(pipeline_run):

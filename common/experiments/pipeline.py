@@ -261,13 +261,16 @@ def load_artifacts(cfg, device, force=False, progress=True):
     """
     base = storage.baseline_dir(cfg)
     ckpt_path, fisher_path = os.path.join(base, "checkpoint.pt"), os.path.join(base, "fisher.pt")
+    missing = FileNotFoundError(f"{ckpt_path} not found: train the baseline first with "
+                                f"`{command(cfg, 'simplediffusion.py')}`")
+    if not cfg.baseline.weights and not os.path.isdir(base):  # no training began here: say so, make no folder
+        raise missing
     with lock.hold(base):  # waits while simplediffusion.py is (re)training this baseline
         if cfg.baseline.weights:
             model, ckpt_path = released_baseline(cfg, device, progress=False)
         else:
             if not os.path.exists(ckpt_path):
-                raise FileNotFoundError(f"{ckpt_path} not found: train the baseline first with "
-                                        f"`{command(cfg, 'simplediffusion.py')}`")
+                raise missing
             retrain = f"start over with `{command(cfg, 'simplediffusion.py', '--retrain')}`"
             ckpt = storage.load_torch(ckpt_path, retrain)
             check_checkpoint_matches(ckpt, cfg, ckpt_path)
