@@ -563,6 +563,7 @@ class Sensitivities:
                 self.iterative[key] = e
         self.search = {}  # (menu, size): {"choice", "trace", "seconds", ...}, or the InfeasibleBudgetError
         self.search_act = {}  # (menu, size, activation bits): likewise, judged with quantized activations
+        self.act_search = {}  # (menu, budget): search_wa's activation bits, set by run_lowbit once the searches are
         for found, keys in ((self.search, searched), (self.search_act, searched_act)):
             for key in dict.fromkeys(keys):
                 try:
@@ -603,7 +604,8 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
     those bits with their ranges, as the budget's variant runs. Cached in ``search_<menu>_<size>[_A<bits>[_mse]].json``
     (the wall clock makes a rerun differ: a cached result is reused, not redone)."""
     lb = cfg.lowbit
-    judged_at = "" if a_bits is None else f"_A{a_bits}{_range_tag(lb)}"  # searches of both range methods kept
+    # searches of both range methods are kept apart, as their variants are
+    judged_at = "" if a_bits is None else f"_A{a_bits}{_range_tag(lb.range_method)}"
     path = _cache(cfg, f"search_{menu}_{budget_tag(size)}{judged_at}.json")
     prior = "chain_fisher" if "chain_fisher" in sens.costs else "fisher"
     propose_by = "learned" if "learned" in sens.costs else prior
@@ -663,15 +665,15 @@ def search_start(art) -> str:
 def ranges_by_bits(c, model, bits, sha, device, progress=True) -> dict:
     """{activation bits: calibrated ranges} for each of ``bits``: least-MSE at those bits (``lowbit.range_method:
     mse``), else the one min-max calibration for all."""
-    lb = c.lowbit
+    ac, lb = _act_cfg(c), c.lowbit
     if lb.range_method == "mse":
-        return {a: ensure_ranges(_act_cfg(c), model, lb.range_mode, sha, device, progress, mse_bits=a) for a in bits}
-    return dict.fromkeys(bits, ensure_ranges(_act_cfg(c), model, lb.range_mode, sha, device, progress))
+        return {a: ensure_ranges(ac, model, lb.range_mode, sha, device, progress, mse_bits=a) for a in bits}
+    return dict.fromkeys(bits, ensure_ranges(ac, model, lb.range_mode, sha, device, progress))
 
 
-def _range_tag(lb) -> str:
-    """``_mse`` for least-MSE activation ranges, as in the variants' names (``variant_name``)."""
-    return "_mse" if lb.range_method == "mse" else ""
+def _range_tag(range_method: str) -> str:
+    """``_mse`` for least-MSE activation ranges (min-max variants and caches keep their names)."""
+    return "_mse" if range_method == "mse" else ""
 
 
 def _ranges_inputs(c, sha, bits):
@@ -713,12 +715,8 @@ def ensure_act_search(c, model, table, weights, menu, budget, sha, progress=True
             "the activations stay float" if a is None else f"no input can go {'above' if a == menu_a[-1] else 'below'}"
                                                               f" {a} bits (act_quant.a_bits {c.act_quant.a_bits})")
                                     + ": nothing to search")
-    path = _cache(c, f"search_wa_{menu}_{budget_tag(size)}_A{a}{_range_tag(lb)}.json")
+    path = _cache(c, f"search_wa_{menu}_{budget_tag(size)}_A{a}{_range_tag(lb.range_method)}.json")
     ac = _act_cfg(c)
-    options = act_search_options(c, model, table, weights)
-    start = dict.fromkeys(options, a)
-    limit = sum(options[n][a] for n in start)
-    ranges = ranges_by_bits(c, model, menu_a, sha, device, progress)
     inputs = {**measurer_inputs(c, table, sha, lb.search_images), "weights": weights, "a_bits": menu_a,
               "start_bits": a, "ranges": _ranges_inputs(c, sha, menu_a), "range_mode": lb.range_mode,
               "seconds": lb.act_search_seconds, "evals": lb.act_search_evals, "seed": lb.search_seed,
@@ -727,6 +725,10 @@ def ensure_act_search(c, model, table, weights, menu, budget, sha, progress=True
     if art is not None:
         print(f"[lowbit] reusing {path}")
         return art
+    options = act_search_options(c, model, table, weights)  # a forward pass for the MACs: only when searching
+    start = dict.fromkeys(options, a)
+    limit = sum(options[n][a] for n in start)
+    ranges = ranges_by_bits(c, model, menu_a, sha, device, progress)
     imp = ensure_act_importance(ac, model, lb.range_mode, ensure_ranges(ac, model, lb.range_mode, sha, device,
                                                                        progress), sha, device, progress)
     costs = {n: {b: float(imp["fisher"].get(n, {}).get(b, 0.0)) for b in menu_a} for n in start}
@@ -813,7 +815,7 @@ def check_budgets(lb, table):
 
 def variant_name(plan, menu, budget, range_method="minmax"):
     """The variant's folder: least-MSE activation ranges add ``_mse`` (min-max variants keep their names)."""
-    return f"{plan}_{menu}_{size_at_bits_tag(budget)}{'_mse' if range_method == 'mse' else ''}"
+    return f"{plan}_{menu}_{size_at_bits_tag(budget)}{_range_tag(range_method)}"
 
 
 def run_lowbit(cfg, device, force=False, progress=True):
@@ -1082,7 +1084,7 @@ def summary_markdown(cfg, done, notes, sens, table, q, seconds=None) -> str:
     lines += ["", "![lowbit](lowbit.png)", "", "![layer sensitivity](lowbit_layers.png)"]
     if sens.search or sens.search_act:
         lines += ["", "![measured search](lowbit_search.png)"]
-    joint = {k: a for k, a in getattr(sens, "act_search", {}).items() if not isinstance(a, InfeasibleBudgetError)}
+    joint = {k: a for k, a in sens.act_search.items() if not isinstance(a, InfeasibleBudgetError)}
     if joint:
         lines += ["", "## The joint search's activation bits (`search_wa`)", "",
                   "From `search`'s weights with every quantized input at the budget's bits, each input's bits over "
@@ -1213,7 +1215,7 @@ def write_outputs(cfg, done, notes, sens, table, seconds=None) -> str:
     traces = {f"{m} {b}": a["trace"] for (m, b), a in sens.search.items() if not isinstance(a, InfeasibleBudgetError)}
     traces.update({f"{m} {b} judged at A{a}": art["trace"] for (m, b, a), art in sens.search_act.items()
                    if not isinstance(art, InfeasibleBudgetError)})
-    traces.update({f"{m} {b} activations": a["trace"] for (m, b), a in getattr(sens, "act_search", {}).items()
+    traces.update({f"{m} {b} activations": a["trace"] for (m, b), a in sens.act_search.items()
                    if not isinstance(a, InfeasibleBudgetError)})
     if traces:
         figs.append(plot_trace(traces, os.path.join(folder, "lowbit_search.png")))

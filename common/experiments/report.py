@@ -7,6 +7,7 @@ differences are paired).
 """
 import argparse
 import glob
+import io
 import math
 import os
 
@@ -282,8 +283,6 @@ def pyplot():
 
 def save_figure(fig, path):
     """Write a matplotlib figure atomically and close it."""
-    import io
-
     plt = pyplot()
     fig.tight_layout()
     buf = io.BytesIO()
@@ -511,11 +510,12 @@ def update_section(path: str, marker: str, block: str, figures=()):
     """Replace the text between the ``<!-- {marker}:start/end -->`` markers of the markdown file ``path`` with
     ``block``. ``figures`` are copied into the repository's ``docs/`` folder (``path``'s own folder when that is
     ``docs/``) and ``block``'s links to them, written as ``](name.png)``, are made relative to ``path``."""
-    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    start, end = _markers(marker)
     with open(path) as fh:
         text = fh.read()
-    if start not in text or end not in text:
-        raise ValueError(f"{path}: markers {start} / {end} not found" + _marker_hint(path, start, end))
+    missing = _missing_markers(path, text, marker)
+    if missing:
+        raise ValueError(missing)
     here = os.path.dirname(os.path.abspath(path))
     docs = here if os.path.basename(here) == "docs" else os.path.join(here, "docs")
     os.makedirs(docs, exist_ok=True)
@@ -527,6 +527,18 @@ def update_section(path: str, marker: str, block: str, figures=()):
             block = block.replace(f"]({name})", f"]({os.path.relpath(os.path.join(docs, name), here)})")
     head, rest = text.split(start, 1)
     storage.atomic_write_text(head + start + "\n" + block + "\n" + end + rest.split(end, 1)[1], path)
+
+
+def _markers(marker: str) -> tuple:
+    return f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+
+
+def _missing_markers(path: str, text: str, marker: str):
+    """None if ``text`` (the file ``path``) holds both of ``marker``'s markers, else the one-line error."""
+    start, end = _markers(marker)
+    if start in text and end in text:
+        return None
+    return f"{path}: markers {start} / {end} not found" + _marker_hint(path, start, end)
 
 
 def _marker_hint(path: str, start: str, end: str) -> str:
@@ -551,15 +563,14 @@ def add_docs_argument(parser, marker: str, default_file: str):
     """``--update-docs FILE`` (alias ``--update-readme``): also write the table into the markdown file holding the
     ``<!-- {marker} -->`` markers."""
     def markdown_with_markers(path):  # checked before the run, not after hours of it
-        start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
         try:
             with open(path) as fh:
                 text = fh.read()
         except OSError as e:
             raise argparse.ArgumentTypeError(f"{path}: {e.strerror}") from None
-        if start not in text or end not in text:
-            raise argparse.ArgumentTypeError(f"{path}: markers {start} / {end} not found"
-                                             + _marker_hint(path, start, end))
+        missing = _missing_markers(path, text, marker)
+        if missing:
+            raise argparse.ArgumentTypeError(missing)
         return path
 
     parser.add_argument("--update-docs", "--update-readme", dest="update_docs", metavar="MD",
