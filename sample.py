@@ -38,6 +38,9 @@ def main():
     src.add_argument("--variant-file", help="a quantized.safetensors written by a strategy script")
     p.add_argument("--n", type=int, default=64, help="number of images")
     p.add_argument("--seed", type=int, default=0, help="noise seed (the evaluation's seeds are eval.seeds)")
+    p.add_argument("--like-n", type=int, help="draw the noise as an evaluation of this many images per seed does, so "
+                                              "--n up to it gives that evaluation's first images (default: "
+                                              "n_images of the metrics.json beside the file, else eval.n_images)")
     p.add_argument("--backend", choices=(AUTO, *BACKENDS),
                    help="execution backend (default: backend.name from the config)")
     p.add_argument("--out", help="output folder (default: runs/<run>/samples/<source>_<backend>_seed<seed>; source: "
@@ -46,6 +49,8 @@ def main():
     cfg = cli.load(args)
     if args.n < 1:
         p.error("--n must be at least 1")
+    if args.like_n is not None and args.like_n < 1:
+        p.error("--like-n must be at least 1")
     backend = args.backend or cfg.backend.name
     path = (args.variant_file or args.checkpoint or cfg.baseline.weights
             or os.path.join(baseline_dir(cfg), "checkpoint.pt"))
@@ -60,7 +65,7 @@ def main():
             verify_released(cfg)  # SHA-256 and training config, as every other script checks them
         try:
             r = generate(cfg, path, backend, args.n, args.seed, out, device,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, like_n=args.like_n)
         except ValueError as e:  # a bad file or a backend this machine cannot run: one line, not a traceback
             raise SystemExit(f"error: {e}") from None
     print(f"[sample] {args.n} images of {path} on {r['backend']}: {r['images_per_second']} img/s, "

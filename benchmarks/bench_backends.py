@@ -19,10 +19,12 @@ choice), with its probe figures.
 import copy
 import gc
 import os
+import sys
 import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runnable as a script too
 from common.core import machine, storage
 from common.diffusion.data import to_uint8
 from common.diffusion.samplers import build_sampler, sample
@@ -319,3 +321,10 @@ def headline(rows) -> dict:
 
 def default_checkpoint(cfg) -> str:
     return cfg.baseline.weights or os.path.join(storage.baseline_dir(cfg), "checkpoint.pt")
+
+
+if __name__ == "__main__":  # a part of bench.py, not a command of its own: run as its backends part
+    import subprocess
+
+    raise SystemExit(subprocess.call([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                   "bench.py"), "--part", "backends", *sys.argv[1:]]))

@@ -90,6 +90,17 @@ def test_int8_plan_says_what_cannot_run_int8(mixed):
     assert plan.subpixel == ["Layer4.conv", "Layer5.conv", "Layer6.conv"]  # the up-samplers, as 4 convs each
     assert "Layer4.conv.phases.3" in plan.scales and "Layer4.conv" not in plan.scales
     assert backends.int8_plan(qmodel, None).scales == {}
+    # an up-sampler carrying a rotation or a low-rank branch (hooks of its own) is not rewritten without them
+    import copy
+
+    from common.quant import lowrank, rotation
+
+    other = copy.deepcopy(qmodel)
+    rotation.attach(other, {"Layer4.conv": 4})
+    lowrank.attach(other, {"Layer5.conv": 2})
+    plan = backends.int8_plan(other, stored)
+    assert plan.subpixel == ["Layer6.conv"]
+    assert "rotation" in plan.kept["Layer4.conv.weight"] and "lowrank" in plan.kept["Layer5.conv.weight"]
 
 
 @pytest.mark.parametrize("cin, cout, h, w", [(8, 4, 5, 7), (6, 6, 4, 4)])

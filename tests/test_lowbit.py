@@ -202,6 +202,13 @@ def test_samples_come_from_the_saved_files_and_verify_is_clean(lowbit_run):
     x = sample(model, build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion)), cfg.lowbit.n_images,
                (1, 32, 32), 0, min(cfg.sample.batch_size, cfg.lowbit.n_images), progress=False)
     assert torch.equal((x.clamp(-1, 1) + 1) / 2, torch.load(vdir / "samples_seed0.pt"))
+    # sample.py on the stored files gives the same images: its noise is drawn as this variant's evaluation of
+    # lowbit.n_images (below sample.batch_size) drew it, read from the metrics.json beside the file
+    assert cfg.lowbit.n_images < cfg.sample.batch_size
+    run("sample.py", tmp, "--variant-file", str(vdir / "quantized.safetensors"), "--n", str(cfg.lowbit.n_images),
+        "--seed", "0", "--backend", "dequant", "--out", str(tmp / "resampled"))
+    y = torch.from_numpy(np.load(tmp / "resampled" / "samples.npz")["x"])
+    assert torch.equal((y.clamp(-1, 1) + 1) / 2, torch.load(vdir / "samples_seed0.pt"))
     problems = [f for f in verify_run(str(out.parent)) if f.problem]
     assert not problems, problems[:3]
 
@@ -265,10 +272,13 @@ def test_summary_judges_plans_by_their_damage_with_corrected_verdicts_and_target
     assert art["start_by"] == min(art["starts"], key=art["starts"].get)
     assert art["trace"][0]["fitness"] == art["starts"][art["start_by"]]  # the same images and noise: the same value
     assert f"search (uniform, 4bits) from {art['start_by']}'s plan" in p.stdout
-    # its cache is keyed by everything its judge's measurements depend on: a changed keep_format or format menu
-    # must not reuse it (the judge's own cache, search_fitness.json, is keyed the same way)
+    # its cache records everything its judge's measurements depend on, with this run's values (reuse compares the
+    # whole record, so a changed keep_format or format menu recomputes it), keyed as the judge's own cache is
     for key in ("keep_format", "formats", "names", "eps_samples", "sample", "checkpoint_sha256"):
         assert art["inputs"][key] == fitness["inputs"][key], key
+    assert (art["inputs"]["keep_format"], art["inputs"]["eps_samples"]) == (cfg.lowbit.keep_format,
+                                                                          cfg.lowbit.eps_samples)
+    assert set(art["inputs"]["formats"]) >= set(cfg.lowbit.uniform_menu)
 
 
 def test_budget_below_the_floor_is_one_line_and_codebooks_refuse_int8(lowbit_run, tmp_path):

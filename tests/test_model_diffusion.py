@@ -263,3 +263,10 @@ def test_noise_rows_give_a_smaller_batch_the_images_a_full_batch_begins_with():
     assert not torch.equal(alone, full[:3])
     assert torch.equal(sample(Elementwise(), sampler, 3, (1, 4, 4), 7, 3, progress=False, noise_rows=8), full[:3])
     assert torch.equal(sample(Elementwise(), sampler, 8, (1, 4, 4), 7, 8, progress=False, noise_rows=8), full)
+    # an evaluation of 5 images (batch size 8) drew 5 rows per step, one of 11 drew 8 then 3: noise_of says so
+    five, eleven = (sample(Elementwise(), sampler, n, (1, 4, 4), 7, min(n, 8), progress=False) for n in (5, 11))
+    assert not torch.equal(sample(Elementwise(), sampler, 3, (1, 4, 4), 7, 3, progress=False, noise_rows=8), five[:3])
+    assert torch.equal(sample(Elementwise(), sampler, 3, (1, 4, 4), 7, 3, progress=False, noise_rows=8, noise_of=5),
+                       five[:3])
+    assert torch.equal(sample(Elementwise(), sampler, 11, (1, 4, 4), 7, 8, progress=False, noise_rows=8,
+                              noise_of=11), eleven)

@@ -80,14 +80,14 @@ def test_resume_is_bit_exact(tiny_cfg, tmp_path, monkeypatch):
     straight_path, resumed_path = str(tmp_path / "a.pt"), str(tmp_path / "b.pt")
     ema_a, ck_a = train(cfg, x, straight_path, CPU, progress=False)
 
-    real_save = train_mod.atomic_torch_save
+    real_save = train_mod.save_cache
 
     def save_then_die(obj, path):
         real_save(obj, path)
         if path == resumed_path and obj["step"] == 2:
             raise Interrupt
 
-    monkeypatch.setattr(train_mod, "atomic_torch_save", save_then_die)
+    monkeypatch.setattr(train_mod, "save_cache", save_then_die)
     with pytest.raises(Interrupt):
         train(cfg, x, resumed_path, CPU, progress=False)
     partial = torch.load(resumed_path, weights_only=False)
@@ -95,7 +95,7 @@ def test_resume_is_bit_exact(tiny_cfg, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="partial checkpoint"):
         load_ema(resumed_path)
 
-    monkeypatch.setattr(train_mod, "atomic_torch_save", real_save)
+    monkeypatch.setattr(train_mod, "save_cache", real_save)
     ema_b, ck_b = train(cfg, x, resumed_path, CPU, resume=True, progress=False)
     assert ck_b["step"] == 4 and ck_b["finished"]
     assert ck_b["loss_history"] == ck_a["loss_history"]
@@ -201,8 +201,8 @@ def test_ema_follows_the_decay_schedule(tiny_cfg, tmp_path, monkeypatch, warmup)
     cfg.train.ema_decay, cfg.train.ema_warmup = 0.5, warmup
     x = torch.rand(8, 1, 32, 32) * 2 - 1
     saved = []
-    real_save = train_mod.atomic_torch_save
-    monkeypatch.setattr(train_mod, "atomic_torch_save",
+    real_save = train_mod.save_cache
+    monkeypatch.setattr(train_mod, "save_cache",
                         lambda obj, path: (saved.append(copy.deepcopy(obj)), real_save(obj, path)))
     train(cfg, x, str(tmp_path / "e.pt"), CPU, progress=False)
     assert [s["step"] for s in saved] == [1, 2, 3] and [s["finished"] for s in saved] == [False, False, True]
@@ -312,17 +312,17 @@ def test_auto_resumes_as_the_checkpoint_started(tiny_cfg, tmp_path, as_cpu, caps
     cfg, x = _short(tiny_cfg)
     cfg.train.max_steps = 4
     path = str(tmp_path / "a.pt")
-    real_save = train_mod.atomic_torch_save
+    real_save = train_mod.save_cache
 
     def save_then_die(obj, p):
         real_save(obj, p)
         if obj["step"] == 2:
             raise Interrupt
 
-    monkeypatch.setattr(train_mod, "atomic_torch_save", save_then_die)
+    monkeypatch.setattr(train_mod, "save_cache", save_then_die)
     with pytest.raises(Interrupt):
         train(cfg, x, path, CPU, progress=False)
-    monkeypatch.setattr(train_mod, "atomic_torch_save", real_save)
+    monkeypatch.setattr(train_mod, "save_cache", real_save)
     partial = torch.load(path, weights_only=False)
     assert partial["training_inputs"]["train"]["bf16"] is True
     enabled.clear()
@@ -421,3 +421,46 @@ def test_a_foreign_torch_file_as_checkpoint_is_a_one_line_error(tmp_path):
     torch.save({"finished": True, "ema": {}}, path)
     with pytest.raises(UserError, match=r"\(no config\)"):
         load_ema(str(path))
+
+
+def test_a_damaged_replaced_or_foreign_data_checkpoint_is_refused_not_reused(tiny_cfg, monkeypatch):
+    """A finished checkpoint is reused only as it was written: a flipped value in its weights is a CorruptFileError
+    wherever it is loaded (the digest training writes into it), a changed file without one is refused rather than
+    having its hash recorded in model.json as the training's, and images other than the ones it was trained on
+    (data.root is a path, not what it holds) are a StaleArtifactError."""
+    import os
+
+    from common.core import storage
+    from common.core.storage import CONTENT, CorruptFileError
+    from common.experiments import pipeline
+
+    cfg = tiny_cfg
+    cfg.train.max_steps, cfg.train.batch_size = 2, 4
+    reuse = lambda: pipeline._ensure_baseline(cfg, CPU, False, False, False, False)  # noqa: E731
+    _, path = reuse()  # trains
+    info = os.path.join(os.path.dirname(path), "model.json")
+    recorded, good = storage.load_json(info)["sha256"], open(path, "rb").read()
+    reuse()  # the same file: reused
+
+    ckpt = torch.load(path, weights_only=True)
+    assert storage.content_ok(ckpt) is True
+    name = next(n for n, v in ckpt["ema"].items() if v.is_floating_point())
+    ckpt["ema"][name].view(-1)[0] += 1.0  # one value changed, the digest kept
+    storage.atomic_torch_save(ckpt, path)
+    for load in (reuse, lambda: load_ema(path), lambda: train(cfg, torch.zeros(8, 1, 32, 32), path, CPU, resume=True,
+                                                               progress=False)):
+        with pytest.raises(CorruptFileError, match="do not match the digest"):
+            load()
+
+    ckpt.pop(CONTENT)  # a changed file that carries no digest (as checkpoints written before digests)
+    storage.atomic_torch_save(ckpt, path)
+    with pytest.raises(CorruptFileError, match="model.json recorded"):
+        reuse()
+    assert storage.load_json(info)["sha256"] == recorded  # not re-recorded as the training's
+
+    with open(path, "wb") as f:
+        f.write(good)
+    real = pipeline.mnist_tensor
+    monkeypatch.setattr(pipeline, "mnist_tensor", lambda data, split: (-real(data, split)[0], None))
+    with pytest.raises(StaleArtifactError, match="other images"):
+        reuse()

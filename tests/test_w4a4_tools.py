@@ -112,6 +112,17 @@ def test_time_table_replaces_the_time_path_exactly_at_the_sampler_steps(tmp_path
             if tabled.time_path(n.rsplit(".", 1)[0]):
                 p.zero_()
         out = tabled(x, torch.tensor(steps))
+        shapes = {}
+        for net in (model, tabled):  # the table's rows have the shapes the time path's own outputs have
+            mods, seen = dict(net.named_modules()), []
+            hooks = [mods[n].register_forward_hook(lambda m, a, o, seen=seen: seen.append(tuple(o.shape)))
+                     for n in widths]
+            for t in ([33], [33, 33]):
+                net(x[:2], torch.tensor(t))
+            for h in hooks:
+                h.remove()
+            shapes[net is tabled] = seen
+        assert shapes[True] == shapes[False] and shapes[True], shapes
         one_t = tabled(x[:2], torch.tensor([33]))  # one timestep for the whole batch: its row for every sample
         two_t = tabled(x[:2], torch.tensor([33, 33]))
     torch.testing.assert_close(out, ref, atol=2e-3, rtol=2e-3)  # fp16 rows

@@ -414,7 +414,7 @@ def reusable_record(path: str, inputs) -> dict | None:
         art = load_json(path)
     except CorruptFileError:
         return None
-    return art if art.get("inputs") == inputs and seal_ok(art) else None
+    return art if isinstance(art, dict) and art.get("inputs") == inputs and seal_ok(art) else None  # a list: foreign
 
 
 def resolve_device(name: str) -> torch.device:

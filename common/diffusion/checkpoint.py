@@ -11,7 +11,7 @@ import torch
 from ..core import machine
 from ..core.config import NOT_YAML, Config, _build, to_dict
 from ..core.errors import StaleArtifactError, UserError
-from ..core.storage import CorruptFileError, diff_keys, fingerprint, load_torch
+from ..core.storage import CorruptFileError, content_ok, diff_keys, fingerprint, load_torch
 from .model import build_model
 
 
@@ -129,10 +129,25 @@ def check_checkpoint_matches(ckpt: dict, cfg, path: str):
         )
 
 
+def load_checkpoint(path: str, hint: str, map_location="cpu") -> dict:
+    """A training checkpoint, read without running code and checked against the digest of its contents that
+    training writes into it (``storage.save_cache``; checkpoints of before 2026-12-06 carry none): a flipped
+    byte in a tensor is a ``CorruptFileError``, never weights that load as wrong numbers."""
+    ckpt = load_torch(path, hint, map_location=map_location)
+    if content_ok(ckpt) is False:
+        raise CorruptFileError(f"{path}: its contents do not match the digest written with them (damaged)"
+                               + (f"; {hint}" if hint else ""))
+    return ckpt
+
+
 def load_ema(ckpt_path: str, device="cpu", hint="run `python simplediffusion.py --config ...` (--retrain if corrupt)"):
     """Rebuild the EMA network from a finished checkpoint; returns (model in eval mode, checkpoint).
     ``hint``: the command that makes a missing or corrupt checkpoint, for the error message."""
-    ckpt = load_torch(ckpt_path, hint, map_location=device)
+    return ema_model(load_checkpoint(ckpt_path, hint, map_location=device), ckpt_path, device, hint)
+
+
+def ema_model(ckpt: dict, ckpt_path: str, device="cpu", hint=""):
+    """(EMA network in eval mode, ``ckpt``) of a loaded finished checkpoint (``load_checkpoint``)."""
     _check_training_checkpoint(ckpt, ckpt_path, ("finished", "config", "ema"), hint)
     if not ckpt["finished"]:
         raise UnfinishedCheckpointError(f"{ckpt_path} is a partial checkpoint (step {ckpt.get('step')}): finish it "

@@ -72,14 +72,16 @@ def batch_generator(seed: int, batch_index: int) -> torch.Generator:
 
 @torch.inference_mode()
 def sample(model, sampler, n: int, shape, seed: int, batch_size: int, device="cpu",
-           channels_last=False, progress=True, desc="sampling", batches=None, noise_rows=None):
+           channels_last=False, progress=True, desc="sampling", batches=None, noise_rows=None, noise_of=None):
     """Draw ``n`` images (n, *shape) in [-1, 1] (unclamped model space) as float32 on the CPU.
 
     The initial x_T and every per-step noise come from ``batch_generator(seed, b)``, so two
     models sampled with the same (seed, batch_size) see identical noise. ``batches``: only these batch
     indices (their images, in that order), e.g. one rank's share. ``noise_rows``: draw each batch's noise for
     this many images and use the first ones, so a smaller batch gets the images a batch of ``noise_rows`` would
-    begin with (a stochastic sampler's per-step noise depends on the number of rows drawn).
+    begin with (a stochastic sampler's per-step noise depends on the number of rows drawn). ``noise_of``: the
+    number of images of the draw being reproduced (an evaluation of ``noise_of`` images in batches of
+    ``noise_rows``): batch b draws as that draw's batch b did, min(noise_rows, noise_of - b * noise_rows) rows.
     """
     model.eval()
     if channels_last:
@@ -91,7 +93,7 @@ def sample(model, sampler, n: int, shape, seed: int, batch_size: int, device="cp
                disable=not progress or not distributed.shows_progress())
     for b in todo:
         m = min(batch_size, n - b * batch_size)
-        rows = max(m, noise_rows or m)
+        rows = max(m, noise_rows or m) if noise_of is None else max(m, min(noise_rows, noise_of - b * noise_rows))
         gen = batch_generator(seed, b)
         x = torch.randn((rows, *shape), generator=gen)[:m].to(device)
         if channels_last:

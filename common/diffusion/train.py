@@ -12,17 +12,16 @@ from ..core.config import to_dict
 from ..core.errors import StaleArtifactError, UserError
 from ..core.storage import (
     CorruptFileError,
-    atomic_torch_save,
     atomic_write_record,
     fingerprint,
     load_json,
-    load_torch,
+    save_cache,
     seal_ok,
     sha256_file,
     tensor_digest,
 )
 from .baseline import save_weights, verified_release
-from .checkpoint import announce_bf16, check_checkpoint_matches, recorded_bf16, training_inputs
+from .checkpoint import announce_bf16, check_checkpoint_matches, load_checkpoint, recorded_bf16, training_inputs
 from .model import build_model
 from .schedule import NoiseSchedule
 
@@ -166,7 +165,7 @@ def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, prog
     data_sha = tensor_digest(x_train)
     start, losses, seconds_before, recorded = 0, [], 0.0, None
     if resume and os.path.exists(ckpt_path):
-        ckpt = load_torch(ckpt_path, "start over with simplediffusion.py --retrain", map_location=device)
+        ckpt = load_checkpoint(ckpt_path, "start over with simplediffusion.py --retrain", map_location=device)
         check_checkpoint_matches(ckpt, cfg, ckpt_path)
         check_resume(ckpt, ckpt_path, steps, data_sha, cfg.data.root)
         recorded = recorded_bf16(ckpt.get("training_inputs"))
@@ -224,13 +223,13 @@ def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, prog
             _check_finite(model, step, cfg.train)
             ckpt = _checkpoint(cfg, model, ema, opt, step + 1, steps, False, losses, bf16, data_sha)
             ckpt["train_seconds"] = seconds_before + time.time() - t0  # summed over resumed sessions
-            atomic_torch_save(ckpt, ckpt_path)
+            save_cache(ckpt, ckpt_path)  # with its contents' digest (load_checkpoint)
     bar.close()
     _check_finite(model, steps - 1, cfg.train)
     ckpt = _checkpoint(cfg, model, ema, opt, steps, steps, True, losses, bf16, data_sha)
     ckpt["train_seconds"] = seconds_before + time.time() - t0
     if distributed.is_main():
-        atomic_torch_save(ckpt, ckpt_path)
+        save_cache(ckpt, ckpt_path)
     distributed.barrier()  # the others read the checkpoint only once it is complete
     return ema, ckpt
 

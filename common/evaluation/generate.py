@@ -108,14 +108,18 @@ def resolve_backend(cfg, model, backend: str, device, act_quant=False, say=print
     return choice["backend"], choice
 
 
-def generate(cfg, path: str, backend: str, n: int, seed: int, out_dir: str, device="cpu", progress=True) -> dict:
+def generate(cfg, path: str, backend: str, n: int, seed: int, out_dir: str, device="cpu", progress=True,
+             like_n=None) -> dict:
     """Sample ``n`` images of ``path`` on ``backend`` (``auto``: ``resolve_backend``) and write
     ``out_dir``/{samples.png, samples.npz, sample.json}.
 
     samples.npz: ``images`` uint8 (n, C, S, S) as the PNG holds them, ``x`` float32 (n, C, S, S) in model space
     (unclamped, about [-1, 1]). The noise depends only on (seed, batch), as in evaluation, so two backends or
     variants sampled with the same seed and batch size are paired. sample.json records the machine
-    (``core.machine.capability``) and, for auto, the choice and its probe.
+    (``core.machine.capability``) and, for auto, the choice and its probe. ``like_n`` (default: ``n_images`` of
+    the ``metrics.json`` beside ``path``, else ``eval.n_images``): the noise is drawn as an evaluation of that many
+    images draws it, so ``n`` <= ``like_n`` gives that evaluation's first ``n`` images of ``seed`` (a stochastic
+    sampler's noise depends on the rows per batch).
     """
     model, stored, info = load_weights(path, cfg, device)
     act_path = os.path.join(os.path.dirname(path), "act_quant.safetensors")
@@ -136,21 +140,32 @@ def generate(cfg, path: str, backend: str, n: int, seed: int, out_dir: str, devi
     sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
     shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
     t0 = time.perf_counter()
-    # noise drawn for the evaluation's batch: --n below it gives the evaluation's first images of that seed
+    like_n = like_n or _evaluated_n(path) or cfg.eval.n_images
     x = sample(runner, sampler, n, shape, seed, batch, device, progress=progress, desc=f"sampling ({backend})",
-               noise_rows=cfg.sample.batch_size)
+               noise_rows=cfg.sample.batch_size, noise_of=like_n)
     seconds = time.perf_counter() - t0
     images = to_uint8(x)
     os.makedirs(out_dir, exist_ok=True)
     save_grid(images[:cfg.sample.grid_images].float() / 255, os.path.join(out_dir, "samples.png"))
     storage.atomic_write_bytes(_npz(images=images.numpy(), x=x.numpy()), os.path.join(out_dir, "samples.npz"))
-    result = {"source": info, "n": n, "seed": seed, "batch_size": batch, "sampler": to_dict(cfg.sample),
+    result = {"source": info, "n": n, "seed": seed, "batch_size": batch, "noise_like_n": like_n,
+              "sampler": to_dict(cfg.sample),
               "sampling_steps": len(sampler.timesteps), "sampling_seconds": round(seconds, 2),
               "images_per_second": round(n / seconds, 2), **runner.summary(), "precision": runner.precision,
               "threads": torch.get_num_threads(), "torch": torch.__version__, "machine": machine.capability(),
               "backend_auto": choice, "files": bind_files(out_dir, ["samples.png", "samples.npz"])}
     storage.atomic_write_record(result, os.path.join(out_dir, "sample.json"))
     return result
+
+
+def _evaluated_n(path: str):
+    """Images per seed of the evaluation whose ``metrics.json`` sits beside ``path`` (a variant's folder), else None."""
+    record = os.path.join(os.path.dirname(os.path.abspath(path)), "metrics.json")
+    try:
+        n = storage.load_json(record).get("n_images") if os.path.exists(record) else None
+    except (storage.CorruptFileError, AttributeError):
+        return None
+    return n if isinstance(n, int) and n > 0 else None
 
 
 def _npz(**arrays) -> bytes:

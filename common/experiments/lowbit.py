@@ -89,7 +89,7 @@ from .search import bops_options, measured_search, plot_trace
 from .statistics import target_verdict, verdict_table
 
 RULE = "all_but_ends"
-PRIOR_CANDIDATE = "the prior (chain-aware Fisher)"  # select_by_plans' reference: replaced only where no worse
+PRIOR_CANDIDATE = "the prior ({})"  # select_by_plans' reference: replaced only where no worse
 COLUMNS = ["budget", "quantizer", "plan", "seed", "variant", "avg_bits", "a_bits", "size_mb", "paired_mse_vs_fp32",
            "paired_mse_median", "clf_fid", "clf_is", "fid", "plan_seconds"]
 
@@ -408,11 +408,12 @@ def ensure_iterative(cfg, model, ckpt_path, table, fisher, menu, size, progress=
     return choice, diag, history, seconds
 
 
-def fit_learned(cfg, model, table, measured, prior, sha, device="cpu", progress=True):
+def fit_learned(cfg, model, table, measured, prior, sha, device="cpu", progress=True, prior_name="chain-aware Fisher"):
     """The learned predictor: fitted on the training configurations, then refitted ``lowbit.predictor_rounds``
     times with its own allocator's plans (every weight size of ``lowbit.budgets``, every menu it is run with)
     measured under ``predictor_seed``; those measurements are cached in ``predictor_active.json`` by configuration.
-    Returns (Predictor, cross-validation table, [(configuration, damage)] added)."""
+    ``prior_name``: what ``prior`` is, for the selection table. Returns (Predictor, cross-validation table,
+    [(configuration, damage)] added)."""
     lb = cfg.lowbit
     train = slice(0, len(measured["configs"]) - measured["holdout"])
     cache = ConfigCache(_cache(cfg, "predictor_active.json"), measured["inputs"])
@@ -467,10 +468,11 @@ def fit_learned(cfg, model, table, measured, prior, sha, device="cpu", progress=
                 candidates[f"prior, alpha {alpha:g}, floor {floor:g}"] = fit_predictor(
                     configs, damage, table.names, table.formats, table.sq_error, reference, prior=prior,
                     floor=floor, chosen={"kind": "prior", "target": "raw", "alpha": alpha, "cv_tau": math.nan})[0]
-        candidates[PRIOR_CANDIDATE] = Predictor.of_prior(prior, reference)
+        prior_candidate = PRIOR_CANDIDATE.format(prior_name)
+        candidates[prior_candidate] = Predictor.of_prior(prior, reference)
         for p in candidates.values():
             p.active = len(added)
-        name, pred, _ = select_by_plans(candidates, plans, measure, reference=PRIOR_CANDIDATE)
+        name, pred, _ = select_by_plans(candidates, plans, measure, reference=prior_candidate)
         if progress:
             print(f"[lowbit] learned predictor chosen by its plans' measured damage: {name}")
     cache.save()
@@ -535,8 +537,9 @@ class Sensitivities:
             self.measured = ensure_measurements(cfg, model, table, sha, progress, device)
             t0 = time.time()
             prior = self.costs.get("chain_fisher", self.costs["fisher"])  # what the measurements correct
-            self.predictor, self.cv, self.active = fit_learned(cfg, model, table, self.measured, prior, sha, device,
-                                                               progress)
+            self.predictor, self.cv, self.active = fit_learned(
+                cfg, model, table, self.measured, prior, sha, device, progress,
+                "chain-aware Fisher" if "chain_fisher" in self.costs else "one-step Fisher")
             self.seconds["learned"] = self.measured["seconds"]["measure"] + time.time() - t0
             self.costs["learned"] = self.predictor.costs()
         self.jvp_plan = None  # the JVP of every held-out configuration as a whole: a feature with cross terms
@@ -641,12 +644,14 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
             measured[key] = judge(c)
         return measured[key]
 
+    t_starts = time.time()
     starts = {k: fitness(c) for k, c in plans.items()} if len(plans) > 1 else {}
     start_by = min(plans, key=lambda k: (starts.get(k, 0.0), names.index(k)))
     t0 = time.time()
     choice, trace = measured_search(plans[start_by], table.menu_bits(menu), limit, menu_costs[propose_by], fitness,
                                     lb.search_seconds, lb.search_evals, seed=lb.search_seed)
     art = {"inputs": inputs, "choice": choice, "trace": trace, "seconds": round(time.time() - t0, 1),
+           "starts_seconds": round(t0 - t_starts, 1),  # measuring the candidate starts, before the search
            "start_by": start_by, "starts": starts, "changed": sum(choice[n] != plans[start_by][n] for n in choice)}
     storage.atomic_write_record(art, path)
     begun = f" from {start_by}'s plan (of {', '.join(f'{k} {v:.3g}' for k, v in starts.items())})" if starts else ""
@@ -783,9 +788,11 @@ def choose(cfg, plan, menu, budget_text, table, sens, a_bits=None):
         art = sens.search[(menu, budget_text)] if plan == "search" else sens.search_act[(menu, budget_text, a_bits)]
         if isinstance(art, InfeasibleBudgetError):
             raise art
+        considered = art.get("starts") or [search_start(art)]  # every sensitivity the start was chosen among
         return art["choice"], {"evaluations": len(art["trace"]) - 1, "changed": art["changed"],
                                "start_by": search_start(art),
-                               "seconds": sens.seconds.get(search_start(art), 0.0) + art["seconds"]}
+                               "seconds": sum(sens.seconds.get(k, 0.0) for k in considered)
+                               + art.get("starts_seconds", 0.0) + art["seconds"]}
     else:
         cost = {n: {f: sens.costs[plan][n][f] for f in table.menus[menu]} for n in table.names}
         choice, info = allocate(cost, bits, table.fixed, budget)
@@ -830,8 +837,8 @@ def run_lowbit(cfg, device, force=False, progress=True):
     tasks = [(budget, menu, plan) for budget in lb.budgets for menu in lb.quantizers for plan in lb.plans
              if menu != "codebook" or plan in lb.codebook_plans]
     iterative = [(menu, parse_size_at_bits(budget)[0]) for budget, menu, plan in tasks if plan == "fisher_iterative"]
-    searched = [(menu, parse_size_at_bits(budget)[0]) for budget, menu, plan in tasks
-                if plan in ("search", "search_wa")]  # search_wa starts from the search's weights
+    searched = [(menu, parse_size_at_bits(budget)[0]) for budget, menu, plan in tasks  # search_wa continues it
+                if plan == "search" or plan == "search_wa" and parse_size_at_bits(budget)[1] is not None]
     searched_act = [(menu, *parse_size_at_bits(budget)) for budget, menu, plan in tasks
                     if plan == "search_act" and parse_size_at_bits(budget)[1] is not None]
     # every cache the variants read, computed once (rank 0 first, under the folder's lock) before they are handed out
@@ -846,7 +853,7 @@ def run_lowbit(cfg, device, force=False, progress=True):
         out = {}
         for budget, menu, plan in tasks:
             art = sens.search.get((menu, parse_size_at_bits(budget)[0]))
-            if plan == "search_wa" and not isinstance(art, InfeasibleBudgetError):
+            if plan == "search_wa" and art is not None and not isinstance(art, InfeasibleBudgetError):
                 try:
                     out[(menu, budget)] = ensure_act_search(c, model, table, art["choice"], menu, budget, sha,
                                                             progress, device)
@@ -863,8 +870,8 @@ def run_lowbit(cfg, device, force=False, progress=True):
         size, a_bits = parse_size_at_bits(budget)
         variant = variant_name(plan, menu, budget, lb.range_method)
         try:
-            if plan == "search_act" and a_bits is None:
-                raise InfeasibleBudgetError(f"search_act at {budget}: the activations stay float: plan search")
+            if plan in ("search_act", "search_wa") and a_bits is None:
+                raise InfeasibleBudgetError(f"{plan} at {budget}: the activations stay float: plan search")
             choice, info = choose(c, "search" if plan == "search_wa" else plan, menu, size, table, sens, a_bits)
             act = joint.get((menu, budget)) if plan == "search_wa" else None
             if isinstance(act, InfeasibleBudgetError):

@@ -15,7 +15,7 @@ from ..core.cli import command
 from ..core.config import to_dict
 from ..core.errors import StaleArtifactError
 from ..diffusion.baseline import from_scratch_command, load_weights, release, verify_released
-from ..diffusion.checkpoint import check_checkpoint_matches, load_ema
+from ..diffusion.checkpoint import check_checkpoint_matches, ema_model, load_checkpoint
 from ..diffusion.data import mnist_tensor, to_uint8
 from ..diffusion.model import count_params
 from ..diffusion.samplers import build_sampler, sample
@@ -48,17 +48,20 @@ def _ensure_baseline(cfg, device, force, resume, retrain, progress):
     out = storage.baseline_dir(cfg)
     ckpt_path = os.path.join(out, "checkpoint.pt")
     if os.path.exists(ckpt_path) and not retrain:
-        ckpt = storage.load_torch(ckpt_path, f"start over with `{command(cfg, 'simplediffusion.py', '--retrain')}`")
+        retrain_hint = f"start over with `{command(cfg, 'simplediffusion.py', '--retrain')}`"
+        ckpt = load_checkpoint(ckpt_path, retrain_hint, map_location=device)
         try:
             check_checkpoint_matches(ckpt, cfg, ckpt_path)
+            if ckpt.get("finished"):
+                _check_reused_checkpoint(cfg, ckpt, ckpt_path)
         except StaleArtifactError:
             if not force:
                 raise
             ckpt = None
-            print(f"[baseline] --force: {ckpt_path} has another training config; retraining")
+            print(f"[baseline] --force: {ckpt_path} has another training config or data; retraining")
         if ckpt is not None and ckpt.get("finished"):
             print(f"[baseline] reusing finished checkpoint {ckpt_path} ({ckpt['step']} steps)")
-            model, _ = load_ema(ckpt_path, device)
+            model, _ = ema_model(ckpt, ckpt_path, device, retrain_hint)
             write_baseline_outputs(cfg, model, _checkpoint_info(ckpt, ckpt_path), device, progress,
                                    only_missing=True)
             return model, ckpt_path
@@ -72,6 +75,28 @@ def _ensure_baseline(cfg, device, force, resume, retrain, progress):
     model, ckpt = train(cfg, x_train, ckpt_path, device, resume=resume and not retrain, progress=progress)
     write_baseline_outputs(cfg, model, _checkpoint_info(ckpt, ckpt_path), device, progress)
     return model, ckpt_path
+
+
+def _check_reused_checkpoint(cfg, ckpt, ckpt_path):
+    """Before a finished checkpoint is reused: it is still the file ``model.json`` recorded when it was trained (a
+    changed file would otherwise have its new hash recorded as if it were the training's), and it was trained on
+    the images ``data.root`` holds now (the fingerprint names no path)."""
+    info_path = os.path.join(os.path.dirname(ckpt_path), "model.json")
+    try:
+        recorded = storage.load_json(info_path).get("sha256") if os.path.exists(info_path) else None
+    except storage.CorruptFileError:
+        recorded = None  # a damaged model.json is rewritten; the checkpoint's own digest still guards it
+    if recorded is not None and recorded != storage.sha256_file(ckpt_path):
+        raise storage.CorruptFileError(
+            f"{ckpt_path} is not the file {info_path} recorded when it was trained (SHA-256 {recorded[:12]}...): it "
+            f"was changed or replaced since. Restore it, start over with "
+            f"`{command(cfg, 'simplediffusion.py', '--retrain')}`, or delete {info_path} to adopt this checkpoint")
+    if ckpt.get("data_sha256") is not None:
+        x_train, _ = mnist_tensor(cfg.data, "train")
+        if storage.tensor_digest(x_train) != ckpt["data_sha256"]:
+            raise StaleArtifactError(
+                f"{ckpt_path} was trained on other images than data.root {cfg.data.root!r} holds now: point "
+                f"data.root at the data it was trained on, or retrain with --force")
 
 
 def release_baseline(cfg, out_path, note=None):
@@ -272,12 +297,12 @@ def load_artifacts(cfg, device, force=False, progress=True):
             if not os.path.exists(ckpt_path):
                 raise missing
             retrain = f"start over with `{command(cfg, 'simplediffusion.py', '--retrain')}`"
-            ckpt = storage.load_torch(ckpt_path, retrain)
+            ckpt = load_checkpoint(ckpt_path, retrain, map_location=device)
             check_checkpoint_matches(ckpt, cfg, ckpt_path)
             if not ckpt.get("finished"):
                 raise StaleArtifactError(f"{ckpt_path} is unfinished (step {ckpt['step']}): "
                                          f"`{command(cfg, 'simplediffusion.py', '--resume')}`")
-            model, _ = load_ema(ckpt_path, device, retrain)
+            model, _ = ema_model(ckpt, ckpt_path, device, retrain)
         if not os.path.exists(fisher_path):
             raise FileNotFoundError(f"{fisher_path} not found: compute it with `{command(cfg, 'simplediffusion.py')}`")
         fisher, _ = ensure_fisher(cfg, model, ckpt_path, device, force=force, progress=progress)

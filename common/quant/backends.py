@@ -230,7 +230,10 @@ def int8_plan(model, stored) -> Int8Plan:
         elif "mask" in e:
             plan.kept[name] = "element mask (one kernel cannot mix formats in a tensor)"
         elif isinstance(mod, nn.ConvTranspose2d):
-            if SubPixelConvTranspose.fits(mod):
+            extras = [what for what in ("rotation", "lowrank") if hasattr(mod, what)]
+            if extras:  # hooks of the module itself: the sub-pixel rewrite would run without them
+                plan.kept[name] = f"ConvTranspose2d with a {' and '.join(extras)} (no sub-pixel rewrite carries it)"
+            elif SubPixelConvTranspose.fits(mod):
                 plan.subpixel.append(mod_name)
                 plan.scales.update({f"{mod_name}.phases.{i}": e["scale"] for i in range(4)})
             else:

@@ -56,7 +56,7 @@ def layer_error(layer, x, s, w_quant, a_bits: int) -> float:
         xs = x / s.view(_in_shape(layer, x.dim(), s.numel()))
         sc, zp = qparams(xs.amin(), xs.amax(), a_bits, False)
         xq = fake_quant(xs, sc, zp, *int_range(a_bits, False))
-        w = w_quant(layer.weight * s.view(_w_shape(layer, s.numel())))
+        w = w_quant(layer.weight * s.view(_w_shape(layer, s.numel()))).to(x.device)  # the formats quantize on the CPU
         out = layer._conv_forward(xq, w, layer.bias) if isinstance(layer, nn.Conv2d) else (
             nn.functional.conv_transpose2d(xq, w, layer.bias, layer.stride, layer.padding, layer.output_padding)
             if isinstance(layer, nn.ConvTranspose2d) else nn.functional.linear(xq, w, layer.bias))
