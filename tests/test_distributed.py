@@ -17,6 +17,7 @@ import pytest
 import torch
 from test_pipeline import ROOT, run
 
+from common.core import storage
 from common.core.config import load_config
 from common.core.storage import fingerprint
 from common.diffusion.checkpoint import training_inputs
@@ -304,7 +305,7 @@ def test_two_ranks_train_the_same_step_as_one(tmp_path, data_root, monkeypatch):
     b["training_inputs"], b["fingerprint"] = training_inputs(two_steps), fingerprint(training_inputs(two_steps))
     for f in path.parent.iterdir():  # an interrupted training leaves only its checkpoint
         shutil.rmtree(f) if f.is_dir() else f.unlink()
-    torch.save(b, path)
+    storage.save_cache(b, path)  # as training writes it: with the digest of what it now holds
     resumed, _ = recorded(tmp_path, 1, "t2", "--set", "train.max_steps=2", "--resume")
     assert len(resumed) == 1
     w1 = dict(zip(names, resumed[0]["weights"], strict=True))
