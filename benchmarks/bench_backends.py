@@ -251,7 +251,7 @@ def run(cfg, ckpt_path, out_dir, n, isolated, variants=VARIANTS, rows_wanted=tup
         if "summary" in r:
             variant = f"{variant} ({label})"
             parts = "; ".join(f"{c} {how}" for how, c in r["summary"]["tensors_by_execution"].items())
-            held = ", ".join(f"{k} {v / 2 ** 20:.3f} MB" for k, v in r["summary"]["resident_by_dtype"].items())
+            held = ", ".join(f"{k} {v / 2 ** 20:.3f} MB" for k, v in sorted(r["summary"]["resident_by_dtype"].items()))
             print(f"  {variant}: {parts}\n    resident: {held}")
     figures = headline(rows)
     auto = auto_choices(cfg, paths)

@@ -154,7 +154,8 @@ def _tmp_names(folder):
 
 
 def test_save_killed_midway_leaves_tmp_that_the_next_write_removes(tmp_path):
-    """SIGKILL during a save: the target is untouched and its temp file is cleaned by the next write."""
+    """SIGKILL during a save: the target is untouched and its temp file is cleaned by a later write, once nothing
+    has written to it for a while (a writer in another pid namespace looks dead here)."""
     target = tmp_path / "checkpoint.pt"
     storage.atomic_torch_save({"v": torch.zeros(3)}, target)
     code = ("import os, signal, sys; from common.core import storage\n"
@@ -166,12 +167,16 @@ def test_save_killed_midway_leaves_tmp_that_the_next_write_removes(tmp_path):
     assert len(left) == 1 and re.fullmatch(r"\.checkpoint\.pt\.\d+-[a-z0-9_]+\.tmp", left[0])
     assert torch.equal(storage.load_torch(str(target))["v"], torch.zeros(3))  # the old file is intact
 
+    storage.atomic_torch_save({"v": torch.zeros(3)}, target)
+    assert _tmp_names(tmp_path) == left  # its writer is dead, but it was written a moment ago: kept a while
+    os.utime(tmp_path / left[0], (0, 0))  # ... and nothing has written to it since
     live = tmp_path / f".checkpoint.pt.{os.getpid()}-abcdefgh.tmp"  # a writer that is still running
     legacy_old, legacy_new = tmp_path / ".checkpoint.pt.abcdefgh.tmp", tmp_path / ".checkpoint.pt.zyxwvuts.tmp"
     other = tmp_path / ".checkpoint.pt.bak.1-abcdefgh.tmp"  # another file's temp file
     for f in (live, legacy_old, legacy_new, other):
         f.write_bytes(b"x")
     os.utime(legacy_old, (0, 0))  # pid-less name of an older version, from 1970
+    os.utime(live, (0, 0))  # a live writer's file is never removed, however old
     storage.atomic_torch_save({"v": torch.ones(3)}, target)
     assert _tmp_names(tmp_path) == sorted([live.name, legacy_new.name, other.name])
     assert torch.equal(storage.load_torch(str(target))["v"], torch.ones(3))

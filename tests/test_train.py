@@ -76,6 +76,10 @@ class Interrupt(Exception):
 
 def test_resume_is_bit_exact(tiny_cfg, tmp_path, monkeypatch):
     cfg = _cfg_for_resume(tiny_cfg)
+    cfg.train.snapshot_every = 1
+    snapshot_loss = {}  # {(path, step): the running loss a snapshot records}
+    monkeypatch.setattr(train_mod, "save_snapshot", lambda cfg, ema, path, step, seconds, loss, bf16=None:
+                        snapshot_loss.__setitem__((path, step), loss))
     x = torch.rand(20, 1, 32, 32) * 2 - 1  # 20 images, batch 8: epochs of 3 steps, a partial last batch
     straight_path, resumed_path = str(tmp_path / "a.pt"), str(tmp_path / "b.pt")
     ema_a, ck_a = train(cfg, x, straight_path, CPU, progress=False)
@@ -99,6 +103,9 @@ def test_resume_is_bit_exact(tiny_cfg, tmp_path, monkeypatch):
     ema_b, ck_b = train(cfg, x, resumed_path, CPU, resume=True, progress=False)
     assert ck_b["step"] == 4 and ck_b["finished"]
     assert ck_b["loss_history"] == ck_a["loss_history"]
+    # the running loss the snapshots after the resume record continues the interrupted run's, as if never stopped
+    assert [snapshot_loss[(resumed_path, k)] for k in (1, 2, 3, 4)] == [snapshot_loss[(straight_path, k)]
+                                                                        for k in (1, 2, 3, 4)]
     for key in ("ema", "model"):
         for n, a in ck_a[key].items():
             assert torch.equal(a, ck_b[key][n]), f"{key}.{n}"

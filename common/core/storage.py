@@ -26,11 +26,13 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_tmp(path, legacy_age_s=3600):
+def remove_stale_tmp(path, legacy_age_s=3600, quiet_s=120):
     """Delete temp files that earlier atomic writes of ``path`` left behind when killed mid-save.
 
     Only names of this writer's pattern count: ``.<name>.<pid>-<random>.tmp`` whose pid is no longer
-    running (another process may be writing the same path right now), and the pid-less
+    running (another process may be writing the same path right now) and that nothing has written to for
+    ``quiet_s`` (a pid is only this machine's and this namespace's: a writer on another host or in another
+    container sharing the folder looks dead here while its file still grows), and the pid-less
     ``.<name>.<random 8>.tmp`` of older versions once they are ``legacy_age_s`` old.
     """
     folder, base = os.path.split(os.path.abspath(path))
@@ -44,11 +46,27 @@ def remove_stale_tmp(path, legacy_age_s=3600):
         m = own.fullmatch(name)
         full = os.path.join(folder, name)
         try:
-            if (m and not _pid_alive(int(m.group(1)))) or (
-                    not m and legacy.fullmatch(name) and time.time() - os.path.getmtime(full) > legacy_age_s):
+            age = time.time() - os.path.getmtime(full) if m or legacy.fullmatch(name) else 0.0
+            if (m and not _pid_alive(int(m.group(1))) and age > quiet_s) or (
+                    not m and legacy.fullmatch(name) and age > legacy_age_s):
                 os.unlink(full)
         except FileNotFoundError:  # removed by someone else meanwhile
             pass
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask(0) would leave other threads a umask of 0 meanwhile);
+    where /proc is missing, read and restored once per call as before."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def _atomic(path, write):
@@ -58,9 +76,7 @@ def _atomic(path, write):
     # The writer's pid in the name lets a later write tell a dead writer's leftover from a live one's file.
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.{os.getpid()}-", suffix=".tmp")
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would outlive the rename: readable as any new file is
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would outlive the rename: readable as any new file is
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()

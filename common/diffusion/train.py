@@ -181,6 +181,8 @@ def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, prog
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="train",
                disable=not progress or not distributed.is_main())
     t0, running = time.time(), None
+    for value in losses:  # a resumed run's running loss (snapshots record it) as the uninterrupted run's
+        running = value if running is None else 0.98 * running + 0.02 * value
     for step in bar:
         idx = _batch_indices(cfg.run.seed, step, len(x_train), cfg.train.batch_size)
         gen = _step_rng(cfg.run.seed, step)
