@@ -46,6 +46,9 @@ def test_ste_export_equals_round_to_nearest_and_passes_gradients():
     assert torch.equal(e["data"], ref["data"]) and torch.allclose(e["scale"], ref["scale"])
     wq(w).sum().backward()
     assert w.grad is not None and w.grad.abs().sum() > 0
+    # every weight inside the range trains, those whose code is a limit too (each row's largest: its scale's own)
+    codes = (w.detach() / e["scale"][:, None]).round()
+    assert (codes.abs() == 7).any() and bool((w.grad != 0).all())
 
 
 @pytest.mark.parametrize("mode", ["ste", "lsq", "adaround"])
@@ -119,7 +122,8 @@ def test_lsq_matches_the_calibrated_quantizer_then_learns_a_positive_step():
 
 @pytest.mark.parametrize("split", [None, 3])
 def test_lsq_fused_pass_equals_the_expression_autograd_differentiates(split):
-    """``LSQFakeQuant`` against (clamp(round_ste(x / s) + z) - z) s differentiated by autograd: the same values
+    """``LSQFakeQuant`` against (round_ste(clamp(x / s + z)) - z) s differentiated by autograd (LSQ's clip before
+    rounding: values that round to a limit keep their gradient): the same values
     (bit for bit: the same float operations) and gradients to float32 rounding (x's: exactly 1 where autograd
     gets s / s; the step's: sums of up to 16*4*5*5 terms ~1, reordered: 1e-4 relative is ~100x that error)."""
     from common.quant.learnable import round_ste
@@ -143,7 +147,7 @@ def test_lsq_fused_pass_equals_the_expression_autograd_differentiates(split):
 
     def fq(v, j):
         sj, zj = s[:, j].view(-1, 1, 1, 1), z[:, j].view(-1, 1, 1, 1)
-        return (torch.clamp(round_ste(v / sj) + zj, 0, 15) - zj) * sj
+        return (round_ste(torch.clamp(v / sj + zj, 0, 15)) - zj) * sj
 
     ref = fq(xb, 0) if split is None else torch.cat([fq(xb[:, :k], 0), fq(xb[:, k:], 1)], dim=1)
     ref.backward(up)

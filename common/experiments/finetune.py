@@ -52,7 +52,7 @@ from ..quant.container import read_quantized
 from ..quant.eligibility import eligible_names, end_convs
 from ..quant.formats import channel_axes, dequantize_tensor, quantize_tensor
 from ..quant.hooks import output_hooks
-from ..quant.learnable import LearnedActQuant, WeightQuant, export_weight
+from ..quant.learnable import GRADIENT_VERSION, LearnedActQuant, WeightQuant, export_weight
 from . import lowbit, pipeline
 from .act_pipeline import (
     act_importance_inputs,
@@ -379,6 +379,7 @@ def variant_inputs(cfg, c, sha: str, method: str, plan=None) -> dict:
     settings = {k: v for k, v in to_dict(cfg.finetune).items() if k not in ("budgets", "methods", "plans",
                                                                             "plan_source")}
     out = {"checkpoint_sha256": sha, "finetune": settings, "keep_format": cfg.lowbit.keep_format,
+           "gradient_version": GRADIENT_VERSION,
            **quantizer_inputs(c), "ranges": range_inputs(c, cfg.finetune.range_mode, sha), "pool": pool_inputs(c, sha)}
     if method == "fisher":
         out["fisher"] = {"weights": {**pipeline.fisher_inputs(cfg), "eligible": lowbit.RULE},

@@ -48,6 +48,7 @@ from ..quant.container import arch_record, is_extra_tensor, stored_digest
 from ..quant.eligibility import eligible_names, end_convs
 from ..quant.formats import channel_axes, dequantize_tensor, int_codes, quantize_tensor
 from ..quant.hooks import input_hooks
+from ..quant.learnable import GRADIENT_VERSION
 from . import lowbit, pipeline
 from .act_pipeline import (
     act_layout,
@@ -543,6 +544,7 @@ def cached_distill(cfg, c, teacher, transformed, ranges, pool, token: bool, ckpt
               "w4a4": {k: getattr(cfg.w4a4, k) for k in ("distill_steps", "distill_lr", "scale_lr", "onpolicy_every",
                                                          "onpolicy_images")},
               "finetune": {"batch_size": ft.batch_size, "step_lr": ft.step_lr},
+              "gradient_version": GRADIENT_VERSION,
               "device": torch.device(device).type, **({"block": block} if block else {})}
     path = os.path.join(storage.baseline_dir(c), f"distill_{storage.fingerprint(inputs)}")
 

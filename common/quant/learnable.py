@@ -40,9 +40,22 @@ from .formats import (
 ZETA, GAMMA = 1.1, -0.1
 
 
+# The gradient rule of the learned quantizers; results trained under another are retrained, not reused. 2
+# (2026-12-06): values that round to a limit keep their gradient (clip before rounding, as LSQ); 1: they had none.
+GRADIENT_VERSION = 2
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """round(x) forward, identity backward."""
     return x + (torch.round(x) - x).detach()
+
+
+def round_clamp_ste(x: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """clamp(round(x), lo, hi) forward; backward identity wherever the clamp changed nothing (round(x) within
+    [lo, hi]) and 0 where it clipped. torch's clamp of the rounded codes is flat at its ends, which froze every
+    value that merely rounds to a limit -- each channel's largest weight, whose code is the limit by its scale."""
+    inside = (x > lo - 0.5) & (x < hi + 0.5)  # round half to even: lo - 0.5 and hi + 0.5 would leave the range
+    return round_ste(torch.where(inside, x, x.detach().clamp(lo, hi)))
 
 
 class WeightQuant(nn.Module):
@@ -103,7 +116,9 @@ class WeightQuant(nn.Module):
         if self.mode == "adaround":
             h = (self.h() >= 0.5).to(cf.dtype) if hard else self.h()
             return torch.clamp(torch.floor(cf.detach() / s) + h, -self.qmax, self.qmax), s, stored
-        return torch.clamp(round_ste(cf / s) if not hard else torch.round(cf / s), -self.qmax, self.qmax), s, stored
+        if hard:
+            return torch.clamp(torch.round(cf / s), -self.qmax, self.qmax), s, stored
+        return round_clamp_ste(cf / s, -self.qmax, self.qmax), s, stored
 
     def forward(self, w):
         codes, s, _ = self.codes(w, hard=False)
@@ -126,17 +141,18 @@ def export_weight(wq: WeightQuant, w: torch.Tensor) -> dict:
 
 
 class LSQFakeQuant(torch.autograd.Function):
-    """x_hat = (clamp(round(x / s) + z, qmin, qmax) - z) s, round passed straight through: the value and the
-    gradients autograd derives from that expression (d/dx = 1 strictly inside the range, else 0; d/ds = (q - z) - x / s
-    strictly inside, else q - z), computed in a few whole-tensor passes instead of the ~20 of the expression's graph,
-    which is most of a finetuning step's elementwise work. ``s``, ``z``: broadcastable to x; ``z`` gets no
-    gradient."""
+    """x_hat = (round(clamp(x / s + z, qmin, qmax)) - z) s, round passed straight through (LSQ: clipped before
+    rounding; z is an integer, so the value is clamp(round(x / s) + z) as before): the value and the gradients
+    autograd derives from that expression (d/dx = 1 where qmin < x / s + z < qmax, else 0; d/ds = (q - z) - x / s
+    there, else q - z), computed in a few whole-tensor passes instead of the ~20 of the expression's graph, which is
+    most of a finetuning step's elementwise work. ``s``, ``z``: broadcastable to x; ``z`` gets no gradient."""
 
     @staticmethod
     def forward(ctx, x, s, z, qmin, qmax):
         v = x / s
         q0 = torch.round(v).add_(z)
-        inside = (q0 > qmin).logical_and_(q0 < qmax)  # strictly: torch's clamp passes no gradient at its ends
+        vz = v + z  # before rounding: a value that only rounds to a limit still passes its gradient
+        inside = (vz > qmin).logical_and_(vz < qmax)  # strictly: torch's clamp passes no gradient at its ends
         q = q0.clamp_(qmin, qmax).sub_(z)
         ctx.save_for_backward(v, q, inside)
         ctx.s_shape = s.shape
