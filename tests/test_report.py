@@ -167,3 +167,18 @@ def test_a_budget_without_its_at_sign_says_how_to_write_one():
 
     with pytest.raises(ValueError, match=r"'<size>@A<bits>', e.g. '3.5bits@A8'"):
         parse_size_at_bits("3bitsA8")
+
+
+def test_holm_family_note_counts_this_runs_comparisons_and_seeds():
+    """The rule under the poster's verdicts states what Holm asks of this run (not the default run's 3 and 8)."""
+    from scipy.stats import t
+
+    from common.experiments.report import EQUAL_SIZE, _family_note
+
+    rows = [(f"{EQUAL_SIZE} (v{i}, fid)", "within noise", "...") for i in range(4)]
+    rows += [(f"{EQUAL_SIZE} (v9, fid)", "not measured", "..."), ("ratio p=0.25 improves ...", "within noise", "")]
+    note = _family_note({"fp32": {"seeds": [0, 1, 2, 3, 4]}}, rows)
+    assert "with 5 seeds and 4 comparisons" in note and "0.05 / 4" in note
+    assert f"{t.ppf(1 - 0.05 / 8, 4):.1f} standard errors" in note
+    two = _family_note({"fp32": {"seeds": [0, 1, 2]}}, rows[:2])
+    assert two.endswith(f"/ 2, a mean of about {t.ppf(1 - 0.05 / 4, 2):.1f} standard errors")

@@ -345,7 +345,9 @@ def summarize_seeds(cfg, variant, per_seed: dict, size: dict) -> dict:
         "quantized_fraction": size["quantized_fraction"],
         "size": size,
         "n_images": cfg.eval.n_images,
-        "inception_n_images": (cfg.eval.inception_n_images or cfg.eval.n_images) if cfg.eval.inception else 0,
+        # FID takes the first inception_n_images of each seed's n_images (evaluate_seed): never more than there are
+        "inception_n_images": min(cfg.eval.inception_n_images or cfg.eval.n_images, cfg.eval.n_images)
+        if cfg.eval.inception else 0,
         "ref_n_images": cfg.eval.ref_n_images,
         "seeds": list(cfg.eval.seeds),
         "sampler": cfg.sample.sampler, "sampling_steps": len(build_sampler(

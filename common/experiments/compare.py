@@ -184,7 +184,8 @@ def summary_markdown(cfg, done, infeasible, scores) -> str:
                 f"{ref['sampling_steps']} steps, classifier-FID against {ref['ref_n_images']} real images"
                 + (f", FID on {ref['inception_n_images']} images per seed" if has_fid else
                    ", FID not computed (compare.inception: false)")
-                + ". ± is the sample standard deviation over seeds. A win is *clear* when a two-sided paired "
+                + ". ± is the sample standard deviation over seeds in the first table; in the winners' table it is "
+                  "the standard error of the mean paired difference. A win is *clear* when a two-sided paired "
                   "t-test over the per-seed differences to the runner-up (same noise for every variant) says so after "
                   "the correction stated under the table.")
     md = ["# Importance metrics under one allocator", "", settings, "", "\n".join(lines), ""]

@@ -166,6 +166,21 @@ def _paired_verdict(d: np.ndarray, better_if_negative=True):
     return ("supported" if (mean < 0) == better_if_negative else "not supported (opposite)"), mean, sem
 
 
+EQUAL_SIZE = "layer-adaptive beats uniform at equal size"
+
+
+def _family_note(results: dict, rows: list) -> str:
+    """What Holm's correction over the equal-size comparisons asks of the smallest p in this run."""
+    from scipy.stats import t as student_t
+
+    m = sum(c.startswith(EQUAL_SIZE) and v != "not measured" for c, v, _ in rows)
+    n = len((results.get("fp32") or {}).get("seeds") or [])
+    if m == 0 or n < 3:
+        return f"one family of {m} comparisons over {n} seeds"
+    return (f"one family: with {n} seeds and {m} comparisons the smallest p must be below {ALPHA:g} / {m}, a mean "
+            f"of about {student_t.ppf(1 - ALPHA / (2 * m), n - 1):.1f} standard errors")
+
+
 def verdicts(results: dict, fisher) -> list:
     """[(claim, verdict, evidence)] for the poster's three claims."""
     out = []
@@ -178,14 +193,14 @@ def verdicts(results: dict, fisher) -> list:
             for v, r in adaptive.items():
                 uni = uniform_reference(results, r.get("format"))
                 if uni is None:
-                    out.append((f"layer-adaptive beats uniform at equal size ({v}, {key})", "not measured",
+                    out.append((f"{EQUAL_SIZE} ({v}, {key})", "not measured",
                                 f"no uniform_{r.get('format')} variant to compare with"))
                     continue
                 # "At equal size": compare with the straight line from fp32 to uniform at the variant's size.
                 lo, hi = uni["size_mb"], fp["size_mb"]
                 w = 0.0 if hi == lo else (r["size_mb"] - lo) / (hi - lo)
                 line = (1 - w) * per_seed(uni, key) + w * per_seed(fp, key)
-                cells.append((f"layer-adaptive beats uniform at equal size ({v}, {key})", per_seed(r, key) - line,
+                cells.append((f"{EQUAL_SIZE} ({v}, {key})", per_seed(r, key) - line,
                               f"{key} minus fp32–uniform line at {r['size_mb']:.3f} MB", len(r["seeds"])))
         ps = [paired_p(d) for _, d, _, _ in cells]
         adjusted = holm([p if (~np.isnan(d)).sum() >= 3 else None for p, (_, d, _, _) in zip(ps, cells, strict=True)])
@@ -467,12 +482,12 @@ def write_summary(run: str, readme=None) -> str:
     figs = [plot_tradeoff(results, plots), plot_ratio_sweep(results, plots), plot_grids(run, results, plots)]
     fisher_figs = plot_fisher_recorded(fisher, fisher_path, plots) if fisher is not None else []
     results_md = results_table(results) + "\n\n" + settings_note(results, run)
-    v_md = "\n".join(f"| {c} | **{v}** | {e} |" for c, v, e in verdicts(results, fisher))
+    rows_v = verdicts(results, fisher)
+    v_md = "\n".join(f"| {c} | **{v}** | {e} |" for c, v, e in rows_v)
     verdict_md = ("| poster claim | verdict | evidence |\n|---|---|---|\n" + v_md +
                   "\n\nRule: per-seed paired differences (same noise for every variant); *supported* when a two-sided "
                   "paired t-test finds the mean difference favours the claim at 5% after Holm's correction over "
-                  "every equal-size comparison of the table (one family: with 3 seeds and 8 comparisons the "
-                  "smallest p must be below 0.05 / 8, a mean of about 12.6 standard errors), *within noise* "
+                  f"every equal-size comparison of the table ({_family_note(results, rows_v)}), *within noise* "
                   "otherwise; each row gives its uncorrected p and its Holm-adjusted one. The ~7% claim is "
                   "*supported* when the 95% confidence interval of the per-seed improvement excludes 0 and "
                   "overlaps [3.5%, 10.6%] (half to 1.5 times the poster's 7.10%).")
