@@ -44,11 +44,12 @@ def remove_stale_tmp(path, legacy_age_s=3600, quiet_s=120):
         return
     for name in names:
         m = own.fullmatch(name)
+        if not (m or legacy.fullmatch(name)):
+            continue
         full = os.path.join(folder, name)
         try:
-            age = time.time() - os.path.getmtime(full) if m or legacy.fullmatch(name) else 0.0
-            if (m and not _pid_alive(int(m.group(1))) and age > quiet_s) or (
-                    not m and legacy.fullmatch(name) and age > legacy_age_s):
+            age = time.time() - os.path.getmtime(full)
+            if (m and not _pid_alive(int(m.group(1))) and age > quiet_s) or (not m and age > legacy_age_s):
                 os.unlink(full)
         except FileNotFoundError:  # removed by someone else meanwhile
             pass

@@ -90,6 +90,7 @@ from .statistics import target_verdict, verdict_table
 
 RULE = "all_but_ends"
 PRIOR_CANDIDATE = "the prior ({})"  # select_by_plans' reference: replaced only where no worse
+PRIOR_NAMES = {"chain_fisher": "chain-aware Fisher", "fisher": "one-step Fisher"}
 COLUMNS = ["budget", "quantizer", "plan", "seed", "variant", "avg_bits", "a_bits", "size_mb", "paired_mse_vs_fp32",
            "paired_mse_median", "clf_fid", "clf_is", "fid", "plan_seconds"]
 
@@ -408,7 +409,8 @@ def ensure_iterative(cfg, model, ckpt_path, table, fisher, menu, size, progress=
     return choice, diag, history, seconds
 
 
-def fit_learned(cfg, model, table, measured, prior, sha, device="cpu", progress=True, prior_name="chain-aware Fisher"):
+def fit_learned(cfg, model, table, measured, prior, sha, device="cpu", progress=True,
+                prior_name=PRIOR_NAMES["chain_fisher"]):
     """The learned predictor: fitted on the training configurations, then refitted ``lowbit.predictor_rounds``
     times with its own allocator's plans (every weight size of ``lowbit.budgets``, every menu it is run with)
     measured under ``predictor_seed``; those measurements are cached in ``predictor_active.json`` by configuration.
@@ -526,6 +528,8 @@ class Sensitivities:
             self.seconds["chain_fisher"] = self.seconds["chain_output"] = float(self.chain["meta"]["seconds"])
             self.costs["chain_fisher"] = fisher_distortion_costs(self.chain["diag"], table.errors)
             self.costs["chain_output"] = output_scaled_costs(self.chain["diag"], table)
+        # the sensitivity the learned predictor corrects and a search starts from by default
+        self.prior = "chain_fisher" if "chain_fisher" in self.costs else "fisher"
         self.jvp = None
         if "jvp" in lb.plans:
             menus = [m for m in lb.quantizers if m == "uniform" or "jvp" in lb.codebook_plans]
@@ -536,10 +540,9 @@ class Sensitivities:
         if "learned" in lb.plans:
             self.measured = ensure_measurements(cfg, model, table, sha, progress, device)
             t0 = time.time()
-            prior = self.costs.get("chain_fisher", self.costs["fisher"])  # what the measurements correct
-            self.predictor, self.cv, self.active = fit_learned(
-                cfg, model, table, self.measured, prior, sha, device, progress,
-                "chain-aware Fisher" if "chain_fisher" in self.costs else "one-step Fisher")
+            self.predictor, self.cv, self.active = fit_learned(cfg, model, table, self.measured,
+                                                               self.costs[self.prior], sha, device, progress,
+                                                               PRIOR_NAMES[self.prior])
             self.seconds["learned"] = self.measured["seconds"]["measure"] + time.time() - t0
             self.costs["learned"] = self.predictor.costs()
         self.jvp_plan = None  # the JVP of every held-out configuration as a whole: a feature with cross terms
@@ -610,7 +613,7 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
     # searches of both range methods are kept apart, as their variants are
     judged_at = "" if a_bits is None else f"_A{a_bits}{_range_tag(lb.range_method)}"
     path = _cache(cfg, f"search_{menu}_{budget_tag(size)}{judged_at}.json")
-    prior = "chain_fisher" if "chain_fisher" in sens.costs else "fisher"
+    prior = sens.prior
     propose_by = "learned" if "learned" in sens.costs else prior
     limit = budget_bits(size, table.total) - table.fixed
     names = [k for k in SEARCH_STARTS if k in sens.costs] if lb.search_start == "best" else [prior]

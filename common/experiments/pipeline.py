@@ -20,7 +20,7 @@ from ..diffusion.data import mnist_tensor, to_uint8
 from ..diffusion.model import count_params
 from ..diffusion.samplers import build_sampler, sample
 from ..diffusion.schedule import NoiseSchedule
-from ..diffusion.train import train
+from ..diffusion.train import check_resume, total_steps, train
 from ..evaluation import evaluate
 from ..evaluation.grids import save_grid
 from ..importance.fisher import FisherMismatchError, compute_fisher, load_fisher, save_fisher
@@ -91,12 +91,10 @@ def _check_reused_checkpoint(cfg, ckpt, ckpt_path):
             f"{ckpt_path} is not the file {info_path} recorded when it was trained (SHA-256 {recorded[:12]}...): it "
             f"was changed or replaced since. Restore it, start over with "
             f"`{command(cfg, 'simplediffusion.py', '--retrain')}`, or delete {info_path} to adopt this checkpoint")
-    if ckpt.get("data_sha256") is not None:
+    if ckpt.get("data_sha256") is not None:  # the check a resume makes, on the images data.root holds now
         x_train, _ = mnist_tensor(cfg.data, "train")
-        if storage.tensor_digest(x_train) != ckpt["data_sha256"]:
-            raise StaleArtifactError(
-                f"{ckpt_path} was trained on other images than data.root {cfg.data.root!r} holds now: point "
-                f"data.root at the data it was trained on, or retrain with --force")
+        check_resume(ckpt, ckpt_path, total_steps(cfg.train, len(x_train)), storage.tensor_digest(x_train),
+                     cfg.data.root)
 
 
 def release_baseline(cfg, out_path, note=None):
