@@ -11,7 +11,7 @@ from common.experiments.report import add_docs_argument, update_section
 
 
 def main():
-    p = cli.parser(__doc__)
+    p = cli.parser(__doc__, force=False)
     p.add_argument("--snapshots", help="folder, glob or file of snapshots "
                                        "(default: runs/<run>/baseline/snapshots/)")
     add_docs_argument(p, "learning-curve", "docs/baseline.md")

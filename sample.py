@@ -31,7 +31,7 @@ def source_tag(path: str) -> str:
 
 
 def main():
-    p = cli.parser(__doc__)
+    p = cli.parser(__doc__, force=False)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", help="baseline weights: checkpoint.pt or a safetensors state dict "
                                           "(default: baseline.weights, else runs/<run>/baseline/checkpoint.pt)")
@@ -54,6 +54,9 @@ def main():
     backend = args.backend or cfg.backend.name
     path = (args.variant_file or args.checkpoint or cfg.baseline.weights
             or os.path.join(baseline_dir(cfg), "checkpoint.pt"))
+    if os.path.isdir(path):
+        p.error(f"{path} is a folder; name the file in it (a variant's quantized.safetensors, a checkpoint.pt or a "
+                f"weights .safetensors)")
     tag = source_tag(path)
     out = args.out or os.path.join(run_dir(cfg), "samples", f"{tag}_{backend}_seed{args.seed}")
     device = cli.device(cfg, alone=True)

@@ -25,7 +25,14 @@ def main():
     p.add_argument("--release-note", metavar="TEXT", default=None,
                    help="with --release: a note kept in the provenance file (e.g. how the training was run)")
     args = p.parse_args()
+    if args.release_note is not None and not args.release:
+        p.error("--release-note is kept in a release's provenance: use it with --release FILE.safetensors")
     cfg = cli.load(args)
+    if (args.retrain or args.resume) and cfg.baseline.weights:
+        flag = "--retrain" if args.retrain else "--resume"
+        p.error(f"{flag} trains a baseline, but baseline.weights names the released file {cfg.baseline.weights} "
+                f"(verified, never trained here): add --set baseline.weights=null and a new --set run.name=... "
+                f"to train one (make reproduce-from-scratch does)")
     progress = not args.no_progress
     with cli.clear_errors():
         if args.release:

@@ -440,9 +440,11 @@ def test_auto_is_measured_once_per_machine(mixed, tmp_path, monkeypatch):
     assert len(cache) == 2 and {e["isa"] for e in cache.values()} == {real["isa"], "OTHER"}
     (tmp_path / backends.AUTO_FILE).write_text("{not json")  # a damaged cache is measured again, not an error
     assert backends.choose_auto(plan, "cpu", str(tmp_path), SHAPE, 100, probe=lambda m, b, *a: 1.0)["cached"] is False
-    # a probe at another batch is another measurement; a hand-damaged entry is measured again, not a crash
+    # a probe at another batch or input shape is another measurement; a hand-damaged entry is measured again
     assert backends.choose_auto(plan, "cpu", str(tmp_path), SHAPE, 100, batch=8,
                                 probe=lambda m, b, *a: 1.0)["cached"] is False
+    wider = (SHAPE[0], 2 * SHAPE[1], 2 * SHAPE[2])
+    assert backends.choose_auto(plan, "cpu", str(tmp_path), wider, 100, probe=lambda m, b, *a: 1.0)["cached"] is False
     cache = json.load(open(tmp_path / backends.AUTO_FILE))
     json.dump({k: "garbage" for k in cache}, open(tmp_path / backends.AUTO_FILE, "w"))
     assert backends.choose_auto(plan, "cpu", str(tmp_path), SHAPE, 100, probe=lambda m, b, *a: 1.0)["cached"] is False

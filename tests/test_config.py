@@ -1,11 +1,13 @@
 """common.core.config: the shipped configs load; bad keys, types and ranges name the file and dotted key."""
 import os
+import re
 
 import pytest
 
 from common.core.config import Config, ConfigError, load_config, to_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMOKE = os.path.join(ROOT, "configs", "smoke.yaml")
 CONFIGS = os.path.join(ROOT, "configs")
 
 
@@ -335,3 +337,61 @@ def test_wide_config_changes_only_width_and_length():
     assert sorted(diff_keys(training_inputs(wide), training_inputs(default))) == ["model.channels", "train.max_steps"]
     assert [c * 2 for c in wide.model.channels] == [c * 3 for c in default.model.channels]
     assert 5.6e6 < count_params(build_model(wide.model, wide.diffusion.timesteps)) < 5.8e6
+
+
+def test_layer_group_values_are_numbers_finite_and_each_stage_in_one_group():
+    """YAML 1.1 reads 1e-1 as a string: the checked number is what the strategy gets (it compared a tensor with
+    '1e-1' and crashed after the fp32 evaluation); NaN quantized nothing without a word; a stage in two groups
+    had its first group's plan silently replaced."""
+    key = "strategies.layer_group.groups"
+    cfg = load_config(SMOKE, [f"{key}={{g: {{layers: [1, 2], threshold: 1e-1}}}}"])
+    assert cfg.strategies.layer_group.groups["g"] == {"layers": [1, 2], "threshold": 0.1}
+    for bad, match in ((".nan", "finite"), (".inf", "finite")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(SMOKE, [f"{key}={{g: {{layers: [1], threshold: {bad}}}}}"])
+    with pytest.raises(ConfigError, match="stage 2 is already in group 'a'"):
+        load_config(SMOKE, [f"{key}={{a: {{layers: [1, 2], threshold: 0.1}}, b: {{layers: [2, 3], threshold: 0.2}}}}"])
+
+
+def test_unknown_keys_of_any_type_and_non_utf8_files_are_one_line_errors(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(SMOKE, ["run={1: 2, x: 3}"])  # an int and a str key: sorting them was a TypeError
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("run:\n  name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="not a UTF-8 text file"):
+        load_config(str(bad))
+
+
+def test_w4a4_rows_beyond_the_last_technique_are_refused():
+    from common.experiments.w4a4 import TECHNIQUES
+
+    assert load_config(SMOKE, [f"w4a4.rows=[0, {len(TECHNIQUES)}]"]).w4a4.rows == [0, len(TECHNIQUES)]
+    with pytest.raises(ConfigError, match="w4a4.rows"):
+        load_config(SMOKE, [f"w4a4.rows=[{len(TECHNIQUES) + 1}]"])
+    with pytest.raises(ConfigError, match="add 'ablation' to w4a4.studies"):  # was a ValueError mid-run
+        load_config(SMOKE, ["w4a4.average_on=[best]", "w4a4.studies=[average]"])
+
+
+def test_a_metrics_file_that_is_json_but_not_a_record_is_corrupt_not_a_crash(tmp_path):
+    from common.core.storage import CorruptFileError
+    from common.evaluation import evaluate
+
+    cfg = load_config(SMOKE)
+    path = tmp_path / "metrics.json"
+    path.write_text("[]")
+    with pytest.raises(CorruptFileError, match="not a metrics record"):
+        evaluate.reusable(cfg, str(path), "fp", force=False)
+    assert evaluate.reusable(cfg, str(path), "fp", force=True) is None and not path.exists()
+
+
+@pytest.mark.parametrize("override, says", [
+    ("run.name=", "no value after '='"),  # was null: the default run folder, runs/<config stem>
+    ("eval.seeds=[0, 0, 1]", "eval.seeds: [0, 0, 1] names a seed twice"),
+    ("compare.seeds=[3, 3]", "compare.seeds"),
+    ("strategies.layer_ratio.p=[]", "strategies.layer_ratio.p: needs at least one entry"),
+    ("compare.budgets=[]", "compare.budgets: needs at least one entry"),
+    ("w4a4.studies=[]", "w4a4.studies: needs at least one entry"),
+])
+def test_settings_that_would_quietly_do_nothing_or_twice_are_refused(override, says):
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        load_config(SMOKE, [override])

@@ -419,3 +419,19 @@ def test_collectives_wait_hours_not_minutes_unless_told(monkeypatch):
         monkeypatch.setenv("LAQFI_DIST_TIMEOUT", bad)
         with pytest.raises(ValueError, match="LAQFI_DIST_TIMEOUT"):
             distributed.timeout_seconds()
+
+
+def test_a_gpu_process_group_also_reduces_cpu_tensors(monkeypatch):
+    """Under torchrun on GPUs the group was plain NCCL, which reduces CUDA tensors only, so the Fisher's sums,
+    kept on the CPU, failed after every rank had done its gradients. The group now maps the CPU to gloo beside
+    NCCL (checked without a GPU: the call is recorded, not made)."""
+    from common.core import distributed
+
+    calls = []
+    monkeypatch.setattr(distributed, "launched", lambda: True)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **k: calls.append(backend))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.init(torch.device("cuda")) == torch.device("cuda", 1)
+    assert calls == ["cuda:nccl,cpu:gloo"]

@@ -304,6 +304,28 @@ def test_every_method_is_evaluated_from_its_files(ft_run):
     assert "W4A4: fisher vs quest" in md and "share of `all`'s paired-MSE reduction" in md
 
 
+def test_a_damaged_calibration_pool_is_recomputed_not_reused(ft_run, tmp_path):
+    """The teacher's calibration pool is sealed like every other tensor cache: a flipped byte in its tensors (the
+    fingerprint in its header intact) is told apart by the digest, so it is recomputed and `verify` flags it."""
+    import shutil
+
+    from common.core import storage
+    from common.experiments import finetune as ft
+
+    tmp, _ = ft_run
+    path = tmp / "runs" / "smoke" / "finetune" / "baseline" / "calib_pool.safetensors"
+    cfg = ft.finetune_config(load_config(SMOKE, [f"run.out_dir={tmp}/runs", f"run.cache_dir={tmp}/cache"]))
+    sha = json.load(open(tmp / "runs" / "smoke" / "baseline" / "model.json"))["sha256"]
+    inputs = ft.pool_inputs(cfg, sha)
+    assert storage.reusable_tensors(str(path), inputs) is not None  # this run's pool, sealed with these inputs
+    damaged = tmp_path / "calib_pool.safetensors"
+    shutil.copy(path, damaged)
+    raw = bytearray(damaged.read_bytes())
+    raw[-3] ^= 0x40  # a byte of the last tensor's data, the header untouched
+    damaged.write_bytes(bytes(raw))
+    assert storage.reusable_tensors(str(damaged), inputs) is None
+
+
 def test_rerun_reuses_and_an_interrupted_method_writes_nothing(ft_run, monkeypatch, data_root):
     import shutil
 

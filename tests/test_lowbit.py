@@ -279,6 +279,15 @@ def test_summary_judges_plans_by_their_damage_with_corrected_verdicts_and_target
     assert (art["inputs"]["keep_format"], art["inputs"]["eps_samples"]) == (cfg.lowbit.keep_format,
                                                                           cfg.lowbit.eps_samples)
     assert set(art["inputs"]["formats"]) >= set(cfg.lowbit.uniform_menu)
+    # and the costs its moves are proposed by: another chain-aware Fisher or refit proposes other moves
+    from common.core.storage import fingerprint, load_torch
+
+    assert len(art["inputs"]["proposer_costs"]) == len(fingerprint({}))
+    # JVP costs of every format, not only its menus': its held-out τ sums them over configurations of both menus
+    jvp = load_torch(str(out / "baseline" / "jvp.pt"))
+    formats = set(cfg.lowbit.uniform_menu + cfg.lowbit.codebook_menu)
+    assert all(set(c) >= formats and all(v >= 0 for v in c.values()) for c in jvp["costs"].values())
+    assert any(c[f] > 0 for c in jvp["costs"].values() for f in cfg.lowbit.codebook_menu)
 
 
 def test_budget_below_the_floor_is_one_line_and_codebooks_refuse_int8(lowbit_run, tmp_path):
@@ -457,6 +466,9 @@ def test_one_standard_error_rule_prefers_the_most_constrained_fit_on_a_tie():
     assert one_standard_error(table) == table[2]
     table[2]["cv_tau"] = 0.45  # more than one standard error (0.04) below the best: the data decide
     assert one_standard_error(table)["kind"] == "error"
+    for row in table:  # no fold scored (too few configurations): the most constrained fit, never the weakest ridge
+        row["cv_tau"] = float("nan")
+    assert one_standard_error(table) == table[3]
 
 
 def test_refit_with_plans_measures_the_allocators_own_choices():
@@ -843,6 +855,10 @@ def test_joint_search_moves_activation_bits_within_the_bops_of_the_weight_search
     assert art["bops"] == pytest.approx(bops(macs, w_bits, art["bits"]), rel=1e-9)
     assert art["bops"] <= art["limit_bops"] == pytest.approx(bops(macs, w_bits, dict.fromkeys(art["bits"], 6)),
                                                              rel=1e-9)
+    # metrics.json records the mix it chose (MAC-weighted), the budget's nominal bits beside it
+    m = json.load(open(vdir / "metrics.json"))
+    assert m["a_bits_budget"] == 6 and m["a_bits"] == pytest.approx(
+        sum(macs[k] * b for k, b in art["bits"].items()) / sum(macs.values()), rel=1e-12)
     # the stored files are what the search judged: its best fitness, sampled from them
     fp32, _, _ = pipeline.load_artifacts(base, "cpu", progress=False)
     q.attach(model)

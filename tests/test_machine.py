@@ -42,6 +42,13 @@ def test_a_onednn_isa_cap_removes_the_instructions_above_it(tmp_path):
     assert cap({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"})["native_bf16"] is True
     assert cap({"ONEDNN_MAX_CPU_ISA": "ALL"}) == free and cap({"ONEDNN_MAX_CPU_ISA": "bogus"})["native_bf16"] is True
     assert "oneDNN capped at AVX2" in machine.describe(avx2) and "capped" not in machine.describe(free)
+    # oneDNN's caps are masks, not a line: AVX-VNNI (256-bit) is not in AVX512_CORE's, nor AMX in AVX10_2_512's
+    path.write_text(SAPPHIRE.replace("avx512_vnni", "avx512_vnni avx_vnni"))  # as Sapphire Rapids lists both
+    core = cap({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"})
+    assert (core["native_bf16"], core["vnni"], core["amx"]) == (False, False, False)
+    assert cap({"ONEDNN_MAX_CPU_ISA": "AVX2_VNNI"})["vnni"] is True
+    assert (cap({"ONEDNN_MAX_CPU_ISA": "AVX10_2_512"})["amx"], cap({"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_AMX"})["amx"]
+            ) == (False, True)
     assert machine.key(avx2) != machine.key(free) and machine.key(free) == machine.key({**free, "onednn_cap": None})
 
 
@@ -75,4 +82,17 @@ def test_bf16_matmul_probe_is_tiny_and_positive():
 
 @pytest.mark.parametrize("device", ["cuda"])
 def test_native_bf16_on_cuda_asks_the_gpu(device):
-    assert machine.native_bf16(device) == (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    # native only: torch's default check also says True where bf16 is emulated (compute capability < 8.0)
+    native = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+    assert machine.native_bf16(device) == native == machine.capability()["cuda_bf16"]
+
+
+def test_emulated_bf16_on_a_gpu_is_not_native(monkeypatch):
+    """torch.cuda.is_bf16_supported() says True on a T4 / V100 too (it only creates a bf16 tensor unless told
+    including_emulation=False): train.bf16 auto, the bf16 backend and `auto` must not take that for native."""
+    from common.quant import backends
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert machine.native_bf16("cuda") is False and machine.cuda_native_bf16() is False
+    assert backends.exact_backends("bf16", "cuda") == ["dequant"]

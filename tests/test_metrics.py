@@ -93,6 +93,8 @@ def test_inception_score_bounds():
     onehot = torch.full((100, 10), -1e4)
     onehot[torch.arange(100), torch.arange(100) % 10] = 0
     assert metrics.inception_score(onehot, splits=1)[0] == pytest.approx(10.0, rel=1e-6)
+    few = torch.randn(5, 1008, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert all(np.isfinite(v) for v in metrics.inception_score(few))  # 10 parts of 5 images were NaN
     # 81 images in 10 splits: torch-fidelity's boundaries (i * N // 10), not torch.chunk's 9 parts of 9
     from torch_fidelity.metric_isc import isc_features_to_metric
 

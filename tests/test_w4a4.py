@@ -55,6 +55,8 @@ def test_outputs_name_every_variant_and_seed(w4a4_run):
     assert not any(f"[{v}] reusing" in p.stdout for v in seconds)
     assert [v for v, s in seconds.items() if "distill" in s] == [v for v in seconds if "distill" in v]
     assert "Minutes of this invocation per row" in md and "| row | transform | calibrate |" in md
+    # cumulative rows 0 and 9: row 9 adds every technique to rounding, not distillation alone
+    assert "| 9 | ranges+token+smooth+rotate+lowrank+time_table+gptq+block+distill |" in md
 
 
 def test_gptq_damage_row_stores_the_same_format_with_other_codes(w4a4_run):

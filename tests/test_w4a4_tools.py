@@ -430,3 +430,18 @@ def test_a_row_costs_more_by_its_bytes_or_activation_bits():
     assert not costs_more((1_316_500, 4.0), base)  # metadata-sized growth is not a cost
     assert costs_more((1_353_000, 4.0), base) and costs_more((1_316_000, 4.5), base)  # a table; block scales
     assert not costs_more((1_316_000, 4.0), base) and not costs_more((2_000_000, 8.0), None)  # the first row
+
+
+@pytest.mark.parametrize("config", ["smoke.yaml", "smoke_dit.yaml"])
+def test_time_table_lives_on_the_models_device(config):
+    """A model already on a GPU is never moved again before it samples (w4a4's transformed model): the tables
+    and the steps they cover are created on the model's device, and a row handed out follows the output's
+    device. Checked with the meta device, which no CPU tensor can mix with, so this runs without a GPU."""
+    _, model = _net(config, ["model.time_embedding=mlp"])
+    model = model.to("meta")
+    time_table.attach(model, [99, 66, 33, 0], {n: 8 for n in model.time_outputs()})
+    assert {b.device.type for _, b in model.named_buffers()} == {"meta"}
+    out = torch.empty(2, 8, device="meta")
+    model._time_rows = torch.zeros(2, dtype=torch.long, device="meta")
+    mod = dict(model.named_modules())[next(iter(model.time_outputs()))]
+    assert time_table._row(mod, (), out).device.type == "meta"

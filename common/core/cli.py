@@ -22,14 +22,17 @@ class _DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def parser(description: str) -> argparse.ArgumentParser:
+def parser(description: str, force=True) -> argparse.ArgumentParser:
+    """The options every script shares; ``force``: whether it keeps results it could recompute (a script that
+    writes nothing it reuses offers no --force)."""
     p = argparse.ArgumentParser(description=description, formatter_class=_DefaultsHelpFormatter)
     p.add_argument("--config", default="configs/default.yaml", help="YAML experiment config")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set train.max_steps=10 (repeatable; value is YAML)")
-    p.add_argument("--force", action="store_true",
-                   help="recompute and overwrite results made with a different config or checkpoint "
-                        "(a finished training of the same config is kept; see simplediffusion.py --retrain)")
+    if force:
+        p.add_argument("--force", action="store_true",
+                       help="recompute and overwrite results made with a different config or checkpoint "
+                            "(a finished training of the same config is kept; see simplediffusion.py --retrain)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
 

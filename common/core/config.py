@@ -8,6 +8,7 @@ the override (``--set 'key=value'``), not the file.
 """
 import copy
 import dataclasses
+import math
 import os
 import re
 import types
@@ -425,8 +426,12 @@ class FinetuneConfig:
     recon_lambda: float = _spec(0.01, lo=0.0, doc="weight of AdaRound's rounding regulariser (per weight)")
 
 
+# The W4A4 ablation's techniques in row order (row k adds the k-th; row 0 is plain rounding); w4a4.py's TECHNIQUES
+W4A4_TECHNIQUES = ("ranges", "token", "smooth", "rotate", "lowrank", "time_table", "gptq", "block", "distill")
+
+
 def _average_stacks(stacks):
-    usable = ("ranges", "token", "smooth", "rotate", "lowrank", "time_table", "gptq", "block")  # distill: uniform A4
+    usable = W4A4_TECHNIQUES[:-1]  # distill trains a uniform A4 model: not a base for mixed activation bits
     for s in stacks:
         bad = [t for t in s.split("+") if t and t not in usable] if s != "best" else []
         if bad:
@@ -441,7 +446,8 @@ class W4A4Config:
     variants use finetune's budget-free settings: seeds, n_images, range_mode, calibration)."""
     studies: list[Literal["damage", "ablation", "average", "channels"]] = _spec(
         ["damage", "ablation", "average"], doc="channels: only the per-input outlier table (part of damage), seconds")
-    rows: list[int] | None = _spec(None, lo=0, doc="ablation rows to run (0 = plain rounding); null = all")
+    rows: list[int] | None = _spec(None, lo=0, hi=len(W4A4_TECHNIQUES),
+                                   doc="ablation rows to run (0 = plain rounding); null = all")
     ablation: Literal["greedy", "cumulative"] = "greedy"  # greedy: a technique that does not help is dropped
     select_images: int = _spec(128, lo=2, doc="images of selection noise the greedy ablation decides on (one image "
                                "that lands on another digit moves the mean paired MSE by ~0.08 / n)")
@@ -589,7 +595,7 @@ def _build(cls, data, src, prefix=""):
     if not isinstance(data, dict):
         raise ConfigError(f"{here}: expected a mapping of keys, got {data!r}")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in NOT_YAML}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)  # YAML keys may be bools or numbers ("on:", "1:")
     if unknown:
         bad = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
         raise ConfigError(f"{src}: unknown key {bad!r}; allowed here: {', '.join(fields)}")
@@ -698,6 +704,11 @@ def _cross_checks(cfg: Config, src: str):
     for p in cfg.strategies.layer_ratio.p:
         if not 0.0 <= p <= 1.0:
             raise ConfigError(f"{src}: strategies.layer_ratio.p: each p must be in [0, 1], got {p}")
+    w = cfg.w4a4
+    if "average" in w.studies and "best" in w.average_on and "ablation" not in w.studies:
+        raise ConfigError(f"{src}: w4a4.average_on: 'best' is the ablation's best row; add 'ablation' to "
+                          f"w4a4.studies (now {w.studies}) or name the techniques, e.g. 'ranges+token'")
+    owner = {}  # stage -> the group that holds it
     for gname, g in cfg.strategies.layer_group.groups.items():
         key = f"{src}: strategies.layer_group.groups.{gname}"
         if not isinstance(g, dict) or set(g) != {"layers", "threshold"}:
@@ -705,8 +716,14 @@ def _cross_checks(cfg: Config, src: str):
         layers = _convert(g["layers"], list[int], key + ".layers")
         if not layers or any(not 1 <= k <= n for k in layers):
             raise ConfigError(f"{key}.layers: stage numbers must be in 1..{n}, got {g['layers']}")
-        if _convert(g["threshold"], float, key + ".threshold") < 0:
-            raise ConfigError(f"{key}.threshold: must be >= 0, got {g['threshold']}")
+        threshold = _convert(g["threshold"], float, key + ".threshold")
+        if not math.isfinite(threshold) or threshold < 0:
+            raise ConfigError(f"{key}.threshold: must be a finite number >= 0, got {g['threshold']}")
+        for k in layers:  # a stage in two groups: the later group's plan would silently replace the earlier's
+            if owner.setdefault(k, gname) != gname:
+                raise ConfigError(f"{key}.layers: stage {k} is already in group {owner[k]!r}; each stage belongs "
+                                  f"to at most one group")
+        g["layers"], g["threshold"] = layers, threshold  # what the strategy reads: numbers, not YAML's strings
     if cfg.quant.granularity == "element" and cfg.quant.format not in ("fp16", "bf16", "int8", "int4"):
         raise ConfigError(f"{src}: quant.format: element granularity (bit masks) works with fp16, bf16, int8 and "
                           f"int4, got {cfg.quant.format!r}; use quant.granularity: tensor")
@@ -717,6 +734,17 @@ def _cross_checks(cfg: Config, src: str):
                        ("sensitivity.seeds", cfg.sensitivity.seeds)):
         if not seeds:
             raise ConfigError(f"{src}: {key}: needs at least one seed")
+    for f in dataclasses.fields(cfg):  # a seed twice samples the same images twice and counts them as two seeds
+        seeds = getattr(getattr(cfg, f.name), "seeds", None)
+        if isinstance(seeds, list) and len(set(seeds)) != len(seeds):
+            raise ConfigError(f"{src}: {f.name}.seeds: {seeds} names a seed twice; each seed once")
+    # lists a script loops over: empty, it would finish having made nothing
+    for section, key in (("strategies.layer_ratio", "p"), ("mixed_precision", "metric"), ("mixed_precision", "budget"),
+                         ("compare", "metrics"), ("compare", "budgets"), ("w4a4", "studies")):
+        sub = cfg
+        for part in section.split("."):
+            sub = getattr(sub, part)
+        _require_entries(section, sub, (key,), src)
     for section, key in (("mixed_precision", "budget"), ("compare", "budgets"), ("sensitivity", "budget")):
         sub = getattr(cfg, section)
         try:  # one spelling per budget, so '25 %' and '25%' name the same run folder
@@ -749,6 +777,8 @@ def parse_override(item: str):
     if "=" not in item:
         raise ConfigError(f"{where}: expected key.sub=value")
     key, text = item.split("=", 1)
+    if not text.strip():  # YAML reads nothing as null: `run.name=` would quietly mean the default run folder
+        raise ConfigError(f"{where}: no value after '='; write null for a key's default, '' for an empty string")
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -779,6 +809,8 @@ def _read_yaml(src: str, chain=()) -> dict:
         raise ConfigError(f"{src}: is a directory; name a YAML file, e.g. configs/default.yaml") from None
     except OSError as e:
         raise ConfigError(f"{src}: cannot be read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{src}: not a UTF-8 text file (byte {e.start}: {e.reason}); name a YAML config") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{src}: not valid YAML: {_yaml_error(e)}") from None
     if raw is None:  # silently running the full default setup instead is never what was meant

@@ -113,7 +113,9 @@ def init(device: torch.device) -> torch.device:
     if device.type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
-        dist.init_process_group("nccl", timeout=timeout)
+        # NCCL reduces CUDA tensors only; the sums some steps keep on the CPU (the Fisher's per-tensor totals)
+        # go through gloo in the same group
+        dist.init_process_group("cuda:nccl,cpu:gloo", timeout=timeout)
         return torch.device("cuda", local)
     dist.init_process_group("gloo", timeout=timeout)
     _GLOO[0] = True

@@ -21,15 +21,22 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16")   # x86 flags of native bf16 dot produc
 VNNI_FLAGS = ("avx512_vnni", "avx_vnni")  # int8 dot products
 AMX_FLAGS = ("amx_tile", "amx_bf16", "amx_int8")
 ARM_BF16_FLAGS = ("bf16",)                 # aarch64 "Features": BFDOT / BFMMLA (Armv8.6)
-# oneDNN's ISA levels, lowest first: ONEDNN_MAX_CPU_ISA caps the instructions torch's bf16 / int8 GEMMs and
-# convolutions may use (ONEDNN_MAX_CPU_ISA=AVX2 on an AVX512-BF16 CPU makes a bf16 matmul ~100x slower, measured),
-# so a flag the cap excludes is not native for what runs here. With ATEN_CPU_CAPABILITY=avx2 (which ``isa``
-# reports) it makes such a host compute like an AVX2-only one: ``make test-avx2``.
-ONEDNN_LEVELS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
-                 "AVX512_CORE_BF16", "AVX10_1_512", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10_1_512_AMX",
-                 "AVX512_CORE_AMX_FP16", "AVX10_2_512", "AVX10_2_512_AMX_2")
-NEEDS_LEVEL = {"avx512_bf16": "AVX512_CORE_BF16", "amx_bf16": "AVX512_CORE_AMX", "amx_tile": "AVX512_CORE_AMX",
-               "amx_int8": "AVX512_CORE_AMX", "avx512_vnni": "AVX512_CORE_VNNI", "avx_vnni": "AVX2_VNNI"}
+# ONEDNN_MAX_CPU_ISA caps the instructions torch's bf16 / int8 GEMMs and convolutions may use
+# (ONEDNN_MAX_CPU_ISA=AVX2 on an AVX512-BF16 CPU makes a bf16 matmul ~100x slower, measured), so a flag the cap
+# excludes is not native for what runs here. With ATEN_CPU_CAPABILITY=avx2 (which ``isa`` reports) it makes such a
+# host compute like an AVX2-only one: ``make test-avx2``. oneDNN's levels are bit masks, not a line: a flag is
+# usable under a cap whose mask holds its bit (src/cpu/x64/cpu_isa_traits.hpp, ``mayiuse``). AVX-VNNI (the 256-bit
+# encoding) is in AVX2_VNNI and from AVX512_CORE_FP16 / AVX10_1_512 on, but not in AVX512_CORE..AVX512_CORE_BF16;
+# AVX10_2_512 carries no AMX bits.
+_VNNI512, _BF16 = {"avx512_vnni"}, {"avx512_vnni", "avx512_bf16"}
+_FP16 = _BF16 | {"avx_vnni"}
+_AMX = _FP16 | {"amx_tile", "amx_int8", "amx_bf16"}
+ONEDNN_CAP_FLAGS = {
+    "SSE41": set(), "AVX": set(), "AVX2": set(), "AVX2_VNNI": {"avx_vnni"}, "AVX2_VNNI_2": {"avx_vnni"},
+    "AVX512_CORE": set(), "AVX512_CORE_VNNI": _VNNI512, "AVX512_CORE_BF16": _BF16,
+    "AVX512_CORE_FP16": _FP16, "AVX10_1_512": _FP16, "AVX512_CORE_AMX": _AMX, "AVX10_1_512_AMX": _AMX,
+    "AVX512_CORE_AMX_FP16": _AMX, "AVX10_1_512_AMX_FP16": _AMX, "AVX10_2_512": _FP16, "AVX10_2_512_AMX_2": _AMX}
+CAPPED_FLAGS = set().union(*ONEDNN_CAP_FLAGS.values())  # the flags a cap can take away
 
 
 def _cpuinfo(path="/proc/cpuinfo") -> tuple:
@@ -68,9 +75,9 @@ def onednn_cap(environ=None):
 
 def _allowed(flag, cap) -> bool:
     """Whether oneDNN may use ``flag``'s instructions under the ISA ``cap`` (None or unknown: no cap)."""
-    if cap not in ONEDNN_LEVELS or flag not in NEEDS_LEVEL:
+    if cap not in ONEDNN_CAP_FLAGS or flag not in CAPPED_FLAGS:
         return True
-    return ONEDNN_LEVELS.index(cap) >= ONEDNN_LEVELS.index(NEEDS_LEVEL[flag])
+    return flag in ONEDNN_CAP_FLAGS[cap]
 
 
 def capability(cpuinfo_path="/proc/cpuinfo", environ=None) -> dict:
@@ -99,7 +106,7 @@ def capability(cpuinfo_path="/proc/cpuinfo", environ=None) -> dict:
             "vnni": bool(usable(vnni)), "amx": bool(usable(amx)), "onednn_cap": isa_cap,
             "flags": bf16 + [f for f in vnni + amx if f not in bf16],
             "cpu": name or platform.processor() or platform.machine(), "cuda": cuda,
-            "cuda_bf16": bool(cuda) and torch.cuda.is_bf16_supported(), "torch": torch.__version__,
+            "cuda_bf16": cuda_native_bf16(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "cores": os.cpu_count()}
 
 
@@ -122,10 +129,16 @@ def key(cap=None) -> str:
                        } | ({"onednn_cap": cap["onednn_cap"]} if cap.get("onednn_cap") else {}))
 
 
+def cuda_native_bf16() -> bool:
+    """A GPU with bf16 arithmetic units (compute capability >= 8.0). torch's ``is_bf16_supported()`` also says True
+    where bf16 is only emulated (a T4 or V100: it merely creates a bf16 tensor), slower than fp16 there."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def native_bf16(device_type="cpu", cap=None) -> bool:
     """Whether bf16 kernels are native on ``device_type`` ("cpu" or "cuda") of this machine."""
     if device_type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return cuda_native_bf16()
     return (cap or capability())["native_bf16"]
 
 

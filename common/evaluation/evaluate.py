@@ -67,6 +67,8 @@ def reusable(cfg, path: str, fingerprint: str, force: bool):
     rerun = f"recompute with `{command(cfg, None, '--force')}`"
     try:
         old = storage.load_json(path, rerun)
+        if not isinstance(old, dict):  # valid JSON, but not the record this writes
+            raise storage.CorruptFileError(f"{path} holds a JSON {type(old).__name__}, not a metrics record; {rerun}")
     except storage.CorruptFileError:
         if not force:
             raise

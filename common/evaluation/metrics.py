@@ -169,9 +169,11 @@ def inception_features(net: FIDInception, images_u8: torch.Tensor, batch_size=50
 
 def inception_score(logits: torch.Tensor, splits: int = 10):
     """IS = exp(E_x KL(p(y|x) || p(y))), mean and std over ``splits`` parts (Salimans et al.): torch-fidelity's
-    own function (its seeded shuffle and split boundaries i * N // splits), on the unbiased logits."""
+    own function (its seeded shuffle and split boundaries i * N // splits), on the unbiased logits. Fewer than
+    two images per part would leave parts empty (NaN) or of one image: the parts shrink to N // 2 then."""
     from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 
+    splits = max(1, min(splits, len(logits) // 2))
     out = isc_features_to_metric(torch.as_tensor(logits), splits=splits)
     return out[KEY_METRIC_ISC_MEAN], out[KEY_METRIC_ISC_STD]
 

@@ -112,26 +112,17 @@ def pool_inputs(c, checkpoint_sha256: str) -> dict:
 
 
 def ensure_pool(c, model, checkpoint_sha256, device, progress=True):
-    """``calibration_pool``, cached in the comparison's baseline folder (``calib_pool.safetensors``, with a
-    fingerprint of ``pool_inputs``) and recomputed when an input changed. Returns (x, t) on the CPU."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
+    """``calibration_pool``, cached in the comparison's baseline folder (``calib_pool.safetensors``, sealed with
+    ``pool_inputs`` and a digest of its tensors) and recomputed when an input changed or the file is damaged.
+    Returns (x, t) on the CPU."""
     path = os.path.join(storage.baseline_dir(c), "calib_pool.safetensors")
     inputs = pool_inputs(c, checkpoint_sha256)
-    fp = storage.fingerprint(inputs)
-    if os.path.exists(path):
-        try:
-            with safe_open(path, framework="pt") as fh:
-                same = (fh.metadata() or {}).get("fingerprint") == fp
-            if same:
-                print(f"[finetune] reusing the teacher's calibration pool {path}")
-                pool = load_file(path)
-                return pool["x"], pool["t"]
-        except Exception as e:  # safetensors raises its own types for damaged files: recompute
-            print(f"[finetune] {path}: unreadable ({type(e).__name__}); recomputing it")
+    pool = storage.reusable_tensors(path, inputs)
+    if pool is not None:
+        print(f"[finetune] reusing the teacher's calibration pool {path}")
+        return pool["x"], pool["t"]
     x, t = calibration_pool(c, model, device, progress)
-    storage.atomic_save_safetensors({"x": x, "t": t}, path, {"fingerprint": fp, "inputs": json.dumps(inputs)})
+    storage.save_sealed_tensors({"x": x, "t": t}, path, inputs)
     print(f"[finetune] teacher's calibration pool ({len(x)} inputs, {c.finetune.calib_source}) -> {path}")
     return x, t
 

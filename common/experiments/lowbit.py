@@ -283,13 +283,13 @@ def chain_jvp(cfg, model, device):
     return ChainJVP(model, sampler, shape, cfg.lowbit.jvp_chains, cfg.lowbit.chain_seed, device)
 
 
-def ensure_jvp(cfg, model, table, menus, ckpt_path, progress=True, device="cpu"):
+def ensure_jvp(cfg, model, table, ckpt_path, progress=True, device="cpu"):
     """The JVP sensitivity (``importance.jvp``): ||J dW_{n,f}||^2 per pixel for every tensor and every format of
-    ``menus``, cached in ``jvp.pt`` bound to the checkpoint. Formats outside the menus cost what the menus'
-    dearest format does (never chosen: ``choose`` restricts the costs to the menu)."""
+    the table, cached in ``jvp.pt`` bound to the checkpoint: every format, not only those of the menus that run
+    the jvp plan, because its held-out τ sums costs over random configurations of every menu."""
     lb = cfg.lowbit
     path = _cache(cfg, "jvp.pt")
-    formats = list(dict.fromkeys(f for m in menus for f in table.menus[m]))
+    formats = list(table.formats)
     inputs = {"chains": lb.jvp_chains, "seed": lb.chain_seed, "formats": formats, "names": table.names,
               "sample": to_dict(cfg.sample), "diffusion": to_dict(cfg.diffusion), **table.recipe}
     art = storage.reusable_artifact(path, ckpt_path, inputs)
@@ -299,9 +299,6 @@ def ensure_jvp(cfg, model, table, menus, ckpt_path, progress=True, device="cpu")
     t0 = time.time()
     costs = jvp_costs(chain_jvp(cfg, model, device),
                       {n: {f: table.errors[n][f] for f in formats} for n in table.names}, progress)
-    for n in costs:
-        top = max(costs[n].values())
-        costs[n].update({f: top for f in table.formats if f not in costs[n]})
     art = {"costs": costs, "meta": {"inputs": inputs, "seconds": round(time.time() - t0, 1)}}
     storage.save_for_checkpoint(art, path, ckpt_path)
     print(f"[lowbit] JVP sensitivity ({len(table.names)} tensors x {len(formats)} formats, {lb.jvp_chains} chains) "
@@ -532,8 +529,7 @@ class Sensitivities:
         self.prior = "chain_fisher" if "chain_fisher" in self.costs else "fisher"
         self.jvp = None
         if "jvp" in lb.plans:
-            menus = [m for m in lb.quantizers if m == "uniform" or "jvp" in lb.codebook_plans]
-            self.jvp = ensure_jvp(cfg, model, table, menus, ckpt_path, progress, device)
+            self.jvp = ensure_jvp(cfg, model, table, ckpt_path, progress, device)
             self.seconds["jvp"] = self.jvp["meta"]["seconds"]
             self.costs["jvp"] = self.jvp["costs"]
         self.measured = self.predictor = None
@@ -626,6 +622,9 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
     # everything its judge's measurements depend on (the menu, keep_format, rounding, ...), then the search's own
     inputs = {**measurer_inputs(cfg, table, sha, lb.search_images), **start, "propose_by": propose_by,
               "proposer": sens.predictor.describe() if propose_by == "learned" else None,
+              # the costs that pick every move: a recomputed chain-aware Fisher or a refitted predictor proposes
+              # other moves even where the start plans come out the same
+              "proposer_costs": storage.fingerprint(menu_costs[propose_by]),
               "seconds": lb.search_seconds, "evals": lb.search_evals, "seed": lb.search_seed, "limit_bits": limit}
     if a_bits is not None:
         inputs["act"] = {"a_bits": a_bits, "ranges": _ranges_inputs(cfg, sha, [a_bits]), "range_mode": lb.range_mode,
@@ -901,6 +900,10 @@ def run_lowbit(cfg, device, force=False, progress=True):
             q = act_quantizer(_act_cfg(c), model, {n: every[b][n] for n, b in act["bits"].items()}, act["bits"],
                               lb.range_mode)
             extra["a_bits_searched"] = provenance["act"]["bits_per_input"] = act["bits"]
+            # the mix it chose, MAC-weighted as act_pipeline records its plans, not the budget's nominal bits
+            macs = unet_macs(model, (c.model.in_channels, c.data.image_size, c.data.image_size))
+            extra["a_bits_budget"] = a_bits
+            extra["a_bits"] = sum(macs[n] * b for n, b in act["bits"].items()) / sum(macs[n] for n in act["bits"])
             record["act_search"] = {k: act[k] for k in ("bops", "limit_bops", "changed", "seconds")} | {
                 "evaluations": len(act["trace"]) - 1}
             record["plan_seconds"] += act["seconds"]

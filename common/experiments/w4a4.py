@@ -26,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core import distributed, lock, machine, storage
-from ..core.config import to_dict
+from ..core.config import W4A4_TECHNIQUES, to_dict
 from ..core.errors import UserError
 from ..diffusion.samplers import build_sampler
 from ..diffusion.schedule import NoiseSchedule
@@ -66,7 +66,7 @@ from .act_pipeline import (
 )
 
 # the techniques of the ablation, in the order the rows add them
-TECHNIQUES = ("ranges", "token", "smooth", "rotate", "lowrank", "time_table", "gptq", "block", "distill")
+TECHNIQUES = W4A4_TECHNIQUES
 SAMPLING_CONVS = ("down-sampling conv", "up-sampling (transposed) conv")
 
 
@@ -581,9 +581,11 @@ def run_ablation(cfg, c, model, ckpt_path, sha, pool, device, rows=None, rank=8,
     n_sel = cfg.w4a4.select_images
     reference = functools.cache(lambda: _selection_samples(c, model, n_sel, device))  # only if a record misses
     done, kept, base, base_damage, base_cost = {}, (), None, None, None  # the kept row's per-image damages
-    for k in rows if rows is not None else range(len(TECHNIQUES) + 1):
+    for k in sorted(set(rows)) if rows is not None else range(len(TECHNIQUES) + 1):
         tried = TECHNIQUES[k - 1] if k else None
         techniques = (kept + (tried,)) if greedy and tried else TECHNIQUES[:k]
+        if not greedy:  # what this row adds to the row before it: several techniques where rows were skipped
+            tried = "+".join(techniques[len(kept):]) or None
         variant = technique_variant(techniques)
         seconds = {}
         with timed(seconds, "transform"):
@@ -664,6 +666,9 @@ def run_average(cfg, c, model, ckpt_path, fisher, pool, device, ablation=None, f
     c2 = copy.deepcopy(c)
     c2.act_quant.w_formats = ["int4"]
     c2.act_quant.a_bits = sorted(set(cfg.w4a4.average_a_bits) | {4})
+    # the plain-rounding block is rounding with per-tensor ranges, as ablation row 0 and the damage study are:
+    # per-token attention and activation blocks are techniques of the rows ("token", "block"), not of the base
+    c2.act_quant.per_token_attention, c2.act_quant.block_size = False, 0
     macs = unet_macs(model, (c.model.in_channels, c.data.image_size, c.data.image_size))
     # the sampler steps' shares of the final sample's sensitivity: the chain-aware Fisher of make lowbit (cached)
     per_step = lowbit.ensure_chain(cfg, model, eligible_names(model, lowbit.RULE), ckpt_path, progress,
@@ -687,7 +692,7 @@ def _average_on(cfg, c, c2, model, ckpt_path, fisher, pool, techniques, macs, pe
     rounding's plan (the same BOPs), stored and run through the transformed model as the ablation row is."""
     mode = cfg.finetune.range_mode
     sha = fisher["meta"]["checkpoint_sha256"]
-    names, kept_inputs, _, _ = act_layout(c, model)
+    names, _, _, _ = act_layout(c, model)
     m, tinfo = transformed_model(c, model, techniques, pool, device, cfg.w4a4.lowrank_rank, cfg.w4a4.smooth_samples,
                                  progress)
     stored = quantized_weights(c, m, techniques, sha, device, tinfo, progress)
@@ -699,7 +704,9 @@ def _average_on(cfg, c, c2, model, ckpt_path, fisher, pool, techniques, macs, pe
         variant = average_variant(plan, techniques)
         choice, info, _ = plan_choice(c2, plan, "W4A4", mode, model, ckpt_path, fisher, macs, device, progress,
                                       per_step)
-        bits = {n: b for n, (_, b) in choice.items() if n not in kept_inputs}
+        # the ends at act_quant.keep_bits where that is set (float: None), as the plain-rounding block quantizes
+        # them and as the a-bits and BOPs below count them
+        bits = {n: b for n, (_, b) in choice.items() if b is not None}
         ranges = row_ranges(c, m, names, method, bits, mode, block, device, sha, progress)
         q = _quantizer(c, m, ranges, bits, mode, "token" in techniques, block)
         fractions = info.get("steps", {}).get("fractions")

@@ -237,8 +237,8 @@ def one_standard_error(table) -> dict:
     """The row of the cross-validation table to keep: among the rows whose cv_tau is within one standard error
     (over the folds) of the best, the most constrained kind, then the strongest ridge."""
     ok = [r for r in table if r["cv_tau"] == r["cv_tau"]]
-    if not ok:
-        return max(table, key=lambda r: -r["alpha"])
+    if not ok:  # no fold could be scored (too few configurations): nothing to choose by, so the most constrained
+        return min(table, key=lambda r: (CONSTRAINED.index(r["kind"]), -r["alpha"]))
     best = max(ok, key=lambda r: r["cv_tau"])
     near = [r for r in ok if r["cv_tau"] >= best["cv_tau"] - np.nan_to_num(best["cv_sem"])]
     return min(near, key=lambda r: (CONSTRAINED.index(r["kind"]), -r["alpha"]))

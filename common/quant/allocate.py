@@ -64,8 +64,10 @@ def solve(cost: dict, resources: dict, limits: dict):
         raise InfeasibleBudgetError(f"milp found no allocation: {res.message}")
     chosen = {n: o for (_, n, o), x in zip(choices, res.x, strict=True) if x > 0.5}
     over = {k: sum(resources[k][n][o] for n, o in chosen.items()) for k, lim in limits.items()}
-    if len(chosen) != len(names) or any(over[k] > limits[k] for k in limits):
-        # rounding of the solver's solution must not bend the rules
+    # rounding of the solver's solution must not bend the rules; a float resource (BOPs of a fraction of the
+    # steps) summed in another order than the solver's may land an ulp above a limit it meets exactly, and an
+    # integer one (bits) breaks a limit by at least 1, far above this tolerance
+    if len(chosen) != len(names) or any(over[k] > limits[k] + 1e-9 * abs(limits[k]) for k in limits):
         raise RuntimeError(f"milp returned an invalid allocation ({len(chosen)}/{len(names)} items, "
                            f"used {over} of {limits}?): {res.message}")
     return chosen, res.message

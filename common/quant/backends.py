@@ -137,8 +137,9 @@ def _floating(model, stored, backend, device, compile_model):
     if backend == "fp16" and torch.device(device).type != "cuda":
         raise ValueError("backend 'fp16' needs a CUDA device (CPU fp16 kernels are ~17x slower than fp32 here); "
                          "use 'bf16' on a CPU")
-    if backend == "bf16" and torch.device(device).type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("backend 'bf16': this GPU has no bfloat16 support; use 'fp16'")
+    if backend == "bf16" and torch.device(device).type == "cuda" and not machine.cuda_native_bf16():
+        raise ValueError("backend 'bf16': this GPU has no native bfloat16 (compute capability < 8.0: torch would "
+                         "emulate it, slower than fp16); use 'fp16'")
     net = _copy(model).to(device=device, dtype=dtype)
     fn = torch.compile(net) if compile_model else net
     precision = {n: backend + (" (exact)" if f == backend else f" (rounded from {f})")
@@ -549,7 +550,7 @@ def exact_backends(kind: str, device="cpu") -> list:
     """The backends that run a plan of ``kind`` (``plan_kind``) exactly on ``device``; ``dequant`` first."""
     cuda = torch.device(device).type == "cuda"
     out = ["dequant"]
-    if "bf16" in kind.split("+") and (not cuda or torch.cuda.is_bf16_supported()):
+    if "bf16" in kind.split("+") and (not cuda or machine.cuda_native_bf16()):
         out.append("bf16")
     if "fp16" in kind.split("+") and cuda:
         out.append("fp16")
@@ -593,7 +594,7 @@ def choose_auto(model, device, cache_dir, shape, timesteps: int, act_quant=False
     Returns {"backend", "kind", "candidates", "measured" ({backend: images/s in the probe} or None), "cached",
     "machine", "reason"}. ``probe(model, backend, device, shape, timesteps, batch)`` -> images/s (tests pass their
     own); measured figures are cached in ``cache_dir``/backend_auto.json per machine, device, plan kind,
-    architecture (parameter names and shapes) and probe batch.
+    architecture (parameter names and shapes), input shape and probe batch.
     """
     kind = plan_kind(model, act_quant)
     candidates = exact_backends(kind, device)
@@ -604,7 +605,8 @@ def choose_auto(model, device, cache_dir, shape, timesteps: int, act_quant=False
                "bf16 / fp16 would round its parameters and int8 its activations")
         return {**out, "backend": "dequant", "reason": f"only dequant runs this plan ({kind}) exactly: {why}"}
     arch = storage.fingerprint({n: list(p.shape) for n, p in model.named_parameters()})
-    key = f"{machine.key(cap)}/{torch.device(device).type}/{kind}/{arch}/b{batch}"
+    # the input's shape too: a DiT's token count follows the image size while its parameters' shapes do not
+    key = f"{machine.key(cap)}/{torch.device(device).type}/{kind}/{arch}/b{batch}/{'x'.join(map(str, shape))}"
     path = os.path.join(cache_dir, AUTO_FILE)
     entry = _read_auto_cache(path).get(key)
     got = entry.get("measured") if isinstance(entry, dict) else None  # a hand-edited entry is measured again

@@ -30,18 +30,20 @@ def _row(module, args, out):
     table = module.time_rows[rows]
     if rows.numel() == 1 and out.shape[0] > 1:
         table = table.expand(out.shape[0], -1)
-    return table.to(out.dtype)
+    return table.to(out.device, out.dtype)
 
 
 def attach(model: nn.Module, steps, widths: dict) -> nn.Module:
     """Register an (empty) table for ``steps`` on each module of ``widths`` ({module name: output width}) and the
     hooks that read it. ``load_state_dict`` then fills the tables."""
-    # int32: stored as a plain 4-byte-per-value entry like the fp32 tensors of a quantized file
-    model.register_buffer("time_rows_steps", torch.as_tensor(list(steps), dtype=torch.int32))
+    # int32: stored as a plain 4-byte-per-value entry like the fp32 tensors of a quantized file; on the model's
+    # device (a model already on a GPU is never moved again before it samples)
+    device = next(model.parameters()).device
+    model.register_buffer("time_rows_steps", torch.as_tensor(list(steps), dtype=torch.int32, device=device))
     mods = dict(model.named_modules())
     for name, width in widths.items():
         m = mods[name]
-        m.register_buffer("time_rows", torch.zeros(len(steps), int(width)))
+        m.register_buffer("time_rows", torch.zeros(len(steps), int(width), device=device))
         object.__setattr__(m, "_time_rows_owner", model)  # not a submodule: no cycle in named_modules
         m.register_forward_hook(_row)
     model.register_forward_pre_hook(_see_t)
