@@ -527,6 +527,21 @@ def test_layer_table_kept_inputs_and_stored_bits(unet):
     assert size_report(stored)["analytic_bytes"] * 8 == counted
 
 
+def test_the_uniform_plan_keeps_the_size_part_of_a_combined_budget(unet):
+    """'W8A8&20%': both parts must hold (allocate_wa enforces both for the other plans); the uniform plan used to
+    drop the size part and was tabulated under a budget it broke."""
+    from common.experiments.act_pipeline import choose
+    from common.quant.allocate import InfeasibleBudgetError
+
+    _, model, _ = unet
+    cfg = load_config(SMOKE)
+    macs = unet_macs(model, (1, 32, 32))
+    choice, info = choose(cfg, "uniform", "W8A8&90%", model, macs, None, None, None, "cpu")  # 8 bits fit 90%
+    assert info["avg_bits"] < 0.9 * 32
+    with pytest.raises(InfeasibleBudgetError, match="above the size part '20%'"):
+        choose(cfg, "uniform", "W8A8&20%", model, macs, None, None, None, "cpu")
+
+
 def _random_ranges(model, groups, seed=0):
     """(G, P, 2) ranges with lo < 0 < hi for every quantizable module (two parts for a skip concatenation)."""
     g = torch.Generator().manual_seed(seed)

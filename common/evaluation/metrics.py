@@ -117,6 +117,15 @@ class FIDInception(nn.Module):
         return f, (F.linear(f, self.fc.weight) if self.fc is not None else None)
 
 
+def cached_inception_source(weights_path=None):
+    """The ``source`` ``load_inception`` reports when it needs no download: an explicit file, pytorch-fid's
+    cached official weights, else None (it would try a download, then fall back to the fid-helper trunk)."""
+    if weights_path:
+        return f"file:{weights_path}"
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", OFFICIAL_FILE)
+    return f"pytorch-fid:{cached}" if os.path.isfile(cached) else None
+
+
 def load_inception(weights_path=None, device="cpu", allow_download=True) -> FIDInception:
     """Resolve Inception weights: explicit file, pytorch-fid's cache/download, fid-helper trunk."""
     if weights_path:

@@ -17,7 +17,7 @@ import json
 import os
 
 from ..core import lock, storage
-from ..core.budget import parse_wa_budget
+from ..core.budget import budget_bits, parse_wa_budget
 from ..core.config import to_dict
 from ..diffusion.data import mnist_tensor
 from ..diffusion.samplers import build_sampler
@@ -36,7 +36,14 @@ from ..quant.activations import (
     quantizer_digest,
     save_act_quant,
 )
-from ..quant.allocate import allocate_steps, allocate_wa, format_bits, layer_bops, uniform_wa_choice
+from ..quant.allocate import (
+    InfeasibleBudgetError,
+    allocate_steps,
+    allocate_wa,
+    format_bits,
+    layer_bops,
+    uniform_wa_choice,
+)
 from ..quant.calibrate import calibration_timesteps, collect_ranges
 from ..quant.container import QUANTIZED_FILE, arch_record, load_quantized, save_quantized, stored_digest
 from ..quant.formats import Assignment, quantize_model
@@ -253,6 +260,12 @@ def choose(cfg, plan, budget, model, macs, ckpt_path, fisher, imp, device):
         layers, fixed, total = layer_table(cfg, model, macs, eligible)
         choice = uniform_wa_choice(layers, *wa[0])
         used = fixed + sum(layers[n]["w"][f][1] for n, (f, _) in choice.items())
+        for (kind, _), raw in zip(parse_wa_budget(budget), str(budget).split("&"), strict=True):
+            if kind not in ("wa", "gbops") and used > budget_bits(raw, total):  # 'WxAy&<size>': both must hold
+                raise InfeasibleBudgetError(
+                    f"budget {budget!r}: uniform W{wa[0][0]}A{wa[0][1]} stores {used / total:.3g} bits per weight, "
+                    f"above the size part {raw.strip()!r} ({budget_bits(raw, total) / total:.3g}); only the "
+                    f"allocating plans can meet both")
         return choice, {"budget": budget, "bops": sum(layer_bops(macs[n], *o) for n, o in choice.items()),
                         "bits_used": used, "avg_bits": used / total, "choice": {n: list(o) for n, o in choice.items()}}
     w_cost = ensure_importance(cfg, PLAN_WEIGHT_METRIC[plan], model, ckpt_path, fisher, device,

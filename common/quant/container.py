@@ -47,8 +47,18 @@ def _record(stored: dict, arch: dict, provenance: dict) -> dict:
         if entry["format"] != "fp32":
             rec["shape"], rec["axis"] = list(entry["shape"]), entry["axis"]
         tensors[name] = rec
-    return {"file_version": FILE_VERSION, "arch": arch, "provenance": provenance, "tensors": tensors,
-            "sha256": stored_digest(stored)}
+    record = {"file_version": FILE_VERSION, "arch": arch, "provenance": provenance, "tensors": tensors,
+              "sha256": stored_digest(stored)}
+    record = json.loads(json.dumps(record, default=str))  # what a reader parses back, digested as such
+    record["record_sha256"] = _record_digest(record)
+    return record
+
+
+def _record_digest(record: dict) -> str:
+    """SHA-256 of the header record itself: the tensors' shape / axis, the architecture and the provenance decide
+    how the stored bytes are read back, and ``sha256`` covers only the bytes."""
+    body = {k: v for k, v in record.items() if k != "record_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def save_quantized(stored: dict, path: str, arch: dict, provenance: dict) -> dict:
@@ -61,7 +71,7 @@ def save_quantized(stored: dict, path: str, arch: dict, provenance: dict) -> dic
 
     tensors = {f"{name}/{k}": entry[k].contiguous() for name, entry in stored.items() for k in _FIELDS if k in entry}
     record = _record(stored, arch, provenance)
-    blob = save(tensors, metadata={META_KEY: json.dumps(record, default=str)})
+    blob = save(tensors, metadata={META_KEY: json.dumps(record)})
     atomic_write_bytes(blob, path)
     report = size_report(stored)
     report["file_bytes"] = os.path.getsize(path)
@@ -106,6 +116,9 @@ def read_quantized(path: str) -> dict:
         record = json.loads(meta[META_KEY])
     except json.JSONDecodeError as e:
         raise QuantizedFileError(f"{path}: metadata record is not valid JSON ({e}): corrupted; {rerun}") from None
+    if "record_sha256" in record and _record_digest(record) != record["record_sha256"]:  # files since 2026-12-06
+        raise QuantizedFileError(f"{path}: metadata record does not match its SHA-256 (a shape, axis, architecture "
+                                 f"or provenance entry was changed): corrupted; {rerun}")
     if record.get("file_version") != FILE_VERSION:
         raise QuantizedFileError(f"{path}: file_version {record.get('file_version')!r}, this code reads "
                                  f"{FILE_VERSION}; {rerun}")
