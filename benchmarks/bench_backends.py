@@ -313,7 +313,8 @@ def headline(rows) -> dict:
     for name, r in (("bf16", bf16), ("int8", ok("int8")), ("int8bf16", mixed), ("int8pct", ok("int8+pct")),
                     ("int8bf16pct", ok("int8_bf16+pct"))):
         if r is not None and out[f"{name}_speedup"] < TARGETS[name]:
-            print(f"  {name} target (>= {TARGETS[name]}x fp32) missed ({out[f'{name}_speedup']}x); top ops of one "
+            print(f"  {name} target (>= {TARGETS[name]}x the same plan on dequant) missed ({out[f'{name}_speedup']}x); "
+                  f"top ops of one "
                   f"{name} U-Net call: {r['top_ops']}")
     print(f"  fp32 (dequant) top ops: {base['top_ops']}")
     return out

@@ -29,7 +29,10 @@ from common.core.cli import clear_errors  # noqa: E402
 from common.core.config import load_config  # noqa: E402
 from common.diffusion.checkpoint import resolve_bf16  # noqa: E402
 from common.diffusion.model import build_model  # noqa: E402
+from common.diffusion.schedule import NoiseSchedule  # noqa: E402
 from common.experiments.report import add_docs_argument, update_section  # noqa: E402
+from common.importance.fisher import per_sample_sq_grads  # noqa: E402
+from common.quant.eligibility import eligible_names  # noqa: E402
 
 MNIST_TRAIN = 60_000
 
@@ -69,13 +72,26 @@ def measure(cfg, device, batch, min_seconds=3.0) -> dict:
         loss.backward()
         sync()
 
+    # the Fisher: per-sample squared gradients of its chunk (vmap over samples), in fp32 and eval mode, as
+    # compute_fisher runs them; dearer per image than a training image (its per-sample gradients)
+    schedule = NoiseSchedule.from_config(cfg.diffusion)
+    names = eligible_names(model, cfg.fisher.eligible)
+    chunk = min(cfg.fisher.chunk_size, batch)
+    eps = torch.randn_like(x[:chunk])
+
+    def fisher_call():
+        per_sample_sq_grads(model, schedule, names, x[:chunk], t[:chunk], eps)
+        sync()
+
     model.eval().requires_grad_(False)
     s_sample = _seconds_per_call(sample_call, min_seconds) / batch
+    s_fisher = _seconds_per_call(fisher_call, min_seconds) / chunk
+    flops["fisher"] = flops["train"]  # forward + backward per sample, in fp32
     model.train().requires_grad_(True)
     s_train = _seconds_per_call(train_call, min_seconds) / batch
     params = sum(p.numel() for p in model.parameters())
-    return {"params": params, "flops": flops, "seconds": {"sample": s_sample, "train": s_train}, "batch": batch,
-            "bf16": bf16, "machine": machine.describe()}
+    return {"params": params, "flops": flops, "seconds": {"sample": s_sample, "train": s_train, "fisher": s_fisher},
+            "batch": batch, "fisher_chunk": chunk, "bf16": bf16, "machine": machine.describe()}
 
 
 def workload(cfg) -> dict:
@@ -89,7 +105,7 @@ def workload(cfg) -> dict:
     reproduce = 5 + len(cfg.strategies.layer_ratio.p)  # fp32, uniform, whole, group, math + the p sweep (as bench.py)
     return {
         "training": ("train", train_steps * cfg.train.batch_size, None),
-        "Fisher": ("train", cfg.fisher.n_samples, None),
+        "Fisher": ("fisher", cfg.fisher.n_samples, None),
         f"reproduce: {reproduce} variants evaluated": ("sample", reproduce * per_variant, None),
         f"compare: {compare_variants} variants": ("sample", compare_variants * cfg.compare.n_images
                                                   * len(cfg.compare.seeds) * steps, compare_variants),
@@ -112,13 +128,16 @@ def table(cfg, m, device, gpus, gpu_tflops) -> str:
              f"{'bf16 autocast' if m.get('bf16', True) else 'fp32'}). Measured on {device}"
              f"{' (' + m['machine'] + ')' if m.get('machine') else ''} at batch {m['batch']}: "
              f"{m['seconds']['sample'] * 1e3:.1f} ms per sampling call-image, "
-             f"{m['seconds']['train'] * 1e3:.1f} ms per training image.",
+             f"{m['seconds']['train'] * 1e3:.1f} ms per training image, "
+             f"{m['seconds']['fisher'] * 1e3:.1f} ms per Fisher sample (fp32 per-sample gradients, chunk "
+             f"{m.get('fisher_chunk', cfg.fisher.chunk_size)}).",
              "",
              ("GPU columns: **measured** on this GPU." if gpu_measured else
               f"GPU columns: **projected** at {gpu_tflops:g} TFLOP/s sustained per GPU — an assumption, not a "
               f"measurement: about a third of an A100's dense bf16 peak (312) and two thirds of its TF32 peak "
-              f"(156; PyTorch runs fp32 convolutions as TF32 by default). Sampling at batch 500 may come near "
-              f"it; training at batch 64 of 32 × 32 images, far less so. Scale the columns by your GPU's "
+              f"(156; PyTorch runs fp32 convolutions as TF32 by default). Sampling at batch "
+              f"{cfg.sample.batch_size} may come near it; training at batch {cfg.train.batch_size} of "
+              f"{cfg.data.image_size} × {cfg.data.image_size} images, far less so. Scale the columns by your GPU's "
               f"measured rate, or run with `--device cuda` to measure it."),
              "",
              f"| stage | U-Net image-calls | this {device} | "
@@ -135,10 +154,12 @@ def table(cfg, m, device, gpus, gpu_tflops) -> str:
                 total /= n
             cols.append(hours(total))
         lines.append(f"| {stage} | {calls:,} | {hours(here)} | " + " | ".join(cols) + " |")
-    lines += ["", "Not charged: Inception / classifier features (one forward of 5,000 small images per variant), "
-                  "the collectives (a gather of the images per seed; one all-reduce of the Fisher sums; DDP's "
-                  "gradient all-reduce per step) and the lower utilisation of a smaller per-rank batch (64 / 8 = 8 "
-                  "training images per GPU)."]
+    most = max(gpus)
+    lines += ["", f"Not charged: Inception / classifier features (one forward of "
+                  f"{cfg.eval.n_images * len(cfg.eval.seeds):,} small images per variant), the collectives (a gather "
+                  f"of the images per seed; one all-reduce of the Fisher sums; DDP's gradient all-reduce per step) "
+                  f"and the lower utilisation of a smaller per-rank batch ({cfg.train.batch_size} / {most} = "
+                  f"{cfg.train.batch_size / most:g} training images per GPU at {most} GPUs)."]
     return "\n".join(lines)
 
 

@@ -125,9 +125,10 @@ def _seconds(cell):
 
 def test_sweep_cost_sharding():
     cfg = load_config(os.path.join(ROOT, "configs", "poster.yaml"), [])
-    m = {"params": 35e6, "batch": 8, "flops": {"sample": 1e10, "train": 3e10},
-         "seconds": {"sample": 0.5, "train": 2.0}}
+    m = {"params": 35e6, "batch": 8, "flops": {"sample": 1e10, "train": 3e10, "fisher": 3e10},
+         "seconds": {"sample": 0.5, "train": 2.0, "fisher": 5.0}}
     work = sweep_cost.workload(cfg)
+    assert work["Fisher"] == ("fisher", cfg.fisher.n_samples, None)  # priced as a Fisher sample, not a training image
     kind, calls, variants = work["reproduce: 6 variants evaluated"]
     assert (kind, calls, variants) == ("sample", 6 * 5000 * 1 * 1000, None)
     # the p sweep's variants count: the same rule as bench.py's reproduction figure (it was a fixed 6)
@@ -144,6 +145,9 @@ def test_sweep_cost_sharding():
     line = next(ln for ln in text.splitlines() if ln.startswith("| reproduce"))
     one, eight = (_seconds(c) for c in line.strip("| ").split(" | ")[3:5])
     assert eight == pytest.approx(one / 8, rel=0.02)  # a variant's images split over the ranks
+    fisher = next(ln for ln in text.splitlines() if ln.startswith("| Fisher"))
+    assert _seconds(fisher.strip("| ").split(" | ")[2]) == pytest.approx(cfg.fisher.n_samples * 5.0, rel=0.02)
+    assert f"batch {cfg.sample.batch_size} may come near" in text and "64 / 8 = 8 training images" in text
 
 
 @pytest.mark.slow
@@ -157,6 +161,7 @@ def test_sweep_cost_script_measures_and_writes_docs(tmp_path):
     assert p.returncode == 0, p.stderr
     text = md.read_text()
     assert "old" not in text and text.endswith("tail\n") and "| 4 GPUs |" in text and "ms per sampling" in text
+    assert "ms per Fisher sample" in text
     bad = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "sweep_cost.py"), "--gpu-tflops", "0"],
                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
     assert bad.returncode != 0 and "--gpu-tflops" in bad.stderr
@@ -216,3 +221,6 @@ def test_sampling_warm_up_covers_the_timed_runs_last_batch(monkeypatch):
     cfg = load_config(os.path.join(ROOT, "configs", "smoke.yaml"), [])
     bench.bench_sampling(cfg, 5, 0, "fp32", batch=2)
     assert calls == [(2, 2), (1, 2), (5, 2)]  # warm-up: a full batch and the last one's shape; then the timed run
+    # fewer images than the batch size: the batch it reports is the one that ran (the slow rows time a tenth of the
+    # images and are compared with fp32 at that batch)
+    assert bench.bench_sampling(cfg, 3, 0, "fp32", batch=8)["batch"] == 3

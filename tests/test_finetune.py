@@ -118,6 +118,12 @@ def test_lsq_matches_the_calibrated_quantizer_then_learns_a_positive_step():
         opt.step()
     assert float((lsq.apply(x, g) - x).pow(2).mean()) < before
     assert torch.all(lsq.export().scale > 0)
+    # what trains is what is exported, bit for bit (the gradient-scaled step used to land an ulp away)
+    steps = torch.rand(4000, 1, generator=torch.Generator().manual_seed(3)) * 0.1 + 1e-3
+    many = LearnedActQuant(LayerQuant(6, False, "tensor", None, steps, zp.expand(4000, 1).clone()))
+    gg = torch.arange(4000)
+    xx = rand(4000, 2, 3, 3, seed=4) * 3
+    assert torch.equal(many.apply(xx, gg), many.export().apply(xx, gg))
 
 
 @pytest.mark.parametrize("split", [None, 3])

