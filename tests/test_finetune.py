@@ -195,6 +195,24 @@ def _ranges(model, groups=2):
     return {n: torch.tensor([[[-3.0, 3.0]]]).repeat(groups, 2, 1) for n in quantizable_modules(model)}
 
 
+def test_the_student_quantizes_the_ends_at_keep_bits_like_actquant_and_its_variants_say_so():
+    """act_quant.keep_bits quantizes the first / last conv inputs in make actquant and w4a4; the student left them
+    float, so its variants were another model than the rows they were compared with."""
+    from common.diffusion.model import build_model
+    from common.experiments import finetune as ft
+    from common.experiments.act_pipeline import act_layout, quantizer_inputs
+
+    cfg = load_config(SMOKE, ["act_quant.keep_bits=8"])
+    c = ft.finetune_config(cfg)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size).eval()
+    student = ft.Student(c, model, 4, 4, _ranges(model), "ste")
+    names, kept, _, _ = act_layout(c, model)
+    assert kept and set(student.quantizer.layers) == set(names)
+    assert {n: student.quantizer.layers[n].bits for n in kept} == dict.fromkeys(kept, 8)
+    assert quantizer_inputs(c) != quantizer_inputs(ft.finetune_config(load_config(SMOKE)))  # a variant's key moves
+
+
 def test_the_student_quantizes_every_input_it_reports_and_runs_without_dropout():
     """Two bugs of the student before: with act_quant.per_token_attention the attention projections' inputs stayed
     float (the per-token quantizers were dropped while the report said every input was quantized), and the copy ran

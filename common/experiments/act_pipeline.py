@@ -99,11 +99,12 @@ def act_quantizer(cfg, model, ranges, bits: dict, mode: str) -> ActQuantizer:
 
 def quantizer_inputs(cfg) -> dict:
     """What a quantizer of ``act_quantizer`` depends on beyond its bits and ranges: ``act_layout``'s settings and
-    the softmax bits (``block_size`` only when set, so records made before it existed stay valid)."""
+    the softmax bits (``block_size`` and ``keep_bits`` only when set, so records made before stay valid)."""
     aq = cfg.act_quant
     return {"act_quant": {k: to_dict(aq)[k] for k in ("symmetric", "per_token_attention", "keep_first_last",
                                                       "split_concat", "softmax_bits")},
-            **({"block_size": aq.block_size} if aq.block_size else {})}
+            **({"block_size": aq.block_size} if aq.block_size else {}),
+            **({"keep_bits": aq.keep_bits} if aq.keep_bits else {})}  # the ends' inputs when not float
 
 
 def _cache_dir(cfg) -> str:
