@@ -259,6 +259,13 @@ def test_released_weights_are_verified_and_used_without_training(pipeline_run):
     sha = next(line.split("sha256: ")[1] for line in p.stdout.splitlines() if "sha256: " in line).strip()
     prov = json.load(open(tmp / "released" / "smoke.json"))
     assert prov["sha256"] == sha and prov["step"] == 3 and "simplediffusion.py" in prov["retrain_command"]
+    # its loss_ema is the training's running loss (as the snapshots record it), not a plain mean of the last steps
+    from common.core.storage import load_torch
+    from common.diffusion.baseline import running_loss
+
+    history = load_torch(str(tmp / "runs" / "smoke" / "baseline" / "checkpoint.pt"))["loss_history"]
+    assert prov["final_loss_ema"] == pytest.approx(running_loss(history), abs=1e-6)
+    assert running_loss(history) != pytest.approx(sum(history) / len(history), abs=1e-6)
     rel = ["--set", f"baseline.weights={out}", "--set", f"baseline.sha256={sha}", "--set", "run.name=rel"]
     first = run("simplediffusion.py", tmp, *rel)
     assert "released weights" in first.stdout and "no training" in first.stdout

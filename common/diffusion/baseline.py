@@ -175,13 +175,22 @@ def write_provenance(weights_path, meta: dict, retrain_command: str, extra=None)
     return path
 
 
+def running_loss(losses, keep=0.98):
+    """The training's running loss after ``losses`` (an exponential average, the progress bar's and the snapshots'
+    ``loss_ema``); None before the first step."""
+    running = None
+    for value in losses:
+        running = value if running is None else keep * running + (1 - keep) * value
+    return running
+
+
 def release(ckpt_path, out_path, retrain_command: str, extra=None):
     """Export a finished training checkpoint's EMA weights as a released baseline: ``out_path``
     (safetensors) and its provenance ``<out>.json``. Returns (SHA-256, provenance path)."""
     model, ckpt = load_ema(ckpt_path)
-    losses = ckpt["loss_history"][-100:]
+    # loss_ema as the snapshots record it (the running average), not a plain mean of the last steps
     meta = save_weights(out_path, model.state_dict(), ckpt["config"], ckpt["training_inputs"], ckpt["step"],
-                        ckpt.get("train_seconds") or 0.0, sum(losses) / max(1, len(losses)))
+                        ckpt.get("train_seconds") or 0.0, running_loss(ckpt["loss_history"]))
     prov = write_provenance(out_path, meta, retrain_command, extra)
     return sha256_file(out_path), prov
 

@@ -20,7 +20,7 @@ from ..core.storage import (
     sha256_file,
     tensor_digest,
 )
-from .baseline import save_weights, verified_release
+from .baseline import running_loss, save_weights, verified_release
 from .checkpoint import announce_bf16, check_checkpoint_matches, load_checkpoint, recorded_bf16, training_inputs
 from .model import build_model
 from .schedule import NoiseSchedule
@@ -180,9 +180,8 @@ def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, prog
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="train",
                disable=not progress or not distributed.is_main())
-    t0, running = time.time(), None
-    for value in losses:  # a resumed run's running loss (snapshots record it) as the uninterrupted run's
-        running = value if running is None else 0.98 * running + 0.02 * value
+    t0 = time.time()
+    running = running_loss(losses)  # a resumed run's running loss (snapshots record it) as the uninterrupted run's
     for step in bar:
         idx = _batch_indices(cfg.run.seed, step, len(x_train), cfg.train.batch_size)
         gen = _step_rng(cfg.run.seed, step)
