@@ -3,8 +3,6 @@ mix (sensitivity.budget) on several EMA snapshots of one training run, same seed
 and classifier-FID/KID against each snapshot's own fp32 samples, and each snapshot's per-stage Fisher.
 Writes runs/<run>/sensitivity/{summary.md, sensitivity.png} and one folder per snapshot.
 """
-import os
-
 from common.core import cli
 from common.core.storage import run_dir
 from common.experiments import sensitivity
@@ -23,17 +21,7 @@ def main():
     if device is None:
         return  # under torchrun rank 0 runs the snapshots
     with cli.clear_errors():
-        first = {}  # each file once (by its real path), named as the command line named it
-        for q in (q for s in args.snapshots for q in snapshot_paths(s)):
-            first.setdefault(os.path.realpath(q), q)
-        paths = list(first.values())
-        if len(paths) < 2:
-            raise FileNotFoundError(f"--snapshots: need at least 2 different snapshot files, got {paths}")
-        stems = [os.path.splitext(os.path.basename(q))[0] for q in paths]
-        if len(set(stems)) < len(stems):  # each snapshot's sub-run is named after its file
-            twice = sorted({x for x in stems if stems.count(x) > 1})
-            raise FileNotFoundError(f"--snapshots: files named alike in different folders ({twice}) would share one "
-                                    f"sub-run folder; rename or copy them apart")
+        paths = sensitivity.distinct_snapshots([q for s in args.snapshots for q in snapshot_paths(s)])
         rows = sensitivity.run_sensitivity(cfg, paths, device, force=args.force,
                                            progress=not args.no_progress)
         md = sensitivity.write_outputs(cfg, rows)

@@ -262,7 +262,6 @@ def core(cfg, args, peak, cap) -> dict:
               "fp16_weights", "torchao_int8_wo"):
         r = isolated(bench_sampling, cfg, n_slow if v in slow else args.n_batch, 0, v)
         r.setdefault("variant", v)
-        r["reference"] = small if v in slow else base
         rows.append(r)
     sweep = [isolated(bench_sampling, cfg, max(b, args.n_batch // 2), 0, "fp32", b) for b in args.batch_sweep]
     fisher = isolated(bench_fisher, cfg, args.fisher_n)
@@ -274,7 +273,7 @@ def core(cfg, args, peak, cap) -> dict:
         if "error" in r:
             print(f"{r['variant']:20s} unavailable: {r['error']}")
             continue
-        ref = r.pop("reference", base)  # fp32 at the row's own batch
+        ref = small if r["variant"] in slow else base  # fp32 at the row's own batch
         print(f"{r['variant']:20s} {r['batched_img_s']:8.1f} {r['batched_img_s'] / ref['batched_img_s']:8.2f} "
               f"{r['batch']:6d} {r['peak_rss_mb']:12.0f} {r['warmup_s']:10.1f}")
     print("batch sweep (fp32): " + ", ".join(f"batch {r['batch']}: {r['batched_img_s']:.1f} img/s" for r in sweep))

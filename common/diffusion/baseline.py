@@ -175,12 +175,17 @@ def write_provenance(weights_path, meta: dict, retrain_command: str, extra=None)
     return path
 
 
-def running_loss(losses, keep=0.98):
-    """The training's running loss after ``losses`` (an exponential average, the progress bar's and the snapshots'
-    ``loss_ema``); None before the first step."""
+def running_step(running, value):
+    """One step of the training's running loss (the progress bar's and the snapshots' ``loss_ema``)."""
+    return value if running is None else 0.98 * running + 0.02 * value
+
+
+def running_loss(losses):
+    """The running loss after ``losses``, computed as the training loop computes it step by step (so a resumed run
+    continues the uninterrupted run's value bit for bit); None before the first step."""
     running = None
     for value in losses:
-        running = value if running is None else keep * running + (1 - keep) * value
+        running = running_step(running, value)
     return running
 
 

@@ -20,7 +20,7 @@ from ..core.storage import (
     sha256_file,
     tensor_digest,
 )
-from .baseline import running_loss, save_weights, verified_release
+from .baseline import running_loss, running_step, save_weights, verified_release
 from .checkpoint import announce_bf16, check_checkpoint_matches, load_checkpoint, recorded_bf16, training_inputs
 from .model import build_model
 from .schedule import NoiseSchedule
@@ -213,7 +213,7 @@ def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, prog
         with torch.no_grad():
             d = _ema_decay(cfg.train, step)
             torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - d)
-        running = value if running is None else 0.98 * running + 0.02 * value
+        running = running_step(running, value)
         losses.append(value)
         bar.set_postfix(loss=f"{running:.4f}")
         if not distributed.is_main():

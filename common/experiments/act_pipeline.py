@@ -255,13 +255,14 @@ def choose(cfg, plan, budget, model, macs, ckpt_path, fisher, imp, device):
     names, kept, _, _ = act_layout(cfg, model)
     eligible = {f"{n}.weight" for n in names if n not in kept}
     if plan == "uniform":
-        wa = [v for k, v in parse_wa_budget(budget) if k == "wa"]
+        parts = parse_wa_budget(budget)
+        wa = [v for k, v in parts if k == "wa"]
         if not wa:
             raise ValueError(f"budget {budget!r}: the uniform plan needs a 'WxAy' budget")
         layers, fixed, total = layer_table(cfg, model, macs, eligible)
         choice = uniform_wa_choice(layers, *wa[0])
         used = fixed + sum(layers[n]["w"][f][1] for n, (f, _) in choice.items())
-        for (kind, _), raw in zip(parse_wa_budget(budget), str(budget).split("&"), strict=True):
+        for (kind, _), raw in zip(parts, str(budget).split("&"), strict=True):
             if kind not in ("wa", "gbops") and used > budget_bits(raw, total):  # 'WxAy&<size>': both must hold
                 raise InfeasibleBudgetError(
                     f"budget {budget!r}: uniform W{wa[0][0]}A{wa[0][1]} stores {used / total:.3g} bits per weight, "

@@ -20,10 +20,31 @@ from .statistics import ALPHA, holm, paired_p
 VARIANTS = ("uniform_int8", "uniform_int4", "mp_fisher")
 
 
+def snapshot_name(path) -> str:
+    """The sub-run folder of a snapshot: its file name without the extension."""
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def distinct_snapshots(paths) -> list:
+    """``paths`` with each file once (by its real path, named as given); FileNotFoundError unless at least two remain
+    and no two share a ``snapshot_name`` (they would share one sub-run folder)."""
+    first = {}
+    for q in paths:
+        first.setdefault(os.path.realpath(q), q)
+    out = list(first.values())
+    if len(out) < 2:
+        raise FileNotFoundError(f"--snapshots: need at least 2 different snapshot files, got {out}")
+    names = [snapshot_name(q) for q in out]
+    twice = sorted({x for x in names if names.count(x) > 1})
+    if twice:
+        raise FileNotFoundError(f"--snapshots: files named alike in different folders ({twice}) would share one "
+                                f"sub-run folder; rename or copy them apart")
+    return out
+
+
 def snapshot_config(cfg, path):
     """``cfg`` with ``path`` as its (verified) baseline, the sensitivity sample budget and its own run folder."""
-    stem = os.path.splitext(os.path.basename(path))[0]
-    c = pipeline.sub_run_config(cfg, f"sensitivity/{stem}", cfg.sensitivity)
+    c = pipeline.sub_run_config(cfg, f"sensitivity/{snapshot_name(path)}", cfg.sensitivity)
     c.baseline.weights, c.baseline.sha256 = path, storage.sha256_file(path)
     return c
 
@@ -149,7 +170,7 @@ def write_outputs(cfg, rows) -> str:
                     *[f"* {s}" for s in trend_sentences(rows)], "", "![sensitivity](sensitivity.png)"]) + "\n"
     plot(rows, os.path.join(folder, "sensitivity.png"))
     storage.atomic_write_text(md, os.path.join(folder, "summary.md"))
-    sources = [os.path.join(folder, os.path.splitext(r["info"]["snapshot"])[0], r[v]["variant"], "metrics.json")
+    sources = [os.path.join(folder, snapshot_name(r["info"]["snapshot"]), r[v]["variant"], "metrics.json")
                for r in rows for v in ("fp32",) + VARIANTS]
     storage.write_sources(os.path.join(folder, "summary.sources.json"),
                           [os.path.join(folder, f) for f in ("summary.md", "sensitivity.png")], sources, command(cfg))
