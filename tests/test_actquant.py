@@ -527,6 +527,24 @@ def test_layer_table_kept_inputs_and_stored_bits(unet):
     assert size_report(stored)["analytic_bytes"] * 8 == counted
 
 
+@pytest.mark.parametrize("keep", [None, 8])
+def test_every_uniform_quantizer_puts_the_ends_at_keep_bits(unet, keep):
+    """lowbit's activations and w4a4's ablation rows left the first / last conv's inputs float under
+    act_quant.keep_bits, where make actquant, the finetune student and w4a4's average study quantize them."""
+    from common.experiments import lowbit
+    from common.experiments.act_pipeline import act_layout, input_bits
+
+    _, model, _ = unet
+    cfg = load_config(SMOKE, [f"act_quant.keep_bits={keep or 'null'}"])
+    names, kept, _, _ = act_layout(cfg, model)
+    bits = input_bits(cfg, names, kept, 4)
+    assert kept and {n: bits.get(n) for n in kept} == dict.fromkeys(kept, keep)
+    assert {bits[n] for n in names if n not in kept} == {4} and input_bits(cfg, names, kept, None) == {}
+    ranges = _random_ranges(model, 1)
+    q = lowbit.activation_quantizer(cfg, model, 4, ranges)
+    assert {n: lq.bits for n, lq in q.layers.items()} == bits
+
+
 def test_the_uniform_plan_keeps_the_size_part_of_a_combined_budget(unet):
     """'W8A8&20%': both parts must hold (allocate_wa enforces both for the other plans); the uniform plan used to
     drop the size part and was tabulated under a budget it broke."""
@@ -579,8 +597,8 @@ def test_one_activation_quantizer_builder_for_lowbit_actquant_and_finetune(unet,
     def lq(n, b):
         return LayerQuant.from_ranges(ranges[n], b, aq.symmetric, "token" if n in token else "tensor", splits.get(n))
 
-    # lowbit.activation_quantizer
-    want = old({n: lq(n, 6) for n in names if n not in kept})
+    # lowbit.activation_quantizer (since 2026-12-07 with the ends at keep_bits where that is set)
+    want = old({n: lq(n, aq.keep_bits if n in kept else 6) for n in names if aq.keep_bits or n not in kept})
     assert quantizer_digest(lowbit.activation_quantizer(cfg, model, 6, ranges)) == quantizer_digest(want)
     assert lowbit.activation_quantizer(cfg, model, None, ranges).layers == {}
     # act_pipeline.candidates and the quantizer of a chosen W/A plan

@@ -91,6 +91,15 @@ def block_scale_bits(macs: dict, quantized, block: int) -> float:
     return scale_bits(block) * sum(macs[n] for n in quantized) / sum(macs.values())
 
 
+def input_bits(cfg, names, kept, a_bits) -> dict:
+    """{input: bits} of a uniform plan: every allocatable input at ``a_bits``, the kept ends at
+    ``act_quant.keep_bits`` (left out while that is float); none when ``a_bits`` is None (float activations)."""
+    if a_bits is None:
+        return {}
+    keep = cfg.act_quant.keep_bits
+    return {n: keep if n in kept else a_bits for n in names if keep or n not in kept}
+
+
 def act_quantizer(cfg, model, ranges, bits: dict, mode: str) -> ActQuantizer:
     """The ``ActQuantizer`` of ``input_quants`` with ``mode``'s timestep groups and ``act_quant.softmax_bits``."""
     return ActQuantizer(input_quants(cfg, model, ranges, bits), mode_groups(cfg, mode), cfg.diffusion.timesteps,

@@ -59,6 +59,7 @@ from .act_pipeline import (
     act_layout,
     ensure_act_importance,
     ensure_ranges,
+    input_bits,
     input_quants,
     mode_groups,
     quantizer_inputs,
@@ -175,9 +176,7 @@ class Student:
             self.wq[n] = WeightQuant(own[n], formats[n], axes[n], mode, start[n]["scale"] if n in start else None)
             parametrize.register_parametrization(mod, "weight", self.wq[n])
         names, kept, _, _ = act_layout(c, model)
-        # the ends' inputs at act_quant.keep_bits where that is set (as make actquant and w4a4 quantize them)
-        bits = {n: c.act_quant.keep_bits if n in kept else a_bits for n in names}
-        quants = input_quants(c, model, ranges, {n: b for n, b in bits.items() if b is not None})
+        quants = input_quants(c, model, ranges, input_bits(c, names, kept, a_bits))
         self.aq = {n: LearnedActQuant(q) for n, q in quants.items() if q.granularity == "tensor"}
         self.quantizer = ActQuantizer({n: self.aq.get(n, q) for n, q in quants.items()},
                                       mode_groups(c, c.finetune.range_mode), c.diffusion.timesteps,

@@ -80,6 +80,7 @@ from .act_pipeline import (
     act_quantizer,
     ensure_act_importance,
     ensure_ranges,
+    input_bits,
     quantizer_inputs,
     range_inputs,
     save_and_evaluate,
@@ -803,9 +804,10 @@ def choose(cfg, plan, menu, budget_text, table, sens, a_bits=None):
 
 
 def activation_quantizer(cfg, model, a_bits, ranges):
-    """Every quantizable input but the first and last conv's at ``a_bits`` (None: none quantized)."""
+    """Every quantizable input but the first and last conv's at ``a_bits`` (None: none quantized), those at
+    ``act_quant.keep_bits`` where that is set."""
     names, kept, _, _ = act_layout(cfg, model)
-    return act_quantizer(cfg, model, ranges, {n: a_bits for n in names if n not in kept}, cfg.lowbit.range_mode)
+    return act_quantizer(cfg, model, ranges, input_bits(cfg, names, kept, a_bits), cfg.lowbit.range_mode)
 
 
 def check_budgets(lb, table):

@@ -56,6 +56,7 @@ from .act_pipeline import (
     block_scale_bits,
     calibrated_ranges,
     ensure_ranges,
+    input_bits,
     mean_bits,
     mode_groups,
     plan_choice,
@@ -578,7 +579,6 @@ def run_ablation(cfg, c, model, ckpt_path, sha, pool, device, rows=None, rank=8,
     mode = cfg.finetune.range_mode
     greedy = cfg.w4a4.ablation == "greedy"
     names, kept_inputs, _, _ = act_layout(c, model)
-    inputs = [n for n in names if n not in kept_inputs]
     n_sel = cfg.w4a4.select_images
     reference = functools.cache(lambda: _selection_samples(c, model, n_sel, device))  # only if a record misses
     done, kept, base, base_damage, base_cost = {}, (), None, None, None  # the kept row's per-image damages
@@ -593,9 +593,11 @@ def run_ablation(cfg, c, model, ckpt_path, sha, pool, device, rows=None, rank=8,
             m, info = transformed_model(c, model, techniques, pool, device, rank, cfg.w4a4.smooth_samples, progress)
         block = row_block(cfg, techniques)
         method = range_method(techniques)
-        with timed(seconds, "calibrate"):
-            ranges = row_ranges(c, m, names, method, 4, mode, block, device, sha, progress)
-        q = _quantizer(c, m, ranges, {n: 4 for n in inputs}, mode, "token" in techniques, block)
+        bits = input_bits(c, names, kept_inputs, 4)  # the ends at act_quant.keep_bits, as the other studies
+        with timed(seconds, "calibrate"):  # (an int aims every least-MSE range at A4: the caches made before)
+            ranges = row_ranges(c, m, names, method, bits if c.act_quant.keep_bits else 4, mode, block, device,
+                                sha, progress)
+        q = _quantizer(c, m, ranges, bits, mode, "token" in techniques, block)
         with timed(seconds, "weights"):
             stored = quantized_weights(c, m, techniques, sha, device, info, progress)
         if "distill" in techniques:
