@@ -311,6 +311,44 @@ def test_int8_mixed_bf16(mixed, int8_reference):
     assert 0 < rel_err(out, int8) < 0.05 and rel_err(out, ref) < 0.08
 
 
+@pytest.fixture(scope="module")
+def mixed_mlp_time():
+    """``mixed_two_stages`` with the released recipe's MLP time embedding: every ResBlock has a time projection."""
+    from common.diffusion.model import build_model
+
+    cfg = load_config(SMOKE)
+    arch = copy.deepcopy(cfg.model)
+    arch.channels, arch.attentions, arch.upscales, arch.time_embedding = [8, 16], [False, True], [False, True], "mlp"
+    torch.manual_seed(0)
+    model = build_model(arch, cfg.diffusion.timesteps, cfg.data.image_size).eval()
+    _, qmodel, stored, sampler, _ = _quantized_mixed(cfg, model, "Layer2.attention_layer.proj1",
+                                                     "Layer2.ResBlock1.conv2", "Layer1.ResBlock2.conv1")
+    return qmodel, stored, backends.calibration_inputs(qmodel, sampler, 4, SHAPE, 1234)
+
+
+@pytest.mark.parametrize("backend", ["int8", "int8_bf16"])
+def test_int8_time_path_fp32_runs_the_time_projections_weight_only_in_fp32(mixed_mlp_time, backend):
+    """backend.int8_time_path: fp32: every time-path module the plan stores int8 runs its stored values in fp32
+    (no int8 kernel, no activation quantizer, no bf16 island); the rest of the graph as before."""
+    qmodel, stored, calib = mixed_mlp_time
+    time = {n for n, e in stored.items() if n.endswith(".weight") and qmodel.time_path(n.removesuffix(".weight"))
+            and e["format"] != "fp32"}  # the time MLP is fp32 under the poster's rule
+    assert len(time) == 4 and all(".time_proj." in n for n in time)
+    plain = backends.int8_plan(qmodel, stored)
+    plan = backends.int8_plan(qmodel, stored, "fp32")
+    assert plan.fp32 == time and set(plain.scales) - set(plan.scales) == {n.removesuffix(".weight") for n in time}
+    runner = backends.prepare(qmodel, stored, backend, calib=calib, compile_model=False, int8_time_path="fp32")
+    assert {runner.precision[n] for n in time} == {"fp32 (int8 values; time path, one row per image "
+                                                   "(backend.int8_time_path: fp32))"}
+    assert any("time path fp32" in n for n in runner.notes)
+    assert len(_graph_weights(runner.fn)) == len(plan.scales)  # the rest stays int8 (sub-pixel phases included)
+    linear = {n.args[1].target: n.target for n in runner.fn.graph.nodes
+              if n.op == "call_function" and len(n.args) > 1 and getattr(n.args[1], "op", None) == "get_attr"}
+    assert {linear[n] for n in time} == {torch.ops.aten.linear.default}  # fp32, on the stored values
+    for n in time:
+        torch.testing.assert_close(backends._attr(runner.fn, n), dict(qmodel.named_parameters())[n], rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- loading and sample.py
 def test_load_weights_plain_state_dict(tiny_model_fisher, tmp_path):
     from common.core.config import load_config

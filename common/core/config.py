@@ -322,6 +322,9 @@ class BackendConfig:
     # int8: 7-bit activation codes (0..127), so CPUs without VNNI do not saturate the 16-bit pair sums of their
     # u8*s8 kernels (docs/performance.md: 6.3x lower paired MSE on AVX2); auto: true exactly where there is no VNNI
     int8_reduce_range: bool | Literal["auto"] = "auto"
+    # int8: the time path's linears (one input row per image: int8 buys nothing there, and their inputs span
+    # 100x between channels) run their stored weights in fp32 rather than W8A8
+    int8_time_path: Literal["int8", "fp32"] = "int8"
 
 
 LOWBIT_PLANS = Literal["uniform", "fisher", "chain_fisher", "chain_output", "fisher_iterative", "learned",

@@ -94,7 +94,8 @@ def build_runner(cfg, model, stored, backend: str, device, batch_size: int, comp
     return backends.prepare(model, stored, backend, device, calib=calib, batch_size=batch_size,
                             compile_model=compile_model, warmup_shape=(batch_size, *shape),
                             int8_ranges=cfg.backend.int8_ranges, int8_percentile=cfg.backend.int8_percentile,
-                            int8_reduce_range=backends.resolve_reduce_range(cfg.backend.int8_reduce_range))
+                            int8_reduce_range=backends.resolve_reduce_range(cfg.backend.int8_reduce_range),
+                            int8_time_path=cfg.backend.int8_time_path)
 
 
 def resolve_backend(cfg, model, backend: str, device, act_quant=False, say=print):

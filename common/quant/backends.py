@@ -201,17 +201,19 @@ class Int8Plan:
     scales: dict = field(default_factory=dict)   # module name (after rewriting) -> the plan's per-channel scale
     subpixel: list = field(default_factory=list)  # ConvTranspose2d modules run as SubPixelConvTranspose
     kept: dict = field(default_factory=dict)     # parameter name -> why it stays fp32
+    fp32: set = field(default_factory=set)       # kept parameters that stay fp32 under int8_bf16's islands too
 
 
 class CodebookNotRunnable(ValueError):
     """A codebook-stored tensor on the int8 backend."""
 
 
-def int8_plan(model, stored) -> Int8Plan:
+def int8_plan(model, stored, time_path="int8") -> Int8Plan:
     """Modules whose weight the plan stored whole-tensor int8/int4/int3/int2 with one scale per output channel
     (codes within int8's range and the kernel's per-channel scale: exact) and which have an x86 int8 kernel.
     Group-wise scales do not fit a per-channel kernel: those tensors run their stored values in fp32. Codebooks
-    (k-means centroids) are not integer codes at all: refused."""
+    (k-means centroids) are not integer codes at all: refused. ``time_path`` "fp32": the network's time-path
+    modules (``model.time_path``) run their stored values in fp32 (weight-only), never in a bf16 island."""
     plan = Int8Plan()
     if stored is None:
         return plan
@@ -226,7 +228,10 @@ def int8_plan(model, stored) -> Int8Plan:
         e = stored.get(name)
         if e is None or e["format"] == "fp32" or format_spec(e["format"]).kind != "int":
             continue
-        if format_spec(e["format"]).group is not None:
+        if time_path == "fp32" and getattr(model, "time_path", lambda n: False)(mod_name):
+            plan.kept[name] = "time path, one row per image (backend.int8_time_path: fp32)"
+            plan.fp32.add(name)
+        elif format_spec(e["format"]).group is not None:
             plan.kept[name] = f"{e['format']}: group-wise scales (an int8 kernel has one scale per output channel)"
         elif "mask" in e:
             plan.kept[name] = "element mask (one kernel cannot mix formats in a tensor)"
@@ -359,12 +364,12 @@ def _graph_constants(gm):
 
 
 def _int8(model, stored, calib, batch_size, compile_model, mixed_bf16=False, ranges="histogram", percentile=99.99,
-          reduce_range=False):
+          reduce_range=False, time_path="int8"):
     if not calib:
         raise ValueError("backend 'int8' needs calibration inputs (see calibration_inputs)")
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    plan = int8_plan(model, stored)
+    plan = int8_plan(model, stored, time_path)
     net = _copy(model)
     for mod_name in plan.subpixel:
         parent, _, leaf = mod_name.rpartition(".")
@@ -382,10 +387,11 @@ def _int8(model, stored, calib, batch_size, compile_model, mixed_bf16=False, ran
     resident = tensor_bytes(_graph_constants(converted))
     formats = _formats(model, stored)
     # a masked entry's kept elements are fp32 by the plan's choice (outliers, high-Fisher elements): never bf16
-    in_bf16 = _bf16_islands(converted, {n for n, f in formats.items() if f == "fp32" or f.endswith(" masked")}) \
-        if mixed_bf16 else set()
+    in_bf16 = _bf16_islands(converted, {n for n, f in formats.items() if f == "fp32" or f.endswith(" masked")}
+                            | plan.fp32) if mixed_bf16 else set()
     fn, notes = converted, [f"activation ranges: {ranges}" + (f" {percentile}" if ranges == "percentile" else "")
-                            + (", 7-bit codes (reduce_range)" if reduce_range else "")]
+                            + (", 7-bit codes (reduce_range)" if reduce_range else "")
+                            + (", time path fp32" if plan.fp32 else "")]
     batch_size = batch_size or len(x)
     if compile_model:
         fn = _frozen(torch.compile(converted))
@@ -495,14 +501,16 @@ def calibration_inputs(model, sampler, n: int, shape, seed: int, steps=None, pro
 
 
 def prepare(model, stored, backend: str, device="cpu", calib=None, batch_size=None, compile_model=None,
-            warmup_shape=None, int8_ranges="histogram", int8_percentile=99.99, int8_reduce_range=False) -> Runner:
+            warmup_shape=None, int8_ranges="histogram", int8_percentile=99.99, int8_reduce_range=False,
+            int8_time_path="int8") -> Runner:
     """Build the ``Runner`` of ``backend`` for ``model`` (fp32, de-quantized values) and its stored entries.
 
     calib: [(x, t), ...] from ``calibration_inputs`` (int8 only). batch_size: the sampling batch (int8
     compiles for it). compile_model: torch.compile (default: True for int8, False otherwise).
     warmup_shape: (B, C, H, W) to run once here, so compilation is timed in ``prepare_seconds``.
     int8_ranges / int8_percentile: how the int8 backends calibrate activation ranges (``INT8_RANGES``);
-    int8_reduce_range: 7-bit activation codes (``backend.int8_reduce_range``).
+    int8_reduce_range: 7-bit activation codes (``backend.int8_reduce_range``); int8_time_path: "fp32" runs the
+    time path's modules weight-only in fp32 (``backend.int8_time_path``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
@@ -520,7 +528,7 @@ def prepare(model, stored, backend: str, device="cpu", calib=None, batch_size=No
             raise ValueError(f"backend {backend!r} runs on the CPU (x86 oneDNN kernels); use --set run.device=cpu")
         runner = _int8(model, stored, calib, batch_size, True if compile_model is None else compile_model,
                        mixed_bf16=backend == "int8_bf16", ranges=int8_ranges, percentile=int8_percentile,
-                       reduce_range=int8_reduce_range)
+                       reduce_range=int8_reduce_range, time_path=int8_time_path)
     if warmup_shape is not None:
         b = runner.batch_size or warmup_shape[0]
         with torch.inference_mode():
