@@ -18,7 +18,7 @@ import os
 from common.core import cli, machine
 from common.core.storage import baseline_dir, run_dir
 from common.diffusion.baseline import verify_released
-from common.evaluation.generate import generate
+from common.evaluation.generate import generate, int8_settings_tag
 from common.quant.backends import AUTO, BACKENDS
 
 
@@ -58,7 +58,8 @@ def main():
         p.error(f"{path} is a folder; name the file in it (a variant's quantized.safetensors, a checkpoint.pt or a "
                 f"weights .safetensors)")
     tag = source_tag(path)
-    out = args.out or os.path.join(run_dir(cfg), "samples", f"{tag}_{backend}_seed{args.seed}")
+    out = args.out or os.path.join(run_dir(cfg), "samples",
+                                   f"{tag}_{backend}{int8_settings_tag(cfg, backend)}_seed{args.seed}")
     device = cli.device(cfg, alone=True)
     if device is None:
         return  # under torchrun rank 0 samples; one file, one process

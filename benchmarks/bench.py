@@ -31,6 +31,7 @@ from common.diffusion.samplers import build_sampler, sample  # noqa: E402
 from common.diffusion.schedule import NoiseSchedule  # noqa: E402
 from common.experiments.report import add_docs_argument, update_section  # noqa: E402
 from common.importance.fisher import per_sample_sq_grads, per_sample_sq_grads_loop  # noqa: E402
+from common.quant import backends  # noqa: E402
 from common.quant.eligibility import eligible_names  # noqa: E402
 
 
@@ -391,7 +392,9 @@ def main():
         figures = {**bench_backends.run(cfg, ckpt, out_dir, args.backend_n, isolated, args.variants, args.backends,
                                           args.backend_seeds),
                    **figures}
-    figures.update(isa=cap["isa"], native_bf16=cap["native_bf16"], vnni=cap["vnni"])  # what every figure ran on
+    figures.update(isa=cap["isa"], native_bf16=cap["native_bf16"], vnni=cap["vnni"],  # what every figure ran on
+                   int8_time_path=cfg.backend.int8_time_path,  # and the int8 settings the int8 rows ran under
+                   int8_reduce_range=backends.resolve_reduce_range(cfg.backend.int8_reduce_range, cap))
     # key=value pairs separated by spaces, so an interval is printed without them
     print(" ".join(f"{k}={'[' + ','.join(map(str, v)) + ']' if isinstance(v, list) else v}"
                    for k, v in figures.items()))

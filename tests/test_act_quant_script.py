@@ -1,6 +1,7 @@
 """act_quant.py end to end on configs/smoke.yaml: files, budgets, reuse, sampling from the saved files."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -105,3 +106,15 @@ def test_sample_py_applies_the_activation_quantizers(act_run):
     bad = run("sample.py", tmp, flags=["--variant-file", str(vdir / "quantized.safetensors"), "--n", "2",
                                        "--backend", "int8", "--out", str(tmp / "s8")], check=False)
     assert bad.returncode != 0 and "act_quant.safetensors" in bad.stderr and "Traceback" not in bad.stderr
+    # the activation file gone (or swapped): refused, never sampled weight-only or with another plan
+    other = vdir.parent / "uniform_W4A6_group" / "act_quant.safetensors"
+    work = vdir.parent / "damaged_copy"  # beside the original: its fp32 reference resolves the same
+    for damage in (lambda p: p.unlink(), lambda p: p.write_bytes(other.read_bytes())):
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.copytree(vdir, work)
+        damage(work / "act_quant.safetensors")
+        bad = run("sample.py", tmp, flags=["--variant-file", str(work / "quantized.safetensors"), "--n", "2",
+                                           "--out", str(tmp / "s_bad")], check=False)
+        assert bad.returncode != 0 and "act_quant.safetensors" in bad.stderr and "Traceback" not in bad.stderr
+        assert not (tmp / "s_bad").exists()
+    shutil.rmtree(work)

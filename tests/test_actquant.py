@@ -540,9 +540,14 @@ def test_every_uniform_quantizer_puts_the_ends_at_keep_bits(unet, keep):
     bits = input_bits(cfg, names, kept, 4)
     assert kept and {n: bits.get(n) for n in kept} == dict.fromkeys(kept, keep)
     assert {bits[n] for n in names if n not in kept} == {4} and input_bits(cfg, names, kept, None) == {}
-    ranges = _random_ranges(model, 1)
+    ranges = {b: _random_ranges(model, 1, seed=b) for b in lowbit.range_bits(cfg, [4])}  # least-MSE: per bits
+    assert list(ranges) == ([4, 8] if keep else [4])
     q = lowbit.activation_quantizer(cfg, model, 4, ranges)
     assert {n: lq.bits for n, lq in q.layers.items()} == bits
+    for n, lq in q.layers.items():  # each input with the ranges fitted for its own bits
+        want = LayerQuant.from_ranges(ranges[bits[n]][n], bits[n], cfg.act_quant.symmetric, lq.granularity,
+                                      lq.split)
+        assert torch.equal(lq.scale, want.scale), n
 
 
 def test_the_uniform_plan_keeps_the_size_part_of_a_combined_budget(unet):
@@ -599,8 +604,9 @@ def test_one_activation_quantizer_builder_for_lowbit_actquant_and_finetune(unet,
 
     # lowbit.activation_quantizer (since 2026-12-07 with the ends at keep_bits where that is set)
     want = old({n: lq(n, aq.keep_bits if n in kept else 6) for n in names if aq.keep_bits or n not in kept})
-    assert quantizer_digest(lowbit.activation_quantizer(cfg, model, 6, ranges)) == quantizer_digest(want)
-    assert lowbit.activation_quantizer(cfg, model, None, ranges).layers == {}
+    by_bits = dict.fromkeys(lowbit.range_bits(cfg, [6]), ranges)  # min-max: one calibration for all bits
+    assert quantizer_digest(lowbit.activation_quantizer(cfg, model, 6, by_bits)) == quantizer_digest(want)
+    assert lowbit.activation_quantizer(cfg, model, None, by_bits).layers == {}
     # act_pipeline.candidates and the quantizer of a chosen W/A plan
     for allocatable in (True, False):
         got = candidates(cfg, model, ranges, allocatable)

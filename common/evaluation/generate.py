@@ -23,7 +23,7 @@ from ..quant import backends
 from ..quant.activations import load_act_quant
 from ..quant.container import META_KEY, load_quantized, read_quantized
 from .grids import save_grid
-from .integrity import bind_files
+from .integrity import bind_files, check_variant
 
 
 def _arch_from_metadata(meta: dict):
@@ -98,6 +98,18 @@ def build_runner(cfg, model, stored, backend: str, device, batch_size: int, comp
                             int8_time_path=cfg.backend.int8_time_path)
 
 
+def int8_settings_tag(cfg, backend: str) -> str:
+    """The int8 settings that differ from their defaults, as a folder-name suffix (e.g. "_pct99.9_tpfp32"), so
+    an A/B of them under sample.py's default folder never overwrites the other side's samples."""
+    if backend not in ("int8", "int8_bf16"):
+        return ""
+    b = cfg.backend
+    parts = [f"pct{b.int8_percentile:g}" if b.int8_ranges == "percentile" else "",
+             f"rr{str(b.int8_reduce_range).lower()}" if b.int8_reduce_range != "auto" else "",
+             f"tp{b.int8_time_path}" if b.int8_time_path != "int8" else ""]
+    return "".join(f"_{p}" for p in parts if p)
+
+
 def resolve_backend(cfg, model, backend: str, device, act_quant=False, say=print):
     """(backend name, the auto choice's record or None): ``auto`` resolved by ``backends.choose_auto`` for this
     plan on this machine (stated through ``say``), any other name as it is."""
@@ -122,6 +134,7 @@ def generate(cfg, path: str, backend: str, n: int, seed: int, out_dir: str, devi
     images draws it, so ``n`` <= ``like_n`` gives that evaluation's first ``n`` images of ``seed`` (a stochastic
     sampler's noise depends on the rows per batch).
     """
+    _check_variant_files(path)
     model, stored, info = load_weights(path, cfg, device)
     act_path = os.path.join(os.path.dirname(path), "act_quant.safetensors")
     act_quant = stored is not None and os.path.exists(act_path)
@@ -157,6 +170,22 @@ def generate(cfg, path: str, backend: str, n: int, seed: int, out_dir: str, devi
               "backend_auto": choice, "files": bind_files(out_dir, ["samples.png", "samples.npz"])}
     storage.atomic_write_record(result, os.path.join(out_dir, "sample.json"))
     return result
+
+
+VARIANT_FILES = ("quantized.safetensors", "act_quant.safetensors")  # what sampling a variant reads
+
+
+def _check_variant_files(path: str):
+    """A variant's weights and activation quantizer are the files its ``metrics.json`` evaluated (a W/A variant
+    whose activation file is gone would otherwise sample weight-only, a swapped one another plan); its samples
+    and plots may be missing, and the folder may have moved away from its fp32 reference: sampling reads
+    neither."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(path) != "quantized.safetensors" or not os.path.exists(os.path.join(folder, "metrics.json")):
+        return
+    bad = next((f for f in check_variant(folder) if f.problem and os.path.basename(f.path) in VARIANT_FILES), None)
+    if bad is not None:
+        raise ValueError(f"{bad.path}: {bad.detail}; recompute the variant with the script that wrote it (--force)")
 
 
 def _evaluated_n(path: str):

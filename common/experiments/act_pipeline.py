@@ -113,7 +113,8 @@ def quantizer_inputs(cfg) -> dict:
     return {"act_quant": {k: to_dict(aq)[k] for k in ("symmetric", "per_token_attention", "keep_first_last",
                                                       "split_concat", "softmax_bits")},
             **({"block_size": aq.block_size} if aq.block_size else {}),
-            **({"keep_bits": aq.keep_bits} if aq.keep_bits else {})}  # the ends' inputs when not float
+            # the ends' inputs when not float (since 2026-12-07 in lowbit's plans and searches and w4a4's rows too)
+            **({"keep_bits": aq.keep_bits, "ends": "keep_bits in every plan"} if aq.keep_bits else {})}
 
 
 def _cache_dir(cfg) -> str:

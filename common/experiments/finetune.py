@@ -505,6 +505,7 @@ def _reusable(cfg, c, variant, inputs, force):
         return False
     evaluate.raise_first_problem(evaluate.integrity.check_variant(os.path.dirname(path)),
                                  f"recompute with `{command(cfg, None, '--force')}`")
+    evaluate.check_instruments(c, old, path)  # the classifier, reference images and Inception it was measured with
     return True
 
 

@@ -635,7 +635,7 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
         print(f"[lowbit] reusing {path}")
         return art
     act = None if a_bits is None else activation_quantizer(
-        _act_cfg(cfg), model, a_bits, ranges_by_bits(cfg, model, [a_bits], sha, device, progress)[a_bits])
+        _act_cfg(cfg), model, a_bits, ranges_by_bits(cfg, model, range_bits(cfg, [a_bits]), sha, device, progress))
     judge = search_judge(cfg, model, table, device, act=act)
     # each configuration measured once: the chosen start is the search's first row again, and two sensitivities
     # may allocate the same plan (the learned one keeps the chain-aware Fisher's)
@@ -736,13 +736,16 @@ def ensure_act_search(c, model, table, weights, menu, budget, sha, progress=True
     options = act_search_options(c, model, table, weights)  # a forward pass for the MACs: only when searching
     start = dict.fromkeys(options, a)
     limit = sum(options[n][a] for n in start)
-    ranges = ranges_by_bits(c, model, menu_a, sha, device, progress)
+    ranges = ranges_by_bits(c, model, range_bits(c, menu_a), sha, device, progress)
+    names, kept, _, _ = act_layout(ac, model)
+    ends = {n: b for n, b in input_bits(ac, names, kept, a).items() if n in kept}  # at keep_bits, never searched
     imp = ensure_act_importance(ac, model, lb.range_mode, ensure_ranges(ac, model, lb.range_mode, sha, device,
                                                                        progress), sha, device, progress)
     costs = {n: {b: float(imp["fisher"].get(n, {}).get(b, 0.0)) for b in menu_a} for n in start}
     measurer = make_measurer(c, model, table, device, lb.search_images)
 
     def fitness(bits):
+        bits = {**bits, **ends}
         q = act_quantizer(ac, model, {n: ranges[b][n] for n, b in bits.items()}, bits, lb.range_mode)
         q.attach(measurer.work)
         try:
@@ -805,9 +808,17 @@ def choose(cfg, plan, menu, budget_text, table, sens, a_bits=None):
 
 def activation_quantizer(cfg, model, a_bits, ranges):
     """Every quantizable input but the first and last conv's at ``a_bits`` (None: none quantized), those at
-    ``act_quant.keep_bits`` where that is set."""
+    ``act_quant.keep_bits`` where that is set; ``ranges``: {bits: ranges} (``ranges_by_bits`` of
+    ``range_bits``), each input calibrated for its own bits."""
     names, kept, _, _ = act_layout(cfg, model)
-    return act_quantizer(cfg, model, ranges, input_bits(cfg, names, kept, a_bits), cfg.lowbit.range_mode)
+    bits = input_bits(cfg, names, kept, a_bits)
+    return act_quantizer(cfg, model, {n: ranges[b][n] for n, b in bits.items()}, bits, cfg.lowbit.range_mode)
+
+
+def range_bits(cfg, a_bits) -> list:
+    """The activation bits whose ranges quantizing at ``a_bits`` (a list: each of them) needs: those and the
+    kept ends' ``act_quant.keep_bits``."""
+    return sorted(set(a_bits) | ({cfg.act_quant.keep_bits} if cfg.act_quant.keep_bits else set()))
 
 
 def check_budgets(lb, table):
@@ -851,7 +862,7 @@ def run_lowbit(cfg, device, force=False, progress=True):
     budget_bits_a = sorted({parse_size_at_bits(b)[1] for b in lb.budgets} - {None})
     sens, ranges = pipeline.shared(c, lambda: (
         Sensitivities(c, model, ckpt_path, table, sha, device, progress, iterative, searched, searched_act),
-        ranges_by_bits(c, model, budget_bits_a, sha, device, progress)))
+        ranges_by_bits(c, model, range_bits(c, budget_bits_a), sha, device, progress)))
 
     def act_searches():  # (menu, budget): the activation half of search_wa, or why it does not apply
         out = {}
@@ -896,11 +907,12 @@ def run_lowbit(cfg, device, force=False, progress=True):
                                                      evaluate.variant_dir(c, variant)),
                       "act": {"bits": a_bits, "range_mode": lb.range_mode, "range_method": lb.range_method}}
         if act is None:
-            q = activation_quantizer(_act_cfg(c), model, a_bits, ranges.get(a_bits))
-        else:  # search_wa: each input at its searched bits, with the ranges of those bits
-            every = ranges_by_bits(c, model, sorted(set(act["bits"].values())), sha, device, progress=False)
-            q = act_quantizer(_act_cfg(c), model, {n: every[b][n] for n, b in act["bits"].items()}, act["bits"],
-                              lb.range_mode)
+            q = activation_quantizer(_act_cfg(c), model, a_bits, ranges)
+        else:  # search_wa: each input at its searched bits, the kept ends at keep_bits, with the ranges of those
+            names, kept, _, _ = act_layout(_act_cfg(c), model)
+            bits = {**act["bits"], **{n: b for n, b in input_bits(c, names, kept, a_bits).items() if n in kept}}
+            every = ranges_by_bits(c, model, range_bits(c, bits.values()), sha, device, progress=False)
+            q = act_quantizer(_act_cfg(c), model, {n: every[b][n] for n, b in bits.items()}, bits, lb.range_mode)
             extra["a_bits_searched"] = provenance["act"]["bits_per_input"] = act["bits"]
             # the mix it chose, MAC-weighted as act_pipeline records its plans, not the budget's nominal bits
             macs = unet_macs(model, (c.model.in_channels, c.data.image_size, c.data.image_size))

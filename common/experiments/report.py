@@ -56,9 +56,13 @@ def load_results(run: str) -> dict:
                 out[name]["format"] = storage.load_json(plan, rerun).get("format")
     groups = {}
     for v, r in out.items():
-        groups.setdefault((r.get("checkpoint_sha256"), r.get("eval_fingerprint"), tuple(r["seeds"])), []).append(v)
+        # the instruments too (the classifier's SHA-256, the reference images, the Inception network): the
+        # fingerprint holds settings, and one table never mixes what they resolved to
+        instruments = ((r.get("classifier") or {}).get("sha256"), r.get("reference_sha256"), r.get("inception_weights"))
+        groups.setdefault((r.get("checkpoint_sha256"), r.get("eval_fingerprint"), tuple(r["seeds"]), instruments),
+                          []).append(v)
     if len(groups) > 1:
-        raise ValueError(f"{run}: the variants come from different checkpoints or evaluation settings: "
+        raise ValueError(f"{run}: the variants come from different checkpoints, evaluation settings or instruments: "
                          + "; ".join(", ".join(vs) for vs in groups.values())
                          + ". Re-run the stale ones with --force, or remove their folders.")
     rank = ["fp32", "uniform", "whole_threshold", "layer_group", "layer_ratio", "layer_math"]

@@ -23,12 +23,14 @@ What each tensor runs in (``Runner.precision`` says it per parameter):
   error). The ConvTranspose2d up-samplers have no x86 int8 kernel; their (kernel 4, stride 2, padding 1)
   geometry is rewritten as four 2x2 Conv2d, one per output phase (``SubPixelConvTranspose``: same sums,
   same codes). Everything else keeps its stored values in fp32 compute: fp32/fp16/bf16 tensors and
-  element-masked tensors (one kernel cannot mix formats inside a tensor). The export has a dynamic batch
+  element-masked tensors (one kernel cannot mix formats inside a tensor); with ``backend.int8_time_path: fp32``
+  the time path's modules too (one input row per image: int8 buys nothing there). The export has a dynamic batch
   dimension; the compiled graph is specialised to ``batch_size`` and smaller batches are zero-padded to it
   (samples are independent under static scales, so padding changes no result).
 * ``int8_bf16`` — the same int8 graph with bf16 islands: the int8 kernels as above (fp32 outputs), attention
   (``scaled_dot_product_attention``) and the float convolutions / linears whose weight the plan does not store
-  as fp32 rewritten to run in bf16 and cast back (``_bf16_islands``), so the residual stream, norms and
+  as fp32 (nor keeps fp32 by ``int8_time_path``) rewritten to run in bf16 and cast back (``_bf16_islands``), so
+  the residual stream, norms and
   everything between, biases included, stays fp32. PT2E's int8-mixed-bf16 (the whole graph under bf16
   autocast, bf16 outputs from the int8 kernels) ran 10-20% faster but, on the smoothed uniform int8 plan, with
   1.4x this one's damage (docs/performance.md).
@@ -223,14 +225,23 @@ def int8_plan(model, stored, time_path="int8") -> Int8Plan:
             f"the int8 backend runs integer codes with per-channel scales; {len(book)} tensors ({book[0]}, ...) are "
             f"stored as k-means codebooks ({stored[book[0]]['format']}), whose values are not evenly spaced levels "
             f"an int8 kernel could multiply: use --backend dequant (exact) or bf16")
+    if time_path not in INT8_TIME_PATH:
+        raise ValueError(f"unknown int8 time path {time_path!r}; valid: {', '.join(INT8_TIME_PATH)}")
+    if time_path == "fp32" and not hasattr(model, "time_path"):
+        raise ValueError(f"int8 time path 'fp32': a {type(model).__name__} does not say which modules are on its "
+                         f"time path (no time_path method); use 'int8'")
     for mod_name, mod in model.named_modules():
         name = f"{mod_name}.weight"
         e = stored.get(name)
-        if e is None or e["format"] == "fp32" or format_spec(e["format"]).kind != "int":
+        if e is None or e["format"] == "fp32":
             continue
-        if time_path == "fp32" and getattr(model, "time_path", lambda n: False)(mod_name):
-            plan.kept[name] = "time path, one row per image (backend.int8_time_path: fp32)"
+        on_time_path = time_path == "fp32" and model.time_path(mod_name)
+        if on_time_path:  # fp16 / bf16 values too: never a bf16 island
             plan.fp32.add(name)
+        if format_spec(e["format"]).kind != "int":
+            continue
+        if on_time_path:
+            plan.kept[name] = "time path, one row per image (backend.int8_time_path: fp32)"
         elif format_spec(e["format"]).group is not None:
             plan.kept[name] = f"{e['format']}: group-wise scales (an int8 kernel has one scale per output channel)"
         elif "mask" in e:
@@ -270,6 +281,7 @@ def _plan_scale_observer():
 
 
 INT8_RANGES = ("histogram", "percentile")
+INT8_TIME_PATH = ("int8", "fp32")
 PERCENTILE_SAMPLE = 1 << 20  # values per calibration call the percentile is taken over (a strided subsample)
 
 
@@ -414,6 +426,8 @@ def _int8(model, stored, calib, batch_size, compile_model, mixed_bf16=False, ran
             precision[name] = f"{'bf16' if name in in_bf16 else 'fp32'} ({fmt} values; {plan.kept[name]})"
         elif name in in_bf16:
             precision[name] = f"bf16 ({fmt} values, output cast to fp32)"
+        elif name in plan.fp32:
+            precision[name] = f"fp32 ({fmt} values; time path, backend.int8_time_path: fp32)"
         else:
             precision[name] = f"fp32 ({fmt} values)"
     return Runner(fn, "int8_bf16" if mixed_bf16 else "int8", torch.float32, precision, resident,
