@@ -849,7 +849,7 @@ def summary_markdown(cfg, done, seconds=None, grids=False) -> str:
                   f"Each row adds one technique to the row it is built on: {rule}. The verdict compares it with "
                   "that row (B − A of paired per-seed values, a two-sided paired t-test, Holm-corrected over the "
                   "column).", "",
-                  "| row | adds | built on | selection MSE (z) | kept | weights MB | a-bits (quantized inputs) | "
+                  "| row | adds | built on | selection MSE (z) | kept | weights MiB | a-bits (quantized inputs) | "
                   "paired MSE | clf-FID | clf-FID / fp32 | clf-IS | paired MSE vs the row built on |",
                   "|---:|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
         ablation = done["ablation"]
@@ -860,7 +860,7 @@ def summary_markdown(cfg, done, seconds=None, grids=False) -> str:
             sel += f" ({row['selection_z']:+.1f})" if row.get("selection_z") is not None else ""
             base = " + ".join(("rounding",) + tuple(ablation[row["base"]][0])) if row["base"] in ablation else "–"
             lines.append(f"| {row['row']} | {row['tried'] or 'plain rounding'} | {base} | {sel} | "
-                         f"{'yes' if row['kept'] else 'no'} | {r['size_bytes'] / 1e6:.3f} | "
+                         f"{'yes' if row['kept'] else 'no'} | {r['size_bytes'] / 2 ** 20:.3f} | "
                          f"{r.get('a_bits_effective', 4):.2f} | {cells(r)} | {verdicts.get(v, '–')} |")
         lines += ["", holm_note(tested(diffs))]
         lines += time_lines(ablation)
