@@ -43,17 +43,25 @@ reproduce-from-scratch: reproduce
 
 # One pytest worker per core (2 here), a whole test file per worker so its module fixtures run once;
 # the slowest files first (tests/conftest.py SLOWEST_FILES), not xdist's order by test count.
+# The end-to-end tests need MNIST (without it their fixture skips them and the suite would pass having run them
+# not): fetched into LAQFI_DATA_ROOT by torchvision where it is missing and the network allows, else an error.
+MNIST = $(BIN)/python -c "import os; from common.diffusion.data import load_mnist; \
+	[load_mnist(os.environ['LAQFI_DATA_ROOT'], s, download=True) for s in ('train', 'test')]"
+
 test: setup
 	$(BIN)/ruff check .
+	$(MNIST)
 	$(PYTEST_ALL)
 
 # The same suite computing like an AVX2-only CPU (no native bf16 / VNNI / AMX) on any x86 host: torch's own kernels
 # at AVX2 width, oneDNN's (bf16 / int8 GEMMs and convolutions) capped at AVX2 (common/core/machine.py).
 test-avx2: setup
+	$(MNIST)
 	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PYTEST_ALL)
 
 # The inner loop: unit tests only (everything not marked slow), one process.
 test-quick: setup
+	$(MNIST)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 bench: setup

@@ -73,6 +73,20 @@ def test_search_stops_on_evaluations_and_on_wall_clock():
         measured_search(dict.fromkeys(bits, "int8"), bits, limit, costs, damage, 1, 1)
 
 
+def test_a_one_format_menu_leaves_its_tensor_alone_instead_of_crashing():
+    """A tensor whose menu holds one format has no move (the proposer drew from an empty list: numpy's
+    'high <= 0'); with every menu that narrow the search is its start."""
+    bits, costs, damage = _problem(seed=3)
+    limit = int(0.5 * sum(b["int8"] for b in bits.values()))
+    start, _ = allocate(costs, bits, 0, limit)
+    one = {**bits, "t9": {start["t9"]: bits["t9"][start["t9"]]}}
+    best, trace = measured_search(start, one, limit, costs, damage, seconds=60, max_evals=10, seed=0)
+    assert best["t9"] == start["t9"] and len(trace) == 11
+    narrow = {n: {start[n]: b[start[n]]} for n, b in bits.items()}
+    best, trace = measured_search(start, narrow, limit, costs, damage, seconds=60, max_evals=10, seed=0)
+    assert best == start and len(trace) == 1
+
+
 def test_activation_bits_search_raises_one_input_by_lowering_others_within_the_bops():
     """``bops_options``: an input's options are its bit widths at MACs x weight bits x a. From every input at 6
     bits, the search finds the plan that gives the one sensitive input 16 bits and pays with the cheap ones' BOPs,

@@ -741,7 +741,11 @@ def ensure_act_search(c, model, table, weights, menu, budget, sha, progress=True
     ends = {n: b for n, b in input_bits(ac, names, kept, a).items() if n in kept}  # at keep_bits, never searched
     imp = ensure_act_importance(ac, model, lb.range_mode, ensure_ranges(ac, model, lb.range_mode, sha, device,
                                                                        progress), sha, device, progress)
-    costs = {n: {b: float(imp["fisher"].get(n, {}).get(b, 0.0)) for b in menu_a} for n in start}
+    missing = [(n, b) for n in start for b in menu_a if b not in imp["fisher"].get(n, {})]
+    if missing:  # a missing cost would make that move look free to the proposer
+        raise KeyError(f"the activation Fisher has no cost for input {missing[0][0]} at {missing[0][1]} bits "
+                       f"({len(missing)} missing); recompute it with --force")
+    costs = {n: {b: float(imp["fisher"][n][b]) for b in menu_a} for n in start}
     measurer = make_measurer(c, model, table, device, lb.search_images)
 
     def fitness(bits):
@@ -870,10 +874,13 @@ def run_lowbit(cfg, device, force=False, progress=True):
             art = sens.search.get((menu, parse_size_at_bits(budget)[0]))
             if plan == "search_wa" and art is not None and not isinstance(art, InfeasibleBudgetError):
                 try:
-                    out[(menu, budget)] = ensure_act_search(c, model, table, art["choice"], menu, budget, sha,
-                                                            progress, device)
+                    out[(menu, budget)] = found = ensure_act_search(c, model, table, art["choice"], menu, budget,
+                                                                    sha, progress, device)
                 except InfeasibleBudgetError as e:
                     out[(menu, budget)] = e
+                    continue
+                # the ranges its variant reads, built here under the lock (not once per rank inside map_tasks)
+                ranges_by_bits(c, model, range_bits(c, found["bits"].values()), sha, device, progress)
         return out
 
     joint = sens.act_search = pipeline.shared(c, act_searches) if any(t[2] == "search_wa" for t in tasks) else {}
@@ -914,7 +921,8 @@ def run_lowbit(cfg, device, force=False, progress=True):
             every = ranges_by_bits(c, model, range_bits(c, bits.values()), sha, device, progress=False)
             q = act_quantizer(_act_cfg(c), model, {n: every[b][n] for n, b in bits.items()}, bits, lb.range_mode)
             extra["a_bits_searched"] = provenance["act"]["bits_per_input"] = act["bits"]
-            # the mix it chose, MAC-weighted as act_pipeline records its plans, not the budget's nominal bits
+            # the mix it chose over the searched inputs (the kept ends left out), MAC-weighted, not the budget's
+            # nominal bits
             macs = unet_macs(model, (c.model.in_channels, c.data.image_size, c.data.image_size))
             extra["a_bits_budget"] = a_bits
             extra["a_bits"] = sum(macs[n] * b for n, b in act["bits"].items()) / sum(macs[n] for n in act["bits"])
@@ -959,7 +967,9 @@ def heldout_predictions(sens, table, configs) -> dict:
         diag = runs[0][1]  # the last round's curvature, first (menu, budget) run
         it = fisher_distortion_costs(diag, table.errors)
         preds["fisher_iterative"] = np.array([sum(it[n][f] for n, f in c.items()) for c in configs])
-    if sens.predictor is not None:
+    if "learned" in sens.costs:  # the costs that allocate (its floor applied), as every other row is scored
+        preds["learned"] = np.array([sum(sens.costs["learned"][n][f] for n, f in c.items()) for c in configs])
+    elif sens.predictor is not None:
         preds["learned"] = np.array([sens.predictor.predict(c) for c in configs])
     if "jvp" in sens.costs:
         preds["jvp"] = np.array([sum(sens.costs["jvp"][n][f] for n, f in c.items()) for c in configs])
@@ -1061,12 +1071,13 @@ def summary_markdown(cfg, done, notes, sens, table, q, seconds=None) -> str:
     ref = done["fp32"][3]
     steps = len(build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion)).timesteps)
     ranges = "least-MSE (at the budget's bits)" if lb.range_method == "mse" else "min-max"
+    ends = f"at {cfg.act_quant.keep_bits} bits" if cfg.act_quant.keep_bits else "float"
     lines = [f"# Below 4 bits (`{storage.run_dir(lowbit_config(cfg))}`)", "",
              f"{lb.n_images} images per seed × seeds {lb.seeds}, {cfg.sample.sampler.upper()} {steps} steps, "
              f"paired noise; "
              f"eligible: every conv / linear weight but the first and last conv ({lb.keep_format}); biases and norms "
              f"fp32; activations: every quantized input at the budget's bits, {lb.range_mode} {ranges} ranges "
-             f"(first / last conv inputs float). Avg bits = stored bits (scales and codebooks included) / all "
+             f"(first / last conv inputs {ends}). Avg bits = stored bits (scales and codebooks included) / all "
              f"parameters. Plan seconds: wall time on this machine to compute what the plan allocates by (the learned "
              f"predictor's includes its {lb.predictor_configs} measurements)."
              + (f" This invocation: {seconds / 60:.1f} min." if seconds else ""), "",

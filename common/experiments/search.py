@@ -96,8 +96,8 @@ def measured_search(start, bits, limit, costs, measure, seconds, max_evals, seed
     seen = {tuple(sorted(start.items()))}
     trace = [{"eval": 0, "seconds": round(time.time() - t0, 2), "fitness": fit, "best": fit, "move": "start",
               "accepted": True, "predicted_delta": 0.0}]
-    names = sorted(bits)
-    stale = 0  # proposal rounds that found nothing new
+    names = sorted(n for n in bits if len(bits[n]) > 1)  # a one-format menu leaves its tensor nothing to move to
+    stale = 0 if names else 20  # proposal rounds that found nothing new (no tensor can move: none)
     while len(trace) < max_evals + 1 and time.time() - t0 < seconds and stale < 20:
         candidates = []
         for _ in range(proposals):

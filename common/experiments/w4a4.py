@@ -55,7 +55,9 @@ from .act_pipeline import (
     act_quantizer,
     block_scale_bits,
     calibrated_ranges,
+    ensure_act_importance,
     ensure_ranges,
+    ensure_weight_fisher,
     input_bits,
     mean_bits,
     mode_groups,
@@ -673,9 +675,18 @@ def run_average(cfg, c, model, ckpt_path, fisher, pool, device, ablation=None, f
     # per-token attention and activation blocks are techniques of the rows ("token", "block"), not of the base
     c2.act_quant.per_token_attention, c2.act_quant.block_size = False, 0
     macs = unet_macs(model, (c.model.in_channels, c.data.image_size, c.data.image_size))
-    # the sampler steps' shares of the final sample's sensitivity: the chain-aware Fisher of make lowbit (cached)
-    per_step = lowbit.ensure_chain(cfg, model, eligible_names(model, lowbit.RULE), ckpt_path, progress,
-                                   device)["per_step"]
+    mode, sha = cfg.finetune.range_mode, fisher["meta"]["checkpoint_sha256"]
+
+    def caches():  # what the plans allocate by, computed once (rank 0 first, under the lock), not on every rank
+        ensure_weight_fisher(c2, model, ckpt_path, fisher, device, progress)
+        ensure_act_importance(c2, model, mode, ensure_ranges(c2, model, mode, sha, device, progress), sha, device,
+                              progress)
+        # the sampler steps' shares of the final sample's sensitivity: the chain-aware Fisher of make lowbit,
+        # under lowbit's own settings so both read one cached file
+        return lowbit.ensure_chain(lowbit.lowbit_config(cfg), model, eligible_names(model, lowbit.RULE), ckpt_path,
+                                   progress, device)["per_step"]
+
+    per_step = pipeline.shared(c2, caches)
     done = {}
     for techniques in average_stacks(cfg, ablation):
         if not techniques:

@@ -67,7 +67,10 @@ def solve(cost: dict, resources: dict, limits: dict):
     # rounding of the solver's solution must not bend the rules; a float resource (BOPs of a fraction of the
     # steps) summed in another order than the solver's may land an ulp above a limit it meets exactly, and an
     # integer one (bits) breaks a limit by at least 1, far above this tolerance
-    if len(chosen) != len(names) or any(over[k] > limits[k] + 1e-9 * abs(limits[k]) for k in limits):
+    slack = {k: 0 if isinstance(limits[k], int) and all(isinstance(v, int) for r in resources[k].values()
+                                                         for v in r.values()) else 1e-9 * abs(limits[k])
+             for k in limits}  # an integer resource (bits) is held exactly
+    if len(chosen) != len(names) or any(over[k] > limits[k] + slack[k] for k in limits):
         raise RuntimeError(f"milp returned an invalid allocation ({len(chosen)}/{len(names)} items, "
                            f"used {over} of {limits}?): {res.message}")
     return chosen, res.message
