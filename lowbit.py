@@ -8,7 +8,8 @@ for the uniform and the codebook menu of formats. Every conv / linear weight but
 quantized. Each variant is saved, rebuilt from its files and evaluated with lowbit.seeds x lowbit.n_images paired
 samples; each sensitivity is judged by the measured damage of its plans and by Kendall tau per budget band beside
 the test-retest ceiling. Writes runs/<run>/lowbit/{summary.csv, summary.md, predictors.json, lowbit.png,
-lowbit_layers.png, lowbit_search.png} and one folder per variant. Needs simplediffusion.py to have run.
+lowbit_layers.png, lowbit_search.png} and one folder per variant (lowbit_gptq/ with lowbit.rounding: gptq, as in
+default.yaml). Needs simplediffusion.py to have run.
 """
 import time
 
