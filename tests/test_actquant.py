@@ -550,6 +550,22 @@ def test_every_uniform_quantizer_puts_the_ends_at_keep_bits(unet, keep):
         assert torch.equal(lq.scale, want.scale), n
 
 
+def test_a_rank_that_built_another_variant_refuses_to_evaluate_it(unet, monkeypatch):
+    """Ranks that evaluate one variant together (w4a4 under torchrun) compare its weights_id with rank 0's: a GPU
+    backward or SVD that differs in the last bits could otherwise give a rank another plan, whose samples would
+    be pooled with rank 0's under rank 0's files."""
+    from common.core import distributed
+    from common.experiments import act_pipeline
+
+    _, model, _ = unet
+    cfg = load_config(SMOKE)
+    q = act_pipeline.act_quantizer(cfg, model, {}, {}, "single")
+    monkeypatch.setattr(distributed, "broadcast_object", lambda obj: "0" * 64)  # rank 0 built something else
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    with pytest.raises(RuntimeError, match="rank 1 built other weights"):
+        act_pipeline.save_and_evaluate(cfg, "v", model, {}, q, {}, {}, {}, "cpu")
+
+
 def test_the_uniform_plan_keeps_the_size_part_of_a_combined_budget(unet):
     """'W8A8&20%': both parts must hold (allocate_wa enforces both for the other plans); the uniform plan used to
     drop the size part and was tabulated under a budget it broke."""

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 
-from ..core import lock, storage
+from ..core import distributed, lock, storage
 from ..core.budget import budget_bits, parse_wa_budget
 from ..core.config import to_dict
 from ..diffusion.data import mnist_tensor
@@ -395,6 +395,11 @@ def save_and_evaluate(cfg, variant, model, stored, q, extra, provenance, plan_re
     network the file records (``container.arch_record``; default: the config's plain network, no extras).
     ``model`` (the fp32 network) sizes ``fp32_bytes``. The caller holds the variant's lock."""
     weights_id = hashlib.sha256((stored_digest(stored) + quantizer_digest(q)).encode()).hexdigest()
+    # ranks that evaluate one variant together must hold the same one (a GPU backward or SVD can differ in its
+    # last bits between ranks, and a tie then turns into another plan): rank 0's files, the others' samples
+    if distributed.broadcast_object(weights_id) != weights_id:
+        raise RuntimeError(f"{variant}: rank {distributed.rank()} built other weights or activation quantizers than "
+                           f"rank 0 (weights_id differs); rerun on one process, or make the computation deterministic")
     out = evaluate.variant_dir(cfg, variant)
     metrics_path = os.path.join(out, "metrics.json")
     qpath, apath = os.path.join(out, QUANTIZED_FILE), os.path.join(out, "act_quant.safetensors")
