@@ -397,6 +397,22 @@ def test_settings_that_would_quietly_do_nothing_or_twice_are_refused(override, s
         load_config(SMOKE, [override])
 
 
+def test_a_metrics_file_removed_while_read_is_nothing_to_reuse(tmp_path, monkeypatch):
+    """Under torchrun --force, rank 0 removes a corrupt metrics.json while another rank opens it: that rank
+    recomputes like rank 0 instead of dying of a FileNotFoundError."""
+    from common.core import storage
+    from common.evaluation import evaluate
+
+    path = tmp_path / "metrics.json"
+    path.write_text("{")
+
+    def gone(p, hint=""):
+        raise FileNotFoundError(p)
+
+    monkeypatch.setattr(storage, "load_json", gone)
+    assert evaluate.reusable(load_config(SMOKE), str(path), "fp", force=True) is None
+
+
 def test_results_measured_with_other_instruments_are_stale(tmp_path, monkeypatch):
     """The evaluation fingerprint holds the settings, not what they resolve to on this machine: other reference
     images under data.root, or another Inception network (pytorch-fid's official file placed in torch's cache,

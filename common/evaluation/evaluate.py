@@ -69,6 +69,8 @@ def reusable(cfg, path: str, fingerprint: str, force: bool):
         old = storage.load_json(path, rerun)
         if not isinstance(old, dict):  # valid JSON, but not the record this writes
             raise storage.CorruptFileError(f"{path} holds a JSON {type(old).__name__}, not a metrics record; {rerun}")
+    except FileNotFoundError:  # removed meanwhile (rank 0 recovering a corrupt one under --force): nothing to reuse
+        return None
     except storage.CorruptFileError:
         if not force:
             raise
