@@ -413,6 +413,21 @@ def test_a_metrics_file_removed_while_read_is_nothing_to_reuse(tmp_path, monkeyp
     assert evaluate.reusable(load_config(SMOKE), str(path), "fp", force=True) is None
 
 
+def test_a_variant_without_its_fp32_reference_fails_before_it_samples(tmp_path, monkeypatch):
+    """The paired MSE needs fp32's samples of every seed: missing ones are an error before the variant spends its
+    sampling (it used to sample a whole seed first)."""
+    from common.evaluation import evaluate
+
+    cfg = load_config(SMOKE, [f"run.out_dir={tmp_path}"])
+
+    def sampled(*a, **k):
+        raise AssertionError("sampled before checking the fp32 reference")
+
+    monkeypatch.setattr(evaluate, "sample_across_ranks", sampled)
+    with pytest.raises(FileNotFoundError, match="evaluate the fp32 baseline first"):
+        evaluate.evaluate_variant(cfg, "v", None, {}, "cpu", "weights", extra={"checkpoint_sha256": "c"})
+
+
 def test_results_measured_with_other_instruments_are_stale(tmp_path, monkeypatch):
     """The evaluation fingerprint holds the settings, not what they resolve to on this machine: other reference
     images under data.root, or another Inception network (pytorch-fid's official file placed in torch's cache,

@@ -298,6 +298,10 @@ def _evaluate_variant(cfg, variant, model, size, device, weights_id, force, prog
     schedule = NoiseSchedule.from_config(cfg.diffusion)
     sampler = build_sampler(cfg.sample, schedule)
     shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
+    ckpt_sha = (extra or {}).get("checkpoint_sha256")
+    # the fp32 samples every seed is paired against, checked before anything is sampled (rank 0 scores)
+    references = {seed: _fp32_reference(cfg, variant, seed, ckpt_sha) for seed in cfg.eval.seeds} \
+        if distributed.is_main() else {}
     per_seed = {}
     for seed in cfg.eval.seeds:
         x = sample_across_ranks(model, sampler, cfg.eval.n_images, shape, seed, cfg.sample.batch_size, device,
@@ -309,7 +313,7 @@ def _evaluate_variant(cfg, variant, model, size, device, weights_id, force, prog
         storage.atomic_torch_save(x01, os.path.join(out_dir, f"samples_seed{seed}.pt"))
         r = evaluate_seed(cfg, to_uint8(x), device, progress)
         r["samples_sha256"] = metrics.tensor_digest(x01)  # ties samples_seed<k>.pt to these metrics
-        sq, ref_digest = _paired(cfg, variant, seed, x01, (extra or {}).get("checkpoint_sha256"))
+        sq, ref_digest = _paired(cfg, variant, seed, x01, ckpt_sha, references[seed])
         if ref_digest is not None:  # which fp32 samples it was paired against: a later re-evaluation of fp32 shows
             r["fp32_samples_sha256"] = ref_digest
         # the mean is carried by a few images whose stochastic trajectories drift; the median is the typical image
@@ -351,10 +355,24 @@ def paired_errors(cfg, variant, seed, x01, checkpoint_sha256) -> torch.Tensor:
     return _paired(cfg, variant, seed, x01, checkpoint_sha256)[0]
 
 
-def _paired(cfg, variant, seed, x01, checkpoint_sha256) -> tuple:
-    """(``paired_errors``, the digest of the fp32 samples they were taken against: None for fp32 itself)."""
-    if variant == "fp32":
+def _paired(cfg, variant, seed, x01, checkpoint_sha256, reference=None) -> tuple:
+    """(``paired_errors``, the digest of the fp32 samples they were taken against: None for fp32 itself).
+    ``reference``: ``_fp32_reference``'s answer, when it was read before sampling."""
+    ref, expected = reference or _fp32_reference(cfg, variant, seed, checkpoint_sha256)
+    if ref is None:
         return torch.zeros_like(x01), None
+    if ref.shape != x01.shape:
+        raise StaleArtifactError(f"{os.path.join(variant_dir(cfg, 'fp32'), f'samples_seed{seed}.pt')} has shape "
+                                 f"{tuple(ref.shape)}, this variant {tuple(x01.shape)}: re-evaluate fp32 with the "
+                                 f"same eval settings (--force)")
+    return (x01 - ref).pow(2), expected
+
+
+def _fp32_reference(cfg, variant, seed, checkpoint_sha256) -> tuple:
+    """(the fp32 samples of ``seed`` a variant is paired against, their digest); (None, None) for fp32 itself.
+    Missing, stale or swapped samples are an error: read before a variant samples, so it fails in seconds."""
+    if variant == "fp32":
+        return None, None
     ref_dir = variant_dir(cfg, "fp32")
     ref_path = os.path.join(ref_dir, f"samples_seed{seed}.pt")
     ref_metrics = os.path.join(ref_dir, "metrics.json")
@@ -367,14 +385,11 @@ def _paired(cfg, variant, seed, x01, checkpoint_sha256) -> tuple:
         raise StaleArtifactError(f"{ref_dir} holds fp32 samples of another checkpoint or other evaluation settings: "
                                  f"{redo} or use another run.name")
     ref = storage.load_torch(ref_path, redo)
-    if ref.shape != x01.shape:
-        raise StaleArtifactError(f"{ref_path} has shape {tuple(ref.shape)}, this variant {tuple(x01.shape)}: "
-                                 f"re-evaluate fp32 with the same eval settings (--force)")
     expected = info.get("per_seed", {}).get(str(seed), {}).get("samples_sha256")
     if expected != metrics.tensor_digest(ref):
         raise StaleArtifactError(f"{ref_path} is not the file fp32's metrics.json was computed from "
                                  f"(samples hash differs): {redo}")
-    return (x01 - ref).pow(2), expected
+    return ref, expected
 
 
 def summarize_seeds(cfg, variant, per_seed: dict, size: dict) -> dict:
