@@ -809,6 +809,42 @@ def test_finetune_trains_a_stored_plan_from_its_own_codes(lowbit_run):
     assert p.returncode == 0
 
 
+def test_joint_search_with_kept_ends_at_keep_bits_stores_and_judges_them(tmp_path, smoke_baseline):
+    """act_quant.keep_bits: the first / last conv inputs at those bits in search_wa's search, its stored quantizer
+    (never searched: the searched bits are the others') and the fitness its stored files give again."""
+    from common.diffusion.samplers import build_sampler, sample
+    from common.experiments import lowbit, pipeline
+    from common.experiments.act_pipeline import act_layout
+    from common.quant.activations import load_act_quant
+    from common.quant.container import load_quantized
+
+    tmp = smoke_baseline(tmp_path)
+    sets = ["lowbit.plans=[chain_fisher, search, search_wa]", "lowbit.quantizers=[uniform]",
+            "lowbit.budgets=[3bits@A6]", "lowbit.range_method=mse", "lowbit.act_search_evals=3",
+            "act_quant.keep_bits=8", "eval.classifier.train_limit=300"]
+    run("lowbit.py", tmp, *[a for kv in sets for a in ("--set", kv)])
+    base = load_config(SMOKE, [f"run.out_dir={tmp}/runs", f"run.cache_dir={tmp}/cache"] + sets)
+    cfg = lowbit.lowbit_config(base)
+    out = tmp / "runs" / "smoke" / "lowbit"
+    art = json.load(open(out / "baseline" / "search_wa_uniform_3bits_A6_mse.json"))
+    vdir = out / "search_wa_uniform_3bits_A6_mse"
+    model, _ = load_quantized(str(vdir / "quantized.safetensors"))
+    q, _ = load_act_quant(str(vdir / "act_quant.safetensors"))
+    _, kept, _, _ = act_layout(cfg, model)
+    assert kept and not set(kept) & set(art["bits"])
+    assert {n: lq.bits for n, lq in q.layers.items()} == {**art["bits"], **dict.fromkeys(kept, 8)}
+    fp32, _, _ = pipeline.load_artifacts(base, "cpu", progress=False)
+    q.attach(model)
+    torch.set_num_threads(cfg.run.threads)
+    n = cfg.lowbit.search_images
+    sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
+    x, ref = (sample(m.eval(), sampler, n, (1, 32, 32), cfg.lowbit.search_seed, min(cfg.sample.batch_size, n),
+                     progress=False) for m in (model, fp32))
+    got = float(((x.clamp(-1, 1) + 1) / 2 - (ref.clamp(-1, 1) + 1) / 2).pow(2).flatten(1).mean(1).mean())
+    assert got == pytest.approx(art["trace"][-1]["best"], rel=1e-4)  # judged with the ends at 8 bits too
+    assert "(first / last conv inputs at 8 bits)" in (out / "summary.md").read_text()
+
+
 def test_joint_search_moves_activation_bits_within_the_bops_of_the_weight_search(tmp_path, smoke_baseline):
     """Plan ``search_wa``: the weight search's formats, then every quantized input's bits searched over
     ``act_quant.a_bits`` within the BOPs of all inputs at the budget's bits, judged on the search's calibration
