@@ -434,6 +434,7 @@ def test_results_measured_with_other_instruments_are_stale(tmp_path, monkeypatch
     or removed), made an old metrics.json reusable beside new results measured with the other instrument."""
     from common.core import storage
     from common.core.errors import StaleArtifactError
+    from common.evaluation import classifier as mnist_classifier
     from common.evaluation import evaluate, metrics
 
     cfg = load_config(SMOKE, ["eval.inception=true"])
@@ -461,7 +462,7 @@ def test_results_measured_with_other_instruments_are_stale(tmp_path, monkeypatch
     evaluate.check_instruments(cfg, old, "m.json")  # a record from before the hash: the path check alone
     # a classifier trained here (no released one): its float path is this CPU's, so another machine's (or a
     # retrained) classifier makes the old results stale; a released one is in the fingerprint already
-    local = {"classifier": {"source": "trained here", "sha256": "clfA"}}
+    local = {"classifier": {"source": mnist_classifier.TRAINED_HERE, "sha256": "clfA"}}
     monkeypatch.setattr(evaluate, "classifier", lambda c, progress=True: (None, {"sha256": "clfA"}))
     evaluate.check_instruments(cfg, local, "m.json")
     key = evaluate.instrument_key(cfg)

@@ -121,6 +121,9 @@ def _warn_if_weak(acc, clf_cfg):
               f"raise eval.classifier.epochs")
 
 
+TRAINED_HERE = "trained here"  # info["source"] of a classifier this machine trained (its floats are this CPU's)
+
+
 def load_or_train_classifier(cache_dir, data_cfg, clf_cfg, progress=True, source="the config"):
     """The classifier of ``clf_cfg`` for this image size; returns (model in eval mode, info).
 
@@ -148,7 +151,7 @@ def load_or_train_classifier(cache_dir, data_cfg, clf_cfg, progress=True, source
             blob = None
     if blob is not None:
         print(f"[classifier] reusing {path} (test accuracy {blob['info']['test_accuracy']:.4f})")
-        return model.eval(), {**blob["info"], "source": "trained here", "path": path, "sha256": sha256_file(path)}
+        return model.eval(), {**blob["info"], "source": TRAINED_HERE, "path": path, "sha256": sha256_file(path)}
     model = train_classifier(xtr_u8, ytr, clf_cfg, progress)
     acc, n_test = _test_accuracy(model, data_cfg, clf_cfg.test_limit)
     # the file holds no path: its SHA-256 names the weights, so another run.cache_dir finds the same classifier
@@ -157,7 +160,7 @@ def load_or_train_classifier(cache_dir, data_cfg, clf_cfg, progress=True, source
     save_cache({"state_dict": model.state_dict(), "info": info}, path)
     print(f"[classifier] trained, MNIST test accuracy {acc:.4f} -> {path}")
     _warn_if_weak(acc, clf_cfg)
-    return model, {**info, "source": "trained here", "path": path, "sha256": sha256_file(path)}
+    return model, {**info, "source": TRAINED_HERE, "path": path, "sha256": sha256_file(path)}
 
 
 def release_command(config: str, out_path: str, overrides=()) -> str:

@@ -145,7 +145,8 @@ def check_instruments(cfg, old: dict, path: str):
         raise StaleArtifactError(f"{path} was measured against other reference images than data.root "
                                  f"{cfg.data.root!r} holds now; {redo}")
     clf = old.get("classifier") or {}
-    if clf.get("source") == "trained here" and (now := str(_local_classifier_sha(cfg))) != clf.get("sha256"):
+    local = clf.get("source") == mnist_classifier.TRAINED_HERE
+    if local and (now := str(_local_classifier_sha(cfg))) != clf.get("sha256"):
         raise StaleArtifactError(f"{path} was measured with the MNIST classifier trained here at SHA-256 "
                                  f"{str(clf.get('sha256'))[:12]}..., this machine's is {now[:12]}...; {redo}")
     was = old.get("inception_weights")
