@@ -43,8 +43,9 @@ def main():
                                               "n_images of the metrics.json beside the file, else eval.n_images)")
     p.add_argument("--backend", choices=(AUTO, *BACKENDS),
                    help="execution backend (default: backend.name from the config)")
-    p.add_argument("--out", help="output folder (default: runs/<run>/samples/<source>_<backend>_seed<seed>; source: "
-                                 "the variant's folder, or a weights file's name)")
+    p.add_argument("--out", help="output folder (default: runs/<run>/samples/<source>_<backend>[_<int8 settings>]_"
+                                 "seed<seed>; source: the variant's folder, or a weights file's name; the int8 "
+                                 "backends' settings that differ from their defaults are named, e.g. _tpfp32)")
     args = p.parse_args()
     cfg = cli.load(args)
     if args.n < 1:
