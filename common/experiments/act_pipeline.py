@@ -91,13 +91,18 @@ def block_scale_bits(macs: dict, quantized, block: int) -> float:
     return scale_bits(block) * sum(macs[n] for n in quantized) / sum(macs.values())
 
 
+def end_bits(cfg, kept) -> dict:
+    """{input: bits} of the kept ends: ``act_quant.keep_bits`` each, none while that is float."""
+    return dict.fromkeys(kept, cfg.act_quant.keep_bits) if cfg.act_quant.keep_bits else {}
+
+
 def input_bits(cfg, names, kept, a_bits) -> dict:
-    """{input: bits} of a uniform plan: every allocatable input at ``a_bits``, the kept ends at
-    ``act_quant.keep_bits`` (left out while that is float); none when ``a_bits`` is None (float activations)."""
+    """{input: bits} of a uniform plan: every allocatable input at ``a_bits``, the kept ends at ``end_bits``;
+    none when ``a_bits`` is None (float activations)."""
     if a_bits is None:
         return {}
-    keep = cfg.act_quant.keep_bits
-    return {n: keep if n in kept else a_bits for n in names if keep or n not in kept}
+    ends = end_bits(cfg, kept)
+    return {n: ends.get(n, a_bits) for n in names if n in ends or n not in kept}  # in the network's order
 
 
 def act_quantizer(cfg, model, ranges, bits: dict, mode: str) -> ActQuantizer:

@@ -78,6 +78,7 @@ from .act_pipeline import (
     act_importance_inputs,
     act_layout,
     act_quantizer,
+    end_bits,
     ensure_act_importance,
     ensure_ranges,
     input_bits,
@@ -738,7 +739,7 @@ def ensure_act_search(c, model, table, weights, menu, budget, sha, progress=True
     limit = sum(options[n][a] for n in start)
     ranges = ranges_by_bits(c, model, range_bits(c, menu_a), sha, device, progress)
     names, kept, _, _ = act_layout(ac, model)
-    ends = {n: b for n, b in input_bits(ac, names, kept, a).items() if n in kept}  # at keep_bits, never searched
+    ends = end_bits(ac, kept)  # at keep_bits, never searched
     imp = ensure_act_importance(ac, model, lb.range_mode, ensure_ranges(ac, model, lb.range_mode, sha, device,
                                                                        progress), sha, device, progress)
     missing = [(n, b) for n in start for b in menu_a if b not in imp["fisher"].get(n, {})]
@@ -917,7 +918,7 @@ def run_lowbit(cfg, device, force=False, progress=True):
             q = activation_quantizer(_act_cfg(c), model, a_bits, ranges)
         else:  # search_wa: each input at its searched bits, the kept ends at keep_bits, with the ranges of those
             names, kept, _, _ = act_layout(_act_cfg(c), model)
-            bits = {**act["bits"], **{n: b for n, b in input_bits(c, names, kept, a_bits).items() if n in kept}}
+            bits = {**act["bits"], **end_bits(c, kept)}
             every = ranges_by_bits(c, model, range_bits(c, bits.values()), sha, device, progress=False)
             q = act_quantizer(_act_cfg(c), model, {n: every[b][n] for n, b in bits.items()}, bits, lb.range_mode)
             extra["a_bits_searched"] = provenance["act"]["bits_per_input"] = act["bits"]
