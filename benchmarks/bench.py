@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import bench_backends  # noqa: E402
+from benchmarks import bench_backends, bench_int8_sites  # noqa: E402
 from common.core import machine  # noqa: E402
 from common.core.config import load_config  # noqa: E402
 from common.diffusion.checkpoint import resolve_bf16  # noqa: E402
@@ -344,6 +344,14 @@ def check_backend_seeds(seeds, calib_seed, ap):
         ap.error(f"--backend-seeds: {calib_seed} is backend.calib_seed, the int8 calibration's noise; pick others")
 
 
+def check_sites_seed(seed, cfg, backend_seeds, ap):
+    """The int8-sites study picks inputs to keep float; the backend rows and the evaluation judge the pick, so
+    it must not be made on their noise (nor on the calibration's)."""
+    if seed in {*cfg.eval.seeds, *backend_seeds, cfg.backend.calib_seed}:
+        ap.error(f"--sites-seed {seed} is an evaluation, backend-row or calibration seed; a set chosen on it would "
+                 f"be judged on its own noise: pick another")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/default.yaml")
@@ -352,8 +360,9 @@ def main():
     ap.add_argument("--n-single", type=int, default=8, help="images for the per-image loop")
     ap.add_argument("--fisher-n", type=int, default=64, help="samples for the Fisher comparison")
     ap.add_argument("--batch-sweep", type=int, nargs="*", default=[25, 100, 300], help="sampling batch sizes")
-    ap.add_argument("--part", choices=("all", "core", "backends"), default="all",
-                    help="core: sampling/Fisher/training; backends: execution backends x variants")
+    ap.add_argument("--part", choices=("all", "core", "backends", "int8-sites"), default="all",
+                    help="core: sampling/Fisher/training; backends: execution backends x variants; int8-sites "
+                         "(not in all): which int8 activation quantizers move the samples")
     ap.add_argument("--backend-n", type=int, default=400, help="images per seed and (variant, backend) row")
     ap.add_argument("--backend-seeds", type=int, nargs="+", default=[0],
                     help="noise seeds of the backend rows (the ratios' intervals pool their images)")
@@ -361,6 +370,9 @@ def main():
                     help="variants of the backend table (fp32 is always measured: it is the reference)")
     ap.add_argument("--backends", nargs="+", default=list(bench_backends.BACKEND_ROWS),
                     choices=list(bench_backends.BACKEND_ROWS), help="rows of the backend table (dequant always)")
+    ap.add_argument("--sites-n", type=int, default=128, help="int8-sites: images per site")
+    ap.add_argument("--sites-seed", type=int, default=778,
+                    help="int8-sites: noise seed (not an evaluation, backend-row or calibration seed)")
     ap.add_argument("--checkpoint", help="baseline for the backend table (default: baseline.weights, else runs/<run>/"
                                          "baseline/checkpoint.pt; with runs/<run>/baseline/fisher.pt, else random "
                                          "weights)")
@@ -371,8 +383,11 @@ def main():
         sys.stdout = _Tee(sys.stdout)
     cfg = load_config(args.config, args.overrides)
     check_backend_seeds(args.backend_seeds, cfg.backend.calib_seed, ap)
+    if args.part == "int8-sites":
+        check_sites_seed(args.sites_seed, cfg, args.backend_seeds, ap)
     if args.quick:
         args.n_batch, args.n_single, args.fisher_n, args.batch_sweep, args.backend_n = 16, 2, 8, [4], 16
+        args.sites_n = 4
     cap = machine.capability()
     arch = (f"U-Net, channels {cfg.model.channels}" if cfg.model.arch == "unet" else
             f"DiT, width {cfg.model.hidden}, {sum(cfg.model.stage_blocks)} blocks, patch {cfg.model.patch_size}")
@@ -385,6 +400,13 @@ def main():
     figures = {}
     if args.part in ("all", "core"):
         figures.update(core(cfg, args, peak, cap))
+    if args.part == "int8-sites":
+        ckpt = args.checkpoint or bench_backends.default_checkpoint(cfg)
+        out_dir = os.path.join(cfg.run.out_dir, "bench", cfg.run.name)
+        paths, _ = bench_backends.write_variants(cfg, ckpt, out_dir, ["fp32", bench_int8_sites.VARIANT])
+        bench_int8_sites.run(cfg, paths[bench_int8_sites.VARIANT], paths["fp32"], out_dir, args.sites_n,
+                             args.sites_seed)
+        return
     if args.part in ("all", "backends"):
         ckpt = args.checkpoint or bench_backends.default_checkpoint(cfg)
         out_dir = os.path.join(cfg.run.out_dir, "bench", cfg.run.name)
@@ -394,6 +416,7 @@ def main():
                    **figures}
     figures.update(isa=cap["isa"], native_bf16=cap["native_bf16"], vnni=cap["vnni"],  # what every figure ran on
                    int8_time_path=cfg.backend.int8_time_path,  # and the int8 settings the int8 rows ran under
+                   int8_float_inputs=len(cfg.backend.int8_float_inputs),
                    int8_reduce_range=backends.resolve_reduce_range(cfg.backend.int8_reduce_range, cap))
     # key=value pairs separated by spaces, so an interval is printed without them
     print(" ".join(f"{k}={'[' + ','.join(map(str, v)) + ']' if isinstance(v, list) else v}"

@@ -377,6 +377,62 @@ def test_int8_time_path_reaches_the_runner_and_names_its_sample_folder(mixed_mlp
         backends.int8_plan(torch.nn.Sequential(torch.nn.Linear(2, 2)), {}, "fp32")
 
 
+@pytest.mark.parametrize("backend", ["int8", "int8_bf16"])
+def test_int8_float_inputs_run_those_modules_weight_only_on_their_stored_values(mixed_mlp_time, backend):
+    """backend.int8_float_inputs: a named module (or every module under a named prefix) loses its activation
+    quantizer and int8 kernel and runs its stored int8 values as a float op (a bf16 island under int8_bf16); the
+    rest of the graph keeps its int8 kernels; a name that matches no module is refused, naming the key."""
+    qmodel, stored, calib = mixed_mlp_time
+    plain = backends.int8_plan(qmodel, stored)
+    kept = {n for n in plain.scales if n.startswith("Layer1.ResBlock2.")}
+    assert kept  # the fixture stores int8 under that prefix
+    plan = backends.int8_plan(qmodel, stored, float_inputs=("Layer1.ResBlock2",))
+    assert set(plain.scales) - set(plan.scales) == kept
+    assert {plan.kept[f"{n}.weight"] for n in kept} == {"input kept float (backend.int8_float_inputs)"}
+    runner = backends.prepare(qmodel, stored, backend, calib=calib, compile_model=False,
+                              int8_float_inputs=["Layer1.ResBlock2"])
+    want = "bf16" if backend == "int8_bf16" else "fp32"
+    assert {runner.precision[f"{n}.weight"].split(" ")[0] for n in kept} == {want}
+    assert len(_graph_weights(runner.fn)) == len(plan.scales)
+    for n in kept:  # the stored values, as a float weight of the graph (rounded to bf16 only when the op runs)
+        torch.testing.assert_close(backends._attr(runner.fn, f"{n}.weight"),
+                                   dict(qmodel.named_parameters())[f"{n}.weight"], rtol=0, atol=0)
+    assert any("inputs kept float: Layer1.ResBlock2" in n for n in runner.notes)
+    with pytest.raises(ValueError, match="int8_float_inputs: 'Layer9' names no module"):
+        backends.int8_plan(qmodel, stored, float_inputs=("Layer9",))
+    with pytest.raises(ValueError, match="names no module"):  # a prefix must end at a module boundary
+        backends.int8_plan(qmodel, stored, float_inputs=("Layer1.ResBlock",))
+    cfg = load_config(SMOKE, ["backend.int8_float_inputs=[Layer1.ResBlock2]"])
+    from common.evaluation import generate
+
+    tag = generate.int8_settings_tag(cfg, "int8")
+    assert tag.startswith("_float1-") and tag != generate.int8_settings_tag(
+        load_config(SMOKE, ["backend.int8_float_inputs=[Layer1.ResBlock1]"]), "int8")
+
+
+def test_without_input_quantizers_is_the_graph_with_those_inputs_float(mixed_mlp_time):
+    """The int8-sites study's graph surgery: with every quantized input skipped, the int8 graph computes the
+    stored weights' float model (the sub-pixel rewrite only reorders sums); skipping one module's input changes
+    the output and leaves the original graph untouched; a module without a quantized input is refused."""
+    qmodel, stored, calib = mixed_mlp_time
+    gm = backends.prepare(qmodel, stored, "int8", calib=calib, compile_model=False).fn
+    sites = backends.activation_sites(gm)
+    plan = backends.int8_plan(qmodel, stored)
+    assert set(sites) == {n.split(".phases.")[0] for n in plan.scales}  # a ConvTranspose2d once, not per phase
+    x, t = torch.randn(3, *SHAPE), torch.tensor([5, 40, 90])
+    with torch.no_grad():
+        want, int8 = qmodel(x, t), gm(x, t)
+        none = backends.without_input_quantizers(gm, sites)(x, t)
+        one = backends.without_input_quantizers(gm, sites[:1])(x, t)
+    assert rel_err(int8, want) > 1e-4  # the activations' rounding is visible ...
+    torch.testing.assert_close(none, want, rtol=1e-4, atol=1e-5)  # ... and gone with every input float
+    assert 0 < rel_err(one, int8) and not torch.equal(one, none)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x, t), int8, rtol=0, atol=0)  # the surgery worked on a copy
+    with pytest.raises(ValueError, match="no quantized input in this int8 graph for \\['Layer9'\\]"):
+        backends.without_input_quantizers(gm, ["Layer9"])
+
+
 # ----------------------------------------------------------------------------- loading and sample.py
 def test_load_weights_plain_state_dict(tiny_model_fisher, tmp_path):
     from common.core.config import load_config

@@ -86,6 +86,41 @@ def test_backend_seeds_are_distinct_and_not_the_calibration_seed(capsys):
     assert bench_backends._mse_ratio(_row(1, 1, 1e-4), _row(1, 1, 1e-4)) == (1.0, None)  # no per-image figures
 
 
+def test_int8_sites_study_rows_every_quantized_input_and_writes_its_table(tmp_path, capsys):
+    """bench.py --part int8-sites on a tiny plan: one row per module whose input the int8 graph quantizes, the
+    per-image damages of every row on the same images, the JSON and the plot written; its noise may not be a
+    seed that judges the pick."""
+    import argparse
+    import json
+
+    from benchmarks import bench, bench_int8_sites
+    from common.evaluation.generate import build_runner, load_weights
+    from common.quant import backends
+
+    cfg = load_config(os.path.join(ROOT, "configs", "smoke.yaml"), [f"run.out_dir={tmp_path}/runs",
+                                                                      f"run.cache_dir={tmp_path}/cache",
+                                                                      "backend.calib_images=4",
+                                                                      "backend.int8_float_inputs=[Layer1]"])
+    paths, _ = bench_backends.write_variants(cfg, str(tmp_path / "none.pt"), str(tmp_path / "bench"),
+                                             ("fp32", "uniform_int8"))  # the bench's plan, less its smoothing
+    rows = bench_int8_sites.run(cfg, paths["uniform_int8"], paths["fp32"], str(tmp_path), 4, 777)
+    model, stored, _ = load_weights(paths["uniform_int8"], cfg)
+    every = load_config(os.path.join(ROOT, "configs", "smoke.yaml"), ["backend.calib_images=4"])
+    sites = backends.activation_sites(build_runner(every, model, stored, "int8", "cpu", 4, False, False).fn)
+    # every site of the all-int8 graph, the config's kept-float Layer1 included
+    assert sorted(r["site"] for r in rows) == sorted(sites) and any(s.startswith("Layer1.") for s in sites)
+    assert [r["median_vs_int8"] for r in rows] == sorted(r["median_vs_int8"] for r in rows)
+    assert all(math.isfinite(r["mean_vs_int8"]) and r["one_step_share"] <= 1 for r in rows)
+    saved = json.load(open(tmp_path / "int8_sites.json"))
+    assert saved["seed"] == 777 and {len(v) for v in saved["per_image"]["sites"].values()} == {4}
+    assert os.path.getsize(tmp_path / "int8_sites.png") > 0 and "input kept float" in capsys.readouterr().out
+    ap = argparse.ArgumentParser(prog="bench.py")
+    bench.check_sites_seed(777, cfg, [0, 1], ap)
+    for seed in (cfg.eval.seeds[0], 1, cfg.backend.calib_seed):
+        with pytest.raises(SystemExit):
+            bench.check_sites_seed(seed, cfg, [0, 1], ap)
+
+
 def test_emulated_bf16_rows_run_a_tenth_of_the_images():
     from benchmarks import bench
 

@@ -95,7 +95,8 @@ def build_runner(cfg, model, stored, backend: str, device, batch_size: int, comp
                             compile_model=compile_model, warmup_shape=(batch_size, *shape),
                             int8_ranges=cfg.backend.int8_ranges, int8_percentile=cfg.backend.int8_percentile,
                             int8_reduce_range=backends.resolve_reduce_range(cfg.backend.int8_reduce_range),
-                            int8_time_path=cfg.backend.int8_time_path)
+                            int8_time_path=cfg.backend.int8_time_path,
+                            int8_float_inputs=cfg.backend.int8_float_inputs)
 
 
 def int8_settings_tag(cfg, backend: str) -> str:
@@ -106,7 +107,9 @@ def int8_settings_tag(cfg, backend: str) -> str:
     b = cfg.backend
     parts = [f"pct{b.int8_percentile:g}" if b.int8_ranges == "percentile" else "",
              f"rr{str(b.int8_reduce_range).lower()}" if b.int8_reduce_range != "auto" else "",
-             f"tp{b.int8_time_path}" if b.int8_time_path != "int8" else ""]
+             f"tp{b.int8_time_path}" if b.int8_time_path != "int8" else "",
+             f"float{len(b.int8_float_inputs)}-{storage.fingerprint(b.int8_float_inputs)[:6]}"
+             if b.int8_float_inputs else ""]
     return "".join(f"_{p}" for p in parts if p)
 
 

@@ -24,7 +24,9 @@ What each tensor runs in (``Runner.precision`` says it per parameter):
   geometry is rewritten as four 2x2 Conv2d, one per output phase (``SubPixelConvTranspose``: same sums,
   same codes). Everything else keeps its stored values in fp32 compute: fp32/fp16/bf16 tensors and
   element-masked tensors (one kernel cannot mix formats inside a tensor); with ``backend.int8_time_path: fp32``
-  the time path's modules too (one input row per image: int8 buys nothing there). The export has a dynamic batch
+  the time path's modules too (one input row per image: int8 buys nothing there), and the modules
+  ``backend.int8_float_inputs`` names (inputs kept float; ``without_input_quantizers`` is the same cut on a
+  calibrated graph, for studying which to name). The export has a dynamic batch
   dimension; the compiled graph is specialised to ``batch_size`` and smaller batches are zero-padded to it
   (samples are independent under static scales, so padding changes no result).
 * ``int8_bf16`` — the same int8 graph with bf16 islands: the int8 kernels as above (fp32 outputs), attention
@@ -210,12 +212,26 @@ class CodebookNotRunnable(ValueError):
     """A codebook-stored tensor on the int8 backend."""
 
 
-def int8_plan(model, stored, time_path="int8") -> Int8Plan:
+def _float_input_match(model, float_inputs) -> callable:
+    """A test of module names against ``float_inputs`` (names or prefixes of modules of ``model``); an entry that
+    names no module is an error, never a silent no-op."""
+    names = [n for n, _ in model.named_modules() if n]
+    for entry in float_inputs:
+        if not any(n == entry or n.startswith(entry + ".") for n in names):
+            raise ValueError(f"backend.int8_float_inputs: {entry!r} names no module of this "
+                             f"{type(model).__name__}; valid: module names or their prefixes, e.g. "
+                             f"{', '.join(n for n in names if '.' in n and n.count('.') <= 2)[:200]}")
+    return lambda name: any(name == e or name.startswith(e + ".") for e in float_inputs)
+
+
+def int8_plan(model, stored, time_path="int8", float_inputs=()) -> Int8Plan:
     """Modules whose weight the plan stored whole-tensor int8/int4/int3/int2 with one scale per output channel
     (codes within int8's range and the kernel's per-channel scale: exact) and which have an x86 int8 kernel.
     Group-wise scales do not fit a per-channel kernel: those tensors run their stored values in fp32. Codebooks
     (k-means centroids) are not integer codes at all: refused. ``time_path`` "fp32": the network's time-path
-    modules (``model.time_path``) run their stored values in fp32 (weight-only), never in a bf16 island."""
+    modules (``model.time_path``) run their stored values in fp32 (weight-only), never in a bf16 island.
+    ``float_inputs``: module names or prefixes whose inputs stay float (weight-only, their stored values; a bf16
+    island under int8_bf16)."""
     plan = Int8Plan()
     if stored is None:
         return plan
@@ -230,6 +246,7 @@ def int8_plan(model, stored, time_path="int8") -> Int8Plan:
     if time_path == "fp32" and not hasattr(model, "time_path"):
         raise ValueError(f"int8 time path 'fp32': a {type(model).__name__} does not say which modules are on its "
                          f"time path (no time_path method); use 'int8'")
+    input_float = _float_input_match(model, float_inputs)
     for mod_name, mod in model.named_modules():
         name = f"{mod_name}.weight"
         e = stored.get(name)
@@ -242,6 +259,8 @@ def int8_plan(model, stored, time_path="int8") -> Int8Plan:
             continue
         if on_time_path:
             plan.kept[name] = "time path, one row per image (backend.int8_time_path: fp32)"
+        elif input_float(mod_name):
+            plan.kept[name] = "input kept float (backend.int8_float_inputs)"
         elif format_spec(e["format"]).group is not None:
             plan.kept[name] = f"{e['format']}: group-wise scales (an int8 kernel has one scale per output channel)"
         elif "mask" in e:
@@ -376,12 +395,12 @@ def _graph_constants(gm):
 
 
 def _int8(model, stored, calib, batch_size, compile_model, mixed_bf16=False, ranges="histogram", percentile=99.99,
-          reduce_range=False, time_path="int8"):
+          reduce_range=False, time_path="int8", float_inputs=()):
     if not calib:
         raise ValueError("backend 'int8' needs calibration inputs (see calibration_inputs)")
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    plan = int8_plan(model, stored, time_path)
+    plan = int8_plan(model, stored, time_path, float_inputs)
     net = _copy(model)
     for mod_name in plan.subpixel:
         parent, _, leaf = mod_name.rpartition(".")
@@ -403,7 +422,8 @@ def _int8(model, stored, calib, batch_size, compile_model, mixed_bf16=False, ran
                             | plan.fp32) if mixed_bf16 else set()
     fn, notes = converted, [f"activation ranges: {ranges}" + (f" {percentile}" if ranges == "percentile" else "")
                             + (", 7-bit codes (reduce_range)" if reduce_range else "")
-                            + (", time path fp32" if plan.fp32 else "")]
+                            + (", time path fp32" if plan.fp32 else "")
+                            + (f", inputs kept float: {', '.join(float_inputs)}" if float_inputs else "")]
     batch_size = batch_size or len(x)
     if compile_model:
         fn = _frozen(torch.compile(converted))
@@ -471,6 +491,50 @@ def _bf16_islands(gm, fp32_names) -> set:
     return islands
 
 
+def _quantized_input(node):
+    """The dequantize node feeding ``node``'s input (a conv / linear of a converted int8 graph), else None."""
+    if node.op != "call_function" or node.target not in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default):
+        return None
+    x = node.args[0]
+    if isinstance(x, torch.fx.Node) and x.target is torch.ops.quantized_decomposed.dequantize_per_tensor.default:
+        return x
+    return None
+
+
+def _module_of(node) -> str:
+    """The model's module a graph node belongs to; a sub-pixel phase (``<name>.phases.<i>``) reports its
+    ConvTranspose2d, the module ``int8_float_inputs`` names."""
+    stack = node.meta.get("nn_module_stack") or {}
+    path = list(stack.values())[-1][0] if stack else node.name
+    return path.split(".phases.")[0]
+
+
+def activation_sites(gm) -> list:
+    """Modules of the uncompiled int8 graph ``gm`` (``prepare(..., compile_model=False).fn``) whose input
+    activations are quantized, in graph order."""
+    return list(dict.fromkeys(_module_of(n) for n in gm.graph.nodes if _quantized_input(n) is not None))
+
+
+def without_input_quantizers(gm, modules):
+    """A copy of the uncompiled int8 graph ``gm`` in which the inputs of ``modules`` skip their uint8
+    quantize / dequantize (their int8 weights stay as they are): what ``backend.int8_float_inputs`` runs, with
+    every other input's calibrated range unchanged, so one calibration serves a study of every site."""
+    import copy
+
+    unknown = set(modules) - set(activation_sites(gm))
+    if unknown:
+        raise ValueError(f"no quantized input in this int8 graph for {sorted(unknown)}; "
+                         f"valid: {', '.join(activation_sites(gm))}")
+    out = copy.deepcopy(gm)
+    for node in list(out.graph.nodes):
+        dq = _quantized_input(node)
+        if dq is not None and _module_of(node) in modules:
+            node.replace_input_with(dq, dq.args[0].args[0])  # dequantize(quantize(x)) -> x
+    out.graph.eliminate_dead_code()
+    out.recompile()
+    return out
+
+
 def _frozen(compiled):
     """Call ``compiled`` with inductor's freezing on, which turns the weights into constants so the x86
     passes can prepack them for oneDNN's int8 kernels. It must be on whenever inductor compiles, i.e. at the
@@ -516,7 +580,7 @@ def calibration_inputs(model, sampler, n: int, shape, seed: int, steps=None, pro
 
 def prepare(model, stored, backend: str, device="cpu", calib=None, batch_size=None, compile_model=None,
             warmup_shape=None, int8_ranges="histogram", int8_percentile=99.99, int8_reduce_range=False,
-            int8_time_path="int8") -> Runner:
+            int8_time_path="int8", int8_float_inputs=()) -> Runner:
     """Build the ``Runner`` of ``backend`` for ``model`` (fp32, de-quantized values) and its stored entries.
 
     calib: [(x, t), ...] from ``calibration_inputs`` (int8 only). batch_size: the sampling batch (int8
@@ -524,7 +588,8 @@ def prepare(model, stored, backend: str, device="cpu", calib=None, batch_size=No
     warmup_shape: (B, C, H, W) to run once here, so compilation is timed in ``prepare_seconds``.
     int8_ranges / int8_percentile: how the int8 backends calibrate activation ranges (``INT8_RANGES``);
     int8_reduce_range: 7-bit activation codes (``backend.int8_reduce_range``); int8_time_path: "fp32" runs the
-    time path's modules weight-only in fp32 (``backend.int8_time_path``).
+    time path's modules weight-only in fp32 (``backend.int8_time_path``); int8_float_inputs: modules whose inputs
+    stay float (``backend.int8_float_inputs``).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid: {', '.join(BACKENDS)}")
@@ -542,7 +607,8 @@ def prepare(model, stored, backend: str, device="cpu", calib=None, batch_size=No
             raise ValueError(f"backend {backend!r} runs on the CPU (x86 oneDNN kernels); use --set run.device=cpu")
         runner = _int8(model, stored, calib, batch_size, True if compile_model is None else compile_model,
                        mixed_bf16=backend == "int8_bf16", ranges=int8_ranges, percentile=int8_percentile,
-                       reduce_range=int8_reduce_range, time_path=int8_time_path)
+                       reduce_range=int8_reduce_range, time_path=int8_time_path,
+                       float_inputs=tuple(int8_float_inputs))
     if warmup_shape is not None:
         b = runner.batch_size or warmup_shape[0]
         with torch.inference_mode():
