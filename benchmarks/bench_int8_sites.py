@@ -1,13 +1,14 @@
 """Which int8 activation quantizers move the samples: one calibrated W8A8 graph, each input in turn left float.
 
 ``bench.py --part int8-sites`` runs it on the smoothed uniform int8 plan of the backend table (the plan of the
-int8 paired-MSE target). The int8 graph is calibrated once (``backend.calib_*``) and run uncompiled (the same
-int8 numerics at fp32 speed), every input quantized whatever ``backend.int8_float_inputs`` says; for every
-conv / linear whose input it quantizes, a copy skips that input's
-uint8 rounding (``backends.without_input_quantizers``: what ``backend.int8_float_inputs`` runs) and samples the
-same noise. Each row is judged on the final samples against fp32 on that noise, per image (paired MSE of [0, 1]
-pixels): the **median** over the images is the judge, because the mean is carried by the few images that change
-digit (a few percent of the images hold most of it) and does not order single sites at a few hundred images.
+int8 paired-MSE target). The int8 graph is calibrated once (``backend.calib_*``) with every input quantized,
+whatever ``backend.int8_float_inputs`` says, and run uncompiled (the same int8 numerics at fp32 speed). For each
+conv / linear whose input it quantizes, a copy skips that input's uint8 rounding
+(``int8_sites.without_input_quantizers``: what ``backend.int8_float_inputs`` keeps float, here in fp32 and with
+the other inputs' ranges of the one calibration) and samples the same noise. Each row is judged on the final
+samples against fp32 on that noise, per image (paired MSE of [0, 1] pixels): the **median** over the images is
+the judge, because the mean is carried by the few images that change digit (a few percent of the images hold
+most of it) and does not order single sites at a few hundred images.
 The noise is ``--sites-seed``: neither an evaluation seed, a backend-row seed nor the calibration's, so a set
 chosen here is judged afresh by the backend rows (``--set 'backend.int8_float_inputs=[...]'``).
 Beside it, each site's share of the one-step error (eps of the int8 graph against the stored weights' fp32
@@ -25,7 +26,7 @@ from common.core import machine, storage
 from common.diffusion.samplers import build_sampler, sample
 from common.diffusion.schedule import NoiseSchedule
 from common.evaluation.generate import build_runner, load_weights
-from common.quant import backends
+from common.quant import backends, int8_sites
 
 VARIANT = "uniform_int8_smooth"
 ONE_STEP_IMAGES = 16  # trajectories whose every step the one-step errors are taken on
@@ -60,11 +61,11 @@ def study(cfg, model, stored, fp32, n: int, seed: int, batch: int, progress=True
         with torch.inference_mode():
             return sum(float((fn(x, t) - e).pow(2).sum()) for (x, t), e in zip(steps, eps, strict=True))
 
-    int8 = backends.without_input_quantizers(gm, [])  # a plain copy: the exported graph refuses .eval()
+    int8 = int8_sites.without_input_quantizers(gm, [])  # a plain copy: the exported graph refuses .eval()
     out = {"dequant": _per_image(draw(model), ref), "int8": _per_image(draw(int8), ref), "sites": {},
            "one_step": {"int8": one_step(int8)}}
-    for site in tqdm(backends.activation_sites(gm), desc="int8 sites", disable=not progress):
-        g = backends.without_input_quantizers(gm, [site])
+    for site in tqdm(int8_sites.activation_sites(gm), desc="int8 sites", disable=not progress):
+        g = int8_sites.without_input_quantizers(gm, [site])
         out["sites"][site] = _per_image(draw(g), ref)
         out["one_step"][site] = one_step(g)
     return out

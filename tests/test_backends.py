@@ -13,7 +13,7 @@ import torch
 from common.core.config import load_config
 from common.diffusion.samplers import build_sampler, sample
 from common.diffusion.schedule import NoiseSchedule
-from common.quant import backends
+from common.quant import backends, int8_sites
 from common.quant.container import QUANTIZED_FILE, save_quantized
 from common.quant.eligibility import eligible_names
 from common.quant.formats import Assignment, _from_channel_first, quantize_model, unpack_int4
@@ -416,21 +416,61 @@ def test_without_input_quantizers_is_the_graph_with_those_inputs_float(mixed_mlp
     the output and leaves the original graph untouched; a module without a quantized input is refused."""
     qmodel, stored, calib = mixed_mlp_time
     gm = backends.prepare(qmodel, stored, "int8", calib=calib, compile_model=False).fn
-    sites = backends.activation_sites(gm)
+    sites = int8_sites.activation_sites(gm)
     plan = backends.int8_plan(qmodel, stored)
     assert set(sites) == {n.split(".phases.")[0] for n in plan.scales}  # a ConvTranspose2d once, not per phase
     x, t = torch.randn(3, *SHAPE), torch.tensor([5, 40, 90])
     with torch.no_grad():
         want, int8 = qmodel(x, t), gm(x, t)
-        none = backends.without_input_quantizers(gm, sites)(x, t)
-        one = backends.without_input_quantizers(gm, sites[:1])(x, t)
+        none = int8_sites.without_input_quantizers(gm, sites)(x, t)
+        one = int8_sites.without_input_quantizers(gm, sites[:1])(x, t)
     assert rel_err(int8, want) > 1e-4  # the activations' rounding is visible ...
     torch.testing.assert_close(none, want, rtol=1e-4, atol=1e-5)  # ... and gone with every input float
     assert 0 < rel_err(one, int8) and not torch.equal(one, none)
     with torch.no_grad():
         torch.testing.assert_close(gm(x, t), int8, rtol=0, atol=0)  # the surgery worked on a copy
     with pytest.raises(ValueError, match="no quantized input in this int8 graph for \\['Layer9'\\]"):
-        backends.without_input_quantizers(gm, ["Layer9"])
+        int8_sites.without_input_quantizers(gm, ["Layer9"])
+
+
+def test_the_study_cut_is_close_to_what_int8_float_inputs_runs(mixed_mlp_time):
+    """The int8-sites study ranks an input by cutting its quantizer out of one calibration; the setting it
+    informs recalibrates with that input float. Both leave the same input float, so their outputs differ only by
+    the other inputs' recalibrated ranges: far less than either differs from the all-int8 graph."""
+    qmodel, stored, calib = mixed_mlp_time
+    gm = backends.prepare(qmodel, stored, "int8", calib=calib, compile_model=False).fn
+    site = "Layer2.attention_layer.proj1"
+    assert site in int8_sites.activation_sites(gm)
+    kept = backends.prepare(qmodel, stored, "int8", calib=calib, compile_model=False, int8_float_inputs=[site]).fn
+    x, t = torch.randn(4, *SHAPE), torch.tensor([5, 30, 60, 90])
+    with torch.no_grad():
+        cut, run, every = int8_sites.without_input_quantizers(gm, [site])(x, t), kept(x, t), gm(x, t)
+    assert rel_err(cut, run) < 0.2 * rel_err(every, run)
+
+
+def test_every_config_names_modules_its_model_has():
+    """A config's backend.int8_float_inputs must name modules of the model it builds (the default's four are the
+    released U-Net's; the DiT configs keep none); sample.py would refuse it only after calibrating."""
+    import glob
+
+    from common.diffusion.model import build_model
+
+    for path in sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml"))):
+        cfg = load_config(path)
+        if cfg.backend.int8_float_inputs:
+            with torch.device("meta"):  # names only: no memory for the poster-scale weights
+                model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size)
+            backends.float_input_match(model, cfg.backend.int8_float_inputs)
+
+
+def test_build_runner_refuses_a_bad_name_before_calibrating(mixed_mlp_time, monkeypatch):
+    from common.evaluation import generate
+
+    qmodel, stored, _ = mixed_mlp_time
+    monkeypatch.setattr(backends, "calibration_inputs", lambda *a, **k: pytest.fail("calibrated first"))
+    with pytest.raises(ValueError, match="int8_float_inputs: 'Layer9' names no module"):
+        generate.build_runner(load_config(SMOKE, ["backend.int8_float_inputs=[Layer9]"]), qmodel, stored, "int8",
+                              "cpu", 2)
 
 
 # ----------------------------------------------------------------------------- loading and sample.py

@@ -95,7 +95,7 @@ def test_int8_sites_study_rows_every_quantized_input_and_writes_its_table(tmp_pa
 
     from benchmarks import bench, bench_int8_sites
     from common.evaluation.generate import build_runner, load_weights
-    from common.quant import backends
+    from common.quant import int8_sites
 
     cfg = load_config(os.path.join(ROOT, "configs", "smoke.yaml"), [f"run.out_dir={tmp_path}/runs",
                                                                       f"run.cache_dir={tmp_path}/cache",
@@ -106,11 +106,12 @@ def test_int8_sites_study_rows_every_quantized_input_and_writes_its_table(tmp_pa
     rows = bench_int8_sites.run(cfg, paths["uniform_int8"], paths["fp32"], str(tmp_path), 4, 777)
     model, stored, _ = load_weights(paths["uniform_int8"], cfg)
     every = load_config(os.path.join(ROOT, "configs", "smoke.yaml"), ["backend.calib_images=4"])
-    sites = backends.activation_sites(build_runner(every, model, stored, "int8", "cpu", 4, False, False).fn)
+    sites = int8_sites.activation_sites(build_runner(every, model, stored, "int8", "cpu", 4, False, False).fn)
     # every site of the all-int8 graph, the config's kept-float Layer1 included
     assert sorted(r["site"] for r in rows) == sorted(sites) and any(s.startswith("Layer1.") for s in sites)
     assert [r["median_vs_int8"] for r in rows] == sorted(r["median_vs_int8"] for r in rows)
-    assert all(math.isfinite(r["mean_vs_int8"]) and r["one_step_share"] <= 1 for r in rows)
+    assert all(math.isfinite(r["mean_vs_int8"]) for r in rows)
+    assert max(r["one_step_share"] for r in rows) > 0  # some input's rounding shows in one step
     saved = json.load(open(tmp_path / "int8_sites.json"))
     assert saved["seed"] == 777 and {len(v) for v in saved["per_image"]["sites"].values()} == {4}
     assert os.path.getsize(tmp_path / "int8_sites.png") > 0 and "input kept float" in capsys.readouterr().out

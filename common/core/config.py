@@ -326,7 +326,8 @@ class BackendConfig:
     # 100x between channels) run their stored weights in fp32 rather than W8A8
     int8_time_path: Literal["int8", "fp32"] = "int8"
     # int8: modules (or module prefixes) whose inputs stay float: they run their stored int8 values weight-only,
-    # in a bf16 island under int8_bf16 (fp32 under int8); bench.py --part int8-sites ranks the candidates
+    # in a bf16 island under int8_bf16 (fp32 under int8, and for a ConvTranspose2d); bench.py --part int8-sites
+    # ranks the candidates
     int8_float_inputs: list[str] = _spec([])
 
 

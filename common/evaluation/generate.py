@@ -86,6 +86,7 @@ def build_runner(cfg, model, stored, backend: str, device, batch_size: int, comp
     shape = (cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
     calib = None
     if backend in ("int8", "int8_bf16"):
+        backends.float_input_match(model, cfg.backend.int8_float_inputs)  # a wrong name before minutes of calibration
         sampler = build_sampler(cfg.sample, NoiseSchedule.from_config(cfg.diffusion))
         calib = backends.calibration_inputs(model, sampler, cfg.backend.calib_images, shape, cfg.backend.calib_seed,
                                             cfg.backend.calib_steps, progress)
@@ -100,15 +101,17 @@ def build_runner(cfg, model, stored, backend: str, device, batch_size: int, comp
 
 
 def int8_settings_tag(cfg, backend: str) -> str:
-    """The int8 settings that differ from their defaults, as a folder-name suffix (e.g. "_pct99.9_tpfp32"), so
-    an A/B of them under sample.py's default folder never overwrites the other side's samples."""
+    """The int8 settings that differ from the code's defaults (histogram ranges, auto reduce_range, int8 time
+    path, no input kept float), as a folder-name suffix (e.g. "_pct99.9_tpfp32"; default.yaml's kept-float inputs
+    add "_float4-<hash>"), so an A/B of them under sample.py's default folder never overwrites the other side's
+    samples."""
     if backend not in ("int8", "int8_bf16"):
         return ""
     b = cfg.backend
     parts = [f"pct{b.int8_percentile:g}" if b.int8_ranges == "percentile" else "",
              f"rr{str(b.int8_reduce_range).lower()}" if b.int8_reduce_range != "auto" else "",
              f"tp{b.int8_time_path}" if b.int8_time_path != "int8" else "",
-             f"float{len(b.int8_float_inputs)}-{storage.fingerprint(b.int8_float_inputs)[:6]}"
+             f"float{len(b.int8_float_inputs)}-{storage.fingerprint(sorted(b.int8_float_inputs))[:6]}"
              if b.int8_float_inputs else ""]
     return "".join(f"_{p}" for p in parts if p)
 

@@ -25,8 +25,8 @@ What each tensor runs in (``Runner.precision`` says it per parameter):
   same codes). Everything else keeps its stored values in fp32 compute: fp32/fp16/bf16 tensors and
   element-masked tensors (one kernel cannot mix formats inside a tensor); with ``backend.int8_time_path: fp32``
   the time path's modules too (one input row per image: int8 buys nothing there), and the modules
-  ``backend.int8_float_inputs`` names (inputs kept float; ``without_input_quantizers`` is the same cut on a
-  calibrated graph, for studying which to name). The export has a dynamic batch
+  ``backend.int8_float_inputs`` names (inputs kept float; ``int8_sites`` makes the same cut in a calibrated
+  graph, to study which to name). The export has a dynamic batch
   dimension; the compiled graph is specialised to ``batch_size`` and smaller batches are zero-padded to it
   (samples are independent under static scales, so padding changes no result).
 * ``int8_bf16`` — the same int8 graph with bf16 islands: the int8 kernels as above (fp32 outputs), attention
@@ -50,6 +50,7 @@ in that probe, so auto is never slower than ``dequant`` on the machine it runs o
 """
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -212,15 +213,15 @@ class CodebookNotRunnable(ValueError):
     """A codebook-stored tensor on the int8 backend."""
 
 
-def _float_input_match(model, float_inputs) -> callable:
+def float_input_match(model, float_inputs) -> Callable[[str], bool]:
     """A test of module names against ``float_inputs`` (names or prefixes of modules of ``model``); an entry that
     names no module is an error, never a silent no-op."""
     names = [n for n, _ in model.named_modules() if n]
     for entry in float_inputs:
         if not any(n == entry or n.startswith(entry + ".") for n in names):
-            raise ValueError(f"backend.int8_float_inputs: {entry!r} names no module of this "
-                             f"{type(model).__name__}; valid: module names or their prefixes, e.g. "
-                             f"{', '.join(n for n in names if '.' in n and n.count('.') <= 2)[:200]}")
+            examples = [n for n in names if n.count(".") in (1, 2)][:6]
+            raise ValueError(f"backend.int8_float_inputs: {entry!r} names no module of this {type(model).__name__}; "
+                             f"valid: module names or their prefixes, e.g. {', '.join(examples)}")
     return lambda name: any(name == e or name.startswith(e + ".") for e in float_inputs)
 
 
@@ -246,7 +247,7 @@ def int8_plan(model, stored, time_path="int8", float_inputs=()) -> Int8Plan:
     if time_path == "fp32" and not hasattr(model, "time_path"):
         raise ValueError(f"int8 time path 'fp32': a {type(model).__name__} does not say which modules are on its "
                          f"time path (no time_path method); use 'int8'")
-    input_float = _float_input_match(model, float_inputs)
+    input_float = float_input_match(model, float_inputs)
     for mod_name, mod in model.named_modules():
         name = f"{mod_name}.weight"
         e = stored.get(name)
@@ -259,12 +260,12 @@ def int8_plan(model, stored, time_path="int8", float_inputs=()) -> Int8Plan:
             continue
         if on_time_path:
             plan.kept[name] = "time path, one row per image (backend.int8_time_path: fp32)"
-        elif input_float(mod_name):
-            plan.kept[name] = "input kept float (backend.int8_float_inputs)"
         elif format_spec(e["format"]).group is not None:
             plan.kept[name] = f"{e['format']}: group-wise scales (an int8 kernel has one scale per output channel)"
         elif "mask" in e:
             plan.kept[name] = "element mask (one kernel cannot mix formats in a tensor)"
+        elif input_float(mod_name):
+            plan.kept[name] = "input kept float (backend.int8_float_inputs)"
         elif isinstance(mod, nn.ConvTranspose2d):
             extras = [what for what in ("rotation", "lowrank") if hasattr(mod, what)]
             if extras:  # hooks of the module itself: the sub-pixel rewrite would run without them
@@ -489,50 +490,6 @@ def _bf16_islands(gm, fp32_names) -> set:
                 islands.add(weight.target)
     gm.recompile()
     return islands
-
-
-def _quantized_input(node):
-    """The dequantize node feeding ``node``'s input (a conv / linear of a converted int8 graph), else None."""
-    if node.op != "call_function" or node.target not in (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default):
-        return None
-    x = node.args[0]
-    if isinstance(x, torch.fx.Node) and x.target is torch.ops.quantized_decomposed.dequantize_per_tensor.default:
-        return x
-    return None
-
-
-def _module_of(node) -> str:
-    """The model's module a graph node belongs to; a sub-pixel phase (``<name>.phases.<i>``) reports its
-    ConvTranspose2d, the module ``int8_float_inputs`` names."""
-    stack = node.meta.get("nn_module_stack") or {}
-    path = list(stack.values())[-1][0] if stack else node.name
-    return path.split(".phases.")[0]
-
-
-def activation_sites(gm) -> list:
-    """Modules of the uncompiled int8 graph ``gm`` (``prepare(..., compile_model=False).fn``) whose input
-    activations are quantized, in graph order."""
-    return list(dict.fromkeys(_module_of(n) for n in gm.graph.nodes if _quantized_input(n) is not None))
-
-
-def without_input_quantizers(gm, modules):
-    """A copy of the uncompiled int8 graph ``gm`` in which the inputs of ``modules`` skip their uint8
-    quantize / dequantize (their int8 weights stay as they are): what ``backend.int8_float_inputs`` runs, with
-    every other input's calibrated range unchanged, so one calibration serves a study of every site."""
-    import copy
-
-    unknown = set(modules) - set(activation_sites(gm))
-    if unknown:
-        raise ValueError(f"no quantized input in this int8 graph for {sorted(unknown)}; "
-                         f"valid: {', '.join(activation_sites(gm))}")
-    out = copy.deepcopy(gm)
-    for node in list(out.graph.nodes):
-        dq = _quantized_input(node)
-        if dq is not None and _module_of(node) in modules:
-            node.replace_input_with(dq, dq.args[0].args[0])  # dequantize(quantize(x)) -> x
-    out.graph.eliminate_dead_code()
-    out.recompile()
-    return out
 
 
 def _frozen(compiled):
