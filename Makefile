@@ -59,10 +59,10 @@ test-avx2: setup
 	$(MNIST)
 	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PYTEST_ALL)
 
-# The inner loop: unit tests only (everything not marked slow), one process.
+# The inner loop: unit tests only (everything not marked slow), on two workers like make test.
 test-quick: setup
 	$(MNIST)
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not slow" tests
 
 bench: setup
 	$(BIN)/python benchmarks/bench.py --config $(CONFIG) --n-batch 300 --backend-n 300 $(call DOCS,performance)
