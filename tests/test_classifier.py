@@ -54,6 +54,31 @@ def test_classifier_trained_here_is_cached_not_retrained(tiny_cfg):
     assert info3["test_accuracy"] == info["test_accuracy"] and torch.load(info["path"], weights_only=True)["info"]
 
 
+def test_a_classifier_another_process_is_training_is_waited_for_not_trained_twice(tiny_cfg, tmp_path, monkeypatch):
+    """Ranks of one torchrun share run.cache_dir: while one trains the local classifier (holding the cache's lock),
+    another waits for it and reuses its file instead of training its own copy."""
+    import shutil
+
+    clf_cfg = tiny_cfg.eval.classifier
+    clf_cfg.weights, clf_cfg.train_limit, clf_cfg.epochs, clf_cfg.test_limit = None, 600, 1, 200
+    _, trained = classifier.load_or_train_classifier(str(tmp_path / "first"), tiny_cfg.data, clf_cfg, progress=False)
+    shared = tmp_path / "shared"
+    target = shared / os.path.basename(trained["path"])
+    other = subprocess.Popen(  # the rank that trains: holds the lock, then writes the file
+        [sys.executable, "-c", f"import sys, time, shutil; sys.path.insert(0, {ROOT!r}); "
+         f"from common.core.lock import hold\nwith hold({str(shared)!r}):\n    print('held', flush=True); "
+         f"time.sleep(1.0); shutil.copyfile({trained['path']!r}, {str(target)!r})"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "held"
+        monkeypatch.setattr(classifier, "train_classifier", lambda *a, **k: pytest.fail("trained a second copy"))
+        _, info = classifier.load_or_train_classifier(str(shared), tiny_cfg.data, clf_cfg, progress=False)
+    finally:
+        other.wait(timeout=60)
+    assert info["sha256"] == trained["sha256"] and info["path"] == str(target)
+    shutil.rmtree(shared)
+
+
 # ----------------------------------------------------------------------------- released
 @pytest.fixture(scope="module")
 def released(tmp_path_factory, data_root):

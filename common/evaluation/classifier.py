@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..core import machine
+from ..core import lock, machine
 from ..core.errors import UserError
 from ..core.storage import atomic_save_safetensors, atomic_write_json, load_cache, save_cache, sha256_file
 from ..diffusion.baseline import code_commit, verified_release
@@ -132,6 +132,11 @@ def load_or_train_classifier(cache_dir, data_cfg, clf_cfg, progress=True, source
     errors); else a cached classifier trained here with ``clf_cfg``'s recipe (trained now if there is none)."""
     if clf_cfg.weights:
         return load_released(clf_cfg, data_cfg.image_size, source)
+    with lock.hold(cache_dir):  # the ranks of one torchrun (or two runs) train it once; the others wait, then reuse
+        return _trained_here(cache_dir, data_cfg, clf_cfg, progress)
+
+
+def _trained_here(cache_dir, data_cfg, clf_cfg, progress):
     xtr_u8, ytr, data_tag = _training_images(data_cfg, clf_cfg)
     tag = (f"mnist_classifier_s{data_cfg.image_size}_e{clf_cfg.epochs}_b{clf_cfg.batch_size}_lr{clf_cfg.lr}"
            f"_seed{clf_cfg.seed}")
