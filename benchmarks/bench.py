@@ -400,16 +400,14 @@ def main():
     figures = {}
     if args.part in ("all", "core"):
         figures.update(core(cfg, args, peak, cap))
+    ckpt = args.checkpoint or bench_backends.default_checkpoint(cfg)  # the backend table's and the sites study's
+    out_dir = os.path.join(cfg.run.out_dir, "bench", cfg.run.name)
     if args.part == "int8-sites":
-        ckpt = args.checkpoint or bench_backends.default_checkpoint(cfg)
-        out_dir = os.path.join(cfg.run.out_dir, "bench", cfg.run.name)
         paths, _ = bench_backends.write_variants(cfg, ckpt, out_dir, ["fp32", bench_int8_sites.VARIANT])
         bench_int8_sites.run(cfg, paths[bench_int8_sites.VARIANT], paths["fp32"], out_dir, args.sites_n,
                              args.sites_seed)
         return
     if args.part in ("all", "backends"):
-        ckpt = args.checkpoint or bench_backends.default_checkpoint(cfg)
-        out_dir = os.path.join(cfg.run.out_dir, "bench", cfg.run.name)
         # the four figures the backend targets are judged by come first on the last line
         figures = {**bench_backends.run(cfg, ckpt, out_dir, args.backend_n, isolated, args.variants, args.backends,
                                           args.backend_seeds),

@@ -216,13 +216,16 @@ class CodebookNotRunnable(ValueError):
 def float_input_match(model, float_inputs) -> Callable[[str], bool]:
     """A test of module names against ``float_inputs`` (names or prefixes of modules of ``model``); an entry that
     names no module is an error, never a silent no-op."""
+    def named(name, entry):  # the module itself or one inside it: a prefix ends at a module boundary
+        return name == entry or name.startswith(entry + ".")
+
     names = [n for n, _ in model.named_modules() if n]
     for entry in float_inputs:
-        if not any(n == entry or n.startswith(entry + ".") for n in names):
+        if not any(named(n, entry) for n in names):
             examples = [n for n in names if n.count(".") in (1, 2)][:6]
             raise ValueError(f"backend.int8_float_inputs: {entry!r} names no module of this {type(model).__name__}; "
                              f"valid: module names or their prefixes, e.g. {', '.join(examples)}")
-    return lambda name: any(name == e or name.startswith(e + ".") for e in float_inputs)
+    return lambda name: any(named(name, e) for e in float_inputs)
 
 
 def int8_plan(model, stored, time_path="int8", float_inputs=()) -> Int8Plan:
