@@ -72,6 +72,37 @@ def test_learned_predictor_recovers_an_additive_damage_and_allocates_like_it():
     assert sum(true[n][f] for n, f in mine.items()) <= 1.2 * sum(true[n][f] for n, f in best.items())
 
 
+def test_interaction_predictor_ranks_within_a_band_where_the_additive_sum_cannot():
+    """Damage that multiplies across stages (each stage's errors saturate into one factor): the additive prior ranks
+    the configurations of one band poorly; the interaction model, fitted on measured ones, ranks held-out ones."""
+    from common.experiments.lowbit_quality import BANDS
+    from common.importance.interaction import InteractionPredictor, band_mean_tau
+
+    formats, bits, true = _synthetic(n_tensors=12)
+    total = sum(b["int8"] for b in bits.values()) // 8
+    groups = {n: f"Layer{1 + i % 3}" for i, n in enumerate(true)}
+    rng = np.random.default_rng(4)
+    prior = {n: {f: v * float(rng.lognormal(0, 0.3)) for f, v in fs.items()} for n, fs in true.items()}
+
+    def damage(c):  # product over stages of (1 + the stage's summed true cost)
+        return float(np.prod([1 + sum(true[n][c[n]] for n in c if groups[n] == s) for s in set(groups.values())]))
+
+    configs = random_configs(bits, 0, total, 2.4, 4.5, 700, seed=5)
+    avg = np.array([config_bits(c, bits, 0) / total for c in configs])
+    y = np.array([damage(c) for c in configs]) * np.exp(rng.normal(0, 0.05, len(configs)))  # measurement noise
+    train, held = slice(0, 500), slice(500, None)
+    model = InteractionPredictor(list(true), formats, prior, groups).fit(configs[train], y[train], avg[train],
+                                                                         list(BANDS))
+    assert model.alpha in [r["alpha"] for r in model.cv] and len(model.cv) > 1
+    additive = np.array([sum(prior[n][f] for n, f in c.items()) for c in configs[held]])
+    got = band_mean_tau(np.log(model.predict(configs[held])), np.log(y[held]), avg[held], list(BANDS))
+    base = band_mean_tau(additive, y[held], avg[held], list(BANDS))
+    assert got > 0.8 and got > base + 0.15, (got, base)
+    assert model.describe()["kind"] == "interaction"
+    with pytest.raises(RuntimeError, match="before fit"):
+        InteractionPredictor(list(true), formats, prior, groups).predict(configs[:1])
+
+
 class Linear(nn.Module):
     """eps_theta(x, t) = W x on the flattened image: a network whose chain Jacobian is computable exactly."""
 
@@ -150,7 +181,7 @@ def test_chain_noise_is_disjoint_from_the_damage_measurements():
 
 
 PLANS = ["lowbit.plans=[uniform, fisher, chain_fisher, fisher_iterative, learned, search, jvp]",
-         "eval.classifier.train_limit=300"]
+         "eval.classifier.train_limit=300", "lowbit.interaction_configs=24"]
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +249,9 @@ def test_summary_reports_every_predictor_beside_the_ceiling(lowbit_run):
     md = (out / "summary.md").read_text()
     assert "Test–retest ceiling" in md and "| learned |" in md and "| chain_fisher |" in md
     q = json.load(open(out / "predictors.json"))
-    assert set(q["quality"]["rows"]) >= {"fisher", "chain_fisher", "fisher_iterative", "learned"}
+    assert set(q["quality"]["rows"]) >= {"fisher", "chain_fisher", "fisher_iterative", "learned", "interaction"}
+    assert list(q["quality"]["interaction_curve"]) == ["20", "24"] and "| interaction |" in md
+    assert "The interaction predictor by the number of configurations" in md
     assert -1 <= q["quality"]["ceiling_tau"] <= 1 and q["quality"]["n_heldout"] >= 2
     assert abs(sum(q["chain_per_step"].values()) - 1) < 1e-6
     assert all(h[0]["round"] == 0 for h in q["iterative"].values())
@@ -226,6 +259,7 @@ def test_summary_reports_every_predictor_beside_the_ceiling(lowbit_run):
     again = run("lowbit.py", tmp, *[a for kv in PLANS for a in ("--set", kv)])
     assert "[uniform_uniform_4bits_A8] reusing" in again.stdout and "reusing 12 measured configurations" in again.stdout
     assert "reusing the predictor's cross-validation table" in again.stdout  # the grid is not run twice
+    assert "reusing 24 configurations of the interaction predictor" in again.stdout
     assert any(line.startswith("[lowbit] reusing") and line.endswith("search_uniform_4bits.json")
                for line in again.stdout.splitlines())  # a wall-clock search is reused, not redone
 
@@ -347,6 +381,43 @@ def test_the_iterative_fisher_is_a_cached_sensitivity_computed_before_the_varian
     state["tasks"] = False
     lowbit.run_lowbit(cfg, resolve_device("cpu"), progress=False)
     assert len(calls) == len(caches) and capsys.readouterr().out.count("[lowbit] reusing") >= len(caches)
+
+
+def test_interaction_measurements_resume_where_an_interrupted_run_stopped(lowbit_run, monkeypatch, data_root):
+    """interaction.json is saved as it goes: a run that stopped after 10 of 24 configurations measures the other 14
+    (the first 10 kept as they were), and a record whose inputs differ is measured afresh."""
+    from common.core import storage
+    from common.experiments import lowbit, pipeline
+
+    tmp, out, _ = lowbit_run
+    monkeypatch.setenv("LAQFI_DATA_ROOT", data_root)
+    cfg = load_config(SMOKE, [f"run.out_dir={tmp}/runs", f"run.cache_dir={tmp}/cache", *PLANS[1:]])
+    c = lowbit.lowbit_config(cfg)
+    path = out / "baseline" / "interaction.json"
+    original = path.read_bytes()  # put back at the end: later tests reuse the module's run
+    art = json.load(open(path))
+    full = list(art.pop("damage"))
+    storage.atomic_write_record({**{k: v for k, v in art.items() if k != storage.SEAL}, "damage": full[:10]}, path)
+    measured = []
+
+    class Stub:
+        def measure_images(self, config, seed):
+            measured.append(config)
+            return torch.tensor([full[configs.index(config)]])
+
+    monkeypatch.setattr(lowbit, "make_measurer", lambda *a, **k: Stub())
+    model, _, fisher = pipeline.load_artifacts(cfg, "cpu", progress=False)
+    table = lowbit.Table(c, model, fisher["meta"]["checkpoint_sha256"], False)
+    configs = lowbit.random_configs(table.bits, table.fixed, table.total, *c.lowbit.predictor_bits, 24,
+                                    c.lowbit.predictor_seed + 1)
+    got = lowbit.ensure_interaction(c, model, table, fisher["meta"]["checkpoint_sha256"], progress=False)
+    assert measured == configs[10:] and got["configs"] == configs and got["damage"] == full
+    assert json.load(open(path))["damage"] == full  # written back whole
+    measured.clear()
+    c.lowbit.interaction_images += 1  # another measurement: nothing of the old record is reused
+    lowbit.ensure_interaction(c, model, table, fisher["meta"]["checkpoint_sha256"], progress=False)
+    assert measured == configs
+    path.write_bytes(original)
 
 
 def test_the_format_table_counts_bits_as_the_allocators_do(tmp_path):

@@ -377,6 +377,9 @@ class LowbitConfig:
     predictor_images: int = _spec(32, lo=2, doc="images per measured configuration")
     predictor_bits: list[float] = _spec([2.4, 4.5], lo=1.0, hi=16.0,
                                         doc="range of average bits the random configurations are drawn from")
+    interaction_configs: int = _spec(0, lo=0, doc="random configurations measured to fit the interaction predictor "
+                                     "(importance.interaction; 0 = none)")
+    interaction_images: int = _spec(16, lo=1, doc="images per configuration of those measurements")
     predictor_seed: int = 7000   # calibration noise of the measurements; not an evaluation seed
     retest_seed: int = 7001      # second noise seed: the test-retest ceiling on the held-out configurations
     chain_seed: int = 7100       # the chain-aware Fisher's chains: disjoint from every measurement's noise

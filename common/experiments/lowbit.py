@@ -47,11 +47,13 @@ from ..core.budget import budget_bits, budget_tag, parse_size_at_bits, size_at_b
 from ..core.config import to_dict
 from ..core.format_names import format_spec
 from ..diffusion.data import mnist_tensor
+from ..diffusion.model import stage_of
 from ..diffusion.samplers import build_sampler
 from ..diffusion.schedule import NoiseSchedule
 from ..evaluation import evaluate
 from ..importance.chain import chain_fisher
 from ..importance.fisher import draw_samples
+from ..importance.interaction import InteractionPredictor
 from ..importance.iterative import iterative_fisher
 from ..importance.jvp import ChainJVP, jvp_costs, plan_jvp
 from ..importance.predictor import (
@@ -365,6 +367,53 @@ def ensure_measurements(cfg, model, table, sha, progress=True, device="cpu"):
     return art
 
 
+def ensure_interaction(cfg, model, table, sha, progress=True, device="cpu"):
+    """``lowbit.interaction_configs`` random configurations (drawn from ``predictor_seed + 1``: none of them is a
+    held-out one) measured with ``lowbit.interaction_images`` images each under ``predictor_seed``, the data of the
+    interaction predictor; cached in ``interaction.json``, saved as it goes (an interrupted run resumes)."""
+    lb = cfg.lowbit
+    path = _cache(cfg, "interaction.json")
+    inputs = {**measurer_inputs(cfg, table, sha, lb.interaction_images), "n": lb.interaction_configs,
+              "bits": lb.predictor_bits, "draw_seed": lb.predictor_seed + 1, "noise_seed": lb.predictor_seed}
+    art = storage.reusable_record(path, inputs) or {"inputs": inputs, "damage": [], "seconds": 0.0}
+    configs = random_configs(table.bits, table.fixed, table.total, *lb.predictor_bits, lb.interaction_configs,
+                             lb.predictor_seed + 1)
+    if len(art["damage"]) >= len(configs):
+        print(f"[lowbit] reusing {len(configs)} configurations of the interaction predictor {path}")
+        return {**art, "configs": configs}
+    measurer = make_measurer(cfg, model, table, device, lb.interaction_images)
+    t0, done = time.time() - art["seconds"], len(art["damage"])
+    for i in tqdm(range(done, len(configs)), desc="interaction", initial=done, total=len(configs),
+                  disable=not progress):
+        art["damage"].append(float(measurer.measure_images(configs[i], lb.predictor_seed).mean()))
+        if (i + 1) % 200 == 0 or i + 1 == len(configs):
+            art["seconds"] = round(time.time() - t0, 1)
+            storage.atomic_write_record(art, path)
+    print(f"[lowbit] {len(configs)} configurations of the interaction predictor ({lb.interaction_images} images "
+          f"each) in {art['seconds']:.0f} s -> {path}")
+    return {**art, "configs": configs}
+
+
+def fit_interaction(cfg, model, table, sha, prior, progress=True, device="cpu"):
+    """The interaction predictor (``importance.interaction``) on ``ensure_interaction``'s measurements, and the
+    same model fitted on their first 1/8, 1/4, 1/2 (the learning curve: does more data raise its tau?).
+    Returns (predictor, {training configurations: predictor}, seconds of the measurements)."""
+    art = ensure_interaction(cfg, model, table, sha, progress, device)
+    configs, damage = art["configs"], np.asarray(art["damage"])
+    bits = np.array([table.avg_bits(c) for c in configs])
+    groups = {n: stage_of(n) for n in table.names}
+    curve = {}
+    for n in sorted({max(20, len(configs) // k) for k in (8, 4, 2)} | {len(configs)}):
+        if n <= len(configs):
+            curve[n] = InteractionPredictor(table.names, table.formats, prior, groups).fit(
+                configs[:n], damage[:n], bits[:n], list(quality.BANDS), seed=cfg.lowbit.predictor_seed)
+    pred = curve[len(configs)]
+    if progress:
+        print(f"[lowbit] interaction predictor: ridge alpha {pred.alpha:g} (cross-validated tau within bands "
+              f"{max(r['cv_tau'] for r in pred.cv) if pred.cv else float('nan'):.2f}), {len(configs)} configurations")
+    return pred, curve, art["seconds"]
+
+
 # ----------------------------------------------------------------------------- plans
 def uniform_choice(table, menu, budget):
     """One format for every tensor: the one with most stored bits that fits ``budget`` bits."""
@@ -543,6 +592,12 @@ class Sensitivities:
                                                                PRIOR_NAMES[self.prior])
             self.seconds["learned"] = self.measured["seconds"]["measure"] + time.time() - t0
             self.costs["learned"] = self.predictor.costs()
+        self.interaction = None  # a model of whole configurations (not additive): ranks them, allocates nothing
+        self.interaction_curve = {}
+        if lb.interaction_configs and self.measured is not None:
+            self.interaction, self.interaction_curve, self.seconds["interaction"] = fit_interaction(
+                cfg, model, table, sha, self.costs[self.prior], progress, device)
+            self.interaction_images = lb.interaction_images
         self.jvp_plan = None  # the JVP of every held-out configuration as a whole: a feature with cross terms
         if self.jvp is not None and self.measured is not None:
             cj = None
@@ -972,6 +1027,8 @@ def heldout_predictions(sens, table, configs) -> dict:
         preds["learned"] = np.array([sum(sens.costs["learned"][n][f] for n, f in c.items()) for c in configs])
     elif sens.predictor is not None:
         preds["learned"] = np.array([sens.predictor.predict(c) for c in configs])
+    if getattr(sens, "interaction", None) is not None:
+        preds["interaction"] = sens.interaction.predict(configs)
     if "jvp" in sens.costs:
         preds["jvp"] = np.array([sum(sens.costs["jvp"][n][f] for n, f in c.items()) for c in configs])
     if getattr(sens, "jvp_plan", None) is not None:
@@ -992,6 +1049,13 @@ def predictor_quality(sens, table, seed=0) -> dict:
     if getattr(sens, "search_fitness", None) is not None:
         q["judge_sizes"] = quality.judge_size_tau(np.array(sens.search_fitness), m["measured"][hold],
                                                   m["avg_bits"][hold])
+    curve = getattr(sens, "interaction_curve", None)
+    if curve:
+        held = m["configs"][hold]
+        q["interaction_curve"] = quality.curve_tau({n: p.predict(held) for n, p in curve.items()},
+                                                   m["measured"][hold], m["avg_bits"][hold], seed=seed)
+        q["interaction_images"] = sens.interaction_images
+        q["interaction"] = sens.interaction.describe()
     q.update(n_train=len(m["configs"]) - m["holdout"], images=m["inputs"]["images"],
              predictor=sens.predictor.describe() if sens.predictor else None, cv=getattr(sens, "cv", None))
     return q

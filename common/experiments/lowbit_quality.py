@@ -106,6 +106,34 @@ def judge_size_lines(sizes: dict, rows: dict) -> list:
     return out
 
 
+def curve_tau(preds: dict, measured: list, bits, n_boot: int = N_BOOT, seed: int = 0) -> dict:
+    """The learning curve of a fitted model: {training configurations: {band: band_tau}} of each fit's predictions
+    ({n: predictions of the held-out configurations}) against the held-out mean damage."""
+    y, bits = np.array([r["mse_mean"] for r in measured]), np.asarray(bits, float)
+    out = {}
+    for n, p in preds.items():
+        p = np.asarray(p, float)
+        out[str(n)] = {f"{lo:g}-{hi:g}": band_tau(p[sel], y[sel], n_boot, seed)
+                       for lo, hi in BANDS for sel in [(bits >= lo) & (bits < hi)]}
+    return out
+
+
+def curve_lines(curve: dict, images, ceiling: dict) -> list:
+    """``curve_tau`` as a table, the bands' test-retest ceiling under it."""
+    if not curve:
+        return []
+    bands = list(next(iter(curve.values())))
+    out = ["", f"The interaction predictor by the number of configurations it was fitted on ({images} images each; "
+               "the first n of its measurements; ridge strength cross-validated at each n): held-out τ per band "
+               "[bootstrap 95% interval].", "",
+           "| training configurations | " + " | ".join(f"{b} bits" for b in bands) + " |",
+           "|---|" + "---:|" * len(bands)]
+    for n, row in curve.items():
+        out.append(f"| {n} | " + " | ".join(_cell(row[b]) for b in bands) + " |")
+    out.append("| *test–retest ceiling* | " + " | ".join(_cell(ceiling.get(b)) for b in bands) + " |")
+    return out
+
+
 def _cell(b) -> str:
     if b is None or b["tau"] is None:
         return "–"
@@ -159,6 +187,7 @@ def quality_lines(q: dict, images) -> list:
         out.append(f"| {name} | " + " | ".join(_cell(r["bands"][b]) for b in bands) + " |")
     out.append("| *test–retest ceiling* | " + " | ".join(_cell(q["ceiling_bands"][b]) for b in bands) + " |")
     out += judge_size_lines(q.get("judge_sizes"), q["rows"])
+    out += curve_lines(q.get("interaction_curve"), q.get("interaction_images"), q["ceiling_bands"])
     if q.get("predictor"):
         p = q["predictor"]
         alpha = "∞ (the prior itself)" if p["alpha"] is None else f"{p['alpha']:g}"
