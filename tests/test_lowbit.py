@@ -173,6 +173,8 @@ def test_chain_noise_is_disjoint_from_the_damage_measurements():
     with pytest.raises(ConfigError, match=r"search_wa.*'3bits@A5' needs 5 in act_quant.a_bits"):
         load_config(SMOKE, ["lowbit.plans=[search, search_wa]", "lowbit.budgets=[3bits@A5]"])
     load_config(SMOKE, ["lowbit.plans=[search]", "lowbit.budgets=[3bits@A5]"])  # only the joint search needs it
+    with pytest.raises(ConfigError, match=r"lowbit.interaction_configs is 8, .*add 'learned' to lowbit.plans"):
+        load_config(SMOKE, ["lowbit.plans=[fisher]", "lowbit.interaction_configs=8"])
     with pytest.raises(ConfigError, match=r"finetune.plan_source: 'search_wa' is not trained here"):
         load_config(SMOKE, ["finetune.plan_source=search_wa"])
     with pytest.raises(ConfigError, match=r"lowbit.plans has search_act, which search at the budget's activation bits"
@@ -385,39 +387,54 @@ def test_the_iterative_fisher_is_a_cached_sensitivity_computed_before_the_varian
 
 def test_interaction_measurements_resume_where_an_interrupted_run_stopped(lowbit_run, monkeypatch, data_root):
     """interaction.json is saved as it goes: a run that stopped after 10 of 24 configurations measures the other 14
-    (the first 10 kept as they were), and a record whose inputs differ is measured afresh."""
+    (the first 10 kept as they were); a larger count measures only the new ones (the draw is prefix-stable), a
+    smaller one measures nothing; a record whose inputs differ is measured afresh."""
     from common.core import storage
     from common.experiments import lowbit, pipeline
 
     tmp, out, _ = lowbit_run
     monkeypatch.setenv("LAQFI_DATA_ROOT", data_root)
-    cfg = load_config(SMOKE, [f"run.out_dir={tmp}/runs", f"run.cache_dir={tmp}/cache", *PLANS[1:]])
+    cfg = load_config(SMOKE, [f"run.out_dir={tmp}/runs", f"run.cache_dir={tmp}/cache", *PLANS])
     c = lowbit.lowbit_config(cfg)
     path = out / "baseline" / "interaction.json"
-    original = path.read_bytes()  # put back at the end: later tests reuse the module's run
-    art = json.load(open(path))
-    full = list(art.pop("damage"))
-    storage.atomic_write_record({**{k: v for k, v in art.items() if k != storage.SEAL}, "damage": full[:10]}, path)
-    measured = []
+    original = path.read_bytes()  # put back however the test ends: later tests reuse the module's run
+    try:
+        art = json.load(open(path))
+        full = list(art.pop("damage"))
+        storage.atomic_write_record({**{k: v for k, v in art.items() if k != storage.SEAL}, "damage": full[:10]},
+                                    path)
+        model, _, fisher = pipeline.load_artifacts(cfg, "cpu", progress=False)
+        sha = fisher["meta"]["checkpoint_sha256"]
+        table = lowbit.Table(c, model, sha, False)
+        configs = lowbit.random_configs(table.bits, table.fixed, table.total, *c.lowbit.predictor_bits, 30,
+                                        c.lowbit.predictor_seed + 1)  # ensure_interaction's draw: 24 are the run's
+        measured, values = [], full[10:]  # what the stub's next measurements return, in order
 
-    class Stub:
-        def measure_images(self, config, seed):
-            measured.append(config)
-            return torch.tensor([full[configs.index(config)]])
+        class Stub:
+            def measure_images(self, config, seed):
+                measured.append(config)
+                return torch.tensor([values.pop(0)])
 
-    monkeypatch.setattr(lowbit, "make_measurer", lambda *a, **k: Stub())
-    model, _, fisher = pipeline.load_artifacts(cfg, "cpu", progress=False)
-    table = lowbit.Table(c, model, fisher["meta"]["checkpoint_sha256"], False)
-    configs = lowbit.random_configs(table.bits, table.fixed, table.total, *c.lowbit.predictor_bits, 24,
-                                    c.lowbit.predictor_seed + 1)
-    got = lowbit.ensure_interaction(c, model, table, fisher["meta"]["checkpoint_sha256"], progress=False)
-    assert measured == configs[10:] and got["configs"] == configs and got["damage"] == full
-    assert json.load(open(path))["damage"] == full  # written back whole
-    measured.clear()
-    c.lowbit.interaction_images += 1  # another measurement: nothing of the old record is reused
-    lowbit.ensure_interaction(c, model, table, fisher["meta"]["checkpoint_sha256"], progress=False)
-    assert measured == configs
-    path.write_bytes(original)
+        monkeypatch.setattr(lowbit, "make_measurer", lambda *a, **k: Stub())
+
+        def ensure():
+            return lowbit.ensure_interaction(c, model, table, sha, progress=False)
+
+        got = ensure()
+        assert measured == configs[10:24] and got["configs"] == configs[:24] and got["damage"] == full
+        assert json.load(open(path))["damage"] == full  # written back whole
+        measured.clear()
+        values += [0.5] * 6
+        c.lowbit.interaction_configs = 30
+        assert ensure()["damage"] == full + [0.5] * 6 and measured == configs[24:]
+        measured.clear()
+        c.lowbit.interaction_configs = 12
+        assert ensure()["damage"] == full[:12] and measured == []
+        c.lowbit.interaction_images += 1  # another measurement: nothing of the old record is reused
+        values += [0.25] * 12
+        assert ensure()["damage"] == [0.25] * 12 and measured == configs[:12]
+    finally:
+        path.write_bytes(original)
 
 
 def test_the_format_table_counts_bits_as_the_allocators_do(tmp_path):

@@ -882,6 +882,10 @@ def _check_lowbit(cfg: Config, src: str):
                 raise ConfigError(f"{src}: lowbit.plans has search_wa, whose activation search starts with every "
                                   f"input at the budget's bits: {b!r} needs {a} in act_quant.a_bits "
                                   f"({cfg.act_quant.a_bits})")
+    if lb.interaction_configs and "learned" not in lb.plans:
+        raise ConfigError(f"{src}: lowbit.interaction_configs is {lb.interaction_configs}, but its predictor is judged "
+                          f"on the learned predictor's held-out configurations: add 'learned' to lowbit.plans "
+                          f"({lb.plans}) or set lowbit.interaction_configs: 0")
     searched = [p for p in ("search_act", "search_wa") if p in lb.plans]
     if searched and all(parse_size_at_bits(b)[1] is None for b in lb.budgets):
         raise ConfigError(f"{src}: lowbit.plans has {', '.join(searched)}, which search at the budget's activation "

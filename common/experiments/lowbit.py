@@ -368,19 +368,21 @@ def ensure_measurements(cfg, model, table, sha, progress=True, device="cpu"):
 
 
 def ensure_interaction(cfg, model, table, sha, progress=True, device="cpu"):
-    """``lowbit.interaction_configs`` random configurations (drawn from ``predictor_seed + 1``: none of them is a
-    held-out one) measured with ``lowbit.interaction_images`` images each under ``predictor_seed``, the data of the
-    interaction predictor; cached in ``interaction.json``, saved as it goes (an interrupted run resumes)."""
+    """``lowbit.interaction_configs`` random configurations (their own draw, from ``predictor_seed + 1``, not the
+    held-out ones') measured with ``lowbit.interaction_images`` images each under ``predictor_seed``, the data of
+    the interaction predictor; cached in ``interaction.json``, saved as it goes. The draw is prefix-stable, so the
+    record is keyed without the count: an interrupted run resumes, a larger count measures only the new ones, a
+    smaller one uses the first."""
     lb = cfg.lowbit
     path = _cache(cfg, "interaction.json")
-    inputs = {**measurer_inputs(cfg, table, sha, lb.interaction_images), "n": lb.interaction_configs,
-              "bits": lb.predictor_bits, "draw_seed": lb.predictor_seed + 1, "noise_seed": lb.predictor_seed}
+    inputs = {**measurer_inputs(cfg, table, sha, lb.interaction_images), "bits": lb.predictor_bits,
+              "draw_seed": lb.predictor_seed + 1, "noise_seed": lb.predictor_seed}
     art = storage.reusable_record(path, inputs) or {"inputs": inputs, "damage": [], "seconds": 0.0}
     configs = random_configs(table.bits, table.fixed, table.total, *lb.predictor_bits, lb.interaction_configs,
                              lb.predictor_seed + 1)
     if len(art["damage"]) >= len(configs):
         print(f"[lowbit] reusing {len(configs)} configurations of the interaction predictor {path}")
-        return {**art, "configs": configs}
+        return {**art, "configs": configs, "damage": art["damage"][:len(configs)]}
     measurer = make_measurer(cfg, model, table, device, lb.interaction_images)
     t0, done = time.time() - art["seconds"], len(art["damage"])
     for i in tqdm(range(done, len(configs)), desc="interaction", initial=done, total=len(configs),
@@ -390,7 +392,7 @@ def ensure_interaction(cfg, model, table, sha, progress=True, device="cpu"):
             art["seconds"] = round(time.time() - t0, 1)
             storage.atomic_write_record(art, path)
     print(f"[lowbit] {len(configs)} configurations of the interaction predictor ({lb.interaction_images} images "
-          f"each) in {art['seconds']:.0f} s -> {path}")
+          f"each; {len(configs) - done} measured now) in {art['seconds']:.0f} s -> {path}")
     return {**art, "configs": configs}
 
 
@@ -409,8 +411,9 @@ def fit_interaction(cfg, model, table, sha, prior, progress=True, device="cpu"):
                 configs[:n], damage[:n], bits[:n], list(quality.BANDS), seed=cfg.lowbit.predictor_seed)
     pred = curve[len(configs)]
     if progress:
+        cv = next((r["cv_tau"] for r in pred.cv if r["alpha"] == pred.alpha), None)
         print(f"[lowbit] interaction predictor: ridge alpha {pred.alpha:g} (cross-validated tau within bands "
-              f"{max(r['cv_tau'] for r in pred.cv) if pred.cv else float('nan'):.2f}), {len(configs)} configurations")
+              f"{'-' if cv is None else f'{cv:.2f}'}), {len(configs)} configurations")
     return pred, curve, art["seconds"]
 
 
@@ -1028,7 +1031,7 @@ def heldout_predictions(sens, table, configs) -> dict:
     elif sens.predictor is not None:
         preds["learned"] = np.array([sens.predictor.predict(c) for c in configs])
     if getattr(sens, "interaction", None) is not None:
-        preds["interaction"] = sens.interaction.predict(configs)
+        preds["interaction"] = sens.interaction.predict_log(configs)  # a rank: the log is as good and never overflows
     if "jvp" in sens.costs:
         preds["jvp"] = np.array([sum(sens.costs["jvp"][n][f] for n, f in c.items()) for c in configs])
     if getattr(sens, "jvp_plan", None) is not None:
@@ -1052,8 +1055,12 @@ def predictor_quality(sens, table, seed=0) -> dict:
     curve = getattr(sens, "interaction_curve", None)
     if curve:
         held = m["configs"][hold]
-        q["interaction_curve"] = quality.curve_tau({n: p.predict(held) for n, p in curve.items()},
+        q["interaction_curve"] = quality.curve_tau({n: p.predict_log(held) for n, p in curve.items()},
                                                    m["measured"][hold], m["avg_bits"][hold], seed=seed)
+        # its training measurements share predictor_seed's noise with the held-out damage: the same model against
+        # the retest noise (disjoint from both) says whether that flatters it
+        q["interaction_retest"] = quality.curve_tau({"retest": sens.interaction.predict_log(held)}, m["retest"],
+                                                    m["avg_bits"][hold], seed=seed)["retest"]
         q["interaction_images"] = sens.interaction_images
         q["interaction"] = sens.interaction.describe()
     q.update(n_train=len(m["configs"]) - m["holdout"], images=m["inputs"]["images"],

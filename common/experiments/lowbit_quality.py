@@ -124,8 +124,8 @@ def curve_lines(curve: dict, images, ceiling: dict) -> list:
         return []
     bands = list(next(iter(curve.values())))
     out = ["", f"The interaction predictor by the number of configurations it was fitted on ({images} images each; "
-               "the first n of its measurements; ridge strength cross-validated at each n): held-out τ per band "
-               "[bootstrap 95% interval].", "",
+               "the first n of its measurements, n at least 20; ridge strength cross-validated at each n): "
+               "held-out τ per band [bootstrap 95% interval].", "",
            "| training configurations | " + " | ".join(f"{b} bits" for b in bands) + " |",
            "|---|" + "---:|" * len(bands)]
     for n, row in curve.items():
@@ -188,6 +188,11 @@ def quality_lines(q: dict, images) -> list:
     out.append("| *test–retest ceiling* | " + " | ".join(_cell(q["ceiling_bands"][b]) for b in bands) + " |")
     out += judge_size_lines(q.get("judge_sizes"), q["rows"])
     out += curve_lines(q.get("interaction_curve"), q.get("interaction_images"), q["ceiling_bands"])
+    if q.get("interaction_retest"):
+        r = q["interaction_retest"]
+        out += ["", "Its training measurements share the held-out damage's noise seed (`lowbit.predictor_seed`); "
+                    "against the same held-out configurations under the retest seed (noise disjoint from both) "
+                    "the full fit ranks at τ " + " / ".join(_cell(r[b]) for b in bands) + "."]
     if q.get("predictor"):
         p = q["predictor"]
         alpha = "∞ (the prior itself)" if p["alpha"] is None else f"{p['alpha']:g}"

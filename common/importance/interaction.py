@@ -66,7 +66,7 @@ class InteractionPredictor:
     def fit(self, configs, damage, bits=None, bands=None, alphas=ALPHAS, folds=5, seed=0):
         """Fit to measured ``damage`` (> 0) of ``configs``; the ridge strength from ``alphas`` by cross-validated
         tau within ``bands`` ([(lo, hi)] of ``bits``, each configuration's average bits; without them, tau over
-        all), the strongest on a tie. Returns self."""
+        all), the strongest on a tie or where no fold can be scored. Returns self."""
         X, y = self.features(configs), _log(damage)
         bits = np.zeros(len(y)) if bits is None else np.asarray(bits, dtype=float)
         bands = bands or [(-math.inf, math.inf)]
@@ -81,20 +81,24 @@ class InteractionPredictor:
                     mean, scale, w, b = self._solve(X[train], y[train], alpha)
                     scores.append(band_mean_tau(((X[test] - mean) / scale) @ w + b, y[test], bits[test], bands))
                 scores = [s for s in scores if s == s]
-                table.append({"alpha": alpha, "cv_tau": float(np.mean(scores)) if scores else float("nan")})
-            ok = [r for r in table if r["cv_tau"] == r["cv_tau"]]
+                table.append({"alpha": alpha, "cv_tau": float(np.mean(scores)) if scores else None})  # JSON: null
+            ok = [r for r in table if r["cv_tau"] is not None]
             self.alpha = max(ok, key=lambda r: (r["cv_tau"], r["alpha"]))["alpha"] if ok else max(alphas)
-        else:
-            self.alpha = alphas[0]
+        else:  # nothing to choose by (one strength, or too few configurations to fold): the strongest
+            self.alpha = max(alphas)
         self.cv = table
         self.mean, self.scale, self.weights, self.intercept = self._solve(X, y, self.alpha)
         return self
 
-    def predict(self, configs) -> np.ndarray:
-        """The predicted damage (not its log) of every configuration."""
+    def predict_log(self, configs) -> np.ndarray:
+        """The predicted log damage of every configuration (what ranks them: no overflow far outside the data)."""
         if self.weights is None:
             raise RuntimeError("InteractionPredictor.predict before fit")
-        return np.exp(((self.features(configs) - self.mean) / self.scale) @ self.weights + self.intercept)
+        return ((self.features(configs) - self.mean) / self.scale) @ self.weights + self.intercept
+
+    def predict(self, configs) -> np.ndarray:
+        """The predicted damage (not its log) of every configuration."""
+        return np.exp(self.predict_log(configs))
 
     def describe(self) -> dict:
         return {"kind": "interaction", "alpha": self.alpha, "features": len(self.weights),
