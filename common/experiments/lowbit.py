@@ -1059,8 +1059,9 @@ def predictor_quality(sens, table, seed=0) -> dict:
                                                    m["measured"][hold], m["avg_bits"][hold], seed=seed)
         # its training measurements share predictor_seed's noise with the held-out damage: the same model against
         # the retest noise (disjoint from both) says whether that flatters it
-        q["interaction_retest"] = quality.curve_tau({"retest": sens.interaction.predict_log(held)}, m["retest"],
-                                                    m["avg_bits"][hold], seed=seed)["retest"]
+        q["interaction_retest"] = quality.bands_tau(sens.interaction.predict_log(held),
+                                                    [r["mse_mean"] for r in m["retest"]], m["avg_bits"][hold],
+                                                    seed=seed)
         q["interaction_images"] = sens.interaction_images
         q["interaction"] = sens.interaction.describe()
     q.update(n_train=len(m["configs"]) - m["holdout"], images=m["inputs"]["images"],

@@ -36,6 +36,13 @@ def band_tau(p, y, n_boot: int = N_BOOT, seed: int = 0) -> dict:
     return {"tau": _tau(p, y), "ci": ci, "n": len(p)}
 
 
+def bands_tau(p, y, bits, n_boot: int = N_BOOT, seed: int = 0) -> dict:
+    """{band: ``band_tau``} of ``p`` against ``y`` within each band of ``BANDS`` (``bits``: average bits)."""
+    p, y, bits = np.asarray(p, float), np.asarray(y, float), np.asarray(bits, float)
+    return {f"{lo:g}-{hi:g}": band_tau(p[sel], y[sel], n_boot, seed)
+            for lo, hi in BANDS for sel in [(bits >= lo) & (bits < hi)]}
+
+
 def predictor_quality(preds: dict, measured: list, retest: list, bits, n_boot: int = N_BOOT, seed: int = 0) -> dict:
     """Every predictor's tau / rho on held-out configurations against the one-step error and the final damage,
     per band with bootstrap intervals; the test-retest ceiling over all and per band.
@@ -47,20 +54,18 @@ def predictor_quality(preds: dict, measured: list, retest: list, bits, n_boot: i
     bits = np.asarray(bits, float)
     y = {k: np.array([r[k] for r in measured]) for k in ("eps_mse", "mse_mean", "mse_median")}
     second = {k: np.array([r[k] for r in retest]) for k in ("mse_mean", "mse_median")}
-    bands = [(lo, hi, (bits >= lo) & (bits < hi)) for lo, hi in BANDS]
     rows = {}
     for name, p in preds.items():
         p = np.asarray(p, float)
         row = {f"tau_{k}": _tau(p, v) for k, v in y.items()}
         row.update({f"rho_{k}": float(spearmanr(p, v).statistic) for k, v in y.items()})
-        row["bands"] = {f"{lo:g}-{hi:g}": band_tau(p[sel], y["mse_mean"][sel], n_boot, seed) for lo, hi, sel in bands}
+        row["bands"] = bands_tau(p, y["mse_mean"], bits, n_boot, seed)
         rows[name] = row
     return {"rows": rows, "n_heldout": len(measured),
             "ceiling_tau": _tau(y["mse_mean"], second["mse_mean"]),
             "ceiling_tau_median": _tau(y["mse_median"], second["mse_median"]),
-            "ceiling_bands": {f"{lo:g}-{hi:g}": band_tau(y["mse_mean"][sel], second["mse_mean"][sel], n_boot, seed)
-                              for lo, hi, sel in bands},
-            "band_counts": [int(sel.sum()) for *_, sel in bands]}
+            "ceiling_bands": bands_tau(y["mse_mean"], second["mse_mean"], bits, n_boot, seed),
+            "band_counts": [int(((bits >= lo) & (bits < hi)).sum()) for lo, hi in BANDS]}
 
 
 def judge_size_tau(per_image, measured: list, bits) -> dict:
@@ -107,15 +112,10 @@ def judge_size_lines(sizes: dict, rows: dict) -> list:
 
 
 def curve_tau(preds: dict, measured: list, bits, n_boot: int = N_BOOT, seed: int = 0) -> dict:
-    """The learning curve of a fitted model: {training configurations: {band: band_tau}} of each fit's predictions
+    """The learning curve of a fitted model: {training configurations: ``bands_tau``} of each fit's predictions
     ({n: predictions of the held-out configurations}) against the held-out mean damage."""
-    y, bits = np.array([r["mse_mean"] for r in measured]), np.asarray(bits, float)
-    out = {}
-    for n, p in preds.items():
-        p = np.asarray(p, float)
-        out[str(n)] = {f"{lo:g}-{hi:g}": band_tau(p[sel], y[sel], n_boot, seed)
-                       for lo, hi in BANDS for sel in [(bits >= lo) & (bits < hi)]}
-    return out
+    y = [r["mse_mean"] for r in measured]
+    return {str(n): bands_tau(p, y, bits, n_boot, seed) for n, p in preds.items()}
 
 
 def curve_lines(curve: dict, images, ceiling: dict) -> list:
