@@ -175,6 +175,8 @@ def test_chain_noise_is_disjoint_from_the_damage_measurements():
     load_config(SMOKE, ["lowbit.plans=[search]", "lowbit.budgets=[3bits@A5]"])  # only the joint search needs it
     with pytest.raises(ConfigError, match=r"lowbit.interaction_configs is 8, .*add 'learned' to lowbit.plans"):
         load_config(SMOKE, ["lowbit.plans=[fisher]", "lowbit.interaction_configs=8"])
+    with pytest.raises(ConfigError, match=r"search_interaction, .* lowbit.interaction_configs is 0: set it"):
+        load_config(SMOKE, ["lowbit.plans=[learned, search_interaction]"])
     with pytest.raises(ConfigError, match=r"finetune.plan_source: 'search_wa' is not trained here"):
         load_config(SMOKE, ["finetune.plan_source=search_wa"])
     with pytest.raises(ConfigError, match=r"lowbit.plans has search_act, which search at the budget's activation bits"
@@ -182,7 +184,7 @@ def test_chain_noise_is_disjoint_from_the_damage_measurements():
         load_config(SMOKE, ["lowbit.plans=[search, search_act]", "lowbit.budgets=[3bits, 4bits]"])
 
 
-PLANS = ["lowbit.plans=[uniform, fisher, chain_fisher, fisher_iterative, learned, search, jvp]",
+PLANS = ["lowbit.plans=[uniform, fisher, chain_fisher, fisher_iterative, learned, search, search_interaction, jvp]",
          "eval.classifier.train_limit=300", "lowbit.interaction_configs=24"]
 
 
@@ -200,7 +202,7 @@ def test_every_variant_fits_its_budget_and_stores_its_plan(lowbit_run):
     tmp, out, _ = lowbit_run
     cfg = load_config(SMOKE)
     variants = [d for d in out.iterdir() if (d / "plan.json").exists()]
-    plans = ["uniform", "fisher", "chain_fisher", "fisher_iterative", "learned", "search", "jvp"]
+    plans = ["uniform", "fisher", "chain_fisher", "fisher_iterative", "learned", "search", "search_interaction", "jvp"]
     both = [p for p in cfg.lowbit.codebook_plans if p in plans]  # the codebook menu runs these plans only
     assert len(variants) == len(cfg.lowbit.budgets) * (len(plans) + len(both))
     for d in variants:
@@ -277,7 +279,7 @@ def test_summary_judges_plans_by_their_damage_with_corrected_verdicts_and_target
         assert text in md, text
     assert any(v in md for v in ("target met", "point estimate within target, interval not", "target missed"))
     q = json.load(open(out / "predictors.json"))
-    plans = ["uniform", "fisher", "chain_fisher", "fisher_iterative", "learned", "search", "jvp"]
+    plans = ["uniform", "fisher", "chain_fisher", "fisher_iterative", "learned", "search", "search_interaction", "jvp"]
     for key, row in q["plan_damage"].items():
         menu = key.split()[0]
         want = plans if menu == "uniform" else [x for x in plans if x in cfg.lowbit.codebook_plans]
@@ -298,7 +300,8 @@ def test_summary_judges_plans_by_their_damage_with_corrected_verdicts_and_target
     assert sum(r["chosen"] for r in kept["selection"]) == 1 and "Learned predictor kept" in md
     assert min(kept["selection"], key=lambda r: r["score"])["chosen"]
     assert q["quality"]["predictor"]["active"] >= 1  # plans of its own allocator, measured
-    assert set(q["search"]) == {f"uniform {b.split('@')[0]}" for b in cfg.lowbit.budgets}
+    sizes = [b.split("@")[0] for b in cfg.lowbit.budgets]
+    assert set(q["search"]) == {f"uniform {s}{kind}" for s in sizes for kind in ("", " interaction-proposed")}
     for trace in q["search"].values():
         assert trace[0]["move"] == "start" and 1 <= len(trace) <= cfg.lowbit.search_evals + 1
     assert (out / "lowbit_search.png").stat().st_size > 1000 and "[lowbit] search (uniform, 4bits)" in p.stdout
@@ -308,6 +311,14 @@ def test_summary_judges_plans_by_their_damage_with_corrected_verdicts_and_target
     assert art["start_by"] == min(art["starts"], key=art["starts"].get)
     assert art["trace"][0]["fitness"] == art["starts"][art["start_by"]]  # the same images and noise: the same value
     assert f"search (uniform, 4bits) from {art['start_by']}'s plan" in p.stdout
+    # search_interaction: the same search with its moves ordered by the interaction predictor, cached apart and
+    # keyed by that model (its data and fitted weights); its stored plan is the search's best
+    ranked = json.load(open(out / "baseline" / "search_uniform_4bits_interaction.json"))
+    assert ranked["inputs"]["rank_by"]["configurations"] == 24 and len(ranked["inputs"]["rank_by"]["weights"]) == 16
+    assert {k: v for k, v in ranked["inputs"].items() if k != "rank_by"} == art["inputs"]
+    assert json.load(open(out / "search_interaction_uniform_4bits_A8" / "plan.json"))["choice"] == ranked["choice"]
+    assert "search (uniform, 4bits) proposed by the interaction predictor" in p.stdout
+    assert "| 4bits@A8, uniform: search_interaction vs search |" in md
     # its cache records everything its judge's measurements depend on, with this run's values (reuse compares the
     # whole record, so a changed keep_format or format menu recomputes it), keyed as the judge's own cache is
     for key in ("keep_format", "formats", "names", "eps_samples", "sample", "checkpoint_sha256"):

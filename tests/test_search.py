@@ -110,3 +110,33 @@ def test_activation_bits_search_raises_one_input_by_lowering_others_within_the_b
     best, trace = measured_search(start, options, limit, costs, measure, seconds=30, max_evals=40, seed=0)
     assert best["sens"] == 16 and measure(best) < 0.5 * measure(start)
     assert trace[-1]["best"] == min(r["fitness"] for r in trace)
+
+
+def test_a_whole_configuration_model_orders_the_proposals_and_finds_the_trap_sooner():
+    bits, costs, damage = _problem()
+    limit = int(0.45 * sum(b["int8"] for b in bits.values()))
+    start, _ = allocate(costs, bits, 0, limit)
+    ranked, measured = [], []
+
+    def oracle(configs):  # a model that sees the interaction the additive costs miss
+        ranked.append([json.dumps(c, sort_keys=True) for c in configs])
+        return [damage(c) for c in configs]
+
+    def measure(c):
+        measured.append(json.dumps(c, sort_keys=True))
+        return damage(c)
+
+    _, trace = measured_search(start, bits, limit, costs, measure, seconds=60, max_evals=20, seed=1, explore=0.0,
+                               rank=oracle)
+    # every measured move is the proposal the model ranked first (explore 0: no random pick)
+    assert len(ranked) == len(measured) - 1 == len(trace) - 1
+    for cands, m in zip(ranked, measured[1:], strict=True):
+        assert m == min(cands, key=lambda k: damage(json.loads(k)))
+
+    def evals_to_escape(rank, seed):
+        _, tr = measured_search(start, bits, limit, costs, damage, 60, 60, seed=seed, rank=rank)
+        return next((r["eval"] for r in tr if r["best"] < damage(start) - 20), 61)
+
+    oracle_evals = [evals_to_escape(lambda cs: [damage(c) for c in cs], s) for s in range(5)]
+    additive_evals = [evals_to_escape(None, s) for s in range(5)]
+    assert sum(oracle_evals) < sum(additive_evals), (oracle_evals, additive_evals)

@@ -471,3 +471,25 @@ def test_a_damaged_replaced_or_foreign_data_checkpoint_is_refused_not_reused(tin
     monkeypatch.setattr(pipeline, "mnist_tensor", lambda data, split: (-real(data, split)[0], None))
     with pytest.raises(StaleArtifactError, match="other images"):
         reuse()
+
+
+def test_compiled_training_follows_the_eager_run_and_keeps_the_fingerprint(tiny_cfg, tmp_path, monkeypatch):
+    cfg = tiny_cfg
+    cfg.train.max_steps, cfg.train.batch_size, cfg.train.checkpoint_every, cfg.train.lr = 3, 8, 10, 1e-3
+    x = torch.rand(16, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    _, eager = train(cfg, x, str(tmp_path / "eager.pt"), CPU, progress=False)
+    compiled_calls = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled_calls.append(m) or real_compile(m, **kw))
+    cfg.train.compile = True
+    _, compiled = train(cfg, x, str(tmp_path / "compiled.pt"), CPU, progress=False)
+    assert len(compiled_calls) == 1  # the network really ran compiled
+    # not a training input: the same recipe, so the same fingerprint (a compiled run resumes an eager one)
+    assert compiled["fingerprint"] == eager["fingerprint"]
+    # The same arithmetic in another order: the first loss (before any update) agrees to fp32 reassociation; Adam
+    # then moves each weight by at most ~lr(1-b1)/sqrt(1-b2) = 3.2 lr a step, whatever the gradient's rounding,
+    # so after 3 steps no weight may differ by more than 2 x 3 x 3.2 lr.
+    assert eager["loss_history"][0] == pytest.approx(compiled["loss_history"][0], rel=1e-5)
+    assert compiled["loss_history"] == pytest.approx(eager["loss_history"], rel=1e-2)
+    for n, a in eager["model"].items():
+        assert torch.allclose(a, compiled["model"][n], atol=2 * 3 * 3.2 * cfg.train.lr, rtol=0), n

@@ -129,6 +129,9 @@ class TrainConfig:
     # instead of random numbers; its SHA-256 enters the training fingerprint, the path does not.
     init_from: str | None = None
     init_sha256: str | None = None
+    # torch.compile the network for training (forward and backward): 1.2x the steps per second of the DiT on 2
+    # AVX-512 cores (measured). Not a training input: it changes the floats' summation order, not the recipe.
+    compile: bool = False
 
 
 @dataclass
@@ -332,7 +335,7 @@ class BackendConfig:
 
 
 LOWBIT_PLANS = Literal["uniform", "fisher", "chain_fisher", "chain_output", "fisher_iterative", "learned",
-                       "magnitude", "random", "search", "search_act", "search_wa", "jvp"]
+                       "magnitude", "random", "search", "search_act", "search_wa", "search_interaction", "jvp"]
 
 
 def _format_list(names):
@@ -886,6 +889,10 @@ def _check_lowbit(cfg: Config, src: str):
         raise ConfigError(f"{src}: lowbit.interaction_configs is {lb.interaction_configs}, but its predictor is judged "
                           f"on the learned predictor's held-out configurations: add 'learned' to lowbit.plans "
                           f"({lb.plans}) or set lowbit.interaction_configs: 0")
+    if "search_interaction" in lb.plans and not lb.interaction_configs:
+        raise ConfigError(f"{src}: lowbit.plans has search_interaction, whose moves the interaction predictor "
+                          f"proposes, but lowbit.interaction_configs is 0: set it to the configurations to measure "
+                          f"for that predictor (e.g. 1200), with 'learned' in lowbit.plans")
     searched = [p for p in ("search_act", "search_wa") if p in lb.plans]
     if searched and all(parse_size_at_bits(b)[1] is None for b in lb.budgets):
         raise ConfigError(f"{src}: lowbit.plans has {', '.join(searched)}, which search at the budget's activation "

@@ -161,6 +161,8 @@ def train(cfg, x_train: torch.Tensor, ckpt_path: str, device, resume=False, prog
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.train.compile:  # the EMA, the checkpoints and the state dicts keep the plain module
+        net = torch.compile(net)
     steps = total_steps(cfg.train, len(x_train))
     data_sha = tensor_digest(x_train)
     start, losses, seconds_before, recorded = 0, [], 0.0, None

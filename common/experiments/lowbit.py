@@ -20,6 +20,8 @@ km4/km3/km2), a plan chooses one format per tensor:
 * ``search``: a measured search from the best-measured sensitivity's plan at the fixed budget (``experiments.search``);
 * ``search_act``: the same search judged with every quantized input at the budget's activation bits (``search``
   judges with float activations, so one weight search serves every activation width);
+* ``search_interaction``: ``search`` with its moves proposed by the interaction predictor (a model of whole
+  configurations, ``importance.interaction``; needs ``lowbit.interaction_configs``) instead of additive costs;
 * ``search_wa``: the joint search, ``search``'s weights and then each quantized input's bits over
   ``act_quant.a_bits``, searched by measurement within the BOPs of every input at the budget's bits;
 * ``magnitude``, ``random``: controls through the same allocator.
@@ -559,10 +561,11 @@ class ConfigCache:
 class Sensitivities:
     """What each plan allocates by, computed once per run (with the seconds each took); ``iterative`` /
     ``searched``: the (menu, weight size) pairs the ``fisher_iterative`` / ``search`` plan is run at, each an
-    allocation of its own; ``searched_act``: the (menu, weight size, activation bits) of ``search_act``."""
+    allocation of its own; ``searched_act``: the (menu, weight size, activation bits) of ``search_act``;
+    ``searched_interaction``: the (menu, weight size) pairs of ``search_interaction``."""
 
     def __init__(self, cfg, model, ckpt_path, table, sha, device, progress, iterative=(), searched=(),
-                 searched_act=()):
+                 searched_act=(), searched_interaction=()):
         lb = cfg.lowbit
         self.seconds = {"uniform": 0.0, "magnitude": 0.0, "random": 0.0}
         self.costs = {}
@@ -574,7 +577,7 @@ class Sensitivities:
         self.costs["random"] = costs_from_scores(random_scores(table.names, cfg.importance.seed), table.errors)
         self.chain = None
         # a search may start from the chain-aware Fisher's plan
-        if {"chain_fisher", "chain_output", "search", "search_wa", "search_act"} & set(lb.plans):
+        if {"chain_fisher", "chain_output", "search", "search_wa", "search_act", "search_interaction"} & set(lb.plans):
             self.chain = ensure_chain(cfg, model, table.names, ckpt_path, progress, device)
             self.seconds["chain_fisher"] = self.seconds["chain_output"] = float(self.chain["meta"]["seconds"])
             self.costs["chain_fisher"] = fisher_distortion_costs(self.chain["diag"], table.errors)
@@ -597,10 +600,12 @@ class Sensitivities:
             self.costs["learned"] = self.predictor.costs()
         self.interaction = None  # a model of whole configurations (not additive): ranks them, allocates nothing
         self.interaction_curve = {}
+        self.interaction_images = self.interaction_configs = None  # what it was fitted on, once it is
         if lb.interaction_configs and self.measured is not None:
             self.interaction, self.interaction_curve, self.seconds["interaction"] = fit_interaction(
                 cfg, model, table, sha, self.costs[self.prior], progress, device)
             self.interaction_images = lb.interaction_images
+            self.interaction_configs = lb.interaction_configs
         self.jvp_plan = None  # the JVP of every held-out configuration as a whole: a feature with cross terms
         if self.jvp is not None and self.measured is not None:
             cj = None
@@ -625,11 +630,14 @@ class Sensitivities:
                 self.iterative[key] = e
         self.search = {}  # (menu, size): {"choice", "trace", "seconds", ...}, or the InfeasibleBudgetError
         self.search_act = {}  # (menu, size, activation bits): likewise, judged with quantized activations
+        self.search_interaction = {}  # (menu, size): likewise, its moves proposed by the interaction predictor
         self.act_search = {}  # (menu, budget): search_wa's activation bits, set by run_lowbit once the searches are
-        for found, keys in ((self.search, searched), (self.search_act, searched_act)):
+        for found, keys, proposer in ((self.search, searched, "additive"), (self.search_act, searched_act, "additive"),
+                                      (self.search_interaction, searched_interaction, "interaction")):
             for key in dict.fromkeys(keys):
                 try:
-                    found[key] = ensure_search(cfg, model, table, self, *key[:2], sha, progress, device, *key[2:])
+                    found[key] = ensure_search(cfg, model, table, self, *key[:2], sha, progress, device, *key[2:],
+                                               proposer=proposer)
                 except InfeasibleBudgetError as e:
                     found[key] = e
 
@@ -657,18 +665,24 @@ def search_judge(cfg, model, table, device="cpu", per_image=False, act=None):
     return fitness
 
 
-def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, device="cpu", a_bits=None):
+def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, device="cpu", a_bits=None,
+                  proposer="additive"):
     """The measured search's result for ``menu`` at the weight size ``size`` (``experiments.search``): from a
     sensitivity's plan (``lowbit.search_start``: ``best``, the plan of least fitness among those of
     ``SEARCH_STARTS`` computed here, or always the chain-aware Fisher's), moves proposed by the learned costs (else
     the chain-aware Fisher's), fitness the paired MSE of ``lowbit.search_images`` images under
     ``lowbit.search_seed`` — with float activations, or (``a_bits``, plan ``search_act``) every quantized input at
-    those bits with their ranges, as the budget's variant runs. Cached in ``search_<menu>_<size>[_A<bits>[_mse]].json``
-    (the wall clock makes a rerun differ: a cached result is reused, not redone)."""
+    those bits with their ranges, as the budget's variant runs. ``proposer="interaction"`` (plan
+    ``search_interaction``): the interaction predictor orders the proposed moves (the additive costs still pay for
+    them). Cached in ``search_<menu>_<size>[_A<bits>[_mse]][_interaction].json`` (the wall clock makes a rerun
+    differ: a cached result is reused, not redone)."""
     lb = cfg.lowbit
     # searches of both range methods are kept apart, as their variants are
     judged_at = "" if a_bits is None else f"_A{a_bits}{_range_tag(lb.range_method)}"
-    path = _cache(cfg, f"search_{menu}_{budget_tag(size)}{judged_at}.json")
+    ranked = proposer == "interaction"
+    if ranked and sens.interaction is None:
+        raise ValueError("the interaction-proposed search needs the interaction predictor (lowbit.interaction_configs)")
+    path = _cache(cfg, f"search_{menu}_{budget_tag(size)}{judged_at}{'_interaction' if ranked else ''}.json")
     prior = sens.prior
     propose_by = "learned" if "learned" in sens.costs else prior
     limit = budget_bits(size, table.total) - table.fixed
@@ -686,6 +700,9 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
               # other moves even where the start plans come out the same
               "proposer_costs": storage.fingerprint(menu_costs[propose_by]),
               "seconds": lb.search_seconds, "evals": lb.search_evals, "seed": lb.search_seed, "limit_bits": limit}
+    if ranked:  # the model that orders the moves: its data (size and measurements) and its fitted weights
+        inputs["rank_by"] = {**sens.interaction.describe(), "configurations": sens.interaction_configs,
+                             "weights": storage.fingerprint([float(w) for w in sens.interaction.weights])}
     if a_bits is not None:
         inputs["act"] = {"a_bits": a_bits, "ranges": _ranges_inputs(cfg, sha, [a_bits]), "range_mode": lb.range_mode,
                          **quantizer_inputs(cfg)}
@@ -711,13 +728,15 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
     start_by = min(plans, key=lambda k: (starts.get(k, 0.0), names.index(k)))
     t0 = time.time()
     choice, trace = measured_search(plans[start_by], table.menu_bits(menu), limit, menu_costs[propose_by], fitness,
-                                    lb.search_seconds, lb.search_evals, seed=lb.search_seed)
+                                    lb.search_seconds, lb.search_evals, seed=lb.search_seed,
+                                    rank=sens.interaction.predict_log if ranked else None)
     art = {"inputs": inputs, "choice": choice, "trace": trace, "seconds": round(time.time() - t0, 1),
            "starts_seconds": round(t0 - t_starts, 1),  # measuring the candidate starts, before the search
            "start_by": start_by, "starts": starts, "changed": sum(choice[n] != plans[start_by][n] for n in choice)}
     storage.atomic_write_record(art, path)
     begun = f" from {start_by}'s plan (of {', '.join(f'{k} {v:.3g}' for k, v in starts.items())})" if starts else ""
-    judged = "" if a_bits is None else f" judged at A{a_bits}"
+    judged = ("" if a_bits is None else f" judged at A{a_bits}") + (" proposed by the interaction predictor"
+                                                                    if ranked else "")
     print(f"[lowbit] search ({menu}, {size}){judged}{begun}: {len(trace) - 1} measured moves in "
           f"{art['seconds']:.0f} s, fitness {trace[0]['fitness']:.3g} -> {trace[-1]['best']:.3g}, "
           f"{art['changed']} tensors changed -> {path}")
@@ -853,8 +872,9 @@ def choose(cfg, plan, menu, budget_text, table, sens, a_bits=None):
             raise sens.iterative[(menu, budget_text)]
         choice, _, history, seconds = sens.iterative[(menu, budget_text)]
         return choice, {"rounds": history, "seconds": sens.seconds["fisher"] + seconds}
-    elif plan in ("search", "search_act"):  # likewise
-        art = sens.search[(menu, budget_text)] if plan == "search" else sens.search_act[(menu, budget_text, a_bits)]
+    elif plan in ("search", "search_act", "search_interaction"):  # likewise
+        art = sens.search_act[(menu, budget_text, a_bits)] if plan == "search_act" else \
+            (sens.search if plan == "search" else sens.search_interaction)[(menu, budget_text)]
         if isinstance(art, InfeasibleBudgetError):
             raise art
         considered = art.get("starts") or [search_start(art)]  # every sensitivity the start was chosen among
@@ -919,12 +939,15 @@ def run_lowbit(cfg, device, force=False, progress=True):
                 if plan == "search" or plan == "search_wa" and parse_size_at_bits(budget)[1] is not None]
     searched_act = [(menu, *parse_size_at_bits(budget)) for budget, menu, plan in tasks
                     if plan == "search_act" and parse_size_at_bits(budget)[1] is not None]
+    searched_interaction = [(menu, parse_size_at_bits(budget)[0]) for budget, menu, plan in tasks
+                            if plan == "search_interaction"]
     # every cache the variants read, computed once (rank 0 first, under the folder's lock) before they are handed out
 
     # {activation bits: ranges}: min-max for every budget, or least-MSE at each one's bits
     budget_bits_a = sorted({parse_size_at_bits(b)[1] for b in lb.budgets} - {None})
     sens, ranges = pipeline.shared(c, lambda: (
-        Sensitivities(c, model, ckpt_path, table, sha, device, progress, iterative, searched, searched_act),
+        Sensitivities(c, model, ckpt_path, table, sha, device, progress, iterative, searched, searched_act,
+                      searched_interaction),
         ranges_by_bits(c, model, range_bits(c, budget_bits_a), sha, device, progress)))
 
     def act_searches():  # (menu, budget): the activation half of search_wa, or why it does not apply
@@ -1193,7 +1216,7 @@ def summary_markdown(cfg, done, notes, sens, table, q, seconds=None) -> str:
         lines += ["", "| tensor | op | learned rank | Fisher rank |", "|---|---|---:|---:|"]
         lines += [f"| {r['tensor']} | {r['op']} | {r['learned_rank'] or '–'} | {r['fisher_rank']} |" for r in top]
     lines += ["", "![lowbit](lowbit.png)", "", "![layer sensitivity](lowbit_layers.png)"]
-    if sens.search or sens.search_act:
+    if sens.search or sens.search_act or sens.search_interaction:
         lines += ["", "![measured search](lowbit_search.png)"]
     joint = {k: a for k, a in sens.act_search.items() if not isinstance(a, InfeasibleBudgetError)}
     if joint:
@@ -1236,12 +1259,14 @@ def target_lines(lb, done) -> list:
 def verdict_pairs(done):
     """(A name, B name, A metrics, B metrics): every plan vs uniform; learned, chain-aware, iterative and JVP vs
     Fisher; learned, both searches and JVP vs the chain-aware Fisher (the search's start, the learned costs' prior);
-    the joint search and the search judged at the budget's activations vs the weight search."""
+    the joint search, the search judged at the budget's activations and the interaction-proposed search vs the weight
+    search."""
     by = {(b, m, p): r for b, m, p, r in done.values() if p != "fp32"}
     out = []
     for ref, plans in (("uniform", None), ("fisher", ("learned", "chain_fisher", "fisher_iterative", "jvp")),
-                       ("chain_fisher", ("learned", "search", "search_act", "jvp", "chain_output")),
-                       ("search", ("search_wa", "search_act"))):
+                       ("chain_fisher", ("learned", "search", "search_act", "search_interaction", "jvp",
+                                         "chain_output")),
+                       ("search", ("search_wa", "search_act", "search_interaction"))):
         for (budget, menu, plan), r in by.items():
             if plan != ref and (plans is None or plan in plans) and (budget, menu, ref) in by:
                 out.append((plan, ref, r, by[(budget, menu, ref)]))
@@ -1326,6 +1351,8 @@ def write_outputs(cfg, done, notes, sens, table, seconds=None) -> str:
     traces = {f"{m} {b}": a["trace"] for (m, b), a in sens.search.items() if not isinstance(a, InfeasibleBudgetError)}
     traces.update({f"{m} {b} judged at A{a}": art["trace"] for (m, b, a), art in sens.search_act.items()
                    if not isinstance(art, InfeasibleBudgetError)})
+    traces.update({f"{m} {b} interaction-proposed": a["trace"] for (m, b), a in sens.search_interaction.items()
+                   if not isinstance(a, InfeasibleBudgetError)})
     traces.update({f"{m} {b} activations": a["trace"] for (m, b), a in sens.act_search.items()
                    if not isinstance(a, InfeasibleBudgetError)})
     if traces:

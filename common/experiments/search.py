@@ -10,7 +10,10 @@ and moves by measurement:
   predicted gain per bit is largest while it fits. Every candidate stays within the budget;
 * the predictor (the learned costs, else the chain-aware Fisher's) *proposes*: of ``proposals`` random moves the
   one with the least predicted damage increase is measured, except with probability ``explore`` a random one
-  (the predictor is what is being corrected; it must not decide alone);
+  (the predictor is what is being corrected; it must not decide alone). With ``rank`` (a model of whole
+  configurations, e.g. ``importance.interaction``: not additive, so it sees what a move does beside the rest)
+  the candidates are ordered by its prediction of the completed configuration instead; the additive costs still
+  pick how each move is paid for;
 * the *fitness* is measured: the mean paired MSE of the plan's samples against fp32 over a small batch of
   calibration noise (``lowbit.search_images`` images, ``lowbit.search_seed``: neither an evaluation seed nor the
   noise the plans are scored on); a move is kept when it lowers the fitness ((1+1) hill climbing: first
@@ -84,10 +87,12 @@ def complete_move(config, n, f, bits, limit, costs):
     return new, delta
 
 
-def measured_search(start, bits, limit, costs, measure, seconds, max_evals, seed=0, proposals=8, explore=0.2):
+def measured_search(start, bits, limit, costs, measure, seconds, max_evals, seed=0, proposals=8, explore=0.2,
+                    rank=None):
     """(best configuration, trace). ``start``: {tensor: format} within ``limit`` stored bits of the tensors
     (``bits`` {tensor: {format: bits}} over the menu); ``costs``: the predictor, {tensor: {format: cost}};
-    ``measure(config) -> fitness`` (lower is better). Trace: one row per measurement, the start first."""
+    ``measure(config) -> fitness`` (lower is better); ``rank(configs) -> scores`` (lower is better), when given,
+    orders the proposals instead of ``costs``. Trace: one row per measurement, the start first."""
     if _used(start, bits) > limit:
         raise ValueError(f"the start uses {_used(start, bits)} bits, over the limit {limit}")
     rng = np.random.default_rng(seed)
@@ -111,7 +116,12 @@ def measured_search(start, bits, limit, costs, measure, seconds, max_evals, seed
             stale += 1
             continue
         stale = 0
-        candidates.sort(key=lambda c: c[0])
+        if rank is None:
+            candidates.sort(key=lambda c: c[0])
+        else:  # stable: on a tie the additive prediction decides
+            candidates.sort(key=lambda c: c[0])
+            scores = np.asarray(rank([c[3] for c in candidates]), dtype=float)
+            candidates = [candidates[i] for i in np.argsort(scores, kind="stable")]
         pick = candidates[rng.integers(len(candidates))] if rng.random() < explore else candidates[0]
         delta, n, f, config = pick
         seen.add(tuple(sorted(config.items())))
