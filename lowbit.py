@@ -3,7 +3,8 @@ lowbit.budgets ('3.5bits@A8': average stored bits per weight, scales and codeboo
 by every plan in lowbit.plans (uniform, one-step Fisher, chain-aware Fisher and its output-scaled chain_output,
 iterative Fisher, a predictor learned from measured configurations, magnitude, random, the JVP of x_0 along the
 real weight error, a measured search; opt-in: search_act, the same search judged with the budget's quantized
-activations, and search_wa, the search's weights with each input's activation bits searched within the same BOPs),
+activations, search_wa, the search's weights with each input's activation bits searched within the same BOPs, and
+search_interaction, the search with its moves proposed by the interaction predictor (lowbit.interaction_configs)),
 for the uniform and the codebook menu of formats. Every conv / linear weight but the first and last conv may be
 quantized. Each variant is saved, rebuilt from its files and evaluated with lowbit.seeds x lowbit.n_images paired
 samples; each sensitivity is judged by the measured damage of its plans and by Kendall tau per budget band beside

@@ -112,7 +112,7 @@ def test_activation_bits_search_raises_one_input_by_lowering_others_within_the_b
     assert trace[-1]["best"] == min(r["fitness"] for r in trace)
 
 
-def test_a_whole_configuration_model_orders_the_proposals_and_finds_the_trap_sooner():
+def test_a_whole_configuration_model_orders_the_proposals_and_escapes_the_trap_sooner():
     bits, costs, damage = _problem()
     limit = int(0.45 * sum(b["int8"] for b in bits.values()))
     start, _ = allocate(costs, bits, 0, limit)
@@ -139,4 +139,4 @@ def test_a_whole_configuration_model_orders_the_proposals_and_finds_the_trap_soo
 
     oracle_evals = [evals_to_escape(lambda cs: [damage(c) for c in cs], s) for s in range(5)]
     additive_evals = [evals_to_escape(None, s) for s in range(5)]
-    assert sum(oracle_evals) < sum(additive_evals), (oracle_evals, additive_evals)
+    assert 3 * sum(oracle_evals) <= sum(additive_evals), (oracle_evals, additive_evals)  # 6 against 50 here

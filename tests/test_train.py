@@ -473,9 +473,10 @@ def test_a_damaged_replaced_or_foreign_data_checkpoint_is_refused_not_reused(tin
         reuse()
 
 
+@pytest.mark.slow  # a cold inductor compile of the smoke U-Net's forward and backward (~30 s)
 def test_compiled_training_follows_the_eager_run_and_keeps_the_fingerprint(tiny_cfg, tmp_path, monkeypatch):
     cfg = tiny_cfg
-    cfg.train.max_steps, cfg.train.batch_size, cfg.train.checkpoint_every, cfg.train.lr = 3, 8, 10, 1e-3
+    cfg.train.max_steps, cfg.train.batch_size, cfg.train.checkpoint_every, cfg.train.lr = 1, 8, 10, 1e-3
     x = torch.rand(16, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     _, eager = train(cfg, x, str(tmp_path / "eager.pt"), CPU, progress=False)
     compiled_calls = []
@@ -486,10 +487,14 @@ def test_compiled_training_follows_the_eager_run_and_keeps_the_fingerprint(tiny_
     assert len(compiled_calls) == 1  # the network really ran compiled
     # not a training input: the same recipe, so the same fingerprint (a compiled run resumes an eager one)
     assert compiled["fingerprint"] == eager["fingerprint"]
-    # The same arithmetic in another order: the first loss (before any update) agrees to fp32 reassociation; Adam
-    # then moves each weight by at most ~lr(1-b1)/sqrt(1-b2) = 3.2 lr a step, whatever the gradient's rounding,
-    # so after 3 steps no weight may differ by more than 2 x 3 x 3.2 lr.
+    # The same arithmetic in another order. The loss (before any update) agrees to fp32 reassociation. Adam's first
+    # step moves every weight by lr * g / (|g| + eps), i.e. lr * sign(g) wherever |g| >> eps (and clipping scales
+    # g, never flips it): the two runs' weights may differ only where a gradient is so close to 0 that rounding
+    # flips its sign. A wrong backward flips about half of them.
     assert eager["loss_history"][0] == pytest.approx(compiled["loss_history"][0], rel=1e-5)
-    assert compiled["loss_history"] == pytest.approx(eager["loss_history"], rel=1e-2)
+    flipped = total = 0
     for n, a in eager["model"].items():
-        assert torch.allclose(a, compiled["model"][n], atol=2 * 3 * 3.2 * cfg.train.lr, rtol=0), n
+        if a.is_floating_point():
+            flipped += int(((a - compiled["model"][n]).abs() > cfg.train.lr / 2).sum())
+            total += a.numel()
+    assert flipped <= 0.01 * total, (flipped, total)

@@ -105,7 +105,7 @@ def training_inputs(cfg, bf16=None) -> dict:
     train["bf16"] = resolve_bf16(cfg.train, device_type(cfg)) if bf16 is None else bool(bf16)
     train.pop("checkpoint_every")
     train.pop("snapshot_every")
-    train.pop("compile", None)  # how the same arithmetic is scheduled, not what is trained
+    train.pop("compile", None)  # how the same recipe is scheduled (float order; with dropout, inductor's masks)
     model = arch_inputs(cfg.model)
     # Options added later are recorded only when used, so older checkpoints stay valid.
     for key, default in (("lr_schedule", "constant"), ("warmup_steps", 0), ("min_snr_gamma", None),

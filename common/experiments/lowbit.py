@@ -735,8 +735,9 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
            "start_by": start_by, "starts": starts, "changed": sum(choice[n] != plans[start_by][n] for n in choice)}
     storage.atomic_write_record(art, path)
     begun = f" from {start_by}'s plan (of {', '.join(f'{k} {v:.3g}' for k, v in starts.items())})" if starts else ""
-    judged = ("" if a_bits is None else f" judged at A{a_bits}") + (" proposed by the interaction predictor"
-                                                                    if ranked else "")
+    judged = "" if a_bits is None else f" judged at A{a_bits}"
+    if ranked:
+        judged += " proposed by the interaction predictor"
     print(f"[lowbit] search ({menu}, {size}){judged}{begun}: {len(trace) - 1} measured moves in "
           f"{art['seconds']:.0f} s, fitness {trace[0]['fitness']:.3g} -> {trace[-1]['best']:.3g}, "
           f"{art['changed']} tensors changed -> {path}")
@@ -874,10 +875,12 @@ def choose(cfg, plan, menu, budget_text, table, sens, a_bits=None):
         return choice, {"rounds": history, "seconds": sens.seconds["fisher"] + seconds}
     elif plan in ("search", "search_act", "search_interaction"):  # likewise
         art = sens.search_act[(menu, budget_text, a_bits)] if plan == "search_act" else \
-            (sens.search if plan == "search" else sens.search_interaction)[(menu, budget_text)]
+            {"search": sens.search, "search_interaction": sens.search_interaction}[plan][(menu, budget_text)]
         if isinstance(art, InfeasibleBudgetError):
             raise art
         considered = art.get("starts") or [search_start(art)]  # every sensitivity the start was chosen among
+        if plan == "search_interaction":  # and the measurements its proposer was fitted to
+            considered = [*considered, "interaction"]
         return art["choice"], {"evaluations": len(art["trace"]) - 1, "changed": art["changed"],
                                "start_by": search_start(art),
                                "seconds": sum(sens.seconds.get(k, 0.0) for k in considered)

@@ -116,10 +116,8 @@ def measured_search(start, bits, limit, costs, measure, seconds, max_evals, seed
             stale += 1
             continue
         stale = 0
-        if rank is None:
-            candidates.sort(key=lambda c: c[0])
-        else:  # stable: on a tie the additive prediction decides
-            candidates.sort(key=lambda c: c[0])
+        candidates.sort(key=lambda c: c[0])
+        if rank is not None:  # a stable sort: on a tie the additive prediction decides
             scores = np.asarray(rank([c[3] for c in candidates]), dtype=float)
             candidates = [candidates[i] for i in np.argsort(scores, kind="stable")]
         pick = candidates[rng.integers(len(candidates))] if rng.random() < explore else candidates[0]
