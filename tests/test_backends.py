@@ -179,8 +179,10 @@ def test_int8_reference_stays_close_to_dequant(mixed, int8_reference):
     runner, _ = int8_reference
     out = sample(runner, sampler, 8, SHAPE, 0, 8, progress=False)
     assert 0 < rel_err(out, ref) < 0.05
-    one = sample(runner, sampler, 1, SHAPE, 0, 8, progress=False)  # batch 1 is padded to the graph's minimum 2
-    torch.testing.assert_close(one, out[:1], rtol=1e-5, atol=1e-5)
+    # batch 1 is padded to the graph's minimum 2: the same image as in a real batch of 2 (the same shape, so the
+    # same kernels; batch 8's may differ by an ulp, enough to move an int8 code)
+    one = sample(runner, sampler, 1, SHAPE, 0, 8, progress=False)
+    assert torch.equal(one, sample(runner, sampler, 2, SHAPE, 0, 2, progress=False)[:1])
 
 
 def test_percentile_observer_clips_each_steps_outliers_and_covers_every_step():
@@ -262,8 +264,11 @@ def test_int8_compiled(mixed_two_stages):
     """The one torch.compile test: oneDNN int8 kernels agree with the reference graph, small batches are padded."""
     _, qmodel, stored, sampler, ref = mixed_two_stages
     calib = backends.calibration_inputs(qmodel, sampler, 8, SHAPE, 1234)
-    reference = backends.prepare(qmodel, stored, "int8", calib=calib, compile_model=False)
-    runner = backends.prepare(qmodel, stored, "int8", calib=calib, batch_size=8, warmup_shape=(8, *SHAPE))
+    # as the product runs it: 7-bit codes where the CPU has no VNNI (its saturating 16-bit pair sums overflow 8-bit)
+    reduce = backends.resolve_reduce_range("auto")
+    reference = backends.prepare(qmodel, stored, "int8", calib=calib, compile_model=False, int8_reduce_range=reduce)
+    runner = backends.prepare(qmodel, stored, "int8", calib=calib, batch_size=8, warmup_shape=(8, *SHAPE),
+                              int8_reduce_range=reduce)
     assert runner.batch_size == 8 and runner.prepare_seconds > 0
     out = sample(runner, sampler, 8, SHAPE, 0, 8, progress=False)
     assert rel_err(out, ref) < 0.05

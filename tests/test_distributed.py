@@ -29,7 +29,7 @@ CLF = ["--set", "eval.classifier.train_limit=300"]
 
 
 def torchrun(script, tmp, *extra, ranks=2, timeout=600, check=True):
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", LAQFI_DIST_TIMEOUT="120")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", LAQFI_DIST_TIMEOUT="600")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
            os.path.join(ROOT, script), "--config", SMOKE, "--set", f"run.out_dir={tmp}/runs", "--set",
            f"run.cache_dir={tmp}/cache", "--no-progress", *extra]
@@ -128,7 +128,7 @@ def recorded(tmp, ranks, name, *extra, check=True):
             f"run.out_dir={tmp}/runs", "--set", f"run.cache_dir={tmp}/cache", "--set", f"run.name={name}",
             "--set", FP32, "--no-progress", "--skip-eval", *extra]
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else []
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", LAQFI_DIST_TIMEOUT="120")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", LAQFI_DIST_TIMEOUT="600")
     p = subprocess.run([sys.executable, *launcher, *args], capture_output=True, text=True, env=env, cwd=tmp,
                        timeout=600)
     if check and p.returncode != 0:

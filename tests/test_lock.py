@@ -12,10 +12,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def holder(folder, seconds=60):
-    """Another process (no torch import: starts in ~0.1 s) that takes ``folder``'s lock and sleeps."""
+    """Another process (no torch import: starts in ~0.1 s) that takes ``folder``'s lock and sleeps (``seconds``
+    None: holds it until a line arrives on its stdin)."""
+    wait = "sys.stdin.readline()" if seconds is None else f"time.sleep({seconds})"
     code = (f"import sys, time; from common.core import lock\nwith lock.hold({str(folder)!r}):\n"
-            f"    print('held', flush=True); time.sleep({seconds})")
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+            f"    print('held', flush=True); {wait}")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True,
                          env=dict(os.environ, PYTHONPATH=ROOT))
     assert p.stdout.readline().strip() == "held"
     return p
@@ -36,8 +38,19 @@ def test_second_holder_is_told_who_holds_it_and_death_releases(tmp_path):
     assert lock.holder(os.path.join(tmp_path, lock.LOCK_NAME)).startswith("another process")  # released: blank
 
 
-def test_waits_with_a_message_until_released(tmp_path, capsys):
-    p = holder(tmp_path, seconds=1.5)
+def test_waits_with_a_message_until_released(tmp_path, capsys, monkeypatch):
+    import fcntl
+
+    p = holder(tmp_path, seconds=None)
+    real = fcntl.flock
+
+    def flock(fd, op):  # the blocking wait begins: only now does the holder let go (however late we got here)
+        if op == fcntl.LOCK_EX:
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        return real(fd, op)
+
+    monkeypatch.setattr(lock.fcntl, "flock", flock)
     with lock.hold(str(tmp_path)):
         assert p.wait(timeout=60) == 0  # we got it only once the holder let go
     out = capsys.readouterr().out

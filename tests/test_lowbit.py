@@ -298,7 +298,9 @@ def test_summary_judges_plans_by_their_damage_with_corrected_verdicts_and_target
     names = [r["name"] for r in kept["selection"]]  # every candidate judged by its plans, exactly one kept
     assert len(names) == 2 + len(cfg.lowbit.predictor_alphas) * len(cfg.lowbit.predictor_floors)
     assert sum(r["chosen"] for r in kept["selection"]) == 1 and "Learned predictor kept" in md
-    assert min(kept["selection"], key=lambda r: r["score"])["chosen"]
+    chosen = next(r for r in kept["selection"] if r["chosen"])  # the least score among the fits no worse than the
+    assert chosen["eligible"] and chosen["score"] == min(  # prior at every budget (the prior among them)
+        r["score"] for r in kept["selection"] if r["eligible"])
     assert q["quality"]["predictor"]["active"] >= 1  # plans of its own allocator, measured
     sizes = [b.split("@")[0] for b in cfg.lowbit.budgets]
     assert set(q["search"]) == {f"uniform {s}{kind}" for s in sizes for kind in ("", " interaction-proposed")}

@@ -487,11 +487,12 @@ def test_compiled_training_follows_the_eager_run_and_keeps_the_fingerprint(tiny_
     assert len(compiled_calls) == 1  # the network really ran compiled
     # not a training input: the same recipe, so the same fingerprint (a compiled run resumes an eager one)
     assert compiled["fingerprint"] == eager["fingerprint"]
-    # The same arithmetic in another order. The loss (before any update) agrees to fp32 reassociation. Adam's first
+    # The same arithmetic in another order. The loss (before any update) agrees to float32 reordering. Adam's first
     # step moves every weight by lr * g / (|g| + eps), i.e. lr * sign(g) wherever |g| >> eps (and clipping scales
     # g, never flips it): the two runs' weights may differ only where a gradient is so close to 0 that rounding
     # flips its sign. A wrong backward flips about half of them.
-    assert eager["loss_history"][0] == pytest.approx(compiled["loss_history"][0], rel=1e-5)
+    # (the loss sums 8 x 32 x 32 weighted squares: reordered, within gamma_8192 ~ 5e-4 of their sum)
+    assert eager["loss_history"][0] == pytest.approx(compiled["loss_history"][0], rel=1e-3)
     flipped = total = 0
     for n, a in eager["model"].items():
         if a.is_floating_point():
