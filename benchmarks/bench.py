@@ -205,10 +205,12 @@ def bench_training(cfg, steps=5):
     shape = (bs, cfg.model.in_channels, cfg.data.image_size, cfg.data.image_size)
     x0, eps, t = torch.randn(shape), torch.randn(shape), torch.randint(0, schedule.timesteps, (bs,))
     out = {}
-    for label, bf16 in (("fp32", False), ("bf16_autocast", True)):
-        def step(bf16=bf16):
+    compiled = torch.compile(model)  # train.compile: the network compiled, the optimizer eager (compiled on warm-up)
+    for label, net, bf16 in (("fp32", model, False), ("bf16_autocast", model, True),
+                             ("fp32_compiled", compiled, False)):
+        def step(net=net, bf16=bf16):
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = schedule.p_losses(model, x0, t, eps)
+                loss = schedule.p_losses(net, x0, t, eps)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -296,7 +298,9 @@ def core(cfg, args, peak, cap) -> dict:
                  f"{train['bf16_autocast'] / train['fp32']:.1f}x the fp32 step: bf16 is emulated on this CPU")
     print(f"training step (batch {train['batch']}): fp32 {train['fp32']:.2f} s = MFU {train_mfu['fp32']:.2f} of fp32 "
           f"GEMM; bf16 autocast {train['bf16_autocast']:.2f} s = {bf16_step} "
-          f"(the config trains in {'bf16' if trains_bf16 else 'fp32'} here: train.bf16 {cfg.train.bf16})")
+          f"(the config trains in {'bf16' if trains_bf16 else 'fp32'} here: train.bf16 {cfg.train.bf16}); "
+          f"fp32 compiled (train.compile) {train['fp32_compiled']:.2f} s = "
+          f"{train['fp32'] / train['fp32_compiled']:.2f}x the eager step")
     print(f"fisher ({fisher['n']} samples, chunk {fisher['chunk']}): vectorized {fisher['vectorized_s']:.2f} s, "
           f"loop {fisher['loop_s']:.2f} s -> {fisher['loop_s'] / fisher['vectorized_s']:.1f}x, "
           f"max error / tensor max {fisher['max_rel_err']:.1e} (float64: {fisher['max_rel_err_float64']:.1e}), "
