@@ -268,6 +268,50 @@ def test_summary_reports_every_predictor_beside_the_ceiling(lowbit_run):
                for line in again.stdout.splitlines())  # a wall-clock search is reused, not redone
 
 
+def test_a_search_is_keyed_by_its_start_not_by_the_candidates_that_lost(tmp_path, monkeypatch):
+    """A run with another list of plans reuses a search whenever the same plan wins the start, and measures each
+    candidate plan once (its fitness cached per plan); a changed start or proposer searches again."""
+    from types import SimpleNamespace
+
+    from common.experiments import lowbit
+    from common.importance.weights import costs_from_scores, random_scores
+
+    cfg = lowbit.lowbit_config(load_config(SMOKE, [f"run.out_dir={tmp_path}/runs", "lowbit.search_evals=4"]))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size)
+    table = lowbit.Table(cfg, model, "0" * 64, progress=False)
+    truth = costs_from_scores(random_scores(table.names, 1), table.errors)
+    calls = []
+
+    def fake_judge(*args, **kwargs):  # the damage a plan does: the truth's additive cost, counted per measurement
+        def fitness(c):
+            calls.append(json.dumps(c, sort_keys=True))
+            return sum(truth[n][f] for n, f in c.items())
+        return fitness
+
+    monkeypatch.setattr(lowbit, "search_judge", fake_judge)
+
+    def sens(**costs):
+        return SimpleNamespace(prior="chain_fisher", interaction=None, predictor=None, costs=costs)
+
+    def costs(seed):
+        return costs_from_scores(random_scores(table.names, seed), table.errors)
+
+    def search(s):  # the record, without the seal a reused one carries
+        calls.clear()
+        art = lowbit.ensure_search(cfg, model, table, s, "uniform", "3bits", "0" * 64, progress=False)
+        return {k: v for k, v in art.items() if k != "record_sha256"}
+
+    # the fisher candidate allocates by the truth itself, so its plan is the best start: the others lose
+    first = search(sens(chain_fisher=costs(2), fisher=truth, magnitude=costs(3), random=costs(4)))
+    assert first["start_by"] == "fisher" and len(set(calls)) == len(calls) >= 4  # no configuration twice
+    assert search(sens(chain_fisher=costs(2), fisher=truth, random=costs(4))) == first and calls == []
+    assert search(sens(chain_fisher=costs(2), fisher=truth, magnitude=costs(3), random=costs(5))) == first
+    assert len(calls) <= 1  # only the new random plan measured (none if it allocates as before)
+    assert search(sens(chain_fisher=costs(6), fisher=truth, random=costs(4)))["inputs"]["proposer_costs"] != \
+        first["inputs"]["proposer_costs"]  # another proposer: a search of its own
+
+
 def test_summary_judges_plans_by_their_damage_with_corrected_verdicts_and_targets(lowbit_run):
     """Issue 32: the plans' measured damage first; tau per band with intervals and the band's ceiling; Holm under
     the verdicts; targets by interval; the search's trace; the learned predictor refitted on its own plans."""

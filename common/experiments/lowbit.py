@@ -675,7 +675,9 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
     those bits with their ranges, as the budget's variant runs. ``proposer="interaction"`` (plan
     ``search_interaction``): the interaction predictor orders the proposed moves (the additive costs still pay for
     them). Cached in ``search_<menu>_<size>[_A<bits>[_mse]][_interaction].json`` (the wall clock makes a rerun
-    differ: a cached result is reused, not redone)."""
+    differ: a cached result is reused, not redone), keyed by the plan it starts from, not by the candidates that
+    lost: a run with another list of plans reuses it whenever the same plan wins. The candidates' fitness is
+    cached per plan in ``search_starts_<menu>[_A<bits>[_mse]].json``."""
     lb = cfg.lowbit
     # searches of both range methods are kept apart, as their variants are
     judged_at = "" if a_bits is None else f"_A{a_bits}{_range_tag(lb.range_method)}"
@@ -690,11 +692,32 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
     menu_costs = {k: {n: {f: sens.costs[k][n][f] for f in table.menus[menu]} for n in table.names}
                   for k in {*names, propose_by}}
     plans = {k: allocate(menu_costs[k], table.menu_bits(menu), table.fixed, limit + table.fixed)[0] for k in names}
-    # the chain-aware start keeps the keys its searches were cached under before the rule existed
-    start = {"start": plans[prior], "start_by": prior} if lb.search_start == "chain_fisher" else \
-        {"start_rule": "best", "candidates": plans}
-    # everything its judge's measurements depend on (the menu, keep_format, rounding, ...), then the search's own
-    inputs = {**measurer_inputs(cfg, table, sha, lb.search_images), **start, "propose_by": propose_by,
+    # everything its judge's measurements depend on (the menu, keep_format, rounding, ...)
+    judge_inputs = measurer_inputs(cfg, table, sha, lb.search_images)
+    act_inputs = None if a_bits is None else {
+        "a_bits": a_bits, "ranges": _ranges_inputs(cfg, sha, [a_bits]), "range_mode": lb.range_mode,
+        **quantizer_inputs(cfg)}
+    judge = None
+
+    def fitness(c):  # the judge, built at its first use (a cached search and cached starts need none)
+        nonlocal judge
+        if judge is None:
+            act = None if a_bits is None else activation_quantizer(
+                _act_cfg(cfg), model, a_bits,
+                ranges_by_bits(cfg, model, range_bits(cfg, [a_bits]), sha, device, progress))
+            judge = search_judge(cfg, model, table, device, act=act)
+        return judge(c)
+
+    t_starts = time.time()
+    starts = {}
+    if len(plans) > 1:  # two sensitivities may allocate the same plan (the learned one keeps the chain-aware's)
+        cache = ConfigCache(_cache(cfg, f"search_starts_{menu}{judged_at}.json"),
+                            {**judge_inputs, "seed": lb.search_seed, "act": act_inputs})
+        starts = {k: cache.get(c, fitness) for k, c in plans.items()}
+        cache.save()
+    start_by = min(plans, key=lambda k: (starts.get(k, 0.0), names.index(k)))
+    # then the search's own inputs: the start it runs from (the chain-aware rule's records keep their keys)
+    inputs = {**judge_inputs, "start": plans[start_by], "start_by": start_by, "propose_by": propose_by,
               "proposer": sens.predictor.describe() if propose_by == "learned" else None,
               # the costs that pick every move: a recomputed chain-aware Fisher or a refitted predictor proposes
               # other moves even where the start plans come out the same
@@ -703,31 +726,23 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
     if ranked:  # the model that orders the moves: its data (size and measurements) and its fitted weights
         inputs["rank_by"] = {**sens.interaction.describe(), "configurations": sens.interaction_configs,
                              "weights": storage.fingerprint([float(w) for w in sens.interaction.weights])}
-    if a_bits is not None:
-        inputs["act"] = {"a_bits": a_bits, "ranges": _ranges_inputs(cfg, sha, [a_bits]), "range_mode": lb.range_mode,
-                         **quantizer_inputs(cfg)}
+    if act_inputs is not None:
+        inputs["act"] = act_inputs
     art = storage.reusable_record(path, inputs)
     if art is not None:
         print(f"[lowbit] reusing {path}")
         return art
-    act = None if a_bits is None else activation_quantizer(
-        _act_cfg(cfg), model, a_bits, ranges_by_bits(cfg, model, range_bits(cfg, [a_bits]), sha, device, progress))
-    judge = search_judge(cfg, model, table, device, act=act)
-    # each configuration measured once: the chosen start is the search's first row again, and two sensitivities
-    # may allocate the same plan (the learned one keeps the chain-aware Fisher's)
-    measured = {}
+    # each configuration measured once: the chosen start is the search's first row again
+    measured = {json.dumps(plans[k], sort_keys=True): v for k, v in starts.items()}
 
-    def fitness(c):
+    def once(c):
         key = json.dumps(c, sort_keys=True)
         if key not in measured:
-            measured[key] = judge(c)
+            measured[key] = fitness(c)
         return measured[key]
 
-    t_starts = time.time()
-    starts = {k: fitness(c) for k, c in plans.items()} if len(plans) > 1 else {}
-    start_by = min(plans, key=lambda k: (starts.get(k, 0.0), names.index(k)))
     t0 = time.time()
-    choice, trace = measured_search(plans[start_by], table.menu_bits(menu), limit, menu_costs[propose_by], fitness,
+    choice, trace = measured_search(plans[start_by], table.menu_bits(menu), limit, menu_costs[propose_by], once,
                                     lb.search_seconds, lb.search_evals, seed=lb.search_seed,
                                     rank=sens.interaction.predict_log if ranked else None)
     art = {"inputs": inputs, "choice": choice, "trace": trace, "seconds": round(time.time() - t0, 1),
