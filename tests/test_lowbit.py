@@ -297,10 +297,11 @@ def test_a_search_is_keyed_by_its_start_not_by_the_candidates_that_lost(tmp_path
     def costs(seed):
         return costs_from_scores(random_scores(table.names, seed), table.errors)
 
-    def search(s):  # the record, without the seal a reused one carries
+    def search(s):  # the search's record, without the seal a reused one carries and this run's own candidates
         calls.clear()
         art = lowbit.ensure_search(cfg, model, table, s, "uniform", "3bits", "0" * 64, progress=False)
-        return {k: v for k, v in art.items() if k != "record_sha256"}
+        assert set(art["starts"]) == set(s.costs) and art["starts_seconds"] >= 0
+        return {k: v for k, v in art.items() if k not in ("record_sha256", "starts", "starts_seconds")}
 
     # the fisher candidate allocates by the truth itself, so its plan is the best start: the others lose
     first = search(sens(chain_fisher=costs(2), fisher=truth, magnitude=costs(3), random=costs(4)))

@@ -708,14 +708,23 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
             judge = search_judge(cfg, model, table, device, act=act)
         return judge(c)
 
-    t_starts = time.time()
-    starts = {}
+    def timed(c):
+        t = time.time()
+        return {"fitness": fitness(c), "seconds": round(time.time() - t, 2)}
+
+    starts, starts_seconds = {}, 0.0
     if len(plans) > 1:  # two sensitivities may allocate the same plan (the learned one keeps the chain-aware's)
         cache = ConfigCache(_cache(cfg, f"search_starts_{menu}{judged_at}.json"),
                             {**judge_inputs, "seed": lb.search_seed, "act": act_inputs})
-        starts = {k: cache.get(c, fitness) for k, c in plans.items()}
-        cache.save()
+        try:
+            got = {k: cache.get(c, timed) for k, c in plans.items()}
+        finally:  # what was measured is kept even if a measurement fails
+            cache.save()
+        starts = {k: v["fitness"] for k, v in got.items()}
+        # what choosing among this run's candidates costs: each distinct plan measured once, by whichever run did
+        starts_seconds = sum({json.dumps(plans[k], sort_keys=True): v["seconds"] for k, v in got.items()}.values())
     start_by = min(plans, key=lambda k: (starts.get(k, 0.0), names.index(k)))
+    mine = {"starts": starts, "starts_seconds": round(starts_seconds, 1)}  # this run's candidates, not the writer's
     # then the search's own inputs: the start it runs from (the chain-aware rule's records keep their keys)
     inputs = {**judge_inputs, "start": plans[start_by], "start_by": start_by, "propose_by": propose_by,
               "proposer": sens.predictor.describe() if propose_by == "learned" else None,
@@ -731,7 +740,7 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
     art = storage.reusable_record(path, inputs)
     if art is not None:
         print(f"[lowbit] reusing {path}")
-        return art
+        return {**art, **mine}
     # each configuration measured once: the chosen start is the search's first row again
     measured = {json.dumps(plans[k], sort_keys=True): v for k, v in starts.items()}
 
@@ -745,9 +754,8 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
     choice, trace = measured_search(plans[start_by], table.menu_bits(menu), limit, menu_costs[propose_by], once,
                                     lb.search_seconds, lb.search_evals, seed=lb.search_seed,
                                     rank=sens.interaction.predict_log if ranked else None)
-    art = {"inputs": inputs, "choice": choice, "trace": trace, "seconds": round(time.time() - t0, 1),
-           "starts_seconds": round(t0 - t_starts, 1),  # measuring the candidate starts, before the search
-           "start_by": start_by, "starts": starts, "changed": sum(choice[n] != plans[start_by][n] for n in choice)}
+    art = {"inputs": inputs, "choice": choice, "trace": trace, "seconds": round(time.time() - t0, 1), **mine,
+           "start_by": start_by, "changed": sum(choice[n] != plans[start_by][n] for n in choice)}
     storage.atomic_write_record(art, path)
     begun = f" from {start_by}'s plan (of {', '.join(f'{k} {v:.3g}' for k, v in starts.items())})" if starts else ""
     judged = "" if a_bits is None else f" judged at A{a_bits}"
