@@ -600,12 +600,11 @@ class Sensitivities:
             self.costs["learned"] = self.predictor.costs()
         self.interaction = None  # a model of whole configurations (not additive): ranks them, allocates nothing
         self.interaction_curve = {}
-        self.interaction_images = self.interaction_configs = None  # what it was fitted on, once it is
+        self.interaction_images = None  # what it was fitted on, once it is
         if lb.interaction_configs and self.measured is not None:
             self.interaction, self.interaction_curve, self.seconds["interaction"] = fit_interaction(
                 cfg, model, table, sha, self.costs[self.prior], progress, device)
             self.interaction_images = lb.interaction_images
-            self.interaction_configs = lb.interaction_configs
         self.jvp_plan = None  # the JVP of every held-out configuration as a whole: a feature with cross terms
         if self.jvp is not None and self.measured is not None:
             cj = None
@@ -733,7 +732,7 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
               "proposer_costs": storage.fingerprint(menu_costs[propose_by]),
               "seconds": lb.search_seconds, "evals": lb.search_evals, "seed": lb.search_seed, "limit_bits": limit}
     if ranked:  # the model that orders the moves: its data (size and measurements) and its fitted weights
-        inputs["rank_by"] = {**sens.interaction.describe(), "configurations": sens.interaction_configs,
+        inputs["rank_by"] = {**sens.interaction.describe(), "configurations": lb.interaction_configs,
                              "weights": storage.fingerprint([float(w) for w in sens.interaction.weights])}
     if act_inputs is not None:
         inputs["act"] = act_inputs
