@@ -313,6 +313,59 @@ def test_a_search_is_keyed_by_its_start_not_by_the_candidates_that_lost(tmp_path
         first["inputs"]["proposer_costs"]  # another proposer: a search of its own
 
 
+def test_a_reranked_search_keeps_its_best_on_fresh_noise_and_a_search_without_keeps_its_record(tmp_path,
+                                                                                                monkeypatch):
+    """lowbit.search_rerank: the search's best few (its starts among them) measured again on the re-ranking's noise,
+    the least there its choice, its own best kept beside; the records of searches without re-ranking stay valid;
+    the re-ranking's seed is refused where it is another measurement's."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from common.experiments import lowbit
+    from common.importance.weights import costs_from_scores, random_scores
+
+    over = [f"run.out_dir={tmp_path}/runs", "lowbit.search_evals=12"]
+    cfg = lowbit.lowbit_config(load_config(SMOKE, over))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size)
+    table = lowbit.Table(cfg, model, "0" * 64, progress=False)
+    truth = costs_from_scores(random_scores(table.names, 1), table.errors)
+    fresh = []
+
+    def fake_judge(*args, rerank=False, **kwargs):  # the search's noise: the truth plus a fixed luck per plan
+        def fitness(c):
+            key = json.dumps(c, sort_keys=True)
+            true = sum(truth[n][f] for n, f in c.items())
+            if rerank:
+                fresh.append(key)
+                return true
+            return true * (1 + 0.5 * (int(hashlib.sha256(key.encode()).hexdigest()[:4], 16) / 65535 - 0.5))
+        return fitness
+
+    monkeypatch.setattr(lowbit, "search_judge", fake_judge)
+    sens = SimpleNamespace(prior="chain_fisher", interaction=None, predictor=None,
+                           costs={"chain_fisher": costs_from_scores(random_scores(table.names, 2), table.errors)})
+    plain = lowbit.ensure_search(cfg, model, table, sens, "uniform", "3bits", "0" * 64, progress=False)
+    assert "rerank" not in plain and fresh == []
+    cfg = lowbit.lowbit_config(load_config(SMOKE, [*over, "lowbit.search_rerank=4"]))
+    art = lowbit.ensure_search(cfg, model, table, sens, "uniform", "3bits", "0" * 64, progress=False)
+    rows = art["rerank"]
+    assert len(rows) == 4 == len(set(fresh)) == len(fresh) and art["inputs"]["rerank"]["keep"] == 4
+    assert [r["fitness"] for r in rows] == sorted(r["fitness"] for r in rows)  # the judge's best four, in order
+    assert rows[0]["config"] == art["search_choice"] == plain["choice"]  # the same search, its own best first
+    kept = min(rows, key=lambda r: r["rerank"])
+    assert kept["chosen"] and art["choice"] == kept["config"] and sum(r["chosen"] for r in rows) == 1
+    assert kept["rerank"] == sum(truth[n][f] for n, f in art["choice"].items())
+    lines = "\n".join(lowbit.rerank_lines(cfg.lowbit, SimpleNamespace(search={("uniform", "3bits"): art},
+                                                                      search_interaction={}, search_act={})))
+    assert "re-ranked on fresh noise" in lines and f"#{rows.index(kept) + 1} of 4" in lines
+    cfg = lowbit.lowbit_config(load_config(SMOKE, over))
+    again = lowbit.ensure_search(cfg, model, table, sens, "uniform", "3bits", "0" * 64, progress=False)
+    assert again["choice"] == plain["choice"] and "rerank" not in again  # its own record, reused
+    with pytest.raises(ConfigError, match=r"lowbit.rerank_seed: must differ from lowbit.predictor_seed"):
+        load_config(SMOKE, ["lowbit.search_rerank=4", f"lowbit.rerank_seed={cfg.lowbit.search_seed}"])
+
+
 def test_summary_judges_plans_by_their_damage_with_corrected_verdicts_and_targets(lowbit_run):
     """Issue 32: the plans' measured damage first; tau per band with intervals and the band's ceiling; Holm under
     the verdicts; targets by interval; the search's trace; the learned predictor refitted on its own plans."""

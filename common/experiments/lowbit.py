@@ -91,7 +91,7 @@ from .act_pipeline import (
     save_and_evaluate,
 )
 from .report import mean_sd, per_seed, pyplot, save_figure, spread, write_summary_files
-from .search import bops_options, measured_search, plot_trace
+from .search import bops_options, measured_search, plot_trace, rerank
 from .statistics import target_verdict, verdict_table
 
 RULE = "all_but_ends"
@@ -645,21 +645,24 @@ class Sensitivities:
 SEARCH_STARTS = ("chain_fisher", "fisher", "learned", "chain_output", "jvp", "magnitude", "random")
 
 
-def search_judge(cfg, model, table, device="cpu", per_image=False, act=None):
+def search_judge(cfg, model, table, device="cpu", per_image=False, act=None, rerank=False):
     """fitness(configuration): the measured search's judge, the paired MSE of ``lowbit.search_images`` images
     under ``lowbit.search_seed`` (its measurer built at the first call); ``per_image``: each image's, as a list;
-    ``act``: an activation quantizer kept attached to the measured model (else float activations).
+    ``act``: an activation quantizer kept attached to the measured model (else float activations); ``rerank``:
+    the re-ranking's instead (``lowbit.rerank_images`` under ``lowbit.rerank_seed``).
     One definition for the search and for the held-out τ rows that say how far the search can trust it."""
+    lb = cfg.lowbit
+    images, seed = (lb.rerank_images, lb.rerank_seed) if rerank else (lb.search_images, lb.search_seed)
     measurer = None
 
     def fitness(c):
         nonlocal measurer
         if measurer is None:
-            measurer = make_measurer(cfg, model, table, device, cfg.lowbit.search_images)
+            measurer = make_measurer(cfg, model, table, device, images)
             if act is not None:
                 act.attach(measurer.work)
-        images = measurer.measure_images(c, cfg.lowbit.search_seed)
-        return images.tolist() if per_image else float(images.mean())
+        images_mse = measurer.measure_images(c, seed)
+        return images_mse.tolist() if per_image else float(images_mse.mean())
 
     return fitness
 
@@ -676,7 +679,8 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
     them). Cached in ``search_<menu>_<size>[_A<bits>[_mse]][_interaction].json`` (the wall clock makes a rerun
     differ: a cached result is reused, not redone), keyed by the plan it starts from, not by the candidates that
     lost: a run with another list of plans reuses it whenever the same plan wins. The candidates' fitness is
-    cached per plan in ``search_starts_<menu>[_A<bits>[_mse]].json``."""
+    cached per plan in ``search_starts_<menu>[_A<bits>[_mse]].json``. With ``lowbit.search_rerank`` its best few
+    are measured again on the re-ranking's noise and the best there is its ``choice`` (``search_choice``: its own)."""
     lb = cfg.lowbit
     # searches of both range methods are kept apart, as their variants are
     judged_at = "" if a_bits is None else f"_A{a_bits}{_range_tag(lb.range_method)}"
@@ -696,16 +700,19 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
     act_inputs = None if a_bits is None else {
         "a_bits": a_bits, "ranges": _ranges_inputs(cfg, sha, [a_bits]), "range_mode": lb.range_mode,
         **quantizer_inputs(cfg)}
-    judge = None
+    judges = {}
 
-    def fitness(c):  # the judge, built at its first use (a cached search and cached starts need none)
-        nonlocal judge
-        if judge is None:
-            act = None if a_bits is None else activation_quantizer(
+    def judge(fresh=False):  # built at its first use (a cached search and cached starts need none)
+        if "act" not in judges:
+            judges["act"] = None if a_bits is None else activation_quantizer(
                 _act_cfg(cfg), model, a_bits,
                 ranges_by_bits(cfg, model, range_bits(cfg, [a_bits]), sha, device, progress))
-            judge = search_judge(cfg, model, table, device, act=act)
-        return judge(c)
+        if fresh not in judges:
+            judges[fresh] = search_judge(cfg, model, table, device, act=judges["act"], rerank=fresh)
+        return judges[fresh]
+
+    def fitness(c):
+        return judge()(c)
 
     def timed(c):
         t = time.time()
@@ -731,6 +738,8 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
               # other moves even where the start plans come out the same
               "proposer_costs": storage.fingerprint(menu_costs[propose_by]),
               "seconds": lb.search_seconds, "evals": lb.search_evals, "seed": lb.search_seed, "limit_bits": limit}
+    if lb.search_rerank:  # only then: the searches of a run without re-ranking keep their records
+        inputs["rerank"] = {"keep": lb.search_rerank, "images": lb.rerank_images, "seed": lb.rerank_seed}
     if ranked:  # the model that orders the moves: its data (size and measurements) and its fitted weights
         inputs["rank_by"] = {**sens.interaction.describe(), "configurations": lb.interaction_configs,
                              "weights": storage.fingerprint([float(w) for w in sens.interaction.weights])}
@@ -753,8 +762,20 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
     choice, trace = measured_search(plans[start_by], table.menu_bits(menu), limit, menu_costs[propose_by], once,
                                     lb.search_seconds, lb.search_evals, seed=lb.search_seed,
                                     rank=sens.interaction.predict_log if ranked else None)
-    art = {"inputs": inputs, "choice": choice, "trace": trace, "seconds": round(time.time() - t0, 1), **mine,
+    seconds = round(time.time() - t0, 1)
+    rerank_note = ""
+    if lb.search_rerank:
+        t1, own = time.time(), choice
+        choice, rows = rerank(measured, lb.search_rerank, judge(fresh=True))
+        ranked_at = next(i for i, r in enumerate(rows) if r["chosen"])
+        rerank_art = {"search_choice": own, "rerank": rows, "rerank_seconds": round(time.time() - t1, 1)}
+        rerank_note = (f"; its best {len(rows)} re-ranked on fresh noise in {rerank_art['rerank_seconds']:.0f} s: "
+                       f"kept its #{ranked_at + 1} ({rows[ranked_at]['rerank']:.3g} there, its own best "
+                       f"{rows[0]['rerank']:.3g})")
+    art = {"inputs": inputs, "choice": choice, "trace": trace, "seconds": seconds, **mine,
            "start_by": start_by, "changed": sum(choice[n] != plans[start_by][n] for n in choice)}
+    if lb.search_rerank:
+        art.update(rerank_art)
     storage.atomic_write_record(art, path)
     begun = f" from {start_by}'s plan (of {', '.join(f'{k} {v:.3g}' for k, v in starts.items())})" if starts else ""
     judged = "" if a_bits is None else f" judged at A{a_bits}"
@@ -762,7 +783,7 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
         judged += " proposed by the interaction predictor"
     print(f"[lowbit] search ({menu}, {size}){judged}{begun}: {len(trace) - 1} measured moves in "
           f"{art['seconds']:.0f} s, fitness {trace[0]['fitness']:.3g} -> {trace[-1]['best']:.3g}, "
-          f"{art['changed']} tensors changed -> {path}")
+          f"{art['changed']} tensors changed{rerank_note} -> {path}")
     return art
 
 
@@ -906,7 +927,7 @@ def choose(cfg, plan, menu, budget_text, table, sens, a_bits=None):
         return art["choice"], {"evaluations": len(art["trace"]) - 1, "changed": art["changed"],
                                "start_by": search_start(art),
                                "seconds": sum(sens.seconds.get(k, 0.0) for k in considered)
-                               + art.get("starts_seconds", 0.0) + art["seconds"]}
+                               + art.get("starts_seconds", 0.0) + art["seconds"] + art.get("rerank_seconds", 0.0)}
     else:
         cost = {n: {f: sens.costs[plan][n][f] for f in table.menus[menu]} for n in table.names}
         choice, info = allocate(cost, bits, table.fixed, budget)
@@ -1132,6 +1153,15 @@ def heldout_search_fitness(cfg, model, table, measured, sha, device="cpu") -> li
     return out
 
 
+def _search_own_pick(sens, plan, menu, size):
+    """A re-ranked search's own best ({tensor: format}) where the re-ranking kept another; else None."""
+    arts = {"search": sens.search, "search_interaction": sens.search_interaction}.get(plan) or {}
+    art = arts.get((menu, size))
+    if not isinstance(art, dict) or "search_choice" not in art or art["search_choice"] == art["choice"]:
+        return None
+    return art["search_choice"]
+
+
 def measure_plans(cfg, model, table, sens, sha, device="cpu", progress=True) -> dict:
     """The primary score: {"<menu> <size>": {plan: measured damage}} of every plan's allocation at every weight
     size of ``lowbit.budgets``, under ``lowbit.retest_seed`` (weights only: the activations stay float)."""
@@ -1157,6 +1187,9 @@ def measure_plans(cfg, model, table, sens, sha, device="cpu", progress=True) -> 
                 except InfeasibleBudgetError:
                     continue
                 row[plan] = {**cache.get(choice, measure), "avg_bits": table.avg_bits(choice)}
+                own = _search_own_pick(sens, plan, menu, size)
+                if own is not None:  # what the re-ranking bought, on noise neither it nor the search saw
+                    row[f"{plan} (own pick)"] = {**cache.get(own, measure), "avg_bits": table.avg_bits(own)}
             if not row:  # only plans judged with activations at this size
                 continue
             out[f"{menu} {size}"] = row
@@ -1243,6 +1276,7 @@ def summary_markdown(cfg, done, notes, sens, table, q, seconds=None) -> str:
     lines += ["", "![lowbit](lowbit.png)", "", "![layer sensitivity](lowbit_layers.png)"]
     if sens.search or sens.search_act or sens.search_interaction:
         lines += ["", "![measured search](lowbit_search.png)"]
+    lines += rerank_lines(cfg.lowbit, sens)
     joint = {k: a for k, a in sens.act_search.items() if not isinstance(a, InfeasibleBudgetError)}
     if joint:
         lines += ["", "## The joint search's activation bits (`search_wa`)", "",
@@ -1258,6 +1292,31 @@ def summary_markdown(cfg, done, notes, sens, table, q, seconds=None) -> str:
                          f"→ {a['trace'][-1]['best']:.3g} | {a['changed']} | {counts} | "
                          f"{a['bops'] / a['limit_bops']:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def rerank_lines(lb, sens) -> list:
+    """The re-ranked searches (``lowbit.search_rerank``): which of its best few each kept, and its own best's and
+    the kept one's fitness on the search's noise and on the re-ranking's."""
+    arts = [("search", m, b, art) for (m, b), art in sens.search.items()]
+    arts += [("search_interaction", m, b, art) for (m, b), art in sens.search_interaction.items()]
+    arts += [(f"search_act A{a}", m, b, art) for (m, b, a), art in sens.search_act.items()]
+    arts = [x for x in arts if isinstance(x[3], dict) and "rerank" in x[3]]
+    if not arts:
+        return []
+    out = ["", "## The searches' best few, re-ranked on fresh noise", "",
+           f"Each search's {lb.search_rerank} configurations of least fitness on its own noise ({lb.search_images} "
+           f"images, seed {lb.search_seed}) measured again on {lb.rerank_images} images of seed {lb.rerank_seed}; the "
+           f"least there is the plan. The search's own best carries its judge's luck; plan damage above shows both "
+           f"on the scored noise (`(own pick)` rows).", "",
+           "| search | menu | size | kept (its rank) | own best: search → fresh | kept: search → fresh | seconds |",
+           "|---|---|---|---:|---|---|---:|"]
+    for kind, m, b, art in arts:
+        rows = art["rerank"]
+        k = next(i for i, r in enumerate(rows) if r["chosen"])
+        out.append(f"| {kind} | {m} | {b} | #{k + 1} of {len(rows)} | {rows[0]['fitness']:.3g} → "
+                   f"{rows[0]['rerank']:.3g} | {rows[k]['fitness']:.3g} → {rows[k]['rerank']:.3g} | "
+                   f"{art['rerank_seconds']:.0f} |")
+    return out
 
 
 def target_lines(lb, done) -> list:
