@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+from test_fisher import assert_same_sq_grads
 from torch import nn
 
 from common.core.config import ConfigError, load_config
@@ -143,8 +144,9 @@ def test_every_linear_is_reached_by_quantizers_activation_hooks_and_fisher():
     sq = per_sample_sq_grads(model, sched, names, x, t, eps)
     ref = per_sample_sq_grads_loop(model, sched, names, x, t, eps)
     assert set(sq) == set(names) and all(float(v.sum()) > 0 for v in sq.values())
-    for n in names:  # vmap over the unfused attention = one backward per sample
-        torch.testing.assert_close(sq[n], ref[n], rtol=1e-3, atol=1e-9)
+    # vmap over the unfused attention = one backward per sample; the longest sum: a linear's weight gradient over
+    # the tokens (at most 32 x 32 of them)
+    assert_same_sq_grads(sq, ref, layers=len(names), reduction=32 * 32)
 
 
 def test_op_types_and_time_path():
