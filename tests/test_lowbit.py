@@ -313,15 +313,15 @@ def test_a_search_is_keyed_by_its_start_not_by_the_candidates_that_lost(tmp_path
         first["inputs"]["proposer_costs"]  # another proposer: a search of its own
 
 
-def test_a_reranked_search_keeps_its_best_on_fresh_noise_and_a_search_without_keeps_its_record(tmp_path,
-                                                                                                monkeypatch):
+def test_a_reranked_search_keeps_its_best_on_fresh_noise_in_a_record_of_its_own(tmp_path, monkeypatch):
     """lowbit.search_rerank: the search's best few (its starts among them) measured again on the re-ranking's noise,
-    the least there its choice, its own best kept beside; the records of searches without re-ranking stay valid;
-    the re-ranking's seed is refused where it is another measurement's."""
+    the least there its choice, its own best kept beside; the re-ranking is a record of its own, so turning it on or
+    off never redoes the search; its seed is refused where it is another measurement's or GPTQ's."""
     import hashlib
     from types import SimpleNamespace
 
     from common.experiments import lowbit
+    from common.experiments.lowbit_quality import plan_damage_lines
     from common.importance.weights import costs_from_scores, random_scores
 
     over = [f"run.out_dir={tmp_path}/runs", "lowbit.search_evals=12"]
@@ -330,40 +330,57 @@ def test_a_reranked_search_keeps_its_best_on_fresh_noise_and_a_search_without_ke
     model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size)
     table = lowbit.Table(cfg, model, "0" * 64, progress=False)
     truth = costs_from_scores(random_scores(table.names, 1), table.errors)
-    fresh = []
+    calls = {"search": 0, "fresh": 0}
 
-    def fake_judge(*args, rerank=False, **kwargs):  # the search's noise: the truth plus a fixed luck per plan
+    def noisy(c):  # the search's noise: the truth times a fixed luck per configuration
+        key = json.dumps(c, sort_keys=True)
+        return sum(truth[n][f] for n, f in c.items()) * (1 + 0.5 * int(hashlib.sha256(key.encode()).hexdigest()[:4],
+                                                                       16) / 65535)
+
+    def fake_judge(*args, rerank=False, **kwargs):
         def fitness(c):
-            key = json.dumps(c, sort_keys=True)
-            true = sum(truth[n][f] for n, f in c.items())
-            if rerank:
-                fresh.append(key)
-                return true
-            return true * (1 + 0.5 * (int(hashlib.sha256(key.encode()).hexdigest()[:4], 16) / 65535 - 0.5))
+            calls["fresh" if rerank else "search"] += 1
+            return -noisy(c) if rerank else noisy(c)  # fresh noise that reverses the order: the last one wins
         return fitness
 
     monkeypatch.setattr(lowbit, "search_judge", fake_judge)
     sens = SimpleNamespace(prior="chain_fisher", interaction=None, predictor=None,
                            costs={"chain_fisher": costs_from_scores(random_scores(table.names, 2), table.errors)})
-    plain = lowbit.ensure_search(cfg, model, table, sens, "uniform", "3bits", "0" * 64, progress=False)
-    assert "rerank" not in plain and fresh == []
-    cfg = lowbit.lowbit_config(load_config(SMOKE, [*over, "lowbit.search_rerank=4"]))
-    art = lowbit.ensure_search(cfg, model, table, sens, "uniform", "3bits", "0" * 64, progress=False)
+
+    def search(*extra):
+        c = lowbit.lowbit_config(load_config(SMOKE, [*over, *extra]))
+        calls.update(search=0, fresh=0)
+        return lowbit.ensure_search(c, model, table, sens, "uniform", "3bits", "0" * 64, progress=False), c
+
+    plain, _ = search()
+    assert "rerank" not in plain and calls["fresh"] == 0 and len(plain["finalists"]) <= lowbit.FINALISTS
+    assert plain["finalists"][0]["config"] == plain["choice"]
+    art, c = search("lowbit.search_rerank=4")
     rows = art["rerank"]
-    assert len(rows) == 4 == len(set(fresh)) == len(fresh) and art["inputs"]["rerank"]["keep"] == 4
-    assert [r["fitness"] for r in rows] == sorted(r["fitness"] for r in rows)  # the judge's best four, in order
-    assert rows[0]["config"] == art["search_choice"] == plain["choice"]  # the same search, its own best first
-    kept = min(rows, key=lambda r: r["rerank"])
-    assert kept["chosen"] and art["choice"] == kept["config"] and sum(r["chosen"] for r in rows) == 1
-    assert kept["rerank"] == sum(truth[n][f] for n, f in art["choice"].items())
-    lines = "\n".join(lowbit.rerank_lines(cfg.lowbit, SimpleNamespace(search={("uniform", "3bits"): art},
-                                                                      search_interaction={}, search_act={})))
-    assert "re-ranked on fresh noise" in lines and f"#{rows.index(kept) + 1} of 4" in lines
-    cfg = lowbit.lowbit_config(load_config(SMOKE, over))
-    again = lowbit.ensure_search(cfg, model, table, sens, "uniform", "3bits", "0" * 64, progress=False)
-    assert again["choice"] == plain["choice"] and "rerank" not in again  # its own record, reused
-    with pytest.raises(ConfigError, match=r"lowbit.rerank_seed: must differ from lowbit.predictor_seed"):
-        load_config(SMOKE, ["lowbit.search_rerank=4", f"lowbit.rerank_seed={cfg.lowbit.search_seed}"])
+    assert calls == {"search": 0, "fresh": 4} and len(rows) == 4  # the search reused, its best four measured
+    assert [r["config"] for r in rows] == [r["config"] for r in plain["finalists"][:4]]
+    assert art["search_choice"] == plain["choice"] and rows[-1]["chosen"] and art["choice"] == rows[-1]["config"]
+    assert art["choice"] != plain["choice"] and sum(r["chosen"] for r in rows) == 1
+    assert search("lowbit.search_rerank=4")[0]["choice"] == art["choice"] and calls == {"search": 0, "fresh": 0}
+    assert search()[0]["choice"] == plain["choice"] and calls == {"search": 0, "fresh": 0}  # off: nothing redone
+    lines = "\n".join(lowbit.rerank_lines(c.lowbit, SimpleNamespace(search={("uniform", "3bits"): art},
+                                                                    search_interaction={}, search_act={})))
+    assert "re-ranked on fresh noise" in lines and "#4 of 4" in lines
+    # the plan-damage table: the search's own pick is a row beside its plan, never the column's best
+    own = lowbit._search_own_pick(SimpleNamespace(search={("uniform", "3bits"): art}, search_interaction={}),
+                                  "search", "uniform", "3bits")
+    assert own == plain["choice"]
+    assert lowbit._search_own_pick(SimpleNamespace(search={("uniform", "3bits"): plain}, search_interaction={}),
+                                   "search", "uniform", "3bits") is None
+    table_md = "\n".join(plan_damage_lines({"uniform 3bits": {"search": {"mse_mean": 0.2},
+                                                              "search (own pick)": {"mse_mean": 0.1}}}, 32, 7001))
+    assert "| search | **0.2** |" in table_md and "| *search (own pick)* | 0.1 |" in table_md
+    for seed in (c.lowbit.search_seed, c.lowbit.gptq_seed):
+        with pytest.raises(ConfigError, match=r"lowbit.rerank_seed: must differ from lowbit.predictor_seed"):
+            load_config(SMOKE, ["lowbit.search_rerank=4", f"lowbit.rerank_seed={seed}"])
+    load_config(os.path.join(ROOT, "configs", "default.yaml"), ["lowbit.search_rerank=4"])  # its defaults are apart
+    with pytest.raises(ConfigError, match=r"lowbit.gptq_seed: must differ"):
+        load_config(SMOKE, [f"lowbit.gptq_seed={c.lowbit.search_seed}"])
 
 
 def test_summary_judges_plans_by_their_damage_with_corrected_verdicts_and_targets(lowbit_run):

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from common.experiments.search import bops_options, complete_move, measured_search, plot_trace, rerank
+from common.experiments.search import bops_options, complete_move, finalists, measured_search, plot_trace, rerank
 from common.quant.allocate import allocate
 
 FORMATS = ("int8", "int4", "int3", "int2")
@@ -144,21 +144,24 @@ def test_a_whole_configuration_model_orders_the_proposals_and_escapes_the_trap_s
 
 def test_rerank_keeps_the_best_on_fresh_noise_not_the_judges_lucky_one():
     """The search's own best is the least of many noisy measurements, so partly luck: of its best few, the one
-    least on fresh noise is kept, chosen by the fresh value alone; rows in the judge's order."""
+    least on fresh noise is kept, chosen by the fresh value alone; rows in the search's order."""
     truth = {f"c{i}": 1.0 + 0.1 * i for i in range(10)}  # c0 is truly best
     luck = {"c3": -0.5, "c0": 0.25}  # the judge flatters c3 and wrongs c0
     measured = {json.dumps({"t": k}): truth[k] + luck.get(k, 0.0) for k in truth}
+    best = finalists(measured, 6)
+    assert [r["config"]["t"] for r in best] == ["c3", "c1", "c2", "c0", "c4", "c5"]
+    assert finalists({**measured, json.dumps({"t": "c9"}): 0.8}, 2)[1]["config"] == {"t": "c9"}  # a tie: by key
     fresh = []
 
     def again(c):
         fresh.append(c["t"])
         return truth[c["t"]]
 
-    choice, rows = rerank(measured, 4, again)
-    assert [r["config"]["t"] for r in rows] == ["c3", "c1", "c2", "c0"] == fresh  # the judge's best four, once each
+    choice, rows = rerank(best, 4, again)
+    assert [r["config"]["t"] for r in rows] == ["c3", "c1", "c2", "c0"] == fresh  # the best four, once each
     assert choice == {"t": "c0"} and [r["chosen"] for r in rows] == [False, False, False, True]
     assert rows[0]["fitness"] == pytest.approx(0.8) and rows[3]["rerank"] == pytest.approx(1.0)
-    assert rerank(measured, 1, again)[0] == {"t": "c3"}  # keep 1: the search's own best, whatever fresh says
-    assert len(rerank(measured, 50, again)[1]) == 10
+    assert rerank(best, 1, again)[0] == {"t": "c3"}  # keep 1: the search's own best, whatever fresh says
+    assert len(rerank(best, 50, again)[1]) == 6
     with pytest.raises(ValueError, match="keep >= 1"):
-        rerank(measured, 0, again)
+        rerank(best, 0, again)

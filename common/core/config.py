@@ -397,11 +397,11 @@ class LowbitConfig:
     search_evals: int = _spec(300, lo=1, doc="at most this many measured configurations per search")
     search_images: int = _spec(16, lo=2, doc="images of calibration noise per measured configuration of the search")
     search_seed: int = 7200      # the search's calibration noise: not the noise the plans are scored on
-    search_rerank: int = _spec(0, lo=0, doc="the search's best this many re-measured on fresh noise (rerank_images, "
-                               "rerank_seed) and the best there kept: its own best is partly its judge's luck "
-                               "(0 = off)")
+    search_rerank: int = _spec(0, lo=0, hi=32, doc="the search's best this many re-measured on fresh noise "
+                               "(rerank_images, rerank_seed) and the best there kept: its own best is partly its "
+                               "judge's luck (0 = off; at most the 32 its record keeps)")
     rerank_images: int = _spec(32, lo=2, doc="images of fresh calibration noise per re-ranked configuration")
-    rerank_seed: int = 7300      # the re-ranking's noise: neither the search's, the scored plans' nor an evaluation's
+    rerank_seed: int = 7400      # the re-ranking's noise: neither the search's, the scored plans' nor an evaluation's
     act_search_seconds: float = _spec(150.0, lo=0.0, doc="wall clock of search_wa's activation-bits search per budget")
     act_search_evals: int = _spec(150, lo=1, doc="at most this many measured configurations per activation search")
     search_start: Literal["best", "chain_fisher"] = _spec(
@@ -877,11 +877,17 @@ def _check_lowbit(cfg: Config, src: str):
         raise ConfigError(f"{src}: lowbit.search_seed: must differ from lowbit.predictor_seed, retest_seed and "
                           f"chain_seed: the plans are scored on retest_seed's noise, and a search fitted to it would "
                           f"be judged on its own training data")
-    if lb.search_rerank and lb.rerank_seed in (lb.predictor_seed, lb.retest_seed, lb.chain_seed, lb.search_seed):
-        raise ConfigError(f"{src}: lowbit.rerank_seed: must differ from lowbit.predictor_seed, retest_seed, chain_seed "
-                          f"and search_seed ({lb.predictor_seed}, {lb.retest_seed}, {lb.chain_seed}, "
-                          f"{lb.search_seed}): re-ranking on the search's own noise repeats its luck, and on the "
-                          f"scored plans' noise it would be judged on what it was picked by")
+    if lb.search_rerank and lb.rerank_seed in (lb.predictor_seed, lb.retest_seed, lb.chain_seed, lb.search_seed,
+                                               lb.gptq_seed):
+        raise ConfigError(f"{src}: lowbit.rerank_seed: must differ from lowbit.predictor_seed, retest_seed, "
+                          f"chain_seed, search_seed and gptq_seed ({lb.predictor_seed}, {lb.retest_seed}, "
+                          f"{lb.chain_seed}, {lb.search_seed}, {lb.gptq_seed}): re-ranking on the search's own noise "
+                          f"repeats its luck, on GPTQ's it flatters what GPTQ was fitted to, and on the scored plans' "
+                          f"it would be judged on what it was picked by")
+    if lb.gptq_seed in (lb.predictor_seed, lb.retest_seed, lb.search_seed):
+        raise ConfigError(f"{src}: lowbit.gptq_seed: must differ from lowbit.predictor_seed, retest_seed and "
+                          f"search_seed ({lb.predictor_seed}, {lb.retest_seed}, {lb.search_seed}): GPTQ fits the "
+                          f"weights to that noise's layer inputs, so a measurement on it would flatter them")
     if lb.predictor_seed == lb.retest_seed:
         raise ConfigError(f"{src}: lowbit.retest_seed: must differ from lowbit.predictor_seed ({lb.predictor_seed})")
     if lb.chain_seed in (lb.predictor_seed, lb.retest_seed):

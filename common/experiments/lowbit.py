@@ -91,7 +91,7 @@ from .act_pipeline import (
     save_and_evaluate,
 )
 from .report import mean_sd, per_seed, pyplot, save_figure, spread, write_summary_files
-from .search import bops_options, measured_search, plot_trace, rerank
+from .search import bops_options, finalists, measured_search, plot_trace, rerank
 from .statistics import target_verdict, verdict_table
 
 RULE = "all_but_ends"
@@ -641,6 +641,9 @@ class Sensitivities:
                     found[key] = e
 
 
+# The search's best configurations kept in its record, what a re-ranking (lowbit.search_rerank) chooses among
+FINALISTS = 32
+
 # The sensitivities whose plans may start the search (lowbit.search_start: best), in order of preference on a tie
 SEARCH_STARTS = ("chain_fisher", "fisher", "learned", "chain_output", "jvp", "magnitude", "random")
 
@@ -738,17 +741,29 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
               # other moves even where the start plans come out the same
               "proposer_costs": storage.fingerprint(menu_costs[propose_by]),
               "seconds": lb.search_seconds, "evals": lb.search_evals, "seed": lb.search_seed, "limit_bits": limit}
-    if lb.search_rerank:  # only then: the searches of a run without re-ranking keep their records
-        inputs["rerank"] = {"keep": lb.search_rerank, "images": lb.rerank_images, "seed": lb.rerank_seed}
     if ranked:  # the model that orders the moves: its data (size and measurements) and its fitted weights
         inputs["rank_by"] = {**sens.interaction.describe(), "configurations": lb.interaction_configs,
                              "weights": storage.fingerprint([float(w) for w in sens.interaction.weights])}
     if act_inputs is not None:
         inputs["act"] = act_inputs
     art = storage.reusable_record(path, inputs)
-    if art is not None:
+    if art is not None and (not lb.search_rerank or "finalists" in art):  # older records kept no finalists
         print(f"[lowbit] reusing {path}")
-        return {**art, **mine}
+    else:
+        art = _search(cfg, table, menu, size, sens, plans, starts, start_by, propose_by, menu_costs, limit, fitness,
+                      ranked, inputs, path, mine)
+    art = {**art, **mine}
+    if lb.search_rerank:
+        art = _reranked(cfg, art, path, {**measurer_inputs(cfg, table, sha, lb.rerank_images), "act": act_inputs},
+                        judge(fresh=True))
+    return art
+
+
+def _search(cfg, table, menu, size, sens, plans, starts, start_by, propose_by, menu_costs, limit, fitness, ranked,
+            inputs, path, mine) -> dict:
+    """``ensure_search``'s search itself, written to ``path``; its ``FINALISTS`` best measured kept for a
+    re-ranking."""
+    lb = cfg.lowbit
     # each configuration measured once: the chosen start is the search's first row again
     measured = {json.dumps(plans[k], sort_keys=True): v for k, v in starts.items()}
 
@@ -762,29 +777,46 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
     choice, trace = measured_search(plans[start_by], table.menu_bits(menu), limit, menu_costs[propose_by], once,
                                     lb.search_seconds, lb.search_evals, seed=lb.search_seed,
                                     rank=sens.interaction.predict_log if ranked else None)
-    seconds = round(time.time() - t0, 1)
-    rerank_note = ""
-    if lb.search_rerank:
-        t1, own = time.time(), choice
-        choice, rows = rerank(measured, lb.search_rerank, judge(fresh=True))
-        ranked_at = next(i for i, r in enumerate(rows) if r["chosen"])
-        rerank_art = {"search_choice": own, "rerank": rows, "rerank_seconds": round(time.time() - t1, 1)}
-        rerank_note = (f"; its best {len(rows)} re-ranked on fresh noise in {rerank_art['rerank_seconds']:.0f} s: "
-                       f"kept its #{ranked_at + 1} ({rows[ranked_at]['rerank']:.3g} there, its own best "
-                       f"{rows[0]['rerank']:.3g})")
-    art = {"inputs": inputs, "choice": choice, "trace": trace, "seconds": seconds, **mine,
-           "start_by": start_by, "changed": sum(choice[n] != plans[start_by][n] for n in choice)}
-    if lb.search_rerank:
-        art.update(rerank_art)
+    art = {"inputs": inputs, "choice": choice, "trace": trace, "seconds": round(time.time() - t0, 1), **mine,
+           "start_by": start_by, "changed": sum(choice[n] != plans[start_by][n] for n in choice),
+           "finalists": finalists(measured, FINALISTS)}
     storage.atomic_write_record(art, path)
     begun = f" from {start_by}'s plan (of {', '.join(f'{k} {v:.3g}' for k, v in starts.items())})" if starts else ""
-    judged = "" if a_bits is None else f" judged at A{a_bits}"
+    judged = "" if "act" not in inputs else f" judged at A{inputs['act']['a_bits']}"
     if ranked:
         judged += " proposed by the interaction predictor"
     print(f"[lowbit] search ({menu}, {size}){judged}{begun}: {len(trace) - 1} measured moves in "
           f"{art['seconds']:.0f} s, fitness {trace[0]['fitness']:.3g} -> {trace[-1]['best']:.3g}, "
-          f"{art['changed']} tensors changed{rerank_note} -> {path}")
+          f"{art['changed']} tensors changed -> {path}")
     return art
+
+
+def _reranked(cfg, art, search_path, judge_inputs, measure) -> dict:
+    """``art`` (a search's record) with its ``lowbit.search_rerank`` best finalists re-ranked on the re-ranking's
+    noise (``search.rerank``): ``choice`` the kept one, ``search_choice`` the search's own. The re-ranking is a
+    record of its own beside the search's (``..._rerank.json``), keyed by the search it ranks, so turning it on or
+    off never redoes a search."""
+    lb = cfg.lowbit
+    path = search_path.removesuffix(".json") + "_rerank.json"
+    inputs = {**judge_inputs, "search": storage.fingerprint({k: art[k] for k in ("inputs", "finalists", "choice")}),
+              "keep": lb.search_rerank, "seed": lb.rerank_seed}
+    done = storage.reusable_record(path, inputs)
+    if done is None:
+        t0 = time.time()
+        _, rows = rerank(art["finalists"], lb.search_rerank, measure)
+        done = {"inputs": inputs, "rows": rows, "seconds": round(time.time() - t0, 1)}
+        storage.atomic_write_record(done, path)
+        kept = next(i for i, r in enumerate(rows) if r["chosen"])
+        print(f"[lowbit] re-ranked the search's best {len(rows)} on fresh noise ({lb.rerank_images} images, seed "
+              f"{lb.rerank_seed}) in {done['seconds']:.0f} s: kept its #{kept + 1} ({rows[kept]['rerank']:.3g} there; "
+              f"its own best {rows[0]['rerank']:.3g}) -> {path}")
+    else:
+        print(f"[lowbit] reusing {path}")
+    rows = done["rows"]
+    choice = next(r["config"] for r in rows if r["chosen"])
+    start = art["inputs"]["start"]
+    return {**art, "choice": choice, "search_choice": art["choice"], "rerank": rows,
+            "rerank_seconds": done["seconds"], "changed": sum(choice[n] != start[n] for n in choice)}
 
 
 def search_start(art) -> str:
@@ -1189,7 +1221,7 @@ def measure_plans(cfg, model, table, sens, sha, device="cpu", progress=True) -> 
                 row[plan] = {**cache.get(choice, measure), "avg_bits": table.avg_bits(choice)}
                 own = _search_own_pick(sens, plan, menu, size)
                 if own is not None:  # what the re-ranking bought, on noise neither it nor the search saw
-                    row[f"{plan} (own pick)"] = {**cache.get(own, measure), "avg_bits": table.avg_bits(own)}
+                    row[plan + quality.OWN_PICK] = {**cache.get(own, measure), "avg_bits": table.avg_bits(own)}
             if not row:  # only plans judged with activations at this size
                 continue
             out[f"{menu} {size}"] = row
@@ -1306,15 +1338,17 @@ def rerank_lines(lb, sens) -> list:
     out = ["", "## The searches' best few, re-ranked on fresh noise", "",
            f"Each search's {lb.search_rerank} configurations of least fitness on its own noise ({lb.search_images} "
            f"images, seed {lb.search_seed}) measured again on {lb.rerank_images} images of seed {lb.rerank_seed}; the "
-           f"least there is the plan. The search's own best carries its judge's luck; plan damage above shows both "
-           f"on the scored noise (`(own pick)` rows).", "",
+           f"least there is the plan. The search's own best carries its judge's luck, and the kept one's fresh value "
+           f"is in turn the least of several: only the plan-damage table above (a third noise) compares them fairly "
+           f"(its `(own pick)` rows).", "",
            "| search | menu | size | kept (its rank) | own best: search → fresh | kept: search → fresh | seconds |",
            "|---|---|---|---:|---|---|---:|"]
     for kind, m, b, art in arts:
         rows = art["rerank"]
         k = next(i for i, r in enumerate(rows) if r["chosen"])
-        out.append(f"| {kind} | {m} | {b} | #{k + 1} of {len(rows)} | {rows[0]['fitness']:.3g} → "
-                   f"{rows[0]['rerank']:.3g} | {rows[k]['fitness']:.3g} → {rows[k]['rerank']:.3g} | "
+        own = next((r for r in rows if r["config"] == art["search_choice"]), rows[0])
+        out.append(f"| {kind} | {m} | {b} | #{k + 1} of {len(rows)} | {own['fitness']:.3g} → "
+                   f"{own['rerank']:.3g} | {rows[k]['fitness']:.3g} → {rows[k]['rerank']:.3g} | "
                    f"{art['rerank_seconds']:.0f} |")
     return out
 

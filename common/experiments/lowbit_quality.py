@@ -144,13 +144,18 @@ def _f(v) -> str:
     return "–" if v is None else f"{v:.2f}"
 
 
+# the label of a re-ranked search's own best in the plan-damage table ("search (own pick)")
+OWN_PICK = " (own pick)"
+
+
 def plan_damage_lines(damage: dict, images: int, seed: int) -> list:
     """The primary score: {"<menu> <size>": {plan: {"mse_mean": ...}}} as a table, the best plan per column bold."""
     if not damage:
         return []
     cols = list(damage)
     plans = list(dict.fromkeys(p for c in cols for p in damage[c]))
-    best = {c: min(damage[c].values(), key=lambda r: r["mse_mean"])["mse_mean"] for c in cols}
+    # a re-ranked search's own pick is a diagnostic beside its plan, never the column's best plan
+    best = {c: min(r["mse_mean"] for p, r in damage[c].items() if not p.endswith(OWN_PICK)) for c in cols}
     out = [f"**Primary score: the damage of the plans each sensitivity allocates.** Paired MSE against fp32 of the "
            f"plan's weights (activations float) over {images} images of calibration noise (seed {seed}: no "
            f"evaluation seed, and not the noise any predictor was fitted or the search was run on); lower is better, "
@@ -162,7 +167,7 @@ def plan_damage_lines(damage: dict, images: int, seed: int) -> list:
             r = damage[c].get(p)
             v = None if r is None else r["mse_mean"]
             cells.append("–" if v is None else (f"**{v:.3g}**" if v == best[c] else f"{v:.3g}"))
-        out.append(f"| {p} | " + " | ".join(cells) + " |")
+        out.append(f"| {f'*{p}*' if p.endswith(OWN_PICK) else p} | " + " | ".join(cells) + " |")
     return out
 
 

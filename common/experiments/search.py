@@ -136,19 +136,23 @@ def measured_search(start, bits, limit, costs, measure, seconds, max_evals, seed
     return current, trace
 
 
-def rerank(measured: dict, keep: int, measure):
-    """(configuration, rows): of ``measured`` ({json of a configuration: the search judge's fitness}, every
-    configuration the search measured, its starts included) the ``keep`` of least fitness, each measured again by
-    ``measure`` (other noise than the judge's) and the least there chosen. Chosen by the fresh measurement alone:
-    the judge's value is what picked these few, so mixing it in would carry its luck back in. Rows, in the judge's
-    order: {"config", "fitness" (the judge's), "rerank" (the fresh one), "chosen"}."""
-    if keep < 1 or not measured:
-        raise ValueError(f"rerank: needs at least one measured configuration and keep >= 1, got {len(measured)} "
-                         f"and keep={keep}")
-    best = sorted(measured, key=lambda k: (measured[k], k))[:keep]  # the key breaks ties reproducibly
-    rows = [{"config": json.loads(k), "fitness": float(measured[k])} for k in best]
-    for r in rows:
-        r["rerank"] = float(measure(r["config"]))
+def finalists(measured: dict, n: int) -> list:
+    """The ``n`` configurations of least fitness of ``measured`` ({json of a configuration: fitness}), least first
+    (a tie broken by the configuration, reproducibly): [{"config", "fitness"}]."""
+    return [{"config": json.loads(k), "fitness": float(measured[k])}
+            for k in sorted(measured, key=lambda k: (measured[k], k))[:n]]
+
+
+def rerank(best: list, keep: int, measure):
+    """(configuration, rows): the first ``keep`` of ``best`` (``finalists``: the search's least-fitness
+    configurations, least first) each measured again by ``measure`` (other noise than the search's) and the least
+    there chosen. Chosen by the fresh measurement alone: the search's value is what picked these few, so mixing it
+    in would carry its luck back in (the kept one's fresh value is in turn the least of ``keep`` noisy values, so it
+    reads low: only a third noise judges it fairly). Rows: {"config", "fitness" (the search's), "rerank" (the
+    fresh one), "chosen"}."""
+    if keep < 1 or not best:
+        raise ValueError(f"rerank: needs at least one finalist and keep >= 1, got {len(best)} and keep={keep}")
+    rows = [{**r, "rerank": float(measure(r["config"]))} for r in best[:keep]]
     pick = min(range(len(rows)), key=lambda i: (rows[i]["rerank"], i))
     for i, r in enumerate(rows):
         r["chosen"] = i == pick
