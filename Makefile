@@ -16,7 +16,7 @@ STRATEGIES := whole_threshold.py layer_group.py layer_ratio.py layer_math.py
 # Tables of the default config go into their docs page: $(call DOCS,results) -> --update-docs docs/results.md
 DOCS = $(if $(filter configs/default.yaml,$(CONFIG)),--update-docs docs/$(1).md)
 
-.PHONY: setup reproduce reproduce-from-scratch test test-avx2 test-quick bench compare full-eval learning-curve sensitivity actquant verify lowbit finetune sweep-cost
+.PHONY: setup reproduce reproduce-from-scratch test test-avx2 test-quick bench compare full-eval learning-curve sensitivity actquant verify lowbit finetune sweep-cost experiments
 
 $(BIN)/.installed: requirements.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -103,6 +103,10 @@ lowbit: setup
 finetune: setup
 	$(BIN)/python finetune.py --config $(CONFIG) $(call DOCS,finetune)
 	$(BIN)/python w4a4.py --config $(CONFIG) $(call DOCS,finetune)
+
+# Every experiment on one config, in pipeline order (after a new release: ~2 h for configs/dit.yaml on 2 cores),
+# then the run folder checked.
+experiments: reproduce compare actquant lowbit finetune bench verify
 
 # Whether runs/<run> is intact: every recorded hash and cross-reference (read-only; exit 1 on a problem).
 verify: setup
