@@ -34,6 +34,7 @@ then by Kendall tau on held-out configurations per budget band, beside each band
 lands in ``runs/<run>/lowbit/``.
 """
 import copy
+import functools
 import json
 import math
 import os
@@ -703,16 +704,14 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
     act_inputs = None if a_bits is None else {
         "a_bits": a_bits, "ranges": _ranges_inputs(cfg, sha, [a_bits]), "range_mode": lb.range_mode,
         **quantizer_inputs(cfg)}
-    judges = {}
+    @functools.cache  # built at its first use (a cached search and cached starts need none), shared by both judges
+    def act():
+        return None if a_bits is None else activation_quantizer(
+            _act_cfg(cfg), model, a_bits, ranges_by_bits(cfg, model, range_bits(cfg, [a_bits]), sha, device, progress))
 
-    def judge(fresh=False):  # built at its first use (a cached search and cached starts need none)
-        if "act" not in judges:
-            judges["act"] = None if a_bits is None else activation_quantizer(
-                _act_cfg(cfg), model, a_bits,
-                ranges_by_bits(cfg, model, range_bits(cfg, [a_bits]), sha, device, progress))
-        if fresh not in judges:
-            judges[fresh] = search_judge(cfg, model, table, device, act=judges["act"], rerank=fresh)
-        return judges[fresh]
+    @functools.cache
+    def judge(fresh=False):
+        return search_judge(cfg, model, table, device, act=act(), rerank=fresh)
 
     def fitness(c):
         return judge()(c)
@@ -750,8 +749,10 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
     if art is not None and (not lb.search_rerank or "finalists" in art):  # older records kept no finalists
         print(f"[lowbit] reusing {path}")
     else:
-        art = _search(cfg, table, menu, size, sens, plans, starts, start_by, propose_by, menu_costs, limit, fitness,
-                      ranked, inputs, path, mine)
+        # each configuration measured once: the chosen start is the search's first row again
+        seen = {json.dumps(plans[k], sort_keys=True): v for k, v in starts.items()}
+        art = _search(cfg, table, menu, size, inputs, menu_costs[propose_by],
+                      sens.interaction.predict_log if ranked else None, fitness, seen, path, mine)
     art = {**art, **mine}
     if lb.search_rerank:
         art = _reranked(cfg, art, path, {**measurer_inputs(cfg, table, sha, lb.rerank_images), "act": act_inputs},
@@ -759,13 +760,11 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
     return art
 
 
-def _search(cfg, table, menu, size, sens, plans, starts, start_by, propose_by, menu_costs, limit, fitness, ranked,
-            inputs, path, mine) -> dict:
-    """``ensure_search``'s search itself, written to ``path``; its ``FINALISTS`` best measured kept for a
-    re-ranking."""
+def _search(cfg, table, menu, size, inputs, costs, rank, fitness, measured, path, mine) -> dict:
+    """``ensure_search``'s search itself from ``inputs["start"]`` (``measured``: the fitness already known, by
+    configuration), written to ``path``; its ``FINALISTS`` best measured kept for a re-ranking."""
     lb = cfg.lowbit
-    # each configuration measured once: the chosen start is the search's first row again
-    measured = {json.dumps(plans[k], sort_keys=True): v for k, v in starts.items()}
+    start, start_by, starts = inputs["start"], inputs["start_by"], mine["starts"]
 
     def once(c):
         key = json.dumps(c, sort_keys=True)
@@ -774,16 +773,15 @@ def _search(cfg, table, menu, size, sens, plans, starts, start_by, propose_by, m
         return measured[key]
 
     t0 = time.time()
-    choice, trace = measured_search(plans[start_by], table.menu_bits(menu), limit, menu_costs[propose_by], once,
-                                    lb.search_seconds, lb.search_evals, seed=lb.search_seed,
-                                    rank=sens.interaction.predict_log if ranked else None)
+    choice, trace = measured_search(start, table.menu_bits(menu), inputs["limit_bits"], costs, once,
+                                    lb.search_seconds, lb.search_evals, seed=lb.search_seed, rank=rank)
     art = {"inputs": inputs, "choice": choice, "trace": trace, "seconds": round(time.time() - t0, 1), **mine,
-           "start_by": start_by, "changed": sum(choice[n] != plans[start_by][n] for n in choice),
+           "start_by": start_by, "changed": sum(choice[n] != start[n] for n in choice),
            "finalists": finalists(measured, FINALISTS)}
     storage.atomic_write_record(art, path)
     begun = f" from {start_by}'s plan (of {', '.join(f'{k} {v:.3g}' for k, v in starts.items())})" if starts else ""
     judged = "" if "act" not in inputs else f" judged at A{inputs['act']['a_bits']}"
-    if ranked:
+    if rank is not None:
         judged += " proposed by the interaction predictor"
     print(f"[lowbit] search ({menu}, {size}){judged}{begun}: {len(trace) - 1} measured moves in "
           f"{art['seconds']:.0f} s, fitness {trace[0]['fitness']:.3g} -> {trace[-1]['best']:.3g}, "
