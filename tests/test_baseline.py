@@ -160,7 +160,8 @@ def test_an_edited_snapshot_index_is_kept_aside_not_resealed(tiny_cfg, tmp_path,
     assert len(aside) == 1 and json.load(open(os.path.join(snapshot_dir(ckpt), aside[0]))) == record
 
 
-@pytest.mark.parametrize("config, network", [("default.yaml", "U-Net"), ("dit.yaml", "DiT"), ("dit_long.yaml", "DiT")])
+@pytest.mark.parametrize("config, network", [("default.yaml", "U-Net"), ("dit.yaml", "DiT"), ("dit_long.yaml", "DiT"),
+                                             ("dit_stage2.yaml", "DiT")])
 def test_released_checkpoint_matches_its_config_and_provenance(config, network):
     cfg = load_config(os.path.join(ROOT, "configs", config))
     path = os.path.join(ROOT, cfg.baseline.weights)
