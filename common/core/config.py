@@ -865,6 +865,22 @@ def _not_an_evaluation_seed(key: str, seed: int, seeds, src: str):
                           f"noise the variants are judged by")
 
 
+# Each calibration noise of make lowbit and the noises it must not share, with the reason: a measurement on the
+# noise something was fitted to, or picked by, would flatter it.
+_LOWBIT_SEEDS_APART = (
+    ("retest_seed", ("predictor_seed",), "the test-retest ceiling needs a second draw"),
+    ("chain_seed", ("predictor_seed", "retest_seed"),
+     "the chains would be the first images the damage is measured on"),
+    ("search_seed", ("predictor_seed", "retest_seed", "chain_seed"),
+     "the plans are scored on retest_seed's noise, and a search fitted to it would be judged on its own training data"),
+    ("gptq_seed", ("predictor_seed", "retest_seed", "search_seed"),
+     "GPTQ fits the weights to that noise's layer inputs, so a measurement on it would flatter them"),
+    ("rerank_seed", ("predictor_seed", "retest_seed", "chain_seed", "search_seed", "gptq_seed"),
+     "re-ranking on the search's own noise repeats its luck, on GPTQ's it flatters what GPTQ was fitted to, and on "
+     "the scored plans' it would be judged on what it was picked by"),
+)
+
+
 def _check_lowbit(cfg: Config, src: str):
     lb = cfg.lowbit
     _require_entries("lowbit", lb, ("budgets", "plans", "quantizers", "seeds", "uniform_menu", "codebook_menu"), src)
@@ -873,27 +889,12 @@ def _check_lowbit(cfg: Config, src: str):
         raise ConfigError(f"{src}: lowbit.predictor_bits: expected [low, high] average bits, got {lb.predictor_bits}")
     for key in ("predictor_seed", "retest_seed", "chain_seed", "search_seed", "rerank_seed"):
         _not_an_evaluation_seed(f"lowbit.{key}", getattr(lb, key), lb.seeds + cfg.eval.seeds, src)
-    if lb.search_seed in (lb.predictor_seed, lb.retest_seed, lb.chain_seed):
-        raise ConfigError(f"{src}: lowbit.search_seed: must differ from lowbit.predictor_seed, retest_seed and "
-                          f"chain_seed: the plans are scored on retest_seed's noise, and a search fitted to it would "
-                          f"be judged on its own training data")
-    if lb.search_rerank and lb.rerank_seed in (lb.predictor_seed, lb.retest_seed, lb.chain_seed, lb.search_seed,
-                                               lb.gptq_seed):
-        raise ConfigError(f"{src}: lowbit.rerank_seed: must differ from lowbit.predictor_seed, retest_seed, "
-                          f"chain_seed, search_seed and gptq_seed ({lb.predictor_seed}, {lb.retest_seed}, "
-                          f"{lb.chain_seed}, {lb.search_seed}, {lb.gptq_seed}): re-ranking on the search's own noise "
-                          f"repeats its luck, on GPTQ's it flatters what GPTQ was fitted to, and on the scored plans' "
-                          f"it would be judged on what it was picked by")
-    if lb.gptq_seed in (lb.predictor_seed, lb.retest_seed, lb.search_seed):
-        raise ConfigError(f"{src}: lowbit.gptq_seed: must differ from lowbit.predictor_seed, retest_seed and "
-                          f"search_seed ({lb.predictor_seed}, {lb.retest_seed}, {lb.search_seed}): GPTQ fits the "
-                          f"weights to that noise's layer inputs, so a measurement on it would flatter them")
-    if lb.predictor_seed == lb.retest_seed:
-        raise ConfigError(f"{src}: lowbit.retest_seed: must differ from lowbit.predictor_seed ({lb.predictor_seed})")
-    if lb.chain_seed in (lb.predictor_seed, lb.retest_seed):
-        raise ConfigError(f"{src}: lowbit.chain_seed: must differ from lowbit.predictor_seed and lowbit.retest_seed "
-                          f"({lb.predictor_seed}, {lb.retest_seed}): the chains would be the first images the "
-                          f"damage is measured on")
+    for key, others, why in _LOWBIT_SEEDS_APART:
+        if key == "rerank_seed" and not lb.search_rerank:
+            continue
+        if getattr(lb, key) in [getattr(lb, k) for k in others]:
+            names = ", ".join(f"lowbit.{k} ({getattr(lb, k)})" for k in others)
+            raise ConfigError(f"{src}: lowbit.{key}: must differ from {names}: {why}")
     if "search_wa" in lb.plans:
         for b in lb.budgets:
             a = parse_size_at_bits(b)[1]

@@ -948,7 +948,7 @@ def choose(cfg, plan, menu, budget_text, table, sens, a_bits=None):
         return choice, {"rounds": history, "seconds": sens.seconds["fisher"] + seconds}
     elif plan in ("search", "search_act", "search_interaction"):  # likewise
         art = sens.search_act[(menu, budget_text, a_bits)] if plan == "search_act" else \
-            {"search": sens.search, "search_interaction": sens.search_interaction}[plan][(menu, budget_text)]
+            _weight_searches(sens, plan)[(menu, budget_text)]
         if isinstance(art, InfeasibleBudgetError):
             raise art
         considered = art.get("starts") or [search_start(art)]  # every sensitivity the start was chosen among
@@ -1183,10 +1183,14 @@ def heldout_search_fitness(cfg, model, table, measured, sha, device="cpu") -> li
     return out
 
 
+def _weight_searches(sens, plan) -> dict:
+    """{(menu, size): search record} of the weight search ``plan`` ("search" or "search_interaction"), else {}."""
+    return {"search": sens.search, "search_interaction": sens.search_interaction}.get(plan) or {}
+
+
 def _search_own_pick(sens, plan, menu, size):
     """A re-ranked search's own best ({tensor: format}) where the re-ranking kept another; else None."""
-    arts = {"search": sens.search, "search_interaction": sens.search_interaction}.get(plan) or {}
-    art = arts.get((menu, size))
+    art = _weight_searches(sens, plan).get((menu, size))
     if not isinstance(art, dict) or "search_choice" not in art or art["search_choice"] == art["choice"]:
         return None
     return art["search_choice"]
