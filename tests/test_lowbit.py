@@ -157,6 +157,17 @@ def test_lowbit_config_errors_name_the_key():
     assert load_config(SMOKE, ["lowbit.budgets=[' 3.50bits @ a8']"]).lowbit.budgets == ["3.5bits@A8"]
 
 
+@pytest.mark.parametrize("key", ["predictor_seed", "retest_seed", "chain_seed", "search_seed", "gptq_seed",
+                                 "rerank_seed"])
+def test_no_calibration_noise_of_lowbit_is_an_evaluation_seed(key):
+    """Every noise make lowbit fits or picks something on is refused as an evaluation seed (gptq_seed was not
+    checked: GPTQ fitted to the evaluation noise's layer inputs would flatter its own plans)."""
+    cfg = load_config(SMOKE)
+    seed = cfg.eval.seeds[0]
+    with pytest.raises(ConfigError, match=rf"lowbit.{key}: {seed} is an evaluation seed"):
+        load_config(SMOKE, [f"lowbit.{key}={seed}", "lowbit.search_rerank=4"])
+
+
 def test_chain_noise_is_disjoint_from_the_damage_measurements():
     """The chains drew their noise from lowbit.predictor_seed: they were the first images of the measurements their
     allocation is judged against. Now a seed of their own, refused when it is a measurement or evaluation seed."""

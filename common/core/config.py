@@ -887,7 +887,7 @@ def _check_lowbit(cfg: Config, src: str):
     _normalized_budgets("lowbit", lb, normalize_size_at_bits, src)
     if len(lb.predictor_bits) != 2 or lb.predictor_bits[0] >= lb.predictor_bits[1]:
         raise ConfigError(f"{src}: lowbit.predictor_bits: expected [low, high] average bits, got {lb.predictor_bits}")
-    for key in ("predictor_seed", "retest_seed", "chain_seed", "search_seed", "rerank_seed"):
+    for key in ("predictor_seed", *(key for key, _, _ in _LOWBIT_SEEDS_APART)):
         _not_an_evaluation_seed(f"lowbit.{key}", getattr(lb, key), lb.seeds + cfg.eval.seeds, src)
     for key, others, why in _LOWBIT_SEEDS_APART:
         if key == "rerank_seed" and not lb.search_rerank:
