@@ -18,10 +18,10 @@ def pytest_configure(config):
 # `make test` hands whole files to the workers in collection order (--no-loadscope-reorder), so the longest
 # files start first and the short ones fill the gaps at the end instead of one long file running alone.
 SLOWEST_FILES = (
-    "test_pipeline.py", "test_distributed.py", "test_lowbit.py", "test_verify.py", "test_backends.py",
-    "test_scripts.py", "test_w4a4.py", "test_finetune.py", "test_fisher.py", "test_act_quant_script.py",
-    "test_metrics.py", "test_classifier.py", "test_dit.py", "test_train.py", "test_lock.py", "test_bench.py",
-    "test_w4a4_tools.py",
+    "test_lowbit.py", "test_distributed.py", "test_scripts.py", "test_backends.py", "test_pipeline.py",
+    "test_verify.py", "test_bench.py", "test_w4a4.py", "test_fisher.py", "test_finetune.py", "test_classifier.py",
+    "test_train.py", "test_w4a4_tools.py", "test_metrics.py", "test_dit.py", "test_act_quant_script.py",
+    "test_lock.py",
 )
 
 

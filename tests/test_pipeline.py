@@ -15,11 +15,67 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = ["simplediffusion.py", "whole_threshold.py", "layer_group.py", "layer_ratio.py", "layer_math.py"]
 
 
+# Scripts run in the test's own process unless LAQFI_TEST_SUBPROCESS=1: a new interpreter spends ~3.5 s importing
+# torch, torchvision and the metrics before the smoke run's first step, about a third of the whole suite.
+IN_PROCESS = os.environ.get("LAQFI_TEST_SUBPROCESS", "0") in ("", "0")
+
+
+def _forget_process_state():
+    """What a fresh interpreter would not have: the per-process caches (hashes, classifier, reference features,
+    warnings already printed), so an in-process run reads, hashes and reports like a new process."""
+    from common.core import storage
+    from common.diffusion import checkpoint
+    from common.evaluation import evaluate
+
+    storage._HASHES.clear()
+    evaluate._CACHE.clear()
+    checkpoint._WARNED.clear()
+
+
+def run_in_process(cmd, cwd) -> subprocess.CompletedProcess:
+    """``cmd`` ([python, script, args...]) as ``__main__`` in this process, in ``cwd``, with its stdout / stderr
+    captured, returning what ``subprocess.run`` would: exit status 1 and the traceback for an uncaught exception,
+    ``sys.exit``'s message on stderr. The working directory, argv, environment and torch's threads come back."""
+    import contextlib
+    import io
+    import traceback
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.argv[:], os.getcwd(), dict(os.environ), torch.get_num_threads()
+    _forget_process_state()
+    code = 0
+    try:
+        sys.argv = list(cmd[1:])
+        os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(cmd[1], run_name="__main__")
+            except SystemExit as e:
+                if isinstance(e.code, int) or e.code is None:
+                    code = e.code or 0
+                else:
+                    print(e.code, file=sys.stderr)
+                    code = 1
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv, cwd0, env, threads = saved
+        os.chdir(cwd0)
+        os.environ.clear()
+        os.environ.update(env)
+        torch.set_num_threads(threads)
+        _forget_process_state()
+    return subprocess.CompletedProcess(cmd, code, out.getvalue(), err.getvalue())
+
+
 def run(script, tmp, *extra, check=True):
-    env = dict(os.environ, PYTHONPATH=ROOT)
     cmd = [sys.executable, os.path.join(ROOT, script), "--config", os.path.join(ROOT, "configs/smoke.yaml"),
            "--set", f"run.out_dir={tmp}/runs", "--set", f"run.cache_dir={tmp}/cache", "--no-progress", *extra]
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp)
+    if IN_PROCESS:
+        p = run_in_process(cmd, tmp)
+    else:
+        p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), cwd=tmp)
     if check and p.returncode != 0:
         raise AssertionError(f"{script} failed:\n{p.stdout}\n{p.stderr}")
     return p
