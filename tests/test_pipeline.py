@@ -23,22 +23,29 @@ IN_PROCESS = os.environ.get("LAQFI_TEST_SUBPROCESS", "0") in ("", "0")
 def _forget_process_state():
     """What a fresh interpreter would not have: the per-process caches (hashes, classifier, reference features,
     warnings already printed), so an in-process run reads, hashes and reports like a new process."""
-    from common.core import storage
+    from common.core import distributed, storage
     from common.diffusion import checkpoint
     from common.evaluation import evaluate
 
     storage._HASHES.clear()
     evaluate._CACHE.clear()
     checkpoint._WARNED.clear()
+    distributed._LOCAL[0] = 0  # cli.device(alone=True) makes the rest of a run rank-local
 
 
 def run_in_process(cmd, cwd) -> subprocess.CompletedProcess:
     """``cmd`` ([python, script, args...]) as ``__main__`` in this process, in ``cwd``, with its stdout / stderr
     captured, returning what ``subprocess.run`` would: exit status 1 and the traceback for an uncaught exception,
-    ``sys.exit``'s message on stderr. The working directory, argv, environment and torch's threads come back."""
+    ``sys.exit``'s message on stderr, warnings printed there under a new interpreter's filters (pytest would
+    otherwise record them, and a test of a one-line error would not see one it printed). The working directory,
+    argv, environment and torch's threads come back."""
     import contextlib
     import io
     import traceback
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
     out, err = io.StringIO(), io.StringIO()
     saved = sys.argv[:], os.getcwd(), dict(os.environ), torch.get_num_threads()
@@ -47,7 +54,13 @@ def run_in_process(cmd, cwd) -> subprocess.CompletedProcess:
     try:
         sys.argv = list(cmd[1:])
         os.chdir(cwd)
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.resetwarnings()  # Python's own defaults, as a script started with `python` has them
+            for action, category in (("ignore", ResourceWarning), ("ignore", ImportWarning),
+                                     ("ignore", PendingDeprecationWarning), ("ignore", DeprecationWarning)):
+                warnings.simplefilter(action, category)
+            warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")
+            warnings.showwarning = show
             try:
                 runpy.run_path(cmd[1], run_name="__main__")
             except SystemExit as e:

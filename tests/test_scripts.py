@@ -12,8 +12,10 @@ from test_pipeline import ROOT, SCRIPTS
 pytestmark = pytest.mark.slow  # every test starts a script
 
 
+# a real interpreter for every script: the end-to-end tests run them inside the test process
 @pytest.mark.parametrize("script", SCRIPTS + ["mixed_precision.py", "compare_metrics.py", "learning_curve.py",
-                                    "training_sensitivity.py"])
+                                    "training_sensitivity.py", "act_quant.py", "sample.py", "lowbit.py",
+                                    "finetune.py", "w4a4.py"])
 def test_help(script):
     p = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=ROOT))
