@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from test_pipeline import ROOT, SCRIPTS
+from test_pipeline import ROOT, SCRIPTS, run_in_process
 
 pytestmark = pytest.mark.slow  # every test starts a script
 
@@ -77,3 +77,20 @@ def test_training_sensitivity_refuses_one_snapshot_named_twice_or_two_named_alik
         p = subprocess.run([sys.executable, os.path.join(ROOT, "training_sensitivity.py"), "--snapshots", *files],
                            capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT)
         assert p.returncode != 0 and says in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("extra, status, says", [
+    (["--help"], 0, ""), (["--set", "run.name=nothing_trained"], 1, "train the baseline first"),
+    (["--set", "eval.seeds=oops"], 1, "eval.seeds[0]: expected an integer, got 'oops'")])
+def test_a_script_run_in_the_test_process_reports_what_its_own_process_does(tmp_path, data_root, extra, status,
+                                                                           says):
+    """The end-to-end tests run scripts in-process (test_pipeline.run_in_process): the same exit status, stdout and
+    stderr as a new interpreter gives, for a help text, a refusal (no baseline) and a bad config value."""
+    os.environ["LAQFI_DATA_ROOT"] = data_root
+    cmd = [sys.executable, os.path.join(ROOT, "layer_math.py"), "--config", os.path.join(ROOT, "configs/smoke.yaml"),
+           "--set", f"run.out_dir={tmp_path}/runs", "--set", f"run.cache_dir={tmp_path}/cache", "--no-progress", *extra]
+    real = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), cwd=tmp_path)
+    here = run_in_process(cmd, tmp_path)
+    assert (here.returncode, here.stdout, here.stderr) == (real.returncode, real.stdout, real.stderr)
+    assert real.returncode == status and says in real.stderr
+
