@@ -369,10 +369,13 @@ def run_here(script, tmp, name, *extra, monkeypatch):
     argv = [script, "--config", os.path.join(ROOT, "configs/smoke.yaml"), "--set", f"run.out_dir={tmp}/runs",
             "--set", f"run.cache_dir={tmp}/cache", "--set", f"run.name={name}", "--no-progress", *extra]
     monkeypatch.setattr(sys, "argv", argv)
+    _forget_process_state()  # as run_in_process: each run hashes and reports like a new process
     try:
         runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
     except SystemExit as e:
         return e.code or 0
+    finally:
+        _forget_process_state()
     return 0
 
 
