@@ -55,9 +55,12 @@ test: setup
 
 # The same suite computing like an AVX2-only CPU (no native bf16 / VNNI / AMX) on any x86 host: torch's own kernels
 # at AVX2 width, oneDNN's (bf16 / int8 GEMMs and convolutions) capped at AVX2 (common/core/machine.py).
+# Its own inductor cache: torch.compile's cache key does not see ATEN_CPU_CAPABILITY, and kernels compiled under
+# one setting gave a NaN loss (or a crash) under the other (test_train's compiled step, 2026-12-07).
 test-avx2: setup
 	$(MNIST)
-	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(PYTEST_ALL)
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 TORCHINDUCTOR_CACHE_DIR=$(CURDIR)/.pytest_cache/inductor_avx2 \
+		$(PYTEST_ALL)
 
 # The inner loop: unit tests only (everything not marked slow), on two workers like make test.
 test-quick: setup
