@@ -82,13 +82,18 @@ def run_in_process(cmd, cwd) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, code, out.getvalue(), err.getvalue())
 
 
+def script_cmd(script, tmp, *extra) -> list:
+    """The command line of ``script`` on the smoke config, writing under ``tmp``."""
+    return [sys.executable, os.path.join(ROOT, script), "--config", os.path.join(ROOT, "configs/smoke.yaml"),
+            "--set", f"run.out_dir={tmp}/runs", "--set", f"run.cache_dir={tmp}/cache", "--no-progress", *extra]
+
+
+def run_in_subprocess(cmd, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), cwd=cwd)
+
+
 def run(script, tmp, *extra, check=True):
-    cmd = [sys.executable, os.path.join(ROOT, script), "--config", os.path.join(ROOT, "configs/smoke.yaml"),
-           "--set", f"run.out_dir={tmp}/runs", "--set", f"run.cache_dir={tmp}/cache", "--no-progress", *extra]
-    if IN_PROCESS:
-        p = run_in_process(cmd, tmp)
-    else:
-        p = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), cwd=tmp)
+    p = (run_in_process if IN_PROCESS else run_in_subprocess)(script_cmd(script, tmp, *extra), tmp)
     if check and p.returncode != 0:
         raise AssertionError(f"{script} failed:\n{p.stdout}\n{p.stderr}")
     return p

@@ -7,15 +7,15 @@ import subprocess
 import sys
 
 import pytest
-from test_pipeline import ROOT, SCRIPTS, run_in_process
+from test_pipeline import ROOT, SCRIPTS, run_in_process, run_in_subprocess, script_cmd
 
 pytestmark = pytest.mark.slow  # every test starts a script
 
 
-# a real interpreter for every script: the end-to-end tests run them inside the test process
+# a real interpreter for every script (act_quant.py's and sample.py's in their own test files): the end-to-end
+# tests run them inside the test process
 @pytest.mark.parametrize("script", SCRIPTS + ["mixed_precision.py", "compare_metrics.py", "learning_curve.py",
-                                    "training_sensitivity.py", "act_quant.py", "sample.py", "lowbit.py",
-                                    "finetune.py", "w4a4.py"])
+                                    "training_sensitivity.py", "lowbit.py", "finetune.py", "w4a4.py"])
 def test_help(script):
     p = subprocess.run([sys.executable, os.path.join(ROOT, script), "--help"], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=ROOT))
@@ -87,10 +87,7 @@ def test_a_script_run_in_the_test_process_reports_what_its_own_process_does(tmp_
     """The end-to-end tests run scripts in-process (test_pipeline.run_in_process): the same exit status, stdout and
     stderr as a new interpreter gives, for a help text, a refusal (no baseline) and a bad config value."""
     os.environ["LAQFI_DATA_ROOT"] = data_root
-    cmd = [sys.executable, os.path.join(ROOT, "layer_math.py"), "--config", os.path.join(ROOT, "configs/smoke.yaml"),
-           "--set", f"run.out_dir={tmp_path}/runs", "--set", f"run.cache_dir={tmp_path}/cache", "--no-progress", *extra]
-    real = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT), cwd=tmp_path)
-    here = run_in_process(cmd, tmp_path)
+    cmd = script_cmd("layer_math.py", tmp_path, *extra)
+    real, here = run_in_subprocess(cmd, tmp_path), run_in_process(cmd, tmp_path)
     assert (here.returncode, here.stdout, here.stderr) == (real.returncode, real.stdout, real.stderr)
     assert real.returncode == status and says in real.stderr
-
