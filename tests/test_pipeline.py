@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+from common.core.process_state import reset_process_state
+
 pytestmark = pytest.mark.slow  # end to end: scripts on the smoke config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,19 +20,6 @@ SCRIPTS = ["simplediffusion.py", "whole_threshold.py", "layer_group.py", "layer_
 # Scripts run in the test's own process unless LAQFI_TEST_SUBPROCESS=1: a new interpreter spends ~3.5 s importing
 # torch, torchvision and the metrics before the smoke run's first step, about a third of the whole suite.
 IN_PROCESS = os.environ.get("LAQFI_TEST_SUBPROCESS", "0") in ("", "0")
-
-
-def _forget_process_state():
-    """What a fresh interpreter would not have: the per-process caches (hashes, classifier, reference features,
-    warnings already printed), so an in-process run reads, hashes and reports like a new process."""
-    from common.core import distributed, storage
-    from common.diffusion import checkpoint
-    from common.evaluation import evaluate
-
-    storage._HASHES.clear()
-    evaluate._CACHE.clear()
-    checkpoint._WARNED.clear()
-    distributed._LOCAL[0] = 0  # cli.device(alone=True) makes the rest of a run rank-local
 
 
 def run_in_process(cmd, cwd) -> subprocess.CompletedProcess:
@@ -49,7 +38,7 @@ def run_in_process(cmd, cwd) -> subprocess.CompletedProcess:
 
     out, err = io.StringIO(), io.StringIO()
     saved = sys.argv[:], os.getcwd(), dict(os.environ), torch.get_num_threads()
-    _forget_process_state()
+    reset_process_state()
     code = 0
     try:
         sys.argv = list(cmd[1:])
@@ -78,7 +67,7 @@ def run_in_process(cmd, cwd) -> subprocess.CompletedProcess:
         os.environ.clear()
         os.environ.update(env)
         torch.set_num_threads(threads)
-        _forget_process_state()
+        reset_process_state()
     return subprocess.CompletedProcess(cmd, code, out.getvalue(), err.getvalue())
 
 
@@ -374,13 +363,13 @@ def run_here(script, tmp, name, *extra, monkeypatch):
     argv = [script, "--config", os.path.join(ROOT, "configs/smoke.yaml"), "--set", f"run.out_dir={tmp}/runs",
             "--set", f"run.cache_dir={tmp}/cache", "--set", f"run.name={name}", "--no-progress", *extra]
     monkeypatch.setattr(sys, "argv", argv)
-    _forget_process_state()  # as run_in_process: each run hashes and reports like a new process
+    reset_process_state()  # as run_in_process: each run hashes and reports like a new process
     try:
         runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
     except SystemExit as e:
         return e.code or 0
     finally:
-        _forget_process_state()
+        reset_process_state()
     return 0
 
 

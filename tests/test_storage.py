@@ -262,3 +262,28 @@ def test_a_missing_cuda_device_is_a_one_line_user_error():
         pytest.skip("a CUDA device is present")
     with pytest.raises(UserError, match="run.device: 'cuda' requested but no CUDA device"):
         storage.resolve_device("cuda")
+
+
+def test_reset_process_state_gives_back_what_a_fresh_interpreter_has(tmp_path):
+    """The in-process script runner relies on it: every per-process cache the scripts fill is registered and
+    emptied by one call (a cache that stayed would make a second run skip hashing or a printed warning)."""
+    from common.core import distributed
+    from common.core.process_state import per_process, reset_process_state
+    from common.diffusion import checkpoint
+    from common.evaluation import evaluate
+
+    path = tmp_path / "f.bin"
+    path.write_bytes(b"x" * 10)
+    os.utime(path, (0, 0))  # old enough to be cached (storage.RACY_S)
+    storage.sha256_file(str(path))
+    assert storage._HASHES
+    evaluate._CACHE["probe"] = 1
+    checkpoint._WARNED.add("probe")
+    distributed.work_alone()  # what cli.device(alone=True) does for the rest of a run
+    assert distributed._LOCAL[0] == 1
+    names = reset_process_state()
+    assert distributed._LOCAL[0] == 0
+    assert {"storage._HASHES", "evaluate._CACHE", "checkpoint._WARNED", "distributed._LOCAL"} <= set(names)
+    assert not storage._HASHES and not evaluate._CACHE and not checkpoint._WARNED
+    with pytest.raises(TypeError, match="reset="):
+        per_process(object())

@@ -1,1 +1,2 @@
-"""Shared plumbing: typed config, budgets, errors, atomic storage, locks, CLI helpers. Imports nothing of ours."""
+"""Shared plumbing: typed config, budgets, errors, atomic storage, locks, CLI helpers, per-process state.
+Imports nothing of ours."""

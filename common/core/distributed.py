@@ -16,7 +16,11 @@ import sys
 import torch
 import torch.distributed as dist
 
-_LOCAL = [0]  # depth of ``local()``: inside, this rank works alone on whole tasks
+from .process_state import per_process
+
+# depth of ``local()``: inside, this rank works alone on whole tasks (cli.device(alone=True) makes the rest of a
+# run rank-local, so a fresh process starts at 0)
+_LOCAL = per_process([0], reset=lambda: _LOCAL.__setitem__(0, 0), what="distributed._LOCAL")
 _GLOO = [False]  # whether ``init`` made a gloo group in this process (``leave`` acts only then)
 
 

@@ -10,6 +10,7 @@ import time
 import torch
 
 from .errors import UnavailableDeviceError, UserError
+from .process_state import per_process
 
 
 class CorruptFileError(UserError, ValueError):
@@ -211,7 +212,7 @@ def write_sources(path, outputs, sources, command=None):
     atomic_write_record({"outputs": rel(outputs), "sources": rel(sources), "command": command}, path)
 
 
-_HASHES = {}  # (real path, device, inode, size, mtime_ns) -> SHA-256, for this process
+_HASHES = per_process({}, what="storage._HASHES")  # (real path, device, inode, size, mtime_ns) -> SHA-256
 RACY_S = 2.0  # a file modified this recently may change again within its timestamp's resolution: never cached
 
 

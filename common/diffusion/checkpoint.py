@@ -11,6 +11,7 @@ import torch
 from ..core import machine
 from ..core.config import NOT_YAML, Config, _build, to_dict
 from ..core.errors import StaleArtifactError, UserError
+from ..core.process_state import per_process
 from ..core.storage import CorruptFileError, content_ok, diff_keys, fingerprint, load_torch
 from .model import build_model
 
@@ -27,7 +28,7 @@ def _check_training_checkpoint(ckpt, path: str, needed, hint: str):
                                + (f"; {hint}" if hint else ""))
 
 
-_WARNED = set()  # bf16 warnings already printed by this process
+_WARNED = per_process(set(), what="checkpoint._WARNED")  # bf16 warnings already printed by this process
 
 UNET_KEYS = ("channels", "attentions", "upscales", "num_groups", "time_embedding")
 DIT_KEYS = ("patch_size", "hidden", "stage_blocks", "mlp_ratio")

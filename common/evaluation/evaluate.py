@@ -14,6 +14,7 @@ from ..core import distributed, lock, machine, storage
 from ..core.cli import command
 from ..core.config import to_dict
 from ..core.errors import StaleArtifactError
+from ..core.process_state import per_process
 from ..diffusion.data import mnist_tensor, to_uint8
 from ..diffusion.samplers import build_sampler, sample_across_ranks
 from ..diffusion.schedule import NoiseSchedule
@@ -22,7 +23,7 @@ from . import integrity, metrics
 from .grids import save_grid
 
 MB = 2 ** 20  # the poster's "MB" is MiB: 35,178,689 fp32 weights = 134.2 MB
-_CACHE = {}  # per-process: Inception network, classifier, reference features
+_CACHE = per_process({}, what="evaluate._CACHE")  # Inception network, classifier, reference features
 
 
 def variant_dir(cfg, variant: str) -> str:
