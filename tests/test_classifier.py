@@ -192,6 +192,45 @@ def test_metrics_json_records_machine_and_classifier(released, tiny_cfg, tiny_mo
     assert "machine" not in json.dumps(evaluate.eval_inputs(tiny_cfg))
 
 
+@pytest.mark.slow  # uses ``released``
+def test_a_variant_with_another_variants_weights_scores_its_samples_instead_of_sampling(
+        released, tiny_cfg, tiny_model_fisher, monkeypatch):
+    """Two plan rules that allocate the same formats store the same tensors: the second variant scores the first's
+    samples (verified by their digests) and gets the numbers sampling would have given; a damaged or other-keyed
+    twin lends nothing."""
+    _, clf_cfg, _ = released
+    tiny_cfg.eval.classifier = clf_cfg
+    _, model, _ = tiny_model_fisher
+    size = {"size_bytes": 10, "quantized_fraction": 0.0, "fp32_bytes": 10}
+    sampled = []
+    real = evaluate.sample_across_ranks
+    monkeypatch.setattr(evaluate, "sample_across_ranks", lambda *a, **k: sampled.append(a[4]) or real(*a, **k))
+
+    def run(variant, key):
+        sampled.clear()
+        r = evaluate.evaluate_variant(tiny_cfg, variant, model, size, "cpu", "w", progress=False, samples_key=key)
+        return r, list(sampled)
+
+    evaluate.evaluate_variant(tiny_cfg, "fp32", model, size, "cpu", "w", progress=False)
+    a, seeds = run("a", "k")
+    assert seeds == list(tiny_cfg.eval.seeds) and "samples_from" not in a
+    b, seeds = run("b", "k")
+    assert seeds == [] and b["samples_from"] == "a" and b["samples_key"] == "k"
+    numbers = ("clf_fid", "clf_is", "clf_kid", "paired_mse_vs_fp32", "paired_mse_median", "fid")
+    assert {k: b[k] for k in numbers} == {k: a[k] for k in numbers} and b["per_seed"] == a["per_seed"]
+    folder = evaluate.variant_dir
+    assert open(os.path.join(folder(tiny_cfg, "b"), "samples.png"), "rb").read() == \
+        open(os.path.join(folder(tiny_cfg, "a"), "samples.png"), "rb").read()
+    _, seeds = run("c", "other key")
+    assert seeds == list(tiny_cfg.eval.seeds)
+    for v in ("a", "b", "c"):  # every twin of key "k" damaged: d samples, and matches what a's twins reported
+        p = os.path.join(folder(tiny_cfg, v), f"samples_seed{tiny_cfg.eval.seeds[-1]}.pt")
+        torch.save(torch.load(p, weights_only=True) * 0.5, p)
+    d, seeds = run("d", "k")
+    assert seeds == list(tiny_cfg.eval.seeds) and "samples_from" not in d
+    assert {k: d[k] for k in numbers} == {k: a[k] for k in numbers}
+
+
 def test_the_default_config_uses_the_released_classifier():
     cfg = load_config(os.path.join(ROOT, "configs", "default.yaml"))
     clf = cfg.eval.classifier

@@ -293,7 +293,7 @@ def evaluate_seed(cfg, images_u8, device, progress=True) -> dict:
 
 
 def evaluate_variant(cfg, variant: str, model, size: dict, device, weights_id: str, force=False,
-                     progress=True, extra=None, quantized_path=None, bound=()) -> dict:
+                     progress=True, extra=None, quantized_path=None, bound=(), samples_key=None) -> dict:
     """Sample ``model`` for every seed in ``eval.seeds`` and write ``<variant>/metrics.json``.
 
     size: {"size_bytes", "quantized_fraction", ...} of the stored weights; weights_id: a hash that
@@ -302,16 +302,54 @@ def evaluate_variant(cfg, variant: str, model, size: dict, device, weights_id: s
     with ``checkpoint_sha256`` naming the checkpoint the weights came from (checked against fp32's);
     quantized_path: the file ``model`` was loaded from, whose SHA-256 metrics.json records
     (``quantized_sha256``) and reuse verifies; bound: the other files of the variant the results depend on
-    (``plan.json``, ``act_quant.safetensors``), recorded with ``samples.png`` in ``files`` and verified too.
+    (``plan.json``, ``act_quant.safetensors``), recorded with ``samples.png`` in ``files`` and verified too;
+    samples_key: a digest of everything that decides ``model``'s samples besides the evaluation settings (the
+    stored tensors, the activation quantizers, the architecture), which the caller vouches for: a variant of the
+    same run whose metrics.json records the same key, evaluation settings and checkpoint lends its samples
+    (verified by their digests), which are scored here instead of sampled again (``samples_from`` names it).
     The variant's folder is locked meanwhile (``common.core.lock``).
     """
     out_dir = variant_dir(cfg, variant)
     with lock.hold(out_dir):
         return _evaluate_variant(cfg, variant, model, size, device, weights_id, force, progress, extra,
-                                 quantized_path, bound)
+                                 quantized_path, bound, samples_key)
 
 
-def _evaluate_variant(cfg, variant, model, size, device, weights_id, force, progress, extra, quantized_path, bound):
+def twin_samples(cfg, variant, samples_key, checkpoint_sha256):
+    """(the name of another variant of this run whose samples ``variant``'s would repeat bit for bit, {seed: its
+    [0, 1] samples}), or None: the same ``samples_key``, evaluation settings and checkpoint, and every seed's
+    samples file intact (the digest its metrics.json recorded). Plans that allocate the same formats (a learned
+    predictor that kept its prior, one uniform plan under two budgets) then cost one sampling, not two."""
+    run = storage.run_dir(cfg)
+    want = (samples_key, eval_fingerprint(cfg), checkpoint_sha256)
+    for name in sorted(os.listdir(run)) if os.path.isdir(run) else []:
+        path = os.path.join(run, name, "metrics.json")
+        if name == variant or not os.path.isfile(path):
+            continue
+        try:
+            m = storage.load_json(path)
+        except (storage.CorruptFileError, FileNotFoundError):
+            continue
+        if not isinstance(m, dict) or (m.get("samples_key"), m.get("eval_fingerprint"),
+                                       m.get("checkpoint_sha256")) != want:
+            continue
+        samples = {}
+        for seed in cfg.eval.seeds:
+            expected = (m.get("per_seed") or {}).get(str(seed), {}).get("samples_sha256")
+            try:
+                x01 = storage.load_torch(os.path.join(run, name, f"samples_seed{seed}.pt"))
+            except (storage.CorruptFileError, FileNotFoundError):
+                break
+            if not isinstance(x01, torch.Tensor) or metrics.tensor_digest(x01) != expected:
+                break
+            samples[seed] = x01
+        else:
+            return name, samples
+    return None
+
+
+def _evaluate_variant(cfg, variant, model, size, device, weights_id, force, progress, extra, quantized_path, bound,
+                      samples_key):
     out_dir = variant_dir(cfg, variant)
     path = os.path.join(out_dir, "metrics.json")
     fp = result_fingerprint(cfg, weights_id, extra)
@@ -327,16 +365,26 @@ def _evaluate_variant(cfg, variant, model, size, device, weights_id, force, prog
     # the fp32 samples every seed is paired against, checked before anything is sampled (rank 0 scores)
     references = {seed: _fp32_reference(cfg, variant, seed, ckpt_sha) for seed in cfg.eval.seeds} \
         if distributed.is_main() else {}
+    twin = twin_samples(cfg, variant, samples_key, ckpt_sha) if samples_key and distributed.is_main() else None
+    twin_name = distributed.broadcast_object(twin[0] if twin else None)  # every rank skips sampling, or none
+    if twin_name is not None:
+        print(f"[{variant}] the same weights, activation quantizers and noise as {twin_name}: its samples scored, "
+              f"not sampled again")
     per_seed = {}
     for seed in cfg.eval.seeds:
-        x = sample_across_ranks(model, sampler, cfg.eval.n_images, shape, seed, cfg.sample.batch_size, device,
-                                channels_last=cfg.sample.channels_last, progress=progress,
-                                desc=f"{variant} seed {seed}")
+        if twin_name is None:
+            x = sample_across_ranks(model, sampler, cfg.eval.n_images, shape, seed, cfg.sample.batch_size, device,
+                                    channels_last=cfg.sample.channels_last, progress=progress,
+                                    desc=f"{variant} seed {seed}")
         if not distributed.is_main():
             continue  # under torchrun the ranks share the sampling; rank 0 scores and writes
-        x01 = (x.clamp(-1, 1) + 1) / 2
+        if twin_name is None:
+            x01, images_u8 = (x.clamp(-1, 1) + 1) / 2, to_uint8(x)
+        else:  # (x01 * 255) rounds exactly as to_uint8 does: halving is exact and 127.5 = 255 / 2
+            x01 = twin[1][seed]
+            images_u8 = (x01 * 255).round().to(torch.uint8)
         storage.atomic_torch_save(x01, os.path.join(out_dir, f"samples_seed{seed}.pt"))
-        r = evaluate_seed(cfg, to_uint8(x), device, progress)
+        r = evaluate_seed(cfg, images_u8, device, progress)
         r["samples_sha256"] = metrics.tensor_digest(x01)  # ties samples_seed<k>.pt to these metrics
         sq, ref_digest = _paired(cfg, variant, seed, x01, ckpt_sha, references[seed])
         if ref_digest is not None:  # which fp32 samples it was paired against: a later re-evaluation of fp32 shows
@@ -346,7 +394,7 @@ def _evaluate_variant(cfg, variant, model, size, device, weights_id, force, prog
         r["paired_mse_median"] = float(sq.flatten(1).mean(1).median())
         per_seed[str(seed)] = r
         if seed == cfg.eval.seeds[0]:
-            save_grid(to_uint8(x[:cfg.sample.grid_images]).float() / 255, os.path.join(out_dir, "samples.png"))
+            save_grid(images_u8[:cfg.sample.grid_images].float() / 255, os.path.join(out_dir, "samples.png"))
     if not distributed.is_main():
         return distributed.broadcast_object(None)
     result = summarize_seeds(cfg, variant, per_seed, size)
@@ -355,6 +403,10 @@ def _evaluate_variant(cfg, variant, model, size, device, weights_id, force, prog
     result["fingerprint"] = fp
     result["eval_fingerprint"] = eval_fingerprint(cfg)
     result["weights_id"] = weights_id
+    if samples_key:
+        result["samples_key"] = samples_key
+    if twin_name is not None:
+        result["samples_from"] = twin_name
     if quantized_path is not None:  # the exact file these numbers come from, verified on every reuse
         result["quantized_file"] = os.path.basename(quantized_path)
         result["quantized_sha256"] = storage.sha256_file(quantized_path)

@@ -412,7 +412,8 @@ def save_and_evaluate(cfg, variant, model, stored, q, extra, provenance, plan_re
     if old is not None:
         print(f"[{variant}] reusing {metrics_path}")
         return old
-    size = save_quantized(stored, qpath, arch or arch_record(cfg), provenance)
+    arch = arch or arch_record(cfg)
+    size = save_quantized(stored, qpath, arch, provenance)
     save_act_quant(q, apath, provenance)
     size.update(size_bytes=size["stored_bytes"], fp32_bytes=4 * sum(p.numel() for p in model.parameters()),
                 act_file_bytes=os.path.getsize(apath))
@@ -424,5 +425,9 @@ def save_and_evaluate(cfg, variant, model, stored, q, extra, provenance, plan_re
     qmodel, _ = load_quantized(qpath, device)
     load_act_quant(apath)[0].attach(qmodel)
     print(f"[{variant}] {size['stored_bytes']:,} B of weights; {qpath}, {apath}")
+    # what the rebuilt model computes is decided by the two files' tensors and the architecture they record: a
+    # variant of this run with the same three lends its samples (another plan rule that allocated the same formats)
+    samples_key = hashlib.sha256((weights_id + storage.fingerprint(arch)).encode()).hexdigest()
     return evaluate.evaluate_variant(cfg, variant, qmodel, size, device, weights_id, force=force,
-                                     progress=progress, extra=extra, quantized_path=qpath, bound=[plan_path, apath])
+                                     progress=progress, extra=extra, quantized_path=qpath, bound=[plan_path, apath],
+                                     samples_key=samples_key)
