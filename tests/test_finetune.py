@@ -110,13 +110,13 @@ def test_lsq_matches_the_calibrated_quantizer_then_learns_a_positive_step():
     g = torch.zeros(16, dtype=torch.long)
     assert torch.allclose(lsq.apply(x, g), lq.apply(x, g))
     opt = torch.optim.Adam(lsq.parameters(), lr=0.05)
-    before = float((lsq.apply(x, g) - x).pow(2).mean())
+    before = (lsq.apply(x, g) - x).pow(2).mean().item()
     for _ in range(50):
         loss = (lsq.apply(x, g) - x).pow(2).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert float((lsq.apply(x, g) - x).pow(2).mean()) < before
+    assert (lsq.apply(x, g) - x).pow(2).mean().item() < before
     assert torch.all(lsq.export().scale > 0)
     # what trains is what is exported, bit for bit (the gradient-scaled step used to land an ulp away)
     steps = torch.rand(4000, 1, generator=torch.Generator().manual_seed(3)) * 0.1 + 1e-3
