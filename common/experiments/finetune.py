@@ -246,8 +246,8 @@ def reconstruct(c, student, teacher, pool, progress=True):
             loss.backward()
             opt.step()
             if k == 0:
-                first.append(float(rec))
-        last.append(float(rec))
+                first.append(rec.item())
+        last.append(rec.item())
         steps += ft.recon_iters
         for p in params:
             p.requires_grad_(False)
