@@ -196,8 +196,8 @@ def test_metrics_json_records_machine_and_classifier(released, tiny_cfg, tiny_mo
 def test_a_variant_with_another_variants_weights_scores_its_samples_instead_of_sampling(
         released, tiny_cfg, tiny_model_fisher, monkeypatch):
     """Two plan rules that allocate the same formats store the same tensors: the second variant scores the first's
-    samples (verified by their digests) and gets the numbers sampling would have given; a damaged or other-keyed
-    twin lends nothing."""
+    samples (verified by their digests) and gets the numbers sampling would have given; a damaged, edited or
+    other-keyed twin lends nothing, and --force samples."""
     _, clf_cfg, _ = released
     tiny_cfg.eval.classifier = clf_cfg
     _, model, _ = tiny_model_fisher
@@ -206,9 +206,10 @@ def test_a_variant_with_another_variants_weights_scores_its_samples_instead_of_s
     real = evaluate.sample_across_ranks
     monkeypatch.setattr(evaluate, "sample_across_ranks", lambda *a, **k: sampled.append(a[4]) or real(*a, **k))
 
-    def run(variant, key):
+    def run(variant, key, force=False):
         sampled.clear()
-        r = evaluate.evaluate_variant(tiny_cfg, variant, model, size, "cpu", "w", progress=False, samples_key=key)
+        r = evaluate.evaluate_variant(tiny_cfg, variant, model, size, "cpu", "w", progress=False, samples_key=key,
+                                      force=force)
         return r, list(sampled)
 
     evaluate.evaluate_variant(tiny_cfg, "fp32", model, size, "cpu", "w", progress=False)
@@ -216,6 +217,7 @@ def test_a_variant_with_another_variants_weights_scores_its_samples_instead_of_s
     assert seeds == list(tiny_cfg.eval.seeds) and "samples_from" not in a
     b, seeds = run("b", "k")
     assert seeds == [] and b["samples_from"] == "a" and b["samples_key"] == "k"
+    assert b["samples_machine"] == a["machine"]
     numbers = ("clf_fid", "clf_is", "clf_kid", "paired_mse_vs_fp32", "paired_mse_median", "fid")
     assert {k: b[k] for k in numbers} == {k: a[k] for k in numbers} and b["per_seed"] == a["per_seed"]
     folder = evaluate.variant_dir
@@ -223,7 +225,13 @@ def test_a_variant_with_another_variants_weights_scores_its_samples_instead_of_s
         open(os.path.join(folder(tiny_cfg, "a"), "samples.png"), "rb").read()
     _, seeds = run("c", "other key")
     assert seeds == list(tiny_cfg.eval.seeds)
-    for v in ("a", "b", "c"):  # every twin of key "k" damaged: d samples, and matches what a's twins reported
+    assert run("b", "k", force=True)[1] == list(tiny_cfg.eval.seeds)  # --force recomputes, never borrows
+    c_path = os.path.join(evaluate.variant_dir(tiny_cfg, "c"), "metrics.json")
+    edited = json.load(open(c_path))
+    edited["samples_key"] = "k2"  # by hand: the seal no longer holds
+    json.dump(edited, open(c_path, "w"))
+    assert run("e", "k2")[1] == list(tiny_cfg.eval.seeds)
+    for v in ("a", "b"):  # every twin of key "k" damaged: d samples, and matches what a's twins reported
         p = os.path.join(folder(tiny_cfg, v), f"samples_seed{tiny_cfg.eval.seeds[-1]}.pt")
         torch.save(torch.load(p, weights_only=True) * 0.5, p)
     d, seeds = run("d", "k")

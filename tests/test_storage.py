@@ -283,7 +283,8 @@ def test_reset_process_state_gives_back_what_a_fresh_interpreter_has(tmp_path):
     assert distributed._LOCAL[0] == 1
     names = reset_process_state()
     assert distributed._LOCAL[0] == 0
-    assert {"storage._HASHES", "evaluate._CACHE", "checkpoint._WARNED", "distributed._LOCAL"} <= set(names)
+    assert {"storage._HASHES", "evaluate._CACHE", "checkpoint._WARNED", "distributed._LOCAL",
+            "machine.bf16_matmul_cost"} <= set(names)
     assert not storage._HASHES and not evaluate._CACHE and not checkpoint._WARNED
     with pytest.raises(TypeError, match="reset="):
         per_process(object())

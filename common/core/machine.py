@@ -15,6 +15,7 @@ import time
 
 import torch
 
+from .process_state import per_process
 from .storage import fingerprint
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")   # x86 flags of native bf16 dot products (/proc/cpuinfo spelling)
@@ -160,6 +161,10 @@ def bf16_matmul_cost(n=256, repeats=5) -> dict:
     return {"fp32_gflops": round(2 * n ** 3 / out["fp32"] / 1e9, 2),
             "bf16_gflops": round(2 * n ** 3 / out["bf16"] / 1e9, 2),
             "slowdown": round(out["bf16"] / out["fp32"], 1), "n": n}
+
+
+# timed once per process (a new interpreter probes again): registered so the in-process test runner does too
+per_process(bf16_matmul_cost, reset=bf16_matmul_cost.cache_clear, what="machine.bf16_matmul_cost")
 
 
 def peak_rss_mb() -> float:

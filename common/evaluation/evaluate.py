@@ -317,9 +317,11 @@ def evaluate_variant(cfg, variant: str, model, size: dict, device, weights_id: s
 
 def twin_samples(cfg, variant, samples_key, checkpoint_sha256):
     """(the name of another variant of this run whose samples ``variant``'s would repeat bit for bit, {seed: its
-    [0, 1] samples}), or None: the same ``samples_key``, evaluation settings and checkpoint, and every seed's
-    samples file intact (the digest its metrics.json recorded). Plans that allocate the same formats (a learned
-    predictor that kept its prior, one uniform plan under two budgets) then cost one sampling, not two."""
+    [0, 1] samples, the machine that sampled them}), or None: the same ``samples_key``, evaluation settings and
+    checkpoint in a metrics.json whose seal holds, and every seed's samples file intact (the digest it
+    recorded). Plans that allocate the same formats (a learned predictor that kept its prior, one uniform plan
+    under two budgets) then cost one sampling, not two. Samples of another machine are lent as its whole results
+    would be reused (to ~1e-6, docs/evaluation.md); the borrower records that machine."""
     run = storage.run_dir(cfg)
     want = (samples_key, eval_fingerprint(cfg), checkpoint_sha256)
     for name in sorted(os.listdir(run)) if os.path.isdir(run) else []:
@@ -330,8 +332,8 @@ def twin_samples(cfg, variant, samples_key, checkpoint_sha256):
             m = storage.load_json(path)
         except (storage.CorruptFileError, FileNotFoundError):
             continue
-        if not isinstance(m, dict) or (m.get("samples_key"), m.get("eval_fingerprint"),
-                                       m.get("checkpoint_sha256")) != want:
+        if not isinstance(m, dict) or storage.seal_ok(m) is not True or (
+                m.get("samples_key"), m.get("eval_fingerprint"), m.get("checkpoint_sha256")) != want:
             continue
         samples = {}
         for seed in cfg.eval.seeds:
@@ -344,7 +346,7 @@ def twin_samples(cfg, variant, samples_key, checkpoint_sha256):
                 break
             samples[seed] = x01
         else:
-            return name, samples
+            return name, samples, m.get("samples_machine") or m.get("machine")
     return None
 
 
@@ -365,7 +367,9 @@ def _evaluate_variant(cfg, variant, model, size, device, weights_id, force, prog
     # the fp32 samples every seed is paired against, checked before anything is sampled (rank 0 scores)
     references = {seed: _fp32_reference(cfg, variant, seed, ckpt_sha) for seed in cfg.eval.seeds} \
         if distributed.is_main() else {}
-    twin = twin_samples(cfg, variant, samples_key, ckpt_sha) if samples_key and distributed.is_main() else None
+    # --force recomputes: it samples, never borrows (a twin group rerun with --force would otherwise copy itself)
+    twin = twin_samples(cfg, variant, samples_key, ckpt_sha) \
+        if samples_key and not force and distributed.is_main() else None
     twin_name = distributed.broadcast_object(twin[0] if twin else None)  # every rank skips sampling, or none
     if twin_name is not None:
         print(f"[{variant}] the same weights, activation quantizers and noise as {twin_name}: its samples scored, "
@@ -406,7 +410,7 @@ def _evaluate_variant(cfg, variant, model, size, device, weights_id, force, prog
     if samples_key:
         result["samples_key"] = samples_key
     if twin_name is not None:
-        result["samples_from"] = twin_name
+        result["samples_from"], result["samples_machine"] = twin_name, twin[2]
     if quantized_path is not None:  # the exact file these numbers come from, verified on every reuse
         result["quantized_file"] = os.path.basename(quantized_path)
         result["quantized_sha256"] = storage.sha256_file(quantized_path)
