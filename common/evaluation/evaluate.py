@@ -4,6 +4,7 @@ All variants of a run sample from identical noise (``diffusion.sample`` seeds ev
 (seed, batch index) only), so the fp32 baseline's samples of the same seed are the paired
 reference for ``paired_mse_vs_fp32``. Results land in ``runs/<run>/<variant>/metrics.json``.
 """
+import hashlib
 import os
 import time
 
@@ -313,6 +314,12 @@ def evaluate_variant(cfg, variant: str, model, size: dict, device, weights_id: s
     with lock.hold(out_dir):
         return _evaluate_variant(cfg, variant, model, size, device, weights_id, force, progress, extra,
                                  quantized_path, bound, samples_key)
+
+
+def samples_key(weights_id: str, arch: dict) -> str:
+    """What decides a variant's samples besides the evaluation settings when its model is rebuilt from its files
+    alone: the stored tensors and activation quantizers (``weights_id``) and the architecture they record."""
+    return hashlib.sha256((weights_id + storage.fingerprint(arch)).encode()).hexdigest()
 
 
 def twin_samples(cfg, variant, samples_key, checkpoint_sha256):

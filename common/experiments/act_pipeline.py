@@ -425,9 +425,8 @@ def save_and_evaluate(cfg, variant, model, stored, q, extra, provenance, plan_re
     qmodel, _ = load_quantized(qpath, device)
     load_act_quant(apath)[0].attach(qmodel)
     print(f"[{variant}] {size['stored_bytes']:,} B of weights; {qpath}, {apath}")
-    # what the rebuilt model computes is decided by the two files' tensors and the architecture they record: a
-    # variant of this run with the same three lends its samples (another plan rule that allocated the same formats)
-    samples_key = hashlib.sha256((weights_id + storage.fingerprint(arch)).encode()).hexdigest()
+    # the model is rebuilt from the two files alone: a variant of this run with the same tensors and architecture
+    # lends its samples (another plan rule that allocated the same formats)
     return evaluate.evaluate_variant(cfg, variant, qmodel, size, device, weights_id, force=force,
                                      progress=progress, extra=extra, quantized_path=qpath, bound=[plan_path, apath],
-                                     samples_key=samples_key)
+                                     samples_key=evaluate.samples_key(weights_id, arch))

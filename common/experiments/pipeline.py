@@ -391,8 +391,11 @@ def _run_variant(cfg, variant, strategy, params, model, ckpt_path, fisher, devic
     print(f"[{variant}] {size['quantized_fraction']:.1%} of weights quantized; size {size['stored_bytes']:,} B "
           f"stored = {size['analytic_bytes']:,} B analytic; file {size['file_bytes']:,} B "
           f"({size['header_bytes']:,} B safetensors header) {qpath}\n{plan_table(summary)}")
+    # rebuilt from its file alone: a variant of this run with the same tensors lends its samples (make compare's
+    # metrics that rank a budget's tensors alike, e.g. fisher and fisher_distortion)
     return evaluate.evaluate_variant(cfg, variant, qmodel, size, device, weights_id, force=force,
-                                     progress=progress, extra=extra, quantized_path=qpath, bound=[plan_path])
+                                     progress=progress, extra=extra, quantized_path=qpath, bound=[plan_path],
+                                     samples_key=evaluate.samples_key(weights_id, arch))
 
 
 def _remove_old_container(variant_dir: str):
