@@ -152,8 +152,9 @@ class LSQFakeQuant(torch.autograd.Function):
     def forward(ctx, x, s, z, qmin, qmax):
         v = x / s
         q0 = torch.round(v).add_(z)
-        vz = v + z  # before rounding: a value that only rounds to a limit still passes its gradient
-        inside = (vz > qmin).logical_and_(vz < qmax)  # strictly: torch's clamp passes no gradient at its ends
+        # before rounding: a value that only rounds to a limit still passes its gradient; strictly, as torch's clamp
+        # passes none at its ends; against the limits shifted by the integer z (a z-sized tensor, not an x-sized v + z)
+        inside = (v > qmin - z).logical_and_(v < qmax - z)
         q = q0.clamp_(qmin, qmax).sub_(z)
         ctx.save_for_backward(v, q, inside)
         ctx.s_shape = s.shape
