@@ -153,7 +153,8 @@ class LSQFakeQuant(torch.autograd.Function):
         v = x / s
         q0 = torch.round(v).add_(z)
         # before rounding: a value that only rounds to a limit still passes its gradient; strictly, as torch's clamp
-        # passes none at its ends; against the limits shifted by the integer z (a z-sized tensor, not an x-sized v + z)
+        # passes none at its ends; against the limits shifted by the integer z (a z-sized tensor, not an x-sized v + z;
+        # the exact condition: a v within an ulp of a limit, whose float v + z rounds onto it, counts as inside)
         inside = (v > qmin - z).logical_and_(v < qmax - z)
         q = q0.clamp_(qmin, qmax).sub_(z)
         ctx.save_for_backward(v, q, inside)
