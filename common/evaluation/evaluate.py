@@ -325,10 +325,11 @@ def samples_key(weights_id: str, arch: dict) -> str:
 def twin_samples(cfg, variant, samples_key, checkpoint_sha256):
     """(the name of another variant of this run whose samples ``variant``'s would repeat bit for bit, {seed: its
     [0, 1] samples, the machine that sampled them}), or None: the same ``samples_key``, evaluation settings and
-    checkpoint in a metrics.json whose seal holds, and every seed's samples file intact (the digest it
-    recorded). Plans that allocate the same formats (a learned predictor that kept its prior, one uniform plan
-    under two budgets) then cost one sampling, not two. Samples of another machine are lent as its whole results
-    would be reused (to ~1e-6, docs/evaluation.md); the borrower records that machine."""
+    checkpoint, in a variant folder ``integrity.check_variant`` finds intact (the seal of its metrics.json, every
+    file it binds, each seed's samples against their recorded digest), as reuse requires. Plans that allocate the
+    same formats (a learned predictor that kept its prior, one uniform plan under two budgets) then cost one
+    sampling, not two. Samples of another machine are lent as its whole results would be reused (to ~1e-6,
+    docs/evaluation.md); the borrower records that machine."""
     run = storage.run_dir(cfg)
     want = (samples_key, eval_fingerprint(cfg), checkpoint_sha256)
     for name in sorted(os.listdir(run)) if os.path.isdir(run) else []:
@@ -339,20 +340,13 @@ def twin_samples(cfg, variant, samples_key, checkpoint_sha256):
             m = storage.load_json(path)
         except (storage.CorruptFileError, FileNotFoundError):
             continue
-        if not isinstance(m, dict) or storage.seal_ok(m) is not True or (
-                m.get("samples_key"), m.get("eval_fingerprint"), m.get("checkpoint_sha256")) != want:
+        if not isinstance(m, dict) or (m.get("samples_key"), m.get("eval_fingerprint"),
+                                       m.get("checkpoint_sha256")) != want:
             continue
-        samples = {}
-        for seed in cfg.eval.seeds:
-            expected = (m.get("per_seed") or {}).get(str(seed), {}).get("samples_sha256")
-            try:
-                x01 = storage.load_torch(os.path.join(run, name, f"samples_seed{seed}.pt"))
-            except (storage.CorruptFileError, FileNotFoundError):
-                break
-            if not isinstance(x01, torch.Tensor) or metrics.tensor_digest(x01) != expected:
-                break
-            samples[seed] = x01
-        else:
+        folder = os.path.join(run, name)
+        if integrity.first_problem(integrity.check_variant(folder)) is None:
+            samples = {seed: storage.load_torch(os.path.join(folder, f"samples_seed{seed}.pt"))
+                       for seed in cfg.eval.seeds}
             return name, samples, m.get("samples_machine") or m.get("machine")
     return None
 
