@@ -324,6 +324,62 @@ def test_a_search_is_keyed_by_its_start_not_by_the_candidates_that_lost(tmp_path
         first["inputs"]["proposer_costs"]  # another proposer: a search of its own
 
 
+def test_probed_and_geometric_mean_searches_are_records_of_their_own(tmp_path, monkeypatch):
+    """lowbit.search_probe and lowbit.search_statistic: each a search of its own (the default's record reused when
+    they are off again); the probed search's finalists stay within the budget though its probes may not; the
+    geometric mean is the judge's statistic over the images' paired MSEs."""
+    from types import SimpleNamespace
+
+    from common.experiments import lowbit
+    from common.importance.weights import costs_from_scores, random_scores
+
+    over = [f"run.out_dir={tmp_path}/runs", "lowbit.search_evals=30"]
+    cfg = lowbit.lowbit_config(load_config(SMOKE, over))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size)
+    table = lowbit.Table(cfg, model, "0" * 64, progress=False)
+    truth = costs_from_scores(random_scores(table.names, 1), table.errors)
+    calls = []
+
+    def fake_judge(*args, **kwargs):
+        def fitness(c):
+            calls.append(c)
+            return sum(truth[n][f] for n, f in c.items())
+        return fitness
+
+    monkeypatch.setattr(lowbit, "search_judge", fake_judge)
+    sens = SimpleNamespace(prior="chain_fisher", interaction=None, predictor=None,
+                           costs={"chain_fisher": costs_from_scores(random_scores(table.names, 2), table.errors)})
+
+    def search(*extra):
+        c = lowbit.lowbit_config(load_config(SMOKE, [*over, *extra]))
+        calls.clear()
+        return lowbit.ensure_search(c, model, table, sens, "uniform", "3bits", "0" * 64, progress=False)
+
+    plain = search()
+    assert "probe" not in plain["inputs"] and "statistic" not in plain["inputs"] and calls
+    probed = search("lowbit.search_probe=5")
+    bits, limit = table.menu_bits("uniform"), probed["inputs"]["limit_bits"]
+    assert probed["inputs"]["probe"] == 5 and any(r.get("probe") for r in probed["trace"]) and calls
+    assert all(sum(bits[n][f] for n, f in r["config"].items()) <= limit for r in probed["finalists"])
+    assert search("lowbit.search_statistic=geomean")["inputs"]["statistic"] == "geomean" and calls
+    assert search()["choice"] == plain["choice"] and calls == []  # both off: the first record again
+    monkeypatch.undo()
+    per_image = torch.tensor([1e-4, 1e-4, 1e-4, 1e-1])  # one chain landed on another digit
+
+    class FakeMeasurer:
+        def measure_images(self, config, seed):
+            return per_image
+
+    monkeypatch.setattr(lowbit, "make_measurer", lambda *a, **k: FakeMeasurer())
+    for statistic, want in (("mean", per_image.mean()), ("geomean", per_image.log().mean().exp())):
+        c = lowbit.lowbit_config(load_config(SMOKE, [*over, f"lowbit.search_statistic={statistic}"]))
+        assert lowbit.search_judge(c, model, table)({}) == pytest.approx(float(want))
+    assert lowbit.search_judge(c, model, table, per_image=True)({}) == pytest.approx(per_image.tolist())
+    with pytest.raises(ConfigError, match="lowbit.search_statistic"):
+        load_config(SMOKE, ["lowbit.search_statistic=median"])
+
+
 def test_a_reranked_search_keeps_its_best_on_fresh_noise_in_a_record_of_its_own(tmp_path, monkeypatch):
     """lowbit.search_rerank: the search's best few (its starts among them) measured again on the re-ranking's noise,
     the least there its choice, its own best kept beside; the re-ranking is a record of its own, so turning it on or

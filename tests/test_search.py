@@ -6,7 +6,15 @@ import json
 import numpy as np
 import pytest
 
-from common.experiments.search import bops_options, complete_move, finalists, measured_search, plot_trace, rerank
+from common.experiments.search import (
+    bops_options,
+    calibrated_costs,
+    complete_move,
+    finalists,
+    measured_search,
+    plot_trace,
+    rerank,
+)
 from common.quant.allocate import allocate
 
 FORMATS = ("int8", "int4", "int3", "int2")
@@ -165,3 +173,54 @@ def test_rerank_keeps_the_best_on_fresh_noise_not_the_judges_lucky_one():
     assert len(rerank(best, 50, again)[1]) == 6
     with pytest.raises(ValueError, match="keep >= 1"):
         rerank(best, 0, again)
+
+
+def test_calibrated_costs_take_the_measured_step_and_keep_the_predictors_shape_beyond_it():
+    bits = {"a": {"int8": 8, "int4": 4, "int3": 3, "int2": 2}, "b": {"int8": 8, "int4": 4, "int3": 3, "int2": 2}}
+    costs = {"a": {"int8": 0.0, "int4": 1.0, "int3": 4.0, "int2": 16.0}, "b": {"int8": 0.0, "int4": 1.0, "int3": 4.0,
+                                                                             "int2": 16.0}}
+    config = {"a": "int4", "b": "int4"}
+    # a: lowering measured 6 (predicted 3: twice as bad) and raising -0.5 (predicted -1); b: raising measured +0.2,
+    # against the predictor's sign: the measured step kept, nothing scaled beyond it
+    local = calibrated_costs(costs, config, bits, {"a": {"int3": 6.0, "int8": -0.5}, "b": {"int8": 0.2}})
+    assert local["a"] == pytest.approx({"int4": 0.0, "int3": 6.0, "int2": 30.0, "int8": -0.5})
+    assert local["b"] == pytest.approx({"int4": 0.0, "int8": 0.2, "int3": 3.0, "int2": 15.0})  # down: not measured
+    assert calibrated_costs(costs, config, bits, {})["a"] == pytest.approx({"int8": -1.0, "int4": 0.0, "int3": 3.0,
+                                                                            "int2": 15.0})
+
+
+def test_probes_correct_a_predictor_that_misranks_the_tensors():
+    """The predictor is the true sensitivities shuffled among the tensors. Calibrated by measured one-step probes,
+    the search reaches less damage in the same 100 measurements than the predictor alone proposing (here on 9 of
+    10 problems, 15% less in all; the probes cost up to 2 per tensor, spent only on the tensors of the moves
+    ranked best); a probe over the budget is never kept, and nothing is measured twice."""
+    wins, totals = 0, [0.0, 0.0]
+    for seed in range(10):
+        bits, costs, damage = _problem(n=20, seed=seed)
+        limit = int(0.45 * sum(b["int8"] for b in bits.values()))
+        names = sorted(costs)
+        perm = np.random.default_rng(seed + 10).permutation(len(names))
+        wrong = {n: costs[names[perm[i]]] for i, n in enumerate(names)}
+        start, _ = allocate(wrong, bits, 0, limit)
+        measured = []
+
+        def measure(c, measured=measured, damage=damage):
+            measured.append(json.dumps(c, sort_keys=True))
+            return damage(c)
+
+        probed, trace = measured_search(start, bits, limit, wrong, measure, 60, 100, seed=seed, probe=30)
+        plain, _ = measured_search(start, bits, limit, wrong, damage, 60, 100, seed=seed)
+        wins += damage(probed) < damage(plain)
+        totals[0] += damage(probed)
+        totals[1] += damage(plain)
+        assert len(measured) == len(set(measured)) == len(trace) == 101
+        assert any(r.get("probe") for r in trace)
+        fits = []
+        for r, m in zip(trace, measured, strict=True):
+            within = sum(bits[n][f] for n, f in json.loads(m).items()) <= limit
+            assert within or not r["accepted"]
+            fits += [r["fitness"]] if within else []
+        assert trace[-1]["best"] == damage(probed) == min(fits) and sum(bits[n][f] for n, f in probed.items()) <= limit
+    assert wins >= 7 and totals[0] < 0.9 * totals[1], (wins, totals)
+    with pytest.raises(ValueError, match="two proposers"):
+        measured_search(start, bits, limit, wrong, damage, 60, 10, probe=30, rank=lambda cs: [0.0] * len(cs))

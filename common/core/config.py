@@ -397,6 +397,12 @@ class LowbitConfig:
     search_evals: int = _spec(300, lo=1, doc="at most this many measured configurations per search")
     search_images: int = _spec(16, lo=2, doc="images of calibration noise per measured configuration of the search")
     search_seed: int = 7200      # the search's calibration noise: not the noise the plans are scored on
+    search_probe: int = _spec(0, lo=0, doc="> 0: the search's proposer calibrated by measured one-step probes of every "
+                              "tensor where the search stands, all probed again after this many rejected moves in a "
+                              "row (0 = the predictor alone proposes)")
+    search_statistic: Literal["mean", "geomean"] = _spec(
+        "mean", doc="the weight search's fitness over its images' paired MSEs: their mean, or their geometric mean "
+        "(less swayed by the few images whose chain lands on another digit)")
     search_rerank: int = _spec(0, lo=0, hi=32, doc="the search's best this many re-measured on fresh noise "
                                "(rerank_images, rerank_seed) and the best there kept: its own best is partly its "
                                "judge's luck (0 = off; at most the 32 its record keeps)")

@@ -620,6 +620,7 @@ class Sensitivities:
             self.jvp_plan = [cache.get(c, one) for c in held]
             cache.save()
         self.search_fitness = None  # the search's own judge on the held-out configurations: a measurement, not a model
+        self.search_statistic = lb.search_statistic  # how the judge sums up those images
         if "search" in lb.plans and self.measured is not None:
             self.search_fitness = heldout_search_fitness(cfg, model, table, self.measured, sha, device)
         self.iterative = {}  # (menu, size): (choice, diag, history, seconds), or the InfeasibleBudgetError
@@ -651,7 +652,8 @@ SEARCH_STARTS = ("chain_fisher", "fisher", "learned", "chain_output", "jvp", "ma
 
 def search_judge(cfg, model, table, device="cpu", per_image=False, act=None, rerank=False):
     """fitness(configuration): the measured search's judge, the paired MSE of ``lowbit.search_images`` images
-    under ``lowbit.search_seed`` (its measurer built at the first call); ``per_image``: each image's, as a list;
+    under ``lowbit.search_seed`` (its measurer built at the first call), their mean or geometric mean
+    (``lowbit.search_statistic``); ``per_image``: each image's, as a list;
     ``act``: an activation quantizer kept attached to the measured model (else float activations); ``rerank``:
     the re-ranking's instead (``lowbit.rerank_images`` under ``lowbit.rerank_seed``).
     One definition for the search and for the held-out τ rows that say how far the search can trust it."""
@@ -666,7 +668,7 @@ def search_judge(cfg, model, table, device="cpu", per_image=False, act=None, rer
             if act is not None:
                 act.attach(measurer.work)
         images_mse = measurer.measure_images(c, seed)
-        return images_mse.tolist() if per_image else float(images_mse.mean())
+        return images_mse.tolist() if per_image else float(quality.image_statistic(images_mse, lb.search_statistic))
 
     return fitness
 
@@ -680,18 +682,23 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
     ``lowbit.search_seed`` — with float activations, or (``a_bits``, plan ``search_act``) every quantized input at
     those bits with their ranges, as the budget's variant runs. ``proposer="interaction"`` (plan
     ``search_interaction``): the interaction predictor orders the proposed moves (the additive costs still pay for
-    them). Cached in ``search_<menu>_<size>[_A<bits>[_mse]][_interaction].json`` (the wall clock makes a rerun
-    differ: a cached result is reused, not redone), keyed by the plan it starts from, not by the candidates that
-    lost: a run with another list of plans reuses it whenever the same plan wins. The candidates' fitness is
-    cached per plan in ``search_starts_<menu>[_A<bits>[_mse]].json``. With ``lowbit.search_rerank`` its best few
-    are measured again on the re-ranking's noise and the best there is its ``choice`` (``search_choice``: its own)."""
+    them). Cached in ``search_<menu>_<size>[_A<bits>[_mse]][_geomean][_probe<n>][_interaction].json`` (the wall
+    clock makes a rerun differ: a cached result is reused, not redone), keyed by the plan it starts from, not by the
+    candidates that lost: a run with another list of plans reuses it whenever the same plan wins. The candidates'
+    fitness is cached per plan in ``search_starts_<menu>[_A<bits>[_mse]][_geomean].json``. With
+    ``lowbit.search_rerank`` its best few are measured again on the re-ranking's noise and the best there is its
+    ``choice`` (``search_choice``: its own)."""
     lb = cfg.lowbit
     # searches of both range methods are kept apart, as their variants are
     judged_at = "" if a_bits is None else f"_A{a_bits}{_range_tag(lb.range_method)}"
     ranked = proposer == "interaction"
     if ranked and sens.interaction is None:
         raise ValueError("the interaction-proposed search needs the interaction predictor (lowbit.interaction_configs)")
-    path = _cache(cfg, f"search_{menu}_{budget_tag(size)}{judged_at}{'_interaction' if ranked else ''}.json")
+    # kept apart by judge and proposer, so switching either back finds its record again
+    judged_by = "" if lb.search_statistic == "mean" else f"_{lb.search_statistic}"
+    probed = f"_probe{lb.search_probe}" if lb.search_probe and not ranked else ""
+    path = _cache(cfg, f"search_{menu}_{budget_tag(size)}{judged_at}{judged_by}{probed}"
+                       f"{'_interaction' if ranked else ''}.json")
     prior = sens.prior
     propose_by = "learned" if "learned" in sens.costs else prior
     limit = budget_bits(size, table.total) - table.fixed
@@ -701,6 +708,8 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
     plans = {k: allocate(menu_costs[k], table.menu_bits(menu), table.fixed, limit + table.fixed)[0] for k in names}
     # everything its judge's measurements depend on (the menu, keep_format, rounding, ...)
     judge_inputs = measurer_inputs(cfg, table, sha, lb.search_images)
+    statistic = {} if lb.search_statistic == "mean" else {"statistic": lb.search_statistic}  # older records: mean
+    judge_inputs.update(statistic)
     act_inputs = None if a_bits is None else {
         "a_bits": a_bits, "ranges": _ranges_inputs(cfg, sha, [a_bits]), "range_mode": lb.range_mode,
         **quantizer_inputs(cfg)}
@@ -722,7 +731,7 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
 
     starts, starts_seconds = {}, 0.0
     if len(plans) > 1:  # two sensitivities may allocate the same plan (the learned one keeps the chain-aware's)
-        cache = ConfigCache(_cache(cfg, f"search_starts_{menu}{judged_at}.json"),
+        cache = ConfigCache(_cache(cfg, f"search_starts_{menu}{judged_at}{judged_by}.json"),
                             {**judge_inputs, "seed": lb.search_seed, "act": act_inputs})
         try:
             got = {k: cache.get(c, timed) for k, c in plans.items()}
@@ -740,6 +749,8 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
               # other moves even where the start plans come out the same
               "proposer_costs": storage.fingerprint(menu_costs[propose_by]),
               "seconds": lb.search_seconds, "evals": lb.search_evals, "seed": lb.search_seed, "limit_bits": limit}
+    if lb.search_probe and not ranked:  # the additive proposer calibrated by measurement (records without keep keys)
+        inputs["probe"] = lb.search_probe
     if ranked:  # the model that orders the moves: its data (size and measurements) and its fitted weights
         inputs["rank_by"] = {**sens.interaction.describe(), "configurations": lb.interaction_configs,
                              "weights": storage.fingerprint([float(w) for w in sens.interaction.weights])}
@@ -755,7 +766,8 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
                       sens.interaction.predict_log if ranked else None, fitness, seen, path, mine)
     art = {**art, **mine}
     if lb.search_rerank:
-        art = _reranked(cfg, art, path, {**measurer_inputs(cfg, table, sha, lb.rerank_images), "act": act_inputs},
+        art = _reranked(cfg, art, path, {**measurer_inputs(cfg, table, sha, lb.rerank_images), "act": act_inputs,
+                                         **statistic},
                         judge(fresh=True))
     return art
 
@@ -773,11 +785,16 @@ def _search(cfg, table, menu, size, inputs, costs, rank, fitness, measured, path
         return measured[key]
 
     t0 = time.time()
-    choice, trace = measured_search(start, table.menu_bits(menu), inputs["limit_bits"], costs, once,
-                                    lb.search_seconds, lb.search_evals, seed=lb.search_seed, rank=rank)
+    bits = table.menu_bits(menu)
+    choice, trace = measured_search(start, bits, inputs["limit_bits"], costs, once,
+                                    lb.search_seconds, lb.search_evals, seed=lb.search_seed, rank=rank,
+                                    probe=inputs.get("probe", 0))
     art = {"inputs": inputs, "choice": choice, "trace": trace, "seconds": round(time.time() - t0, 1), **mine,
            "start_by": start_by, "changed": sum(choice[n] != start[n] for n in choice),
-           "finalists": finalists(measured, FINALISTS)}
+           # a probe may leave the budget: only configurations within it are finalists
+           "finalists": finalists({k: v for k, v in measured.items()
+                                   if sum(bits[n][f] for n, f in json.loads(k).items()) <= inputs["limit_bits"]},
+                                  FINALISTS)}
     storage.atomic_write_record(art, path)
     begun = f" from {start_by}'s plan (of {', '.join(f'{k} {v:.3g}' for k, v in starts.items())})" if starts else ""
     judged = "" if "act" not in inputs else f" judged at A{inputs['act']['a_bits']}"
@@ -1136,7 +1153,8 @@ def heldout_predictions(sens, table, configs) -> dict:
     if getattr(sens, "jvp_plan", None) is not None:
         preds["jvp_plan"] = np.array(sens.jvp_plan)
     if getattr(sens, "search_fitness", None) is not None:
-        preds[SEARCH_FITNESS] = np.array(sens.search_fitness).mean(1)  # per configuration: its images' mean
+        # per configuration: its images' statistic, as the search judges
+        preds[SEARCH_FITNESS] = quality.image_statistic(sens.search_fitness, sens.search_statistic, 1)
     return preds
 
 
@@ -1150,7 +1168,7 @@ def predictor_quality(sens, table, seed=0) -> dict:
                                   m["retest"], m["avg_bits"][hold], seed=seed)
     if getattr(sens, "search_fitness", None) is not None:
         q["judge_sizes"] = quality.judge_size_tau(np.array(sens.search_fitness), m["measured"][hold],
-                                                  m["avg_bits"][hold])
+                                                  m["avg_bits"][hold], sens.search_statistic)
     curve = getattr(sens, "interaction_curve", None)
     if curve:
         held = m["configs"][hold]
@@ -1309,7 +1327,12 @@ def summary_markdown(cfg, done, notes, sens, table, q, seconds=None) -> str:
         lines += [f"| {r['tensor']} | {r['op']} | {r['learned_rank'] or '–'} | {r['fisher_rank']} |" for r in top]
     lines += ["", "![lowbit](lowbit.png)", "", "![layer sensitivity](lowbit_layers.png)"]
     if sens.search or sens.search_act or sens.search_interaction:
-        lines += ["", "![measured search](lowbit_search.png)"]
+        lb = cfg.lowbit
+        how = "geometric mean" if lb.search_statistic == "geomean" else "mean"
+        probed = (f"; moves proposed by the predictor calibrated with measured one-step probes (`search_probe` "
+                  f"{lb.search_probe})" if lb.search_probe else "")
+        lines += ["", f"The weight searches' fitness: the {how} of {lb.search_images} images' paired MSE under seed "
+                  f"{lb.search_seed}{probed}.", "", "![measured search](lowbit_search.png)"]
     lines += rerank_lines(cfg.lowbit, sens)
     joint = {k: a for k, a in sens.act_search.items() if not isinstance(a, InfeasibleBudgetError)}
     if joint:

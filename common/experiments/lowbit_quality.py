@@ -68,18 +68,31 @@ def predictor_quality(preds: dict, measured: list, retest: list, bits, n_boot: i
             "band_counts": [int(((bits >= lo) & (bits < hi)).sum()) for lo, hi in BANDS]}
 
 
-def judge_size_tau(per_image, measured: list, bits) -> dict:
+def image_statistic(per_image, statistic="mean", axis=-1):
+    """A judge's fitness from its images' paired MSEs (along ``axis``): their mean, or (``geomean``) their geometric
+    mean, floored at 1e-12 so an image reproduced exactly is not -inf. The geometric mean is less swayed by the few
+    images whose quantized chain lands on another digit: at 16 images it ordered the released U-Net's searched
+    3-bit plans as 256 images' mean does in 81% of pairs, the mean in 71% (docs/lowbit.md)."""
+    per_image = np.asarray(per_image, float)
+    if statistic == "geomean":
+        return np.exp(np.log(np.maximum(per_image, 1e-12)).mean(axis))
+    if statistic != "mean":
+        raise ValueError(f"image_statistic: statistic must be 'mean' or 'geomean', got {statistic!r}")
+    return per_image.mean(axis)
+
+
+def judge_size_tau(per_image, measured: list, bits, statistic="mean") -> dict:
     """How many sampled images a measurement needs to rank within a band: the judge's per-image damages
     (configurations x images) split into disjoint groups of k images (k = 1, 2, 4, ... up to all of them); per
-    band, the mean and the lowest Kendall tau of a group's mean damage against the held-out mean damage.
-    {k: {band: {"mean", "min", "groups"}}}."""
+    band, the mean and the lowest Kendall tau of a group's damage (``image_statistic``) against the held-out mean
+    damage. {k: {band: {"mean", "min", "groups"}}}."""
     per_image, bits = np.asarray(per_image, float), np.asarray(bits, float)
     y = np.array([r["mse_mean"] for r in measured])
     n = per_image.shape[1]
     sizes = sorted({min(2 ** i, n) for i in range(n.bit_length())} | {n})
     out = {}
     for k in sizes:
-        groups = [per_image[:, j:j + k].mean(1) for j in range(0, n - k + 1, k)]
+        groups = [image_statistic(per_image[:, j:j + k], statistic, 1) for j in range(0, n - k + 1, k)]
         out[str(k)] = {}  # str: the same keys after a round trip through predictors.json
         for lo, hi in BANDS:
             sel = (bits >= lo) & (bits < hi)

@@ -19,6 +19,15 @@ and moves by measurement:
   noise the plans are scored on); a move is kept when it lowers the fitness ((1+1) hill climbing: first
   improvement, the best so far kept), and a configuration is never measured twice;
 * it stops after ``seconds`` of wall clock or ``max_evals`` measurements, whichever comes first;
+* optionally (``probe``) the proposer is corrected by measurement where the search stands: every tensor's one
+  format step up and one step down, each alone, are measured from the current configuration (a probe may leave
+  the budget: it is never a candidate), the predictor's costs of each tensor are rescaled per direction so that
+  its one-step changes equal the measured ones, and of every move (not ``proposals`` random ones) the one whose
+  completion the rescaled costs rank lowest is measured, paid for by them too. The tensors a kept move changed
+  are probed again at once, all of them after ``probe`` rejected candidates in a row. Near the optimum the
+  predictor ranks neighbouring moves no better than chance, yet a single step's measured effect is the judge's
+  own number: the released U-Net's 3-bit search found its largest gain (one tensor raised to int4, predicted
+  harmful) only at its 384th move without it;
 * optionally (``rerank``) its best few are measured again on fresh noise and the best there is the result: the
   search keeps whatever its small judge scored lowest, so its own best is partly the judge's luck (the winner's
   curse: on the retest noise the released U-Net's 3.5-bit search ended on its 21st-best visited configuration).
@@ -91,31 +100,119 @@ def complete_move(config, n, f, bits, limit, costs):
     return new, delta
 
 
+def calibrated_costs(costs, config, bits, steps, scale=1.0) -> dict:
+    """{tensor: {format: cost}} relative to ``config`` (its own format 0): the predictor's ``costs`` of each tensor
+    scaled, separately up and down, by the measured change of its adjacent format (``steps`` {tensor: {format:
+    measured change of fitness}}), so that the one-step changes are the measured ones and the farther formats
+    keep the predictor's shape. Where the predictor's step is zero or of the other sign, the measured step is kept
+    and the predictor's differences beyond it are added unscaled; a direction not measured keeps the predictor
+    times ``scale`` (its units turned into the measurement's)."""
+    out = {}
+    for n, formats in bits.items():
+        c0, here = costs[n][config[n]], bits[n][config[n]]
+        row = {f: (costs[n][f] - c0) * scale for f in formats}
+        for g, d in steps.get(n, {}).items():
+            pred = costs[n][g] - c0
+            ratio = d / pred if pred * d > 0 else scale
+            for f in formats:
+                if (bits[n][f] - here) * (bits[n][g] - here) > 0:  # the same direction as the measured step
+                    row[f] = d + (costs[n][f] - costs[n][g]) * ratio
+        out[n] = row
+    return out
+
+
 def measured_search(start, bits, limit, costs, measure, seconds, max_evals, seed=0, proposals=8, explore=0.2,
-                    rank=None):
+                    rank=None, probe=0):
     """(best configuration, trace). ``start``: {tensor: format} within ``limit`` stored bits of the tensors
     (``bits`` {tensor: {format: bits}} over the menu); ``costs``: the predictor, {tensor: {format: cost}};
     ``measure(config) -> fitness`` (lower is better); ``rank(configs) -> scores`` (lower is better), when given,
-    orders the proposals instead of ``costs``. Trace: one row per measurement, the start first."""
+    orders the proposals instead of ``costs``; ``probe`` > 0: the predictor calibrated by measured one-step probes
+    (module docstring), every tensor probed again after that many rejected candidates in a row. Trace: one row per
+    measurement, the start first; a probe's row has ``"probe": True`` (accepted only where it fits the budget and
+    does better)."""
     if _used(start, bits) > limit:
         raise ValueError(f"the start uses {_used(start, bits)} bits, over the limit {limit}")
+    if probe and rank is not None:
+        raise ValueError("measured_search: probe and rank are two proposers; give one")
     rng = np.random.default_rng(seed)
     t0 = time.time()
     current, fit = dict(start), measure(start)
-    seen = {tuple(sorted(start.items()))}
+    values = {tuple(sorted(start.items())): fit}  # every configuration measured, probes included: never twice
     trace = [{"eval": 0, "seconds": round(time.time() - t0, 2), "fitness": fit, "best": fit, "move": "start",
               "accepted": True, "predicted_delta": 0.0}]
     names = sorted(n for n in bits if len(bits[n]) > 1)  # a one-format menu leaves its tensor nothing to move to
     stale = 0 if names else 20  # proposal rounds that found nothing new (no tensor can move: none)
-    while len(trace) < max_evals + 1 and time.time() - t0 < seconds and stale < 20:
-        candidates = []
-        for _ in range(proposals):
-            n = names[rng.integers(len(names))]
-            options = [f for f in bits[n] if f != current[n]]
-            f = options[rng.integers(len(options))]
-            done = complete_move(current, n, f, bits, limit, costs)
-            if done is not None and tuple(sorted(done[0].items())) not in seen:
-                candidates.append((done[1], n, f, done[0]))
+
+    def running():
+        return len(trace) < max_evals + 1 and time.time() - t0 < seconds
+
+    steps, ratios, rejected = {}, [], 0
+
+    def probe_tensors(tensors):  # each tensor's adjacent formats measured alone, relative to ``fit``
+        nonlocal current, fit
+        queue = list(tensors)
+        while queue:
+            n = queue.pop(0)
+            order = _steps(bits, n)
+            i = order.index(current[n])
+            steps[n] = {}
+            for g in order[max(i - 1, 0):i] + order[i + 1:i + 2]:
+                config = {**current, n: g}
+                key = tuple(sorted(config.items()))
+                if key not in values:
+                    if not running():
+                        return
+                    values[key] = measure(config)
+                    # a step down that fits and does better is a move like any other: kept, its tensor probed again
+                    kept = values[key] < fit and _used(config, bits) <= limit
+                    if kept:
+                        current, fit = config, values[key]
+                        queue.append(n)
+                    trace.append({"eval": len(trace), "seconds": round(time.time() - t0, 2), "fitness": values[key],
+                                  "best": fit, "move": f"probe {n} -> {g}", "accepted": kept, "predicted_delta":
+                                  float(costs[n][g] - costs[n][order[i]]), "probe": True})
+                    if kept:
+                        break
+                steps[n][g] = d = values[key] - fit
+                pred = costs[n][g] - costs[n][order[i]]
+                if pred * d > 0:
+                    ratios.append(d / pred)
+
+    def ranked(local):
+        moves = [(n, f) for n in names for f in bits[n] if f != current[n]]
+        out = []
+        for n, f in moves:
+            done = complete_move(current, n, f, bits, limit, local)
+            if done is not None and tuple(sorted(done[0].items())) not in values:
+                out.append((done[1], n, f, done[0]))
+        return sorted(out, key=lambda c: c[0])
+
+    while running() and stale < 20:
+        if probe:
+            # lazily: the best-ranked move's tensors are probed before it is measured, then everything is ranked
+            # again, until the best-ranked move touches only probed tensors (the rest keep the predictor, scaled)
+            while running():
+                local = calibrated_costs(costs, current, bits, steps, float(np.median(ratios)) if ratios else 1.0)
+                candidates = ranked(local)
+                fresh = [m for m in names if candidates and candidates[0][3][m] != current[m] and m not in steps]
+                if not fresh:
+                    break
+                probe_tensors(fresh)
+            if not running():
+                break
+            if candidates and rng.random() < explore:
+                candidates = [candidates[rng.integers(len(candidates))]]
+        else:
+            moves = []
+            for _ in range(proposals):
+                n = names[rng.integers(len(names))]
+                options = [f for f in bits[n] if f != current[n]]
+                moves.append((n, options[rng.integers(len(options))]))
+            candidates = []
+            for n, f in moves:
+                done = complete_move(current, n, f, bits, limit, costs)
+                if done is not None and tuple(sorted(done[0].items())) not in values:
+                    candidates.append((done[1], n, f, done[0]))
         if not candidates:
             stale += 1
             continue
@@ -124,15 +221,23 @@ def measured_search(start, bits, limit, costs, measure, seconds, max_evals, seed
         if rank is not None:  # a stable sort: on a tie the additive prediction decides
             scores = np.asarray(rank([c[3] for c in candidates]), dtype=float)
             candidates = [candidates[i] for i in np.argsort(scores, kind="stable")]
-        pick = candidates[rng.integers(len(candidates))] if rng.random() < explore else candidates[0]
+        pick = candidates[rng.integers(len(candidates))] if not probe and rng.random() < explore else candidates[0]
         delta, n, f, config = pick
-        seen.add(tuple(sorted(config.items())))
-        value = measure(config)
+        value = values[tuple(sorted(config.items()))] = measure(config)
         accepted = value < fit
+        changed = [m for m in names if config[m] != current[m]]
         if accepted:
             current, fit = config, value
         trace.append({"eval": len(trace), "seconds": round(time.time() - t0, 2), "fitness": value, "best": fit,
                       "move": f"{n} -> {f}", "accepted": bool(accepted), "predicted_delta": float(delta)})
+        if probe:
+            rejected = 0 if accepted else rejected + 1
+            if accepted:  # the tensors it moved stand elsewhere now (the others' steps are kept: approximately so)
+                for m in changed:
+                    steps.pop(m, None)
+            if rejected >= probe:  # the probes have aged: measured again as the moves need them
+                steps.clear()
+                rejected = 0
     return current, trace
 
 
@@ -173,11 +278,16 @@ def plot_trace(traces: dict, path: str) -> str:
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (label, trace) in enumerate(traces.items()):
         x = [r["eval"] for r in trace]
-        ax.scatter(x, [r["fitness"] for r in trace], s=8, color=f"C{i}", alpha=0.5)
+        moves = [r for r in trace if not r.get("probe")]
+        probes = [r for r in trace if r.get("probe")]  # one tensor stepped alone (may leave the budget)
+        ax.scatter([r["eval"] for r in moves], [r["fitness"] for r in moves], s=8, color=f"C{i}", alpha=0.5)
+        if probes:
+            ax.scatter([r["eval"] for r in probes], [r["fitness"] for r in probes], s=8, color=f"C{i}", alpha=0.3,
+                       marker="x")
         ax.plot(x, [r["best"] for r in trace], color=f"C{i}", label=f"{label} (best so far)")
     ax.set_yscale("log")
     ax.set_xlabel("measured configurations")
     ax.set_ylabel("paired MSE vs fp32 (search batch)")
-    ax.set_title("measured search: fitness against evaluations (dots: every candidate)")
+    ax.set_title("measured search: fitness against evaluations (dots: candidates, crosses: probes)")
     ax.legend(fontsize=7)
     return save_figure(fig, path)
