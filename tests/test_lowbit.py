@@ -361,7 +361,8 @@ def test_probed_and_geometric_mean_searches_are_records_of_their_own(tmp_path, m
     probed = search("lowbit.search_probe=5")
     bits, limit = table.menu_bits("uniform"), probed["inputs"]["limit_bits"]
     assert probed["inputs"]["probe"] == 5 and any(r.get("probe") for r in probed["trace"]) and calls
-    assert all(sum(bits[n][f] for n, f in r["config"].items()) <= limit for r in probed["finalists"])
+    assert any(sum(bits[n][f] for n, f in c.items()) > limit for c in calls)  # a probe left the budget ...
+    assert all(sum(bits[n][f] for n, f in r["config"].items()) <= limit for r in probed["finalists"])  # ... no finalist
     assert search("lowbit.search_statistic=geomean")["inputs"]["statistic"] == "geomean" and calls
     assert search()["choice"] == plain["choice"] and calls == []  # both off: the first record again
     monkeypatch.undo()

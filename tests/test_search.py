@@ -224,3 +224,29 @@ def test_probes_correct_a_predictor_that_misranks_the_tensors():
     assert wins >= 7 and totals[0] < 0.9 * totals[1], (wins, totals)
     with pytest.raises(ValueError, match="two proposers"):
         measured_search(start, bits, limit, wrong, damage, 60, 10, probe=30, rank=lambda cs: [0.0] * len(cs))
+
+
+def test_a_probe_that_fits_and_does_better_is_kept_like_a_move():
+    """A step down that frees bits and lowers the damage (errors that cancel) is a probe the search keeps: its row
+    is accepted, the best so far falls there, and nothing is measured twice."""
+    bits, costs, damage = _problem(seed=5)
+    limit = int(0.5 * sum(b["int8"] for b in bits.values()))
+    start, _ = allocate(costs, bits, 0, limit)
+    t = next(n for n in sorted(start) if start[n] in ("int8", "int4"))
+    lower = FORMATS[FORMATS.index(start[t]) + 1]
+
+    def cancelling(c):  # tensor t one step lower cancels another error
+        return damage(c) - (10.0 if c[t] == lower else 0.0)
+
+    measured = []
+
+    def measure(c):
+        measured.append(json.dumps(c, sort_keys=True))
+        return cancelling(c)
+
+    best, trace = measured_search(start, bits, limit, costs, measure, 60, 40, seed=0, explore=0.0, probe=30)
+    kept = [r for r in trace if r.get("probe") and r["accepted"]]
+    assert kept and any(r["move"] == f"probe {t} -> {lower}" for r in kept)
+    assert len(measured) == len(set(measured)) == len(trace)
+    assert all(a["best"] >= b["best"] for a, b in zip(trace, trace[1:], strict=False))
+    assert cancelling(best) == trace[-1]["best"] <= cancelling(start) - 10.0

@@ -882,8 +882,9 @@ def ensure_act_search(c, model, table, weights, menu, budget, sha, progress=True
     at ``weights`` (the ``search`` plan's formats): every quantized input's bits over ``act_quant.a_bits`` by the
     measured search (``experiments.search``) from every input at the budget's bits, within that start's BOPs —
     an input raised pays by lowering others — judged like the weight search (``lowbit.search_images`` images of
-    ``lowbit.search_seed``'s noise, now with the activations quantized), the activation Fisher proposing.
-    Cached in ``search_wa_<menu>_<size>_A<bits>[_mse].json``; {"bits": {module: bits}, "trace", ...}."""
+    ``lowbit.search_seed``'s noise, their ``lowbit.search_statistic``, now with the activations quantized), the
+    activation Fisher proposing. Cached in ``search_wa_<menu>_<size>_A<bits>[_mse][_geomean].json``;
+    {"bits": {module: bits}, "trace", ...}."""
     lb = c.lowbit
     size, a = parse_size_at_bits(budget)
     menu_a = sorted(c.act_quant.a_bits)
@@ -892,9 +893,11 @@ def ensure_act_search(c, model, table, weights, menu, budget, sha, progress=True
             "the activations stay float" if a is None else f"no input can go {'above' if a == menu_a[-1] else 'below'}"
                                                               f" {a} bits (act_quant.a_bits {c.act_quant.a_bits})")
                                     + ": nothing to search")
-    path = _cache(c, f"search_wa_{menu}_{budget_tag(size)}_A{a}{_range_tag(lb.range_method)}.json")
+    judged_by = "" if lb.search_statistic == "mean" else f"_{lb.search_statistic}"
+    path = _cache(c, f"search_wa_{menu}_{budget_tag(size)}_A{a}{_range_tag(lb.range_method)}{judged_by}.json")
     ac = _act_cfg(c)
-    inputs = {**measurer_inputs(c, table, sha, lb.search_images), "weights": weights, "a_bits": menu_a,
+    statistic = {} if lb.search_statistic == "mean" else {"statistic": lb.search_statistic}  # older records: mean
+    inputs = {**measurer_inputs(c, table, sha, lb.search_images), **statistic, "weights": weights, "a_bits": menu_a,
               "start_bits": a, "ranges": _ranges_inputs(c, sha, menu_a), "range_mode": lb.range_mode,
               "seconds": lb.act_search_seconds, "evals": lb.act_search_evals, "seed": lb.search_seed,
               **quantizer_inputs(c), "act_importance": act_importance_inputs(ac, lb.range_mode, sha)}
@@ -922,7 +925,8 @@ def ensure_act_search(c, model, table, weights, menu, budget, sha, progress=True
         q = act_quantizer(ac, model, {n: ranges[b][n] for n, b in bits.items()}, bits, lb.range_mode)
         q.attach(measurer.work)
         try:
-            return float(measurer.measure_images(weights, lb.search_seed).mean())
+            return float(quality.image_statistic(measurer.measure_images(weights, lb.search_seed),
+                                                 lb.search_statistic))
         finally:
             q.remove()
 
@@ -1329,7 +1333,7 @@ def summary_markdown(cfg, done, notes, sens, table, q, seconds=None) -> str:
     if sens.search or sens.search_act or sens.search_interaction:
         lb = cfg.lowbit
         how = "geometric mean" if lb.search_statistic == "geomean" else "mean"
-        probed = (f"; moves proposed by the predictor calibrated with measured one-step probes (`search_probe` "
+        probed = (f"; the additive proposer calibrated with measured one-step probes (`search_probe` "
                   f"{lb.search_probe})" if lb.search_probe else "")
         lines += ["", f"The weight searches' fitness: the {how} of {lb.search_images} images' paired MSE under seed "
                   f"{lb.search_seed}{probed}.", "", "![measured search](lowbit_search.png)"]

@@ -14,20 +14,24 @@ and moves by measurement:
   configurations, e.g. ``importance.interaction``: not additive, so it sees what a move does beside the rest)
   the candidates are ordered by its prediction of the completed configuration instead; the additive costs still
   pick how each move is paid for;
-* the *fitness* is measured: the mean paired MSE of the plan's samples against fp32 over a small batch of
+* the *fitness* is measured: the paired MSE of the plan's samples against fp32 over a small batch of
   calibration noise (``lowbit.search_images`` images, ``lowbit.search_seed``: neither an evaluation seed nor the
-  noise the plans are scored on); a move is kept when it lowers the fitness ((1+1) hill climbing: first
-  improvement, the best so far kept), and a configuration is never measured twice;
+  noise the plans are scored on), their mean or geometric mean (``lowbit.search_statistic``); a move is kept
+  when it lowers the fitness ((1+1) hill climbing: first improvement, the best so far kept), and a configuration
+  is never measured twice;
 * it stops after ``seconds`` of wall clock or ``max_evals`` measurements, whichever comes first;
-* optionally (``probe``) the proposer is corrected by measurement where the search stands: every tensor's one
-  format step up and one step down, each alone, are measured from the current configuration (a probe may leave
-  the budget: it is never a candidate), the predictor's costs of each tensor are rescaled per direction so that
-  its one-step changes equal the measured ones, and of every move (not ``proposals`` random ones) the one whose
-  completion the rescaled costs rank lowest is measured, paid for by them too. The tensors a kept move changed
-  are probed again at once, all of them after ``probe`` rejected candidates in a row. Near the optimum the
-  predictor ranks neighbouring moves no better than chance, yet a single step's measured effect is the judge's
-  own number: the released U-Net's 3-bit search found its largest gain (one tensor raised to int4, predicted
-  harmful) only at its 384th move without it;
+* optionally (``probe``) the proposer is corrected by measurement where the search stands: a tensor's one
+  format step up and one step down, each alone, are measured from the current configuration (a *probe*; it may
+  leave the budget and is then never kept; one that fits and does better is kept like a move), the predictor's
+  costs of that tensor are rescaled per direction so that its one-step changes equal the measured ones (the
+  unprobed tensors' by the median measured-to-predicted ratio), and of every move (not ``proposals`` random
+  ones) the one whose completion the rescaled costs rank lowest is measured, paid for by them too. Probing is
+  lazy: the best-ranked move's unprobed tensors are probed, everything is ranked again, until the best move
+  touches only probed tensors; a kept move's tensors are probed again when next needed, every tensor after
+  ``probe`` rejected moves in a row; ``explore`` still measures a random move (unprobed) that often. Near the
+  optimum the predictor ranks neighbouring moves no better than chance, yet a single step's measured effect is
+  the judge's own number. On the released U-Net it drove the judge's fitness lowest, and not the damage on fresh
+  noise (docs/lowbit.md): it is opt-in;
 * optionally (``rerank``) its best few are measured again on fresh noise and the best there is the result: the
   search keeps whatever its small judge scored lowest, so its own best is partly the judge's luck (the winner's
   curse: on the retest noise the released U-Net's 3.5-bit search ended on its 21st-best visited configuration).
@@ -105,8 +109,8 @@ def calibrated_costs(costs, config, bits, steps, scale=1.0) -> dict:
     scaled, separately up and down, by the measured change of its adjacent format (``steps`` {tensor: {format:
     measured change of fitness}}), so that the one-step changes are the measured ones and the farther formats
     keep the predictor's shape. Where the predictor's step is zero or of the other sign, the measured step is kept
-    and the predictor's differences beyond it are added unscaled; a direction not measured keeps the predictor
-    times ``scale`` (its units turned into the measurement's)."""
+    and the predictor's differences beyond it are added times ``scale``; a direction not measured keeps the
+    predictor times ``scale`` (its units turned into the measurement's)."""
     out = {}
     for n, formats in bits.items():
         c0, here = costs[n][config[n]], bits[n][config[n]]
@@ -129,7 +133,7 @@ def measured_search(start, bits, limit, costs, measure, seconds, max_evals, seed
     orders the proposals instead of ``costs``; ``probe`` > 0: the predictor calibrated by measured one-step probes
     (module docstring), every tensor probed again after that many rejected candidates in a row. Trace: one row per
     measurement, the start first; a probe's row has ``"probe": True`` (accepted only where it fits the budget and
-    does better)."""
+    does better); ``predicted_delta`` is in the predictor's units, with ``probe`` in the measurement's."""
     if _used(start, bits) > limit:
         raise ValueError(f"the start uses {_used(start, bits)} bits, over the limit {limit}")
     if probe and rank is not None:
@@ -146,7 +150,7 @@ def measured_search(start, bits, limit, costs, measure, seconds, max_evals, seed
     def running():
         return len(trace) < max_evals + 1 and time.time() - t0 < seconds
 
-    steps, ratios, rejected = {}, [], 0
+    steps, ratios, rejected = {}, {}, 0  # per probed tensor: measured change and measured / predicted, per step
 
     def probe_tensors(tensors):  # each tensor's adjacent formats measured alone, relative to ``fit``
         nonlocal current, fit
@@ -155,16 +159,18 @@ def measured_search(start, bits, limit, costs, measure, seconds, max_evals, seed
             n = queue.pop(0)
             order = _steps(bits, n)
             i = order.index(current[n])
-            steps[n] = {}
+            steps[n], ratios[n] = {}, {}
             for g in order[max(i - 1, 0):i] + order[i + 1:i + 2]:
+                if bits[n][g] == bits[n][current[n]]:  # no direction: a swap at equal bits is ranked, not probed
+                    continue
                 config = {**current, n: g}
                 key = tuple(sorted(config.items()))
                 if key not in values:
                     if not running():
                         return
-                    values[key] = measure(config)
-                    # a step down that fits and does better is a move like any other: kept, its tensor probed again
-                    kept = values[key] < fit and _used(config, bits) <= limit
+                    values[key] = float(measure(config))
+                    # a step that fits and does better is a move like any other: kept, its tensor probed again
+                    kept = bool(values[key] < fit and _used(config, bits) <= limit)
                     if kept:
                         current, fit = config, values[key]
                         queue.append(n)
@@ -176,7 +182,7 @@ def measured_search(start, bits, limit, costs, measure, seconds, max_evals, seed
                 steps[n][g] = d = values[key] - fit
                 pred = costs[n][g] - costs[n][order[i]]
                 if pred * d > 0:
-                    ratios.append(d / pred)
+                    ratios[n][g] = d / pred
 
     def ranked(local):
         moves = [(n, f) for n in names for f in bits[n] if f != current[n]]
@@ -191,16 +197,25 @@ def measured_search(start, bits, limit, costs, measure, seconds, max_evals, seed
         if probe:
             # lazily: the best-ranked move's tensors are probed before it is measured, then everything is ranked
             # again, until the best-ranked move touches only probed tensors (the rest keep the predictor, scaled)
+            wander = rng.random() < explore  # drawn first: a random move needs no probes
             while running():
-                local = calibrated_costs(costs, current, bits, steps, float(np.median(ratios)) if ratios else 1.0)
+                measured_ratios = [r for by in ratios.values() for r in by.values()]
+                local = calibrated_costs(costs, current, bits, steps,
+                                         float(np.median(measured_ratios)) if measured_ratios else 1.0)
                 candidates = ranked(local)
                 fresh = [m for m in names if candidates and candidates[0][3][m] != current[m] and m not in steps]
-                if not fresh:
+                if wander or not fresh:
                     break
                 probe_tensors(fresh)
             if not running():
                 break
-            if candidates and rng.random() < explore:
+            if not candidates:  # every move's completion measured: fresh probes may complete them otherwise
+                if not steps:
+                    break
+                steps.clear()
+                ratios.clear()
+                continue
+            if wander:
                 candidates = [candidates[rng.integers(len(candidates))]]
         else:
             moves = []
@@ -235,8 +250,10 @@ def measured_search(start, bits, limit, costs, measure, seconds, max_evals, seed
             if accepted:  # the tensors it moved stand elsewhere now (the others' steps are kept: approximately so)
                 for m in changed:
                     steps.pop(m, None)
+                    ratios.pop(m, None)
             if rejected >= probe:  # the probes have aged: measured again as the moves need them
                 steps.clear()
+                ratios.clear()
                 rejected = 0
     return current, trace
 
