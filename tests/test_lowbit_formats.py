@@ -204,3 +204,45 @@ def test_format_errors_name_the_value_and_what_is_valid():
     with pytest.raises(ValueError, match="element masks"):
         quantize_tensor(rand(4, 4), "int3", mask=torch.ones(4, 4, dtype=torch.bool))
     assert bits_of("int3_g64") == 3 and bits_of("km2t") == 2 and bits_of("fp32") == 32
+
+
+@pytest.mark.parametrize("fmt", ["int2m", "int3m", "int4m", "int2m_g64", "int3m_g32"])
+def test_midrise_formats_use_every_code_at_the_same_stored_bits(fmt):
+    """int<b>m: levels (k + 1/2) x scale for the stored k in -2^(b-1) .. 2^(b-1) - 1 (all 2^b codes; the symmetric
+    grid leaves one unused: int2 is ternary), scale max|w| / (2^(b-1) - 1/2); every element within half a step;
+    the same stored bits as the symmetric format and a lower error on Gaussian weights."""
+    spec, sym = format_spec(fmt), fmt.replace("m", "", 1)
+    assert spec.midrise and spec.bits == format_spec(sym).bits and spec.group == format_spec(sym).group
+    assert spec.qmax == 2 ** (spec.bits - 1) - 0.5 and spec.offset == 0.5
+    w = rand(24, 256, seed=3)
+    e = quantize_tensor(w, fmt, 0)
+    k = int_codes(e)
+    assert sorted(torch.unique(k).tolist()) == list(range(-2 ** (spec.bits - 1), 2 ** (spec.bits - 1)))
+    scale = e["scale"].float().repeat_interleave(spec.group, 1) if spec.group else e["scale"][:, None]
+    out = dequantize_tensor(e)
+    assert torch.equal(out, (k.float() + 0.5) * scale)
+    assert ((out - w).abs() <= scale / 2 * (1 + 1e-6)).all()
+    assert entry_bits(w.numel(), 24, fmt) == entry_bits(w.numel(), 24, sym)
+    assert (out - w).pow(2).mean() < 0.9 * (dequantize_tensor(quantize_tensor(w, sym, 0)) - w).pow(2).mean()
+
+
+def test_midrise_names_refuse_what_they_cannot_be():
+    for bad in ("int8m", "int8m_g64", "int2m_g48", "int2mm"):
+        with pytest.raises(ValueError, match="int4m, int3m, int2m|midrise|group size"):
+            format_spec(bad)
+    with pytest.raises(ValueError, match="element masks"):
+        quantize_tensor(rand(4, 8), "int4m", 0, mask=torch.ones(4, 8, dtype=torch.bool))
+    from common.quant.learnable import WeightQuant
+    with pytest.raises(ValueError, match="midrise"):
+        WeightQuant(rand(4, 8), "int3m", 0, "ste")
+
+
+def test_the_int8_kernel_scale_of_a_midrise_entry_makes_its_levels_exact_integers():
+    from common.quant.backends import _kernel_scale
+    e = quantize_tensor(rand(8, 40, seed=1), "int4m", 0)
+    odd = dequantize_tensor(e) / _kernel_scale(e)[:, None]
+    # within float rounding of odd integers, so the kernel's round(w / scale) gives back exactly 2k + 1
+    assert (odd - odd.round()).abs().max() < 1e-4 and (odd.round().remainder(2) == 1).all()
+    assert torch.equal(odd.round(), 2 * int_codes(e).float() + 1) and odd.abs().max() <= 15 + 1e-4
+    assert torch.equal(_kernel_scale(quantize_tensor(rand(8, 40), "int4", 0))[:2],
+                       quantize_tensor(rand(8, 40), "int4", 0)["scale"][:2])

@@ -275,14 +275,20 @@ def int8_plan(model, stored, time_path="int8", float_inputs=()) -> Int8Plan:
                 plan.kept[name] = f"ConvTranspose2d with a {' and '.join(extras)} (no sub-pixel rewrite carries it)"
             elif SubPixelConvTranspose.fits(mod):
                 plan.subpixel.append(mod_name)
-                plan.scales.update({f"{mod_name}.phases.{i}": e["scale"] for i in range(4)})
+                plan.scales.update({f"{mod_name}.phases.{i}": _kernel_scale(e) for i in range(4)})
             else:
                 plan.kept[name] = "ConvTranspose2d of another geometry than kernel 4, stride 2, padding 1"
         elif type(mod) in (nn.Conv2d, nn.Linear):
-            plan.scales[mod_name] = e["scale"]
+            plan.scales[mod_name] = _kernel_scale(e)
         else:
             plan.kept[name] = f"{type(mod).__name__} (no int8 kernel)"
     return plan
+
+
+def _kernel_scale(entry):
+    """The int8 kernel's per-channel weight scale for a stored entry: its own, or half of it on a midrise grid,
+    where the levels (k + 1/2) s are the odd integers 2k + 1 at s / 2 (|2k + 1| <= 15: exact in int8)."""
+    return entry["scale"] / 2 if format_spec(entry["format"]).midrise else entry["scale"]
 
 
 def _plan_scale_observer():

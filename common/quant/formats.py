@@ -190,7 +190,7 @@ def quantize_tensor(w: torch.Tensor, fmt: str, axis: int = 0, mask=None) -> dict
     ``scale`` (fp32 (C,) per channel, or fp16 (C, groups)), ``codebook`` (fp16 (C or 1, 2^b)), and for a mask
     ``mask`` (packed bits) and ``kept`` (the fp32 elements it leaves)."""
     spec = format_spec(fmt)
-    if mask is not None and (spec.group is not None or spec.kind == "codebook" or spec.bits < 4):
+    if mask is not None and (spec.group is not None or spec.kind == "codebook" or spec.bits < 4 or spec.midrise):
         raise ValueError(f"format {fmt!r}: element masks are for fp16, bf16, int8 and int4 only")
     w = w.detach().float().cpu()
     cf = _channel_first(w, axis)
@@ -211,14 +211,22 @@ def quantize_tensor(w: torch.Tensor, fmt: str, axis: int = 0, mask=None) -> dict
         return entry
     if spec.group is not None:
         scale = group_scale(cf, spec.group, spec.qmax)
-        codes = torch.round(cf / expand_group_scale(scale, spec.group, cf.shape[1])).clamp(-spec.qmax, spec.qmax)
+        codes = round_codes(cf / expand_group_scale(scale, spec.group, cf.shape[1]), spec)
         return group_entry(fmt, entry["shape"], axis, codes, scale)
     m = None if mask is None else _channel_first(mask.bool().cpu(), axis)
     scale = channel_scale(cf, spec.qmax, m)
     scale_full = scale[:, None].expand_as(cf)
     values, s = (cf, scale_full) if m is None else (cf[m], scale_full[m])
-    codes = torch.round(values / s).clamp(-spec.qmax, spec.qmax)
+    codes = round_codes(values / s, spec)
     return int_entry(fmt, entry["shape"], axis, codes, scale, m, None if m is None else cf[~m])
+
+
+def round_codes(x: torch.Tensor, spec) -> torch.Tensor:
+    """The stored integer codes of ``x`` (in units of the scale) on the format's grid, nearest level: -qmax..qmax
+    symmetric, or on a midrise grid the k of the level k + 1/2 (k in -2^(b-1) .. 2^(b-1) - 1)."""
+    if spec.midrise:
+        return torch.floor(x).clamp(-(2 ** (spec.bits - 1)), 2 ** (spec.bits - 1) - 1)
+    return torch.round(x).clamp(-spec.qmax, spec.qmax)
 
 
 def channel_scale(cf: torch.Tensor, qmax: int, mask=None) -> torch.Tensor:
@@ -252,7 +260,8 @@ def group_entry(fmt: str, shape, axis: int, codes: torch.Tensor, scale: torch.Te
 
 
 def int_codes(entry: dict) -> torch.Tensor:
-    """The signed integer codes of an "int" entry without a mask, channel-first (C, K), as int8."""
+    """The signed integer codes of an "int" entry without a mask, channel-first (C, K), as int8 (a midrise
+    format's k: its values are (k + 1/2) x scale)."""
     spec = format_spec(entry["format"])
     n = math.prod(entry["shape"])
     C = scale_groups(entry["shape"], entry["axis"])
@@ -276,7 +285,7 @@ def dequantize_tensor(entry: dict) -> torch.Tensor:
         else:
             nq = int(m.sum())
             codes = entry["data"] if spec.bits == 8 else unpack_signed(entry["data"], nq, spec.bits)
-            out[m] = codes.float() * entry["scale"][:, None].expand(C, K)[m]
+            out[m] = (codes.float() + spec.offset) * entry["scale"][:, None].expand(C, K)[m]
         out[~m] = entry["kept"]
         return _from_channel_first(out, shape, axis)
     if spec.kind == "float":
@@ -286,9 +295,9 @@ def dequantize_tensor(entry: dict) -> torch.Tensor:
         idx = unpack_codes(entry["data"], n, spec.bits).long()
         out = (book[0][idx] if spec.per_tensor else book.gather(1, idx.view(C, K))).reshape(C, K)
     elif spec.group is not None:
-        out = int_codes(entry).float() * expand_group_scale(entry["scale"], spec.group, K)
+        out = (int_codes(entry).float() + spec.offset) * expand_group_scale(entry["scale"], spec.group, K)
     else:
-        out = int_codes(entry).float() * entry["scale"][:, None]
+        out = (int_codes(entry).float() + spec.offset) * entry["scale"][:, None]
     return _from_channel_first(out, shape, axis)
 
 

@@ -12,7 +12,8 @@ ordinary per-output-channel integer codes and scales (``formats.int_entry``): no
 * ``gptq_codes``: the codes of one channel-first weight (C, K) for fixed scales (per channel, or per element for
   group-wise formats: fixed before rounding, so the column order is free), in blocks with lazy updates, columns
   in decreasing order of H's diagonal ("act order"), a damping of ``damp`` x mean(diag H);
-* ``gptq_entry``: the stored entry of one module's weight in a per-channel or group-wise integer format, with
+* ``gptq_entry``: the stored entry of one module's weight in a per-channel or group-wise integer format (on the
+  symmetric or the midrise grid), with
   round-to-nearest's scales (a clipping searched on the output-error proxy lowered the proxy further but raised
   the final samples' damage on the released U-Net: paired MSE 0.00148 against 0.00108 at W4, docs/lowbit.md);
 * ``output_error``: tr(dW H dW^T), the proxy both rounding rules are compared on.
@@ -74,8 +75,9 @@ def output_error(dw: torch.Tensor, H: torch.Tensor) -> float:
     return float(((dw @ H.double()) * dw).sum())
 
 
-def _round(w, scale, qmax):
-    return torch.round(w / scale).clamp(-qmax, qmax)
+def _round(w, scale, qmax, offset=0.0):
+    """The nearest level of the grid (k + offset) x scale within +-qmax, in units of the scale."""
+    return (torch.round(w / scale - offset) + offset).clamp(-qmax, qmax)
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -93,11 +95,11 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     raise ValueError("GPTQ: the input Hessian is not positive definite even with 1e5 x the damping")
 
 
-def gptq_codes(w: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, qmax: int, damp=0.01, block=128,
-               act_order=True) -> torch.Tensor:
-    """Integer codes (C, K) in [-qmax, qmax] of the channel-first weight ``w`` (C, K) with the scale of each row
-    (C,) or of each element (C, K), each column's rounding error compensated on the columns after it (GPTQ,
-    Algorithm 1)."""
+def gptq_codes(w: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, qmax: float, damp=0.01, block=128,
+               act_order=True, offset=0.0) -> torch.Tensor:
+    """Levels (C, K) in [-qmax, qmax] of the channel-first weight ``w`` (C, K) with the scale of each row (C,) or
+    of each element (C, K), each column's rounding error compensated on the columns after it (GPTQ, Algorithm 1):
+    integers, or on a midrise grid (``offset`` 1/2) integers + 1/2."""
     W = w.double().clone()
     C, K = W.shape
     S = (scale.double()[:, None] if scale.dim() == 1 else scale.double()).expand(C, K)
@@ -111,7 +113,7 @@ def gptq_codes(w: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, qmax: int,
         Eb = torch.zeros_like(Wb)
         for j in range(i1 - i0):
             s = S[:, i0 + j:i0 + j + 1]
-            q = _round(Wb[:, j:j + 1], s, qmax)
+            q = _round(Wb[:, j:j + 1], s, qmax, offset)
             Q[:, i0 + j] = q[:, 0]
             err = (Wb[:, j:j + 1] - q * s) / Ub[j, j]
             Wb[:, j:] -= err @ Ub[j:j + 1, j:]
@@ -138,9 +140,10 @@ def gptq_entry(weight: torch.Tensor, fmt: str, H: torch.Tensor, damp=0.01) -> tu
     else:
         stored = channel_scale(w, spec.qmax)
         full = stored[:, None].expand(-1, K)
-    codes = gptq_codes(w, H, full, spec.qmax, damp)
-    rtn = output_error(w - _round(w, full, spec.qmax) * full, H)
-    new = output_error(w - codes * full, H)
+    levels = gptq_codes(w, H, full, spec.qmax, damp, offset=spec.offset)
+    rtn = output_error(w - _round(w, full, spec.qmax, spec.offset) * full, H)
+    new = output_error(w - levels * full, H)
+    codes = levels - spec.offset  # what is stored: the midrise level k + 1/2 as its k
     if spec.group is not None:
         entry = group_entry(fmt, tuple(weight.shape), 0, codes, stored)
     else:

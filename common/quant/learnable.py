@@ -69,6 +69,9 @@ class WeightQuant(nn.Module):
     def __init__(self, weight: torch.Tensor, fmt: str, axis: int, mode: str, scale=None):
         super().__init__()
         spec = format_spec(fmt)
+        if spec.midrise:  # its rounding, clamp and straight-through estimator are the symmetric grid's
+            raise ValueError(f"learned quantizer: format {fmt!r} is on a midrise grid, not trainable here; "
+                             "int8 / int4 / int3 / int2 with or without groups are")
         if spec.kind != "int":
             raise ValueError(f"learned quantization supports integer formats (per channel or group-wise), not {fmt!r}")
         self.fmt, self.axis, self.mode, self.qmax, self.group = fmt, axis, mode, spec.qmax, spec.group
