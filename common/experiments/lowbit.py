@@ -3,7 +3,8 @@
 Eligibility ``all_but_ends``: every conv / linear weight but the first and last conv (stored in
 ``lowbit.keep_format``); biases and norms stay fp32. For each budget ('3.5bits@A8': average stored bits per
 weight over all parameters, scales and codebooks included, and the activation bits of every quantized input) and
-each menu of formats (``uniform``: int8, group-wise and per-channel int4/int3/int2; ``codebook``: int8 and k-means
+each menu of formats (``uniform``: int8, group-wise and per-channel int4/int3/int2, symmetric or on a midrise
+grid, ``lowbit.uniform_menu``; ``codebook``: int8 and k-means
 km4/km3/km2), a plan chooses one format per tensor:
 
 * ``uniform``: one format for every tensor, the one with most bits that fits;
@@ -1260,18 +1261,20 @@ def measure_plans(cfg, model, table, sens, sha, device="cpu", progress=True) -> 
 def sensitivity_rows(sens, table):
     """Per tensor: the learned cost and the Fisher estimate at int3 and int2 (and their ranks)."""
     rows = []
-    for f in ("int3", "int2"):
-        if f not in table.formats:
-            return []
+    # the symmetric grid's int3 / int2, else the midrise grid's
+    three, two = next(((a, b) for a, b in (("int3", "int2"), ("int3m", "int2m"))
+                       if a in table.formats and b in table.formats), (None, None))
+    if three is None:
+        return []
     names = table.names
-    fis = {n: sens.costs["fisher"][n]["int2"] for n in names}
-    lrn = {n: sens.costs["learned"][n]["int2"] for n in names} if "learned" in sens.costs else None
+    fis = {n: sens.costs["fisher"][n][two] for n in names}
+    lrn = {n: sens.costs["learned"][n][two] for n in names} if "learned" in sens.costs else None
     rank = {k: {n: i + 1 for i, n in enumerate(sorted(names, key=lambda n, d=d: -d[n]))}
             for k, d in (("fisher", fis), ("learned", lrn)) if d is not None}
     for n in names:
-        rows.append({"tensor": n, "op": table.ops[n], "fisher_int3": sens.costs["fisher"][n]["int3"],
+        rows.append({"tensor": n, "op": table.ops[n], "fisher_int3": sens.costs["fisher"][n][three],
                      "fisher_int2": fis[n], "fisher_rank": rank["fisher"][n],
-                     "learned_int3": sens.costs["learned"][n]["int3"] if lrn else None,
+                     "learned_int3": sens.costs["learned"][n][three] if lrn else None,
                      "learned_int2": lrn[n] if lrn else None, "learned_rank": rank["learned"][n] if lrn else None})
     return rows
 
