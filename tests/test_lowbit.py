@@ -654,6 +654,35 @@ def test_the_format_table_counts_bits_as_the_allocators_do(tmp_path):
     assert table.bits == old == format_bits(model, table.names, table.formats) and table.fixed == old_fixed
 
 
+def test_a_midrise_menu_builds_its_table_with_gptq_and_dequantizes_what_it_stored(tmp_path):
+    """``lowbit.uniform_menu`` on midrise grids (configs/default.yaml's): the table's GPTQ entries are midrise
+    entries (every value (k + 1/2) x scale), the same bits as the symmetric twins, and the per-tensor layer table
+    reads int3m / int2m where the menu has no int3 / int2."""
+    from types import SimpleNamespace
+
+    from common.experiments import lowbit
+    from common.quant.formats import int_codes
+
+    menu = "[int8, int4m_g64, int3m, int2m_g64, int2m]"
+    cfg = lowbit.lowbit_config(load_config(SMOKE, [f"run.out_dir={tmp_path}/runs", f"lowbit.uniform_menu={menu}",
+                                                   "lowbit.codebook_menu=[int8, km2]", "lowbit.rounding=gptq",
+                                                   "lowbit.gptq_images=2"]))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size)
+    table = lowbit.Table(cfg, model, "0" * 64, progress=False)
+    n = next(n for n in table.names if table.entries[n]["int2m"]["scale"].dim() == 1)
+    e = table.entries[n]["int2m"]
+    assert sorted(torch.unique(int_codes(e)).tolist()) == [-2, -1, 0, 1]
+    assert torch.equal(table.values[n]["int2m"], lowbit.dequantize_tensor(e))
+    assert torch.equal(int_codes(e).float() + 0.5, (int_codes(e).float() + 0.5).clamp(-1.5, 1.5))  # 4 levels
+    sym = lowbit.lowbit_config(load_config(SMOKE, [f"run.out_dir={tmp_path}/runs2",
+                                                   "lowbit.uniform_menu=[int8, int2]", "lowbit.codebook_menu=[int8]"]))
+    assert table.bits[n]["int2m"] == lowbit.Table(sym, model, "0" * 64, progress=False).bits[n]["int2"]
+    sens = SimpleNamespace(costs={"fisher": {m: {f: 1.0 for f in table.formats} for m in table.names}})
+    rows = lowbit.sensitivity_rows(sens, table)
+    assert len(rows) == len(table.names) and rows[0]["fisher_int2"] == 1.0 and rows[0]["two_bits"] == "int2m"
+
+
 def test_tau_per_band_has_a_bootstrap_interval_beside_the_bands_ceiling():
     from common.experiments.lowbit_quality import BANDS, predictor_quality, quality_lines
 

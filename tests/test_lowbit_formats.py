@@ -246,3 +246,15 @@ def test_the_int8_kernel_scale_of_a_midrise_entry_makes_its_levels_exact_integer
     assert torch.equal(odd.round(), 2 * int_codes(e).float() + 1) and odd.abs().max() <= 15 + 1e-4
     assert torch.equal(_kernel_scale(quantize_tensor(rand(8, 40), "int4", 0))[:2],
                        quantize_tensor(rand(8, 40), "int4", 0)["scale"][:2])
+
+
+@pytest.mark.parametrize("fmt", ["int2m", "int2m_g64", "int3m"])
+def test_an_all_zero_row_on_a_midrise_grid_stays_near_zero(fmt):
+    """A midrise grid has no zero level: an all-zero row or group (a DiT's zero-initialised projections) gets the
+    smallest fp16 scale, so it comes back as +-2^-25, not +-0.5; GPTQ likewise."""
+    from common.quant import gptq
+    w = rand(4, 128, seed=2)
+    w[1] = 0.0
+    for e in (quantize_tensor(w, fmt, 0), gptq.gptq_entry(w, fmt, torch.eye(128, dtype=torch.float64))[0]):
+        out = dequantize_tensor(e)
+        assert out[1].abs().max() <= 2.0 ** -24 and (out[0] - w[0]).abs().max() < 0.5 * w[0].abs().max()

@@ -16,8 +16,8 @@ FORMAT_FORMS = ("fp16, bf16; int8, int4, int3, int2 (symmetric, one fp32 scale p
 @dataclass(frozen=True)
 class Format:
     """How one stored tensor is laid out. kind: "float" (fp16/bf16 values), "int" (symmetric integer codes
-    -qmax..qmax with per-channel fp32 or per-group fp16 scales) or "codebook" (b-bit indices into fp16
-    centroids per channel or per tensor)."""
+    -qmax..qmax, or on a midrise grid levels k + 1/2, with per-channel fp32 or per-group fp16 scales) or
+    "codebook" (b-bit indices into fp16 centroids per channel or per tensor)."""
     name: str
     bits: int
     kind: str

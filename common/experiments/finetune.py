@@ -357,8 +357,9 @@ def lowbit_plan(cfg, budget: str, sha: str) -> dict:
     evaluate.raise_first_problem(evaluate.integrity.check_variant(folder, sha), f"rerun `{command(cfg, 'lowbit.py')}`")
     entries = read_quantized(path)["tensors"]
     return {"file": os.path.relpath(path, storage.run_dir(cfg)), "sha256": storage.sha256_file(path),
-            "formats": {n: e["format"] for n, e in entries.items()
-                    if e["format"] != "fp32" and format_spec(e["format"]).kind == "int"},
+            # the learned quantizers train the symmetric grid's codes: a midrise format is left out (refused below)
+            "formats": {n: e["format"] for n, e in entries.items() if e["format"] != "fp32"
+                        and format_spec(e["format"]).kind == "int" and not format_spec(e["format"]).midrise},
             "entries": entries}
 
 
@@ -399,8 +400,9 @@ def run_finetune(cfg, device, force=False, progress=True):
     for b, plan in plans.items():
         if missing := [n for n in eligible_names(model, lowbit.RULE) if n not in plan["formats"]]:
             raise UserError(f"finetune.plans: {b!r}: {plan['file']} stores {missing[0]} in "
-                            f"{plan['entries'][missing[0]]['format']}; only integer formats (per channel or "
-                            f"group-wise) are trained")
+                            f"{plan['entries'][missing[0]]['format']}; only integer formats on the symmetric grid "
+                            f"(per channel or group-wise: int4, int3_g64, ...) are trained, not codebooks or midrise "
+                            f"grids (int3m, ...: lowbit.uniform_menu)")
     tasks = [(budget, method) for budget in ft.budgets + ft.plans for method in ft.methods]
     inputs = {(b, m): variant_inputs(cfg, c, sha, m, plans.get(b)) for b, m in tasks}
     name = {(b, m): variant_name(m, b, ft.plan_source) for b, m in tasks}

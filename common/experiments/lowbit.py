@@ -1272,7 +1272,8 @@ def sensitivity_rows(sens, table):
     rank = {k: {n: i + 1 for i, n in enumerate(sorted(names, key=lambda n, d=d: -d[n]))}
             for k, d in (("fisher", fis), ("learned", lrn)) if d is not None}
     for n in names:
-        rows.append({"tensor": n, "op": table.ops[n], "fisher_int3": sens.costs["fisher"][n][three],
+        rows.append({"tensor": n, "op": table.ops[n], "two_bits": two,
+                     "fisher_int3": sens.costs["fisher"][n][three],
                      "fisher_int2": fis[n], "fisher_rank": rank["fisher"][n],
                      "learned_int3": sens.costs["learned"][n][three] if lrn else None,
                      "learned_int2": lrn[n] if lrn else None, "learned_rank": rank["learned"][n] if lrn else None})
@@ -1321,7 +1322,8 @@ def summary_markdown(cfg, done, notes, sens, table, q, seconds=None) -> str:
     srows = sensitivity_rows(sens, table)
     if srows:
         lines += ["", "## Which layers tolerate 2–3 bits", "",
-                  "Estimated damage of int2 on one tensor (learned: the predictor's coefficient; Fisher: "
+                  f"Estimated damage of {srows[0]['two_bits']} on one tensor (learned: the predictor's coefficient; "
+                  "Fisher: "
                   "½ Σ F ΔW²), ranked 1 = most sensitive. Op types aggregate the tensors' ranks (median).", "",
                   "| op type | tensors | median learned rank | median Fisher rank |", "|---|---:|---:|---:|"]
         for op in sorted({r["op"] for r in srows}):
@@ -1472,8 +1474,9 @@ def plot_layers(sens, table, path):
     fig, axes = plt.subplots(1, 2, figsize=(12, 0.22 * len(srows) + 1.5), sharey=True)
     y = np.arange(len(srows))
     colors = {op: f"C{i}" for i, op in enumerate(sorted({r["op"] for r in srows}))}
-    for ax, key, title in ((axes[0], "learned_int2", "learned: damage of int2 on this tensor alone"),
-                           (axes[1], "fisher_int2", "Fisher: ½ Σ F ΔW² at int2")):
+    two = srows[0]["two_bits"]
+    for ax, key, title in ((axes[0], "learned_int2", f"learned: damage of {two} on this tensor alone"),
+                           (axes[1], "fisher_int2", f"Fisher: ½ Σ F ΔW² at {two}")):
         vals = [r[key] or 0.0 for r in srows]
         ax.barh(y, vals, color=[colors[r["op"]] for r in srows])
         ax.set_xscale("symlog" if key == "learned_int2" else "log", **({"linthresh": 1e-3} if key == "learned_int2"

@@ -18,7 +18,8 @@ What each tensor runs in (``Runner.precision`` says it per parameter):
   with ``X86InductorQuantizer`` -> calibration -> ``convert_pt2e`` -> ``torch.compile``, whose x86 passes
   lower the quantize/dequantize patterns to oneDNN int8 convolutions and matmuls on VNNI). Only the
   Conv2d / Linear weights the plan stored as *whole-tensor* int8 or int4 run int8, with the plan's own codes
-  and per-output-channel scales (int4 codes sit in int8 storage: exact); their input activations become
+  and per-output-channel scales (int4 codes sit in int8 storage: exact; a midrise grid's levels k + 1/2 as the
+  odd codes 2k + 1 at half the scale, exact too); their input activations become
   uint8 with one static scale per tensor from the calibration (that rounding is the backend's only new
   error). The ConvTranspose2d up-samplers have no x86 int8 kernel; their (kernel 4, stride 2, padding 1)
   geometry is rewritten as four 2x2 Conv2d, one per output phase (``SubPixelConvTranspose``: same sums,

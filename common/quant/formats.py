@@ -105,15 +105,21 @@ def fp16_scale_values(scale: torch.Tensor) -> torch.Tensor:
     return scale.clamp(2.0 ** -24, 65504.0).half()  # the smallest fp16 subnormal: tiny groups round to 0
 
 
-def _fp16_scale(amax: torch.Tensor, qmax: int) -> torch.Tensor:
-    """amax / qmax as fp16, never 0 or inf (an all-zero group gets 1, so its codes are 0, not NaN)."""
-    return fp16_scale_values(torch.where(amax > 0, amax / qmax, torch.ones_like(amax)))
+def empty_scale(spec) -> float:
+    """The scale of an all-zero row or group: 1 on the symmetric grid (its codes are 0, values 0), the smallest
+    fp16 subnormal on a midrise grid, which has no zero level (its values are +-scale / 2: negligible, not 0.5)."""
+    return 2.0 ** -24 if spec.midrise else 1.0
 
 
-def group_scale(cf: torch.Tensor, group: int, qmax: int) -> torch.Tensor:
+def _fp16_scale(amax: torch.Tensor, qmax: float, empty: float = 1.0) -> torch.Tensor:
+    """amax / qmax as fp16, never 0 or inf (an all-zero group gets ``empty``, so its codes are 0, not NaN)."""
+    return fp16_scale_values(torch.where(amax > 0, amax / qmax, torch.full_like(amax, empty)))
+
+
+def group_scale(cf: torch.Tensor, group: int, qmax: float, empty: float = 1.0) -> torch.Tensor:
     """fp16 (C, G) scales of a channel-first (C, K) tensor, one per group of ``group`` inputs of a row:
-    max|w| / qmax over the group."""
-    return _fp16_scale(_group_view(cf, group).abs().amax(-1), qmax)
+    max|w| / qmax over the group (``empty`` for an all-zero group, ``empty_scale``)."""
+    return _fp16_scale(_group_view(cf, group).abs().amax(-1), qmax, empty)
 
 
 def expand_group_scale(scale: torch.Tensor, group: int, k: int) -> torch.Tensor:
@@ -210,11 +216,11 @@ def quantize_tensor(w: torch.Tensor, fmt: str, axis: int = 0, mask=None) -> dict
         entry.update(codebook=book.contiguous(), data=pack_codes(idx.to(torch.uint8), spec.bits))
         return entry
     if spec.group is not None:
-        scale = group_scale(cf, spec.group, spec.qmax)
+        scale = group_scale(cf, spec.group, spec.qmax, empty_scale(spec))
         codes = round_codes(cf / expand_group_scale(scale, spec.group, cf.shape[1]), spec)
         return group_entry(fmt, entry["shape"], axis, codes, scale)
     m = None if mask is None else _channel_first(mask.bool().cpu(), axis)
-    scale = channel_scale(cf, spec.qmax, m)
+    scale = channel_scale(cf, spec.qmax, m, empty_scale(spec))
     scale_full = scale[:, None].expand_as(cf)
     values, s = (cf, scale_full) if m is None else (cf[m], scale_full[m])
     codes = round_codes(values / s, spec)
@@ -229,14 +235,14 @@ def round_codes(x: torch.Tensor, spec) -> torch.Tensor:
     return torch.round(x).clamp(-spec.qmax, spec.qmax)
 
 
-def channel_scale(cf: torch.Tensor, qmax: int, mask=None) -> torch.Tensor:
+def channel_scale(cf: torch.Tensor, qmax: float, mask=None, empty: float = 1.0) -> torch.Tensor:
     """(C,) per-output-channel scales max|w| / qmax of a channel-first (C, K) tensor, over the elements a bool
     ``mask`` (C, K) marks as quantized (the kept ones stay fp32, so their range must not coarsen the scale); an
-    all-zero channel gets scale 1 so its codes are 0, not NaN. Used by ``quantize_tensor`` and by the learned
-    quantizers of ``common.quant.learnable``."""
+    all-zero channel gets scale ``empty`` (``empty_scale``) so its codes are 0, not NaN. Used by
+    ``quantize_tensor`` and by the learned quantizers of ``common.quant.learnable``."""
     a = cf.detach().abs()
     amax = (a if mask is None else torch.where(mask, a, 0.0)).amax(dim=1)
-    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    return torch.where(amax > 0, amax / qmax, torch.full_like(amax, empty))
 
 
 def int_entry(fmt: str, shape, axis: int, codes: torch.Tensor, scale: torch.Tensor, mask=None, kept=None) -> dict:

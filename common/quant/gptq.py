@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..core.format_names import format_spec
-from .formats import channel_scale, expand_group_scale, group_entry, group_scale, int_entry
+from .formats import channel_scale, empty_scale, expand_group_scale, group_entry, group_scale, int_entry
 from .hooks import input_hooks
 
 
@@ -76,8 +76,11 @@ def output_error(dw: torch.Tensor, H: torch.Tensor) -> float:
 
 
 def _round(w, scale, qmax, offset=0.0):
-    """The nearest level of the grid (k + offset) x scale within +-qmax, in units of the scale."""
-    return (torch.round(w / scale - offset) + offset).clamp(-qmax, qmax)
+    """The nearest level of the grid (k + offset) x scale within +-qmax, in units of the scale (ties as
+    ``formats.round_codes`` breaks them)."""
+    if offset:
+        return (torch.floor(w / scale) + offset).clamp(-qmax, qmax)
+    return torch.round(w / scale).clamp(-qmax, qmax)
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -135,10 +138,10 @@ def gptq_entry(weight: torch.Tensor, fmt: str, H: torch.Tensor, damp=0.01) -> tu
     if H.shape != (K, K):
         raise ValueError(f"GPTQ: Hessian {tuple(H.shape)} does not match the weight's {K} inputs")
     if spec.group is not None:
-        stored = group_scale(w, spec.group, spec.qmax)
+        stored = group_scale(w, spec.group, spec.qmax, empty_scale(spec))
         full = expand_group_scale(stored, spec.group, K)
     else:
-        stored = channel_scale(w, spec.qmax)
+        stored = channel_scale(w, spec.qmax, empty=empty_scale(spec))
         full = stored[:, None].expand(-1, K)
     levels = gptq_codes(w, H, full, spec.qmax, damp, offset=spec.offset)
     rtn = output_error(w - _round(w, full, spec.qmax, spec.offset) * full, H)
