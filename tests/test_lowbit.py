@@ -279,6 +279,20 @@ def test_summary_reports_every_predictor_beside_the_ceiling(lowbit_run):
                for line in again.stdout.splitlines())  # a wall-clock search is reused, not redone
 
 
+def _search_world(tmp_path, evals):
+    """What the search tests run ``ensure_search`` on: the smoke config's options (``over``), its lowbit config,
+    the smoke U-Net, its format table and a random additive damage taken as the truth."""
+    from common.experiments import lowbit
+    from common.importance.weights import costs_from_scores, random_scores
+
+    over = [f"run.out_dir={tmp_path}/runs", f"lowbit.search_evals={evals}"]
+    cfg = lowbit.lowbit_config(load_config(SMOKE, over))
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size)
+    table = lowbit.Table(cfg, model, "0" * 64, progress=False)
+    return over, cfg, model, table, costs_from_scores(random_scores(table.names, 1), table.errors)
+
+
 def test_a_search_is_keyed_by_its_start_not_by_the_candidates_that_lost(tmp_path, monkeypatch):
     """A run with another list of plans reuses a search whenever the same plan wins the start, and measures each
     candidate plan once (its fitness cached per plan); a changed start or proposer searches again."""
@@ -287,11 +301,7 @@ def test_a_search_is_keyed_by_its_start_not_by_the_candidates_that_lost(tmp_path
     from common.experiments import lowbit
     from common.importance.weights import costs_from_scores, random_scores
 
-    cfg = lowbit.lowbit_config(load_config(SMOKE, [f"run.out_dir={tmp_path}/runs", "lowbit.search_evals=4"]))
-    torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size)
-    table = lowbit.Table(cfg, model, "0" * 64, progress=False)
-    truth = costs_from_scores(random_scores(table.names, 1), table.errors)
+    _, cfg, model, table, truth = _search_world(tmp_path, 4)
     calls = []
 
     def fake_judge(*args, **kwargs):  # the damage a plan does: the truth's additive cost, counted per measurement
@@ -333,12 +343,7 @@ def test_probed_and_geometric_mean_searches_are_records_of_their_own(tmp_path, m
     from common.experiments import lowbit
     from common.importance.weights import costs_from_scores, random_scores
 
-    over = [f"run.out_dir={tmp_path}/runs", "lowbit.search_evals=30"]
-    cfg = lowbit.lowbit_config(load_config(SMOKE, over))
-    torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size)
-    table = lowbit.Table(cfg, model, "0" * 64, progress=False)
-    truth = costs_from_scores(random_scores(table.names, 1), table.errors)
+    over, _, model, table, truth = _search_world(tmp_path, 30)
     calls = []
 
     def fake_judge(*args, **kwargs):
@@ -392,12 +397,7 @@ def test_a_reranked_search_keeps_its_best_on_fresh_noise_in_a_record_of_its_own(
     from common.experiments.lowbit_quality import plan_damage_lines
     from common.importance.weights import costs_from_scores, random_scores
 
-    over = [f"run.out_dir={tmp_path}/runs", "lowbit.search_evals=12"]
-    cfg = lowbit.lowbit_config(load_config(SMOKE, over))
-    torch.manual_seed(0)
-    model = build_model(cfg.model, cfg.diffusion.timesteps, cfg.data.image_size)
-    table = lowbit.Table(cfg, model, "0" * 64, progress=False)
-    truth = costs_from_scores(random_scores(table.names, 1), table.errors)
+    over, _, model, table, truth = _search_world(tmp_path, 12)
     calls = {"search": 0, "fresh": 0}
 
     def noisy(c):  # the search's noise: the truth times a fixed luck per configuration

@@ -93,7 +93,7 @@ from .act_pipeline import (
     save_and_evaluate,
 )
 from .report import mean_sd, per_seed, pyplot, save_figure, spread, write_summary_files
-from .search import bops_options, finalists, measured_search, plot_trace, rerank
+from .search import bops_options, finalists, measured_search, plot_trace, rerank, used_bits
 from .statistics import target_verdict, verdict_table
 
 RULE = "all_but_ends"
@@ -651,6 +651,14 @@ FINALISTS = 32
 SEARCH_STARTS = ("chain_fisher", "fisher", "learned", "chain_output", "jvp", "magnitude", "random")
 
 
+def judge_statistic(lb) -> tuple:
+    """(file-name suffix, record inputs) of the searches' judge statistic (``lowbit.search_statistic``): both
+    empty for the mean, so records written before the option keep their names and keys."""
+    if lb.search_statistic == "mean":
+        return "", {}
+    return f"_{lb.search_statistic}", {"statistic": lb.search_statistic}
+
+
 def search_judge(cfg, model, table, device="cpu", per_image=False, act=None, rerank=False):
     """fitness(configuration): the measured search's judge, the paired MSE of ``lowbit.search_images`` images
     under ``lowbit.search_seed`` (its measurer built at the first call), their mean or geometric mean
@@ -696,7 +704,7 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
     if ranked and sens.interaction is None:
         raise ValueError("the interaction-proposed search needs the interaction predictor (lowbit.interaction_configs)")
     # kept apart by judge and proposer, so switching either back finds its record again
-    judged_by = "" if lb.search_statistic == "mean" else f"_{lb.search_statistic}"
+    judged_by, statistic = judge_statistic(lb)
     probed = f"_probe{lb.search_probe}" if lb.search_probe and not ranked else ""
     path = _cache(cfg, f"search_{menu}_{budget_tag(size)}{judged_at}{judged_by}{probed}"
                        f"{'_interaction' if ranked else ''}.json")
@@ -708,9 +716,7 @@ def ensure_search(cfg, model, table, sens, menu, size, sha, progress=True, devic
                   for k in {*names, propose_by}}
     plans = {k: allocate(menu_costs[k], table.menu_bits(menu), table.fixed, limit + table.fixed)[0] for k in names}
     # everything its judge's measurements depend on (the menu, keep_format, rounding, ...)
-    judge_inputs = measurer_inputs(cfg, table, sha, lb.search_images)
-    statistic = {} if lb.search_statistic == "mean" else {"statistic": lb.search_statistic}  # older records: mean
-    judge_inputs.update(statistic)
+    judge_inputs = {**measurer_inputs(cfg, table, sha, lb.search_images), **statistic}
     act_inputs = None if a_bits is None else {
         "a_bits": a_bits, "ranges": _ranges_inputs(cfg, sha, [a_bits]), "range_mode": lb.range_mode,
         **quantizer_inputs(cfg)}
@@ -794,8 +800,7 @@ def _search(cfg, table, menu, size, inputs, costs, rank, fitness, measured, path
            "start_by": start_by, "changed": sum(choice[n] != start[n] for n in choice),
            # a probe may leave the budget: only configurations within it are finalists
            "finalists": finalists({k: v for k, v in measured.items()
-                                   if sum(bits[n][f] for n, f in json.loads(k).items()) <= inputs["limit_bits"]},
-                                  FINALISTS)}
+                                   if used_bits(json.loads(k), bits) <= inputs["limit_bits"]}, FINALISTS)}
     storage.atomic_write_record(art, path)
     begun = f" from {start_by}'s plan (of {', '.join(f'{k} {v:.3g}' for k, v in starts.items())})" if starts else ""
     judged = "" if "act" not in inputs else f" judged at A{inputs['act']['a_bits']}"
@@ -894,10 +899,9 @@ def ensure_act_search(c, model, table, weights, menu, budget, sha, progress=True
             "the activations stay float" if a is None else f"no input can go {'above' if a == menu_a[-1] else 'below'}"
                                                               f" {a} bits (act_quant.a_bits {c.act_quant.a_bits})")
                                     + ": nothing to search")
-    judged_by = "" if lb.search_statistic == "mean" else f"_{lb.search_statistic}"
+    judged_by, statistic = judge_statistic(lb)
     path = _cache(c, f"search_wa_{menu}_{budget_tag(size)}_A{a}{_range_tag(lb.range_method)}{judged_by}.json")
     ac = _act_cfg(c)
-    statistic = {} if lb.search_statistic == "mean" else {"statistic": lb.search_statistic}  # older records: mean
     inputs = {**measurer_inputs(c, table, sha, lb.search_images), **statistic, "weights": weights, "a_bits": menu_a,
               "start_bits": a, "ranges": _ranges_inputs(c, sha, menu_a), "range_mode": lb.range_mode,
               "seconds": lb.act_search_seconds, "evals": lb.act_search_evals, "seed": lb.search_seed,

@@ -48,7 +48,8 @@ import numpy as np
 from .report import pyplot, save_figure
 
 
-def _used(config, bits):
+def used_bits(config, bits):
+    """The stored bits of ``config`` ({tensor: format}) over ``bits`` ({tensor: {format: bits}})."""
     return sum(bits[n][f] for n, f in config.items())
 
 
@@ -63,7 +64,7 @@ def complete_move(config, n, f, bits, limit, costs):
     new = dict(config)
     new[n] = f
     delta = costs[n][f] - costs[n][config[n]]
-    while _used(new, bits) > limit:  # pay: lower one other tensor a step, least predicted damage per freed bit
+    while used_bits(new, bits) > limit:  # pay: lower one other tensor a step, least predicted damage per freed bit
         best = None
         for m in new:
             if m == n:
@@ -83,7 +84,7 @@ def complete_move(config, n, f, bits, limit, costs):
         delta += costs[m][g] - costs[m][new[m]]
         new[m] = g
     while True:  # spend: raise one other tensor a step where the predicted gain per bit is largest and it fits
-        room, best = limit - _used(new, bits), None
+        room, best = limit - used_bits(new, bits), None
         for m in new:
             if m == n:
                 continue
@@ -134,8 +135,8 @@ def measured_search(start, bits, limit, costs, measure, seconds, max_evals, seed
     (module docstring), every tensor probed again after that many rejected candidates in a row. Trace: one row per
     measurement, the start first; a probe's row has ``"probe": True`` (accepted only where it fits the budget and
     does better); ``predicted_delta`` is in the predictor's units, with ``probe`` in the measurement's."""
-    if _used(start, bits) > limit:
-        raise ValueError(f"the start uses {_used(start, bits)} bits, over the limit {limit}")
+    if used_bits(start, bits) > limit:
+        raise ValueError(f"the start uses {used_bits(start, bits)} bits, over the limit {limit}")
     if probe and rank is not None:
         raise ValueError("measured_search: probe and rank are two proposers; give one")
     rng = np.random.default_rng(seed)
@@ -170,7 +171,7 @@ def measured_search(start, bits, limit, costs, measure, seconds, max_evals, seed
                         return
                     values[key] = float(measure(config))
                     # a step that fits and does better is a move like any other: kept, its tensor probed again
-                    kept = bool(values[key] < fit and _used(config, bits) <= limit)
+                    kept = bool(values[key] < fit and used_bits(config, bits) <= limit)
                     if kept:
                         current, fit = config, values[key]
                         queue.append(n)
@@ -184,14 +185,13 @@ def measured_search(start, bits, limit, costs, measure, seconds, max_evals, seed
                 if pred * d > 0:
                     ratios[n][g] = d / pred
 
-    def ranked(local):
-        moves = [(n, f) for n in names for f in bits[n] if f != current[n]]
+    def completed(moves, by):  # the moves made to fit the budget by the costs ``by``, unmeasured ones, least first
         out = []
         for n, f in moves:
-            done = complete_move(current, n, f, bits, limit, local)
+            done = complete_move(current, n, f, bits, limit, by)
             if done is not None and tuple(sorted(done[0].items())) not in values:
                 out.append((done[1], n, f, done[0]))
-        return sorted(out, key=lambda c: c[0])
+        return sorted(out, key=lambda c: c[0])  # stable: on a tie the proposal order decides
 
     while running() and stale < 20:
         if probe:
@@ -202,7 +202,7 @@ def measured_search(start, bits, limit, costs, measure, seconds, max_evals, seed
                 measured_ratios = [r for by in ratios.values() for r in by.values()]
                 local = calibrated_costs(costs, current, bits, steps,
                                          float(np.median(measured_ratios)) if measured_ratios else 1.0)
-                candidates = ranked(local)
+                candidates = completed([(n, f) for n in names for f in bits[n] if f != current[n]], local)
                 fresh = [m for m in names if candidates and candidates[0][3][m] != current[m] and m not in steps]
                 if wander or not fresh:
                     break
@@ -223,16 +223,11 @@ def measured_search(start, bits, limit, costs, measure, seconds, max_evals, seed
                 n = names[rng.integers(len(names))]
                 options = [f for f in bits[n] if f != current[n]]
                 moves.append((n, options[rng.integers(len(options))]))
-            candidates = []
-            for n, f in moves:
-                done = complete_move(current, n, f, bits, limit, costs)
-                if done is not None and tuple(sorted(done[0].items())) not in values:
-                    candidates.append((done[1], n, f, done[0]))
+            candidates = completed(moves, costs)
         if not candidates:
             stale += 1
             continue
         stale = 0
-        candidates.sort(key=lambda c: c[0])
         if rank is not None:  # a stable sort: on a tie the additive prediction decides
             scores = np.asarray(rank([c[3] for c in candidates]), dtype=float)
             candidates = [candidates[i] for i in np.argsort(scores, kind="stable")]

@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..core.format_names import format_spec
-from .formats import channel_scale, empty_scale, expand_group_scale, group_entry, group_scale, int_entry
+from .formats import channel_scale, empty_scale, expand_group_scale, group_entry, group_scale, int_entry, round_codes
 from .hooks import input_hooks
 
 
@@ -75,12 +75,9 @@ def output_error(dw: torch.Tensor, H: torch.Tensor) -> float:
     return float(((dw @ H.double()) * dw).sum())
 
 
-def _round(w, scale, qmax, offset=0.0):
-    """The nearest level of the grid (k + offset) x scale within +-qmax, in units of the scale (ties as
-    ``formats.round_codes`` breaks them)."""
-    if offset:
-        return (torch.floor(w / scale) + offset).clamp(-qmax, qmax)
-    return torch.round(w / scale).clamp(-qmax, qmax)
+def _level(w, scale, spec):
+    """The nearest level of the format's grid in units of the scale (``formats.round_codes``' code + offset)."""
+    return round_codes(w / scale, spec) + spec.offset
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
@@ -98,11 +95,11 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     raise ValueError("GPTQ: the input Hessian is not positive definite even with 1e5 x the damping")
 
 
-def gptq_codes(w: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, qmax: float, damp=0.01, block=128,
-               act_order=True, offset=0.0) -> torch.Tensor:
-    """Levels (C, K) in [-qmax, qmax] of the channel-first weight ``w`` (C, K) with the scale of each row (C,) or
-    of each element (C, K), each column's rounding error compensated on the columns after it (GPTQ, Algorithm 1):
-    integers, or on a midrise grid (``offset`` 1/2) integers + 1/2."""
+def gptq_codes(w: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, spec, damp=0.01, block=128,
+               act_order=True) -> torch.Tensor:
+    """Levels (C, K) in [-qmax, qmax] of the channel-first weight ``w`` (C, K) on the grid of the integer format
+    ``spec`` (``format_spec``) with the scale of each row (C,) or of each element (C, K), each column's rounding
+    error compensated on the columns after it (GPTQ, Algorithm 1): integers, or on a midrise grid integers + 1/2."""
     W = w.double().clone()
     C, K = W.shape
     S = (scale.double()[:, None] if scale.dim() == 1 else scale.double()).expand(C, K)
@@ -116,7 +113,7 @@ def gptq_codes(w: torch.Tensor, H: torch.Tensor, scale: torch.Tensor, qmax: floa
         Eb = torch.zeros_like(Wb)
         for j in range(i1 - i0):
             s = S[:, i0 + j:i0 + j + 1]
-            q = _round(Wb[:, j:j + 1], s, qmax, offset)
+            q = _level(Wb[:, j:j + 1], s, spec)
             Q[:, i0 + j] = q[:, 0]
             err = (Wb[:, j:j + 1] - q * s) / Ub[j, j]
             Wb[:, j:] -= err @ Ub[j:j + 1, j:]
@@ -143,8 +140,8 @@ def gptq_entry(weight: torch.Tensor, fmt: str, H: torch.Tensor, damp=0.01) -> tu
     else:
         stored = channel_scale(w, spec.qmax, empty=empty_scale(spec))
         full = stored[:, None].expand(-1, K)
-    levels = gptq_codes(w, H, full, spec.qmax, damp, offset=spec.offset)
-    rtn = output_error(w - _round(w, full, spec.qmax, spec.offset) * full, H)
+    levels = gptq_codes(w, H, full, spec, damp)
+    rtn = output_error(w - _level(w, full, spec) * full, H)
     new = output_error(w - levels * full, H)
     codes = levels - spec.offset  # what is stored: the midrise level k + 1/2 as its k
     if spec.group is not None:
